@@ -1,0 +1,172 @@
+"""The streamed background stage.
+
+Frame k's background is the per-pixel median of the normalised frames in the
+window of ``window`` frames centred on k's *centre* frame (k itself in
+``exact`` mode, the middle of k's block of ``stride`` frames in ``block``
+mode), shifted to stay inside the scan at its two ends. Normalised frame j is
+``(float32(raw_j) - dark) * scale_j``; corrected frame k is its normalised
+frame minus its background, then the 2-D median filter.
+
+Frame k is emitted as soon as the last frame of its window has arrived: a
+fixed latency of ``window // 2`` frames in exact mode.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..direct_beam import detect_direct_beam, margin_mean
+from ..errors import InputError
+from ..ring import FrameRing
+from .kernels import SortedWindow, median_filter, window_median
+
+log = logging.getLogger(__name__)
+
+
+def window_start(centre: int, window: int, n_frames: int) -> int:
+    """First frame of the window centred on ``centre``, shifted inside a scan of ``n_frames``."""
+    return int(min(max(centre - window // 2, 0), n_frames - window))
+
+
+class BackgroundStage:
+    """Push raw frames in acquisition order; get corrected float32 frames back in the same order.
+
+    ``direct_beam`` is a bbox ``(x0, y0, width, height)``, ``"auto"`` (found from
+    the median of the first window) or ``"none"``; after the first window it is
+    available as ``self.direct_beam`` (a bbox or None).
+    """
+
+    def __init__(self, cfg, *, frame_shape, dtype, dark=None, direct_beam="none",
+                 beam_margin_px: int = 10, filter_size: int = 3):
+        self.cfg = cfg
+        self.window = cfg.window
+        self.frame_shape = tuple(frame_shape)
+        self.dtype = np.dtype(dtype)
+        self.dark = (np.zeros(self.frame_shape, np.float32) if dark is None
+                     else np.ascontiguousarray(dark, dtype=np.float32))
+        self._beam_spec = direct_beam
+        self._beam_margin_px = beam_margin_px
+        self.direct_beam = direct_beam if isinstance(direct_beam, tuple) else None
+        self.filter_size = filter_size
+        self.ring = FrameRing(self.window, self.frame_shape, self.dtype)
+        self.scales = np.ones(self.window, np.float32)  # by ring slot
+        self._margin_ref: float | None = None
+        self._sorted: SortedWindow | None = None
+        self._cached: tuple[tuple[int, int], np.ndarray] | None = None
+        self.warm = False
+        self.n_frames: int | None = None  # known once the scan has ended
+        self.emitted = 0
+
+    # ---- public --------------------------------------------------------------
+    def push(self, frame: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        j = self.ring.count
+        frame = np.asarray(frame)
+        if frame.shape != self.frame_shape:
+            raise InputError(f"frame {j}: expected shape {self.frame_shape}, got {frame.shape}")
+        if frame.dtype != self.dtype:
+            raise InputError(f"frame {j}: expected dtype {self.dtype}, got {frame.dtype}")
+        if self.warm:
+            scale = self._scale(j, frame)
+            if self._sorted is not None:
+                old = j - self.window
+                old_slot = self.ring.slot(old)
+                self._sorted.replace(self._sorted_values(self.ring.data[old_slot], self.scales[old_slot]),
+                                     self._sorted_values(frame, scale))
+            slot = self.ring.push(frame)
+            self.scales[slot] = scale
+        else:
+            self.ring.push(frame)
+            if self.ring.count == self.window:
+                self._warm_up(self.window)
+        return self._drain()
+
+    def finish(self) -> list[tuple[int, np.ndarray]]:
+        """The scan has ended: emit every frame still held back."""
+        n = self.ring.count
+        self.n_frames = n
+        if n == 0:
+            return []
+        if not self.warm:
+            width = n if n % 2 else n - 1
+            log.warning("the scan has %d frames, fewer than background.window=%d: "
+                        "using a window of %d frames", n, self.window, width)
+            self.window = width
+            self._warm_up(width)
+        return self._drain()
+
+    # ---- internals -------------------------------------------------------------
+    def _warm_up(self, width: int) -> None:
+        slots = self.ring.slots(0, width)
+        if self._beam_spec == "auto":
+            ones = np.ones(self.ring.capacity, np.float32)
+            image = window_median(self.ring.data, slots, self.dark, ones)
+            self.direct_beam = detect_direct_beam(image, self._beam_margin_px)
+            log.info("direct beam found at %s", self.direct_beam)
+        if self.cfg.normalise == "margin":
+            if self.direct_beam is None:
+                raise InputError("background.normalise: margin needs a direct-beam box, "
+                                 "but none was found in the first window")
+            for k in range(self.ring.count):
+                self.scales[self.ring.slot(k)] = self._scale(k, self.ring[k])
+        if self.cfg.mode == "exact" and width == self.ring.capacity:
+            values = np.stack([self._sorted_values(self.ring.data[s], self.scales[s]) for s in slots])
+            self._sorted = SortedWindow(values)
+        self.warm = True
+
+    def _scale(self, k: int, frame: np.ndarray) -> np.float32:
+        if self.cfg.normalise == "none":
+            return np.float32(1.0)
+        mean = margin_mean(frame, self.dark, self.direct_beam, self.cfg.margin_px)
+        if not mean > 0:
+            raise InputError(f"frame {k}: mean of the direct-beam margins is {mean:g}, expected > 0 "
+                             f"to normalise (check direct_beam.bbox and background.margin_px)")
+        if self._margin_ref is None:
+            self._margin_ref = mean
+        return np.float32(self._margin_ref / mean)
+
+    def _sorted_values(self, raw: np.ndarray, scale) -> np.ndarray:
+        # Without normalisation the median commutes with the monotone map
+        # raw -> float32(raw) - dark, so the window can stay in native integers.
+        if self.cfg.normalise == "none":
+            return raw
+        return (raw.astype(np.float32) - self.dark) * np.float32(scale)
+
+    def _centre(self, k: int) -> int:
+        if self.cfg.mode == "block":
+            stride = self.cfg.stride
+            return (k // stride) * stride + stride // 2
+        return k
+
+    def _ready(self, k: int) -> bool:
+        if k >= self.ring.count:
+            return False
+        if self.n_frames is not None:
+            return True
+        return self.warm and self.ring.count >= self._centre(k) + self.window // 2 + 1
+
+    def _background(self, k: int) -> np.ndarray:
+        n = self.n_frames if self.n_frames is not None else self.ring.count + self.window  # not yet known: no end shift
+        start = window_start(self._centre(k), self.window, n)
+        if self._sorted is not None and start == self.ring.count - self.window:
+            median = self._sorted.median()
+            if self.cfg.normalise == "none":
+                return median.astype(np.float32) - self.dark
+            return median
+        key = (start, self.window)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, window_median(self.ring.data, self.ring.slots(start, start + self.window),
+                                               self.dark, self.scales))
+        return self._cached[1]
+
+    def _drain(self) -> list[tuple[int, np.ndarray]]:
+        out = []
+        while self._ready(self.emitted):
+            k = self.emitted
+            slot = self.ring.slot(k)
+            normalised = (self.ring.data[slot].astype(np.float32) - self.dark) * self.scales[slot]
+            corrected = normalised - self._background(k)
+            out.append((k, median_filter(corrected, self.filter_size)))
+            self.emitted += 1
+        return out

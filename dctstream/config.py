@@ -1,0 +1,431 @@
+"""Run configuration: one frozen dataclass per section, read from YAML and validated.
+
+A config is built in layers: the defaults, then a YAML file, then each
+``--set section.key=value`` override.  Every value is checked as its layer is
+applied, so an error names the layer it came from and the key path::
+
+    configs/x.yml: background.window: must be odd and >= 3, got 4
+    --set: background.windw: unknown key (known: margin_px, mode, normalise, stride, window)
+
+Per-key checks are one table (``_CHECKS``) of small parse functions; rules that
+tie two keys together are listed in ``_cross_checks``.  Each pipeline stage
+takes only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import operator
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dctstream.errors import ConfigError
+
+__all__ = [
+    "BackgroundConfig",
+    "Config",
+    "DarkConfig",
+    "DirectBeamConfig",
+    "FilterConfig",
+    "OutputConfig",
+    "SegmentationConfig",
+    "SourceConfig",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "replace_config",
+]
+
+_SET = "--set"  # the "file" part of messages about command-line overrides
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where the frames and their rotation angles come from, as ``file.h5::/dataset/path``."""
+
+    url: str | None = None
+    angles: str | None = None
+
+
+@dataclass(frozen=True)
+class DarkConfig:
+    """Dark current subtracted from every frame: an image (``url``) or a constant (``value``), at most one."""
+
+    url: str | None = None
+    value: float | None = None  # counts
+
+
+@dataclass(frozen=True)
+class BackgroundConfig:
+    """Per-pixel median over a window of frames around each frame, subtracted from it."""
+
+    window: int = 501  # frames in the median; odd so that it centres on the frame
+    mode: str = "exact"  # "exact": one window per frame; "block": one window per `stride` frames
+    stride: int = 50  # frames per block in "block" mode
+    normalise: str = "none"  # "margin": scale frames to constant intensity in the direct-beam margin
+    margin_px: int = 20  # width of that margin
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Spatial median filter applied to each corrected frame."""
+
+    median_size: int = 3  # odd side in pixels; 1 = no filter
+
+
+@dataclass(frozen=True)
+class DirectBeamConfig:
+    """The transmitted beam on the detector, kept out of the spot search."""
+
+    bbox: str | tuple[int, int, int, int] = "auto"  # "auto", "none" or (x0, y0, width, height)
+    margin_px: int = 10
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Double-threshold 3-D segmentation: seeds above a threshold grow into connected blobs."""
+
+    seed_threshold: float | str = "auto"  # counts (>0) or "auto"
+    seed_sigma: float = 6.0  # k in auto = k x robust noise
+    grow_ratio: float = 0.3  # tau, in (0, 1]
+    grow_low: float | str = "auto"  # lower clamp on tau*M (>0) or "auto" (= half the seed threshold)
+    grow_high: float | None = None  # upper clamp on tau*M, None = no clamp
+    seed_min_voxels: int = 3
+    min_blob_size: tuple[int, int, int] = (2, 2, 1)  # (x, y, frames)
+    max_blob_size: tuple[int, int, int] = (80, 80, 25)  # (x, y, frames)
+    connectivity: int = 26  # 6 or 26
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "dctstream_out"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    dark: DarkConfig = field(default_factory=DarkConfig)
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    direct_beam: DirectBeamConfig = field(default_factory=DirectBeamConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The defaults, updated by the YAML file at ``path`` (if any), then by each ``key.path=value`` override.
+
+    Override values are YAML (``direct_beam.bbox=[10,20,100,50]``, ``segmentation.grow_high=null``).
+    Raises ``ConfigError`` with a one-line message naming the file (or ``--set``) and the key.
+    """
+    layers = [] if path is None else [(os.fspath(path), _read_yaml(path))]
+    layers += [(_SET, _parse_override(text)) for text in overrides]
+    return _build(layers)
+
+
+def replace_config(cfg: Config, **section_updates: dict[str, Any]) -> Config:
+    """``cfg`` with some keys changed and checked like a file.
+
+    ``replace_config(cfg, background={"window": 101})``; errors are labelled ``replace_config``.
+    """
+    return _build([("replace_config", config_to_dict(cfg)), ("replace_config", section_updates)])
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict of ``cfg`` (tuples as lists), ready for YAML or JSON."""
+    return {
+        name: {key: _plain(value) for key, value in section.items()}
+        for name, section in dataclasses.asdict(cfg).items()
+    }
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of ``cfg`` that ``load_config`` reads back to an equal config."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+# -- parsing single values ---------------------------------------------------
+#
+# A parser takes the raw YAML value and returns the typed value or raises
+# _Invalid("must be ..."); the caller adds the file, key path and ", got ...".
+
+_Parser = Callable[[Any], Any]
+
+
+class _Invalid(ValueError):
+    """A value fails its check; the message is the "must be ..." part."""
+
+
+def _parse_int(value: Any) -> int:
+    # bool is a subclass of int, but `window: true` is a mistake, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid("must be an integer")
+    return value
+
+
+def _parse_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid("must be a number")
+    if not math.isfinite(value):
+        raise _Invalid("must be a finite number")
+    return float(value)
+
+
+def _parse_text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("must be a non-empty string")
+    return value
+
+
+def _parse_ints(count: int, what: str) -> _Parser:
+    def parse(value: Any) -> tuple[int, ...]:
+        if not isinstance(value, list) or len(value) != count:
+            raise _Invalid(f"must be {what}")
+        try:
+            return tuple(_parse_int(item) for item in value)
+        except _Invalid:
+            raise _Invalid(f"must be {what}") from None
+
+    return parse
+
+
+def _checked(parse: _Parser, ok: Callable[[Any], bool], what: str) -> _Parser:
+    """``parse`` (the type check), then ``ok`` must hold or the value 'must be <what>'."""
+
+    def check(value: Any) -> Any:
+        parsed = parse(value)
+        if not ok(parsed):
+            raise _Invalid(f"must be {what}")
+        return parsed
+
+    return check
+
+
+def _or(literal: str | None, parse: _Parser) -> _Parser:
+    """``literal`` itself (``"auto"``, ``None``) or whatever ``parse`` accepts."""
+
+    def check(value: Any) -> Any:
+        if value == literal and type(value) is type(literal):
+            return value
+        try:
+            return parse(value)
+        except _Invalid as err:
+            raise _Invalid(f"{err} or {_show(literal)}") from None
+
+    return check
+
+
+def _one_of(*choices: Any) -> _Parser:
+    def check(value: Any) -> Any:
+        # Compare types too: 6.0 == 6 and True == 1, but neither was meant.
+        if not any(type(value) is type(c) and value == c for c in choices):
+            raise _Invalid(f"must be one of {', '.join(map(str, choices))}")
+        return value
+
+    return check
+
+
+def _int_at_least(minimum: int, *, odd: bool = False) -> _Parser:
+    what = f"odd and >= {minimum}" if odd else f">= {minimum}"
+    return _checked(_parse_int, lambda n: n >= minimum and (n % 2 == 1 or not odd), what)
+
+
+def _parse_bbox(value: Any) -> str | tuple[int, ...]:
+    if value is None:  # `bbox:` left empty or null reads as "no direct beam"
+        return "none"
+    if value in ("auto", "none"):
+        return value
+    box = _parse_ints(4, "auto, none or a list of 4 integers [x0, y0, width, height]")(value)
+    if min(box[:2]) < 0 or min(box[2:]) < 1:
+        raise _Invalid("must have x0, y0 >= 0 and width, height >= 1")
+    return box
+
+
+_positive = _checked(_parse_number, lambda x: x > 0, "> 0")
+_blob_size = _checked(
+    _parse_ints(3, "a list of 3 integers [x, y, frames]"), lambda size: min(size) >= 1, ">= 1 in every component"
+)
+
+# Every key of every section, and how its value is parsed.  The keys must be
+# exactly the dataclass fields: unknown keys are rejected against this table.
+_CHECKS: dict[str, dict[str, _Parser]] = {
+    "source": {"url": _or(None, _parse_text), "angles": _or(None, _parse_text)},
+    "dark": {"url": _or(None, _parse_text), "value": _or(None, _parse_number)},
+    "background": {
+        "window": _int_at_least(3, odd=True),
+        "mode": _one_of("exact", "block"),
+        "stride": _int_at_least(1),
+        "normalise": _one_of("none", "margin"),
+        "margin_px": _int_at_least(1),
+    },
+    "filter": {"median_size": _int_at_least(1, odd=True)},
+    "direct_beam": {"bbox": _parse_bbox, "margin_px": _int_at_least(1)},
+    "segmentation": {
+        "seed_threshold": _or("auto", _positive),
+        "seed_sigma": _positive,
+        "grow_ratio": _checked(_parse_number, lambda x: 0 < x <= 1, "in (0, 1]"),
+        "grow_low": _or("auto", _positive),
+        "grow_high": _or(None, _positive),
+        "seed_min_voxels": _int_at_least(1),
+        "min_blob_size": _blob_size,
+        "max_blob_size": _blob_size,
+        "connectivity": _one_of(6, 26),
+    },
+    "output": {"dir": _parse_text},
+}
+
+
+def _cross_checks(cfg: Config) -> Iterator[tuple[str, tuple[str, ...], bool, str]]:
+    """Rules between keys: (key to report, other keys involved, rule holds, what the key must be)."""
+    bg, seg = cfg.background, cfg.segmentation
+    # stride means nothing in exact mode, so a short window there needs no stride change.
+    yield ("background.stride", ("background.window", "background.mode"),
+           bg.mode != "block" or bg.stride <= bg.window,
+           f"<= background.window ({bg.window}) in block mode")
+    yield ("background.normalise", ("direct_beam.bbox",),
+           bg.normalise != "margin" or cfg.direct_beam.bbox != "none",
+           "none when direct_beam.bbox is none")
+    yield ("dark.value", ("dark.url",),
+           cfg.dark.url is None or cfg.dark.value is None,
+           "null when dark.url is set")
+    yield ("segmentation.grow_high", ("segmentation.grow_low",),
+           seg.grow_high is None or seg.grow_low == "auto" or seg.grow_high >= seg.grow_low,
+           f">= segmentation.grow_low ({seg.grow_low})")
+    yield ("segmentation.max_blob_size", ("segmentation.min_blob_size",),
+           all(map(operator.ge, seg.max_blob_size, seg.min_blob_size)),
+           f">= segmentation.min_blob_size {_show(seg.min_blob_size)} in every component")
+
+
+# -- building a config from layers --------------------------------------------
+
+
+def _build(layers: Sequence[tuple[str, Any]]) -> Config:
+    """Apply each (label, {section: {key: raw value}}) layer over the defaults, then the cross checks."""
+    changes: dict[str, dict[str, Any]] = {section: {} for section in _CHECKS}
+    set_by: dict[str, int] = {}  # "section.key" -> index of the last layer that set it
+    for index, (label, tree) in enumerate(layers):
+        for section, key, raw in _entries(label, tree):
+            path = f"{section}.{key}"
+            try:
+                changes[section][key] = _CHECKS[section][key](raw)
+            except _Invalid as err:
+                raise ConfigError(f"{label}: {path}: {err}, got {_show(raw)}") from None
+            set_by[path] = index
+
+    defaults = Config()
+    cfg = Config(**{
+        section: dataclasses.replace(getattr(defaults, section), **updates)
+        for section, updates in changes.items()
+    })
+    for path, others, ok, what in _cross_checks(cfg):
+        if not ok:
+            # Blame the last layer that touched the rule: its change broke it.  The
+            # defaults satisfy every rule, so at least one of the keys was set.
+            label = layers[max(set_by.get(p, 0) for p in (path, *others))][0]
+            section, key = path.split(".")
+            value = getattr(getattr(cfg, section), key)
+            raise ConfigError(f"{label}: {path}: must be {what}, got {_show(value)}")
+    return cfg
+
+
+def _entries(label: str, tree: Any) -> Iterator[tuple[str, str, Any]]:
+    """(section, key, raw value) of one layer, rejecting anything not shaped like a config."""
+    if tree is None:  # an empty file
+        return
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{label}: must be a mapping of sections, got {_show(tree)}")
+    for section, body in tree.items():
+        if section not in _CHECKS:
+            raise ConfigError(f"{label}: {section}: unknown section (known: {', '.join(sorted(_CHECKS))})")
+        if body is None:  # `dark:` with nothing under it keeps the defaults
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{label}: {section}: must be a mapping, got {_show(body)}")
+        for key, raw in body.items():
+            if key not in _CHECKS[section]:
+                known = ", ".join(sorted(_CHECKS[section]))
+                raise ConfigError(f"{label}: {section}.{key}: unknown key (known: {known})")
+            yield section, key, raw
+
+
+# -- YAML ----------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e3`` and ``1.5e-3`` as floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent,
+    so ``seed_threshold: 1e3`` would otherwise be the string "1e3".
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections in block style with each list on one line, as in configs/default.yml."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, items: dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=True)
+)
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    label = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{label}: cannot read config file: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{label}: cannot read config file: not UTF-8 text ({err.reason})") from err
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ConfigError(f"{label}: {where}invalid YAML: {_yaml_problem(err)}") from err
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    """``"a.b=value"`` -> ``{"a": {"b": value}}``, the value read as YAML."""
+    key, equals, raw = text.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise ConfigError(f"{_SET}: expected section.key=value, got {_show(text)}")
+    try:
+        tree = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{_SET}: {key}: invalid YAML value {_show(raw)}: {_yaml_problem(err)}") from err
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    # Errors without a mark (bad characters) only have a multi-line str().
+    return ", ".join(p for p in parts if p) or " ".join(str(err).split())
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _show(value: Any) -> str:
+    """``value`` as the user would write it in YAML, on one line, for messages."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=math.inf).removesuffix("...\n").strip()
+    # YAML folds strings with line breaks over several lines; JSON is also YAML and never does.
+    return text if "\n" not in text else json.dumps(value, ensure_ascii=False, default=str)

@@ -1,0 +1,52 @@
+"""Finding the direct (transmitted) beam, the region that is never segmented."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.ndimage as ndi
+
+# A pixel belongs to the beam when it is above this fraction of the way from the
+# detector's typical level to its brightest: the beam is ~100x the spots and the
+# glow, and the sample's shadow inside the beam still transmits a good fraction.
+_LEVEL = 0.1
+# Bright parts smaller than this fraction of the largest are glints, not beam.
+_MIN_PART = 0.01
+
+
+def detect_direct_beam(image: np.ndarray, margin_px: int) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(x0, y0, width, height)`` of the bright transmitted beam, grown by ``margin_px``.
+
+    ``image`` is a background image (a per-pixel median over frames), so spots
+    and zingers are already gone. Returns None when nothing stands out.
+    """
+    typical = float(np.percentile(image, 50))
+    brightest = float(np.percentile(image, 99.9))
+    if brightest <= typical:
+        return None
+    bright = image > typical + _LEVEL * (brightest - typical)
+    labels, n = ndi.label(bright)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.isin(labels, 1 + np.flatnonzero(sizes >= _MIN_PART * sizes.max()))
+    ys, xs = np.nonzero(keep)
+    ny, nx = image.shape
+    x0 = max(int(xs.min()) - margin_px, 0)
+    y0 = max(int(ys.min()) - margin_px, 0)
+    x1 = min(int(xs.max()) + margin_px, nx - 1)
+    y1 = min(int(ys.max()) + margin_px, ny - 1)
+    return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+
+
+def margin_mean(frame: np.ndarray, dark: np.ndarray, bbox: tuple[int, int, int, int], margin_px: int) -> float:
+    """Mean of (frame - dark) over the strips ``margin_px`` wide at the left and right edges of ``bbox``.
+
+    Those strips see the incoming beam beside the sample, so their mean follows
+    the source intensity.
+    """
+    x0, y0, w, h = bbox
+    m = min(margin_px, w)
+    rows = slice(y0, y0 + h)
+    left = frame[rows, x0:x0 + m].astype(np.float64) - dark[rows, x0:x0 + m]
+    right = frame[rows, x0 + w - m:x0 + w].astype(np.float64) - dark[rows, x0 + w - m:x0 + w]
+    return float((left.sum() + right.sum()) / (left.size + right.size))

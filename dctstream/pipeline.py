@@ -1,0 +1,208 @@
+"""The only module that knows the stage order: source -> background -> segmenter -> sinks."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .background import BackgroundStage
+from .config import Config, dump_config
+from .errors import ConfigError, OutputError
+from .segment import SegmentParams, Segmenter
+from .sinks import DifspotWriter, SpotTable
+from .sources import load_dark, open_source
+
+log = logging.getLogger(__name__)
+
+# Seconds between rewrites of spots.h5; every difspot file is written at once regardless.
+TABLE_FLUSH_S = 1.0
+# Corrected frames used for the automatic noise estimate.
+NOISE_FRAMES = 5
+# The noise map is estimated on square tiles of this many pixels: the noise
+# follows the background level (Poisson), which changes slowly across the
+# detector, from the direct beam's glow to the corners.
+NOISE_TILE_PX = 32
+
+
+@dataclass
+class Stats:
+    """Counters every stage updates; a display reads them, never the other way round."""
+
+    frames_total: int | None = None
+    frames_read: int = 0
+    frames_corrected: int = 0
+    frames_segmented: int = 0
+    difspots_written: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    direct_beam: tuple | None = None
+    seed_threshold: tuple[float, float] | None = None  # (min, max) over the detector
+    noise_sigma: float | None = None
+    started_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started_s
+
+
+def _mad_sigma(values: np.ndarray) -> float:
+    values = values.astype(np.float64)
+    return float(1.4826 * np.median(np.abs(values - np.median(values)))) if values.size else 0.0
+
+
+def noise_map(frames: list[np.ndarray], mask: np.ndarray, tile_px: int = NOISE_TILE_PX) -> np.ndarray:
+    """Robust noise (1.4826 x median absolute deviation) of corrected frames, per tile, as a (y, x) map.
+
+    Masked pixels are left out; a tile with too few unmasked pixels takes the
+    whole detector's value.
+    """
+    stack = np.stack(frames)
+    overall = _mad_sigma(stack[:, ~mask])
+    ny, nx = mask.shape
+    out = np.full((ny, nx), overall)
+    for y0 in range(0, ny, tile_px):
+        for x0 in range(0, nx, tile_px):
+            tile = (slice(y0, y0 + tile_px), slice(x0, x0 + tile_px))
+            keep = ~mask[tile]
+            if keep.sum() * len(frames) >= 64:
+                out[tile] = _mad_sigma(stack[(slice(None), *tile)][:, keep])
+    return out
+
+
+def resolve_segmentation(cfg, sigma: np.ndarray | None) -> SegmentParams:
+    """Replace the ``auto`` values of the segmentation section by numbers or (y, x) maps."""
+    seed = cfg.seed_threshold
+    if seed == "auto":
+        if sigma is None or not np.all(sigma > 0):
+            raise ConfigError("segmentation.seed_threshold: auto needs a noise estimate > 0 everywhere, "
+                              "got 0 in places (flat frames?); set a number of counts")
+        seed = cfg.seed_sigma * sigma
+    low = 0.5 * seed if cfg.grow_low == "auto" else cfg.grow_low
+    return SegmentParams(seed_threshold=seed, grow_ratio=cfg.grow_ratio, grow_low=low,
+                         grow_high=cfg.grow_high, seed_min_voxels=cfg.seed_min_voxels,
+                         min_size=tuple(cfg.min_blob_size), max_size=tuple(cfg.max_blob_size),
+                         connectivity=cfg.connectivity)
+
+
+def beam_mask(bbox, frame_shape) -> np.ndarray:
+    mask = np.zeros(frame_shape, bool)
+    if bbox is not None:
+        x0, y0, w, h = bbox
+        mask[y0:y0 + h, x0:x0 + w] = True
+    return mask
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots") if p.exists()]
+    if previous and not overwrite:
+        raise OutputError(f"{out_dir}: already holds results ({previous[0].name}), expected an empty or new "
+                          "folder; choose another output.dir or pass --overwrite")
+    for p in previous:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+class Pipeline:
+    """One scan, from its source to difspots on disk. ``run()`` drives it to the end."""
+
+    def __init__(self, cfg: Config, *, overwrite: bool = False):
+        if not cfg.source.url:
+            raise ConfigError("source.url: no scan given, expected path/to/scan.h5::/dataset "
+                              "(in the config or with --source)")
+        self.cfg = cfg
+        self.stats = Stats()
+        self.out_dir = Path(cfg.output.dir)
+        self.source = open_source(cfg.source.url, cfg.source.angles)
+        try:
+            self.stats.frames_total = getattr(self.source, "n_frames", None)
+            self.angles = getattr(self.source, "angles", None)
+            shape, dtype = self.source.frame_shape, self.source.dtype
+            dark = load_dark(cfg.dark.url, cfg.dark.value, shape)
+            bbox = cfg.direct_beam.bbox
+            if isinstance(bbox, tuple):
+                x0, y0, w, h = bbox
+                if x0 + w > shape[1] or y0 + h > shape[0]:
+                    raise ConfigError(f"direct_beam.bbox: {list(bbox)} reaches outside the frame of "
+                                      f"{shape[1]} x {shape[0]} pixels (x, y)")
+            self.background = BackgroundStage(cfg.background, frame_shape=shape, dtype=dtype, dark=dark,
+                                              direct_beam=bbox, beam_margin_px=cfg.direct_beam.margin_px,
+                                              filter_size=cfg.filter.median_size)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            prepare_output(self.out_dir, overwrite)
+            self.difspots = DifspotWriter(self.out_dir)
+            (self.out_dir / "config.yml").write_text(dump_config(cfg))
+            self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
+                                                  "source": cfg.source.url})
+        except BaseException:
+            self.source.close()
+            raise
+        self.segmenter: Segmenter | None = None
+        self._flushed_s = time.monotonic()
+
+    def run(self, progress=None) -> Stats:
+        """Process every frame of the source; ``progress(stats)`` is called after each frame."""
+        try:
+            for frame in self.source:
+                self.stats.frames_read += 1
+                self._segment(self.background.push(frame.data))
+                if progress is not None:
+                    progress(self.stats)
+            self._segment(self.background.finish())
+            if self.segmenter is not None:
+                self._write(self.segmenter.finish())
+        finally:
+            self.source.close()
+            self.table.close()
+        if progress is not None:
+            progress(self.stats)
+        return self.stats
+
+    def _segment(self, corrected: list[tuple[int, np.ndarray]]) -> None:
+        if not corrected:
+            return
+        self.stats.frames_corrected += len(corrected)
+        if self.segmenter is None:
+            self._start_segmenter([frame for _, frame in corrected[:NOISE_FRAMES]])
+        for k, frame in corrected:
+            self._write(self.segmenter.push(k, frame))
+            self.stats.frames_segmented += 1
+
+    def _start_segmenter(self, first_frames: list[np.ndarray]) -> None:
+        shape = self.background.frame_shape
+        self.stats.direct_beam = self.background.direct_beam
+        mask = beam_mask(self.background.direct_beam, shape)
+        sigma = noise_map(first_frames, mask)
+        params = resolve_segmentation(self.cfg.segmentation, sigma)
+        seed = np.asarray(params.seed_threshold)[~mask] if np.ndim(params.seed_threshold) else params.seed_threshold
+        self.stats.noise_sigma = float(np.median(sigma[~mask]))
+        self.stats.seed_threshold = (float(np.min(seed)), float(np.max(seed)))
+        log.info("direct beam %s, noise %.3g counts (median), seed threshold %.4g..%.4g counts",
+                 self.stats.direct_beam, self.stats.noise_sigma, *self.stats.seed_threshold)
+        self.segmenter = Segmenter(params, shape, mask)
+        self.table.attrs.update({"seed_threshold_min": self.stats.seed_threshold[0],
+                                 "seed_threshold_max": self.stats.seed_threshold[1],
+                                 "noise_sigma_median": self.stats.noise_sigma,
+                                 "direct_beam_bbox": str(list(self.stats.direct_beam or []))})
+
+    def _write(self, blobs) -> None:
+        for blob in blobs:
+            self.difspots.write(blob, volume=blob.volume)
+            psi = None
+            if self.angles is not None:
+                psi = float(np.interp(blob.centroid[0], np.arange(self.angles.size), self.angles))
+            self.table.add(blob, psi)
+            self.stats.difspots_written += 1
+        if self.segmenter is not None:
+            self.stats.rejected = Counter(self.segmenter.rejected)
+        if blobs and time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
+            self.table.flush()
+            self._flushed_s = time.monotonic()
+
+
+def run(cfg: Config, *, overwrite: bool = False, progress=None) -> Stats:
+    return Pipeline(cfg, overwrite=overwrite).run(progress)

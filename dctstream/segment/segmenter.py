@@ -1,0 +1,258 @@
+"""Streaming double-threshold segmentation of corrected frames into blobs.
+
+The result is defined on the whole volume V of corrected frames and computed
+frame by frame:
+
+1. Seeds are voxels with V >= seed_threshold outside the direct-beam mask,
+   connected in 3-D (6 or 26 neighbours) into seed regions. A region's maximum
+   M sits at its brightest voxel (the first in (frame, y, x) order on ties).
+   Regions with fewer than ``seed_min_voxels`` voxels are rejected.
+2. Regions are grown brightest first (ties: by position of M). Region R's blob
+   is the connected component containing M of the voxels with
+   V >= t = min(clamp(grow_ratio * M, grow_low, grow_high), M) that are not
+   masked and not claimed by an earlier blob, searched in the box
+   M +- max_blob_size. A component whose extent (x, y, frames) lies outside
+   [min_blob_size, max_blob_size] is rejected; otherwise its voxels are
+   claimed and it becomes a blob.
+
+Streaming: a blob can only take voxels inside its box, so R's outcome depends
+only on brighter regions whose boxes overlap R's box, all of which have their
+maximum at most 2F frames after R's (F = max_blob_size in frames). R is
+grown once frame f_R + 2F has been segmented, no seed region that started by
+then is still open, and every brighter overlapping region is done.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from ..types import Blob
+from ._kernels import grow_region
+
+REJECT_REASONS = ("seed_min_voxels", "maximum_claimed", "too_small", "too_large")
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """Resolved numbers of the segmentation section (no ``auto`` left)."""
+
+    seed_threshold: float | np.ndarray  # counts; a (y, x) map gives each pixel its own
+    grow_ratio: float
+    grow_low: float | np.ndarray  # counts; scalar or (y, x) map
+    grow_high: float | None
+    seed_min_voxels: int
+    min_size: tuple[int, int, int]  # (x, y, frames)
+    max_size: tuple[int, int, int]  # (x, y, frames)
+    connectivity: int
+
+    def maps(self, frame_shape) -> tuple[np.ndarray, np.ndarray]:
+        """The seed threshold and the lower grow clamp as float64 (y, x) maps."""
+        return tuple(np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), frame_shape))
+                     for v in (self.seed_threshold, self.grow_low))
+
+
+class _Region:
+    __slots__ = ("count", "max_value", "max_index", "first")
+
+    def __init__(self, count, max_value, max_index, first):
+        self.count = count
+        self.max_value = max_value
+        self.max_index = max_index
+        self.first = first
+
+    @property
+    def order(self):
+        return (-self.max_value, *self.max_index)
+
+    def absorb(self, other: "_Region") -> None:
+        self.count += other.count
+        self.first = min(self.first, other.first)
+        if other.order < self.order:
+            self.max_value, self.max_index = other.max_value, other.max_index
+
+
+class Segmenter:
+    """Push corrected frames in order; get back the blobs that no later frame can change."""
+
+    def __init__(self, params: SegmentParams, frame_shape: tuple[int, int], mask: np.ndarray | None = None):
+        self.params = params
+        self.frame_shape = tuple(frame_shape)
+        self.mask = np.zeros(self.frame_shape, bool) if mask is None else np.ascontiguousarray(mask, bool)
+        self._seed_map, self._low_map = params.maps(self.frame_shape)
+        self._structure = ndi.generate_binary_structure(2, 1 if params.connectivity == 6 else 2)
+        self._shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                        if params.connectivity == 26 or (dy, dx) == (0, 0)]
+        reach = params.max_size[2]
+        self._values = np.zeros((4 * reach + 4, *self.frame_shape), np.float32)
+        self._claimed = np.zeros(self._values.shape, np.uint8)
+        self._low = 0  # oldest frame still needed
+        self.last = -1  # last frame pushed
+        self._prev_ids = np.zeros(self.frame_shape, np.int64)
+        self._parent: dict[int, int] = {}
+        self._regions: dict[int, _Region] = {}  # open regions, by root id
+        self._open: list[int] = []
+        self._pending: list[_Region] = []
+        self._next_id = 1
+        self.n_blobs = 0
+        self.rejected: Counter = Counter()
+
+    # ---- public --------------------------------------------------------------
+    def push(self, k: int, frame: np.ndarray) -> list[Blob]:
+        if k != self.last + 1:
+            raise ValueError(f"frame {k}: expected frame {self.last + 1}")
+        if frame.shape != self.frame_shape:
+            raise ValueError(f"frame {k}: expected shape {self.frame_shape}, got {frame.shape}")
+        self._store(k, frame)
+        self.last = k
+        self._link(k, frame)
+        return self._close(ended=False)
+
+    def finish(self) -> list[Blob]:
+        """The scan has ended: every remaining region is grown."""
+        for root in {self._find(i) for i in self._open}:
+            self._complete(root)
+        self._open = []
+        return self._close(ended=True)
+
+    @property
+    def open_regions(self) -> int:
+        return len(self._regions)
+
+    @property
+    def pending_regions(self) -> int:
+        return len(self._pending)
+
+    # ---- frame store ---------------------------------------------------------------
+    def _store(self, k: int, frame: np.ndarray) -> None:
+        cap = self._values.shape[0]
+        if k - self._low + 1 > cap:
+            # a chain of overlapping spots holds old frames: make room, keeping slots k % cap
+            new_cap = 2 * cap
+            values = np.zeros((new_cap, *self.frame_shape), np.float32)
+            claimed = np.zeros(values.shape, np.uint8)
+            for f in range(self._low, k):
+                values[f % new_cap] = self._values[f % cap]
+                claimed[f % new_cap] = self._claimed[f % cap]
+            self._values, self._claimed, cap = values, claimed, new_cap
+        self._values[k % cap] = frame
+        self._claimed[k % cap] = 0
+
+    # ---- seed regions --------------------------------------------------------------
+    def _find(self, i: int) -> int:
+        root = i
+        while self._parent[root] != root:
+            root = self._parent[root]
+        while self._parent[i] != root:
+            self._parent[i], i = root, self._parent[i]
+        return root
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return
+        if rb < ra:
+            ra, rb = rb, ra
+        self._parent[rb] = ra
+        self._regions[ra].absorb(self._regions.pop(rb))
+
+    def _link(self, k: int, frame: np.ndarray) -> None:
+        seeds = (frame >= self._seed_map) & ~self.mask
+        labels, n = ndi.label(seeds, structure=self._structure)
+        ys, xs = np.nonzero(labels)
+        lab = labels[ys, xs]
+        ids = np.zeros(self.frame_shape, np.int64)
+        if n:
+            gids = self._next_id + lab - 1
+            ids[ys, xs] = gids
+            vals = frame[ys, xs]
+            counts = np.bincount(lab, minlength=n + 1)[1:]
+            # brightest voxel of each component, the first in (y, x) order on ties
+            order = np.lexsort((np.arange(lab.size), -vals, lab))
+            first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
+            for c in range(n):
+                i = first[c]
+                gid = self._next_id + c
+                self._parent[gid] = gid
+                self._regions[gid] = _Region(int(counts[c]), float(vals[i]), (k, int(ys[i]), int(xs[i])), k)
+            ny, nx = self.frame_shape
+            links = []
+            for dy, dx in self._shifts:
+                py, px = ys + dy, xs + dx
+                ok = (py >= 0) & (py < ny) & (px >= 0) & (px < nx)
+                prev = self._prev_ids[py[ok], px[ok]]
+                hit = prev > 0
+                links.append(np.stack((prev[hit], gids[ok][hit]), axis=1))
+            for a, b in np.unique(np.concatenate(links), axis=0):
+                self._union(int(a), int(b))
+            self._next_id += n
+        now = {self._find(int(g)) for g in np.unique(ids[ids > 0])}
+        for root in {self._find(i) for i in self._open} - now:
+            self._complete(root)
+        self._open = sorted(now)
+        self._prev_ids = ids
+
+    def _complete(self, root: int) -> None:
+        region = self._regions.pop(root)
+        if region.count < self.params.seed_min_voxels:
+            self.rejected["seed_min_voxels"] += 1
+        else:
+            self._pending.append(region)
+
+    # ---- growing -------------------------------------------------------------------
+    def _close(self, ended: bool) -> list[Blob]:
+        reach_x, reach_y, reach_f = self.params.max_size
+        open_first = min((self._regions[r].first for r in self._open), default=self.last + 1)
+        self._pending.sort(key=lambda r: r.order)
+        blobs, blocked = [], []
+        for region in self._pending:
+            f, y, x = region.max_index
+            ready = ended or (self.last >= f + 2 * reach_f and open_first > f + 2 * reach_f)
+            if ready and not any(abs(f - b.max_index[0]) <= 2 * reach_f
+                                 and abs(y - b.max_index[1]) <= 2 * reach_y
+                                 and abs(x - b.max_index[2]) <= 2 * reach_x for b in blocked):
+                blob = self._grow(region)
+                if blob is not None:
+                    blobs.append(blob)
+            else:
+                blocked.append(region)
+        self._pending = blocked
+        self._low = min([open_first, self.last + 1] + [r.max_index[0] for r in blocked]) - reach_f
+        return blobs
+
+    def _grow(self, region: _Region) -> Blob | None:
+        p = self.params
+        f, y, x = region.max_index
+        reach_x, reach_y, reach_f = p.max_size
+        ny, nx = self.frame_shape
+        f0, f1 = max(f - reach_f, 0), min(f + reach_f, self.last)
+        y0, y1 = max(y - reach_y, 0), min(y + reach_y, ny - 1)
+        x0, x1 = max(x - reach_x, 0), min(x + reach_x, nx - 1)
+        peak = region.max_value
+        voxels = grow_region(self._values, self._claimed, self.mask, self._low_map, f0, f1, y0, y1, x0, x1,
+                             f, y, x, p.grow_ratio * peak, np.inf if p.grow_high is None else p.grow_high,
+                             peak, p.connectivity == 26)
+        if voxels.size == 0:
+            self.rejected["maximum_claimed"] += 1
+            return None
+        bf, by, bx = np.unravel_index(voxels, (f1 - f0 + 1, y1 - y0 + 1, x1 - x0 + 1))
+        fs, ys, xs = bf + f0, by + y0, bx + x0
+        size = (int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1), int(fs.max() - fs.min() + 1))
+        if any(s < m for s, m in zip(size, p.min_size)):
+            self.rejected["too_small"] += 1
+            return None
+        if any(s > m for s, m in zip(size, p.max_size)):
+            self.rejected["too_large"] += 1
+            return None
+        cap = self._values.shape[0]
+        self._claimed[fs % cap, ys, xs] = 1
+        frames = np.arange(fs.min(), fs.max() + 1) % cap
+        volume = self._values[frames][:, ys.min():ys.max() + 1, xs.min():xs.max() + 1].copy()
+        blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
+                    value=self._values[fs % cap, ys, xs], max_index=(f, y, x),
+                    max_value=region.max_value, volume=volume)
+        self.n_blobs += 1
+        return blob

@@ -1,0 +1,144 @@
+"""Difspot files ``OUT/difspots/{id:06d}.h5``, one per difspot, in the DCT layout.
+
+The layout is the one of the difspots that ``pydct`` wrote for the DCT MATLAB
+code: all datasets at the root, arrays gzip+shuffle compressed, scalars as
+scalars.  Arrays are in (z, y, x) = (frame, y, x) order over the difspot's
+bounding box; ``nz``, ``ny``, ``nx`` are the box's frame count, height and
+width.  Indices follow MATLAB and start at 1: *absolute* fields count from the
+first frame / pixel of the scan, *relative* fields from the first voxel of the
+bounding box (which is 1).
+
+=========================  =======  ============  ==========================================
+dataset                    dtype    shape         meaning
+=========================  =======  ============  ==========================================
+``Data``                   float32  (nz, ny, nx)  corrected values over the bounding box
+                                                  (0 off the difspot unless the writer was
+                                                  given the corrected sub-volume)
+``Mask``                   int8     (nz, ny, nx)  1 on the difspot's voxels, 0 elsewhere
+``DataMasked``             float32  (nz, ny, nx)  ``Data * Mask``
+``Projection``             float32  (ny, nx)      ``DataMasked`` summed over frames
+``Area``                   int64    scalar        number of voxels
+``Integral``               float32  scalar        sum of the difspot's corrected values
+``difspotID``              int64    scalar        difspot id (file name, row of spots.h5)
+``StartImage``             int64    scalar        first frame of the box, absolute
+``EndImage``               int64    scalar        last frame of the box (inclusive), absolute
+``BoundingBoxXorigin``     int64    scalar        first column of the box, absolute
+``BoundingBoxYorigin``     int64    scalar        first row of the box, absolute
+``BoundingBoxXsize``       int64    scalar        ``nx``
+``BoundingBoxYsize``       int64    scalar        ``ny``
+``BoundingBox``            int64    (2, 3)        rows: first voxel, last voxel (inclusive);
+                                                  columns (z, y, x); absolute
+``BoundingBoxOriginSize``  int64    (2, 3)        rows: first voxel, (nz, ny, nx);
+                                                  columns (z, y, x); absolute
+``CentroidX``              float64  scalar        intensity-weighted centroid, column, relative
+``CentroidY``              float64  scalar        intensity-weighted centroid, row, relative
+``CentroidImage``          float64  scalar        intensity-weighted centroid, frame, relative
+``CentroidIndex``          float64  (3,)          the centroid as (z, y, x), relative
+``MaxImage``               int64    scalar        frame of the seed maximum, relative
+``MaxIntensityIndex``      int64    (3,)          seed maximum as (z, y, x), relative
+=========================  =======  ============  ==========================================
+
+Root attributes: ``interpretation = "difspot"``, ``notation_axes = "zyx"``,
+``notation_indexing = "starts with 1 (MATLAB)"``, ``relative_fields`` and
+``absolute_fields`` (comma-separated lists of the fields above).
+
+Each file is written under a hidden temporary name (``.000012.h5.tmp``) and
+renamed once complete, so a ``*.h5`` that exists is always whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..types import Blob
+from .spot_table import atomic_h5, ensure_dir, spot_row
+
+ATTRS = {
+    "interpretation": "difspot",
+    "notation_axes": "zyx",
+    "notation_indexing": "starts with 1 (MATLAB)",
+    "relative_fields": "CentroidX, CentroidY, CentroidImage, CentroidIndex, "
+                       "MaxImage, MaxIntensityIndex",
+    "absolute_fields": "StartImage, EndImage, BoundingBoxXorigin, BoundingBoxYorigin, "
+                       "BoundingBox, BoundingBoxOriginSize",
+}
+
+
+class DifspotWriter:
+    """Writes one DCT difspot file per blob under ``OUT/difspots``."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.folder = Path(out_dir) / "difspots"
+        ensure_dir(self.folder)
+
+    def write(self, blob: Blob, volume: np.ndarray | None = None) -> Path:
+        """Write the difspot file of ``blob`` and return its path.
+
+        ``volume``, if given, is the corrected frames cut to the blob's
+        bounding box, (frames, y, x); it becomes ``Data`` so that the file
+        also shows the neighbourhood of the difspot.
+        """
+        row = spot_row(blob)
+        f0, y0, x0 = row["start_frame"], row["bbox_y0"], row["bbox_x0"]
+        shape = (row["end_frame"] - f0 + 1, row["bbox_y_size"], row["bbox_x_size"])
+        origin = np.array([f0, y0, x0])
+        # All indices in the file are 1-based (MATLAB); relative ones count
+        # from the box's first voxel.
+        first = origin + 1
+        size = np.array(shape)
+        centroid = np.array([row["centroid_frame"], row["centroid_y"], row["centroid_x"]])
+        centroid_rel = centroid - origin + 1
+        max_rel = np.array(blob.max_index) - origin + 1
+
+        voxels = (blob.frame - f0, blob.y - y0, blob.x - x0)
+        mask = np.zeros(shape, np.int8)
+        mask[voxels] = 1
+        if volume is None:
+            data = np.zeros(shape, np.float32)
+            data[voxels] = blob.value
+        else:
+            data = np.asarray(volume, np.float32)
+            if data.shape != shape:
+                raise ValueError(f"difspot {blob.id} volume: expected the bounding-box shape "
+                                 f"{shape}, got {data.shape}")
+        masked = data * mask
+
+        arrays = {
+            "Data": data,
+            "Mask": mask,
+            "DataMasked": masked,
+            "Projection": masked.sum(axis=0, dtype=np.float32),
+            "BoundingBox": np.array([first, first + size - 1], np.int64),
+            "BoundingBoxOriginSize": np.array([first, size], np.int64),
+            "CentroidIndex": centroid_rel.astype(np.float64),
+            "MaxIntensityIndex": max_rel.astype(np.int64),
+        }
+        scalars = {
+            "Area": np.int64(row["area"]),
+            "Integral": np.float32(row["integral"]),
+            "difspotID": np.int64(row["id"]),
+            "StartImage": np.int64(first[0]),
+            "EndImage": np.int64(first[0] + size[0] - 1),
+            "BoundingBoxXorigin": np.int64(first[2]),
+            "BoundingBoxYorigin": np.int64(first[1]),
+            "BoundingBoxXsize": np.int64(size[2]),
+            "BoundingBoxYsize": np.int64(size[1]),
+            "CentroidX": np.float64(centroid_rel[2]),
+            "CentroidY": np.float64(centroid_rel[1]),
+            "CentroidImage": np.float64(centroid_rel[0]),
+            "MaxImage": np.int64(max_rel[0]),
+        }
+
+        path = self.folder / f"{row['id']:06d}.h5"
+        # Default format bounds keep the file readable by HDF5 1.8, which
+        # older MATLAB releases (the DCT code) still bundle.
+        with atomic_h5(path) as f:
+            for name, array in arrays.items():
+                f.create_dataset(name, data=array, compression="gzip", shuffle=True)
+            for name, value in scalars.items():
+                f.create_dataset(name, data=value)
+            f.attrs.update(ATTRS)
+        return path

@@ -1,0 +1,222 @@
+"""The spot table ``OUT/spots.h5``: one row per difspot, rewritten whole on each flush.
+
+Layout: group ``/spots`` holds one 1-D dataset per column, all of the same
+length, one row per difspot in the order the difspots were added.  Frames and
+pixels are 0-based and absolute (frame 0 is the first frame of the scan).
+
+===================  =======  =====================================================
+column               dtype    meaning
+===================  =======  =====================================================
+``id``               int64    difspot id, its file is ``difspots/{id:06d}.h5``
+``start_frame``      int64    first frame of the bounding box
+``end_frame``        int64    last frame of the bounding box (inclusive)
+``max_frame``        int64    frame of the seed maximum
+``area``             int64    number of voxels
+``integral``         float64  sum of the corrected values
+``max_value``        float64  corrected value at the seed maximum
+``centroid_x``       float64  intensity-weighted centroid, detector column
+``centroid_y``       float64  intensity-weighted centroid, detector row
+``centroid_frame``   float64  intensity-weighted centroid, frame
+``bbox_x0``          int64    first column of the bounding box
+``bbox_y0``          int64    first row of the bounding box
+``bbox_x_size``      int64    bounding-box width in columns
+``bbox_y_size``      int64    bounding-box height in rows
+``centroid_psi_deg`` float64  rotation angle at ``centroid_frame``, degrees; only
+                              present when the angles were given
+===================  =======  =====================================================
+
+Attributes of ``/spots``: every entry of the ``attrs`` given to `SpotTable`
+(configuration text, version, source, ...), ``columns`` (the table above as
+``name: meaning`` lines) and ``n_spots``.
+
+Readers always see a complete file: each flush writes a hidden temporary file
+next to ``spots.h5`` and renames it over the old one.  The file is written with
+HDF5 1.10 format bounds so that readers opening it in SWMR mode accept it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import OutputError
+from ..types import Blob
+
+COLUMNS: dict[str, tuple[type, str]] = {
+    "id": (np.int64, "difspot id, its file is difspots/{id:06d}.h5"),
+    "start_frame": (np.int64, "first frame of the bounding box, 0-based absolute"),
+    "end_frame": (np.int64, "last frame of the bounding box (inclusive), 0-based absolute"),
+    "max_frame": (np.int64, "frame of the seed maximum, 0-based absolute"),
+    "area": (np.int64, "number of voxels"),
+    "integral": (np.float64, "sum of the corrected values"),
+    "max_value": (np.float64, "corrected value at the seed maximum"),
+    "centroid_x": (np.float64, "intensity-weighted centroid, detector column, 0-based absolute"),
+    "centroid_y": (np.float64, "intensity-weighted centroid, detector row, 0-based absolute"),
+    "centroid_frame": (np.float64, "intensity-weighted centroid, frame, 0-based absolute"),
+    "bbox_x0": (np.int64, "first column of the bounding box, 0-based absolute"),
+    "bbox_y0": (np.int64, "first row of the bounding box, 0-based absolute"),
+    "bbox_x_size": (np.int64, "bounding-box width in columns"),
+    "bbox_y_size": (np.int64, "bounding-box height in rows"),
+    "centroid_psi_deg": (np.float64, "rotation angle at centroid_frame, degrees; "
+                                     "only present when the angles were given"),
+}
+PSI_COLUMN = "centroid_psi_deg"
+
+# Attribute values h5py stores as plain scalars or strings; anything else
+# (None, dicts) would only fail at the first flush, mid-scan.
+_ATTR_TYPES = (str, bytes, int, float, bool, np.generic)
+
+
+def spot_row(blob: Blob, psi_deg: float | None = None) -> dict:
+    """One table row for ``blob``: bounding box and centroid, 0-based absolute."""
+    f0, y0, x0, f1, y1, x1 = blob.bbox
+    cf, cy, cx = blob.centroid
+    row = {
+        "id": int(blob.id),
+        "start_frame": f0,
+        "end_frame": f1,
+        "max_frame": int(blob.max_index[0]),
+        "area": blob.area,
+        "integral": blob.integral,
+        "max_value": float(blob.max_value),
+        "centroid_x": cx,
+        "centroid_y": cy,
+        "centroid_frame": cf,
+        "bbox_x0": x0,
+        "bbox_y0": y0,
+        "bbox_x_size": x1 - x0 + 1,
+        "bbox_y_size": y1 - y0 + 1,
+    }
+    if psi_deg is not None:
+        row[PSI_COLUMN] = float(psi_deg)
+    return row
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    # h5py puts HDF5's whole diagnostic into str(exc); keep the message one line.
+    reason = " ".join((exc.strerror or str(exc)).split())
+    return OutputError(f"{path}: cannot write output, {reason}")
+
+
+def ensure_dir(path: Path) -> None:
+    """Create ``path`` if needed; raise `OutputError` unless it is a writable folder.
+
+    Called when a sink is built, so that a bad output folder stops the run
+    before the scan is read rather than at the first difspot.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{path}: cannot write output, expected a folder, got a file") from None
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write output, permission denied")
+
+
+@contextmanager
+def atomic_h5(path: Path, **file_kwargs) -> Iterator[h5py.File]:
+    """Yield a new HDF5 file that appears at ``path`` only once complete.
+
+    The file is written under a hidden temporary name in the same folder
+    (``os.replace`` is atomic only within one filesystem) and renamed over
+    ``path`` after it is closed, so a reader sees either the old file or the
+    new one, never a partial one.  No fsync: the goal is consistency for
+    concurrent readers, and a sync per difspot would be slow on network
+    filesystems.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w", **file_kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    finally:
+        # After a successful rename there is nothing left to remove; after a
+        # failure, no partial file may stay behind.
+        with suppress(OSError):
+            tmp.unlink()
+
+
+class SpotTable:
+    """Collects one row per difspot and rewrites ``OUT/spots.h5`` on `flush`."""
+
+    def __init__(self, out_dir: str | os.PathLike, attrs: dict):
+        self.path = Path(out_dir) / "spots.h5"
+        for key, value in attrs.items():
+            if not isinstance(value, _ATTR_TYPES):
+                raise TypeError(f"spot table attribute {key!r}: expected a string or number, "
+                                f"got {type(value).__name__}")
+        self.attrs = dict(attrs)
+        # Columns live in numpy arrays grown by doubling: a flush then writes
+        # slices without converting 100k Python rows, and memory stays at
+        # 8 bytes per cell.
+        self._data = {name: np.empty(1024, dtype) for name, (dtype, _) in COLUMNS.items()
+                      if name != PSI_COLUMN}
+        self._n = 0
+        self._with_psi: bool | None = None  # decided by the first row
+        self._dirty = True  # an empty table is still written on the first flush
+        ensure_dir(self.path.parent)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def rows(self) -> list[dict]:
+        """The rows added so far, as `spot_row` dicts (built on demand, for inspection)."""
+        return [{name: values[i].item() for name, values in self._data.items()}
+                for i in range(self._n)]
+
+    def add(self, blob: Blob, psi_deg: float | None = None) -> dict:
+        """Append the row of ``blob`` and return it; every row must have a psi, or none."""
+        with_psi = psi_deg is not None
+        if self._with_psi is not None and with_psi != self._with_psi:
+            raise ValueError(
+                f"spot table row {self._n} (difspot {blob.id}): expected "
+                f"{'a' if self._with_psi else 'no'} psi like the previous rows, "
+                f"got {'one' if with_psi else 'none'}"
+            )
+        row = spot_row(blob, psi_deg)
+        if self._with_psi is None:
+            self._with_psi = with_psi
+            if with_psi:
+                self._data[PSI_COLUMN] = np.empty(self._data["id"].size, np.float64)
+        if self._n == self._data["id"].size:
+            for name, values in self._data.items():
+                self._data[name] = np.concatenate([values, np.empty_like(values)])
+        for name, values in self._data.items():
+            values[self._n] = row[name]
+        self._n += 1
+        self._dirty = True
+        return row
+
+    def flush(self) -> None:
+        """Rewrite ``spots.h5`` with every row so far, unless nothing changed."""
+        if not self._dirty:
+            return
+        # v110 bounds give the superblock version SWMR readers require, and
+        # keep the file readable by any HDF5 from 1.10 on.
+        with atomic_h5(self.path, libver=("v110", "v110")) as f:
+            group = f.create_group("spots", track_order=True)
+            for name, values in self._data.items():
+                group.create_dataset(name, data=values[:self._n])
+            group.attrs.update(self.attrs)
+            group.attrs["columns"] = "\n".join(f"{name}: {COLUMNS[name][1]}"
+                                               for name in self._data)
+            group.attrs["n_spots"] = np.int64(self._n)
+        self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+def read_spot_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The columns of a ``spots.h5``, in the order they were written."""
+    with h5py.File(path, "r") as f:
+        return {name: dataset[()] for name, dataset in f["spots"].items()}

@@ -1,0 +1,56 @@
+"""Scoring a spot table against a simulated scan's ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+
+def inside(bbox, x, y) -> np.ndarray:
+    if bbox is None:
+        return np.zeros(np.shape(x), bool)
+    x0, y0, w, h = bbox
+    return (x >= x0) & (x < x0 + w) & (y >= y0) & (y < y0 + h)
+
+
+def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
+          tol_px: float = 2.0, tol_frames: float = 2.0) -> dict:
+    """Recall, precision and centroid errors of detected ``spots`` against ``truth``.
+
+    A detection matches a true spot when its centroid is within ``tol_px`` in x
+    and y and ``tol_frames`` along psi (an ellipsoid); pairs are made one-to-one,
+    closest first. Recall counts the true spots with snr >= ``snr_min`` outside
+    the masked direct beam; precision counts every detection against every true
+    spot (a detection of a faint true spot is not a false one).
+    """
+    t = np.stack([truth["x"] / tol_px, truth["y"] / tol_px, truth["frame"] / tol_frames], axis=1)
+    d = np.stack([spots["centroid_x"] / tol_px, spots["centroid_y"] / tol_px,
+                  spots["centroid_frame"] / tol_frames], axis=1)
+    pairs = []
+    if len(t) and len(d):
+        for i, js in enumerate(cKDTree(t).query_ball_point(d, r=1.0)):
+            pairs += [(float(np.linalg.norm(d[i] - t[j])), i, j) for j in js]
+    pairs.sort()
+    det_used, truth_of = set(), {}
+    for _, i, j in pairs:
+        if i not in det_used and j not in truth_of:
+            det_used.add(i)
+            truth_of[j] = i
+    eligible = (truth["snr"] >= snr_min) & ~inside(direct_beam, truth["x"], truth["y"])
+    found = [j for j in np.flatnonzero(eligible) if j in truth_of]
+    errors = {}
+    for axis, col in (("x", "centroid_x"), ("y", "centroid_y"), ("frame", "centroid_frame")):
+        diff = np.array([spots[col][truth_of[j]] - truth[axis][j] for j in found])
+        errors[axis] = float(np.sqrt(np.mean(diff ** 2))) if diff.size else float("nan")
+    return {
+        "true_spots": int(len(t)),
+        "eligible": int(eligible.sum()),
+        "found": len(found),
+        "recall": len(found) / max(int(eligible.sum()), 1),
+        "detections": int(len(d)),
+        "matched_detections": len(det_used),
+        "precision": len(det_used) / max(len(d), 1),
+        "rms_x_px": errors["x"],
+        "rms_y_px": errors["y"],
+        "rms_frame": errors["frame"],
+    }
