@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -23,7 +24,8 @@ def _config(args):
         value = getattr(args, key, None)
         if value is not None:
             name = {"source": "source.url", "dark": "dark.url", "out": "output.dir"}[key]
-            overrides.append(f"{name}={value}")
+            # A path, not YAML: quoted so that `--out 2024` or `--dark 'scan #2.h5::/d'` stay strings.
+            overrides.append(f"{name}={json.dumps(value, ensure_ascii=False)}")
     return load_config(args.config, overrides)
 
 
@@ -46,12 +48,17 @@ class _Progress:
                  stats.difspots_written, rate)
 
 
+def _threshold(seed_threshold) -> str:
+    # None when no frame was ever segmented (an empty scan)
+    return "none" if seed_threshold is None else f"{seed_threshold[0]:.4g}..{seed_threshold[1]:.4g} counts"
+
+
 def _summary(stats, out_dir) -> str:
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(stats.rejected.items())) or "none"
     return (f"{stats.frames_corrected} frames in {stats.elapsed_s:.1f} s "
             f"({stats.frames_corrected / max(stats.elapsed_s, 1e-9):.1f} frames/s); "
             f"direct beam {list(stats.direct_beam) if stats.direct_beam else 'none'}; "
-            f"seed threshold {stats.seed_threshold[0]:.4g}..{stats.seed_threshold[1]:.4g} counts; "
+            f"seed threshold {_threshold(stats.seed_threshold)}; "
             f"{stats.difspots_written} difspots written to {out_dir}; rejected: {rejected}")
 
 

@@ -18,8 +18,9 @@ frame by frame:
 Streaming: a blob can only take voxels inside its box, so R's outcome depends
 only on brighter regions whose boxes overlap R's box, all of which have their
 maximum at most 2F frames after R's (F = max_blob_size in frames). R is
-grown once frame f_R + 2F has been segmented, no seed region that started by
-then is still open, and every brighter overlapping region is done.
+grown once frame f_R + 2F has been segmented and every brighter region whose
+box overlaps R's box is done: grown, or still open but with a maximum that
+cannot interfere.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Segmenter:
         self.frame_shape = tuple(frame_shape)
         self.mask = np.zeros(self.frame_shape, bool) if mask is None else np.ascontiguousarray(mask, bool)
         self._seed_map, self._low_map = params.maps(self.frame_shape)
+        self._reach_fyx = params.max_size[::-1]
         self._structure = ndi.generate_binary_structure(2, 1 if params.connectivity == 6 else 2)
         self._shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
                         if params.connectivity == 26 or (dy, dx) == (0, 0)]
@@ -204,24 +206,30 @@ class Segmenter:
 
     # ---- growing -------------------------------------------------------------------
     def _close(self, ended: bool) -> list[Blob]:
-        reach_x, reach_y, reach_f = self.params.max_size
-        open_first = min((self._regions[r].first for r in self._open), default=self.last + 1)
+        reach_f = self.params.max_size[2]
+        open_regions = [self._regions[r] for r in self._open]
         self._pending.sort(key=lambda r: r.order)
         blobs, blocked = [], []
         for region in self._pending:
-            f, y, x = region.max_index
-            ready = ended or (self.last >= f + 2 * reach_f and open_first > f + 2 * reach_f)
-            if ready and not any(abs(f - b.max_index[0]) <= 2 * reach_f
-                                 and abs(y - b.max_index[1]) <= 2 * reach_y
-                                 and abs(x - b.max_index[2]) <= 2 * reach_x for b in blocked):
+            # An open region can only end up brighter than this one through a
+            # voxel it already has (a later maximum is too far along psi to
+            # matter), so its current maximum tells whether it can interfere.
+            ready = ended or (self.last >= region.max_index[0] + 2 * reach_f and not any(
+                self._interferes(q, region) for q in open_regions if q.order < region.order))
+            if ready and not any(self._interferes(b, region) for b in blocked):
                 blob = self._grow(region)
                 if blob is not None:
                     blobs.append(blob)
             else:
                 blocked.append(region)
         self._pending = blocked
-        self._low = min([open_first, self.last + 1] + [r.max_index[0] for r in blocked]) - reach_f
+        first_needed = min([r.first for r in open_regions] + [r.max_index[0] for r in blocked] + [self.last + 1])
+        self._low = first_needed - reach_f
         return blobs
+
+    def _interferes(self, a: _Region, b: _Region) -> bool:
+        """Whether the growth boxes around the two maxima overlap."""
+        return all(abs(i - j) <= 2 * r for i, j, r in zip(a.max_index, b.max_index, self._reach_fyx))
 
     def _grow(self, region: _Region) -> Blob | None:
         p = self.params

@@ -23,25 +23,39 @@ def parse_url(url: str) -> tuple[str, str]:
     return path, dataset
 
 
-def _open(url: str) -> tuple[h5py.File, h5py.Dataset]:
+def _members(group: h5py.Group, limit: int = 8) -> str:
+    names = sorted(group)
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return shown or "nothing"
+
+
+def _open(url: str, key: str | None = None) -> tuple[h5py.File, h5py.Dataset]:
+    """The open file and its dataset at ``url``; ``key`` (``dark.url``) prefixes error messages."""
+    where = f"{key}: " if key else ""
     path, name = parse_url(url)
     if not os.path.exists(path):
-        raise InputError(f"{path}: file not found (from {url})")
+        raise InputError(f"{where}{path}: file not found, expected an HDF5 file (from {url})")
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
-        raise InputError(f"{path}: cannot open as HDF5 ({exc})") from None
-    obj = h5.get(name)
+        raise InputError(f"{where}{path}: cannot open as HDF5 ({' '.join(str(exc).split())})") from None
+    try:
+        obj = h5.get(name)
+    except (KeyError, ValueError, OSError):  # e.g. a broken external or soft link
+        obj = None
     if not isinstance(obj, h5py.Dataset):
+        if isinstance(obj, h5py.Group):
+            what = f"is a group, expected a dataset (the group holds: {_members(obj)})"
+        else:
+            what = f"no such dataset, expected a dataset in {path} (its root holds: {_members(h5)})"
         h5.close()
-        what = "is a group, not a dataset" if obj is not None else "no such dataset"
-        raise InputError(f"{url}: {what}")
+        raise InputError(f"{where}{url}: {what}")
     return h5, obj
 
 
-def read_dataset(url: str) -> np.ndarray:
+def read_dataset(url: str, key: str | None = None) -> np.ndarray:
     """The whole dataset at ``url`` (for small things: angles, darks)."""
-    h5, dset = _open(url)
+    h5, dset = _open(url, key)
     with h5:
         return dset[()]
 
@@ -51,24 +65,33 @@ class Hdf5FileSource:
 
     def __init__(self, url: str, angles: str | None = None):
         self.url = url
-        self._h5, self._dset = _open(url)
+        self._h5, self._dset = _open(url, "source.url")
         shape, dtype = self._dset.shape, self._dset.dtype
         if len(shape) != 3:
             self.close()
-            raise InputError(f"{url}: expected a 3-D stack of frames (frames, y, x), got shape {shape}")
+            raise InputError(f"source.url: {url}: expected a 3-D stack of frames (frames, y, x), got shape {shape}")
+        if min(shape) < 1:
+            self.close()
+            raise InputError(f"source.url: {url}: expected at least 1 frame of at least 1 x 1 pixels, "
+                             f"got shape {shape}")
         if dtype.kind not in "ui":
             self.close()
-            raise InputError(f"{url}: expected integer detector counts, got dtype {dtype}")
+            raise InputError(f"source.url: {url}: expected integer detector counts, got dtype {dtype}")
         self.n_frames = shape[0]
         self.frame_shape = tuple(shape[1:])
         self.dtype = dtype
         self.angles = None
         if angles:
-            psi = np.asarray(read_dataset(angles), dtype=np.float64)
-            if psi.ndim != 1 or psi.size < self.n_frames:
+            try:
+                psi = read_dataset(angles, "source.angles")
+            except BaseException:
                 self.close()
-                raise InputError(f"{angles}: expected a 1-D array of at least {self.n_frames} angles "
-                                 f"(one per frame), got shape {psi.shape}")
+                raise
+            if psi.dtype.kind not in "uif" or psi.ndim != 1 or psi.size < self.n_frames:
+                self.close()
+                raise InputError(f"source.angles: {angles}: expected a 1-D array of at least {self.n_frames} "
+                                 f"angles in degrees (one per frame), got shape {psi.shape}, dtype {psi.dtype}")
+            psi = psi.astype(np.float64)
             self.angles = psi[: self.n_frames]
 
     def __iter__(self):
@@ -97,9 +120,14 @@ def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int]
         return np.full(frame_shape, value, dtype=np.float32)
     if url is None:
         return None
-    data = read_dataset(url)
+    data = read_dataset(url, "dark.url")
+    if data.dtype.kind not in "uif":
+        raise InputError(f"dark.url: {url}: expected numeric dark counts, got dtype {data.dtype}")
+    if data.ndim == 3 and data.shape[0] == 0:
+        raise InputError(f"dark.url: {url}: expected at least 1 dark frame, got shape {data.shape}")
+    if data.shape[-2:] != tuple(frame_shape) or data.ndim not in (2, 3):
+        raise InputError(f"dark.url: {url}: expected a dark image of shape {tuple(frame_shape)} or a stack "
+                         f"(n, {', '.join(map(str, frame_shape))}) of dark frames, got shape {data.shape}")
     if data.ndim == 3:
         data = data.mean(axis=0, dtype=np.float64)
-    if data.ndim != 2 or data.shape != tuple(frame_shape):
-        raise InputError(f"dark.url: {url}: expected dark frames of shape {tuple(frame_shape)}, got {data.shape}")
     return data.astype(np.float32)

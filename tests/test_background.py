@@ -1,0 +1,160 @@
+"""The streamed background stage equals the whole-volume numpy/scipy reference exactly."""
+
+import types
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dctstream.background import BackgroundStage
+from dctstream.background import kernels
+from dctstream.direct_beam import detect_direct_beam, margin_mean
+from reference import reference_corrected
+
+BOX = (4, 3, 8, 6)  # x0, y0, width, height of the bright "beam" in the test frames
+
+
+def make_scan(rng, n, shape=(12, 16), dtype=np.uint16):
+    raw = rng.integers(100, 200, (n, *shape))
+    raw[:, BOX[1]:BOX[1] + BOX[3], BOX[0]:BOX[0] + BOX[2]] += 2000
+    raw = (raw * (1 + 0.05 * np.sin(np.arange(n) / 3))[:, None, None]).astype(dtype)
+    dark = (rng.random(shape) * 10).astype(np.float32)
+    return raw, dark
+
+
+def stream(raw, dark, *, window, mode="exact", stride=1, normalise="none", filter_size=3, bbox=BOX):
+    cfg = types.SimpleNamespace(window=window, mode=mode, stride=stride, normalise=normalise, margin_px=2)
+    stage = BackgroundStage(cfg, frame_shape=raw.shape[1:], dtype=raw.dtype, dark=dark, direct_beam=bbox,
+                            filter_size=filter_size)
+    emitted = []  # (frame index, frames pushed when it came out)
+    frames = []
+    for i, frame in enumerate(raw):
+        for k, corrected in stage.push(frame):
+            emitted.append((k, i + 1))
+            frames.append(corrected)
+    for k, corrected in stage.finish():
+        emitted.append((k, None))
+        frames.append(corrected)
+    return np.stack(frames), emitted, stage
+
+
+def margin_scales(raw, dark, margin_px=2):
+    means = np.array([margin_mean(f, dark, BOX, margin_px) for f in raw])
+    return (means[0] / means).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode,stride", [("exact", 1), ("block", 1), ("block", 4), ("block", 9)])
+@pytest.mark.parametrize("normalise", ["none", "margin"])
+@pytest.mark.parametrize("n", [4, 9, 10, 40])
+def test_streamed_equals_reference(mode, stride, normalise, n):
+    raw, dark = make_scan(np.random.default_rng(n), n)
+    got, emitted, _ = stream(raw, dark, window=9, mode=mode, stride=stride, normalise=normalise)
+    scales = margin_scales(raw, dark) if normalise == "margin" else None
+    expected = reference_corrected(raw, window=9, mode=mode, stride=stride, dark=dark, scales=scales)
+    assert [k for k, _ in emitted] == list(range(n))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_exact_mode_latency_is_half_the_window():
+    raw, dark = make_scan(np.random.default_rng(0), 30)
+    window = 7
+    _, emitted, _ = stream(raw, dark, window=window)
+    for k, pushed in emitted:
+        if k <= window // 2:
+            assert pushed == window  # the start: once the first window is in
+        elif k < 30 - window // 2:
+            assert pushed == k + window // 2 + 1  # as soon as frame k + window//2 arrived
+        else:
+            assert pushed is None  # the end: when the scan ends
+
+
+def test_block_mode_emits_a_block_once_its_window_is_in():
+    raw, dark = make_scan(np.random.default_rng(0), 40)
+    window, stride = 9, 5
+    _, emitted, _ = stream(raw, dark, window=window, mode="block", stride=stride)
+    for k, pushed in emitted:
+        centre = (k // stride) * stride + stride // 2
+        if pushed is not None:
+            assert pushed == max(centre + window // 2 + 1, window)
+
+
+def test_ring_keeps_native_dtype_and_window_size():
+    raw, dark = make_scan(np.random.default_rng(0), 20, dtype=np.uint16)
+    _, _, stage = stream(raw, dark, window=7)
+    assert stage.ring.data.dtype == np.uint16
+    assert stage.ring.data.shape == (7, 12, 16)
+
+
+def test_int32_frames_and_no_dark():
+    raw, _ = make_scan(np.random.default_rng(3), 15, dtype=np.int32)
+    got, _, _ = stream(raw, None, window=5)
+    np.testing.assert_array_equal(got, reference_corrected(raw, window=5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 25), half=st.integers(1, 6), mode=st.sampled_from(["exact", "block"]),
+       stride=st.integers(1, 13), size=st.sampled_from([1, 3, 5]), ny=st.integers(3, 9), nx=st.integers(3, 9),
+       seed=st.integers(0, 2**16))
+def test_hypothesis_shapes_windows_modes(n, half, mode, stride, size, ny, nx, seed):
+    window = 2 * half + 1
+    stride = min(stride, window)
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 30, (n, ny, nx)).astype(np.uint16)  # small range: many ties
+    dark = rng.integers(0, 5, (ny, nx)).astype(np.float32)
+    got, emitted, _ = stream(raw, dark, window=window, mode=mode, stride=stride, filter_size=size, bbox=None)
+    expected = reference_corrected(raw, window=window, mode=mode, stride=stride, dark=dark, filter_size=size)
+    np.testing.assert_array_equal(got, expected)
+
+
+# ---- kernels against numpy / scipy -------------------------------------------------
+
+@pytest.mark.parametrize("size", [1, 3, 5, 7])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (17, 23)])
+def test_median_filter_equals_scipy(size, shape):
+    img = np.random.default_rng(size).normal(size=shape).astype(np.float32)
+    img[0, 0] = img[-1, -1]  # a tie
+    np.testing.assert_array_equal(kernels.median_filter(img, size), ndi.median_filter(img, size=size, mode="reflect"))
+
+
+def test_window_median_equals_numpy():
+    rng = np.random.default_rng(0)
+    ring = rng.integers(0, 1000, (11, 8, 9)).astype(np.uint16)
+    dark = rng.random((8, 9)).astype(np.float32)
+    scales = (0.9 + 0.2 * rng.random(11)).astype(np.float32)
+    slots = np.array([5, 6, 7, 8, 9, 10, 0, 1, 2])
+    expected = np.median((ring[slots].astype(np.float32) - dark) * scales[slots, None, None], axis=0)
+    np.testing.assert_array_equal(kernels.window_median(ring, slots, dark, scales), expected)
+
+
+def test_sorted_window_slides_exactly():
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 20, (60, 6, 7)).astype(np.uint16)
+    window = kernels.SortedWindow(frames[:9].copy())
+    for j in range(9, 60):
+        window.replace(frames[j - 9], frames[j])
+        np.testing.assert_array_equal(window.median(), np.median(frames[j - 8:j + 1], axis=0))
+        assert np.all(np.diff(window.win, axis=1) >= 0)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(slots=np.array([0, 1])),  # even
+    dict(dark=np.zeros((3, 3), np.float32)),  # wrong shape
+    dict(scales=np.ones(5, np.float64)),  # wrong dtype
+])
+def test_window_median_wrapper_rejects(bad):
+    args = dict(ring=np.zeros((5, 4, 4), np.uint16), slots=np.array([0, 1, 2]),
+                dark=np.zeros((4, 4), np.float32), scales=np.ones(5, np.float32))
+    args.update(bad)
+    with pytest.raises(ValueError):
+        kernels.window_median(**args)
+
+
+def test_detect_direct_beam_finds_the_bright_box_with_margin():
+    image = np.full((100, 120), 100.0)
+    image[30:60, 40:90] = 20000.0
+    image[30:60, 60:70] = 7000.0  # the sample's shadow splits the beam's brightness
+    image[5, 5] = 300.0
+    assert detect_direct_beam(image, margin_px=3) == (37, 27, 56, 36)
+    assert detect_direct_beam(np.full((10, 10), 5.0), margin_px=3) is None

@@ -1,0 +1,136 @@
+"""The streaming segmenter produces exactly the blobs of the whole-volume reference."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dctstream.segment import SegmentParams, Segmenter
+from reference import reference_blobs
+
+
+def segment(volume, params, mask=None):
+    segmenter = Segmenter(params, volume.shape[1:], mask)
+    blobs, closed_at = [], []
+    for k, frame in enumerate(volume):
+        new = segmenter.push(k, frame)
+        blobs += new
+        closed_at += [k] * len(new)
+    new = segmenter.finish()
+    return blobs + new, closed_at + [None] * len(new), segmenter
+
+
+def voxel_sets(blobs):
+    return sorted(b.voxel_key() for b in blobs)
+
+
+def reference_sets(voxel_arrays):
+    return sorted(tuple(np.ascontiguousarray(v[:, i], dtype=np.int64).tobytes() for i in range(3))
+                  for v in voxel_arrays)
+
+
+def spotty_volume(rng, shape, n_spots, noise=1.0):
+    volume = rng.normal(0, noise, shape).astype(np.float32)
+    nf, ny, nx = shape
+    f, y, x = np.mgrid[0:nf, 0:ny, 0:nx]
+    for _ in range(n_spots):
+        cf, cy, cx = rng.uniform(0, nf), rng.uniform(0, ny), rng.uniform(0, nx)
+        sf, sxy = rng.uniform(0.5, 2.5), rng.uniform(0.7, 2.0)
+        volume += (rng.uniform(3, 30) * np.exp(-((f - cf) / sf) ** 2 / 2 - ((y - cy) ** 2 + (x - cx) ** 2)
+                                              / sxy ** 2 / 2)).astype(np.float32)
+    return volume
+
+
+def params(**kw):
+    base = dict(seed_threshold=4.0, grow_ratio=0.3, grow_low=2.0, grow_high=None, seed_min_voxels=2,
+                min_size=(1, 1, 1), max_size=(12, 12, 5), connectivity=26)
+    base.update(kw)
+    return SegmentParams(**base)
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_spots_equal_reference(connectivity):
+    rng = np.random.default_rng(connectivity)
+    volume = spotty_volume(rng, (80, 40, 48), 40)
+    mask = np.zeros((40, 48), bool)
+    mask[15:25, 20:30] = True
+    p = params(connectivity=connectivity)
+    blobs, _, segmenter = segment(volume, p, mask)
+    expected, rejected = reference_blobs(volume, p, mask)
+    assert len(blobs) > 10
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    for blob in blobs:
+        assert not mask[blob.y, blob.x].any()
+        np.testing.assert_array_equal(blob.value, volume[blob.frame, blob.y, blob.x])
+
+
+def test_threshold_maps_equal_reference():
+    rng = np.random.default_rng(5)
+    volume = spotty_volume(rng, (50, 30, 30), 25)
+    seed_map = np.linspace(3.0, 8.0, 30)[None, :] * np.ones((30, 1))
+    p = params(seed_threshold=seed_map, grow_low=0.5 * seed_map, grow_high=6.0)
+    blobs, _, _ = segment(volume, p)
+    expected, _ = reference_blobs(volume, p)
+    assert len(blobs) > 5
+    assert voxel_sets(blobs) == reference_sets(expected)
+
+
+def test_blobs_close_while_frames_still_arrive():
+    """A blob is closed 2F frames after its maximum, later only when a brighter spot's box overlaps its own."""
+    rng = np.random.default_rng(2)
+    volume = spotty_volume(rng, (200, 64, 64), 30, noise=0.5)
+    p = params(max_size=(6, 6, 4))
+    blobs, closed_at, _ = segment(volume, p)
+    reach = 2 * p.max_size[2]
+    early = [(b, k) for b, k in zip(blobs, closed_at) if b.max_index[0] + reach < 199]
+    assert early and all(k is not None for _, k in early)
+    on_time = [k == b.max_index[0] + reach for b, k in early]
+    assert np.mean(on_time) > 0.8
+    assert all(k >= b.max_index[0] + reach for b, k in early)  # never before it is safe
+
+
+def test_brightest_first_claims_shared_voxels():
+    volume = np.zeros((5, 9, 15), np.float32)
+    volume[2, 4, 3:10] = [10, 6, 1.8, 3, 5, 8, 20]  # two peaks joined by a ridge
+    p = params(seed_threshold=7.0, grow_ratio=0.1, grow_low=1.5, seed_min_voxels=1, min_size=(1, 1, 1))
+    blobs, _, segmenter = segment(volume, p)
+    bright, dim = sorted(blobs, key=lambda b: -b.max_value)
+    assert bright.max_value == 20 and dim.max_value == 10
+    # the bright spot grows down to 2.0 and stops at 1.8; the dim one (down to 1.5)
+    # would reach 3, 5 and 8 too, but the brighter spot took them first
+    assert bright.x.tolist() == [6, 7, 8, 9] and dim.x.tolist() == [3, 4, 5]
+    assert dict(segmenter.rejected) == {}
+
+
+def test_size_filters_reject_by_reason():
+    volume = np.zeros((10, 20, 20), np.float32)
+    volume[2, 5, 5] = 10  # a single voxel: too small in x and y
+    volume[5, 2:18, 10:12] = 10  # a streak along y: too large
+    volume[8, 10:12, 2:4] = 9  # a 2x2 spot: kept
+    p = params(seed_threshold=5.0, seed_min_voxels=1, min_size=(2, 2, 1), max_size=(8, 8, 3))
+    blobs, _, segmenter = segment(volume, p)
+    assert [b.max_value for b in blobs] == [9]
+    assert dict(segmenter.rejected) == {"too_small": 1, "too_large": 1}
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), nf=st.integers(1, 20), ny=st.integers(1, 14), nx=st.integers(1, 14),
+       threshold=st.floats(1.0, 4.0), ratio=st.floats(0.05, 1.0), low=st.floats(0.2, 2.0),
+       high=st.one_of(st.none(), st.floats(2.0, 6.0)), min_voxels=st.integers(1, 4),
+       max_size=st.tuples(st.integers(1, 8), st.integers(1, 8), st.integers(1, 5)),
+       connectivity=st.sampled_from([6, 26]), masked=st.booleans())
+def test_hypothesis_equals_reference(seed, nf, ny, nx, threshold, ratio, low, high, min_voxels, max_size,
+                                     connectivity, masked):
+    rng = np.random.default_rng(seed)
+    volume = np.round(rng.normal(0, 1.5, (nf, ny, nx)) * 2).astype(np.float32) / 2  # ties on purpose
+    mask = None
+    if masked:
+        mask = np.zeros((ny, nx), bool)
+        mask[ny // 3:ny // 2 + 1, nx // 3:nx // 2 + 1] = True
+    p = params(seed_threshold=threshold, grow_ratio=ratio, grow_low=low, grow_high=high,
+               seed_min_voxels=min_voxels, min_size=(1, 1, 1), max_size=max_size, connectivity=connectivity)
+    blobs, _, segmenter = segment(volume, p, mask)
+    expected, rejected = reference_blobs(volume, p, mask)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
