@@ -107,8 +107,10 @@ def cmd_demo(args) -> int:
         print(f"  simulated in {time.monotonic() - t0:.1f} s")
         cfg = load_config(None, [f"source.url={truth.frames_url}", f"source.angles={truth.angles_url}",
                                  f"dark.url={truth.dark_url}", f"background.window={args.window}",
+                                 "background.normalise=margin",
                                  f"output.dir={work / 'out'}"])
-        print(f"processing frame by frame (exact running median over {args.window} frames) ...")
+        print(f"processing frame by frame (exact running median over {args.window} frames, "
+              "margin normalisation) ...")
         stats = run(cfg, overwrite=True, progress=_Progress())
         print("  " + _summary(stats, cfg.output.dir))
         result = score(truth.spots, read_spot_table(work / "out" / "spots.h5"), direct_beam=stats.direct_beam)

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny simulated scan per session, and the settings that make it fast to process."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from simulators.dct_scan import simulate_scan
+
+# A scan small enough to simulate and process in about a second.
+TINY_FRAMES, TINY_SIZE, TINY_SPOTS, TINY_SEED = 40, 64, 10, 0
+# --set overrides that fit a pipeline to that scan (the defaults want hundreds of frames).
+TINY_OVERRIDES = ("background.window=11", "segmentation.max_blob_size=[20,20,5]")
+
+
+@pytest.fixture(scope="session")
+def tiny_scan(tmp_path_factory):
+    """``ScanTruth`` of a 40-frame, 64 x 64 px scan with 10 spots, simulated once per session."""
+    path = tmp_path_factory.mktemp("tiny_scan") / "scan.h5"
+    return simulate_scan(path, frames=TINY_FRAMES, size=TINY_SIZE, spots=TINY_SPOTS, seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_set_args():
+    """``["--set", "background.window=11", "--set", ...]`` for the command line."""
+    return [arg for override in TINY_OVERRIDES for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory):
+    """An HDF5 file of datasets that are wrong in one way each, for frames 64 x 64 px and 40 frames.
+
+    Returns the file path; the datasets are:
+    ``two_d`` (64, 64) uint16, ``float_frames`` (5, 64, 64) float32, ``no_frames`` (0, 64, 64) uint16,
+    ``dark_small`` (3, 32, 32) uint16, ``dark_text`` (64, 64) bytes, ``dark_empty`` (0, 64, 64) uint16,
+    ``angles_short`` (10,) float64, ``angles_text`` (40,) bytes, and a group ``group`` holding ``inside``.
+    """
+    path = tmp_path_factory.mktemp("bad_inputs") / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f["two_d"] = np.zeros((TINY_SIZE, TINY_SIZE), np.uint16)
+        f["float_frames"] = np.zeros((5, TINY_SIZE, TINY_SIZE), np.float32)
+        f["no_frames"] = np.zeros((0, TINY_SIZE, TINY_SIZE), np.uint16)
+        f["dark_small"] = np.zeros((3, 32, 32), np.uint16)
+        f["dark_text"] = np.full((TINY_SIZE, TINY_SIZE), b"a")
+        f["dark_empty"] = np.zeros((0, TINY_SIZE, TINY_SIZE), np.uint16)
+        f["angles_short"] = np.arange(10.0)
+        f["angles_text"] = np.full(TINY_FRAMES, b"a")
+        f.create_group("group")["inside"] = np.zeros(3)
+    return path
