@@ -191,11 +191,14 @@ class Segmenter:
             for a, b in np.unique(np.concatenate(links), axis=0):
                 self._union(int(a), int(b))
             self._next_id += n
-        now = {self._find(int(g)) for g in np.unique(ids[ids > 0])}
+        root_of = {int(g): self._find(int(g)) for g in np.unique(ids[ids > 0])}
+        now = set(root_of.values())
         for root in {self._find(i) for i in self._open} - now:
             self._complete(root)
         self._open = sorted(now)
         self._prev_ids = ids
+        # only this frame's ids are looked up again: forget the rest of the forest
+        self._parent = {**root_of, **{r: r for r in now}}
 
     def _complete(self, root: int) -> None:
         region = self._regions.pop(root)
