@@ -22,6 +22,12 @@ def tiny_scan(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_overrides():
+    """``("background.window=11", ...)``: the overrides for ``load_config``."""
+    return TINY_OVERRIDES
+
+
+@pytest.fixture(scope="session")
 def tiny_set_args():
     """``["--set", "background.window=11", "--set", ...]`` for the command line."""
     return [arg for override in TINY_OVERRIDES for arg in ("--set", override)]

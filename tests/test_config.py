@@ -103,7 +103,7 @@ def test_sim512():
         Config(),
         source={"url": cfg.source.url, "angles": cfg.source.angles},
         dark={"url": cfg.dark.url},
-        background={"window": 101},
+        background={"window": 101, "normalise": "margin"},
         output={"dir": "scan512_out"},
     )
 

@@ -1,0 +1,374 @@
+"""The ``dctstream`` command line: one-line errors and exit codes, check, simulate, run and demo.
+
+Every bad-input case runs twice: in a subprocess (``python -m dctstream``, as a user or a
+service runs it) and in-process through ``dctstream.cli.main`` (where capsys sees the output).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from dctstream.cli import main
+from dctstream.config import load_config
+from dctstream.sinks import read_spot_table
+
+ERROR_PREFIX = "dctstream: error: "
+SUBPROCESS_TIMEOUT_S = 120
+
+
+def cli(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dctstream", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under ``root``, by relative path."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def assert_one_line_error(code: int, stdout: str, stderr: str, expected_code: int, needles) -> str:
+    assert "Traceback" not in stderr, stderr
+    assert code == expected_code, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    line = lines[0]
+    assert line.startswith(ERROR_PREFIX), line
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    assert stdout == "", stdout
+    return line
+
+
+# -- the bad-input cases --------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """What a case may use: the good scan, the file of bad datasets, and its own empty folder (the cwd)."""
+
+    scan: object  # ScanTruth
+    bad: Path
+    dir: Path
+
+    @property
+    def out(self) -> str:
+        return str(self.dir / "out")
+
+    def write(self, name: str, text: str) -> str:
+        path = self.dir / name
+        path.write_text(text)
+        return str(path)
+
+
+def _fake_results(ctx) -> bool:
+    (ctx.dir / "out").mkdir()
+    ctx.write("out/spots.h5", "spots.h5 of a previous run")
+    return True
+
+
+def _frames(ctx):
+    return ["--source", ctx.scan.frames_url, "--out", ctx.out]
+
+
+# name -> ctx -> (argv after "dctstream", exit code, strings the error line must contain)
+CASES = {
+    "missing_scan_file": lambda c: (
+        ["run", "--source", f"{c.dir}/nofile.h5::/1.1/measurement/marana", "--out", c.out], 1,
+        ["source.url", f"{c.dir}/nofile.h5", "file not found", "expected"]),
+    "missing_dataset": lambda c: (
+        ["run", "--source", f"{c.scan.path}::/nope", "--out", c.out], 1,
+        ["source.url", f"{c.scan.path}::/nope", "no such dataset", "expected a dataset", "1.1, 2.1"]),
+    "url_without_separator": lambda c: (
+        ["run", "--source", c.scan.path, "--out", c.out], 1,
+        [c.scan.path, "expected a URL of the form path/to/file.h5::/path/to/dataset"]),
+    "group_not_dataset": lambda c: (
+        ["run", "--source", f"{c.scan.path}::/1.1/measurement", "--out", c.out], 1,
+        ["source.url", f"{c.scan.path}::/1.1/measurement", "is a group", "expected a dataset", "marana"]),
+    "frames_2d": lambda c: (
+        ["run", "--source", f"{c.bad}::/two_d", "--out", c.out], 1,
+        ["source.url", f"{c.bad}::/two_d", "expected a 3-D stack of frames", "got shape (64, 64)"]),
+    "frames_float": lambda c: (
+        ["run", "--source", f"{c.bad}::/float_frames", "--out", c.out], 1,
+        [f"{c.bad}::/float_frames", "expected integer detector counts", "float32"]),
+    "frames_none": lambda c: (
+        ["run", "--source", f"{c.bad}::/no_frames", "--out", c.out], 1,
+        [f"{c.bad}::/no_frames", "expected at least 1 frame", "(0, 64, 64)"]),
+    "dark_wrong_shape": lambda c: (
+        ["run", *_frames(c), "--dark", f"{c.bad}::/dark_small"], 1,
+        ["dark.url", f"{c.bad}::/dark_small", "(64, 64)", "got shape (3, 32, 32)"]),
+    "dark_missing_dataset": lambda c: (
+        ["run", *_frames(c), "--dark", f"{c.bad}::/nope"], 1,
+        ["dark.url", f"{c.bad}::/nope", "no such dataset"]),
+    "dark_text": lambda c: (
+        ["run", *_frames(c), "--dark", f"{c.bad}::/dark_text"], 1,
+        ["dark.url", f"{c.bad}::/dark_text", "expected numeric"]),
+    "dark_empty_stack": lambda c: (
+        ["run", *_frames(c), "--dark", f"{c.bad}::/dark_empty"], 1,
+        ["dark.url", f"{c.bad}::/dark_empty", "expected at least 1 dark frame"]),
+    "angles_wrong_length": lambda c: (
+        ["run", *_frames(c), "--set", f"source.angles={c.bad}::/angles_short"], 1,
+        ["source.angles", f"{c.bad}::/angles_short", "at least 40 angles", "(10,)"]),
+    "angles_text": lambda c: (
+        ["run", *_frames(c), "--set", f"source.angles={c.bad}::/angles_text"], 1,
+        ["source.angles", f"{c.bad}::/angles_text", "angles in degrees", "dtype |S1"]),
+    "config_bad_value": lambda c: (
+        ["run", c.write("bad_value.yml", "background:\n  window: 4\n"), *_frames(c)], 2,
+        [f"{c.dir}/bad_value.yml: background.window: must be odd and >= 3, got 4"]),
+    "config_unknown_key": lambda c: (
+        ["run", c.write("unknown.yml", "background:\n  windw: 11\n"), *_frames(c)], 2,
+        [f"{c.dir}/unknown.yml: background.windw: unknown key", "window"]),
+    "config_yaml_syntax": lambda c: (
+        ["run", c.write("syntax.yml", "background:\n  window: [11\n"), *_frames(c)], 2,
+        [f"{c.dir}/syntax.yml: line 3: invalid YAML"]),
+    "config_missing_file": lambda c: (
+        ["run", f"{c.dir}/missing.yml", *_frames(c)], 2,
+        [f"{c.dir}/missing.yml: cannot read config file"]),
+    "config_is_the_scan": lambda c: (
+        ["run", c.scan.path, *_frames(c)], 2,
+        [f"{c.scan.path}: cannot read config file", "UTF-8"]),
+    "set_without_equals": lambda c: (
+        ["run", *_frames(c), "--set", "background.window11"], 2,
+        ["--set", "section.key=value", "background.window11"]),
+    "bbox_outside_frame": lambda c: (
+        ["run", *_frames(c), "--set", "direct_beam.bbox=[50,0,20,10]"], 2,
+        ["direct_beam.bbox", "[50, 0, 20, 10]", "outside the frame of 64 x 64"]),
+    "margin_without_beam": lambda c: (
+        ["run", *_frames(c), "--set", "direct_beam.bbox=none", "--set", "background.normalise=margin"], 2,
+        ["background.normalise", "direct_beam.bbox", "margin"]),
+    "no_source": lambda c: (["run"], 2, ["source.url", "--source"]),
+    "output_holds_results": lambda c: (
+        ["run", *_frames(c)] if _fake_results(c) else None, 1, [c.out, "already holds results", "--overwrite"]),
+}
+
+
+def _case(name, scan, bad, folder: Path, tiny_overrides):
+    folder.mkdir(parents=True)
+    ctx = Ctx(scan, bad, folder)
+    args, code, needles = CASES[name](ctx)
+    # The tiny-scan settings come last, but do not override what a case sets on purpose.
+    set_keys = {a.split("=")[0] for a in args if "=" in a}
+    extra = [arg for o in tiny_overrides if o.split("=")[0] not in set_keys for arg in ("--set", o)]
+    if name == "no_source":
+        extra = []  # `dctstream run` with the defaults, nothing else
+    return ctx, [*args, *extra], code, needles, snapshot(folder)
+
+
+@pytest.fixture(scope="module")
+def subprocess_results(tiny_scan, bad_inputs, tiny_overrides, tmp_path_factory):
+    """Every case run once as ``python -m dctstream``, a few at a time (each is mostly start-up)."""
+    root = tmp_path_factory.mktemp("cli_cases")
+    cases = {name: _case(name, tiny_scan, bad_inputs, root / name, tiny_overrides) for name in CASES}
+
+    def run(item):
+        name, (ctx, args, code, needles, before) = item
+        return name, (ctx, args, code, needles, before, cli(*args, cwd=ctx.dir))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, cases.items()))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_subprocess(name, subprocess_results):
+    ctx, args, code, needles, before, proc = subprocess_results[name]
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, code, needles)
+    assert snapshot(ctx.dir) == before, "a failed run changed its folder"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_main(name, tiny_scan, bad_inputs, tiny_overrides, tmp_path, monkeypatch, capsys):
+    ctx, args, code, needles, before = _case(name, tiny_scan, bad_inputs, tmp_path / "case", tiny_overrides)
+    monkeypatch.chdir(ctx.dir)
+    rc = main(args)
+    captured = capsys.readouterr()
+    assert_one_line_error(rc, captured.out, captured.err, code, needles)
+    assert snapshot(ctx.dir) == before, "a failed run changed its folder"
+
+
+# -- previous results ------------------------------------------------------------------------------
+
+
+def _previous_results(out: Path) -> dict:
+    (out / "difspots").mkdir(parents=True)
+    (out / "spots.h5").write_bytes(b"spots.h5 of a previous run")
+    (out / "difspots" / "000000.h5").write_bytes(b"difspot 0 of a previous run")
+    (out / "config.yml").write_text("# config of a previous run\n")
+    return snapshot(out)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["keep", "overwrite"])
+@pytest.mark.parametrize("breakage, code, needle", [
+    (lambda scan, bad: ["--dark", f"{bad}::/dark_small"], 1, "dark.url"),
+    (lambda scan, bad: ["--set", f"source.angles={bad}::/angles_short"], 1, "source.angles"),
+    (lambda scan, bad: ["--set", "direct_beam.bbox=[0,60,10,10]"], 2, "direct_beam.bbox"),
+    (lambda scan, bad: ["--source", f"{bad}::/two_d"], 1, "source.url"),
+], ids=["dark", "angles", "bbox", "frames"])
+def test_bad_input_leaves_previous_results_untouched(breakage, code, needle, overwrite, tiny_scan, bad_inputs,
+                                                     tiny_set_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    before = _previous_results(out)
+    args = ["run", "--source", tiny_scan.frames_url, "--out", out, *tiny_set_args, *breakage(tiny_scan, bad_inputs)]
+    rc = main([str(a) for a in args] + (["--overwrite"] if overwrite else []))
+    captured = capsys.readouterr()
+    assert_one_line_error(rc, captured.out, captured.err, code, [needle])
+    assert snapshot(out) == before
+
+
+def _run_args(scan, out: Path, tiny_set_args) -> list[str]:
+    return ["run", "--source", scan.frames_url, "--dark", scan.dark_url, "--set", f"source.angles={scan.angles_url}",
+            *tiny_set_args, "--out", str(out)]
+
+
+def _check_results(out: Path) -> dict[str, np.ndarray]:
+    """The spot table, after checking that the difspot files are exactly its rows."""
+    table = read_spot_table(out / "spots.h5")
+    ids = table["id"]
+    assert ids.size > 0
+    assert len(set(ids.tolist())) == ids.size
+    assert sorted(p.name for p in (out / "difspots").iterdir()) == sorted(f"{i:06d}.h5" for i in ids)
+    for row, spot_id in enumerate(ids):
+        with h5py.File(out / "difspots" / f"{spot_id:06d}.h5", "r") as f:
+            assert f["difspotID"][()] == spot_id
+            assert f["Area"][()] == table["area"][row]
+            assert f["StartImage"][()] == table["start_frame"][row] + 1  # 1-based in the file
+    return table
+
+
+def test_rerun_needs_overwrite(tiny_scan, tiny_set_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_run_args(tiny_scan, out, tiny_set_args)) == 0
+    first = _check_results(out)
+    capsys.readouterr()
+    stale = out / "difspots" / "999999.h5"
+    stale.write_bytes(b"not a difspot of this run")
+    before = snapshot(out)
+
+    rc = main(_run_args(tiny_scan, out, tiny_set_args))
+    captured = capsys.readouterr()
+    assert_one_line_error(rc, captured.out, captured.err, 1, [str(out), "already holds results", "--overwrite"])
+    assert snapshot(out) == before
+
+    assert main([*_run_args(tiny_scan, out, tiny_set_args), "--overwrite"]) == 0
+    assert not stale.exists()
+    second = _check_results(out)
+    assert first.keys() == second.keys()
+    for column in first:
+        np.testing.assert_array_equal(first[column], second[column], err_msg=column)
+
+
+# -- check ----------------------------------------------------------------------------------------
+
+
+def test_check_prints_the_effective_config(tmp_path, capsys):
+    config = tmp_path / "c.yml"
+    config.write_text("background:\n  window: 11\n  mode: block\n  stride: 5\nsegmentation:\n  connectivity: 6\n")
+    overrides = ["segmentation.connectivity=26", "direct_beam.bbox=[1,2,30,40]"]
+    rc = main(["check", str(config), *[a for o in overrides for a in ("--set", o)]])
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.err == ""
+    printed = tmp_path / "printed.yml"
+    printed.write_text(captured.out)
+    expected = load_config(config, overrides)
+    assert load_config(printed) == expected
+    assert expected != load_config(config)  # the overrides did change something
+    assert (expected.background.window, expected.background.mode, expected.background.stride) == (11, "block", 5)
+    assert expected.segmentation.connectivity == 26
+    assert expected.direct_beam.bbox == (1, 2, 30, 40)
+
+    proc = cli("check", config, *[a for o in overrides for a in ("--set", o)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == captured.out
+
+
+def test_paths_given_as_options_stay_strings(tmp_path, capsys):
+    """--source/--dark/--out take paths, not YAML: `--out 2024` is a folder, `#` is no comment."""
+    rc = main(["check", "--source", "scan #1.h5::/1.1/measurement/marana", "--dark", "[dark].h5::/d",
+               "--out", "2024"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    printed = tmp_path / "printed.yml"
+    printed.write_text(captured.out)
+    cfg = load_config(printed)
+    assert cfg.source.url == "scan #1.h5::/1.1/measurement/marana"
+    assert cfg.dark.url == "[dark].h5::/d"
+    assert cfg.output.dir == "2024"
+
+
+def test_options_override_set(capsys, tmp_path):
+    printed = tmp_path / "printed.yml"
+    assert main(["check", "--set", "output.dir=a", "--out", "b", "--set", "dark.url=x.h5::/a",
+                 "--dark", "y.h5::/b"]) == 0
+    printed.write_text(capsys.readouterr().out)
+    cfg = load_config(printed)
+    assert (cfg.output.dir, cfg.dark.url) == ("b", "y.h5::/b")
+
+
+# -- simulate, then run ------------------------------------------------------------------------------
+
+
+def test_simulate_then_run(tmp_path, tiny_set_args, tiny_overrides):
+    scan = tmp_path / "sim.h5"
+    proc = cli("simulate", scan, "--frames", 40, "--size", 64, "--spots", 10, "--seed", 0, cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    for path in ("/1.1/measurement/marana", "/1.1/measurement/diffrz", "/2.1/measurement/marana",
+                 "/1.1/ground_truth"):
+        assert f"{scan}::{path}" in proc.stdout
+    with h5py.File(scan, "r") as f:
+        frames = f["/1.1/measurement/marana"]
+        assert frames.shape == (40, 64, 64) and frames.dtype == np.uint16
+        np.testing.assert_allclose(f["/1.1/measurement/diffrz"][()], np.arange(40) * 9.0)
+        dark = f["/2.1/measurement/marana"]
+        assert dark.ndim == 3 and dark.shape[1:] == (64, 64) and dark.dtype == np.uint16
+        truth = f["/1.1/ground_truth"]
+        for column in ("x", "y", "frame", "sigma_x", "sigma_y", "sigma_frame", "peak", "integral", "noise",
+                       "snr", "in_direct_beam"):
+            assert truth[column].shape == (10,), column
+        assert list(truth.attrs["direct_beam_bbox"]) and truth.attrs["seed"] == 0
+
+    out = tmp_path / "out"
+    frames_url, dark_url, angles_url = (f"{scan}::/1.1/measurement/marana", f"{scan}::/2.1/measurement/marana",
+                                        f"{scan}::/1.1/measurement/diffrz")
+    proc = cli("run", "--source", frames_url, "--dark", dark_url, "--set", f"source.angles={angles_url}",
+               *tiny_set_args, "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1, proc.stdout
+    summary = re.search(r"^(\d+) frames in .*; (\d+) difspots written to (.+); rejected: ", proc.stdout)
+    assert summary, proc.stdout
+    table = _check_results(out)
+    assert int(summary[1]) == 40
+    assert int(summary[2]) == table["id"].size
+    assert summary[3] == str(out)
+    psi = table["centroid_psi_deg"]
+    np.testing.assert_allclose(psi, table["centroid_frame"] * 9.0, atol=1e-9)
+    expected = load_config(None, [f"source.url={frames_url}", f"source.angles={angles_url}", f"dark.url={dark_url}",
+                                  *tiny_overrides, f"output.dir={out}"])
+    assert load_config(out / "config.yml") == expected
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+def test_demo_prints_recall_and_precision(capsys):
+    rc = main(["demo", "--frames", "60", "--size", "64", "--spots", "10", "--window", "11"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    eligible = re.search(r"\((\d+) of (\d+) true spots", text)
+    recall = re.search(r"^\s*recall\s+(\S+) \((\d+) found\)$", text, re.M)
+    precision = re.search(r"^\s*precision\s+(\S+) \((\d+) of (\d+) difspots are true spots\)$", text, re.M)
+    assert eligible and recall and precision, text
+    assert int(eligible[2]) == 10
+    r, p = float(recall[1]), float(precision[1])
+    assert 0.0 <= r <= 1.0 and 0.0 <= p <= 1.0
+    # the printed ratios are the printed counts
+    assert r == pytest.approx(int(recall[2]) / max(int(eligible[1]), 1), abs=5e-4)
+    assert p == pytest.approx(int(precision[2]) / max(int(precision[3]), 1), abs=5e-4)
+    written = re.search(r"(\d+) difspots written", text)
+    assert written and int(written[1]) == int(precision[3])
