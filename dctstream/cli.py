@@ -63,9 +63,9 @@ def _summary(stats, out_dir) -> str:
 
 
 def cmd_run(args) -> int:
+    cfg = _config(args)  # before the heavy imports: a bad config fails at once
     from .pipeline import run
 
-    cfg = _config(args)
     stats = run(cfg, overwrite=args.overwrite, progress=_Progress())
     print(_summary(stats, cfg.output.dir))
     return 0

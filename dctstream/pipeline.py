@@ -99,6 +99,11 @@ def beam_mask(bbox, frame_shape) -> np.ndarray:
 
 
 def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    """Create the output folder; refuse to mix a new run with earlier results unless asked to replace them."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from None
     previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots") if p.exists()]
     if previous and not overwrite:
         raise OutputError(f"{out_dir}: already holds results ({previous[0].name}), expected an empty or new "
@@ -132,7 +137,6 @@ class Pipeline:
             self.background = BackgroundStage(cfg.background, frame_shape=shape, dtype=dtype, dark=dark,
                                               direct_beam=bbox, beam_margin_px=cfg.direct_beam.margin_px,
                                               filter_size=cfg.filter.median_size)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             prepare_output(self.out_dir, overwrite)
             self.difspots = DifspotWriter(self.out_dir)
             (self.out_dir / "config.yml").write_text(dump_config(cfg))

@@ -145,6 +145,9 @@ CASES = {
         ["run", *_frames(c), "--set", "direct_beam.bbox=none", "--set", "background.normalise=margin"], 2,
         ["background.normalise", "direct_beam.bbox", "margin"]),
     "no_source": lambda c: (["run"], 2, ["source.url", "--source"]),
+    "output_is_a_file": lambda c: (
+        ["run", "--source", c.scan.frames_url, "--out", c.write("a_file", "not a folder")], 1,
+        [f"{c.dir}/a_file", "cannot create the output folder"]),
     "output_holds_results": lambda c: (
         ["run", *_frames(c)] if _fake_results(c) else None, 1, [c.out, "already holds results", "--overwrite"]),
 }

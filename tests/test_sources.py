@@ -1,0 +1,237 @@
+"""HDF5 sources: URLs, frames in order and in their own dtype, compressed data, darks, and input errors."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from dctstream.errors import InputError
+from dctstream.sources import Hdf5FileSource, load_dark, open_source, parse_url, read_dataset
+from dctstream.sources import hdf5 as hdf5_module
+from simulators.dct_scan import simulate_scan
+
+
+def open_files() -> set[str]:
+    """Names of the HDF5 files this process holds open."""
+    return {os.fsdecode(fid.name) for fid in h5py.h5f.get_obj_ids(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)}
+
+
+@pytest.fixture
+def stack_file(tmp_path):
+    """Frames whose every pixel tells its frame: frame k = k * 1000 + pixel number, several dtypes."""
+    path = tmp_path / "stack.h5"
+    n = 2 * hdf5_module._READ_BATCH + 3  # a partial last batch
+    frames = (np.arange(n)[:, None, None] * 1000 + np.arange(12).reshape(1, 3, 4))
+    with h5py.File(path, "w") as f:
+        for dtype in ("uint16", "int32", "uint32", "int64", "uint8"):
+            f[dtype] = (frames % 250 if dtype == "uint8" else frames).astype(dtype)
+        f["angles"] = np.linspace(-10.0, 30.0, n + 5)  # more angles than frames is fine
+    return path, frames
+
+
+# -- parse_url ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("scan.h5::/1.1/measurement/marana", ("scan.h5", "/1.1/measurement/marana")),
+    ("/data/id11/s 1/s1.h5::/2.1/measurement/marana", ("/data/id11/s 1/s1.h5", "/2.1/measurement/marana")),
+    ("scan.h5::data", ("scan.h5", "data")),
+    ("scan.h5::/a::b", ("scan.h5", "/a::b")),  # the first :: separates
+    ("C:\\data\\scan.h5::/d", ("C:\\data\\scan.h5", "/d")),
+])
+def test_parse_url(url, expected):
+    assert parse_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["scan.h5", "scan.h5::", "::/data", "::", "", "scan.h5:/data"])
+def test_parse_url_rejects(url):
+    with pytest.raises(InputError, match="expected a URL of the form path/to/file.h5::/path/to/dataset") as err:
+        parse_url(url)
+    assert str(err.value).startswith(f"{url}: ")
+
+
+# -- Hdf5FileSource ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int32", "uint32", "int64", "uint8"])
+def test_every_frame_once_in_order_native_dtype(stack_file, dtype):
+    path, frames = stack_file
+    with Hdf5FileSource(f"{path}::/{dtype}", f"{path}::/angles") as source:
+        assert source.n_frames == len(frames)
+        assert source.frame_shape == (3, 4)
+        assert source.dtype == np.dtype(dtype)
+        got = list(source)
+    angles = np.linspace(-10.0, 30.0, len(frames) + 5)
+    assert [f.index for f in got] == list(range(len(frames)))
+    assert [f.psi_deg for f in got] == angles[: len(frames)].tolist()
+    for k, frame in enumerate(got):
+        assert frame.data.dtype == np.dtype(dtype)
+        assert frame.data.shape == (3, 4)
+        expected = frames[k] % 250 if dtype == "uint8" else frames[k]
+        np.testing.assert_array_equal(frame.data, expected.astype(dtype))
+    assert str(path) not in open_files()
+
+
+def test_frames_of_the_simulated_scan(tiny_scan):
+    with h5py.File(tiny_scan.path, "r") as f:
+        stored = f["/1.1/measurement/marana"][()]
+        psi = f["/1.1/measurement/diffrz"][()]
+    source = open_source(tiny_scan.frames_url, tiny_scan.angles_url)
+    try:
+        frames = list(source)
+    finally:
+        source.close()
+    assert [f.index for f in frames] == list(range(stored.shape[0]))
+    assert [f.psi_deg for f in frames] == psi.tolist()
+    np.testing.assert_array_equal(np.stack([f.data for f in frames]), stored)
+    assert frames[0].data.dtype == np.uint16
+    np.testing.assert_array_equal(source.angles, psi)
+
+
+def test_without_angles_psi_is_none(tiny_scan):
+    with Hdf5FileSource(tiny_scan.frames_url) as source:
+        assert source.angles is None
+        assert {f.psi_deg for f in source} == {None}
+
+
+def test_source_can_be_iterated_twice(stack_file):
+    path, frames = stack_file
+    with Hdf5FileSource(f"{path}::/uint16") as source:
+        first = [f.data.copy() for f in source]
+        second = [f.data for f in source]
+    np.testing.assert_array_equal(np.stack(first), np.stack(second))
+
+
+def test_bitshuffle_lz4_gives_identical_frames(tiny_scan, tmp_path):
+    truth = simulate_scan(tmp_path / "bslz4.h5", frames=40, size=64, spots=10, seed=0,
+                          compression=hdf5plugin.Bitshuffle())
+    with h5py.File(truth.path, "r") as f:
+        plist = f["/1.1/measurement/marana"].id.get_create_plist()
+        filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    assert hdf5plugin.BSHUF_ID in filters  # the data really are compressed
+    assert os.path.getsize(truth.path) < os.path.getsize(tiny_scan.path)
+    with Hdf5FileSource(truth.frames_url, truth.angles_url) as compressed, \
+            Hdf5FileSource(tiny_scan.frames_url, tiny_scan.angles_url) as plain:
+        pairs = list(zip(compressed, plain, strict=True))
+    assert len(pairs) == 40
+    for a, b in pairs:
+        assert (a.index, a.psi_deg) == (b.index, b.psi_deg)
+        assert a.data.dtype == b.data.dtype == np.uint16
+        np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(load_dark(truth.dark_url, None, (64, 64)),
+                                  load_dark(tiny_scan.dark_url, None, (64, 64)))
+
+
+@pytest.mark.parametrize("dataset, needles", [
+    ("two_d", ["source.url", "expected a 3-D stack of frames", "got shape (64, 64)"]),
+    ("float_frames", ["source.url", "expected integer detector counts", "got dtype float32"]),
+    ("no_frames", ["source.url", "expected at least 1 frame", "got shape (0, 64, 64)"]),
+    ("group", ["source.url", "is a group, expected a dataset", "inside"]),
+    ("nope", ["source.url", "no such dataset", "angles_short, angles_text"]),
+])
+def test_source_input_errors_close_the_file(bad_inputs, dataset, needles):
+    with pytest.raises(InputError) as err:
+        Hdf5FileSource(f"{bad_inputs}::/{dataset}")
+    message = str(err.value)
+    assert f"{bad_inputs}::/{dataset}" in message and "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    assert str(bad_inputs) not in open_files()
+
+
+@pytest.mark.parametrize("dataset, needles", [
+    ("angles_short", ["at least 40 angles", "got shape (10,)"]),
+    ("angles_text", ["angles in degrees", "dtype |S1"]),
+    ("nope", ["no such dataset"]),
+])
+def test_angle_errors_close_both_files(tiny_scan, bad_inputs, dataset, needles):
+    with pytest.raises(InputError) as err:
+        Hdf5FileSource(tiny_scan.frames_url, f"{bad_inputs}::/{dataset}")
+    message = str(err.value)
+    assert message.startswith(f"source.angles: {bad_inputs}::/{dataset}: "), message
+    for needle in needles:
+        assert needle in message, message
+    # The error's traceback still references the half-built source: it must have closed its file itself.
+    assert not {tiny_scan.path, str(bad_inputs)} & open_files()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="file not found") as err:
+        read_dataset(f"{tmp_path}/nothing.h5::/data", "dark.url")
+    assert str(err.value).startswith(f"dark.url: {tmp_path}/nothing.h5: ")
+
+
+def test_not_an_hdf5_file(tmp_path):
+    path = tmp_path / "notes.h5"
+    path.write_text("not HDF5\n")
+    with pytest.raises(InputError, match="cannot open as HDF5") as err:
+        Hdf5FileSource(f"{path}::/data")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+# -- load_dark -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def darks(tmp_path):
+    rng = np.random.default_rng(5)
+    stack = rng.integers(90, 110, size=(7, 6, 5)).astype(np.uint16)
+    image = rng.normal(100.0, 3.0, size=(6, 5))
+    path = tmp_path / "darks.h5"
+    with h5py.File(path, "w") as f:
+        f["stack"] = stack
+        f["image"] = image
+        f["one_frame"] = stack[:1]
+        f["wrong"] = stack.transpose(0, 2, 1)  # transposed frames
+    return path, stack, image
+
+
+def test_dark_stack_is_averaged(darks):
+    path, stack, _ = darks
+    dark = load_dark(f"{path}::/stack", None, (6, 5))
+    assert dark.dtype == np.float32 and dark.shape == (6, 5)
+    np.testing.assert_array_equal(dark, stack.mean(axis=0, dtype=np.float64).astype(np.float32))
+    # not an integer mean: the average keeps its fractions
+    assert not np.array_equal(dark, np.round(dark))
+    np.testing.assert_array_equal(load_dark(f"{path}::/one_frame", None, (6, 5)), stack[0].astype(np.float32))
+
+
+def test_dark_image(darks):
+    path, _, image = darks
+    dark = load_dark(f"{path}::/image", None, (6, 5))
+    assert dark.dtype == np.float32
+    np.testing.assert_array_equal(dark, image.astype(np.float32))
+
+
+def test_dark_constant_and_none():
+    dark = load_dark(None, 101.5, (6, 5))
+    assert dark.dtype == np.float32 and dark.shape == (6, 5)
+    assert np.all(dark == 101.5)
+    assert load_dark(None, None, (6, 5)) is None
+
+
+@pytest.mark.parametrize("dataset, got", [("wrong", "(7, 5, 6)"), ("image", "(6, 5)")])
+def test_dark_of_the_wrong_shape(darks, dataset, got):
+    path, _, _ = darks
+    frame_shape = (5, 6) if dataset == "image" else (6, 5)
+    with pytest.raises(InputError) as err:
+        load_dark(f"{path}::/{dataset}", None, frame_shape)
+    message = str(err.value)
+    assert message.startswith(f"dark.url: {path}::/{dataset}: "), message
+    assert str(frame_shape) in message and f"got shape {got}" in message
+    assert str(path) not in open_files()
+
+
+@pytest.mark.parametrize("dataset, needle", [
+    ("dark_text", "expected numeric dark counts"),
+    ("dark_empty", "expected at least 1 dark frame"),
+    ("angles_short", "got shape (10,)"),
+])
+def test_dark_errors(bad_inputs, dataset, needle):
+    with pytest.raises(InputError, match="^dark.url: ") as err:
+        load_dark(f"{bad_inputs}::/{dataset}", None, (64, 64))
+    assert needle in str(err.value)
