@@ -122,21 +122,13 @@ class Pipeline:
         self.cfg = cfg
         self.stats = Stats()
         self.out_dir = Path(cfg.output.dir)
-        self.source = open_source(cfg.source.url, cfg.source.angles)
+        self.source = open_source(cfg.source)
         try:
             self.stats.frames_total = getattr(self.source, "n_frames", None)
-            self.angles = getattr(self.source, "angles", None)
-            shape, dtype = self.source.frame_shape, self.source.dtype
-            dark = load_dark(cfg.dark.url, cfg.dark.value, shape)
-            bbox = cfg.direct_beam.bbox
-            if isinstance(bbox, tuple):
-                x0, y0, w, h = bbox
-                if x0 + w > shape[1] or y0 + h > shape[0]:
-                    raise ConfigError(f"direct_beam.bbox: {list(bbox)} reaches outside the frame of "
-                                      f"{shape[1]} x {shape[0]} pixels (x, y)")
-            self.background = BackgroundStage(cfg.background, frame_shape=shape, dtype=dtype, dark=dark,
-                                              direct_beam=bbox, beam_margin_px=cfg.direct_beam.margin_px,
-                                              filter_size=cfg.filter.median_size)
+            self.background: BackgroundStage | None = None
+            if getattr(self.source, "frame_shape", None) is not None:
+                # known before the first frame: check the dark and the beam box before any output exists
+                self._start_background(self.source.frame_shape, self.source.dtype)
             prepare_output(self.out_dir, overwrite)
             self.difspots = DifspotWriter(self.out_dir)
             (self.out_dir / "config.yml").write_text(dump_config(cfg))
@@ -146,17 +138,38 @@ class Pipeline:
             self.source.close()
             raise
         self.segmenter: Segmenter | None = None
+        self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
         self._flushed_s = time.monotonic()
+
+    def _start_background(self, shape, dtype) -> None:
+        cfg = self.cfg
+        dark = load_dark(cfg.dark.url, cfg.dark.value, shape)
+        bbox = cfg.direct_beam.bbox
+        if isinstance(bbox, tuple):
+            x0, y0, w, h = bbox
+            if x0 + w > shape[1] or y0 + h > shape[0]:
+                raise ConfigError(f"direct_beam.bbox: {list(bbox)} reaches outside the frame of "
+                                  f"{shape[1]} x {shape[0]} pixels (x, y)")
+        self.background = BackgroundStage(cfg.background, frame_shape=shape, dtype=dtype, dark=dark,
+                                          direct_beam=bbox, beam_margin_px=cfg.direct_beam.margin_px,
+                                          filter_size=cfg.filter.median_size)
 
     def run(self, progress=None) -> Stats:
         """Process every frame of the source; ``progress(stats)`` is called after each frame."""
         try:
             for frame in self.source:
+                if self.background is None:
+                    self._start_background(frame.data.shape, frame.data.dtype)
                 self.stats.frames_read += 1
+                if frame.psi_deg is None:
+                    self._psi = None
+                elif self._psi is not None:
+                    self._psi.append(frame.psi_deg)
                 self._segment(self.background.push(frame.data))
                 if progress is not None:
                     progress(self.stats)
-            self._segment(self.background.finish())
+            if self.background is not None:
+                self._segment(self.background.finish())
             if self.segmenter is not None:
                 self._write(self.segmenter.finish())
         finally:
@@ -197,8 +210,8 @@ class Pipeline:
         for blob in blobs:
             self.difspots.write(blob, volume=blob.volume)
             psi = None
-            if self.angles is not None:
-                psi = float(np.interp(blob.centroid[0], np.arange(self.angles.size), self.angles))
+            if self._psi:
+                psi = float(np.interp(blob.centroid[0], np.arange(len(self._psi)), self._psi))
             self.table.add(blob, psi)
             self.stats.difspots_written += 1
         if self.segmenter is not None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dctstream.errors import InputError
+from dctstream.config import SourceConfig
 from dctstream.sources import Hdf5FileSource, load_dark, open_source, parse_url, read_dataset
 from dctstream.sources import hdf5 as hdf5_module
 from simulators.dct_scan import simulate_scan
@@ -80,7 +81,7 @@ def test_frames_of_the_simulated_scan(tiny_scan):
     with h5py.File(tiny_scan.path, "r") as f:
         stored = f["/1.1/measurement/marana"][()]
         psi = f["/1.1/measurement/diffrz"][()]
-    source = open_source(tiny_scan.frames_url, tiny_scan.angles_url)
+    source = open_source(SourceConfig(url=tiny_scan.frames_url, angles=tiny_scan.angles_url))
     try:
         frames = list(source)
     finally:
