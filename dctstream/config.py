@@ -53,6 +53,11 @@ class SourceConfig:
 
     url: str | None = None
     angles: str | None = None
+    protocol: str = "auto"  # auto (from the URL) | hdf5 | stream1 | stream2 | folder
+    expected_frames: int | None = None  # the scan is over once this many frames arrived
+    idle_timeout_s: float = 60.0  # ... or once the source has been silent this long
+    poll_interval_s: float = 0.5  # how often a file or folder is checked when notifications fail
+    missing: str = "error"  # a frame missing from a stream: error | repeat-background
 
 
 @dataclass(frozen=True)
@@ -257,7 +262,15 @@ _blob_size = _checked(
 # Every key of every section, and how its value is parsed.  The keys must be
 # exactly the dataclass fields: unknown keys are rejected against this table.
 _CHECKS: dict[str, dict[str, _Parser]] = {
-    "source": {"url": _or(None, _parse_text), "angles": _or(None, _parse_text)},
+    "source": {
+        "url": _or(None, _parse_text),
+        "angles": _or(None, _parse_text),
+        "protocol": _one_of("auto", "hdf5", "stream1", "stream2", "folder"),
+        "expected_frames": _or(None, _int_at_least(1)),
+        "idle_timeout_s": _positive,
+        "poll_interval_s": _positive,
+        "missing": _one_of("error", "repeat-background"),
+    },
     "dark": {"url": _or(None, _parse_text), "value": _or(None, _parse_number)},
     "background": {
         "window": _int_at_least(3, odd=True),
