@@ -75,4 +75,4 @@ class Frame:
 
     index: int  # 0-based position in the scan
     psi_deg: float | None  # rotation angle, when the source knows it
-    data: np.ndarray  # (y, x), the detector's native dtype
+    data: np.ndarray | None  # (y, x), the detector's native dtype; None: the frame was lost in transit
