@@ -75,6 +75,7 @@ class BackgroundConfig:
     window: int = 501  # frames in the median; odd so that it centres on the frame
     mode: str = "exact"  # "exact": one window per frame; "block": one window per `stride` frames
     stride: int = 50  # frames per block in "block" mode
+    batch_frames: int = 1  # frames slid per kernel call: faster, adds batch_frames - 1 frames of latency
     normalise: str = "none"  # "margin": scale frames to constant intensity in the direct-beam margin
     margin_px: int = 20  # width of that margin
 
@@ -276,6 +277,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "window": _int_at_least(3, odd=True),
         "mode": _one_of("exact", "block"),
         "stride": _int_at_least(1),
+        "batch_frames": _int_at_least(1),
         "normalise": _one_of("none", "margin"),
         "margin_px": _int_at_least(1),
     },

@@ -24,8 +24,9 @@ def make_scan(rng, n, shape=(12, 16), dtype=np.uint16):
     return raw, dark
 
 
-def stream(raw, dark, *, window, mode="exact", stride=1, normalise="none", filter_size=3, bbox=BOX):
-    cfg = types.SimpleNamespace(window=window, mode=mode, stride=stride, normalise=normalise, margin_px=2)
+def stream(raw, dark, *, window, mode="exact", stride=1, normalise="none", filter_size=3, bbox=BOX, batch=1):
+    cfg = types.SimpleNamespace(window=window, mode=mode, stride=stride, normalise=normalise, margin_px=2,
+                                batch_frames=batch)
     stage = BackgroundStage(cfg, frame_shape=raw.shape[1:], dtype=raw.dtype, dark=dark, direct_beam=bbox,
                             filter_size=filter_size)
     emitted = []  # (frame index, frames pushed when it came out)
@@ -48,9 +49,10 @@ def margin_scales(raw, dark, margin_px=2):
 @pytest.mark.parametrize("mode,stride", [("exact", 1), ("block", 1), ("block", 4), ("block", 9)])
 @pytest.mark.parametrize("normalise", ["none", "margin"])
 @pytest.mark.parametrize("n", [4, 9, 10, 40])
-def test_streamed_equals_reference(mode, stride, normalise, n):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_streamed_equals_reference(mode, stride, normalise, n, batch):
     raw, dark = make_scan(np.random.default_rng(n), n)
-    got, emitted, _ = stream(raw, dark, window=9, mode=mode, stride=stride, normalise=normalise)
+    got, emitted, _ = stream(raw, dark, window=9, mode=mode, stride=stride, normalise=normalise, batch=batch)
     scales = margin_scales(raw, dark) if normalise == "margin" else None
     expected = reference_corrected(raw, window=9, mode=mode, stride=stride, dark=dark, scales=scales)
     assert [k for k, _ in emitted] == list(range(n))
@@ -80,11 +82,23 @@ def test_block_mode_emits_a_block_once_its_window_is_in():
             assert pushed == max(centre + window // 2 + 1, window)
 
 
-def test_ring_keeps_native_dtype_and_window_size():
+@pytest.mark.parametrize("batch", [1, 4])
+def test_ring_keeps_native_dtype_and_window_plus_batch_frames(batch):
     raw, dark = make_scan(np.random.default_rng(0), 20, dtype=np.uint16)
-    _, _, stage = stream(raw, dark, window=7)
+    _, _, stage = stream(raw, dark, window=7, batch=batch)
     assert stage.ring.data.dtype == np.uint16
-    assert stage.ring.data.shape == (7, 12, 16)
+    assert stage.ring.data.shape == (7 + batch, 12, 16)
+
+
+def test_batched_exact_mode_latency():
+    raw, dark = make_scan(np.random.default_rng(0), 40)
+    window, batch = 7, 4
+    _, emitted, _ = stream(raw, dark, window=window, batch=batch)
+    for k, pushed in emitted:
+        if window // 2 < k < 40 - window // 2 - batch:
+            # frame k + window//2 arrived, and the batch of frames slid with it is complete
+            last = k + window // 2
+            assert pushed == window + ((last - window) // batch + 1) * batch
 
 
 def test_int32_frames_and_no_dark():
@@ -96,14 +110,16 @@ def test_int32_frames_and_no_dark():
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 25), half=st.integers(1, 6), mode=st.sampled_from(["exact", "block"]),
        stride=st.integers(1, 13), size=st.sampled_from([1, 3, 5]), ny=st.integers(3, 9), nx=st.integers(3, 9),
-       seed=st.integers(0, 2**16))
-def test_hypothesis_shapes_windows_modes(n, half, mode, stride, size, ny, nx, seed):
+       seed=st.integers(0, 2**16), batch=st.integers(1, 5), spread=st.sampled_from([30, 3000]))
+def test_hypothesis_shapes_windows_modes(n, half, mode, stride, size, ny, nx, seed, batch, spread):
     window = 2 * half + 1
     stride = min(stride, window)
     rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 30, (n, ny, nx)).astype(np.uint16)  # small range: many ties
+    # a small spread gives many ties; a large one sends medians out of the histogram's bins
+    raw = rng.integers(0, spread, (n, ny, nx)).astype(np.uint16)
     dark = rng.integers(0, 5, (ny, nx)).astype(np.float32)
-    got, emitted, _ = stream(raw, dark, window=window, mode=mode, stride=stride, filter_size=size, bbox=None)
+    got, emitted, _ = stream(raw, dark, window=window, mode=mode, stride=stride, filter_size=size, bbox=None,
+                             batch=batch)
     expected = reference_corrected(raw, window=window, mode=mode, stride=stride, dark=dark, filter_size=size)
     np.testing.assert_array_equal(got, expected)
 
@@ -126,6 +142,33 @@ def test_window_median_equals_numpy():
     slots = np.array([5, 6, 7, 8, 9, 10, 0, 1, 2])
     expected = np.median((ring[slots].astype(np.float32) - dark) * scales[slots, None, None], axis=0)
     np.testing.assert_array_equal(kernels.window_median(ring, slots, dark, scales), expected)
+
+
+@pytest.mark.parametrize("nbins", [4, 256])
+def test_histogram_window_slides_exactly(nbins):
+    rng = np.random.default_rng(nbins)
+    n, window = 120, 15
+    frames = (rng.normal(1000, 30, (n, 6, 7)) + np.linspace(0, 900, n)[:, None, None]).astype(np.uint16)
+    frames[:, 0, 0] = rng.integers(0, 65535, n)  # jumps far out of any bins
+    ring = np.zeros((window + 5, 6, 7), np.uint16)
+    for f in range(window):
+        ring[f % len(ring)] = frames[f]
+    hist = kernels.HistogramWindow(ring, 0, window, nbins=nbins)
+    np.testing.assert_array_equal(hist.median(), np.median(frames[:window], axis=0))
+    f = window
+    for step in [1, 5, 3, 2, 5, 4] * 20:
+        step = min(step, n - f)
+        if step == 0:
+            break
+        for g in range(f, f + step):
+            ring[g % len(ring)] = frames[g]
+        medians = hist.slide(step)
+        for j in range(step):
+            np.testing.assert_array_equal(medians[j], np.median(frames[f + j - window + 1:f + j + 1], axis=0))
+        f += step
+    assert hist.rebuilds.sum() > 0  # the out-of-bins path was exercised
+    with pytest.raises(ValueError):
+        hist.slide(6)  # the ring cannot hold the window plus 6 new frames
 
 
 def test_sorted_window_slides_exactly():

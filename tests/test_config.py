@@ -254,7 +254,7 @@ def test_any_even_window_is_rejected(half):
     # structure
     ("backgrond: {window: 5}",
      "backgrond: unknown section (known: background, dark, direct_beam, filter, output, segmentation, source)"),
-    ("background: {windw: 5}", "background.windw: unknown key (known: margin_px, mode, normalise, stride, window)"),
+    ("background: {windw: 5}", "background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("background: 5", "background: must be a mapping, got 5"),
     ("- background", "must be a mapping of sections, got [background]"),
 ])
@@ -285,7 +285,7 @@ def test_cross_rule_error_names_the_layer_that_broke_it(tmp_path):
     ("background.window", "--set: expected section.key=value, got background.window"),
     ("=5", "--set: expected section.key=value, got =5"),
     ("background.windw=5",
-     "--set: background.windw: unknown key (known: margin_px, mode, normalise, stride, window)"),
+     "--set: background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("bg.window=5",
      "--set: bg: unknown section (known: background, dark, direct_beam, filter, output, segmentation, source)"),
     ("background.window=4", "--set: background.window: must be odd and >= 3, got 4"),

@@ -140,3 +140,109 @@ def median_filter_2d(img, size, out):
                     buf[m] = img[yy, _reflect(x + dx, nx)]
                     m += 1
             out[y, x] = _select(buf, n, n // 2)
+
+
+# ---- windowed histogram running median (integer frames) ---------------------------
+#
+# Each pixel keeps a histogram of unit-width bins [base, base + nbins) over the
+# values in its window, its current median ``med`` and ``lt``, the number of
+# window values below ``med`` (values outside the bins included). Replacing one
+# value moves the median by at most one rank, so a few bins are touched per
+# frame. When the median would leave the bins, the pixel is rebuilt from the
+# ring, centred on its new median.
+
+
+@numba.njit(cache=True, nogil=True)
+def _hist_rebuild(ring, first_frame, window, y, x, p, h, base, hist, lt, med, buf):
+    cap = ring.shape[0]
+    nbins = hist.shape[1]
+    for i in range(window):
+        buf[i] = ring[(first_frame + i) % cap, y, x]
+    m = _select(buf, window, h)
+    b = m - nbins // 2
+    base[p] = b
+    hist[p, :] = 0
+    below = 0
+    for i in range(window):
+        v = buf[i]
+        if v < m:
+            below += 1
+        k = v - b
+        if 0 <= k < nbins:
+            hist[p, k] += 1
+    med[p] = m
+    lt[p] = below
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def hist_init(ring, first_frame, window, base, hist, lt, med):
+    """Build every pixel's histogram from the window of frames first_frame .. first_frame + window - 1."""
+    ny, nx = ring.shape[1], ring.shape[2]
+    for y in numba.prange(ny):
+        buf = np.empty(window, dtype=np.int64)
+        for x in range(nx):
+            _hist_rebuild(ring, first_frame, window, y, x, y * nx + x, window // 2, base, hist, lt, med, buf)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuilds):
+    """Slide every pixel's window over new_frames (in order): add frame f, drop frame f - window.
+
+    After step j, when emit[j], out[j] receives the median of frames
+    new_frames[j] - window + 1 .. new_frames[j]. The ring must hold all of
+    those frames and the dropped ones. rebuilds[y] counts rebuilds per row.
+    """
+    cap = ring.shape[0]
+    ny, nx = ring.shape[1], ring.shape[2]
+    nbins = hist.shape[1]
+    h = window // 2
+    n_steps = new_frames.size
+    for y in numba.prange(ny):
+        buf = np.empty(window, dtype=np.int64)
+        for x in range(nx):
+            p = y * nx + x
+            b = base[p]
+            m = med[p]
+            c = lt[p]
+            for j in range(n_steps):
+                f = new_frames[j]
+                o = np.int64(ring[(f - window) % cap, y, x])
+                n = np.int64(ring[f % cap, y, x])
+                if o != n:
+                    k = o - b
+                    if 0 <= k < nbins:
+                        hist[p, k] -= 1
+                    if o < m:
+                        c -= 1
+                    k = n - b
+                    if 0 <= k < nbins:
+                        hist[p, k] += 1
+                    if n < m:
+                        c += 1
+                    k = m - b
+                    ok = True
+                    while c > h:
+                        k -= 1
+                        if k < 0:
+                            ok = False
+                            break
+                        c -= hist[p, k]
+                    if ok:
+                        while c + hist[p, k] <= h:
+                            c += hist[p, k]
+                            k += 1
+                            if k >= nbins:
+                                ok = False
+                                break
+                    if ok:
+                        m = b + k
+                    else:
+                        _hist_rebuild(ring, f - window + 1, window, y, x, p, h, base, hist, lt, med, buf)
+                        b = base[p]
+                        m = med[p]
+                        c = lt[p]
+                        rebuilds[y] += 1
+                if emit[j]:
+                    out[j, y, x] = m
+            med[p] = m
+            lt[p] = c

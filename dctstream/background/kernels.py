@@ -75,3 +75,45 @@ class SortedWindow:
 
     def median(self) -> np.ndarray:
         return self.win[:, self.win.shape[1] // 2].reshape(self.frame_shape)
+
+
+class HistogramWindow:
+    """Exact running median of integer frames with a per-pixel windowed histogram.
+
+    ``ring`` is the caller's ring of raw frames (frame f in slot f % len(ring)),
+    which must hold the current window plus the frames being slid in.
+    """
+
+    def __init__(self, ring: np.ndarray, first_frame: int, window: int, nbins: int = 256):
+        _require("ring", ring, ndim=3)
+        if ring.dtype.kind not in "ui" or ring.dtype.itemsize > 4:
+            raise ValueError(f"ring: expected integer frames of at most 32 bits, got {ring.dtype}")
+        if window % 2 != 1 or window > ring.shape[0] or window >= 65536:
+            raise ValueError(f"window: expected an odd number of frames <= {min(ring.shape[0], 65535)}, got {window}")
+        self.ring = ring
+        self.window = window
+        self.last = first_frame + window - 1  # last frame in the window
+        npix = ring.shape[1] * ring.shape[2]
+        self.base = np.empty(npix, np.int64)
+        self.hist = np.empty((npix, nbins), np.uint16)
+        self.lt = np.empty(npix, np.int64)
+        self.med = np.empty(npix, np.int64)
+        self.rebuilds = np.zeros(ring.shape[1], np.int64)
+        _kernels.hist_init(ring, first_frame, window, self.base, self.hist, self.lt, self.med)
+
+    def slide(self, n_frames: int, emit=None, out: np.ndarray | None = None) -> np.ndarray:
+        """Advance the window by ``n_frames`` (already in the ring); medians after each step where ``emit``."""
+        frames = np.arange(self.last + 1, self.last + 1 + n_frames, dtype=np.int64)
+        if n_frames + self.window > self.ring.shape[0]:
+            raise ValueError(f"n_frames: the ring of {self.ring.shape[0]} frames cannot hold "
+                             f"a window of {self.window} plus {n_frames} new frames")
+        emit = np.ones(n_frames, bool) if emit is None else np.ascontiguousarray(emit, bool)
+        if out is None:
+            out = np.empty((n_frames, *self.ring.shape[1:]), np.int64)
+        _kernels.hist_slide(self.ring, frames, self.window, emit, out, self.base, self.hist, self.lt,
+                            self.med, self.rebuilds)
+        self.last += n_frames
+        return out
+
+    def median(self) -> np.ndarray:
+        return self.med.reshape(self.ring.shape[1:])

@@ -7,8 +7,13 @@ mode), shifted to stay inside the scan at its two ends. Normalised frame j is
 ``(float32(raw_j) - dark) * scale_j``; corrected frame k is its normalised
 frame minus its background, then the 2-D median filter.
 
-Frame k is emitted as soon as the last frame of its window has arrived: a
-fixed latency of ``window // 2`` frames in exact mode.
+Frame k is emitted as soon as the last frame of its window has arrived (and,
+with ``batch_frames`` > 1, the batch holding it is complete): a fixed latency
+of ``window // 2`` (+ ``batch_frames - 1``) frames in exact mode.
+
+Medians come from, in order of preference: the per-pixel windowed histogram
+(integer frames without normalisation), the per-pixel sorted window (exact
+mode with normalisation), a selection over the ring (everything else).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 from ..direct_beam import detect_direct_beam, margin_mean
 from ..errors import InputError
 from ..ring import FrameRing
-from .kernels import SortedWindow, median_filter, window_median
+from .kernels import HistogramWindow, SortedWindow, median_filter, window_median
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ class BackgroundStage:
                  beam_margin_px: int = 10, filter_size: int = 3):
         self.cfg = cfg
         self.window = cfg.window
+        self.batch = getattr(cfg, "batch_frames", 1)
         self.frame_shape = tuple(frame_shape)
         self.dtype = np.dtype(dtype)
         self.dark = (np.zeros(self.frame_shape, np.float32) if dark is None
@@ -50,11 +56,13 @@ class BackgroundStage:
         self._beam_margin_px = beam_margin_px
         self.direct_beam = direct_beam if isinstance(direct_beam, tuple) else None
         self.filter_size = filter_size
-        self.ring = FrameRing(self.window, self.frame_shape, self.dtype)
-        self.scales = np.ones(self.window, np.float32)  # by ring slot
+        # the histogram drops frame f - window while adding frame f: both must be in the ring
+        self.ring = FrameRing(self.window + self.batch, self.frame_shape, self.dtype)
+        self.scales = np.ones(self.ring.capacity, np.float32)  # by ring slot
         self._margin_ref: float | None = None
+        self._hist: HistogramWindow | None = None
         self._sorted: SortedWindow | None = None
-        self._cached: tuple[tuple[int, int], np.ndarray] | None = None
+        self._medians: dict[int, np.ndarray] = {}  # window start -> background (normalised units)
         self.warm = False
         self.n_frames: int | None = None  # known once the scan has ended
         self.emitted = 0
@@ -70,12 +78,13 @@ class BackgroundStage:
         if self.warm:
             scale = self._scale(j, frame)
             if self._sorted is not None:
-                old = j - self.window
-                old_slot = self.ring.slot(old)
+                old_slot = self.ring.slot(j - self.window)
                 self._sorted.replace(self._sorted_values(self.ring.data[old_slot], self.scales[old_slot]),
                                      self._sorted_values(frame, scale))
-            slot = self.ring.push(frame)
-            self.scales[slot] = scale
+                self._medians[j - self.window + 1] = self._sorted_background()
+            self.scales[self.ring.push(frame)] = scale
+            if self._hist is not None and j - self._hist.last == self.batch:
+                self._slide()
         else:
             self.ring.push(frame)
             if self.ring.count == self.window:
@@ -94,6 +103,11 @@ class BackgroundStage:
                         "using a window of %d frames", n, self.window, width)
             self.window = width
             self._warm_up(width)
+        if self._hist is not None:
+            if self._hist.last < n - 1:
+                self._slide()
+            elif n - self.window not in self._medians:
+                self._medians[n - self.window] = self._hist.median().astype(np.float32) - self.dark
         return self._drain()
 
     # ---- internals -------------------------------------------------------------
@@ -110,10 +124,39 @@ class BackgroundStage:
                                  "but none was found in the first window")
             for k in range(self.ring.count):
                 self.scales[self.ring.slot(k)] = self._scale(k, self.ring[k])
-        if self.cfg.mode == "exact" and width == self.ring.capacity:
-            values = np.stack([self._sorted_values(self.ring.data[s], self.scales[s]) for s in slots])
-            self._sorted = SortedWindow(values)
+        if width == self.window == self.cfg.window:  # a full window: slide from here on
+            if self.cfg.normalise == "none" and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
+                self._hist = HistogramWindow(self.ring.data, 0, width)
+                self._medians[0] = self._hist.median().astype(np.float32) - self.dark
+            elif self.cfg.mode == "exact":
+                values = np.stack([self._sorted_values(self.ring.data[s], self.scales[s]) for s in slots])
+                self._sorted = SortedWindow(values)
+                self._medians[0] = self._sorted_background()
         self.warm = True
+
+    def _slide(self) -> None:
+        """Slide the histogram over the frames that arrived since the last slide."""
+        hist, w = self._hist, self.window
+        first = hist.last + 1
+        n = self.ring.count - first
+        starts = np.arange(first - w + 1, first - w + 1 + n)
+        emit = np.array([self.cfg.mode == "exact" or self._is_block_start(s) for s in starts])
+        if self.n_frames is not None:
+            emit[-1] = True  # the last window serves every frame whose window the end of the scan shifts
+        medians = hist.slide(n, emit, np.empty((n, *self.frame_shape), self.dtype))
+        for start, median in zip(starts[emit], medians[emit]):
+            self._medians[int(start)] = median.astype(np.float32) - self.dark
+
+    def _is_block_start(self, start: int) -> bool:
+        stride = self.cfg.stride
+        centre = start + self.window // 2
+        return centre % stride == stride // 2
+
+    def _sorted_background(self) -> np.ndarray:
+        median = self._sorted.median()
+        if self.cfg.normalise == "none":
+            return median.astype(np.float32) - self.dark
+        return median.copy()
 
     def _scale(self, k: int, frame: np.ndarray) -> np.float32:
         if self.cfg.normalise == "none":
@@ -133,32 +176,29 @@ class BackgroundStage:
             return raw
         return (raw.astype(np.float32) - self.dark) * np.float32(scale)
 
-    def _centre(self, k: int) -> int:
+    def _start(self, k: int) -> int:
+        centre = k
         if self.cfg.mode == "block":
             stride = self.cfg.stride
-            return (k // stride) * stride + stride // 2
-        return k
+            centre = (k // stride) * stride + stride // 2
+        n = self.n_frames if self.n_frames is not None else self.ring.count + self.window  # end not known yet
+        return window_start(centre, self.window, n)
 
     def _ready(self, k: int) -> bool:
-        if k >= self.ring.count:
+        if k >= self.ring.count or not self.warm:
             return False
-        if self.n_frames is not None:
-            return True
-        return self.warm and self.ring.count >= self._centre(k) + self.window // 2 + 1
+        start = self._start(k)
+        if self.n_frames is None and self.ring.count < start + self.window:
+            return False
+        # the histogram's medians exist only once its batch has been slid
+        return self._hist is None or start in self._medians
 
     def _background(self, k: int) -> np.ndarray:
-        n = self.n_frames if self.n_frames is not None else self.ring.count + self.window  # not yet known: no end shift
-        start = window_start(self._centre(k), self.window, n)
-        if self._sorted is not None and start == self.ring.count - self.window:
-            median = self._sorted.median()
-            if self.cfg.normalise == "none":
-                return median.astype(np.float32) - self.dark
-            return median
-        key = (start, self.window)
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, window_median(self.ring.data, self.ring.slots(start, start + self.window),
-                                               self.dark, self.scales))
-        return self._cached[1]
+        start = self._start(k)
+        if start not in self._medians:
+            slots = self.ring.slots(start, start + self.window)
+            self._medians = {start: window_median(self.ring.data, slots, self.dark, self.scales)}
+        return self._medians[start]
 
     def _drain(self) -> list[tuple[int, np.ndarray]]:
         out = []
@@ -166,7 +206,9 @@ class BackgroundStage:
             k = self.emitted
             slot = self.ring.slot(k)
             normalised = (self.ring.data[slot].astype(np.float32) - self.dark) * self.scales[slot]
-            corrected = normalised - self._background(k)
-            out.append((k, median_filter(corrected, self.filter_size)))
+            background = self._background(k)
+            for start in [s for s in self._medians if s < self._start(k)]:
+                del self._medians[start]
+            out.append((k, median_filter(normalised - background, self.filter_size)))
             self.emitted += 1
         return out
