@@ -55,23 +55,28 @@ def _select(buf, n, k):
     return buf[k]
 
 
+_TILE = 64  # pixels of a row gathered over the window at once
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def window_median_normalised(ring, slots, dark, scales, out):
     """out[y, x] = median over s in slots of (float32(ring[s, y, x]) - dark[y, x]) * scales[s]."""
     n = slots.size
     ny, nx = out.shape
     for y in numba.prange(ny):
-        rows = np.empty((n, nx), dtype=np.float32)
-        for i in range(n):
-            s = slots[i]
-            sc = scales[s]
-            for x in range(nx):
-                rows[i, x] = (np.float32(ring[s, y, x]) - dark[y, x]) * sc
+        rows = np.empty((n, _TILE), dtype=np.float32)
         buf = np.empty(n, dtype=np.float32)
-        for x in range(nx):
+        for x0 in range(0, nx, _TILE):
+            width = min(_TILE, nx - x0)
             for i in range(n):
-                buf[i] = rows[i, x]
-            out[y, x] = _select(buf, n, n // 2)
+                s = slots[i]
+                sc = scales[s]
+                for t in range(width):
+                    rows[i, t] = (np.float32(ring[s, y, x0 + t]) - dark[y, x0 + t]) * sc
+            for t in range(width):
+                for i in range(n):
+                    buf[i] = rows[i, t]
+                out[y, x0 + t] = _select(buf, n, n // 2)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -153,12 +158,38 @@ def median_filter_2d(img, size, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _hist_rebuild(ring, first_frame, window, y, x, p, h, base, hist, lt, med, buf):
-    cap = ring.shape[0]
+def _select_u16(buf, n, k, counts):
+    """k-th smallest of buf[:n], all in [0, 65536): two counting passes, high byte then low byte.
+
+    Detector counts repeat a lot, which slows a quickselect down; counting does not care.
+    """
+    counts[:] = 0
+    for i in range(n):
+        counts[buf[i] >> 8] += 1
+    high = 0
+    below = 0
+    while below + counts[high] <= k:
+        below += counts[high]
+        high += 1
+    counts[:] = 0
+    for i in range(n):
+        if buf[i] >> 8 == high:
+            counts[buf[i] & 255] += 1
+    low = 0
+    while below + counts[low] <= k:
+        below += counts[low]
+        low += 1
+    return (high << 8) | low
+
+
+@numba.njit(cache=True, nogil=True)
+def _hist_fill(buf, window, p, h, base, hist, lt, med, counts):
+    """Centre pixel p's bins on the median of buf[:window] and count the window into them.
+
+    ``counts`` (256 ints) is scratch space for 16-bit frames; pass an empty array otherwise.
+    """
     nbins = hist.shape[1]
-    for i in range(window):
-        buf[i] = ring[(first_frame + i) % cap, y, x]
-    m = _select(buf, window, h)
+    m = _select_u16(buf, window, h, counts) if counts.size else _select(buf, window, h)
     b = m - nbins // 2
     base[p] = b
     hist[p, :] = 0
@@ -175,17 +206,27 @@ def _hist_rebuild(ring, first_frame, window, y, x, p, h, base, hist, lt, med, bu
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def hist_init(ring, first_frame, window, base, hist, lt, med):
+def hist_init(ring, first_frame, window, base, hist, lt, med, u16):
     """Build every pixel's histogram from the window of frames first_frame .. first_frame + window - 1."""
+    cap = ring.shape[0]
     ny, nx = ring.shape[1], ring.shape[2]
     for y in numba.prange(ny):
+        # short row pieces: read the ring in order, and stay small enough for the cache
+        rows = np.empty((window, _TILE), dtype=ring.dtype)
         buf = np.empty(window, dtype=np.int64)
-        for x in range(nx):
-            _hist_rebuild(ring, first_frame, window, y, x, y * nx + x, window // 2, base, hist, lt, med, buf)
+        counts = np.empty(256 if u16 else 0, dtype=np.int64)
+        for x0 in range(0, nx, _TILE):
+            width = min(_TILE, nx - x0)
+            for i in range(window):
+                rows[i, :width] = ring[(first_frame + i) % cap, y, x0:x0 + width]
+            for t in range(width):
+                for i in range(window):
+                    buf[i] = rows[i, t]
+                _hist_fill(buf, window, y * nx + x0 + t, window // 2, base, hist, lt, med, counts)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuilds):
+def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuilds, u16):
     """Slide every pixel's window over new_frames (in order): add frame f, drop frame f - window.
 
     After step j, when emit[j], out[j] receives the median of frames
@@ -199,6 +240,7 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
     n_steps = new_frames.size
     for y in numba.prange(ny):
         buf = np.empty(window, dtype=np.int64)
+        counts = np.empty(256 if u16 else 0, dtype=np.int64)
         for x in range(nx):
             p = y * nx + x
             b = base[p]
@@ -237,7 +279,9 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
                     if ok:
                         m = b + k
                     else:
-                        _hist_rebuild(ring, f - window + 1, window, y, x, p, h, base, hist, lt, med, buf)
+                        for i in range(window):
+                            buf[i] = ring[(f - window + 1 + i) % cap, y, x]
+                        _hist_fill(buf, window, p, h, base, hist, lt, med, counts)
                         b = base[p]
                         m = med[p]
                         c = lt[p]

@@ -99,7 +99,8 @@ class HistogramWindow:
         self.lt = np.empty(npix, np.int64)
         self.med = np.empty(npix, np.int64)
         self.rebuilds = np.zeros(ring.shape[1], np.int64)
-        _kernels.hist_init(ring, first_frame, window, self.base, self.hist, self.lt, self.med)
+        self._u16 = ring.dtype == np.uint16
+        _kernels.hist_init(ring, first_frame, window, self.base, self.hist, self.lt, self.med, self._u16)
 
     def slide(self, n_frames: int, emit=None, out: np.ndarray | None = None) -> np.ndarray:
         """Advance the window by ``n_frames`` (already in the ring); medians after each step where ``emit``."""
@@ -111,7 +112,7 @@ class HistogramWindow:
         if out is None:
             out = np.empty((n_frames, *self.ring.shape[1:]), np.int64)
         _kernels.hist_slide(self.ring, frames, self.window, emit, out, self.base, self.hist, self.lt,
-                            self.med, self.rebuilds)
+                            self.med, self.rebuilds, self._u16)
         self.last += n_frames
         return out
 
