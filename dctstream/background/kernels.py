@@ -45,7 +45,10 @@ def median_filter(img: np.ndarray, size: int, out: np.ndarray | None = None) -> 
         out[...] = img
         return out
     _require("out", out, ndim=2, dtype=img.dtype)
-    _kernels.median_filter_2d(img, size, out)
+    if size == 3:
+        _kernels.median_filter_3x3(img, out)
+    else:
+        _kernels.median_filter_2d(img, size, out)
     return out
 
 
