@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from . import __version__
 from .background import BackgroundStage
 from .config import Config, dump_config
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, InputError, OutputError
 from .segment import SegmentParams, Segmenter
 from .sinks import DifspotWriter, SpotTable
 from .sources import load_dark, open_source
@@ -44,6 +45,9 @@ class Stats:
     direct_beam: tuple | None = None
     seed_threshold: tuple[float, float] | None = None  # (min, max) over the detector
     noise_sigma: float | None = None
+    frames_missing: int = 0
+    source_end: str | None = None  # why the source stopped: end_time, idle_timeout, complete, ...
+    stage_s: Counter = field(default_factory=Counter)  # seconds spent in read, background, segment, write
     started_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -156,28 +160,57 @@ class Pipeline:
 
     def run(self, progress=None) -> Stats:
         """Process every frame of the source; ``progress(stats)`` is called after each frame."""
+        frames = iter(self.source)
         try:
-            for frame in self.source:
-                if self.background is None:
-                    self._start_background(frame.data.shape, frame.data.dtype)
+            while True:
+                with self._timed("read"):
+                    frame = next(frames, None)
+                if frame is None:
+                    break
                 self.stats.frames_read += 1
                 if frame.psi_deg is None:
                     self._psi = None
                 elif self._psi is not None:
                     self._psi.append(frame.psi_deg)
-                self._segment(self.background.push(frame.data))
+                self._segment(self._push(frame))
                 if progress is not None:
                     progress(self.stats)
             if self.background is not None:
-                self._segment(self.background.finish())
+                with self._timed("background"):
+                    corrected = self.background.finish()
+                self._segment(corrected)
             if self.segmenter is not None:
-                self._write(self.segmenter.finish())
+                with self._timed("segment"):
+                    blobs = self.segmenter.finish()
+                self._write(blobs)
         finally:
             self.source.close()
             self.table.close()
+        self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
         if progress is not None:
             progress(self.stats)
         return self.stats
+
+    @contextmanager
+    def _timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats.stage_s[stage] += time.perf_counter() - start
+
+    def _push(self, frame) -> list[tuple[int, np.ndarray]]:
+        data = frame.data
+        if data is None:  # lost in transit: the source's missing-frame policy asked for a stand-in
+            if self.background is None:
+                raise InputError(f"frame {frame.index}: lost before any frame arrived, expected a first frame")
+            data = self.background.stand_in()
+            self.stats.frames_missing += 1
+            log.warning("frame %d: lost in transit, replaced by the current background", frame.index)
+        if self.background is None:
+            self._start_background(data.shape, data.dtype)
+        with self._timed("background"):
+            return self.background.push(data)
 
     def _segment(self, corrected: list[tuple[int, np.ndarray]]) -> None:
         if not corrected:
@@ -186,7 +219,9 @@ class Pipeline:
         if self.segmenter is None:
             self._start_segmenter([frame for _, frame in corrected[:NOISE_FRAMES]])
         for k, frame in corrected:
-            self._write(self.segmenter.push(k, frame))
+            with self._timed("segment"):
+                blobs = self.segmenter.push(k, frame)
+            self._write(blobs)
             self.stats.frames_segmented += 1
 
     def _start_segmenter(self, first_frames: list[np.ndarray]) -> None:
@@ -207,6 +242,10 @@ class Pipeline:
                                  "direct_beam_bbox": str(list(self.stats.direct_beam or []))})
 
     def _write(self, blobs) -> None:
+        with self._timed("write"):
+            self._write_blobs(blobs)
+
+    def _write_blobs(self, blobs) -> None:
         for blob in blobs:
             self.difspots.write(blob, volume=blob.volume)
             psi = None

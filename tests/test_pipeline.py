@@ -114,3 +114,32 @@ def test_accuracy_on_a_720_frame_512px_scan(tmp_path):
     psi = read_dataset(truth.angles_url)
     np.testing.assert_allclose(table["centroid_psi_deg"], np.interp(table["centroid_frame"],
                                                                     np.arange(psi.size), psi))
+
+
+def test_a_frame_lost_in_transit_is_replaced_by_the_background(small_scan, tmp_path, monkeypatch):
+    import dctstream.pipeline as pipeline_module
+    from dctstream.sources import Hdf5FileSource
+    from dctstream.types import Frame
+
+    with Hdf5FileSource(small_scan.frames_url, small_scan.angles_url) as source:
+        frames = [Frame(f.index, f.psi_deg, None if f.index == 50 else f.data.copy()) for f in source]
+
+    class StreamLike:  # the shape is only known from the first frame, as with a detector stream
+        frame_shape = dtype = n_frames = None
+        end_reason = "series_end"
+
+        def __iter__(self):
+            return iter(frames)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pipeline_module, "open_source", lambda cfg: StreamLike())
+    cfg = config(small_scan, tmp_path / "out", "background.window=21", "segmentation.max_blob_size=[10,10,6]")
+    stats = Pipeline(cfg).run()
+    assert stats.frames_missing == 1
+    assert stats.frames_corrected == 120
+    assert stats.source_end == "series_end"
+    table = read_spot_table(tmp_path / "out" / "spots.h5")
+    assert len(table["id"]) == stats.difspots_written > 5
+    assert set(stats.stage_s) == {"read", "background", "segment", "write"}

@@ -110,6 +110,16 @@ class BackgroundStage:
                 self._medians[n - self.window] = self._hist.median().astype(np.float32) - self.dark
         return self._drain()
 
+    def stand_in(self) -> np.ndarray:
+        """A raw frame to put in the place of one that was lost: the median of the latest frames."""
+        n = min(self.ring.count, self.window)
+        n -= 1 - n % 2
+        first = self.ring.count - n
+        zeros = np.zeros(self.frame_shape, np.float32)
+        ones = np.ones(self.ring.capacity, np.float32)
+        median = window_median(self.ring.data, self.ring.slots(first, first + n), zeros, ones)
+        return median.astype(self.dtype)
+
     # ---- internals -------------------------------------------------------------
     def _warm_up(self, width: int) -> None:
         slots = self.ring.slots(0, width)
