@@ -56,8 +56,13 @@ class Stats:
 
 
 def _mad_sigma(values: np.ndarray) -> float:
-    values = values.astype(np.float64)
-    return float(1.4826 * np.median(np.abs(values - np.median(values)))) if values.size else 0.0
+    if not values.size:
+        return 0.0
+    deviation = np.abs(values.astype(np.float64) - np.median(values))
+    sigma = 1.4826 * np.median(deviation)
+    # Faint integer counts can sit on the median more often than not, which
+    # zeroes the MAD; the mean absolute deviation still sees the noise.
+    return float(sigma if sigma > 0 else 1.2533 * deviation.mean())
 
 
 def noise_map(frames: list[np.ndarray], mask: np.ndarray, tile_px: int = NOISE_TILE_PX) -> np.ndarray:

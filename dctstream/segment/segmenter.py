@@ -32,9 +32,11 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ..types import Blob
-from ._kernels import grow_region
+from ._kernels import CLAIMED, grow_region
 
 REJECT_REASONS = ("seed_min_voxels", "maximum_claimed", "too_small", "too_large")
+# Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
+VALLEY_VOXELS = 200_000
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class Segmenter:
                         if params.connectivity == 26 or (dy, dx) == (0, 0)]
         reach = params.max_size[2]
         self._values = np.zeros((4 * reach + 4, *self.frame_shape), np.float32)
-        self._claimed = np.zeros(self._values.shape, np.uint8)
+        self._flags = np.zeros(self._values.shape, np.uint8)
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
         self._prev_ids = np.zeros(self.frame_shape, np.int64)
@@ -135,13 +137,13 @@ class Segmenter:
             # a chain of overlapping spots holds old frames: make room, keeping slots k % cap
             new_cap = 2 * cap
             values = np.zeros((new_cap, *self.frame_shape), np.float32)
-            claimed = np.zeros(values.shape, np.uint8)
+            flags = np.zeros(values.shape, np.uint8)
             for f in range(self._low, k):
                 values[f % new_cap] = self._values[f % cap]
-                claimed[f % new_cap] = self._claimed[f % cap]
-            self._values, self._claimed, cap = values, claimed, new_cap
+                flags[f % new_cap] = self._flags[f % cap]
+            self._values, self._flags, cap = values, flags, new_cap
         self._values[k % cap] = frame
-        self._claimed[k % cap] = 0
+        self._flags[k % cap] = 0
 
     # ---- seed regions --------------------------------------------------------------
     def _find(self, i: int) -> int:
@@ -210,29 +212,71 @@ class Segmenter:
     # ---- growing -------------------------------------------------------------------
     def _close(self, ended: bool) -> list[Blob]:
         reach_f = self.params.max_size[2]
+        reach = 2 * np.array(self._reach_fyx)
         open_regions = [self._regions[r] for r in self._open]
-        self._pending.sort(key=lambda r: r.order)
-        blobs, blocked = [], []
-        for region in self._pending:
-            # An open region can only end up brighter than this one through a
-            # voxel it already has (a later maximum is too far along psi to
-            # matter), so its current maximum tells whether it can interfere.
-            ready = ended or (self.last >= region.max_index[0] + 2 * reach_f and not any(
-                self._interferes(q, region) for q in open_regions if q.order < region.order))
-            if ready and not any(self._interferes(b, region) for b in blocked):
-                blob = self._grow(region)
-                if blob is not None:
-                    blobs.append(blob)
-            else:
-                blocked.append(region)
-        self._pending = blocked
-        first_needed = min([r.first for r in open_regions] + [r.max_index[0] for r in blocked] + [self.last + 1])
+        open_at = np.array([q.max_index for q in open_regions]).reshape(-1, 3)
+        pending = sorted(self._pending, key=lambda r: r.order)
+        at = np.array([r.max_index for r in pending]).reshape(-1, 3)
+        waiting = np.ones(len(pending), bool)  # not grown yet: holds dimmer regions it may touch
+        blobs = []
+        for i, region in enumerate(pending):
+            brighter = np.concatenate([at[:i][waiting[:i]], open_at[[q.order < region.order for q in open_regions]]])
+            if not (ended or self._boxes_clear(region, brighter, reach) or self._valley_clear(region, brighter, reach)):
+                continue
+            waiting[i] = False
+            blob = self._grow(region)
+            if blob is not None:
+                blobs.append(blob)
+        self._pending = [r for r, w in zip(pending, waiting) if w]
+        first_needed = min([r.first for r in open_regions] + [r.max_index[0] for r in self._pending]
+                           + [self.last + 1])
         self._low = first_needed - reach_f
         return blobs
 
-    def _interferes(self, a: _Region, b: _Region) -> bool:
-        """Whether the growth boxes around the two maxima overlap."""
-        return all(abs(i - j) <= 2 * r for i, j, r in zip(a.max_index, b.max_index, self._reach_fyx))
+    def _boxes_clear(self, region: _Region, brighter: np.ndarray, reach: np.ndarray) -> bool:
+        """No brighter region, known or still to come, has a growth box overlapping this one's.
+
+        ``brighter`` holds the maxima of the brighter regions not grown yet,
+        open ones included: an open region can only end up brighter than this
+        one through a voxel it already has (a later maximum is too far along
+        psi to matter), so its current maximum tells.
+        """
+        if region.max_index[0] > self.last - reach[0]:
+            return False  # a brighter region may still appear within reach along psi
+        return not np.all(np.abs(brighter - region.max_index) <= reach, axis=1).any()
+
+    def _valley_clear(self, region: _Region, brighter: np.ndarray, reach: np.ndarray) -> bool:
+        """No brighter region can reach this one's voxels: the valley around it is closed.
+
+        A brighter region Q can only take a voxel this one would take through a
+        path of voxels >= min(grow_low, grow_high, M) joining the two maxima
+        (both thresholds are at least that) inside the union of the two growth
+        boxes. For Q at or after this maximum along psi that union starts F
+        frames before it. So once that component around M has stopped growing
+        along psi and holds no such maximum still to be grown, and no earlier
+        brighter region's box overlaps, nothing to come can change this blob:
+        it closes a frame after the spot ends.
+        """
+        p = self.params
+        f, y, x = region.max_index
+        reach_x, reach_y, reach_f = p.max_size
+        earlier = brighter[:, 0] < f
+        if np.all(np.abs(brighter[earlier] - region.max_index) <= reach, axis=1).any():
+            return False
+        ny, nx = self.frame_shape
+        box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
+               min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
+        high = np.inf if p.grow_high is None else p.grow_high
+        voxels, complete = grow_region(self._values, self._flags, self.mask, self._low_map, *box, f, y, x,
+                                       -np.inf, high, region.max_value, p.connectivity == 26, VALLEY_VOXELS)
+        if not complete:
+            return False
+        if voxels.size == 0:
+            return True  # its maximum is already claimed: nothing can change that
+        if f + 3 * reach_f > self.last and voxels[-1] // (ny * nx) == self.last:
+            return False  # still growing along psi
+        later = brighter[~earlier]
+        return not np.isin((later[:, 0] * ny + later[:, 1]) * nx + later[:, 2], voxels).any()
 
     def _grow(self, region: _Region) -> Blob | None:
         p = self.params
@@ -243,14 +287,13 @@ class Segmenter:
         y0, y1 = max(y - reach_y, 0), min(y + reach_y, ny - 1)
         x0, x1 = max(x - reach_x, 0), min(x + reach_x, nx - 1)
         peak = region.max_value
-        voxels = grow_region(self._values, self._claimed, self.mask, self._low_map, f0, f1, y0, y1, x0, x1,
-                             f, y, x, p.grow_ratio * peak, np.inf if p.grow_high is None else p.grow_high,
-                             peak, p.connectivity == 26)
+        voxels, _ = grow_region(self._values, self._flags, self.mask, self._low_map, f0, f1, y0, y1, x0, x1,
+                                f, y, x, p.grow_ratio * peak, np.inf if p.grow_high is None else p.grow_high,
+                                peak, p.connectivity == 26, np.iinfo(np.int64).max)
         if voxels.size == 0:
             self.rejected["maximum_claimed"] += 1
             return None
-        bf, by, bx = np.unravel_index(voxels, (f1 - f0 + 1, y1 - y0 + 1, x1 - x0 + 1))
-        fs, ys, xs = bf + f0, by + y0, bx + x0
+        fs, ys, xs = np.unravel_index(voxels, (self.last + 1, ny, nx))
         size = (int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1), int(fs.max() - fs.min() + 1))
         if any(s < m for s, m in zip(size, p.min_size)):
             self.rejected["too_small"] += 1
@@ -259,7 +302,7 @@ class Segmenter:
             self.rejected["too_large"] += 1
             return None
         cap = self._values.shape[0]
-        self._claimed[fs % cap, ys, xs] = 1
+        self._flags[fs % cap, ys, xs] |= CLAIMED
         frames = np.arange(fs.min(), fs.max() + 1) % cap
         volume = self._values[frames][:, ys.min():ys.max() + 1, xs.min():xs.max() + 1].copy()
         blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
