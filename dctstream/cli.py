@@ -91,6 +91,7 @@ def cmd_simulate(args) -> int:
 def cmd_demo(args) -> int:
     from simulators.dct_scan import simulate_scan
     from simulators.evaluate import score
+    from simulators.replay_file import replay_hdf5, start_in_process
 
     from .config import load_config
     from .pipeline import run
@@ -105,14 +106,20 @@ def cmd_demo(args) -> int:
         t0 = time.monotonic()
         truth = simulate_scan(str(scan), frames=args.frames, size=args.size, spots=args.spots, seed=args.seed)
         print(f"  simulated in {time.monotonic() - t0:.1f} s")
-        cfg = load_config(None, [f"source.url={truth.frames_url}", f"source.angles={truth.angles_url}",
+        live = work / "live.h5"
+        print(f"acquiring it again at {args.fps:g} frames/s into {live} (SWMR, as the acquisition writes), "
+              f"and processing it while it grows: exact running median over {args.window} frames, "
+              "margin normalisation ...")
+        acquisition = start_in_process(replay_hdf5, truth.frames_url, str(live), fps=args.fps,
+                                       angles_url=truth.angles_url)
+        cfg = load_config(None, [f"source.url={live}::/1.1/measurement/marana",
+                                 f"source.angles={live}::/1.1/measurement/diffrz",
                                  f"dark.url={truth.dark_url}", f"background.window={args.window}",
-                                 "background.normalise=margin",
+                                 "background.normalise=margin", "source.idle_timeout_s=30",
                                  f"output.dir={work / 'out'}"])
-        print(f"processing frame by frame (exact running median over {args.window} frames, "
-              "margin normalisation) ...")
         stats = run(cfg, overwrite=True, progress=_Progress())
-        print("  " + _summary(stats, cfg.output.dir))
+        acquisition.join(30)
+        print(f"  the scan ended ({stats.source_end}); " + _summary(stats, cfg.output.dir))
         result = score(truth.spots, read_spot_table(work / "out" / "spots.h5"), direct_beam=stats.direct_beam)
         print(f"against the ground truth ({result['eligible']} of {result['true_spots']} true spots have "
               f"peak >= 5x noise and lie outside the direct beam):\n"
@@ -123,6 +130,48 @@ def cmd_demo(args) -> int:
               f"psi {result['rms_frame']:.3f} frames")
         if args.keep:
             print(f"scan and results kept in {work}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    """Play a recorded scan back as an acquisition would produce it."""
+    target = args.to
+    if target.startswith(("tcp://", "ipc://")):
+        from simulators.replay_stream import StreamReplayer
+
+        replayer = StreamReplayer(args.scan, protocol=args.protocol, bind=target, fps=args.fps,
+                                  encoding=args.encoding, angles_url=args.angles)
+        print(f"serving {args.scan} as {args.protocol} on {replayer.endpoint} at {args.fps:g} frames/s "
+              "(waiting for a receiver)")
+        replayer.start()
+        replayer.join()
+        replayer.close()
+    elif target.endswith((".h5", ".hdf5", ".nxs")) or "::" in target:
+        import hdf5plugin
+
+        from simulators.replay_file import FRAMES_PATH, replay_hdf5
+
+        path, _, dataset = target.partition("::")
+        n = replay_hdf5(args.scan, path, dataset=dataset or FRAMES_PATH, fps=args.fps, swmr=not args.no_swmr,
+                        compression=hdf5plugin.Bitshuffle() if args.bitshuffle else None,
+                        angles_url=args.angles)
+        print(f"wrote {n} frames to {path}::{dataset or FRAMES_PATH}")
+    else:
+        from simulators.replay_file import replay_edf
+
+        folder = target.split("*")[0].rstrip("/") or "."
+        n = replay_edf(args.scan, folder, fps=args.fps, angles_url=args.angles)
+        print(f"wrote {n} EDF frames to {folder}/")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchOptions, main as bench_main
+
+    opts = BenchOptions(size=args.size, window=args.window, frames=args.frames, mode=args.mode,
+                        stride=args.stride, batch=args.batch, seed=args.seed,
+                        pipeline=not args.no_pipeline, baselines=not args.no_baselines)
+    print(bench_main(opts, as_json=args.json))
     return 0
 
 
@@ -158,11 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_simulate)
 
+    p = sub.add_parser("replay", help="play a recorded scan back as a growing file, a detector stream or EDF files")
+    p.add_argument("scan", help="the recorded frames, path/to/scan.h5::/dataset")
+    p.add_argument("--to", required=True, metavar="TARGET",
+                   help="out.h5[::/dataset] (a growing HDF5 file), tcp://host:port (a stream server), "
+                        "or a folder (one EDF file per frame)")
+    p.add_argument("--fps", type=float, default=10.0, help="frames per second, 0 = as fast as possible")
+    p.add_argument("--angles", help="psi of each frame, path/to/scan.h5::/dataset")
+    p.add_argument("--protocol", choices=["stream1", "stream2"], default="stream1", help="for tcp:// targets")
+    p.add_argument("--encoding", help="stream frame encoding (default: the detector's own)")
+    p.add_argument("--no-swmr", action="store_true", help="write the HDF5 file without SWMR, held open")
+    p.add_argument("--bitshuffle", action="store_true", help="compress the HDF5 frames with bitshuffle/LZ4")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("bench", help="measure frames/s, latency and memory of each stage on generated frames")
+    p.add_argument("--size", type=int, default=2048, help="frame width and height, pixels")
+    p.add_argument("--window", type=int, default=501)
+    p.add_argument("--frames", type=int, default=600, help="frames through the pipeline after the first window")
+    p.add_argument("--mode", choices=["exact", "block"], default="exact")
+    p.add_argument("--stride", type=int, default=50)
+    p.add_argument("--batch", type=int, default=16, help="background.batch_frames")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pipeline", action="store_true", help="time the kernels only")
+    p.add_argument("--no-baselines", action="store_true", help="skip np.partition and bottleneck")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="simulate a small scan, process it and score it against the truth")
     p.add_argument("--frames", type=int, default=360)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--spots", type=int, default=150)
     p.add_argument("--window", type=int, default=101)
+    p.add_argument("--fps", type=float, default=50.0, help="acquisition rate of the replayed scan")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", metavar="DIR", help="keep the scan and results in DIR")
     p.set_defaults(func=cmd_demo)

@@ -53,7 +53,7 @@ class SourceConfig:
 
     url: str | None = None
     angles: str | None = None
-    protocol: str = "auto"  # auto (from the URL) | hdf5 | stream1 | stream2 | folder
+    protocol: str = "auto"  # auto (from the URL) | hdf5 | hdf5-live | stream1 | stream2 | folder
     expected_frames: int | None = None  # the scan is over once this many frames arrived
     idle_timeout_s: float = 60.0  # ... or once the source has been silent this long
     poll_interval_s: float = 0.5  # how often a file or folder is checked when notifications fail
@@ -266,7 +266,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
     "source": {
         "url": _or(None, _parse_text),
         "angles": _or(None, _parse_text),
-        "protocol": _one_of("auto", "hdf5", "stream1", "stream2", "folder"),
+        "protocol": _one_of("auto", "hdf5", "hdf5-live", "stream1", "stream2", "folder"),
         "expected_frames": _or(None, _int_at_least(1)),
         "idle_timeout_s": _positive,
         "poll_interval_s": _positive,

@@ -107,16 +107,24 @@ def beam_mask(bbox, frame_shape) -> np.ndarray:
     return mask
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> None:
-    """Create the output folder; refuse to mix a new run with earlier results unless asked to replace them."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from None
+def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
+    """Results of an earlier run in ``out_dir``; refuse to mix them with a new run unless asked to replace them."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: cannot create the output folder, expected a folder, got a file")
     previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots") if p.exists()]
     if previous and not overwrite:
         raise OutputError(f"{out_dir}: already holds results ({previous[0].name}), expected an empty or new "
                           "folder; choose another output.dir or pass --overwrite")
+    return previous
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    """Create the output folder, replacing an earlier run's results when ``overwrite``."""
+    previous = _previous_results(out_dir, overwrite)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from None
     for p in previous:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -131,18 +139,16 @@ class Pipeline:
         self.cfg = cfg
         self.stats = Stats()
         self.out_dir = Path(cfg.output.dir)
+        self.overwrite = overwrite
+        self.table: SpotTable | None = None
         self.source = open_source(cfg.source)
         try:
             self.stats.frames_total = getattr(self.source, "n_frames", None)
             self.background: BackgroundStage | None = None
             if getattr(self.source, "frame_shape", None) is not None:
-                # known before the first frame: check the dark and the beam box before any output exists
                 self._start_background(self.source.frame_shape, self.source.dtype)
-            prepare_output(self.out_dir, overwrite)
-            self.difspots = DifspotWriter(self.out_dir)
-            (self.out_dir / "config.yml").write_text(dump_config(cfg))
-            self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
-                                                  "source": cfg.source.url})
+            else:  # say it now, not after waiting for a scan that may take a while
+                _previous_results(self.out_dir, overwrite)
         except BaseException:
             self.source.close()
             raise
@@ -162,6 +168,12 @@ class Pipeline:
         self.background = BackgroundStage(cfg.background, frame_shape=shape, dtype=dtype, dark=dark,
                                           direct_beam=bbox, beam_margin_px=cfg.direct_beam.margin_px,
                                           filter_size=cfg.filter.median_size)
+        # only now, with the frames' shape checked against the dark and the beam box, does output appear
+        prepare_output(self.out_dir, self.overwrite)
+        self.difspots = DifspotWriter(self.out_dir)
+        (self.out_dir / "config.yml").write_text(dump_config(cfg))
+        self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
+                                              "source": cfg.source.url})
 
     def run(self, progress=None) -> Stats:
         """Process every frame of the source; ``progress(stats)`` is called after each frame."""
@@ -190,7 +202,8 @@ class Pipeline:
                 self._write(blobs)
         finally:
             self.source.close()
-            self.table.close()
+            if self.table is not None:
+                self.table.close()
         self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
         if progress is not None:
             progress(self.stats)

@@ -82,7 +82,9 @@ def _frames(ctx):
 # name -> ctx -> (argv after "dctstream", exit code, strings the error line must contain)
 CASES = {
     "missing_scan_file": lambda c: (
-        ["run", "--source", f"{c.dir}/nofile.h5::/1.1/measurement/marana", "--out", c.out], 1,
+        # a scan file that never appears (a live source waits for it that long)
+        ["run", "--source", f"{c.dir}/nofile.h5::/1.1/measurement/marana", "--out", c.out,
+         "--set", "source.idle_timeout_s=0.5"], 1,
         ["source.url", f"{c.dir}/nofile.h5", "file not found", "expected"]),
     "missing_dataset": lambda c: (
         ["run", "--source", f"{c.scan.path}::/nope", "--out", c.out], 1,

@@ -1,13 +1,82 @@
-"""Sources of frames: iterators of ``Frame`` with ``close()``."""
+"""Sources of frames: iterators of ``Frame`` with ``close()``, chosen by ``source.url``.
 
+Every source has ``frame_shape`` and ``dtype`` (None until known), ``n_frames``
+(expected, when known), ``end_reason`` (why it stopped) and ``counters``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import h5py
+
+from ..errors import ConfigError, InputError
 from .hdf5 import Hdf5FileSource, load_dark, parse_url, read_dataset
 
-__all__ = ["Hdf5FileSource", "load_dark", "parse_url", "read_dataset", "open_source"]
+__all__ = ["Hdf5FileSource", "load_dark", "parse_url", "read_dataset", "open_source", "source_kind"]
+
+# The ports DECTRIS detectors serve their streams on, by default.
+_STREAM_PORTS = {9999: "stream1", 31001: "stream2"}
+
+
+def source_kind(cfg) -> str:
+    """hdf5 (a recorded file), hdf5-live (a file being written), stream1, stream2 or folder.
+
+    With ``protocol: auto`` an HDF5 file is followed as it grows unless it is
+    complete; ``hdf5`` or ``hdf5-live`` decides it.
+    """
+    url, protocol = cfg.url, cfg.protocol
+    if re.match(r"^(tcp|ipc|inproc)://", url):
+        if protocol in ("stream1", "stream2"):
+            return protocol
+        port = re.search(r":(\d+)$", url)
+        if protocol == "auto" and port and int(port.group(1)) in _STREAM_PORTS:
+            return _STREAM_PORTS[int(port.group(1))]
+        raise ConfigError(f"source.protocol: {url} is a stream, expected stream1 or stream2 "
+                          f"(the detector's stream interface), got {protocol}")
+    if protocol == "folder" or (protocol == "auto" and "*" in url):
+        return "folder"
+    if "::" not in url:
+        raise InputError(f"source.url: {url}: expected a URL of the form path/to/file.h5::/path/to/dataset, "
+                         "tcp://host:port (a detector stream) or path/to/dir/*.edf (a folder of frames)")
+    if protocol in ("hdf5", "hdf5-live"):
+        return protocol
+    if protocol != "auto":
+        raise ConfigError(f"source.protocol: {url} is an HDF5 dataset, expected auto, hdf5 or hdf5-live, "
+                          f"got {protocol}")
+    return "hdf5" if _finished(url) else "hdf5-live"
+
+
+def _finished(url: str) -> bool:
+    """Whether the scan file exists and is complete: it says so (Bliss writes the scan's
+    end_time), or no writer holds it (HDF5 refuses a plain read-only open while one does)."""
+    path, dataset = parse_url(url)
+    if not os.path.exists(path):
+        return False
+    scan = "/" + dataset.strip("/").split("/")[0]
+    try:
+        with h5py.File(path, "r"):
+            return True
+    except OSError:
+        pass
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            return f"{scan}/end_time" in h5
+    except OSError:  # mid-write, or a file system without locks: follow it
+        return False
 
 
 def open_source(cfg):
-    """The source that ``cfg.url`` (the ``source`` config section) names.
-
-    Only recorded HDF5 files (``file.h5::/dataset``) so far.
-    """
-    return Hdf5FileSource(cfg.url, cfg.angles)
+    """The source that the ``source`` config section names."""
+    kind = source_kind(cfg)
+    if kind == "hdf5":
+        return Hdf5FileSource(cfg.url, cfg.angles)
+    if kind == "hdf5-live":
+        from .hdf5_live import Hdf5WatchSource
+        return Hdf5WatchSource(cfg)
+    if kind == "folder":
+        from .folder import FolderSource
+        return FolderSource(cfg)
+    from .stream import Stream1Source, Stream2Source
+    return (Stream1Source if kind == "stream1" else Stream2Source)(cfg)

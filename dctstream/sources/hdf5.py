@@ -35,10 +35,15 @@ def _open(url: str, key: str | None = None) -> tuple[h5py.File, h5py.Dataset]:
     path, name = parse_url(url)
     if not os.path.exists(path):
         raise InputError(f"{where}{path}: file not found, expected an HDF5 file (from {url})")
+    # Without file locking: the acquisition may still hold the file (a dark in
+    # the scan file being written), and every opener in one process must agree.
     try:
-        h5 = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{where}{path}: cannot open as HDF5 ({' '.join(str(exc).split())})") from None
+        h5 = h5py.File(path, "r", locking=False)
+    except OSError:
+        try:
+            h5 = h5py.File(path, "r", locking=False, swmr=True)
+        except OSError as exc:
+            raise InputError(f"{where}{path}: cannot open as HDF5 ({' '.join(str(exc).split())})") from None
     try:
         obj = h5.get(name)
     except (KeyError, ValueError, OSError):  # e.g. a broken external or soft link

@@ -1,0 +1,228 @@
+"""``dctstream bench``: throughput, latency and memory of each stage, measured on generated frames.
+
+Every figure is measured in the same run, on the same data and thread count,
+beside baselines (``np.partition`` per block, ``bottleneck.move_median`` when
+installed), so that ratios mean something on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numba
+import numpy as np
+
+from .background.kernels import HistogramWindow, median_filter
+
+# Rows used to time the slow baselines; their frames/s are projected to the whole frame.
+BASELINE_ROWS = 64
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    size: int = 2048
+    window: int = 501
+    frames: int = 600  # frames through the whole pipeline, beyond the first window
+    mode: str = "exact"
+    stride: int = 50
+    batch: int = 16
+    seed: int = 0
+    pipeline: bool = True
+    baselines: bool = True
+
+
+class SyntheticScan:
+    """Cheap DCT-like uint16 frames: offsets, glow, a bright beam, a drifting source, spots and noise.
+
+    Far faster to make than the simulator's (no Poisson draw per pixel), so a
+    bench at 2048 x 2048 spends its time in dctstream, not in making data.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        self.model = (300 * np.exp(-np.hypot(yy - size / 2, xx - size / 2) / (size / 6))).astype(np.float32)
+        self.beam = (abs(yy - size / 2) < size / 8) & (abs(xx - size / 2) < size / 5)
+        self.model[self.beam] = 25000
+        self.offset = np.where(yy < size / 2, 100, 104).astype(np.float32) + np.where(xx < size / 2, 0, 3)
+        self.noise_scale = np.sqrt(self.model + 6)
+        self.size = size
+        self.seed = seed
+        n_spots = 40
+        self.spot_xy = rng.integers(8, size - 8, (4096, 2))
+        self.spot_xy = self.spot_xy[~self.beam[self.spot_xy[:, 1], self.spot_xy[:, 0]]][:n_spots * 64]
+        g = np.exp(-(np.arange(-3, 4)[:, None] ** 2 + np.arange(-3, 4)[None, :] ** 2) / 3.0)
+        self.spot = (400 * g).astype(np.float32)
+
+    def frame(self, k: int) -> np.ndarray:
+        intensity = (1 + 0.05 * np.sin(2 * np.pi * k / 97)) * (1 - 0.1 * k / 3600)
+        noise = np.random.default_rng((self.seed, k)).standard_normal(self.model.shape, dtype=np.float32)
+        img = self.model * np.float32(intensity) + self.offset + noise * self.noise_scale
+        for x, y in self.spot_xy[(k * 7) % len(self.spot_xy):][:20]:
+            img[y - 3:y + 4, x - 3:x + 4] += self.spot
+        return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+def _timed(fn, *args, repeat: int = 1):
+    start = time.perf_counter()
+    for _ in range(repeat):
+        result = fn(*args)
+    return (time.perf_counter() - start) / repeat, result
+
+
+def bench_running_median(scan: SyntheticScan, opts: BenchOptions, threads: int) -> dict:
+    """frames/s of the histogram running median, and of the baselines on the same frames."""
+    numba.set_num_threads(threads)
+    w, batch = opts.window, opts.batch
+    steps = max(4 * batch, 64)
+    ring = np.empty((w + batch, opts.size, opts.size), np.uint16)
+    for f in range(w):
+        ring[f % len(ring)] = scan.frame(f)
+    init_s, hist = _timed(HistogramWindow, ring, 0, w)
+    out = np.empty((batch, opts.size, opts.size), np.uint16)
+    f, spent = w, 0.0
+    while f < w + steps:
+        for g in range(f, f + batch):
+            ring[g % len(ring)] = scan.frame(g)
+        emit = np.array([opts.mode == "exact" or (g - w) % opts.stride == 0 for g in range(f, f + batch)])
+        dt, _ = _timed(hist.slide, batch, emit, out)
+        spent += dt
+        f += batch
+    result = {"threads": threads, "init_s": init_s, "frames_per_s": steps / spent,
+              "rebuilds_per_frame": float(hist.rebuilds.sum()) / steps}
+    if not opts.baselines:
+        return result
+    rows = ring[:w, :BASELINE_ROWS]
+    # np.partition per block: what the legacy pipeline did, one median per `stride` frames
+    dt, _ = _timed(np.partition, rows, w // 2, 0)
+    scale = BASELINE_ROWS / opts.size
+    result["partition_block_frames_per_s"] = opts.stride * scale / dt
+    result["partition_exact_frames_per_s"] = scale / dt
+    try:
+        import bottleneck
+    except ImportError:
+        result["bottleneck_frames_per_s"] = None
+    else:
+        # its best case: float32, pixel-major, the whole window plus the new frames at once
+        n = w + steps
+        stack = np.stack([scan.frame(g)[:BASELINE_ROWS] for g in range(n)]).astype(np.float32)
+        pixel_major = np.ascontiguousarray(stack.reshape(n, -1).T)
+        dt, _ = _timed(bottleneck.move_median, pixel_major, w, None, 1)
+        result["bottleneck_frames_per_s"] = steps * scale / (dt * steps / n)
+    return result
+
+
+def bench_filter(scan: SyntheticScan, opts: BenchOptions) -> dict:
+    img = scan.frame(0).astype(np.float32)
+    out = np.empty_like(img)
+    median_filter(img, 3, out)
+    dt, _ = _timed(median_filter, img, 3, out, repeat=10)
+    return {"median_filter_3x3_frames_per_s": 1 / dt}
+
+
+def _write_scan(path: Path, scan: SyntheticScan, n: int) -> str:
+    with h5py.File(path, "w") as h5:
+        dset = h5.create_dataset("/1.1/measurement/frames", (n, scan.size, scan.size), np.uint16,
+                                 chunks=(1, scan.size, scan.size))
+        for k in range(n):
+            dset[k] = scan.frame(k)
+        h5["/1.1/end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{path}::/1.1/measurement/frames"
+
+
+def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> dict:
+    from .config import load_config
+    from .pipeline import Pipeline
+
+    n = opts.window + opts.frames
+    t0 = time.perf_counter()
+    url = _write_scan(workdir / "bench.h5", scan, n)
+    written_s = time.perf_counter() - t0
+    cfg = load_config(None, [f"source.url={url}", f"background.window={opts.window}",
+                             f"background.mode={opts.mode}", f"background.stride={opts.stride}",
+                             f"background.batch_frames={opts.batch}", f"output.dir={workdir / 'out'}"])
+    pipeline = Pipeline(cfg, overwrite=True)
+    push_s = []
+    last = [time.perf_counter()]
+
+    def tick(stats):
+        now = time.perf_counter()
+        push_s.append(now - last[0])
+        last[0] = now
+
+    t0 = time.perf_counter()
+    stats = pipeline.run(progress=tick)
+    wall = time.perf_counter() - t0
+    steady = np.array(push_s[opts.window + 1:-1]) if len(push_s) > opts.window + 2 else np.array(push_s)
+    ring_bytes = pipeline.background.ring.data.nbytes
+    return {
+        "frames": n,
+        "write_input_s": written_s,
+        "wall_s": wall,
+        "frames_per_s": n / wall,
+        "steady_frames_per_s": 1 / float(np.mean(steady)) if steady.size else None,
+        "per_frame_s_p50": float(np.median(steady)) if steady.size else None,
+        "per_frame_s_p99": float(np.percentile(steady, 99)) if steady.size else None,
+        "stage_frames_per_s": {k: n / v for k, v in stats.stage_s.items() if v > 0},
+        "difspots": stats.difspots_written,
+        "latency_frames": opts.window // 2 + opts.batch - 1,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "ring_gib": ring_bytes / 2**30,
+    }
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    scan = SyntheticScan(opts.size, opts.seed)
+    cores = os.cpu_count() or 1
+    report = {"options": opts.__dict__, "cores": cores, "running_median": []}
+    for threads in sorted({1, cores}):
+        report["running_median"].append(bench_running_median(scan, opts, threads))
+    numba.set_num_threads(cores)
+    report.update(bench_filter(scan, opts))
+    if opts.pipeline:
+        with tempfile.TemporaryDirectory(prefix="dctstream-bench-") as tmp:
+            report["pipeline"] = bench_pipeline(scan, opts, Path(tmp))
+    return report
+
+
+def format_report(report: dict) -> str:
+    o = report["options"]
+    lines = [f"dctstream bench: {o['size']} x {o['size']} uint16, window {o['window']}, mode {o['mode']}"
+             + (f" (stride {o['stride']})" if o["mode"] == "block" else "")
+             + f", batch {o['batch']}, {report['cores']} cores", "",
+             "running median (frames/s)    dctstream  np.partition/block  bottleneck  ratio to bottleneck"]
+    for r in report["running_median"]:
+        bn = r.get("bottleneck_frames_per_s")
+        part = r.get("partition_block_frames_per_s" if o["mode"] == "block" else "partition_exact_frames_per_s")
+        lines.append(f"  {r['threads']} thread(s)               {r['frames_per_s']:9.1f}  "
+                     f"{part if part is not None else float('nan'):18.2f}  "
+                     f"{bn if bn is not None else float('nan'):10.2f}  "
+                     + (f"{r['frames_per_s'] / bn:.1f}x" if bn else "n/a (pip install bottleneck)"))
+    r = report["running_median"][-1]
+    lines.append(f"  first window: {r['init_s']:.1f} s; out-of-bins rebuilds: {r['rebuilds_per_frame']:.0f} px/frame")
+    lines.append(f"3x3 median filter: {report['median_filter_3x3_frames_per_s']:.0f} frames/s")
+    p = report.get("pipeline")
+    if p:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p["stage_frames_per_s"].items()))
+        lines += ["", f"whole pipeline, HDF5 file -> difspots, {p['frames']} frames: "
+                      f"{p['frames_per_s']:.1f} frames/s overall, {p['steady_frames_per_s']:.1f} frames/s "
+                      f"after the first window",
+                  f"  per stage (frames/s of the time spent in it): {stages}",
+                  f"  per frame: p50 {p['per_frame_s_p50'] * 1000:.0f} ms, p99 {p['per_frame_s_p99'] * 1000:.0f} ms; "
+                  f"latency {p['latency_frames']} frames "
+                  f"({p['latency_frames'] / p['steady_frames_per_s']:.1f} s at that rate)",
+                  f"  memory: peak {p['peak_rss_gib']:.1f} GiB resident, ring {p['ring_gib']:.1f} GiB; "
+                  f"{p['difspots']} difspots"]
+    return "\n".join(lines)
+
+
+def main(opts: BenchOptions, as_json: bool = False) -> str:
+    report = run_bench(opts)
+    return json.dumps(report, indent=2) if as_json else format_report(report)

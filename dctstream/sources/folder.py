@@ -1,0 +1,320 @@
+"""Frames as one file per frame in a folder (the legacy EDF/TIFF layout): ``path/to/dir/*.edf``.
+
+Files are taken in the order of the last run of digits in their names
+(``scan0000.edf``, ``scan0001.edf``, ...); frame 0 is the lowest number
+present when the first file shows up, and frame k is file number first + k.
+Hidden files (``.name``) and names without digits are ignored, and so are
+the temporary names writers use before renaming (they do not match the
+pattern).  Files are read with fabio.
+
+File n is **complete** when fabio reads it in full (for EDF: a data block
+as long as its header says) and either a later-numbered file exists (the
+writer has moved on) or the file's size and modification time have not
+changed for ``poll_interval_s`` (the newest file, or the last one).  A
+writer that renames complete files gets its frames one file late, at worst
+``poll_interval_s`` late at the end of the scan.
+
+The scan is over after ``expected_frames`` frames, or when no new file
+appeared for ``idle_timeout_s``.  A file that stays unreadable, or a number
+missing while later files exist, is an ``InputError`` after
+``idle_timeout_s``.
+
+psi comes from ``source.angles`` (``file.h5::/dataset``, read as it grows)
+when given, else from the header key ``omega`` or ``srot`` when there is one,
+else it is None.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import threading
+import time
+
+import fabio
+import numpy as np
+
+from ..errors import InputError
+from ..types import Frame
+from .hdf5_live import ANGLE_WAIT_S, LiveAngles, Watcher, one_line
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (".edf", ".tif", ".tiff")
+PSI_KEYS = ("omega", "srot")  # header keys that hold the rotation angle, in degrees
+_NUMBER = re.compile(r"^(.*?)(\d+)(\D*)$")  # prefix, the last run of digits, suffix
+
+
+def parse_pattern(url: str) -> tuple[str, str]:
+    """Split ``path/to/dir/*.edf`` into the folder and the file-name pattern."""
+    folder, pattern = os.path.split(url)
+    if not any(c in pattern for c in "*?[") or not pattern.lower().endswith(EXTENSIONS):
+        raise InputError(f"source.url: {url}: expected a folder and a file pattern such as path/to/dir/*.edf "
+                         f"(or *.tif, *.tiff)")
+    return folder or ".", pattern
+
+
+class FolderSource:
+    """Frames from numbered EDF or TIFF files in a folder, one file per frame, picked up as they are written.
+
+    See the module docstring for the order, when a file is complete and when
+    the scan is over.  Iterate once; ``close()`` stops the watcher.
+    """
+
+    def __init__(self, cfg):
+        self.url = cfg.url
+        self._folder, self._pattern = parse_pattern(cfg.url)
+        self._idle_s = cfg.idle_timeout_s
+        self._poll_s = cfg.poll_interval_s
+        self._expected = cfg.expected_frames
+        self.frame_shape: tuple[int, int] | None = None
+        self.dtype: np.dtype | None = None
+        self.n_frames: int | None = cfg.expected_frames
+        self.end_reason: str | None = None
+        # looks: times the folder was checked; notifications: looks woken by the file system;
+        # listings: full folder listings; retries: failed reads; angles_missing: frames sent with psi None
+        self.counters = {"looks": 0, "notifications": 0, "listings": 0, "retries": 0, "angles_missing": 0}
+        self._angles = LiveAngles(cfg.angles) if cfg.angles else None
+        self._angle_wait_s = min(ANGLE_WAIT_S, self._idle_s / 2)
+        self._angles_in_step = True
+        self._wake = threading.Event()
+        self._watcher = Watcher(self._wake, folders=[self._folder])
+        self._closed = False
+        self._first: int | None = None  # the number of frame 0
+        self._template: tuple[str, int, str] | None = None  # (prefix, digits, suffix) of the first file's name
+        self._listed: dict[int, str] = {}  # number -> name, from the last listing
+        self._listed_s = -float("inf")  # time.monotonic() of the last listing
+        self._last_number = -1  # highest number seen so far
+        self._seen: tuple[int, int, int] | None = None  # (size, mtime_ns, number) of the next file at the last look
+        self._seen_since = 0.0  # since when the next file looks like that
+        self._failed: tuple[tuple[int, int, int], float] | None = None  # (stat key, time) of its last failed read
+        self._error = ""  # why the next file was not delivered
+
+    # -- the folder ------------------------------------------------------------------
+
+    def _list(self) -> None:
+        """Read the folder: every file that matches the pattern, by number."""
+        self.counters["listings"] += 1
+        self._listed_s = time.monotonic()
+        listed: dict[int, str] = {}
+        try:
+            entries = list(os.scandir(self._folder))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            match = _NUMBER.match(entry.name)
+            if (entry.name.startswith(".") or not match or not fnmatch.fnmatch(entry.name, self._pattern)
+                    or not entry.is_file()):
+                continue
+            number = int(match.group(2))
+            if number in listed:  # e.g. dark0000.edf beside scan0000.edf, as legacy DCT folders have
+                raise InputError(f"source.url: {self.url}: expected one file per number (narrow the pattern, "
+                                 f"e.g. scan*.edf), got {listed[number]} and {entry.name} for number {number}")
+            listed[number] = entry.name
+        self._listed = listed
+        if listed and self._first is None:
+            self._first = min(listed)
+            prefix, digits, suffix = _NUMBER.match(listed[self._first]).groups()
+            self._template = (prefix, len(digits), suffix)
+        self._last_number = max(self._last_number, *listed, -1)
+
+    def _name(self, number: int) -> str:
+        """The file name of ``number``: as listed, else as the first file's name would have it."""
+        if number in self._listed:
+            return self._listed[number]
+        prefix, digits, suffix = self._template
+        return f"{prefix}{number:0{digits}d}{suffix}"
+
+    def _stat(self, number: int) -> os.stat_result | None:
+        try:
+            return os.stat(os.path.join(self._folder, self._name(number)))
+        except FileNotFoundError:
+            return None
+
+    def _look(self, k: int) -> tuple[int | None, os.stat_result | None, bool]:
+        """(number of frame ``k``'s file, its stat or None, whether a later-numbered file exists).
+
+        Files are found by name from the first file's pattern (two stat calls);
+        the folder is listed (thousands of names) only to find the first file,
+        or when a file is not where the name says, at most every poll interval.
+        """
+        self.counters["looks"] += 1
+        self._watcher.start()
+        if self._template is None:
+            self._list()
+            if self._template is None:
+                return None, None, False
+        number = self._first + k
+        stat = self._stat(number)
+        if stat is None and time.monotonic() - self._listed_s >= self._poll_s:
+            self._list()
+            stat = self._stat(number)
+        if self._stat(number + 1) is not None:
+            self._last_number = max(self._last_number, number + 1)
+        return number, stat, self._last_number > number
+
+    # -- reading a file -----------------------------------------------------------------
+
+    def _read(self, path: str) -> tuple[np.ndarray, dict] | None:
+        """(data, header) of a completely written file, or None (and why in ``_error``)."""
+        try:
+            with fabio.open(path) as image:
+                data, header = image.data, dict(image.header)
+                incomplete = getattr(image, "incomplete_file", False)
+        # fabio raises whatever its parsers meet on a half-written or corrupt file
+        # (OSError, ValueError, struct.error, IndexError, ...): all mean "not readable now".
+        except Exception as exc:
+            self.counters["retries"] += 1
+            self._error = f"cannot read ({one_line(exc) or type(exc).__name__})"
+            return None
+        if incomplete or data is None:  # fabio pads a short EDF data block, and gives no data for a short TIFF
+            self.counters["retries"] += 1
+            self._error = "a truncated file"
+            return None
+        if data.ndim != 2:
+            raise InputError(f"source.url: {self.url}: {path}: expected a 2-D frame, got shape {data.shape}")
+        if data.dtype.kind not in "ui":
+            raise InputError(f"source.url: {self.url}: {path}: expected integer detector counts, "
+                             f"got dtype {data.dtype}")
+        if self.frame_shape is None:
+            self.frame_shape, self.dtype = data.shape, data.dtype
+        elif data.shape != self.frame_shape or data.dtype != self.dtype:
+            raise InputError(f"source.url: {self.url}: {path}: expected a {self.frame_shape} frame of "
+                             f"{self.dtype} like the first one, got {data.shape} of {data.dtype}")
+        return data, header
+
+    def _psi(self, k: int, header: dict) -> float | None:
+        if self._angles is not None:
+            psi = self._angles.get(k)
+            if psi is None:
+                self.counters["angles_missing"] += 1
+            return psi
+        for key in PSI_KEYS:
+            try:
+                return float(header[key])
+            except (KeyError, ValueError):
+                continue
+        return None
+
+    def _angle_late(self, k: int) -> bool:
+        if self._angles is None or not self._angles_in_step:
+            return False
+        if self._angles.get(k) is None:
+            self._angles.look()
+        return self._angles.get(k) is None
+
+    # -- the frames ------------------------------------------------------------------
+
+    def __iter__(self):
+        k = 0
+        quiet_since = time.monotonic()  # since the last new file, change to the next file or delivered frame
+        stuck_since = None  # since when file k is missing while later ones exist, or unreadable
+        angle_since = None  # since when frame k waits for its angle
+        while not self._closed:
+            before = (self._last_number, self._seen)
+            number, stat, later = self._look(k)
+            now = time.monotonic()
+            ready = self._complete(number, stat, later, now)
+            if (self._last_number, self._seen) != before:
+                quiet_since = now
+            if ready and self._angle_late(k):
+                angle_since = angle_since or now
+                if now - angle_since < self._angle_wait_s:
+                    ready = False
+                else:
+                    log.warning("%s: no angle for frame %d after %g s: frames without one get psi None",
+                                self._angles.url, k, self._angle_wait_s)
+                    self._angles_in_step = False
+            if ready:
+                angle_since = None
+                read = self._read(os.path.join(self._folder, self._name(number)))
+                if read is None:
+                    self._failed = (_key(stat, number), time.monotonic())
+                else:
+                    data, header = read
+                    yield Frame(k, self._psi(k, header), data)
+                    k += 1
+                    quiet_since, stuck_since, self._failed = time.monotonic(), None, None
+                    if self._expected is not None and k >= self._expected:
+                        self._finish("expected_frames", k)
+                        return
+                    continue  # the next file may be there already
+            now = time.monotonic()
+            if angle_since is not None:
+                deadline = angle_since + self._angle_wait_s
+            elif number is not None and (later or self._failed is not None):
+                # a number missing before later ones, or a file that does not read: it must come right
+                stuck_since = stuck_since or now
+                if now - stuck_since >= self._idle_s:
+                    self._give_up(k, number, stat)
+                deadline = stuck_since + self._idle_s
+            elif now - quiet_since >= self._idle_s:
+                if self._first is None:
+                    raise InputError(f"source.url: {self.url}: expected files matching {self._pattern} in "
+                                     f"{self._folder} within {self._idle_s:g} s (source.idle_timeout_s), "
+                                     f"got none")
+                self._finish("idle_timeout", k)
+                return
+            else:
+                deadline = quiet_since + self._idle_s
+                if stat is not None:  # the newest file: look again once it has been still long enough
+                    deadline = min(deadline, self._seen_since + self._poll_s)
+            self._wait(deadline)
+
+    def _complete(self, number: int | None, stat: os.stat_result | None, later: bool, now: float) -> bool:
+        """Whether file ``number`` should be read now (see the module docstring)."""
+        if number is None or stat is None:
+            return False
+        key = _key(stat, number)
+        if key != self._seen:
+            self._seen, self._seen_since = key, now
+        if self._failed is not None:  # read it again once it changed, or after a poll interval
+            failed_key, failed_s = self._failed
+            if key == failed_key and now - failed_s < self._poll_s:
+                return False
+        if later:
+            return True
+        self._error = "still being written"
+        return now - self._seen_since >= self._poll_s
+
+    def _wait(self, deadline: float) -> None:
+        timeout = max(0.0, min(self._poll_s, deadline - time.monotonic()))
+        if self._wake.wait(timeout):
+            self.counters["notifications"] += 1
+        self._wake.clear()
+
+    def _give_up(self, k: int, number: int, stat: os.stat_result | None) -> None:
+        name = self._name(number)
+        if stat is None:
+            raise InputError(f"source.url: {self.url}: file number {number} ({name}) is missing, expected it "
+                             f"within {self._idle_s:g} s (source.idle_timeout_s) for frame {k}, got files up "
+                             f"to number {self._last_number}")
+        raise InputError(f"source.url: {self.url}: {os.path.join(self._folder, name)}: frame {k}: expected a "
+                         f"complete file within {self._idle_s:g} s (source.idle_timeout_s), got {self._error}")
+
+    def _finish(self, reason: str, delivered: int) -> None:
+        self.end_reason = reason
+        self.n_frames = delivered
+        log.info("%s: scan over (%s) after %d frames", self.url, reason, delivered)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the watcher and release the angles file; safe to call again."""
+        self._closed = True
+        self._wake.set()
+        self._watcher.stop()
+        if self._angles is not None:
+            self._angles.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _key(stat: os.stat_result, number: int) -> tuple[int, int, int]:
+    """What tells whether a file changed between two looks."""
+    return stat.st_size, stat.st_mtime_ns, number

@@ -1,0 +1,495 @@
+"""Frames of ``path.h5::/dataset`` while an acquisition is still appending them.
+
+The acquisition system (Bliss, LIMA, a detector's own writer) grows the first
+axis of a chunked dataset one frame (or a few) at a time.  This source follows
+it without disturbing it:
+
+* The file is opened read-only without HDF5 file locking.  A writer in SWMR
+  mode refuses plain readers, so the open tries plain mode, then SWMR.  In SWMR
+  mode the handle is kept and the datasets refreshed on each look; a plain
+  handle goes stale (HDF5 refuses addresses past the end of file it read at
+  open, and keeps metadata cached), so in plain mode the file is reopened on
+  every look (a fraction of a millisecond).  A writer without SWMR that uses
+  the latest file format locks every reader out until it closes the file:
+  that is retried and reported after ``idle_timeout_s``.  A kept SWMR handle
+  does not show what the writer adds after leaving SWMR mode (``end_time``):
+  while nothing grows it is renewed every ``poll_interval_s``, so the end of
+  a SWMR scan is seen up to ``poll_interval_s`` late.
+* Frame k is **complete** when the dataset's first dimension is past k + 1
+  (or the scan is over), every chunk holding frame k is stored in the file,
+  and reading it succeeds.  Writers resize before they write, so the last
+  listed frame may still be empty or half-written: it waits until the dataset
+  grows past it, which costs one frame of latency, not correctness.  The
+  exceptions are the last frame of ``expected_frames`` and the last frame of
+  a scan that is over, taken once stored and readable.
+* The scan is **over** when ``end_time`` exists in the scan's group (the
+  dataset path's top-level group: ``/1.1/end_time`` for
+  ``/1.1/measurement/marana``, Bliss and NeXus alike; all listed frames are
+  then delivered), when ``expected_frames`` frames were delivered, or when
+  nothing grew for ``idle_timeout_s`` (a writer that died: every complete
+  frame is delivered, a last frame that was listed but never written is not).
+* A read error is retried after reopening the file; it is an ``InputError``
+  only when the same frame stays unreadable for ``idle_timeout_s``.
+* File-system notifications (watchdog) on the file's folder wake the reader
+  as soon as the writer flushes; it also polls every ``poll_interval_s``,
+  because network file systems send none.
+
+Memory is one frame plus the angles read so far (8 bytes a frame).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4 and friends with h5py)
+import numpy as np
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers import Observer
+
+from ..errors import InputError
+from ..types import Frame
+from .hdf5 import parse_url
+
+log = logging.getLogger(__name__)
+
+# Longest a frame waits for its angle before it goes out with psi None (at most half the idle timeout).
+ANGLE_WAIT_S = 1.0
+
+# What h5py raises while another process rewrites the metadata under it: all of them mean "look again".
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+# Event types that mean a file changed.  The reader's own opens and closes ("opened",
+# "closed_no_write") are left out: they would wake the reader in a loop.
+_CHANGES = frozenset({"created", "modified", "moved", "closed", "deleted"})
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class Watcher:
+    """Sets ``wake`` when one of ``paths`` changes (or anything in ``folders`` does).
+
+    Notifications only make the reader look sooner; it polls anyway, because
+    network file systems (NFS) do not send them.  Until a folder exists, its
+    nearest existing ancestor is watched instead, so that its creation wakes
+    the reader too; call ``start()`` on every look to move the watches on
+    (it does nothing once every folder is watched).
+    """
+
+    def __init__(self, wake: threading.Event, *, paths=(), folders=()):
+        self._wake = wake
+        self._paths = {os.path.abspath(p) for p in paths} or None  # None: any change in the folders
+        self._folders = {os.path.dirname(p) for p in self._paths or ()} | {os.path.abspath(f) for f in folders}
+        self._watches: dict[str, object] = {}  # folder -> its watch, for the folders and stand-in ancestors
+        self._observer = None
+        self._failed = False
+
+    def start(self) -> None:
+        if self._failed or self._folders <= self._watches.keys():
+            return
+        try:
+            if self._observer is None:
+                self._observer = Observer()
+                self._observer.start()
+            for folder in self._folders - self._watches.keys():
+                if os.path.isdir(folder):
+                    self._watch(folder, self._paths)
+                    continue
+                ancestor = os.path.dirname(folder)
+                while not os.path.isdir(ancestor) and ancestor != os.path.dirname(ancestor):
+                    ancestor = os.path.dirname(ancestor)
+                if ancestor not in self._watches:
+                    self._watch(ancestor, None)
+            for folder in list(self._watches.keys() - self._folders):
+                if not any(f not in self._watches and f.startswith(folder + os.sep) for f in self._folders):
+                    self._observer.unschedule(self._watches.pop(folder))  # stood in for a folder that is there now
+        except FileNotFoundError:
+            pass  # a folder went away between the check and the watch: the next look tries again
+        except OSError as exc:  # e.g. the inotify watch limit
+            log.warning("no file-system notifications (%s): polling only", one_line(exc))
+            self._failed = True
+
+    def _watch(self, folder: str, paths: set[str] | None) -> None:
+        self._watches[folder] = self._observer.schedule(_Handler(self._wake, paths), folder, recursive=False)
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+            self._observer = None
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, wake: threading.Event, paths: set[str] | None):
+        self._wake = wake
+        self._paths = paths
+
+    def on_any_event(self, event) -> None:
+        if event.event_type not in _CHANGES:
+            return
+        touched = {os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "") or "")}
+        if self._paths is None or touched & self._paths:
+            self._wake.set()
+
+
+class LiveFile:
+    """An HDF5 file that another process may be writing (see the module docstring for the modes)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.h5: h5py.File | None = None
+        self.swmr = False
+        self.opened_s = 0.0  # time.monotonic() of the last open
+        self.error = "file not found"  # why the last open failed
+
+    def look(self) -> h5py.File | None:
+        """The file as it is now: the kept handle in SWMR mode, else a fresh open; None if it cannot be opened."""
+        if self.h5 is not None and self.swmr:
+            return self.h5
+        self.close()
+        if not os.path.exists(self.path):
+            self.error = "file not found"
+            return None
+        error = self._open(swmr=False, locking=False)
+        if error:
+            swmr_error = self._open(swmr=True, locking=False)
+            if swmr_error and "don't match" in error:
+                # This process already has the file open with other settings: HDF5 refuses new ones
+                # then, and shares the open file when given the defaults.
+                self._open(swmr=False, locking=None)
+        if self.h5 is not None:
+            return self.h5
+        hint = (" (a writer without SWMR that uses the latest file format keeps readers out until it closes "
+                "the file)" if "already open for write" in error else "")
+        self.error = f"cannot open as HDF5 ({error}){hint}"
+        return None
+
+    def _open(self, *, swmr: bool, locking: bool | None) -> str | None:
+        """Open the file read-only; None when that worked, else why not."""
+        try:
+            self.h5 = h5py.File(self.path, "r", locking=locking, swmr=swmr)
+        except _H5_ERRORS as exc:  # half-written metadata reads as anything
+            return one_line(exc)
+        self.swmr, self.opened_s = swmr, time.monotonic()
+        return None
+
+    def close(self) -> None:
+        if self.h5 is not None:
+            try:
+                self.h5.close()
+            except _H5_ERRORS:  # the writer changed it under us: there is nothing left to release
+                pass
+            self.h5 = None
+
+
+class LiveAngles:
+    """psi of each frame, in degrees, from a 1-D dataset (``file.h5::/path``) that may be growing too.
+
+    ``file`` is the frames' ``LiveFile`` when both are in the same file: then
+    the frames' look opens it and ``look()`` reads the same handle.
+    """
+
+    def __init__(self, url: str, file: LiveFile | None = None):
+        self.url = url
+        path, self._name = parse_url(url)
+        self._own_file = file is None
+        self._file = LiveFile(path) if file is None else file
+        self._values: list[float] = []
+
+    def look(self) -> None:
+        """Read the angles written since the last look."""
+        h5 = self._file.look() if self._own_file else self._file.h5
+        if h5 is None:
+            return
+        try:
+            dset = h5.get(self._name)
+            if not isinstance(dset, h5py.Dataset):
+                return  # not written yet
+            if dset.ndim != 1 or dset.dtype.kind not in "uif":
+                raise InputError(f"source.angles: {self.url}: expected a 1-D array of angles in degrees, "
+                                 f"got shape {dset.shape}, dtype {dset.dtype}")
+            if self._file.swmr:
+                dset.refresh()
+            n = dset.shape[0]
+            if n > len(self._values):
+                self._values.extend(dset[len(self._values):n].astype(np.float64).tolist())
+        except _H5_ERRORS as exc:
+            log.debug("%s: cannot read yet (%s)", self.url, one_line(exc))
+            if self._own_file:
+                self._file.close()
+
+    def get(self, k: int) -> float | None:
+        return self._values[k] if k < len(self._values) else None
+
+    def close(self) -> None:
+        if self._own_file:
+            self._file.close()
+
+
+def _end_time_path(dataset: str) -> str:
+    """``end_time`` in the dataset's top-level group: ``/1.1/measurement/marana`` -> ``/1.1/end_time``."""
+    parts = [p for p in dataset.split("/") if p]
+    return f"/{parts[0]}/end_time" if len(parts) > 1 else "/end_time"
+
+
+def _stored(dset: h5py.Dataset, k: int) -> bool:
+    """Whether every chunk holding frame ``k`` is in the file; other layouts only have their shape to tell."""
+    chunks = dset.chunks
+    if chunks is None:
+        return True
+    _, ny, nx = dset.shape
+    first = k - k % chunks[0]
+    return all(dset.id.get_chunk_info_by_coord((first, y, x)).byte_offset is not None
+               for y in range(0, ny, chunks[1]) for x in range(0, nx, chunks[2]))
+
+
+class Hdf5WatchSource:
+    """Frames of a 3-D integer dataset (frames, y, x) that another process is appending to.
+
+    See the module docstring for when a frame is complete and when the scan
+    is over.  Iterate once; ``close()`` releases the file and the watcher.
+    """
+
+    def __init__(self, cfg):
+        self.url = cfg.url
+        path, self._name = parse_url(cfg.url)
+        self._idle_s = cfg.idle_timeout_s
+        self._poll_s = cfg.poll_interval_s
+        self._expected = cfg.expected_frames
+        self.frame_shape: tuple[int, int] | None = None
+        self.dtype: np.dtype | None = None
+        self.n_frames: int | None = cfg.expected_frames
+        self.end_reason: str | None = None
+        # looks: times the file was checked; notifications: looks woken by the file system; retries: failed
+        # opens and reads; reopens: reopens forced by a failure; angles_missing: frames sent with psi None
+        self.counters = {"looks": 0, "notifications": 0, "retries": 0, "reopens": 0, "angles_missing": 0}
+        self._file = LiveFile(path)
+        self._end_path = _end_time_path(self._name)
+        self._angles = None
+        watched = [path]
+        if cfg.angles:
+            angles_path, _ = parse_url(cfg.angles)
+            same = os.path.realpath(angles_path) == os.path.realpath(path)
+            self._angles = LiveAngles(cfg.angles, self._file if same else None)
+            watched.append(angles_path)
+        # psi waits for its angle only while the angles keep up with the frames (one miss ends that)
+        self._angle_wait_s = min(ANGLE_WAIT_S, self._idle_s / 2)
+        self._angles_in_step = True
+        self._wake = threading.Event()
+        self._watcher = Watcher(self._wake, paths=watched)
+        self._closed = False
+        # what the last look saw
+        self._dset: h5py.Dataset | None = None
+        self._n = 0
+        self._ended = False
+        self._why = "file not found"  # why there is no dataset to read yet
+        self._error = ""  # the last read error
+        try:
+            self._look()  # a dataset already there gives the frame shape before the first frame
+        except BaseException:
+            self.close()
+            raise
+
+    # -- looking at the file -----------------------------------------------------
+
+    def _look(self) -> None:
+        self.counters["looks"] += 1
+        self._watcher.start()
+        self._dset = None
+        h5 = self._file.look()
+        if h5 is None:
+            self._why = self._file.error
+            if self._why != "file not found":
+                self.counters["retries"] += 1
+            return
+        try:
+            dset = h5.get(self._name)
+            if not isinstance(dset, h5py.Dataset):
+                self._why = "is a group, expected a dataset" if isinstance(dset, h5py.Group) else "no such dataset"
+                # a kept SWMR handle does not show objects created after it was opened
+                self._file.close()
+                return
+            self._check(dset)
+            if self._file.swmr:
+                dset.refresh()
+            self._n, self._dset = dset.shape[0], dset
+            self._ended = self._ended or self._end_path in h5
+        except _H5_ERRORS as exc:
+            self.counters["retries"] += 1
+            self._why = f"cannot read ({one_line(exc)})"
+            self._reopen()
+            return
+        self._why = "no frames"
+        if self._angles is not None:
+            self._angles.look()
+
+    def _check(self, dset: h5py.Dataset) -> None:
+        shape, dtype = dset.shape, dset.dtype
+        if len(shape) != 3 or min(shape[1:]) < 1:
+            raise InputError(f"source.url: {self.url}: expected a 3-D stack of frames (frames, y, x), "
+                             f"got shape {shape}")
+        if dtype.kind not in "ui":
+            raise InputError(f"source.url: {self.url}: expected integer detector counts, got dtype {dtype}")
+        self.frame_shape, self.dtype = tuple(shape[1:]), dtype
+
+    def _reopen(self) -> None:
+        self.counters["reopens"] += 1
+        self._file.close()
+
+    def _readable(self) -> int:
+        """How many frames may be read now (see the module docstring)."""
+        if self._expected is not None and self._n >= self._expected:
+            return self._expected
+        return self._n if self._ended else self._n - 1
+
+    def _read(self, k: int) -> np.ndarray | None:
+        """Frame ``k`` if it is stored and reads, else None (and why in ``_error``)."""
+        if self._dset is None:
+            self._error = self._why
+            return None
+        try:
+            if not _stored(self._dset, k):
+                self._error = "not written yet"
+                return None
+            return self._dset[k]
+        except _H5_ERRORS as exc:
+            self.counters["retries"] += 1
+            self._error = f"cannot read ({one_line(exc)})"
+            self._reopen()
+            return None
+
+    def _psi(self, k: int) -> float | None:
+        psi = None if self._angles is None else self._angles.get(k)
+        if self._angles is not None and psi is None:
+            self.counters["angles_missing"] += 1
+        return psi
+
+    def _angle_late(self, k: int) -> bool:
+        """Whether frame ``k`` should wait for its angle (it is not there, but the angles kept up so far)."""
+        return (self._angles is not None and self._angles_in_step and not self._ended
+                and self._angles.get(k) is None)
+
+    # -- the frames ----------------------------------------------------------------
+
+    def __iter__(self):
+        k = 0
+        quiet_since = time.monotonic()  # since the last growth, new file state or delivered frame
+        stuck_since = None  # since when frame k could be read by the shape but was not
+        angle_since = None  # since when frame k waits for its angle
+        seen = None
+        while not self._closed:
+            self._look()
+            # what counts as progress: the file appearing, the dataset appearing, the dataset growing
+            phase = 2 if self._dset is not None else int(self._why != "file not found")
+            state = (phase, self._n)
+            if state != seen:
+                seen, quiet_since = state, time.monotonic()
+            while k < self._readable() and not self._closed:
+                if self._angle_late(k):
+                    angle_since = angle_since or time.monotonic()
+                    if time.monotonic() - angle_since < self._angle_wait_s:
+                        break
+                    log.warning("%s: no angle for frame %d after %g s: frames without one get psi None",
+                                self._angles.url, k, self._angle_wait_s)
+                    self._angles_in_step = False
+                angle_since = None
+                data = self._read(k)
+                if data is None:
+                    break
+                yield Frame(k, self._psi(k), data)
+                k += 1
+                quiet_since, stuck_since = time.monotonic(), None
+                if self._expected is not None and k >= self._expected:
+                    self._finish("expected_frames", k)
+                    return
+            if self._closed:
+                return
+            if self._ended and k >= self._readable():
+                if self._expected is not None and k < self._expected:
+                    log.warning("%s: the scan ended after %d frames, %d were expected", self.url, k,
+                                self._expected)
+                self._finish("end_time", k)
+                return
+            now = time.monotonic()
+            if k < self._readable() and angle_since is None:
+                stuck_since = stuck_since or now
+                if now - stuck_since >= self._idle_s:
+                    self._give_up(k)
+                    return
+                deadline = stuck_since + self._idle_s
+            elif angle_since is not None:
+                deadline = angle_since + self._angle_wait_s
+            elif now - quiet_since >= self._idle_s:
+                yield from self._idle_end(k)
+                return
+            elif self._file.h5 is not None and self._file.swmr and now - self._file.opened_s >= self._poll_s:
+                # A kept SWMR handle never shows what the writer adds after leaving SWMR mode (end_time):
+                # when nothing grows, look through a fresh one, at most every poll interval.
+                self._file.close()
+                continue
+            else:
+                deadline = quiet_since + self._idle_s
+            self._wait(deadline)
+
+    def _wait(self, deadline: float) -> None:
+        timeout = max(0.0, min(self._poll_s, deadline - time.monotonic()))
+        if self._wake.wait(timeout):
+            self.counters["notifications"] += 1
+        self._wake.clear()
+
+    def _give_up(self, k: int) -> None:
+        """Frame ``k`` stayed unreadable for the idle timeout: an error, unless it and all after it were
+        never written (the writer died having resized ahead of its data)."""
+        listed = self._n
+        if self._error == "not written yet":
+            try:
+                later_written = any(_stored(self._dset, j) for j in range(k + 1, listed))
+            except _H5_ERRORS:
+                later_written = True  # cannot tell: better an error than frames left out unsaid
+            if not later_written:
+                log.warning("%s: frames %d to %d were listed but never written: left out", self.url, k, listed - 1)
+                self._finish("end_time" if self._ended else "idle_timeout", k)
+                return
+        raise InputError(f"source.url: {self.url}: frame {k}: expected a complete frame within "
+                         f"{self._idle_s:g} s (source.idle_timeout_s), got {self._error}")
+
+    def _idle_end(self, k: int):
+        """Nothing grew for the idle timeout: the writer is gone.  Its last listed frame counts if it was written."""
+        if self._n == 0:
+            raise InputError(f"source.url: {self.url}: expected frames within {self._idle_s:g} s "
+                             f"(source.idle_timeout_s), got {self._why}")
+        if k < self._n:
+            data = self._read(k)
+            if data is None:
+                log.warning("%s: frame %d was listed but never completely written (%s): left out",
+                            self.url, k, self._error)
+            else:
+                yield Frame(k, self._psi(k), data)
+                k += 1
+        self._finish("idle_timeout", k)
+
+    def _finish(self, reason: str, delivered: int) -> None:
+        self.end_reason = reason
+        self.n_frames = delivered
+        log.info("%s: scan over (%s) after %d frames", self.url, reason, delivered)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the watcher and release the files; safe to call again."""
+        self._closed = True
+        self._wake.set()
+        self._watcher.stop()
+        if self._angles is not None:
+            self._angles.close()
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,393 @@
+"""Live file sources: a growing HDF5 dataset and a folder of EDF files, read while a replayer writes them.
+
+HDF5 writers run in a separate process: in the reader's own process HDF5
+would hand the reader the writer's open file, and nothing of what another
+process sees on disk would be tested.  Writers and readers synchronise by
+waiting on multiprocessing values and events, never by sleeping a fixed
+time; the only waits on the clock are the idle timeouts of the tests about
+them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import threading
+import time
+
+import fabio.tifimage
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from dctstream.config import SourceConfig
+from dctstream.errors import InputError
+from dctstream.sources import hdf5_live
+from dctstream.sources.folder import FolderSource, parse_pattern
+from dctstream.sources.hdf5_live import Hdf5WatchSource
+from simulators.dct_scan import ANGLES_PATH, FRAMES_PATH, simulate_scan
+from simulators.replay_file import replay_edf, replay_hdf5, start_in_process, start_in_thread
+
+FRAMES = 30
+SYNC_TIMEOUT_S = 30.0  # only reached when something hangs
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    """(ScanTruth, frames, psi) of a 30-frame, 32 x 32 px recorded scan."""
+    truth = simulate_scan(tmp_path_factory.mktemp("recorded") / "s.h5", frames=FRAMES, size=32, spots=5, seed=0)
+    with h5py.File(truth.path, "r") as f:
+        return truth, f[FRAMES_PATH][()], f[ANGLES_PATH][()]
+
+
+def source_config(url: str, **keys) -> SourceConfig:
+    keys = {"idle_timeout_s": SYNC_TIMEOUT_S, "poll_interval_s": 0.1, **keys}
+    return SourceConfig(url=url, **keys)
+
+
+def live_url(path) -> str:
+    return f"{path}::{FRAMES_PATH}"
+
+
+def check_frames(frames, recorded, psi=None, *, count=None) -> None:
+    """The frames are frames 0..count-1 of the recording, each once, same bytes (and psi, if given)."""
+    count = len(recorded) if count is None else count
+    assert [f.index for f in frames] == list(range(count))
+    for frame in frames:
+        assert frame.data.dtype == recorded.dtype and frame.data.shape == recorded.shape[1:]
+        assert np.array_equal(frame.data, recorded[frame.index]), frame.index
+        assert frame.psi_deg == (None if psi is None else psi[frame.index])
+
+
+class Lockstep:
+    """``on_frame`` for a writer: after frame k, wait until the reader has delivered frames 0..k-1.
+
+    A reader can take frame k-1 once frame k is written (its one-frame lag), so
+    every frame is delivered while the writer is still writing, and a reader
+    that stalls fails the writer.
+    """
+
+    def __init__(self):
+        self.delivered = SPAWN.Value("q", 0)
+
+    def __call__(self, k: int) -> None:
+        deadline = time.monotonic() + SYNC_TIMEOUT_S
+        while self.delivered.value < k:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the reader did not deliver frame {k - 1}")
+            time.sleep(0.001)
+
+    def read(self, source) -> list:
+        frames = []
+        for frame in source:
+            frames.append(frame)
+            self.delivered.value = len(frames)
+        return frames
+
+
+class PauseAt:
+    """``on_resize`` for a writer: once the dataset is resized for frame ``k``, stop until ``resume`` is set."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.resized = SPAWN.Event()
+        self.resume = SPAWN.Event()
+
+    def __call__(self, k: int) -> None:
+        if k == self.k:
+            self.resized.set()
+            if not self.resume.wait(SYNC_TIMEOUT_S):
+                raise TimeoutError("never resumed")
+
+
+class Consumer:
+    """Iterates a source in a thread, keeping what it delivers."""
+
+    def __init__(self, source):
+        self.source = source
+        self.frames: list = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for frame in self.source:
+                self.frames.append(frame)
+        except BaseException as exc:  # re-raised by join()
+            self.error = exc
+        finally:
+            self.source.close()
+
+    def join(self) -> list:
+        self._thread.join(SYNC_TIMEOUT_S)
+        assert not self._thread.is_alive(), "the source did not end"
+        if self.error is not None:
+            raise self.error
+        return self.frames
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + SYNC_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+# -- frames arriving live ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("swmr, compression", [
+    (True, None),
+    (False, None),  # the writer holds the file open without SWMR
+    (True, hdf5plugin.Bitshuffle()),
+    (False, "gzip"),
+], ids=["swmr", "no-swmr", "bitshuffle", "gzip"])
+def test_hdf5_live_delivers_the_recorded_frames(scan, tmp_path, swmr, compression):
+    truth, recorded, psi = scan
+    path = tmp_path / "live.h5"
+    lockstep = Lockstep()
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=swmr, compression=compression,
+                              angles_url=truth.angles_url, on_frame=lockstep)
+    cfg = source_config(live_url(path), angles=f"{path}::{ANGLES_PATH}")
+    with Hdf5WatchSource(cfg) as source:
+        frames = lockstep.read(source)
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded, psi)
+    assert source.end_reason == "end_time"
+    assert source.n_frames == FRAMES and source.frame_shape == recorded.shape[1:] and source.dtype == recorded.dtype
+
+
+def test_hdf5_live_without_notifications_polls(scan, tmp_path, monkeypatch):
+    """On NFS no notification comes: polling alone finds every frame."""
+    truth, recorded, _ = scan
+    monkeypatch.setattr(hdf5_live.Watcher, "start", lambda self: None)
+    path = tmp_path / "live.h5"
+    lockstep = Lockstep()
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=False, on_frame=lockstep)
+    with Hdf5WatchSource(source_config(live_url(path), poll_interval_s=0.01)) as source:
+        frames = lockstep.read(source)
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded)
+    assert source.end_reason == "end_time" and source.counters["notifications"] == 0
+
+
+@pytest.mark.parametrize("angles", ["header", "hdf5"])
+def test_folder_live_delivers_the_recorded_frames(scan, tmp_path, angles):
+    truth, recorded, psi = scan
+    lockstep = Lockstep()
+    writer = start_in_thread(replay_edf, truth.frames_url, tmp_path / "edf", fps=0,
+                             angles_url=truth.angles_url if angles == "header" else None, on_frame=lockstep)
+    cfg = source_config(f"{tmp_path}/edf/*.edf", expected_frames=FRAMES,
+                        angles=truth.angles_url if angles == "hdf5" else None)
+    with FolderSource(cfg) as source:
+        frames = lockstep.read(source)
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded, psi)
+    assert source.end_reason == "expected_frames"
+
+
+def test_folder_of_tiff_files_in_number_order(tmp_path):
+    """img_1.tif ... img_12.tif: by number, not by name; frame 0 is the lowest number there."""
+    for number in range(1, 13):
+        fabio.tifimage.TifImage(data=np.full((4, 5), number, np.uint16)).write(str(tmp_path / f"img_{number}.tif"))
+    with FolderSource(source_config(f"{tmp_path}/img_*.tif", expected_frames=12)) as source:
+        frames = list(source)
+    assert [(f.index, int(f.data[0, 0]), f.psi_deg) for f in frames] == [(k, k + 1, None) for k in range(12)]
+    assert source.frame_shape == (4, 5) and source.dtype == np.uint16 and source.end_reason == "expected_frames"
+
+
+def test_folder_ends_when_no_file_comes(scan, tmp_path):
+    truth, recorded, _ = scan
+    replay_edf(truth.frames_url, tmp_path, fps=0, stop_after=5)
+    with FolderSource(source_config(f"{tmp_path}/*.edf", idle_timeout_s=0.5)) as source:
+        frames = list(source)
+    check_frames(frames, recorded, count=5)
+    assert source.end_reason == "idle_timeout" and source.n_frames == 5
+
+
+# -- HDF5 failure modes --------------------------------------------------------------------------------
+
+
+def test_hdf5_file_appearing_later(scan, tmp_path):
+    truth, recorded, _ = scan
+    path = tmp_path / "later" / "live.h5"  # not even its folder exists yet
+    consumer = Consumer(Hdf5WatchSource(source_config(live_url(path))))
+    wait_for(lambda: consumer.source.counters["looks"] >= 3, "the source to look for the missing file")
+    assert not consumer.frames
+    os.mkdir(path.parent)
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=True)
+    frames = consumer.join()
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded)
+    assert consumer.source.end_reason == "end_time"
+
+
+def test_hdf5_file_never_appearing(tmp_path):
+    path = tmp_path / "never.h5"
+    start = time.monotonic()
+    with Hdf5WatchSource(source_config(live_url(path), idle_timeout_s=0.5)) as source:
+        with pytest.raises(InputError, match=re.escape(f"source.url: {path}::{FRAMES_PATH}: ") + r".*within 0.5 s "
+                                             r"\(source.idle_timeout_s\), got file not found$"):
+            list(source)
+    assert time.monotonic() - start >= 0.5
+    assert source.end_reason is None
+
+
+def test_hdf5_writer_dying_ends_on_idle_timeout(scan, tmp_path):
+    """No end_time: every frame written is delivered, the last one included (nothing will grow past it)."""
+    truth, recorded, _ = scan
+    path = tmp_path / "live.h5"
+    replay_hdf5(truth.frames_url, path, fps=0, swmr=False, end_time=False, stop_after=20)
+    with Hdf5WatchSource(source_config(live_url(path), idle_timeout_s=0.5)) as source:
+        frames = list(source)
+    check_frames(frames, recorded, count=20)
+    assert source.end_reason == "idle_timeout" and source.n_frames == 20
+
+
+@pytest.mark.parametrize("swmr", [True, False], ids=["swmr", "no-swmr"])
+def test_hdf5_half_written_frame_waits_until_complete(scan, tmp_path, swmr):
+    """The writer resizes for frame 5, then stops before writing it: frame 5 waits, then arrives whole."""
+    truth, recorded, _ = scan
+    path = tmp_path / "live.h5"
+    pause = PauseAt(5)
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=swmr, on_resize=pause)
+    consumer = Consumer(Hdf5WatchSource(source_config(live_url(path), poll_interval_s=0.01)))
+    assert pause.resized.wait(SYNC_TIMEOUT_S)
+    # frame 4 comes only once the dataset lists 6 frames, so the source has seen the empty frame 5
+    wait_for(lambda: len(consumer.frames) == 5, "frames 0 to 4")
+    looks = consumer.source.counters["looks"]
+    wait_for(lambda: consumer.source.counters["looks"] >= looks + 3, "more looks at the empty frame 5")
+    assert len(consumer.frames) == 5
+    pause.resume.set()
+    frames = consumer.join()
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded)
+    assert consumer.source.end_reason == "end_time"
+
+
+def test_hdf5_last_frame_never_written(scan, tmp_path):
+    """The writer resizes for its last frame and dies: the frames before it are delivered, that one is not."""
+    truth, recorded, _ = scan
+    path = tmp_path / "live.h5"
+    pause = PauseAt(FRAMES - 1)
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=True, end_time=False,
+                              on_resize=pause)
+    assert pause.resized.wait(SYNC_TIMEOUT_S)
+    with Hdf5WatchSource(source_config(live_url(path), idle_timeout_s=0.5)) as source:
+        frames = list(source)
+    pause.resume.set()
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded, count=FRAMES - 1)
+    assert source.end_reason == "idle_timeout"
+
+
+def test_hdf5_expected_frames_stops_there(scan, tmp_path):
+    """The last expected frame needs no later one: the writer stops there and the source ends at once."""
+    truth, recorded, psi = scan
+    path = tmp_path / "live.h5"
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=True, end_time=False,
+                              angles_url=truth.angles_url, stop_after=10)
+    cfg = source_config(live_url(path), angles=f"{path}::{ANGLES_PATH}", expected_frames=10)
+    with Hdf5WatchSource(cfg) as source:
+        assert source.n_frames == 10
+        frames = list(source)
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded, psi, count=10)
+    assert source.end_reason == "expected_frames"
+
+
+def test_hdf5_expected_frames_of_a_longer_scan(scan, tmp_path):
+    truth, recorded, _ = scan
+    path = tmp_path / "done.h5"
+    replay_hdf5(truth.frames_url, path, fps=0, swmr=False)
+    with Hdf5WatchSource(source_config(live_url(path), expected_frames=7)) as source:
+        frames = list(source)
+    check_frames(frames, recorded, count=7)
+    assert source.end_reason == "expected_frames"
+
+
+def test_hdf5_angles_that_never_come_give_none(scan, tmp_path, monkeypatch):
+    """Frame 0 waits a moment for its angle, then every frame goes out with psi None."""
+    truth, recorded, _ = scan
+    monkeypatch.setattr(hdf5_live, "ANGLE_WAIT_S", 0.2)
+    path = tmp_path / "live.h5"
+    lockstep = Lockstep()
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=True, on_frame=lockstep)
+    cfg = source_config(live_url(path), angles=f"{path}::/1.1/measurement/nothing")
+    with Hdf5WatchSource(cfg) as source:
+        frames = lockstep.read(source)
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded)
+    assert source.counters["angles_missing"] == FRAMES and source.end_reason == "end_time"
+
+
+def test_hdf5_wrong_dataset_is_reported_at_once(tmp_path):
+    path = tmp_path / "float.h5"
+    with h5py.File(path, "w") as f:
+        f["frames"] = np.zeros((3, 4, 4), np.float32)
+    with pytest.raises(InputError, match=re.escape(f"source.url: {path}::/frames: expected integer detector counts, "
+                                                   "got dtype float32")):
+        Hdf5WatchSource(source_config(f"{path}::/frames"))
+
+
+# -- folder failure modes -------------------------------------------------------------------------------
+
+
+def test_folder_gap_names_the_missing_file(scan, tmp_path):
+    truth, recorded, _ = scan
+    replay_edf(truth.frames_url, tmp_path, fps=0, stop_after=6)
+    os.remove(tmp_path / "scan0003.edf")
+    with FolderSource(source_config(f"{tmp_path}/*.edf", idle_timeout_s=0.5)) as source:
+        frames = []
+        with pytest.raises(InputError, match=r"file number 3 \(scan0003.edf\) is missing.*got files up to number 5"):
+            for frame in source:
+                frames.append(frame)
+    check_frames(frames, recorded, count=3)
+
+
+def truncate(path, keep: float = 0.5) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return data
+
+
+def test_folder_truncated_file_is_reported(scan, tmp_path):
+    truth, recorded, _ = scan
+    replay_edf(truth.frames_url, tmp_path, fps=0, stop_after=6)
+    truncate(tmp_path / "scan0003.edf")
+    with FolderSource(source_config(f"{tmp_path}/*.edf", idle_timeout_s=0.5, poll_interval_s=0.05)) as source:
+        frames = []
+        with pytest.raises(InputError, match=re.escape(f"{tmp_path}/scan0003.edf: frame 3: expected a complete file "
+                                                       "within 0.5 s")):
+            for frame in source:
+                frames.append(frame)
+    check_frames(frames, recorded, count=3)
+    assert source.counters["retries"] >= 2
+
+
+def test_folder_truncated_file_is_retried_until_complete(scan, tmp_path):
+    truth, recorded, _ = scan
+    replay_edf(truth.frames_url, tmp_path, fps=0, stop_after=6)
+    whole = truncate(tmp_path / "scan0003.edf")
+    cfg = source_config(f"{tmp_path}/*.edf", expected_frames=6, poll_interval_s=0.05)
+    consumer = Consumer(FolderSource(cfg))
+    wait_for(lambda: consumer.source.counters["retries"] >= 1, "a failed read")
+    (tmp_path / "scan0003.edf").write_bytes(whole)
+    check_frames(consumer.join(), recorded, count=6)
+    assert consumer.source.end_reason == "expected_frames"
+
+
+def test_folder_never_appearing(tmp_path):
+    with FolderSource(source_config(f"{tmp_path}/nothing/*.edf", idle_timeout_s=0.5)) as source:
+        with pytest.raises(InputError, match=r"expected files matching \*.edf in .*/nothing within 0.5 s"):
+            list(source)
+
+
+@pytest.mark.parametrize("url", ["dir/scan0001.edf", "dir/*.h5", "dir/"])
+def test_folder_pattern_rejects(url):
+    with pytest.raises(InputError, match=f"source.url: {re.escape(url)}: expected a folder and a file pattern"):
+        parse_pattern(url)
