@@ -36,6 +36,7 @@ class BenchOptions:
     seed: int = 0
     pipeline: bool = True
     baselines: bool = True
+    sources: bool = False  # time each live source instead of the stages
 
 
 class SyntheticScan:
@@ -181,6 +182,9 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
 def run_bench(opts: BenchOptions) -> dict:
     scan = SyntheticScan(opts.size, opts.seed)
     cores = os.cpu_count() or 1
+    if opts.sources:
+        with tempfile.TemporaryDirectory(prefix="dctstream-bench-") as tmp:
+            return {"options": opts.__dict__, "cores": cores, "sources": bench_sources(scan, Path(tmp))}
     report = {"options": opts.__dict__, "cores": cores, "running_median": []}
     for threads in sorted({1, cores}):
         report["running_median"].append(bench_running_median(scan, opts, threads))
@@ -194,6 +198,13 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def format_report(report: dict) -> str:
     o = report["options"]
+    if "sources" in report:
+        lines = [f"dctstream bench --sources: {o['size']} x {o['size']} uint16 frames, written by another "
+                 "program; latency from written to delivered", "",
+                 f"{'source':28s} {'median ms':>10s} {'p99 ms':>8s} {'frames':>7s}"]
+        lines += [f"{name:28s} {r['median_ms']:10.1f} {r['p99_ms']:8.1f} {r['frames']:7d}"
+                  for name, r in report["sources"].items()]
+        return "\n".join(lines)
     lines = [f"dctstream bench: {o['size']} x {o['size']} uint16, window {o['window']}, mode {o['mode']}"
              + (f" (stride {o['stride']})" if o["mode"] == "block" else "")
              + f", batch {o['batch']}, {report['cores']} cores", "",
@@ -226,3 +237,81 @@ def format_report(report: dict) -> str:
 def main(opts: BenchOptions, as_json: bool = False) -> str:
     report = run_bench(opts)
     return json.dumps(report, indent=2) if as_json else format_report(report)
+
+
+# ---- sources: from a frame being written to it being delivered ----------------------
+
+class _StampFile:
+    """on_frame callback for a replayer in another process: appends "k wall-clock" lines to a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, k: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{k} {time.time()!r}\n")
+
+
+def _stamps(path: Path) -> dict[int, float]:
+    lines = path.read_text().split("\n") if path.exists() else []
+    return {int(k): float(t) for k, t in (line.split() for line in lines if line)}
+
+
+def _delivered(cfg_overrides: list[str], n: int) -> dict[int, float]:
+    from .config import load_config
+    from .sources import open_source
+
+    cfg = load_config(None, cfg_overrides)
+    times = {}
+    source = open_source(cfg.source)
+    try:
+        for frame in source:
+            times[frame.index] = time.time()
+            if len(times) == n:
+                break
+    finally:
+        source.close()
+    return times
+
+
+def _latency(written: dict[int, float], delivered: dict[int, float]) -> dict:
+    lat = np.array([delivered[k] - written[k] for k in delivered if k in written]) * 1000
+    return {"frames": int(lat.size), "median_ms": float(np.median(lat)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def bench_sources(scan: SyntheticScan, workdir: Path, rates=(10.0, 50.0), n: int = 60) -> dict:
+    """Latency of each live source at each acquisition rate, writer and reader as separate programs would be."""
+    from simulators.replay_file import replay_edf, replay_hdf5, start_in_process
+    from simulators.replay_stream import StreamReplayer
+
+    url = _write_scan(workdir / "frames.h5", scan, n)
+    report = {}
+    for fps in rates:
+        for name in ("hdf5-swmr", "hdf5-no-swmr", "edf-folder"):
+            stamp = workdir / f"{name}-{fps}.txt"
+            if name == "edf-folder":
+                target = workdir / f"edf-{fps}"
+                writer = start_in_process(replay_edf, url, str(target), fps=fps, on_frame=_StampFile(str(stamp)))
+                overrides = [f"source.url={target}/*.edf", f"source.expected_frames={n}"]
+            else:
+                target = workdir / f"{name}-{fps}.h5"
+                writer = start_in_process(replay_hdf5, url, str(target), fps=fps, swmr=name == "hdf5-swmr",
+                                          on_frame=_StampFile(str(stamp)))
+                overrides = [f"source.url={target}::/1.1/measurement/marana", "source.protocol=hdf5-live",
+                             f"source.expected_frames={n}"]
+            delivered = _delivered(overrides + ["source.poll_interval_s=0.1", "source.idle_timeout_s=30"], n)
+            writer.join(60)
+            report[f"{name} @ {fps:g} fps"] = _latency(_stamps(stamp), delivered)
+        for protocol in ("stream1", "stream2"):
+            replayer = StreamReplayer(url, protocol=protocol, fps=fps)
+            offset = time.time() - time.perf_counter()  # sent_s is perf_counter time
+            replayer.start()
+            try:
+                delivered = _delivered([f"source.url={replayer.endpoint}", f"source.protocol={protocol}",
+                                        "source.idle_timeout_s=30"], n)
+            finally:
+                replayer.join(60)
+                replayer.close()
+            written = {k: t + offset for k, t in replayer.sent_s.items()}
+            report[f"{protocol} @ {fps:g} fps"] = _latency(written, delivered)
+    return report

@@ -170,7 +170,7 @@ def cmd_bench(args) -> int:
 
     opts = BenchOptions(size=args.size, window=args.window, frames=args.frames, mode=args.mode,
                         stride=args.stride, batch=args.batch, seed=args.seed,
-                        pipeline=not args.no_pipeline, baselines=not args.no_baselines)
+                        pipeline=not args.no_pipeline, baselines=not args.no_baselines, sources=args.sources)
     print(bench_main(opts, as_json=args.json))
     return 0
 
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-pipeline", action="store_true", help="time the kernels only")
     p.add_argument("--no-baselines", action="store_true", help="skip np.partition and bottleneck")
+    p.add_argument("--sources", action="store_true",
+                   help="instead: latency of each live source, from a frame written to delivered, at 10 and 50 fps")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_bench)
 

@@ -123,9 +123,15 @@ class BackgroundStage:
     # ---- internals -------------------------------------------------------------
     def _warm_up(self, width: int) -> None:
         slots = self.ring.slots(0, width)
+        full = width == self.window == self.cfg.window  # a full window: slide from here on
+        if full and self.cfg.normalise == "none" and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
+            self._hist = HistogramWindow(self.ring.data, 0, width)
+            self._medians[0] = self._hist.median().astype(np.float32) - self.dark
         if self._beam_spec == "auto":
-            ones = np.ones(self.ring.capacity, np.float32)
-            image = window_median(self.ring.data, slots, self.dark, ones)
+            image = self._medians.get(0)
+            if image is None:
+                ones = np.ones(self.ring.capacity, np.float32)
+                image = window_median(self.ring.data, slots, self.dark, ones)
             self.direct_beam = detect_direct_beam(image, self._beam_margin_px)
             log.info("direct beam found at %s", self.direct_beam)
         if self.cfg.normalise == "margin":
@@ -134,14 +140,10 @@ class BackgroundStage:
                                  "but none was found in the first window")
             for k in range(self.ring.count):
                 self.scales[self.ring.slot(k)] = self._scale(k, self.ring[k])
-        if width == self.window == self.cfg.window:  # a full window: slide from here on
-            if self.cfg.normalise == "none" and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
-                self._hist = HistogramWindow(self.ring.data, 0, width)
-                self._medians[0] = self._hist.median().astype(np.float32) - self.dark
-            elif self.cfg.mode == "exact":
-                values = np.stack([self._sorted_values(self.ring.data[s], self.scales[s]) for s in slots])
-                self._sorted = SortedWindow(values)
-                self._medians[0] = self._sorted_background()
+        if full and self._hist is None and self.cfg.mode == "exact":
+            values = np.stack([self._sorted_values(self.ring.data[s], self.scales[s]) for s in slots])
+            self._sorted = SortedWindow(values)
+            self._medians[0] = self._sorted_background()
         self.warm = True
 
     def _slide(self) -> None:

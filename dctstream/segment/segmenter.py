@@ -304,7 +304,7 @@ class Segmenter:
         cap = self._values.shape[0]
         self._flags[fs % cap, ys, xs] |= CLAIMED
         frames = np.arange(fs.min(), fs.max() + 1) % cap
-        volume = self._values[frames][:, ys.min():ys.max() + 1, xs.min():xs.max() + 1].copy()
+        volume = self._values[frames, ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # copies the box only
         blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
                     value=self._values[fs % cap, ys, xs], max_index=(f, y, x),
                     max_value=region.max_value, volume=volume)

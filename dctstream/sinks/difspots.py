@@ -51,6 +51,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from ..types import Blob
@@ -136,9 +137,22 @@ class DifspotWriter:
         # Default format bounds keep the file readable by HDF5 1.8, which
         # older MATLAB releases (the DCT code) still bundle.
         with atomic_h5(path) as f:
-            for name, array in arrays.items():
-                f.create_dataset(name, data=array, compression="gzip", shuffle=True)
-            for name, value in scalars.items():
-                f.create_dataset(name, data=value)
+            for name in _COMPRESSED:
+                f.create_dataset(name, data=arrays.pop(name), compression="gzip", shuffle=True)
+            for name, value in {**arrays, **scalars}.items():
+                _small_dataset(f, name, value)
             f.attrs.update(ATTRS)
         return path
+
+
+# Only the voxel arrays are worth compressing; the rest are a few numbers each.
+_COMPRESSED = ("Data", "Mask", "DataMasked", "Projection")
+
+
+def _small_dataset(f: h5py.File, name: str, value) -> None:
+    """A contiguous dataset through h5py's low-level calls: a third of the high-level cost,
+    which adds up over ~20 small datasets per difspot and ~10 difspots per frame."""
+    array = np.asarray(value)
+    space = h5py.h5s.create_simple(array.shape) if array.ndim else h5py.h5s.create(h5py.h5s.SCALAR)
+    dset = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(array.dtype), space)
+    dset.write(h5py.h5s.ALL, h5py.h5s.ALL, array)

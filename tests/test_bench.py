@@ -1,0 +1,44 @@
+"""`dctstream bench` on tiny frames: the report holds what it promises (speed itself is not tested)."""
+
+import json
+import math
+
+import pytest
+
+from dctstream.bench import BenchOptions, SyntheticScan, bench_sources, format_report, run_bench
+from dctstream.cli import main
+
+
+def test_report_of_stages_and_pipeline():
+    opts = BenchOptions(size=64, window=11, frames=40, batch=4)
+    report = run_bench(opts)
+    threads = [r["threads"] for r in report["running_median"]]
+    assert threads[0] == 1 and threads[-1] == report["cores"]
+    for r in report["running_median"]:
+        assert r["frames_per_s"] > 0 and r["partition_exact_frames_per_s"] > 0
+        assert r["bottleneck_frames_per_s"] is None or r["bottleneck_frames_per_s"] > 0
+    p = report["pipeline"]
+    assert p["frames"] == 51
+    assert set(p["stage_frames_per_s"]) == {"read", "background", "segment", "write"}
+    assert p["latency_frames"] == 11 // 2 + 4 - 1
+    assert p["difspots"] > 0 and p["peak_rss_gib"] > p["ring_gib"] > 0
+    text = format_report(report)
+    assert "whole pipeline" in text and "running median" in text
+
+
+def test_json_report(capsys):
+    assert main(["bench", "--size", "64", "--window", "11", "--frames", "20", "--batch", "2",
+                 "--no-pipeline", "--no-baselines", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"]["window"] == 11 and "pipeline" not in report
+    assert all(math.isfinite(r["frames_per_s"]) for r in report["running_median"])
+
+
+@pytest.mark.parametrize("rates", [(100.0,)])
+def test_source_latency_for_every_live_source(tmp_path, rates):
+    report = bench_sources(SyntheticScan(64), tmp_path, rates=rates, n=8)
+    assert set(report) == {f"{name} @ 100 fps" for name in
+                           ("hdf5-swmr", "hdf5-no-swmr", "edf-folder", "stream1", "stream2")}
+    for name, r in report.items():
+        assert r["frames"] == 8, name
+        assert 0 <= r["median_ms"] <= r["p99_ms"] < 10_000, name
