@@ -186,13 +186,13 @@ def run_bench(opts: BenchOptions) -> dict:
         with tempfile.TemporaryDirectory(prefix="dctstream-bench-") as tmp:
             return {"options": opts.__dict__, "cores": cores, "sources": bench_sources(scan, Path(tmp))}
     report = {"options": opts.__dict__, "cores": cores, "running_median": []}
+    if opts.pipeline:  # first, so that its peak memory is its own
+        with tempfile.TemporaryDirectory(prefix="dctstream-bench-") as tmp:
+            report["pipeline"] = bench_pipeline(scan, opts, Path(tmp))
     for threads in sorted({1, cores}):
         report["running_median"].append(bench_running_median(scan, opts, threads))
     numba.set_num_threads(cores)
     report.update(bench_filter(scan, opts))
-    if opts.pipeline:
-        with tempfile.TemporaryDirectory(prefix="dctstream-bench-") as tmp:
-            report["pipeline"] = bench_pipeline(scan, opts, Path(tmp))
     return report
 
 
