@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..types import Frame
-from .hdf5_live import ANGLE_WAIT_S, LiveAngles, Watcher, one_line
+from .hdf5_live import ANGLE_WAIT_S, FollowedSource, LiveAngles, Watcher, one_line
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def parse_pattern(url: str) -> tuple[str, str]:
     return folder or ".", pattern
 
 
-class FolderSource:
+class FolderSource(FollowedSource):
     """Frames from numbered EDF or TIFF files in a folder, one file per frame, picked up as they are written.
 
     See the module docstring for the order, when a file is complete and when
@@ -294,25 +294,6 @@ class FolderSource:
         raise InputError(f"source.url: {self.url}: {os.path.join(self._folder, name)}: frame {k}: expected a "
                          f"complete file within {self._idle_s:g} s (source.idle_timeout_s), got {self._error}")
 
-    def _finish(self, reason: str, delivered: int) -> None:
-        self.end_reason = reason
-        self.n_frames = delivered
-        log.info("%s: scan over (%s) after %d frames", self.url, reason, delivered)
-        self.close()
-
-    def close(self) -> None:
-        """Stop the watcher and release the angles file; safe to call again."""
-        self._closed = True
-        self._wake.set()
-        self._watcher.stop()
-        if self._angles is not None:
-            self._angles.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _key(stat: os.stat_result, number: int) -> tuple[int, int, int]:

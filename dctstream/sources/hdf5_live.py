@@ -248,7 +248,38 @@ def _stored(dset: h5py.Dataset, k: int) -> bool:
                for y in range(0, ny, chunks[1]) for x in range(0, nx, chunks[2]))
 
 
-class Hdf5WatchSource:
+class FollowedSource:
+    """What the sources that follow a growing file or folder share: how they end and close.
+
+    Subclasses set ``url``, ``_wake``, ``_watcher``, ``_angles`` and ``_closed``.
+    """
+
+    def _finish(self, reason: str, delivered: int) -> None:
+        self.end_reason = reason
+        self.n_frames = delivered
+        log.info("%s: scan over (%s) after %d frames", self.url, reason, delivered)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the watcher and release the files; safe to call again."""
+        self._closed = True
+        self._wake.set()
+        self._watcher.stop()
+        if self._angles is not None:
+            self._angles.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Release what the subclass holds open."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Hdf5WatchSource(FollowedSource):
     """Frames of a 3-D integer dataset (frames, y, x) that another process is appending to.
 
     See the module docstring for when a frame is complete and when the scan
@@ -473,23 +504,5 @@ class Hdf5WatchSource:
                 k += 1
         self._finish("idle_timeout", k)
 
-    def _finish(self, reason: str, delivered: int) -> None:
-        self.end_reason = reason
-        self.n_frames = delivered
-        log.info("%s: scan over (%s) after %d frames", self.url, reason, delivered)
-        self.close()
-
-    def close(self) -> None:
-        """Stop the watcher and release the files; safe to call again."""
-        self._closed = True
-        self._wake.set()
-        self._watcher.stop()
-        if self._angles is not None:
-            self._angles.close()
+    def _release(self) -> None:
         self._file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
