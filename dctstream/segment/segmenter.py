@@ -34,7 +34,6 @@ import scipy.ndimage as ndi
 from ..types import Blob
 from ._kernels import CLAIMED, grow_region
 
-REJECT_REASONS = ("seed_min_voxels", "maximum_claimed", "too_small", "too_large")
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
 
