@@ -173,7 +173,8 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
         "per_frame_s_p99": float(np.percentile(steady, 99)) if steady.size else None,
         "stage_frames_per_s": {k: n / v for k, v in stats.stage_s.items() if v > 0},
         "difspots": stats.difspots_written,
-        "latency_frames": opts.window // 2 + opts.batch - 1,
+        # the first frame of a block waits for the block's centre too
+        "latency_frames": opts.window // 2 + opts.batch - 1 + (opts.stride // 2 if opts.mode == "block" else 0),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "ring_gib": ring_bytes / 2**30,
     }
