@@ -55,7 +55,8 @@ def _threshold(seed_threshold) -> str:
 
 def _summary(stats, out_dir) -> str:
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(stats.rejected.items())) or "none"
-    return (f"{stats.frames_corrected} frames in {stats.elapsed_s:.1f} s "
+    ended = f" (scan ended: {stats.source_end})" if stats.source_end else ""
+    return (f"{stats.frames_corrected} frames{ended} in {stats.elapsed_s:.1f} s "
             f"({stats.frames_corrected / max(stats.elapsed_s, 1e-9):.1f} frames/s); "
             f"direct beam {list(stats.direct_beam) if stats.direct_beam else 'none'}; "
             f"seed threshold {_threshold(stats.seed_threshold)}; "
@@ -119,7 +120,7 @@ def cmd_demo(args) -> int:
                                  f"output.dir={work / 'out'}"])
         stats = run(cfg, overwrite=True, progress=_Progress())
         acquisition.join(30)
-        print(f"  the scan ended ({stats.source_end}); " + _summary(stats, cfg.output.dir))
+        print("  " + _summary(stats, cfg.output.dir))
         result = score(truth.spots, read_spot_table(work / "out" / "spots.h5"), direct_beam=stats.direct_beam)
         print(f"against the ground truth ({result['eligible']} of {result['true_spots']} true spots have "
               f"peak >= 5x noise and lie outside the direct beam):\n"

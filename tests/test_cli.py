@@ -345,7 +345,7 @@ def test_simulate_then_run(tmp_path, tiny_set_args, tiny_overrides):
                *tiny_set_args, "--out", out, cwd=tmp_path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stdout.splitlines()) == 1, proc.stdout
-    summary = re.search(r"^(\d+) frames in .*; (\d+) difspots written to (.+); rejected: ", proc.stdout)
+    summary = re.search(r"^(\d+) frames (?:\(scan ended: \w+\) )?in .*; (\d+) difspots written to (.+); rejected: ", proc.stdout)
     assert summary, proc.stdout
     table = _check_results(out)
     assert int(summary[1]) == 40
