@@ -146,7 +146,7 @@ class Pipeline:
             self.stats.frames_total = getattr(self.source, "n_frames", None)
             self.background: BackgroundStage | None = None
             if getattr(self.source, "frame_shape", None) is not None:
-                self._start_background(self.source.frame_shape, self.source.dtype)
+                self._start_stages(self.source.frame_shape, self.source.dtype)
             else:  # say it now, not after waiting for a scan that may take a while
                 _previous_results(self.out_dir, overwrite)
         except BaseException:
@@ -156,7 +156,7 @@ class Pipeline:
         self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
         self._flushed_s = time.monotonic()
 
-    def _start_background(self, shape, dtype) -> None:
+    def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
         dark = load_dark(cfg.dark.url, cfg.dark.value, shape)
         bbox = cfg.direct_beam.bbox
@@ -226,7 +226,7 @@ class Pipeline:
             self.stats.frames_missing += 1
             log.warning("frame %d: lost in transit, replaced by the current background", frame.index)
         if self.background is None:
-            self._start_background(data.shape, data.dtype)
+            self._start_stages(data.shape, data.dtype)
         with self._timed("background"):
             return self.background.push(data)
 
