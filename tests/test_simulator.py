@@ -206,7 +206,6 @@ def test_bright_spot_stands_out_by_its_peak(scan):
 def test_direct_beam_is_bright_unsaturated_and_shadowed_by_a_rotating_sample(scan):
     truth, frames, _, model = scan
     x0, y0, w, h = truth.direct_beam_bbox
-    s = truth.spots
     # Many spots of the same geometry, for a stable typical peak.
     typical_peak = np.median(ScanModel(frames=720, size=SIZE, spots=400, seed=SEED).spots["peak"])
     beam = frames[:, y0:y0 + h, x0:x0 + w].astype(float)

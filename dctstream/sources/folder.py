@@ -64,15 +64,8 @@ class FolderSource(FollowedSource):
     """
 
     def __init__(self, cfg):
-        self.url = cfg.url
+        super().__init__(cfg)
         self._folder, self._pattern = parse_pattern(cfg.url)
-        self._idle_s = cfg.idle_timeout_s
-        self._poll_s = cfg.poll_interval_s
-        self._expected = cfg.expected_frames
-        self.frame_shape: tuple[int, int] | None = None
-        self.dtype: np.dtype | None = None
-        self.n_frames: int | None = cfg.expected_frames
-        self.end_reason: str | None = None
         # looks: times the folder was checked; notifications: looks woken by the file system;
         # listings: full folder listings; retries: failed reads; angles_missing: frames sent with psi None
         self.counters = {"looks": 0, "notifications": 0, "listings": 0, "retries": 0, "angles_missing": 0}

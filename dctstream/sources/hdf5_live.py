@@ -251,8 +251,18 @@ def _stored(dset: h5py.Dataset, k: int) -> bool:
 class FollowedSource:
     """What the sources that follow a growing file or folder share: how they end and close.
 
-    Subclasses set ``url``, ``_wake``, ``_watcher``, ``_angles`` and ``_closed``.
+    Subclasses set ``_wake``, ``_watcher``, ``_angles`` and ``_closed``.
     """
+
+    def __init__(self, cfg):
+        self.url = cfg.url
+        self._idle_s = cfg.idle_timeout_s
+        self._poll_s = cfg.poll_interval_s
+        self._expected = cfg.expected_frames
+        self.frame_shape: tuple[int, int] | None = None
+        self.dtype: np.dtype | None = None
+        self.n_frames: int | None = cfg.expected_frames
+        self.end_reason: str | None = None
 
     def _finish(self, reason: str, delivered: int) -> None:
         self.end_reason = reason
@@ -287,15 +297,8 @@ class Hdf5WatchSource(FollowedSource):
     """
 
     def __init__(self, cfg):
-        self.url = cfg.url
+        super().__init__(cfg)
         path, self._name = parse_url(cfg.url)
-        self._idle_s = cfg.idle_timeout_s
-        self._poll_s = cfg.poll_interval_s
-        self._expected = cfg.expected_frames
-        self.frame_shape: tuple[int, int] | None = None
-        self.dtype: np.dtype | None = None
-        self.n_frames: int | None = cfg.expected_frames
-        self.end_reason: str | None = None
         # looks: times the file was checked; notifications: looks woken by the file system; retries: failed
         # opens and reads; reopens: reopens forced by a failure; angles_missing: frames sent with psi None
         self.counters = {"looks": 0, "notifications": 0, "retries": 0, "reopens": 0, "angles_missing": 0}
