@@ -85,6 +85,7 @@ class Segmenter:
         self.frame_shape = tuple(frame_shape)
         self.mask = np.zeros(self.frame_shape, bool) if mask is None else np.ascontiguousarray(mask, bool)
         self._seed_map, self._low_map = params.maps(self.frame_shape)
+        self._unmasked = ~self.mask
         self._reach_fyx = params.max_size[::-1]
         self._structure = ndi.generate_binary_structure(2, 1 if params.connectivity == 6 else 2)
         self._shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
@@ -94,7 +95,8 @@ class Segmenter:
         self._flags = np.zeros(self._values.shape, np.uint8)
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
-        self._prev_ids = np.zeros(self.frame_shape, np.int64)
+        self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
+        self._prev_offset = 0  # label + offset = region id
         self._parent: dict[int, int] = {}
         self._regions: dict[int, _Region] = {}  # open regions, by root id
         self._open: list[int] = []
@@ -163,14 +165,13 @@ class Segmenter:
         self._regions[ra].absorb(self._regions.pop(rb))
 
     def _link(self, k: int, frame: np.ndarray) -> None:
-        seeds = (frame >= self._seed_map) & ~self.mask
+        seeds = frame >= self._seed_map
+        seeds &= self._unmasked
         labels, n = ndi.label(seeds, structure=self._structure)
-        ys, xs = np.nonzero(labels)
-        lab = labels[ys, xs]
-        ids = np.zeros(self.frame_shape, np.int64)
+        ys, xs = np.nonzero(seeds)
+        lab = labels[ys, xs].astype(np.int64)  # ids outgrow 32 bits over a long scan
+        gids = self._next_id + lab - 1
         if n:
-            gids = self._next_id + lab - 1
-            ids[ys, xs] = gids
             vals = frame[ys, xs]
             counts = np.bincount(lab, minlength=n + 1)[1:]
             # brightest voxel of each component, the first in (y, x) order on ties
@@ -186,18 +187,19 @@ class Segmenter:
             for dy, dx in self._shifts:
                 py, px = ys + dy, xs + dx
                 ok = (py >= 0) & (py < ny) & (px >= 0) & (px < nx)
-                prev = self._prev_ids[py[ok], px[ok]]
+                prev = self._prev_labels[py[ok], px[ok]].astype(np.int64)
                 hit = prev > 0
-                links.append(np.stack((prev[hit], gids[ok][hit]), axis=1))
+                links.append(np.stack((prev[hit] + self._prev_offset, gids[ok][hit]), axis=1))
             for a, b in np.unique(np.concatenate(links), axis=0):
                 self._union(int(a), int(b))
-            self._next_id += n
-        root_of = {int(g): self._find(int(g)) for g in np.unique(ids[ids > 0])}
+        # frame k's ids are its labels + offset: no frame-sized id array to fill
+        self._prev_labels, self._prev_offset = labels, self._next_id - 1
+        self._next_id += n
+        root_of = {int(g): self._find(int(g)) for g in range(self._prev_offset + 1, self._next_id)}
         now = set(root_of.values())
         for root in {self._find(i) for i in self._open} - now:
             self._complete(root)
         self._open = sorted(now)
-        self._prev_ids = ids
         # only this frame's ids are looked up again: forget the rest of the forest
         self._parent = {**root_of, **{r: r for r in now}}
 
