@@ -267,6 +267,36 @@ def hist_init(ring, first_frame, window, base, hist, lt, med, u16):
                 _hist_fill(buf, window, y * nx + x0 + t, window // 2, base, hist, lt, med, counts)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _hist_step(hist, p, b, m, c, o, n, h):
+    """Replace value o by n in pixel p's window; returns (still in the bins, new median, new lt)."""
+    nbins = hist.shape[1]
+    if o == n:
+        return True, m, c
+    k = o - b
+    if 0 <= k < nbins:
+        hist[p, k] -= 1
+    if o < m:
+        c -= 1
+    k = n - b
+    if 0 <= k < nbins:
+        hist[p, k] += 1
+    if n < m:
+        c += 1
+    k = m - b
+    while c > h:
+        k -= 1
+        if k < 0:
+            return False, m, c
+        c -= hist[p, k]
+    while c + hist[p, k] <= h:
+        c += hist[p, k]
+        k += 1
+        if k >= nbins:
+            return False, m, c
+    return True, b + k, c
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuilds, u16):
     """Slide every pixel's window over new_frames (in order): add frame f, drop frame f - window.
@@ -274,61 +304,78 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
     After step j, when emit[j], out[j] receives the median of frames
     new_frames[j] - window + 1 .. new_frames[j]. The ring must hold all of
     those frames and the dropped ones. rebuilds[y] counts rebuilds per row.
+
+    A pixel whose median leaves its bins is set aside and finished after the
+    rest of its row, from the ring's rows read in order once for all such
+    pixels: reading a pixel's window alone touches a cache line per frame.
     """
     cap = ring.shape[0]
     ny, nx = ring.shape[1], ring.shape[2]
-    nbins = hist.shape[1]
     h = window // 2
     n_steps = new_frames.size
     for y in numba.prange(ny):
         buf = np.empty(window, dtype=np.int64)
         counts = np.empty(256 if u16 else 0, dtype=np.int64)
+        late_x = np.empty(nx, dtype=np.int64)
+        late_j = np.empty(nx, dtype=np.int64)
+        n_late = 0
         for x in range(nx):
             p = y * nx + x
             b = base[p]
             m = med[p]
             c = lt[p]
+            late = False
             for j in range(n_steps):
                 f = new_frames[j]
-                o = np.int64(ring[(f - window) % cap, y, x])
-                n = np.int64(ring[f % cap, y, x])
-                if o != n:
-                    k = o - b
-                    if 0 <= k < nbins:
-                        hist[p, k] -= 1
-                    if o < m:
-                        c -= 1
-                    k = n - b
-                    if 0 <= k < nbins:
-                        hist[p, k] += 1
-                    if n < m:
-                        c += 1
-                    k = m - b
-                    ok = True
-                    while c > h:
-                        k -= 1
-                        if k < 0:
-                            ok = False
-                            break
-                        c -= hist[p, k]
-                    if ok:
-                        while c + hist[p, k] <= h:
-                            c += hist[p, k]
-                            k += 1
-                            if k >= nbins:
-                                ok = False
-                                break
-                    if ok:
-                        m = b + k
-                    else:
-                        for i in range(window):
-                            buf[i] = ring[(f - window + 1 + i) % cap, y, x]
-                        _hist_fill(buf, window, p, h, base, hist, lt, med, counts)
-                        b = base[p]
-                        m = med[p]
-                        c = lt[p]
-                        rebuilds[y] += 1
+                ok, m, c = _hist_step(hist, p, b, m, c, np.int64(ring[(f - window) % cap, y, x]),
+                                      np.int64(ring[f % cap, y, x]), h)
+                if not ok:
+                    late_x[n_late] = x
+                    late_j[n_late] = j
+                    n_late += 1
+                    late = True
+                    break
                 if emit[j]:
                     out[j, y, x] = m
+            if not late:
+                med[p] = m
+                lt[p] = c
+        if n_late == 0:
+            continue
+        first = new_frames[late_j[:n_late].min()] - window + 1
+        span = new_frames[n_steps - 1] - first + 1
+        values = np.empty((n_late, span), dtype=ring.dtype)
+        for g in range(span):
+            slot = (first + g) % cap
+            for d in range(n_late):
+                values[d, g] = ring[slot, y, late_x[d]]
+        for d in range(n_late):
+            x = late_x[d]
+            p = y * nx + x
+            j = late_j[d]
+            while True:  # rebuild at step j, then slide on until the end or the next rebuild
+                start = new_frames[j] - window + 1 - first
+                for i in range(window):
+                    buf[i] = values[d, start + i]
+                _hist_fill(buf, window, p, h, base, hist, lt, med, counts)
+                rebuilds[y] += 1
+                b = base[p]
+                m = med[p]
+                c = lt[p]
+                if emit[j]:
+                    out[j, y, x] = m
+                j += 1
+                ok = True
+                while j < n_steps:
+                    f = new_frames[j]
+                    ok, m, c = _hist_step(hist, p, b, m, c, np.int64(values[d, f - window - first]),
+                                          np.int64(values[d, f - first]), h)
+                    if not ok:
+                        break
+                    if emit[j]:
+                        out[j, y, x] = m
+                    j += 1
+                if ok:
+                    break
             med[p] = m
             lt[p] = c
