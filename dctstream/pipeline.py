@@ -268,7 +268,9 @@ class Pipeline:
             self.difspots.write(blob, volume=blob.volume)
             psi = None
             if self._psi:
-                psi = float(np.interp(blob.centroid[0], np.arange(len(self._psi)), self._psi))
+                # between the two frames around the centroid: O(1), not O(frames so far), per blob
+                i = max(min(int(blob.centroid[0]), len(self._psi) - 2), 0)
+                psi = float(np.interp(blob.centroid[0], np.arange(i, i + 2)[:len(self._psi)], self._psi[i:i + 2]))
             self.table.add(blob, psi)
             self.stats.difspots_written += 1
         if self.segmenter is not None:
