@@ -47,7 +47,7 @@ class BackgroundStage:
                  beam_margin_px: int = 10, filter_size: int = 3):
         self.cfg = cfg
         self.window = cfg.window
-        self.batch = getattr(cfg, "batch_frames", 1)
+        self.batch = cfg.batch_frames
         self.frame_shape = tuple(frame_shape)
         self.dtype = np.dtype(dtype)
         self.dark = (np.zeros(self.frame_shape, np.float32) if dark is None
@@ -107,7 +107,7 @@ class BackgroundStage:
             if self._hist.last < n - 1:
                 self._slide()
             elif n - self.window not in self._medians:
-                self._medians[n - self.window] = self._hist.median().astype(np.float32) - self.dark
+                self._medians[n - self.window] = self._from_raw(self._hist.median())
         return self._drain()
 
     def stand_in(self) -> np.ndarray:
@@ -126,7 +126,7 @@ class BackgroundStage:
         full = width == self.window == self.cfg.window  # a full window: slide from here on
         if full and self.cfg.normalise == "none" and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
             self._hist = HistogramWindow(self.ring.data, 0, width)
-            self._medians[0] = self._hist.median().astype(np.float32) - self.dark
+            self._medians[0] = self._from_raw(self._hist.median())
         if self._beam_spec == "auto":
             image = self._medians.get(0)
             if image is None:
@@ -157,18 +157,20 @@ class BackgroundStage:
             emit[-1] = True  # the last window serves every frame whose window the end of the scan shifts
         medians = hist.slide(n, emit, np.empty((n, *self.frame_shape), self.dtype))
         for start, median in zip(starts[emit], medians[emit]):
-            self._medians[int(start)] = median.astype(np.float32) - self.dark
+            self._medians[int(start)] = self._from_raw(median)
 
     def _is_block_start(self, start: int) -> bool:
         stride = self.cfg.stride
         centre = start + self.window // 2
         return centre % stride == stride // 2
 
+    def _from_raw(self, median: np.ndarray) -> np.ndarray:
+        """Background from a median of raw frames: exact, as the median commutes with raw -> raw - dark."""
+        return median.astype(np.float32) - self.dark
+
     def _sorted_background(self) -> np.ndarray:
         median = self._sorted.median()
-        if self.cfg.normalise == "none":
-            return median.astype(np.float32) - self.dark
-        return median.copy()
+        return self._from_raw(median) if self.cfg.normalise == "none" else median.copy()
 
     def _scale(self, k: int, frame: np.ndarray) -> np.float32:
         if self.cfg.normalise == "none":
