@@ -82,10 +82,14 @@ def cmd_check(args) -> int:
 def cmd_simulate(args) -> int:
     from simulators.dct_scan import simulate_scan
 
-    truth = simulate_scan(args.output, frames=args.frames, size=args.size, spots=args.spots, seed=args.seed)
+    truth = simulate_scan(args.output, frames=args.frames, size=args.size, spots=args.spots, seed=args.seed,
+                          dead_pixel_fraction=args.dead_pixels, module_gap_px=args.module_gap,
+                          gain_spread=args.gain_spread, flat_frames=args.flat_frames,
+                          shutter_closed_frames=args.shutter_closed)
     print(f"wrote {args.output}: {args.frames} frames of {args.size} x {args.size} px, {args.spots} spots\n"
           f"  frames: {truth.frames_url}\n  angles: {truth.angles_url}\n  dark:   {truth.dark_url}\n"
-          f"  truth:  {args.output}::/1.1/ground_truth")
+          + (f"  flat:   {truth.flat_url}\n" if truth.flat_url else "")
+          + f"  truth:  {args.output}::/1.1/ground_truth")
     return 0
 
 
@@ -206,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="frame width and height, pixels")
     p.add_argument("--spots", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dead-pixels", type=float, default=0.0, metavar="FRACTION", help="pixels that always read 0")
+    p.add_argument("--module-gap", type=int, default=0, metavar="PX", help="gap between the 2 x 2 modules")
+    p.add_argument("--gain-spread", type=float, default=0.0, metavar="S", help="gain per module in [1-S, 1+S]")
+    p.add_argument("--flat-frames", type=int, default=0, metavar="N", help="add a flat-field scan at /3.1")
+    p.add_argument("--shutter-closed", type=int, default=0, metavar="N", help="first N frames without beam")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("replay", help="play a recorded scan back as a growing file, a detector stream or EDF files")

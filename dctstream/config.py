@@ -33,7 +33,9 @@ __all__ = [
     "BackgroundConfig",
     "Config",
     "DarkConfig",
+    "DetectorConfig",
     "DirectBeamConfig",
+    "ExportConfig",
     "FilterConfig",
     "OutputConfig",
     "SegmentationConfig",
@@ -66,6 +68,30 @@ class DarkConfig:
 
     url: str | None = None
     value: float | None = None  # counts
+    estimate: bool = False  # no dark given: per-pixel median of the faintest frames of the first window
+    estimate_frames: int = 5  # how many of the faintest frames
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The detector's own defects, corrected before the background: bad pixels, uneven gain, binning."""
+
+    mask: str | None = None  # file.h5::/dataset, file.edf or file.npy; non-zero = bad pixel
+    auto_mask: bool = False  # also mask pixels stuck or hot over the first window
+    flat: str | None = None  # flat-field image, or a flat scan to average, as the mask
+    flat_floor: float = 0.1  # flat below this fraction of its median: pixel masked, not divided
+    binning: int = 1  # 1, 2 or 4: b x b pixels summed (or averaged) into one
+    binning_mode: str = "sum"  # sum | mean
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The corrected frames written to OUT/corrected.h5 as the scan runs."""
+
+    format: str = "none"  # none | stack (every pixel) | sparse (pixels above threshold)
+    threshold: float | str = "auto"  # sparse: counts, or auto = the segmentation's lowest growth threshold
+    dtype: str = "float32"  # float32 (exact) | uint16 | uint8 (stretched by percentiles)
+    percentiles: tuple[float, float] = (1.0, 99.99)  # of the first exported frame: the stretch's 0 and maximum
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,8 @@ class Config:
     direct_beam: DirectBeamConfig = field(default_factory=DirectBeamConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -183,6 +211,18 @@ def _parse_number(value: Any) -> float:
     if not math.isfinite(value):
         raise _Invalid("must be a finite number")
     return float(value)
+
+
+def _parse_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def _parse_percentiles(value: Any) -> tuple[float, float]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise _Invalid("must be a list of 2 numbers [low, high]")
+    return tuple(_parse_number(v) for v in value)
 
 
 def _parse_text(value: Any) -> str:
@@ -272,7 +312,8 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "poll_interval_s": _positive,
         "missing": _one_of("error", "repeat-background"),
     },
-    "dark": {"url": _or(None, _parse_text), "value": _or(None, _parse_number)},
+    "dark": {"url": _or(None, _parse_text), "value": _or(None, _parse_number),
+             "estimate": _parse_bool, "estimate_frames": _int_at_least(1)},
     "background": {
         "window": _int_at_least(3, odd=True),
         "mode": _one_of("exact", "block"),
@@ -295,6 +336,21 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "connectivity": _one_of(6, 26),
     },
     "output": {"dir": _parse_text},
+    "detector": {
+        "mask": _or(None, _parse_text),
+        "auto_mask": _parse_bool,
+        "flat": _or(None, _parse_text),
+        "flat_floor": _checked(_parse_number, lambda x: 0 < x < 1, "in (0, 1)"),
+        "binning": _one_of(1, 2, 4),
+        "binning_mode": _one_of("sum", "mean"),
+    },
+    "export": {
+        "format": _one_of("none", "stack", "sparse"),
+        "threshold": _or("auto", _positive),
+        "dtype": _one_of("float32", "uint16", "uint8"),
+        "percentiles": _checked(_parse_percentiles, lambda p: 0 <= p[0] < p[1] <= 100,
+                                "[low, high] with 0 <= low < high <= 100"),
+    },
 }
 
 
@@ -311,6 +367,9 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[str, tuple[str, ...], bool, str
     yield ("dark.value", ("dark.url",),
            cfg.dark.url is None or cfg.dark.value is None,
            "null when dark.url is set")
+    yield ("dark.estimate", ("dark.url", "dark.value"),
+           not cfg.dark.estimate or (cfg.dark.url is None and cfg.dark.value is None),
+           "false when dark.url or dark.value is set")
     yield ("segmentation.grow_high", ("segmentation.grow_low",),
            seg.grow_high is None or seg.grow_low == "auto" or seg.grow_high >= seg.grow_low,
            f">= segmentation.grow_low ({seg.grow_low})")

@@ -38,8 +38,10 @@ def detect_direct_beam(image: np.ndarray, margin_px: int) -> tuple[int, int, int
     return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
 
 
-def margin_mean(frame: np.ndarray, dark: np.ndarray, bbox: tuple[int, int, int, int], margin_px: int) -> float:
-    """Mean of (frame - dark) over the strips ``margin_px`` wide at the left and right edges of ``bbox``.
+def margin_mean(frame: np.ndarray, dark: np.ndarray, bbox: tuple[int, int, int, int], margin_px: int,
+                mask: np.ndarray | None = None) -> float:
+    """Mean of (frame - dark) over the strips ``margin_px`` wide at the left and right edges of ``bbox``,
+    leaving out the pixels where ``mask`` is true.
 
     Those strips see the incoming beam beside the sample, so their mean follows
     the source intensity.
@@ -47,6 +49,9 @@ def margin_mean(frame: np.ndarray, dark: np.ndarray, bbox: tuple[int, int, int, 
     x0, y0, w, h = bbox
     m = min(margin_px, w)
     rows = slice(y0, y0 + h)
-    left = frame[rows, x0:x0 + m].astype(np.float64) - dark[rows, x0:x0 + m]
-    right = frame[rows, x0 + w - m:x0 + w].astype(np.float64) - dark[rows, x0 + w - m:x0 + w]
-    return float((left.sum() + right.sum()) / (left.size + right.size))
+    strips = (slice(x0, x0 + m), slice(x0 + w - m, x0 + w))
+    left, right = (frame[rows, cols].astype(np.float64) - dark[rows, cols] for cols in strips)
+    keep_left, keep_right = (np.ones(0, bool) if mask is None else ~mask[rows, cols] for cols in strips)
+    if mask is None or (keep_left.all() and keep_right.all()):
+        return float((left.sum() + right.sum()) / (left.size + right.size))
+    return float((left[keep_left].sum() + right[keep_right].sum()) / max(keep_left.sum() + keep_right.sum(), 1))

@@ -15,10 +15,11 @@ import numpy as np
 from . import __version__
 from .background import BackgroundStage
 from .config import Config, dump_config
+from .detector import Detector
 from .errors import ConfigError, InputError, OutputError
 from .segment import SegmentParams, Segmenter
-from .sinks import DifspotWriter, SpotTable
-from .sources import load_dark, open_source
+from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
+from .sources import open_source
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class Stats:
     frames_missing: int = 0
     source_end: str | None = None  # why the source stopped: end_time, idle_timeout, complete, ...
     stage_s: Counter = field(default_factory=Counter)  # seconds spent in read, background, segment, write
+    dark: str | None = None  # where the dark came from: dark.url, dark.value, none, or how it was estimated
+    masked_pixels: dict | None = None  # bad pixels by reason (file, flat, stuck, hot) and in all
+    binning: str | None = None  # "b x b sum|mean"
+    export_reduction: float | None = None  # bytes of raw frames read / bytes of OUT/corrected.h5
     started_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -111,7 +116,8 @@ def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
     """Results of an earlier run in ``out_dir``; refuse to mix them with a new run unless asked to replace them."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: cannot create the output folder, expected a folder, got a file")
-    previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots") if p.exists()]
+    previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots", out_dir / "mask.h5", out_dir / "corrected.h5")
+                if p.exists()]
     if previous and not overwrite:
         raise OutputError(f"{out_dir}: already holds results ({previous[0].name}), expected an empty or new "
                           "folder; choose another output.dir or pass --overwrite")
@@ -141,6 +147,7 @@ class Pipeline:
         self.out_dir = Path(cfg.output.dir)
         self.overwrite = overwrite
         self.table: SpotTable | None = None
+        self.export: CorrectedFrameWriter | None = None
         self.source = open_source(cfg.source)
         try:
             self.stats.frames_total = getattr(self.source, "n_frames", None)
@@ -153,21 +160,24 @@ class Pipeline:
             self.source.close()
             raise
         self.segmenter: Segmenter | None = None
+        self._raw_bytes = 0  # of the frames read, before binning
         self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
         self._flushed_s = time.monotonic()
 
     def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
-        dark = load_dark(cfg.dark.url, cfg.dark.value, shape)
+        self.detector = detector = Detector(cfg.detector, cfg.dark, shape, dtype)
         bbox = cfg.direct_beam.bbox
         if isinstance(bbox, tuple):
             x0, y0, w, h = bbox
             if x0 + w > shape[1] or y0 + h > shape[0]:
                 raise ConfigError(f"direct_beam.bbox: {list(bbox)} reaches outside the frame of "
                                   f"{shape[1]} x {shape[0]} pixels (x, y)")
-        self.background = BackgroundStage(cfg.background, frame_shape=shape, dtype=dtype, dark=dark,
-                                          direct_beam=bbox, beam_margin_px=cfg.direct_beam.margin_px,
-                                          filter_size=cfg.filter.median_size)
+        self.background = BackgroundStage(cfg.background, frame_shape=detector.shape, dtype=detector.dtype,
+                                          dark=detector.dark, direct_beam=detector.bin_bbox(bbox),
+                                          beam_margin_px=-(-cfg.direct_beam.margin_px // detector.binning),
+                                          filter_size=cfg.filter.median_size, gain=detector.gain,
+                                          pixel_mask=detector.mask, first_window=detector.first_window)
         # only now, with the frames' shape checked against the dark and the beam box, does output appear
         prepare_output(self.out_dir, self.overwrite)
         self.difspots = DifspotWriter(self.out_dir)
@@ -202,6 +212,10 @@ class Pipeline:
                 self._write(blobs)
         finally:
             self.source.close()
+            if self.export is not None:
+                self.export.close()
+                self.stats.export_reduction = self.export.reduction
+                self.table.attrs["export_reduction"] = self.export.reduction
             if self.table is not None:
                 self.table.close()
         self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
@@ -225,8 +239,11 @@ class Pipeline:
             data = self.background.stand_in()
             self.stats.frames_missing += 1
             log.warning("frame %d: lost in transit, replaced by the current background", frame.index)
-        if self.background is None:
-            self._start_stages(data.shape, data.dtype)
+        else:
+            if self.background is None:
+                self._start_stages(data.shape, data.dtype)
+            self._raw_bytes += data.nbytes
+            data = self.detector.bin(data)
         with self._timed("background"):
             return self.background.push(data)
 
@@ -240,12 +257,22 @@ class Pipeline:
             with self._timed("segment"):
                 blobs = self.segmenter.push(k, frame)
             self._write(blobs)
+            if self.export is not None:
+                with self._timed("write"):
+                    self.export.write(k, frame)
             self.stats.frames_segmented += 1
 
     def _start_segmenter(self, first_frames: list[np.ndarray]) -> None:
         shape = self.background.frame_shape
-        self.stats.direct_beam = self.background.direct_beam
-        mask = beam_mask(self.background.direct_beam, shape)
+        detector = self.detector
+        self.stats.direct_beam = detector.unbin_bbox(self.background.direct_beam)
+        beam = beam_mask(self.background.direct_beam, shape)
+        mask = beam | self.background.pixel_mask
+        detector.write_mask(self.out_dir / "mask.h5", self.background.pixel_mask, beam)
+        facts = detector.attrs()
+        self.stats.dark, self.stats.binning = facts["dark"], facts["binning"]
+        self.stats.masked_pixels = {k.removeprefix("masked_pixels_"): v for k, v in facts.items()
+                                    if k.startswith("masked_pixels_")} | {"all": facts["masked_pixels"]}
         sigma = noise_map(first_frames, mask)
         params = resolve_segmentation(self.cfg.segmentation, sigma)
         seed = np.asarray(params.seed_threshold)[~mask] if np.ndim(params.seed_threshold) else params.seed_threshold
@@ -257,7 +284,11 @@ class Pipeline:
         self.table.attrs.update({"seed_threshold_min": self.stats.seed_threshold[0],
                                  "seed_threshold_max": self.stats.seed_threshold[1],
                                  "noise_sigma_median": self.stats.noise_sigma,
-                                 "direct_beam_bbox": str(list(self.stats.direct_beam or []))})
+                                 "direct_beam_bbox": str(list(self.stats.direct_beam or [])), **facts})
+        if self.cfg.export.format != "none":
+            self.export = CorrectedFrameWriter(self.out_dir / "corrected.h5", self.cfg.export, shape, mask,
+                                               params.maps(shape)[1], self._raw_bytes / max(self.stats.frames_read, 1),
+                                               binning=detector.binning)
 
     def _write(self, blobs) -> None:
         with self._timed("write"):
@@ -265,6 +296,7 @@ class Pipeline:
 
     def _write_blobs(self, blobs) -> None:
         for blob in blobs:
+            blob = self.detector.unbin_blob(blob)
             self.difspots.write(blob, volume=blob.volume)
             psi = None
             if self._psi:

@@ -6,7 +6,10 @@ than the diffraction spots with the rotating sample's shadow in it, a smooth
 glow around the beam, a source intensity that oscillates and decays with the
 rotation angle psi, Poisson + read noise, hot pixels and single-frame zingers.
 Diffraction spots are 3-D Gaussians in (frame, y, x); spots near the rotation
-axis last more frames.
+axis last more frames.  Optional detector defects: dead pixels and gaps between
+the four modules (always 0), a gain pattern (per module and per pixel) with a
+flat-field scan consistent with it, and frames taken with the shutter closed
+at the start of the scan.
 
 Coordinates are 0-based with pixel centres at integers; ``x`` is the column,
 ``y`` the row, and frame ``k`` is recorded at psi = k * 360 / frames degrees.
@@ -20,6 +23,7 @@ can be rendered in parallel, and the same seed gives byte-identical data.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import operator
@@ -41,6 +45,9 @@ FRAMES_PATH = "/1.1/measurement/marana"
 ANGLES_PATH = "/1.1/measurement/diffrz"
 DARK_PATH = "/2.1/measurement/marana"
 TRUTH_PATH = "/1.1/ground_truth"
+FLAT_PATH = "/3.1/measurement/marana"
+
+FLAT_COUNTS = 20000.0  # photons per pixel per flat frame at gain 1
 
 # Sensor quadrants in the order top-left, top-right, bottom-left, bottom-right
 # (top = rows below ny // 2, left = columns below nx // 2).
@@ -101,6 +108,7 @@ EXPOSURE_S = 0.1
 _NOISE_STREAM = 1
 _ZINGER_STREAM = 2
 _DARK_STREAM = 3
+_FLAT_STREAM = 4
 
 _TRUTH_FLOAT_COLUMNS = ("x", "y", "frame", "sigma_x", "sigma_y", "sigma_frame",
                         "peak", "integral", "noise", "snr")
@@ -123,6 +131,7 @@ class ScanTruth:
     dark_url: str
     spots: dict[str, np.ndarray]
     direct_beam_bbox: tuple[int, int, int, int]
+    flat_url: str | None = None  # the flat-field scan, when one was written
 
 
 def _gauss(offset: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -175,8 +184,16 @@ class ScanModel:
     Memory is a few frames plus the spot table.
     """
 
-    def __init__(self, *, frames: int = 720, size: int | Sequence[int] = 512, spots: int = 400, seed: int = 0):
+    def __init__(self, *, frames: int = 720, size: int | Sequence[int] = 512, spots: int = 400, seed: int = 0,
+                 dead_pixel_fraction: float = 0.0, module_gap_px: int = 0, gain_spread: float = 0.0,
+                 shutter_closed_frames: int = 0):
+        """Defects: ``dead_pixel_fraction`` of the pixels and ``module_gap_px`` rows and columns
+        through the detector's centre (between its 2 x 2 modules) always read 0; ``gain_spread``
+        s > 0 multiplies the photons by a gain with median 1: a factor uniform in [1 - s, 1 + s]
+        per module times 1 + s/5 x a normal deviate per pixel.  The first ``shutter_closed_frames``
+        frames see no beam and no spots (offsets, read noise and zingers only)."""
         self.frames = _check_count("frames", frames, MIN_FRAMES)
+        self.shutter_closed_frames = _check_count("shutter_closed_frames", shutter_closed_frames, 0)
         self.shape = _parse_shape(size)
         self.seed = _check_count("seed", seed, 0)
         ny, nx = self.shape
@@ -215,6 +232,18 @@ class ScanModel:
         self._amplitude = spots["peak"] / self.source_intensity(spots["frame"])
         spots["integral"] = self._integrals(spots, self._amplitude)
         self.spots = {name: spots[name] for name in TRUTH_COLUMNS}
+
+        # Drawn after the scene, so that the same seed gives the same spots with or without defects.
+        self.gain = np.ones(self.shape)
+        if gain_spread > 0:
+            module = 1 + gain_spread * rng.uniform(-1, 1, size=(2, 2))
+            self.gain = module[lower.astype(int)[:, None], right.astype(int)[None, :]] * np.clip(
+                1 + gain_spread / 5 * rng.standard_normal(self.shape), 0.2, None)
+            self.gain /= np.median(self.gain)
+        self.dead = rng.random(self.shape) < dead_pixel_fraction if dead_pixel_fraction > 0 else np.zeros(self.shape, bool)
+        gap = _check_count("module_gap_px", module_gap_px, 0)
+        self.dead[ny // 2 - gap // 2:ny // 2 - gap // 2 + gap] = True
+        self.dead[:, nx // 2 - gap // 2:nx // 2 - gap // 2 + gap] = True
 
     # --- static scene -------------------------------------------------------
 
@@ -272,7 +301,8 @@ class ScanModel:
 
     def _make_spots(self, rng: np.random.Generator, n_spots: int) -> dict[str, np.ndarray]:
         ny, nx = self.shape
-        lo = np.array([SPOT_BORDER_PX, SPOT_BORDER_PX, SPOT_FRAME_MARGIN[0], SPOT_SIGMA_XY_PX[0], SPOT_SIGMA_XY_PX[0]])
+        first = SPOT_FRAME_MARGIN[0] + self.shutter_closed_frames
+        lo = np.array([SPOT_BORDER_PX, SPOT_BORDER_PX, first, SPOT_SIGMA_XY_PX[0], SPOT_SIGMA_XY_PX[0]])
         hi = np.array([nx - 1 - SPOT_BORDER_PX, ny - 1 - SPOT_BORDER_PX, self.frames - SPOT_FRAME_MARGIN[1],
                        SPOT_SIGMA_XY_PX[1], SPOT_SIGMA_XY_PX[1]])
         # columns: x, y, frame, sigma_x, sigma_y, sigma_frame
@@ -358,7 +388,9 @@ class ScanModel:
         return image
 
     def signal(self, k: int) -> np.ndarray:
-        """Noiseless photon counts of frame ``k``: beam + glow + spots (float64)."""
+        """Noiseless photon counts of frame ``k``: beam + glow + spots (float64), 0 with the shutter closed."""
+        if k < self.shutter_closed_frames:
+            return np.zeros(self.shape)
         return self.add_spots(self.background(k), k)
 
     # --- noisy frames -------------------------------------------------------
@@ -380,11 +412,13 @@ class ScanModel:
     def frame(self, k: int) -> np.ndarray:
         """Raw detector frame ``k`` (uint16): Poisson(signal) + offsets + hot pixels + read noise + zingers."""
         rng = np.random.default_rng((self.seed, _NOISE_STREAM, k))
-        counts = rng.poisson(self.signal(k)).astype(np.float32)
+        signal = self.signal(k)
+        counts = rng.poisson(signal * self.gain).astype(np.float32)
         counts += self.fixed_pattern
         counts += self.read_noise * rng.standard_normal(self.shape, dtype=np.float32)
         y, x, excess = self.zingers(k)
         np.add.at(counts, (y, x), excess.astype(np.float32))
+        counts[self.dead] = 0
         return _digitise(counts)
 
     def dark_frame(self, i: int) -> np.ndarray:
@@ -392,6 +426,16 @@ class ScanModel:
         rng = np.random.default_rng((self.seed, _DARK_STREAM, i))
         counts = self.read_noise * rng.standard_normal(self.shape, dtype=np.float32)
         counts += self.fixed_pattern
+        counts[self.dead] = 0
+        return _digitise(counts)
+
+    def flat_frame(self, i: int) -> np.ndarray:
+        """Flat-field frame ``i`` (uint16): a uniform ``FLAT_COUNTS`` photons x gain, + offsets and read noise."""
+        rng = np.random.default_rng((self.seed, _FLAT_STREAM, i))
+        counts = rng.poisson(FLAT_COUNTS * self.gain).astype(np.float32)
+        counts += self.fixed_pattern
+        counts += self.read_noise * rng.standard_normal(self.shape, dtype=np.float32)
+        counts[self.dead] = 0
         return _digitise(counts)
 
 
@@ -438,6 +482,8 @@ def simulate_scan(
     compression=None,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    flat_frames: int = 0,
+    **defects,
 ) -> ScanTruth:
     """Write a simulated DCT scan and its ground truth to the HDF5 file ``path``.
 
@@ -448,7 +494,9 @@ def simulate_scan(
     given, is called as ``progress(frames_done, frames_total)`` after every
     written frame, darks included. ``workers`` is the number of rendering
     threads (default: up to 4, as many as there are cores). Frames are
-    rendered and written one at a time.
+    rendered and written one at a time.  ``defects`` are `ScanModel`'s
+    ``dead_pixel_fraction``, ``module_gap_px``, ``gain_spread`` and
+    ``shutter_closed_frames``; ``flat_frames`` > 0 adds a flat-field scan.
 
     Layout (the file is overwritten)::
 
@@ -474,13 +522,16 @@ def simulate_scan(
                       quadrant_offsets [top-left, top-right, bottom-left, bottom-right], seed
         /2.1/title                  "dark"
         /2.1/measurement/marana     (dark_frames, ny, nx) offsets + read noise + hot pixels
+        /3.1/measurement/marana     (flat_frames, ny, nx) FLAT_COUNTS x gain + offsets + noise,
+                                    only when flat_frames > 0
     """
     dtype = np.dtype(dtype)
     if dtype not in _ALLOWED_DTYPES:
         raise InputError(f"simulate_scan: unsupported dtype, expected one of "
                          f"{', '.join(map(str, _ALLOWED_DTYPES))}, got {dtype}")
     dark_frames = _check_count("dark_frames", dark_frames, 1)
-    model = ScanModel(frames=frames, size=size, spots=spots, seed=seed)
+    model = ScanModel(frames=frames, size=size, spots=spots, seed=seed, **defects)
+    flat_frames = _check_count("flat_frames", flat_frames, 0)
     path = os.fspath(path)
     total = model.frames + dark_frames
     ny, nx = model.shape
@@ -514,8 +565,15 @@ def simulate_scan(
             darks[i] = model.dark_frame(i)
             if progress is not None:
                 progress(model.frames + i + 1, total)
+        if flat_frames:
+            f["3.1/title"] = "flat"
+            flats = f.create_dataset(FLAT_PATH, shape=(flat_frames, ny, nx), dtype=dtype,
+                                     chunks=(1, ny, nx), compression=compression)
+            for i in range(flat_frames):
+                flats[i] = model.flat_frame(i)
 
-    return _truth(path, model.spots, model.direct_beam_bbox)
+    truth = _truth(path, model.spots, model.direct_beam_bbox)
+    return dataclasses.replace(truth, flat_url=f"{path}::{FLAT_PATH}") if flat_frames else truth
 
 
 def _truth(path: str, spots: dict[str, np.ndarray], bbox: Sequence[int]) -> ScanTruth:

@@ -6,15 +6,18 @@ import numpy as np
 import scipy.ndimage as ndi
 
 
-def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scales=None, filter_size=3):
-    """Corrected frames of a whole scan: np.median over each frame's window, then scipy's median filter."""
+def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scales=None, filter_size=3, gain=None):
+    """Corrected frames of a whole scan: np.median over each frame's window, then scipy's median filter.
+
+    Normalised frame j is (raw_j - dark) * gain * scales[j] (gain = 1 / flat, per pixel)."""
     n = raw.shape[0]
     if n < window:
         window = n if n % 2 else n - 1
     h = window // 2
     dark = np.zeros(raw.shape[1:], np.float32) if dark is None else dark.astype(np.float32)
     scales = np.ones(n, np.float32) if scales is None else np.asarray(scales, np.float32)
-    normalised = (raw.astype(np.float32) - dark) * scales[:, None, None]
+    gain = np.ones(raw.shape[1:], np.float32) if gain is None else gain.astype(np.float32)
+    normalised = (raw.astype(np.float32) - dark) * gain * scales[:, None, None]
     out = np.empty(raw.shape, np.float32)
     for k in range(n):
         centre = (k // stride) * stride + stride // 2 if mode == "block" else k

@@ -165,7 +165,8 @@ def test_replace_config_checks_values():
 
 def test_config_to_dict_is_plain():
     d = config_to_dict(load_config(None, ["direct_beam.bbox=[1,2,3,4]"]))
-    assert list(d) == ["source", "dark", "background", "filter", "direct_beam", "segmentation", "output"]
+    assert list(d) == ["source", "dark", "background", "filter", "direct_beam", "segmentation", "output",
+                       "detector", "export"]
     assert d["direct_beam"]["bbox"] == [1, 2, 3, 4]
     assert d["segmentation"]["max_blob_size"] == [80, 80, 25]
 
@@ -238,7 +239,14 @@ def test_any_even_window_is_rejected(half):
      "segmentation.max_blob_size: must be a list of 3 integers [x, y, frames], got [80, 80, true]"),
     ("segmentation: {min_blob_size: [0, 2, 1]}",
      "segmentation.min_blob_size: must be >= 1 in every component, got [0, 2, 1]"),
+    ("detector: {binning: 3}", "detector.binning: must be one of 1, 2, 4, got 3"),
+    ("detector: {flat_floor: 1}", "detector.flat_floor: must be in (0, 1), got 1"),
+    ("detector: {auto_mask: 1}", "detector.auto_mask: must be true or false, got 1"),
+    ("export: {percentiles: [99, 1]}",
+     "export.percentiles: must be [low, high] with 0 <= low < high <= 100, got [99, 1]"),
+    ("export: {dtype: int8}", "export.dtype: must be one of float32, uint16, uint8, got int8"),
     # cross-field rules
+    ("dark: {value: 100, estimate: true}", "dark.estimate: must be false when dark.url or dark.value is set, got true"),
     ("dark: {url: 'd.h5::/2.1/measurement/marana', value: 100}",
      "dark.value: must be null when dark.url is set, got 100.0"),
     ("background: {mode: block, window: 11, stride: 12}",
@@ -253,7 +261,7 @@ def test_any_even_window_is_rejected(half):
      "segmentation.max_blob_size: must be >= segmentation.min_blob_size [5, 5, 5] in every component, got [80, 4, 25]"),
     # structure
     ("backgrond: {window: 5}",
-     "backgrond: unknown section (known: background, dark, direct_beam, filter, output, segmentation, source)"),
+     "backgrond: unknown section (known: background, dark, detector, direct_beam, export, filter, output, segmentation, source)"),
     ("background: {windw: 5}", "background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("background: 5", "background: must be a mapping, got 5"),
     ("- background", "must be a mapping of sections, got [background]"),
@@ -287,7 +295,7 @@ def test_cross_rule_error_names_the_layer_that_broke_it(tmp_path):
     ("background.windw=5",
      "--set: background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("bg.window=5",
-     "--set: bg: unknown section (known: background, dark, direct_beam, filter, output, segmentation, source)"),
+     "--set: bg: unknown section (known: background, dark, detector, direct_beam, export, filter, output, segmentation, source)"),
     ("background.window=4", "--set: background.window: must be odd and >= 3, got 4"),
     ("dark.value=[1,", "--set: dark.value: invalid YAML value '[1,': "
                        "while parsing a flow node, expected the node content, but found '<stream end>'"),

@@ -59,8 +59,8 @@ _TILE = 64  # pixels of a row gathered over the window at once
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def window_median_normalised(ring, slots, dark, scales, out):
-    """out[y, x] = median over s in slots of (float32(ring[s, y, x]) - dark[y, x]) * scales[s]."""
+def window_median_normalised(ring, slots, dark, gain, scales, out):
+    """out[y, x] = median over s in slots of (float32(ring[s, y, x]) - dark[y, x]) * gain[y, x] * scales[s]."""
     n = slots.size
     ny, nx = out.shape
     for y in numba.prange(ny):
@@ -72,7 +72,7 @@ def window_median_normalised(ring, slots, dark, scales, out):
                 s = slots[i]
                 sc = scales[s]
                 for t in range(width):
-                    rows[i, t] = (np.float32(ring[s, y, x0 + t]) - dark[y, x0 + t]) * sc
+                    rows[i, t] = (np.float32(ring[s, y, x0 + t]) - dark[y, x0 + t]) * gain[y, x0 + t] * sc
             for t in range(width):
                 for i in range(n):
                     buf[i] = rows[i, t]

@@ -17,8 +17,8 @@ def _require(name: str, arr: np.ndarray, *, ndim: int, dtype=None) -> None:
 
 
 def window_median(ring: np.ndarray, slots: np.ndarray, dark: np.ndarray, scales: np.ndarray,
-                  out: np.ndarray | None = None) -> np.ndarray:
-    """Per-pixel median over the ring slots of the normalised frames (ring - dark) * scale, float32."""
+                  out: np.ndarray | None = None, *, gain: np.ndarray | None = None) -> np.ndarray:
+    """Per-pixel median over the ring slots of the normalised frames (ring - dark) * gain * scale, float32."""
     _require("ring", ring, ndim=3)
     _require("dark", dark, ndim=2, dtype=np.float32)
     _require("scales", scales, ndim=1, dtype=np.float32)
@@ -27,10 +27,15 @@ def window_median(ring: np.ndarray, slots: np.ndarray, dark: np.ndarray, scales:
         raise ValueError(f"slots: expected an odd number of frames, got {slots.size}")
     if dark.shape != ring.shape[1:]:
         raise ValueError(f"dark: expected shape {ring.shape[1:]}, got {dark.shape}")
+    if gain is None:
+        gain = np.ones(ring.shape[1:], np.float32)
+    _require("gain", gain, ndim=2, dtype=np.float32)
+    if gain.shape != ring.shape[1:]:
+        raise ValueError(f"gain: expected shape {ring.shape[1:]}, got {gain.shape}")
     if out is None:
         out = np.empty(ring.shape[1:], dtype=np.float32)
     _require("out", out, ndim=2, dtype=np.float32)
-    _kernels.window_median_normalised(ring, slots, dark, scales, out)
+    _kernels.window_median_normalised(ring, slots, dark, gain, scales, out)
     return out
 
 

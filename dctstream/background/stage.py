@@ -4,8 +4,9 @@ Frame k's background is the per-pixel median of the normalised frames in the
 window of ``window`` frames centred on k's *centre* frame (k itself in
 ``exact`` mode, the middle of k's block of ``stride`` frames in ``block``
 mode), shifted to stay inside the scan at its two ends. Normalised frame j is
-``(float32(raw_j) - dark) * scale_j``; corrected frame k is its normalised
-frame minus its background, then the 2-D median filter.
+``(float32(raw_j) - dark) * gain * scale_j`` (gain = 1 / flat field, per
+pixel); corrected frame k is its normalised frame minus its background, then
+the 2-D median filter.
 
 Frame k is emitted as soon as the last frame of its window has arrived (and,
 with ``batch_frames`` > 1, the batch holding it is complete): a fixed latency
@@ -44,7 +45,11 @@ class BackgroundStage:
     """
 
     def __init__(self, cfg, *, frame_shape, dtype, dark=None, direct_beam="none",
-                 beam_margin_px: int = 10, filter_size: int = 3):
+                 beam_margin_px: int = 10, filter_size: int = 3, gain=None, pixel_mask=None,
+                 first_window=None):
+        """``gain`` multiplies each pixel after the dark (> 0); ``pixel_mask`` marks pixels left out of the
+        margin means; ``first_window(ring, slots) -> (dark or None, pixel_mask)`` is called once the first
+        window of frames is in, before they are used (to estimate the dark or find bad pixels from them)."""
         self.cfg = cfg
         self.window = cfg.window
         self.batch = cfg.batch_frames
@@ -52,6 +57,10 @@ class BackgroundStage:
         self.dtype = np.dtype(dtype)
         self.dark = (np.zeros(self.frame_shape, np.float32) if dark is None
                      else np.ascontiguousarray(dark, dtype=np.float32))
+        self.gain = (np.ones(self.frame_shape, np.float32) if gain is None
+                     else np.ascontiguousarray(gain, dtype=np.float32))
+        self.pixel_mask = np.zeros(self.frame_shape, bool) if pixel_mask is None else pixel_mask
+        self._first_window = first_window
         self._beam_spec = direct_beam
         self._beam_margin_px = beam_margin_px
         self.direct_beam = direct_beam if isinstance(direct_beam, tuple) else None
@@ -117,12 +126,17 @@ class BackgroundStage:
         first = self.ring.count - n
         zeros = np.zeros(self.frame_shape, np.float32)
         ones = np.ones(self.ring.capacity, np.float32)
-        median = window_median(self.ring.data, self.ring.slots(first, first + n), zeros, ones)
+        median = window_median(self.ring.data, self.ring.slots(first, first + n), zeros, ones,
+                               gain=np.ones(self.frame_shape, np.float32))
         return median.astype(self.dtype)
 
     # ---- internals -------------------------------------------------------------
     def _warm_up(self, width: int) -> None:
         slots = self.ring.slots(0, width)
+        if self._first_window is not None:
+            dark, self.pixel_mask = self._first_window(self.ring.data, slots)
+            if dark is not None:
+                self.dark = np.ascontiguousarray(dark, dtype=np.float32)
         full = width == self.window == self.cfg.window  # a full window: slide from here on
         if full and self.cfg.normalise == "none" and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
             self._hist = HistogramWindow(self.ring.data, 0, width)
@@ -131,7 +145,7 @@ class BackgroundStage:
             image = self._medians.get(0)
             if image is None:
                 ones = np.ones(self.ring.capacity, np.float32)
-                image = window_median(self.ring.data, slots, self.dark, ones)
+                image = window_median(self.ring.data, slots, self.dark, ones, gain=self.gain)
             self.direct_beam = detect_direct_beam(image, self._beam_margin_px)
             log.info("direct beam found at %s", self.direct_beam)
         if self.cfg.normalise == "margin":
@@ -165,8 +179,9 @@ class BackgroundStage:
         return centre % stride == stride // 2
 
     def _from_raw(self, median: np.ndarray) -> np.ndarray:
-        """Background from a median of raw frames: exact, as the median commutes with raw -> raw - dark."""
-        return median.astype(np.float32) - self.dark
+        """Background from a median of raw frames: exact, as the median commutes with the per-pixel
+        increasing map raw -> (raw - dark) * gain (gain > 0; float32 rounding keeps it non-decreasing)."""
+        return (median.astype(np.float32) - self.dark) * self.gain
 
     def _sorted_background(self) -> np.ndarray:
         median = self._sorted.median()
@@ -175,7 +190,7 @@ class BackgroundStage:
     def _scale(self, k: int, frame: np.ndarray) -> np.float32:
         if self.cfg.normalise == "none":
             return np.float32(1.0)
-        mean = margin_mean(frame, self.dark, self.direct_beam, self.cfg.margin_px)
+        mean = margin_mean(frame, self.dark, self.direct_beam, self.cfg.margin_px, self.pixel_mask)
         if not mean > 0:
             raise InputError(f"frame {k}: mean of the direct-beam margins is {mean:g}, expected > 0 "
                              f"to normalise (check direct_beam.bbox and background.margin_px)")
@@ -184,11 +199,11 @@ class BackgroundStage:
         return np.float32(self._margin_ref / mean)
 
     def _sorted_values(self, raw: np.ndarray, scale) -> np.ndarray:
-        # Without normalisation the median commutes with the monotone map
-        # raw -> float32(raw) - dark, so the window can stay in native integers.
+        # Without normalisation the median commutes with the per-pixel increasing
+        # map raw -> (float32(raw) - dark) * gain, so the window can stay in native integers.
         if self.cfg.normalise == "none":
             return raw
-        return (raw.astype(np.float32) - self.dark) * np.float32(scale)
+        return (raw.astype(np.float32) - self.dark) * self.gain * np.float32(scale)
 
     def _start(self, k: int) -> int:
         centre = k
@@ -211,7 +226,8 @@ class BackgroundStage:
         start = self._start(k)
         if start not in self._medians:
             slots = self.ring.slots(start, start + self.window)
-            self._medians = {start: window_median(self.ring.data, slots, self.dark, self.scales)}
+            self._medians = {start: window_median(self.ring.data, slots, self.dark, self.scales,
+                                                  gain=self.gain)}
         return self._medians[start]
 
     def _drain(self) -> list[tuple[int, np.ndarray]]:
@@ -219,7 +235,7 @@ class BackgroundStage:
         while self._ready(self.emitted):
             k = self.emitted
             slot = self.ring.slot(k)
-            normalised = (self.ring.data[slot].astype(np.float32) - self.dark) * self.scales[slot]
+            normalised = (self.ring.data[slot].astype(np.float32) - self.dark) * self.gain * self.scales[slot]
             background = self._background(k)
             for start in [s for s in self._medians if s < self._start(k)]:
                 del self._medians[start]

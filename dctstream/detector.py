@@ -1,0 +1,240 @@
+"""The detector's own defects, dealt with before the background: bad pixels, uneven gain, binning, the dark.
+
+Maps (mask, flat, dark) are given in detector pixels, (y, x) like the frames,
+and binned like the frames.  Binning by b takes the top-left
+``(ny // b) * b`` x ``(nx // b) * b`` pixels (the remainder rows and columns
+are dropped) and sums or averages each b x b block; binned pixel (i, j) covers
+detector pixels ``b*i .. b*i + b - 1`` (rows) and ``b*j .. b*j + b - 1``
+(columns).  A binned pixel is bad if any of its pixels is.
+
+Pixels are masked for four reasons, counted separately in ``mask_counts``:
+``file`` (detector.mask, non-zero = bad), ``flat`` (flat below
+``flat_floor`` x its median), and with ``auto_mask`` over the first window of
+frames: ``stuck`` (the same value in every frame: dead, gap or saturated) and
+``hot`` (temporal median, after dark and flat, above the largest of its 8
+neighbours' by more than ``HOT_SIGMAS`` x the median of their temporal
+standard deviations (a stuck neighbour counting as infinitely noisy): an isolated bright pixel, which a spot, lasting a few
+frames, or the smooth beam never is).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import h5py
+import numpy as np
+import scipy.ndimage as ndi
+
+from .background.kernels import window_median
+from .errors import InputError
+from .sources import load_dark, read_dataset
+from .types import Blob
+
+log = logging.getLogger(__name__)
+
+HOT_SIGMAS = 20.0
+_NEIGHBOURS = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
+
+
+def read_image(url: str, key: str) -> np.ndarray:
+    """A 2-D image or 3-D stack from ``file.h5::/dataset``, an EDF file (fabio) or a ``.npy`` file."""
+    path = url.split("::")[0]
+    if "::" in url:
+        return read_dataset(url, key)
+    if not os.path.exists(path):
+        raise InputError(f"{key}: {path}: file not found, expected file.h5::/dataset, file.edf or file.npy")
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        import fabio
+        return fabio.open(path).data
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{key}: {path}: cannot read as EDF or NumPy ({' '.join(str(exc).split())})") from None
+
+
+def _checked_shape(image: np.ndarray, url: str, key: str, shape, *, stack: bool) -> np.ndarray:
+    if image.dtype.kind not in "buif" or image.shape[-2:] != tuple(shape) or image.ndim not in ((2, 3) if stack else (2,)):
+        what = "an image" + (" or a stack (n, y, x)" if stack else "") + f" of {shape[0]} x {shape[1]} pixels (y, x)"
+        raise InputError(f"{key}: {url}: expected {what} of numbers like the frames, "
+                         f"got shape {image.shape} dtype {image.dtype}")
+    if image.ndim == 3:
+        if image.shape[0] == 0:
+            raise InputError(f"{key}: {url}: expected at least 1 flat frame, got shape {image.shape}")
+        image = image.mean(axis=0, dtype=np.float64)
+    return image
+
+
+def bin_image(image: np.ndarray, b: int, how: str, dtype=None) -> np.ndarray:
+    """``image`` binned b x b: ``sum``, ``mean`` or ``any`` of each block (remainder rows/columns dropped)."""
+    if b == 1:
+        return image if dtype is None else image.astype(dtype)
+    ny, nx = image.shape[0] // b, image.shape[1] // b
+    blocks = image[:ny * b, :nx * b].reshape(ny, b, nx, b)
+    if how == "any":
+        return blocks.any(axis=(1, 3))
+    if how == "sum":
+        return blocks.sum(axis=(1, 3), dtype=dtype)
+    return (blocks.sum(axis=(1, 3), dtype=np.float64) / (b * b)).astype(dtype or np.float32)
+
+
+def binned_dtype(dtype: np.dtype, b: int, how: str) -> np.dtype:
+    """Integers stay integers when summed (wide enough for b*b saturated pixels); averages are float32."""
+    if b == 1:
+        return dtype
+    if how == "mean" or dtype.kind == "f":
+        return np.dtype(np.float32)
+    return np.dtype(np.uint32 if dtype.itemsize <= 2 and dtype.kind == "u" else np.int64)
+
+
+def faintest_dark(frames: np.ndarray, slots: np.ndarray, n_faintest: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel median of the ``n_faintest`` frames of ``frames[slots]`` with the lowest sum.
+
+    Returns ``(dark, positions)``: positions are indices into ``slots`` (ties: the earlier frame).
+    """
+    sums = np.array([frames[s].sum(dtype=np.float64) for s in slots])
+    positions = np.sort(np.argsort(sums, kind="stable")[:n_faintest])
+    return np.median(frames[slots[positions]], axis=0).astype(np.float32), positions
+
+
+def stuck_and_hot(frames: np.ndarray, slots: np.ndarray, dark: np.ndarray, gain: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(stuck, hot) pixel masks over ``frames[slots]`` (an odd count); the rules are in the module docstring."""
+    low = frames[slots[0]].copy()
+    high = low.copy()
+    total = np.zeros(low.shape, np.float64)
+    squares = np.zeros(low.shape, np.float64)
+    for s in slots:
+        np.minimum(low, frames[s], out=low)
+        np.maximum(high, frames[s], out=high)
+        values = frames[s].astype(np.float64)
+        total += values
+        squares += values * values
+    stuck = low == high
+    n = len(slots)
+    noise = np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0.0)) * gain
+    median = window_median(frames, slots, dark, np.ones(frames.shape[0], np.float32), gain=gain)
+    brightest = ndi.maximum_filter(np.where(stuck, -np.inf, median), footprint=_NEIGHBOURS, mode="nearest")
+    # a stuck neighbour has no noise: count it as noisy, so that it cannot make a pixel beside a gap look hot
+    spread = ndi.median_filter(np.where(stuck, np.inf, noise), footprint=_NEIGHBOURS, mode="nearest")
+    hot = ~stuck & (median - brightest > HOT_SIGMAS * np.maximum(spread, 1.0))
+    return stuck, hot
+
+
+class Detector:
+    """The ``detector`` and ``dark`` sections applied to frames of ``frame_shape`` and ``dtype`` from the source.
+
+    ``shape``/``dtype`` are those of the frames after binning; ``mask``,
+    ``gain`` (1 / flat) and ``dark`` are binned maps (``dark`` None until
+    known).  ``first_window`` is what the background stage calls with the first
+    window of frames.
+    """
+
+    def __init__(self, cfg, dark_cfg, frame_shape, dtype):
+        self.cfg, self.dark_cfg = cfg, dark_cfg
+        self.binning = b = cfg.binning
+        self.raw_shape = tuple(frame_shape)
+        self.raw_dtype = np.dtype(dtype)
+        if min(self.raw_shape) < b:
+            raise InputError(f"detector.binning: frames of {self.raw_shape} pixels, expected at least {b} x {b}")
+        self.shape = (self.raw_shape[0] // b, self.raw_shape[1] // b)
+        self.dtype = binned_dtype(self.raw_dtype, b, cfg.binning_mode)
+        self.mask_counts: dict[str, int] = {}
+        raw_mask = np.zeros(self.raw_shape, bool)
+        if cfg.mask:
+            image = _checked_shape(read_image(cfg.mask, "detector.mask"), cfg.mask, "detector.mask",
+                                   self.raw_shape, stack=False)
+            raw_mask = image != 0
+            self.mask_counts["file"] = int(raw_mask.sum())
+        raw_dark = load_dark(dark_cfg.url, dark_cfg.value, self.raw_shape)
+        self.dark = None if raw_dark is None else bin_image(raw_dark, b, cfg.binning_mode, np.float32)
+        self.dark_source = ("dark.value" if dark_cfg.value is not None else "dark.url" if dark_cfg.url
+                            else "estimated" if dark_cfg.estimate else "none")
+        self.gain = None
+        if cfg.flat:
+            flat = _checked_shape(read_image(cfg.flat, "detector.flat"), cfg.flat, "detector.flat",
+                                  self.raw_shape, stack=True).astype(np.float64)
+            if raw_dark is not None:
+                flat = flat - raw_dark
+            good = ~raw_mask & np.isfinite(flat) & (flat > 0)
+            if not good.any():
+                raise InputError(f"detector.flat: {cfg.flat}: expected a flat field > 0 (after the dark), "
+                                 f"got no such pixel")
+            flat = flat / np.median(flat[good])
+            low = ~(flat >= cfg.flat_floor)  # NaN too
+            self.mask_counts["flat"] = int((low & ~raw_mask).sum())
+            raw_mask |= low
+            binned = bin_image(np.where(low, 1.0, flat), b, "mean", np.float64)
+            self.gain = (1.0 / binned).astype(np.float32)
+        self.mask = bin_image(raw_mask, b, "any")
+
+    def bin(self, frame: np.ndarray) -> np.ndarray:
+        return bin_image(frame, self.binning, self.cfg.binning_mode, self.dtype)
+
+    def first_window(self, frames: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(dark estimated from the frames or None, the mask with the automatic detection added)."""
+        if self.dark_cfg.estimate:
+            self.dark, positions = faintest_dark(frames, slots, self.dark_cfg.estimate_frames)
+            self.dark_source = (f"estimated: per-pixel median of frames {positions.tolist()}, the "
+                                f"{len(positions)} with the lowest sum among frames 0..{len(slots) - 1}")
+            log.info("dark %s", self.dark_source)
+        if self.cfg.auto_mask:
+            ones = np.ones(self.shape, np.float32)
+            stuck, hot = stuck_and_hot(frames, slots, ones * 0 if self.dark is None else self.dark,
+                                       ones if self.gain is None else self.gain)
+            self.mask_counts["stuck"] = int((stuck & ~self.mask).sum())
+            self.mask_counts["hot"] = int((hot & ~self.mask).sum())
+            self.mask = self.mask | stuck | hot
+        return self.dark, self.mask
+
+    def bin_bbox(self, bbox):
+        """A box in detector pixels -> the binned box covering it; other values pass."""
+        b = self.binning
+        if b == 1 or not isinstance(bbox, tuple):
+            return bbox
+        x0, y0, w, h = bbox
+        x1, y1 = min(-(-(x0 + w) // b), self.shape[1]), min(-(-(y0 + h) // b), self.shape[0])
+        return (x0 // b, y0 // b, max(x1 - x0 // b, 1), max(y1 - y0 // b, 1))
+
+    def unbin_bbox(self, bbox):
+        b = self.binning
+        return bbox if bbox is None or b == 1 else tuple(int(v) * b for v in bbox)
+
+    def unbin_blob(self, blob: Blob) -> Blob:
+        """``blob`` in detector pixels: each binned voxel becomes its b x b pixels, sharing its counts.
+
+        Binned value v becomes v / b² per pixel (``sum``) or v (``mean``), so the
+        integral is the sum of the detector counts either way; the centroid is
+        b x (binned centroid) + (b - 1) / 2, the box b x (binned box).
+        """
+        b = self.binning
+        if b == 1:
+            return blob
+        share = 1.0 / (b * b) if self.cfg.binning_mode == "sum" else 1.0
+        dy, dx = (a.ravel() for a in np.mgrid[0:b, 0:b])
+        frame = np.repeat(blob.frame, b * b)
+        y = (blob.y[:, None] * b + dy).ravel()
+        x = (blob.x[:, None] * b + dx).ravel()
+        value = np.repeat(blob.value * np.float32(share), b * b)
+        order = np.lexsort((x, y, frame))
+        volume = None
+        if blob.volume is not None:
+            volume = np.repeat(np.repeat(blob.volume * np.float32(share), b, axis=1), b, axis=2)
+        f, my, mx = blob.max_index
+        return Blob(id=blob.id, frame=frame[order], y=y[order], x=x[order], value=value[order],
+                    max_index=(f, my * b, mx * b), max_value=float(blob.max_value * share), volume=volume)
+
+    def attrs(self) -> dict:
+        """Facts for the run record: where the dark came from, masked pixels, binning."""
+        return {"dark": self.dark_source, "binning": f"{self.binning} x {self.binning} {self.cfg.binning_mode}",
+                "masked_pixels": int(self.mask.sum()),
+                **{f"masked_pixels_{why}": n for why, n in self.mask_counts.items()}}
+
+    def write_mask(self, path, mask: np.ndarray, beam: np.ndarray) -> None:
+        """``OUT/mask.h5``: the pixels the segmenter ignored, binned, with their reasons' counts as attributes."""
+        with h5py.File(path, "w") as f:
+            f["mask"] = mask.astype(np.uint8)
+            f["direct_beam"] = beam.astype(np.uint8)
+            f.attrs.update({k: v for k, v in self.attrs().items() if k != "dark"})
+            f.attrs["interpretation"] = ("1 = bad pixel (mask file, flat below floor, stuck or hot), "
+                                         "never segmented; in binned pixels")

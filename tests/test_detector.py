@@ -1,0 +1,330 @@
+"""Pixel masks, flat field, dark from the data, binning and the corrected-frame export, against obvious references."""
+
+from pathlib import Path
+
+import fabio
+import h5py
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from dctstream.config import load_config
+from dctstream.detector import Detector, bin_image, stuck_and_hot
+from dctstream.direct_beam import margin_mean
+from dctstream.errors import InputError
+from dctstream.pipeline import Pipeline
+from dctstream.sinks import read_corrected, read_spot_table
+from dctstream.sources import read_dataset
+from dctstream.types import Blob
+from reference import reference_blobs, reference_corrected
+from simulators.dct_scan import ScanModel, simulate_scan
+
+SCAN = dict(frames=120, size=96, spots=40, seed=3)
+DEFECTS = dict(dead_pixel_fraction=0.003, module_gap_px=2, gain_spread=0.3)
+FIT = ("background.window=21", "segmentation.max_blob_size=[20,20,6]")
+
+
+def config(truth, out, *overrides, dark=True):
+    return load_config(None, [f"source.url={truth.frames_url}", f"output.dir={out}", *FIT,
+                              *([f"dark.url={truth.dark_url}"] if dark else []), *overrides])
+
+
+def mean_dark(truth):
+    return read_dataset(truth.dark_url).mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def difspot_voxels(out: Path) -> list[np.ndarray]:
+    """(frame, y, x) of every voxel of every difspot file in ``out``, one (n, 3) array per difspot."""
+    voxels = []
+    for path in sorted((out / "difspots").glob("*.h5")):
+        with h5py.File(path) as h5:
+            voxels.append(np.argwhere(h5["Mask"][()]) + h5["BoundingBoxOriginSize"][0] - 1)
+    return voxels
+
+
+def difspot_pixels(out: Path) -> list[np.ndarray]:
+    """(y, x) of every voxel of every difspot file in ``out``, one (n, 2) array per difspot."""
+    return [v[:, 1:] for v in difspot_voxels(out)]
+
+
+def voxel_keys(voxel_arrays):
+    return sorted(tuple(np.ascontiguousarray(v[:, i], dtype=np.int64).tobytes() for i in range(3))
+                  for v in voxel_arrays)
+
+
+@pytest.fixture(scope="module")
+def defect_scan(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("defects")
+    return simulate_scan(str(tmp / "scan.h5"), **SCAN, **DEFECTS, flat_frames=10)
+
+
+@pytest.fixture(scope="module")
+def plain_scan(tmp_path_factory):
+    """The same spots as ``defect_scan``, on a perfect detector."""
+    tmp = tmp_path_factory.mktemp("plain")
+    return simulate_scan(str(tmp / "scan.h5"), **SCAN)
+
+
+@pytest.fixture(scope="module")
+def spot_mask(tmp_path_factory):
+    """``(url, mask)``: a mask file marking the 3 x 3 pixels around every true spot centre of the scan."""
+    model = ScanModel(**SCAN)
+    mask = np.zeros(model.shape, np.uint8)
+    for x, y in zip(np.rint(model.spots["x"]).astype(int), np.rint(model.spots["y"]).astype(int)):
+        mask[y - 1:y + 2, x - 1:x + 2] = 1
+    path = tmp_path_factory.mktemp("mask") / "mask.h5"
+    with h5py.File(path, "w") as h5:
+        h5["entry/mask"] = mask
+    return f"{path}::/entry/mask", mask.astype(bool)
+
+
+# ---- pixel mask ---------------------------------------------------------------------------------------
+
+
+def test_a_mask_reads_the_same_from_hdf5_edf_and_npy_and_a_wrong_shape_is_one_line(spot_mask, tmp_path):
+    url, mask = spot_mask
+    fabio.edfimage.EdfImage(data=mask.astype(np.uint8) * 7).write(str(tmp_path / "mask.edf"))
+    np.save(tmp_path / "mask.npy", mask.astype(np.int32))
+    cfgs = [load_config(None, [f"detector.mask={m}"]).detector
+            for m in (url, tmp_path / "mask.edf", tmp_path / "mask.npy")]
+    dark = load_config(None).dark
+    for cfg in cfgs:
+        np.testing.assert_array_equal(Detector(cfg, dark, mask.shape, np.uint16).mask, mask)
+    with pytest.raises(InputError) as err:
+        Detector(cfgs[2], dark, (64, 96), np.uint16)
+    assert str(err.value) == (f"detector.mask: {tmp_path / 'mask.npy'}: expected an image of 64 x 96 pixels (y, x) "
+                              f"of numbers like the frames, got shape (96, 96) dtype int32")
+
+
+def test_masked_pixels_never_join_a_difspot(plain_scan, spot_mask, tmp_path):
+    url, mask = spot_mask
+    Pipeline(config(plain_scan, tmp_path / "plain")).run()
+    unmasked = np.concatenate(difspot_pixels(tmp_path / "plain"))
+    assert mask[tuple(unmasked.T)].sum() > 50  # the mask covers the spots' brightest pixels
+
+    stats = Pipeline(config(plain_scan, tmp_path / "masked", f"detector.mask={url}")).run()
+    masked = difspot_pixels(tmp_path / "masked")
+    assert len(masked) == stats.difspots_written > 5  # the spots' edges remain
+    assert not mask[tuple(np.concatenate(masked).T)].any()
+    assert stats.masked_pixels == {"file": mask.sum(), "all": mask.sum()}
+    with h5py.File(tmp_path / "masked" / "mask.h5") as h5:
+        np.testing.assert_array_equal(h5["mask"][()], mask)
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # integer frames: the per-pixel histogram median, exact through the per-pixel map (x - dark) / flat
+    ["background.normalise=margin"],
+    ["background.mode=block", "background.stride=7", "segmentation.connectivity=6"],
+])
+def test_difspots_with_mask_and_flat_equal_the_whole_volume_reference(defect_scan, spot_mask, tmp_path, overrides):
+    url, file_mask = spot_mask
+    cfg = config(defect_scan, tmp_path / "out", f"detector.mask={url}", f"detector.flat={defect_scan.flat_url}",
+                 *overrides)
+    pipeline = Pipeline(cfg)
+    stats = pipeline.run()
+
+    raw = read_dataset(defect_scan.frames_url)
+    dark = mean_dark(defect_scan)
+    flat = read_dataset(defect_scan.flat_url).mean(axis=0, dtype=np.float64) - dark
+    flat /= np.median(flat[(flat > 0) & ~file_mask])
+    low = ~(flat >= 0.1)
+    bad = file_mask | low
+    gain = (1.0 / np.where(low, 1.0, flat)).astype(np.float32)
+    bg = cfg.background
+    scales = None
+    if bg.normalise == "margin":
+        means = np.array([margin_mean(f, dark, stats.direct_beam, bg.margin_px, bad) for f in raw])
+        scales = (means[0] / means).astype(np.float32)
+    corrected = reference_corrected(raw, window=bg.window, mode=bg.mode, stride=bg.stride, dark=dark,
+                                    scales=scales, gain=gain)
+    beam = np.zeros(raw.shape[1:], bool)
+    x0, y0, w, h = stats.direct_beam
+    beam[y0:y0 + h, x0:x0 + w] = True
+    expected, rejected = reference_blobs(corrected, pipeline.segmenter.params, beam | bad)
+
+    files = sorted((tmp_path / "out" / "difspots").glob("*.h5"))
+    assert len(files) == len(expected) == stats.difspots_written > 5
+    assert voxel_keys(difspot_voxels(tmp_path / "out")) == voxel_keys(expected)
+    model = ScanModel(**SCAN, **DEFECTS)
+    assert (bad & ~file_mask).sum() == stats.masked_pixels["flat"] >= (model.dead & ~file_mask).sum() > 100
+
+
+def test_automatic_mask_finds_stuck_and_isolated_hot_pixels():
+    rng = np.random.default_rng(1)
+    ny, nx, n = 40, 50, 15
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    scene = 200 + 3000 * np.exp(-((xx - 25) ** 2 + (yy - 20) ** 2) / 50.0)  # a bright smooth bump, like the beam
+    frames = rng.poisson(scene, size=(n, ny, nx)).astype(np.uint16)
+    frames[5:8, 10:13, 40:43] += 2000  # a spot lasting 3 frames
+    stuck = np.zeros((ny, nx), bool)
+    stuck[3, :] = True  # a gap row
+    stuck[30, 7] = True
+    frames[:, stuck] = 0
+    frames[:, 35, 45] = 65535  # saturated
+    stuck[35, 45] = True
+    hot = np.zeros((ny, nx), bool)
+    hot[[10, 33], [5, 20]] = True
+    frames[:, hot] += 600  # 40 x the noise of their neighbours (~15)
+    slots = np.arange(n)
+    zeros, ones = np.zeros((ny, nx), np.float32), np.ones((ny, nx), np.float32)
+    found_stuck, found_hot = stuck_and_hot(frames, slots, zeros, ones)
+    np.testing.assert_array_equal(found_stuck, stuck)
+    np.testing.assert_array_equal(found_hot, hot)
+
+
+def test_automatic_mask_of_a_simulated_scan_is_its_dead_pixels_and_gaps(defect_scan, tmp_path):
+    stats = Pipeline(config(defect_scan, tmp_path / "out", "detector.auto_mask=true")).run()
+    with h5py.File(tmp_path / "out" / "mask.h5") as h5:
+        mask = h5["mask"][()].astype(bool)
+    dead = ScanModel(**SCAN, **DEFECTS).dead
+    np.testing.assert_array_equal(mask, dead)
+    assert stats.masked_pixels == {"stuck": dead.sum(), "hot": 0, "all": dead.sum()}
+
+
+# ---- flat field ---------------------------------------------------------------------------------------
+
+
+def test_flat_field_restores_the_spot_integrals(tmp_path):
+    # The same noiseless scene recorded by a perfect detector and by one with a gain pattern:
+    # with the flat, every spot's integral over the perfect run's difspot voxels is restored.
+    model = ScanModel(**SCAN, gain_spread=0.3)
+    offset = 100.0
+    with h5py.File(tmp_path / "scans.h5", "w") as h5:
+        for name, gain in (("perfect", 1.0), ("gain", model.gain)):
+            h5[name] = np.stack([np.rint(model.signal(k) * gain + offset) for k in range(model.frames)]
+                                ).astype(np.uint16)
+        h5["flat"] = np.rint(20000 * model.gain + offset).astype(np.uint16)
+
+    def corrected(name, out, *overrides):
+        cfg = load_config(None, [f"source.url={tmp_path / 'scans.h5'}::/{name}", f"dark.value={offset}", *FIT,
+                                 "segmentation.seed_threshold=50", "export.format=stack",
+                                 f"output.dir={tmp_path / out}", *overrides])
+        Pipeline(cfg).run()
+        return np.stack(read_corrected(tmp_path / out / "corrected.h5"))
+
+    perfect = corrected("perfect", "perfect")
+    flat = corrected("gain", "flat", f"detector.flat={tmp_path / 'scans.h5'}::/flat")
+    raw = corrected("gain", "raw")
+    spots = [tuple(v.T) for v in difspot_voxels(tmp_path / "perfect")]
+    integrals = np.array([[frames[v].sum(dtype=np.float64) for frames in (perfect, flat, raw)] for v in spots])
+    bright = integrals[integrals[:, 0] > 1000]
+    assert len(bright) > 10
+    np.testing.assert_allclose(bright[:, 1], bright[:, 0], rtol=0.01)
+    assert np.max(np.abs(bright[:, 2] / bright[:, 0] - 1)) > 0.1  # the gain pattern is there without the flat
+
+
+# ---- dark from the data -------------------------------------------------------------------------------
+
+
+def test_dark_estimated_from_the_faintest_frames_is_the_offset_map(tmp_path):
+    closed = 7
+    truth = simulate_scan(str(tmp_path / "scan.h5"), frames=60, size=64, spots=10, seed=5,
+                          shutter_closed_frames=closed)
+    pipeline = Pipeline(config(truth, tmp_path / "out", "dark.estimate=true", "dark.estimate_frames=5", dark=False))
+    stats = pipeline.run()
+    model = ScanModel(frames=60, size=64, spots=10, seed=5, shutter_closed_frames=closed)
+    frames_used = [int(k) for k in stats.dark.split("frames [")[1].split("]")[0].split(", ")]
+    assert len(frames_used) == 5 and max(frames_used) < closed
+    error = pipeline.background.dark - model.fixed_pattern
+    assert np.sqrt(np.mean(error ** 2)) < model.read_noise
+    assert abs(error.mean()) < 0.1 * model.read_noise
+    with h5py.File(tmp_path / "out" / "spots.h5") as h5:
+        assert h5["spots"].attrs["dark"] == stats.dark
+
+
+# ---- binning ------------------------------------------------------------------------------------------
+
+
+def test_binned_difspots_map_back_to_detector_pixels(plain_scan, tmp_path):
+    b = 2
+    raw = read_dataset(plain_scan.frames_url)
+    binned = tmp_path / "binned.h5"
+    with h5py.File(binned, "w") as h5:
+        h5["frames"] = np.stack([bin_image(f, b, "sum", np.uint32) for f in raw])
+        h5["dark"] = bin_image(mean_dark(plain_scan), b, "sum", np.float32)
+    bbox = [20, 26, 56, 44]  # even, so the binned box covers the same pixels
+    reference = load_config(None, [f"source.url={binned}::/frames", f"dark.url={binned}::/dark", *FIT,
+                                   f"output.dir={tmp_path / 'ref'}", f"direct_beam.bbox={[v // b for v in bbox]}"])
+    Pipeline(reference).run()
+    stats = Pipeline(config(plain_scan, tmp_path / "out", f"detector.binning={b}", f"direct_beam.bbox={bbox}")).run()
+    ref, got = (read_spot_table(tmp_path / name / "spots.h5") for name in ("ref", "out"))
+    assert len(got["id"]) == len(ref["id"]) > 5
+    for name in ("centroid_x", "centroid_y"):
+        np.testing.assert_allclose(got[name], b * ref[name] + (b - 1) / 2, rtol=0, atol=1e-9)
+    for name in ("bbox_x0", "bbox_y0", "bbox_x_size", "bbox_y_size"):
+        np.testing.assert_array_equal(got[name], b * ref[name])
+    np.testing.assert_array_equal(got["area"], b * b * ref["area"])
+    np.testing.assert_allclose(got["integral"], ref["integral"], rtol=1e-6)
+    np.testing.assert_array_equal(got["centroid_frame"], ref["centroid_frame"])
+    assert stats.direct_beam == tuple(bbox) and stats.binning == "2 x 2 sum"
+    with h5py.File(tmp_path / "out" / "difspots" / f"{got['id'][0]:06d}.h5") as h5:
+        assert h5["BoundingBoxXorigin"][()] == got["bbox_x0"][0] + 1
+        assert h5["Data"].shape[1:] == (got["bbox_y_size"][0], got["bbox_x_size"][0])
+
+
+@pytest.mark.parametrize("mode, share", [("sum", 0.25), ("mean", 1.0)])
+def test_unbinned_blob_spreads_each_binned_voxel_over_its_pixels(mode, share):
+    cfg = load_config(None, ["detector.binning=2", f"detector.binning_mode={mode}"])
+    detector = Detector(cfg.detector, cfg.dark, (8, 8), np.uint16)
+    blob = Blob(id=1, frame=np.array([0, 0, 1]), y=np.array([1, 1, 2]), x=np.array([1, 2, 2]),
+                value=np.array([4.0, 8.0, 12.0], np.float32), max_index=(1, 2, 2), max_value=12.0)
+    out = detector.unbin_blob(blob)
+    f, y, x = (np.repeat(v, 4) for v in (blob.frame, blob.y, blob.x))
+    reference = sorted(zip(f, 2 * y + np.tile([0, 0, 1, 1], 3), 2 * x + np.tile([0, 1, 0, 1], 3),
+                           np.repeat(blob.value * share, 4)))
+    assert list(zip(out.frame, out.y, out.x, out.value)) == reference
+    assert out.integral == pytest.approx(24.0 * 4 * share)
+    np.testing.assert_allclose(out.centroid, (blob.centroid[0], *(2 * c + 0.5 for c in blob.centroid[1:])))
+
+
+# ---- corrected-frame export ---------------------------------------------------------------------------
+
+
+def _reference_frames(truth):
+    return reference_corrected(read_dataset(truth.frames_url), window=21, dark=mean_dark(truth))
+
+
+def test_exported_stack_reads_back_equal_to_the_corrected_frames(plain_scan, tmp_path):
+    stats = Pipeline(config(plain_scan, tmp_path / "out", "export.format=stack")).run()
+    path = tmp_path / "out" / "corrected.h5"
+    np.testing.assert_array_equal(np.stack(read_corrected(path)), _reference_frames(plain_scan))
+    raw_bytes = read_dataset(plain_scan.frames_url).nbytes
+    assert stats.export_reduction == pytest.approx(raw_bytes / path.stat().st_size)
+    with h5py.File(tmp_path / "out" / "spots.h5") as h5:
+        assert h5["spots"].attrs["export_reduction"] == stats.export_reduction
+
+
+def test_exported_sparse_frames_are_the_pixels_above_threshold(plain_scan, tmp_path):
+    stats = Pipeline(config(plain_scan, tmp_path / "out", "export.format=sparse")).run()
+    out = tmp_path / "out"
+    with h5py.File(out / "corrected.h5") as h5, h5py.File(out / "mask.h5") as m:
+        threshold = h5["sparse/threshold"][()]
+        ignored = m["mask"][()].astype(bool) | m["direct_beam"][()].astype(bool)
+    frames = read_corrected(out / "corrected.h5")
+    assert len(frames) == 120 and ignored.sum() > 0
+    for frame, (rows, cols, values) in zip(_reference_frames(plain_scan), frames):
+        expected = np.nonzero((frame >= threshold) & ~ignored)
+        np.testing.assert_array_equal(rows, expected[0])
+        np.testing.assert_array_equal(cols, expected[1])
+        np.testing.assert_array_equal(values, frame[expected])
+    assert stats.export_reduction > 10
+
+
+def test_stretched_export_maps_back_within_one_step(plain_scan, tmp_path):
+    Pipeline(config(plain_scan, tmp_path / "out", "export.format=stack", "export.dtype=uint8",
+                    "export.percentiles=[1, 99.9]")).run()
+    with h5py.File(tmp_path / "out" / "corrected.h5") as h5:
+        lo, hi = h5.attrs["stretch_lo"], h5.attrs["stretch_hi"]
+        q = h5["corrected"][()]
+    assert q.dtype == np.uint8
+    frames = _reference_frames(plain_scan)
+    assert (lo, hi) == pytest.approx(np.percentile(frames[0][~_ignored(tmp_path / "out")], [1, 99.9]))
+    inside = (frames >= lo) & (frames <= hi)
+    assert inside.mean() > 0.9
+    np.testing.assert_array_less(np.abs(lo + q * (hi - lo) / 255 - frames)[inside], (hi - lo) / 255 / 2 + 1e-3)
+    assert (q[frames > hi] == 255).all() and (q[frames < lo] == 0).all()
+
+
+def _ignored(out):
+    with h5py.File(out / "mask.h5") as m:
+        return m["mask"][()].astype(bool) | m["direct_beam"][()].astype(bool)
