@@ -96,11 +96,16 @@ def test_difspots_are_on_disk_while_the_scan_is_still_being_read(small_scan, tmp
     assert delays.max() <= 4 * reach
 
 
-def test_accuracy_on_a_720_frame_512px_scan(tmp_path):
-    truth = simulate_scan(str(tmp_path / "scan512.h5"), frames=720, size=512, spots=400, seed=0)
+@pytest.mark.parametrize("defects", [{}, {"dead_pixel_fraction": 1e-3, "module_gap_px": 4, "gain_spread": 0.2}],
+                         ids=["perfect-detector", "dead-pixels-gaps-gain"])
+def test_accuracy_on_a_720_frame_512px_scan(tmp_path, defects):
+    truth = simulate_scan(str(tmp_path / "scan512.h5"), frames=720, size=512, spots=400, seed=0,
+                          flat_frames=20 if defects else 0, **defects)
+    # with defects, the pipeline is given the flat scan and finds the bad pixels itself
+    corrections = ["detector.auto_mask=true", f"detector.flat={truth.flat_url}"] if defects else []
     cfg = load_config(Path(__file__).parent.parent / "configs" / "sim512.yml",
                       [f"source.url={truth.frames_url}", f"source.angles={truth.angles_url}",
-                       f"dark.url={truth.dark_url}", f"output.dir={tmp_path / 'out'}"])
+                       f"dark.url={truth.dark_url}", f"output.dir={tmp_path / 'out'}", *corrections])
     stats = Pipeline(cfg).run()
     table = read_spot_table(tmp_path / "out" / "spots.h5")
     result = score(truth.spots, table, direct_beam=stats.direct_beam, snr_min=5.0)

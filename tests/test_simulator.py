@@ -306,3 +306,30 @@ def test_progress_compression_dtype_and_rectangular_frames(tmp_path, scan):
 def test_bad_arguments_raise_input_error(tmp_path, kwargs):
     with pytest.raises(InputError):
         simulate_scan(tmp_path / "bad.h5", **{"frames": 10, "size": 48, "spots": 2, **kwargs})
+
+
+def test_detector_defects_keep_the_scene_and_come_with_a_consistent_flat(tmp_path):
+    kwargs = dict(frames=30, size=64, spots=8, seed=2)
+    plain = ScanModel(**kwargs)
+    truth = simulate_scan(tmp_path / "d.h5", **kwargs, dead_pixel_fraction=0.01, module_gap_px=2, gain_spread=0.3,
+                          flat_frames=20, shutter_closed_frames=5)
+    model = ScanModel(**kwargs, dead_pixel_fraction=0.01, module_gap_px=2, gain_spread=0.3, shutter_closed_frames=5)
+    defects_only = ScanModel(**kwargs, dead_pixel_fraction=0.01, module_gap_px=2, gain_spread=0.3)
+    for name in plain.spots:  # the same spots with or without the defects
+        np.testing.assert_array_equal(defects_only.spots[name], plain.spots[name])
+    assert model.spots["frame"].min() >= 5 + 3
+    assert model.dead[31:33].all() and model.dead[:, 31:33].all() and 0.005 < model.dead[:30, :30].mean() < 0.02
+    assert np.median(model.gain) == pytest.approx(1.0) and 0.5 < model.gain.min() < model.gain.max() < 1.5
+    with h5py.File(truth.path) as h5:
+        frames = h5["/1.1/measurement/marana"][()]
+        darks = h5["/2.1/measurement/marana"][()]
+        flats = h5["/3.1/measurement/marana"][()]
+    assert truth.flat_url.endswith("::/3.1/measurement/marana")
+    for stack in (frames, darks, flats):
+        assert (stack[:, model.dead] == 0).all()
+    flat = flats.mean(axis=0) - darks.mean(axis=0)
+    live = ~model.dead
+    np.testing.assert_allclose(flat[live] / 20000.0, model.gain[live], rtol=0.01)
+    # shutter closed: offsets and noise only, like the darks (a zinger or two aside)
+    assert np.median(np.abs(frames[:5].astype(float) - darks.mean(axis=0)), axis=(1, 2)).max() < 3 * READ_NOISE_COUNTS
+    assert frames[5].sum() > 2 * frames[4].sum()
