@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
-import h5py
 import numpy as np
 import scipy.ndimage as ndi
 
 from .background.kernels import window_median
 from .errors import InputError
+from .sinks.spot_table import atomic_h5
 from .sources import load_dark, read_dataset
 from .types import Blob
 
@@ -179,9 +180,9 @@ class Detector:
                                 f"{len(positions)} with the lowest sum among frames 0..{len(slots) - 1}")
             log.info("dark %s", self.dark_source)
         if self.cfg.auto_mask:
-            ones = np.ones(self.shape, np.float32)
-            stuck, hot = stuck_and_hot(frames, slots, ones * 0 if self.dark is None else self.dark,
-                                       ones if self.gain is None else self.gain)
+            stuck, hot = stuck_and_hot(frames, slots,
+                                       np.zeros(self.shape, np.float32) if self.dark is None else self.dark,
+                                       np.ones(self.shape, np.float32) if self.gain is None else self.gain)
             self.mask_counts["stuck"] = int((stuck & ~self.mask).sum())
             self.mask_counts["hot"] = int((hot & ~self.mask).sum())
             self.mask = self.mask | stuck | hot
@@ -232,7 +233,7 @@ class Detector:
 
     def write_mask(self, path, mask: np.ndarray, beam: np.ndarray) -> None:
         """``OUT/mask.h5``: the pixels the segmenter ignored, binned, with their reasons' counts as attributes."""
-        with h5py.File(path, "w") as f:
+        with atomic_h5(Path(path)) as f:
             f["mask"] = mask.astype(np.uint8)
             f["direct_beam"] = beam.astype(np.uint8)
             f.attrs.update({k: v for k, v in self.attrs().items() if k != "dark"})

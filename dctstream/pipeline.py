@@ -271,8 +271,7 @@ class Pipeline:
         detector.write_mask(self.out_dir / "mask.h5", self.background.pixel_mask, beam)
         facts = detector.attrs()
         self.stats.dark, self.stats.binning = facts["dark"], facts["binning"]
-        self.stats.masked_pixels = {k.removeprefix("masked_pixels_"): v for k, v in facts.items()
-                                    if k.startswith("masked_pixels_")} | {"all": facts["masked_pixels"]}
+        self.stats.masked_pixels = {**detector.mask_counts, "all": facts["masked_pixels"]}
         sigma = noise_map(first_frames, mask)
         params = resolve_segmentation(self.cfg.segmentation, sigma)
         seed = np.asarray(params.seed_threshold)[~mask] if np.ndim(params.seed_threshold) else params.seed_threshold
