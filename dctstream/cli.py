@@ -83,7 +83,8 @@ def cmd_simulate(args) -> int:
     from simulators.dct_scan import simulate_scan
 
     truth = simulate_scan(args.output, frames=args.frames, size=args.size, spots=args.spots, seed=args.seed,
-                          dead_pixel_fraction=args.dead_pixels, module_gap_px=args.module_gap,
+                          hot_pixel_fraction=args.hot_pixels, dead_pixel_fraction=args.dead_pixels,
+                          module_gap_px=args.module_gap,
                           gain_spread=args.gain_spread, flat_frames=args.flat_frames,
                           shutter_closed_frames=args.shutter_closed)
     print(f"wrote {args.output}: {args.frames} frames of {args.size} x {args.size} px, {args.spots} spots\n"
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="frame width and height, pixels")
     p.add_argument("--spots", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hot-pixels", type=float, default=1e-4, metavar="FRACTION",
+                   help="pixels 1000-4000 counts above the rest, in frames and darks")
     p.add_argument("--dead-pixels", type=float, default=0.0, metavar="FRACTION", help="pixels that always read 0")
     p.add_argument("--module-gap", type=int, default=0, metavar="PX", help="gap between the 2 x 2 modules")
     p.add_argument("--gain-spread", type=float, default=0.0, metavar="S", help="gain per module in [1-S, 1+S]")

@@ -186,8 +186,9 @@ class ScanModel:
 
     def __init__(self, *, frames: int = 720, size: int | Sequence[int] = 512, spots: int = 400, seed: int = 0,
                  dead_pixel_fraction: float = 0.0, module_gap_px: int = 0, gain_spread: float = 0.0,
-                 shutter_closed_frames: int = 0):
-        """Defects: ``dead_pixel_fraction`` of the pixels and ``module_gap_px`` rows and columns
+                 shutter_closed_frames: int = 0, hot_pixel_fraction: float = HOT_PIXEL_FRACTION):
+        """Defects: ``hot_pixel_fraction`` of the pixels (at least one) read 1000-4000 counts more,
+        in frames and darks alike; ``dead_pixel_fraction`` of the pixels and ``module_gap_px`` rows and columns
         through the detector's centre (between its 2 x 2 modules) always read 0; ``gain_spread``
         s > 0 multiplies the photons by a gain with median 1: a factor uniform in [1 - s, 1 + s]
         per module times 1 + s/5 x a normal deviate per pixel.  The first ``shutter_closed_frames``
@@ -219,7 +220,7 @@ class ScanModel:
         offsets = np.asarray(QUADRANT_OFFSETS_COUNTS, dtype=np.float32).reshape(2, 2)
         lower, right = np.arange(ny) >= ny // 2, np.arange(nx) >= nx // 2
         fixed = offsets[lower.astype(int)[:, None], right.astype(int)[None, :]]
-        n_hot = max(1, round(HOT_PIXEL_FRACTION * ny * nx))
+        n_hot = max(1, round(hot_pixel_fraction * ny * nx)) if hot_pixel_fraction > 0 else 0
         hot_flat = np.sort(rng.choice(ny * nx, size=n_hot, replace=False))
         self.hot_pixels = np.column_stack(np.unravel_index(hot_flat, self.shape))  # (n, 2) rows of (y, x)
         self.hot_pixel_excess = rng.uniform(*HOT_PIXEL_EXCESS_COUNTS, size=n_hot)
@@ -495,7 +496,7 @@ def simulate_scan(
     written frame, darks included. ``workers`` is the number of rendering
     threads (default: up to 4, as many as there are cores). Frames are
     rendered and written one at a time.  ``defects`` are `ScanModel`'s
-    ``dead_pixel_fraction``, ``module_gap_px``, ``gain_spread`` and
+    ``hot_pixel_fraction``, ``dead_pixel_fraction``, ``module_gap_px``, ``gain_spread`` and
     ``shutter_closed_frames``; ``flat_frames`` > 0 adds a flat-field scan.
 
     Layout (the file is overwritten)::

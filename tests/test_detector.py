@@ -67,9 +67,10 @@ def plain_scan(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spot_mask(tmp_path_factory):
-    """``(url, mask)``: a mask file marking the 3 x 3 pixels around every true spot centre of the scan."""
+    """``(url, mask)``: a mask file marking the hot pixels and the 3 x 3 pixels around every true spot centre."""
     model = ScanModel(**SCAN)
     mask = np.zeros(model.shape, np.uint8)
+    mask[tuple(model.hot_pixels.T)] = 1
     for x, y in zip(np.rint(model.spots["x"]).astype(int), np.rint(model.spots["y"]).astype(int)):
         mask[y - 1:y + 2, x - 1:x + 2] = 1
     path = tmp_path_factory.mktemp("mask") / "mask.h5"
@@ -235,14 +236,14 @@ def test_dark_estimated_from_the_faintest_frames_is_the_offset_map(tmp_path):
 # ---- binning ------------------------------------------------------------------------------------------
 
 
-def test_binned_difspots_map_back_to_detector_pixels(plain_scan, tmp_path):
-    b = 2
+@pytest.mark.parametrize("b", [2, 4])
+def test_binned_difspots_map_back_to_detector_pixels(plain_scan, tmp_path, b):
     raw = read_dataset(plain_scan.frames_url)
     binned = tmp_path / "binned.h5"
     with h5py.File(binned, "w") as h5:
         h5["frames"] = np.stack([bin_image(f, b, "sum", np.uint32) for f in raw])
         h5["dark"] = bin_image(mean_dark(plain_scan), b, "sum", np.float32)
-    bbox = [20, 26, 56, 44]  # even, so the binned box covers the same pixels
+    bbox = [20, 24, 56, 48]  # multiples of b, so the binned box covers the same pixels
     reference = load_config(None, [f"source.url={binned}::/frames", f"dark.url={binned}::/dark", *FIT,
                                    f"output.dir={tmp_path / 'ref'}", f"direct_beam.bbox={[v // b for v in bbox]}"])
     Pipeline(reference).run()
@@ -256,7 +257,7 @@ def test_binned_difspots_map_back_to_detector_pixels(plain_scan, tmp_path):
     np.testing.assert_array_equal(got["area"], b * b * ref["area"])
     np.testing.assert_allclose(got["integral"], ref["integral"], rtol=1e-6)
     np.testing.assert_array_equal(got["centroid_frame"], ref["centroid_frame"])
-    assert stats.direct_beam == tuple(bbox) and stats.binning == "2 x 2 sum"
+    assert stats.direct_beam == tuple(bbox) and stats.binning == f"{b} x {b} sum"
     with h5py.File(tmp_path / "out" / "difspots" / f"{got['id'][0]:06d}.h5") as h5:
         assert h5["BoundingBoxXorigin"][()] == got["bbox_x0"][0] + 1
         assert h5["Data"].shape[1:] == (got["bbox_y_size"][0], got["bbox_x_size"][0])

@@ -314,6 +314,8 @@ def test_detector_defects_keep_the_scene_and_come_with_a_consistent_flat(tmp_pat
     truth = simulate_scan(tmp_path / "d.h5", **kwargs, dead_pixel_fraction=0.01, module_gap_px=2, gain_spread=0.3,
                           flat_frames=20, shutter_closed_frames=5)
     model = ScanModel(**kwargs, dead_pixel_fraction=0.01, module_gap_px=2, gain_spread=0.3, shutter_closed_frames=5)
+    assert len(ScanModel(**kwargs, hot_pixel_fraction=0.01).hot_pixels) == round(0.01 * 64 * 64)
+    assert len(ScanModel(**kwargs, hot_pixel_fraction=0).hot_pixels) == 0
     defects_only = ScanModel(**kwargs, dead_pixel_fraction=0.01, module_gap_px=2, gain_spread=0.3)
     for name in plain.spots:  # the same spots with or without the defects
         np.testing.assert_array_equal(defects_only.spots[name], plain.spots[name])
