@@ -17,6 +17,7 @@ from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
 from .errors import ConfigError, InputError, OutputError
+from .overlap import Prefetch, Worker
 from .segment import SegmentParams, Segmenter
 from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
 from .sources import open_source
@@ -31,6 +32,10 @@ NOISE_FRAMES = 5
 # follows the background level (Poisson), which changes slowly across the
 # detector, from the direct beam's glow to the corners.
 NOISE_TILE_PX = 32
+# Frames read ahead of the background stage: enough to ride out a slow read, a few MB each.
+FRAME_QUEUE_DEPTH = 8
+# Closed blobs waiting for the writer; each is a few kB.
+BLOB_QUEUE_DEPTH = 256
 
 
 @dataclass
@@ -49,6 +54,8 @@ class Stats:
     frames_missing: int = 0
     source_end: str | None = None  # why the source stopped: end_time, idle_timeout, complete, ...
     stage_s: Counter = field(default_factory=Counter)  # seconds spent in read, background, segment, write
+    backlog_frames: int = 0  # frames read but not yet taken by the background stage
+    write_backlog: int = 0  # difspots closed but not yet written
     dark: str | None = None  # where the dark came from: dark.url, dark.value, none, or how it was estimated
     masked_pixels: dict | None = None  # bad pixels by reason (file, flat, stuck, hot) and in all
     binning: str | None = None  # "b x b sum|mean"
@@ -147,6 +154,7 @@ class Pipeline:
         self.out_dir = Path(cfg.output.dir)
         self.overwrite = overwrite
         self.table: SpotTable | None = None
+        self._writer: Worker | None = None
         self.export: CorrectedFrameWriter | None = None
         self.source = open_source(cfg.source)
         try:
@@ -160,7 +168,6 @@ class Pipeline:
             self.source.close()
             raise
         self.segmenter: Segmenter | None = None
-        self._raw_bytes = 0  # of the frames read, before binning
         self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
         self._flushed_s = time.monotonic()
 
@@ -184,17 +191,20 @@ class Pipeline:
         (self.out_dir / "config.yml").write_text(dump_config(cfg))
         self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
                                               "source": cfg.source.url})
+        self._writer = Worker(self._write_blob, BLOB_QUEUE_DEPTH, name="dctstream-write")
 
     def run(self, progress=None) -> Stats:
-        """Process every frame of the source; ``progress(stats)`` is called after each frame."""
-        frames = iter(self.source)
+        """Process every frame of the source; ``progress(stats)`` is called after each frame.
+
+        The source is read in a thread and difspots are written in another,
+        each joined to the main thread (background and segmentation) by a
+        bounded queue.
+        """
+        reader = Prefetch(self._read(), FRAME_QUEUE_DEPTH, name="dctstream-read")
+        done = False
         try:
-            while True:
-                with self._timed("read"):
-                    frame = next(frames, None)
-                if frame is None:
-                    break
-                self.stats.frames_read += 1
+            for frame in reader:
+                self.stats.backlog_frames = reader.backlog
                 if frame.psi_deg is None:
                     self._psi = None
                 elif self._psi is not None:
@@ -210,18 +220,45 @@ class Pipeline:
                 with self._timed("segment"):
                     blobs = self.segmenter.finish()
                 self._write(blobs)
+            done = True
         finally:
-            self.source.close()
-            if self.export is not None:
-                self.export.close()
-                self.stats.export_reduction = self.export.reduction
-                self.table.attrs["export_reduction"] = self.export.reduction
-            if self.table is not None:
-                self.table.close()
+            reader.close()
+            if reader.running:
+                log.warning("the source did not stop within 5 s; leaving it open")
+            else:
+                self.source.close()
+            self._close_outputs(raise_errors=done)
         self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
         if progress is not None:
             progress(self.stats)
         return self.stats
+
+    def _read(self):
+        """The source's frames, counted and timed; runs in the reader thread."""
+        frames = iter(self.source)
+        while True:
+            with self._timed("read"):
+                frame = next(frames, None)
+            if frame is None:
+                return
+            self.stats.frames_read += 1
+            yield frame
+
+    def _close_outputs(self, raise_errors: bool) -> None:
+        """Write every difspot already handed over, then the table: nothing closed is lost on an error."""
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        except BaseException:
+            if raise_errors:
+                raise
+            log.exception("writing the last difspots failed")
+        finally:
+            if self.export is not None:
+                self.export.close()
+                self.stats.export_reduction = self.table.attrs["export_reduction"] = self.export.reduction
+            if self.table is not None:
+                self.table.close()
 
     @contextmanager
     def _timed(self, stage: str):
@@ -242,7 +279,6 @@ class Pipeline:
         else:
             if self.background is None:
                 self._start_stages(data.shape, data.dtype)
-            self._raw_bytes += data.nbytes
             data = self.detector.bin(data)
         with self._timed("background"):
             return self.background.push(data)
@@ -258,7 +294,7 @@ class Pipeline:
                 blobs = self.segmenter.push(k, frame)
             self._write(blobs)
             if self.export is not None:
-                with self._timed("write"):
+                with self._timed("export"):
                     self.export.write(k, frame)
             self.stats.frames_segmented += 1
 
@@ -285,30 +321,35 @@ class Pipeline:
                                  "noise_sigma_median": self.stats.noise_sigma,
                                  "direct_beam_bbox": str(list(self.stats.direct_beam or [])), **facts})
         if self.cfg.export.format != "none":
+            raw_frame_bytes = int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize
             self.export = CorrectedFrameWriter(self.out_dir / "corrected.h5", self.cfg.export, shape, mask,
-                                               params.maps(shape)[1], self._raw_bytes / max(self.stats.frames_read, 1),
-                                               binning=detector.binning)
+                                               params.maps(shape)[1], raw_frame_bytes, binning=detector.binning)
 
     def _write(self, blobs) -> None:
-        with self._timed("write"):
-            self._write_blobs(blobs)
-
-    def _write_blobs(self, blobs) -> None:
         for blob in blobs:
-            blob = self.detector.unbin_blob(blob)
-            self.difspots.write(blob, volume=blob.volume)
-            psi = None
-            if self._psi:
-                # between the two frames around the centroid: O(1), not O(frames so far), per blob
-                i = max(min(int(blob.centroid[0]), len(self._psi) - 2), 0)
-                psi = float(np.interp(blob.centroid[0], np.arange(i, i + 2)[:len(self._psi)], self._psi[i:i + 2]))
-            self.table.add(blob, psi)
-            self.stats.difspots_written += 1
+            self._writer.submit((blob, self._psi_at(blob.centroid[0])))
+        self.stats.write_backlog = self._writer.backlog if self._writer is not None else 0
         if self.segmenter is not None:
             self.stats.rejected = Counter(self.segmenter.rejected)
-        if blobs and time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
-            self.table.flush()
-            self._flushed_s = time.monotonic()
+
+    def _psi_at(self, frame: float) -> float | None:
+        if not self._psi:
+            return None
+        # between the two frames around it: O(1), not O(frames so far), per blob
+        i = max(min(int(frame), len(self._psi) - 2), 0)
+        return float(np.interp(frame, np.arange(i, i + 2)[:len(self._psi)], self._psi[i:i + 2]))
+
+    def _write_blob(self, item) -> None:
+        """Runs in the writer thread."""
+        blob, psi = item
+        blob = self.detector.unbin_blob(blob)
+        with self._timed("write"):
+            self.difspots.write(blob, volume=blob.volume)
+            self.table.add(blob, psi)
+            self.stats.difspots_written += 1
+            if time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
+                self.table.flush()
+                self._flushed_s = time.monotonic()
 
 
 def run(cfg: Config, *, overwrite: bool = False, progress=None) -> Stats:
