@@ -45,7 +45,7 @@ STATUS_FILE = "status.json"
 # Rates are measured over the last this many seconds.
 RATE_WINDOW_S = 5.0
 # Bins of the spots-per-psi sparkline.
-SPARK_BINS = 48
+SPARK_BINS = 40
 # Marks kept for rates and latency: (time, frames read, frames segmented), one per frame read.
 MAX_MARKS = 50_000
 # Warnings that the log handler keeps per scan (the newest).
@@ -301,7 +301,8 @@ def _rates(marks: list, now: float) -> dict:
     first = min(first, len(marks) - 2)
     t0, r0, s0 = marks[first]
     t1, r1, s1 = marks[-1]
-    span = max(now - t0, t1 - t0, 1e-9)
+    # between the marks while frames keep coming; up to now once they stop (the rate then falls)
+    span = max(t1 - t0 if now - t1 < 1.0 else now - t0, 1e-9)
     return {"acquisition_fps": (r1 - r0) / span, "processing_fps": (s1 - s0) / span}
 
 
@@ -417,7 +418,7 @@ def render_scan(snap: dict):
     if spark:
         psi = spark.get("psi_deg")
         axis = f"ψ {psi[0]:.0f}°..{psi[1]:.0f}°" if psi else f"frames 0..{spark['frames']}"
-        grid.add_row("spots/ψ", Text(sparkline(spark["counts"])) + Text(f"  {axis}, max {max(spark['counts'])}"))
+        grid.add_row("spots/ψ", Text(sparkline(spark["counts"])) + Text(f"  {axis}, highest {max(spark['counts'])}"))
     grid.add_row("memory", _fmt_mb(snap.get("memory_mb")))
     warnings = snap.get("warnings") or []
     grid.add_row("warnings", Text("\n".join(warnings), style="yellow") if warnings else "none")
@@ -434,7 +435,7 @@ def render_scan(snap: dict):
     if snap.get("error"):
         parts.append(Text(f"error: {snap['error']}", style="red"))
     state = snap.get("state", "?")
-    return Panel(Group(*parts), title=f"{snap.get('source')} — {state}", title_align="left",
+    return Panel(Group(*parts), title=f"{state} — {snap.get('source')}", title_align="left",
                  subtitle=str(snap.get("out_dir")), subtitle_align="right", box=box.ROUNDED)
 
 
