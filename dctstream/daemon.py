@@ -314,7 +314,7 @@ class Daemon:
             del self.running[key]
             record = read_record(scan.out_dir) or {}
             state = record.get("state")
-            if code == 0 and state == "finished":
+            if state == "finished":  # (a SIGTERM just after it finished may have changed its exit code)
                 self.finished += 1
                 log.info("%s: finished, %s difspots from %s frames (scan ended: %s)", scan.url,
                          record.get("spots"), record.get("frames_processed"), record.get("end_reason"))
