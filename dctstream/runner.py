@@ -10,6 +10,7 @@ saying ``stopped`` or ``failed``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -57,19 +58,19 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
                         every_s=cfg.status.log_every_s) if display else None
     state, error = "failed", None
     try:
-        if view is not None:
-            with view:
+        with view if view is not None else contextlib.nullcontext():
+            try:
                 stats = pipeline.run(progress=monitor)
-        else:
-            stats = pipeline.run(progress=monitor)
-        state = "finished"
+                state = "finished"
+            except KeyboardInterrupt:
+                state, error = "stopped", "interrupted (SIGINT or SIGTERM)"
+                raise
+            except BaseException as exc:
+                error = _one_line(exc)
+                raise
+            finally:
+                monitor.state = state  # the display's last refresh shows how the run ended
         return stats
-    except KeyboardInterrupt:
-        state, error = "stopped", "interrupted (SIGINT or SIGTERM)"
-        raise
-    except BaseException as exc:
-        error = _one_line(exc)
-        raise
     finally:
         pictures = []
         if quick is not None and monitor.output_ready:

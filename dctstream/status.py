@@ -309,7 +309,7 @@ def _rates(marks: list, now: float) -> dict:
 def _latency(marks: list, read: int, segmented: int, now: float) -> dict:
     """From a frame read to the same frame segmented: in frames, and the age of the last frame segmented."""
     seconds = None
-    if segmented and marks:
+    if segmented < read and marks:
         reads = [m[1] for m in marks]
         i = bisect.bisect_left(reads, segmented)
         if i < len(marks):
