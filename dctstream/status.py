@@ -417,7 +417,7 @@ def render_scan(snap: dict):
     spark = snap.get("spots_per_psi")
     if spark:
         psi = spark.get("psi_deg")
-        axis = f"ψ {psi[0]:.0f}°..{psi[1]:.0f}°" if psi else f"frames 0..{spark['frames']}"
+        axis = f"ψ {round(psi[0])}°..{round(psi[1])}°" if psi else f"frames 0..{spark['frames']}"
         grid.add_row("spots/ψ", Text(sparkline(spark["counts"])) + Text(f"  {axis}, highest {max(spark['counts'])}"))
     grid.add_row("memory", _fmt_mb(snap.get("memory_mb")))
     warnings = snap.get("warnings") or []
