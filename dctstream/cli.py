@@ -55,37 +55,36 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .status import read_status, render, status_line
+    from rich.console import Console
+
+    from .status import read_statuses, render, status_line
 
     if args.follow:
         return _follow_status(args.out_dir, args.interval)
-    snap = read_status(args.out_dir)
+    snaps = read_statuses(args.out_dir)
     if args.line:
-        print(status_line(snap))
+        print("\n".join(status_line(snap) for snap in snaps))
     else:
-        from rich.console import Console
-
-        Console().print(render([snap]))
+        Console().print(render(snaps))
     return 0
 
 
 def _follow_status(out_dir, interval_s: float) -> int:
-    """Refresh the view of another process's scan until it is no longer running."""
+    """Refresh the view of another process's scans until none is running."""
     from rich.console import Console
     from rich.live import Live
 
-    from .status import read_status, render
+    from .status import read_statuses, render
 
-    console = Console()
-    snap = read_status(out_dir)
-    with Live(render([snap]), console=console, refresh_per_second=4) as live:
-        while snap.get("state") in ("starting", "running"):
+    snaps = read_statuses(out_dir)
+    with Live(render(snaps), console=Console(), refresh_per_second=4) as live:
+        while any(snap.get("state") in ("starting", "running") for snap in snaps):
             time.sleep(interval_s)
             try:
-                snap = read_status(out_dir)
+                snaps = read_statuses(out_dir)
             except DctStreamError:
                 continue  # between two rewrites
-            live.update(render([snap]))
+            live.update(render(snaps))
     return 0
 
 
@@ -239,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_watch, source=None, dark=None)
 
     p = sub.add_parser("status", help="show the status of a scan being processed (by any process) or processed")
-    p.add_argument("out_dir", help="the scan's output folder")
+    p.add_argument("out_dir", help="the scan's output folder, or a folder of them (dctstream watch's output.dir)")
     p.add_argument("-f", "--follow", action="store_true", help="keep refreshing until the scan is over")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --follow")
     p.add_argument("--line", action="store_true", help="one line of text instead of the panel")

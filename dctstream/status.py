@@ -333,6 +333,17 @@ def read_status(out_dir: str | os.PathLike) -> dict:
     raise InputError(f"{out}: no {STATUS_FILE} or run.json, expected the output folder of a dctstream run")
 
 
+def read_statuses(folder: str | os.PathLike) -> list[dict]:
+    """The snapshot of the scan in ``folder``, or those of every scan below it (``dctstream watch``'s output)."""
+    try:
+        return [read_status(folder)]
+    except InputError:
+        found = sorted(Path(folder).glob(f"**/{STATUS_FILE}"))
+        if not found:
+            raise
+        return [read_status(path.parent) for path in found]
+
+
 # -- showing snapshots ----------------------------------------------------------------------
 
 

@@ -189,6 +189,13 @@ def test_two_scans_appearing_one_after_the_other(recorded, tmp_path):
         assert rec["source"] == f"{scan_file.resolve()}::/1.1/measurement/marana"
     log = (out / "dctstream-watch.log").read_text()
     assert log.count(": new scan") == 2 and log.count(": finished, ") == 2
+    # `dctstream status` on the daemon's output folder: one line per scan
+    proc = subprocess.run([sys.executable, "-m", "dctstream", "status", str(out), "--line"], capture_output=True,
+                          text=True, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr
+    for line, scan_file in zip(lines, files):
+        assert line.startswith(f"{scan_file.resolve()}::/1.1/measurement/marana: finished; frames received 60")
 
     # a restarted daemon leaves finished scans alone
     again = start_daemon(root, config, tmp_path, "again")
