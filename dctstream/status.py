@@ -38,6 +38,7 @@ import numpy as np
 from . import __version__
 from .config import Config, config_to_dict
 from .errors import InputError
+from .sources.hdf5 import Hdf5FileSource
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,9 @@ class ScanMonitor:
         snap["latency"] = _latency(marks, s.get("frames_read", 0), s.get("frames_segmented", 0), now)
         snap["backlog_frames"] = self._backlog(s)
         snap.update(self._pipeline_state())
+        source = getattr(self._pipeline, "source", None)
+        # a recorded file is read as fast as it is processed: its "acquisition" rate is a reading rate
+        snap["live"] = not isinstance(source, Hdf5FileSource)
         snap["spots_per_psi"] = self._sparkline(s)
         snap["warnings"] = self._warning_list(s, snap["rates"])
         return snap
@@ -406,7 +410,8 @@ def render_scan(snap: dict):
                            f"segmented {s.get('frames_segmented', 0)}"
                            + (f"; scan ended: {s['source_end']}" if s.get("source_end") else ""))
     backlog = snap.get("backlog_frames")
-    grid.add_row("rate", f"acquisition {_fmt_rate(rates.get('acquisition_fps'))}, processing "
+    grid.add_row("rate", f"{'acquisition' if snap.get('live', True) else 'reading'} "
+                         f"{_fmt_rate(rates.get('acquisition_fps'))}, processing "
                          f"{_fmt_rate(rates.get('processing_fps'))}, backlog "
                          f"{'–' if backlog is None else f'{backlog} frames'}")
     ring = snap.get("ring")

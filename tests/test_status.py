@@ -182,6 +182,7 @@ def test_status_command_reads_another_process(finished, capsys):
     assert main(["status", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"difspots   {stats.difspots_written} written" in text and "finished — " in text
+    assert "rate       reading " in text  # a recorded file: no acquisition to keep up with
 
 
 def test_status_of_a_folder_without_a_run(tmp_path, capsys):
