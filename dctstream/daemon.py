@@ -226,6 +226,7 @@ class Daemon:
             log.info("stopped watching %s: %d finished, %d failed, %d skipped", self.root, self.finished,
                      self.failed, self.skipped)
             logging.getLogger("dctstream").removeHandler(handler)
+            logging.getLogger("dctstream").setLevel(self._log_level)
             handler.close()
         return 0
 
@@ -248,6 +249,7 @@ class Daemon:
         handler.setLevel(logging.INFO)
         logger = logging.getLogger("dctstream")
         logger.addHandler(handler)
+        self._log_level = logger.level
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
         self.log_path = path

@@ -261,3 +261,26 @@ def test_sigterm_stops_the_scan_in_progress(recorded, tmp_path):
     assert rec["state"] == "stopped" and rec["frames_read"] < 60
     assert plan(scan_out) == "redo"
     read_spot_table(scan_out / "spots.h5")  # consistent files
+
+
+def test_the_daemon_log_is_rotated(tmp_path):
+    import logging
+
+    from dctstream.daemon import Daemon
+
+    (tmp_path / "data").mkdir()
+    cfg = load_config(None, [f"output.dir={tmp_path / 'out'}", "watch.log_max_mb=0.001", "watch.log_backups=2"])
+    daemon = Daemon(tmp_path / "data", cfg)
+    daemon.out_root.mkdir(parents=True)
+    handler = daemon._log_file()
+    try:
+        for i in range(200):
+            logging.getLogger("dctstream.daemon").info("line %d of a long night of scans", i)
+    finally:
+        logging.getLogger("dctstream").removeHandler(handler)
+        logging.getLogger("dctstream").setLevel(daemon._log_level)
+        handler.close()
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["dctstream-watch.log", "dctstream-watch.log.1", "dctstream-watch.log.2"]
+    assert all(p.stat().st_size <= 1100 for p in (tmp_path / "out").iterdir())
+    assert "line 199 of" in (tmp_path / "out" / "dctstream-watch.log").read_text()
