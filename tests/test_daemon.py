@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import os
+import multiprocessing
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ SETTINGS = """
 background: {{window: 11}}
 segmentation: {{max_blob_size: [20, 20, 5]}}
 dark: {{url: "{dark}"}}
-source: {{idle_timeout_s: 20}}
+source: {{idle_timeout_s: 60}}
 status: {{interval_s: 0.2, log_every_s: 1.0}}
 watch: {{poll_interval_s: 0.2}}
 output: {{dir: "{out}"}}
@@ -97,6 +98,20 @@ def assert_same_spots(out_dir, expected):
     for column in expected:
         np.testing.assert_array_equal(got[column], expected[column], err_msg=column)
     assert sorted(p.name for p in (out_dir / "difspots").iterdir()) == sorted(f"{i:06d}.h5" for i in got["id"])
+
+
+def pause_at(resume, frame: int, k: int) -> None:
+    """The acquisition's on_frame: after writing ``frame`` it holds the file open until ``resume`` is set."""
+    if k == frame:
+        resume.wait(TIMEOUT_S)
+
+
+def paused_acquisition(truth, scan_file, frame=20):
+    """A replay of ``truth`` into ``scan_file`` that stops after ``frame`` (mid-scan, for sure) until resumed."""
+    resume = multiprocessing.get_context("spawn").Event()
+    acquisition = start_in_process(replay_hdf5, truth.frames_url, str(scan_file), fps=50,
+                                   angles_url=truth.angles_url, on_frame=functools.partial(pause_at, resume, frame))
+    return acquisition, resume
 
 
 def alive(pid: int) -> bool:
@@ -218,24 +233,27 @@ def test_killed_and_restarted_mid_scan(recorded, tmp_path):
     scan_file.parent.mkdir(parents=True)
     scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
     daemon = start_daemon(root, config, tmp_path)
-    acquisition = start_in_process(replay_hdf5, truth.frames_url, str(scan_file), fps=12,
-                                   angles_url=truth.angles_url)
+    acquisition, resume = paused_acquisition(truth, scan_file)
     try:
         wait_for("the scan to be half processed",
                  lambda: status(scan_out).get("stats", {}).get("frames_segmented", 0) >= 5, proc=daemon)
         child = status(scan_out)["pid"]
-        assert acquisition.is_alive()  # mid-scan: the acquisition is still writing
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(30)
         wait_for("the scan's process to die with the daemon", lambda: not alive(child), timeout_s=30)
         assert record(scan_out)["state"] == "running"  # left unfinished
 
         daemon = start_daemon(root, config, tmp_path, "restarted")
+        wait_for("the restarted scan to catch up", lambda: status(scan_out).get("pid") not in (None, child)
+                 and status(scan_out).get("stats", {}).get("frames_read", 0) >= 20, proc=daemon)
+        resume.set()  # the acquisition goes on
         wait_for("the scan to finish", lambda: record(scan_out).get("state") == "finished", proc=daemon)
         acquisition.join(TIMEOUT_S)
         assert stop(daemon) == 0
     finally:
+        resume.set()
         daemon.kill()
+    assert record(scan_out)["end_reason"] == "end_time"  # followed while written, to the end
     assert_same_spots(scan_out, expected)
     assert (scan_out / "run.log").read_text().count("dctstream watch starts this scan") == 2
     assert "left unfinished by an earlier run" in (out / "dctstream-watch.log").read_text()
@@ -249,12 +267,13 @@ def test_sigterm_stops_the_scan_in_progress(recorded, tmp_path):
     scan_file.parent.mkdir(parents=True)
     scan_out = out / "a" / "b" / "c" / "c_1.1"
     daemon = start_daemon(root, config, tmp_path)
-    acquisition = start_in_process(replay_hdf5, truth.frames_url, str(scan_file), fps=12)
+    acquisition, resume = paused_acquisition(truth, scan_file)
     try:
         wait_for("the scan to start", lambda: status(scan_out).get("stats", {}).get("frames_read", 0) >= 3,
                  proc=daemon)
         assert stop(daemon) == 0
     finally:
+        resume.set()
         daemon.kill()
         acquisition.join(TIMEOUT_S)
     rec = record(scan_out)
