@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .config import Config, config_to_dict
+from .config import Config
 from .errors import InputError
 from .sources.hdf5 import Hdf5FileSource
 
