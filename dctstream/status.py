@@ -47,8 +47,9 @@ STATUS_FILE = "status.json"
 RATE_WINDOW_S = 5.0
 # Bins of the spots-per-psi sparkline.
 SPARK_BINS = 40
-# Marks kept for rates and latency: (time, frames read, frames segmented), one per frame read.
-MAX_MARKS = 50_000
+# Marks kept for rates and latency: (time, frames read, frames segmented), one per frame read; enough
+# for a latency of several background windows, few enough for a snapshot under a millisecond.
+MAX_MARKS = 4096
 # Warnings that the log handler keeps per scan (the newest).
 MAX_WARNINGS = 20
 # Writing difspots is "slow disk" when it takes more than this share of the elapsed time.
