@@ -153,6 +153,8 @@ class ScanMonitor:
         self._stats = None
         self._pipeline = None
         self._marks: collections.deque = collections.deque(maxlen=MAX_MARKS)
+        self._listed: collections.deque = collections.deque()  # (time, frames listed by the source)
+        self._listed_lock = threading.Lock()
         self._warnings = _WarningLog()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -203,6 +205,9 @@ class ScanMonitor:
         snap["rates"] = _rates(marks, now)
         snap["latency"] = _latency(marks, s.get("frames_read", 0), s.get("frames_segmented", 0), now)
         snap["backlog_frames"] = self._backlog(s)
+        listed = self._listed_rate(now)
+        if listed is not None:  # the source says how fast frames arrive: the acquisition, even when we lag
+            snap["rates"]["acquisition_fps"] = listed
         snap.update(self._pipeline_state())
         source = getattr(self._pipeline, "source", None)
         # a recorded file is read as fast as it is processed: its "acquisition" rate is a reading rate
@@ -210,6 +215,18 @@ class ScanMonitor:
         snap["spots_per_psi"] = self._sparkline(s)
         snap["warnings"] = self._warning_list(s, snap["rates"])
         return snap
+
+    def _listed_rate(self, now: float) -> float | None:
+        """Frames/s the acquisition writes, from the frames the source has listed at each snapshot."""
+        listed = getattr(getattr(self._pipeline, "source", None), "frames_listed", None)
+        if listed is None:
+            return None
+        with self._listed_lock:
+            self._listed.append((now, int(listed)))
+            while len(self._listed) > 2 and self._listed[1][0] < now - RATE_WINDOW_S:
+                self._listed.popleft()
+            (t0, n0), (t1, n1) = self._listed[0], self._listed[-1]
+        return (n1 - n0) / (t1 - t0) if t1 - t0 >= 0.5 else None
 
     def _backlog(self, s: dict) -> int | None:
         """Frames the acquisition has written that the pipeline has not read yet, when the source says."""

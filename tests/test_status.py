@@ -226,3 +226,32 @@ def test_sigterm_stops_a_live_run_and_records_it(tiny_scan, tiny_set_args, tmp_p
     assert 0 < record["frames_read"] <= 20
     table = read_spot_table(out / "spots.h5")  # whole and readable
     assert sorted(p.name for p in (out / "difspots").iterdir()) == sorted(f"{i:06d}.h5" for i in table["id"])
+
+
+def test_acquisition_rate_comes_from_the_source_when_processing_lags(tmp_path):
+    """Processing at 20 frames/s a scan written at 50: the panel says so, and warns."""
+    class Source:
+        frames_listed = 0
+
+    class FakePipeline:
+        source, background, segmenter, table = Source(), None, None, None
+        stats = Stats()
+
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    clock = Clock()
+    monitor = ScanMonitor(cfg, clock=clock)
+    pipeline = FakePipeline()
+    monitor.attach(pipeline)
+    for k in range(201):  # 4 s
+        clock.now = 1000.0 + k / 50
+        pipeline.source.frames_listed = k + 1
+        if k % 5 == 0:  # 2 of every 5 frames written are read
+            pipeline.stats.frames_read += 2
+            pipeline.stats.frames_segmented = pipeline.stats.frames_read
+            monitor(pipeline.stats)
+        if k % 25 == 0:
+            snap = monitor.snapshot()  # the display and status.json take a snapshot a few times a second
+    assert snap["rates"]["acquisition_fps"] == pytest.approx(50.0)
+    assert snap["rates"]["processing_fps"] == pytest.approx(20.0, rel=0.05)
+    assert snap["backlog_frames"] == 201 - 82
+    assert snap["warnings"] == ["falling behind the acquisition: 119 frames not read yet"]
