@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 # Rates are measured over the last this many seconds.
 RATE_WINDOW_S = 5.0
+# The acquisition rate of a live file is measured over the last this many seconds.
+LISTED_WINDOW_S = 10.0
 # Bins of the spots-per-psi sparkline.
 SPARK_BINS = 40
 # Marks kept for rates and latency: (time, frames read, frames segmented), one per frame read; enough
@@ -217,15 +219,25 @@ class ScanMonitor:
         return snap
 
     def _listed_rate(self, now: float) -> float | None:
-        """Frames/s the acquisition writes, from the frames the source has listed at each snapshot."""
-        listed = getattr(getattr(self._pipeline, "source", None), "frames_listed", None)
+        """Frames/s the acquisition writes, from the frames the source has listed.
+
+        A source behind the acquisition looks at the file only when it needs a
+        frame, so the count it lists jumps now and then: the rate is taken
+        between the snapshots that saw it change, over the last LISTED_WINDOW_S.
+        """
+        source = getattr(self._pipeline, "source", None)
+        listed = getattr(source, "frames_listed", None)
         if listed is None:
             return None
         with self._listed_lock:
-            self._listed.append((now, int(listed)))
-            while len(self._listed) > 2 and self._listed[1][0] < now - RATE_WINDOW_S:
+            if not self._listed or self._listed[-1][1] != listed:
+                self._listed.append((now, int(listed)))
+            while len(self._listed) > 2 and self._listed[1][0] < now - LISTED_WINDOW_S:
                 self._listed.popleft()
             (t0, n0), (t1, n1) = self._listed[0], self._listed[-1]
+        read = getattr(getattr(self._pipeline, "stats", None), "frames_read", 0)
+        if now - t1 > 2.0 and listed - read <= 1:
+            return 0.0  # caught up and nothing new for a while: the acquisition has paused or ended
         return (n1 - n0) / (t1 - t0) if t1 - t0 >= 0.5 else None
 
     def _backlog(self, s: dict) -> int | None:

@@ -255,3 +255,25 @@ def test_acquisition_rate_comes_from_the_source_when_processing_lags(tmp_path):
     assert snap["rates"]["processing_fps"] == pytest.approx(20.0, rel=0.05)
     assert snap["backlog_frames"] == 201 - 82
     assert snap["warnings"] == ["falling behind the acquisition: 119 frames not read yet"]
+
+
+def test_acquisition_rate_when_the_source_looks_now_and_then(tmp_path):
+    """A lagging source lists new frames only when it looks (here every 2 s): still 50 frames/s."""
+    class Source:
+        frames_listed = 0
+
+    class FakePipeline:
+        source, background, segmenter, table = Source(), None, None, None
+        stats = Stats()
+
+    monitor = ScanMonitor(load_config(None, [f"output.dir={tmp_path}"]), clock=(clock := Clock()))
+    pipeline = FakePipeline()
+    monitor.attach(pipeline)
+    for tick in range(41):  # snapshots 4 times a second for 10 s
+        clock.now = 1000.0 + tick / 4
+        if tick % 8 == 0:
+            pipeline.source.frames_listed = 1 + 50 * tick // 4  # a look every 2 s
+        pipeline.stats.frames_read = 10 * tick  # 40 frames/s read: behind
+        monitor(pipeline.stats)
+        snap = monitor.snapshot()
+    assert snap["rates"]["acquisition_fps"] == pytest.approx(50.0)
