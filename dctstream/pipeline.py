@@ -170,6 +170,8 @@ class Pipeline:
         self.segmenter: Segmenter | None = None
         self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
         self._flushed_s = time.monotonic()
+        # consumers of each corrected frame, called as tap.on_corrected(k, frame) (quick-look pictures)
+        self.frame_taps: list = []
 
     def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
@@ -296,6 +298,10 @@ class Pipeline:
             if self.export is not None:
                 with self._timed("export"):
                     self.export.write(k, frame)
+            if self.frame_taps:
+                with self._timed("taps"):
+                    for tap in self.frame_taps:
+                        tap.on_corrected(k, frame)
             self.stats.frames_segmented += 1
 
     def _start_segmenter(self, first_frames: list[np.ndarray]) -> None:
