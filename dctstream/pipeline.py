@@ -247,6 +247,11 @@ class Pipeline:
         self.stats.direct_beam = self.background.direct_beam
         mask = beam_mask(self.background.direct_beam, shape)
         sigma = noise_map(first_frames, mask)
+        if self.cfg.segmentation.seed_threshold == "auto" and not np.all(sigma > 0):
+            raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "
+                             "after background correction (all-zero, saturated or constant frames, or a scan of "
+                             "fewer than 3 frames?), expected detector counts with noise for "
+                             "segmentation.seed_threshold: auto; set a number of counts instead")
         params = resolve_segmentation(self.cfg.segmentation, sigma)
         seed = np.asarray(params.seed_threshold)[~mask] if np.ndim(params.seed_threshold) else params.seed_threshold
         self.stats.noise_sigma = float(np.median(sigma[~mask]))
