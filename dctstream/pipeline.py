@@ -132,7 +132,7 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 class Pipeline:
     """One scan, from its source to difspots on disk. ``run()`` drives it to the end."""
 
-    def __init__(self, cfg: Config, *, overwrite: bool = False):
+    def __init__(self, cfg: Config, *, overwrite: bool = False, source=None):
         if not cfg.source.url:
             raise ConfigError("source.url: no scan given, expected path/to/scan.h5::/dataset "
                               "(in the config or with --source)")
@@ -141,7 +141,7 @@ class Pipeline:
         self.out_dir = Path(cfg.output.dir)
         self.overwrite = overwrite
         self.table: SpotTable | None = None
-        self.source = open_source(cfg.source)
+        self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
             self.stats.frames_total = getattr(self.source, "n_frames", None)
             self.background: BackgroundStage | None = None

@@ -36,7 +36,9 @@ HDF5 1.10 format bounds so that readers opening it in SWMR mode accept it.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -98,9 +100,16 @@ def spot_row(blob: Blob, psi_deg: float | None = None) -> dict:
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:
-    # h5py puts HDF5's whole diagnostic into str(exc); keep the message one line.
-    reason = " ".join((exc.strerror or str(exc)).split())
-    return OutputError(f"{path}: cannot write output, {reason}")
+    # h5py puts HDF5's whole diagnostic into str(exc), with the system's errno inside: say what that
+    # errno means (disk full, file too large, read-only, permission denied) and keep the message one line.
+    code = exc.errno
+    if code is None:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found[1]) if found else None
+    reason = os.strerror(code) if code else " ".join((exc.strerror or str(exc)).split())
+    hint = ("; free some space (or raise the file-size limit) and run the same command again to resume"
+            if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
+    return OutputError(f"{path}: cannot write output, {reason}, expected a writable folder with free space{hint}")
 
 
 def ensure_dir(path: Path) -> None:
