@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, checkpoint
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .errors import ConfigError, InputError, OutputError
@@ -141,20 +141,28 @@ class Pipeline:
         self.out_dir = Path(cfg.output.dir)
         self.overwrite = overwrite
         self.table: SpotTable | None = None
+        # an unfinished run of this configuration in out_dir continues from its last checkpoint
+        self.resuming = not overwrite and checkpoint.unfinished_run(self.out_dir, dump_config(cfg))
+        self._resume = checkpoint.load(self.out_dir) if self.resuming else None
+        self._replay_until = -1  # frames up to this one are put back in the segmenter, not segmented again
+        self._sigma: np.ndarray | None = None
+        self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
+        self._checkpointer = checkpoint.Checkpointer(self.out_dir, cfg.output.checkpoint_every_s,
+                                                     cfg.output.checkpoint_every_frames)
+        self.segmenter: Segmenter | None = None
+        self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
+        self._flushed_s = time.monotonic()
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
             self.stats.frames_total = getattr(self.source, "n_frames", None)
             self.background: BackgroundStage | None = None
             if getattr(self.source, "frame_shape", None) is not None:
                 self._start_stages(self.source.frame_shape, self.source.dtype)
-            else:  # say it now, not after waiting for a scan that may take a while
+            elif not self.resuming:  # say it now, not after waiting for a scan that may take a while
                 _previous_results(self.out_dir, overwrite)
         except BaseException:
             self.source.close()
             raise
-        self.segmenter: Segmenter | None = None
-        self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
-        self._flushed_s = time.monotonic()
 
     def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
@@ -165,19 +173,25 @@ class Pipeline:
             if x0 + w > shape[1] or y0 + h > shape[0]:
                 raise ConfigError(f"direct_beam.bbox: {list(bbox)} reaches outside the frame of "
                                   f"{shape[1]} x {shape[0]} pixels (x, y)")
+        resume = checkpoint.resume_background(self._resume, bbox) if self._resume else {}
         self.background = BackgroundStage(cfg.background, frame_shape=shape, dtype=dtype, dark=dark,
-                                          direct_beam=bbox, beam_margin_px=cfg.direct_beam.margin_px,
-                                          filter_size=cfg.filter.median_size)
+                                          direct_beam=resume.get("direct_beam", bbox),
+                                          beam_margin_px=cfg.direct_beam.margin_px,
+                                          filter_size=cfg.filter.median_size, **resume.get("stage", {}))
         # only now, with the frames' shape checked against the dark and the beam box, does output appear
-        prepare_output(self.out_dir, self.overwrite)
+        if not self.resuming:
+            prepare_output(self.out_dir, self.overwrite)
+            checkpoint.start_run(self.out_dir, dump_config(cfg))
         self.difspots = DifspotWriter(self.out_dir)
         (self.out_dir / "config.yml").write_text(dump_config(cfg))
         self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
                                               "source": cfg.source.url})
+        if self._resume:
+            checkpoint.restore(self, *self._resume)
 
     def run(self, progress=None) -> Stats:
         """Process every frame of the source; ``progress(stats)`` is called after each frame."""
-        frames = iter(self.source)
+        frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"]) if self._resume else iter(self.source)
         try:
             while True:
                 with self._timed("read"):
@@ -204,6 +218,7 @@ class Pipeline:
             self.source.close()
             if self.table is not None:
                 self.table.close()
+        checkpoint.finish_run(self.out_dir)
         self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
         if progress is not None:
             progress(self.stats)
@@ -237,16 +252,23 @@ class Pipeline:
         if self.segmenter is None:
             self._start_segmenter([frame for _, frame in corrected[:NOISE_FRAMES]])
         for k, frame in corrected:
+            if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
+                self.segmenter.load_frame(k, frame)
+                continue
             with self._timed("segment"):
                 blobs = self.segmenter.push(k, frame)
             self._write(blobs)
             self.stats.frames_segmented += 1
+            checkpoint.crash_point("frame")
+            if self._checkpointer.due(k):
+                with self._timed("write"):
+                    checkpoint.save(self, k)
 
     def _start_segmenter(self, first_frames: list[np.ndarray]) -> None:
         shape = self.background.frame_shape
         self.stats.direct_beam = self.background.direct_beam
         mask = beam_mask(self.background.direct_beam, shape)
-        sigma = noise_map(first_frames, mask)
+        sigma = self._sigma = noise_map(first_frames, mask)
         if self.cfg.segmentation.seed_threshold == "auto" and not np.all(sigma > 0):
             raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "
                              "after background correction (all-zero, saturated or constant frames, or a scan of "
@@ -270,7 +292,7 @@ class Pipeline:
 
     def _write_blobs(self, blobs) -> None:
         for blob in blobs:
-            self.difspots.write(blob, volume=blob.volume)
+            self._unsynced.append(self.difspots.write(blob, volume=blob.volume))
             psi = None
             if self._psi:
                 # between the two frames around the centroid: O(1), not O(frames so far), per blob

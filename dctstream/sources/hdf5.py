@@ -86,6 +86,7 @@ class Hdf5FileSource:
             self.close()
             raise InputError(f"source.url: {url}: expected integer detector counts, got dtype {dtype}")
         self.n_frames = shape[0]
+        self.first_frame = 0  # where iterating starts (a resumed run skips what it no longer needs)
         self.frame_shape = tuple(shape[1:])
         self.dtype = dtype
         self.angles = None
@@ -106,7 +107,7 @@ class Hdf5FileSource:
                 raise
 
     def __iter__(self):
-        for start in range(0, self.n_frames, _READ_BATCH):
+        for start in range(self.first_frame, self.n_frames, _READ_BATCH):
             try:
                 block = self._dset[start:start + _READ_BATCH]
             except OSError:
