@@ -158,6 +158,10 @@ class Checkpointer:
             return True
         return time.monotonic() - self._last_s >= self.every_s
 
+    def taken(self, k: int) -> None:
+        """A snapshot of frame ``k`` was taken (it is saved later, by the writer)."""
+        self._last_s, self._last_frame = time.monotonic(), k
+
     def save(self, meta: dict, arrays: dict[str, np.ndarray], k: int) -> None:
         import io
 
@@ -165,7 +169,6 @@ class Checkpointer:
         meta = {**meta, "format": FORMAT}
         np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
         _atomic_write(self.path, buffer.getvalue())
-        self._last_s, self._last_frame = time.monotonic(), k
         log.debug("checkpoint at frame %d", k)
 
 
@@ -213,9 +216,28 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def save(pipeline, k: int) -> None:
-    """Checkpoint ``pipeline`` at the end of frame ``k`` (segmented, its difspots written, their rows added)."""
-    seg, bg, table, stats = pipeline.segmenter, pipeline.background, pipeline.table, pipeline.stats
+class Snapshot:
+    """The state at the end of frame ``frame``, taken by the main thread; the writer thread saves it
+    after the difspots closed before it, adding the spot table's rows (see ``capture``)."""
+
+    def __init__(self, frame: int, meta: dict, arrays: dict[str, np.ndarray]):
+        self.frame, self.meta, self.arrays = frame, meta, arrays
+
+    def save(self, pipeline) -> None:
+        """Runs where the difspots are written, after every one closed up to ``frame``."""
+        table = pipeline.table
+        self.meta["stats"]["difspots_written"] = len(table)
+        self.meta["table"] = {"attrs": {key: _plain(v) for key, v in table.attrs.items()}}
+        arrays = {**self.arrays, **{f"table_{name}": v for name, v in table.columns().items()}}
+        sync_files(pipeline._unsynced)  # every difspot this checkpoint counts is on disk first
+        pipeline._unsynced.clear()
+        pipeline._checkpointer.save(self.meta, arrays, self.frame)
+
+
+def capture(pipeline, k: int) -> Snapshot:
+    """The state of ``pipeline`` at the end of frame ``k`` (segmented, its difspots handed to the writer)."""
+    seg, bg, stats = pipeline.segmenter, pipeline.background, pipeline.stats
+    pipeline._checkpointer.taken(k)
     state = seg.state()
     first_needed = seg.first_needed
     first_raw = bg.first_raw_frame(first_needed)
@@ -227,9 +249,8 @@ def save(pipeline, k: int) -> None:
         "direct_beam": None if bg.direct_beam is None else [int(v) for v in bg.direct_beam],
         "margin_ref": None if bg.margin_ref is None else float(bg.margin_ref),
         "has_psi": psi is not None,
-        "stats": {"difspots_written": stats.difspots_written, "frames_missing": stats.frames_missing,
-                  "seed_threshold": stats.seed_threshold, "noise_sigma": stats.noise_sigma},
-        "table": {"attrs": {key: _plain(v) for key, v in table.attrs.items()}},
+        "stats": {"frames_missing": stats.frames_missing, "seed_threshold": stats.seed_threshold,
+                  "noise_sigma": stats.noise_sigma},
         "segmenter": {key: state[key] for key in ("low", "last", "prev_offset", "next_id", "n_blobs",
                                                   "rejected", "capacity")},
     }
@@ -240,11 +261,8 @@ def save(pipeline, k: int) -> None:
         "seg_region_ids": state["region_ids"], "seg_open": state["open"], "seg_claimed": state["claimed"],
         **{f"seg_regions_{name}": v for name, v in state["regions"].items()},
         **{f"seg_pending_{name}": v for name, v in state["pending"].items()},
-        **{f"table_{name}": v for name, v in table.columns().items()},
     }
-    sync_files(pipeline._unsynced)  # every difspot this checkpoint counts is on disk first
-    pipeline._unsynced.clear()
-    pipeline._checkpointer.save(meta, arrays, k)
+    return Snapshot(k, meta, arrays)
 
 
 def resume_background(resume, bbox) -> dict:

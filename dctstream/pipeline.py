@@ -15,7 +15,8 @@ import numpy as np
 from . import __version__, checkpoint
 from .background import BackgroundStage
 from .config import Config, dump_config
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, DctStreamError, InputError, OutputError
+from .overlap import Prefetch, Worker
 from .segment import SegmentParams, Segmenter
 from .sinks import DifspotWriter, SpotTable
 from .sources import load_dark, open_source
@@ -30,6 +31,10 @@ NOISE_FRAMES = 5
 # follows the background level (Poisson), which changes slowly across the
 # detector, from the direct beam's glow to the corners.
 NOISE_TILE_PX = 32
+# Frames read ahead of the background stage: enough to ride out a slow read, a few MB each.
+FRAME_QUEUE_DEPTH = 8
+# Closed blobs waiting for the writer; each is a few kB.
+BLOB_QUEUE_DEPTH = 256
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Stats:
     frames_missing: int = 0
     source_end: str | None = None  # why the source stopped: end_time, idle_timeout, complete, ...
     stage_s: Counter = field(default_factory=Counter)  # seconds spent in read, background, segment, write
+    backlog_frames: int = 0  # frames read but not yet taken by the background stage
+    write_backlog: int = 0  # difspots closed but not yet written
     started_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -152,6 +159,7 @@ class Pipeline:
         self.segmenter: Segmenter | None = None
         self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
         self._flushed_s = time.monotonic()
+        self._writer: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
             self.stats.frames_total = getattr(self.source, "n_frames", None)
@@ -186,19 +194,23 @@ class Pipeline:
         (self.out_dir / "config.yml").write_text(dump_config(cfg))
         self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
                                               "source": cfg.source.url})
+        self._writer = Worker(self._write_blob, BLOB_QUEUE_DEPTH, name="dctstream-write")
         if self._resume:
             checkpoint.restore(self, *self._resume)
 
     def run(self, progress=None) -> Stats:
-        """Process every frame of the source; ``progress(stats)`` is called after each frame."""
-        frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"]) if self._resume else iter(self.source)
+        """Process every frame of the source; ``progress(stats)`` is called after each frame.
+
+        The source is read in a thread and difspots are written in another,
+        each joined to the main thread (background and segmentation) by a
+        bounded queue.
+        """
+        reader = Prefetch(self._read(), FRAME_QUEUE_DEPTH, name="dctstream-read")
+        done = False
+        failure = None
         try:
-            while True:
-                with self._timed("read"):
-                    frame = next(frames, None)
-                if frame is None:
-                    break
-                self.stats.frames_read += 1
+            for frame in reader:
+                self.stats.backlog_frames = reader.backlog
                 if frame.psi_deg is None:
                     self._psi = None
                 elif self._psi is not None:
@@ -214,15 +226,51 @@ class Pipeline:
                 with self._timed("segment"):
                     blobs = self.segmenter.finish()
                 self._write(blobs)
+            done = True
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
-            self.source.close()
-            if self.table is not None:
-                self.table.close()
+            reader.close()
+            if reader.running:
+                log.warning("the source did not stop within 5 s; leaving it open")
+            else:
+                self.source.close()
+            self._close_outputs(raise_errors=done, failure=failure)
         checkpoint.finish_run(self.out_dir)
         self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
         if progress is not None:
             progress(self.stats)
         return self.stats
+
+    def _read(self):
+        """The source's frames, counted and timed; runs in the reader thread."""
+        frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"]) if self._resume else iter(self.source)
+        while True:
+            with self._timed("read"):
+                frame = next(frames, None)
+            if frame is None:
+                return
+            self.stats.frames_read += 1
+            yield frame
+
+    def _close_outputs(self, raise_errors: bool, failure: BaseException | None = None) -> None:
+        """Write every difspot already handed over, then the table: nothing closed is lost on an error."""
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        except BaseException as exc:
+            if raise_errors:
+                raise
+            if exc is failure:
+                pass  # the writer's own error, already on its way to the user
+            elif isinstance(exc, DctStreamError):
+                log.warning("writing the last difspots failed too: %s", exc)
+            else:
+                log.exception("writing the last difspots failed")
+        finally:
+            if self.table is not None:
+                self.table.close()
 
     @contextmanager
     def _timed(self, stage: str):
@@ -260,9 +308,8 @@ class Pipeline:
             self._write(blobs)
             self.stats.frames_segmented += 1
             checkpoint.crash_point("frame")
-            if self._checkpointer.due(k):
-                with self._timed("write"):
-                    checkpoint.save(self, k)
+            if self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
+                self._writer.submit(checkpoint.capture(self, k))
 
     def _start_segmenter(self, first_frames: list[np.ndarray]) -> None:
         shape = self.background.frame_shape
@@ -287,24 +334,33 @@ class Pipeline:
                                  "direct_beam_bbox": str(list(self.stats.direct_beam or []))})
 
     def _write(self, blobs) -> None:
-        with self._timed("write"):
-            self._write_blobs(blobs)
-
-    def _write_blobs(self, blobs) -> None:
         for blob in blobs:
-            self._unsynced.append(self.difspots.write(blob, volume=blob.volume))
-            psi = None
-            if self._psi:
-                # between the two frames around the centroid: O(1), not O(frames so far), per blob
-                i = max(min(int(blob.centroid[0]), len(self._psi) - 2), 0)
-                psi = float(np.interp(blob.centroid[0], np.arange(i, i + 2)[:len(self._psi)], self._psi[i:i + 2]))
-            self.table.add(blob, psi)
-            self.stats.difspots_written += 1
+            self._writer.submit((blob, self._psi_at(blob.centroid[0])))
+        self.stats.write_backlog = self._writer.backlog if self._writer is not None else 0
         if self.segmenter is not None:
             self.stats.rejected = Counter(self.segmenter.rejected)
-        if blobs and time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
-            self.table.flush()
-            self._flushed_s = time.monotonic()
+
+    def _psi_at(self, frame: float) -> float | None:
+        if not self._psi:
+            return None
+        # between the two frames around it: O(1), not O(frames so far), per blob
+        i = max(min(int(frame), len(self._psi) - 2), 0)
+        return float(np.interp(frame, np.arange(i, i + 2)[:len(self._psi)], self._psi[i:i + 2]))
+
+    def _write_blob(self, item) -> None:
+        """Runs in the writer thread."""
+        if isinstance(item, checkpoint.Snapshot):
+            with self._timed("write"):
+                item.save(self)
+            return
+        blob, psi = item
+        with self._timed("write"):
+            self._unsynced.append(self.difspots.write(blob, volume=blob.volume))
+            self.table.add(blob, psi)
+            self.stats.difspots_written += 1
+            if time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
+                self.table.flush()
+                self._flushed_s = time.monotonic()
 
 
 def run(cfg: Config, *, overwrite: bool = False, progress=None) -> Stats:

@@ -151,3 +151,40 @@ def test_hypothesis_equals_reference(seed, nf, ny, nx, threshold, ratio, low, hi
     expected, rejected = reference_blobs(volume, p, mask)
     assert voxel_sets(blobs) == reference_sets(expected)
     assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ny=st.integers(1, 24), nx=st.integers(1, 24), conn8=st.booleans(), density=st.floats(0.0, 0.9),
+       seed=st.integers(0, 2**31))
+def test_label_seeds_equals_scipy_label_and_brute_force_links(ny, nx, conn8, density, seed):
+    import scipy.ndimage as ndi
+
+    from dctstream.segment._kernels import label_seeds
+
+    rng = np.random.default_rng(seed)
+    # few distinct values: ties for the brightest voxel happen and must go to the first in raster order
+    frame = rng.integers(0, 4, (ny, nx)).astype(np.float32)
+    threshold = np.where(rng.random((ny, nx)) < density, 0.0, 9.0)
+    unmasked = rng.random((ny, nx)) > 0.1
+    structure = ndi.generate_binary_structure(2, 2 if conn8 else 1)
+    prev_labels, _ = ndi.label(rng.random((ny, nx)) < density, structure=structure)
+    labels = np.full((ny, nx), -7, np.int32)  # stale content must be overwritten
+    parent = np.empty(ny * nx + 1, np.int32)
+    n, counts, max_value, max_y, max_x, prev, here = label_seeds(
+        frame, threshold, unmasked, prev_labels.astype(np.int32), conn8, labels, parent)
+
+    seeds = (frame >= threshold) & unmasked
+    expected, n_expected = ndi.label(seeds, structure=structure)
+    assert n == n_expected
+    np.testing.assert_array_equal(labels, expected)
+    for c in range(1, n + 1):
+        ys, xs = np.nonzero(expected == c)
+        best = np.argmax(frame[ys, xs])  # the first maximum in raster order
+        assert counts[c - 1] == ys.size
+        assert (max_value[c - 1], max_y[c - 1], max_x[c - 1]) == (frame[ys[best], xs[best]], ys[best], xs[best])
+    touching = set()
+    reach = 1 if conn8 else 0
+    for y, x in zip(*np.nonzero(seeds)):
+        near = prev_labels[max(y - reach, 0):y + reach + 1, max(x - reach, 0):x + reach + 1]
+        touching |= {(int(p), int(expected[y, x])) for p in near.ravel() if p}
+    assert set(zip(prev.tolist(), here.tolist())) == touching

@@ -379,3 +379,12 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
                     break
             med[p] = m
             lt[p] = c
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def normalised_minus_background(raw, dark, scale, background, out):
+    """out = (float32(raw) - dark) * scale - background in one pass, in float32 as numpy would."""
+    ny, nx = raw.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            out[y, x] = (np.float32(raw[y, x]) - dark[y, x]) * scale - background[y, x]

@@ -34,6 +34,18 @@ def window_median(ring: np.ndarray, slots: np.ndarray, dark: np.ndarray, scales:
     return out
 
 
+def normalised_minus_background(raw: np.ndarray, dark: np.ndarray, scale, background: np.ndarray,
+                                out: np.ndarray) -> np.ndarray:
+    """(float32(raw) - dark) * scale - background, float32, into ``out``: one pass, no temporaries."""
+    _require("raw", raw, ndim=2)
+    for name, arr in (("dark", dark), ("background", background), ("out", out)):
+        _require(name, arr, ndim=2, dtype=np.float32)
+        if arr.shape != raw.shape:
+            raise ValueError(f"{name}: expected shape {raw.shape}, got {arr.shape}")
+    _kernels.normalised_minus_background(raw, dark, np.float32(scale), background, out)
+    return out
+
+
 def median_filter(img: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """size x size median filter with scipy.ndimage's 'reflect' edges; size 1 copies."""
     _require("img", img, ndim=2)

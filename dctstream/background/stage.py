@@ -25,7 +25,7 @@ import numpy as np
 from ..direct_beam import detect_direct_beam, margin_mean
 from ..errors import InputError
 from ..ring import FrameRing
-from .kernels import HistogramWindow, SortedWindow, median_filter, window_median
+from .kernels import HistogramWindow, SortedWindow, median_filter, normalised_minus_background, window_median
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class BackgroundStage:
         self.warm = False
         self.n_frames: int | None = None  # known once the scan has ended
         self.emitted = first_frame
+        self._difference = np.empty(self.frame_shape, np.float32)  # scratch, reused for every frame
 
     # ---- public --------------------------------------------------------------
     def push(self, frame: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -240,10 +241,10 @@ class BackgroundStage:
         while self._ready(self.emitted):
             k = self.emitted
             slot = self.ring.slot(k)
-            normalised = (self.ring.data[slot].astype(np.float32) - self.dark) * self.scales[slot]
-            background = self._background(k)
+            difference = normalised_minus_background(self.ring.data[slot], self.dark, self.scales[slot],
+                                                     self._background(k), self._difference)
             for start in [s for s in self._medians if s < self._start(k)]:
                 del self._medians[start]
-            out.append((k, median_filter(normalised - background, self.filter_size)))
+            out.append((k, median_filter(difference, self.filter_size)))
             self.emitted += 1
         return out

@@ -80,3 +80,102 @@ def grow_region(values, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, sc
         i = out[j]
         flags[(i // (ny * nx)) % cap, (i // nx) % ny, i % nx] &= ~_SEEN
     return np.sort(out[:n_out]), complete
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _root(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@numba.njit(cache=True, nogil=True)
+def label_seeds(frame, seed, unmasked, prev_labels, conn8, labels, parent):
+    """Seeds of one frame (``frame >= seed`` and unmasked), labelled in 2-D, and linked to the previous frame.
+
+    Labels go into ``labels`` (0 = no seed), numbered 1..n in raster order of
+    first appearance, as ``scipy.ndimage.label`` numbers them; ``parent`` is
+    scratch space of at least ``labels.size + 1`` entries. Returns n, then per
+    component its voxel count and its brightest voxel (value, y, x; the first
+    in raster order on ties), then the pairs (label in ``prev_labels``, label
+    here) of seeds that touch across the two frames (``conn8``: the 3 x 3
+    neighbourhood, else the same pixel), each pair once per run of pixels.
+    """
+    ny, nx = frame.shape
+    n_prov = 0
+    n_seeds = 0
+    for y in range(ny):
+        for x in range(nx):
+            if not (unmasked[y, x] and frame[y, x] >= seed[y, x]):
+                labels[y, x] = 0
+                continue
+            n_seeds += 1
+            best = 0
+            for dy, dx in ((0, -1), (-1, -1), (-1, 0), (-1, 1)):
+                if not conn8 and dx != 0 and dy != 0:
+                    continue
+                py, px = y + dy, x + dx
+                if py < 0 or px < 0 or px >= nx:
+                    continue
+                other = labels[py, px]
+                if other == 0:
+                    continue
+                other = _root(parent, other)
+                if best == 0:
+                    best = other
+                elif other != best:
+                    if other < best:
+                        parent[best] = other
+                        best = other
+                    else:
+                        parent[other] = best
+            if best == 0:
+                n_prov += 1
+                parent[n_prov] = n_prov
+                best = n_prov
+            labels[y, x] = best
+    final = np.zeros(n_prov + 1, np.int32)
+    counts = np.zeros(n_prov, np.int64)
+    max_value = np.empty(n_prov, frame.dtype)
+    max_y = np.empty(n_prov, np.int64)
+    max_x = np.empty(n_prov, np.int64)
+    links_prev = np.empty(9 * n_seeds, np.int64)
+    links_here = np.empty(9 * n_seeds, np.int64)
+    n = 0
+    n_links = 0
+    for y in range(ny):
+        last_prev = -1
+        last_here = -1
+        for x in range(nx):
+            prov = labels[y, x]
+            if prov == 0:
+                continue
+            root = _root(parent, prov)
+            if final[root] == 0:
+                n += 1
+                final[root] = n
+            c = final[root]
+            labels[y, x] = c
+            v = frame[y, x]
+            if counts[c - 1] == 0 or v > max_value[c - 1]:
+                max_value[c - 1] = v
+                max_y[c - 1] = y
+                max_x[c - 1] = x
+            counts[c - 1] += 1
+            for dy in range(-1, 2):
+                for dx in range(-1, 2):
+                    if not conn8 and (dy != 0 or dx != 0):
+                        continue
+                    py, px = y + dy, x + dx
+                    if py < 0 or py >= ny or px < 0 or px >= nx:
+                        continue
+                    p = prev_labels[py, px]
+                    if p == 0 or (p == last_prev and c == last_here):
+                        continue
+                    links_prev[n_links] = p
+                    links_here[n_links] = c
+                    n_links += 1
+                    last_prev = p
+                    last_here = c
+    return (n, counts[:n], max_value[:n], max_y[:n], max_x[:n], links_prev[:n_links], links_here[:n_links])

@@ -29,10 +29,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.ndimage as ndi
 
 from ..types import Blob
-from ._kernels import CLAIMED, grow_region
+from ._kernels import CLAIMED, grow_region, label_seeds
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
@@ -87,15 +86,14 @@ class Segmenter:
         self._seed_map, self._low_map = params.maps(self.frame_shape)
         self._unmasked = ~self.mask
         self._reach_fyx = params.max_size[::-1]
-        self._structure = ndi.generate_binary_structure(2, 1 if params.connectivity == 6 else 2)
-        self._shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                        if params.connectivity == 26 or (dy, dx) == (0, 0)]
         reach = params.max_size[2]
         self._values = np.zeros((4 * reach + 4, *self.frame_shape), np.float32)
         self._flags = np.zeros(self._values.shape, np.uint8)
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
+        self._spare_labels = np.zeros(self.frame_shape, np.int32)  # this frame's, swapped with the last's
+        self._parent_scratch = np.empty(self._prev_labels.size + 1, np.int32)
         self._prev_offset = 0  # label + offset = region id
         self._parent: dict[int, int] = {}
         self._regions: dict[int, _Region] = {}  # open regions, by root id
@@ -173,7 +171,8 @@ class Segmenter:
         cap = int(state["capacity"])
         self._values = np.zeros((cap, *self.frame_shape), np.float32)
         self._flags = np.zeros(self._values.shape, np.uint8)
-        self._prev_labels = np.ascontiguousarray(state["prev_labels"], np.int32)
+        self._prev_labels = np.array(state["prev_labels"], np.int32, order="C")
+        self._spare_labels = np.zeros_like(self._prev_labels)
         self._parent = {int(a): int(b) for a, b in state["parent"]}
         self._regions = dict(zip((int(i) for i in state["region_ids"]), regions(state["regions"])))
         self._open = [int(i) for i in state["open"]]
@@ -226,33 +225,20 @@ class Segmenter:
         self._regions[ra].absorb(self._regions.pop(rb))
 
     def _link(self, k: int, frame: np.ndarray) -> None:
-        seeds = frame >= self._seed_map
-        seeds &= self._unmasked
-        labels, n = ndi.label(seeds, structure=self._structure)
-        ys, xs = np.nonzero(seeds)
-        lab = labels[ys, xs].astype(np.int64)  # ids outgrow 32 bits over a long scan
-        gids = self._next_id + lab - 1
-        if n:
-            vals = frame[ys, xs]
-            counts = np.bincount(lab, minlength=n + 1)[1:]
-            # brightest voxel of each component, the first in (y, x) order on ties
-            order = np.lexsort((np.arange(lab.size), -vals, lab))
-            first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
-            for c in range(n):
-                i = first[c]
-                gid = self._next_id + c
-                self._parent[gid] = gid
-                self._regions[gid] = _Region(int(counts[c]), float(vals[i]), (k, int(ys[i]), int(xs[i])), k)
-            ny, nx = self.frame_shape
-            links = []
-            for dy, dx in self._shifts:
-                py, px = ys + dy, xs + dx
-                ok = (py >= 0) & (py < ny) & (px >= 0) & (px < nx)
-                prev = self._prev_labels[py[ok], px[ok]].astype(np.int64)
-                hit = prev > 0
-                links.append(np.stack((prev[hit] + self._prev_offset, gids[ok][hit]), axis=1))
-            for a, b in np.unique(np.concatenate(links), axis=0):
+        labels = self._spare_labels
+        n, counts, max_value, max_y, max_x, prev, here = label_seeds(
+            frame, self._seed_map, self._unmasked, self._prev_labels, self.params.connectivity == 26,
+            labels, self._parent_scratch)
+        for c in range(n):
+            gid = self._next_id + c
+            self._parent[gid] = gid
+            self._regions[gid] = _Region(int(counts[c]), float(max_value[c]), (k, int(max_y[c]), int(max_x[c])), k)
+        if prev.size:
+            # ids outgrow 32 bits over a long scan
+            pairs = np.unique(np.stack((prev + self._prev_offset, here + self._next_id - 1), axis=1), axis=0)
+            for a, b in pairs:
                 self._union(int(a), int(b))
+        self._spare_labels = self._prev_labels
         # frame k's ids are its labels + offset: no frame-sized id array to fill
         self._prev_labels, self._prev_offset = labels, self._next_id - 1
         self._next_id += n
