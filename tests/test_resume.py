@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,15 +16,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import zmq
 
 from cli_util import SUBPROCESS_TIMEOUT_S, assert_one_line_error
+from dctstream import checkpoint
 from dctstream.background import BackgroundStage
 from dctstream.cli import main
-from dctstream.config import load_config
+from dctstream.config import SourceConfig
 from dctstream.errors import OutputError
-from dctstream.pipeline import Pipeline
 from dctstream.segment import Segmenter
 from dctstream.sinks import spot_table
+from dctstream.sources.stream import Stream1Source
 from simulators.dct_scan import simulate_scan
 from test_background import make_scan
 from test_segment import params, segment, spotty_volume
@@ -176,9 +177,12 @@ def test_sigkill_at_10_random_points_then_resume_gives_identical_outputs(scan, r
     assert sum(resumed_from) >= 6, list(zip(points, resumed_from))
 
 
-def test_killed_again_and_again_while_resuming(scan, tmp_path):
-    """Block mode, margin normalisation: killed four times, each time while resuming the previous kill."""
-    extra = ("background.mode=block", "background.stride=3", "background.normalise=margin")
+@pytest.mark.parametrize("protocol", ["hdf5", "hdf5-live"])
+def test_killed_again_and_again_while_resuming(scan, tmp_path, protocol):
+    """Block mode, margin normalisation: killed four times, each time while resuming the previous kill.
+    A followed file (hdf5-live) is read again from its start, the frames before the checkpoint's dropped."""
+    extra = ("background.mode=block", "background.stride=3", "background.normalise=margin",
+             f"source.protocol={protocol}", "source.idle_timeout_s=2")
     want = tmp_path / "want"
     assert _run(_args(scan, want, extra)).returncode == 0
     out = tmp_path / "out"
@@ -300,3 +304,13 @@ def test_output_not_writable_stops_at_once(scan, tmp_path, monkeypatch, capsys):
     assert list((out / "difspots").iterdir()) == []
     with h5py.File(out / "spots.h5", "r") as f:
         assert f["spots/id"].shape == (0,)
+
+
+def test_a_stream_cannot_be_read_again_to_resume():
+    context = zmq.Context()
+    try:
+        with Stream1Source(SourceConfig(url="inproc://resume"), context=context) as source:
+            with pytest.raises(OutputError, match="a stream cannot be read again to resume the unfinished run"):
+                next(checkpoint.frames_from(source, 10))
+    finally:
+        context.term()
