@@ -67,7 +67,7 @@ def unfinished_run(out_dir: Path, config_text: str) -> bool:
     marker = marker_path(out_dir)
     try:
         previous = marker.read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no run under way, or not even a folder (said later)
         return False
     except OSError as exc:
         raise OutputError(f"{marker}: cannot read ({exc.strerror})") from None
@@ -87,7 +87,10 @@ def _changed_lines(old: str, new: str) -> str:
 
 
 def start_run(out_dir: Path, config_text: str) -> None:
-    """Mark ``out_dir`` as holding a run under way, before any result appears."""
+    """Mark ``out_dir`` as holding a run under way, before any result appears; a checkpoint of an
+    earlier run (replaced by ``--overwrite``) goes first, so that it can never be taken for this one's."""
+    with suppress(FileNotFoundError):
+        (Path(out_dir) / RUN_DIR / CHECKPOINT).unlink()
     _atomic_write(marker_path(out_dir), config_text.encode())
 
 

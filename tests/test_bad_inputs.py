@@ -226,9 +226,11 @@ def _check_folder(name, ctx, before):
     if name not in MID_SCAN:
         assert snapshot(ctx.dir) == before, "a failed run changed its folder"
         return
-    # the run stopped mid-scan: whatever it left is whole, and the table matches the difspot files
+    # the run stopped mid-scan: whatever it left is whole, the table matches the difspot files, and the
+    # run is marked unfinished (the same command resumes it once the input is fixed)
     out = Path(ctx.out)
-    assert {p.name for p in out.iterdir()} <= {"config.yml", "spots.h5", "difspots"}
+    assert {p.name for p in out.iterdir()} <= {"config.yml", "spots.h5", "difspots", ".dctstream"}
+    assert (out / ".dctstream" / "running").exists()
     table = read_spot_table(out / "spots.h5")
     assert sorted(p.name for p in (out / "difspots").iterdir()) == [f"{i:06d}.h5" for i in sorted(table["id"])]
 
