@@ -1,4 +1,4 @@
-"""The ``dctstream`` command: run | demo | simulate | check."""
+"""The ``dctstream`` command: run | watch | status | export | demo | simulate | replay | bench | check."""
 
 from __future__ import annotations
 
@@ -29,25 +29,6 @@ def _config(args):
     return load_config(args.config, overrides)
 
 
-class _Progress:
-    """One line on stderr every few seconds: a service or a pipe gets a readable log too."""
-
-    def __init__(self, every_s: float = 5.0):
-        self.every_s = every_s
-        self.last_s = time.monotonic()
-
-    def __call__(self, stats) -> None:
-        now = time.monotonic()
-        if now - self.last_s < self.every_s:
-            return
-        self.last_s = now
-        total = f"/{stats.frames_total}" if stats.frames_total else ""
-        rate = stats.frames_read / max(stats.elapsed_s, 1e-9)
-        log.info("frames read %d%s, corrected %d, segmented %d; difspots %d; %.1f frames/s",
-                 stats.frames_read, total, stats.frames_corrected, stats.frames_segmented,
-                 stats.difspots_written, rate)
-
-
 def _threshold(seed_threshold) -> str:
     # None when no frame was ever segmented (an empty scan)
     return "none" if seed_threshold is None else f"{seed_threshold[0]:.4g}..{seed_threshold[1]:.4g} counts"
@@ -65,11 +46,62 @@ def _summary(stats, out_dir) -> str:
 
 def cmd_run(args) -> int:
     cfg = _config(args)  # before the heavy imports: a bad config fails at once
-    from .pipeline import run
+    from .runner import process_scan, stop_on_sigterm
 
-    stats = run(cfg, overwrite=args.overwrite, progress=_Progress())
+    stop_on_sigterm()
+    stats = process_scan(cfg, overwrite=args.overwrite)
     print(_summary(stats, cfg.output.dir))
     return 0
+
+
+def cmd_status(args) -> int:
+    from rich.console import Console
+
+    from .status import read_statuses, render, status_line
+
+    if args.follow:
+        return _follow_status(args.out_dir, args.interval)
+    snaps = read_statuses(args.out_dir)
+    if args.line:
+        print("\n".join(status_line(snap) for snap in snaps))
+    else:
+        Console().print(render(snaps))
+    return 0
+
+
+def _follow_status(out_dir, interval_s: float) -> int:
+    """Refresh the view of another process's scans until none is running."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .status import read_statuses, render
+
+    snaps = read_statuses(out_dir)
+    with Live(render(snaps), console=Console(), refresh_per_second=4) as live:
+        while any(snap.get("state") in ("starting", "running") for snap in snaps):
+            time.sleep(interval_s)
+            try:
+                snaps = read_statuses(out_dir)
+            except DctStreamError:
+                continue  # between two rewrites
+            live.update(render(snaps))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_imaged11
+
+    path, n = export_imaged11(args.out_dir, args.output)
+    print(f"wrote {n} peaks to {path} (ImageD11 columnfile)")
+    return 0
+
+
+def cmd_watch(args) -> int:
+    cfg = _config(args)
+    from .daemon import Daemon
+
+    daemon = Daemon(args.root, cfg, config_path=args.config, overrides=list(args.set or []))
+    return daemon.run(max_scans=args.max_scans)
 
 
 def cmd_check(args) -> int:
@@ -95,7 +127,7 @@ def cmd_demo(args) -> int:
     from simulators.replay_file import replay_hdf5, start_in_process
 
     from .config import load_config
-    from .pipeline import run
+    from .runner import process_scan
     from .sinks import read_spot_table
 
     with tempfile.TemporaryDirectory(prefix="dctstream-demo-") as tmp:
@@ -118,7 +150,7 @@ def cmd_demo(args) -> int:
                                  f"dark.url={truth.dark_url}", f"background.window={args.window}",
                                  "background.normalise=margin", "source.idle_timeout_s=30",
                                  f"output.dir={work / 'out'}"])
-        stats = run(cfg, overwrite=True, progress=_Progress())
+        stats = process_scan(cfg, overwrite=True)
         acquisition.join(30)
         print("  " + _summary(stats, cfg.output.dir))
         result = score(truth.spots, read_spot_table(work / "out" / "spots.h5"), direct_beam=stats.direct_beam)
@@ -202,6 +234,29 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("watch", help="process every new scan that appears under a folder, as a daemon")
+    p.add_argument("root", help="the acquisition tree to watch (Bliss: the data folder holding proposals)")
+    p.add_argument("--config", dest="config", help="YAML configuration file (watch and processing settings)")
+    p.add_argument("--out", help="folder for the results, one subfolder per scan (overrides output.dir)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (repeatable)")
+    p.add_argument("--max-scans", type=int, default=None,
+                   help="stop after this many scans were processed (for tests and trials)")
+    p.set_defaults(func=cmd_watch, source=None, dark=None)
+
+    p = sub.add_parser("status", help="show the status of a scan being processed (by any process) or processed")
+    p.add_argument("out_dir", help="the scan's output folder, or a folder of them (dctstream watch's output.dir)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep refreshing until the scan is over")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --follow")
+    p.add_argument("--line", action="store_true", help="one line of text instead of the panel")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("export", help="write the spot table for indexing programs")
+    p.add_argument("out_dir", help="the output folder of a run (holds spots.h5)")
+    p.add_argument("--format", choices=["imaged11"], default="imaged11",
+                   help="imaged11: an ImageD11 columnfile, OUT_DIR/spots.flt")
+    p.add_argument("--output", help="file to write (default OUT_DIR/spots.flt)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="validate a configuration and print the effective one")
     with_config(p)

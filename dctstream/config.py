@@ -36,8 +36,11 @@ __all__ = [
     "DirectBeamConfig",
     "FilterConfig",
     "OutputConfig",
+    "QuicklookConfig",
     "SegmentationConfig",
     "SourceConfig",
+    "StatusConfig",
+    "WatchConfig",
     "config_to_dict",
     "dump_config",
     "load_config",
@@ -118,6 +121,38 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """How a running scan reports itself: ``OUT/status.json`` and the log line without a terminal."""
+
+    interval_s: float = 1.0  # seconds between rewrites of OUT/status.json
+    log_every_s: float = 5.0  # without a terminal: one log line this often
+
+
+@dataclass(frozen=True)
+class QuicklookConfig:
+    """PNG pictures of a scan in ``OUT/quicklook/``, every ``every_frames`` frames and at the end."""
+
+    enabled: bool = True
+    every_frames: int = 500  # 0 = only at the end
+    gallery_spots: int = 16  # brightest difspots in the gallery
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """``dctstream watch ROOT``: which files under ROOT are scans, and how many are processed at once."""
+
+    glob: str = "*/*/*/*.h5"  # scan files relative to ROOT (Bliss: proposal/sample/sample_dataset/*.h5)
+    dataset: str = "/1.1/measurement/marana"  # frames inside a file; * matches a scan number (/*.1/...)
+    angles: str | None = "diffrz"  # psi next to the frames (a name) or an absolute path in the file
+    dark: str | None = None  # dark frames in the same file, e.g. /2.1/measurement/marana
+    max_parallel: int = 1  # scans processed at once
+    poll_interval_s: float = 2.0  # how often ROOT is searched for new scans
+    log_file: str = "dctstream-watch.log"  # relative to output.dir, or absolute
+    log_max_mb: float = 10.0  # the log is rotated at this size
+    log_backups: int = 5  # rotated logs kept
+
+
+@dataclass(frozen=True)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     dark: DarkConfig = field(default_factory=DarkConfig)
@@ -126,6 +161,9 @@ class Config:
     direct_beam: DirectBeamConfig = field(default_factory=DirectBeamConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    quicklook: QuicklookConfig = field(default_factory=QuicklookConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -191,6 +229,19 @@ def _parse_text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Invalid("must be a non-empty string")
     return value
+
+
+def _parse_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def _parse_dataset(value: Any) -> str:
+    text = _parse_text(value)
+    if not text.startswith("/"):
+        raise _Invalid("must be an absolute dataset path starting with /")
+    return text
 
 
 def _parse_ints(count: int, what: str) -> _Parser:
@@ -298,6 +349,19 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
     },
     "output": {"dir": _parse_text, "checkpoint_every_s": _positive,
                "checkpoint_every_frames": _int_at_least(0)},
+    "status": {"interval_s": _positive, "log_every_s": _positive},
+    "quicklook": {"enabled": _parse_bool, "every_frames": _int_at_least(0), "gallery_spots": _int_at_least(1)},
+    "watch": {
+        "glob": _parse_text,
+        "dataset": _parse_dataset,
+        "angles": _or(None, _parse_text),
+        "dark": _or(None, _parse_dataset),
+        "max_parallel": _int_at_least(1),
+        "poll_interval_s": _positive,
+        "log_file": _parse_text,
+        "log_max_mb": _positive,
+        "log_backups": _int_at_least(0),
+    },
 }
 
 

@@ -159,6 +159,8 @@ class Pipeline:
         self.segmenter: Segmenter | None = None
         self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
         self._flushed_s = time.monotonic()
+        # consumers of each corrected frame, called as tap.on_corrected(k, frame) (quick-look pictures)
+        self.frame_taps: list = []
         self._writer: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
@@ -306,6 +308,10 @@ class Pipeline:
             with self._timed("segment"):
                 blobs = self.segmenter.push(k, frame)
             self._write(blobs)
+            if self.frame_taps:
+                with self._timed("taps"):
+                    for tap in self.frame_taps:
+                        tap.on_corrected(k, frame)
             self.stats.frames_segmented += 1
             checkpoint.crash_point("frame")
             if self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written

@@ -165,7 +165,8 @@ def test_replace_config_checks_values():
 
 def test_config_to_dict_is_plain():
     d = config_to_dict(load_config(None, ["direct_beam.bbox=[1,2,3,4]"]))
-    assert list(d) == ["source", "dark", "background", "filter", "direct_beam", "segmentation", "output"]
+    assert list(d) == ["source", "dark", "background", "filter", "direct_beam", "segmentation", "output",
+                       "status", "quicklook", "watch"]
     assert d["direct_beam"]["bbox"] == [1, 2, 3, 4]
     assert d["segmentation"]["max_blob_size"] == [80, 80, 25]
 
@@ -253,7 +254,8 @@ def test_any_even_window_is_rejected(half):
      "segmentation.max_blob_size: must be >= segmentation.min_blob_size [5, 5, 5] in every component, got [80, 4, 25]"),
     # structure
     ("backgrond: {window: 5}",
-     "backgrond: unknown section (known: background, dark, direct_beam, filter, output, segmentation, source)"),
+     "backgrond: unknown section (known: background, dark, direct_beam, filter, output, quicklook, "
+     "segmentation, source, status, watch)"),
     ("background: {windw: 5}", "background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("background: 5", "background: must be a mapping, got 5"),
     ("- background", "must be a mapping of sections, got [background]"),
@@ -287,7 +289,8 @@ def test_cross_rule_error_names_the_layer_that_broke_it(tmp_path):
     ("background.windw=5",
      "--set: background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("bg.window=5",
-     "--set: bg: unknown section (known: background, dark, direct_beam, filter, output, segmentation, source)"),
+     "--set: bg: unknown section (known: background, dark, direct_beam, filter, output, quicklook, "
+     "segmentation, source, status, watch)"),
     ("background.window=4", "--set: background.window: must be odd and >= 3, got 4"),
     ("dark.value=[1,", "--set: dark.value: invalid YAML value '[1,': "
                        "while parsing a flow node, expected the node content, but found '<stream end>'"),

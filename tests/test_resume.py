@@ -114,7 +114,8 @@ def outputs(out: Path) -> dict:
         attrs["config"] = [line for line in group.attrs["config"].splitlines() if not line.strip().startswith("dir:")]
     names = sorted(p.name for p in (out / "difspots").iterdir())
     assert names == [f"{i:06d}.h5" for i in sorted(table["id"])]  # no temporary file, none missing or extra
-    assert sorted(p.name for p in out.iterdir()) == ["config.yml", "difspots", "spots.h5"]  # no checkpoint left
+    assert not (out / ".dctstream").exists()  # the run is complete: no marker, no checkpoint left
+    assert not list(out.glob(".*.tmp"))
     difspots = {}
     for name in names:
         with h5py.File(out / "difspots" / name, "r") as f:

@@ -192,6 +192,12 @@ class SpotTable:
         return [{name: values[i].item() for name, values in self._data.items()}
                 for i in range(self._n)]
 
+    def column(self, name: str) -> np.ndarray:
+        """A copy of one column over the rows added so far; safe to call from another thread."""
+        n = self._n  # rows below n are complete: add() fills a row before counting it
+        values = self._data.get(name)
+        return np.empty(0) if values is None else values[:n].copy()
+
     def add(self, blob: Blob, psi_deg: float | None = None) -> dict:
         """Append the row of ``blob`` and return it; every row must have a psi, or none."""
         with_psi = psi_deg is not None

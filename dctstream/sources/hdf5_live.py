@@ -329,6 +329,11 @@ class Hdf5WatchSource(FollowedSource):
             self.close()
             raise
 
+    @property
+    def frames_listed(self) -> int:
+        """Frames the file listed at the last look: what the acquisition has written, for a backlog display."""
+        return self._n
+
     # -- looking at the file -----------------------------------------------------
 
     def _look(self) -> None:

@@ -1,0 +1,369 @@
+"""``dctstream watch ROOT``: process every scan that appears under an acquisition tree.
+
+Every ``watch.poll_interval_s`` the daemon lists the files under ROOT that
+match ``watch.glob`` and looks inside each new one for ``watch.dataset`` (a
+``*`` in it matches any scan number).  A scan is a (file, dataset) pair; its
+results go to ``output.dir/<folders of the file under ROOT>/<file stem>_<scan>``,
+e.g. ``out/id11/s1/s1_0001/s1_0001_1.1`` for
+``ROOT/id11/s1/s1_0001/s1_0001.h5::/1.1/measurement/marana``.
+
+Each scan is processed by a ``dctstream run`` child process (at most
+``watch.max_parallel`` at once), which follows the file while the acquisition
+writes it and keeps ``OUT/status.json`` and ``OUT/run.json`` up to date; its
+own log goes to ``OUT/run.log``.  The daemon shows the children's status
+snapshots (live on a terminal, a log line every ``status.log_every_s``
+otherwise) and logs to ``watch.log_file``, rotated.
+
+What happens to a scan is decided by `plan` from its run record: a finished
+scan is skipped; a scan that failed is skipped (remove its ``run.json`` to try
+again); a scan left unfinished (the daemon or the machine stopped) is done
+again.  SIGTERM or SIGINT stop the daemon cleanly: the children get SIGTERM,
+close their files and record ``stopped``.  If the daemon is killed, its
+children die with it (Linux: the parent-death signal), so a restarted daemon
+never races an orphan for the same folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import logging.handlers
+import os
+import posixpath
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+
+from .config import Config
+from .record import read_record, write_record
+from .runner import PARENT_ENV
+from .status import open_display, read_status, utc_now
+
+log = logging.getLogger(__name__)
+
+# Seconds a child gets to stop after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 30.0
+# How often the main loop looks at its children, seconds.
+TICK_S = 0.2
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One scan: a dataset of frames in a file, and the folder its results go to."""
+
+    path: Path
+    dataset: str
+    out_dir: Path
+    angles: str | None = None  # dataset path in the same file
+    dark: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.path}::{self.dataset}"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (str(self.path), self.dataset)
+
+
+def plan(out_dir: Path) -> str:
+    """What to do with a scan whose results go to ``out_dir``.
+
+    ``"skip"``: finished (or failed: remove its run.json to try again);
+    ``"start"``: nothing there yet; ``"redo"``: left unfinished by a run that
+    was stopped or killed.  Until the pipeline can resume, a redo processes
+    the scan again from its first frame and replaces the partial results
+    (the pipeline is deterministic: the same spots as an uninterrupted run);
+    this is the one place to switch to resuming.
+    """
+    record = read_record(out_dir)
+    if record is not None and record.get("state") in ("finished", "failed"):
+        return "skip"
+    if not out_dir.exists() or not any(p.name not in ("run.log",) for p in out_dir.iterdir()):
+        return "start"
+    return "redo"
+
+
+def _open(path: Path) -> h5py.File | None:
+    """The file opened for reading without disturbing a writer (plain, then SWMR), or None."""
+    for kwargs in ({}, {"swmr": True}):
+        try:
+            return h5py.File(path, "r", locking=False, **kwargs)
+        except OSError:
+            continue
+    return None
+
+
+def _matching(h5: h5py.File, pattern: str) -> list[str]:
+    """Paths of the datasets in ``h5`` that match ``pattern`` (``*`` within one path component)."""
+    parts = [p for p in pattern.split("/") if p]
+    found = [""]
+    for part in parts:
+        nxt = []
+        for prefix in found:
+            group = h5[prefix or "/"]
+            if not isinstance(group, h5py.Group):
+                continue
+            if any(c in part for c in "*?["):
+                names = sorted(n for n in group.keys() if fnmatch.fnmatchcase(n, part))
+            else:
+                names = [part] if part in group else []
+            nxt += [f"{prefix}/{n}" for n in names]
+        found = nxt
+    return [p for p in found if isinstance(h5.get(p), h5py.Dataset)]
+
+
+def _scan_name(dataset: str) -> str:
+    return next(p for p in dataset.split("/") if p)
+
+
+class ScanFinder:
+    """Lists the scans under ``root``; a file is looked into until its datasets appear."""
+
+    def __init__(self, root: Path, cfg: Config):
+        self.root = root
+        self.watch = cfg.watch
+        self.out_root = Path(cfg.output.dir).resolve()
+
+    def files(self) -> list[Path]:
+        out = []
+        for path in sorted(self.root.glob(self.watch.glob)):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            resolved = path.resolve()
+            if resolved == self.out_root or self.out_root in resolved.parents:
+                continue  # our own results (spots.h5 matches *.h5 too)
+            out.append(path)
+        return out
+
+    def scans_in(self, path: Path) -> list[Scan]:
+        h5 = _open(path)
+        if h5 is None:
+            return []
+        try:
+            scans = []
+            for dataset in _matching(h5, self.watch.dataset):
+                if h5[dataset].ndim != 3:
+                    continue
+                angles = self._angles(h5, dataset)
+                dark = self.watch.dark if self.watch.dark and self.watch.dark in h5 else None
+                if self.watch.dark and dark is None:
+                    log.warning("%s: no dark %s in the file, using the dark section of the config",
+                                path, self.watch.dark)
+                rel = path.relative_to(self.root)
+                out_dir = self.out_root / rel.parent / f"{rel.stem}_{_scan_name(dataset)}"
+                scans.append(Scan(path, dataset, out_dir, angles, dark))
+            return scans
+        except (OSError, KeyError, RuntimeError, ValueError):  # changing under us: look again later
+            return []
+        finally:
+            h5.close()
+
+    def _angles(self, h5: h5py.File, dataset: str) -> str | None:
+        name = self.watch.angles
+        if not name:
+            return None
+        path = name if name.startswith("/") else posixpath.join(posixpath.dirname(dataset), name)
+        return path if path in h5 else None
+
+
+class Daemon:
+    """Watches ``root`` and runs one ``dctstream run`` child per new scan."""
+
+    def __init__(self, root: str | os.PathLike, cfg: Config, *, config_path: str | None = None,
+                 overrides: list[str] | None = None, console=None):
+        from .errors import InputError
+
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise InputError(f"{root}: cannot watch it, expected a folder (the acquisition tree)")
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = list(overrides or [])
+        self.console = console
+        self.finder = ScanFinder(self.root, cfg)
+        self.out_root = self.finder.out_root
+        self.known: set[tuple[str, str]] = set()  # scans queued, running or done
+        self.files_done: set[str] = set()  # files whose scans are all known, with a fixed dataset
+        self.queue: deque[Scan] = deque()
+        self.running: dict[tuple[str, str], tuple[Scan, subprocess.Popen]] = {}
+        self.finished = 0
+        self.failed = 0
+        self.skipped = 0
+        self._stop = threading.Event()
+        self._last_look = 0.0
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, max_scans: int | None = None) -> int:
+        self.out_root.mkdir(parents=True, exist_ok=True)
+        handler = self._log_file()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        log.info("watching %s for %s::%s; results in %s; %d scan(s) at once", self.root, self.cfg.watch.glob,
+                 self.cfg.watch.dataset, self.out_root, self.cfg.watch.max_parallel)
+        try:
+            with open_display(self.snapshots, console=self.console, every_s=self.cfg.status.log_every_s,
+                              header=self.header):
+                while not self._stop.is_set():
+                    self._reap()
+                    if max_scans is not None and self.finished + self.failed >= max_scans and not self.running:
+                        break
+                    if time.monotonic() - self._last_look >= self.cfg.watch.poll_interval_s:
+                        self._discover()
+                        self._last_look = time.monotonic()
+                    self._launch()
+                    self._stop.wait(TICK_S)
+                self._stop_children()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            log.info("stopped watching %s: %d finished, %d failed, %d skipped", self.root, self.finished,
+                     self.failed, self.skipped)
+            logging.getLogger("dctstream").removeHandler(handler)
+            logging.getLogger("dctstream").setLevel(self._log_level)
+            handler.close()
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("%s: stopping (the scans in progress are stopped and recorded as such)",
+                 signal.Signals(signum).name)
+        self._stop.set()
+
+    def _log_file(self) -> logging.Handler:
+        watch = self.cfg.watch
+        path = Path(watch.log_file)
+        if not path.is_absolute():
+            path = self.out_root / path
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=int(watch.log_max_mb * 2**20),
+                                                       backupCount=watch.log_backups)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        logger = logging.getLogger("dctstream")
+        logger.addHandler(handler)
+        self._log_level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        self.log_path = path
+        return handler
+
+    # -- finding scans ------------------------------------------------------------------------
+    def _discover(self) -> None:
+        fixed = not any(c in self.cfg.watch.dataset for c in "*?[")
+        for path in self.finder.files():
+            if str(path) in self.files_done:
+                continue
+            scans = self.finder.scans_in(path)
+            for scan in scans:
+                if scan.key in self.known:
+                    continue
+                self.known.add(scan.key)
+                what = plan(scan.out_dir)
+                if what == "skip":
+                    self.skipped += 1
+                    log.info("%s: already processed (%s), skipped", scan.url,
+                             (read_record(scan.out_dir) or {}).get("state"))
+                    continue
+                if what == "redo":
+                    log.info("%s: left unfinished by an earlier run: processing it again", scan.url)
+                else:
+                    log.info("%s: new scan", scan.url)
+                self.queue.append(scan)
+            if scans and fixed:
+                self.files_done.add(str(path))
+
+    # -- children -------------------------------------------------------------------------------
+    def _command(self, scan: Scan) -> list[str]:
+        cmd = [sys.executable, "-m", "dctstream", "run"]
+        if self.config_path:
+            cmd.append(str(self.config_path))
+        for override in self.overrides:
+            cmd += ["--set", override]
+        cmd += ["--source", scan.url, "--out", str(scan.out_dir), "--overwrite"]
+        if scan.angles:
+            cmd += ["--set", f"source.angles={scan.path}::{scan.angles}"]
+        if scan.dark:
+            cmd += ["--dark", f"{scan.path}::{scan.dark}"]
+        return cmd
+
+    def _launch(self) -> None:
+        while self.queue and len(self.running) < self.cfg.watch.max_parallel and not self._stop.is_set():
+            scan = self.queue.popleft()
+            scan.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(scan.out_dir / "run.log", "ab") as out:
+                out.write(f"\n--- {utc_now()} dctstream watch starts this scan\n".encode())
+                out.flush()
+                # the child dies with the daemon (runner.die_with_parent), and Ctrl-C reaches only the daemon
+                proc = subprocess.Popen(self._command(scan), stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, PARENT_ENV: str(os.getpid())})
+            self.running[scan.key] = (scan, proc)
+            log.info("%s: processing into %s (pid %d)", scan.url, scan.out_dir, proc.pid)
+
+    def _reap(self) -> None:
+        for key, (scan, proc) in list(self.running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.running[key]
+            record = read_record(scan.out_dir) or {}
+            state = record.get("state")
+            if state == "finished":  # (a SIGTERM just after it finished may have changed its exit code)
+                self.finished += 1
+                log.info("%s: finished, %s difspots from %s frames (scan ended: %s)", scan.url,
+                         record.get("spots"), record.get("frames_processed"), record.get("end_reason"))
+                continue
+            if self._stop.is_set():
+                log.info("%s: stopped (exit code %s); processed again at the next start", scan.url, code)
+                continue
+            self.failed += 1
+            why = record.get("error") or _last_line(scan.out_dir / "run.log") or f"exit code {code}"
+            log.error("%s: failed: %s (see %s)", scan.url, why, scan.out_dir / "run.log")
+            if state != "failed":  # died before it could say so: record it, so that it is not retried forever
+                write_record(scan.out_dir, {**record, "state": "failed", "error": why, "source": scan.url,
+                                            "ended_utc": utc_now(), "exit_code": code})
+
+    def _stop_children(self) -> None:
+        for scan, proc in self.running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for scan, proc in self.running.values():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("%s: did not stop within %.0f s, killed", scan.url, STOP_TIMEOUT_S)
+                proc.kill()
+                proc.wait()
+        self._reap()
+
+    # -- display ------------------------------------------------------------------------------------
+    def header(self) -> str:
+        return (f"dctstream watch {self.root} ({self.cfg.watch.glob} :: {self.cfg.watch.dataset}): "
+                f"{len(self.running)} running, {len(self.queue)} queued, {self.finished} finished, "
+                f"{self.failed} failed, {self.skipped} skipped; log {getattr(self, 'log_path', '-')}")
+
+    def snapshots(self) -> list[dict]:
+        out = []
+        for scan, proc in list(self.running.values()):
+            try:
+                out.append(read_status(scan.out_dir))
+            except Exception:  # not written yet (the child is starting) or being replaced
+                out.append({"source": scan.url, "out_dir": str(scan.out_dir), "state": "starting"})
+        return out
+
+
+def _last_line(path: Path) -> str | None:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1].strip() if lines else None

@@ -1,0 +1,73 @@
+"""The run record ``OUT/run.json``: what a scientist needs to know about a run months later.
+
+Written atomically when the output folder is created (``state: running``) and
+again when the run ends (``finished``, ``stopped`` or ``failed``).  A record
+that still says ``running`` after its process is gone is a run that was
+killed: `scan_state` reads it that way.
+
+Keys: ``dctstream_version``, ``state``, ``end_reason`` (why the source ended,
+or why the run stopped), ``error``, ``source``, ``angles``, ``dark``,
+``out_dir``, ``host``, ``pid``, ``started_utc``, ``ended_utc``,
+``frames_processed`` (frames segmented), ``frames_read``, ``spots``
+(difspots written), ``rejected`` (by reason), ``warnings``, ``stats`` (every
+field of the pipeline's `Stats`, whatever fields it has), ``config`` (the
+effective configuration) and ``quicklook`` (the pictures written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import Config, config_to_dict
+from .status import write_json_atomic
+
+RUN_FILE = "run.json"
+# States of a record; only "finished" means the results are complete.
+STATES = ("running", "finished", "stopped", "failed")
+
+
+def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None) -> dict:
+    """The record of a run from its last status snapshot."""
+    s = snap.get("stats") or {}
+    state = snap.get("state", "running")
+    if state not in STATES:
+        state = "running"
+    end_reason = s.get("source_end") if state == "finished" else (None if state == "running" else state)
+    return {
+        "dctstream_version": snap.get("version"),
+        "state": state,
+        "end_reason": end_reason,
+        "error": snap.get("error"),
+        "source": cfg.source.url,
+        "angles": cfg.source.angles,
+        "dark": cfg.dark.url if cfg.dark.url is not None else cfg.dark.value,
+        "out_dir": str(cfg.output.dir),
+        "host": snap.get("host"),
+        "pid": snap.get("pid"),
+        "started_utc": snap.get("started_utc"),
+        "ended_utc": snap.get("ended_utc"),
+        "frames_processed": s.get("frames_segmented", 0),
+        "frames_read": s.get("frames_read", 0),
+        "spots": s.get("difspots_written", 0),
+        "rejected": s.get("rejected", {}),
+        "warnings": snap.get("warnings", []),
+        "stats": s,
+        "config": config_to_dict(cfg),
+        "quicklook": quicklook or [],
+    }
+
+
+def write_record(out_dir: str | os.PathLike, record: dict) -> Path:
+    path = Path(out_dir) / RUN_FILE
+    write_json_atomic(path, record)
+    return path
+
+
+def read_record(out_dir: str | os.PathLike) -> dict | None:
+    """The run record of ``out_dir``, or None when there is none (or it cannot be read)."""
+    try:
+        return json.loads((Path(out_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,105 @@
+"""One scan with everything around the pipeline: status snapshot, display, quick-look pictures, run record.
+
+`process_scan` is what ``dctstream run`` (and each scan of ``dctstream
+watch``) does.  Nothing appears in the output folder before the pipeline has
+prepared it, so a run that fails on its input leaves the folder as it was.
+A run interrupted (Ctrl-C, SIGTERM) or failing after that point leaves
+consistent files (every file is written whole and renamed) and a run record
+saying ``stopped`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .config import Config
+from .pipeline import Pipeline, Stats
+from .quicklook import QuickLook
+from .record import run_record, write_record
+from .status import ScanMonitor, open_display
+
+log = logging.getLogger(__name__)
+
+# Set by `dctstream watch` for its children: the daemon's pid.
+PARENT_ENV = "DCTSTREAM_WATCH_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display: bool = True) -> Stats:
+    """Process one scan into ``cfg.output.dir``; shows its status on ``console`` (stderr by default).
+
+    ``display=False`` shows nothing (the status snapshot and record are still written).
+    """
+    pipeline = Pipeline(cfg, overwrite=overwrite)  # a bad input fails here, before any output
+    quick = QuickLook(cfg.quicklook, cfg.output.dir, pipeline) if cfg.quicklook.enabled else None
+    if quick is not None:
+        pipeline.frame_taps.append(quick)
+    recorded = threading.Event()
+
+    def record_start(snap: dict) -> None:  # on the monitor's thread, once the output folder exists
+        if not recorded.is_set():
+            write_record(cfg.output.dir, run_record(cfg, snap))
+            recorded.set()
+
+    monitor = ScanMonitor(cfg, on_write=record_start)
+    monitor.attach(pipeline)
+    monitor.start()
+    view = open_display(lambda: [monitor.snapshot()], console=console,
+                        every_s=cfg.status.log_every_s) if display else None
+    state, error = "failed", None
+    try:
+        with view if view is not None else contextlib.nullcontext():
+            try:
+                stats = pipeline.run(progress=monitor)
+                state = "finished"
+            except KeyboardInterrupt:
+                state, error = "stopped", "interrupted (SIGINT or SIGTERM)"
+                raise
+            except BaseException as exc:
+                error = _one_line(exc)
+                raise
+            finally:
+                monitor.state = state  # the display's last refresh shows how the run ended
+        return stats
+    finally:
+        pictures = []
+        if quick is not None and monitor.output_ready:
+            try:
+                pictures = quick.finish() if state == "finished" else []
+            except Exception as exc:
+                log.warning("quick-look pictures not written: %s", _one_line(exc))
+        monitor.state = state
+        snap = monitor.close(state, error)
+        if snap is not None:
+            write_record(cfg.output.dir, run_record(cfg, snap, pictures))
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM stops a run as Ctrl-C does: the pipeline closes its files and the record says ``stopped``."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """A child of ``dctstream watch`` is killed when the daemon dies (Linux), so that a restarted
+    daemon never races an orphan for the same output folder; if the daemon is already gone, exit now."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent:
+        os._exit(1)

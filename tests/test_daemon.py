@@ -1,0 +1,305 @@
+"""``dctstream watch``: scans appearing in an acquisition tree are processed, once, even across a kill."""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from dctstream.config import load_config
+from dctstream.daemon import ScanFinder, plan
+from dctstream.pipeline import Pipeline
+from dctstream.record import write_record
+from dctstream.sinks import read_spot_table
+from simulators.dct_scan import simulate_scan
+from simulators.replay_file import replay_hdf5, start_in_process
+
+SETTINGS = """
+background: {{window: 11}}
+segmentation: {{max_blob_size: [20, 20, 5]}}
+dark: {{url: "{dark}"}}
+source: {{idle_timeout_s: 60}}
+status: {{interval_s: 0.2, log_every_s: 1.0}}
+watch: {{poll_interval_s: 0.2}}
+output: {{dir: "{out}"}}
+"""
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A 60-frame 64 x 64 px scan and the spot table of its complete file."""
+    tmp = tmp_path_factory.mktemp("recorded")
+    truth = simulate_scan(str(tmp / "scan.h5"), frames=60, size=64, spots=12, seed=3)
+    config = tmp / "watch.yml"
+    config.write_text(SETTINGS.format(dark=truth.dark_url, out=tmp / "unused"))
+    cfg = load_config(config, [f"source.url={truth.frames_url}", f"source.angles={truth.angles_url}",
+                               f"output.dir={tmp / 'reference'}"])
+    stats = Pipeline(cfg).run()
+    assert stats.difspots_written >= 5
+    return truth, read_spot_table(tmp / "reference" / "spots.h5")
+
+
+def write_config(tmp_path, truth) -> tuple[Path, Path]:
+    out = tmp_path / "out"
+    config = tmp_path / "watch.yml"
+    config.write_text(SETTINGS.format(dark=truth.dark_url, out=out))
+    return config, out
+
+
+def start_daemon(root, config, tmp_path, name="daemon") -> subprocess.Popen:
+    log = open(tmp_path / f"{name}.txt", "ab")
+    return subprocess.Popen([sys.executable, "-m", "dctstream", "watch", str(root), "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(what, predicate, timeout_s=TIMEOUT_S, proc=None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the daemon exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def record(out_dir) -> dict:
+    try:
+        return json.loads((out_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def status(out_dir) -> dict:
+    try:
+        return json.loads((out_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def stop(proc) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(60)
+
+
+def assert_same_spots(out_dir, expected):
+    got = read_spot_table(out_dir / "spots.h5")
+    assert list(got) == list(expected)
+    for column in expected:
+        np.testing.assert_array_equal(got[column], expected[column], err_msg=column)
+    assert sorted(p.name for p in (out_dir / "difspots").iterdir()) == sorted(f"{i:06d}.h5" for i in got["id"])
+
+
+def pause_at(resume, frame: int, k: int) -> None:
+    """The acquisition's on_frame: after writing ``frame`` it holds the file open until ``resume`` is set."""
+    if k == frame:
+        resume.wait(TIMEOUT_S)
+
+
+def paused_acquisition(truth, scan_file, frame=20):
+    """A replay of ``truth`` into ``scan_file`` that stops after ``frame`` (mid-scan, for sure) until resumed."""
+    resume = multiprocessing.get_context("spawn").Event()
+    acquisition = start_in_process(replay_hdf5, truth.frames_url, str(scan_file), fps=50,
+                                   angles_url=truth.angles_url, on_frame=functools.partial(pause_at, resume, frame))
+    return acquisition, resume
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+# -- what to do with a scan, and which files are scans -------------------------------------------
+
+
+def test_plan(tmp_path):
+    out = tmp_path / "scan_1.1"
+    assert plan(out) == "start"
+    out.mkdir()
+    (out / "run.log").write_text("a log only\n")
+    assert plan(out) == "start"
+    (out / "spots.h5").write_bytes(b"partial")
+    assert plan(out) == "redo"  # killed before its record
+    for state, expected in [("running", "redo"), ("stopped", "redo"), ("finished", "skip"), ("failed", "skip")]:
+        write_record(out, {"state": state})
+        assert plan(out) == expected, state
+
+
+def test_finder_matches_scans_and_skips_our_own_output(tmp_path):
+    root = tmp_path / "data"
+    scan_file = root / "p" / "s" / "s_0001" / "s_0001.h5"
+    scan_file.parent.mkdir(parents=True)
+    with h5py.File(scan_file, "w") as f:
+        for scan in ("1.1", "3.1"):
+            f[f"/{scan}/measurement/marana"] = np.zeros((2, 4, 4), np.uint16)
+            f[f"/{scan}/measurement/diffrz"] = np.zeros(2)
+        f["/2.1/measurement/marana"] = np.zeros((4, 4), np.uint16)  # not frames: 2-D
+    ours = root / "p" / "s" / "out" / "spots.h5"  # output inside the tree: matches the glob, never a scan
+    ours.parent.mkdir()
+    ours.write_bytes(b"")
+    (scan_file.parent / ".hidden.h5").write_bytes(b"")
+    cfg = load_config(None, ["watch.dataset=/*.1/measurement/marana", "watch.dark=/2.1/measurement/marana",
+                             f"output.dir={root / 'p' / 's' / 'out'}"])
+    finder = ScanFinder(root, cfg)
+    assert finder.files() == [scan_file]
+    scans = finder.scans_in(scan_file)
+    assert [(s.dataset, s.angles, s.dark) for s in scans] == [
+        ("/1.1/measurement/marana", "/1.1/measurement/diffrz", "/2.1/measurement/marana"),
+        ("/3.1/measurement/marana", "/3.1/measurement/diffrz", "/2.1/measurement/marana")]
+    assert scans[0].out_dir == (root / "p" / "s" / "out" / "p" / "s" / "s_0001" / "s_0001_1.1").resolve()
+    assert finder.scans_in(root / "p" / "missing.h5") == []
+
+
+def test_watching_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    from dctstream.cli import main
+
+    assert main(["watch", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.strip() == (f"dctstream: error: {tmp_path / 'nowhere'}: cannot watch it, "
+                                               "expected a folder (the acquisition tree)")
+
+
+# -- the daemon at work ---------------------------------------------------------------------------
+
+
+def test_two_scans_appearing_one_after_the_other(recorded, tmp_path):
+    truth, expected = recorded
+    config, out = write_config(tmp_path, truth)
+    root = tmp_path / "data"
+    root.mkdir()
+    daemon = start_daemon(root, config, tmp_path)
+    outs, files = [], []
+    try:
+        for name in ("s_0001", "s_0002"):
+            scan_file = root / "id11" / "sample" / name / f"{name}.h5"
+            scan_file.parent.mkdir(parents=True)
+            acquisition = start_in_process(replay_hdf5, truth.frames_url, str(scan_file), fps=40,
+                                           angles_url=truth.angles_url)
+            outs.append(out / "id11" / "sample" / name / f"{name}_1.1")
+            files.append(scan_file)
+            wait_for(f"{name} to be picked up", lambda: (outs[-1] / "run.log").exists(), proc=daemon)
+            acquisition.join(TIMEOUT_S)
+        for o in outs:
+            wait_for(f"{o.name} to finish", lambda: record(o).get("state") == "finished", proc=daemon)
+        assert stop(daemon) == 0
+    finally:
+        daemon.kill()
+    for o, scan_file in zip(outs, files):
+        assert_same_spots(o, expected)
+        rec = record(o)
+        # end_time when followed while written; complete when the scan waited for the one before it
+        assert rec["end_reason"] in ("end_time", "complete") and rec["frames_processed"] == 60
+        assert rec["source"] == f"{scan_file.resolve()}::/1.1/measurement/marana"
+    log = (out / "dctstream-watch.log").read_text()
+    assert log.count(": new scan") == 2 and log.count(": finished, ") == 2
+    # `dctstream status` on the daemon's output folder: one line per scan
+    proc = subprocess.run([sys.executable, "-m", "dctstream", "status", str(out), "--line"], capture_output=True,
+                          text=True, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr
+    for line, scan_file in zip(lines, files):
+        assert line.startswith(f"{scan_file.resolve()}::/1.1/measurement/marana: finished; frames received 60")
+
+    # a restarted daemon leaves finished scans alone
+    again = start_daemon(root, config, tmp_path, "again")
+    try:
+        wait_for("the finished scans to be skipped",
+                 lambda: (out / "dctstream-watch.log").read_text().count("already processed (finished)") == 2,
+                 proc=again)
+        assert stop(again) == 0
+    finally:
+        again.kill()
+    for o in outs:
+        assert (o / "run.log").read_text().count("dctstream watch starts this scan") == 1
+
+
+def test_killed_and_restarted_mid_scan(recorded, tmp_path):
+    truth, expected = recorded
+    config, out = write_config(tmp_path, truth)
+    root = tmp_path / "data"
+    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
+    scan_file.parent.mkdir(parents=True)
+    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    daemon = start_daemon(root, config, tmp_path)
+    acquisition, resume = paused_acquisition(truth, scan_file)
+    try:
+        wait_for("the scan to be half processed",
+                 lambda: status(scan_out).get("stats", {}).get("frames_segmented", 0) >= 5, proc=daemon)
+        child = status(scan_out)["pid"]
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(30)
+        wait_for("the scan's process to die with the daemon", lambda: not alive(child), timeout_s=30)
+        assert record(scan_out)["state"] == "running"  # left unfinished
+
+        daemon = start_daemon(root, config, tmp_path, "restarted")
+        wait_for("the restarted scan to catch up", lambda: status(scan_out).get("pid") not in (None, child)
+                 and status(scan_out).get("stats", {}).get("frames_read", 0) >= 20, proc=daemon)
+        resume.set()  # the acquisition goes on
+        wait_for("the scan to finish", lambda: record(scan_out).get("state") == "finished", proc=daemon)
+        acquisition.join(TIMEOUT_S)
+        assert stop(daemon) == 0
+    finally:
+        resume.set()
+        daemon.kill()
+    assert record(scan_out)["end_reason"] == "end_time"  # followed while written, to the end
+    assert_same_spots(scan_out, expected)
+    assert (scan_out / "run.log").read_text().count("dctstream watch starts this scan") == 2
+    assert "left unfinished by an earlier run" in (out / "dctstream-watch.log").read_text()
+
+
+def test_sigterm_stops_the_scan_in_progress(recorded, tmp_path):
+    truth, _ = recorded
+    config, out = write_config(tmp_path, truth)
+    root = tmp_path / "data"
+    scan_file = root / "a" / "b" / "c" / "c.h5"
+    scan_file.parent.mkdir(parents=True)
+    scan_out = out / "a" / "b" / "c" / "c_1.1"
+    daemon = start_daemon(root, config, tmp_path)
+    acquisition, resume = paused_acquisition(truth, scan_file)
+    try:
+        wait_for("the scan to start", lambda: status(scan_out).get("stats", {}).get("frames_read", 0) >= 3,
+                 proc=daemon)
+        assert stop(daemon) == 0
+    finally:
+        resume.set()
+        daemon.kill()
+        acquisition.join(TIMEOUT_S)
+    rec = record(scan_out)
+    assert rec["state"] == "stopped" and rec["frames_read"] < 60
+    assert plan(scan_out) == "redo"
+    read_spot_table(scan_out / "spots.h5")  # consistent files
+
+
+def test_the_daemon_log_is_rotated(tmp_path):
+    import logging
+
+    from dctstream.daemon import Daemon
+
+    (tmp_path / "data").mkdir()
+    cfg = load_config(None, [f"output.dir={tmp_path / 'out'}", "watch.log_max_mb=0.001", "watch.log_backups=2"])
+    daemon = Daemon(tmp_path / "data", cfg)
+    daemon.out_root.mkdir(parents=True)
+    handler = daemon._log_file()
+    try:
+        for i in range(200):
+            logging.getLogger("dctstream.daemon").info("line %d of a long night of scans", i)
+    finally:
+        logging.getLogger("dctstream").removeHandler(handler)
+        logging.getLogger("dctstream").setLevel(daemon._log_level)
+        handler.close()
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["dctstream-watch.log", "dctstream-watch.log.1", "dctstream-watch.log.2"]
+    assert all(p.stat().st_size <= 1100 for p in (tmp_path / "out").iterdir())
+    assert "line 199 of" in (tmp_path / "out" / "dctstream-watch.log").read_text()

@@ -1,0 +1,79 @@
+"""``dctstream export OUT --format imaged11``: the spot table as an ImageD11 columnfile."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from dctstream.cli import main
+from dctstream.config import load_config
+from dctstream.export import read_columnfile
+from dctstream.runner import process_scan
+from dctstream.sinks import read_spot_table
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_scan, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "out"
+    cfg = load_config(None, [f"source.url={tiny_scan.frames_url}", f"source.angles={tiny_scan.angles_url}",
+                             f"dark.url={tiny_scan.dark_url}", "background.window=11",
+                             "segmentation.max_blob_size=[20,20,5]", f"output.dir={out}", "quicklook.enabled=false"])
+    process_scan(cfg, display=False)
+    assert main(["export", str(out), "--format", "imaged11"]) == 0
+    return out, read_spot_table(out / "spots.h5")
+
+
+def test_columns_are_the_spot_table_in_imaged11_conventions(exported):
+    out, table = exported
+    cols, params = read_columnfile(out / "spots.flt")
+    assert list(cols)[:9] == ["sc", "fc", "omega", "Number_of_pixels", "avg_intensity", "s_raw", "f_raw",
+                              "sum_intensity", "IMax_int"]
+    n = table["id"].size
+    assert all(c.size == n for c in cols.values())
+    # sc: slow = row = y; fc: fast = column = x (4 decimals in the file)
+    np.testing.assert_allclose(cols["sc"], table["centroid_y"], atol=5e-5)
+    np.testing.assert_allclose(cols["fc"], table["centroid_x"], atol=5e-5)
+    np.testing.assert_allclose(cols["omega"], table["centroid_psi_deg"], atol=5e-5)
+    np.testing.assert_array_equal(cols["Number_of_pixels"], table["area"])
+    np.testing.assert_allclose(cols["sum_intensity"], table["integral"], atol=5e-5)
+    np.testing.assert_allclose(cols["avg_intensity"], table["integral"] / table["area"], atol=5e-5)
+    np.testing.assert_array_equal(cols["spot3d_id"], table["id"])
+    np.testing.assert_array_equal(cols["Min_s"], table["bbox_y0"])
+    np.testing.assert_array_equal(cols["Max_f"], table["bbox_x0"] + table["bbox_x_size"] - 1)
+    # the simulated scan turns 9 degrees a frame from 0: Min_o/Max_o are its first and last frame's psi
+    np.testing.assert_allclose(cols["Min_o"], 9.0 * table["start_frame"], atol=5e-4)
+    np.testing.assert_allclose(cols["Max_o"], 9.0 * table["end_frame"], atol=5e-4)
+    np.testing.assert_array_equal(cols["onfirst"], table["start_frame"] == 0)
+    np.testing.assert_array_equal(cols["onlast"], table["end_frame"] == 39)
+    assert params["omega_unit"] == "degrees"
+
+
+def test_the_maximum_is_where_the_difspot_file_has_it(exported):
+    out, table = exported
+    cols, _ = read_columnfile(out / "spots.flt")
+    for row, spot_id in enumerate(table["id"]):
+        with h5py.File(out / "difspots" / f"{spot_id:06d}.h5", "r") as f:
+            data = f["Data"][()]
+            z0, y0, x0 = f["BoundingBox"][0] - 1
+        s, fast = int(cols["IMax_s"][row]), int(cols["IMax_f"][row])
+        frame = table["max_frame"][row]
+        assert data[frame - z0, s - y0, fast - x0] == pytest.approx(cols["IMax_int"][row], abs=5e-5)
+        assert cols["Min_s"][row] <= cols["sc"][row] <= cols["Max_s"][row]
+
+
+def test_imaged11_reads_it(exported):
+    columnfile = pytest.importorskip("ImageD11.columnfile")
+    out, table = exported
+    c = columnfile.columnfile(str(out / "spots.flt"))
+    assert c.nrows == table["id"].size
+    np.testing.assert_allclose(c.sc, table["centroid_y"], atol=5e-5)
+    np.testing.assert_allclose(c.fc, table["centroid_x"], atol=5e-5)
+    np.testing.assert_allclose(c.omega, table["centroid_psi_deg"], atol=5e-5)
+    np.testing.assert_array_equal(c.Number_of_pixels, table["area"])
+
+
+def test_export_without_a_spot_table(tmp_path, capsys):
+    assert main(["export", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dctstream: error: {tmp_path / 'spots.h5'}: cannot read the spot table")

@@ -1,0 +1,279 @@
+"""The status snapshot, its live view and log line, OUT/status.json, the run record and `dctstream status`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+from rich.console import Console
+
+from dctstream.cli import main
+from dctstream.config import load_config
+from dctstream.pipeline import Stats
+from dctstream.record import run_record
+from dctstream.runner import process_scan
+from dctstream.sinks import read_spot_table
+from dctstream.status import (LiveStatus, LogStatus, ScanMonitor, open_display, read_status, render, sparkline,
+                              stats_dict, status_line)
+from simulators.replay_file import replay_hdf5, start_in_process
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def fed_monitor(tmp_path, **stats_fields):
+    """A monitor fed 400 of 600 frames read at 50 frames/s, 349 segmented, with a fixed clock."""
+    cfg = load_config(None, ["source.url=scan.h5::/1.1/measurement/marana", f"output.dir={tmp_path / 'out'}",
+                             "background.window=101"])
+    clock = Clock()
+    monitor = ScanMonitor(cfg, clock=clock)
+    stats = Stats(frames_total=600, **stats_fields)
+    for k in range(400):
+        clock.now = 1000.0 + k / 50
+        stats.frames_read = k + 1
+        stats.frames_corrected = stats.frames_segmented = max(k + 1 - 51, 0)
+        monitor(stats)
+    clock.now += 0.02
+    return monitor, stats
+
+
+def text_of(renderable, width=100) -> str:
+    console = Console(width=width, color_system=None, force_terminal=True, file=io.StringIO(), legacy_windows=False)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def test_live_panel_text(tmp_path):
+    monitor, stats = fed_monitor(tmp_path, difspots_written=140,
+                                 rejected=Counter(too_small=12, seed_min_voxels=8), direct_beam=(10, 20, 30, 40))
+    snap = monitor.snapshot()
+    text = text_of(render([snap], header="watching /data"))
+    lines = [line.strip("│ ").rstrip(" │") for line in text.splitlines()]
+    assert lines[0] == "watching /data"
+    assert "running — scan.h5::/1.1/measurement/marana" in lines[1]
+    assert any(line.startswith("━") and "67%  50.0/s  ETA 0:00:04" in line for line in lines), text
+    assert "frames     received 400/600, corrected 349, segmented 349" in lines
+    assert "rate       acquisition 50.0/s, processing 50.0/s, backlog –" in lines
+    assert "latency    51 frames, 1.0 s; ring –" in lines
+    assert "background exact, window 101, normalise none; direct beam [10, 20, 30, 40]" in lines
+    assert "blobs      open –, closed 160, rejected 20 (seed_min_voxels 8, too_small 12)" in lines
+    assert "difspots   140 written" in lines
+    assert "warnings   none" in lines
+    assert any(line.startswith("memory") and line.endswith(" MB") for line in lines)
+
+
+def test_snapshot_numbers(tmp_path):
+    monitor, stats = fed_monitor(tmp_path, frames_missing=3)
+    snap = monitor.snapshot()
+    assert snap["rates"]["acquisition_fps"] == pytest.approx(50.0, rel=0.01)
+    # frame 348, the last one segmented, was read 51 frames (1.02 s) before the last frame read, 0.02 s ago
+    assert snap["latency"] == {"frames": 51, "seconds": pytest.approx(1.02 + 0.02, abs=1e-6)}
+    assert snap["warnings"] == ["3 frames lost in transit (dropped frames)"]
+    json.dumps(snap, allow_nan=False)  # a snapshot is plain JSON
+
+
+def test_sparkline():
+    assert sparkline([0, 1, 2, 4, 8]) == " ▁▂▄█"
+    assert sparkline([0, 0]) == "  "
+
+
+def test_every_stats_field_is_recorded(tmp_path):
+    """Fields other engineers add to Stats appear in the snapshot and the run record without a change here."""
+    Extended = dataclasses.make_dataclass("Extended", [("flat_frames", int, 7), ("mask_pixels", tuple, (1, 2))],
+                                          bases=(Stats,))
+    stats = Extended(frames_read=5, rejected=Counter(too_large=2))
+    d = stats_dict(stats)
+    assert {f.name for f in dataclasses.fields(Stats)} < set(d)
+    assert d["flat_frames"] == 7 and d["mask_pixels"] == [1, 2] and d["rejected"] == {"too_large": 2}
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    monitor = ScanMonitor(cfg)
+    monitor(stats)
+    record = run_record(cfg, monitor.snapshot())
+    assert record["stats"]["flat_frames"] == 7 and record["rejected"] == {"too_large": 2}
+
+
+def test_log_fallback_line(tmp_path, caplog):
+    monitor, _ = fed_monitor(tmp_path, difspots_written=3)
+    view = LogStatus(lambda: [monitor.snapshot()], every_s=5.0, header=lambda: "watching /data")
+    with caplog.at_level(logging.INFO, logger="dctstream.status"):
+        view.emit()
+    assert caplog.messages[0] == "watching /data"
+    assert caplog.messages[1].startswith(
+        "scan.h5::/1.1/measurement/marana: running; frames received 400/600, corrected 349, segmented 349; "
+        "acquisition 50.0/s, processing 50.0/s; latency 51 frames 1.0 s; difspots 3, rejected 0; ")
+
+
+def test_display_is_chosen_by_the_terminal(tmp_path):
+    piped = Console(file=io.StringIO())
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+    assert isinstance(open_display(lambda: [], console=piped), LogStatus)
+    assert isinstance(open_display(lambda: [], console=terminal), LiveStatus)
+
+
+def test_live_view_pulls_snapshots_on_its_own_thread(tmp_path):
+    monitor, _ = fed_monitor(tmp_path)
+    callers = set()
+
+    def snapshots():
+        callers.add(threading.current_thread().name)
+        return [monitor.snapshot()]
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=100, color_system=None)
+    with LiveStatus(snapshots, console, refresh_per_second=20):
+        deadline = time.monotonic() + 5
+        while len(callers - {threading.main_thread().name}) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert callers - {threading.main_thread().name}, callers
+    assert "frames     received 400/600" in console.file.getvalue()
+
+
+# -- a real run: status.json, run.json, `dctstream status` -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_scan, tmp_path_factory):
+    out = tmp_path_factory.mktemp("status") / "out"
+    cfg = load_config(None, [f"source.url={tiny_scan.frames_url}", f"source.angles={tiny_scan.angles_url}",
+                             f"dark.url={tiny_scan.dark_url}", "background.window=11",
+                             "segmentation.max_blob_size=[20,20,5]", f"output.dir={out}"])
+    stats = process_scan(cfg, display=False)
+    return cfg, stats, out
+
+
+def test_run_record(finished):
+    cfg, stats, out = finished
+    record = json.loads((out / "run.json").read_text())
+    assert record["state"] == "finished" and record["end_reason"] == "complete" and record["error"] is None
+    assert record["source"] == cfg.source.url and record["dark"] == cfg.dark.url
+    assert record["frames_processed"] == 40 == stats.frames_segmented
+    assert record["spots"] == stats.difspots_written == len(read_spot_table(out / "spots.h5")["id"])
+    assert record["rejected"] == dict(stats.rejected)
+    assert record["config"]["background"]["window"] == 11
+    assert record["dctstream_version"] and record["started_utc"] <= record["ended_utc"]
+    assert record["stats"]["stage_s"]["segment"] > 0
+    assert sorted(record["quicklook"]) == sorted(f"quicklook/{n}" for n in os.listdir(out / "quicklook"))
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_status_command_reads_another_process(finished, capsys):
+    cfg, stats, out = finished
+    snap = read_status(out)
+    assert snap["state"] == "finished" and snap["stats"]["difspots_written"] == stats.difspots_written
+    proc = subprocess.run([sys.executable, "-m", "dctstream", "status", str(out), "--line"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == status_line(snap)
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"difspots   {stats.difspots_written} written" in text and "finished — " in text
+    assert "rate       reading " in text  # a recorded file: no acquisition to keep up with
+
+
+def test_status_of_a_folder_without_a_run(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"dctstream: error: {tmp_path}: no status.json or run.json, expected the output folder of a dctstream run"
+
+
+def pause_at(resume, frame: int, k: int) -> None:
+    """The acquisition's on_frame: after writing ``frame`` it holds the file open until ``resume`` is set."""
+    if k == frame:
+        resume.wait(120)
+
+
+def test_sigterm_stops_a_live_run_and_records_it(tiny_scan, tiny_set_args, tmp_path):
+    live, out = tmp_path / "live.h5", tmp_path / "out"
+    resume = multiprocessing.get_context("spawn").Event()  # the acquisition stops after frame 20 until set
+    acquisition = start_in_process(replay_hdf5, tiny_scan.frames_url, str(live), fps=50,
+                                   on_frame=functools.partial(pause_at, resume, 20))
+    proc = subprocess.Popen([sys.executable, "-m", "dctstream", "run", "--source", f"{live}::/1.1/measurement/marana",
+                             "--out", str(out), *tiny_set_args, "--set", "status.interval_s=0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (out / "status.json").exists() and read_status(out)["stats"].get("frames_segmented", 0) > 0:
+                break
+            time.sleep(0.1)
+        record = json.loads((out / "run.json").read_text())
+        assert record["state"] == "running" and record["pid"] == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        resume.set()
+        proc.kill()
+        acquisition.join(60)
+    assert proc.returncode == 130, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["state"] == "stopped" and record["end_reason"] == "stopped"
+    assert 0 < record["frames_read"] <= 20
+    table = read_spot_table(out / "spots.h5")  # whole and readable
+    assert sorted(p.name for p in (out / "difspots").iterdir()) == sorted(f"{i:06d}.h5" for i in table["id"])
+
+
+def test_acquisition_rate_comes_from_the_source_when_processing_lags(tmp_path):
+    """Processing at 20 frames/s a scan written at 50: the panel says so, and warns."""
+    class Source:
+        frames_listed = 0
+
+    class FakePipeline:
+        source, background, segmenter, table = Source(), None, None, None
+        stats = Stats()
+
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    clock = Clock()
+    monitor = ScanMonitor(cfg, clock=clock)
+    pipeline = FakePipeline()
+    monitor.attach(pipeline)
+    for k in range(201):  # 4 s
+        clock.now = 1000.0 + k / 50
+        pipeline.source.frames_listed = k + 1
+        if k % 5 == 0:  # 2 of every 5 frames written are read
+            pipeline.stats.frames_read += 2
+            pipeline.stats.frames_segmented = pipeline.stats.frames_read
+            monitor(pipeline.stats)
+        if k % 25 == 0:
+            snap = monitor.snapshot()  # the display and status.json take a snapshot a few times a second
+    assert snap["rates"]["acquisition_fps"] == pytest.approx(50.0)
+    assert snap["rates"]["processing_fps"] == pytest.approx(20.0, rel=0.05)
+    assert snap["backlog_frames"] == 201 - 82
+    assert snap["warnings"] == ["falling behind the acquisition: 119 frames not read yet"]
+
+
+def test_acquisition_rate_when_the_source_looks_now_and_then(tmp_path):
+    """A lagging source lists new frames only when it looks (here every 2 s): still 50 frames/s."""
+    class Source:
+        frames_listed = 0
+
+    class FakePipeline:
+        source, background, segmenter, table = Source(), None, None, None
+        stats = Stats()
+
+    monitor = ScanMonitor(load_config(None, [f"output.dir={tmp_path}"]), clock=(clock := Clock()))
+    pipeline = FakePipeline()
+    monitor.attach(pipeline)
+    for tick in range(41):  # snapshots 4 times a second for 10 s
+        clock.now = 1000.0 + tick / 4
+        if tick % 8 == 0:
+            pipeline.source.frames_listed = 1 + 50 * tick // 4  # a look every 2 s
+        pipeline.stats.frames_read = 10 * tick  # 40 frames/s read: behind
+        monitor(pipeline.stats)
+        snap = monitor.snapshot()
+    assert snap["rates"]["acquisition_fps"] == pytest.approx(50.0)
