@@ -37,6 +37,8 @@ class BenchOptions:
     pipeline: bool = True
     baselines: bool = True
     sources: bool = False  # time each live source instead of the stages
+    soak: bool = False  # instead: a long scan at acquisition speed, sampling memory and backlog
+    fps: float = 25.0  # acquisition rate of the soak
 
 
 class SyntheticScan:
@@ -183,6 +185,9 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
 def run_bench(opts: BenchOptions) -> dict:
     scan = SyntheticScan(opts.size, opts.seed)
     cores = os.cpu_count() or 1
+    if opts.soak:
+        with tempfile.TemporaryDirectory(prefix="dctstream-soak-") as tmp:
+            return {"options": opts.__dict__, "cores": cores, "soak": bench_soak(scan, opts, Path(tmp))}
     if opts.sources:
         with tempfile.TemporaryDirectory(prefix="dctstream-bench-") as tmp:
             return {"options": opts.__dict__, "cores": cores, "sources": bench_sources(scan, Path(tmp))}
@@ -199,6 +204,8 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def format_report(report: dict) -> str:
     o = report["options"]
+    if "soak" in report:
+        return format_soak(report)
     if "sources" in report:
         lines = [f"dctstream bench --sources: {o['size']} x {o['size']} uint16 frames, written by another "
                  "program; latency from written to delivered", "",
@@ -316,3 +323,122 @@ def bench_sources(scan: SyntheticScan, workdir: Path, rates=(10.0, 50.0), n: int
             written = {k: t + offset for k, t in replayer.sent_s.items()}
             report[f"{protocol} @ {fps:g} fps"] = _latency(written, delivered)
     return report
+
+
+# ---- soak: a long scan at acquisition speed ---------------------------------------------
+
+# Seconds between samples of memory and backlog.
+SOAK_SAMPLE_S = 1.0
+
+
+class PacedSource:
+    """``n`` synthetic frames delivered at ``fps``, as a detector acquires them: frame k is not
+    available before ``start + k / fps``, and frames the pipeline is late for are delivered at once
+    (a detector's buffer). ``acquired()`` is how many frames exist at a given instant."""
+
+    def __init__(self, scan: SyntheticScan, n: int, fps: float):
+        self.scan, self.n_frames, self.fps = scan, n, fps
+        self.frame_shape, self.dtype = (scan.size, scan.size), np.dtype(np.uint16)
+        self.end_reason = None
+        self.start_s: float | None = None
+
+    def acquired(self, now: float | None = None) -> int:
+        if self.start_s is None:
+            return 0
+        now = time.perf_counter() if now is None else now
+        return min(self.n_frames, int((now - self.start_s) * self.fps) + 1)
+
+    def __iter__(self):
+        from .types import Frame
+
+        self.start_s = time.perf_counter()
+        for k in range(self.n_frames):
+            wait = self.start_s + k / self.fps - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            yield Frame(k, None, self.scan.frame(k))
+        self.end_reason = "complete"
+
+    def close(self) -> None:
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_soak(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> dict:
+    """Run ``opts.frames`` frames at ``opts.fps`` through the whole pipeline, sampling its resident
+    memory and its backlog (frames acquired but not yet segmented) every ``SOAK_SAMPLE_S``."""
+    import threading
+
+    from .config import load_config
+    from .pipeline import Pipeline
+
+    cfg = load_config(None, ["source.url=soak", f"background.window={opts.window}", f"background.mode={opts.mode}",
+                             f"background.stride={opts.stride}", f"background.batch_frames={opts.batch}",
+                             f"output.dir={workdir / 'out'}"])
+    source = PacedSource(scan, opts.frames, opts.fps)
+    pipeline = Pipeline(cfg, overwrite=True, source=source)
+    samples: list[tuple[float, int, int, int]] = []  # (s since start, frames segmented, backlog, rss bytes)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(SOAK_SAMPLE_S):
+            now = time.perf_counter()
+            segmented = pipeline.stats.frames_segmented
+            samples.append((now - (source.start_s or now), segmented, source.acquired(now) - segmented,
+                            _rss_bytes()))
+
+    sampler = threading.Thread(target=sample, name="soak-sampler", daemon=True)
+    rss_before = _rss_bytes()
+    t0 = time.perf_counter()
+    sampler.start()
+    try:
+        stats = pipeline.run()
+    finally:
+        done.set()
+        sampler.join()
+    wall = time.perf_counter() - t0
+    rss_end = _rss_bytes()
+    latency = opts.window // 2 + opts.batch - 1 + (opts.stride // 2 if opts.mode == "block" else 0)
+    warm = [s for s in samples if s[1] >= opts.window] or samples  # after the first window: steady state
+
+    def at(fraction: float) -> dict:
+        s = warm[min(int(fraction * len(warm)), len(warm) - 1)] if warm else (0.0, 0, 0, rss_end)
+        return {"t_s": s[0], "frames_segmented": s[1], "backlog_frames": s[2], "rss_mib": s[3] / 2**20}
+
+    backlogs = [s[2] for s in warm]
+    return {
+        "frames": stats.frames_segmented,
+        "fps": opts.fps,
+        "duration_s": wall,
+        "acquisition_s": opts.frames / opts.fps,
+        "difspots": stats.difspots_written,
+        "latency_frames": latency,
+        "rss_before_mib": rss_before / 2**20,
+        "start": at(0.0),
+        "middle": at(0.5),
+        "end": at(1.0),
+        "rss_end_of_run_mib": rss_end / 2**20,
+        "rss_max_mib": max([s[3] for s in samples] + [rss_end]) / 2**20,
+        "max_backlog_frames": max(backlogs, default=0),
+        "backlog_last_tenth_max": max(backlogs[-max(len(backlogs) // 10, 1):], default=0),
+        "samples": len(samples),
+    }
+
+
+def format_soak(report: dict) -> str:
+    o, s = report["options"], report["soak"]
+    lines = [f"dctstream bench --soak: {s['frames']} frames of {o['size']} x {o['size']} uint16 at {s['fps']:g} "
+             f"frames/s (an acquisition of {s['acquisition_s']:.0f} s), window {o['window']}, mode {o['mode']}, "
+             f"batch {o['batch']}, {report['cores']} cores",
+             f"  duration {s['duration_s']:.1f} s; {s['difspots']} difspots; {s['samples']} samples",
+             "  after the first window:       start      middle       end"]
+    lines.append("    resident memory (MiB) " + "".join(f"{s[k]['rss_mib']:11.1f}" for k in ("start", "middle", "end")))
+    lines.append("    backlog (frames)      " + "".join(f"{s[k]['backlog_frames']:11d}" for k in ("start", "middle", "end")))
+    lines.append(f"  max backlog {s['max_backlog_frames']} frames (the background's own latency is "
+                 f"{s['latency_frames']} frames), max in the last tenth {s['backlog_last_tenth_max']}; "
+                 f"max resident memory {s['rss_max_mib']:.1f} MiB")
+    return "\n".join(lines)

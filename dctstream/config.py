@@ -142,6 +142,8 @@ class SegmentationConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "dctstream_out"
+    checkpoint_every_s: float = 10.0  # a killed run resumes from its last checkpoint (see dctstream.checkpoint)
+    checkpoint_every_frames: int = 0  # ... or every this many frames as well; 0: by time only
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,8 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "max_blob_size": _blob_size,
         "connectivity": _one_of(6, 26),
     },
-    "output": {"dir": _parse_text},
+    "output": {"dir": _parse_text, "checkpoint_every_s": _positive,
+               "checkpoint_every_frames": _int_at_least(0)},
     "status": {"interval_s": _positive, "log_every_s": _positive},
     "quicklook": {"enabled": _parse_bool, "every_frames": _int_at_least(0), "gallery_spots": _int_at_least(1)},
     "watch": {

@@ -139,6 +139,7 @@ def write_columnfile(path: str | os.PathLike, cols: dict[str, np.ndarray], param
         tmp.write_text("\n".join(lines) + "\n" + (body + "\n" if body else ""))
         os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write output, {exc.strerror or exc}") from None
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, checkpoint
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, DctStreamError, InputError, OutputError
 from .overlap import Prefetch, Worker
 from .segment import SegmentParams, Segmenter
 from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
@@ -145,7 +145,7 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 class Pipeline:
     """One scan, from its source to difspots on disk. ``run()`` drives it to the end."""
 
-    def __init__(self, cfg: Config, *, overwrite: bool = False):
+    def __init__(self, cfg: Config, *, overwrite: bool = False, source=None):
         if not cfg.source.url:
             raise ConfigError("source.url: no scan given, expected path/to/scan.h5::/dataset "
                               "(in the config or with --source)")
@@ -154,24 +154,32 @@ class Pipeline:
         self.out_dir = Path(cfg.output.dir)
         self.overwrite = overwrite
         self.table: SpotTable | None = None
-        self._writer: Worker | None = None
         self.export: CorrectedFrameWriter | None = None
-        self.source = open_source(cfg.source)
-        try:
-            self.stats.frames_total = getattr(self.source, "n_frames", None)
-            self.background: BackgroundStage | None = None
-            if getattr(self.source, "frame_shape", None) is not None:
-                self._start_stages(self.source.frame_shape, self.source.dtype)
-            else:  # say it now, not after waiting for a scan that may take a while
-                _previous_results(self.out_dir, overwrite)
-        except BaseException:
-            self.source.close()
-            raise
+        # an unfinished run of this configuration in out_dir continues from its last checkpoint
+        self.resuming = not overwrite and checkpoint.unfinished_run(self.out_dir, dump_config(cfg))
+        self._resume = checkpoint.load(self.out_dir) if self.resuming else None
+        self._replay_until = -1  # frames up to this one are put back in the segmenter, not segmented again
+        self._sigma: np.ndarray | None = None
+        self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
+        self._checkpointer = checkpoint.Checkpointer(self.out_dir, cfg.output.checkpoint_every_s,
+                                                     cfg.output.checkpoint_every_frames)
         self.segmenter: Segmenter | None = None
         self._psi: list[float] | None = []  # psi of every frame so far; None once a frame came without
         self._flushed_s = time.monotonic()
         # consumers of each corrected frame, called as tap.on_corrected(k, frame) (quick-look pictures)
         self.frame_taps: list = []
+        self._writer: Worker | None = None
+        self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
+        try:
+            self.stats.frames_total = getattr(self.source, "n_frames", None)
+            self.background: BackgroundStage | None = None
+            if getattr(self.source, "frame_shape", None) is not None:
+                self._start_stages(self.source.frame_shape, self.source.dtype)
+            elif not self.resuming:  # say it now, not after waiting for a scan that may take a while
+                _previous_results(self.out_dir, overwrite)
+        except BaseException:
+            self.source.close()
+            raise
 
     def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
@@ -182,18 +190,34 @@ class Pipeline:
             if x0 + w > shape[1] or y0 + h > shape[0]:
                 raise ConfigError(f"direct_beam.bbox: {list(bbox)} reaches outside the frame of "
                                   f"{shape[1]} x {shape[0]} pixels (x, y)")
+        bbox = detector.bin_bbox(bbox)
+        first_window = detector.first_window
+        resume = {}
+        if self._resume:
+            if cfg.export.format != "none":
+                raise OutputError(f"{self.out_dir}: holds an unfinished run with export.format: {cfg.export.format}, "
+                                  "whose corrected.h5 cannot be continued, expected a run without the export to "
+                                  "resume; pass --overwrite to start again")
+            resume = checkpoint.resume_background(self._resume, bbox)
+            checkpoint.restore_detector(detector, *self._resume)
+            first_window = None  # the first run's dark and mask, not estimated again mid-scan
         self.background = BackgroundStage(cfg.background, frame_shape=detector.shape, dtype=detector.dtype,
-                                          dark=detector.dark, direct_beam=detector.bin_bbox(bbox),
+                                          dark=detector.dark, direct_beam=resume.get("direct_beam", bbox),
                                           beam_margin_px=-(-cfg.direct_beam.margin_px // detector.binning),
                                           filter_size=cfg.filter.median_size, gain=detector.gain,
-                                          pixel_mask=detector.mask, first_window=detector.first_window)
+                                          pixel_mask=detector.mask, first_window=first_window,
+                                          **resume.get("stage", {}))
         # only now, with the frames' shape checked against the dark and the beam box, does output appear
-        prepare_output(self.out_dir, self.overwrite)
+        if not self.resuming:
+            prepare_output(self.out_dir, self.overwrite)
+            checkpoint.start_run(self.out_dir, dump_config(cfg))
         self.difspots = DifspotWriter(self.out_dir)
         (self.out_dir / "config.yml").write_text(dump_config(cfg))
         self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
                                               "source": cfg.source.url})
         self._writer = Worker(self._write_blob, BLOB_QUEUE_DEPTH, name="dctstream-write")
+        if self._resume:
+            checkpoint.restore(self, *self._resume)
 
     def run(self, progress=None) -> Stats:
         """Process every frame of the source; ``progress(stats)`` is called after each frame.
@@ -204,6 +228,7 @@ class Pipeline:
         """
         reader = Prefetch(self._read(), FRAME_QUEUE_DEPTH, name="dctstream-read")
         done = False
+        failure = None
         try:
             for frame in reader:
                 self.stats.backlog_frames = reader.backlog
@@ -223,13 +248,17 @@ class Pipeline:
                     blobs = self.segmenter.finish()
                 self._write(blobs)
             done = True
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             reader.close()
             if reader.running:
                 log.warning("the source did not stop within 5 s; leaving it open")
             else:
                 self.source.close()
-            self._close_outputs(raise_errors=done)
+            self._close_outputs(raise_errors=done, failure=failure)
+        checkpoint.finish_run(self.out_dir)
         self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
         if progress is not None:
             progress(self.stats)
@@ -237,7 +266,7 @@ class Pipeline:
 
     def _read(self):
         """The source's frames, counted and timed; runs in the reader thread."""
-        frames = iter(self.source)
+        frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"]) if self._resume else iter(self.source)
         while True:
             with self._timed("read"):
                 frame = next(frames, None)
@@ -246,15 +275,20 @@ class Pipeline:
             self.stats.frames_read += 1
             yield frame
 
-    def _close_outputs(self, raise_errors: bool) -> None:
+    def _close_outputs(self, raise_errors: bool, failure: BaseException | None = None) -> None:
         """Write every difspot already handed over, then the table: nothing closed is lost on an error."""
         try:
             if self._writer is not None:
                 self._writer.close()
-        except BaseException:
+        except BaseException as exc:
             if raise_errors:
                 raise
-            log.exception("writing the last difspots failed")
+            if exc is failure:
+                pass  # the writer's own error, already on its way to the user
+            elif isinstance(exc, DctStreamError):
+                log.warning("writing the last difspots failed too: %s", exc)
+            else:
+                log.exception("writing the last difspots failed")
         finally:
             if self.export is not None:
                 self.export.close()
@@ -292,6 +326,9 @@ class Pipeline:
         if self.segmenter is None:
             self._start_segmenter([frame for _, frame in corrected[:NOISE_FRAMES]])
         for k, frame in corrected:
+            if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
+                self.segmenter.load_frame(k, frame)
+                continue
             with self._timed("segment"):
                 blobs = self.segmenter.push(k, frame)
             self._write(blobs)
@@ -303,18 +340,32 @@ class Pipeline:
                     for tap in self.frame_taps:
                         tap.on_corrected(k, frame)
             self.stats.frames_segmented += 1
+            checkpoint.crash_point("frame")
+            if self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
+                self._writer.submit(checkpoint.capture(self, k))
+
+    def segment_mask(self) -> np.ndarray:
+        """Pixels never segmented: the direct beam and the detector's bad pixels; their facts go to the record."""
+        detector, background = self.detector, self.background
+        self.stats.direct_beam = detector.unbin_bbox(background.direct_beam)
+        facts = detector.attrs()
+        self.stats.dark, self.stats.binning = facts["dark"], facts["binning"]
+        self.stats.masked_pixels = {**detector.mask_counts, "all": facts["masked_pixels"]}
+        self.table.attrs.update(facts)
+        return beam_mask(background.direct_beam, background.frame_shape) | background.pixel_mask
 
     def _start_segmenter(self, first_frames: list[np.ndarray]) -> None:
         shape = self.background.frame_shape
         detector = self.detector
-        self.stats.direct_beam = detector.unbin_bbox(self.background.direct_beam)
-        beam = beam_mask(self.background.direct_beam, shape)
-        mask = beam | self.background.pixel_mask
-        detector.write_mask(self.out_dir / "mask.h5", self.background.pixel_mask, beam)
-        facts = detector.attrs()
-        self.stats.dark, self.stats.binning = facts["dark"], facts["binning"]
-        self.stats.masked_pixels = {**detector.mask_counts, "all": facts["masked_pixels"]}
-        sigma = noise_map(first_frames, mask)
+        mask = self.segment_mask()
+        detector.write_mask(self.out_dir / "mask.h5", self.background.pixel_mask,
+                            beam_mask(self.background.direct_beam, shape))
+        sigma = self._sigma = noise_map(first_frames, mask)
+        if self.cfg.segmentation.seed_threshold == "auto" and not np.all(sigma > 0):
+            raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "
+                             "after background correction (all-zero, saturated or constant frames, or a scan of "
+                             "fewer than 3 frames?), expected detector counts with noise for "
+                             "segmentation.seed_threshold: auto; set a number of counts instead")
         params = resolve_segmentation(self.cfg.segmentation, sigma)
         seed = np.asarray(params.seed_threshold)[~mask] if np.ndim(params.seed_threshold) else params.seed_threshold
         self.stats.noise_sigma = float(np.median(sigma[~mask]))
@@ -325,7 +376,7 @@ class Pipeline:
         self.table.attrs.update({"seed_threshold_min": self.stats.seed_threshold[0],
                                  "seed_threshold_max": self.stats.seed_threshold[1],
                                  "noise_sigma_median": self.stats.noise_sigma,
-                                 "direct_beam_bbox": str(list(self.stats.direct_beam or [])), **facts})
+                                 "direct_beam_bbox": str(list(self.stats.direct_beam or []))})
         if self.cfg.export.format != "none":
             raw_frame_bytes = int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize
             self.export = CorrectedFrameWriter(self.out_dir / "corrected.h5", self.cfg.export, shape, mask,
@@ -347,10 +398,14 @@ class Pipeline:
 
     def _write_blob(self, item) -> None:
         """Runs in the writer thread."""
+        if isinstance(item, checkpoint.Snapshot):
+            with self._timed("write"):
+                item.save(self)
+            return
         blob, psi = item
         blob = self.detector.unbin_blob(blob)
         with self._timed("write"):
-            self.difspots.write(blob, volume=blob.volume)
+            self._unsynced.append(self.difspots.write(blob, volume=blob.volume))
             self.table.add(blob, psi)
             self.stats.difspots_written += 1
             if time.monotonic() - self._flushed_s > TABLE_FLUSH_S:

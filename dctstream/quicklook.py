@@ -108,8 +108,12 @@ def _box(draw: ImageDraw.ImageDraw, bbox, up: int, down: int, colour, offset=(0,
 
 def _save(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no partial temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def beam_mask(bbox, shape) -> np.ndarray:

@@ -102,8 +102,12 @@ def stats_dict(stats) -> dict:
 def write_json_atomic(path: Path, data: dict) -> None:
     """``path`` holds the old or the new JSON, never a part of it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no partial temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def memory_mb() -> float:

@@ -34,14 +34,22 @@ def tiny_set_args():
 
 
 @pytest.fixture(scope="session")
-def bad_inputs(tmp_path_factory):
+def bad_inputs(tmp_path_factory, tiny_scan):
     """An HDF5 file of datasets that are wrong in one way each, for frames 64 x 64 px and 40 frames.
 
     Returns the file path; the datasets are:
     ``two_d`` (64, 64) uint16, ``float_frames`` (5, 64, 64) float32, ``no_frames`` (0, 64, 64) uint16,
     ``dark_small`` (3, 32, 32) uint16, ``dark_text`` (64, 64) bytes, ``dark_empty`` (0, 64, 64) uint16,
-    ``angles_short`` (10,) float64, ``angles_text`` (40,) bytes, and a group ``group`` holding ``inside``.
+    ``angles_short`` (10,) float64, ``angles_text`` (40,) bytes, and a group ``group`` holding ``inside``;
+    and, built from the tiny scan's frames: ``four_d`` (2, 3, 64, 64), ``bool_frames``, ``zeros`` and
+    ``saturated`` (40, 64, 64) uint16, ``one_frame`` and ``short`` (its first 1 and 5 frames), ``uint32``
+    (its frames as uint32), ``corrupt_chunk`` (its frames, gzip chunks of one frame, chunk 7 overwritten),
+    ``dark_nan`` (64, 64) float32 with a NaN, ``dark_inf`` (3, 64, 64) float32 with an inf in frame 1,
+    ``angles_nan`` (NaN at frame 7), ``angles_back`` (frames 7 and 8 swapped) and ``angles_repeat``
+    (frame 8 repeats frame 7), each (40,) float64.
     """
+    with h5py.File(tiny_scan.path, "r") as f:
+        frames = f["/1.1/measurement/marana"][()]
     path = tmp_path_factory.mktemp("bad_inputs") / "bad.h5"
     with h5py.File(path, "w") as f:
         f["two_d"] = np.zeros((TINY_SIZE, TINY_SIZE), np.uint16)
@@ -53,4 +61,27 @@ def bad_inputs(tmp_path_factory):
         f["angles_short"] = np.arange(10.0)
         f["angles_text"] = np.full(TINY_FRAMES, b"a")
         f.create_group("group")["inside"] = np.zeros(3)
+        f["four_d"] = np.zeros((2, 3, TINY_SIZE, TINY_SIZE), np.uint16)
+        f["bool_frames"] = np.zeros((5, TINY_SIZE, TINY_SIZE), bool)
+        f["zeros"] = np.zeros_like(frames)
+        f["saturated"] = np.full_like(frames, np.iinfo(frames.dtype).max)
+        f["one_frame"] = frames[:1]
+        f["short"] = frames[:5]
+        f["uint32"] = frames.astype(np.uint32)
+        f.create_dataset("corrupt_chunk", data=frames, chunks=(1, TINY_SIZE, TINY_SIZE), compression="gzip")
+        chunk = f["corrupt_chunk"].id.get_chunk_info(7)
+        dark = np.zeros((TINY_SIZE, TINY_SIZE), np.float32)
+        dark[5, 6] = np.nan
+        f["dark_nan"] = dark
+        darks = np.zeros((3, TINY_SIZE, TINY_SIZE), np.float32)
+        darks[1, 2, 3] = np.inf
+        f["dark_inf"] = darks
+        for name, change in (("angles_nan", {7: np.nan}), ("angles_back", {7: 8.0, 8: 7.0}), ("angles_repeat", {8: 7.0})):
+            angles = np.arange(TINY_FRAMES, dtype=np.float64)
+            for k, value in change.items():
+                angles[k] = value
+            f[name] = angles
+    with open(path, "r+b") as raw:  # a chunk whose gzip stream is broken in the middle
+        raw.seek(chunk.byte_offset + chunk.size // 3)
+        raw.write(b"\xff" * 64)
     return path

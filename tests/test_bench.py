@@ -42,3 +42,19 @@ def test_source_latency_for_every_live_source(tmp_path, rates):
     for name, r in report.items():
         assert r["frames"] == 8, name
         assert 0 <= r["median_ms"] <= r["p99_ms"] < 10_000, name
+
+
+def test_soak_report(capsys):
+    """A short soak: the pipeline keeps up with a slow acquisition, memory and backlog are sampled."""
+    assert main(["bench", "--soak", "--size", "64", "--window", "11", "--frames", "60", "--fps", "30",
+                 "--batch", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    s = report["soak"]
+    assert s["frames"] == 60 and s["fps"] == 30
+    assert s["duration_s"] >= s["acquisition_s"] - 1 / 30  # paced: no faster than the acquisition
+    assert s["samples"] >= 1
+    for point in ("start", "middle", "end"):
+        assert s[point]["rss_mib"] > 10 and s[point]["backlog_frames"] >= 0
+    assert 0 <= s["max_backlog_frames"] <= 60 and s["rss_max_mib"] >= s["end"]["rss_mib"]
+    text = format_report(report)
+    assert "dctstream bench --soak: 60 frames of 64 x 64" in text and "max backlog" in text

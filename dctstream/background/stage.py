@@ -46,7 +46,7 @@ class BackgroundStage:
 
     def __init__(self, cfg, *, frame_shape, dtype, dark=None, direct_beam="none",
                  beam_margin_px: int = 10, filter_size: int = 3, gain=None, pixel_mask=None,
-                 first_window=None):
+                 first_window=None, first_frame: int = 0, margin_ref: float | None = None):
         """``gain`` multiplies each pixel after the dark (> 0); ``pixel_mask`` marks pixels left out of the
         margin means; ``first_window(ring, slots) -> (dark or None, pixel_mask)`` is called once the first
         window of frames is in, before they are used (to estimate the dark or find bad pixels from them)."""
@@ -67,14 +67,17 @@ class BackgroundStage:
         self.filter_size = filter_size
         # the histogram drops frame f - window while adding frame f: both must be in the ring
         self.ring = FrameRing(self.window + self.batch, self.frame_shape, self.dtype)
+        # A resumed scan starts at ``first_frame`` (see ``first_raw_frame``), with the margin
+        # normalisation's reference (frame 0's margin mean) and the direct beam of the first run.
+        self.first = self.ring.count = first_frame
         self.scales = np.ones(self.ring.capacity, np.float32)  # by ring slot
-        self._margin_ref: float | None = None
+        self._margin_ref: float | None = margin_ref
         self._hist: HistogramWindow | None = None
         self._sorted: SortedWindow | None = None
         self._medians: dict[int, np.ndarray] = {}  # window start -> background (normalised units)
         self.warm = False
         self.n_frames: int | None = None  # known once the scan has ended
-        self.emitted = 0
+        self.emitted = first_frame
         self._difference = np.empty(self.frame_shape, np.float32)  # scratch, reused for every frame
 
     # ---- public --------------------------------------------------------------
@@ -97,7 +100,7 @@ class BackgroundStage:
                 self._slide()
         else:
             self.ring.push(frame)
-            if self.ring.count == self.window:
+            if self.ring.count - self.first == self.window:
                 self._warm_up(self.window)
         return self._drain()
 
@@ -108,6 +111,8 @@ class BackgroundStage:
         if n == 0:
             return []
         if not self.warm:
+            if self.first:
+                raise RuntimeError(f"a scan resumed at frame {self.first} ended before its first window")
             width = n if n % 2 else n - 1
             log.warning("the scan has %d frames, fewer than background.window=%d: "
                         "using a window of %d frames", n, self.window, width)
@@ -122,7 +127,7 @@ class BackgroundStage:
 
     def stand_in(self) -> np.ndarray:
         """A raw frame to put in the place of one that was lost: the median of the latest frames."""
-        n = min(self.ring.count, self.window)
+        n = min(self.ring.count - self.first, self.window)
         n -= 1 - n % 2
         first = self.ring.count - n
         zeros = np.zeros(self.frame_shape, np.float32)
@@ -131,19 +136,28 @@ class BackgroundStage:
                                gain=np.ones(self.frame_shape, np.float32))
         return median.astype(self.dtype)
 
+    def first_raw_frame(self, k: int) -> int:
+        """The first raw frame a stage needs to emit frame ``k`` and every frame after it, mid-scan."""
+        return self._start_mid_scan(k)
+
+    @property
+    def margin_ref(self) -> float | None:
+        return self._margin_ref
+
     # ---- internals -------------------------------------------------------------
     def _warm_up(self, width: int) -> None:
-        slots = self.ring.slots(0, width)
+        first = self.first
+        slots = self.ring.slots(first, first + width)
         if self._first_window is not None:
             dark, self.pixel_mask = self._first_window(self.ring.data, slots)
             if dark is not None:
                 self.dark = np.ascontiguousarray(dark, dtype=np.float32)
         full = width == self.window == self.cfg.window  # a full window: slide from here on
         if full and self.cfg.normalise == "none" and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
-            self._hist = HistogramWindow(self.ring.data, 0, width)
-            self._medians[0] = self._from_raw(self._hist.median())
+            self._hist = HistogramWindow(self.ring.data, first, width)
+            self._medians[first] = self._from_raw(self._hist.median())
         if self._beam_spec == "auto":
-            image = self._medians.get(0)
+            image = self._medians.get(first)
             if image is None:
                 ones = np.ones(self.ring.capacity, np.float32)
                 image = window_median(self.ring.data, slots, self.dark, ones, gain=self.gain)
@@ -153,12 +167,12 @@ class BackgroundStage:
             if self.direct_beam is None:
                 raise InputError("background.normalise: margin needs a direct-beam box, "
                                  "but none was found in the first window")
-            for k in range(self.ring.count):
+            for k in range(first, self.ring.count):
                 self.scales[self.ring.slot(k)] = self._scale(k, self.ring[k])
         if full and self._hist is None and self.cfg.mode == "exact":
             values = np.stack([self._sorted_values(self.ring.data[s], self.scales[s]) for s in slots])
             self._sorted = SortedWindow(values)
-            self._medians[0] = self._sorted_background()
+            self._medians[first] = self._sorted_background()
         self.warm = True
 
     def _slide(self) -> None:
@@ -205,6 +219,12 @@ class BackgroundStage:
         if self.cfg.normalise == "none":
             return raw
         return (raw.astype(np.float32) - self.dark) * self.gain * np.float32(scale)
+
+    def _start_mid_scan(self, k: int) -> int:
+        centre = k
+        if self.cfg.mode == "block":
+            centre = (k // self.cfg.stride) * self.cfg.stride + self.cfg.stride // 2
+        return max(centre - self.window // 2, 0)
 
     def _start(self, k: int) -> int:
         centre = k

@@ -129,6 +129,68 @@ class Segmenter:
     def pending_regions(self) -> int:
         return len(self._pending)
 
+    # ---- checkpoint ----------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything but the frames: the regions, the frontier and the claimed voxels, as arrays.
+
+        With the corrected frames from ``max(self._low, 0)`` to ``self.last`` put back by
+        ``load_frame``, ``restore`` of this gives a segmenter that continues exactly as this one.
+        """
+        def regions(items):
+            items = list(items)
+            return {"count": np.array([r.count for r in items], np.int64),
+                    "max_value": np.array([r.max_value for r in items], np.float64),
+                    "max_index": np.array([r.max_index for r in items], np.int64).reshape(-1, 3),
+                    "first": np.array([r.first for r in items], np.int64)}
+
+        first = max(self._low, 0)
+        cap = self._values.shape[0]
+        frames = np.arange(first, self.last + 1)
+        claimed = np.nonzero(self._flags[frames % cap] & CLAIMED)
+        return {
+            "low": self._low, "last": self.last, "prev_offset": self._prev_offset, "next_id": self._next_id,
+            "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": cap,
+            "prev_labels": self._prev_labels.copy(),
+            "parent": np.array(sorted(self._parent.items()), np.int64).reshape(-1, 2),
+            "region_ids": np.array(list(self._regions), np.int64),
+            "regions": regions(self._regions.values()),
+            "open": np.array(self._open, np.int64),
+            "pending": regions(self._pending),
+            "claimed": np.stack([frames[claimed[0]], claimed[1], claimed[2]]).astype(np.int64),
+        }
+
+    def restore(self, state: dict) -> None:
+        """Take back a ``state()``; the frames come next, through ``load_frame``."""
+        def regions(r):
+            return [_Region(int(c), float(v), tuple(int(i) for i in m), int(f))
+                    for c, v, m, f in zip(r["count"], r["max_value"], r["max_index"], r["first"])]
+
+        self._low, self.last = int(state["low"]), int(state["last"])
+        self._prev_offset, self._next_id = int(state["prev_offset"]), int(state["next_id"])
+        self.n_blobs, self.rejected = int(state["n_blobs"]), Counter(state["rejected"])
+        cap = int(state["capacity"])
+        self._values = np.zeros((cap, *self.frame_shape), np.float32)
+        self._flags = np.zeros(self._values.shape, np.uint8)
+        self._prev_labels = np.array(state["prev_labels"], np.int32, order="C")
+        self._spare_labels = np.zeros_like(self._prev_labels)
+        self._parent = {int(a): int(b) for a, b in state["parent"]}
+        self._regions = dict(zip((int(i) for i in state["region_ids"]), regions(state["regions"])))
+        self._open = [int(i) for i in state["open"]]
+        self._pending = regions(state["pending"])
+        f, y, x = state["claimed"]
+        self._flags[f % cap, y, x] = CLAIMED
+
+    @property
+    def first_needed(self) -> int:
+        """The first frame whose corrected values a restored segmenter needs back."""
+        return max(self._low, 0)
+
+    def load_frame(self, k: int, frame: np.ndarray) -> None:
+        """Put back corrected frame ``k`` (``first_needed <= k <= last``) after ``restore``; its flags stay."""
+        if not max(self._low, 0) <= k <= self.last:
+            raise ValueError(f"frame {k}: expected a frame from {max(self._low, 0)} to {self.last}")
+        self._values[k % self._values.shape[0]] = frame
+
     # ---- frame store ---------------------------------------------------------------
     def _store(self, k: int, frame: np.ndarray) -> None:
         cap = self._values.shape[0]

@@ -28,7 +28,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from .spot_table import _output_error
+from .spot_table import output_error
 
 
 class CorrectedFrameWriter:
@@ -66,7 +66,7 @@ class CorrectedFrameWriter:
                                                           ("intensity", self.dtype, 4096), ("nnz", np.int64, 512))}
             self.h5.swmr_mode = True
         except OSError as exc:
-            raise _output_error(self.path, exc) from exc
+            raise output_error(self.path, exc) from exc
 
     def write(self, k: int, frame: np.ndarray) -> None:
         if k != self.frames:

@@ -36,7 +36,9 @@ HDF5 1.10 format bounds so that readers opening it in SWMR mode accept it.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -44,6 +46,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..checkpoint import crash_point
 from ..errors import OutputError
 from ..types import Blob
 
@@ -97,10 +100,17 @@ def spot_row(blob: Blob, psi_deg: float | None = None) -> dict:
     return row
 
 
-def _output_error(path: Path, exc: OSError) -> OutputError:
-    # h5py puts HDF5's whole diagnostic into str(exc); keep the message one line.
-    reason = " ".join((exc.strerror or str(exc)).split())
-    return OutputError(f"{path}: cannot write output, {reason}")
+def output_error(path: Path, exc: OSError | RuntimeError) -> OutputError:
+    # h5py puts HDF5's whole diagnostic into str(exc), with the system's errno inside: say what that
+    # errno means (disk full, file too large, read-only, permission denied) and keep the message one line.
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found[1]) if found else None
+    reason = os.strerror(code) if code else " ".join((getattr(exc, "strerror", None) or str(exc)).split())
+    hint = ("; free some space (or raise the file-size limit) and run the same command again to resume"
+            if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
+    return OutputError(f"{path}: cannot write output, {reason}, expected a writable folder with free space{hint}")
 
 
 def ensure_dir(path: Path) -> None:
@@ -114,7 +124,11 @@ def ensure_dir(path: Path) -> None:
     except FileExistsError:
         raise OutputError(f"{path}: cannot write output, expected a folder, got a file") from None
     except OSError as exc:
-        raise _output_error(path, exc) from exc
+        raise output_error(path, exc) from exc
+    except RuntimeError as exc:  # h5py reports some failed writes (at close: flushing its metadata) this way
+        if "errno = " not in str(exc):
+            raise
+        raise output_error(path, exc) from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: cannot write output, permission denied")
 
@@ -134,9 +148,14 @@ def atomic_h5(path: Path, **file_kwargs) -> Iterator[h5py.File]:
     try:
         with h5py.File(tmp, "w", **file_kwargs) as f:
             yield f
+            crash_point("table" if path.name == "spots.h5" else "difspot")  # tests: die mid-write
         os.replace(tmp, path)
     except OSError as exc:
-        raise _output_error(path, exc) from exc
+        raise output_error(path, exc) from exc
+    except RuntimeError as exc:  # h5py reports some failed writes (at close: flushing its metadata) this way
+        if "errno = " not in str(exc):
+            raise
+        raise output_error(path, exc) from exc
     finally:
         # After a successful rename there is nothing left to remove; after a
         # failure, no partial file may stay behind.
@@ -201,6 +220,23 @@ class SpotTable:
         self._n += 1
         self._dirty = True
         return row
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The rows so far, column by column (a view: copy before changing)."""
+        return {name: values[:self._n] for name, values in self._data.items()}
+
+    def restore(self, columns: dict[str, np.ndarray]) -> None:
+        """Start again from the rows of ``columns()`` (a resumed run); the file is rewritten at the next flush."""
+        n = len(columns["id"]) if columns else 0
+        size = max(1024, 1 << max(n - 1, 0).bit_length())
+        self._data = {}
+        for name, (dtype, _) in COLUMNS.items():
+            if name in columns:
+                self._data[name] = np.empty(size, dtype)
+                self._data[name][:n] = columns[name]
+        self._n = n
+        self._with_psi = (PSI_COLUMN in columns) if n else None
+        self._dirty = True
 
     def flush(self) -> None:
         """Rewrite ``spots.h5`` with every row so far, unless nothing changed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import h5py
@@ -10,6 +11,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..types import Frame
+
+log = logging.getLogger(__name__)
 
 # Frames are read a few at a time: one HDF5 call per frame costs more than the copy.
 _READ_BATCH = 8
@@ -83,6 +86,7 @@ class Hdf5FileSource:
             self.close()
             raise InputError(f"source.url: {url}: expected integer detector counts, got dtype {dtype}")
         self.n_frames = shape[0]
+        self.first_frame = 0  # where iterating starts (a resumed run skips what it no longer needs)
         self.frame_shape = tuple(shape[1:])
         self.dtype = dtype
         self.angles = None
@@ -96,18 +100,29 @@ class Hdf5FileSource:
                 self.close()
                 raise InputError(f"source.angles: {angles}: expected a 1-D array of at least {self.n_frames} "
                                  f"angles in degrees (one per frame), got shape {psi.shape}, dtype {psi.dtype}")
-            psi = psi.astype(np.float64)
-            self.angles = psi[: self.n_frames]
+            try:
+                self.angles = check_angles(psi[: self.n_frames].astype(np.float64), angles)
+            except BaseException:
+                self.close()
+                raise
 
     def __iter__(self):
-        for start in range(0, self.n_frames, _READ_BATCH):
+        for start in range(self.first_frame, self.n_frames, _READ_BATCH):
             try:
                 block = self._dset[start:start + _READ_BATCH]
-            except OSError as exc:
-                raise InputError(f"{self.url}: frame {start}: cannot read ({exc})") from None
+            except OSError:
+                block = [self._read_one(k) for k in range(start, min(start + _READ_BATCH, self.n_frames))]
             for i, data in enumerate(block):
                 k = start + i
                 yield Frame(k, None if self.angles is None else float(self.angles[k]), data)
+
+    def _read_one(self, k: int) -> np.ndarray:
+        """Frame ``k`` alone: a batch that failed to read names the frame that broke it."""
+        try:
+            return self._dset[k]
+        except OSError as exc:
+            raise InputError(f"source.url: {self.url}: frame {k}: cannot read ({' '.join(str(exc).split())}), "
+                             "expected a readable frame (a corrupted chunk, or a truncated file?)") from None
 
     def close(self) -> None:
         self._h5.close()
@@ -117,6 +132,30 @@ class Hdf5FileSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_angles(psi: np.ndarray, url: str) -> np.ndarray:
+    """``psi`` (degrees, one per frame) if every angle is finite; a rotation that turns back is only logged.
+
+    A DCT scan turns one way; angles that do not are kept as recorded (each
+    difspot's psi is read between the two frames around its centroid) and a
+    warning names the first frame where the direction changes.
+    """
+    bad = np.flatnonzero(~np.isfinite(psi))
+    if bad.size:
+        raise InputError(f"source.angles: {url}: frame {bad[0]}: expected a finite angle in degrees, "
+                         f"got {psi[bad[0]]}")
+    steps = np.sign(np.diff(psi))
+    steps = steps[steps != 0]
+    if steps.size and np.any(steps != steps[0]):
+        turn = int(np.flatnonzero(np.sign(np.diff(psi)) == -steps[0])[0]) + 1
+        log.warning("source.angles: %s: angles are not monotonic (frame %d goes back from %g to %g degrees): "
+                    "kept as recorded", url, turn, psi[turn - 1], psi[turn])
+    repeats = np.flatnonzero(np.diff(psi) == 0)
+    if repeats.size:
+        log.warning("source.angles: %s: frame %d repeats the angle of frame %d (%g degrees): kept as recorded",
+                    url, repeats[0] + 1, repeats[0], psi[repeats[0]])
+    return psi
 
 
 def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int]) -> np.ndarray | None:
@@ -133,6 +172,10 @@ def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int]
     if data.shape[-2:] != tuple(frame_shape) or data.ndim not in (2, 3):
         raise InputError(f"dark.url: {url}: expected a dark image of shape {tuple(frame_shape)} or a stack "
                          f"(n, {', '.join(map(str, frame_shape))}) of dark frames, got shape {data.shape}")
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        bad = np.argwhere(~np.isfinite(data))[0]
+        raise InputError(f"dark.url: {url}: expected finite dark counts, got {data[tuple(bad)]} at "
+                         f"{'frame %d, ' % bad[0] if data.ndim == 3 else ''}pixel (y, x) = ({bad[-2]}, {bad[-1]})")
     if data.ndim == 3:
         data = data.mean(axis=0, dtype=np.float64)
     return data.astype(np.float32)

@@ -423,6 +423,10 @@ class Hdf5WatchSource(FollowedSource):
         seen = None
         while not self._closed:
             self._look()
+            if self._dset is not None and self._n < k:
+                raise InputError(f"source.url: {self.url}: the dataset holds {self._n} frames, fewer than the {k} "
+                                 "already read: expected it only to grow (was the file truncated or replaced "
+                                 "during the scan?)")
             # what counts as progress: the file appearing, the dataset appearing, the dataset growing
             phase = 2 if self._dset is not None else int(self._why != "file not found")
             state = (phase, self._n)

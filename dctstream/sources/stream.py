@@ -87,7 +87,7 @@ import zmq
 
 from ..errors import InputError
 from ..types import Frame
-from .hdf5 import read_dataset
+from .hdf5 import check_angles, read_dataset
 
 __all__ = [
     "REORDER_FRAMES", "MalformedMessage", "SeriesStart", "Image", "SeriesEnd", "Stream1Source", "Stream2Source",
@@ -488,7 +488,7 @@ class _StreamSource:
         if psi.dtype.kind not in "uif" or psi.ndim != 1:
             raise InputError(f"source.angles: {url}: expected a 1-D array of angles in degrees (one per frame), "
                              f"got shape {psi.shape}, dtype {psi.dtype}")
-        return psi.astype(np.float64)
+        return check_angles(psi.astype(np.float64), url)
 
     def _reset_series(self, start: SeriesStart | None, series=None) -> None:
         """Wait for (``series`` None) or begin a series, from its header ``start`` if there was one."""

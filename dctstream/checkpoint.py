@@ -1,0 +1,339 @@
+"""Crash-resume: the state of a run, saved now and then, so that the same command continues it.
+
+The pipeline is deterministic: the same frames and configuration give the same
+difspots, ids and files. So a run killed at any instant (SIGKILL included)
+continues from its last checkpoint and ends with the outputs of a run never
+interrupted:
+
+* ``OUT/.dctstream/running`` holds the configuration of a run under way; it is
+  written before any result and removed once the run is complete. A run
+  started on a folder that holds it, with the same configuration, resumes;
+  with another configuration it is refused (``--overwrite`` starts afresh).
+* ``OUT/.dctstream/checkpoint.npz``, at the end of frame c (every
+  ``output.checkpoint_every_s`` seconds or ``output.checkpoint_every_frames``
+  frames, only between frames, so never while a difspot or the table is half
+  written): the segmenter's state without its frames (regions, frontier,
+  claimed voxels as a sparse list), the noise map, the direct-beam box, the
+  margin reference, the angles read so far, the spot table's rows and the
+  counters. Written to a temporary file, synced, renamed; the difspot files
+  it counts are synced first.
+* On resume the background stage starts again at the first raw frame the
+  segmenter's oldest needed frame depends on (``BackgroundStage.first_raw_frame``),
+  so only O(window + segmenter reach) frames are read again: corrected frames
+  up to c are put back in the segmenter (not segmented again), and frames
+  after c are processed as usual. Difspots found after the checkpoint are
+  written again, identical, under the same ids (each file appears by an atomic
+  rename, so none is ever half written); ``spots.h5`` is rewritten from the
+  rows.
+
+File sources read their frames again from the file. ``DCTSTREAM_CRASH_AT``
+(``difspot:N``, ``table:N``, ``checkpoint:N`` or ``frame:N``) makes the
+process kill itself inside the N-th such write, for tests only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = ".dctstream"
+MARKER = "running"
+CHECKPOINT = "checkpoint.npz"
+FORMAT = 1
+
+
+def marker_path(out_dir: Path) -> Path:
+    return Path(out_dir) / RUN_DIR / MARKER
+
+
+def unfinished_run(out_dir: Path, config_text: str) -> bool:
+    """Whether ``out_dir`` holds an unfinished run of this configuration (to resume).
+
+    Raises `OutputError` when it holds one of another configuration.
+    """
+    marker = marker_path(out_dir)
+    try:
+        previous = marker.read_text()
+    except (FileNotFoundError, NotADirectoryError):  # no run under way, or not even a folder (said later)
+        return False
+    except OSError as exc:
+        raise OutputError(f"{marker}: cannot read ({exc.strerror})") from None
+    if previous != config_text:
+        changed = _changed_lines(previous, config_text)
+        raise OutputError(f"{out_dir}: holds an unfinished run of another configuration ({changed}), expected "
+                          "the same command to resume it; pass --overwrite to start again")
+    return True
+
+
+def _changed_lines(old: str, new: str) -> str:
+    before, after = old.splitlines(), new.splitlines()
+    for a, b in zip(before, after):
+        if a != b:
+            return f"was {a.strip()!r}, now {b.strip()!r}"
+    return "its length differs"
+
+
+def start_run(out_dir: Path, config_text: str) -> None:
+    """Mark ``out_dir`` as holding a run under way, before any result appears; a checkpoint of an
+    earlier run (replaced by ``--overwrite``) goes first, so that it can never be taken for this one's."""
+    with suppress(FileNotFoundError):
+        (Path(out_dir) / RUN_DIR / CHECKPOINT).unlink()
+    _atomic_write(marker_path(out_dir), config_text.encode())
+
+
+def finish_run(out_dir: Path) -> None:
+    """The run is complete: forget its checkpoint, then the marker."""
+    folder = Path(out_dir) / RUN_DIR
+    with suppress(FileNotFoundError):
+        (folder / CHECKPOINT).unlink()
+    with suppress(FileNotFoundError):
+        marker_path(out_dir).unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        crash_point("checkpoint" if path.name == CHECKPOINT else "marker")
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        from .sinks.spot_table import output_error
+
+        with suppress(OSError):
+            tmp.unlink()
+        raise output_error(path, exc) from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_files(paths) -> None:
+    """Make written files durable (a checkpoint must not count a difspot a power cut could take back)."""
+    folders = set()
+    for path in paths:
+        with suppress(FileNotFoundError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folders.add(Path(path).parent)
+    for folder in folders:
+        _fsync_dir(folder)
+
+
+class Checkpointer:
+    """Decides when a checkpoint is due, and writes it."""
+
+    def __init__(self, out_dir: Path, every_s: float, every_frames: int):
+        self.path = Path(out_dir) / RUN_DIR / CHECKPOINT
+        self.every_s = every_s
+        self.every_frames = every_frames
+        self._last_s = time.monotonic()
+        self._last_frame = -1
+
+    def due(self, k: int) -> bool:
+        if self.every_frames and k - self._last_frame >= self.every_frames:
+            return True
+        return time.monotonic() - self._last_s >= self.every_s
+
+    def taken(self, k: int) -> None:
+        """A snapshot of frame ``k`` was taken (it is saved later, by the writer)."""
+        self._last_s, self._last_frame = time.monotonic(), k
+
+    def save(self, meta: dict, arrays: dict[str, np.ndarray], k: int) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        meta = {**meta, "format": FORMAT}
+        np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+        _atomic_write(self.path, buffer.getvalue())
+        log.debug("checkpoint at frame %d", k)
+
+
+def load(out_dir: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """The last checkpoint of an unfinished run, or None when it was killed before its first."""
+    path = Path(out_dir) / RUN_DIR / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+    except (OSError, ValueError, KeyError) as exc:  # a checkpoint is renamed into place whole: this is not ours
+        raise OutputError(f"{path}: cannot read the checkpoint ({exc}), expected one written by dctstream; "
+                          "pass --overwrite to start again") from None
+    if meta.get("format") != FORMAT:
+        raise OutputError(f"{path}: checkpoint format {meta.get('format')}, expected {FORMAT}; "
+                          "pass --overwrite to start again")
+    return meta, arrays
+
+
+# -- for tests: die at a chosen write -------------------------------------------------------------
+
+_CRASH_ENV = "DCTSTREAM_CRASH_AT"
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(kind: str) -> None:
+    """SIGKILL this process at the N-th ``kind`` point when ``DCTSTREAM_CRASH_AT=kind:N`` (tests only)."""
+    target = os.environ.get(_CRASH_ENV)
+    if not target:
+        return
+    want, _, n = target.partition(":")
+    if want != kind:
+        return
+    _crash_counts[kind] = _crash_counts.get(kind, 0) + 1
+    if _crash_counts[kind] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- what a pipeline saves and takes back ----------------------------------------------------------
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class Snapshot:
+    """The state at the end of frame ``frame``, taken by the main thread; the writer thread saves it
+    after the difspots closed before it, adding the spot table's rows (see ``capture``)."""
+
+    def __init__(self, frame: int, meta: dict, arrays: dict[str, np.ndarray]):
+        self.frame, self.meta, self.arrays = frame, meta, arrays
+
+    def save(self, pipeline) -> None:
+        """Runs where the difspots are written, after every one closed up to ``frame``."""
+        table = pipeline.table
+        self.meta["stats"]["difspots_written"] = len(table)
+        self.meta["table"] = {"attrs": {key: _plain(v) for key, v in table.attrs.items()}}
+        arrays = {**self.arrays, **{f"table_{name}": v for name, v in table.columns().items()}}
+        sync_files(pipeline._unsynced)  # every difspot this checkpoint counts is on disk first
+        pipeline._unsynced.clear()
+        pipeline._checkpointer.save(self.meta, arrays, self.frame)
+
+
+def capture(pipeline, k: int) -> Snapshot:
+    """The state of ``pipeline`` at the end of frame ``k`` (segmented, its difspots handed to the writer)."""
+    seg, bg, stats = pipeline.segmenter, pipeline.background, pipeline.stats
+    pipeline._checkpointer.taken(k)
+    state = seg.state()
+    first_needed = seg.first_needed
+    first_raw = bg.first_raw_frame(first_needed)
+    psi = pipeline._psi
+    meta = {
+        "frame": k,
+        "first_needed": first_needed,
+        "first_raw": first_raw,
+        "direct_beam": None if bg.direct_beam is None else [int(v) for v in bg.direct_beam],
+        "margin_ref": None if bg.margin_ref is None else float(bg.margin_ref),
+        "has_psi": psi is not None,
+        # what the first window taught the detector (an estimated dark, automatic bad pixels)
+        "detector": {"dark_source": pipeline.detector.dark_source, "mask_counts": pipeline.detector.mask_counts,
+                     "dark_estimated": pipeline.cfg.dark.estimate},
+        "stats": {"frames_missing": stats.frames_missing, "seed_threshold": stats.seed_threshold,
+                  "noise_sigma": stats.noise_sigma},
+        "segmenter": {key: state[key] for key in ("low", "last", "prev_offset", "next_id", "n_blobs",
+                                                  "rejected", "capacity")},
+    }
+    arrays = {
+        "sigma": pipeline._sigma,
+        "pixel_mask": bg.pixel_mask,
+        **({"dark": bg.dark} if pipeline.cfg.dark.estimate else {}),
+        "psi": np.asarray(psi[:first_raw] if psi is not None else [], np.float64),
+        "seg_prev_labels": state["prev_labels"], "seg_parent": state["parent"],
+        "seg_region_ids": state["region_ids"], "seg_open": state["open"], "seg_claimed": state["claimed"],
+        **{f"seg_regions_{name}": v for name, v in state["regions"].items()},
+        **{f"seg_pending_{name}": v for name, v in state["pending"].items()},
+    }
+    return Snapshot(k, meta, arrays)
+
+
+def resume_background(resume, bbox) -> dict:
+    """The background stage's arguments for a resumed run: start at the first raw frame needed,
+    with the direct beam and margin reference of the first run (not found again)."""
+    meta, _ = resume
+    beam = meta["direct_beam"]
+    return {"direct_beam": "none" if beam is None else tuple(beam),
+            "stage": {"first_frame": meta["first_raw"], "margin_ref": meta["margin_ref"]}}
+
+
+def restore_detector(detector, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Give the detector the dark and bad pixels the first run found in the scan's first window."""
+    facts = meta["detector"]
+    detector.mask = arrays["pixel_mask"].astype(bool)
+    detector.mask_counts = dict(facts["mask_counts"])
+    detector.dark_source = facts["dark_source"]
+    if facts["dark_estimated"]:
+        detector.dark = arrays["dark"]
+
+
+def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Put the checkpoint's state back into a pipeline whose stages were just built."""
+    from .pipeline import resolve_segmentation
+    from .segment import Segmenter
+
+    bg, stats = pipeline.background, pipeline.stats
+    bg.emitted = meta["first_needed"]
+    pipeline._sigma = arrays["sigma"]
+    params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma)
+    pipeline.table.attrs.update(meta["table"]["attrs"])
+    pipeline.segmenter = Segmenter(params, bg.frame_shape, pipeline.segment_mask())
+    seg_meta = meta["segmenter"]
+    pipeline.segmenter.restore({
+        **seg_meta,
+        "prev_labels": arrays["seg_prev_labels"], "parent": arrays["seg_parent"],
+        "region_ids": arrays["seg_region_ids"], "open": arrays["seg_open"], "claimed": arrays["seg_claimed"],
+        "regions": {name: arrays[f"seg_regions_{name}"] for name in ("count", "max_value", "max_index", "first")},
+        "pending": {name: arrays[f"seg_pending_{name}"] for name in ("count", "max_value", "max_index", "first")},
+    })
+    pipeline._replay_until = meta["frame"]
+    pipeline._psi = arrays["psi"].tolist() if meta["has_psi"] else None
+    pipeline.table.restore({name[len("table_"):]: v for name, v in arrays.items() if name.startswith("table_")})
+    s = meta["stats"]
+    stats.difspots_written, stats.frames_missing = s["difspots_written"], s["frames_missing"]
+    stats.seed_threshold = tuple(s["seed_threshold"]) if s["seed_threshold"] else None
+    stats.noise_sigma = s["noise_sigma"]
+    stats.rejected = Counter(seg_meta["rejected"])
+    stats.frames_read = meta["first_raw"]
+    stats.frames_corrected = meta["first_needed"]
+    stats.frames_segmented = meta["frame"] + 1
+    log.info("resuming %s from its checkpoint at frame %d: reading again from frame %d, %d difspots so far",
+             pipeline.out_dir, meta["frame"], meta["first_raw"], stats.difspots_written)
+
+
+def frames_from(source, first: int):
+    """The source's frames from ``first`` on: a recorded file seeks there, others are read and dropped."""
+    if type(source).__name__.startswith("Stream"):
+        raise OutputError(f"source.url: {getattr(source, 'url', '?')}: a stream cannot be read again to resume "
+                          "the unfinished run in output.dir, expected a file or folder source; pass --overwrite "
+                          "to start again")
+    if hasattr(source, "first_frame"):
+        source.first_frame = first
+    for frame in source:
+        if frame.index >= first:
+            yield frame
