@@ -78,10 +78,10 @@ def plan(out_dir: Path) -> str:
 
     ``"skip"``: finished (or failed: remove its run.json to try again);
     ``"start"``: nothing there yet; ``"redo"``: left unfinished by a run that
-    was stopped or killed.  Until the pipeline can resume, a redo processes
-    the scan again from its first frame and replaces the partial results
-    (the pipeline is deterministic: the same spots as an uninterrupted run);
-    this is the one place to switch to resuming.
+    was stopped or killed.  A redo runs the same command again, which
+    resumes from the run's last checkpoint (the outputs end up those of an
+    uninterrupted run); a scan whose configuration changed since is refused
+    by the run and recorded as failed.
     """
     record = read_record(out_dir)
     if record is not None and record.get("state") in ("finished", "failed"):
@@ -273,7 +273,7 @@ class Daemon:
                              (read_record(scan.out_dir) or {}).get("state"))
                     continue
                 if what == "redo":
-                    log.info("%s: left unfinished by an earlier run: processing it again", scan.url)
+                    log.info("%s: left unfinished by an earlier run: resuming it", scan.url)
                 else:
                     log.info("%s: new scan", scan.url)
                 self.queue.append(scan)
@@ -287,7 +287,7 @@ class Daemon:
             cmd.append(str(self.config_path))
         for override in self.overrides:
             cmd += ["--set", override]
-        cmd += ["--source", scan.url, "--out", str(scan.out_dir), "--overwrite"]
+        cmd += ["--source", scan.url, "--out", str(scan.out_dir)]
         if scan.angles:
             cmd += ["--set", f"source.angles={scan.path}::{scan.angles}"]
         if scan.dark:

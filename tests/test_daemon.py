@@ -30,7 +30,7 @@ dark: {{url: "{dark}"}}
 source: {{idle_timeout_s: 60}}
 status: {{interval_s: 0.2, log_every_s: 1.0}}
 watch: {{poll_interval_s: 0.2}}
-output: {{dir: "{out}"}}
+output: {{dir: "{out}", checkpoint_every_frames: 2}}
 """
 TIMEOUT_S = 120
 
@@ -257,6 +257,7 @@ def test_killed_and_restarted_mid_scan(recorded, tmp_path):
     assert_same_spots(scan_out, expected)
     assert (scan_out / "run.log").read_text().count("dctstream watch starts this scan") == 2
     assert "left unfinished by an earlier run" in (out / "dctstream-watch.log").read_text()
+    assert "from its checkpoint at frame" in (scan_out / "run.log").read_text()  # resumed, not started over
 
 
 def test_sigterm_stops_the_scan_in_progress(recorded, tmp_path):
