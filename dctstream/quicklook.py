@@ -124,16 +124,22 @@ def beam_mask(bbox, shape) -> np.ndarray:
     return mask
 
 
+# A difspot's box holds its voxels above tau * max; the spot's glow reaches further, and an
+# outline drawn on the box itself vanishes in a bright spot's glow.
+BOX_MARGIN_PX = 2
+
+
 def draw_max_projection(maximum: np.ndarray, spots: dict, beam, frames: int) -> Image.Image:
     mask = beam_mask(beam, maximum.shape)
     up, down = _zoom(maximum.shape)
     lo, hi = _limits(maximum, mask)
     image = Image.fromarray(_grey(_resample(maximum, up, down), lo, hi)).convert("RGB")
     draw = ImageDraw.Draw(image)
+    m = BOX_MARGIN_PX
+    for x0, y0, w, h in zip(spots["bbox_x0"], spots["bbox_y0"], spots["bbox_x_size"], spots["bbox_y_size"]):
+        _box(draw, (int(x0) - m, int(y0) - m, int(w) + 2 * m, int(h) + 2 * m), up, down, SPOT_COLOUR)
     if beam:
         _box(draw, beam, up, down, BEAM_COLOUR, width=2)
-    for x0, y0, w, h in zip(spots["bbox_x0"], spots["bbox_y0"], spots["bbox_x_size"], spots["bbox_y_size"]):
-        _box(draw, (int(x0), int(y0), int(w), int(h)), up, down, SPOT_COLOUR)
     return _with_title(image, f"max projection of {frames} corrected frames: {len(spots['bbox_x0'])} difspots "
                               "(green), direct beam (red)")
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dctstream.config import load_config
-from dctstream.quicklook import (BAR_COLOUR, BEAM_COLOUR, NAMES, SPOT_COLOUR, TITLE_PX, QuickLook, _zoom,
+from dctstream.quicklook import (BAR_COLOUR, BEAM_COLOUR, BOX_MARGIN_PX, NAMES, SPOT_COLOUR, TITLE_PX, QuickLook, _zoom,
                                  draw_gallery, draw_max_projection)
 from dctstream.runner import process_scan
 from dctstream.sinks import read_spot_table
@@ -35,7 +35,9 @@ def test_max_projection_draws_each_box_around_its_spot():
     body = drawn[TITLE_PX:]
     green = np.all(body == SPOT_COLOUR, axis=-1)
     ys, xs = np.nonzero(green)
-    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (30 * up, 34 * up - 1, 10 * up, 13 * up - 1)
+    m = BOX_MARGIN_PX  # drawn just outside the box, so that a bright spot's glow does not hide it
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == ((30 - m) * up, (34 + m) * up - 1, (10 - m) * up,
+                                                        (13 + m) * up - 1)
     red = np.all(body == BEAM_COLOUR, axis=-1)
     ys, xs = np.nonzero(red)
     assert (ys.min(), xs.min()) == (5 * up, 40 * up)
@@ -88,12 +90,13 @@ def test_max_projection_of_the_scan_boxes_its_difspots(processed):
     body = pixels(out / "quicklook" / "max_projection.png")[TITLE_PX:]
     up, _ = _zoom((64, 64))
     brightest = int(np.argmax(table["integral"]))
-    x0, y0 = table["bbox_x0"][brightest], table["bbox_y0"][brightest]
+    m = BOX_MARGIN_PX
+    x0, y0 = table["bbox_x0"][brightest] - m, table["bbox_y0"][brightest] - m
     assert tuple(body[y0 * up, x0 * up]) == SPOT_COLOUR
     # where no difspot is, nothing green is drawn
     covered = np.zeros((64, 64), bool)
     for x, y, w, h in zip(table["bbox_x0"], table["bbox_y0"], table["bbox_x_size"], table["bbox_y_size"]):
-        covered[y:y + h, x:x + w] = True
+        covered[max(y - m, 0):y + h + m, max(x - m, 0):x + w + m] = True
     green = np.all(body == SPOT_COLOUR, axis=-1)[::up, ::up]
     assert not (green & ~covered).any()
     bx, by, bw, bh = stats.direct_beam
