@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,7 @@ class Pipeline:
         self._resume = checkpoint.load(self.out_dir) if self.resuming else None
         self._replay_until = -1  # frames up to this one are put back in the segmenter, not segmented again
         self._sigma: np.ndarray | None = None
+        self._first_frames: list[tuple[int, np.ndarray]] = []  # corrected frames held for the noise estimate
         self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
         self._checkpointer = checkpoint.Checkpointer(self.out_dir, cfg.output.checkpoint_every_s,
                                                      cfg.output.checkpoint_every_frames)
@@ -240,9 +242,9 @@ class Pipeline:
                 if progress is not None:
                     progress(self.stats)
             if self.background is not None:
-                with self._timed("background"):
-                    corrected = self.background.finish()
-                self._segment(corrected)
+                self._segment(self.background.finish())
+            if self._first_frames:  # a scan of fewer corrected frames than the noise estimate takes
+                self._start_segmenter()
             if self.segmenter is not None:
                 with self._timed("segment"):
                     blobs = self.segmenter.finish()
@@ -304,7 +306,7 @@ class Pipeline:
         finally:
             self.stats.stage_s[stage] += time.perf_counter() - start
 
-    def _push(self, frame) -> list[tuple[int, np.ndarray]]:
+    def _push(self, frame) -> Iterator[tuple[int, np.ndarray]]:
         data = frame.data
         if data is None:  # lost in transit: the source's missing-frame policy asked for a stand-in
             if self.background is None:
@@ -319,30 +321,39 @@ class Pipeline:
         with self._timed("background"):
             return self.background.push(data)
 
-    def _segment(self, corrected: list[tuple[int, np.ndarray]]) -> None:
-        if not corrected:
-            return
-        self.stats.frames_corrected += len(corrected)
-        if self.segmenter is None:
-            self._start_segmenter([frame for _, frame in corrected[:NOISE_FRAMES]])
-        for k, frame in corrected:
-            if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
-                self.segmenter.load_frame(k, frame)
+    def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
+        """Segment the corrected frames, one at a time: the background stage makes each on demand."""
+        while True:
+            with self._timed("background"):
+                item = next(corrected, None)
+            if item is None:
+                return
+            self.stats.frames_corrected += 1
+            if self.segmenter is None:  # the noise estimate waits for the first few frames
+                self._first_frames.append(item)
+                if len(self._first_frames) == NOISE_FRAMES:
+                    self._start_segmenter()
                 continue
-            with self._timed("segment"):
-                blobs = self.segmenter.push(k, frame)
-            self._write(blobs)
-            if self.export is not None:
-                with self._timed("export"):
-                    self.export.write(k, frame)
-            if self.frame_taps:
-                with self._timed("taps"):
-                    for tap in self.frame_taps:
-                        tap.on_corrected(k, frame)
-            self.stats.frames_segmented += 1
-            checkpoint.crash_point("frame")
-            if self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
-                self._writer.submit(checkpoint.capture(self, k))
+            self._segment_frame(*item)
+
+    def _segment_frame(self, k: int, frame: np.ndarray) -> None:
+        if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
+            self.segmenter.load_frame(k, frame)
+            return
+        with self._timed("segment"):
+            blobs = self.segmenter.push(k, frame)
+        self._write(blobs)
+        if self.export is not None:
+            with self._timed("export"):
+                self.export.write(k, frame)
+        if self.frame_taps:
+            with self._timed("taps"):
+                for tap in self.frame_taps:
+                    tap.on_corrected(k, frame)
+        self.stats.frames_segmented += 1
+        checkpoint.crash_point("frame")
+        if self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
+            self._writer.submit(checkpoint.capture(self, k))
 
     def segment_mask(self) -> np.ndarray:
         """Pixels never segmented: the direct beam and the detector's bad pixels; their facts go to the record."""
@@ -354,7 +365,9 @@ class Pipeline:
         self.table.attrs.update(facts)
         return beam_mask(background.direct_beam, background.frame_shape) | background.pixel_mask
 
-    def _start_segmenter(self, first_frames: list[np.ndarray]) -> None:
+    def _start_segmenter(self) -> None:
+        """Estimate the noise on the first corrected frames, start the segmenter and give it those frames."""
+        first_frames = [frame for _, frame in self._first_frames]
         shape = self.background.frame_shape
         detector = self.detector
         mask = self.segment_mask()
@@ -381,6 +394,9 @@ class Pipeline:
             raw_frame_bytes = int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize
             self.export = CorrectedFrameWriter(self.out_dir / "corrected.h5", self.cfg.export, shape, mask,
                                                params.maps(shape)[1], raw_frame_bytes, binning=detector.binning)
+        held, self._first_frames = self._first_frames, []
+        for k, frame in held:
+            self._segment_frame(k, frame)
 
     def _write(self, blobs) -> None:
         for blob in blobs:

@@ -20,7 +20,7 @@ HDF5 file one at a time, as they are sent.  The message formats are the ones
   (the detector or the network died).
 
 ``sent_s[k]`` is the ``time.perf_counter()`` at which frame k's message was
-handed to ZeroMQ (for latency measurements).
+about to be handed to ZeroMQ (for latency measurements).
 """
 
 from __future__ import annotations
@@ -211,9 +211,9 @@ class StreamReplayer:
             if k in drop:
                 continue
             message = self._image(series, k, data)
+            self.sent_s[k] = time.perf_counter()  # before: the receiver may stamp its arrival before send returns
             for _ in range(2 if k in duplicate else 1):
                 self._send(message)
-                self.sent_s[k] = time.perf_counter()
 
     def _wait_until(self, t: float) -> None:
         if self._stop.wait(max(0.0, t - time.perf_counter())):

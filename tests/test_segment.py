@@ -188,3 +188,23 @@ def test_label_seeds_equals_scipy_label_and_brute_force_links(ny, nx, conn8, den
         near = prev_labels[max(y - reach, 0):y + reach + 1, max(x - reach, 0):x + reach + 1]
         touching |= {(int(p), int(expected[y, x])) for p in near.ravel() if p}
     assert set(zip(prev.tolist(), here.tolist())) == touching
+
+
+def test_a_chain_of_spots_longer_than_the_ring_grows_it_and_still_equals_reference():
+    """Each spot waits for the brighter one after it, whose box overlaps its own: the first spot's
+    frames are needed until the last is grown, so the frame ring must grow."""
+    rng = np.random.default_rng(3)
+    nf = 120
+    volume = rng.normal(0, 0.3, (nf, 24, 24)).astype(np.float32)
+    f = np.arange(nf)[:, None, None]
+    y, x = np.mgrid[0:24, 0:24]
+    for i, c in enumerate(range(4, nf - 8, 4)):  # brighter and brighter, 4 frames apart
+        volume += ((9 + i) * np.exp(-((f - c) / 0.7) ** 2 / 2 - ((y - 12) ** 2 + (x - 6 - i % 12) ** 2) / 4)
+                   ).astype(np.float32)
+    volume[:, 12, 6:18] += 2.6  # a ridge above grow_low joins them all: no valley closes early
+    p = params(max_size=(12, 12, 5))
+    blobs, _, segmenter = segment(volume, p)
+    assert segmenter._values.shape[0] > 2 * p.max_size[2] + 4  # it had to grow
+    expected, _ = reference_blobs(volume, p, None)
+    assert len(blobs) > 10
+    assert voxel_sets(blobs) == reference_sets(expected)

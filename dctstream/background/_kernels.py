@@ -388,3 +388,17 @@ def normalised_minus_background(raw, dark, gain, scale, background, out):
     for y in numba.prange(ny):
         for x in range(nx):
             out[y, x] = (np.float32(raw[y, x]) - dark[y, x]) * gain[y, x] * scale - background[y, x]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def normalised_minus_raw_median(raw, dark, gain, scale, median, out):
+    """out = (float32(raw) - dark) * gain * scale - (float32(median) - dark) * gain, in float32 as numpy would.
+
+    The background of a median of raw frames, computed on the fly: no float32 frame kept per median.
+    """
+    ny, nx = raw.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            d = dark[y, x]
+            g = gain[y, x]
+            out[y, x] = (np.float32(raw[y, x]) - d) * g * scale - (np.float32(median[y, x]) - d) * g

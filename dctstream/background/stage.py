@@ -20,6 +20,7 @@ mode with normalisation), a selection over the ring (everything else).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -74,14 +75,17 @@ class BackgroundStage:
         self._margin_ref: float | None = margin_ref
         self._hist: HistogramWindow | None = None
         self._sorted: SortedWindow | None = None
-        self._medians: dict[int, np.ndarray] = {}  # window start -> background (normalised units)
+        # window start -> background (normalised units, float32) or median of raw frames (their type)
+        self._medians: dict[int, np.ndarray] = {}
         self.warm = False
         self.n_frames: int | None = None  # known once the scan has ended
         self.emitted = first_frame
         self._difference = np.empty(self.frame_shape, np.float32)  # scratch, reused for every frame
 
     # ---- public --------------------------------------------------------------
-    def push(self, frame: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    def push(self, frame: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """Take raw frame ``ring.count``; the corrected frames it completes come one at a time, so
+        that a batch, or the end of a scan, never holds many frame-sized arrays at once."""
         j = self.ring.count
         frame = np.asarray(frame)
         if frame.shape != self.frame_shape:
@@ -104,12 +108,12 @@ class BackgroundStage:
                 self._warm_up(self.window)
         return self._drain()
 
-    def finish(self) -> list[tuple[int, np.ndarray]]:
+    def finish(self) -> Iterator[tuple[int, np.ndarray]]:
         """The scan has ended: emit every frame still held back."""
         n = self.ring.count
         self.n_frames = n
         if n == 0:
-            return []
+            return iter(())
         if not self.warm:
             if self.first:
                 raise RuntimeError(f"a scan resumed at frame {self.first} ended before its first window")
@@ -122,7 +126,7 @@ class BackgroundStage:
             if self._hist.last < n - 1:
                 self._slide()
             elif n - self.window not in self._medians:
-                self._medians[n - self.window] = self._from_raw(self._hist.median())
+                self._medians[n - self.window] = self._hist.median().astype(self.dtype)
         return self._drain()
 
     def stand_in(self) -> np.ndarray:
@@ -155,9 +159,11 @@ class BackgroundStage:
         full = width == self.window == self.cfg.window  # a full window: slide from here on
         if full and self.cfg.normalise == "none" and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
             self._hist = HistogramWindow(self.ring.data, first, width)
-            self._medians[first] = self._from_raw(self._hist.median())
+            self._medians[first] = self._hist.median().astype(self.dtype)
         if self._beam_spec == "auto":
             image = self._medians.get(first)
+            if image is not None and image.dtype != np.float32:
+                image = self._from_raw(image)
             if image is None:
                 ones = np.ones(self.ring.capacity, np.float32)
                 image = window_median(self.ring.data, slots, self.dark, ones, gain=self.gain)
@@ -185,8 +191,10 @@ class BackgroundStage:
         if self.n_frames is not None:
             emit[-1] = True  # the last window serves every frame whose window the end of the scan shifts
         medians = hist.slide(n, emit, np.empty((n, *self.frame_shape), self.dtype))
-        for start, median in zip(starts[emit], medians[emit]):
-            self._medians[int(start)] = self._from_raw(median)
+        # raw medians, turned into backgrounds frame by frame in _drain; a median that would
+        # hold the whole batch's array alive on its own (block mode) is copied out of it
+        for j in np.flatnonzero(emit):
+            self._medians[int(starts[j])] = medians[j] if emit.all() else medians[j].copy()
 
     def _is_block_start(self, start: int) -> bool:
         stride = self.cfg.stride
@@ -251,8 +259,7 @@ class BackgroundStage:
                                                   gain=self.gain)}
         return self._medians[start]
 
-    def _drain(self) -> list[tuple[int, np.ndarray]]:
-        out = []
+    def _drain(self) -> Iterator[tuple[int, np.ndarray]]:
         while self._ready(self.emitted):
             k = self.emitted
             slot = self.ring.slot(k)
@@ -260,6 +267,5 @@ class BackgroundStage:
                                                      self._background(k), self._difference)
             for start in [s for s in self._medians if s < self._start(k)]:
                 del self._medians[start]
-            out.append((k, median_filter(difference, self.filter_size)))
             self.emitted += 1
-        return out
+            yield k, median_filter(difference, self.filter_size)

@@ -87,7 +87,9 @@ class Segmenter:
         self._unmasked = ~self.mask
         self._reach_fyx = params.max_size[::-1]
         reach = params.max_size[2]
-        self._values = np.zeros((4 * reach + 4, *self.frame_shape), np.float32)
+        # Frames from _low to last: most regions close a frame after their spot ends (the valley
+        # rule), which needs about 2 reaches; a chain of spots that needs more grows the ring.
+        self._values = np.zeros((2 * reach + 4, *self.frame_shape), np.float32)
         self._flags = np.zeros(self._values.shape, np.uint8)
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
@@ -196,7 +198,7 @@ class Segmenter:
         cap = self._values.shape[0]
         if k - self._low + 1 > cap:
             # a chain of overlapping spots holds old frames: make room, keeping slots k % cap
-            new_cap = 2 * cap
+            new_cap = max(k - self._low + 1, cap + self.params.max_size[2])
             values = np.zeros((new_cap, *self.frame_shape), np.float32)
             flags = np.zeros(values.shape, np.uint8)
             for f in range(self._low, k):
