@@ -1,8 +1,8 @@
 """Difspot files ``OUT/difspots/{id:06d}.h5``, one per difspot, in the DCT layout.
 
 The layout is the one of the difspots that ``pydct`` wrote for the DCT MATLAB
-code: all datasets at the root, arrays gzip+shuffle compressed, scalars as
-scalars.  Arrays are in (z, y, x) = (frame, y, x) order over the difspot's
+code: all datasets at the root, voxel arrays of 16 KiB or more gzip+shuffle
+compressed, scalars as scalars.  Arrays are in (z, y, x) = (frame, y, x) order over the difspot's
 bounding box; ``nz``, ``ny``, ``nx`` are the box's frame count, height and
 width.  Indices follow MATLAB and start at 1: *absolute* fields count from the
 first frame / pixel of the scan, *relative* fields from the first voxel of the
@@ -138,7 +138,11 @@ class DifspotWriter:
         # older MATLAB releases (the DCT code) still bundle.
         with atomic_h5(path) as f:
             for name in _COMPRESSED:
-                f.create_dataset(name, data=arrays.pop(name), compression="gzip", shuffle=True)
+                array = arrays.pop(name)
+                if array.nbytes >= COMPRESS_MIN_BYTES:
+                    f.create_dataset(name, data=array, compression="gzip", shuffle=True)
+                else:
+                    _small_dataset(f, name, array)
             for name, value in {**arrays, **scalars}.items():
                 _small_dataset(f, name, value)
             f.attrs.update(ATTRS)
@@ -147,6 +151,9 @@ class DifspotWriter:
 
 # Only the voxel arrays are worth compressing; the rest are a few numbers each.
 _COMPRESSED = ("Data", "Mask", "DataMasked", "Projection")
+# Below this, a gzip chunk saves a few hundred bytes and costs more than the rest of the file to
+# write (~0.5 ms per array): most difspots are boxes of a few hundred voxels.
+COMPRESS_MIN_BYTES = 16384
 
 
 def _small_dataset(f: h5py.File, name: str, value) -> None:
