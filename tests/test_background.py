@@ -144,8 +144,10 @@ def test_window_median_equals_numpy():
     np.testing.assert_array_equal(kernels.window_median(ring, slots, dark, scales), expected)
 
 
+@pytest.mark.parametrize("sparse_emit", [False, True])
 @pytest.mark.parametrize("nbins", [4, 256])
-def test_histogram_window_slides_exactly(nbins):
+def test_histogram_window_slides_exactly(nbins, sparse_emit):
+    """Every median asked for is exact; with few asked for (block mode), the median between calls still is."""
     rng = np.random.default_rng(nbins)
     n, window = 120, 15
     frames = (rng.normal(1000, 30, (n, 6, 7)) + np.linspace(0, 900, n)[:, None, None]).astype(np.uint16)
@@ -162,10 +164,12 @@ def test_histogram_window_slides_exactly(nbins):
             break
         for g in range(f, f + step):
             ring[g % len(ring)] = frames[g]
-        medians = hist.slide(step)
-        for j in range(step):
+        emit = rng.random(step) < 0.3 if sparse_emit else np.ones(step, bool)
+        medians = hist.slide(step, emit)
+        for j in np.flatnonzero(emit):
             np.testing.assert_array_equal(medians[j], np.median(frames[f + j - window + 1:f + j + 1], axis=0))
         f += step
+        np.testing.assert_array_equal(hist.median(), np.median(frames[f - window:f], axis=0))
     assert hist.rebuilds.sum() > 0  # the out-of-bins path was exercised
     with pytest.raises(ValueError):
         hist.slide(6)  # the ring cannot hold the window plus 6 new frames

@@ -196,7 +196,9 @@ def median_filter_2d(img, size, out):
 # window values below ``med`` (values outside the bins included). Replacing one
 # value moves the median by at most one rank, so a few bins are touched per
 # frame. When the median would leave the bins, the pixel is rebuilt from the
-# ring, centred on its new median.
+# ring, centred on its new median. Where no median is wanted (block mode), a
+# step only moves two counts; the median is walked to once, when it is wanted
+# or at the end of the batch (so that ``med`` is always a median between calls).
 
 
 @numba.njit(cache=True, nogil=True)
@@ -268,21 +270,25 @@ def hist_init(ring, first_frame, window, base, hist, lt, med, u16):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _hist_step(hist, p, b, m, c, o, n, h):
-    """Replace value o by n in pixel p's window; returns (still in the bins, new median, new lt)."""
+def _hist_update(hist, p, b, m, c, o, n):
+    """Replace value o by n in pixel p's bins; returns the new count of window values below m."""
     nbins = hist.shape[1]
-    if o == n:
-        return True, m, c
     k = o - b
     if 0 <= k < nbins:
         hist[p, k] -= 1
-    if o < m:
-        c -= 1
     k = n - b
     if 0 <= k < nbins:
         hist[p, k] += 1
-    if n < m:
-        c += 1
+    return c - (o < m) + (n < m)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _hist_walk(hist, p, b, m, c, h):
+    """Move m (c values below it) to the window's median, rank h; returns (still in the bins, median, lt).
+
+    m may be several ranks away (updates since the last walk): each bin crossed moves it by its count.
+    """
+    nbins = hist.shape[1]
     k = m - b
     while c > h:
         k -= 1
@@ -313,6 +319,12 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
     ny, nx = ring.shape[1], ring.shape[2]
     h = window // 2
     n_steps = new_frames.size
+    # ring slots of each step's dropped and added frame: a modulo per pixel and step costs more than the step
+    old_slots = np.empty(n_steps, np.int64)
+    new_slots = np.empty(n_steps, np.int64)
+    for j in range(n_steps):
+        old_slots[j] = (new_frames[j] - window) % cap
+        new_slots[j] = new_frames[j] % cap
     for y in numba.prange(ny):
         buf = np.empty(window, dtype=np.int64)
         counts = np.empty(256 if u16 else 0, dtype=np.int64)
@@ -326,9 +338,11 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
             c = lt[p]
             late = False
             for j in range(n_steps):
-                f = new_frames[j]
-                ok, m, c = _hist_step(hist, p, b, m, c, np.int64(ring[(f - window) % cap, y, x]),
-                                      np.int64(ring[f % cap, y, x]), h)
+                c = _hist_update(hist, p, b, m, c, np.int64(ring[old_slots[j], y, x]),
+                                 np.int64(ring[new_slots[j], y, x]))
+                if not (emit[j] or j == n_steps - 1):
+                    continue  # block mode: the median is looked for only where it is wanted
+                ok, m, c = _hist_walk(hist, p, b, m, c, h)
                 if not ok:
                     late_x[n_late] = x
                     late_j[n_late] = j
@@ -368,12 +382,14 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
                 ok = True
                 while j < n_steps:
                     f = new_frames[j]
-                    ok, m, c = _hist_step(hist, p, b, m, c, np.int64(values[d, f - window - first]),
-                                          np.int64(values[d, f - first]), h)
-                    if not ok:
-                        break
-                    if emit[j]:
-                        out[j, y, x] = m
+                    c = _hist_update(hist, p, b, m, c, np.int64(values[d, f - window - first]),
+                                     np.int64(values[d, f - first]))
+                    if emit[j] or j == n_steps - 1:
+                        ok, m, c = _hist_walk(hist, p, b, m, c, h)
+                        if not ok:
+                            break
+                        if emit[j]:
+                            out[j, y, x] = m
                     j += 1
                 if ok:
                     break
