@@ -25,7 +25,7 @@ def open_files() -> set[str]:
 def stack_file(tmp_path):
     """Frames whose every pixel tells its frame: frame k = k * 1000 + pixel number, several dtypes."""
     path = tmp_path / "stack.h5"
-    n = 2 * hdf5_module._READ_BATCH + 3  # a partial last batch
+    n = 2 * hdf5_module._READ_FRAMES_MAX + 3  # a partial last read of tiny frames
     frames = (np.arange(n)[:, None, None] * 1000 + np.arange(12).reshape(1, 3, 4))
     with h5py.File(path, "w") as f:
         for dtype in ("uint16", "int32", "uint32", "int64", "uint8"):

@@ -14,8 +14,10 @@ from ..types import Frame
 
 log = logging.getLogger(__name__)
 
-# Frames are read a few at a time: one HDF5 call per frame costs more than the copy.
-_READ_BATCH = 8
+# Small frames are read a few at a time (one HDF5 call per frame costs more than their copy), up to
+# this many bytes per read: a frame yielded keeps its whole read alive, and the reader runs ahead.
+_READ_BYTES = 16 * 2**20
+_READ_FRAMES_MAX = 64
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -107,11 +109,12 @@ class Hdf5FileSource:
                 raise
 
     def __iter__(self):
-        for start in range(self.first_frame, self.n_frames, _READ_BATCH):
+        batch = max(1, min(_READ_FRAMES_MAX, _READ_BYTES // (int(np.prod(self.frame_shape)) * self.dtype.itemsize or 1)))
+        for start in range(self.first_frame, self.n_frames, batch):
             try:
-                block = self._dset[start:start + _READ_BATCH]
+                block = self._dset[start:start + batch]
             except OSError:
-                block = [self._read_one(k) for k in range(start, min(start + _READ_BATCH, self.n_frames))]
+                block = [self._read_one(k) for k in range(start, min(start + batch, self.n_frames))]
             for i, data in enumerate(block):
                 k = start + i
                 yield Frame(k, None if self.angles is None else float(self.angles[k]), data)
