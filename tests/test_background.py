@@ -175,6 +175,45 @@ def test_histogram_window_slides_exactly(nbins, sparse_emit):
         hist.slide(6)  # the ring cannot hold the window plus 6 new frames
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), half=st.integers(0, 8), nbins=st.sampled_from([2, 4, 16, 128]),
+       n_extra=st.integers(1, 40), steps=st.lists(st.integers(1, 6), min_size=1, max_size=12),
+       emit_rate=st.sampled_from([0.0, 0.3, 1.0]))
+def test_hypothesis_histogram_window_saturation_constant_pixels_rebuilds(seed, half, nbins, n_extra, steps,
+                                                                        emit_rate):
+    """Pixels constant, saturated at 65535 part of the time, at 0, drifting out of the bins, jumping:
+    every median asked for, and the median between calls, equal np.median."""
+    rng = np.random.default_rng(seed)
+    window = 2 * half + 1
+    n = window + n_extra
+    frames = rng.normal(30000, 200, (n, 4, 5)).clip(0, 65535).astype(np.uint16)
+    frames[:, 0, 0] = 1234  # constant
+    frames[:, 0, 1] = 65535  # saturated throughout
+    frames[:, 0, 2] = np.where(rng.random(n) < 0.5, 65535, 65000)  # saturated half of the time
+    frames[:, 0, 3] = 0
+    frames[:, 0, 4] = np.where(rng.random(n) < 0.5, 0, 65535)  # the two ends of the range
+    frames[:, 1, :] = (np.linspace(0, 60000, n)[:, None] + rng.integers(0, 3, (n, 5))).astype(np.uint16)  # drift
+    frames[:, 2, :] = rng.integers(0, 65536, (n, 5))  # anywhere
+    ring = np.zeros((window + 6, 4, 5), np.uint16)
+    for f in range(window):
+        ring[f % len(ring)] = frames[f]
+    hist = kernels.HistogramWindow(ring, 0, window, nbins=nbins)
+    np.testing.assert_array_equal(hist.median(), np.median(frames[:window], axis=0))
+    f = window
+    for step in steps:
+        step = min(step, n - f)
+        if step == 0:
+            break
+        for g in range(f, f + step):
+            ring[g % len(ring)] = frames[g]
+        emit = rng.random(step) < emit_rate
+        medians = hist.slide(step, emit, np.zeros((step, 4, 5), np.uint16))
+        for j in np.flatnonzero(emit):
+            np.testing.assert_array_equal(medians[j], np.median(frames[f + j - window + 1:f + j + 1], axis=0))
+        f += step
+        np.testing.assert_array_equal(hist.median(), np.median(frames[f - window:f], axis=0))
+
+
 def test_sorted_window_slides_exactly():
     rng = np.random.default_rng(1)
     frames = rng.integers(0, 20, (60, 6, 7)).astype(np.uint16)
