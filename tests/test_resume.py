@@ -301,7 +301,7 @@ def test_file_size_limit_in_a_subprocess(scan, reference, tmp_path):
     """``ulimit -f``: the kernel refuses to grow a file (EFBIG) as a full quota would; then resumed."""
     out = tmp_path / "out"
     limited = _run(_args(scan, out), preexec_fn=lambda: __import__("resource").setrlimit(
-        __import__("resource").RLIMIT_FSIZE, (24 * 1024, 24 * 1024)))
+        __import__("resource").RLIMIT_FSIZE, (16 * 1024, 16 * 1024)))
     assert_one_line_error(limited.returncode, limited.stdout, limited.stderr, 1,
                           [str(out), "cannot write output, File too large", "run the same command again"])
     assert not [p for p in out.rglob(".*.tmp")]

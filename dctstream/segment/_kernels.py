@@ -3,8 +3,25 @@
 import numba
 import numpy as np
 
-CLAIMED = 1  # bit of the flags ring: the voxel belongs to a blob
-_SEEN = 2  # bit of the flags ring: reached by the search under way, cleared before it returns
+# The flags ring holds one bit per voxel in each of two planes, (slot, plane, y, x // 8), bit x % 8:
+# an eighth of a byte per voxel, for a ring of frames that is the segmenter's biggest array after its values.
+CLAIMED = 0  # plane of the voxels that belong to a blob
+_SEEN = 1  # plane of the voxels reached by the search under way, cleared before it returns
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _flag(flags, slot, plane, y, x):
+    return (flags[slot, plane, y, x >> 3] >> (x & 7)) & 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _set_flag(flags, slot, plane, y, x):
+    flags[slot, plane, y, x >> 3] |= np.uint8(1 << (x & 7))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _clear_flag(flags, slot, plane, y, x):
+    flags[slot, plane, y, x >> 3] &= np.uint8(255 - (1 << (x & 7)))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -17,7 +34,7 @@ def grow_region(values, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, sc
                 conn26, max_voxels):
     """Connected component around (pf, py, px) of {values >= t, not claimed, not masked}.
 
-    ``values`` and ``flags`` are rings of frames (frame f in slot f % len);
+    ``values`` and ``flags`` are rings of frames (frame f in slot f % len; flags as bits, see CLAIMED);
     the search stays inside the inclusive box [f0..f1, y0..y1, x0..x1]. The
     threshold of pixel (y, x) is t = min(max(scaled_peak, low[y, x]), high, peak),
     in float64. Returns (voxels, complete): the component's voxels as sorted
@@ -27,12 +44,12 @@ def grow_region(values, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, sc
     cap, ny, nx = values.shape
     s = pf % cap
     out = np.empty(64, dtype=np.int64)
-    if values[s, py, px] < _threshold(low[py, px], scaled_peak, high, peak) or flags[s, py, px] & CLAIMED \
+    if values[s, py, px] < _threshold(low[py, px], scaled_peak, high, peak) or _flag(flags, s, CLAIMED, py, px) \
             or mask[py, px]:
         return out[:0], True
     stack = np.empty(64, dtype=np.int64)
     out[0] = (pf * ny + py) * nx + px
-    flags[s, py, px] |= _SEEN
+    _set_flag(flags, s, _SEEN, py, px)
     stack[0] = out[0]
     n_out = 1
     n_stack = 1
@@ -59,11 +76,11 @@ def grow_region(values, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, sc
                     steps = abs(df) + abs(dy) + abs(dx)
                     if steps == 0 or (not conn26 and steps > 1):
                         continue
-                    if flags[slot, gy, gx] & (CLAIMED | _SEEN) or mask[gy, gx]:
+                    if _flag(flags, slot, CLAIMED, gy, gx) or _flag(flags, slot, _SEEN, gy, gx) or mask[gy, gx]:
                         continue
                     if values[slot, gy, gx] < _threshold(low[gy, gx], scaled_peak, high, peak):
                         continue
-                    flags[slot, gy, gx] |= _SEEN
+                    _set_flag(flags, slot, _SEEN, gy, gx)
                     if n_out == out.size:
                         out = np.concatenate((out, np.empty(out.size, dtype=np.int64)))
                     out[n_out] = (g * ny + gy) * nx + gx
@@ -78,7 +95,7 @@ def grow_region(values, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, sc
                 break
     for j in range(n_out):
         i = out[j]
-        flags[(i // (ny * nx)) % cap, (i // nx) % ny, i % nx] &= ~_SEEN
+        _clear_flag(flags, (i // (ny * nx)) % cap, _SEEN, (i // nx) % ny, i % nx)
     return np.sort(out[:n_out]), complete
 
 

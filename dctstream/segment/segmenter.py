@@ -90,7 +90,7 @@ class Segmenter:
         # Frames from _low to last: most regions close a frame after their spot ends (the valley
         # rule), which needs about 2 reaches; a chain of spots that needs more grows the ring.
         self._values = np.zeros((2 * reach + 4, *self.frame_shape), np.float32)
-        self._flags = np.zeros(self._values.shape, np.uint8)
+        self._flags = self._new_flags(self._values.shape[0])
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
@@ -148,7 +148,8 @@ class Segmenter:
         first = max(self._low, 0)
         cap = self._values.shape[0]
         frames = np.arange(first, self.last + 1)
-        claimed = np.nonzero(self._flags[frames % cap] & CLAIMED)
+        bits = np.unpackbits(self._flags[frames % cap, CLAIMED], axis=-1, bitorder="little")
+        claimed = np.nonzero(bits[..., :self.frame_shape[1]])
         return {
             "low": self._low, "last": self.last, "prev_offset": self._prev_offset, "next_id": self._next_id,
             "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": cap,
@@ -172,7 +173,7 @@ class Segmenter:
         self.n_blobs, self.rejected = int(state["n_blobs"]), Counter(state["rejected"])
         cap = int(state["capacity"])
         self._values = np.zeros((cap, *self.frame_shape), np.float32)
-        self._flags = np.zeros(self._values.shape, np.uint8)
+        self._flags = self._new_flags(cap)
         self._prev_labels = np.array(state["prev_labels"], np.int32, order="C")
         self._spare_labels = np.zeros_like(self._prev_labels)
         self._parent = {int(a): int(b) for a, b in state["parent"]}
@@ -180,7 +181,7 @@ class Segmenter:
         self._open = [int(i) for i in state["open"]]
         self._pending = regions(state["pending"])
         f, y, x = state["claimed"]
-        self._flags[f % cap, y, x] = CLAIMED
+        self._claim(f, y, x)
 
     @property
     def first_needed(self) -> int:
@@ -200,13 +201,22 @@ class Segmenter:
             # a chain of overlapping spots holds old frames: make room, keeping slots k % cap
             new_cap = max(k - self._low + 1, cap + self.params.max_size[2])
             values = np.zeros((new_cap, *self.frame_shape), np.float32)
-            flags = np.zeros(values.shape, np.uint8)
+            flags = self._new_flags(new_cap)
             for f in range(self._low, k):
                 values[f % new_cap] = self._values[f % cap]
                 flags[f % new_cap] = self._flags[f % cap]
             self._values, self._flags, cap = values, flags, new_cap
         self._values[k % cap] = frame
         self._flags[k % cap] = 0
+
+    def _new_flags(self, cap: int) -> np.ndarray:
+        ny, nx = self.frame_shape
+        return np.zeros((cap, 2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
+
+    def _claim(self, f, y, x) -> None:
+        f, y, x = (np.asarray(v, np.int64) for v in (f, y, x))
+        np.bitwise_or.at(self._flags, (f % self._flags.shape[0], CLAIMED, y, x >> 3),
+                         (1 << (x & 7)).astype(np.uint8))
 
     # ---- seed regions --------------------------------------------------------------
     def _find(self, i: int) -> int:
@@ -352,7 +362,7 @@ class Segmenter:
             self.rejected["too_large"] += 1
             return None
         cap = self._values.shape[0]
-        self._flags[fs % cap, ys, xs] |= CLAIMED
+        self._claim(fs, ys, xs)
         frames = np.arange(fs.min(), fs.max() + 1) % cap
         volume = self._values[frames, ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # copies the box only
         blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
