@@ -26,7 +26,11 @@ interrupted:
   rename, so none is ever half written); ``spots.h5`` is rewritten from the
   rows.
 
-File sources read their frames again from the file. ``DCTSTREAM_CRASH_AT``
+File and folder sources read their frames again from the file. A stream cannot
+be read again: its frames are kept in ``OUT/.dctstream/spool/`` as they arrive
+(``spool``), and each checkpoint syncs those from its ``first_raw`` on, then
+deletes those before; a resumed stream run reads them back, then the live
+stream continues the series after the last one. ``DCTSTREAM_CRASH_AT``
 (``difspot:N``, ``table:N``, ``checkpoint:N`` or ``frame:N``) makes the
 process kill itself inside the N-th such write, for tests only.
 """
@@ -95,7 +99,7 @@ def start_run(out_dir: Path, config_text: str) -> None:
 
 
 def finish_run(out_dir: Path) -> None:
-    """The run is complete: forget its checkpoint, then the marker."""
+    """The run is complete: forget its checkpoint, then the marker, then the rest (a stream's spool)."""
     folder = Path(out_dir) / RUN_DIR
     with suppress(FileNotFoundError):
         (folder / CHECKPOINT).unlink()

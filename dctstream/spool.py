@@ -8,6 +8,9 @@ thread keeps every frame it yields in ``OUT/.dctstream/spool/``, and no more:
   frames showed (series id, announced frame count, goniometer, channel, frame
   shape and type; ``continue_series`` of the stream source), so that psi keeps
   coming after a restart that never sees the header;
+* ``end.json``, once the stream said the scan is over (series end, frame
+  count reached, silence): a run killed while finishing does not wait for
+  frames that will never come;
 * ``NNNNNNNNN.frame``, one per frame: its index, psi (or none), shape, type
   and pixels, bitshuffle + LZ4 compressed (about 3 ms and 2-3x smaller for a
   2048 x 2048 uint16 frame of Poisson background; plain LZ4 takes 10-20 ms for
@@ -17,9 +20,13 @@ thread keeps every frame it yields in ``OUT/.dctstream/spool/``, and no more:
   file, never a record read back as valid.
 
 When a checkpoint is saved (writer thread) the spooled frames from its
-``first_raw`` on are synced first, then the frames before it are deleted: the
-spool holds about background.window + segmenter reach + checkpoint interval
-frames. The whole spool goes with the run's folder once the run is complete.
+``first_raw`` on are synced first, then the frames before it are deleted. The
+spool holds the frames from the last saved checkpoint's ``first_raw`` to the
+newest frame read: background.window (half before the checkpoint's oldest
+needed frame, half read ahead of the segmenter) + the segmenter's reach + the
+checkpoint interval (more while the writer thread is behind) + the frames
+queued for the background stage. It goes with the run's folder once the run
+is complete.
 
 To resume, the frames from the checkpoint's ``first_raw`` to the last one
 spooled are yielded again, then the live stream continues the same series
@@ -54,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SPOOL = "spool"
 FACTS = "series.json"
+END = "end.json"
 _NAME = re.compile(r"^(\d{9})\.frame$")
 _MAGIC = b"DCTSPL1\n"
 # magic, frame index, psi (NaN: none), has psi, has pixels, rows, columns, dtype (numpy str), payload bytes
@@ -121,6 +129,7 @@ class Spool:
         self._ready = False
         self._stored: set[int] = set()
         self._needed_until = needed_until
+        self._end: dict | None = None
         if resuming:
             self._check(needed_until)
 
@@ -154,6 +163,8 @@ class Spool:
             except (OSError, ValueError) as exc:
                 raise OutputError(f"{facts}: cannot read the series facts of the spool ({exc}), expected the "
                                   "file dctstream wrote with the first frame; pass --overwrite to start again") from None
+        with suppress(FileNotFoundError, ValueError):
+            self._end = json.loads((self.folder / END).read_text())
         self._ready = self.folder.is_dir()
 
     def _read_back(self):
@@ -190,6 +201,11 @@ class Spool:
         them; each live frame is spooled before it is yielded. Runs in the reader thread."""
         if self.resuming:
             yield from self._read_back()
+            if self._end is not None and self._end["last"] == self.last:  # the stream was over already
+                source.end_reason = self._end["end_reason"]
+                log.info("%s: %d frames read back from the spool, the stream had ended (%s)",
+                         self.folder, self.last + 1 - self.first, source.end_reason)
+                return
             if self._facts is not None and self.last >= 0:
                 source.continue_series(self._facts, self.last + 1)
                 log.info("%s: %d frames read back from the spool, the stream continues at frame %d",
@@ -197,6 +213,8 @@ class Spool:
         for frame in source:
             self.add(frame, source)
             yield frame
+        if self.last >= 0 and source.end_reason is not None:
+            self._write(self.folder / END, json.dumps({"end_reason": source.end_reason, "last": self.last}), sync=True)
 
     def add(self, frame: Frame, source) -> None:
         """Keep ``frame`` (renamed into place whole; synced at the next checkpoint)."""
@@ -211,10 +229,7 @@ class Spool:
                 self._ready = True
             if self._facts is None:
                 self._facts = source.series_facts()
-                facts = self.folder / FACTS
-                facts_tmp = facts.with_name(f".{FACTS}.tmp")
-                facts_tmp.write_text(json.dumps(self._facts))
-                os.replace(facts_tmp, facts)
+                self._write(self.folder / FACTS, json.dumps(self._facts))
             record = encode(frame)
             with open(tmp, "wb") as f:
                 f.write(record)
@@ -224,6 +239,21 @@ class Spool:
                 tmp.unlink()
             raise output_error(path, exc) from None
         self.last = frame.index
+
+    @staticmethod
+    def _write(path: Path, text: str, sync: bool = False) -> None:
+        from .sinks.spot_table import output_error
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            if sync:
+                sync_files([path])
+        except OSError as exc:
+            with suppress(OSError):
+                tmp.unlink()
+            raise output_error(path, exc) from None
 
     # -- at each checkpoint (writer thread) --
 

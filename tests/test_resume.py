@@ -414,13 +414,15 @@ def stream_reference(stream_scan, tmp_path_factory):
         yield lambda protocol: pool.submit(reference, protocol)
 
 
-def _killed(scan, protocol, out, crash_at, extra=()) -> tuple[str, int]:
-    """A run killed mid-scan; its stream's address and the last frame it spooled."""
+def _killed(scan, protocol, out, crash_at, extra=(), last_frame=False) -> tuple[str, int]:
+    """A run killed mid-scan (or once every frame arrived); its stream's address and the last frame it spooled."""
     endpoint = _free_endpoint()
     killed = _stream_run(scan, protocol, endpoint, out, extra, crash_at=crash_at)
     assert killed.returncode == -9, killed.stderr
     spooled = _spooled(out)
-    assert spooled == list(range(spooled[0], spooled[-1] + 1)) and 0 < spooled[-1] < STREAM_FRAMES - 1, spooled
+    assert spooled == list(range(spooled[0], spooled[-1] + 1)), spooled
+    assert (spooled[-1] == STREAM_FRAMES - 1) == last_frame, spooled
+    assert (out / ".dctstream" / "spool" / "end.json").exists() == last_frame
     return endpoint, spooled[-1]
 
 
@@ -455,12 +457,23 @@ def test_stream_sent_again_from_its_start_after_the_restart(stream_scan, stream_
     assert_same_outputs(stream_outputs(out), want.result())
 
 
+def test_stream_killed_after_it_ended_resumes_from_the_spool_alone(stream_scan, stream_reference, tmp_path):
+    """Killed while finishing, the series' end received: the resumed run does not wait for the detector."""
+    want = stream_reference("stream1")
+    out = tmp_path / "out"
+    endpoint, last = _killed(stream_scan, "stream1", out, f"frame:{STREAM_FRAMES - 3}", last_frame=True)
+    resumed = _run(_stream_args(stream_scan, "stream1", endpoint, out))  # no sender: the detector is done
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the stream had ended (series_end)" in resumed.stderr and "no message in" not in resumed.stderr
+    assert_same_outputs(stream_outputs(out), want.result())
+
+
 def test_frames_sent_while_dctstream_was_down_are_missing(stream_scan, tmp_path):
-    """Killed while saving a checkpoint; the detector went on meanwhile, so the three frames after the last
-    one spooled never arrive: with source.missing: repeat-background the run completes, naming them."""
+    """Killed mid-scan; the detector went on meanwhile, so the three frames after the last one spooled never
+    arrive: with source.missing: repeat-background the run completes, naming them."""
     out = tmp_path / "out"
     extra = ("source.missing=repeat-background",)
-    endpoint, last = _killed(stream_scan, "stream1", out, "checkpoint:6", extra)
+    endpoint, last = _killed(stream_scan, "stream1", out, "frame:40", extra)
     resumed = _stream_run(stream_scan, "stream1", endpoint, out, extra, start_at=last + 4)
     assert resumed.returncode == 0, resumed.stderr
     assert (f"frames {last + 1}..{last + 3} missing (sent while dctstream was not running) "
