@@ -161,8 +161,8 @@ class Spool:
             try:
                 self._facts = json.loads(facts.read_text())
             except (OSError, ValueError) as exc:
-                raise OutputError(f"{facts}: cannot read the series facts of the spool ({exc}), expected the "
-                                  "file dctstream wrote with the first frame; pass --overwrite to start again") from None
+                raise OutputError(f"{facts}: cannot read the series facts of the spool ({exc}), expected the file "
+                                  "dctstream wrote with the first frame; pass --overwrite to start again") from None
         with suppress(FileNotFoundError, ValueError):
             self._end = json.loads((self.folder / END).read_text())
         self._ready = self.folder.is_dir()

@@ -194,7 +194,8 @@ class StreamReplayer:
             plan += [("header", 2, -1)] + [("frame", 2, k) for k in order]
         plan.append(("end", plan[-1][1], -1))
         if self.start_at:  # joined mid-series: no header, the frames before start_at went to an earlier client
-            plan = [step for step in plan if step[1] != 1 or step[0] == "end" or step[0] == "frame" and step[2] >= self.start_at]
+            plan = [(kind, series, k) for kind, series, k in plan
+                    if series != 1 or kind == "end" or kind == "frame" and k >= self.start_at]
         stop = self.faults.get("stop_after")
         if stop is not None:
             plan = plan[: plan.index(("frame", 1, stop)) + 1]
