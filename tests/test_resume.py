@@ -414,10 +414,16 @@ def stream_reference(stream_scan, tmp_path_factory):
         yield lambda protocol: pool.submit(reference, protocol)
 
 
+# Frames sent to a run that is to be killed mid-scan: the kill comes at a checkpoint or frame before them,
+# however far the writer thread (which saves the checkpoints) is behind the frames read.
+SENT_BEFORE_KILL = 50
+
+
 def _killed(scan, protocol, out, crash_at, extra=(), last_frame=False) -> tuple[str, int]:
     """A run killed mid-scan (or once every frame arrived); its stream's address and the last frame it spooled."""
     endpoint = _free_endpoint()
-    killed = _stream_run(scan, protocol, endpoint, out, extra, crash_at=crash_at)
+    faults = {} if last_frame else {"stop_after": SENT_BEFORE_KILL - 1}
+    killed = _stream_run(scan, protocol, endpoint, out, extra, crash_at=crash_at, faults=faults)
     assert killed.returncode == -9, killed.stderr
     spooled = _spooled(out)
     assert spooled == list(range(spooled[0], spooled[-1] + 1)), spooled
@@ -433,7 +439,7 @@ def test_stream_killed_mid_scan_resumes_from_its_spool(stream_scan, stream_refer
     outputs are those of a run never interrupted."""
     want = stream_reference(protocol)
     out = tmp_path / "out"
-    endpoint, last = _killed(stream_scan, protocol, out, "frame:45")
+    endpoint, last = _killed(stream_scan, protocol, out, "checkpoint:5")  # killed saving it: the 4th is there
     assert _spooled(out)[0] > 0  # checkpoints pruned the spool
     resumed = _stream_run(stream_scan, protocol, endpoint, out, start_at=last + 1)
     assert resumed.returncode == 0, resumed.stderr
@@ -485,7 +491,8 @@ def test_frames_sent_while_dctstream_was_down_are_missing(stream_scan, tmp_path)
 
 
 def test_spool_stays_bounded_and_goes_at_the_end(tmp_path):
-    """The spool holds the frames from the last checkpoint's first_raw to the latest one read, never the scan."""
+    """The spool holds the frames from the last saved checkpoint's first_raw to the newest one read: a bound
+    set by the configuration, plus the frames the writer thread is behind (it saves the checkpoints)."""
     from dctstream.config import load_config
     from dctstream.pipeline import FRAME_QUEUE_DEPTH, Pipeline
 
@@ -497,25 +504,34 @@ def test_spool_stays_bounded_and_goes_at_the_end(tmp_path):
         cfg = load_config(None, [f"source.url={sender.endpoint}", "source.protocol=stream1", *STREAM_OVERRIDES,
                                  f"output.dir={out}"])
         run = Pipeline(cfg)
-        sizes = []
+        sizes, saves = [], []
+        save = run._checkpointer.save
+
+        def save_and_note(meta, arrays, k):  # the checkpoint's frame, what it keeps, how far behind the writer is
+            saves.append((k, k - meta["first_raw"], run.stats.frames_segmented - 1 - k))
+            save(meta, arrays, k)
+        run._checkpointer.save = save_and_note
         stats = run.run(lambda stats: sizes.append(len(run.spool)))
     finally:
         sender.close()
     assert stats.frames_read == n_frames and stats.difspots_written > 20
     window, blob_frames, every = 11, 5, 6  # background.window, max_blob_size in frames, checkpoint_every_frames
-    # read ahead of the segmenter: window // 2 (the background) + the reader's queue; kept before the last
-    # checkpoint's frame: window // 2 + the segmenter's reach (up to 3 x max_blob_size frames); since that
-    # checkpoint: its interval, and up to three more while the writer thread is behind
-    bound = window + 3 * blob_frames + 4 * every + FRAME_QUEUE_DEPTH + 1
-    print(f"spool: at most {max(sizes)} frames (bound {bound}) over {n_frames}")
-    assert max(sizes) <= bound, sizes
-    assert run.spool.oldest > n_frames - bound  # pruned all along
+    kept = max(keep for _, keep, _ in saves)
+    lag = max(behind for _, _, behind in saves)
+    # a checkpoint keeps window // 2 + the segmenter's reach (up to 3 x max_blob_size frames) before its frame
+    assert kept <= window // 2 + 3 * blob_frames + 1, saves
+    # then come the frames up to the next checkpoint, those segmented while the writer saves it, and those
+    # read ahead of the segmenter: window // 2 (the background) + the reader's queue
+    bound = kept + every + lag + window // 2 + FRAME_QUEUE_DEPTH + 2
+    print(f"spool: at most {max(sizes)} frames (bound {bound}: kept {kept}, writer behind {lag}) over {n_frames}")
+    assert max(sizes) <= bound, (sizes, saves)
+    assert run.spool.oldest >= saves[-1][0] - kept  # pruned to the last checkpoint
     assert not (out / ".dctstream").exists()
 
 
 def test_a_spool_missing_a_frame_the_checkpoint_needs(stream_scan, tmp_path):
     out = tmp_path / "out"
-    endpoint, _ = _killed(stream_scan, "stream1", out, "frame:30")
+    endpoint, _ = _killed(stream_scan, "stream1", out, "checkpoint:3")
     meta, _ = checkpoint.load(out)
     first = meta["first_raw"]
     spool = out / ".dctstream" / "spool"
