@@ -26,7 +26,11 @@ interrupted:
   rename, so none is ever half written); ``spots.h5`` is rewritten from the
   rows.
 
-File sources read their frames again from the file. ``DCTSTREAM_CRASH_AT``
+File and folder sources read their frames again from the file. A stream cannot
+be read again: its frames are kept in ``OUT/.dctstream/spool/`` as they arrive
+(``spool``), and each checkpoint syncs those from its ``first_raw`` on, then
+deletes those before; a resumed stream run reads them back, then the live
+stream continues the series after the last one. ``DCTSTREAM_CRASH_AT``
 (``difspot:N``, ``table:N``, ``checkpoint:N`` or ``frame:N``) makes the
 process kill itself inside the N-th such write, for tests only.
 """
@@ -95,7 +99,7 @@ def start_run(out_dir: Path, config_text: str) -> None:
 
 
 def finish_run(out_dir: Path) -> None:
-    """The run is complete: forget its checkpoint, then the marker."""
+    """The run is complete: forget its checkpoint, then the marker, then the rest (a stream's spool)."""
     folder = Path(out_dir) / RUN_DIR
     with suppress(FileNotFoundError):
         (folder / CHECKPOINT).unlink()
@@ -234,7 +238,12 @@ class Snapshot:
         arrays = {**self.arrays, **{f"table_{name}": v for name, v in table.columns().items()}}
         sync_files(pipeline._unsynced)  # every difspot this checkpoint counts is on disk first
         pipeline._unsynced.clear()
+        spool = getattr(pipeline, "spool", None)
+        if spool is not None:  # and a stream's frames from first_raw on, which it cannot send again
+            self.meta["spool_until"] = spool.sync(self.meta["first_raw"])
         pipeline._checkpointer.save(self.meta, arrays, self.frame)
+        if spool is not None:  # and no more: frames before first_raw are never read again
+            spool.prune(self.meta["first_raw"])
 
 
 def capture(pipeline, k: int) -> Snapshot:
@@ -312,7 +321,9 @@ def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         "pending": {name: arrays[f"seg_pending_{name}"] for name in ("count", "max_value", "max_index", "first")},
     })
     pipeline._replay_until = meta["frame"]
-    pipeline._psi = arrays["psi"].tolist() if meta["has_psi"] else None
+    # a source that says its frame shape only with its first frame (a stream, a folder) starts the stages once
+    # that frame's psi was taken: it comes after the checkpoint's
+    pipeline._psi = arrays["psi"].tolist() + pipeline._psi if meta["has_psi"] and pipeline._psi is not None else None
     pipeline.table.restore({name[len("table_"):]: v for name, v in arrays.items() if name.startswith("table_")})
     s = meta["stats"]
     stats.difspots_written, stats.frames_missing = s["difspots_written"], s["frames_missing"]
@@ -327,11 +338,10 @@ def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
 
 
 def frames_from(source, first: int):
-    """The source's frames from ``first`` on: a recorded file seeks there, others are read and dropped."""
-    if type(source).__name__.startswith("Stream"):
-        raise OutputError(f"source.url: {getattr(source, 'url', '?')}: a stream cannot be read again to resume "
-                          "the unfinished run in output.dir, expected a file or folder source; pass --overwrite "
-                          "to start again")
+    """The source's frames from ``first`` on: a recorded file seeks there, others are read and dropped.
+    A stream cannot be read again: it is resumed from its spool (``spool.Spool.frames``)."""
+    if not getattr(source, "rereadable", True):
+        raise ValueError("a stream is resumed from its spool, not read again")
     if hasattr(source, "first_frame"):
         source.first_frame = first
     for frame in source:

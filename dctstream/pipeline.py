@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, spool
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
@@ -173,6 +173,7 @@ class Pipeline:
         self._writer: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
+            self.spool = spool.for_source(self.source, self.out_dir, self._resume, self.resuming)  # streams only
             self.stats.frames_total = getattr(self.source, "n_frames", None)
             self.background: BackgroundStage | None = None
             if getattr(self.source, "frame_shape", None) is not None:
@@ -268,7 +269,12 @@ class Pipeline:
 
     def _read(self):
         """The source's frames, counted and timed; runs in the reader thread."""
-        frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"]) if self._resume else iter(self.source)
+        if self.spool is not None:  # a stream: its frames are spooled, and read back from the spool to resume
+            frames = self.spool.frames(self.source)
+        elif self._resume:
+            frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"])
+        else:
+            frames = iter(self.source)
         while True:
             with self._timed("read"):
                 frame = next(frames, None)

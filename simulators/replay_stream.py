@@ -19,6 +19,9 @@ HDF5 file one at a time, as they are sent.  The message formats are the ones
 * ``"stop_after": 12``: nothing is sent after frame 12, no end message either
   (the detector or the network died).
 
+``start_at=k`` sends frames k.. of the series without its header: a detector
+still acquiring when a client connects again (after dctstream was restarted).
+
 ``sent_s[k]`` is the ``time.perf_counter()`` at which frame k's message was
 about to be handed to ZeroMQ (for latency measurements).
 """
@@ -88,7 +91,8 @@ class StreamReplayer:
 
     def __init__(self, src_url: str, *, protocol: str = "stream1", bind: str = "tcp://127.0.0.1:0",
                  fps: float = 10.0, encoding: str | None = None, angles_url: str | None = None,
-                 header_detail: str = "basic", faults: dict | None = None, context: zmq.Context | None = None):
+                 header_detail: str = "basic", faults: dict | None = None, context: zmq.Context | None = None,
+                 start_at: int = 0):
         if protocol not in ENCODINGS:
             raise ValueError(f"protocol must be one of {', '.join(ENCODINGS)}, got {protocol!r}")
         if header_detail not in HEADER_DETAILS:
@@ -103,6 +107,7 @@ class StreamReplayer:
         self._h5 = h5py.File(path, "r", locking=False)
         try:
             self._setup(dataset, protocol, fps, encoding, angles_url, header_detail, faults, bind, context)
+            self.start_at = start_at
         except BaseException:
             self._h5.close()
             raise
@@ -188,6 +193,9 @@ class StreamReplayer:
         if restart is not None:
             plan += [("header", 2, -1)] + [("frame", 2, k) for k in order]
         plan.append(("end", plan[-1][1], -1))
+        if self.start_at:  # joined mid-series: no header, the frames before start_at went to an earlier client
+            plan = [(kind, series, k) for kind, series, k in plan
+                    if series != 1 or kind == "end" or kind == "frame" and k >= self.start_at]
         stop = self.faults.get("stop_after")
         if stop is not None:
             plan = plan[: plan.index(("frame", 1, stop)) + 1]

@@ -7,8 +7,11 @@ from __future__ import annotations
 import errno
 import os
 import random
+import socket
 import subprocess
 import sys
+import threading
+import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,12 +25,12 @@ from cli_util import SUBPROCESS_TIMEOUT_S, assert_one_line_error
 from dctstream import checkpoint
 from dctstream.background import BackgroundStage
 from dctstream.cli import main
-from dctstream.config import SourceConfig
 from dctstream.errors import OutputError
 from dctstream.segment import Segmenter
 from dctstream.sinks import spot_table
-from dctstream.sources.stream import Stream1Source
+from dctstream.types import Frame
 from simulators.dct_scan import simulate_scan
+from simulators.replay_stream import StreamReplayer
 from test_background import make_scan
 from test_segment import params, segment, spotty_volume
 
@@ -333,11 +336,251 @@ def test_output_not_writable_stops_at_once(scan, tmp_path, monkeypatch, capsys):
         assert f["spots/id"].shape == (0,)
 
 
-def test_a_stream_cannot_be_read_again_to_resume():
-    context = zmq.Context()
+# -- a detector stream: its frames kept in the spool, the live stream continued after them ------------------
+
+STREAM_FRAMES = 80
+STREAM_OVERRIDES = (*OVERRIDES, "source.idle_timeout_s=10")
+
+
+@pytest.fixture(scope="module")
+def stream_scan(tmp_path_factory):
+    return simulate_scan(tmp_path_factory.mktemp("stream") / "scan.h5", frames=STREAM_FRAMES, size=SIZE, spots=40,
+                         seed=5)
+
+
+def _free_endpoint() -> str:
+    """A TCP address free now: the senders before and after the kill bind the same one (the same command)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def _stream_args(scan, protocol, endpoint, out, extra=()):
+    angles = (f"source.angles={scan.angles_url}",) if protocol == "stream1" else ()  # Stream2: the goniometer
+    return ["run", "--source", endpoint, *[a for o in (f"source.protocol={protocol}", *angles, *STREAM_OVERRIDES,
+                                                         *extra) for a in ("--set", o)], "--out", str(out)]
+
+
+def _sender(scan, protocol, endpoint, **kw) -> StreamReplayer:
+    angles = scan.angles_url if protocol == "stream2" else None
+    for _ in range(100):  # ZeroMQ lets the previous sender's port go in its own thread, a little later
+        try:
+            return StreamReplayer(scan.frames_url, protocol=protocol, bind=endpoint, fps=0, angles_url=angles,
+                                  **kw).start()
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            time.sleep(0.05)
+    raise AssertionError(f"{endpoint} stays in use")
+
+
+def _stream_run(scan, protocol, endpoint, out, extra=(), crash_at=None, **sender_kw):
+    """Run dctstream on the stream of a sender playing the scan (from ``start_at``, when given)."""
+    sender = _sender(scan, protocol, endpoint, **sender_kw)
     try:
-        with Stream1Source(SourceConfig(url="inproc://resume"), context=context) as source:
-            with pytest.raises(OutputError, match="a stream cannot be read again to resume the unfinished run"):
-                next(checkpoint.frames_from(source, 10))
+        return _run(_stream_args(scan, protocol, endpoint, out, extra), crash_at=crash_at)
     finally:
-        context.term()
+        sender.close()
+
+
+def _spooled(out: Path) -> list[int]:
+    return sorted(int(p.stem) for p in (out / ".dctstream" / "spool").glob("*.frame"))
+
+
+def stream_outputs(out: Path) -> dict:
+    """``outputs`` without the stream's address (each test binds its own)."""
+    result = outputs(out)
+    del result["attrs"]["source"]
+    result["attrs"]["config"] = [line for line in result["attrs"]["config"] if "url:" not in line]
+    return result
+
+
+@pytest.fixture(scope="module")
+def stream_reference(stream_scan, tmp_path_factory):
+    """The outputs of an uninterrupted run over each protocol's stream, computed once (in a thread, beside the
+    run a test kills)."""
+    done, lock = {}, threading.Lock()
+
+    def reference(protocol):
+        with lock:
+            if protocol not in done:
+                out = tmp_path_factory.mktemp("stream_reference") / "out"
+                proc = _stream_run(stream_scan, protocol, _free_endpoint(), out)
+                assert proc.returncode == 0, proc.stderr
+                done[protocol] = stream_outputs(out)
+                assert len(done[protocol]["difspots"]) > 20
+            return done[protocol]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield lambda protocol: pool.submit(reference, protocol)
+
+
+# Frames sent to a run that is to be killed mid-scan: the kill comes at a checkpoint or frame before them,
+# however far the writer thread (which saves the checkpoints) is behind the frames read.
+SENT_BEFORE_KILL = 50
+
+
+def _killed(scan, protocol, out, crash_at, extra=(), last_frame=False) -> tuple[str, int]:
+    """A run killed mid-scan (or once every frame arrived); its stream's address and the last frame it spooled."""
+    endpoint = _free_endpoint()
+    faults = {} if last_frame else {"stop_after": SENT_BEFORE_KILL - 1}
+    killed = _stream_run(scan, protocol, endpoint, out, extra, crash_at=crash_at, faults=faults)
+    assert killed.returncode == -9, killed.stderr
+    spooled = _spooled(out)
+    assert spooled == list(range(spooled[0], spooled[-1] + 1)), spooled
+    assert (spooled[-1] == STREAM_FRAMES - 1) == last_frame, spooled
+    assert (out / ".dctstream" / "spool" / "end.json").exists() == last_frame
+    return endpoint, spooled[-1]
+
+
+@pytest.mark.parametrize("protocol", ["stream1", "stream2"])
+def test_stream_killed_mid_scan_resumes_from_its_spool(stream_scan, stream_reference, tmp_path, protocol):
+    """The detector goes on with the series from the frame after the last one spooled, without its header:
+    the spooled frames are processed again, psi keeps coming (Stream2: from the spooled goniometer), and the
+    outputs are those of a run never interrupted."""
+    want = stream_reference(protocol)
+    out = tmp_path / "out"
+    endpoint, last = _killed(stream_scan, protocol, out, "checkpoint:5")  # killed saving it: the 4th is there
+    assert _spooled(out)[0] > 0  # checkpoints pruned the spool
+    resumed = _stream_run(stream_scan, protocol, endpoint, out, start_at=last + 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and f"the stream continues at frame {last + 1}" in resumed.stderr
+    assert "missing" not in resumed.stderr and "arrived without the series' header" not in resumed.stderr
+    assert_same_outputs(stream_outputs(out), want.result())
+
+
+def test_stream_sent_again_from_its_start_after_the_restart(stream_scan, stream_reference, tmp_path):
+    """Killed before its first checkpoint, then the detector sends the whole series again, header first:
+    the frames already spooled are dropped as they arrive again (one warning), the outputs are the same."""
+    want = stream_reference("stream2")
+    out = tmp_path / "out"
+    endpoint, last = _killed(stream_scan, "stream2", out, "frame:4")
+    assert _spooled(out)[0] == 0 and not (out / ".dctstream" / "checkpoint.npz").exists()
+    resumed = _stream_run(stream_scan, "stream2", endpoint, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("is sent again from its start") == 1
+    assert f"frames before {last + 1}, received before the restart, are dropped" in resumed.stderr
+    assert "missing" not in resumed.stderr
+    assert_same_outputs(stream_outputs(out), want.result())
+
+
+def test_stream_killed_after_it_ended_resumes_from_the_spool_alone(stream_scan, stream_reference, tmp_path):
+    """Killed while finishing, the series' end received: the resumed run does not wait for the detector."""
+    want = stream_reference("stream1")
+    out = tmp_path / "out"
+    endpoint, last = _killed(stream_scan, "stream1", out, f"frame:{STREAM_FRAMES - 3}", last_frame=True)
+    resumed = _run(_stream_args(stream_scan, "stream1", endpoint, out))  # no sender: the detector is done
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the stream had ended (series_end)" in resumed.stderr and "no message in" not in resumed.stderr
+    assert_same_outputs(stream_outputs(out), want.result())
+
+
+def test_frames_sent_while_dctstream_was_down_are_missing(stream_scan, tmp_path):
+    """Killed mid-scan; the detector went on meanwhile, so the three frames after the last one spooled never
+    arrive: with source.missing: repeat-background the run completes, naming them."""
+    out = tmp_path / "out"
+    extra = ("source.missing=repeat-background",)
+    endpoint, last = _killed(stream_scan, "stream1", out, "frame:40", extra)
+    resumed = _stream_run(stream_scan, "stream1", endpoint, out, extra, start_at=last + 4)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (f"frames {last + 1}..{last + 3} missing (sent while dctstream was not running) "
+            f"(frame {last + 4} arrived): replaced by the background") in resumed.stderr
+    for k in range(last + 1, last + 4):
+        assert f"frame {k}: lost in transit" in resumed.stderr
+    result = stream_outputs(out)
+    assert len(result["difspots"]) > 20
+
+
+def test_spool_stays_bounded_and_goes_at_the_end(tmp_path):
+    """The spool holds the frames from the last saved checkpoint's first_raw to the newest one read: a bound
+    set by the configuration, plus the frames the writer thread is behind (it saves the checkpoints)."""
+    from dctstream.config import load_config
+    from dctstream.pipeline import FRAME_QUEUE_DEPTH, Pipeline
+
+    n_frames = 160
+    scan = simulate_scan(tmp_path / "scan.h5", frames=n_frames, size=48, spots=60, seed=6)
+    out = tmp_path / "out"
+    sender = _sender(scan, "stream1", _free_endpoint())
+    try:
+        cfg = load_config(None, [f"source.url={sender.endpoint}", "source.protocol=stream1", *STREAM_OVERRIDES,
+                                 f"output.dir={out}"])
+        run = Pipeline(cfg)
+        sizes, saves = [], []
+        save = run._checkpointer.save
+
+        def save_and_note(meta, arrays, k):  # the checkpoint's frame, what it keeps, how far behind the writer is
+            saves.append((k, k - meta["first_raw"], run.stats.frames_segmented - 1 - k))
+            save(meta, arrays, k)
+        run._checkpointer.save = save_and_note
+        stats = run.run(lambda stats: sizes.append(len(run.spool)))
+    finally:
+        sender.close()
+    assert stats.frames_read == n_frames and stats.difspots_written > 20
+    window, blob_frames, every = 11, 5, 6  # background.window, max_blob_size in frames, checkpoint_every_frames
+    kept = max(keep for _, keep, _ in saves)
+    lag = max(behind for _, _, behind in saves)
+    # a checkpoint keeps window // 2 + the segmenter's reach (up to 3 x max_blob_size frames) before its frame
+    assert kept <= window // 2 + 3 * blob_frames + 1, saves
+    # then come the frames up to the next checkpoint, those segmented while the writer saves it, and those
+    # read ahead of the segmenter: window // 2 (the background) + the reader's queue
+    bound = kept + every + lag + window // 2 + FRAME_QUEUE_DEPTH + 2
+    print(f"spool: at most {max(sizes)} frames (bound {bound}: kept {kept}, writer behind {lag}) over {n_frames}")
+    assert max(sizes) <= bound, (sizes, saves)
+    assert run.spool.oldest >= saves[-1][0] - kept  # pruned to the last checkpoint
+    assert not (out / ".dctstream").exists()
+
+
+def test_a_spool_missing_a_frame_the_checkpoint_needs(stream_scan, tmp_path):
+    out = tmp_path / "out"
+    endpoint, _ = _killed(stream_scan, "stream1", out, "checkpoint:3")
+    meta, _ = checkpoint.load(out)
+    first = meta["first_raw"]
+    spool = out / ".dctstream" / "spool"
+    (spool / f"{first + 2:09d}.frame").unlink()
+    again = _run(_stream_args(stream_scan, "stream1", endpoint, out))
+    assert_one_line_error(again.returncode, again.stdout, again.stderr, OutputError.exit_code, [
+        f"{spool}/{first + 2:09d}.frame: frame {first + 2} is missing from the spool",
+        f"expected every frame from {first} to {meta['spool_until']}", "--overwrite"])
+
+
+def test_spool_records_are_whole_or_not_read_back(tmp_path, caplog):
+    """A record cut short or damaged is never read back as a frame: the frames the checkpoint counts on
+    are an error, later ones end the spool there."""
+    from dctstream import spool
+
+    rng = np.random.default_rng(0)
+    frames = [Frame(k, 0.5 * k if k != 3 else None, rng.poisson(100, (16, 24)).astype(np.uint16) if k != 2 else None)
+              for k in range(8)]
+    for frame in frames:
+        back = spool.decode(spool.encode(frame))
+        assert back.index == frame.index and back.psi_deg == frame.psi_deg
+        assert (back.data is None) == (frame.data is None)
+        if frame.data is not None:
+            np.testing.assert_array_equal(back.data, frame.data)
+            assert back.data.dtype == frame.data.dtype
+    record = spool.encode(frames[5])
+    for damaged in (record[:-1], record[: len(record) // 2], b"", record[:40] + bytes([record[40] ^ 1]) + record[41:]):
+        assert spool.decode(damaged) is None
+
+    class Source:
+        def series_facts(self):
+            return {"series": 1}
+
+        def __iter__(self):
+            return iter(())
+
+    folder = tmp_path / "spool"
+    writer = spool.Spool(folder, resuming=False)
+    for frame in frames:
+        writer.add(frame, Source())
+    assert writer.sync(2) == 7 and len(writer) == 8
+    writer.prune(2)
+    assert len(writer) == 6
+    spool.frame_path(folder, 6).write_bytes(record[:-3])  # cut short while written, yet renamed (power cut)
+    (folder / ".000000008.frame.tmp").write_bytes(record[:10])  # the kill came mid-write
+    reader = spool.Spool(folder, resuming=True, first=2, needed_until=4)
+    assert [f.index for f in reader._read_back()] == [2, 3, 4, 5]
+    assert "frames 6..7 of the spool not used (frame 6 is missing or damaged" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == [f"{k:09d}.frame" for k in range(2, 6)] + ["series.json"]
+    spool.frame_path(folder, 4).write_bytes(record)  # frame 5's record under frame 4's name
+    with pytest.raises(OutputError, match="000000004.frame: frame 4 in the spool is damaged"):
+        list(spool.Spool(folder, resuming=True, first=2, needed_until=4)._read_back())

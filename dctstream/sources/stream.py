@@ -66,6 +66,18 @@ stopped acquisition and lost last frames look the same.
 ``counters["series"]`` counts the series seen.  ``n_frames`` is the
 header's frame count, or ``source.expected_frames`` when smaller or when the
 header says nothing.
+
+Resuming
+--------
+A stream cannot be read again, so a run keeps the frames it receives in a
+spool (``dctstream.spool``) with the series' facts (``series_facts()``: id,
+frame count, goniometer, channel, shape, type).  To resume, the spooled frames
+are yielded first, then ``continue_series(facts, next_frame)`` makes the source
+carry on with the same series from ``next_frame``: without its header, psi from
+the spooled goniometer.  A detector that sends the series again from its start
+(header and frames before ``next_frame``) is not an error: the header and those
+frames are counted as duplicates and dropped with one warning.  Frames sent
+while dctstream was down are missing, as any other lost frame.
 """
 
 from __future__ import annotations
@@ -454,6 +466,7 @@ class _StreamSource:
     """Receiving, series and frame-order logic of both protocols; subclasses receive and decode one message."""
 
     protocol = ""  # the protocol's name in messages
+    rereadable = False  # frames are gone once received: a run keeps them in its spool to resume
 
     def __init__(self, cfg, *, context: zmq.Context | None = None):
         if not cfg.url:
@@ -470,6 +483,8 @@ class _StreamSource:
         self._messages = 0  # every message received, decodable or not
         self._delivered = 0  # frames yielded, missing ones included
         self._angles_warned = False
+        self._resumed_at = 0  # frames before it came from the spool of an interrupted run
+        self._resent_warned = False
         self._series_seen: set = set()
         self._reset_series(None)
         self._socket = (context or zmq.Context.instance()).socket(zmq.PULL)
@@ -502,6 +517,31 @@ class _StreamSource:
         self.n_frames: int | None = min(known) if known else None
         if start and start.frame_shape:
             self.frame_shape = start.frame_shape
+
+    def series_facts(self) -> dict:
+        """What the series' header said and its frames showed (JSON), for the spool: a restarted
+        run may never see the header again."""
+        header = self._header
+        return {"protocol": self.protocol, "series": self._series, "header": header is not None,
+                "n_frames": header.n_frames if header else None,
+                "rotation": header.rotation if header else None, "channel": header.channel if header else None,
+                "frame_shape": self.frame_shape, "dtype": None if self.dtype is None else self.dtype.str}
+
+    def continue_series(self, facts: dict, next_frame: int) -> None:
+        """Carry on with the series of ``facts`` (``series_facts()`` of an interrupted run) from
+        frame ``next_frame``: frames before it were yielded from the spool."""
+        series = facts["series"]
+        series = tuple(series) if isinstance(series, list) else series
+        start = None
+        if facts["header"]:
+            rotation = facts["rotation"]
+            start = SeriesStart(series, n_frames=facts["n_frames"], rotation=tuple(rotation) if rotation else None,
+                                channel=facts["channel"])
+        self._reset_series(start, series)
+        self._seen(series)
+        if facts["frame_shape"] is not None:
+            self.frame_shape, self.dtype = tuple(facts["frame_shape"]), np.dtype(facts["dtype"])
+        self._next = self._images = self._delivered = self._resumed_at = next_frame
 
     def _seen(self, series) -> None:
         self._series_seen.add(series)
@@ -562,7 +602,10 @@ class _StreamSource:
             self._reset_series(start)
         elif start.series == self._series:
             self.counters["duplicate"] += 1
-            self._warn(f"a second header for series {self._show(start.series)}, ignored")
+            if self._resumed_at:
+                self._resent()
+            else:
+                self._warn(f"a second header for series {self._show(start.series)}, ignored")
         else:
             yield from self._end_series(f"series {self._show(start.series)} started")
 
@@ -633,6 +676,10 @@ class _StreamSource:
     # -- frame order --
 
     def _accept(self, number: int, data: np.ndarray) -> Iterator[Frame]:
+        if number < self._resumed_at:  # sent again from the series' start after a restart: already spooled
+            self.counters["duplicate"] += 1
+            self._resent()
+            return
         if number < self._next or number in self._held:
             late = number in self._replaced
             self.counters["out_of_order" if late else "duplicate"] += 1
@@ -643,6 +690,12 @@ class _StreamSource:
         yield from self._release()
         if len(self._held) > REORDER_FRAMES:
             yield from self._skip_to(min(self._held))
+
+    def _resent(self) -> None:
+        if not self._resent_warned:
+            self._resent_warned = True
+            self._warn(f"series {self._show(self._series)} is sent again from its start: frames before "
+                       f"{self._resumed_at}, received before the restart, are dropped as they arrive again")
 
     def _release(self) -> Iterator[Frame]:
         while self._next in self._held:
@@ -659,11 +712,12 @@ class _StreamSource:
         first, last = self._next, stop - 1
         span = f"frame {first}" if first == last else f"frames {first}..{last}"
         self.counters["missing"] += stop - first
+        downtime = " (sent while dctstream was not running)" if first == self._resumed_at > 0 else ""
         if self._missing_policy == "error":
-            raise InputError(f"{self.url}: frame {first} of series {self._show(self._series)} is missing "
+            raise InputError(f"{self.url}: frame {first} of series {self._show(self._series)} is missing{downtime} "
                              f"({span} lost, frame {stop} arrived), expected every frame; set "
                              "source.missing: repeat-background to go on without them")
-        self._warn(f"{span} missing (frame {stop} arrived): replaced by the background")
+        self._warn(f"{span} missing{downtime} (frame {stop} arrived): replaced by the background")
         for k in range(first, stop):
             self._replaced.add(k)
             yield Frame(k, self._psi(k), None)
