@@ -1,6 +1,8 @@
-"""The preallocated ring of raw frames that the running median slides over."""
+"""Rings of frames: the raw frames the running median slides over, and rings whose slots can be given back."""
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -41,3 +43,29 @@ class FrameRing:
 
     def __getitem__(self, frame: int) -> np.ndarray:
         return self.data[self.slot(frame)]
+
+
+def releasable_frames(capacity: int, shape: tuple[int, int], dtype) -> np.ndarray:
+    """A zeroed (capacity, *shape) array in its own anonymous memory map, for ``release``."""
+    dtype = np.dtype(dtype)
+    count = capacity * int(np.prod(shape))
+    # private: a page given back is freed (shared anonymous memory would keep it)
+    memory = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # a frame's slot faults in a few 2 MiB pages, not thousands of 4 kiB ones
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, dtype, count).reshape(capacity, *shape)
+
+
+def release(frames: np.ndarray, slot: int) -> None:
+    """Give the memory of ``frames[slot]`` back to the system until the slot is written again (it reads as
+    zeros meanwhile): a ring sized for the worst case then only holds, resident, the frames still needed."""
+    memory = frames.base
+    while memory is not None and not isinstance(memory, mmap.mmap):  # ndarray -> memoryview -> mmap
+        memory = memory.obj if isinstance(memory, memoryview) else getattr(memory, "base", None)
+    if not isinstance(memory, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    size = frames[0].nbytes
+    start = -(-slot * size // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the slot only
+    stop = (slot + 1) * size // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        memory.madvise(mmap.MADV_DONTNEED, start, stop - start)

@@ -204,7 +204,7 @@ def test_a_chain_of_spots_longer_than_the_ring_grows_it_and_still_equals_referen
     volume[:, 12, 6:18] += 2.6  # a ridge above grow_low joins them all: no valley closes early
     p = params(max_size=(12, 12, 5))
     blobs, _, segmenter = segment(volume, p)
-    assert segmenter._values.shape[0] > 2 * p.max_size[2] + 4  # it had to grow
+    assert segmenter._values.shape[0] > 4 * p.max_size[2] + 4  # it had to grow
     expected, _ = reference_blobs(volume, p, None)
     assert len(blobs) > 10
     assert voxel_sets(blobs) == reference_sets(expected)

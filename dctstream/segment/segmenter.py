@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ring import release, releasable_frames
 from ..types import Blob
 from ._kernels import CLAIMED, grow_region, label_seeds
 
@@ -87,9 +88,11 @@ class Segmenter:
         self._unmasked = ~self.mask
         self._reach_fyx = params.max_size[::-1]
         reach = params.max_size[2]
-        # Frames from _low to last: most regions close a frame after their spot ends (the valley
-        # rule), which needs about 2 reaches; a chain of spots that needs more grows the ring.
-        self._values = np.zeros((2 * reach + 4, *self.frame_shape), np.float32)
+        # Frames from _low to last: most regions close a frame after their spot ends (the valley rule),
+        # within about a reach; the boxes rule needs 3 reaches and more. Slots of frames no longer
+        # needed are given back, so only the frames still needed are resident; a chain of spots that
+        # needs more than the ring grows it.
+        self._values = releasable_frames(4 * reach + 4, self.frame_shape, np.float32)
         self._flags = self._new_flags(self._values.shape[0])
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
@@ -172,7 +175,7 @@ class Segmenter:
         self._prev_offset, self._next_id = int(state["prev_offset"]), int(state["next_id"])
         self.n_blobs, self.rejected = int(state["n_blobs"]), Counter(state["rejected"])
         cap = int(state["capacity"])
-        self._values = np.zeros((cap, *self.frame_shape), np.float32)
+        self._values = releasable_frames(cap, self.frame_shape, np.float32)
         self._flags = self._new_flags(cap)
         self._prev_labels = np.array(state["prev_labels"], np.int32, order="C")
         self._spare_labels = np.zeros_like(self._prev_labels)
@@ -200,7 +203,7 @@ class Segmenter:
         if k - self._low + 1 > cap:
             # a chain of overlapping spots holds old frames: make room, keeping slots k % cap
             new_cap = max(k - self._low + 1, cap + self.params.max_size[2])
-            values = np.zeros((new_cap, *self.frame_shape), np.float32)
+            values = releasable_frames(new_cap, self.frame_shape, np.float32)
             flags = self._new_flags(new_cap)
             for f in range(self._low, k):
                 values[f % new_cap] = self._values[f % cap]
@@ -290,7 +293,9 @@ class Segmenter:
         self._pending = [r for r, w in zip(pending, waiting) if w]
         first_needed = min([r.first for r in open_regions] + [r.max_index[0] for r in self._pending]
                            + [self.last + 1])
-        self._low = first_needed - reach_f
+        low, self._low = self._low, first_needed - reach_f
+        for f in range(max(low, 0), min(self._low, self.last + 1)):
+            release(self._values, f % self._values.shape[0])
         return blobs
 
     def _boxes_clear(self, region: _Region, brighter: np.ndarray, reach: np.ndarray) -> bool:
