@@ -148,21 +148,16 @@ class Segmenter:
                     "max_index": np.array([r.max_index for r in items], np.int64).reshape(-1, 3),
                     "first": np.array([r.first for r in items], np.int64)}
 
-        first = max(self._low, 0)
-        cap = self._values.shape[0]
-        frames = np.arange(first, self.last + 1)
-        bits = np.unpackbits(self._flags[frames % cap, CLAIMED], axis=-1, bitorder="little")
-        claimed = np.nonzero(bits[..., :self.frame_shape[1]])
         return {
             "low": self._low, "last": self.last, "prev_offset": self._prev_offset, "next_id": self._next_id,
-            "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": cap,
+            "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": self._values.shape[0],
             "prev_labels": self._prev_labels.copy(),
             "parent": np.array(sorted(self._parent.items()), np.int64).reshape(-1, 2),
             "region_ids": np.array(list(self._regions), np.int64),
             "regions": regions(self._regions.values()),
             "open": np.array(self._open, np.int64),
             "pending": regions(self._pending),
-            "claimed": np.stack([frames[claimed[0]], claimed[1], claimed[2]]).astype(np.int64),
+            "claimed": self._claimed_voxels(range(max(self._low, 0), self.last + 1)),
         }
 
     def restore(self, state: dict) -> None:
@@ -215,6 +210,18 @@ class Segmenter:
     def _new_flags(self, cap: int) -> np.ndarray:
         ny, nx = self.frame_shape
         return np.zeros((cap, 2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
+
+    def _claimed_voxels(self, frames) -> np.ndarray:
+        """(frame, y, x) of the claimed voxels of ``frames``, (3, n); a frame at a time, bytes set first:
+        unpacking every bit of the frames at once would take a byte per voxel (GiB at 2048 x 2048)."""
+        cap = self._flags.shape[0]
+        found = [np.zeros((3, 0), np.int64)]
+        for f in frames:
+            plane = self._flags[f % cap, CLAIMED]
+            y, xb = np.nonzero(plane)
+            i, bit = np.nonzero(np.unpackbits(plane[y, xb][:, None], axis=1, bitorder="little"))
+            found.append(np.stack([np.full(i.size, f), y[i], xb[i] * 8 + bit]).astype(np.int64))
+        return np.concatenate(found, axis=1)
 
     def _claim(self, f, y, x) -> None:
         f, y, x = (np.asarray(v, np.int64) for v in (f, y, x))
