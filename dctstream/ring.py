@@ -49,6 +49,8 @@ def releasable_frames(capacity: int, shape: tuple[int, int], dtype) -> np.ndarra
     """A zeroed (capacity, *shape) array in its own anonymous memory map, for ``release``."""
     dtype = np.dtype(dtype)
     count = capacity * int(np.prod(shape))
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: a plain array, whose slots stay resident
+        return np.zeros((capacity, *shape), dtype)
     # private: a page given back is freed (shared anonymous memory would keep it)
     memory = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):  # a frame's slot faults in a few 2 MiB pages, not thousands of 4 kiB ones
