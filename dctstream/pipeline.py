@@ -275,11 +275,7 @@ class Pipeline:
             frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"])
         else:
             frames = iter(self.source)
-        while True:
-            with self._timed("read"):
-                frame = next(frames, None)
-            if frame is None:
-                return
+        for frame in self._timed_items("read", frames):
             self.stats.frames_read += 1
             yield frame
 
@@ -312,6 +308,15 @@ class Pipeline:
         finally:
             self.stats.stage_s[stage] += time.perf_counter() - start
 
+    def _timed_items(self, stage: str, items: Iterator) -> Iterator:
+        """The items of ``items``, the time spent making each counted to ``stage``."""
+        while True:
+            with self._timed(stage):
+                item = next(items, None)
+            if item is None:
+                return
+            yield item
+
     def _push(self, frame) -> Iterator[tuple[int, np.ndarray]]:
         data = frame.data
         if data is None:  # lost in transit: the source's missing-frame policy asked for a stand-in
@@ -329,11 +334,7 @@ class Pipeline:
 
     def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
         """Segment the corrected frames, one at a time: the background stage makes each on demand."""
-        while True:
-            with self._timed("background"):
-                item = next(corrected, None)
-            if item is None:
-                return
+        for item in self._timed_items("background", corrected):
             self.stats.frames_corrected += 1
             if self.segmenter is None:  # the noise estimate waits for the first few frames
                 self._first_frames.append(item)

@@ -144,6 +144,30 @@ def test_window_median_equals_numpy():
     np.testing.assert_array_equal(kernels.window_median(ring, slots, dark, scales), expected)
 
 
+def slide_and_check(frames, window, nbins, steps, emit_rate, rng, spare):
+    """Slide a HistogramWindow over ``frames`` by ``steps``, asking for medians at ``emit_rate``: every median
+    asked for, and the median after each slide, equal np.median of its window. Returns the window."""
+    ring = np.zeros((window + spare, *frames.shape[1:]), frames.dtype)
+    for f in range(window):
+        ring[f % len(ring)] = frames[f]
+    hist = kernels.HistogramWindow(ring, 0, window, nbins=nbins)
+    np.testing.assert_array_equal(hist.median(), np.median(frames[:window], axis=0))
+    f = window
+    for step in steps:
+        step = min(step, len(frames) - f)
+        if step == 0:
+            break
+        for g in range(f, f + step):
+            ring[g % len(ring)] = frames[g]
+        emit = rng.random(step) < emit_rate
+        medians = hist.slide(step, emit, np.zeros((step, *frames.shape[1:]), frames.dtype))
+        for j in np.flatnonzero(emit):
+            np.testing.assert_array_equal(medians[j], np.median(frames[f + j - window + 1:f + j + 1], axis=0))
+        f += step
+        np.testing.assert_array_equal(hist.median(), np.median(frames[f - window:f], axis=0))
+    return hist
+
+
 @pytest.mark.parametrize("sparse_emit", [False, True])
 @pytest.mark.parametrize("nbins", [4, 256])
 def test_histogram_window_slides_exactly(nbins, sparse_emit):
@@ -152,24 +176,8 @@ def test_histogram_window_slides_exactly(nbins, sparse_emit):
     n, window = 120, 15
     frames = (rng.normal(1000, 30, (n, 6, 7)) + np.linspace(0, 900, n)[:, None, None]).astype(np.uint16)
     frames[:, 0, 0] = rng.integers(0, 65535, n)  # jumps far out of any bins
-    ring = np.zeros((window + 5, 6, 7), np.uint16)
-    for f in range(window):
-        ring[f % len(ring)] = frames[f]
-    hist = kernels.HistogramWindow(ring, 0, window, nbins=nbins)
-    np.testing.assert_array_equal(hist.median(), np.median(frames[:window], axis=0))
-    f = window
-    for step in [1, 5, 3, 2, 5, 4] * 20:
-        step = min(step, n - f)
-        if step == 0:
-            break
-        for g in range(f, f + step):
-            ring[g % len(ring)] = frames[g]
-        emit = rng.random(step) < 0.3 if sparse_emit else np.ones(step, bool)
-        medians = hist.slide(step, emit)
-        for j in np.flatnonzero(emit):
-            np.testing.assert_array_equal(medians[j], np.median(frames[f + j - window + 1:f + j + 1], axis=0))
-        f += step
-        np.testing.assert_array_equal(hist.median(), np.median(frames[f - window:f], axis=0))
+    hist = slide_and_check(frames, window, nbins, [1, 5, 3, 2, 5, 4] * 20, 0.3 if sparse_emit else 1.0, rng,
+                           spare=5)
     assert hist.rebuilds.sum() > 0  # the out-of-bins path was exercised
     with pytest.raises(ValueError):
         hist.slide(6)  # the ring cannot hold the window plus 6 new frames
@@ -194,24 +202,7 @@ def test_hypothesis_histogram_window_saturation_constant_pixels_rebuilds(seed, h
     frames[:, 0, 4] = np.where(rng.random(n) < 0.5, 0, 65535)  # the two ends of the range
     frames[:, 1, :] = (np.linspace(0, 60000, n)[:, None] + rng.integers(0, 3, (n, 5))).astype(np.uint16)  # drift
     frames[:, 2, :] = rng.integers(0, 65536, (n, 5))  # anywhere
-    ring = np.zeros((window + 6, 4, 5), np.uint16)
-    for f in range(window):
-        ring[f % len(ring)] = frames[f]
-    hist = kernels.HistogramWindow(ring, 0, window, nbins=nbins)
-    np.testing.assert_array_equal(hist.median(), np.median(frames[:window], axis=0))
-    f = window
-    for step in steps:
-        step = min(step, n - f)
-        if step == 0:
-            break
-        for g in range(f, f + step):
-            ring[g % len(ring)] = frames[g]
-        emit = rng.random(step) < emit_rate
-        medians = hist.slide(step, emit, np.zeros((step, 4, 5), np.uint16))
-        for j in np.flatnonzero(emit):
-            np.testing.assert_array_equal(medians[j], np.median(frames[f + j - window + 1:f + j + 1], axis=0))
-        f += step
-        np.testing.assert_array_equal(hist.median(), np.median(frames[f - window:f], axis=0))
+    slide_and_check(frames, window, nbins, steps, emit_rate, rng, spare=6)
 
 
 def test_sorted_window_slides_exactly():
