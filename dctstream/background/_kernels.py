@@ -199,6 +199,33 @@ def median_filter_2d(img, size, out):
 # ring, centred on its new median. Where no median is wanted (block mode), a
 # step only moves two counts; the median is walked to once, when it is wanted
 # or at the end of the batch (so that ``med`` is always a median between calls).
+#
+# Counts are stored modulo top + 1 (256 for uint8 counts): a window of fewer than
+# 2 (top + 1) frames has at most one bin per pixel holding top + 1 values or more,
+# and ``over[p]`` names it (-1: none). Byte counts halve the histogram's memory and
+# the cache lines a step touches, against 16-bit counts.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _count(hist, p, k, ov, top):
+    n = np.int64(hist[p, k])
+    return n + top + 1 if k == ov else n
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _add(hist, p, k, ov, top):
+    """One value more in bin k; returns the pixel's overflowing bin. No branch: a select, always predicted."""
+    n = np.int64(hist[p, k]) + 1
+    hist[p, k] = n & top
+    return k if n > top else ov
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _remove(hist, p, k, ov, top):
+    """One value less in bin k; returns the pixel's overflowing bin (only that bin wraps below 0)."""
+    n = np.int64(hist[p, k]) - 1
+    hist[p, k] = n & top
+    return -1 if n < 0 else ov
 
 
 @numba.njit(cache=True, nogil=True)
@@ -227,7 +254,7 @@ def _select_u16(buf, n, k, counts):
 
 
 @numba.njit(cache=True, nogil=True)
-def _hist_fill(buf, window, p, h, base, hist, lt, med, counts):
+def _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts):
     """Centre pixel p's bins on the median of buf[:window] and count the window into them.
 
     ``counts`` (256 ints) is scratch space for 16-bit frames; pass an empty array otherwise.
@@ -237,6 +264,7 @@ def _hist_fill(buf, window, p, h, base, hist, lt, med, counts):
     b = m - nbins // 2
     base[p] = b
     hist[p, :] = 0
+    ov = -1
     below = 0
     for i in range(window):
         v = buf[i]
@@ -244,16 +272,18 @@ def _hist_fill(buf, window, p, h, base, hist, lt, med, counts):
             below += 1
         k = v - b
         if 0 <= k < nbins:
-            hist[p, k] += 1
+            ov = _add(hist, p, k, ov, top)
+    over[p] = ov
     med[p] = m
     lt[p] = below
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def hist_init(ring, first_frame, window, base, hist, lt, med, u16):
+def hist_init(ring, first_frame, window, base, hist, over, lt, med, u16):
     """Build every pixel's histogram from the window of frames first_frame .. first_frame + window - 1."""
     cap = ring.shape[0]
     ny, nx = ring.shape[1], ring.shape[2]
+    top = np.iinfo(hist.dtype).max
     for y in numba.prange(ny):
         # short row pieces: read the ring in order, and stay small enough for the cache
         rows = np.empty((window, _TILE), dtype=ring.dtype)
@@ -266,24 +296,24 @@ def hist_init(ring, first_frame, window, base, hist, lt, med, u16):
             for t in range(width):
                 for i in range(window):
                     buf[i] = rows[i, t]
-                _hist_fill(buf, window, y * nx + x0 + t, window // 2, base, hist, lt, med, counts)
+                _hist_fill(buf, window, y * nx + x0 + t, window // 2, base, hist, over, top, lt, med, counts)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _hist_update(hist, p, b, m, c, o, n):
-    """Replace value o by n in pixel p's bins; returns the new count of window values below m."""
+def _hist_update(hist, p, b, m, c, ov, top, o, n):
+    """Replace value o by n in pixel p's bins; returns the new count of window values below m, and over."""
     nbins = hist.shape[1]
     k = o - b
     if 0 <= k < nbins:
-        hist[p, k] -= 1
+        ov = _remove(hist, p, k, ov, top)
     k = n - b
     if 0 <= k < nbins:
-        hist[p, k] += 1
-    return c - (o < m) + (n < m)
+        ov = _add(hist, p, k, ov, top)
+    return c - (o < m) + (n < m), ov
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _hist_walk(hist, p, b, m, c, h):
+def _hist_walk(hist, p, b, m, c, ov, top, h):
     """Move m (c values below it) to the window's median, rank h; returns (still in the bins, median, lt).
 
     m may be several ranks away (updates since the last walk): each bin crossed moves it by its count.
@@ -294,9 +324,12 @@ def _hist_walk(hist, p, b, m, c, h):
         k -= 1
         if k < 0:
             return False, m, c
-        c -= hist[p, k]
-    while c + hist[p, k] <= h:
-        c += hist[p, k]
+        c -= _count(hist, p, k, ov, top)
+    while True:
+        n = _count(hist, p, k, ov, top)
+        if c + n > h:
+            break
+        c += n
         k += 1
         if k >= nbins:
             return False, m, c
@@ -304,7 +337,7 @@ def _hist_walk(hist, p, b, m, c, h):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuilds, u16):
+def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, rebuilds, u16):
     """Slide every pixel's window over new_frames (in order): add frame f, drop frame f - window.
 
     After step j, when emit[j], out[j] receives the median of frames
@@ -318,6 +351,7 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
     cap = ring.shape[0]
     ny, nx = ring.shape[1], ring.shape[2]
     h = window // 2
+    top = np.iinfo(hist.dtype).max
     n_steps = new_frames.size
     # ring slots of each step's dropped and added frame: a modulo per pixel and step costs more than the step
     old_slots = np.empty(n_steps, np.int64)
@@ -336,13 +370,14 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
             b = base[p]
             m = med[p]
             c = lt[p]
+            ov = np.int64(over[p])
             late = False
             for j in range(n_steps):
-                c = _hist_update(hist, p, b, m, c, np.int64(ring[old_slots[j], y, x]),
-                                 np.int64(ring[new_slots[j], y, x]))
+                c, ov = _hist_update(hist, p, b, m, c, ov, top, np.int64(ring[old_slots[j], y, x]),
+                                     np.int64(ring[new_slots[j], y, x]))
                 if not (emit[j] or j == n_steps - 1):
                     continue  # block mode: the median is looked for only where it is wanted
-                ok, m, c = _hist_walk(hist, p, b, m, c, h)
+                ok, m, c = _hist_walk(hist, p, b, m, c, ov, top, h)
                 if not ok:
                     late_x[n_late] = x
                     late_j[n_late] = j
@@ -354,6 +389,7 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
             if not late:
                 med[p] = m
                 lt[p] = c
+                over[p] = ov
         if n_late == 0:
             continue
         first = new_frames[late_j[:n_late].min()] - window + 1
@@ -371,21 +407,22 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
                 start = new_frames[j] - window + 1 - first
                 for i in range(window):
                     buf[i] = values[d, start + i]
-                _hist_fill(buf, window, p, h, base, hist, lt, med, counts)
+                _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts)
                 rebuilds[y] += 1
                 b = base[p]
                 m = med[p]
                 c = lt[p]
+                ov = np.int64(over[p])
                 if emit[j]:
                     out[j, y, x] = m
                 j += 1
                 ok = True
                 while j < n_steps:
                     f = new_frames[j]
-                    c = _hist_update(hist, p, b, m, c, np.int64(values[d, f - window - first]),
-                                     np.int64(values[d, f - first]))
+                    c, ov = _hist_update(hist, p, b, m, c, ov, top, np.int64(values[d, f - window - first]),
+                                         np.int64(values[d, f - first]))
                     if emit[j] or j == n_steps - 1:
-                        ok, m, c = _hist_walk(hist, p, b, m, c, h)
+                        ok, m, c = _hist_walk(hist, p, b, m, c, ov, top, h)
                         if not ok:
                             break
                         if emit[j]:
@@ -395,6 +432,7 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, lt, med, rebuild
                     break
             med[p] = m
             lt[p] = c
+            over[p] = ov
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

@@ -131,12 +131,14 @@ class HistogramWindow:
         # 16-bit frames: 32-bit bookkeeping is enough, and less to stream through per batch (7% faster)
         state = np.int32 if ring.dtype.itemsize <= 2 else np.int64
         self.base = np.empty(npix, state)
-        self.hist = np.empty((npix, nbins), np.uint16)
+        # byte counts where at most one bin per pixel can overflow them (see _kernels): half the memory
+        self.hist = np.empty((npix, nbins), np.uint8 if window < 512 else np.uint16)
+        self.over = np.empty(npix, np.int16)  # each pixel's overflowing bin, or -1
         self.lt = np.empty(npix, state)
         self.med = np.empty(npix, state)
         self.rebuilds = np.zeros(ring.shape[1], np.int64)
         self._u16 = ring.dtype == np.uint16
-        _kernels.hist_init(ring, first_frame, window, self.base, self.hist, self.lt, self.med, self._u16)
+        _kernels.hist_init(ring, first_frame, window, self.base, self.hist, self.over, self.lt, self.med, self._u16)
 
     def slide(self, n_frames: int, emit=None, out: np.ndarray | None = None) -> np.ndarray:
         """Advance the window by ``n_frames`` (already in the ring); medians after each step where ``emit``."""
@@ -147,8 +149,8 @@ class HistogramWindow:
         emit = np.ones(n_frames, bool) if emit is None else np.ascontiguousarray(emit, bool)
         if out is None:
             out = np.empty((n_frames, *self.ring.shape[1:]), np.int64)
-        _kernels.hist_slide(self.ring, frames, self.window, emit, out, self.base, self.hist, self.lt,
-                            self.med, self.rebuilds, self._u16)
+        _kernels.hist_slide(self.ring, frames, self.window, emit, out, self.base, self.hist, self.over,
+                            self.lt, self.med, self.rebuilds, self._u16)
         self.last += n_frames
         return out
 
