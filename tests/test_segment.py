@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dctstream.segment import SegmentParams, Segmenter
+from dctstream.segment.segmenter import HOT_SLOTS
 from reference import reference_blobs
 
 
@@ -207,4 +208,28 @@ def test_a_chain_of_spots_longer_than_the_ring_grows_it_and_still_equals_referen
     assert segmenter._values.shape[0] > 4 * p.max_size[2] + 4  # it had to grow
     expected, _ = reference_blobs(volume, p, None)
     assert len(blobs) > 10
+    assert voxel_sets(blobs) == reference_sets(expected)
+
+
+def test_segmenter_takes_its_freed_frame_slots_again():
+    """A new frame goes into a slot freed by a frame no longer needed, still resident, not a fresh one:
+    over a long scan only about as many slots as frames needed at once are ever used."""
+    rng = np.random.default_rng(3)
+    nf = 200
+    volume = rng.normal(0, 1, (nf, 20, 20)).astype(np.float32)
+    for c in range(5, nf - 5, 9):  # short spots, one at a time
+        volume[c - 1:c + 2, 8:11, 8:11] += 30
+    p = params(max_size=(12, 12, 6))
+    segmenter = Segmenter(p, volume.shape[1:])
+    used, most_needed, blobs = set(), 0, []
+    for k, frame in enumerate(volume):
+        blobs += segmenter.push(k, frame)
+        held = segmenter._slot_of[segmenter._slot_of >= 0]
+        used.update(held.tolist())
+        most_needed = max(most_needed, held.size)
+    blobs += segmenter.finish()
+    assert len(blobs) == len(range(5, nf - 5, 9))
+    cap = segmenter._values.shape[0]
+    assert len(used) <= most_needed + HOT_SLOTS < cap
+    expected, _ = reference_blobs(volume, p, None)
     assert voxel_sets(blobs) == reference_sets(expected)

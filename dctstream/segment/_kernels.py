@@ -30,21 +30,23 @@ def _threshold(low, scaled_peak, high, peak):
 
 
 @numba.njit(cache=True, nogil=True)
-def grow_region(values, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, scaled_peak, high, peak,
+def grow_region(values, slot_of, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, scaled_peak, high, peak,
                 conn26, max_voxels):
     """Connected component around (pf, py, px) of {values >= t, not claimed, not masked}.
 
-    ``values`` and ``flags`` are rings of frames (frame f in slot f % len; flags as bits, see CLAIMED);
+    ``flags`` is a ring of frames (frame f in slot f % len; bits, see CLAIMED), and frame f's
+    values are values[slot_of[f % len(flags)]];
     the search stays inside the inclusive box [f0..f1, y0..y1, x0..x1]. The
     threshold of pixel (y, x) is t = min(max(scaled_peak, low[y, x]), high, peak),
     in float64. Returns (voxels, complete): the component's voxels as sorted
     indices (f * ny + y) * nx + x, empty when the start voxel is not
     eligible; complete is False when the search stopped at ``max_voxels``.
     """
-    cap, ny, nx = values.shape
+    cap = flags.shape[0]
+    ny, nx = values.shape[1], values.shape[2]
     s = pf % cap
     out = np.empty(64, dtype=np.int64)
-    if values[s, py, px] < _threshold(low[py, px], scaled_peak, high, peak) or _flag(flags, s, CLAIMED, py, px) \
+    if values[slot_of[s], py, px] < _threshold(low[py, px], scaled_peak, high, peak) or _flag(flags, s, CLAIMED, py, px) \
             or mask[py, px]:
         return out[:0], True
     stack = np.empty(64, dtype=np.int64)
@@ -65,6 +67,7 @@ def grow_region(values, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, sc
             if g < f0 or g > f1:
                 continue
             slot = g % cap
+            frame = values[slot_of[slot]]
             for dy in range(-1, 2):
                 gy = y + dy
                 if gy < y0 or gy > y1:
@@ -78,7 +81,7 @@ def grow_region(values, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, py, px, sc
                         continue
                     if _flag(flags, slot, CLAIMED, gy, gx) or _flag(flags, slot, _SEEN, gy, gx) or mask[gy, gx]:
                         continue
-                    if values[slot, gy, gx] < _threshold(low[gy, gx], scaled_peak, high, peak):
+                    if frame[gy, gx] < _threshold(low[gy, gx], scaled_peak, high, peak):
                         continue
                     _set_flag(flags, slot, _SEEN, gy, gx)
                     if n_out == out.size:

@@ -36,6 +36,8 @@ from ._kernels import CLAIMED, grow_region, label_seeds
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
+# Free slots of the values pool kept resident for the next frames: one is taken and one freed per frame.
+HOT_SLOTS = 4
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,9 @@ class Segmenter:
         self._reach_fyx = params.max_size[::-1]
         reach = params.max_size[2]
         # Frames from _low to last: most regions close a frame after their spot ends (the valley rule),
-        # within about a reach; the boxes rule needs 3 reaches and more. Slots of frames no longer
-        # needed are given back, so only the frames still needed are resident; a chain of spots that
-        # needs more than the ring grows it.
-        self._values = releasable_frames(4 * reach + 4, self.frame_shape, np.float32)
-        self._flags = self._new_flags(self._values.shape[0])
+        # within about a reach; the boxes rule needs 3 reaches and more. A chain of spots that needs
+        # more than the ring grows it.
+        self._new_rings(4 * reach + 4)
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
@@ -150,7 +150,7 @@ class Segmenter:
 
         return {
             "low": self._low, "last": self.last, "prev_offset": self._prev_offset, "next_id": self._next_id,
-            "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": self._values.shape[0],
+            "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": self._flags.shape[0],
             "prev_labels": self._prev_labels.copy(),
             "parent": np.array(sorted(self._parent.items()), np.int64).reshape(-1, 2),
             "region_ids": np.array(list(self._regions), np.int64),
@@ -169,9 +169,7 @@ class Segmenter:
         self._low, self.last = int(state["low"]), int(state["last"])
         self._prev_offset, self._next_id = int(state["prev_offset"]), int(state["next_id"])
         self.n_blobs, self.rejected = int(state["n_blobs"]), Counter(state["rejected"])
-        cap = int(state["capacity"])
-        self._values = releasable_frames(cap, self.frame_shape, np.float32)
-        self._flags = self._new_flags(cap)
+        self._new_rings(int(state["capacity"]))
         self._prev_labels = np.array(state["prev_labels"], np.int32, order="C")
         self._spare_labels = np.zeros_like(self._prev_labels)
         self._parent = {int(a): int(b) for a, b in state["parent"]}
@@ -190,26 +188,54 @@ class Segmenter:
         """Put back corrected frame ``k`` (``first_needed <= k <= last``) after ``restore``; its flags stay."""
         if not max(self._low, 0) <= k <= self.last:
             raise ValueError(f"frame {k}: expected a frame from {max(self._low, 0)} to {self.last}")
-        self._values[k % self._values.shape[0]] = frame
+        self._values[self._take_slot(k)] = frame
 
     # ---- frame store ---------------------------------------------------------------
-    def _store(self, k: int, frame: np.ndarray) -> None:
-        cap = self._values.shape[0]
-        if k - self._low + 1 > cap:
-            # a chain of overlapping spots holds old frames: make room, keeping slots k % cap
-            new_cap = max(k - self._low + 1, cap + self.params.max_size[2])
-            values = releasable_frames(new_cap, self.frame_shape, np.float32)
-            flags = self._new_flags(new_cap)
-            for f in range(self._low, k):
-                values[f % new_cap] = self._values[f % cap]
-                flags[f % new_cap] = self._flags[f % cap]
-            self._values, self._flags, cap = values, flags, new_cap
-        self._values[k % cap] = frame
-        self._flags[k % cap] = 0
-
-    def _new_flags(self, cap: int) -> np.ndarray:
+    # Frame f's flags are in slot f % cap of the flags ring, its values in the values pool's slot
+    # _slot_of[f % cap]. A pool slot given up is taken again first (no page faults, no zeroing:
+    # a fresh 16 MiB slot at 2048 x 2048 costs more to fault in than to segment); beyond a few
+    # such slots, their memory goes back to the system, so only the frames still needed are resident.
+    def _new_rings(self, cap: int) -> None:
         ny, nx = self.frame_shape
-        return np.zeros((cap, 2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
+        self._values = releasable_frames(cap, self.frame_shape, np.float32)
+        self._slot_of = np.full(cap, -1, np.int64)
+        self._hot: list[int] = []  # free pool slots still resident, the last freed last
+        self._cold = list(range(cap - 1, -1, -1))  # free pool slots without memory
+        self._flags = np.zeros((cap, 2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
+
+    def _take_slot(self, k: int) -> int:
+        pos = k % self._flags.shape[0]
+        if self._slot_of[pos] < 0:
+            self._slot_of[pos] = self._hot.pop() if self._hot else self._cold.pop()
+        return int(self._slot_of[pos])
+
+    def _give_slot(self, f: int) -> None:
+        pos = f % self._flags.shape[0]
+        slot = int(self._slot_of[pos])
+        if slot < 0:
+            return
+        self._slot_of[pos] = -1
+        self._hot.append(slot)
+        if len(self._hot) > HOT_SLOTS:
+            slot = self._hot.pop(0)
+            release(self._values, slot)
+            self._cold.append(slot)
+
+    def _frame_slots(self, frames: np.ndarray) -> np.ndarray:
+        return self._slot_of[frames % self._flags.shape[0]]
+
+    def _store(self, k: int, frame: np.ndarray) -> None:
+        cap = self._flags.shape[0]
+        if k - self._low + 1 > cap:
+            # a chain of overlapping spots holds old frames: make room
+            old = self._values, self._flags, self._frame_slots(np.arange(self._low, k))
+            self._new_rings(max(k - self._low + 1, cap + self.params.max_size[2]))
+            for f, slot in zip(range(self._low, k), old[2]):
+                self._values[self._take_slot(f)] = old[0][slot]
+                self._flags[f % self._flags.shape[0]] = old[1][f % cap]
+        self._give_slot(k)  # the frame a ring's length before, if still held
+        self._values[self._take_slot(k)] = frame
+        self._flags[k % self._flags.shape[0]] = 0
 
     def _claimed_voxels(self, frames) -> np.ndarray:
         """(frame, y, x) of the claimed voxels of ``frames``, (3, n); a frame at a time, bytes set first:
@@ -302,7 +328,7 @@ class Segmenter:
                            + [self.last + 1])
         low, self._low = self._low, first_needed - reach_f
         for f in range(max(low, 0), min(self._low, self.last + 1)):
-            release(self._values, f % self._values.shape[0])
+            self._give_slot(f)
         return blobs
 
     def _boxes_clear(self, region: _Region, brighter: np.ndarray, reach: np.ndarray) -> bool:
@@ -339,8 +365,8 @@ class Segmenter:
         box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
                min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
         high = np.inf if p.grow_high is None else p.grow_high
-        voxels, complete = grow_region(self._values, self._flags, self.mask, self._low_map, *box, f, y, x,
-                                       -np.inf, high, region.max_value, p.connectivity == 26, VALLEY_VOXELS)
+        voxels, complete = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_map, *box,
+                                       f, y, x, -np.inf, high, region.max_value, p.connectivity == 26, VALLEY_VOXELS)
         if not complete:
             return False
         if voxels.size == 0:
@@ -359,8 +385,8 @@ class Segmenter:
         y0, y1 = max(y - reach_y, 0), min(y + reach_y, ny - 1)
         x0, x1 = max(x - reach_x, 0), min(x + reach_x, nx - 1)
         peak = region.max_value
-        voxels, _ = grow_region(self._values, self._flags, self.mask, self._low_map, f0, f1, y0, y1, x0, x1,
-                                f, y, x, p.grow_ratio * peak, np.inf if p.grow_high is None else p.grow_high,
+        voxels, _ = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_map,
+                                f0, f1, y0, y1, x0, x1, f, y, x, p.grow_ratio * peak, np.inf if p.grow_high is None else p.grow_high,
                                 peak, p.connectivity == 26, np.iinfo(np.int64).max)
         if voxels.size == 0:
             self.rejected["maximum_claimed"] += 1
@@ -373,12 +399,11 @@ class Segmenter:
         if any(s > m for s, m in zip(size, p.max_size)):
             self.rejected["too_large"] += 1
             return None
-        cap = self._values.shape[0]
         self._claim(fs, ys, xs)
-        frames = np.arange(fs.min(), fs.max() + 1) % cap
-        volume = self._values[frames, ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # copies the box only
+        slots = self._frame_slots(np.arange(fs.min(), fs.max() + 1))
+        volume = self._values[slots, ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # copies the box only
         blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
-                    value=self._values[fs % cap, ys, xs], max_index=(f, y, x),
+                    value=volume[fs - fs.min(), ys - ys.min(), xs - xs.min()], max_index=(f, y, x),
                     max_value=region.max_value, volume=volume)
         self.n_blobs += 1
         return blob
