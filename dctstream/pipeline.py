@@ -35,6 +35,8 @@ NOISE_FRAMES = 5
 NOISE_TILE_PX = 32
 # Frames read ahead of the background stage: enough to ride out a slow read, a few MB each.
 FRAME_QUEUE_DEPTH = 8
+# Corrected frames waiting for the segmenter: 16 MiB each at 2048 x 2048.
+SEGMENT_QUEUE_DEPTH = 2
 # Closed blobs waiting for the writer; each is a few kB.
 BLOB_QUEUE_DEPTH = 256
 
@@ -171,6 +173,7 @@ class Pipeline:
         # consumers of each corrected frame, called as tap.on_corrected(k, frame) (quick-look pictures)
         self.frame_taps: list = []
         self._writer: Worker | None = None
+        self._segmenting: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
             self.spool = spool.for_source(self.source, self.out_dir, self._resume, self.resuming)  # streams only
@@ -219,15 +222,16 @@ class Pipeline:
         self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
                                               "source": cfg.source.url})
         self._writer = Worker(self._write_blob, BLOB_QUEUE_DEPTH, name="dctstream-write")
+        self._segmenting = Worker(self._take_corrected, SEGMENT_QUEUE_DEPTH, name="dctstream-segment")
         if self._resume:
             checkpoint.restore(self, *self._resume)
 
     def run(self, progress=None) -> Stats:
         """Process every frame of the source; ``progress(stats)`` is called after each frame.
 
-        The source is read in a thread and difspots are written in another,
-        each joined to the main thread (background and segmentation) by a
-        bounded queue.
+        The source is read in a thread, corrected frames are segmented in
+        another and difspots written in a third, each joined to the main
+        thread (the background stage) by a bounded queue.
         """
         reader = Prefetch(self._read(), FRAME_QUEUE_DEPTH, name="dctstream-read")
         done = False
@@ -244,6 +248,7 @@ class Pipeline:
                     progress(self.stats)
             if self.background is not None:
                 self._segment(self.background.finish())
+            self._close_segmenting()
             if self._first_frames:  # a scan of fewer corrected frames than the noise estimate takes
                 self._start_segmenter()
             if self.segmenter is not None:
@@ -279,11 +284,20 @@ class Pipeline:
             self.stats.frames_read += 1
             yield frame
 
+    def _close_segmenting(self) -> None:
+        """Segment every corrected frame already handed over."""
+        worker, self._segmenting = self._segmenting, None
+        if worker is not None:
+            worker.close()
+
     def _close_outputs(self, raise_errors: bool, failure: BaseException | None = None) -> None:
         """Write every difspot already handed over, then the table: nothing closed is lost on an error."""
         try:
-            if self._writer is not None:
-                self._writer.close()
+            try:
+                self._close_segmenting()
+            finally:
+                if self._writer is not None:
+                    self._writer.close()
         except BaseException as exc:
             if raise_errors:
                 raise
@@ -333,15 +347,20 @@ class Pipeline:
             return self.background.push(data)
 
     def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
-        """Segment the corrected frames, one at a time: the background stage makes each on demand."""
+        """Hand the corrected frames to the segmenting thread, one at a time: the background stage makes
+        each on demand."""
         for item in self._timed_items("background", corrected):
             self.stats.frames_corrected += 1
-            if self.segmenter is None:  # the noise estimate waits for the first few frames
-                self._first_frames.append(item)
-                if len(self._first_frames) == NOISE_FRAMES:
-                    self._start_segmenter()
-                continue
-            self._segment_frame(*item)
+            self._segmenting.submit(item)
+
+    def _take_corrected(self, item: tuple[int, np.ndarray]) -> None:
+        """Runs in the segmenting thread."""
+        if self.segmenter is None:  # the noise estimate waits for the first few frames
+            self._first_frames.append(item)
+            if len(self._first_frames) == NOISE_FRAMES:
+                self._start_segmenter()
+            return
+        self._segment_frame(*item)
 
     def _segment_frame(self, k: int, frame: np.ndarray) -> None:
         if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames

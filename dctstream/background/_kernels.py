@@ -253,16 +253,10 @@ def _select_u16(buf, n, k, counts):
     return (high << 8) | low
 
 
-@numba.njit(cache=True, nogil=True)
-def _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts):
-    """Centre pixel p's bins on the median of buf[:window] and count the window into them.
-
-    ``counts`` (256 ints) is scratch space for 16-bit frames; pass an empty array otherwise.
-    """
+@numba.njit(cache=True, nogil=True, inline="always")
+def _count_into(buf, window, p, b, m, hist, top):
+    """Count buf[:window] into pixel p's bins from b; returns (values below m, overflowing bin)."""
     nbins = hist.shape[1]
-    m = _select_u16(buf, window, h, counts) if counts.size else _select(buf, window, h)
-    b = m - nbins // 2
-    base[p] = b
     hist[p, :] = 0
     ov = -1
     below = 0
@@ -273,9 +267,50 @@ def _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts):
         k = v - b
         if 0 <= k < nbins:
             ov = _add(hist, p, k, ov, top)
+    return below, ov
+
+
+@numba.njit(cache=True, nogil=True)
+def _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts, drift):
+    """Place pixel p's bins around the median of buf[:window] and count the window into them: centred,
+    or with three quarters of the bins ahead of the median where it drifts (drift +1 up, -1 down).
+
+    ``counts`` (256 ints) is scratch space for 16-bit frames; pass an empty array otherwise.
+    """
+    nbins = hist.shape[1]
+    m = _select_u16(buf, window, h, counts) if counts.size else _select(buf, window, h)
+    if drift > 0:
+        b = m - nbins // 4
+    elif drift < 0:
+        b = m - nbins + 1 + nbins // 4
+    else:
+        b = m - nbins // 2
+    below, ov = _count_into(buf, window, p, b, m, hist, top)
+    base[p] = b
     over[p] = ov
     med[p] = m
     lt[p] = below
+
+
+@numba.njit(cache=True, nogil=True)
+def _hist_shift(buf, window, p, h, base, hist, over, top, lt, med, drift):
+    """Move pixel p's bins three quarters of their width along the drift (+1 up, -1 down) and find the
+    median of buf[:window] in them; False, with the bins unusable, if it is not there.
+
+    One pass over the window and a short walk, against a selection for a rebuild: the median of
+    a drifting pixel leaves its bins by a few values, so it is found near the trailing edge.
+    """
+    nbins = hist.shape[1]
+    b = base[p] + drift * (nbins - nbins // 4)
+    c, ov = _count_into(buf, window, p, b, b, hist, top)
+    where, m, c = _hist_walk(hist, p, b, b, c, ov, top, h)
+    if where != 0:
+        return False
+    base[p] = b
+    over[p] = ov
+    med[p] = m
+    lt[p] = c
+    return True
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -296,7 +331,7 @@ def hist_init(ring, first_frame, window, base, hist, over, lt, med, u16):
             for t in range(width):
                 for i in range(window):
                     buf[i] = rows[i, t]
-                _hist_fill(buf, window, y * nx + x0 + t, window // 2, base, hist, over, top, lt, med, counts)
+                _hist_fill(buf, window, y * nx + x0 + t, window // 2, base, hist, over, top, lt, med, counts, 0)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -314,7 +349,8 @@ def _hist_update(hist, p, b, m, c, ov, top, o, n):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _hist_walk(hist, p, b, m, c, ov, top, h):
-    """Move m (c values below it) to the window's median, rank h; returns (still in the bins, median, lt).
+    """Move m (c values below it) to the window's median, rank h; returns (where, median, lt): where is
+    0 when the median is in the bins, +1 above them, -1 below them.
 
     m may be several ranks away (updates since the last walk): each bin crossed moves it by its count.
     """
@@ -323,7 +359,7 @@ def _hist_walk(hist, p, b, m, c, ov, top, h):
     while c > h:
         k -= 1
         if k < 0:
-            return False, m, c
+            return -1, m, c
         c -= _count(hist, p, k, ov, top)
     while True:
         n = _count(hist, p, k, ov, top)
@@ -332,8 +368,8 @@ def _hist_walk(hist, p, b, m, c, ov, top, h):
         c += n
         k += 1
         if k >= nbins:
-            return False, m, c
-    return True, b + k, c
+            return 1, m, c
+    return 0, b + k, c
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -364,6 +400,7 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
         counts = np.empty(256 if u16 else 0, dtype=np.int64)
         late_x = np.empty(nx, dtype=np.int64)
         late_j = np.empty(nx, dtype=np.int64)
+        late_drift = np.empty(nx, dtype=np.int64)
         n_late = 0
         for x in range(nx):
             p = y * nx + x
@@ -377,10 +414,11 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
                                      np.int64(ring[new_slots[j], y, x]))
                 if not (emit[j] or j == n_steps - 1):
                     continue  # block mode: the median is looked for only where it is wanted
-                ok, m, c = _hist_walk(hist, p, b, m, c, ov, top, h)
-                if not ok:
+                where, m, c = _hist_walk(hist, p, b, m, c, ov, top, h)
+                if where != 0:
                     late_x[n_late] = x
                     late_j[n_late] = j
+                    late_drift[n_late] = where
                     n_late += 1
                     late = True
                     break
@@ -403,11 +441,13 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
             x = late_x[d]
             p = y * nx + x
             j = late_j[d]
+            drift = late_drift[d]
             while True:  # rebuild at step j, then slide on until the end or the next rebuild
                 start = new_frames[j] - window + 1 - first
                 for i in range(window):
                     buf[i] = values[d, start + i]
-                _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts)
+                if not _hist_shift(buf, window, p, h, base, hist, over, top, lt, med, drift):
+                    _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts, drift)
                 rebuilds[y] += 1
                 b = base[p]
                 m = med[p]
@@ -416,19 +456,19 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
                 if emit[j]:
                     out[j, y, x] = m
                 j += 1
-                ok = True
+                drift = 0
                 while j < n_steps:
                     f = new_frames[j]
                     c, ov = _hist_update(hist, p, b, m, c, ov, top, np.int64(values[d, f - window - first]),
                                          np.int64(values[d, f - first]))
                     if emit[j] or j == n_steps - 1:
-                        ok, m, c = _hist_walk(hist, p, b, m, c, ov, top, h)
-                        if not ok:
+                        drift, m, c = _hist_walk(hist, p, b, m, c, ov, top, h)
+                        if drift != 0:
                             break
                         if emit[j]:
                             out[j, y, x] = m
                     j += 1
-                if ok:
+                if drift == 0:
                     break
             med[p] = m
             lt[p] = c
