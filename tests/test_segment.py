@@ -160,7 +160,7 @@ def test_hypothesis_equals_reference(seed, nf, ny, nx, threshold, ratio, low, hi
 def test_label_seeds_equals_scipy_label_and_brute_force_links(ny, nx, conn8, density, seed):
     import scipy.ndimage as ndi
 
-    from dctstream.segment._kernels import label_seeds
+    from dctstream.segment._kernels import label_seeds, seed_rows
 
     rng = np.random.default_rng(seed)
     # few distinct values: ties for the brightest voxel happen and must go to the first in raster order
@@ -169,15 +169,22 @@ def test_label_seeds_equals_scipy_label_and_brute_force_links(ny, nx, conn8, den
     unmasked = rng.random((ny, nx)) > 0.1
     structure = ndi.generate_binary_structure(2, 2 if conn8 else 1)
     prev_labels, _ = ndi.label(rng.random((ny, nx)) < density, structure=structure)
-    labels = np.full((ny, nx), -7, np.int32)  # stale content must be overwritten
+    # stale content where ``dirty`` says so must be overwritten; rows said clean are
+    labels = np.where(rng.random((ny, 1)) < 0.5, -7, 0).repeat(nx, axis=1).astype(np.int32)
+    dirty = labels.any(axis=1)
     parent = np.empty(ny * nx + 1, np.int32)
+    rows = np.zeros(ny, bool)
+    seed_map = np.where(unmasked, threshold, np.inf)
+    seed_rows(frame, seed_map, rows)
     n, counts, max_value, max_y, max_x, prev, here = label_seeds(
-        frame, threshold, unmasked, prev_labels.astype(np.int32), conn8, labels, parent)
+        frame, seed_map, rows, prev_labels.astype(np.int32), conn8, labels, dirty, parent)
 
     seeds = (frame >= threshold) & unmasked
+    np.testing.assert_array_equal(rows, seeds.any(axis=1))
     expected, n_expected = ndi.label(seeds, structure=structure)
     assert n == n_expected
     np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(dirty, expected.any(axis=1))
     for c in range(1, n + 1):
         ys, xs = np.nonzero(expected == c)
         best = np.argmax(frame[ys, xs])  # the first maximum in raster order
@@ -233,3 +240,19 @@ def test_segmenter_takes_its_freed_frame_slots_again():
     assert len(used) <= most_needed + HOT_SLOTS < cap
     expected, _ = reference_blobs(volume, p, None)
     assert voxel_sets(blobs) == reference_sets(expected)
+
+
+def test_float32_seed_map_takes_the_same_seeds_as_float64():
+    """Seed thresholds that float32 cannot hold (counts from sigma * seed_sigma): a float32 frame takes
+    exactly the voxels >= the float64 threshold, including values one float32 step either side of it."""
+    rng = np.random.default_rng(5)
+    threshold = rng.uniform(1, 100, (16, 16))
+    t32 = threshold.astype(np.float32)
+    frame = np.stack([t32, np.nextafter(t32, np.float32(np.inf)), np.nextafter(t32, np.float32(0))])
+    frame = frame[rng.integers(0, 3, (16, 16)), np.arange(16)[:, None], np.arange(16)]
+    mask = rng.random((16, 16)) < 0.1
+    p = params(seed_threshold=threshold, grow_low=threshold / 2)
+    segmenter = Segmenter(p, frame.shape, mask)
+    seed = segmenter._seed(np.float32)
+    assert seed.dtype == np.float32
+    np.testing.assert_array_equal(frame >= seed, (frame.astype(np.float64) >= threshold) & ~mask)

@@ -110,24 +110,42 @@ def _root(parent, i):
     return i
 
 
-@numba.njit(cache=True, nogil=True)
-def label_seeds(frame, seed, unmasked, prev_labels, conn8, labels, parent):
-    """Seeds of one frame (``frame >= seed`` and unmasked), labelled in 2-D, and linked to the previous frame.
+@numba.njit(cache=True, nogil=True, parallel=True)
+def seed_rows(frame, seed, out):
+    """out[y] = whether row y holds a seed (frame >= seed): the labelling then skips the rest."""
+    ny, nx = frame.shape
+    for y in numba.prange(ny):
+        found = False
+        for x in range(nx):
+            found |= frame[y, x] >= seed[y, x]  # no early exit: the loop vectorises
+        out[y] = found
 
+
+@numba.njit(cache=True, nogil=True)
+def label_seeds(frame, seed, rows, prev_labels, conn8, labels, dirty, parent):
+    """Seeds of one frame (``frame >= seed``), labelled in 2-D, and linked to the previous frame.
+
+    ``rows[y]`` tells whether row y holds a seed (``seed_rows``); a masked pixel has an infinite seed.
     Labels go into ``labels`` (0 = no seed), numbered 1..n in raster order of
-    first appearance, as ``scipy.ndimage.label`` numbers them; ``parent`` is
-    scratch space of at least ``labels.size + 1`` entries. Returns n, then per
-    component its voxel count and its brightest voxel (value, y, x; the first
-    in raster order on ties), then the pairs (label in ``prev_labels``, label
-    here) of seeds that touch across the two frames (``conn8``: the 3 x 3
-    neighbourhood, else the same pixel), each pair once per run of pixels.
+    first appearance, as ``scipy.ndimage.label`` numbers them; ``dirty[y]`` tells
+    whether row y of ``labels`` may hold labels from before, and says on return
+    whether it holds labels now. ``parent`` is scratch space of at least
+    ``labels.size + 1`` entries. Returns n, then per component its voxel count
+    and its brightest voxel (value, y, x; the first in raster order on ties),
+    then the pairs (label in ``prev_labels``, label here) of seeds that touch
+    across the two frames (``conn8``: the 3 x 3 neighbourhood, else the same
+    pixel), each pair once per run of pixels.
     """
     ny, nx = frame.shape
     n_prov = 0
     n_seeds = 0
     for y in range(ny):
+        if not rows[y]:
+            if dirty[y]:
+                labels[y, :] = 0
+            continue
         for x in range(nx):
-            if not (unmasked[y, x] and frame[y, x] >= seed[y, x]):
+            if not frame[y, x] >= seed[y, x]:
                 labels[y, x] = 0
                 continue
             n_seeds += 1
@@ -165,6 +183,9 @@ def label_seeds(frame, seed, unmasked, prev_labels, conn8, labels, parent):
     n = 0
     n_links = 0
     for y in range(ny):
+        dirty[y] = rows[y]
+        if not rows[y]:
+            continue
         last_prev = -1
         last_here = -1
         for x in range(nx):

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..ring import release, releasable_frames
 from ..types import Blob
-from ._kernels import CLAIMED, grow_region, label_seeds
+from ._kernels import CLAIMED, grow_region, label_seeds, seed_rows
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
@@ -87,7 +87,7 @@ class Segmenter:
         self.frame_shape = tuple(frame_shape)
         self.mask = np.zeros(self.frame_shape, bool) if mask is None else np.ascontiguousarray(mask, bool)
         self._seed_map, self._low_map = params.maps(self.frame_shape)
-        self._unmasked = ~self.mask
+        self._seeds: dict[np.dtype, np.ndarray] = {}  # seed maps by frame dtype, see _seed
         self._reach_fyx = params.max_size[::-1]
         reach = params.max_size[2]
         # Frames from _low to last: most regions close a frame after their spot ends (the valley rule),
@@ -98,6 +98,9 @@ class Segmenter:
         self.last = -1  # last frame pushed
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
         self._spare_labels = np.zeros(self.frame_shape, np.int32)  # this frame's, swapped with the last's
+        self._prev_dirty = np.zeros(self.frame_shape[0], bool)  # rows of _prev_labels that hold labels
+        self._spare_dirty = np.zeros(self.frame_shape[0], bool)
+        self._seed_rows = np.zeros(self.frame_shape[0], bool)
         self._parent_scratch = np.empty(self._prev_labels.size + 1, np.int32)
         self._prev_offset = 0  # label + offset = region id
         self._parent: dict[int, int] = {}
@@ -172,6 +175,8 @@ class Segmenter:
         self._new_rings(int(state["capacity"]))
         self._prev_labels = np.array(state["prev_labels"], np.int32, order="C")
         self._spare_labels = np.zeros_like(self._prev_labels)
+        self._prev_dirty = self._prev_labels.any(axis=1)
+        self._spare_dirty = np.zeros_like(self._prev_dirty)
         self._parent = {int(a): int(b) for a, b in state["parent"]}
         self._regions = dict(zip((int(i) for i in state["region_ids"]), regions(state["regions"])))
         self._open = [int(i) for i in state["open"]]
@@ -272,11 +277,26 @@ class Segmenter:
         self._parent[rb] = ra
         self._regions[ra].absorb(self._regions.pop(rb))
 
+    def _seed(self, dtype) -> np.ndarray:
+        """The seed threshold map for frames of ``dtype``, +inf where masked. For float32 frames it is
+        rounded up to float32: for a float32 v, v >= t exactly when v >= the least float32 >= t, and a
+        float32 map is half the memory to stream through per frame."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._seeds:
+            seed = self._seed_map
+            if dtype == np.float32:
+                seed32 = seed.astype(np.float32)
+                seed = np.where(seed32 < seed, np.nextafter(seed32, np.float32(np.inf)), seed32)
+            self._seeds[dtype] = np.where(self.mask, np.inf, seed).astype(seed.dtype)
+        return self._seeds[dtype]
+
     def _link(self, k: int, frame: np.ndarray) -> None:
-        labels = self._spare_labels
+        labels, dirty = self._spare_labels, self._spare_dirty
+        seed = self._seed(frame.dtype)
+        seed_rows(frame, seed, self._seed_rows)
         n, counts, max_value, max_y, max_x, prev, here = label_seeds(
-            frame, self._seed_map, self._unmasked, self._prev_labels, self.params.connectivity == 26,
-            labels, self._parent_scratch)
+            frame, seed, self._seed_rows, self._prev_labels, self.params.connectivity == 26,
+            labels, dirty, self._parent_scratch)
         for c in range(n):
             gid = self._next_id + c
             self._parent[gid] = gid
@@ -286,7 +306,8 @@ class Segmenter:
             pairs = np.unique(np.stack((prev + self._prev_offset, here + self._next_id - 1), axis=1), axis=0)
             for a, b in pairs:
                 self._union(int(a), int(b))
-        self._spare_labels = self._prev_labels
+        self._spare_labels, self._spare_dirty = self._prev_labels, self._prev_dirty
+        self._prev_dirty = dirty
         # frame k's ids are its labels + offset: no frame-sized id array to fill
         self._prev_labels, self._prev_offset = labels, self._next_id - 1
         self._next_id += n
