@@ -256,3 +256,18 @@ def test_float32_seed_map_takes_the_same_seeds_as_float64():
     seed = segmenter._seed(np.float32)
     assert seed.dtype == np.float32
     np.testing.assert_array_equal(frame >= seed, (frame.astype(np.float64) >= threshold) & ~mask)
+
+
+def test_segmenter_with_every_freed_slot_given_back_equals_reference(monkeypatch):
+    """Slots given back to the system and taken again (small frames: their memory is not whole pages,
+    so it keeps its old bytes) must not keep the claims of the frame before."""
+    monkeypatch.setattr("dctstream.segment.segmenter.HOT_SLOTS", 0)
+    rng = np.random.default_rng(4)
+    nf = 150
+    volume = rng.normal(0, 1, (nf, 20, 20)).astype(np.float32)
+    for c in range(5, nf - 5, 4):  # a spot every 4 frames, at the same place: claims in every slot
+        volume[c - 1:c + 2, 8:11, 8:11] += 30 + c % 7
+    p = params(max_size=(12, 12, 3))
+    blobs, _, _ = segment(volume, p)
+    expected, _ = reference_blobs(volume, p, None)
+    assert voxel_sets(blobs) == reference_sets(expected)

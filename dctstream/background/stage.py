@@ -77,6 +77,7 @@ class BackgroundStage:
         self._sorted: SortedWindow | None = None
         # window start -> background (normalised units, float32) or median of raw frames (their type)
         self._medians: dict[int, np.ndarray] = {}
+        self._median_batch: np.ndarray | None = None  # the medians of one slide of the histogram
         self.warm = False
         self.n_frames: int | None = None  # known once the scan has ended
         self.emitted = first_frame
@@ -190,10 +191,18 @@ class BackgroundStage:
         emit = np.array([self.cfg.mode == "exact" or self._is_block_start(s) for s in starts])
         if self.n_frames is not None:
             emit[-1] = True  # the last window serves every frame whose window the end of the scan shifts
-        medians = hist.slide(n, emit, np.empty((n, *self.frame_shape), self.dtype))
-        # raw medians, turned into backgrounds frame by frame in _drain; a median that would
-        # hold the whole batch's array alive on its own (block mode) is copied out of it
+        # Raw medians, turned into backgrounds frame by frame in _drain. In exact mode they are views
+        # of one batch array, used again for every batch (128 MiB at 2048 x 2048 and 16 frames):
+        # the medians of the last batch still waiting are copied out of it first.
+        batch = self._median_batch
+        if batch is None or len(batch) < n:
+            batch = self._median_batch = np.empty((max(n, self.batch), *self.frame_shape), self.dtype)
+        for start, median in self._medians.items():
+            if median.base is batch:
+                self._medians[start] = median.copy()
+        medians = hist.slide(n, emit, batch[:n])
         for j in np.flatnonzero(emit):
+            # block mode: a median a block, copied out, so the batch array is free to be used again
             self._medians[int(starts[j])] = medians[j] if emit.all() else medians[j].copy()
 
     def _is_block_start(self, start: int) -> bool:

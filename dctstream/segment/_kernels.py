@@ -34,19 +34,19 @@ def grow_region(values, slot_of, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, p
                 conn26, max_voxels):
     """Connected component around (pf, py, px) of {values >= t, not claimed, not masked}.
 
-    ``flags`` is a ring of frames (frame f in slot f % len; bits, see CLAIMED), and frame f's
-    values are values[slot_of[f % len(flags)]];
+    ``values`` and ``flags`` (bits, see CLAIMED) are pools of frames: frame f is in their
+    slot slot_of[f % len(slot_of)];
     the search stays inside the inclusive box [f0..f1, y0..y1, x0..x1]. The
     threshold of pixel (y, x) is t = min(max(scaled_peak, low[y, x]), high, peak),
     in float64. Returns (voxels, complete): the component's voxels as sorted
     indices (f * ny + y) * nx + x, empty when the start voxel is not
     eligible; complete is False when the search stopped at ``max_voxels``.
     """
-    cap = flags.shape[0]
+    cap = slot_of.size
     ny, nx = values.shape[1], values.shape[2]
-    s = pf % cap
+    s = slot_of[pf % cap]
     out = np.empty(64, dtype=np.int64)
-    if values[slot_of[s], py, px] < _threshold(low[py, px], scaled_peak, high, peak) or _flag(flags, s, CLAIMED, py, px) \
+    if values[s, py, px] < _threshold(low[py, px], scaled_peak, high, peak) or _flag(flags, s, CLAIMED, py, px) \
             or mask[py, px]:
         return out[:0], True
     stack = np.empty(64, dtype=np.int64)
@@ -66,8 +66,8 @@ def grow_region(values, slot_of, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, p
             g = f + df
             if g < f0 or g > f1:
                 continue
-            slot = g % cap
-            frame = values[slot_of[slot]]
+            slot = slot_of[g % cap]
+            frame = values[slot]
             for dy in range(-1, 2):
                 gy = y + dy
                 if gy < y0 or gy > y1:
@@ -98,7 +98,7 @@ def grow_region(values, slot_of, flags, mask, low, f0, f1, y0, y1, x0, x1, pf, p
                 break
     for j in range(n_out):
         i = out[j]
-        _clear_flag(flags, (i // (ny * nx)) % cap, _SEEN, (i // nx) % ny, i % nx)
+        _clear_flag(flags, slot_of[(i // (ny * nx)) % cap], _SEEN, (i // nx) % ny, i % nx)
     return np.sort(out[:n_out]), complete
 
 

@@ -59,6 +59,13 @@ class SegmentParams:
                      for v in (self.seed_threshold, self.grow_low))
 
 
+def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
+    """The least float32 >= each threshold: a float32 v is >= t exactly when it is >= this, and a
+    float32 map is half the memory of a float64 one, and half the traffic per frame."""
+    t32 = threshold.astype(np.float32)
+    return np.where(t32 < threshold, np.nextafter(t32, np.float32(np.inf)), t32)
+
+
 class _Region:
     __slots__ = ("count", "max_value", "max_index", "first")
 
@@ -86,8 +93,8 @@ class Segmenter:
         self.params = params
         self.frame_shape = tuple(frame_shape)
         self.mask = np.zeros(self.frame_shape, bool) if mask is None else np.ascontiguousarray(mask, bool)
-        self._seed_map, self._low_map = params.maps(self.frame_shape)
         self._seeds: dict[np.dtype, np.ndarray] = {}  # seed maps by frame dtype, see _seed
+        self._low_map = _round_up_to_float32(params.maps(self.frame_shape)[1])  # the values are float32
         self._reach_fyx = params.max_size[::-1]
         reach = params.max_size[2]
         # Frames from _low to last: most regions close a frame after their spot ends (the valley rule),
@@ -153,7 +160,7 @@ class Segmenter:
 
         return {
             "low": self._low, "last": self.last, "prev_offset": self._prev_offset, "next_id": self._next_id,
-            "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": self._flags.shape[0],
+            "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": self._capacity,
             "prev_labels": self._prev_labels.copy(),
             "parent": np.array(sorted(self._parent.items()), np.int64).reshape(-1, 2),
             "region_ids": np.array(list(self._regions), np.int64),
@@ -181,6 +188,8 @@ class Segmenter:
         self._regions = dict(zip((int(i) for i in state["region_ids"]), regions(state["regions"])))
         self._open = [int(i) for i in state["open"]]
         self._pending = regions(state["pending"])
+        for k in range(max(self._low, 0), self.last + 1):
+            self._take_slot(k)
         f, y, x = state["claimed"]
         self._claim(f, y, x)
 
@@ -196,26 +205,33 @@ class Segmenter:
         self._values[self._take_slot(k)] = frame
 
     # ---- frame store ---------------------------------------------------------------
-    # Frame f's flags are in slot f % cap of the flags ring, its values in the values pool's slot
-    # _slot_of[f % cap]. A pool slot given up is taken again first (no page faults, no zeroing:
-    # a fresh 16 MiB slot at 2048 x 2048 costs more to fault in than to segment); beyond a few
-    # such slots, their memory goes back to the system, so only the frames still needed are resident.
+    # Frame f's values and flags are in slot _slot_of[f % cap] of the values and flags pools. A slot
+    # given up is taken again first (no page faults, no zeroing: a fresh 16 MiB slot at 2048 x 2048
+    # costs more to fault in than to segment); beyond a few such slots, their memory goes back to
+    # the system, so only the frames still needed are resident.
     def _new_rings(self, cap: int) -> None:
         ny, nx = self.frame_shape
         self._values = releasable_frames(cap, self.frame_shape, np.float32)
+        self._flags = releasable_frames(cap, (2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
         self._slot_of = np.full(cap, -1, np.int64)
-        self._hot: list[int] = []  # free pool slots still resident, the last freed last
-        self._cold = list(range(cap - 1, -1, -1))  # free pool slots without memory
-        self._flags = np.zeros((cap, 2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
+        self._hot: list[int] = []  # free slots still resident, the last freed last
+        self._cold = list(range(cap - 1, -1, -1))  # free slots without memory (they read as zeros)
+
+    @property
+    def _capacity(self) -> int:
+        return self._slot_of.size
 
     def _take_slot(self, k: int) -> int:
-        pos = k % self._flags.shape[0]
+        """The slot of frame k, taken (its flags cleared) if k has none yet."""
+        pos = k % self._capacity
         if self._slot_of[pos] < 0:
-            self._slot_of[pos] = self._hot.pop() if self._hot else self._cold.pop()
+            slot = self._hot.pop() if self._hot else self._cold.pop()
+            self._flags[slot] = 0  # a slot given back keeps its bytes where it does not fill whole pages
+            self._slot_of[pos] = slot
         return int(self._slot_of[pos])
 
     def _give_slot(self, f: int) -> None:
-        pos = f % self._flags.shape[0]
+        pos = f % self._capacity
         slot = int(self._slot_of[pos])
         if slot < 0:
             return
@@ -224,31 +240,30 @@ class Segmenter:
         if len(self._hot) > HOT_SLOTS:
             slot = self._hot.pop(0)
             release(self._values, slot)
+            release(self._flags, slot)
             self._cold.append(slot)
 
-    def _frame_slots(self, frames: np.ndarray) -> np.ndarray:
-        return self._slot_of[frames % self._flags.shape[0]]
+    def _frame_slots(self, frames) -> np.ndarray:
+        return self._slot_of[np.asarray(frames, np.int64) % self._capacity]
 
     def _store(self, k: int, frame: np.ndarray) -> None:
-        cap = self._flags.shape[0]
+        cap = self._capacity
         if k - self._low + 1 > cap:
             # a chain of overlapping spots holds old frames: make room
-            old = self._values, self._flags, self._frame_slots(np.arange(self._low, k))
+            values, flags, slots = self._values, self._flags, self._frame_slots(np.arange(self._low, k))
             self._new_rings(max(k - self._low + 1, cap + self.params.max_size[2]))
-            for f, slot in zip(range(self._low, k), old[2]):
-                self._values[self._take_slot(f)] = old[0][slot]
-                self._flags[f % self._flags.shape[0]] = old[1][f % cap]
+            for f, slot in zip(range(self._low, k), slots):
+                new = self._take_slot(f)
+                self._values[new], self._flags[new] = values[slot], flags[slot]
         self._give_slot(k)  # the frame a ring's length before, if still held
         self._values[self._take_slot(k)] = frame
-        self._flags[k % self._flags.shape[0]] = 0
 
     def _claimed_voxels(self, frames) -> np.ndarray:
         """(frame, y, x) of the claimed voxels of ``frames``, (3, n); a frame at a time, bytes set first:
         unpacking every bit of the frames at once would take a byte per voxel (GiB at 2048 x 2048)."""
-        cap = self._flags.shape[0]
         found = [np.zeros((3, 0), np.int64)]
         for f in frames:
-            plane = self._flags[f % cap, CLAIMED]
+            plane = self._flags[self._slot_of[f % self._capacity], CLAIMED]
             y, xb = np.nonzero(plane)
             i, bit = np.nonzero(np.unpackbits(plane[y, xb][:, None], axis=1, bitorder="little"))
             found.append(np.stack([np.full(i.size, f), y[i], xb[i] * 8 + bit]).astype(np.int64))
@@ -256,8 +271,7 @@ class Segmenter:
 
     def _claim(self, f, y, x) -> None:
         f, y, x = (np.asarray(v, np.int64) for v in (f, y, x))
-        np.bitwise_or.at(self._flags, (f % self._flags.shape[0], CLAIMED, y, x >> 3),
-                         (1 << (x & 7)).astype(np.uint8))
+        np.bitwise_or.at(self._flags, (self._frame_slots(f), CLAIMED, y, x >> 3), (1 << (x & 7)).astype(np.uint8))
 
     # ---- seed regions --------------------------------------------------------------
     def _find(self, i: int) -> int:
@@ -278,15 +292,13 @@ class Segmenter:
         self._regions[ra].absorb(self._regions.pop(rb))
 
     def _seed(self, dtype) -> np.ndarray:
-        """The seed threshold map for frames of ``dtype``, +inf where masked. For float32 frames it is
-        rounded up to float32: for a float32 v, v >= t exactly when v >= the least float32 >= t, and a
-        float32 map is half the memory to stream through per frame."""
+        """The seed threshold map for frames of ``dtype``, +inf where masked; rounded up to float32 for
+        float32 frames (see _round_up_to_float32)."""
         dtype = np.dtype(dtype)
         if dtype not in self._seeds:
-            seed = self._seed_map
+            seed = self.params.maps(self.frame_shape)[0]
             if dtype == np.float32:
-                seed32 = seed.astype(np.float32)
-                seed = np.where(seed32 < seed, np.nextafter(seed32, np.float32(np.inf)), seed32)
+                seed = _round_up_to_float32(seed)
             self._seeds[dtype] = np.where(self.mask, np.inf, seed).astype(seed.dtype)
         return self._seeds[dtype]
 
