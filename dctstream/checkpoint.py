@@ -224,7 +224,7 @@ def _plain(value):
 
 
 class Snapshot:
-    """The state at the end of frame ``frame``, taken by the main thread; the writer thread saves it
+    """The state at the end of frame ``frame``, taken by the segmenting thread; the writer thread saves it
     after the difspots closed before it, adding the spot table's rows (see ``capture``)."""
 
     def __init__(self, frame: int, meta: dict, arrays: dict[str, np.ndarray]):

@@ -1,9 +1,10 @@
 """Stages that run beside the main thread, joined by bounded queues.
 
 The numba kernels release the GIL, so a thread reading the next frames (h5py,
-decompression, sockets) and a thread writing difspots run while the main
-thread computes medians. The queues are bounded: a slow stage stops the one
-feeding it (back-pressure) instead of letting memory grow.
+decompression, sockets), a thread segmenting corrected frames and a thread
+writing difspots run while the main thread computes medians. The queues are
+bounded: a slow stage stops the one feeding it (back-pressure) instead of
+letting memory grow.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ NOISE_FRAMES = 5
 # detector, from the direct beam's glow to the corners.
 NOISE_TILE_PX = 32
 # Frames read ahead of the background stage: enough to ride out a slow read, a few MB each.
-FRAME_QUEUE_DEPTH = 8
+FRAME_QUEUE_DEPTH = 4
 # Corrected frames waiting for the segmenter: 16 MiB each at 2048 x 2048.
-SEGMENT_QUEUE_DEPTH = 2
+SEGMENT_QUEUE_DEPTH = 1
 # Closed blobs waiting for the writer; each is a few kB.
 BLOB_QUEUE_DEPTH = 256
 

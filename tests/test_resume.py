@@ -494,7 +494,7 @@ def test_spool_stays_bounded_and_goes_at_the_end(tmp_path):
     """The spool holds the frames from the last saved checkpoint's first_raw to the newest one read: a bound
     set by the configuration, plus the frames the writer thread is behind (it saves the checkpoints)."""
     from dctstream.config import load_config
-    from dctstream.pipeline import FRAME_QUEUE_DEPTH, Pipeline
+    from dctstream.pipeline import FRAME_QUEUE_DEPTH, SEGMENT_QUEUE_DEPTH, Pipeline
 
     n_frames = 160
     scan = simulate_scan(tmp_path / "scan.h5", frames=n_frames, size=48, spots=60, seed=6)
@@ -521,8 +521,8 @@ def test_spool_stays_bounded_and_goes_at_the_end(tmp_path):
     # a checkpoint keeps window // 2 + the segmenter's reach (up to 3 x max_blob_size frames) before its frame
     assert kept <= window // 2 + 3 * blob_frames + 1, saves
     # then come the frames up to the next checkpoint, those segmented while the writer saves it, and those
-    # read ahead of the segmenter: window // 2 (the background) + the reader's queue
-    bound = kept + every + lag + window // 2 + FRAME_QUEUE_DEPTH + 2
+    # read ahead of the segmenter: window // 2 (the background) + the reader's and the segmenter's queues
+    bound = kept + every + lag + window // 2 + FRAME_QUEUE_DEPTH + SEGMENT_QUEUE_DEPTH + 2
     print(f"spool: at most {max(sizes)} frames (bound {bound}: kept {kept}, writer behind {lag}) over {n_frames}")
     assert max(sizes) <= bound, (sizes, saves)
     assert run.spool.oldest >= saves[-1][0] - kept  # pruned to the last checkpoint

@@ -36,8 +36,8 @@ from ._kernels import CLAIMED, grow_region, label_seeds, seed_rows
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
-# Free slots of the values pool kept resident for the next frames: one is taken and one freed per frame.
-HOT_SLOTS = 4
+# Free frame slots kept resident for the next frames: one is taken and one freed per frame.
+HOT_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class Segmenter:
         # Frames from _low to last: most regions close a frame after their spot ends (the valley rule),
         # within about a reach; the boxes rule needs 3 reaches and more. A chain of spots that needs
         # more than the ring grows it.
-        self._new_rings(4 * reach + 4)
+        self._new_pools(4 * reach + 4)
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
@@ -179,7 +179,7 @@ class Segmenter:
         self._low, self.last = int(state["low"]), int(state["last"])
         self._prev_offset, self._next_id = int(state["prev_offset"]), int(state["next_id"])
         self.n_blobs, self.rejected = int(state["n_blobs"]), Counter(state["rejected"])
-        self._new_rings(int(state["capacity"]))
+        self._new_pools(int(state["capacity"]))
         self._prev_labels = np.array(state["prev_labels"], np.int32, order="C")
         self._spare_labels = np.zeros_like(self._prev_labels)
         self._prev_dirty = self._prev_labels.any(axis=1)
@@ -209,7 +209,7 @@ class Segmenter:
     # given up is taken again first (no page faults, no zeroing: a fresh 16 MiB slot at 2048 x 2048
     # costs more to fault in than to segment); beyond a few such slots, their memory goes back to
     # the system, so only the frames still needed are resident.
-    def _new_rings(self, cap: int) -> None:
+    def _new_pools(self, cap: int) -> None:
         ny, nx = self.frame_shape
         self._values = releasable_frames(cap, self.frame_shape, np.float32)
         self._flags = releasable_frames(cap, (2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
@@ -251,7 +251,7 @@ class Segmenter:
         if k - self._low + 1 > cap:
             # a chain of overlapping spots holds old frames: make room
             values, flags, slots = self._values, self._flags, self._frame_slots(np.arange(self._low, k))
-            self._new_rings(max(k - self._low + 1, cap + self.params.max_size[2]))
+            self._new_pools(max(k - self._low + 1, cap + self.params.max_size[2]))
             for f, slot in zip(range(self._low, k), slots):
                 new = self._take_slot(f)
                 self._values[new], self._flags[new] = values[slot], flags[slot]

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 # Small frames are read a few at a time (one HDF5 call per frame costs more than their copy), up to
 # this many bytes per read: a frame yielded keeps its whole read alive, and the reader runs ahead.
-_READ_BYTES = 16 * 2**20
+_READ_BYTES = 8 * 2**20
 _READ_FRAMES_MAX = 64
 
 
