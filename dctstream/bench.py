@@ -223,11 +223,13 @@ def format_report(report: dict) -> str:
         lines.append(f"  {r['threads']} thread(s)               {r['frames_per_s']:9.1f}  "
                      f"{part if part is not None else float('nan'):18.2f}  "
                      f"{bn if bn is not None else float('nan'):10.2f}  "
-                     + (f"{r['frames_per_s'] / bn:.1f}x" if bn else "n/a (pip install bottleneck)"))
+                     + (f"{r['frames_per_s'] / bn:.1f}x" if bn else "n/a (--no-baselines)" if not o["baselines"]
+                        else "n/a (pip install bottleneck)"))
     r = report["running_median"][-1]
     lines.append(f"  first window: {r['init_s']:.1f} s; out-of-bins rebuilds: {r['rebuilds_per_frame']:.0f} px/frame")
     lines.append(f"3x3 median filter: {report['median_filter_3x3_frames_per_s']:.0f} frames/s")
     p = report.get("pipeline")
+    window_gib = o["window"] * o["size"] ** 2 * 2 / 2**30  # uint16 frames
     if p:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p["stage_frames_per_s"].items()))
         lines += ["", f"whole pipeline, HDF5 file -> difspots, {p['frames']} frames: "
@@ -237,7 +239,8 @@ def format_report(report: dict) -> str:
                   f"  per frame: p50 {p['per_frame_s_p50'] * 1000:.0f} ms, p99 {p['per_frame_s_p99'] * 1000:.0f} ms; "
                   f"latency {p['latency_frames']} frames "
                   f"({p['latency_frames'] / p['steady_frames_per_s']:.1f} s at that rate)",
-                  f"  memory: peak {p['peak_rss_gib']:.1f} GiB resident, ring {p['ring_gib']:.1f} GiB; "
+                  f"  memory: peak {p['peak_rss_gib']:.2f} GiB resident, {p['peak_rss_gib'] / window_gib:.2f}x the "
+                  f"{window_gib:.2f} GiB of a window of raw frames (the ring holds {p['ring_gib']:.2f}); "
                   f"{p['difspots']} difspots"]
     return "\n".join(lines)
 

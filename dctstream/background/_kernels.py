@@ -293,15 +293,9 @@ def _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts, drift)
 
 
 @numba.njit(cache=True, nogil=True)
-def _hist_shift(buf, window, p, h, base, hist, over, top, lt, med, drift):
-    """Move pixel p's bins three quarters of their width along the drift (+1 up, -1 down) and find the
-    median of buf[:window] in them; False, with the bins unusable, if it is not there.
-
-    One pass over the window and a short walk, against a selection for a rebuild: the median of
-    a drifting pixel leaves its bins by a few values, so it is found near the trailing edge.
-    """
-    nbins = hist.shape[1]
-    b = base[p] + drift * (nbins - nbins // 4)
+def _hist_place(buf, window, p, h, b, base, hist, over, top, lt, med):
+    """Count buf[:window] into pixel p's bins from b and find its median there; False, with the bins
+    unusable, if it is not there. One pass over the window and a walk, against a selection."""
     c, ov = _count_into(buf, window, p, b, b, hist, top)
     where, m, c = _hist_walk(hist, p, b, b, c, ov, top, h)
     if where != 0:
@@ -313,12 +307,23 @@ def _hist_shift(buf, window, p, h, base, hist, over, top, lt, med, drift):
     return True
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _hist_shift(buf, window, p, h, base, hist, over, top, lt, med, drift):
+    """Move pixel p's bins three quarters of their width along the drift (+1 up, -1 down) and find the
+    median of buf[:window] in them: the median of a drifting pixel leaves its bins by a few values,
+    so it is found near the trailing edge."""
+    nbins = hist.shape[1]
+    return _hist_place(buf, window, p, h, base[p] + drift * (nbins - nbins // 4), base, hist, over, top, lt, med)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def hist_init(ring, first_frame, window, base, hist, over, lt, med, u16):
     """Build every pixel's histogram from the window of frames first_frame .. first_frame + window - 1."""
     cap = ring.shape[0]
     ny, nx = ring.shape[1], ring.shape[2]
     top = np.iinfo(hist.dtype).max
+    nbins = hist.shape[1]
+    h = window // 2
     for y in numba.prange(ny):
         # short row pieces: read the ring in order, and stay small enough for the cache
         rows = np.empty((window, _TILE), dtype=ring.dtype)
@@ -331,7 +336,12 @@ def hist_init(ring, first_frame, window, base, hist, over, lt, med, u16):
             for t in range(width):
                 for i in range(window):
                     buf[i] = rows[i, t]
-                _hist_fill(buf, window, y * nx + x0 + t, window // 2, base, hist, over, top, lt, med, counts, 0)
+                p = y * nx + x0 + t
+                # the background is smooth: bins centred on the last pixel's median mostly hold this one's
+                # (a pass and a walk, against a selection); recentred when it lies in their outer quarters
+                if x0 + t == 0 or not _hist_place(buf, window, p, h, med[p - 1] - nbins // 2, base, hist, over,
+                                                  top, lt, med) or abs(med[p] - base[p] - nbins // 2) > nbins // 4:
+                    _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts, 0)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
