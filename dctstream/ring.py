@@ -45,7 +45,7 @@ class FrameRing:
         return self.data[self.slot(frame)]
 
 
-def releasable_frames(capacity: int, shape: tuple[int, int], dtype) -> np.ndarray:
+def releasable_frames(capacity: int, shape: tuple[int, ...], dtype) -> np.ndarray:
     """A zeroed (capacity, *shape) array in its own anonymous memory map, for ``release``."""
     dtype = np.dtype(dtype)
     count = capacity * int(np.prod(shape))
@@ -59,8 +59,9 @@ def releasable_frames(capacity: int, shape: tuple[int, int], dtype) -> np.ndarra
 
 
 def release(frames: np.ndarray, slot: int) -> None:
-    """Give the memory of ``frames[slot]`` back to the system until the slot is written again (it reads as
-    zeros meanwhile): a ring sized for the worst case then only holds, resident, the frames still needed."""
+    """Give the memory of ``frames[slot]`` back to the system until the slot is written again: a ring sized
+    for the worst case then only holds, resident, the frames still needed. Only the whole pages inside the
+    slot go (they read as zeros meanwhile); a slot smaller than a page keeps its bytes."""
     memory = frames.base
     while memory is not None and not isinstance(memory, mmap.mmap):  # ndarray -> memoryview -> mmap
         memory = memory.obj if isinstance(memory, memoryview) else getattr(memory, "base", None)

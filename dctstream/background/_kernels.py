@@ -254,26 +254,41 @@ def _select_u16(buf, n, k, counts):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _count_into(buf, window, p, b, m, hist, top):
-    """Count buf[:window] into pixel p's bins from b; returns (values below m, overflowing bin)."""
+def _count_into(buf, window, p, b, hist, top):
+    """Count buf[:window] into pixel p's bins from b; returns (values below b, overflowing bin)."""
     nbins = hist.shape[1]
     hist[p, :] = 0
     ov = -1
     below = 0
     for i in range(window):
-        v = buf[i]
-        if v < m:
+        k = buf[i] - b
+        if k < 0:
             below += 1
-        k = v - b
-        if 0 <= k < nbins:
+        elif k < nbins:
             ov = _add(hist, p, k, ov, top)
     return below, ov
 
 
 @numba.njit(cache=True, nogil=True)
+def _hist_place(buf, window, p, h, b, base, hist, over, top, lt, med):
+    """Count buf[:window] into pixel p's bins from b and find its median there; False, with the bins
+    unusable, if it is not there. One pass over the window and a walk, against a selection."""
+    c, ov = _count_into(buf, window, p, b, hist, top)
+    where, m, c = _hist_walk(hist, p, b, b, c, ov, top, h)
+    if where != 0:
+        return False
+    base[p] = b
+    over[p] = ov
+    med[p] = m
+    lt[p] = c
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
 def _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts, drift):
-    """Place pixel p's bins around the median of buf[:window] and count the window into them: centred,
-    or with three quarters of the bins ahead of the median where it drifts (drift +1 up, -1 down).
+    """Place pixel p's bins around the median of buf[:window], found by a selection, and count the window
+    into them: centred, or with three quarters of the bins ahead of the median where it drifts (drift +1
+    up, -1 down).
 
     ``counts`` (256 ints) is scratch space for 16-bit frames; pass an empty array otherwise.
     """
@@ -285,26 +300,7 @@ def _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts, drift)
         b = m - nbins + 1 + nbins // 4
     else:
         b = m - nbins // 2
-    below, ov = _count_into(buf, window, p, b, m, hist, top)
-    base[p] = b
-    over[p] = ov
-    med[p] = m
-    lt[p] = below
-
-
-@numba.njit(cache=True, nogil=True)
-def _hist_place(buf, window, p, h, b, base, hist, over, top, lt, med):
-    """Count buf[:window] into pixel p's bins from b and find its median there; False, with the bins
-    unusable, if it is not there. One pass over the window and a walk, against a selection."""
-    c, ov = _count_into(buf, window, p, b, b, hist, top)
-    where, m, c = _hist_walk(hist, p, b, b, c, ov, top, h)
-    if where != 0:
-        return False
-    base[p] = b
-    over[p] = ov
-    med[p] = m
-    lt[p] = c
-    return True
+    _hist_place(buf, window, p, h, b, base, hist, over, top, lt, med)  # m is in [b, b + nbins): found
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -339,8 +335,11 @@ def hist_init(ring, first_frame, window, base, hist, over, lt, med, u16):
                 p = y * nx + x0 + t
                 # the background is smooth: bins centred on the last pixel's median mostly hold this one's
                 # (a pass and a walk, against a selection); recentred when it lies in their outer quarters
-                if x0 + t == 0 or not _hist_place(buf, window, p, h, med[p - 1] - nbins // 2, base, hist, over,
-                                                  top, lt, med) or abs(med[p] - base[p] - nbins // 2) > nbins // 4:
+                placed = x0 + t > 0 and _hist_place(buf, window, p, h, med[p - 1] - nbins // 2, base, hist,
+                                                    over, top, lt, med)
+                if placed and abs(med[p] - base[p] - nbins // 2) > nbins // 4:
+                    _hist_place(buf, window, p, h, med[p] - nbins // 2, base, hist, over, top, lt, med)
+                elif not placed:
                     _hist_fill(buf, window, p, h, base, hist, over, top, lt, med, counts, 0)
 
 
