@@ -105,7 +105,7 @@ class BackgroundConfig:
     mode: str = "exact"  # "exact": one window per frame; "block": one window per `stride` frames
     stride: int = 50  # frames per block in "block" mode
     batch_frames: int = 1  # frames slid per kernel call: faster, adds batch_frames - 1 frames of latency
-    normalise: str = "none"  # "margin": scale frames to constant intensity in the direct-beam margin
+    normalise: str = "auto"  # beam intensity: "auto" measured from the frames, "margin" beside the sample, "none"
     margin_px: int = 20  # width of that margin
 
 
@@ -372,7 +372,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "mode": _one_of("exact", "block"),
         "stride": _int_at_least(1),
         "batch_frames": _int_at_least(1),
-        "normalise": _one_of("none", "margin"),
+        "normalise": _one_of("auto", "none", "margin"),
         "margin_px": _int_at_least(1),
     },
     "filter": {"median_size": _int_at_least(1, odd=True)},

@@ -30,6 +30,8 @@ class Blob:
     max_value: float
     # corrected values over the blob's bounding box (frame, y, x), when the segmenter kept them
     volume: np.ndarray | None = field(default=None, repr=False)
+    # the spot's counts with its tails below the growth threshold (see segment.segmenter), when known
+    total: float | None = None
 
     @property
     def area(self) -> int:
@@ -37,7 +39,8 @@ class Blob:
 
     @property
     def integral(self) -> float:
-        return float(self.value.sum(dtype=np.float64))
+        """The spot's integrated intensity: its voxels and their tails when the segmenter measured them."""
+        return float(self.value.sum(dtype=np.float64)) if self.total is None else self.total
 
     @property
     def bbox(self) -> tuple[int, int, int, int, int, int]:
