@@ -1,0 +1,300 @@
+"""The results of a run read back as Python objects: `Run` (an output folder) and `Difspot` (one difspot).
+
+Frames and pixels are 0-based and absolute, axes (frame, y, x), as in
+``spots.h5``; the difspot files' 1-based MATLAB indices are converted on reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import DctStreamError, InputError, OptionalDependencyError
+
+if TYPE_CHECKING:
+    from .pipeline import Stats
+    from .types import Blob
+
+__all__ = ["Difspot", "Run", "open_run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Difspot:
+    """One difspot: its spot-table row, where it lies and its voxels.
+
+    Attributes
+    ----------
+    id : int
+        Difspot id: its row in ``spots.h5`` and its file ``difspots/{id:06d}.h5``.
+    bbox : tuple of int
+        Bounding box ``(frame0, y0, x0, frame1, y1, x1)``, inclusive.
+    centroid : tuple of float
+        Intensity-weighted centroid ``(frame, y, x)``.
+    area : int
+        Number of voxels.
+    integral : float
+        Sum of the corrected values of its voxels.
+    max_value : float
+        Corrected value at the seed maximum.
+    max_index : tuple of int
+        ``(frame, y, x)`` of the seed maximum.
+    psi_deg : float or None
+        Rotation angle at the centroid frame, degrees; None without angles.
+    psi_range_deg : tuple of float or None
+        Rotation angles of the first and last frame of the box; None without angles.
+    volume : numpy.ndarray
+        float32 ``(frames, y, x)`` over the bounding box: the corrected frames
+        cut to the box (0 off the difspot when the segmenter kept no sub-volume).
+    mask : numpy.ndarray
+        bool, the shape of ``volume``: True on the difspot's voxels.
+    """
+
+    id: int
+    bbox: tuple[int, int, int, int, int, int]
+    centroid: tuple[float, float, float]
+    area: int
+    integral: float
+    max_value: float
+    max_index: tuple[int, int, int]
+    psi_deg: float | None
+    psi_range_deg: tuple[float, float] | None
+    volume: np.ndarray = field(repr=False)
+    mask: np.ndarray = field(repr=False)
+
+    @property
+    def frames(self) -> range:
+        """The frames of the bounding box."""
+        return range(self.bbox[0], self.bbox[3] + 1)
+
+    @property
+    def voxels(self) -> np.ndarray:
+        """``volume`` with 0 off the difspot (``DataMasked`` of its file)."""
+        return np.where(self.mask, self.volume, np.float32(0))
+
+    @property
+    def projection(self) -> np.ndarray:
+        """``voxels`` summed over frames: the difspot as a (y, x) image."""
+        return self.voxels.sum(axis=0, dtype=np.float32)
+
+    @classmethod
+    def from_row(cls, row: dict, volume: np.ndarray, mask: np.ndarray, max_index: tuple[int, int, int],
+                 angles: np.ndarray | None) -> Difspot:
+        """The difspot of a spot-table ``row`` (`spot_row` keys) with its box arrays and ``angles`` per frame."""
+        f0, y0, x0 = int(row["start_frame"]), int(row["bbox_y0"]), int(row["bbox_x0"])
+        f1, y1, x1 = int(row["end_frame"]), y0 + int(row["bbox_y_size"]) - 1, x0 + int(row["bbox_x_size"]) - 1
+        psi = row.get("centroid_psi_deg")
+        psi_range = None
+        if angles is not None and f1 < len(angles):
+            psi_range = (float(angles[f0]), float(angles[f1]))
+        return cls(id=int(row["id"]), bbox=(f0, y0, x0, f1, y1, x1),
+                   centroid=(float(row["centroid_frame"]), float(row["centroid_y"]), float(row["centroid_x"])),
+                   area=int(row["area"]), integral=float(row["integral"]), max_value=float(row["max_value"]),
+                   max_index=tuple(int(v) for v in max_index), psi_deg=None if psi is None else float(psi),
+                   psi_range_deg=psi_range, volume=volume, mask=np.asarray(mask, bool))
+
+    @classmethod
+    def from_blob(cls, blob: Blob, row: dict, angles: np.ndarray | None) -> Difspot:
+        """The difspot of a closed ``blob`` whose spot-table row is ``row``, as its file would hold it."""
+        from .sinks.difspots import box_arrays
+
+        volume, mask = box_arrays(blob, row, blob.volume)
+        return cls.from_row(row, volume, mask, blob.max_index, angles)
+
+
+class Run:
+    """The output folder of a run, finished or still running; read from disk at each access.
+
+    Made by `dctstream.run` or `dctstream.open_run`.
+
+    Attributes
+    ----------
+    out : pathlib.Path
+        The output folder.
+    stats : Stats or None
+        The pipeline's counters when this object was made by `dctstream.run`, else None.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, stats: Stats | None = None):
+        self.out = Path(out)
+        self.stats = stats
+        self._angles: tuple[str | None, np.ndarray | None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.out)!r})"
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The run record ``OUT/run.json`` (see `dctstream.record`): state, source, counts, config, ..."""
+        from .record import RUN_FILE, read_record
+
+        record = read_record(self.out)
+        if record is None:
+            raise InputError(f"{self.out / RUN_FILE}: missing or unreadable, expected the record of a dctstream run")
+        return record
+
+    @property
+    def spots(self) -> np.ndarray:
+        """The spot table ``OUT/spots.h5`` as a structured array, one field per column (empty before the first
+        flush of a running scan).
+
+        ``centroid_psi_deg`` is a field only when the run had angles.
+        """
+        from .sinks.spot_table import COLUMNS, PSI_COLUMN, read_spot_table
+
+        path = self.out / "spots.h5"
+        if not path.exists():
+            return np.zeros(0, [(name, dtype) for name, (dtype, _) in COLUMNS.items() if name != PSI_COLUMN])
+        try:
+            columns = read_spot_table(path)
+        except (OSError, KeyError) as exc:
+            raise InputError(f"{path}: cannot read the spot table ({' '.join(str(exc).split())}), "
+                             "expected the spots.h5 of a dctstream run") from None
+        n = len(next(iter(columns.values()), ()))
+        table = np.zeros(n, [(name, values.dtype) for name, values in columns.items()])
+        for name, values in columns.items():
+            table[name] = values
+        return table
+
+    def to_pandas(self):
+        """The spot table as a `pandas.DataFrame` (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise OptionalDependencyError("Run.to_pandas: needs pandas, expected it installed "
+                                          "(pip install pandas)") from None
+        return pd.DataFrame(self.spots)
+
+    def status(self) -> dict[str, Any]:
+        """The current status snapshot, ``OUT/status.json`` (or the run record when there is none)."""
+        from .status import read_status
+
+        return read_status(self.out)
+
+    def angles(self) -> np.ndarray | None:
+        """ψ of every frame of the scan, degrees, read from the run's ``source.angles``; None without angles."""
+        url = (self.record.get("config") or {}).get("source", {}).get("angles")
+        if self._angles is None or self._angles[0] != url:
+            psi = None
+            if url:
+                from .sources import read_dataset
+
+                try:
+                    psi = np.asarray(read_dataset(url, "source.angles"), np.float64)
+                except DctStreamError as exc:  # the scan moved since: the difspots are still there
+                    log.warning("no psi range for the difspots of %s: %s", self.out, exc)
+            self._angles = (url, psi)
+        return self._angles[1]
+
+    def difspot(self, id: int) -> Difspot:
+        """Difspot ``id`` with its row of the spot table and its voxels from ``OUT/difspots/{id:06d}.h5``."""
+        import h5py
+
+        table = self.spots
+        rows = np.flatnonzero(table["id"] == id)
+        if not rows.size:
+            raise InputError(f"{self.out / 'spots.h5'}: difspot {id}: not in the spot table, expected one of "
+                             f"its {table.size} ids" + (f" ({table['id'].min()}..{table['id'].max()})"
+                                                       if table.size else ""))
+        row = {name: table[name][rows[0]].item() for name in table.dtype.names}
+        path = self.out / "difspots" / f"{int(id):06d}.h5"
+        try:
+            with h5py.File(path, "r") as h5:
+                volume, mask = h5["Data"][()], h5["Mask"][()]
+                max_index = h5["MaxIntensityIndex"][()] + h5["BoundingBoxOriginSize"][0] - 2  # both 1-based
+        except (OSError, KeyError) as exc:
+            raise InputError(f"{path}: cannot read difspot {id} ({' '.join(str(exc).split())}), expected a "
+                             "difspot file written by dctstream") from None
+        return Difspot.from_row(row, volume, mask, tuple(max_index), self.angles())
+
+    def plot_quicklook(self) -> dict[str, Any]:
+        """Matplotlib figures of the spot table (needs matplotlib).
+
+        Returns
+        -------
+        dict of str to matplotlib.figure.Figure
+            ``detector``: centroids on the detector, sized by integral and coloured by frame;
+            ``spots_per_psi``: difspots per rotation angle (per frame without angles);
+            ``integrals``: histogram of the integrals; and ``max_projection``, the run's
+            quick-look picture, when it wrote one.
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise OptionalDependencyError("Run.plot_quicklook: needs matplotlib, expected it installed "
+                                          "(pip install matplotlib)") from None
+        spots = self.spots
+        figures: dict[str, Any] = {}
+
+        fig = Figure(figsize=(6, 5))
+        ax = fig.add_subplot()
+        size = 4 + 60 * np.sqrt(np.clip(spots["integral"], 0, None) / max(spots["integral"].max(initial=0), 1e-12))
+        dots = ax.scatter(spots["centroid_x"], spots["centroid_y"], s=size, c=spots["centroid_frame"], cmap="viridis")
+        ax.set(xlabel="x (px)", ylabel="y (px)", title=f"{spots.size} difspots, centroids", aspect="equal")
+        ax.invert_yaxis()
+        fig.colorbar(dots, ax=ax, label="frame")
+        figures["detector"] = fig
+
+        fig = Figure(figsize=(6, 3))
+        ax = fig.add_subplot()
+        with_psi = "centroid_psi_deg" in (spots.dtype.names or ())
+        ax.hist(spots["centroid_psi_deg" if with_psi else "centroid_frame"], bins=72)
+        ax.set(xlabel="ψ (degrees)" if with_psi else "frame", ylabel="difspots", title="difspots per rotation angle")
+        figures["spots_per_psi"] = fig
+
+        fig = Figure(figsize=(6, 3))
+        ax = fig.add_subplot()
+        positive = spots["integral"][spots["integral"] > 0]
+        if positive.size:
+            ax.hist(positive, bins=np.geomspace(positive.min(), positive.max() * 1.0001, 40))
+            ax.set_xscale("log")
+        ax.set(xlabel="integral (counts)", ylabel="difspots", title="integrated intensities")
+        figures["integrals"] = fig
+
+        picture = self.out / "quicklook" / "max_projection.png"
+        if picture.is_file():
+            from PIL import Image
+
+            fig = Figure(figsize=(7, 7))
+            ax = fig.add_subplot()
+            ax.imshow(np.asarray(Image.open(picture)))
+            ax.set_axis_off()
+            figures["max_projection"] = fig
+        for fig in figures.values():
+            fig.tight_layout()
+        return figures
+
+
+def open_run(out: str | os.PathLike) -> Run:
+    """The run whose output folder is ``out``, finished or still running.
+
+    Parameters
+    ----------
+    out : str or os.PathLike
+        The output folder (``output.dir``, ``--out``) of ``dctstream run`` or `dctstream.run`.
+
+    Returns
+    -------
+    Run
+
+    Raises
+    ------
+    InputError
+        ``out`` is not the output folder of a run (no ``run.json`` and no ``spots.h5``).
+
+    Examples
+    --------
+    >>> run = dctstream.open_run("scan512_out")  # doctest: +SKIP
+    >>> run.spots["integral"].sum()  # doctest: +SKIP
+    """
+    path = Path(out)
+    if not (path / "run.json").is_file() and not (path / "spots.h5").is_file():
+        what = "no such folder" if not path.exists() else "no run.json or spots.h5"
+        raise InputError(f"{path}: {what}, expected the output folder of a dctstream run")
+    return Run(path)
