@@ -169,7 +169,7 @@ def segment(frames: Iterable[Any], angles: Any = None, *, config: ConfigLike = N
             raise InputError(f"dark: expected a (y, x) image or an (n, y, x) stack of dark frames, "
                              f"got shape {dark_image.shape}, dtype {dark_image.dtype}")
         if isinstance(frames, np.ndarray) and frames.ndim == 3 and dark_image.shape[-2:] != frames.shape[1:]:
-            raise InputError(f"dark: expected frames of {frames.shape[1]} x {frames.shape[2]} pixels (y, x) like "
+            raise InputError(f"dark: expected images of {frames.shape[1]} x {frames.shape[2]} pixels (y, x) like "
                              f"the frames, got shape {dark_image.shape}")
         dark = None
     settings = {"source.url": MEMORY_URL, **_dark_settings(dark, "segment()")}

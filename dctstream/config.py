@@ -574,8 +574,11 @@ def _parse_override(text: str) -> dict[str, Any]:
 
 
 def _nested(key: Any, value: Any) -> dict[str, Any]:
-    """``"a.b", value`` -> ``{"a": {"b": value}}``; a whole section, ``"a", {"b": value}``, stays as it is."""
-    tree = value
+    """``"a.b", value`` -> ``{"a": {"b": value}}``; a whole section, ``"a", {"b": value}``, stays as it is.
+
+    Tuples become lists, as a Python caller may write ``(2, 2, 1)`` where YAML has ``[2, 2, 1]``.
+    """
+    tree = {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else _plain(value)
     for part in reversed(str(key).split(".")):
         tree = {part: tree}
     return tree
