@@ -125,6 +125,7 @@ class Run:
         self.out = Path(out)
         self.stats = stats
         self._angles: tuple[str | None, np.ndarray | None] | None = None
+        self._table: tuple[tuple[int, int], np.ndarray] | None = None  # (spots.h5 mtime and size, its table)
 
     def __repr__(self) -> str:
         return f"Run({str(self.out)!r})"
@@ -146,11 +147,20 @@ class Run:
 
         ``centroid_psi_deg`` is a field only when the run had angles.
         """
+        return self._read_table().copy()
+
+    def _read_table(self) -> np.ndarray:
+        """The spot table, read again only when spots.h5 changed (a running scan rewrites it whole)."""
         from .sinks.spot_table import COLUMNS, PSI_COLUMN, read_spot_table
 
         path = self.out / "spots.h5"
-        if not path.exists():
+        try:
+            info = path.stat()
+        except FileNotFoundError:
             return np.zeros(0, [(name, dtype) for name, (dtype, _) in COLUMNS.items() if name != PSI_COLUMN])
+        version = (info.st_mtime_ns, info.st_size)
+        if self._table is not None and self._table[0] == version:
+            return self._table[1]
         try:
             columns = read_spot_table(path)
         except (OSError, KeyError) as exc:
@@ -160,6 +170,7 @@ class Run:
         table = np.zeros(n, [(name, values.dtype) for name, values in columns.items()])
         for name, values in columns.items():
             table[name] = values
+        self._table = (version, table)
         return table
 
     def to_pandas(self):
@@ -196,7 +207,7 @@ class Run:
         """Difspot ``id`` with its row of the spot table and its voxels from ``OUT/difspots/{id:06d}.h5``."""
         import h5py
 
-        table = self.spots
+        table = self._read_table()
         rows = np.flatnonzero(table["id"] == id)
         if not rows.size:
             raise InputError(f"{self.out / 'spots.h5'}: difspot {id}: not in the spot table, expected one of "
@@ -219,7 +230,8 @@ class Run:
         Returns
         -------
         dict of str to matplotlib.figure.Figure
-            ``detector``: centroids on the detector, sized by integral and coloured by frame;
+            ``detector``: centroids on the detector, sized by integral and coloured by frame, with the
+            direct-beam box;
             ``spots_per_psi``: difspots per rotation angle (per frame without angles);
             ``integrals``: histogram of the integrals; and ``max_projection``, the run's
             quick-look picture, when it wrote one.
@@ -237,7 +249,21 @@ class Run:
         size = 4 + 60 * np.sqrt(np.clip(spots["integral"], 0, None) / max(spots["integral"].max(initial=0), 1e-12))
         dots = ax.scatter(spots["centroid_x"], spots["centroid_y"], s=size, c=spots["centroid_frame"], cmap="viridis")
         ax.set(xlabel="x (px)", ylabel="y (px)", title=f"{spots.size} difspots, centroids", aspect="equal")
-        ax.invert_yaxis()
+        shape = _mask_shape(self.out / "mask.h5")
+        if shape is not None:
+            ax.set(xlim=(-0.5, shape[1] - 0.5), ylim=(shape[0] - 0.5, -0.5))
+        else:
+            ax.invert_yaxis()
+        from .record import read_record
+
+        beam = ((read_record(self.out) or {}).get("stats") or {}).get("direct_beam")
+        if beam:
+            from matplotlib.patches import Rectangle
+
+            x0, y0, width, height = beam
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), width, height, fill=False, edgecolor="red",
+                                   label="direct beam"))
+            ax.legend(loc="upper right", fontsize="small")
         fig.colorbar(dots, ax=ax, label="frame")
         figures["detector"] = fig
 
@@ -269,6 +295,18 @@ class Run:
         for fig in figures.values():
             fig.tight_layout()
         return figures
+
+
+def _mask_shape(path: Path) -> tuple[int, int] | None:
+    """(y, x) pixels of the detector, from ``OUT/mask.h5`` (binned there); None before it is written."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            binning = int(str(h5.attrs.get("binning", "1")).split()[0])
+            return tuple(int(n) * binning for n in h5["mask"].shape)
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def open_run(out: str | os.PathLike) -> Run:

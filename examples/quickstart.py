@@ -91,8 +91,9 @@ print(len(in_memory), "difspots from memory, the same as the run's:", same and l
 
 # %% [markdown]
 # ## Plots
-# `run.plot_quicklook()` returns matplotlib figures of the spot table; each
-# difspot can be drawn from its projection over its frames.
+# `run.plot_quicklook()` returns matplotlib figures of the spot table, by name
+# (in a notebook, `figures["detector"]` as the last line of a cell shows one);
+# each difspot can be drawn from its projection over its frames.
 
 # %%
 try:
@@ -102,6 +103,8 @@ except ImportError:  # plots need matplotlib: pip install matplotlib
 
 if plt is not None:
     figures = run.plot_quicklook()
+    for name, figure in figures.items():
+        figure.savefig(work / f"{name}.png")
     fig, axes = plt.subplots(1, len(difspots), figsize=(3 * len(difspots), 3))
     for ax, spot in zip(axes, difspots):
         ax.imshow(spot.projection, cmap="magma")

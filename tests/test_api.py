@@ -186,6 +186,15 @@ def test_run_refuses_a_folder_with_results(scan, runs):
         dctstream.run(truth.frames_url, out=runs[1], dark=truth.dark_url, overrides=SETTINGS)
 
 
+def test_open_run_of_a_scan_that_has_just_started(runs, tmp_path):
+    (tmp_path / "run.json").write_text((runs[0].out / "run.json").read_text().replace('"finished"', '"running"'))
+    run = dctstream.open_run(tmp_path)
+    assert run.spots.size == 0 and "integral" in run.spots.dtype.names
+    assert run.status()["state"] == "running"
+    with pytest.raises(InputError, match="difspot 0: not in the spot table"):
+        run.difspot(0)
+
+
 def test_unknown_difspot_is_an_input_error(runs):
     with pytest.raises(InputError, match=r"difspot 99999: not in the spot table"):
         runs[0].difspot(99999)

@@ -24,4 +24,6 @@ def test_quickstart(tmp_path, monkeypatch):
     assert names["same"] and len(names["in_memory"]) == len(run.spots)
     if names["plt"] is not None:
         assert set(names["figures"]) >= {"detector", "spots_per_psi", "integrals"}
+        for name in names["figures"]:
+            assert (tmp_path / "dctstream-quickstart" / f"{name}.png").stat().st_size > 10_000, name
         names["plt"].close("all")
