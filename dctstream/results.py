@@ -96,7 +96,7 @@ class Difspot:
         return cls(id=int(row["id"]), bbox=(f0, y0, x0, f1, y1, x1),
                    centroid=(float(row["centroid_frame"]), float(row["centroid_y"]), float(row["centroid_x"])),
                    area=int(row["area"]), integral=float(row["integral"]), max_value=float(row["max_value"]),
-                   max_index=tuple(int(v) for v in max_index), psi_deg=None if psi is None else float(psi),
+                   max_index=(int(max_index[0]), int(max_index[1]), int(max_index[2])), psi_deg=None if psi is None else float(psi),
                    psi_range_deg=psi_range, volume=volume, mask=np.asarray(mask, bool))
 
     @classmethod
@@ -213,7 +213,7 @@ class Run:
             raise InputError(f"{self.out / 'spots.h5'}: difspot {id}: not in the spot table, expected one of "
                              f"its {table.size} ids" + (f" ({table['id'].min()}..{table['id'].max()})"
                                                        if table.size else ""))
-        row = {name: table[name][rows[0]].item() for name in table.dtype.names}
+        row = {name: table[name][rows[0]].item() for name in table.dtype.names or ()}
         path = self.out / "difspots" / f"{int(id):06d}.h5"
         try:
             with h5py.File(path, "r") as h5:
@@ -278,7 +278,7 @@ class Run:
         ax = fig.add_subplot()
         positive = spots["integral"][spots["integral"] > 0]
         if positive.size:
-            ax.hist(positive, bins=np.geomspace(positive.min(), positive.max() * 1.0001, 40))
+            ax.hist(positive, bins=list(np.geomspace(positive.min(), positive.max() * 1.0001, 40)))
             ax.set_xscale("log")
         ax.set(xlabel="integral (counts)", ylabel="difspots", title="integrated intensities")
         figures["integrals"] = fig
@@ -304,7 +304,8 @@ def _mask_shape(path: Path) -> tuple[int, int] | None:
     try:
         with h5py.File(path, "r") as h5:
             binning = int(str(h5.attrs.get("binning", "1")).split()[0])
-            return tuple(int(n) * binning for n in h5["mask"].shape)
+            ny, nx = h5["mask"].shape
+            return int(ny) * binning, int(nx) * binning
     except (OSError, KeyError, ValueError):
         return None
 

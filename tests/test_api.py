@@ -205,7 +205,8 @@ def test_unknown_difspot_is_an_input_error(runs):
     (np.zeros((4, 8, 8), np.float32), None, None, "frames: expected a 3-D stack (frames, y, x) of integer"),
     ("scan.h5", None, None, "frames: expected an iterable of 2-D arrays"),
     (np.zeros((4, 8, 8), np.uint16), np.zeros(3), None, "angles: expected a 1-D array of at least 4 angles"),
-    (np.zeros((4, 8, 8), np.uint16), [0, 1, np.nan, 3], None, "source.angles: segment(angles): frame 2: expected a finite angle"),
+    (np.zeros((4, 8, 8), np.uint16), [0, 1, np.nan, 3], None,
+     "source.angles: segment(angles): frame 2: expected a finite angle"),
     (np.zeros((4, 8, 8), np.uint16), None, np.zeros((8, 9)), "dark: expected images of 8 x 8 pixels"),
     (np.zeros((4, 8, 8), np.uint16), None, np.zeros(8), "dark: expected a (y, x) image or an (n, y, x) stack"),
 ])

@@ -5,8 +5,6 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
-import pytest
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ class MemorySource:
         self._frames = frames
         self._stop = threading.Event()
         self.end_reason: str | None = None
-        self.n_frames: int | None = len(frames) if hasattr(frames, "__len__") else None
+        self.n_frames: int | None = len(frames) if isinstance(frames, Sized) else None
         self.frame_shape: tuple[int, int] | None = None
         self.dtype: np.dtype | None = None
         if isinstance(frames, np.ndarray):
