@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from .api import run, segment
 from .config import Config, load_config
 from .errors import ConfigError, DctStreamError, InputError, OptionalDependencyError, OutputError
-from .results import Difspot, Run, open_run
+from .results import Run, open_run
+from .types import Difspot
 
 __all__ = [
     "Config",

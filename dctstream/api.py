@@ -18,7 +18,8 @@ import numpy as np
 
 from .config import Config, load_config, override_config
 from .errors import ConfigError, InputError
-from .results import Difspot, Run
+from .results import Run
+from .types import Blob, Difspot
 
 __all__ = ["run", "segment"]
 
@@ -183,6 +184,14 @@ def segment(frames: Iterable[Any], angles: Any = None, *, config: ConfigLike = N
 _DONE = object()
 
 
+def _difspot(blob: Blob, row: dict, angles: np.ndarray | None) -> Difspot:
+    """The difspot of a closed ``blob`` whose spot-table row is ``row``, as `Run.difspot` reads it from its file."""
+    from .sinks.difspots import box_arrays
+
+    volume, mask = box_arrays(blob, row, blob.volume)
+    return Difspot.from_row(row, volume, mask, blob.max_index, angles)
+
+
 def _segmenting(cfg: Config, source, dark_image: np.ndarray | None) -> Iterator[Difspot]:
     """Run the pipeline over ``source`` on a thread; yield each difspot it writes."""
     import h5py
@@ -203,7 +212,7 @@ def _segmenting(cfg: Config, source, dark_image: np.ndarray | None) -> Iterator[
         def work() -> None:
             try:
                 pipeline = Pipeline(cfg, source=source)
-                pipeline.blob_taps.append(lambda blob, row: found.put(Difspot.from_blob(blob, row, source.angles)))
+                pipeline.blob_taps.append(lambda blob, row: found.put(_difspot(blob, row, source.angles)))
                 pipeline.run()
                 found.put(_DONE)
             except BaseException as exc:  # raised again by the consumer, on its own thread
