@@ -45,12 +45,14 @@ def _summary(stats, out_dir) -> str:
 
 
 def cmd_run(args) -> int:
+    from .api import run
+
     cfg = _config(args)  # before the heavy imports: a bad config fails at once
-    from .runner import process_scan, stop_on_sigterm
+    from .runner import stop_on_sigterm
 
     stop_on_sigterm()
-    stats = process_scan(cfg, overwrite=args.overwrite)
-    print(_summary(stats, cfg.output.dir))
+    result = run(None, out=None, config=cfg, overwrite=args.overwrite, display=True)
+    print(_summary(result.stats, cfg.output.dir))
     return 0
 
 

@@ -160,6 +160,8 @@ class Pipeline:
         self._flushed_s = time.monotonic()
         # consumers of each corrected frame, called as tap.on_corrected(k, frame) (quick-look pictures)
         self.frame_taps: list = []
+        # consumers of each difspot once written, called as tap(blob, row) with its spot-table row (segment())
+        self.blob_taps: list = []
         self._writer: Worker | None = None
         self._segmenting: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
@@ -487,8 +489,10 @@ class Pipeline:
         blob = self.detector.unbin_blob(blob)
         with self._timed("write"):
             self._unsynced.append(self.difspots.write(blob, volume=blob.volume))
-            self.table.add(blob, psi)
+            row = self.table.add(blob, psi)
             self.stats.difspots_written += 1
+            for tap in self.blob_taps:
+                tap(blob, row)
             if time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
                 self.table.flush()
                 self._flushed_s = time.monotonic()
