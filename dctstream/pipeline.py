@@ -22,6 +22,7 @@ from .overlap import Prefetch, Worker
 from .segment import SegmentParams, Segmenter
 from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
 from .sources import open_source
+from .sources.scan_file import resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ class Pipeline:
         if not cfg.source.url:
             raise ConfigError("source.url: no scan given, expected path/to/scan.h5::/dataset "
                               "(in the config or with --source)")
+        # source.angles / dark.url "auto": read from the scan file now, so that everything after sees URLs
+        cfg, self.auto_found = resolve_auto(cfg)
         self.cfg = cfg
         self.stats = Stats()
         self.out_dir = Path(cfg.output.dir)

@@ -41,6 +41,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
     ``display=False`` shows nothing (the status snapshot and record are still written).
     """
     pipeline = Pipeline(cfg, overwrite=overwrite)  # a bad input fails here, before any output
+    cfg, auto = pipeline.cfg, pipeline.auto_found  # with what source.angles / dark.url: auto found
     quick = QuickLook(cfg.quicklook, cfg.output.dir, pipeline) if cfg.quicklook.enabled else None
     if quick is not None:
         pipeline.frame_taps.append(quick)
@@ -48,7 +49,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
 
     def record_start(snap: dict) -> None:  # on the monitor's thread, once the output folder exists
         if not recorded.is_set():
-            write_record(cfg.output.dir, run_record(cfg, snap))
+            write_record(cfg.output.dir, run_record(cfg, snap, auto=auto))
             recorded.set()
 
     monitor = ScanMonitor(cfg, on_write=record_start)
@@ -81,7 +82,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
         monitor.state = state
         snap = monitor.close(state, error)
         if snap is not None:
-            write_record(cfg.output.dir, run_record(cfg, snap, pictures))
+            write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto))
 
 
 def stop_on_sigterm() -> None:
