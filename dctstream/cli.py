@@ -101,6 +101,12 @@ def _follow_status(out_dir, interval_s: float) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "dct":
+        from .dct_table import export_dct
+
+        paths, n = export_dct(args.out_dir, args.output)
+        print(f"wrote {n} difspots to {' and '.join(map(str, paths))} (the DCT difspot table)")
+        return 0
     from .export import export_imaged11
 
     path, n = export_imaged11(args.out_dir, args.output)
@@ -287,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the spot table for indexing programs")
     p.add_argument("out_dir", help="the output folder of a run (holds spots.h5)")
-    p.add_argument("--format", choices=["imaged11"], default="imaged11",
-                   help="imaged11: an ImageD11 columnfile, OUT_DIR/spots.flt")
-    p.add_argument("--output", help="file to write (default OUT_DIR/spots.flt)")
+    p.add_argument("--format", choices=["imaged11", "dct"], default="imaged11",
+                   help="imaged11: an ImageD11 columnfile, OUT_DIR/spots.flt; dct: the legacy DCT difspot table, "
+                        "OUT_DIR/difspot.h5 and difspot.csv (also written at the end of every run)")
+    p.add_argument("--output", help="file to write (default OUT_DIR/spots.flt, OUT_DIR/difspot.h5)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="validate a configuration and print the effective one")

@@ -127,8 +127,8 @@ def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
     """Results of an earlier run in ``out_dir``; refuse to mix them with a new run unless asked to replace them."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: cannot create the output folder, expected a folder, got a file")
-    previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots", out_dir / "mask.h5", out_dir / "corrected.h5")
-                if p.exists()]
+    previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots", out_dir / "mask.h5", out_dir / "corrected.h5",
+                            out_dir / "difspot.h5", out_dir / "difspot.csv") if p.exists()]
     if previous and not overwrite:
         raise OutputError(f"{out_dir}: already holds results ({previous[0].name}), expected an empty or new "
                           "folder; choose another output.dir or pass --overwrite")

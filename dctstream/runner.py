@@ -19,6 +19,7 @@ import sys
 import threading
 
 from .config import Config
+from .dct_table import export_dct
 from .pipeline import Pipeline, Stats
 from .quicklook import QuickLook
 from .record import run_record, write_record
@@ -79,6 +80,11 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
                 pictures = quick.finish() if state == "finished" else []
             except Exception as exc:
                 log.warning("quick-look pictures not written: %s", _one_line(exc))
+        if state == "finished":
+            try:
+                export_dct(cfg.output.dir)  # the legacy DCT code's difspot table, beside spots.h5
+            except Exception as exc:
+                log.warning("difspot table (difspot.h5, difspot.csv) not written: %s", _one_line(exc))
         monitor.state = state
         snap = monitor.close(state, error)
         if snap is not None:
