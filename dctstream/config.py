@@ -58,7 +58,9 @@ class SourceConfig:
 
     url: str | None = None
     angles: str | None = None  # a URL, or auto: the positioner that moves over the scan (sources/scan_file.py)
-    protocol: str = "auto"  # auto (from the URL) | hdf5 | hdf5-live | stream1 | stream2 | folder
+    protocol: str = "auto"  # auto (from the URL) | hdf5 | hdf5-live | stream1 | stream2 | folder | bliss
+    scan: str | None = None  # bliss: a scan key, or a pattern the next scan's name matches (null: the next scan)
+    stream: str | None = None  # bliss: the frames' stream, e.g. marana:image (null: the scan's only image stream)
     expected_frames: int | None = None  # the scan is over once this many frames arrived
     idle_timeout_s: float = 60.0  # ... or once the source has been silent this long
     poll_interval_s: float = 0.5  # how often a file or folder is checked when notifications fail
@@ -359,7 +361,9 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
     "source": {
         "url": _or(None, _parse_text),
         "angles": _or(None, _parse_text),
-        "protocol": _one_of("auto", "hdf5", "hdf5-live", "stream1", "stream2", "folder"),
+        "protocol": _one_of("auto", "hdf5", "hdf5-live", "stream1", "stream2", "folder", "bliss"),
+        "scan": _or(None, _parse_text),
+        "stream": _or(None, _parse_text),
         "expected_frames": _or(None, _int_at_least(1)),
         "idle_timeout_s": _positive,
         "poll_interval_s": _positive,

@@ -42,7 +42,10 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
     ``display=False`` shows nothing (the status snapshot and record are still written).
     """
     pipeline = Pipeline(cfg, overwrite=overwrite)  # a bad input fails here, before any output
-    cfg, auto = pipeline.cfg, pipeline.auto_found  # with what source.angles / dark.url: auto found
+    cfg = pipeline.cfg  # with what source.angles / dark.url: auto found in place
+
+    def auto() -> dict:  # what was found in the scan file, and what a live source found once its scan began
+        return {**pipeline.auto_found, **getattr(pipeline.source, "found", {})}
     quick = QuickLook(cfg.quicklook, cfg.output.dir, pipeline) if cfg.quicklook.enabled else None
     if quick is not None:
         pipeline.frame_taps.append(quick)
@@ -50,7 +53,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
 
     def record_start(snap: dict) -> None:  # on the monitor's thread, once the output folder exists
         if not recorded.is_set():
-            write_record(cfg.output.dir, run_record(cfg, snap, auto=auto))
+            write_record(cfg.output.dir, run_record(cfg, snap, auto=auto()))
             recorded.set()
 
     monitor = ScanMonitor(cfg, on_write=record_start)
@@ -88,7 +91,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
         monitor.state = state
         snap = monitor.close(state, error)
         if snap is not None:
-            write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto))
+            write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto()))
 
 
 def stop_on_sigterm() -> None:

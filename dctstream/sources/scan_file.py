@@ -45,7 +45,12 @@ def resolve_auto(cfg):
         return cfg, {}
     found: dict[str, dict] = {}
     url = cfg.source.url or ""
-    if "::" not in url or "*" in url:
+    if cfg.source.protocol == "bliss" or re.match(r"^(redis|rediss|unix)://", url):
+        # a blissdata scan: its source picks the angle stream itself, once the scan is known
+        want_angles = False
+        reason = "a blissdata scan: name the dark with dark.url"
+        h5 = None
+    elif "::" not in url or "*" in url:
         reason = "the source is not an HDF5 scan file"
         h5 = None
     else:
