@@ -94,12 +94,16 @@ def test_the_next_scan_whose_name_matches(bliss_url, scan_frames, tiny_scan, tin
     _assert_same_spots(tmp_path / "live", _offline(tmp_path, frames, angles, tiny_scan, tiny_overrides))
 
 
-def test_an_aborted_scan_keeps_what_was_received_and_says_so(bliss_url, scan_frames, tiny_scan, tiny_overrides,
+@pytest.mark.parametrize("when", ["live", "after"])
+def test_an_aborted_scan_keeps_what_was_received_and_says_so(when, bliss_url, scan_frames, tiny_scan, tiny_overrides,
                                                              tmp_path, caplog):
+    """Read while Bliss publishes it, or once it is over (still in Redis)."""
     frames, angles = scan_frames
     publisher = Publisher(bliss_url, frames, angles, tmp_path, name="dct_abort", abort_after=25)
     publisher.start()
     assert publisher.created.wait(PUBLISH_TIMEOUT_S)
+    if when == "after":
+        publisher.finish()
     out = tmp_path / "live"
     stats = process_scan(_cfg(bliss_url, out, tiny_scan.dark_url, tiny_overrides, f"source.scan={publisher.key}"),
                          display=False)

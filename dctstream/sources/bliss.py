@@ -221,6 +221,10 @@ class BlissdataSource:
         deadline = time.monotonic() + self._cfg.idle_timeout_s
         while scan.state < self._ScanState.CLOSED and time.monotonic() < deadline and not self._closed:
             scan.update(timeout=_READ_S)
+        if scan.state >= self._ScanState.CLOSED:
+            # loaded again for the same reason as in _scan: a scan loaded as it closed can say CLOSED and
+            # still show the description from before (without its end_reason)
+            scan = self._store.load_scan(scan.key)
         reason = scan.info.get("end_reason")
         self.end_reason = END_REASONS.get(reason, "scan_end" if reason is None else f"scan_{str(reason).lower()}")
         if self.end_reason != "scan_end":
