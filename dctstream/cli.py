@@ -1,4 +1,4 @@
-"""The ``dctstream`` command: run | watch | status | export | demo | simulate | replay | bench | check."""
+"""The ``dctstream`` command: run | watch | status | export | demo | simulate | replay | bench | check | config."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ log = logging.getLogger("dctstream")
 
 def _config(args):
     from .config import load_config
+    from .configs import config_file
 
     overrides = list(args.set or [])
     for key in ("source", "dark", "out"):
@@ -26,7 +27,7 @@ def _config(args):
             name = {"source": "source.url", "dark": "dark.url", "out": "output.dir"}[key]
             # A path, not YAML: quoted so that `--out 2024` or `--dark 'scan #2.h5::/d'` stay strings.
             overrides.append(f"{name}={json.dumps(value, ensure_ascii=False)}")
-    return load_config(args.config, overrides)
+    return load_config(config_file(args.config), overrides)
 
 
 def _threshold(seed_threshold) -> str:
@@ -91,6 +92,12 @@ def _follow_status(out_dir, interval_s: float) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "dct":
+        from .dct_table import export_dct
+
+        paths, n = export_dct(args.out_dir, args.output)
+        print(f"wrote {n} difspots to {' and '.join(map(str, paths))} (the DCT difspot table)")
+        return 0
     from .export import export_imaged11
 
     path, n = export_imaged11(args.out_dir, args.output)
@@ -104,6 +111,22 @@ def cmd_watch(args) -> int:
 
     daemon = Daemon(args.root, cfg, config_path=args.config, overrides=list(args.set or []))
     return daemon.run(max_scans=args.max_scans)
+
+
+def cmd_config(args) -> int:
+    from . import configs
+
+    if args.action == "list":
+        for name in configs.names():
+            print(f"{name:12s} {configs.packaged_path(name)}")
+        return 0
+    path = configs.packaged_path(args.name or configs.DEFAULT)
+    if path is None:
+        from .errors import ConfigError
+        raise ConfigError(f"config show: {args.name}: no such packaged config, expected one of "
+                          f"{', '.join(configs.names())}")
+    print(path.read_text(encoding="utf-8"), end="")
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -230,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p):
-        p.add_argument("config", nargs="?", help="YAML configuration file (defaults when omitted)")
+        p.add_argument("config", nargs="?", help="YAML configuration file, or the name of a packaged one "
+                       "(dctstream config list); the packaged default when omitted")
         p.add_argument("--source", help="scan URL, path/to/scan.h5::/dataset (overrides source.url)")
         p.add_argument("--dark", help="dark URL (overrides dark.url)")
         p.add_argument("--out", help="output folder (overrides output.dir)")
@@ -260,14 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the spot table for indexing programs")
     p.add_argument("out_dir", help="the output folder of a run (holds spots.h5)")
-    p.add_argument("--format", choices=["imaged11"], default="imaged11",
-                   help="imaged11: an ImageD11 columnfile, OUT_DIR/spots.flt")
-    p.add_argument("--output", help="file to write (default OUT_DIR/spots.flt)")
+    p.add_argument("--format", choices=["imaged11", "dct"], default="imaged11",
+                   help="imaged11: an ImageD11 columnfile, OUT_DIR/spots.flt; dct: the legacy DCT difspot table, "
+                        "OUT_DIR/difspot.h5 and difspot.csv (also written at the end of every run)")
+    p.add_argument("--output", help="file to write (default OUT_DIR/spots.flt, OUT_DIR/difspot.h5)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="validate a configuration and print the effective one")
     with_config(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("config", help="list the packaged configurations, or print one")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?", help="show: the packaged config to print (default: default)")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("simulate", help="write a simulated DCT scan with ground truth")
     p.add_argument("output", help="HDF5 file to write")

@@ -58,8 +58,10 @@ class SourceConfig:
     """Where the frames and their rotation angles come from, as ``file.h5::/dataset/path``."""
 
     url: str | None = None
-    angles: str | None = None
-    protocol: str = "auto"  # auto (from the URL) | hdf5 | hdf5-live | stream1 | stream2 | folder
+    angles: str | None = None  # a URL, or auto: the positioner that moves over the scan (sources/scan_file.py)
+    protocol: str = "auto"  # auto (from the URL) | hdf5 | hdf5-live | stream1 | stream2 | folder | bliss
+    scan: str | None = None  # bliss: a scan key, or a pattern the next scan's name matches (null: the next scan)
+    stream: str | None = None  # bliss: the frames' stream, e.g. marana:image (null: the scan's only image stream)
     expected_frames: int | None = None  # the scan is over once this many frames arrived
     idle_timeout_s: float = 60.0  # ... or once the source has been silent this long
     poll_interval_s: float = 0.5  # how often a file or folder is checked when notifications fail
@@ -70,7 +72,7 @@ class SourceConfig:
 class DarkConfig:
     """Dark current subtracted from every frame: an image (``url``) or a constant (``value``), at most one."""
 
-    url: str | None = None
+    url: str | None = None  # a URL, or auto: a scan titled dark in the same file (sources/scan_file.py)
     value: float | None = None  # counts
     estimate: bool = False  # no dark given: per-pixel median of the faintest frames of the first window
     estimate_frames: int = 5  # how many of the faintest frames
@@ -377,7 +379,9 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
     "source": {
         "url": _or(None, _parse_text),
         "angles": _or(None, _parse_text),
-        "protocol": _one_of("auto", "hdf5", "hdf5-live", "stream1", "stream2", "folder"),
+        "protocol": _one_of("auto", "hdf5", "hdf5-live", "stream1", "stream2", "folder", "bliss"),
+        "scan": _or(None, _parse_text),
+        "stream": _or(None, _parse_text),
         "expected_frames": _or(None, _int_at_least(1)),
         "idle_timeout_s": _positive,
         "poll_interval_s": _positive,
@@ -450,10 +454,10 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[str, tuple[str, ...], bool, str
            bg.normalise != "margin" or cfg.direct_beam.bbox != "none",
            "none when direct_beam.bbox is none")
     yield ("dark.value", ("dark.url",),
-           cfg.dark.url is None or cfg.dark.value is None,
+           cfg.dark.url in (None, "auto") or cfg.dark.value is None,
            "null when dark.url is set")
     yield ("dark.estimate", ("dark.url", "dark.value"),
-           not cfg.dark.estimate or (cfg.dark.url is None and cfg.dark.value is None),
+           not cfg.dark.estimate or (cfg.dark.url in (None, "auto") and cfg.dark.value is None),
            "false when dark.url or dark.value is set")
     yield ("segmentation.grow_high", ("segmentation.grow_low",),
            seg.grow_high is None or seg.grow_low == "auto" or seg.grow_high >= seg.grow_low,

@@ -23,6 +23,7 @@ from .segment import SegmentParams, Segmenter
 from .segment.noise import TILE_PX, NoiseTracker
 from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
 from .sources import open_source
+from .sources.scan_file import resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,8 @@ def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
     """Results of an earlier run in ``out_dir``; refuse to mix them with a new run unless asked to replace them."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: cannot create the output folder, expected a folder, got a file")
-    previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots", out_dir / "mask.h5", out_dir / "corrected.h5")
-                if p.exists()]
+    previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots", out_dir / "mask.h5", out_dir / "corrected.h5",
+                            out_dir / "difspot.h5", out_dir / "difspot.csv") if p.exists()]
     if previous and not overwrite:
         raise OutputError(f"{out_dir}: already holds results ({previous[0].name}), expected an empty or new "
                           "folder; choose another output.dir or pass --overwrite")
@@ -138,6 +139,8 @@ class Pipeline:
         if not cfg.source.url:
             raise ConfigError("source.url: no scan given, expected path/to/scan.h5::/dataset "
                               "(in the config or with --source)")
+        # source.angles / dark.url "auto": read from the scan file now, so that everything after sees URLs
+        cfg, self.auto_found = resolve_auto(cfg)
         self.cfg = cfg
         self.stats = Stats()
         self.out_dir = Path(cfg.output.dir)

@@ -7,7 +7,8 @@ killed: `scan_state` reads it that way.
 
 Keys: ``dctstream_version``, ``state``, ``end_reason`` (why the source ended,
 or why the run stopped), ``error``, ``source``, ``angles``, ``dark``,
-``out_dir``, ``host``, ``pid``, ``started_utc``, ``ended_utc``,
+``auto`` (what ``source.angles: auto`` and ``dark.url: auto`` found in the
+scan file, and why), ``out_dir``, ``host``, ``pid``, ``started_utc``, ``ended_utc``,
 ``frames_processed`` (frames segmented), ``frames_read``, ``spots``
 (difspots written), ``rejected`` (by reason), ``warnings``, ``stats`` (every
 field of the pipeline's `Stats`, whatever fields it has), ``config`` (the
@@ -28,7 +29,7 @@ RUN_FILE = "run.json"
 STATES = ("running", "finished", "stopped", "failed")
 
 
-def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None) -> dict:
+def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None, auto: dict | None = None) -> dict:
     """The record of a run from its last status snapshot."""
     s = snap.get("stats") or {}
     state = snap.get("state", "running")
@@ -43,6 +44,7 @@ def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None) -> d
         "source": cfg.source.url,
         "angles": cfg.source.angles,
         "dark": cfg.dark.url if cfg.dark.url is not None else cfg.dark.value,
+        "auto": auto or {},
         "out_dir": str(cfg.output.dir),
         "host": snap.get("host"),
         "pid": snap.get("pid"),

@@ -19,6 +19,7 @@ import sys
 import threading
 
 from .config import Config
+from .dct_table import export_dct
 from .pipeline import Pipeline, Stats
 from .quicklook import QuickLook
 from .record import run_record, write_record
@@ -41,6 +42,10 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
     ``display=False`` shows nothing (the status snapshot and record are still written).
     """
     pipeline = Pipeline(cfg, overwrite=overwrite)  # a bad input fails here, before any output
+    cfg = pipeline.cfg  # with what source.angles / dark.url: auto found in place
+
+    def auto() -> dict:  # what was found in the scan file, and what a live source found once its scan began
+        return {**pipeline.auto_found, **getattr(pipeline.source, "found", {})}
     quick = QuickLook(cfg.quicklook, cfg.output.dir, pipeline) if cfg.quicklook.enabled else None
     if quick is not None:
         pipeline.frame_taps.append(quick)
@@ -48,7 +53,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
 
     def record_start(snap: dict) -> None:  # on the monitor's thread, once the output folder exists
         if not recorded.is_set():
-            write_record(cfg.output.dir, run_record(cfg, snap))
+            write_record(cfg.output.dir, run_record(cfg, snap, auto=auto()))
             recorded.set()
 
     monitor = ScanMonitor(cfg, on_write=record_start)
@@ -78,10 +83,15 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
                 pictures = quick.finish() if state == "finished" else []
             except Exception as exc:
                 log.warning("quick-look pictures not written: %s", _one_line(exc))
+        if state == "finished":
+            try:
+                export_dct(cfg.output.dir)  # the legacy DCT code's difspot table, beside spots.h5
+            except Exception as exc:
+                log.warning("difspot table (difspot.h5, difspot.csv) not written: %s", _one_line(exc))
         monitor.state = state
         snap = monitor.close(state, error)
         if snap is not None:
-            write_record(cfg.output.dir, run_record(cfg, snap, pictures))
+            write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto()))
 
 
 def stop_on_sigterm() -> None:

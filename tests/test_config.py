@@ -60,8 +60,9 @@ def test_config_is_frozen():
         Config().background.window = 3  # type: ignore[misc]
 
 
-def test_default_yml_equals_defaults():
-    assert load_config(CONFIGS / "default.yml") == load_config(None)
+def test_default_yml_equals_defaults_but_finds_angles_and_dark():
+    packaged = load_config(CONFIGS / "default.yml")
+    assert packaged == replace_config(load_config(None), source={"angles": "auto"}, dark={"url": "auto"})
 
 
 def documented_keys(text: str) -> set[str]:
@@ -322,3 +323,32 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         f"{path}: line 3: invalid YAML: while parsing a block mapping, "
         "expected <block end>, but found '<block mapping start>'"
     )
+
+
+# -- packaged configs -----------------------------------------------------------
+
+
+def test_packaged_configs_are_the_shipped_files(capsys):
+    from dctstream import configs
+    from dctstream.cli import main
+
+    assert configs.names() == sorted(p.stem for p in CONFIGS.glob("*.yml"))
+    assert main(["config", "list"]) == 0
+    listed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert listed == {p.stem: str(configs.packaged_path(p.stem)) for p in CONFIGS.glob("*.yml")}
+    assert main(["config", "show", "sim512"]) == 0
+    assert capsys.readouterr().out == (CONFIGS / "sim512.yml").read_text()
+    assert main(["config", "show", "nope"]) == 2
+    assert capsys.readouterr().err == ("dctstream: error: config show: nope: no such packaged config, expected one "
+                                       f"of {', '.join(configs.names())}\n")
+
+
+def test_a_config_argument_is_a_file_else_a_packaged_name(tmp_path, monkeypatch):
+    from dctstream.configs import config_file, packaged_path
+
+    monkeypatch.chdir(tmp_path)
+    assert config_file(None) == packaged_path("default")
+    assert config_file("sim512") == config_file("sim512.yml") == packaged_path("sim512")
+    (tmp_path / "sim512.yml").write_text("background: {window: 11}\n")
+    assert config_file("sim512.yml") == "sim512.yml"  # a file of that name wins
+    assert config_file("other.yml") == "other.yml"  # neither: reading it says it is missing

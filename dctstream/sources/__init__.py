@@ -21,12 +21,20 @@ _STREAM_PORTS = {9999: "stream1", 31001: "stream2"}
 
 
 def source_kind(cfg) -> str:
-    """hdf5 (a recorded file), hdf5-live (a file being written), stream1, stream2 or folder.
+    """hdf5 (a recorded file), hdf5-live (a file being written), stream1, stream2, folder or bliss.
 
     With ``protocol: auto`` an HDF5 file is followed as it grows unless it is
     complete; ``hdf5`` or ``hdf5-live`` decides it.
     """
     url, protocol = cfg.url, cfg.protocol
+    if re.match(r"^(redis|rediss|unix)://", url):
+        if protocol in ("auto", "bliss"):
+            return "bliss"
+        raise ConfigError(f"source.protocol: {url} is a blissdata (Redis) server, expected auto or bliss, "
+                          f"got {protocol}")
+    if protocol == "bliss":
+        raise ConfigError(f"source.url: {url}: expected redis://host:port (the blissdata server) for "
+                          "protocol bliss")
     if re.match(r"^(tcp|ipc|inproc)://", url):
         if protocol in ("stream1", "stream2"):
             return protocol
@@ -75,6 +83,9 @@ def open_source(cfg):
     if kind == "hdf5-live":
         from .hdf5_live import Hdf5WatchSource
         return Hdf5WatchSource(cfg)
+    if kind == "bliss":
+        from .bliss import BlissdataSource
+        return BlissdataSource(cfg)
     if kind == "folder":
         from .folder import FolderSource
         return FolderSource(cfg)
