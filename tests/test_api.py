@@ -259,3 +259,13 @@ def test_segment_is_callable_after_the_segmenter_is_imported():
     assert callable(dctstream.segment)
     with pytest.raises(InputError, match="frames: expected an iterable"):
         dctstream.segment(3, None)
+
+
+def test_a_packaged_config_is_named_by_its_name():
+    from dctstream.api import resolve_config
+    from dctstream.configs import names
+
+    assert "default" in names()
+    cfg = resolve_config("default", {"background.window": 101}, {}, "run()")
+    assert cfg.source.angles == "auto" and cfg.background.window == 101  # the packaged default's own keys
+    assert resolve_config(None, None, {}, "run()").source.angles is None  # the built-in defaults
