@@ -24,3 +24,7 @@ class InputError(DctStreamError):
 
 class OutputError(DctStreamError):
     """The output folder cannot be written."""
+
+
+class ResourceError(DctStreamError):
+    """The run cannot fit in the memory (or other resource) this process may use."""

@@ -119,6 +119,9 @@ class Hdf5FileSource:
                 k = start + i
                 yield Frame(k, None if self.angles is None else float(self.angles[k]), data)
 
+    def read_frame(self, k: int) -> np.ndarray:
+        return self._read_one(k)
+
     def _read_one(self, k: int) -> np.ndarray:
         """Frame ``k`` alone: a batch that failed to read names the frame that broke it."""
         try:
