@@ -199,6 +199,8 @@ class Pipeline:
         self.lock: outdir.OutputLock | None = None  # taken when the output appears, held until `end`
         self.keep_lock = False  # True: `run` leaves `end` to its caller (the runner writes the record first)
         self._source_id: str | None = None  # identity of frame 0, kept in checkpoints
+        self._finishing = False  # the source has ended: the background stage is emitting its last frames
+        self._first_checked = False  # the first frame's counts were looked at (Detector.check_first_frame)
         outdir.check_free(self.out_dir)  # another run writing there: say it before reading anything
         self._identity = identity_config(cfg)
         # an unfinished run of this configuration in out_dir continues from its last checkpoint
@@ -319,6 +321,9 @@ class Pipeline:
                     if progress is not None:
                         progress(self.stats)
                 if self.background is not None:
+                    # the last frames' windows are shifted inside the scan: a checkpoint of them could not be
+                    # continued if the scan turns out to go on (an incomplete scan resumed once it grew)
+                    self._finishing = True
                     self._segment(self.background.finish())
                 self._close_segmenting()
                 if self._first_frames:  # a scan of fewer corrected frames than the noise estimate takes
@@ -439,6 +444,9 @@ class Pipeline:
                 self._start_stages(data.shape, data.dtype)
             if frame.index == 0:
                 self._source_id = checkpoint.frame_identity(data)
+            if not self._first_checked:
+                self._first_checked = True
+                self.detector.check_first_frame(data, self.cfg.source.url)
             data = self.detector.bin(data)
         with self._timed("background"):
             return self.background.push(data)
@@ -475,7 +483,7 @@ class Pipeline:
                     tap.on_corrected(k, frame)
         self.stats.frames_segmented += 1
         checkpoint.crash_point("frame")
-        if self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
+        if not self._finishing and self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
             self._writer.submit(checkpoint.capture(self, k))
 
     def segment_mask(self) -> np.ndarray:

@@ -114,7 +114,7 @@ def open_source(cfg):
     """The source that the ``source`` config section names."""
     kind = source_kind(cfg)
     if kind == "hdf5":
-        return Hdf5FileSource(cfg.url, cfg.angles)
+        return Hdf5FileSource(cfg.url, cfg.angles, missing=cfg.missing)
     if kind == "hdf5-live":
         from .hdf5_live import Hdf5WatchSource
         return Hdf5WatchSource(cfg)
