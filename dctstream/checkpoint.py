@@ -355,7 +355,7 @@ def frame_identity(data: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _check_identity(data, identity: str | None, source, out_dir) -> None:
+def check_identity(data, identity: str | None, source, out_dir) -> None:
     if identity and data is not None and frame_identity(data) != identity:
         from .errors import InputError
 
@@ -371,14 +371,11 @@ def frames_from(source, first: int, identity: str | None = None, out_dir=None):
     ``identity`` (`frame_identity` of the first run's frame 0) is checked against this source's frame 0."""
     if not getattr(source, "rereadable", True):
         raise ValueError("a stream is resumed from its spool, not read again")
-    if hasattr(source, "first_frame"):
-        if identity and hasattr(source, "read_frame"):
-            _check_identity(source.read_frame(0), identity, source, out_dir)
-            identity = None
+    if hasattr(source, "first_frame"):  # a recorded file: its frame 0 was checked when the run started
         source.first_frame = first
     for frame in source:
         if frame.index == 0:
-            _check_identity(frame.data, identity, source, out_dir)
+            check_identity(frame.data, identity, source, out_dir)
         if frame.index >= first:
             yield frame
 

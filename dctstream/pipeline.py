@@ -39,6 +39,8 @@ NOISE_TILE_PX = 32
 FRAME_QUEUE_DEPTH = 4
 # Corrected frames waiting for the segmenter: 16 MiB each at 2048 x 2048.
 SEGMENT_QUEUE_DEPTH = 1
+# Missing frames logged one by one as warnings; the rest are counted in the status.
+MISSING_WARNINGS = 3
 # Closed blobs waiting for the writer; each is a few kB.
 BLOB_QUEUE_DEPTH = 256
 
@@ -221,6 +223,9 @@ class Pipeline:
         self._segmenting: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
+            if self._resume and hasattr(self.source, "read_frame"):  # a recorded file: is it the same scan?
+                checkpoint.check_identity(self.source.read_frame(0), self._resume[0].get("source_id"),
+                                          self.source, self.out_dir)
             self.spool = spool.for_source(self.source, self.out_dir, self._resume, self.resuming)  # streams only
             self.stats.frames_total = getattr(self.source, "n_frames", None)
             self.background: BackgroundStage | None = None
@@ -438,7 +443,10 @@ class Pipeline:
                 raise InputError(f"frame {frame.index}: lost before any frame arrived, expected a first frame")
             data = self.background.stand_in()
             self.stats.frames_missing += 1
-            log.warning("frame %d: lost in transit, replaced by the current background", frame.index)
+            # a few are said; the count is in the status (so that they cannot crowd out the other warnings)
+            (log.warning if self.stats.frames_missing <= MISSING_WARNINGS else log.debug)(
+                "frame %d: lost in transit, replaced by the current background%s", frame.index,
+                " (the next ones are counted, not logged)" if self.stats.frames_missing == MISSING_WARNINGS else "")
         else:
             if self.background is None:
                 self._start_stages(data.shape, data.dtype)

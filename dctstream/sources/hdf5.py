@@ -176,6 +176,14 @@ def _spans(frames: np.ndarray, limit: int = 4) -> str:
     return f"{'frame' if frames.size == 1 else f'{frames.size} frames'} {text}{more}"
 
 
+def _first_axis_bounds(space) -> tuple[int, int]:
+    """First and last index along the first axis of a dataspace's selection."""
+    if space.get_select_type() == h5py.h5s.SEL_ALL:  # the whole source (its shape may not be stored here)
+        return 0, space.shape[0] - 1 if space.shape else None
+    (first, *_), (last, *_) = space.get_select_bounds()
+    return first, last
+
+
 def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
     """Frames of ``dset`` (frames, y, x) whose data is not in the file: chunks never written (a pre-allocated
     dataset), or virtual-dataset sources that are missing or shorter than mapped.  Reading them gives the
@@ -187,8 +195,9 @@ def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
         for vs in dset.virtual_sources():
             name = file_path if vs.file_name == "." else os.path.join(folder, vs.file_name)
             try:
-                (v0, *_), (v1, *_) = vs.vspace.get_select_bounds()
-                (s0, *_), (s1, *_) = vs.src_space.get_select_bounds()
+                v0, v1 = _first_axis_bounds(vs.vspace)
+                v1 = n - 1 if v1 is None else v1
+                s0, _ = _first_axis_bounds(vs.src_space)
                 with h5py.File(name, "r", locking=False) as src:
                     held = src[vs.dset_name].shape[0]
             except (OSError, KeyError, ValueError, TypeError):
