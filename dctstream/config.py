@@ -533,13 +533,19 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{label}: cannot read config file: {err.strerror}") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"{label}: cannot read config file: not UTF-8 text ({err.reason})") from err
+    loader = _Loader(text)
     try:
-        _refuse_duplicates(label, yaml.compose(text, Loader=_Loader))
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()  # parsed once: checked for duplicates, then built
+        if node is None:
+            return None
+        _refuse_duplicates(label, node)
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise ConfigError(f"{label}: {where}invalid YAML: {_yaml_problem(err)}") from err
+    finally:
+        loader.dispose()
 
 
 def _refuse_duplicates(label: str, node, path: str = "") -> None:
