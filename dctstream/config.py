@@ -415,7 +415,8 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
     "status": {"interval_s": _positive, "log_every_s": _positive},
     "quicklook": {"enabled": _parse_bool, "every_frames": _int_at_least(0), "gallery_spots": _int_at_least(1)},
     "watch": {
-        "glob": _parse_text,
+        "glob": _checked(_parse_text, lambda g: not os.path.isabs(g) and ".." not in Path(g).parts,
+                         "a pattern relative to the watched folder (no leading /, no ..)"),
         "dataset": _parse_dataset,
         "angles": _or(None, _parse_text),
         "dark": _or(None, _parse_dataset),
@@ -554,12 +555,39 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{label}: cannot read config file: {err.strerror}") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"{label}: cannot read config file: not UTF-8 text ({err.reason})") from err
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()  # parsed once: checked for duplicates, then built
+        if node is None:
+            return None
+        _refuse_duplicates(label, node)
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise ConfigError(f"{label}: {where}invalid YAML: {_yaml_problem(err)}") from err
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicates(label: str, node, path: str = "") -> None:
+    """A key given twice in one mapping is an error naming both lines: YAML would keep the last silently."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(label, item, path)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        line = key_node.start_mark.line + 1
+        where = f"{path}.{key}" if path else key
+        if key in seen and key != "<<":
+            what = "section" if not path else "key"
+            raise ConfigError(f"{label}: {where}: duplicate {what}, at lines {seen[key]} and {line}, expected each "
+                              f"{what} once (YAML would silently keep the last)")
+        seen[key] = line
+        _refuse_duplicates(label, value_node, where)
 
 
 def _parse_override(text: str) -> dict[str, Any]:
