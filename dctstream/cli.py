@@ -1,4 +1,4 @@
-"""The ``dctstream`` command: run | watch | status | export | demo | simulate | replay | bench | check."""
+"""The ``dctstream`` command: run | watch | campaign | status | export | demo | simulate | replay | bench | check."""
 
 from __future__ import annotations
 
@@ -51,6 +51,42 @@ def cmd_run(args) -> int:
     stop_on_sigterm()
     stats = process_scan(cfg, overwrite=args.overwrite)
     print(_summary(stats, cfg.output.dir))
+    return 0
+
+
+def cmd_campaign(args) -> int:
+    from .config import load_config
+
+    overrides = list(args.set or [])
+    cluster = []
+    if args.cluster is not None:
+        kind = "address" if "://" in args.cluster else args.cluster
+        cluster += [f"cluster.kind={kind}", f"cluster.address={json.dumps(args.cluster if kind == 'address' else None)}"]
+    if args.workers is not None:
+        cluster.append(f"cluster.workers={args.workers}")
+    cfg = load_config(args.config, overrides + cluster)  # a bad config fails at once, before any cluster starts
+    from rich.console import Console
+
+    from .campaign import SUMMARY_FILE, Campaign, CampaignView, list_scans, open_client, summary_table
+
+    jobs = list_scans(args.scans, args.out, config_path=args.config, overrides=overrides)
+    campaign = Campaign(jobs, args.out, cores_per_worker=cfg.cluster.cores_per_worker)
+    where = cfg.cluster.address or f"{cfg.cluster.workers} {cfg.cluster.kind} worker(s)"
+    log.info("campaign of %d scans on %s; results in %s", len(jobs), where, args.out)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its start-up chatter is not ours to show
+    client, resources, close = open_client(cfg.cluster)
+    try:
+        with CampaignView(campaign, every_s=cfg.status.log_every_s):
+            rows = campaign.run(client, resources=resources)
+    finally:
+        close()
+    Console(width=max(Console().width, 120)).print(summary_table(rows))
+    print(f"summary written to {Path(args.out) / SUMMARY_FILE}")
+    failed = [row for row in rows if row["state"] == "failed"]
+    if failed:
+        print(f"dctstream: {len(failed)} of {len(rows)} scans failed; first: {failed[0]['scan']}: "
+              f"{failed[0]['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -248,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-scans", type=int, default=None,
                    help="stop after this many scans were processed (for tests and trials)")
     p.set_defaults(func=cmd_watch, source=None, dark=None)
+
+    p = sub.add_parser("campaign", help="process many scans on a Dask cluster (local, SLURM, ...), one task each")
+    p.add_argument("scans", nargs="+", metavar="SCAN",
+                   help="file.h5::/dataset, file.h5 (its scans, found as watch finds them), a quoted glob, or a "
+                        "YAML listing of scans with their own settings")
+    p.add_argument("--config", help="YAML configuration file: processing settings and the cluster section")
+    p.add_argument("--out", required=True, help="folder for the results, one subfolder per scan")
+    p.add_argument("--cluster", metavar="KIND",
+                   help="local, slurm, pbs, sge, lsf or a scheduler tcp://HOST:PORT (overrides cluster.kind)")
+    p.add_argument("--workers", type=int, help="number of workers, one scan each at a time (cluster.workers)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (repeatable)")
+    p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser("status", help="show the status of a scan being processed (by any process) or processed")
     p.add_argument("out_dir", help="the scan's output folder, or a folder of them (dctstream watch's output.dir)")

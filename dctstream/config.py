@@ -214,15 +214,17 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """The defaults, updated by the YAML file at ``path`` (if any), then by each ``key.path=value`` override.
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                layers: Sequence[tuple[str, dict[str, Any]]] = ()) -> Config:
+    """The defaults, updated by the YAML file at ``path`` (if any), then by each ``key.path=value`` override,
+    then by each ``(label, {section: {key: value}})`` of ``layers`` (a campaign's settings for one scan).
 
     Override values are YAML (``direct_beam.bbox=[10,20,100,50]``, ``segmentation.grow_high=null``).
-    Raises ``ConfigError`` with a one-line message naming the file (or ``--set``) and the key.
+    Raises ``ConfigError`` with a one-line message naming the file (or ``--set``, or the layer's label) and the key.
     """
-    layers = [] if path is None else [(os.fspath(path), _read_yaml(path))]
-    layers += [(_SET, _parse_override(text)) for text in overrides]
-    return _build(layers)
+    built = [] if path is None else [(os.fspath(path), _read_yaml(path))]
+    built += [(_SET, _parse_override(text)) for text in overrides]
+    return _build([*built, *layers])
 
 
 def replace_config(cfg: Config, **section_updates: dict[str, Any]) -> Config:
