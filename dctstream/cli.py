@@ -245,6 +245,8 @@ _SOAK_DEFAULTS = {"size": 128, "window": 101, "frames": 14400, "fps": 12.0}
 
 
 def cmd_bench(args) -> int:
+    if args.campaign:
+        return _bench_campaign(args)
     from .bench import BenchOptions, main as bench_main
 
     sizes = {k: getattr(args, k) for k in ("size", "window", "frames", "fps")}
@@ -253,6 +255,17 @@ def cmd_bench(args) -> int:
                         pipeline=not args.no_pipeline, baselines=not args.no_baselines, sources=args.sources,
                         soak=args.soak)
     print(bench_main(opts, as_json=args.json))
+    return 0
+
+
+def _bench_campaign(args) -> int:
+    from .bench import bench_campaign, format_campaign
+
+    workers = tuple(int(n) for n in args.workers.split(","))
+    with tempfile.TemporaryDirectory(prefix="dctstream-bench-campaign-") as tmp:
+        report = bench_campaign(Path(tmp), scans=args.scans, frames=args.frames or 200, size=args.size or 128,
+                                window=args.window or 51, workers=workers, seed=args.seed)
+    print(json.dumps(report, indent=2) if args.json else format_campaign(report))
     return 0
 
 
@@ -360,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: a long scan at acquisition speed (--fps), sampling memory and backlog")
     p.add_argument("--fps", type=float, help="acquisition rate of --soak, frames/s (12: what 2 shared cores keep "
                    "up with at 128 x 128 px and about 6 difspots a frame)")
+    p.add_argument("--campaign", action="store_true",
+                   help="instead: frames/s of `dctstream campaign` on a LocalCluster against its worker count "
+                        "(--scans copies of a --frames x --size scan; defaults 6 x 200 x 128 px, window 51)")
+    p.add_argument("--scans", type=int, default=6, help="with --campaign: scans in the campaign")
+    p.add_argument("--workers", default="1,2", help="with --campaign: worker counts to time, e.g. 1,2,4")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_bench)
 
