@@ -438,7 +438,7 @@ def summary_table(rows: Sequence[dict]):
                           ("noise", "right"), ("time", "right"), ("warnings / error", "left")):
         table.add_column(name, justify=justify)
     for row in rows:
-        note = row["error"] or "; ".join(row["warnings"])
+        note = row["error"] or _cell(row, "warnings")
         table.add_row(row["scan"], row["state"], _cell(row, "frames"), _cell(row, "spots"),
                       _cell(row, "noise_sigma"), _cell(row, "time_s") + (" s" if row["time_s"] is not None else ""),
                       note)

@@ -13,11 +13,24 @@ import pytest
 
 from cli_util import SUBPROCESS_TIMEOUT_S, snapshot
 from dctstream import checkpoint
-from dctstream.campaign import SUMMARY_COLUMNS, SUMMARY_FILE, Campaign, jobqueue_cluster, list_scans
+from rich.console import Console
+
+from dctstream.campaign import (
+    SUMMARY_COLUMNS,
+    SUMMARY_FILE,
+    Campaign,
+    jobqueue_cluster,
+    list_scans,
+    process_job,
+    render_running,
+    summary_table,
+    write_summary,
+)
 from dctstream.config import load_config
 from dctstream.errors import ConfigError, InputError
 from dctstream.record import read_record
 from dctstream.runner import process_scan
+from dctstream.status import write_json_atomic
 from simulators.dct_scan import simulate_scan
 from test_resume import assert_same_outputs, outputs
 
@@ -162,7 +175,7 @@ def test_slurm_job_script_from_the_cluster_section(tmp_path):
     config.write_text("cluster: {kind: slurm, workers: 4, cores_per_worker: 8, memory_per_worker: 32GiB, "
                       "queue: id11, walltime: '02:30:00', account: ma1234, job_extra_directives: [--exclusive], "
                       "job_script_prologue: ['module load dctstream']}\n")
-    cluster = jobqueue_cluster(load_config(config).cluster)
+    cluster = jobqueue_cluster(load_config(config).cluster, scheduler_options={"dashboard_address": None})
     try:
         script = cluster.job_script()
     finally:
@@ -180,8 +193,73 @@ def test_slurm_job_script_from_the_cluster_section(tmp_path):
 def test_every_batch_system_gets_the_account_its_way(tmp_path):
     for kind, line in (("pbs", "#PBS -A ma1234"), ("sge", "#$ -P ma1234"), ("lsf", '#BSUB -P "ma1234"')):
         cfg = load_config(None, [f"cluster.kind={kind}", "cluster.memory_per_worker=8GiB", "cluster.account=ma1234"])
-        cluster = jobqueue_cluster(cfg.cluster)
+        cluster = jobqueue_cluster(cfg.cluster, scheduler_options={"dashboard_address": None})
         try:
             assert line in cluster.job_script(), kind
         finally:
             cluster.close()
+
+
+def test_a_worker_killed_mid_scan_is_replaced_and_its_scan_resumed(scans, references, client, tmp_path):
+    """Dask runs the task of a worker that died (SIGKILL inside its 3rd checkpoint) again; the scan resumes
+    from the checkpoint before and ends with the outputs of an uninterrupted run."""
+    out = tmp_path / "out"
+    job = list_scans([str(scans / "a.h5")], out, overrides=OVERRIDES)[0]
+    doomed = sorted(client.scheduler_info()["workers"])[0]
+    # a lambda travels by value and runs there (a bound os.environ method would carry a copy of ours)
+    client.run(lambda: os.environ.update(DCTSTREAM_CRASH_AT="checkpoint:3"), workers=[doomed])
+    try:
+        future = client.submit(process_job, job, key="killed-worker-scan", pure=False, workers=[doomed],
+                               allow_other_workers=True)
+        row = future.result(timeout=CLUSTER_TIMEOUT_S)
+    finally:
+        client.run(lambda: os.environ.pop("DCTSTREAM_CRASH_AT", None))  # the replacement never had it anyway
+    assert doomed not in client.scheduler_info()["workers"]  # it did die
+    assert row["state"] == "resumed", row
+    assert "from its checkpoint at frame" in (out / "a_1.1" / "run.log").read_text()
+    assert_same_outputs(outputs(out / "a_1.1"), references["a_1.1"])
+
+
+def test_summary_table_and_file(tmp_path):
+    rows = [{"scan": "s1_1.1", "source": "s1.h5::/1.1/measurement/marana", "state": "finished", "frames": 3600,
+             "spots": 1234, "noise_sigma": 2.2345, "time_s": 181.26, "warnings": ["slow disk:\n  34%"],
+             "error": None, "out_dir": "out/s1_1.1"},
+            {"scan": "s2_1.1", "source": "s2.h5", "state": "failed", "frames": None, "spots": None,
+             "noise_sigma": None, "time_s": 0.0, "warnings": [], "error": "s2.h5: no such file", "out_dir": None}]
+    write_summary(tmp_path / "campaign.tsv", rows)
+    assert (tmp_path / "campaign.tsv").read_text().splitlines() == [
+        "scan\tstate\tframes\tspots\tnoise_sigma\ttime_s\twarnings\terror\tout_dir",
+        "s1_1.1\tfinished\t3600\t1234\t2.23\t181.3\tslow disk: 34%\t\tout/s1_1.1",
+        "s2_1.1\tfailed\t\t\t\t0.0\t\ts2.h5: no such file\t"]
+    console = Console(width=80, color_system=None, force_terminal=True, record=True)
+    console.print(summary_table(rows))
+    text = console.export_text()
+    assert "│ s1_1.1 │ finished │   3600 │  1234 │  2.23 │ 181.3 s │ slow disk: 34%" in text
+    assert "│ s2_1.1 │ failed   │        │       │       │   0.0 s │ s2.h5: no such file" in text
+
+
+def test_the_view_counts_scans_and_reads_the_running_ones_status(scans, tmp_path):
+    jobs = list_scans([str(scans / "a.h5"), str(scans / "b.h5"), f"{scans}/gone.h5::/1.1/x"], tmp_path / "out")
+    campaign = Campaign(jobs, tmp_path / "out")
+    campaign.rows["gone_1.1"] = {"state": "failed"}
+    status = {"state": "running", "updated_utc": "2999-01-01T00:00:00+00:00", "memory_mb": 250.0,
+              "stats": {"frames_total": 40, "frames_segmented": 12, "difspots_written": 5},
+              "rates": {"processing_fps": 7.5}}
+    (tmp_path / "out" / "b_1.1").mkdir(parents=True)
+    write_json_atomic(tmp_path / "out" / "b_1.1" / "status.json", status)
+    console = Console(width=120, color_system=None, force_terminal=True, record=True)
+    console.print(render_running(campaign))
+    lines = [line.rstrip() for line in console.export_text().splitlines()]
+    assert lines[0].startswith("campaign of 3 scans: 0 done, 1 running, 1 failed, 0 skipped (finished before), "
+                               "1 queued; 7.5 frames/s now, ")
+    assert lines[-2].split() == ["scan", "frames", "frames/s", "difspots", "memory"]
+    assert lines[-1].split() == ["b_1.1", "12/40", "7.5", "5", "250", "MB"]  # a's status.json: none, not started
+
+
+def test_a_batch_system_without_memory_per_worker_is_refused_at_once(scans, tmp_path):
+    from cli_util import assert_one_line_error, cli
+
+    proc = cli("campaign", scans / "a.h5", "--cluster", "slurm", "--out", tmp_path / "out", cwd=Path.cwd())
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, 2,
+                          ["cluster.memory_per_worker: must be set for the jobs of cluster.kind: slurm"])
+    assert not (tmp_path / "out").exists()
