@@ -121,8 +121,8 @@ def _listing(path: Path) -> list[tuple[str, dict]]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("scans"), list) or set(tree) != {"scans"}:
-        raise ConfigError(f"{path}: expected a mapping with one key, scans: a list of scans, got "
-                          f"{type(tree).__name__}{' with keys ' + ', '.join(map(str, tree)) if isinstance(tree, dict) else ''}")
+        got = f"keys {', '.join(map(str, tree))}" if isinstance(tree, dict) else type(tree).__name__
+        raise ConfigError(f"{path}: expected a mapping with one key, scans: a list of scans, got {got}")
     out = []
     for i, item in enumerate(tree["scans"]):
         label = f"{path}: scans[{i}]"
@@ -260,8 +260,10 @@ def _scan_log(out_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(out_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
+    # this task's thread and the pipeline's own; other tasks of a worker with several threads log elsewhere
     here = threading.get_ident()
-    handler.addFilter(lambda record: record.thread == here or record.levelno >= logging.WARNING)
+    handler.addFilter(lambda record: record.thread == here or record.threadName.startswith("dctstream-")
+                      or record.levelno >= logging.WARNING)
     logger = logging.getLogger("dctstream")
     logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:

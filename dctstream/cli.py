@@ -61,7 +61,8 @@ def cmd_campaign(args) -> int:
     cluster = []
     if args.cluster is not None:
         kind = "address" if "://" in args.cluster else args.cluster
-        cluster += [f"cluster.kind={kind}", f"cluster.address={json.dumps(args.cluster if kind == 'address' else None)}"]
+        address = args.cluster if kind == "address" else None
+        cluster += [f"cluster.kind={kind}", f"cluster.address={json.dumps(address)}"]
     if args.workers is not None:
         cluster.append(f"cluster.workers={args.workers}")
     cfg = load_config(args.config, overrides + cluster)  # a bad config fails at once, before any cluster starts

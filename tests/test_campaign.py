@@ -107,9 +107,10 @@ def test_three_scans_one_killed_and_resumed_one_bad_then_nothing_repeated(scans,
     assert [line.split("\t")[:4] for line in lines[1:]] == [
         [r["scan"], r["state"], str(r["frames"] or ""), str(r["spots"] or "")] for r in rows]
 
-    # the same command again, from the command line: the finished scans are skipped, untouched
+    # the same command again, from the command line, on the same scheduler: the finished scans are skipped, untouched
     done = {name: snapshot(out / name) for name in ("a_1.1", "b_1.1")}
-    proc = subprocess.run([sys.executable, "-m", "dctstream", "campaign", *specs, "--out", str(out), "--workers", "1",
+    proc = subprocess.run([sys.executable, "-m", "dctstream", "campaign", *specs, "--out", str(out),
+                           "--cluster", client.scheduler.address,
                            *[a for o in OVERRIDES for a in ("--set", o)]],
                           capture_output=True, text=True, timeout=CLUSTER_TIMEOUT_S)
     assert proc.returncode == 1, proc.stderr  # c failed again
@@ -175,7 +176,7 @@ def test_slurm_job_script_from_the_cluster_section(tmp_path):
     config.write_text("cluster: {kind: slurm, workers: 4, cores_per_worker: 8, memory_per_worker: 32GiB, "
                       "queue: id11, walltime: '02:30:00', account: ma1234, job_extra_directives: [--exclusive], "
                       "job_script_prologue: ['module load dctstream']}\n")
-    cluster = jobqueue_cluster(load_config(config).cluster, scheduler_options={"dashboard_address": None})
+    cluster = jobqueue_cluster(load_config(config).cluster, scheduler_options={"dashboard_address": ":0"})
     try:
         script = cluster.job_script()
     finally:
@@ -193,7 +194,7 @@ def test_slurm_job_script_from_the_cluster_section(tmp_path):
 def test_every_batch_system_gets_the_account_its_way(tmp_path):
     for kind, line in (("pbs", "#PBS -A ma1234"), ("sge", "#$ -P ma1234"), ("lsf", '#BSUB -P "ma1234"')):
         cfg = load_config(None, [f"cluster.kind={kind}", "cluster.memory_per_worker=8GiB", "cluster.account=ma1234"])
-        cluster = jobqueue_cluster(cfg.cluster, scheduler_options={"dashboard_address": None})
+        cluster = jobqueue_cluster(cfg.cluster, scheduler_options={"dashboard_address": ":0"})
         try:
             assert line in cluster.job_script(), kind
         finally:
