@@ -262,12 +262,22 @@ def cmd_bench(args) -> int:
 def _bench_campaign(args) -> int:
     from .bench import bench_campaign, format_campaign
 
-    workers = tuple(int(n) for n in args.workers.split(","))
+    workers = args.workers
     with tempfile.TemporaryDirectory(prefix="dctstream-bench-campaign-") as tmp:
         report = bench_campaign(Path(tmp), scans=args.scans, frames=args.frames or 200, size=args.size or 128,
                                 window=args.window or 51, workers=workers, seed=args.seed)
     print(json.dumps(report, indent=2) if args.json else format_campaign(report))
     return 0
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected worker counts >= 1 separated by commas, e.g. 1,2,4, got {text!r}")
+    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: frames/s of `dctstream campaign` on a LocalCluster against its worker count "
                         "(--scans copies of a --frames x --size scan; defaults 6 x 200 x 128 px, window 51)")
     p.add_argument("--scans", type=int, default=6, help="with --campaign: scans in the campaign")
-    p.add_argument("--workers", default="1,2", help="with --campaign: worker counts to time, e.g. 1,2,4")
+    p.add_argument("--workers", default=(1, 2), type=_counts, help="with --campaign: worker counts to time, e.g. 1,2,4")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_bench)
 

@@ -264,3 +264,15 @@ def test_a_batch_system_without_memory_per_worker_is_refused_at_once(scans, tmp_
     assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, 2,
                           ["cluster.memory_per_worker: must be set for the jobs of cluster.kind: slurm"])
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_campaign_counts_every_frame_of_every_scan(tmp_path):
+    from dctstream.bench import bench_campaign, format_campaign
+
+    report = bench_campaign(tmp_path, scans=2, frames=30, size=48, window=11, workers=(1,))
+    (run,) = report["runs"]
+    assert (run["workers"], run["frames"]) == (1, 2 * 30)
+    assert run["frames_per_s"] == pytest.approx(run["frames"] / run["wall_s"])
+    assert run["scans_per_min"] == pytest.approx(60 * 2 / run["wall_s"])
+    assert len(list((tmp_path / "out_1").glob("scan_*_1.1/spots.h5"))) == 2
+    assert format_campaign(report).splitlines()[2].split()[:2] == ["1", f"{run['wall_s']:.1f}"]
