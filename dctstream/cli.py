@@ -1,4 +1,4 @@
-"""The ``dctstream`` command: run | watch | status | export | demo | simulate | replay | bench | check | config."""
+"""The ``dctstream`` command: run | watch | campaign | status | export | demo | simulate | replay | bench | check | config."""
 
 from __future__ import annotations
 
@@ -58,6 +58,43 @@ def cmd_run(args) -> int:
     stop_on_sigterm()
     result = run(None, out=None, config=cfg, overwrite=args.overwrite, display=True)
     print(_summary(result.stats, cfg.output.dir))
+    return 0
+
+
+def cmd_campaign(args) -> int:
+    from .config import load_config
+
+    overrides = list(args.set or [])
+    cluster = []
+    if args.cluster is not None:
+        kind = "address" if "://" in args.cluster else args.cluster
+        address = args.cluster if kind == "address" else None
+        cluster += [f"cluster.kind={kind}", f"cluster.address={json.dumps(address)}"]
+    if args.workers is not None:
+        cluster.append(f"cluster.workers={args.workers}")
+    cfg = load_config(args.config, overrides + cluster)  # a bad config fails at once, before any cluster starts
+    from rich.console import Console
+
+    from .campaign import SUMMARY_FILE, Campaign, CampaignView, list_scans, open_client, summary_table
+
+    jobs = list_scans(args.scans, args.out, config_path=args.config, overrides=overrides)
+    campaign = Campaign(jobs, args.out, cores_per_worker=cfg.cluster.cores_per_worker)
+    where = cfg.cluster.address or f"{cfg.cluster.workers} {cfg.cluster.kind} worker(s)"
+    log.info("campaign of %d scans on %s; results in %s", len(jobs), where, args.out)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its start-up chatter is not ours to show
+    client, resources, close = open_client(cfg.cluster)
+    try:
+        with CampaignView(campaign, every_s=cfg.status.log_every_s):
+            rows = campaign.run(client, resources=resources)
+    finally:
+        close()
+    Console(width=max(Console().width, 120)).print(summary_table(rows))
+    print(f"summary written to {Path(args.out) / SUMMARY_FILE}")
+    failed = [row for row in rows if row["state"] == "failed"]
+    if failed:
+        print(f"dctstream: {len(failed)} of {len(rows)} scans failed; first: {failed[0]['scan']}: "
+              f"{failed[0]['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -261,6 +298,8 @@ _SOAK_DEFAULTS = {"size": 128, "window": 101, "frames": 14400, "fps": 12.0}
 
 
 def cmd_bench(args) -> int:
+    if args.campaign:
+        return _bench_campaign(args)
     from .bench import BenchOptions, main as bench_main
 
     sizes = {k: getattr(args, k) for k in ("size", "window", "frames", "fps")}
@@ -315,6 +354,27 @@ def _number(low: float, high: float = float("inf")):
     return parse
 
 
+def _bench_campaign(args) -> int:
+    from .bench import bench_campaign, format_campaign
+
+    workers = args.workers
+    with tempfile.TemporaryDirectory(prefix="dctstream-bench-campaign-") as tmp:
+        report = bench_campaign(Path(tmp), scans=args.scans, frames=args.frames or 200, size=args.size or 128,
+                                window=args.window or 51, workers=workers, seed=args.seed)
+    print(json.dumps(report, indent=2) if args.json else format_campaign(report))
+    return 0
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected worker counts >= 1 separated by commas, e.g. 1,2,4, got {text!r}")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dctstream", description=(
         "Live background correction and difspot segmentation for Diffraction Contrast Tomography scans."))
@@ -344,6 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-scans", type=_count(1), default=None,
                    help="stop after this many scans were processed (for tests and trials)")
     p.set_defaults(func=cmd_watch, source=None, dark=None)
+
+    p = sub.add_parser("campaign", help="process many scans on a Dask cluster (local, SLURM, ...), one task each")
+    p.add_argument("scans", nargs="+", metavar="SCAN",
+                   help="file.h5::/dataset, file.h5 (its scans, found as watch finds them), a quoted glob, or a "
+                        "YAML listing of scans with their own settings")
+    p.add_argument("--config", help="YAML configuration file: processing settings and the cluster section")
+    p.add_argument("--out", required=True, help="folder for the results, one subfolder per scan")
+    p.add_argument("--cluster", metavar="KIND",
+                   help="local, slurm, pbs, sge, lsf or a scheduler tcp://HOST:PORT (overrides cluster.kind)")
+    p.add_argument("--workers", type=int, help="number of workers, one scan each at a time (cluster.workers)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (repeatable)")
+    p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser("status", help="show the status of a scan being processed (by any process) or processed")
     p.add_argument("out_dir", help="the scan's output folder, or a folder of them (dctstream watch's output.dir)")
@@ -419,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "oscillating source, a +3%% top-up step, a brighter glow), frames/s of each and their ratio")
     p.add_argument("--fps", type=_number(0.01), help="acquisition rate of --soak, frames/s (12: what 2 shared cores keep "
                    "up with at 128 x 128 px and about 6 difspots a frame)")
+    p.add_argument("--campaign", action="store_true",
+                   help="instead: frames/s of `dctstream campaign` on a LocalCluster against its worker count "
+                        "(--scans copies of a --frames x --size scan; defaults 6 x 200 x 128 px, window 51)")
+    p.add_argument("--scans", type=int, default=6, help="with --campaign: scans in the campaign")
+    p.add_argument("--workers", default=(1, 2), type=_counts, help="with --campaign: worker counts to time, e.g. 1,2,4")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_bench)
 

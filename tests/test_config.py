@@ -94,6 +94,13 @@ def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), Config)
 
 
+def test_slurm_campaign_example():
+    cluster = load_config(CONFIGS / "slurm_campaign.yml").cluster
+    assert (cluster.kind, cluster.workers, cluster.cores_per_worker, cluster.memory_per_worker) == (
+        "slurm", 10, 4, "24GiB")
+    assert cluster.walltime == "04:00:00" and cluster.job_extra_directives == ("--exclusive",)
+
+
 def test_sim512():
     cfg = load_config(CONFIGS / "sim512.yml")
     assert cfg.source.url == "scan512.h5::/1.1/measurement/marana"
@@ -167,7 +174,7 @@ def test_replace_config_checks_values():
 def test_config_to_dict_is_plain():
     d = config_to_dict(load_config(None, ["direct_beam.bbox=[1,2,3,4]"]))
     assert list(d) == ["source", "dark", "background", "filter", "direct_beam", "segmentation", "output",
-                       "status", "quicklook", "watch", "detector", "export"]
+                       "status", "quicklook", "watch", "detector", "export", "cluster"]
     assert d["direct_beam"]["bbox"] == [1, 2, 3, 4]
     assert d["segmentation"]["max_blob_size"] == [80, 80, 25]
 
@@ -262,11 +269,30 @@ def test_any_even_window_is_rejected(half):
      "segmentation.max_blob_size: must be >= segmentation.min_blob_size [5, 5, 5] in every component, got [80, 4, 25]"),
     # structure
     ("backgrond: {window: 5}",
-     "backgrond: unknown section (known: background, dark, detector, direct_beam, export, filter, output, "
+     "backgrond: unknown section (known: background, cluster, dark, detector, direct_beam, export, filter, output, "
      "quicklook, segmentation, source, status, watch)"),
     ("background: {windw: 5}", "background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("background: 5", "background: must be a mapping, got 5"),
     ("- background", "must be a mapping of sections, got [background]"),
+    # cluster
+    ("cluster: {kind: oar}", "cluster.kind: must be one of local, slurm, pbs, sge, lsf, address, got oar"),
+    ("cluster: {workers: 0}", "cluster.workers: must be >= 1, got 0"),
+    ("cluster: {memory_per_worker: 16}", "cluster.memory_per_worker: must be a non-empty string or null, got 16"),
+    ("cluster: {memory_per_worker: lots}",
+     "cluster.memory_per_worker: must be a size such as 16GiB or 500MB or null, got lots"),
+    ("cluster: {walltime: 4h}",
+     "cluster.walltime: must be a time limit such as 04:00:00 or 1-00:00:00 or null, got 4h"),
+    ("cluster: {job_extra_directives: --exclusive}",
+     "cluster.job_extra_directives: must be a list of non-empty strings, got --exclusive"),
+    ("cluster: {kind: address}",
+     "cluster.address: must be set (tcp://host:port) when cluster.kind is address, and only then, got null"),
+    ("cluster: {address: 'tcp://h:8786'}",
+     "cluster.address: must be set (tcp://host:port) when cluster.kind is address, and only then, got tcp://h:8786"),
+    ("cluster: {kind: address, address: 'h:8786'}",
+     "cluster.address: must be a scheduler address such as tcp://host:8786 or null, got h:8786"),
+    ("cluster: {kind: slurm}",
+     "cluster.memory_per_worker: must be set for the jobs of cluster.kind: slurm (a batch system needs it), "
+     "got null"),
 ])
 def test_bad_file(tmp_path, snippet, message):
     path = write(tmp_path, snippet + "\n")
@@ -297,7 +323,7 @@ def test_cross_rule_error_names_the_layer_that_broke_it(tmp_path):
     ("background.windw=5",
      "--set: background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("bg.window=5",
-     "--set: bg: unknown section (known: background, dark, detector, direct_beam, export, filter, output, "
+     "--set: bg: unknown section (known: background, cluster, dark, detector, direct_beam, export, filter, output, "
      "quicklook, segmentation, source, status, watch)"),
     ("background.window=4", "--set: background.window: must be odd and >= 3, got 4"),
     ("dark.value=[1,", "--set: dark.value: invalid YAML value '[1,': "
