@@ -110,7 +110,7 @@ def test_an_aborted_scan_keeps_what_was_received_and_says_so(when, bliss_url, sc
     publisher.finish()
     assert stats.source_end == "scan_aborted" and stats.frames_read == 25
     record = read_record(out)
-    assert record["state"] == "finished" and record["end_reason"] == "scan_aborted"
+    assert record["state"] == "incomplete" and "scan_aborted after 25 frames" in record["incomplete"]  # partial
     assert any("ended with USER_ABORT after 25 frames" in r.getMessage() for r in caplog.records)
     _assert_same_spots(out, _offline(tmp_path, frames[:25], angles[:25], tiny_scan, tiny_overrides))
 
