@@ -61,6 +61,9 @@ PLACEMENT_TRIES = 200
 # A footprint pixel below this fraction of its maximum is left out (so a spot's extent is finite).
 FOOTPRINT_FLOOR = 1e-3
 
+EXTERNAL_PEAK_COUNTS = 3000.0  # peak of the thickest external spot (no structure factors: thickness only)
+EXTERNAL_SIGMA_FRAME = (0.6, 1.5)
+
 FULL_FRAMES, FULL_SIZE = 720, 512
 QUICK_FRAMES, QUICK_SIZE = 360, 256
 
@@ -91,7 +94,10 @@ class HardScanModel(ScanModel):
     ``wrap_spots`` of them are centred within 1.5 frames of 0/360 deg; ``spot_shape``: ``gauss`` or
     ``grain``; ``pairs``: touching spot pairs (Gaussian, 3-4.5 sigma apart, brightness within 2x);
     ``early_spots``: bright spots centred in frames 0-5; ``photon_counting``: uint32 Poisson counts,
-    no offsets, read noise or zingers, hot pixels counting 10-40 a frame.
+    no offsets, read noise or zingers, hot pixels counting 10-40 a frame.  ``external_spots``: an HDF5 file
+    of spots made elsewhere (`benchmarks/independent_scan.py`: footprints, places and fractional frames)
+    used instead of drawn ones, each given a rocking curve and a peak of `EXTERNAL_PEAK_COUNTS` x its
+    thickness relative to the thickest.
     """
 
     def __init__(self, *, frames: int = FULL_FRAMES, size: int = FULL_SIZE, spots: int = 250, seed: int = 0,
@@ -99,7 +105,7 @@ class HardScanModel(ScanModel):
                  ripple_period_frames: float = SOURCE_RIPPLE_PERIOD_FRAMES, decay: float = SOURCE_DECAY,
                  topup_at: float | None = None, topup_step: float = 0.03, wrap: bool = False,
                  wrap_spots: int = 0, spot_shape: str = "gauss", pairs: int = 0, early_spots: int = 0,
-                 photon_counting: bool = False):
+                 photon_counting: bool = False, external_spots: str | os.PathLike | None = None):
         if spot_shape not in ("gauss", "grain"):
             raise ValueError(f"HardScanModel: spot_shape must be gauss or grain, got {spot_shape!r}")
         if wrap_spots and not wrap:
@@ -125,6 +131,8 @@ class HardScanModel(ScanModel):
         self._amp: list[float] = []
         self._partner: list[int] = []
         self._boxes: list[tuple[float, float, float, float, float, float]] = []  # x, y, frame, half extents
+        if external_spots is not None:
+            self._load_external(rng, external_spots)
         for _ in range(pairs):
             self._place_pair(rng)
         for _ in range(early_spots):
@@ -298,6 +306,33 @@ class HardScanModel(ScanModel):
             self._add(rng, second, None, partner=i, snr=snr * math.exp(rng.uniform(-math.log(2), math.log(2))))
             return
 
+    def _load_external(self, rng, path) -> None:
+        with h5py.File(path, "r") as f:
+            shapes, values = f["patch_shape"][()], f["patch_values"][()]
+            origins, frames = f["origin"][()], f["frame"][()]
+            if (f.attrs["frames"], f.attrs["size"]) != (self.frames, self.shape[0]):
+                raise ValueError(f"{path}: spots for {f.attrs['frames']} frames of {f.attrs['size']} px, "
+                                 f"expected {self.frames} of {self.shape[0]}")
+        ends = np.cumsum(shapes.prod(axis=1))
+        thickest = values.max()
+        for shape, end, origin, frame0 in zip(shapes, ends, origins, frames):
+            patch = values[end - shape.prod():end].reshape(shape).astype(np.float64)
+            peak = EXTERNAL_PEAK_COUNTS * patch.max() / thickest
+            patch /= patch.max()
+            patch[patch < FOOTPRINT_FLOOR] = 0.0
+            sigma_frame = rng.uniform(*EXTERNAL_SIGMA_FRAME)
+            i = len(self._patches)
+            self._patches.append(patch)
+            self._origin.append((int(origin[0]), int(origin[1])))
+            self._sigma_frames.append(sigma_frame)
+            self._frame0.append(float(frame0))
+            ks, ku = self._frames_of(float(frame0), sigma_frame)
+            self._rock.append((ks, ku))
+            self._partner.append(-1)
+            self._boxes.append((origin[1] + shape[1] / 2, origin[0] + shape[0] / 2, frame0,
+                                shape[1] / 2, shape[0] / 2, 3 * sigma_frame))
+            self._amp.append(peak / (self.source_intensity(ks) * self._rocking(i, ku)).max())
+
     # --- rendering ----------------------------------------------------------
 
     def spot_counts(self, i: int, k: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -389,10 +424,21 @@ def scan_model(name: str, *, quick: bool = False, seed: int = 0) -> HardScanMode
     return HardScanModel(frames=frames, size=size, seed=seed, **options)
 
 
+def independent_model(spots_path: str | os.PathLike, *, seed: int = 0) -> HardScanModel:
+    """The spots of an independent simulator (`benchmarks/independent_scan.py`) over a `ScanModel` background
+    with a +3 % top-up at 55 % of a full turn."""
+    with h5py.File(spots_path, "r") as f:
+        frames, size = int(f.attrs["frames"]), int(f.attrs["size"])
+    return HardScanModel(frames=frames, size=size, seed=seed, spots=0, wrap=True, topup_at=0.55,
+                         external_spots=spots_path)
+
+
 def write_hard_scan(name: str, path: str | os.PathLike, *, quick: bool = False, seed: int = 0,
-                    progress: Callable[[int, int], None] | None = None) -> ScanTruth:
-    """Write hard scan ``name`` to ``path`` in `simulate_scan`'s layout, with the extra truth columns."""
-    model = scan_model(name, quick=quick, seed=seed)
+                    progress: Callable[[int, int], None] | None = None,
+                    model: HardScanModel | None = None) -> ScanTruth:
+    """Write hard scan ``name`` to ``path`` in `simulate_scan`'s layout, with the extra truth columns
+    (``model``, if given, instead of `scan_model`'s)."""
+    model = model or scan_model(name, quick=quick, seed=seed)
     dtype = "uint32" if model.photon_counting else "uint16"
     truth = simulate_scan(path, model=model, dtype=dtype, progress=progress)
     with h5py.File(path, "a") as f:

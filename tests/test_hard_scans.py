@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from simulators.dct_scan import simulate_scan
-from simulators.hard_scans import SCANS, HardScanModel, read_hard_truth
+from simulators.hard_scans import SCANS, HardScanModel, independent_model, read_hard_truth
 
 FRAMES, SIZE, SEED = 48, 128, 1
 
@@ -123,3 +123,27 @@ def test_written_scan_has_the_models_frames_and_every_truth_column(tmp_path):
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["/1.1/measurement/marana"][7], m.frame(7))
     assert truth.direct_beam_bbox == back.direct_beam_bbox == m.direct_beam_bbox
+
+
+def test_external_spots_keep_their_footprint_place_and_frame(tmp_path):
+    path = tmp_path / "spots.h5"
+    rng = np.random.default_rng(0)
+    patches = [rng.uniform(0, 30, size=shape) for shape in ((12, 20), (30, 9), (5, 5))]
+    origins = np.array([[20, 30], [70, 80], [100, 10]])
+    frames = np.array([10.3, 0.2, 47.6])  # the last two cross 0/360 deg
+    with h5py.File(path, "w") as f:
+        f["patch_shape"] = np.array([p.shape for p in patches])
+        f["patch_values"] = np.concatenate([p.ravel() for p in patches])
+        f["origin"], f["frame"] = origins, frames
+        f.attrs.update(frames=FRAMES, size=SIZE)
+    m = independent_model(path)
+    s = m.spots
+    assert len(s["x"]) == 3 and list(s["crosses_wrap"]) == [0, 1, 1]
+    for i, patch in enumerate(patches):
+        volume = spot_volume(m, i)
+        assert volume.sum() == pytest.approx(s["integral"][i], rel=1e-9)
+        footprint = volume.sum(axis=0)[origins[i][0]:origins[i][0] + patch.shape[0],
+                                       origins[i][1]:origins[i][1] + patch.shape[1]]
+        np.testing.assert_allclose(footprint / footprint.max(), patch / patch.max(), atol=1e-3)
+    assert s["frame"][0] == pytest.approx(10.3, abs=0.1)
+    assert s["peak"].max() == pytest.approx(3000.0)  # the thickest spot
