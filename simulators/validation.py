@@ -53,7 +53,6 @@ from simulators.evaluate import inside, score
 from simulators.hard_scans import SCANS, independent_model, read_hard_truth, write_hard_scan
 
 ROOT = Path(__file__).resolve().parents[1]  # holds the dctstream and simulators packages
-DEFAULT_CONFIG = ROOT / "configs" / "default.yml"
 
 SNR_MIN = 5.0
 TOL_FRAMES = 2.0
@@ -86,31 +85,34 @@ def scan_path(work: Path, name: str, *, quick: bool, seed: int) -> Path:
     return path
 
 
-def run_dctstream(path: Path, out: Path, *, timeout_s: float) -> tuple[dict | None, dict]:
-    """dctstream at default settings: its spot table (None if it failed) and what the run said."""
+def run_dctstream(path: Path, out: Path, *, timeout_s: float, code_root: Path = ROOT) -> tuple[dict | None, dict]:
+    """dctstream (the package under ``code_root``) at default settings: its spot table (None if it failed)
+    and what the run said."""
     url = f"{path}::{FRAMES_PATH}"
-    config = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []  # none: the same defaults
+    default_config = code_root / "configs" / "default.yml"
+    config = [str(default_config)] if default_config.exists() else []  # none: the same defaults
     cmd = [sys.executable, "-m", "dctstream", "run", *config, "--source", url,
            "--set", f"source.angles={json.dumps(f'{path}::/1.1/measurement/diffrz')}",
            "--dark", f"{path}::{DARK_PATH}", "--out", str(out), "--overwrite"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(code_root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.monotonic()
     try:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(cmd, cwd=code_root, env=env, capture_output=True, text=True, timeout=timeout_s)
         failed = done.returncode != 0 and f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"
     except subprocess.TimeoutExpired:
         failed = f"timed out after {timeout_s:.0f} s"
     wall = time.monotonic() - t0
     info = {"wall_s": wall, "error": failed or None}
-    record_path = out / "run.json"
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        stats = record.get("stats") or {}
-        frames = record.get("frames_processed") or stats.get("frames_segmented") or 0
-        elapsed = stats.get("elapsed_s") or wall
-        info.update(frames=frames, fps=frames / max(elapsed, 1e-9), rejected=record.get("rejected"),
-                    warnings=record.get("warnings"), direct_beam=stats.get("direct_beam"),
-                    seed_threshold=stats.get("seed_threshold"))
+    # run.json once the run has ended; a run stopped by the timeout left only its last status snapshot.
+    for name in ("run.json", "status.json"):
+        snapshot = json.loads((out / name).read_text()) if (out / name).exists() else {}
+        stats = snapshot.get("stats") or {}
+        if stats.get("elapsed_s"):
+            frames = stats.get("frames_segmented") or 0
+            info.update(frames=frames, fps=frames / stats["elapsed_s"], rejected=stats.get("rejected"),
+                        warnings=snapshot.get("warnings"), direct_beam=stats.get("direct_beam"),
+                        seed_threshold=stats.get("seed_threshold"), noise_sigma=stats.get("noise_sigma"))
+            break
     if not failed and (out / "spots.h5").exists():
         from dctstream.sinks import read_spot_table
 
@@ -204,8 +206,9 @@ def table_markdown(rows: list[dict]) -> str:
     for r in rows:
         s = r.get("score")
         if s is None:
+            extra = f"; rejected {r['rejected']}" if r.get("rejected") else ""
             lines.append(f"| {r['scan']} | {r['tool']} | — | — | — | — | — | {_fmt(r.get('fps'), '.1f')} | "
-                         f"{r.get('error') or 'no result'} |")
+                         f"{r.get('error') or 'no result'}{extra} |")
             continue
         rms_xy = float(np.sqrt((s["rms_x_px"] ** 2 + s["rms_y_px"] ** 2) / 2))
         ratio = (f"{_fmt(s.get('intensity_ratio_median'))} [{_fmt(s.get('intensity_ratio_q25'), '.2f')}–"
@@ -222,6 +225,10 @@ def table_markdown(rows: list[dict]) -> str:
             notes.append(f"touching pairs both found {s['pairs_both_found']}/{s['pairs']}")
         if "crossing" in s:
             notes.append(f"0/360° spots found {s['crossing_found']}/{s['crossing']}, cut in two {s['crossing_split']}")
+        if r.get("rejected"):
+            notes.append("rejected " + ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())))
+        if r["tool"] == "dctstream" and "direct_beam" in r:
+            notes.append(f"beam box found {r['direct_beam']} (true {list(r.get('true_beam') or [])})")
         if r.get("error"):
             notes.append(r["error"])
         lines.append(f"| {r['scan']} | {r['tool']} | {s['recall']:.3f} | {s['precision']:.3f} | {rms_xy:.3f} | "
@@ -230,7 +237,7 @@ def table_markdown(rows: list[dict]) -> str:
 
 
 def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged11: bool = True,
-             timeout_s: float | None = None) -> list[dict]:
+             timeout_s: float | None = None, code_root: Path = ROOT) -> list[dict]:
     """Generate (or reuse) each scan, run both tools, score them; one dict per (scan, tool)."""
     work.mkdir(parents=True, exist_ok=True)
     timeout_s = timeout_s or (600.0 if quick else 1800.0)
@@ -251,13 +258,14 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
         truth = read_hard_truth(path)
         with h5py.File(path, "r") as f:
             n_frames = f[FRAMES_PATH].shape[0]
-        tools = [("dctstream", lambda: run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s))]
+        tools = [("dctstream", lambda: run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s,
+                                                     code_root=code_root))]
         if imaged11:
             tools.append(("ImageD11", lambda: run_imaged11(path, truth.direct_beam_bbox,
                                                            flt=work / f"{path.stem}.flt")))
         for tool, run in tools:
             spots, info = run()
-            row = {"scan": name, "tool": tool, **info}
+            row = {"scan": name, "tool": tool, "true_beam": truth.direct_beam_bbox, **info}
             if spots is not None:
                 row["score"] = score_row(truth, spots, n_frames, TOL_PX[shape_kind])
             rows.append(row)
@@ -292,6 +300,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-imaged11", action="store_true", help="skip the ImageD11 peer rows")
     p.add_argument("--timeout", type=float, help="seconds per dctstream run (600 quick, 1800 full)")
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument("--dctstream-root", default=str(ROOT),
+                   help="run the dctstream package (and configs/default.yml) of this checkout (default: this one)")
     p.add_argument("--json", help="also write every row's numbers to this file")
 
 
@@ -304,7 +314,7 @@ def run_from_args(args) -> int:
               file=sys.stderr)
         return 2
     rows = validate(quick=args.quick, scans=scans, work=Path(args.work), seed=args.seed,
-                    imaged11=not args.no_imaged11, timeout_s=args.timeout)
+                    imaged11=not args.no_imaged11, timeout_s=args.timeout, code_root=Path(args.dctstream_root))
     table = table_markdown(rows)
     print(table)
     if args.markdown:
