@@ -121,7 +121,16 @@ def run_dctstream(path: Path, out: Path, *, timeout_s: float, code_root: Path = 
 
 
 def run_imaged11(path: Path, bbox, *, flt: Path) -> tuple[dict | None, dict]:
-    """ImageD11's labelimage on the same frames (module doc: how it is background-subtracted)."""
+    """ImageD11's labelimage on the same frames (module doc: how it is background-subtracted).
+
+    Its peaks and timing are kept beside ``flt`` and reused while the scan file is the same one.
+    """
+    kept = flt.with_suffix(".npz")
+    if kept.exists() and kept.stat().st_mtime > path.stat().st_mtime:
+        with np.load(kept) as saved:
+            spots = {name: saved[name] for name in ("centroid_x", "centroid_y", "centroid_frame", "integral")}
+            return spots, {"wall_s": float(saved["wall_s"]), "frames": int(saved["frames"]),
+                           "fps": float(saved["frames"]) / float(saved["wall_s"]), "error": None}
     try:
         from ImageD11 import columnfile, labelimage
     except ImportError as exc:
@@ -155,6 +164,7 @@ def run_imaged11(path: Path, bbox, *, flt: Path) -> tuple[dict | None, dict]:
     keep = peaks.Number_of_pixels >= IMAGED11_MIN_PIXELS
     spots = {"centroid_x": peaks.fc[keep], "centroid_y": peaks.sc[keep], "centroid_frame": peaks.omega[keep],
              "integral": peaks.sum_intensity[keep]}
+    np.savez(kept, wall_s=wall, frames=n, **spots)
     return spots, {"wall_s": wall, "frames": n, "fps": n / wall, "error": None}
 
 
