@@ -103,16 +103,16 @@ def run_dctstream(path: Path, out: Path, *, timeout_s: float, code_root: Path = 
         failed = f"timed out after {timeout_s:.0f} s"
     wall = time.monotonic() - t0
     info = {"wall_s": wall, "error": failed or None}
-    # run.json once the run has ended; a run stopped by the timeout left only its last status snapshot.
-    for name in ("run.json", "status.json"):
-        snapshot = json.loads((out / name).read_text()) if (out / name).exists() else {}
-        stats = snapshot.get("stats") or {}
-        if stats.get("elapsed_s"):
-            frames = stats.get("frames_segmented") or 0
-            info.update(frames=frames, fps=frames / stats["elapsed_s"], rejected=stats.get("rejected"),
-                        warnings=snapshot.get("warnings"), direct_beam=stats.get("direct_beam"),
-                        seed_threshold=stats.get("seed_threshold"), noise_sigma=stats.get("noise_sigma"))
-            break
+    # The latest of the run record and the status snapshot (a run stopped by the timeout has only the latter).
+    snapshots = [json.loads((out / name).read_text()) for name in ("run.json", "status.json") if (out / name).exists()]
+    snapshots = [snap for snap in snapshots if (snap.get("stats") or {}).get("elapsed_s")]
+    if snapshots:
+        snapshot = max(snapshots, key=lambda snap: snap["stats"]["elapsed_s"])
+        stats = snapshot["stats"]
+        frames = stats.get("frames_segmented") or 0
+        info.update(frames=frames, fps=frames / stats["elapsed_s"], rejected=stats.get("rejected"),
+                    warnings=snapshot.get("warnings"), direct_beam=stats.get("direct_beam"),
+                    seed_threshold=stats.get("seed_threshold"), noise_sigma=stats.get("noise_sigma"))
     if not failed and (out / "spots.h5").exists():
         from dctstream.sinks import read_spot_table
 
