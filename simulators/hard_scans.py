@@ -426,10 +426,11 @@ def scan_model(name: str, *, quick: bool = False, seed: int = 0) -> HardScanMode
 
 def independent_model(spots_path: str | os.PathLike, *, seed: int = 0) -> HardScanModel:
     """The spots of an independent simulator (`benchmarks/independent_scan.py`) over a `ScanModel` background
-    with a +3 % top-up at 55 % of a full turn."""
+    with a +3 % top-up at 55 % of a full turn, and no direct beam: `ScanModel`'s beam box is twice as wide as
+    that simulator's sample, and would hide spots that a beam fitted to the sample leaves in view."""
     with h5py.File(spots_path, "r") as f:
         frames, size = int(f.attrs["frames"]), int(f.attrs["size"])
-    return HardScanModel(frames=frames, size=size, seed=seed, spots=0, wrap=True, topup_at=0.55,
+    return HardScanModel(frames=frames, size=size, seed=seed, spots=0, wrap=True, topup_at=0.55, beam=False,
                          external_spots=spots_path)
 
 
