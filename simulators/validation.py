@@ -1,7 +1,7 @@
 """The validation table: dctstream at default settings, and ImageD11's peak search, on hard scans.
 
     python benchmarks/validate.py [--quick] [--scans topup,grains] [--work DIR] [--markdown FILE]
-    dctstream validate ...    (the same, where the command has it wired: `add_subcommand`)
+    dctstream validate ...    (the same)
 
 Each scan of `simulators.hard_scans.SCANS` is generated into ``--work`` (kept:
 a file is named by the scan, its size and a hash of the simulator's source, so
@@ -285,22 +285,8 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return p
-
-
-def add_subcommand(subparsers) -> None:
-    """Register ``validate`` on an argparse subparsers object (``dctstream validate``)."""
-    p = subparsers.add_parser("validate", help="score dctstream (default settings) and ImageD11 on hard "
-                              "simulated scans: a markdown table (minutes; not for CI)")
-    add_arguments(p)
-    p.set_defaults(func=run_from_args)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options, for this script and for a ``dctstream validate`` subcommand alike."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="256 x 256 px, 360 frames (else 512 x 512, 720)")
     p.add_argument("--scans", default=",".join([*SCANS, "independent"]),
                    help="comma-separated scan names (default: all, and the independent one)")
@@ -315,8 +301,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write every row's numbers to this file")
 
 
+    return p
+
+
 def run_from_args(args) -> int:
-    """What ``python benchmarks/validate.py`` (or a ``dctstream validate`` subcommand) does with its options."""
     scans = [s for s in args.scans.split(",") if s]
     unknown = [s for s in scans if s not in SCANS and s != "independent"]
     if unknown:
@@ -334,5 +322,6 @@ def run_from_args(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_from_args(build_parser().parse_args(argv))
+def main(argv=None, prog: str | None = None) -> int:
+    """``python benchmarks/validate.py`` and ``dctstream validate``, with their options ``argv``."""
+    return run_from_args(build_parser(prog).parse_args(argv))
