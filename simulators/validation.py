@@ -241,7 +241,7 @@ def table_markdown(rows: list[dict]) -> str:
             notes.append(f"beam box found {r['direct_beam']} (true {list(r.get('true_beam') or [])})")
         if r.get("error"):
             notes.append(r["error"])
-        lines.append(f"| {r['scan']} | {r['tool']} | {s['recall']:.3f} | {s['precision']:.3f} | {rms_xy:.3f} | "
+        lines.append(f"| {r['scan']} | {r['tool']} | {s['recall']:.3f} | {s['precision']:.3f} | {_fmt(rms_xy)} | "
                      f"{_fmt(s['rms_frame'])} | {ratio} | {fps} | {'; '.join(notes)} |")
     return "\n".join(lines)
 
