@@ -1,3 +1,30 @@
-"""dctstream: live background correction and difspot segmentation for DCT scans."""
+"""dctstream: live background correction and difspot segmentation for DCT scans.
+
+The Python API: `run` processes a scan into an output folder as ``dctstream run``
+does, `open_run` reads such a folder back, and `segment` finds the difspots of
+frames held in memory.  Errors are the classes of `dctstream.errors`.
+"""
 
 __version__ = "0.1.0"
+
+from .api import run, segment
+from .config import Config, load_config
+from .errors import ConfigError, DctStreamError, InputError, OptionalDependencyError, OutputError
+from .results import Run, open_run
+from .types import Difspot
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DctStreamError",
+    "Difspot",
+    "InputError",
+    "OptionalDependencyError",
+    "OutputError",
+    "Run",
+    "__version__",
+    "load_config",
+    "open_run",
+    "run",
+    "segment",
+]

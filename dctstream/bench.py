@@ -39,6 +39,7 @@ class BenchOptions:
     sources: bool = False  # time each live source instead of the stages
     soak: bool = False  # instead: a long scan at acquisition speed, sampling memory and backlog
     fps: float = 25.0  # acquisition rate of the soak
+    hard: bool = False  # instead: the pipeline at default settings on a steady scan and on a hard one
 
 
 class SyntheticScan:
@@ -48,10 +49,16 @@ class SyntheticScan:
     bench at 2048 x 2048 spends its time in dctstream, not in making data.
     """
 
-    def __init__(self, size: int, seed: int = 0):
+    # source: "drifting" (oscillates 5% with a 97-frame period and decays 10% over 3600 frames), "steady",
+    # or "hard": drifting, with a +3% top-up step at frame TOP_UP_FRAME and a glow twice as bright
+    TOP_UP_FRAME = 800
+
+    def __init__(self, size: int, seed: int = 0, source: str = "drifting"):
         rng = np.random.default_rng(seed)
+        self.source = source
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        self.model = (300 * np.exp(-np.hypot(yy - size / 2, xx - size / 2) / (size / 6))).astype(np.float32)
+        glow = 600 if source == "hard" else 300
+        self.model = (glow * np.exp(-np.hypot(yy - size / 2, xx - size / 2) / (size / 6))).astype(np.float32)
         self.beam = (abs(yy - size / 2) < size / 8) & (abs(xx - size / 2) < size / 5)
         self.model[self.beam] = 25000
         self.offset = np.where(yy < size / 2, 100, 104).astype(np.float32) + np.where(xx < size / 2, 0, 3)
@@ -65,7 +72,11 @@ class SyntheticScan:
         self.spot = (400 * g).astype(np.float32)
 
     def frame(self, k: int) -> np.ndarray:
-        intensity = (1 + 0.05 * np.sin(2 * np.pi * k / 97)) * (1 - 0.1 * k / 3600)
+        intensity = 1.0
+        if self.source != "steady":
+            intensity = (1 + 0.05 * np.sin(2 * np.pi * k / 97)) * (1 - 0.1 * k / 3600)
+        if self.source == "hard" and k >= self.TOP_UP_FRAME:
+            intensity *= 1.03
         noise = np.random.default_rng((self.seed, k)).standard_normal(self.model.shape, dtype=np.float32)
         img = self.model * np.float32(intensity) + self.offset + noise * self.noise_scale
         for x, y in self.spot_xy[(k * 7) % len(self.spot_xy):][:20]:
@@ -175,6 +186,9 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
         "per_frame_s_p99": float(np.percentile(steady, 99)) if steady.size else None,
         "stage_frames_per_s": {k: n / v for k, v in stats.stage_s.items() if v > 0},
         "difspots": stats.difspots_written,
+        "rejected": dict(stats.rejected),
+        "flood_frames": stats.flood_frames_total,
+        "noise_sigma_range": stats.noise_sigma_range,
         # the first frame of a block waits for the block's centre too
         "latency_frames": opts.window // 2 + opts.batch - 1 + (opts.stride // 2 if opts.mode == "block" else 0),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -182,9 +196,24 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
     }
 
 
+def bench_hard(opts: BenchOptions, workdir: Path) -> dict:
+    """The whole pipeline at default settings on a steady scan and on a hard one (decaying, oscillating
+    source, a top-up step, a brighter glow) of the same size, frames and spots: the hard scan must not
+    cost the run its speed (noise seeds flooding the segmenter)."""
+    out = {}
+    for source in ("steady", "hard"):
+        with tempfile.TemporaryDirectory(prefix=f"dctstream-bench-{source}-", dir=workdir) as tmp:
+            out[source] = bench_pipeline(SyntheticScan(opts.size, opts.seed, source), opts, Path(tmp))
+    out["hard_over_steady_fps"] = out["hard"]["frames_per_s"] / out["steady"]["frames_per_s"]
+    return out
+
+
 def run_bench(opts: BenchOptions) -> dict:
     scan = SyntheticScan(opts.size, opts.seed)
     cores = os.cpu_count() or 1
+    if opts.hard:
+        with tempfile.TemporaryDirectory(prefix="dctstream-hard-") as tmp:
+            return {"options": opts.__dict__, "cores": cores, "hard": bench_hard(opts, Path(tmp))}
     if opts.soak:
         with tempfile.TemporaryDirectory(prefix="dctstream-soak-") as tmp:
             return {"options": opts.__dict__, "cores": cores, "soak": bench_soak(scan, opts, Path(tmp))}
@@ -206,6 +235,19 @@ def format_report(report: dict) -> str:
     o = report["options"]
     if "soak" in report:
         return format_soak(report)
+    if "hard" in report:
+        h = report["hard"]
+        lines = [f"dctstream bench --hard: the whole pipeline at default settings, {o['size']} x {o['size']} uint16, "
+                 f"window {o['window']}, {h['steady']['frames']} frames, {report['cores']} cores", "",
+                 f"{'scan':8s} {'frames/s':>9s} {'after 1st window':>17s} {'difspots':>9s} {'flooded frames':>15s}  "
+                 "noise (min..max)  rejected"]
+        for name in ("steady", "hard"):
+            r = h[name]
+            noise = r["noise_sigma_range"] or (float("nan"), float("nan"))
+            lines.append(f"{name:8s} {r['frames_per_s']:9.1f} {r['steady_frames_per_s']:17.1f} {r['difspots']:9d} "
+                         f"{r['flood_frames']:15d}  {noise[0]:.2f}..{noise[1]:.2f}  {r['rejected']}")
+        lines.append(f"hard / steady frames/s: {h['hard_over_steady_fps']:.2f}")
+        return "\n".join(lines)
     if "sources" in report:
         lines = [f"dctstream bench --sources: {o['size']} x {o['size']} uint16 frames, written by another "
                  "program; latency from written to delivered", "",
@@ -419,6 +461,9 @@ def bench_soak(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> dict:
         "duration_s": wall,
         "acquisition_s": opts.frames / opts.fps,
         "difspots": stats.difspots_written,
+        "rejected": dict(stats.rejected),
+        "flood_frames": stats.flood_frames_total,
+        "noise_sigma_range": stats.noise_sigma_range,
         "latency_frames": latency,
         "rss_before_mib": rss_before / 2**20,
         "start": at(0.0),

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 RUN_DIR = ".dctstream"
 MARKER = "running"
 CHECKPOINT = "checkpoint.npz"
-FORMAT = 1
+FORMAT = 2
 
 
 def marker_path(out_dir: Path) -> Path:
@@ -260,17 +260,25 @@ def capture(pipeline, k: int) -> Snapshot:
         "first_raw": first_raw,
         "direct_beam": None if bg.direct_beam is None else [int(v) for v in bg.direct_beam],
         "margin_ref": None if bg.margin_ref is None else float(bg.margin_ref),
+        "auto_normalise": None if bg.intensity is None else bool(bg.intensity.enabled),
         "has_psi": psi is not None,
         # what the first window taught the detector (an estimated dark, automatic bad pixels)
         "detector": {"dark_source": pipeline.detector.dark_source, "mask_counts": pipeline.detector.mask_counts,
                      "dark_estimated": pipeline.cfg.dark.estimate},
         "stats": {"frames_missing": stats.frames_missing, "seed_threshold": stats.seed_threshold,
-                  "noise_sigma": stats.noise_sigma},
+                  "noise_sigma": stats.noise_sigma, "noise_sigma_range": stats.noise_sigma_range,
+                  "noise_sigma_by_frame": stats.noise_sigma_by_frame, "flood_frames": stats.flood_frames,
+                  "flood_frames_total": stats.flood_frames_total},
         "segmenter": {key: state[key] for key in ("low", "last", "prev_offset", "next_id", "n_blobs",
                                                   "rejected", "capacity")},
     }
+    noise = pipeline.noise.state()
     arrays = {
         "sigma": pipeline._sigma,
+        # every frame's beam-intensity scale so far: frames read again on resume are not measured again
+        "frame_scales": np.asarray(bg.frame_scales[:], np.float64),
+        **{f"noise_{name}": np.asarray(v) for name, v in noise.items()},
+        "seg_low_tiles": state["low_tiles"], "seg_floods": state["floods"],
         "pixel_mask": bg.pixel_mask,
         **({"dark": bg.dark} if pipeline.cfg.dark.estimate else {}),
         "psi": np.asarray(psi[:first_raw] if psi is not None else [], np.float64),
@@ -288,7 +296,8 @@ def resume_background(resume, bbox) -> dict:
     meta, _ = resume
     beam = meta["direct_beam"]
     return {"direct_beam": "none" if beam is None else tuple(beam),
-            "stage": {"first_frame": meta["first_raw"], "margin_ref": meta["margin_ref"]}}
+            "stage": {"first_frame": meta["first_raw"], "margin_ref": meta["margin_ref"],
+                      "known_scales": resume[1]["frame_scales"], "auto_enabled": meta["auto_normalise"]}}
 
 
 def restore_detector(detector, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -303,15 +312,21 @@ def restore_detector(detector, meta: dict, arrays: dict[str, np.ndarray]) -> Non
 
 def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     """Put the checkpoint's state back into a pipeline whose stages were just built."""
-    from .pipeline import resolve_segmentation
+    from .pipeline import INTEGER_NOISE_FLOOR, resolve_segmentation
     from .segment import Segmenter
+    from .segment.noise import NoiseTracker
 
     bg, stats = pipeline.background, pipeline.stats
     bg.emitted = meta["first_needed"]
     pipeline._sigma = arrays["sigma"]
     params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma)
     pipeline.table.attrs.update(meta["table"]["attrs"])
-    pipeline.segmenter = Segmenter(params, bg.frame_shape, pipeline.segment_mask())
+    mask = pipeline.segment_mask()
+    pipeline.segmenter = Segmenter(params, bg.frame_shape, mask)
+    pipeline.noise = NoiseTracker(bg.frame_shape, mask,
+                                  floor=INTEGER_NOISE_FLOOR if pipeline.detector.dtype.kind in "ui" else 0.0)
+    pipeline.noise.restore({name: arrays[f"noise_{name}"] for name in ("history", "pushed", "n_primed", "primed",
+                                                                       "series")})
     seg_meta = meta["segmenter"]
     pipeline.segmenter.restore({
         **seg_meta,
@@ -319,7 +334,9 @@ def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         "region_ids": arrays["seg_region_ids"], "open": arrays["seg_open"], "claimed": arrays["seg_claimed"],
         "regions": {name: arrays[f"seg_regions_{name}"] for name in ("count", "max_value", "max_index", "first")},
         "pending": {name: arrays[f"seg_pending_{name}"] for name in ("count", "max_value", "max_index", "first")},
+        "low_tiles": arrays["seg_low_tiles"], "floods": arrays["seg_floods"],
     })
+    pipeline._floods_said = len(pipeline.segmenter.floods)
     pipeline._replay_until = meta["frame"]
     # a source that says its frame shape only with its first frame (a stream, a folder) starts the stages once
     # that frame's psi was taken: it comes after the checkpoint's
@@ -329,6 +346,10 @@ def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     stats.difspots_written, stats.frames_missing = s["difspots_written"], s["frames_missing"]
     stats.seed_threshold = tuple(s["seed_threshold"]) if s["seed_threshold"] else None
     stats.noise_sigma = s["noise_sigma"]
+    stats.noise_sigma_range = tuple(s["noise_sigma_range"]) if s["noise_sigma_range"] else None
+    stats.noise_sigma_by_frame = s["noise_sigma_by_frame"]
+    stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
+    stats.normalise = bg.normalise_facts()
     stats.rejected = Counter(seg_meta["rejected"])
     stats.frames_read = meta["first_raw"]
     stats.frames_corrected = meta["first_needed"]

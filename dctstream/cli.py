@@ -45,12 +45,14 @@ def _summary(stats, out_dir) -> str:
 
 
 def cmd_run(args) -> int:
+    from .api import run
+
     cfg = _config(args)  # before the heavy imports: a bad config fails at once
-    from .runner import process_scan, stop_on_sigterm
+    from .runner import stop_on_sigterm
 
     stop_on_sigterm()
-    stats = process_scan(cfg, overwrite=args.overwrite)
-    print(_summary(stats, cfg.output.dir))
+    result = run(None, out=None, config=cfg, overwrite=args.overwrite, display=True)
+    print(_summary(result.stats, cfg.output.dir))
     return 0
 
 
@@ -215,7 +217,7 @@ def cmd_bench(args) -> int:
     sizes = {k: (_SOAK_DEFAULTS if args.soak else _BENCH_DEFAULTS)[k] if v is None else v for k, v in sizes.items()}
     opts = BenchOptions(**sizes, mode=args.mode, stride=args.stride, batch=args.batch, seed=args.seed,
                         pipeline=not args.no_pipeline, baselines=not args.no_baselines, sources=args.sources,
-                        soak=args.soak)
+                        soak=args.soak, hard=args.hard)
     print(bench_main(opts, as_json=args.json))
     return 0
 
@@ -316,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: latency of each live source, from a frame written to delivered, at 10 and 50 fps")
     p.add_argument("--soak", action="store_true",
                    help="instead: a long scan at acquisition speed (--fps), sampling memory and backlog")
+    p.add_argument("--hard", action="store_true",
+                   help="instead: the pipeline at default settings on a steady scan and on a hard one (decaying, "
+                        "oscillating source, a +3%% top-up step, a brighter glow), frames/s of each and their ratio")
     p.add_argument("--fps", type=float, help="acquisition rate of --soak, frames/s (12: what 2 shared cores keep "
                    "up with at 128 x 128 px and about 6 difspots a frame)")
     p.add_argument("--json", action="store_true", help="machine-readable report")

@@ -20,7 +20,7 @@ import math
 import operator
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "override_config",
     "replace_config",
 ]
 
@@ -105,7 +106,7 @@ class BackgroundConfig:
     mode: str = "exact"  # "exact": one window per frame; "block": one window per `stride` frames
     stride: int = 50  # frames per block in "block" mode
     batch_frames: int = 1  # frames slid per kernel call: faster, adds batch_frames - 1 frames of latency
-    normalise: str = "none"  # "margin": scale frames to constant intensity in the direct-beam margin
+    normalise: str = "auto"  # beam intensity: "auto" measured from the frames, "margin" beside the sample, "none"
     margin_px: int = 20  # width of that margin
 
 
@@ -211,6 +212,23 @@ def replace_config(cfg: Config, **section_updates: dict[str, Any]) -> Config:
     ``replace_config(cfg, background={"window": 101})``; errors are labelled ``replace_config``.
     """
     return _build([("replace_config", config_to_dict(cfg)), ("replace_config", section_updates)])
+
+
+def override_config(cfg: Config, overrides: Mapping[str, Any] | Sequence[str], label: str = _SET) -> Config:
+    """``cfg`` with overrides applied and checked as ``--set`` ones are.
+
+    ``overrides`` is a mapping ``{"background.window": 101}`` (values as
+    Python objects; errors are labelled ``label``) or ``--set`` texts
+    ``["background.window=101"]`` (values read as YAML; errors labelled ``--set``).
+    """
+    if isinstance(overrides, str):
+        raise ConfigError(f"{label}: expected a mapping of section.key to value or a list of "
+                          f"section.key=value texts, got the text {_show(overrides)}")
+    if isinstance(overrides, Mapping):
+        layers = [(label, _nested(key, value)) for key, value in overrides.items()]
+    else:
+        layers = [(_SET, _parse_override(text)) for text in overrides]
+    return _build([("config", config_to_dict(cfg)), *layers])
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -372,7 +390,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "mode": _one_of("exact", "block"),
         "stride": _int_at_least(1),
         "batch_frames": _int_at_least(1),
-        "normalise": _one_of("none", "margin"),
+        "normalise": _one_of("auto", "none", "margin"),
         "margin_px": _int_at_least(1),
     },
     "filter": {"median_size": _int_at_least(1, odd=True)},
@@ -551,6 +569,17 @@ def _parse_override(text: str) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{_SET}: {key}: invalid YAML value {_show(raw)}: {_yaml_problem(err)}") from err
     for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def _nested(key: Any, value: Any) -> dict[str, Any]:
+    """``"a.b", value`` -> ``{"a": {"b": value}}``; a whole section, ``"a", {"b": value}``, stays as it is.
+
+    Tuples become lists, as a Python caller may write ``(2, 2, 1)`` where YAML has ``[2, 2, 1]``.
+    """
+    tree = {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else _plain(value)
+    for part in reversed(str(key).split(".")):
         tree = {part: tree}
     return tree
 

@@ -223,7 +223,8 @@ class Detector:
             volume = np.repeat(np.repeat(blob.volume * np.float32(share), b, axis=1), b, axis=2)
         f, my, mx = blob.max_index
         return Blob(id=blob.id, frame=frame[order], y=y[order], x=x[order], value=value[order],
-                    max_index=(f, my * b, mx * b), max_value=float(blob.max_value * share), volume=volume)
+                    max_index=(f, my * b, mx * b), max_value=float(blob.max_value * share), volume=volume,
+                    total=None if blob.total is None else blob.total * share * b * b)
 
     def attrs(self) -> dict:
         """Facts for the run record: where the dark came from, masked pixels, binning."""

@@ -11,19 +11,37 @@ import scipy.ndimage as ndi
 _LEVEL = 0.1
 # Bright parts smaller than this fraction of the largest are glints, not beam.
 _MIN_PART = 0.01
+# A beam stands this many times above the detector's typical level (both above the dark)...
+_MIN_CONTRAST = 10.0
+# ... and is a plateau cut by slits: most of the pixels above _LEVEL are above _PLATEAU_LEVEL of the
+# way up (a box beam with the sample's shadow in it: 0.9; a glow, smooth and peaked: 0.6 for a Gaussian,
+# 0.4 for an exponential).
+_PLATEAU_LEVEL = 0.25
+_MIN_PLATEAU = 0.75
 
 
-def detect_direct_beam(image: np.ndarray, margin_px: int) -> tuple[int, int, int, int] | None:
+def detect_direct_beam(image: np.ndarray, margin_px: int,
+                       mask: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
     """Bounding box ``(x0, y0, width, height)`` of the bright transmitted beam, grown by ``margin_px``.
 
-    ``image`` is a background image (a per-pixel median over frames), so spots
-    and zingers are already gone. Returns None when nothing stands out.
+    ``image`` is a background image above the dark (a per-pixel median over
+    frames), so spots and zingers are already gone; pixels where ``mask`` is
+    true (the detector's bad pixels) are left out. Returns None when there is
+    no beam: nothing stands ``_MIN_CONTRAST`` times above the typical level, or
+    what does is a smooth glow rather than a plateau.
     """
-    typical = float(np.percentile(image, 50))
-    brightest = float(np.percentile(image, 99.9))
-    if brightest <= typical:
+    valid = image if mask is None else image[~np.asarray(mask, bool)]
+    if valid.size == 0:
         return None
-    bright = image > typical + _LEVEL * (brightest - typical)
+    typical = max(float(np.percentile(valid, 50)), 0.0)
+    brightest = float(np.percentile(valid, 99.9))
+    if brightest <= typical or brightest < _MIN_CONTRAST * max(typical, 1.0):
+        return None
+    usable = np.ones(image.shape, bool) if mask is None else ~np.asarray(mask, bool)
+    bright = usable & (image > typical + _LEVEL * (brightest - typical))
+    plateau = usable & (image > typical + _PLATEAU_LEVEL * (brightest - typical))
+    if plateau.sum() < _MIN_PLATEAU * bright.sum():
+        return None
     labels, n = ndi.label(bright)
     if n == 0:
         return None

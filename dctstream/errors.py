@@ -24,3 +24,7 @@ class InputError(DctStreamError):
 
 class OutputError(DctStreamError):
     """The output folder cannot be written."""
+
+
+class OptionalDependencyError(DctStreamError, ImportError):
+    """A feature needs a package that is not installed (pandas for tables, matplotlib for plots)."""

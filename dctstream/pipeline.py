@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint, spool
+from . import __version__, checkpoint, seam, spool
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
 from .errors import ConfigError, DctStreamError, InputError, OutputError
 from .overlap import Prefetch, Worker
 from .segment import SegmentParams, Segmenter
+from .segment.noise import TILE_PX, NoiseTracker
 from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
 from .sources import open_source
 
@@ -27,12 +28,13 @@ log = logging.getLogger(__name__)
 
 # Seconds between rewrites of spots.h5; every difspot file is written at once regardless.
 TABLE_FLUSH_S = 1.0
-# Corrected frames used for the automatic noise estimate.
+# Corrected frames the noise of the scan's first frames is estimated on, together (segment.noise).
 NOISE_FRAMES = 5
-# The noise map is estimated on square tiles of this many pixels: the noise
-# follows the background level (Poisson), which changes slowly across the
-# detector, from the direct beam's glow to the corners.
-NOISE_TILE_PX = 32
+# The noise never counts below one count of an integer detector: where nearly every pixel reads the same
+# (a photon-counting detector, 0 almost everywhere) the spread says nothing, and one count is its step.
+INTEGER_NOISE_FLOOR = 1.0
+# Frames listed in a warning about a seed flood.
+FLOOD_FRAMES_LISTED = 10
 # Frames read ahead of the background stage: enough to ride out a slow read, a few MB each.
 FRAME_QUEUE_DEPTH = 4
 # Corrected frames waiting for the segmenter: 16 MiB each at 2048 x 2048.
@@ -52,8 +54,14 @@ class Stats:
     difspots_written: int = 0
     rejected: Counter = field(default_factory=Counter)
     direct_beam: tuple | None = None
-    seed_threshold: tuple[float, float] | None = None  # (min, max) over the detector
-    noise_sigma: float | None = None
+    seed_threshold: tuple[float, float] | None = None  # (min, max) over the detector, current frame
+    noise_sigma: float | None = None  # median over the detector, current frame
+    noise_sigma_range: tuple[float, float] | None = None  # (min, max) of noise_sigma over the scan so far
+    noise_sigma_by_frame: list | None = None  # [frame, noise_sigma] every so many frames (the run record)
+    normalise: dict | None = None  # how frames were brought to the beam intensity: mode, scale range
+    flood_frames: list | None = None  # the last frames whose seeds flooded: [frame, seed regions, threshold factor]
+    flood_frames_total: int = 0
+    seam_joined: int | None = None  # full-turn scans: spots across 0/360 degrees joined into one
     frames_missing: int = 0
     source_end: str | None = None  # why the source stopped: end_time, idle_timeout, complete, ...
     stage_s: Counter = field(default_factory=Counter)  # seconds spent in read, background, segment, write
@@ -70,37 +78,18 @@ class Stats:
         return time.monotonic() - self.started_s
 
 
-def _mad_sigma(values: np.ndarray) -> float:
-    if not values.size:
-        return 0.0
-    deviation = np.abs(values.astype(np.float64) - np.median(values))
-    sigma = 1.4826 * np.median(deviation)
-    # Faint integer counts can sit on the median more often than not, which
-    # zeroes the MAD; the mean absolute deviation still sees the noise.
-    return float(sigma if sigma > 0 else 1.2533 * deviation.mean())
+def resolve_segmentation(cfg, sigma: np.ndarray | None, tile_px: int = TILE_PX) -> SegmentParams:
+    """Replace the ``auto`` values of the segmentation section by numbers or (tiles_y, tiles_x) maps,
+    from a noise map per tile."""
+    seed, low = frame_thresholds(cfg, sigma)
+    return SegmentParams(seed_threshold=seed, grow_ratio=cfg.grow_ratio, grow_low=low,
+                         grow_high=cfg.grow_high, seed_min_voxels=cfg.seed_min_voxels,
+                         min_size=tuple(cfg.min_blob_size), max_size=tuple(cfg.max_blob_size),
+                         connectivity=cfg.connectivity, tile_px=tile_px)
 
 
-def noise_map(frames: list[np.ndarray], mask: np.ndarray, tile_px: int = NOISE_TILE_PX) -> np.ndarray:
-    """Robust noise (1.4826 x median absolute deviation) of corrected frames, per tile, as a (y, x) map.
-
-    Masked pixels are left out; a tile with too few unmasked pixels takes the
-    whole detector's value.
-    """
-    stack = np.stack(frames)
-    overall = _mad_sigma(stack[:, ~mask])
-    ny, nx = mask.shape
-    out = np.full((ny, nx), overall)
-    for y0 in range(0, ny, tile_px):
-        for x0 in range(0, nx, tile_px):
-            tile = (slice(y0, y0 + tile_px), slice(x0, x0 + tile_px))
-            keep = ~mask[tile]
-            if keep.sum() * len(frames) >= 64:
-                out[tile] = _mad_sigma(stack[(slice(None), *tile)][:, keep])
-    return out
-
-
-def resolve_segmentation(cfg, sigma: np.ndarray | None) -> SegmentParams:
-    """Replace the ``auto`` values of the segmentation section by numbers or (y, x) maps."""
+def frame_thresholds(cfg, sigma: np.ndarray | None):
+    """The seed threshold and lower grow clamp of the segmentation section for a noise map ``sigma``."""
     seed = cfg.seed_threshold
     if seed == "auto":
         if sigma is None or not np.all(sigma > 0):
@@ -108,10 +97,7 @@ def resolve_segmentation(cfg, sigma: np.ndarray | None) -> SegmentParams:
                               "got 0 in places (flat frames?); set a number of counts")
         seed = cfg.seed_sigma * sigma
     low = 0.5 * seed if cfg.grow_low == "auto" else cfg.grow_low
-    return SegmentParams(seed_threshold=seed, grow_ratio=cfg.grow_ratio, grow_low=low,
-                         grow_high=cfg.grow_high, seed_min_voxels=cfg.seed_min_voxels,
-                         min_size=tuple(cfg.min_blob_size), max_size=tuple(cfg.max_blob_size),
-                         connectivity=cfg.connectivity)
+    return seed, low
 
 
 def beam_mask(bbox, frame_shape) -> np.ndarray:
@@ -162,7 +148,9 @@ class Pipeline:
         self.resuming = not overwrite and checkpoint.unfinished_run(self.out_dir, dump_config(cfg))
         self._resume = checkpoint.load(self.out_dir) if self.resuming else None
         self._replay_until = -1  # frames up to this one are put back in the segmenter, not segmented again
-        self._sigma: np.ndarray | None = None
+        self._sigma: np.ndarray | None = None  # the noise of the first frames, per tile
+        self.noise: NoiseTracker | None = None
+        self._floods_said = 0  # flood events already counted in the stats
         self._first_frames: list[tuple[int, np.ndarray]] = []  # corrected frames held for the noise estimate
         self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
         self._checkpointer = checkpoint.Checkpointer(self.out_dir, cfg.output.checkpoint_every_s,
@@ -172,6 +160,8 @@ class Pipeline:
         self._flushed_s = time.monotonic()
         # consumers of each corrected frame, called as tap.on_corrected(k, frame) (quick-look pictures)
         self.frame_taps: list = []
+        # consumers of each difspot once written, called as tap(blob, row) with its spot-table row (segment())
+        self.blob_taps: list = []
         self._writer: Worker | None = None
         self._segmenting: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
@@ -248,6 +238,7 @@ class Pipeline:
                     progress(self.stats)
             if self.background is not None:
                 self._segment(self.background.finish())
+                self.stats.normalise = self.background.normalise_facts()
             self._close_segmenting()
             if self._first_frames:  # a scan of fewer corrected frames than the noise estimate takes
                 self._start_segmenter()
@@ -298,6 +289,8 @@ class Pipeline:
             finally:
                 if self._writer is not None:
                     self._writer.close()
+            if raise_errors:  # the scan is whole: its last frame meets its first if it is a full turn
+                self._join_seam()
         except BaseException as exc:
             if raise_errors:
                 raise
@@ -313,6 +306,16 @@ class Pipeline:
                 self.stats.export_reduction = self.table.attrs["export_reduction"] = self.export.reduction
             if self.table is not None:
                 self.table.close()
+
+    def _join_seam(self) -> None:
+        if self.table is None or not seam.full_turn(self._psi):
+            return
+        n = len(self._psi)
+        with self._timed("write"):
+            joined = seam.join_across_seam(self.table, self.difspots, n, lambda c: seam.psi_at(self._psi, c),
+                                           self.cfg.segmentation.connectivity, self.detector.binning)
+        self.stats.difspots_written -= joined
+        self.stats.seam_joined = joined
 
     @contextmanager
     def _timed(self, stage: str):
@@ -367,7 +370,13 @@ class Pipeline:
             self.segmenter.load_frame(k, frame)
             return
         with self._timed("segment"):
-            blobs = self.segmenter.push(k, frame)
+            sigma = self.noise.push(k, frame)
+            seed = low = None
+            if self.cfg.segmentation.seed_threshold == "auto" or self.cfg.segmentation.grow_low == "auto":
+                seed, low = (np.broadcast_to(np.asarray(m, np.float64), sigma.shape)
+                             for m in frame_thresholds(self.cfg.segmentation, sigma))
+            blobs = self.segmenter.push(k, frame, seed, low)
+        self._note_noise(k, sigma, seed)
         self._write(blobs)
         if self.export is not None:
             with self._timed("export"):
@@ -380,6 +389,30 @@ class Pipeline:
         checkpoint.crash_point("frame")
         if self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
             self._writer.submit(checkpoint.capture(self, k))
+
+    def _note_noise(self, k: int, sigma: np.ndarray, seed) -> None:
+        """The noise and thresholds of frame k, and any seed flood, for the status and the run record."""
+        stats = self.stats
+        level = self.noise.series[-1]
+        stats.noise_sigma = level
+        low, high = stats.noise_sigma_range or (level, level)
+        stats.noise_sigma_range = (min(low, level), max(high, level))
+        if seed is not None:
+            stats.seed_threshold = (float(seed.min()), float(seed.max()))
+        every = max(1, (stats.frames_total or 10_000) // 200)
+        if k % every == 0:
+            stats.noise_sigma_by_frame = [*(stats.noise_sigma_by_frame or []), [k, round(level, 4)]]
+        floods = self.segmenter.floods
+        if len(floods) > self._floods_said:
+            if self._floods_said == 0:
+                f, n, factor = floods[0]
+                log.warning("frame %d: %d seed regions (more than %d): a flood of noise, not spots -- the "
+                            "background or the beam intensity changed faster than the median follows; its "
+                            "thresholds were raised %gx to keep the speed (later such frames: see flood_frames "
+                            "in the run record)", f, n, self.segmenter.flood_limit, factor)
+            self._floods_said = len(floods)
+            stats.flood_frames = [[int(f), int(n), float(c)] for f, n, c in floods[-FLOOD_FRAMES_LISTED:]]
+            stats.flood_frames_total = len(floods)
 
     def segment_mask(self) -> np.ndarray:
         """Pixels never segmented: the direct beam and the detector's bad pixels; their facts go to the record."""
@@ -399,16 +432,24 @@ class Pipeline:
         mask = self.segment_mask()
         detector.write_mask(self.out_dir / "mask.h5", self.background.pixel_mask,
                             beam_mask(self.background.direct_beam, shape))
-        sigma = self._sigma = noise_map(first_frames, mask)
-        if self.cfg.segmentation.seed_threshold == "auto" and not np.all(sigma > 0):
+        floor = INTEGER_NOISE_FLOOR if detector.dtype.kind in "ui" else 0.0
+        self.noise = NoiseTracker(shape, mask, floor=floor)
+        flat = all(not np.any(frame[~mask]) for frame in first_frames)
+        if self.cfg.segmentation.seed_threshold == "auto" and flat:
             raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "
                              "after background correction (all-zero, saturated or constant frames, or a scan of "
                              "fewer than 3 frames?), expected detector counts with noise for "
                              "segmentation.seed_threshold: auto; set a number of counts instead")
+        sigma = self._sigma = self.noise.prime(first_frames)
+        if self.cfg.segmentation.seed_threshold == "auto" and not np.all(sigma > 0):
+            raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "
+                             "after background correction (constant float frames?), expected detector counts "
+                             "with noise for segmentation.seed_threshold: auto; set a number of counts instead")
         params = resolve_segmentation(self.cfg.segmentation, sigma)
-        seed = np.asarray(params.seed_threshold)[~mask] if np.ndim(params.seed_threshold) else params.seed_threshold
-        self.stats.noise_sigma = float(np.median(sigma[~mask]))
+        seed = params.tile_maps(shape)[0]
+        self.stats.noise_sigma = float(np.median(sigma))
         self.stats.seed_threshold = (float(np.min(seed)), float(np.max(seed)))
+        self.stats.normalise = self.background.normalise_facts()
         log.info("direct beam %s, noise %.3g counts (median), seed threshold %.4g..%.4g counts",
                  self.stats.direct_beam, self.stats.noise_sigma, *self.stats.seed_threshold)
         self.segmenter = Segmenter(params, shape, mask)
@@ -448,8 +489,10 @@ class Pipeline:
         blob = self.detector.unbin_blob(blob)
         with self._timed("write"):
             self._unsynced.append(self.difspots.write(blob, volume=blob.volume))
-            self.table.add(blob, psi)
+            row = self.table.add(blob, psi)
             self.stats.difspots_written += 1
+            for tap in self.blob_taps:
+                tap(blob, row)
             if time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
                 self.table.flush()
                 self._flushed_s = time.monotonic()

@@ -276,7 +276,7 @@ class QuickLook:
             slot = bg.ring.slot(k)
         except IndexError:
             return
-        raw = (bg.ring.data[slot].astype(np.float32) - bg.dark) * bg.scales[slot]
+        raw = (bg.ring.data[slot].astype(np.float32) - bg.dark) * bg.gain  # the ring holds normalised frames
         self._sample = (k, raw, raw - corrected)
 
     def _job(self) -> dict:

@@ -30,6 +30,8 @@ class Blob:
     max_value: float
     # corrected values over the blob's bounding box (frame, y, x), when the segmenter kept them
     volume: np.ndarray | None = field(default=None, repr=False)
+    # the spot's counts with its tails below the growth threshold (see segment.segmenter), when known
+    total: float | None = None
 
     @property
     def area(self) -> int:
@@ -37,7 +39,8 @@ class Blob:
 
     @property
     def integral(self) -> float:
-        return float(self.value.sum(dtype=np.float64))
+        """The spot's integrated intensity: its voxels and their tails when the segmenter measured them."""
+        return float(self.value.sum(dtype=np.float64)) if self.total is None else self.total
 
     @property
     def bbox(self) -> tuple[int, int, int, int, int, int]:
@@ -76,3 +79,79 @@ class Frame:
     index: int  # 0-based position in the scan
     psi_deg: float | None  # rotation angle, when the source knows it
     data: np.ndarray | None  # (y, x), the detector's native dtype; None: the frame was lost in transit
+
+
+@dataclass(frozen=True, eq=False)
+class Difspot:
+    """One difspot: its spot-table row, where it lies and its voxels.
+
+    Attributes
+    ----------
+    id : int
+        Difspot id: its row in ``spots.h5`` and its file ``difspots/{id:06d}.h5``.
+    bbox : tuple of int
+        Bounding box ``(frame0, y0, x0, frame1, y1, x1)``, inclusive.
+    centroid : tuple of float
+        Intensity-weighted centroid ``(frame, y, x)``.
+    area : int
+        Number of voxels.
+    integral : float
+        Sum of the corrected values of its voxels.
+    max_value : float
+        Corrected value at the seed maximum.
+    max_index : tuple of int
+        ``(frame, y, x)`` of the seed maximum.
+    psi_deg : float or None
+        Rotation angle at the centroid frame, degrees; None without angles.
+    psi_range_deg : tuple of float or None
+        Rotation angles of the first and last frame of the box; None without angles.
+    volume : numpy.ndarray
+        float32 ``(frames, y, x)`` over the bounding box: the corrected frames
+        cut to the box (0 off the difspot when the segmenter kept no sub-volume).
+    mask : numpy.ndarray
+        bool, the shape of ``volume``: True on the difspot's voxels.
+    """
+
+    id: int
+    bbox: tuple[int, int, int, int, int, int]
+    centroid: tuple[float, float, float]
+    area: int
+    integral: float
+    max_value: float
+    max_index: tuple[int, int, int]
+    psi_deg: float | None
+    psi_range_deg: tuple[float, float] | None
+    volume: np.ndarray = field(repr=False)
+    mask: np.ndarray = field(repr=False)
+
+    @property
+    def frames(self) -> range:
+        """The frames of the bounding box."""
+        return range(self.bbox[0], self.bbox[3] + 1)
+
+    @property
+    def voxels(self) -> np.ndarray:
+        """``volume`` with 0 off the difspot (``DataMasked`` of its file)."""
+        return np.where(self.mask, self.volume, np.float32(0))
+
+    @property
+    def projection(self) -> np.ndarray:
+        """``voxels`` summed over frames: the difspot as a (y, x) image."""
+        return self.voxels.sum(axis=0, dtype=np.float32)
+
+    @classmethod
+    def from_row(cls, row: dict, volume: np.ndarray, mask: np.ndarray, max_index: tuple[int, ...],
+                 angles: np.ndarray | None) -> Difspot:
+        """The difspot of a spot-table ``row`` (`spot_row` keys) with its box arrays, the seed maximum
+        ``(frame, y, x)`` and ψ of every frame (``angles``, degrees, or None)."""
+        f0, y0, x0 = int(row["start_frame"]), int(row["bbox_y0"]), int(row["bbox_x0"])
+        f1, y1, x1 = int(row["end_frame"]), y0 + int(row["bbox_y_size"]) - 1, x0 + int(row["bbox_x_size"]) - 1
+        psi = row.get("centroid_psi_deg")
+        psi_range = None
+        if angles is not None and f1 < len(angles):
+            psi_range = (float(angles[f0]), float(angles[f1]))
+        return cls(id=int(row["id"]), bbox=(f0, y0, x0, f1, y1, x1),
+                   centroid=(float(row["centroid_frame"]), float(row["centroid_y"]), float(row["centroid_x"])),
+                   area=int(row["area"]), integral=float(row["integral"]), max_value=float(row["max_value"]),
+                   max_index=(int(max_index[0]), int(max_index[1]), int(max_index[2])), psi_deg=None if psi is None else float(psi),
+                   psi_range_deg=psi_range, volume=volume, mask=np.asarray(mask, bool))

@@ -9,7 +9,8 @@ import scipy.ndimage as ndi
 def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scales=None, filter_size=3, gain=None):
     """Corrected frames of a whole scan: np.median over each frame's window, then scipy's median filter.
 
-    Normalised frame j is (raw_j - dark) * gain * scales[j] (gain = 1 / flat, per pixel)."""
+    Each frame is first brought to the beam intensity: q_j = (raw_j - dark) * scales[j] + dark, rounded and
+    clipped to the raw type for integer frames; normalised frame j is (q_j - dark) * gain (gain = 1 / flat)."""
     n = raw.shape[0]
     if n < window:
         window = n if n % 2 else n - 1
@@ -17,7 +18,12 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
     dark = np.zeros(raw.shape[1:], np.float32) if dark is None else dark.astype(np.float32)
     scales = np.ones(n, np.float32) if scales is None else np.asarray(scales, np.float32)
     gain = np.ones(raw.shape[1:], np.float32) if gain is None else gain.astype(np.float32)
-    normalised = (raw.astype(np.float32) - dark) * gain * scales[:, None, None]
+    q = (raw.astype(np.float32) - dark) * scales[:, None, None] + dark
+    if raw.dtype.kind in "ui":
+        info = np.iinfo(raw.dtype)
+        q = np.clip(np.rint(q).astype(np.float64), info.min, info.max).astype(raw.dtype)
+    q = np.where((scales == 1)[:, None, None], raw, q)  # an unscaled frame is kept as it is
+    normalised = (q.astype(np.float32) - dark) * gain
     out = np.empty(raw.shape, np.float32)
     for k in range(n):
         centre = (k // stride) * stride + stride // 2 if mode == "block" else k
@@ -28,17 +34,36 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
     return out
 
 
-def reference_blobs(volume, params, mask=None):
+def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, flood_limit=None):
     """Whole-volume double threshold: scipy.ndimage.label on the seeds, then greedy growth brightest first.
 
-    Returns (blobs, rejected) where blobs is a list of (frame, y, x) voxel
+    ``seed_tiles`` / ``low_tiles``: each frame's own (tiles_y, tiles_x) threshold maps, one per frame.
+    ``flood_limit``: a frame with more 2-D seed regions than that has its two thresholds doubled until
+    it has not (at most 4 times). Returns (blobs, rejected) where blobs is a list of (frame, y, x) voxel
     arrays in growth order and rejected counts the rejections by reason.
     """
     nf, ny, nx = volume.shape
     mask = np.zeros((ny, nx), bool) if mask is None else mask
     allowed = np.broadcast_to(~mask, volume.shape)
     structure = ndi.generate_binary_structure(3, 1 if params.connectivity == 6 else 3)
-    seed_map, low_map = params.maps((ny, nx))
+
+    def pixels(tiles):
+        t = params.tile_px
+        return np.repeat(np.repeat(np.asarray(tiles, np.float64), t, 0), t, 1)[:ny, :nx]
+
+    static_seed, static_low = params.maps((ny, nx))
+    seed_map = np.stack([static_seed if seed_tiles is None else pixels(seed_tiles[k]) for k in range(nf)])
+    low_map = np.stack([static_low if low_tiles is None else pixels(low_tiles[k]) for k in range(nf)])
+    if flood_limit is not None:
+        plane = ndi.generate_binary_structure(2, 1 if params.connectivity == 6 else 2)
+        for k in range(nf):
+            factor = 1.0
+            while ndi.label((volume[k] >= factor * seed_map[k]) & ~mask, structure=plane)[1] > flood_limit \
+                    and factor < 16:
+                factor *= 2
+            seed_map[k] *= factor
+            low_map[k] *= factor
+    # the segmenter compares float32 values with float32 thresholds rounded up: the same voxels
     labels, n = ndi.label((volume >= seed_map) & allowed, structure=structure)
     rejected = {"seed_min_voxels": 0, "maximum_claimed": 0, "too_small": 0, "too_large": 0}
     regions = []
@@ -59,8 +84,8 @@ def reference_blobs(volume, params, mask=None):
                slice(max(x - reach_x, 0), x + reach_x + 1))
         peak = -neg_peak
         high = np.inf if params.grow_high is None else params.grow_high
-        threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * peak, low_map), high), peak)
-        eligible = (volume[box] >= threshold[box[1:]]) & ~claimed[box] & allowed[box]
+        threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * peak, low_map[box]), high), peak)
+        eligible = (volume[box] >= threshold) & ~claimed[box] & allowed[box]
         local = (f - box[0].start, y - box[1].start, x - box[2].start)
         if not eligible[local]:
             rejected["maximum_claimed"] += 1
@@ -78,3 +103,52 @@ def reference_blobs(volume, params, mask=None):
         claimed[tuple(voxels.T)] = True
         blobs.append(voxels)
     return blobs, rejected
+
+
+def reference_sigma(values, clip=4.0, passes=3):
+    """The noise of some values: 1.4826 x MAD (or 1.2533 x mean absolute deviation), then the standard
+    deviation of the values within ``clip`` of those sigmas of the median, ``passes`` times."""
+    centre = np.median(values)
+    deviation = np.abs(values - centre)
+    sigma = 1.4826 * np.median(deviation)
+    if sigma <= 0:
+        sigma = 1.2533 * deviation.mean()
+    for _ in range(passes):
+        if sigma <= 0:
+            break
+        kept = deviation[deviation < clip * sigma]
+        sigma = np.sqrt(np.mean(kept ** 2)) if kept.size else 0.0
+    return sigma
+
+
+def reference_frame_noise(frame, mask, tile=32, step=4):
+    """Noise per tile of one frame over its unmasked pixels on a grid of ``step``; NaN where fewer than
+    a quarter of the grid (at most 32) are unmasked."""
+    min_samples = min(32, max((tile // step) ** 2 // 4, 1))
+    ny, nx = frame.shape
+    out = np.full((-(-ny // tile), -(-nx // tile)), np.nan)
+    for ty in range(out.shape[0]):
+        for tx in range(out.shape[1]):
+            box = (slice(ty * tile, (ty + 1) * tile, step), slice(tx * tile, (tx + 1) * tile, step))
+            values = frame[box][~mask[box]].astype(np.float64)
+            if values.size >= min_samples:
+                out[ty, tx] = reference_sigma(values)
+    return out
+
+
+def reference_thresholds(volume, mask, seg, *, prime=5, history=15, floor=1.0, tile=32):
+    """Each frame's seed and lower grow clamp tile maps for the ``auto`` segmentation settings ``seg``:
+    seed_sigma x the median of the tile noise over the first ``prime`` frames (for those frames) or the
+    last ``history`` frames (NaN tiles: the median of the others; at least ``floor``)."""
+    per_frame = [reference_frame_noise(f, mask, tile) for f in volume]
+    seeds, lows = [], []
+    for k in range(len(volume)):
+        held = per_frame[:prime] if k < prime else per_frame[max(0, k - history + 1):k + 1]
+        sigma = np.nanmedian(np.stack(held), axis=0)
+        sigma = np.where(np.isfinite(sigma), sigma, np.median(sigma[np.isfinite(sigma)]))
+        sigma = np.maximum(sigma, floor)
+        seed = seg.seed_sigma * sigma if seg.seed_threshold == "auto" else np.full(sigma.shape, seg.seed_threshold)
+        low = 0.5 * seed if seg.grow_low == "auto" else np.full(sigma.shape, seg.grow_low)
+        seeds.append(seed)
+        lows.append(low)
+    return np.stack(seeds), np.stack(lows)

@@ -44,7 +44,7 @@ def error_of(path, overrides=()) -> str:
 def test_defaults():
     cfg = load_config()
     assert cfg == Config()
-    assert cfg.background == BackgroundConfig(window=501, mode="exact", stride=50, normalise="none", margin_px=20)
+    assert cfg.background == BackgroundConfig(window=501, mode="exact", stride=50, normalise="auto", margin_px=20)
     assert cfg.filter.median_size == 3
     assert cfg.direct_beam == DirectBeamConfig(bbox="auto", margin_px=10)
     assert cfg.segmentation == SegmentationConfig(
@@ -212,7 +212,7 @@ def test_any_even_window_is_rejected(half):
     ("background: {window: 1}", "background.window: must be odd and >= 3, got 1"),
     ("background: {mode: fast}", "background.mode: must be one of exact, block, got fast"),
     ("background: {stride: 0}", "background.stride: must be >= 1, got 0"),
-    ("background: {normalise: full}", "background.normalise: must be one of none, margin, got full"),
+    ("background: {normalise: full}", "background.normalise: must be one of auto, none, margin, got full"),
     ("background: {margin_px: 0}", "background.margin_px: must be >= 1, got 0"),
     ("filter: {median_size: 2}", "filter.median_size: must be odd and >= 1, got 2"),
     ("direct_beam: {margin_px: -1}", "direct_beam.margin_px: must be >= 1, got -1"),

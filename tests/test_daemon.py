@@ -25,7 +25,7 @@ from simulators.replay_file import replay_hdf5, start_in_process
 
 SETTINGS = """
 background: {{window: 11}}
-segmentation: {{max_blob_size: [20, 20, 5]}}
+segmentation: {{max_blob_size: [20, 20, 5], seed_sigma: 4}}
 dark: {{url: "{dark}"}}
 source: {{idle_timeout_s: 60}}
 status: {{interval_s: 0.2, log_every_s: 1.0}}

@@ -16,7 +16,8 @@ from dctstream.pipeline import Pipeline
 from dctstream.sinks import read_corrected, read_spot_table
 from dctstream.sources import read_dataset
 from dctstream.types import Blob
-from reference import reference_blobs, reference_corrected
+from dctstream.segment.segmenter import flood_limit
+from reference import reference_blobs, reference_corrected, reference_thresholds
 from simulators.dct_scan import ScanModel, simulate_scan
 
 SCAN = dict(frames=120, size=96, spots=40, seed=3)
@@ -132,16 +133,18 @@ def test_difspots_with_mask_and_flat_equal_the_whole_volume_reference(defect_sca
     bad = file_mask | low
     gain = (1.0 / np.where(low, 1.0, flat)).astype(np.float32)
     bg = cfg.background
-    scales = None
+    scales = np.asarray(pipeline.background.frame_scales, np.float32)
     if bg.normalise == "margin":
         means = np.array([margin_mean(f, dark, stats.direct_beam, bg.margin_px, bad) for f in raw])
-        scales = (means[0] / means).astype(np.float32)
+        np.testing.assert_array_equal(scales, (means[0] / means).astype(np.float32))
     corrected = reference_corrected(raw, window=bg.window, mode=bg.mode, stride=bg.stride, dark=dark,
                                     scales=scales, gain=gain)
     beam = np.zeros(raw.shape[1:], bool)
     x0, y0, w, h = stats.direct_beam
     beam[y0:y0 + h, x0:x0 + w] = True
-    expected, rejected = reference_blobs(corrected, pipeline.segmenter.params, beam | bad)
+    seed, low = reference_thresholds(corrected, beam | bad, cfg.segmentation)
+    expected, rejected = reference_blobs(corrected, pipeline.segmenter.params, beam | bad, seed, low,
+                                         flood_limit(beam | bad))
 
     files = sorted((tmp_path / "out" / "difspots").glob("*.h5"))
     assert len(files) == len(expected) == stats.difspots_written > 5
@@ -281,14 +284,17 @@ def test_unbinned_blob_spreads_each_binned_voxel_over_its_pixels(mode, share):
 # ---- corrected-frame export ---------------------------------------------------------------------------
 
 
-def _reference_frames(truth):
-    return reference_corrected(read_dataset(truth.frames_url), window=21, dark=mean_dark(truth))
+def _reference_frames(truth, pipeline):
+    """The corrected frames from scratch, with the beam-intensity scales the pipeline measured."""
+    return reference_corrected(read_dataset(truth.frames_url), window=21, dark=mean_dark(truth),
+                               scales=np.asarray(pipeline.background.frame_scales, np.float32))
 
 
 def test_exported_stack_reads_back_equal_to_the_corrected_frames(plain_scan, tmp_path):
-    stats = Pipeline(config(plain_scan, tmp_path / "out", "export.format=stack")).run()
+    pipeline = Pipeline(config(plain_scan, tmp_path / "out", "export.format=stack"))
+    stats = pipeline.run()
     path = tmp_path / "out" / "corrected.h5"
-    np.testing.assert_array_equal(np.stack(read_corrected(path)), _reference_frames(plain_scan))
+    np.testing.assert_array_equal(np.stack(read_corrected(path)), _reference_frames(plain_scan, pipeline))
     raw_bytes = read_dataset(plain_scan.frames_url).nbytes
     assert stats.export_reduction == pytest.approx(raw_bytes / path.stat().st_size)
     with h5py.File(tmp_path / "out" / "spots.h5") as h5:
@@ -296,14 +302,15 @@ def test_exported_stack_reads_back_equal_to_the_corrected_frames(plain_scan, tmp
 
 
 def test_exported_sparse_frames_are_the_pixels_above_threshold(plain_scan, tmp_path):
-    stats = Pipeline(config(plain_scan, tmp_path / "out", "export.format=sparse")).run()
+    pipeline = Pipeline(config(plain_scan, tmp_path / "out", "export.format=sparse"))
+    stats = pipeline.run()
     out = tmp_path / "out"
     with h5py.File(out / "corrected.h5") as h5, h5py.File(out / "mask.h5") as m:
         threshold = h5["sparse/threshold"][()]
         ignored = m["mask"][()].astype(bool) | m["direct_beam"][()].astype(bool)
     frames = read_corrected(out / "corrected.h5")
     assert len(frames) == 120 and ignored.sum() > 0
-    for frame, (rows, cols, values) in zip(_reference_frames(plain_scan), frames):
+    for frame, (rows, cols, values) in zip(_reference_frames(plain_scan, pipeline), frames):
         expected = np.nonzero((frame >= threshold) & ~ignored)
         np.testing.assert_array_equal(rows, expected[0])
         np.testing.assert_array_equal(cols, expected[1])
@@ -312,13 +319,14 @@ def test_exported_sparse_frames_are_the_pixels_above_threshold(plain_scan, tmp_p
 
 
 def test_stretched_export_maps_back_within_one_step(plain_scan, tmp_path):
-    Pipeline(config(plain_scan, tmp_path / "out", "export.format=stack", "export.dtype=uint8",
-                    "export.percentiles=[1, 99.9]")).run()
+    pipeline = Pipeline(config(plain_scan, tmp_path / "out", "export.format=stack", "export.dtype=uint8",
+                               "export.percentiles=[1, 99.9]"))
+    pipeline.run()
     with h5py.File(tmp_path / "out" / "corrected.h5") as h5:
         lo, hi = h5.attrs["stretch_lo"], h5.attrs["stretch_hi"]
         q = h5["corrected"][()]
     assert q.dtype == np.uint8
-    frames = _reference_frames(plain_scan)
+    frames = _reference_frames(plain_scan, pipeline)
     assert (lo, hi) == pytest.approx(np.percentile(frames[0][~_ignored(tmp_path / "out")], [1, 99.9]))
     inside = (frames >= lo) & (frames <= hi)
     assert inside.mean() > 0.9

@@ -10,7 +10,8 @@ from dctstream.config import load_config
 from dctstream.pipeline import Pipeline
 from dctstream.sinks import read_spot_table
 from dctstream.sources import read_dataset
-from reference import reference_blobs, reference_corrected
+from dctstream.segment.segmenter import flood_limit
+from reference import reference_blobs, reference_corrected, reference_thresholds
 from simulators.dct_scan import simulate_scan
 from simulators.evaluate import score
 
@@ -36,6 +37,7 @@ def small_scan(tmp_path_factory):
 
 
 @pytest.mark.parametrize("overrides", [
+    ["background.window=21"],
     ["background.window=21", "background.normalise=margin"],
     ["background.window=21", "background.mode=block", "background.stride=7", "segmentation.connectivity=6"],
 ])
@@ -47,17 +49,15 @@ def test_difspots_equal_whole_volume_reference(small_scan, tmp_path, overrides):
 
     raw = read_dataset(small_scan.frames_url)
     dark = read_dataset(small_scan.dark_url).mean(axis=0, dtype=np.float64).astype(np.float32)
-    scales = None
-    if bg.normalise == "margin":
-        from dctstream.direct_beam import margin_mean
-        means = np.array([margin_mean(f, dark, stats.direct_beam, bg.margin_px) for f in raw])
-        scales = (means[0] / means).astype(np.float32)
+    # the scales each frame was measured to have (background tests check how), then everything from scratch
+    scales = np.asarray(pipeline.background.frame_scales, np.float32)
     corrected = reference_corrected(raw, window=bg.window, mode=bg.mode, stride=bg.stride, dark=dark,
                                     scales=scales, filter_size=cfg.filter.median_size)
     mask = np.zeros(raw.shape[1:], bool)
     x0, y0, w, h = stats.direct_beam
     mask[y0:y0 + h, x0:x0 + w] = True
-    expected, rejected = reference_blobs(corrected, pipeline.segmenter.params, mask)
+    seed, low = reference_thresholds(corrected, mask, cfg.segmentation)
+    expected, rejected = reference_blobs(corrected, pipeline.segmenter.params, mask, seed, low, flood_limit(mask))
 
     files = sorted((tmp_path / "out" / "difspots").glob("*.h5"))
     assert len(files) == len(expected) == stats.difspots_written > 10

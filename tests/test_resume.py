@@ -63,7 +63,7 @@ def _stage(raw, dark, cfg, first=0, **kw):
 
 
 @pytest.mark.parametrize("mode, stride", [("exact", 1), ("block", 4)])
-@pytest.mark.parametrize("normalise", ["none", "margin"])
+@pytest.mark.parametrize("normalise", ["none", "margin", "auto"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("needed", [2, 13, 30])
 def test_background_started_later_gives_the_same_frames(mode, stride, normalise, batch, needed):
@@ -76,7 +76,8 @@ def test_background_started_later_gives_the_same_frames(mode, stride, normalise,
 
     first = whole.first_raw_frame(needed)
     assert first <= needed
-    later = _stage(raw, dark, cfg, first, margin_ref=whole.margin_ref)
+    later = _stage(raw, dark, cfg, first, margin_ref=whole.margin_ref, known_scales=whole.frame_scales[:first + 20],
+                   auto_enabled=None if whole.intensity is None else whole.intensity.enabled)
     later.emitted = needed
     got = dict(pair for frame in raw[first:] for pair in later.push(frame))
     got.update(later.finish())
@@ -88,7 +89,9 @@ def test_background_started_later_gives_the_same_frames(mode, stride, normalise,
 # -- whole runs, killed and resumed -------------------------------------------------------------------
 
 FRAMES, SIZE = 64, 64
-OVERRIDES = ("background.window=11", "segmentation.max_blob_size=[20,20,5]", "output.checkpoint_every_frames=6")
+# seed_sigma 4: more than 20 difspots in these 64 frames of 64 x 64 px, to kill the run among
+OVERRIDES = ("background.window=11", "segmentation.max_blob_size=[20,20,5]", "output.checkpoint_every_frames=6",
+             "segmentation.seed_sigma=4")
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +258,7 @@ def test_unfinished_run_of_another_configuration_is_refused(scan, tmp_path, caps
     rc = main(_args(scan, out, ("segmentation.seed_sigma=7",)))
     captured = capsys.readouterr()
     assert_one_line_error(rc, captured.out, captured.err, 1, [
-        str(out), "holds an unfinished run of another configuration", "seed_sigma: 6.0", "seed_sigma: 7.0",
+        str(out), "holds an unfinished run of another configuration", "seed_sigma: 4.0", "seed_sigma: 7.0",
         "expected the same command to resume it", "--overwrite"])
     assert sorted(p.name for p in (out / "difspots").iterdir()) == before
     assert main([*_args(scan, out, ("segmentation.seed_sigma=7",)), "--overwrite"]) == 0

@@ -70,7 +70,7 @@ def test_threshold_maps_equal_reference():
     rng = np.random.default_rng(5)
     volume = spotty_volume(rng, (50, 30, 30), 25)
     seed_map = np.linspace(3.0, 8.0, 30)[None, :] * np.ones((30, 1))
-    p = params(seed_threshold=seed_map, grow_low=0.5 * seed_map, grow_high=6.0)
+    p = params(seed_threshold=seed_map, grow_low=0.5 * seed_map, grow_high=6.0, tile_px=1)
     blobs, _, _ = segment(volume, p)
     expected, _ = reference_blobs(volume, p)
     assert len(blobs) > 5
@@ -251,7 +251,7 @@ def test_float32_seed_map_takes_the_same_seeds_as_float64():
     frame = np.stack([t32, np.nextafter(t32, np.float32(np.inf)), np.nextafter(t32, np.float32(0))])
     frame = frame[rng.integers(0, 3, (16, 16)), np.arange(16)[:, None], np.arange(16)]
     mask = rng.random((16, 16)) < 0.1
-    p = params(seed_threshold=threshold, grow_low=threshold / 2)
+    p = params(seed_threshold=threshold, grow_low=threshold / 2, tile_px=1)
     segmenter = Segmenter(p, frame.shape, mask)
     seed = segmenter._seed(np.float32)
     assert seed.dtype == np.float32
@@ -271,3 +271,70 @@ def test_segmenter_with_every_freed_slot_given_back_equals_reference(monkeypatch
     blobs, _, _ = segment(volume, p)
     expected, _ = reference_blobs(volume, p, None)
     assert voxel_sets(blobs) == reference_sets(expected)
+
+
+def test_per_frame_threshold_maps_equal_reference():
+    """Thresholds that follow the noise along psi: each frame its own tile maps, as the pipeline gives them."""
+    rng = np.random.default_rng(11)
+    volume = spotty_volume(rng, (60, 40, 48), 30)
+    mask = np.zeros((40, 48), bool)
+    mask[10:16, 30:40] = True
+    p = params(tile_px=16)
+    tiles = p.tiles((40, 48))
+    seed = rng.uniform(3.0, 7.0, (60, *tiles))
+    low = seed * rng.uniform(0.3, 0.7, (60, *tiles))
+    segmenter = Segmenter(p, (40, 48), mask)
+    blobs = []
+    for k, frame in enumerate(volume):
+        blobs += segmenter.push(k, frame, seed[k], low[k])
+    blobs += segmenter.finish()
+    expected, rejected = reference_blobs(volume, p, mask, seed_tiles=seed, low_tiles=low)
+    assert len(expected) > 10
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in segmenter.rejected.items() if v} == {k: v for k, v in rejected.items() if v}
+    # the same volume with the static maps gives other blobs: the per-frame maps were used
+    static, _ = reference_blobs(volume, p, mask)
+    assert reference_sets(static) != reference_sets(expected)
+
+
+def test_flooded_frames_get_raised_thresholds_and_equal_reference(monkeypatch):
+    """A few frames of a background the median did not follow: hundreds of seed regions. Their thresholds
+    are doubled until the regions are few, the frames are listed, and the blobs equal the reference's."""
+    monkeypatch.setattr("dctstream.segment.segmenter.FLOOD_REGIONS", 20)
+    rng = np.random.default_rng(12)
+    volume = spotty_volume(rng, (40, 64, 64), 12)
+    volume[20:23] += rng.normal(3.0, 2.0, (3, 64, 64)).astype(np.float32)  # a flood of seeds at 4 counts
+    p = params()
+    blobs, _, segmenter = segment(volume, p)
+    assert segmenter.flood_limit == 20
+    flooded = [f for f, _, _ in segmenter.floods]
+    assert flooded == [20, 21, 22]
+    assert all(n > 20 and factor >= 2 for _, n, factor in segmenter.floods)
+    expected, _ = reference_blobs(volume, p, flood_limit=20)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert reference_sets(reference_blobs(volume, p)[0]) != reference_sets(expected)
+
+
+def test_segmenter_checkpoint_keeps_per_frame_low_maps():
+    """state/restore carries each held frame's own grow clamp: a restored segmenter ends as the original."""
+    rng = np.random.default_rng(13)
+    volume = spotty_volume(rng, (50, 32, 32), 20)
+    p = params(tile_px=16)
+    seed = rng.uniform(3.0, 6.0, (50, 2, 2))
+    low = 0.5 * seed
+    whole = Segmenter(p, (32, 32))
+    first = Segmenter(p, (32, 32))
+    got = []
+    for k in range(25):
+        whole.push(k, volume[k], seed[k], low[k])
+        got += first.push(k, volume[k], seed[k], low[k])
+    state = first.state()
+    second = Segmenter(p, (32, 32))
+    second.restore(state)
+    for k in range(second.first_needed, 25):
+        second.load_frame(k, volume[k])
+    for k in range(25, 50):
+        got += second.push(k, volume[k], seed[k], low[k])
+    got += second.finish()
+    expected, _ = reference_blobs(volume, p, seed_tiles=seed, low_tiles=low)
+    assert voxel_sets(got) == reference_sets(expected)

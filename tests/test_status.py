@@ -72,7 +72,7 @@ def test_live_panel_text(tmp_path):
     assert "frames     received 400/600, corrected 349, segmented 349" in lines
     assert "rate       acquisition 50.0/s, processing 50.0/s, backlog –" in lines
     assert "latency    51 frames, 1.0 s; ring –" in lines
-    assert "background exact, window 101, normalise none; direct beam [10, 20, 30, 40]" in lines
+    assert "background exact, window 101, normalise auto; direct beam [10, 20, 30, 40]" in lines
     assert "blobs      open –, closed 160, rejected 20 (seed_min_voxels 8, too_small 12)" in lines
     assert "difspots   140 written" in lines
     assert "warnings   none" in lines

@@ -505,3 +505,23 @@ def normalised_minus_raw_median(raw, dark, gain, scale, median, out):
             d = dark[y, x]
             g = gain[y, x]
             out[y, x] = (np.float32(raw[y, x]) - d) * g * scale - (np.float32(median[y, x]) - d) * g
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def quantise_normalised(raw, dark, scale, lo, hi, out):
+    """out = clip(rint((float32(raw) - dark) * scale + dark), lo, hi) in out's integer type: a frame normalised
+    to the beam intensity, back in raw counts (the dark added back), so the histogram median can take it."""
+    ny, nx = raw.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            v = np.float64(np.rint((np.float32(raw[y, x]) - dark[y, x]) * scale + dark[y, x]))
+            out[y, x] = min(max(v, lo), hi)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def normalise_float(raw, dark, scale, out):
+    """out = (raw - dark) * scale + dark, float32: the same as quantise_normalised for float frames, unrounded."""
+    ny, nx = raw.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            out[y, x] = (np.float32(raw[y, x]) - dark[y, x]) * scale + dark[y, x]

@@ -59,6 +59,24 @@ def normalised_minus_background(raw: np.ndarray, dark: np.ndarray, gain: np.ndar
     return out
 
 
+def normalise_into(raw: np.ndarray, dark: np.ndarray, scale, out: np.ndarray) -> np.ndarray:
+    """Frame ``raw`` scaled to the beam intensity of the scan's reference, kept in raw counts:
+    ``(raw - dark) * scale + dark`` into ``out`` (may be ``raw``), rounded and clipped to an integer ``out``."""
+    _require("raw", raw, ndim=2)
+    _require("dark", dark, ndim=2, dtype=np.float32)
+    _require("out", out, ndim=2)
+    if dark.shape != raw.shape or out.shape != raw.shape:
+        raise ValueError(f"dark, out: expected shape {raw.shape}, got {dark.shape}, {out.shape}")
+    if out.dtype.kind in "ui":
+        info = np.iinfo(out.dtype)
+        _kernels.quantise_normalised(raw, dark, np.float32(scale), float(info.min), float(info.max), out)
+    elif out.dtype == np.float32:
+        _kernels.normalise_float(raw, dark, np.float32(scale), out)
+    else:
+        raise ValueError(f"out: expected integer or float32 frames, got {out.dtype}")
+    return out
+
+
 def median_filter(img: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """size x size median filter with scipy.ndimage's 'reflect' edges; size 1 copies."""
     _require("img", img, ndim=2)

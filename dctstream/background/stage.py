@@ -3,18 +3,22 @@
 Frame k's background is the per-pixel median of the normalised frames in the
 window of ``window`` frames centred on k's *centre* frame (k itself in
 ``exact`` mode, the middle of k's block of ``stride`` frames in ``block``
-mode), shifted to stay inside the scan at its two ends. Normalised frame j is
-``(float32(raw_j) - dark) * gain * scale_j`` (gain = 1 / flat field, per
-pixel); corrected frame k is its normalised frame minus its background, then
-the 2-D median filter.
+mode), shifted to stay inside the scan at its two ends. Each frame is first
+brought to the beam intensity of the scan (``scale_j``, see ``BeamIntensity``)
+and kept in raw counts: ``q_j = (raw_j - dark) * scale_j + dark``, rounded and
+clipped for integer frames (a rounding of at most half a count, far below the
+noise), so that the fast histogram median serves normalised scans too.
+Normalised frame j is ``(float32(q_j) - dark) * gain`` (gain = 1 / flat field,
+per pixel); corrected frame k is its normalised frame minus its background,
+then the 2-D median filter.
 
 Frame k is emitted as soon as the last frame of its window has arrived (and,
 with ``batch_frames`` > 1, the batch holding it is complete): a fixed latency
 of ``window // 2`` (+ ``batch_frames - 1``) frames in exact mode.
 
 Medians come from, in order of preference: the per-pixel windowed histogram
-(integer frames without normalisation), the per-pixel sorted window (exact
-mode with normalisation), a selection over the ring (everything else).
+(integer frames), the per-pixel sorted window (float frames, exact mode), a
+selection over the ring (everything else).
 """
 
 from __future__ import annotations
@@ -27,14 +31,101 @@ import numpy as np
 from ..direct_beam import detect_direct_beam, margin_mean
 from ..errors import InputError
 from ..ring import FrameRing
-from .kernels import HistogramWindow, SortedWindow, median_filter, normalised_minus_background, window_median
+from .kernels import (HistogramWindow, SortedWindow, median_filter, normalise_into, normalised_minus_background,
+                      window_median)
 
 log = logging.getLogger(__name__)
+
+# normalise: auto. The beam intensity of a frame is the median, over a grid of at most SAMPLES_PER_SIDE^2
+# pixels, of the frame's ratio to a recent background of the normalised scan (the per-pixel median of the
+# last few frames' samples): the source's decay, oscillation and top-up steps scale every pixel lit by the
+# beam (direct beam, glow, scattering) alike, while spots and the rotating sample's shadow change only a
+# minority of them, which the median ignores.
+SAMPLES_PER_SIDE = 128
+# Pixels darker than this (counts above the dark) carry too little of the beam to measure it; with
+# too few such pixels (a photon-counting detector, a dark background) frames are not normalised.
+AUTO_MIN_COUNTS = 20.0
+AUTO_MIN_PIXELS = 64
+# A ratio outside this range is not the source drifting but the beam off (shutter closed) or a
+# different scene: the frame is left unscaled.
+AUTO_RATIO_RANGE = (0.25, 4.0)
 
 
 def window_start(centre: int, window: int, n_frames: int) -> int:
     """First frame of the window centred on ``centre``, shifted inside a scan of ``n_frames``."""
     return int(min(max(centre - window // 2, 0), n_frames - window))
+
+
+class BeamIntensity:
+    """Each frame's scale to the beam intensity of the scan, measured from the frames themselves.
+
+    The reference for frame j is the per-pixel median of the normalised samples of frames
+    [u - history, u), u = j rounded down to a multiple of ``every``; before enough frames
+    have been seen, the median of the raw samples of the first window (``start``).
+    Deterministic in the frames and the scales of earlier frames, so a resumed run that
+    is given the scales it cannot measure again continues exactly.
+    """
+
+    def __init__(self, frame_shape, dark: np.ndarray, gain: np.ndarray, mask: np.ndarray, window: int):
+        ny, nx = frame_shape
+        sy, sx = max(1, ny // SAMPLES_PER_SIDE), max(1, nx // SAMPLES_PER_SIDE)
+        ys, xs = np.mgrid[sy // 2:ny:sy, sx // 2:nx:sx]
+        self.index = (ys * nx + xs).ravel()
+        self.keep = ~np.asarray(mask, bool).ravel()[self.index]
+        self.dark = np.ascontiguousarray(dark, np.float32).ravel()[self.index]
+        self.gain = np.ascontiguousarray(gain, np.float32).ravel()[self.index]
+        self.history = max(1, min(101, window // 4))
+        self.every = max(1, min(50, window // 8))
+        self.enabled = True
+        self.beam_off: list[int] = []  # frames whose ratio was outside AUTO_RATIO_RANGE
+        self._samples: dict[int, np.ndarray] = {}
+        self._first_reference: np.ndarray | None = None
+        self._reference: np.ndarray | None = None
+        self._reference_at: int | None = None
+
+    def _values(self, raw: np.ndarray) -> np.ndarray:
+        return (raw.reshape(-1)[self.index].astype(np.float32) - self.dark) * self.gain
+
+    def start(self, raws, enabled: bool | None = None) -> None:
+        """The raw frames of the first window: the first reference, and whether the beam can be measured."""
+        reference = np.median(np.stack([self._values(r) for r in raws]), axis=0)
+        self._first_reference = reference
+        lit = int(np.count_nonzero(self.keep & (reference >= AUTO_MIN_COUNTS)))
+        self.enabled = lit >= AUTO_MIN_PIXELS if enabled is None else enabled
+        if not self.enabled:
+            log.info("background.normalise: auto: only %d sampled pixels are %g counts above the dark, "
+                     "expected %d: frames are not normalised", lit, AUTO_MIN_COUNTS, AUTO_MIN_PIXELS)
+
+    def scale(self, j: int, raw: np.ndarray) -> float:
+        if not self.enabled:
+            return 1.0
+        u = (j // self.every) * self.every
+        if self._reference_at != u:
+            frames = range(u - self.history, u)
+            if u - self.history >= 0 and all(f in self._samples for f in frames):
+                self._reference = np.median(np.stack([self._samples[f] for f in frames]), axis=0)
+            else:
+                self._reference = self._first_reference
+            self._reference_at = u
+        reference = self._reference
+        values = self._values(raw)
+        use = self.keep & (reference >= AUTO_MIN_COUNTS)
+        if raw.dtype.kind in "ui":
+            use &= raw.reshape(-1)[self.index] < np.iinfo(raw.dtype).max  # saturated pixels say nothing
+        if not use.any():
+            return 1.0
+        ratio = float(np.median(values[use] / reference[use]))
+        if not AUTO_RATIO_RANGE[0] < ratio < AUTO_RATIO_RANGE[1]:
+            self.beam_off.append(j)
+            return 1.0
+        return 1.0 / ratio
+
+    def add(self, j: int, raw: np.ndarray, scale: float) -> None:
+        """Frame j's normalised samples, for the references of the frames after it."""
+        if not self.enabled:
+            return
+        self._samples[j] = self._values(raw) * np.float32(scale)
+        self._samples.pop(j - self.history - self.every, None)
 
 
 class BackgroundStage:
@@ -47,10 +138,13 @@ class BackgroundStage:
 
     def __init__(self, cfg, *, frame_shape, dtype, dark=None, direct_beam="none",
                  beam_margin_px: int = 10, filter_size: int = 3, gain=None, pixel_mask=None,
-                 first_window=None, first_frame: int = 0, margin_ref: float | None = None):
+                 first_window=None, first_frame: int = 0, margin_ref: float | None = None,
+                 known_scales=None, auto_enabled: bool | None = None):
         """``gain`` multiplies each pixel after the dark (> 0); ``pixel_mask`` marks pixels left out of the
         margin means; ``first_window(ring, slots) -> (dark or None, pixel_mask)`` is called once the first
-        window of frames is in, before they are used (to estimate the dark or find bad pixels from them)."""
+        window of frames is in, before they are used (to estimate the dark or find bad pixels from them).
+        A resumed run is given the scales of the frames already normalised (``known_scales``, by frame)
+        and whether ``normalise: auto`` measured the beam (``auto_enabled``)."""
         self.cfg = cfg
         self.window = cfg.window
         self.batch = cfg.batch_frames
@@ -71,8 +165,12 @@ class BackgroundStage:
         # A resumed scan starts at ``first_frame`` (see ``first_raw_frame``), with the margin
         # normalisation's reference (frame 0's margin mean) and the direct beam of the first run.
         self.first = self.ring.count = first_frame
-        self.scales = np.ones(self.ring.capacity, np.float32)  # by ring slot
+        self._ones = np.ones(self.ring.capacity, np.float32)  # the ring holds normalised frames
         self._margin_ref: float | None = margin_ref
+        self._known_scales = np.asarray([] if known_scales is None else known_scales, np.float64)
+        self._auto_enabled = auto_enabled
+        self.intensity: BeamIntensity | None = None  # normalise: auto
+        self.frame_scales: list[float] = list(self._known_scales[:first_frame])  # every frame's scale so far
         self._hist: HistogramWindow | None = None
         self._sorted: SortedWindow | None = None
         # window start -> background (normalised units, float32) or median of raw frames (their type)
@@ -94,13 +192,11 @@ class BackgroundStage:
         if frame.dtype != self.dtype:
             raise InputError(f"frame {j}: expected dtype {self.dtype}, got {frame.dtype}")
         if self.warm:
-            scale = self._scale(j, frame)
+            slot = self.ring.push(frame)
+            self._normalise(j, slot)
             if self._sorted is not None:
-                old_slot = self.ring.slot(j - self.window)
-                self._sorted.replace(self._sorted_values(self.ring.data[old_slot], self.scales[old_slot]),
-                                     self._sorted_values(frame, scale))
+                self._sorted.replace(self.ring.data[self.ring.slot(j - self.window)], self.ring.data[slot])
                 self._medians[j - self.window + 1] = self._sorted_background()
-            self.scales[self.ring.push(frame)] = scale
             if self._hist is not None and j - self._hist.last == self.batch:
                 self._slide()
         else:
@@ -136,14 +232,24 @@ class BackgroundStage:
         n -= 1 - n % 2
         first = self.ring.count - n
         zeros = np.zeros(self.frame_shape, np.float32)
-        ones = np.ones(self.ring.capacity, np.float32)
-        median = window_median(self.ring.data, self.ring.slots(first, first + n), zeros, ones,
+        median = window_median(self.ring.data, self.ring.slots(first, first + n), zeros, self._ones,
                                gain=np.ones(self.frame_shape, np.float32))
         return median.astype(self.dtype)
 
     def first_raw_frame(self, k: int) -> int:
         """The first raw frame a stage needs to emit frame ``k`` and every frame after it, mid-scan."""
         return self._start_mid_scan(k)
+
+    def normalise_facts(self) -> dict:
+        """How frames were brought to the beam intensity, for the run record."""
+        scales = np.asarray(self.frame_scales, np.float64)
+        facts = {"mode": self.cfg.normalise}
+        if self.intensity is not None:
+            facts["measured"] = bool(self.intensity.enabled)
+            facts["beam_off_frames"] = len(self.intensity.beam_off)
+        if scales.size:
+            facts["scale_min"], facts["scale_max"] = round(float(scales.min()), 5), round(float(scales.max()), 5)
+        return facts
 
     @property
     def margin_ref(self) -> float | None:
@@ -157,30 +263,47 @@ class BackgroundStage:
             dark, self.pixel_mask = self._first_window(self.ring.data, slots)
             if dark is not None:
                 self.dark = np.ascontiguousarray(dark, dtype=np.float32)
-        full = width == self.window == self.cfg.window  # a full window: slide from here on
-        if full and self.cfg.normalise == "none" and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
-            self._hist = HistogramWindow(self.ring.data, first, width)
-            self._medians[first] = self._hist.median().astype(self.dtype)
-        if self._beam_spec == "auto":
-            image = self._medians.get(first)
-            if image is not None and image.dtype != np.float32:
-                image = self._from_raw(image)
-            if image is None:
-                ones = np.ones(self.ring.capacity, np.float32)
-                image = window_median(self.ring.data, slots, self.dark, ones, gain=self.gain)
-            self.direct_beam = detect_direct_beam(image, self._beam_margin_px)
-            log.info("direct beam found at %s", self.direct_beam)
-        if self.cfg.normalise == "margin":
+        if self._beam_spec == "auto" and self.cfg.normalise == "margin":  # the margins need the beam first
+            image = window_median(self.ring.data, slots, self.dark, self._ones, gain=self.gain)
+            self._find_beam(image)
             if self.direct_beam is None:
                 raise InputError("background.normalise: margin needs a direct-beam box, "
                                  "but none was found in the first window")
-            for k in range(first, self.ring.count):
-                self.scales[self.ring.slot(k)] = self._scale(k, self.ring[k])
-        if full and self._hist is None and self.cfg.mode == "exact":
-            values = np.stack([self._sorted_values(self.ring.data[s], self.scales[s]) for s in slots])
-            self._sorted = SortedWindow(values)
+        if self.cfg.normalise == "auto":
+            self.intensity = BeamIntensity(self.frame_shape, self.dark, self.gain, self.pixel_mask, self.window)
+            self.intensity.start([self.ring.data[s] for s in slots], self._auto_enabled)
+        for k in range(first, self.ring.count):
+            self._normalise(k, self.ring.slot(k))
+        full = width == self.window == self.cfg.window  # a full window: slide from here on
+        if full and self.dtype.kind in "ui" and self.dtype.itemsize <= 4:
+            self._hist = HistogramWindow(self.ring.data, first, width)
+            self._medians[first] = self._hist.median().astype(self.dtype)
+        elif full and self.cfg.mode == "exact":
+            self._sorted = SortedWindow(np.stack([self.ring.data[s] for s in slots]))
             self._medians[first] = self._sorted_background()
+        if self._beam_spec == "auto" and self.cfg.normalise != "margin":
+            image = self._medians.get(first)
+            if image is None:
+                image = window_median(self.ring.data, slots, self.dark, self._ones, gain=self.gain)
+            elif image.dtype != np.float32:
+                image = self._from_raw(image)
+            self._find_beam(image)
         self.warm = True
+
+    def _find_beam(self, image: np.ndarray) -> None:
+        self.direct_beam = detect_direct_beam(image, self._beam_margin_px, self.pixel_mask)
+        log.info("direct beam found at %s", self.direct_beam)
+
+    def _normalise(self, k: int, slot: int) -> None:
+        """Bring frame k, just stored in ``slot``, to the scan's beam intensity, in place."""
+        frame = self.ring.data[slot]
+        scale = self._scale(k, frame)
+        if self.intensity is not None:
+            self.intensity.add(k, frame, scale)
+        if scale != 1.0:
+            normalise_into(frame, self.dark, scale, frame)
+        if k == len(self.frame_scales):
+            self.frame_scales.append(float(scale))
 
     def _slide(self) -> None:
         """Slide the histogram over the frames that arrived since the last slide."""
@@ -216,26 +339,22 @@ class BackgroundStage:
         return (median.astype(np.float32) - self.dark) * self.gain
 
     def _sorted_background(self) -> np.ndarray:
-        median = self._sorted.median()
-        return self._from_raw(median) if self.cfg.normalise == "none" else median.copy()
+        return self._from_raw(self._sorted.median())
 
-    def _scale(self, k: int, frame: np.ndarray) -> np.float32:
-        if self.cfg.normalise == "none":
-            return np.float32(1.0)
+    def _scale(self, k: int, frame: np.ndarray) -> float:
+        if k < self._known_scales.size:  # resumed: measured by the first run
+            return float(self._known_scales[k])
+        if self.cfg.normalise == "auto":
+            return self.intensity.scale(k, frame)
+        if self.cfg.normalise != "margin":
+            return 1.0
         mean = margin_mean(frame, self.dark, self.direct_beam, self.cfg.margin_px, self.pixel_mask)
         if not mean > 0:
             raise InputError(f"frame {k}: mean of the direct-beam margins is {mean:g}, expected > 0 "
                              f"to normalise (check direct_beam.bbox and background.margin_px)")
         if self._margin_ref is None:
             self._margin_ref = mean
-        return np.float32(self._margin_ref / mean)
-
-    def _sorted_values(self, raw: np.ndarray, scale) -> np.ndarray:
-        # Without normalisation the median commutes with the per-pixel increasing
-        # map raw -> (float32(raw) - dark) * gain, so the window can stay in native integers.
-        if self.cfg.normalise == "none":
-            return raw
-        return (raw.astype(np.float32) - self.dark) * self.gain * np.float32(scale)
+        return float(np.float32(self._margin_ref / mean))
 
     def _start_mid_scan(self, k: int) -> int:
         centre = k
@@ -264,7 +383,7 @@ class BackgroundStage:
         start = self._start(k)
         if start not in self._medians:
             slots = self.ring.slots(start, start + self.window)
-            self._medians = {start: window_median(self.ring.data, slots, self.dark, self.scales,
+            self._medians = {start: window_median(self.ring.data, slots, self.dark, self._ones,
                                                   gain=self.gain)}
         return self._medians[start]
 
@@ -272,7 +391,7 @@ class BackgroundStage:
         while self._ready(self.emitted):
             k = self.emitted
             slot = self.ring.slot(k)
-            difference = normalised_minus_background(self.ring.data[slot], self.dark, self.gain, self.scales[slot],
+            difference = normalised_minus_background(self.ring.data[slot], self.dark, self.gain, 1.0,
                                                      self._background(k), self._difference)
             for start in [s for s in self._medians if s < self._start(k)]:
                 del self._medians[start]

@@ -32,31 +32,64 @@ import numpy as np
 
 from ..ring import release, releasable_frames
 from ..types import Blob
-from ._kernels import CLAIMED, grow_region, label_seeds, seed_rows
+from ._kernels import CLAIMED, expand_tiles, grow_region, label_seeds, seed_rows, unclaimed_sum
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
 # Free frame slots kept resident for the next frames: one is taken and one freed per frame.
 HOT_SLOTS = 2
+# A frame with more seed regions than this (or one per FLOOD_PIXELS unmasked pixels, if more) is flooded:
+# a background change the median has not followed, not spots. Its thresholds are doubled until it is
+# not (at most FLOOD_DOUBLINGS times), so that growing noise never takes the run's speed.
+FLOOD_REGIONS = 200
+FLOOD_PIXELS = 1000
+FLOOD_DOUBLINGS = 4
+# A spot's integral: the double threshold keeps the voxels above tau * M, about half of a Gaussian spot's
+# counts in 3-D; its tails are in the blob's box grown by half its extent on each axis (at least
+# INTEGRAL_MARGIN_PX, INTEGRAL_MARGIN_FRAMES; along psi up to the last frame segmented when it closes),
+# summed where no other blob has claimed them (the corrected background is 0 on average, so the noise
+# there adds nothing on average).
+INTEGRAL_MARGIN_PX = 2
+INTEGRAL_MARGIN_FRAMES = 1
 
 
 @dataclass(frozen=True)
 class SegmentParams:
     """Resolved numbers of the segmentation section (no ``auto`` left)."""
 
-    seed_threshold: float | np.ndarray  # counts; a (y, x) map gives each pixel its own
+    seed_threshold: float | np.ndarray  # counts; a (tiles_y, tiles_x) map gives each tile of pixels its own
     grow_ratio: float
-    grow_low: float | np.ndarray  # counts; scalar or (y, x) map
+    grow_low: float | np.ndarray  # counts; scalar or (tiles_y, tiles_x) map
     grow_high: float | None
     seed_min_voxels: int
     min_size: tuple[int, int, int]  # (x, y, frames)
     max_size: tuple[int, int, int]  # (x, y, frames)
     connectivity: int
+    tile_px: int = 32  # side of the tiles of the threshold maps
+
+    def tiles(self, frame_shape) -> tuple[int, int]:
+        ny, nx = frame_shape
+        return -(-ny // self.tile_px), -(-nx // self.tile_px)
+
+    def tile_maps(self, frame_shape) -> tuple[np.ndarray, np.ndarray]:
+        """The seed threshold and the lower grow clamp as float64 (tiles_y, tiles_x) maps."""
+        return tuple(np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), self.tiles(frame_shape)))
+                     for v in (self.seed_threshold, self.grow_low))
 
     def maps(self, frame_shape) -> tuple[np.ndarray, np.ndarray]:
         """The seed threshold and the lower grow clamp as float64 (y, x) maps."""
-        return tuple(np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float64), frame_shape))
-                     for v in (self.seed_threshold, self.grow_low))
+        return tuple(pixel_map(t, self.tile_px, frame_shape) for t in self.tile_maps(frame_shape))
+
+
+def pixel_map(tiles: np.ndarray, tile_px: int, frame_shape) -> np.ndarray:
+    """A (y, x) map from a (tiles_y, tiles_x) one: each pixel takes its tile's value."""
+    ny, nx = frame_shape
+    return np.ascontiguousarray(np.repeat(np.repeat(tiles, tile_px, 0), tile_px, 1)[:ny, :nx])
+
+
+def flood_limit(mask: np.ndarray) -> int:
+    """Seed regions in one frame beyond which it is flooded."""
+    return max(FLOOD_REGIONS, int(np.count_nonzero(~mask)) // FLOOD_PIXELS)
 
 
 def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
@@ -94,7 +127,10 @@ class Segmenter:
         self.frame_shape = tuple(frame_shape)
         self.mask = np.zeros(self.frame_shape, bool) if mask is None else np.ascontiguousarray(mask, bool)
         self._seeds: dict[np.dtype, np.ndarray] = {}  # seed maps by frame dtype, see _seed
-        self._low_map = _round_up_to_float32(params.maps(self.frame_shape)[1])  # the values are float32
+        self._seed_tiles, self._low_tiles_default = params.tile_maps(self.frame_shape)
+        self._seed_scratch: dict[np.dtype, np.ndarray] = {}
+        self.flood_limit = flood_limit(self.mask)
+        self.floods: list[tuple[int, int, float]] = []  # (frame, seed regions found, factor applied)
         self._reach_fyx = params.max_size[::-1]
         reach = params.max_size[2]
         # Frames from _low to last: most regions close a frame after their spot ends (the valley rule),
@@ -119,14 +155,21 @@ class Segmenter:
         self.rejected: Counter = Counter()
 
     # ---- public --------------------------------------------------------------
-    def push(self, k: int, frame: np.ndarray) -> list[Blob]:
+    def push(self, k: int, frame: np.ndarray, seed: np.ndarray | None = None,
+             low: np.ndarray | None = None) -> list[Blob]:
+        """Segment frame k; ``seed`` and ``low`` are this frame's own (tiles_y, tiles_x) threshold maps
+        (the noise followed along psi), else the parameters' ones."""
         if k != self.last + 1:
             raise ValueError(f"frame {k}: expected frame {self.last + 1}")
         if frame.shape != self.frame_shape:
             raise ValueError(f"frame {k}: expected shape {self.frame_shape}, got {frame.shape}")
+        tiles = self.params.tiles(self.frame_shape)
+        for name, m in (("seed", seed), ("low", low)):
+            if m is not None and np.shape(m) != tiles:
+                raise ValueError(f"frame {k}: {name}: expected a {tiles} tile map, got {np.shape(m)}")
         self._store(k, frame)
         self.last = k
-        self._link(k, frame)
+        self._link(k, frame, seed, self._low_tiles_default if low is None else low)
         return self._close(ended=False)
 
     def finish(self) -> list[Blob]:
@@ -168,6 +211,8 @@ class Segmenter:
             "open": np.array(self._open, np.int64),
             "pending": regions(self._pending),
             "claimed": self._claimed_voxels(range(max(self._low, 0), self.last + 1)),
+            "low_tiles": self._low_tiles[self._frame_slots(np.arange(max(self._low, 0), self.last + 1))].copy(),
+            "floods": np.array(self.floods, np.float64).reshape(-1, 3),
         }
 
     def restore(self, state: dict) -> None:
@@ -188,8 +233,9 @@ class Segmenter:
         self._regions = dict(zip((int(i) for i in state["region_ids"]), regions(state["regions"])))
         self._open = [int(i) for i in state["open"]]
         self._pending = regions(state["pending"])
-        for k in range(max(self._low, 0), self.last + 1):
-            self._take_slot(k)
+        for i, k in enumerate(range(max(self._low, 0), self.last + 1)):
+            self._low_tiles[self._take_slot(k)] = state["low_tiles"][i]
+        self.floods = [(int(f), int(n), float(c)) for f, n, c in state["floods"]]
         f, y, x = state["claimed"]
         self._claim(f, y, x)
 
@@ -213,6 +259,7 @@ class Segmenter:
         ny, nx = self.frame_shape
         self._values = releasable_frames(cap, self.frame_shape, np.float32)
         self._flags = releasable_frames(cap, (2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
+        self._low_tiles = np.zeros((cap, *self.params.tiles(self.frame_shape)), np.float32)  # each frame's grow_low
         self._slot_of = np.full(cap, -1, np.int64)
         self._hot: list[int] = []  # free slots still resident, the last freed last
         self._cold = list(range(cap - 1, -1, -1))  # free slots without memory (they read as zeros)
@@ -250,11 +297,12 @@ class Segmenter:
         cap = self._capacity
         if k - self._low + 1 > cap:
             # a chain of overlapping spots holds old frames: make room
-            values, flags, slots = self._values, self._flags, self._frame_slots(np.arange(self._low, k))
+            values, flags, lows = self._values, self._flags, self._low_tiles
+            slots = self._frame_slots(np.arange(self._low, k))
             self._new_pools(max(k - self._low + 1, cap + self.params.max_size[2]))
             for f, slot in zip(range(self._low, k), slots):
                 new = self._take_slot(f)
-                self._values[new], self._flags[new] = values[slot], flags[slot]
+                self._values[new], self._flags[new], self._low_tiles[new] = values[slot], flags[slot], lows[slot]
         self._give_slot(k)  # the frame a ring's length before, if still held
         self._values[self._take_slot(k)] = frame
 
@@ -291,24 +339,47 @@ class Segmenter:
         self._parent[rb] = ra
         self._regions[ra].absorb(self._regions.pop(rb))
 
-    def _seed(self, dtype) -> np.ndarray:
+    def _seed(self, dtype, tiles: np.ndarray | None = None) -> np.ndarray:
         """The seed threshold map for frames of ``dtype``, +inf where masked; rounded up to float32 for
-        float32 frames (see _round_up_to_float32)."""
+        float32 frames (see _round_up_to_float32). ``tiles``: this frame's own map, else the parameters'
+        (made once)."""
         dtype = np.dtype(dtype)
-        if dtype not in self._seeds:
-            seed = self.params.maps(self.frame_shape)[0]
-            if dtype == np.float32:
-                seed = _round_up_to_float32(seed)
-            self._seeds[dtype] = np.where(self.mask, np.inf, seed).astype(seed.dtype)
-        return self._seeds[dtype]
+        kind = np.dtype(np.float32 if dtype == np.float32 else np.float64)
+        if tiles is None:
+            if dtype not in self._seeds:
+                self._seeds[dtype] = self._expand(self._seed_tiles, kind, np.empty(self.frame_shape, kind))
+            return self._seeds[dtype]
+        if kind not in self._seed_scratch:
+            self._seed_scratch[kind] = np.empty(self.frame_shape, kind)
+        return self._expand(tiles, kind, self._seed_scratch[kind])
 
-    def _link(self, k: int, frame: np.ndarray) -> None:
+    def _expand(self, tiles: np.ndarray, kind: np.dtype, out: np.ndarray) -> np.ndarray:
+        tiles = np.asarray(tiles, np.float64)
+        if kind == np.float32:
+            tiles = _round_up_to_float32(tiles)
+        expand_tiles(np.ascontiguousarray(tiles, kind), self.params.tile_px, self.mask, out)
+        return out
+
+    def _link(self, k: int, frame: np.ndarray, seed_tiles=None, low_tiles=None) -> None:
         labels, dirty = self._spare_labels, self._spare_dirty
-        seed = self._seed(frame.dtype)
-        seed_rows(frame, seed, self._seed_rows)
-        n, counts, max_value, max_y, max_x, prev, here = label_seeds(
-            frame, seed, self._seed_rows, self._prev_labels, self.params.connectivity == 26,
-            labels, dirty, self._parent_scratch)
+        factor = 1.0
+        while True:
+            tiles = None if seed_tiles is None and factor == 1.0 else \
+                factor * (self._seed_tiles if seed_tiles is None else np.asarray(seed_tiles, np.float64))
+            seed = self._seed(frame.dtype, tiles)
+            seed_rows(frame, seed, self._seed_rows)
+            n, counts, max_value, max_y, max_x, prev, here = label_seeds(
+                frame, seed, self._seed_rows, self._prev_labels, self.params.connectivity == 26,
+                labels, dirty, self._parent_scratch)
+            if n <= self.flood_limit or factor >= 2.0 ** FLOOD_DOUBLINGS:
+                break
+            if factor == 1.0:
+                found = n
+            factor *= 2.0
+        if factor > 1.0:
+            self.floods.append((k, int(found), factor))
+        self._low_tiles[self._slot_of[k % self._capacity]] = _round_up_to_float32(
+            factor * np.asarray(low_tiles, np.float64))
         for c in range(n):
             gid = self._next_id + c
             self._parent[gid] = gid
@@ -398,7 +469,8 @@ class Segmenter:
         box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
                min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
         high = np.inf if p.grow_high is None else p.grow_high
-        voxels, complete = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_map, *box,
+        voxels, complete = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_tiles,
+                                       self.params.tile_px, *box,
                                        f, y, x, -np.inf, high, region.max_value, p.connectivity == 26, VALLEY_VOXELS)
         if not complete:
             return False
@@ -418,8 +490,8 @@ class Segmenter:
         y0, y1 = max(y - reach_y, 0), min(y + reach_y, ny - 1)
         x0, x1 = max(x - reach_x, 0), min(x + reach_x, nx - 1)
         peak = region.max_value
-        voxels, _ = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_map,
-                                f0, f1, y0, y1, x0, x1, f, y, x, p.grow_ratio * peak, np.inf if p.grow_high is None else p.grow_high,
+        voxels, _ = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_tiles,
+                                p.tile_px, f0, f1, y0, y1, x0, x1, f, y, x, p.grow_ratio * peak, np.inf if p.grow_high is None else p.grow_high,
                                 peak, p.connectivity == 26, np.iinfo(np.int64).max)
         if voxels.size == 0:
             self.rejected["maximum_claimed"] += 1
@@ -435,8 +507,15 @@ class Segmenter:
         self._claim(fs, ys, xs)
         slots = self._frame_slots(np.arange(fs.min(), fs.max() + 1))
         volume = self._values[slots, ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # copies the box only
+        value = volume[fs - fs.min(), ys - ys.min(), xs - xs.min()]
+        my, mx = (max(INTEGRAL_MARGIN_PX, -(-s // 2)) for s in (size[1], size[0]))
+        mf = max(INTEGRAL_MARGIN_FRAMES, -(-size[2] // 2))
+        tails = unclaimed_sum(self._values, self._slot_of, self._flags, self.mask,
+                              max(int(fs.min()) - mf, self._low, 0), min(int(fs.max()) + mf, self.last),
+                              max(int(ys.min()) - my, 0), min(int(ys.max()) + my, ny - 1),
+                              max(int(xs.min()) - mx, 0), min(int(xs.max()) + mx, nx - 1))
         blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
-                    value=volume[fs - fs.min(), ys - ys.min(), xs - xs.min()], max_index=(f, y, x),
-                    max_value=region.max_value, volume=volume)
+                    value=value, max_index=(f, y, x), max_value=region.max_value, volume=volume,
+                    total=float(value.sum(dtype=np.float64)) + tails)
         self.n_blobs += 1
         return blob

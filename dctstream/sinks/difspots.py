@@ -95,17 +95,7 @@ class DifspotWriter:
         centroid_rel = centroid - origin + 1
         max_rel = np.array(blob.max_index) - origin + 1
 
-        voxels = (blob.frame - f0, blob.y - y0, blob.x - x0)
-        mask = np.zeros(shape, np.int8)
-        mask[voxels] = 1
-        if volume is None:
-            data = np.zeros(shape, np.float32)
-            data[voxels] = blob.value
-        else:
-            data = np.asarray(volume, np.float32)
-            if data.shape != shape:
-                raise ValueError(f"difspot {blob.id} volume: expected the bounding-box shape "
-                                 f"{shape}, got {data.shape}")
+        data, mask = box_arrays(blob, row, volume)
         masked = data * mask
 
         arrays = {
@@ -149,6 +139,29 @@ class DifspotWriter:
             for name, value in ATTRS.items():
                 _string_attr(f, name, value)
         return path
+
+
+def box_arrays(blob: Blob, row: dict, volume: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(Data, Mask)`` of the difspot file of ``blob``, whose `spot_row` is ``row``: float32 and int8
+    arrays over the bounding box, (frame, y, x).
+
+    ``volume`` (the corrected frames cut to the box) becomes ``Data``; without it, ``Data`` holds
+    the blob's values on its voxels and 0 elsewhere.
+    """
+    f0, y0, x0 = row["start_frame"], row["bbox_y0"], row["bbox_x0"]
+    shape = (row["end_frame"] - f0 + 1, row["bbox_y_size"], row["bbox_x_size"])
+    voxels = (blob.frame - f0, blob.y - y0, blob.x - x0)
+    mask = np.zeros(shape, np.int8)
+    mask[voxels] = 1
+    if volume is None:
+        data = np.zeros(shape, np.float32)
+        data[voxels] = blob.value
+    else:
+        data = np.asarray(volume, np.float32)
+        if data.shape != shape:
+            raise ValueError(f"difspot {blob.id} volume: expected the bounding-box shape "
+                             f"{shape}, got {data.shape}")
+    return data, mask
 
 
 # Only the voxel arrays are worth compressing; the rest are a few numbers each.

@@ -12,7 +12,7 @@ column               dtype    meaning
 ``end_frame``        int64    last frame of the bounding box (inclusive)
 ``max_frame``        int64    frame of the seed maximum
 ``area``             int64    number of voxels
-``integral``         float64  sum of the corrected values
+``integral``         float64  integrated intensity: the voxels' corrected values and their tails
 ``max_value``        float64  corrected value at the seed maximum
 ``centroid_x``       float64  intensity-weighted centroid, detector column
 ``centroid_y``       float64  intensity-weighted centroid, detector row
@@ -56,7 +56,7 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "end_frame": (np.int64, "last frame of the bounding box (inclusive), 0-based absolute"),
     "max_frame": (np.int64, "frame of the seed maximum, 0-based absolute"),
     "area": (np.int64, "number of voxels"),
-    "integral": (np.float64, "sum of the corrected values"),
+    "integral": (np.float64, "integrated intensity: the voxels and their tails below the growth threshold"),
     "max_value": (np.float64, "corrected value at the seed maximum"),
     "centroid_x": (np.float64, "intensity-weighted centroid, detector column, 0-based absolute"),
     "centroid_y": (np.float64, "intensity-weighted centroid, detector row, 0-based absolute"),

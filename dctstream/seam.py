@@ -1,0 +1,152 @@
+"""Spots across 0/360 degrees: in a scan of a full turn the last frame is the first frame's neighbour.
+
+A spot in the beam as the turn closes shows up twice: as a blob that ends on the
+scan's last frame and one that starts on its first. Once the scan has ended and
+every difspot is written, each such pair that touches across the seam (a voxel
+of one on the last frame next to a voxel of the other on the first, in the
+segmentation's connectivity) becomes one spot: one difspot file (the earlier
+blob's id, the later one's frames counted on from the scan's length, so that
+its frames run on: ``end_frame`` >= frames) and one row of the spot table,
+whose ``centroid_frame`` is taken modulo the scan's length.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.ndimage as ndi
+
+from .sinks.spot_table import PSI_COLUMN, spot_row
+from .types import Blob
+
+log = logging.getLogger(__name__)
+
+
+def full_turn(psi: list[float] | None) -> bool:
+    """Whether the angles of a scan cover one whole turn: the frame after the last is the first again."""
+    if psi is None or len(psi) < 3:
+        return False
+    step = float(np.median(np.diff(psi)))
+    return bool(step != 0 and abs(abs(psi[-1] - psi[0] + step) - 360.0) <= 0.5 * abs(step))
+
+
+def psi_at(psi: list[float], frame: float) -> float:
+    """psi at a (fractional) frame of a full turn, between the last frame and the first too."""
+    n = len(psi)
+    step = float(np.median(np.diff(psi)))
+    frame = frame % n
+    if frame <= n - 1:
+        return float(np.interp(frame, np.arange(n), psi)) if step > 0 else \
+            float(np.interp(-frame, -np.arange(n), psi))
+    value = psi[-1] + (frame - (n - 1)) * step
+    sign = 1.0 if step > 0 else -1.0
+    return float(psi[0] + sign * ((sign * (value - psi[0])) % 360.0))
+
+
+def read_difspot(path: Path, blob_id: int, total: float | None = None) -> Blob:
+    """The blob of a difspot file (``sinks.difspots`` layout: 1-based box, Mask and Data)."""
+    with h5py.File(path, "r") as f:
+        data = f["Data"][()]
+        mask = f["Mask"][()].astype(bool)
+        origin = f["BoundingBox"][()][0] - 1
+        max_rel = f["MaxIntensityIndex"][()] - 1
+    fs, ys, xs = np.nonzero(mask)
+    max_index = tuple(int(v) for v in max_rel + origin)
+    return Blob(id=blob_id, frame=fs + origin[0], y=ys + origin[1], x=xs + origin[2], value=data[fs, ys, xs],
+                max_index=max_index, max_value=float(data[tuple(max_rel)]), volume=data, total=total)
+
+
+def _touch(last: Blob, first: Blob, n: int, reach: int) -> bool:
+    """A voxel of ``last`` on frame n - 1 within ``reach`` pixels (x and y) of one of ``first`` on frame 0."""
+    a = last.frame == n - 1
+    b = first.frame == 0
+    if not a.any() or not b.any():
+        return False
+    y0 = min(last.y[a].min(), first.y[b].min()) - reach
+    x0 = min(last.x[a].min(), first.x[b].min()) - reach
+    shape = (max(last.y[a].max(), first.y[b].max()) - y0 + reach + 1,
+             max(last.x[a].max(), first.x[b].max()) - x0 + reach + 1)
+    plane = np.zeros(shape, bool)
+    plane[last.y[a] - y0, last.x[a] - x0] = True
+    if reach:
+        plane = ndi.binary_dilation(plane, np.ones((2 * reach + 1, 2 * reach + 1), bool))
+    return bool(plane[first.y[b] - y0, first.x[b] - x0].any())
+
+
+def _joined(last: Blob, first: Blob, n: int) -> Blob:
+    """One blob of the two, ``first``'s frames counted on after ``last``'s."""
+    frame = np.concatenate([last.frame, first.frame + n])
+    y, x = np.concatenate([last.y, first.y]), np.concatenate([last.x, first.x])
+    value = np.concatenate([last.value, first.value])
+    order = np.lexsort((x, y, frame))
+    f0, y0, x0 = frame.min(), y.min(), x.min()
+    volume = np.zeros((frame.max() - f0 + 1, y.max() - y0 + 1, x.max() - x0 + 1), np.float32)
+    for blob, shift in ((last, 0), (first, n)):
+        b = blob.bbox
+        volume[b[0] + shift - f0:b[3] + shift - f0 + 1, b[1] - y0:b[4] - y0 + 1, b[2] - x0:b[5] - x0 + 1] = blob.volume
+    bright, shift = (last, 0) if last.max_value >= first.max_value else (first, n)
+    f, my, mx = bright.max_index
+    return Blob(id=last.id, frame=frame[order], y=y[order], x=x[order], value=value[order],
+                max_index=(f + shift, my, mx), max_value=bright.max_value, volume=volume,
+                total=last.integral + first.integral)
+
+
+def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, binning: int = 1) -> int:
+    """Join the spots across the seam of a full-turn scan of ``n`` frames, in the table and the difspot
+    files; ``psi_at(frame)`` gives psi. Returns how many pairs became one spot."""
+    columns = {name: values.copy() for name, values in table.columns().items()}
+    if not len(columns.get("id", ())):
+        return 0
+    ends = np.flatnonzero(columns["end_frame"] == n - 1)
+    starts = np.flatnonzero(columns["start_frame"] == 0)
+    if not ends.size or not starts.size:
+        return 0
+    reach = binning if connectivity == 26 else 0
+    folder = difspots.folder
+
+    def load(i):
+        return read_difspot(folder / f"{int(columns['id'][i]):06d}.h5", int(columns["id"][i]),
+                            float(columns["integral"][i]))
+
+    joined, dropped = 0, []
+    used = set()
+    for i in ends:
+        box_i = (columns["bbox_x0"][i], columns["bbox_y0"][i], columns["bbox_x_size"][i], columns["bbox_y_size"][i])
+        for j in starts:
+            if j in used or j == i:
+                continue
+            x0, y0, w, h = (columns[k][j] for k in ("bbox_x0", "bbox_y0", "bbox_x_size", "bbox_y_size"))
+            if x0 > box_i[0] + box_i[2] + reach or box_i[0] > x0 + w + reach \
+                    or y0 > box_i[1] + box_i[3] + reach or box_i[1] > y0 + h + reach:
+                continue
+            try:
+                last, first = load(i), load(j)
+            except OSError as exc:
+                log.warning("difspots %d and %d across 0/360 degrees: cannot read them (%s), left apart",
+                            columns["id"][i], columns["id"][j], exc)
+                continue
+            if not _touch(last, first, n, reach):
+                continue
+            blob = _joined(last, first, n)
+            difspots.write(blob, volume=blob.volume)
+            psi = psi_at(blob.centroid[0] % n) if PSI_COLUMN in columns else None
+            row = spot_row(blob, psi)
+            row["centroid_frame"] = row["centroid_frame"] % n
+            for name in columns:
+                columns[name][i] = row[name]
+            used.add(j)
+            dropped.append(j)
+            joined += 1
+            break
+    if not joined:
+        return 0
+    keep = np.setdiff1d(np.arange(len(columns["id"])), dropped)
+    table.restore({name: values[keep] for name, values in columns.items()})
+    table.flush()
+    for j in dropped:  # only once the table no longer counts them
+        (folder / f"{int(columns['id'][j]):06d}.h5").unlink(missing_ok=True)
+    log.info("%d spots across 0/360 degrees joined into one each", joined)
+    return joined

@@ -1,0 +1,68 @@
+"""The noise followed along psi equals a slow numpy reference, and is not moved by spots."""
+
+import numpy as np
+import pytest
+
+from dctstream.segment.noise import NoiseTracker, frame_noise
+from reference import reference_frame_noise
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (70, 45)])
+def test_frame_noise_equals_reference(shape):
+    rng = np.random.default_rng(0)
+    frame = rng.normal(0, 1, shape) * np.linspace(1, 4, shape[1])
+    frame = np.round(frame).astype(np.float32)  # integer steps, as corrected integer counts are
+    mask = rng.random(shape) < 0.2
+    mask[:32, :32] = True  # a tile with no unmasked pixel: NaN
+    np.testing.assert_allclose(frame_noise(frame, mask), reference_frame_noise(frame, mask, 32), rtol=1e-12)
+    assert np.isnan(frame_noise(frame, mask)[0, 0])
+
+
+def test_clipped_noise_follows_integer_counts_the_mad_does_not():
+    """Integer counts with a noise of 2.5: the median absolute deviation is a multiple of 1/2, so its sigma
+    steps by 0.74 (1.48, 2.22, 2.97); the clipped deviation finds 2.5 in every tile."""
+    rng = np.random.default_rng(1)
+    frame = np.round(rng.normal(0, 2.5, (64, 64 * 20))).astype(np.float32)
+    sigma = frame_noise(frame, np.zeros(frame.shape, bool), tile_px=64)  # 256 samples a tile
+    assert np.all(np.abs(sigma - 2.5) < 0.35)
+    mad = np.array([np.median(np.abs(t - np.median(t))) for t in np.split(frame[::4, ::4], 20, axis=1)])
+    np.testing.assert_array_equal(mad * 2, np.round(mad * 2))
+    assert np.max(np.abs(1.4826 * mad - 2.5)) > 0.45
+
+
+def test_tracker_follows_a_noise_step_and_ignores_a_passing_spot():
+    rng = np.random.default_rng(2)
+    shape = (64, 64)
+    mask = np.zeros(shape, bool)
+    tracker = NoiseTracker(shape, mask, history=9)
+    level = [1.0] * 30 + [3.0] * 30
+    frames = [rng.normal(0, s, shape).astype(np.float32) for s in level]
+    for k in range(20, 23):  # a spot over a whole tile for 3 frames
+        frames[k][:32, :32] += 50
+    tracker.prime(frames[:5])
+    got = [tracker.push(k, f) for k, f in enumerate(frames)]
+    assert all(abs(g[0, 0] - 1.0) < 0.15 for g in got[:30])  # the spot's 3 frames of 9 do not move it
+    assert all(abs(g[1, 1] - 3.0) < 0.4 for g in got[37:])  # the step is followed within history / 2 + 2
+    assert len(tracker.series) == 60
+
+
+def test_tracker_reference_median_of_history():
+    rng = np.random.default_rng(3)
+    shape = (64, 96)
+    mask = np.zeros(shape, bool)
+    frames = [rng.normal(0, 1 + 0.1 * k, shape).astype(np.float32) for k in range(12)]
+    tracker = NoiseTracker(shape, mask, history=4, floor=0.0)
+    tracker.prime(frames[:3])
+    per_frame = [reference_frame_noise(f, mask, 32) for f in frames]
+    for k, f in enumerate(frames):
+        got = tracker.push(k, f)
+        want = np.median(per_frame[:3], axis=0) if k < 3 else np.median(per_frame[max(0, k - 3):k + 1], axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_tracker_floor_for_photon_counting_frames():
+    """Mostly zeros: the spread is 0, the floor (one count) is the noise."""
+    rng = np.random.default_rng(4)
+    frames = [(rng.random((64, 64)) < 0.02).astype(np.float32) for _ in range(5)]
+    tracker = NoiseTracker((64, 64), np.zeros((64, 64), bool), floor=1.0)
+    assert np.all(tracker.prime(frames) == 1.0)
