@@ -31,15 +31,20 @@ MEMORY_URL = "segment(frames)"
 
 
 def resolve_config(config: ConfigLike, overrides: Overrides, settings: Mapping[str, Any], label: str) -> Config:
-    """``config`` (a YAML path, a `Config` or None for the defaults), then ``overrides``, then ``settings``.
+    """``config`` (a YAML path, the name of a packaged config (``dctstream config list``), a `Config`, or None
+    for the built-in defaults), then ``overrides``, then ``settings``.
 
     ``overrides`` is a mapping ``{"background.window": 101}`` or ``--set`` texts;
     ``settings`` (the call's own arguments, None ones left out) are checked under ``label``.
     """
     if isinstance(config, Config):
         cfg = config
-    elif config is None or isinstance(config, (str, os.PathLike)):
-        cfg = load_config(config)
+    elif config is None:
+        cfg = load_config(None)
+    elif isinstance(config, (str, os.PathLike)):
+        from .configs import config_file
+
+        cfg = load_config(config_file(os.fspath(config)))
     else:
         raise ConfigError(f"{label}: config: expected a YAML file path or a Config, got {type(config).__name__}")
     if overrides:

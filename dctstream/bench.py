@@ -490,3 +490,68 @@ def format_soak(report: dict) -> str:
                  f"{s['latency_frames']} frames), max in the last tenth {s['backlog_last_tenth_max']}; "
                  f"max resident memory {s['rss_max_mib']:.1f} MiB")
     return "\n".join(lines)
+
+
+# ---- campaign: scans/s and frames/s against the number of Dask workers ---------------------------------
+
+def bench_campaign(workdir: Path, *, scans: int = 6, frames: int = 200, size: int = 128, window: int = 51,
+                   workers: tuple[int, ...] = (1, 2), seed: int = 0) -> dict:
+    """``scans`` copies of one simulated scan processed by ``dctstream campaign`` on a LocalCluster of each
+    worker count; timed from the first task submitted to the last scan done (the cluster's start and each
+    worker's imports left out: every worker has loaded dctstream first)."""
+    import shutil
+
+    from distributed import Client, LocalCluster
+
+    from simulators.dct_scan import simulate_scan
+
+    from .campaign import Campaign, list_scans
+
+    first = workdir / "scan_00.h5"
+    simulate_scan(first, frames=frames, size=size, spots=max(10, size * size // 400), seed=seed)
+    for i in range(1, scans):
+        shutil.copyfile(first, workdir / f"scan_{i:02d}.h5")
+    overrides = [f"background.window={window}", "quicklook.enabled=false"]
+    warm = workdir / "warm_up.h5"
+    simulate_scan(warm, frames=window + 10, size=32, spots=5, seed=seed)
+    runs = []
+    for n in workers:
+        out = workdir / f"out_{n}"
+        jobs = list_scans([str(workdir / "scan_*.h5")], out, overrides=overrides)
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            client.run(_warm_up, f"{warm}::/1.1/measurement/marana", str(workdir / "warm_up"), overrides)
+            started = time.perf_counter()
+            rows = Campaign(jobs, out).run(client)
+            wall_s = time.perf_counter() - started
+        failed = [row for row in rows if row["state"] == "failed"]
+        if failed:
+            raise RuntimeError(f"bench campaign: {failed[0]['scan']} failed: {failed[0]['error']}")
+        total = sum(row["frames"] for row in rows)
+        runs.append({"workers": n, "wall_s": wall_s, "frames": total, "frames_per_s": total / wall_s,
+                     "scans_per_min": 60 * len(rows) / wall_s,
+                     "scan_s_median": float(np.median([row["time_s"] for row in rows]))})
+    return {"scans": scans, "frames": frames, "size": size, "window": window, "cores": os.cpu_count(),
+            "runs": runs}
+
+
+def _warm_up(url: str, out_root: str, overrides: list[str]) -> None:
+    """Process a tiny scan in a worker before the clock starts: imports done, compiled kernels loaded."""
+    from .config import load_config
+    from .runner import process_scan
+
+    out = Path(out_root) / str(os.getpid())
+    process_scan(load_config(None, [*overrides, f"source.url={url}", f"output.dir={out}"]), display=False)
+
+
+def format_campaign(report: dict) -> str:
+    base = report["runs"][0]
+    lines = [f"campaign of {report['scans']} scans, {report['frames']} frames of {report['size']} x "
+             f"{report['size']} px each (background.window {report['window']}), on {report['cores']} cores:",
+             f"  {'workers':>7}  {'wall s':>7}  {'frames/s':>8}  {'scans/min':>9}  {'speed-up':>8}  "
+             f"{'median scan s':>13}"]
+    for run in report["runs"]:
+        lines.append(f"  {run['workers']:>7}  {run['wall_s']:>7.1f}  {run['frames_per_s']:>8.1f}  "
+                     f"{run['scans_per_min']:>9.1f}  {run['frames_per_s'] / base['frames_per_s']:>7.2f}x  "
+                     f"{run['scan_s_median']:>13.1f}")
+    return "\n".join(lines)

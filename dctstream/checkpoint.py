@@ -54,6 +54,7 @@ from .errors import OutputError
 log = logging.getLogger(__name__)
 
 RUN_DIR = ".dctstream"
+LOCK = "lock"  # dctstream.outdir's
 MARKER = "running"
 CHECKPOINT = "checkpoint.npz"
 FORMAT = 2
@@ -105,7 +106,13 @@ def finish_run(out_dir: Path) -> None:
         (folder / CHECKPOINT).unlink()
     with suppress(FileNotFoundError):
         marker_path(out_dir).unlink()
-    shutil.rmtree(folder, ignore_errors=True)
+    with suppress(FileNotFoundError):
+        for item in folder.iterdir():
+            if item.name == LOCK:  # held by this run until it lets the folder go
+                continue
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+    with suppress(OSError):
+        folder.rmdir()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -262,6 +269,7 @@ def capture(pipeline, k: int) -> Snapshot:
         "margin_ref": None if bg.margin_ref is None else float(bg.margin_ref),
         "auto_normalise": None if bg.intensity is None else bool(bg.intensity.enabled),
         "has_psi": psi is not None,
+        "source_id": pipeline._source_id,
         # what the first window taught the detector (an estimated dark, automatic bad pixels)
         "detector": {"dark_source": pipeline.detector.dark_source, "mask_counts": pipeline.detector.mask_counts,
                      "dark_estimated": pipeline.cfg.dark.estimate},
@@ -358,13 +366,48 @@ def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
              pipeline.out_dir, meta["frame"], meta["first_raw"], stats.difspots_written)
 
 
-def frames_from(source, first: int):
+def frame_identity(data: np.ndarray) -> str:
+    """What tells one scan from another: a hash of its first frame, with the frame's shape and type."""
+    import hashlib
+
+    data = np.ascontiguousarray(data)
+    digest = hashlib.sha256(f"{data.shape} {data.dtype.str}".encode())
+    digest.update(memoryview(data).cast("B"))
+    return digest.hexdigest()
+
+
+def check_identity(data, identity: str | None, source, out_dir) -> None:
+    if identity and data is not None and frame_identity(data) != identity:
+        from .errors import InputError
+
+        raise InputError(f"source.url: {source.url}: frame 0 is not that of the scan the unfinished run in {out_dir} "
+                         "was made from (was the file replaced?), expected the same scan to resume it; pass "
+                         "--overwrite to start again, or choose another output.dir")
+
+
+def frames_from(source, first: int, identity: str | None = None, out_dir=None):
     """The source's frames from ``first`` on: a recorded file seeks there, others are read and dropped.
-    A stream cannot be read again: it is resumed from its spool (``spool.Spool.frames``)."""
+    A stream cannot be read again: it is resumed from its spool (``spool.Spool.frames``).
+
+    ``identity`` (`frame_identity` of the first run's frame 0) is checked against this source's frame 0."""
     if not getattr(source, "rereadable", True):
         raise ValueError("a stream is resumed from its spool, not read again")
-    if hasattr(source, "first_frame"):
+    if hasattr(source, "first_frame"):  # a recorded file: its frame 0 was checked when the run started
         source.first_frame = first
     for frame in source:
+        if frame.index == 0:
+            check_identity(frame.data, identity, source, out_dir)
         if frame.index >= first:
             yield frame
+
+
+def forget_unsaved_difspots(out_dir: Path, resume) -> None:
+    """Before a resumed run: delete the difspot files its checkpoint does not count (written after it, or at
+    the end of a scan that ended early and has since grown): the resumed run writes what belongs there."""
+    folder = Path(out_dir) / "difspots"
+    if not folder.is_dir():
+        return
+    kept = set() if resume is None else {int(i) for i in resume[1].get("table_id", [])}
+    for path in folder.glob("*.h5"):
+        if path.stem.isdigit() and int(path.stem) not in kept:
+            path.unlink(missing_ok=True)

@@ -1,23 +1,28 @@
-"""The ``dctstream`` command: run | watch | status | export | demo | simulate | replay | bench | check."""
+"""The ``dctstream`` command: run | watch | campaign | status | export | demo | simulate | replay | bench | check | config."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from . import __version__
-from .errors import DctStreamError
+from .errors import DctStreamError, InputError, OutputError
 
 log = logging.getLogger("dctstream")
+
+# Smallest frame the simulator draws (its 2 x 2 modules, direct beam and spots need room).
+MIN_SIM_SIZE = 32
 
 
 def _config(args):
     from .config import load_config
+    from .configs import config_file
 
     overrides = list(args.set or [])
     for key in ("source", "dark", "out"):
@@ -26,7 +31,7 @@ def _config(args):
             name = {"source": "source.url", "dark": "dark.url", "out": "output.dir"}[key]
             # A path, not YAML: quoted so that `--out 2024` or `--dark 'scan #2.h5::/d'` stay strings.
             overrides.append(f"{name}={json.dumps(value, ensure_ascii=False)}")
-    return load_config(args.config, overrides)
+    return load_config(config_file(args.config), overrides)
 
 
 def _threshold(seed_threshold) -> str:
@@ -53,6 +58,43 @@ def cmd_run(args) -> int:
     stop_on_sigterm()
     result = run(None, out=None, config=cfg, overwrite=args.overwrite, display=True)
     print(_summary(result.stats, cfg.output.dir))
+    return 0
+
+
+def cmd_campaign(args) -> int:
+    from .config import load_config
+
+    overrides = list(args.set or [])
+    cluster = []
+    if args.cluster is not None:
+        kind = "address" if "://" in args.cluster else args.cluster
+        address = args.cluster if kind == "address" else None
+        cluster += [f"cluster.kind={kind}", f"cluster.address={json.dumps(address)}"]
+    if args.workers is not None:
+        cluster.append(f"cluster.workers={args.workers}")
+    cfg = load_config(args.config, overrides + cluster)  # a bad config fails at once, before any cluster starts
+    from rich.console import Console
+
+    from .campaign import SUMMARY_FILE, Campaign, CampaignView, list_scans, open_client, summary_table
+
+    jobs = list_scans(args.scans, args.out, config_path=args.config, overrides=overrides)
+    campaign = Campaign(jobs, args.out, cores_per_worker=cfg.cluster.cores_per_worker)
+    where = cfg.cluster.address or f"{cfg.cluster.workers} {cfg.cluster.kind} worker(s)"
+    log.info("campaign of %d scans on %s; results in %s", len(jobs), where, args.out)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its start-up chatter is not ours to show
+    client, resources, close = open_client(cfg.cluster)
+    try:
+        with CampaignView(campaign, every_s=cfg.status.log_every_s):
+            rows = campaign.run(client, resources=resources)
+    finally:
+        close()
+    Console(width=max(Console().width, 120)).print(summary_table(rows))
+    print(f"summary written to {Path(args.out) / SUMMARY_FILE}")
+    failed = [row for row in rows if row["state"] == "failed"]
+    if failed:
+        print(f"dctstream: {len(failed)} of {len(rows)} scans failed; first: {failed[0]['scan']}: "
+              f"{failed[0]['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -91,10 +133,19 @@ def _follow_status(out_dir, interval_s: float) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.format == "dct":
+        from .dct_table import export_dct
+
+        paths, n = export_dct(args.out_dir, args.output)
+        print(f"wrote {n} difspots to {' and '.join(map(str, paths))} (the DCT difspot table)")
+        return 0
     from .export import export_imaged11
 
-    path, n = export_imaged11(args.out_dir, args.output)
-    print(f"wrote {n} peaks to {path} (ImageD11 columnfile)")
+    if args.output:
+        _file_to_write(args.output, "export --output")
+    path, n, partial = export_imaged11(args.out_dir, args.output)
+    print(f"wrote {n} peaks to {path} (ImageD11 columnfile)"
+          + (f"; PARTIAL, marked so in the file: {partial}" if partial else ""))
     return 0
 
 
@@ -102,8 +153,26 @@ def cmd_watch(args) -> int:
     cfg = _config(args)
     from .daemon import Daemon
 
+    _folder_to_write(cfg.output.dir, "output.dir")
+
     daemon = Daemon(args.root, cfg, config_path=args.config, overrides=list(args.set or []))
     return daemon.run(max_scans=args.max_scans)
+
+
+def cmd_config(args) -> int:
+    from . import configs
+
+    if args.action == "list":
+        for name in configs.names():
+            print(f"{name:12s} {configs.packaged_path(name)}")
+        return 0
+    path = configs.packaged_path(args.name or configs.DEFAULT)
+    if path is None:
+        from .errors import ConfigError
+        raise ConfigError(f"config show: {args.name}: no such packaged config, expected one of "
+                          f"{', '.join(configs.names())}")
+    print(path.read_text(encoding="utf-8"), end="")
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -116,6 +185,7 @@ def cmd_check(args) -> int:
 def cmd_simulate(args) -> int:
     from simulators.dct_scan import simulate_scan
 
+    _file_to_write(args.output, "simulate")
     truth = simulate_scan(args.output, frames=args.frames, size=args.size, spots=args.spots, seed=args.seed,
                           hot_pixel_fraction=args.hot_pixels, dead_pixel_fraction=args.dead_pixels,
                           module_gap_px=args.module_gap,
@@ -137,6 +207,8 @@ def cmd_demo(args) -> int:
     from .runner import process_scan
     from .sinks import read_spot_table
 
+    if args.keep:
+        _folder_to_write(args.keep, "demo --keep")
     with tempfile.TemporaryDirectory(prefix="dctstream-demo-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -176,11 +248,24 @@ def cmd_demo(args) -> int:
 def cmd_replay(args) -> int:
     """Play a recorded scan back as an acquisition would produce it."""
     target = args.to
-    if target.startswith(("tcp://", "ipc://")):
+    from .sources.hdf5 import read_dataset
+
+    # the scan first, named as the source of a run would be: a missing file is one line, not a traceback
+    read_dataset(args.scan, "replay SCAN")
+    if "://" in target:
+        import zmq
+
         from simulators.replay_stream import StreamReplayer
 
-        replayer = StreamReplayer(args.scan, protocol=args.protocol, bind=target, fps=args.fps,
-                                  encoding=args.encoding, angles_url=args.angles)
+        if not target.startswith(("tcp://", "ipc://")):
+            raise InputError(f"replay --to: {target}: unknown address, expected tcp://host:port, ipc://path, "
+                             "a file.h5 or a folder")
+        try:
+            replayer = StreamReplayer(args.scan, protocol=args.protocol, bind=target, fps=args.fps,
+                                      encoding=args.encoding, angles_url=args.angles)
+        except zmq.ZMQError as exc:
+            raise OutputError(f"replay --to: {target}: cannot serve there ({exc}), expected an address "
+                              "of this machine with a free port, e.g. tcp://127.0.0.1:9999") from None
         print(f"serving {args.scan} as {args.protocol} on {replayer.endpoint} at {args.fps:g} frames/s "
               "(waiting for a receiver)")
         replayer.start()
@@ -192,6 +277,7 @@ def cmd_replay(args) -> int:
         from simulators.replay_file import FRAMES_PATH, replay_hdf5
 
         path, _, dataset = target.partition("::")
+        _file_to_write(path, "replay --to")
         n = replay_hdf5(args.scan, path, dataset=dataset or FRAMES_PATH, fps=args.fps, swmr=not args.no_swmr,
                         compression=hdf5plugin.Bitshuffle() if args.bitshuffle else None,
                         angles_url=args.angles)
@@ -200,6 +286,7 @@ def cmd_replay(args) -> int:
         from simulators.replay_file import replay_edf
 
         folder = target.split("*")[0].rstrip("/") or "."
+        _folder_to_write(folder, "replay --to")
         n = replay_edf(args.scan, folder, fps=args.fps, angles_url=args.angles)
         print(f"wrote {n} EDF frames to {folder}/")
     return 0
@@ -211,6 +298,8 @@ _SOAK_DEFAULTS = {"size": 128, "window": 101, "frames": 14400, "fps": 12.0}
 
 
 def cmd_bench(args) -> int:
+    if args.campaign:
+        return _bench_campaign(args)
     from .bench import BenchOptions, main as bench_main
 
     sizes = {k: getattr(args, k) for k in ("size", "window", "frames", "fps")}
@@ -228,15 +317,80 @@ def cmd_validate(args) -> int:
     return validate(args.options, prog="dctstream validate")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line, like every other error (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"dctstream: error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _odd_window(text: str) -> int:
+    value = _count(3)(text)
+    if value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"expected an odd integer >= 3, got {value}")
+    return value
+
+
+def _number(low: float, high: float = float("inf")):
+    """An argparse type: a finite number in [low, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low <= value <= high) or value != value:
+            what = f"in [{low:g}, {high:g}]" if high != float("inf") else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"expected a number {what}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _bench_campaign(args) -> int:
+    from .bench import bench_campaign, format_campaign
+
+    workers = args.workers
+    with tempfile.TemporaryDirectory(prefix="dctstream-bench-campaign-") as tmp:
+        report = bench_campaign(Path(tmp), scans=args.scans, frames=args.frames or 200, size=args.size or 128,
+                                window=args.window or 51, workers=workers, seed=args.seed)
+    print(json.dumps(report, indent=2) if args.json else format_campaign(report))
+    return 0
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected worker counts >= 1 separated by commas, e.g. 1,2,4, got {text!r}")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dctstream", description=(
+    parser = _Parser(prog="dctstream", description=(
         "Live background correction and difspot segmentation for Diffraction Contrast Tomography scans."))
     parser.add_argument("--version", action="version", version=f"dctstream {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every stage's decisions")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p):
-        p.add_argument("config", nargs="?", help="YAML configuration file (defaults when omitted)")
+        p.add_argument("config", nargs="?", help="YAML configuration file, or the name of a packaged one "
+                       "(dctstream config list); the packaged default when omitted")
         p.add_argument("--source", help="scan URL, path/to/scan.h5::/dataset (overrides source.url)")
         p.add_argument("--dark", help="dark URL (overrides dark.url)")
         p.add_argument("--out", help="output folder (overrides output.dir)")
@@ -253,41 +407,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="config", help="YAML configuration file (watch and processing settings)")
     p.add_argument("--out", help="folder for the results, one subfolder per scan (overrides output.dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (repeatable)")
-    p.add_argument("--max-scans", type=int, default=None,
+    p.add_argument("--max-scans", type=_count(1), default=None,
                    help="stop after this many scans were processed (for tests and trials)")
     p.set_defaults(func=cmd_watch, source=None, dark=None)
+
+    p = sub.add_parser("campaign", help="process many scans on a Dask cluster (local, SLURM, ...), one task each")
+    p.add_argument("scans", nargs="+", metavar="SCAN",
+                   help="file.h5::/dataset, file.h5 (its scans, found as watch finds them), a quoted glob, or a "
+                        "YAML listing of scans with their own settings")
+    p.add_argument("--config", help="YAML configuration file: processing settings and the cluster section")
+    p.add_argument("--out", required=True, help="folder for the results, one subfolder per scan")
+    p.add_argument("--cluster", metavar="KIND",
+                   help="local, slurm, pbs, sge, lsf or a scheduler tcp://HOST:PORT (overrides cluster.kind)")
+    p.add_argument("--workers", type=int, help="number of workers, one scan each at a time (cluster.workers)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (repeatable)")
+    p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser("status", help="show the status of a scan being processed (by any process) or processed")
     p.add_argument("out_dir", help="the scan's output folder, or a folder of them (dctstream watch's output.dir)")
     p.add_argument("-f", "--follow", action="store_true", help="keep refreshing until the scan is over")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --follow")
+    p.add_argument("--interval", type=_number(0.01), default=1.0, help="seconds between refreshes with --follow")
     p.add_argument("--line", action="store_true", help="one line of text instead of the panel")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("export", help="write the spot table for indexing programs")
     p.add_argument("out_dir", help="the output folder of a run (holds spots.h5)")
-    p.add_argument("--format", choices=["imaged11"], default="imaged11",
-                   help="imaged11: an ImageD11 columnfile, OUT_DIR/spots.flt")
-    p.add_argument("--output", help="file to write (default OUT_DIR/spots.flt)")
+    p.add_argument("--format", choices=["imaged11", "dct"], default="imaged11",
+                   help="imaged11: an ImageD11 columnfile, OUT_DIR/spots.flt; dct: the legacy DCT difspot table, "
+                        "OUT_DIR/difspot.h5 and difspot.csv (also written at the end of every run)")
+    p.add_argument("--output", help="file to write (default OUT_DIR/spots.flt, OUT_DIR/difspot.h5)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="validate a configuration and print the effective one")
     with_config(p)
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("config", help="list the packaged configurations, or print one")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?", help="show: the packaged config to print (default: default)")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("simulate", help="write a simulated DCT scan with ground truth")
     p.add_argument("output", help="HDF5 file to write")
-    p.add_argument("--frames", type=int, default=720)
-    p.add_argument("--size", type=int, default=512, help="frame width and height, pixels")
-    p.add_argument("--spots", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hot-pixels", type=float, default=1e-4, metavar="FRACTION",
+    p.add_argument("--frames", type=_count(8), default=720)
+    p.add_argument("--size", type=_count(MIN_SIM_SIZE), default=512, help="frame width and height, pixels")
+    p.add_argument("--spots", type=_count(0), default=400)
+    p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--hot-pixels", type=_number(0, 1), default=1e-4, metavar="FRACTION",
                    help="pixels 1000-4000 counts above the rest, in frames and darks")
-    p.add_argument("--dead-pixels", type=float, default=0.0, metavar="FRACTION", help="pixels that always read 0")
-    p.add_argument("--module-gap", type=int, default=0, metavar="PX", help="gap between the 2 x 2 modules")
-    p.add_argument("--gain-spread", type=float, default=0.0, metavar="S", help="gain per module in [1-S, 1+S]")
-    p.add_argument("--flat-frames", type=int, default=0, metavar="N", help="add a flat-field scan at /3.1")
-    p.add_argument("--shutter-closed", type=int, default=0, metavar="N", help="first N frames without beam")
+    p.add_argument("--dead-pixels", type=_number(0, 1), default=0.0, metavar="FRACTION",
+                   help="pixels that always read 0")
+    p.add_argument("--module-gap", type=_count(0), default=0, metavar="PX", help="gap between the 2 x 2 modules")
+    p.add_argument("--gain-spread", type=_number(0, 0.99), default=0.0, metavar="S",
+                   help="gain per module in [1-S, 1+S]")
+    p.add_argument("--flat-frames", type=_count(0), default=0, metavar="N", help="add a flat-field scan at /3.1")
+    p.add_argument("--shutter-closed", type=_count(0), default=0, metavar="N", help="first N frames without beam")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("replay", help="play a recorded scan back as a growing file, a detector stream or EDF files")
@@ -295,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="TARGET",
                    help="out.h5[::/dataset] (a growing HDF5 file), tcp://host:port (a stream server), "
                         "or a folder (one EDF file per frame)")
-    p.add_argument("--fps", type=float, default=10.0, help="frames per second, 0 = as fast as possible")
+    p.add_argument("--fps", type=_number(0), default=10.0, help="frames per second, 0 = as fast as possible")
     p.add_argument("--angles", help="psi of each frame, path/to/scan.h5::/dataset")
     p.add_argument("--protocol", choices=["stream1", "stream2"], default="stream1", help="for tcp:// targets")
     p.add_argument("--encoding", help="stream frame encoding (default: the detector's own)")
@@ -304,14 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("bench", help="measure frames/s, latency and memory of each stage on generated frames")
-    p.add_argument("--size", type=int, help="frame width and height, pixels (2048; 128 with --soak)")
-    p.add_argument("--window", type=int, help="background.window (501; 101 with --soak)")
-    p.add_argument("--frames", type=int,
+    p.add_argument("--size", type=_count(MIN_SIM_SIZE), help="frame width and height, pixels (2048; 128 with --soak)")
+    p.add_argument("--window", type=_odd_window, help="background.window (501; 101 with --soak)")
+    p.add_argument("--frames", type=_count(1),
                    help="frames through the pipeline after the first window (600; with --soak, all: 14400)")
     p.add_argument("--mode", choices=["exact", "block"], default="exact")
-    p.add_argument("--stride", type=int, default=50)
-    p.add_argument("--batch", type=int, default=16, help="background.batch_frames")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stride", type=_count(1), default=50)
+    p.add_argument("--batch", type=_count(1), default=16, help="background.batch_frames")
+    p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--no-pipeline", action="store_true", help="time the kernels only")
     p.add_argument("--no-baselines", action="store_true", help="skip np.partition and bottleneck")
     p.add_argument("--sources", action="store_true",
@@ -321,18 +495,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard", action="store_true",
                    help="instead: the pipeline at default settings on a steady scan and on a hard one (decaying, "
                         "oscillating source, a +3%% top-up step, a brighter glow), frames/s of each and their ratio")
-    p.add_argument("--fps", type=float, help="acquisition rate of --soak, frames/s (12: what 2 shared cores keep "
+    p.add_argument("--fps", type=_number(0.01), help="acquisition rate of --soak, frames/s (12: what 2 shared cores keep "
                    "up with at 128 x 128 px and about 6 difspots a frame)")
+    p.add_argument("--campaign", action="store_true",
+                   help="instead: frames/s of `dctstream campaign` on a LocalCluster against its worker count "
+                        "(--scans copies of a --frames x --size scan; defaults 6 x 200 x 128 px, window 51)")
+    p.add_argument("--scans", type=int, default=6, help="with --campaign: scans in the campaign")
+    p.add_argument("--workers", default=(1, 2), type=_counts, help="with --campaign: worker counts to time, e.g. 1,2,4")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="simulate a small scan, process it and score it against the truth")
-    p.add_argument("--frames", type=int, default=360)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--spots", type=int, default=150)
-    p.add_argument("--window", type=int, default=101)
-    p.add_argument("--fps", type=float, default=50.0, help="acquisition rate of the replayed scan")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--frames", type=_count(5), default=360)
+    p.add_argument("--size", type=_count(MIN_SIM_SIZE), default=256)
+    p.add_argument("--spots", type=_count(0), default=150)
+    p.add_argument("--window", type=_odd_window, default=101)
+    p.add_argument("--fps", type=_number(0.01), default=50.0, help="acquisition rate of the replayed scan")
+    p.add_argument("--seed", type=_count(0), default=1)
     p.add_argument("--keep", metavar="DIR", help="keep the scan and results in DIR")
     p.set_defaults(func=cmd_demo)
 
@@ -348,6 +527,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from . import NUMBA_CACHE_NOTE
+
+    if NUMBA_CACHE_NOTE:
+        log.info("%s", NUMBA_CACHE_NOTE)
     try:
         return args.func(args)
     except DctStreamError as exc:
@@ -356,6 +539,44 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("dctstream: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # a path the command was given (or derived from one) that cannot be read or written, a full disk:
+        # the user's to fix, said in one line
+        print(f"dctstream: error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.filename is None:
+        return " ".join(str(exc).split())
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"{where}: {exc.strerror or exc}"
+
+
+def _file_to_write(path: str, what: str) -> None:
+    """Refuse, in one line, a file that cannot be created where asked."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise OutputError(f"{what}: {path}: is a folder, expected a file to write")
+    if not folder.is_dir():
+        raise OutputError(f"{what}: {path}: no folder {folder}, expected an existing folder to write into")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{what}: {path}: the folder {folder} is not writable")
+
+
+def _folder_to_write(path: str, what: str) -> None:
+    """Refuse, in one line, a folder that cannot be created or written."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{what}: {path}: is a file, expected a folder")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what}: {path}: {existing} is a file, expected a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what}: {path}: {existing} is not writable")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from dctstream.errors import ConfigError
 
 __all__ = [
     "BackgroundConfig",
+    "ClusterConfig",
     "Config",
     "DarkConfig",
     "DetectorConfig",
@@ -58,8 +59,10 @@ class SourceConfig:
     """Where the frames and their rotation angles come from, as ``file.h5::/dataset/path``."""
 
     url: str | None = None
-    angles: str | None = None
-    protocol: str = "auto"  # auto (from the URL) | hdf5 | hdf5-live | stream1 | stream2 | folder
+    angles: str | None = None  # a URL, or auto: the positioner that moves over the scan (sources/scan_file.py)
+    protocol: str = "auto"  # auto (from the URL) | hdf5 | hdf5-live | stream1 | stream2 | folder | bliss
+    scan: str | None = None  # bliss: a scan key, or a pattern the next scan's name matches (null: the next scan)
+    stream: str | None = None  # bliss: the frames' stream, e.g. marana:image (null: the scan's only image stream)
     expected_frames: int | None = None  # the scan is over once this many frames arrived
     idle_timeout_s: float = 60.0  # ... or once the source has been silent this long
     poll_interval_s: float = 0.5  # how often a file or folder is checked when notifications fail
@@ -70,7 +73,7 @@ class SourceConfig:
 class DarkConfig:
     """Dark current subtracted from every frame: an image (``url``) or a constant (``value``), at most one."""
 
-    url: str | None = None
+    url: str | None = None  # a URL, or auto: a scan titled dark in the same file (sources/scan_file.py)
     value: float | None = None  # counts
     estimate: bool = False  # no dark given: per-pixel median of the faintest frames of the first window
     estimate_frames: int = 5  # how many of the faintest frames
@@ -180,6 +183,24 @@ class WatchConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Where ``dctstream campaign`` runs its scans: Dask workers on this machine, a batch system, or a scheduler."""
+
+    kind: str = "local"  # local | slurm | pbs | sge | lsf | address (a running Dask scheduler)
+    address: str | None = None  # tcp://host:8786, with kind: address
+    workers: int = 2  # Dask workers, each processing one scan at a time (batch systems: one job each)
+    cores_per_worker: int = 1  # cores a worker's scan uses (its numba threads); a job's cores
+    memory_per_worker: str | None = None  # e.g. "16GiB"; null: the machine's memory shared (local), required for jobs
+    queue: str | None = None  # batch-system queue (SLURM partition)
+    walltime: str | None = None  # job time limit, e.g. "04:00:00"
+    account: str | None = None  # project charged for the jobs
+    job_extra_directives: tuple[str, ...] = ()  # more #SBATCH/#PBS lines, e.g. ["--constraint=gpu"]
+    job_script_prologue: tuple[str, ...] = ()  # shell lines run before the worker, e.g. ["module load python"]
+    interface: str | None = None  # network interface the workers talk on, e.g. ib0
+    local_directory: str | None = None  # worker scratch space (node-local disk)
+
+
+@dataclass(frozen=True)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     dark: DarkConfig = field(default_factory=DarkConfig)
@@ -193,17 +214,20 @@ class Config:
     watch: WatchConfig = field(default_factory=WatchConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """The defaults, updated by the YAML file at ``path`` (if any), then by each ``key.path=value`` override.
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                layers: Sequence[tuple[str, dict[str, Any]]] = ()) -> Config:
+    """The defaults, updated by the YAML file at ``path`` (if any), then by each ``key.path=value`` override,
+    then by each ``(label, {section: {key: value}})`` of ``layers`` (a campaign's settings for one scan).
 
     Override values are YAML (``direct_beam.bbox=[10,20,100,50]``, ``segmentation.grow_high=null``).
-    Raises ``ConfigError`` with a one-line message naming the file (or ``--set``) and the key.
+    Raises ``ConfigError`` with a one-line message naming the file (or ``--set``, or the layer's label) and the key.
     """
-    layers = [] if path is None else [(os.fspath(path), _read_yaml(path))]
-    layers += [(_SET, _parse_override(text)) for text in overrides]
-    return _build(layers)
+    built = [] if path is None else [(os.fspath(path), _read_yaml(path))]
+    built += [(_SET, _parse_override(text)) for text in overrides]
+    return _build([*built, *layers])
 
 
 def replace_config(cfg: Config, **section_updates: dict[str, Any]) -> Config:
@@ -366,6 +390,16 @@ def _parse_bbox(value: Any) -> str | tuple[int, ...]:
     return box
 
 
+def _parse_texts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _Invalid("must be a list of non-empty strings")
+    return tuple(value)
+
+
+# dask's own spellings of sizes ("16GB", "16 GiB", "500MB"); what it means is dask's business
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*([kKMGTP]i?B|B)$")
+_ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx)://\S+$")
+
 _positive = _checked(_parse_number, lambda x: x > 0, "> 0")
 _blob_size = _checked(
     _parse_ints(3, "a list of 3 integers [x, y, frames]"), lambda size: min(size) >= 1, ">= 1 in every component"
@@ -377,7 +411,9 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
     "source": {
         "url": _or(None, _parse_text),
         "angles": _or(None, _parse_text),
-        "protocol": _one_of("auto", "hdf5", "hdf5-live", "stream1", "stream2", "folder"),
+        "protocol": _one_of("auto", "hdf5", "hdf5-live", "stream1", "stream2", "folder", "bliss"),
+        "scan": _or(None, _parse_text),
+        "stream": _or(None, _parse_text),
         "expected_frames": _or(None, _int_at_least(1)),
         "idle_timeout_s": _positive,
         "poll_interval_s": _positive,
@@ -411,7 +447,8 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
     "status": {"interval_s": _positive, "log_every_s": _positive},
     "quicklook": {"enabled": _parse_bool, "every_frames": _int_at_least(0), "gallery_spots": _int_at_least(1)},
     "watch": {
-        "glob": _parse_text,
+        "glob": _checked(_parse_text, lambda g: not os.path.isabs(g) and ".." not in Path(g).parts,
+                         "a pattern relative to the watched folder (no leading /, no ..)"),
         "dataset": _parse_dataset,
         "angles": _or(None, _parse_text),
         "dark": _or(None, _parse_dataset),
@@ -436,6 +473,21 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "percentiles": _checked(_parse_percentiles, lambda p: 0 <= p[0] < p[1] <= 100,
                                 "[low, high] with 0 <= low < high <= 100"),
     },
+    "cluster": {
+        "kind": _one_of("local", "slurm", "pbs", "sge", "lsf", "address"),
+        "address": _or(None, _checked(_parse_text, _ADDRESS.match, "a scheduler address such as tcp://host:8786")),
+        "workers": _int_at_least(1),
+        "cores_per_worker": _int_at_least(1),
+        "memory_per_worker": _or(None, _checked(_parse_text, _MEMORY.match, "a size such as 16GiB or 500MB")),
+        "queue": _or(None, _parse_text),
+        "walltime": _or(None, _checked(_parse_text, re.compile(r"^(\d+-)?\d+(:\d\d){0,2}$").match,
+                                       "a time limit such as 04:00:00 or 1-00:00:00")),
+        "account": _or(None, _parse_text),
+        "job_extra_directives": _parse_texts,
+        "job_script_prologue": _parse_texts,
+        "interface": _or(None, _parse_text),
+        "local_directory": _or(None, _parse_text),
+    },
 }
 
 
@@ -450,10 +502,10 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[str, tuple[str, ...], bool, str
            bg.normalise != "margin" or cfg.direct_beam.bbox != "none",
            "none when direct_beam.bbox is none")
     yield ("dark.value", ("dark.url",),
-           cfg.dark.url is None or cfg.dark.value is None,
+           cfg.dark.url in (None, "auto") or cfg.dark.value is None,
            "null when dark.url is set")
     yield ("dark.estimate", ("dark.url", "dark.value"),
-           not cfg.dark.estimate or (cfg.dark.url is None and cfg.dark.value is None),
+           not cfg.dark.estimate or (cfg.dark.url in (None, "auto") and cfg.dark.value is None),
            "false when dark.url or dark.value is set")
     yield ("segmentation.grow_high", ("segmentation.grow_low",),
            seg.grow_high is None or seg.grow_low == "auto" or seg.grow_high >= seg.grow_low,
@@ -461,6 +513,12 @@ def _cross_checks(cfg: Config) -> Iterator[tuple[str, tuple[str, ...], bool, str
     yield ("segmentation.max_blob_size", ("segmentation.min_blob_size",),
            all(map(operator.ge, seg.max_blob_size, seg.min_blob_size)),
            f">= segmentation.min_blob_size {_show(seg.min_blob_size)} in every component")
+    cl = cfg.cluster
+    yield ("cluster.address", ("cluster.kind",), (cl.address is not None) == (cl.kind == "address"),
+           "set (tcp://host:port) when cluster.kind is address, and only then")
+    yield ("cluster.memory_per_worker", ("cluster.kind",),
+           cl.memory_per_worker is not None or cl.kind in ("local", "address"),
+           f"set for the jobs of cluster.kind: {cl.kind} (a batch system needs it)")
 
 
 # -- building a config from layers --------------------------------------------
@@ -550,12 +608,39 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{label}: cannot read config file: {err.strerror}") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"{label}: cannot read config file: not UTF-8 text ({err.reason})") from err
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()  # parsed once: checked for duplicates, then built
+        if node is None:
+            return None
+        _refuse_duplicates(label, node)
+        return loader.construct_document(node)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise ConfigError(f"{label}: {where}invalid YAML: {_yaml_problem(err)}") from err
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicates(label: str, node, path: str = "") -> None:
+    """A key given twice in one mapping is an error naming both lines: YAML would keep the last silently."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(label, item, path)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        line = key_node.start_mark.line + 1
+        where = f"{path}.{key}" if path else key
+        if key in seen and key != "<<":
+            what = "section" if not path else "key"
+            raise ConfigError(f"{label}: {where}: duplicate {what}, at lines {seen[key]} and {line}, expected each "
+                              f"{what} once (YAML would silently keep the last)")
+        seen[key] = line
+        _refuse_duplicates(label, value_node, where)
 
 
 def _parse_override(text: str) -> dict[str, Any]:

@@ -17,7 +17,9 @@ otherwise) and logs to ``watch.log_file``, rotated.
 What happens to a scan is decided by `plan` from its run record: a finished
 scan is skipped; a scan that failed is skipped (remove its ``run.json`` to try
 again); a scan left unfinished (the daemon or the machine stopped) is done
-again.  SIGTERM or SIGINT stop the daemon cleanly: the children get SIGTERM,
+again; an incomplete one (its file went quiet, vanished or was replaced before
+the scan ended) is tried again, resuming, whenever its file changes and at the
+daemon's next start.  SIGTERM or SIGINT stop the daemon cleanly: the children get SIGTERM,
 close their files and record ``stopped``.  If the daemon is killed, its
 children die with it (Linux: the parent-death signal), so a restarted daemon
 never races an orphan for the same folder.
@@ -196,6 +198,8 @@ class Daemon:
         self.running: dict[tuple[str, str], tuple[Scan, subprocess.Popen]] = {}
         self.finished = 0
         self.failed = 0
+        self.incomplete = 0
+        self.retry: dict[tuple[str, str], tuple[Scan, tuple | None]] = {}  # incomplete scans: their file's stat
         self.skipped = 0
         self._stop = threading.Event()
         self._last_look = 0.0
@@ -212,7 +216,8 @@ class Daemon:
                               header=self.header):
                 while not self._stop.is_set():
                     self._reap()
-                    if max_scans is not None and self.finished + self.failed >= max_scans and not self.running:
+                    if (max_scans is not None and self.finished + self.failed + self.incomplete >= max_scans
+                            and not self.running):
                         break
                     if time.monotonic() - self._last_look >= self.cfg.watch.poll_interval_s:
                         self._discover()
@@ -257,6 +262,11 @@ class Daemon:
 
     # -- finding scans ------------------------------------------------------------------------
     def _discover(self) -> None:
+        for key, (scan, seen) in list(self.retry.items()):
+            if _file_stat(scan.path) not in (seen, None):
+                del self.retry[key]
+                log.info("%s: the file of this incomplete scan changed: resuming it", scan.url)
+                self.queue.append(scan)
         fixed = not any(c in self.cfg.watch.dataset for c in "*?[")
         for path in self.finder.files():
             if str(path) in self.files_done:
@@ -321,6 +331,12 @@ class Daemon:
                 log.info("%s: finished, %s difspots from %s frames (scan ended: %s)", scan.url,
                          record.get("spots"), record.get("frames_processed"), record.get("end_reason"))
                 continue
+            if state == "incomplete":
+                self.incomplete += 1
+                self.retry[key] = (scan, _file_stat(scan.path))
+                log.warning("%s: incomplete (%s): tried again when the file changes", scan.url,
+                            record.get("incomplete") or record.get("end_reason"))
+                continue
             if self._stop.is_set():
                 log.info("%s: stopped (exit code %s); processed again at the next start", scan.url, code)
                 continue
@@ -349,7 +365,7 @@ class Daemon:
     def header(self) -> str:
         return (f"dctstream watch {self.root} ({self.cfg.watch.glob} :: {self.cfg.watch.dataset}): "
                 f"{len(self.running)} running, {len(self.queue)} queued, {self.finished} finished, "
-                f"{self.failed} failed, {self.skipped} skipped; log {getattr(self, 'log_path', '-')}")
+                f"{self.incomplete} incomplete, {self.failed} failed, {self.skipped} skipped; log {getattr(self, 'log_path', '-')}")
 
     def snapshots(self) -> list[dict]:
         out = []
@@ -359,6 +375,14 @@ class Daemon:
             except Exception:  # not written yet (the child is starting) or being replaced
                 out.append({"source": scan.url, "out_dir": str(scan.out_dir), "state": "starting"})
         return out
+
+
+def _file_stat(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _last_line(path: Path) -> str | None:

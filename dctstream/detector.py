@@ -35,6 +35,8 @@ from .types import Blob
 log = logging.getLogger(__name__)
 
 HOT_SIGMAS = 20.0
+# Largest integer float32 holds exactly: counts beyond it would be rounded in the corrected frames.
+FLOAT32_EXACT = 2**24
 _NEIGHBOURS = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
 
 
@@ -168,6 +170,44 @@ class Detector:
             binned = bin_image(np.where(low, 1.0, flat), b, "mean", np.float64)
             self.gain = (1.0 / binned).astype(np.float32)
         self.mask = bin_image(raw_mask, b, "any")
+
+    def check_first_frame(self, frame: np.ndarray, url: str) -> None:
+        """What the first frame shows about the counts, before any is used (raw frame, detector pixels).
+
+        * Pixels with all bits set in 32-bit unsigned frames are the detector's own mark of a pixel without
+          data (Eiger module gaps and dead pixels): masked (``mask_counts["invalid"]``), not taken as counts.
+        * Counts beyond 2**24, which float32 (the corrected frames' type) cannot hold exactly, are refused.
+        * A dark above every count of the frame (nothing left positive after subtracting it) is logged.
+        """
+        valid = None
+        if self.raw_dtype == np.uint32:
+            invalid = frame == np.iinfo(np.uint32).max
+            if invalid.any():
+                valid = ~invalid
+                binned = bin_image(invalid, self.binning, "any")
+                self.mask_counts["invalid"] = int((binned & ~self.mask).sum())
+                self.mask |= binned  # in place: the background stage holds this array
+                log.info("%d pixels hold 0xFFFFFFFF (the detector's mark of a pixel without data): masked",
+                         int(invalid.sum()))
+        if self.raw_dtype.itemsize >= 4:
+            values = frame if valid is None else frame[valid]
+            if values.size:
+                low, high = int(values.min()), int(values.max())
+                worst = high if abs(high) >= abs(low) else low
+                if abs(worst) > FLOAT32_EXACT:
+                    raise InputError(f"source.url: {url}: frame 0: counts up to {worst}, beyond {FLOAT32_EXACT} "
+                                     "(2**24), the largest integer float32 holds exactly, expected detector counts "
+                                     "within it (counts with a large offset? remove it at the detector or in the "
+                                     "file; the background correction works in float32)")
+        if self.dark is not None and self.dark_source in ("dark.url", "dark.value"):
+            binned = self.bin(frame).astype(np.float32) - self.dark
+            keep = ~self.mask
+            if keep.any() and not np.any(binned[keep] > 0):
+                where = self.dark_cfg.url if self.dark_cfg.url else f"{self.dark_cfg.value:g}"
+                log.warning("%s: %s: the dark is above every count of frame 0 (dark median %.4g, frame median "
+                            "%.4g): nothing is left positive after subtracting it, expected a dark below the frames "
+                            "(another exposure time or detector?)", self.dark_source, where,
+                            float(np.median(self.dark[keep])), float(np.median(self.bin(frame)[keep])))
 
     def bin(self, frame: np.ndarray) -> np.ndarray:
         return bin_image(frame, self.binning, self.cfg.binning_mode, self.dtype)

@@ -28,3 +28,7 @@ class OutputError(DctStreamError):
 
 class OptionalDependencyError(DctStreamError, ImportError):
     """A feature needs a package that is not installed (pandas for tables, matplotlib for plots)."""
+
+
+class ResourceError(DctStreamError):
+    """The run cannot fit in the memory (or other resource) this process may use."""

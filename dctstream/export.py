@@ -122,7 +122,21 @@ def imaged11_columns(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray],
     cols["spot3d_id"] = t["id"]
     params = {"omega_unit": "degrees" if has_psi else "frames", "source": str(record.get("source", "")),
               "software": f"dctstream {record.get('dctstream_version', '')}".strip()}
+    partial = partial_reason(record)
+    if partial:
+        params["partial"] = partial
     return cols, params
+
+
+def partial_reason(record: dict) -> str | None:
+    """Why the run's results are not those of a whole scan, or None when they are."""
+    state = record.get("state")
+    if state == "finished":
+        return None
+    if state is None:
+        return "no run record (run.json), so not known to be a whole scan"
+    why = record.get("incomplete") or record.get("error") or record.get("end_reason")
+    return f"the run is {state}" + (f": {why}" if why else "")
 
 
 def write_columnfile(path: str | os.PathLike, cols: dict[str, np.ndarray], params: dict[str, str]) -> None:
@@ -143,12 +157,14 @@ def write_columnfile(path: str | os.PathLike, cols: dict[str, np.ndarray], param
         raise OutputError(f"{path}: cannot write output, {exc.strerror or exc}") from None
 
 
-def export_imaged11(out_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> tuple[Path, int]:
-    """Write ``out_dir/spots.flt`` (or ``output``); returns its path and the number of peaks."""
+def export_imaged11(out_dir: str | os.PathLike, output: str | os.PathLike | None = None
+                    ) -> tuple[Path, int, str | None]:
+    """Write ``out_dir/spots.flt`` (or ``output``); returns its path, the number of peaks, and why the results
+    are partial (None for a finished run); a partial table is marked so in the file (``# partial = ...``)."""
     cols, params = imaged11_columns(out_dir)
     path = Path(output) if output else Path(out_dir) / FLT_NAME
     write_columnfile(path, cols, params)
-    return path, len(cols["sc"])
+    return path, len(cols["sc"]), params.get("partial")
 
 
 def read_columnfile(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:

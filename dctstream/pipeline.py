@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-import shutil
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -13,16 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint, seam, spool
+from . import __version__, checkpoint, outdir, seam, spool
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
 from .errors import ConfigError, DctStreamError, InputError, OutputError
 from .overlap import Prefetch, Worker
+from .resources import check_memory
 from .segment import SegmentParams, Segmenter
 from .segment.noise import TILE_PX, NoiseTracker
 from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
 from .sources import open_source
+from .sources.scan_file import resolve_auto
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ FLOOD_FRAMES_LISTED = 10
 FRAME_QUEUE_DEPTH = 4
 # Corrected frames waiting for the segmenter: 16 MiB each at 2048 x 2048.
 SEGMENT_QUEUE_DEPTH = 1
+# Missing frames logged one by one as warnings; the rest are counted in the status.
+MISSING_WARNINGS = 3
 # Closed blobs waiting for the writer; each is a few kB.
 BLOB_QUEUE_DEPTH = 256
 
@@ -71,6 +76,8 @@ class Stats:
     masked_pixels: dict | None = None  # bad pixels by reason (file, flat, stuck, hot) and in all
     binning: str | None = None  # "b x b sum|mean"
     export_reduction: float | None = None  # bytes of raw frames read / bytes of OUT/corrected.h5
+    frames_expected: int | None = None  # what the scan announced (expected_frames, a stream's header, the file)
+    incomplete: str | None = None  # why the scan is not whole (the source went quiet, vanished, ...), or None
     started_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -112,23 +119,57 @@ def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
     """Results of an earlier run in ``out_dir``; refuse to mix them with a new run unless asked to replace them."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: cannot create the output folder, expected a folder, got a file")
-    previous = [p for p in (out_dir / "spots.h5", out_dir / "difspots", out_dir / "mask.h5", out_dir / "corrected.h5")
-                if p.exists()]
+    previous = [out_dir / name for name in outdir.RESULTS if (out_dir / name).exists()]
     if previous and not overwrite:
         raise OutputError(f"{out_dir}: already holds results ({previous[0].name}), expected an empty or new "
                           "folder; choose another output.dir or pass --overwrite")
     return previous
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> None:
-    """Create the output folder, replacing an earlier run's results when ``overwrite``."""
-    previous = _previous_results(out_dir, overwrite)
+def prepare_output(out_dir: Path, overwrite: bool) -> outdir.OutputLock:
+    """Create the output folder and take it for this run; an earlier run's results are set aside when
+    ``overwrite`` (see `dctstream.outdir`: they come back if this run fails)."""
+    _previous_results(out_dir, overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from None
-    for p in previous:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    lock = outdir.OutputLock(out_dir)
+    try:
+        _previous_results(out_dir, overwrite)  # again, now that no other run can be writing there
+        if overwrite:
+            outdir.move_aside(out_dir)
+    except BaseException:
+        lock.release(remove=True)
+        raise
+    return lock
+
+
+def _resolved_url(url: str | None) -> str | None:
+    """``url`` with its file part an absolute, resolved path (streams as they are)."""
+    if not url or re.match(r"^[a-z]+://", url):
+        return url
+    path, sep, rest = url.partition("::")
+    if "*" in path:
+        folder, name = os.path.split(path)
+        return os.path.join(os.path.realpath(folder or "."), name) + sep + rest
+    return os.path.realpath(path) + sep + rest
+
+
+def identity_config(cfg: Config) -> str:
+    """The configuration a resumed run must match: every path resolved, so that the same folder or file named
+    another way (absolute after relative, through a link) is the same run."""
+    from .config import replace_config
+
+    return dump_config(replace_config(
+        cfg, source={"url": _resolved_url(cfg.source.url), "angles": _resolved_url(cfg.source.angles)},
+        dark={"url": _resolved_url(cfg.dark.url)},
+        detector={"mask": _resolved_url(cfg.detector.mask), "flat": _resolved_url(cfg.detector.flat)},
+        output={"dir": os.path.realpath(cfg.output.dir)}))
+
+
+# Why a source ended that means it delivered the whole scan.
+COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end"})
 
 
 class Pipeline:
@@ -138,14 +179,23 @@ class Pipeline:
         if not cfg.source.url:
             raise ConfigError("source.url: no scan given, expected path/to/scan.h5::/dataset "
                               "(in the config or with --source)")
+        # source.angles / dark.url "auto": read from the scan file now, so that everything after sees URLs
+        cfg, self.auto_found = resolve_auto(cfg)
         self.cfg = cfg
         self.stats = Stats()
         self.out_dir = Path(cfg.output.dir)
         self.overwrite = overwrite
         self.table: SpotTable | None = None
         self.export: CorrectedFrameWriter | None = None
+        self.lock: outdir.OutputLock | None = None  # taken when the output appears, held until `end`
+        self.keep_lock = False  # True: `run` leaves `end` to its caller (the runner writes the record first)
+        self._source_id: str | None = None  # identity of frame 0, kept in checkpoints
+        self._finishing = False  # the source has ended: the background stage is emitting its last frames
+        self._first_checked = False  # the first frame's counts were looked at (Detector.check_first_frame)
+        outdir.check_free(self.out_dir)  # another run writing there: say it before reading anything
+        self._identity = identity_config(cfg)
         # an unfinished run of this configuration in out_dir continues from its last checkpoint
-        self.resuming = not overwrite and checkpoint.unfinished_run(self.out_dir, dump_config(cfg))
+        self.resuming = not overwrite and checkpoint.unfinished_run(self.out_dir, self._identity)
         self._resume = checkpoint.load(self.out_dir) if self.resuming else None
         self._replay_until = -1  # frames up to this one are put back in the segmenter, not segmented again
         self._sigma: np.ndarray | None = None  # the noise of the first frames, per tile
@@ -166,6 +216,9 @@ class Pipeline:
         self._segmenting: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
+            if self._resume and hasattr(self.source, "read_frame"):  # a recorded file: is it the same scan?
+                checkpoint.check_identity(self.source.read_frame(0), self._resume[0].get("source_id"),
+                                          self.source, self.out_dir)
             self.spool = spool.for_source(self.source, self.out_dir, self._resume, self.resuming)  # streams only
             self.stats.frames_total = getattr(self.source, "n_frames", None)
             self.background: BackgroundStage | None = None
@@ -175,7 +228,29 @@ class Pipeline:
                 _previous_results(self.out_dir, overwrite)
         except BaseException:
             self.source.close()
+            self.end("failed")
             raise
+
+    def end(self, outcome: str) -> None:
+        """Let the output folder go, ``outcome`` being finished, incomplete, stopped or failed.
+
+        A failed ``--overwrite`` run gives the earlier results back (see `dctstream.outdir`); a finished one
+        drops them.  Safe to call again.
+        """
+        lock, self.lock = self.lock, None
+        if lock is None:
+            return
+        try:
+            if outcome == "finished":
+                outdir.drop_previous(self.out_dir)
+            elif outcome == "failed" and outdir.restore_previous(self.out_dir):
+                checkpoint.finish_run(self.out_dir)  # nothing of the failed run stays to be resumed
+                log.warning("%s: this run failed: the earlier results are back in place", self.out_dir)
+        except OSError as exc:
+            log.warning("%s: the earlier results could not be put back (%s): they are in %s", self.out_dir,
+                        exc.strerror or exc, outdir.previous_dir(self.out_dir))
+        finally:
+            lock.release(remove=True)
 
     def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
@@ -187,6 +262,8 @@ class Pipeline:
                 raise ConfigError(f"direct_beam.bbox: {list(bbox)} reaches outside the frame of "
                                   f"{shape[1]} x {shape[0]} pixels (x, y)")
         bbox = detector.bin_bbox(bbox)
+        check_memory(detector.shape, detector.dtype, cfg.background, cfg.segmentation.max_blob_size[2],
+                     detector.binning)
         first_window = detector.first_window
         resume = {}
         if self._resume:
@@ -205,8 +282,11 @@ class Pipeline:
                                           **resume.get("stage", {}))
         # only now, with the frames' shape checked against the dark and the beam box, does output appear
         if not self.resuming:
-            prepare_output(self.out_dir, self.overwrite)
-            checkpoint.start_run(self.out_dir, dump_config(cfg))
+            self.lock = prepare_output(self.out_dir, self.overwrite)
+            checkpoint.start_run(self.out_dir, self._identity)
+        else:
+            self.lock = outdir.OutputLock(self.out_dir)
+            checkpoint.forget_unsaved_difspots(self.out_dir, self._resume)
         self.difspots = DifspotWriter(self.out_dir)
         (self.out_dir / "config.yml").write_text(dump_config(cfg))
         self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
@@ -226,49 +306,77 @@ class Pipeline:
         reader = Prefetch(self._read(), FRAME_QUEUE_DEPTH, name="dctstream-read")
         done = False
         failure = None
+        outcome = "failed"
         try:
-            for frame in reader:
-                self.stats.backlog_frames = reader.backlog
-                if frame.psi_deg is None:
-                    self._psi = None
-                elif self._psi is not None:
-                    self._psi.append(frame.psi_deg)
-                self._segment(self._push(frame))
-                if progress is not None:
-                    progress(self.stats)
-            if self.background is not None:
-                self._segment(self.background.finish())
-                self.stats.normalise = self.background.normalise_facts()
-            self._close_segmenting()
-            if self._first_frames:  # a scan of fewer corrected frames than the noise estimate takes
-                self._start_segmenter()
-            if self.segmenter is not None:
-                with self._timed("segment"):
-                    blobs = self.segmenter.finish()
-                self._write(blobs)
-            done = True
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            reader.close()
-            if reader.running:
-                log.warning("the source did not stop within 5 s; leaving it open")
+            try:
+                for frame in reader:
+                    self.stats.backlog_frames = reader.backlog
+                    if frame.psi_deg is None:
+                        self._psi = None
+                    elif self._psi is not None:
+                        self._psi.append(frame.psi_deg)
+                    self._segment(self._push(frame))
+                    if progress is not None:
+                        progress(self.stats)
+                if self.background is not None:
+                    # the last frames' windows are shifted inside the scan: a checkpoint of them could not be
+                    # continued if the scan turns out to go on (an incomplete scan resumed once it grew)
+                    self._finishing = True
+                    self._segment(self.background.finish())
+                    self.stats.normalise = self.background.normalise_facts()
+                self._close_segmenting()
+                if self._first_frames:  # a scan of fewer corrected frames than the noise estimate takes
+                    self._start_segmenter()
+                if self.segmenter is not None:
+                    with self._timed("segment"):
+                        blobs = self.segmenter.finish()
+                    self._write(blobs)
+                done = True
+            except KeyboardInterrupt as exc:
+                failure, outcome = exc, "stopped"
+                raise
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                reader.close()
+                if reader.running:
+                    log.warning("the source did not stop within 5 s; leaving it open")
+                else:
+                    self.source.close()
+                self._close_outputs(raise_errors=done, failure=failure)
+            self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
+            self._judge_completeness()
+            if self.stats.incomplete is None:
+                checkpoint.finish_run(self.out_dir)
+                outcome = "finished"
             else:
-                self.source.close()
-            self._close_outputs(raise_errors=done, failure=failure)
-        checkpoint.finish_run(self.out_dir)
-        self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
+                outcome = "incomplete"
+                log.warning("%s: the scan is incomplete (%s): the results so far are kept, and the same command "
+                            "resumes it if the source has more frames", self.out_dir, self.stats.incomplete)
+        finally:
+            if not self.keep_lock:
+                self.end(outcome)
         if progress is not None:
             progress(self.stats)
         return self.stats
+
+    def _judge_completeness(self) -> None:
+        """Whether the source delivered the whole scan; if not, ``stats.incomplete`` says why."""
+        stats, reason = self.stats, self.stats.source_end
+        announced = self.cfg.source.expected_frames or getattr(self.source, "frames_announced", None)
+        stats.frames_expected = announced or (self.source.n_frames if reason == "complete" else None)
+        seen = f"{stats.frames_segmented} frames" + (f" of {announced} expected" if announced else "")
+        if reason not in COMPLETE_ENDS or (announced and stats.frames_segmented < announced):
+            stats.incomplete = f"{reason} after {seen}"
 
     def _read(self):
         """The source's frames, counted and timed; runs in the reader thread."""
         if self.spool is not None:  # a stream: its frames are spooled, and read back from the spool to resume
             frames = self.spool.frames(self.source)
         elif self._resume:
-            frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"])
+            frames = checkpoint.frames_from(self.source, self._resume[0]["first_raw"],
+                                            self._resume[0].get("source_id"), self.out_dir)
         else:
             frames = iter(self.source)
         for frame in self._timed_items("read", frames):
@@ -341,10 +449,18 @@ class Pipeline:
                 raise InputError(f"frame {frame.index}: lost before any frame arrived, expected a first frame")
             data = self.background.stand_in()
             self.stats.frames_missing += 1
-            log.warning("frame %d: lost in transit, replaced by the current background", frame.index)
+            # a few are said; the count is in the status (so that they cannot crowd out the other warnings)
+            (log.warning if self.stats.frames_missing <= MISSING_WARNINGS else log.debug)(
+                "frame %d: lost in transit, replaced by the current background%s", frame.index,
+                " (the next ones are counted, not logged)" if self.stats.frames_missing == MISSING_WARNINGS else "")
         else:
             if self.background is None:
                 self._start_stages(data.shape, data.dtype)
+            if frame.index == 0:
+                self._source_id = checkpoint.frame_identity(data)
+            if not self._first_checked:
+                self._first_checked = True
+                self.detector.check_first_frame(data, self.cfg.source.url)
             data = self.detector.bin(data)
         with self._timed("background"):
             return self.background.push(data)
@@ -387,7 +503,7 @@ class Pipeline:
                     tap.on_corrected(k, frame)
         self.stats.frames_segmented += 1
         checkpoint.crash_point("frame")
-        if self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
+        if not self._finishing and self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
             self._writer.submit(checkpoint.capture(self, k))
 
     def _note_noise(self, k: int, sigma: np.ndarray, seed) -> None:

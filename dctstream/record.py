@@ -6,9 +6,11 @@ that still says ``running`` after its process is gone is a run that was
 killed: `scan_state` reads it that way.
 
 Keys: ``dctstream_version``, ``state``, ``end_reason`` (why the source ended,
-or why the run stopped), ``error``, ``source``, ``angles``, ``dark``,
-``out_dir``, ``host``, ``pid``, ``started_utc``, ``ended_utc``,
-``frames_processed`` (frames segmented), ``frames_read``, ``spots``
+or why the run stopped), ``incomplete`` (why an incomplete scan is not whole,
+with the frames seen of those expected), ``error``, ``source``, ``angles``, ``dark``,
+``auto`` (what ``source.angles: auto`` and ``dark.url: auto`` found in the
+scan file, and why), ``out_dir``, ``host``, ``pid``, ``started_utc``, ``ended_utc``,
+``frames_processed`` (frames segmented), ``frames_read``, ``frames_expected``, ``spots``
 (difspots written), ``rejected`` (by reason), ``warnings``, ``stats`` (every
 field of the pipeline's `Stats`, whatever fields it has), ``config`` (the
 effective configuration) and ``quicklook`` (the pictures written).
@@ -24,17 +26,19 @@ from .config import Config, config_to_dict
 from .status import write_json_atomic
 
 RUN_FILE = "run.json"
-# States of a record; only "finished" means the results are complete.
-STATES = ("running", "finished", "stopped", "failed")
+# States of a record; only "finished" means the results are complete.  "incomplete": the source ended
+# before the scan did (it went quiet, vanished, was replaced, or sent fewer frames than it announced).
+STATES = ("running", "finished", "incomplete", "stopped", "failed")
 
 
-def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None) -> dict:
+def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None, auto: dict | None = None) -> dict:
     """The record of a run from its last status snapshot."""
     s = snap.get("stats") or {}
     state = snap.get("state", "running")
     if state not in STATES:
         state = "running"
-    end_reason = s.get("source_end") if state == "finished" else (None if state == "running" else state)
+    end_reason = (s.get("source_end") if state in ("finished", "incomplete")
+                  else (None if state == "running" else state))
     return {
         "dctstream_version": snap.get("version"),
         "state": state,
@@ -43,6 +47,7 @@ def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None) -> d
         "source": cfg.source.url,
         "angles": cfg.source.angles,
         "dark": cfg.dark.url if cfg.dark.url is not None else cfg.dark.value,
+        "auto": auto or {},
         "out_dir": str(cfg.output.dir),
         "host": snap.get("host"),
         "pid": snap.get("pid"),
@@ -50,6 +55,8 @@ def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None) -> d
         "ended_utc": snap.get("ended_utc"),
         "frames_processed": s.get("frames_segmented", 0),
         "frames_read": s.get("frames_read", 0),
+        "frames_expected": s.get("frames_expected"),
+        "incomplete": s.get("incomplete") if state == "incomplete" else None,
         "spots": s.get("difspots_written", 0),
         "rejected": s.get("rejected", {}),
         "warnings": snap.get("warnings", []),

@@ -19,6 +19,7 @@ import sys
 import threading
 
 from .config import Config
+from .dct_table import export_dct
 from .pipeline import Pipeline, Stats
 from .quicklook import QuickLook
 from .record import run_record, write_record
@@ -40,48 +41,69 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
 
     ``display=False`` shows nothing (the status snapshot and record are still written).
     """
-    pipeline = Pipeline(cfg, overwrite=overwrite)  # a bad input fails here, before any output
-    quick = QuickLook(cfg.quicklook, cfg.output.dir, pipeline) if cfg.quicklook.enabled else None
-    if quick is not None:
-        pipeline.frame_taps.append(quick)
+    pipeline = None
+
+    def auto() -> dict:  # what was found in the scan file, and what a live source found once its scan began
+        if pipeline is None:
+            return {}
+        return {**pipeline.auto_found, **getattr(pipeline.source, "found", {})}
+
     recorded = threading.Event()
 
     def record_start(snap: dict) -> None:  # on the monitor's thread, once the output folder exists
         if not recorded.is_set():
-            write_record(cfg.output.dir, run_record(cfg, snap))
+            write_record(cfg.output.dir, run_record(cfg, snap, auto=auto()))
             recorded.set()
 
     monitor = ScanMonitor(cfg, on_write=record_start)
+    monitor.start()  # from now on warnings are kept for the status and the record, those of opening the scan too
+    try:
+        pipeline = Pipeline(cfg, overwrite=overwrite)  # a bad input fails here, before any output
+    except BaseException:
+        monitor.close("failed")  # writes nothing: there is no output folder yet
+        raise
+    pipeline.keep_lock = True  # the record is written before another run may take the folder
+    cfg = pipeline.cfg  # with what source.angles / dark.url: auto found in place
+    quick = QuickLook(cfg.quicklook, cfg.output.dir, pipeline) if cfg.quicklook.enabled else None
+    if quick is not None:
+        pipeline.frame_taps.append(quick)
     monitor.attach(pipeline)
-    monitor.start()
     view = open_display(lambda: [monitor.snapshot()], console=console,
                         every_s=cfg.status.log_every_s) if display else None
     state, error = "failed", None
     try:
-        with view if view is not None else contextlib.nullcontext():
-            try:
-                stats = pipeline.run(progress=monitor)
-                state = "finished"
-            except KeyboardInterrupt:
-                state, error = "stopped", "interrupted (SIGINT or SIGTERM)"
-                raise
-            except BaseException as exc:
-                error = _one_line(exc)
-                raise
-            finally:
-                monitor.state = state  # the display's last refresh shows how the run ended
-        return stats
+        try:
+            with view if view is not None else contextlib.nullcontext():
+                try:
+                    stats = pipeline.run(progress=monitor)
+                    state = "finished" if stats.incomplete is None else "incomplete"
+                except KeyboardInterrupt:
+                    state, error = "stopped", "interrupted (SIGINT or SIGTERM)"
+                    raise
+                except BaseException as exc:
+                    error = _one_line(exc)
+                    raise
+                finally:
+                    monitor.state = state  # the display's last refresh shows how the run ended
+            return stats
+        finally:
+            pictures = []
+            if quick is not None and monitor.output_ready:
+                try:
+                    pictures = quick.finish() if state in ("finished", "incomplete") else []
+                except Exception as exc:
+                    log.warning("quick-look pictures not written: %s", _one_line(exc))
+            if state == "finished":
+                try:
+                    export_dct(cfg.output.dir)  # the legacy DCT code's difspot table, beside spots.h5
+                except Exception as exc:
+                    log.warning("difspot table (difspot.h5, difspot.csv) not written: %s", _one_line(exc))
+            monitor.state = state
+            snap = monitor.close(state, error)
+            if snap is not None:
+                write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto()))
     finally:
-        pictures = []
-        if quick is not None and monitor.output_ready:
-            try:
-                pictures = quick.finish() if state == "finished" else []
-            except Exception as exc:
-                log.warning("quick-look pictures not written: %s", _one_line(exc))
-        monitor.state = state
-        snap = monitor.close(state, error)
-        if snap is not None:
-            write_record(cfg.output.dir, run_record(cfg, snap, pictures))
+        pipeline.end(state)
 
 
 def stop_on_sigterm() -> None:

@@ -218,6 +218,9 @@ class ScanMonitor:
         source = getattr(self._pipeline, "source", None)
         # a recorded file is read as fast as it is processed: its "acquisition" rate is a reading rate
         snap["live"] = not isinstance(source, Hdf5FileSource)
+        waiting = getattr(source, "waiting_for", None)
+        if waiting and not s.get("frames_read"):
+            snap["waiting_for"] = waiting
         snap["spots_per_psi"] = self._sparkline(s)
         snap["warnings"] = self._warning_list(s, snap["rates"])
         return snap
@@ -281,6 +284,8 @@ class ScanMonitor:
 
     def _warning_list(self, s: dict, rates: dict) -> list[str]:
         out = []
+        if s.get("incomplete"):
+            out.append(f"scan incomplete: {s['incomplete']} (the same command resumes it if the source grows)")
         if s.get("frames_missing"):
             out.append(f"{s['frames_missing']} frames lost in transit (dropped frames)")
         elapsed = s.get("elapsed_s") or 0.0
@@ -469,6 +474,8 @@ def render_scan(snap: dict):
         psi = spark.get("psi_deg")
         axis = f"ψ {round(psi[0])}°..{round(psi[1])}°" if psi else f"frames 0..{spark['frames']}"
         grid.add_row("spots/ψ", Text(sparkline(spark["counts"])) + Text(f"  {axis}, highest {max(spark['counts'])}"))
+    if snap.get("waiting_for"):
+        grid.add_row("waiting", snap["waiting_for"])
     grid.add_row("memory", _fmt_mb(snap.get("memory_mb")))
     warnings = snap.get("warnings") or []
     grid.add_row("warnings", Text("\n".join(warnings), style="yellow") if warnings else "none")
@@ -510,6 +517,7 @@ def status_line(snap: dict) -> str:
             f"{_fmt_rate(rates.get('processing_fps'))}; latency {lat.get('frames', 0)} frames"
             f"{'' if seconds is None else f' {seconds:.1f} s'}; difspots {s.get('difspots_written', 0)}, "
             f"rejected {_rejected_text(s)}; {_fmt_mb(snap.get('memory_mb'))}"
+            + (f"; waiting: {snap['waiting_for']}" if snap.get("waiting_for") else "")
             + (f"; warnings: {'; '.join(snap['warnings'])}" if snap.get("warnings") else ""))
 
 

@@ -8,7 +8,7 @@ a file is named by the scan, its size and a hash of the simulator's source, so
 it is made again only when those change), then
 
 * **dctstream** runs as a new user would, with only the frames, the angles and
-  the dark given: ``python -m dctstream run configs/default.yml --source F
+  the dark given: ``python -m dctstream run dctstream/configs/default.yml --source F
   --set source.angles=A --dark D --out OUT --overwrite`` (the code beside this
   module; without the config file when it is not there, i.e. installed);
   fps is frames processed / elapsed seconds from ``OUT/run.json``;
@@ -89,8 +89,11 @@ def run_dctstream(path: Path, out: Path, *, timeout_s: float, code_root: Path = 
     """dctstream (the package under ``code_root``) at default settings: its spot table (None if it failed)
     and what the run said."""
     url = f"{path}::{FRAMES_PATH}"
-    default_config = code_root / "configs" / "default.yml"
-    config = [str(default_config)] if default_config.exists() else []  # none: the same defaults
+    # The packaged default file where the checkout has one (dctstream/configs/, formerly configs/);
+    # without it the run gets the same defaults.
+    found = [p for p in (code_root / "dctstream" / "configs" / "default.yml", code_root / "configs" / "default.yml")
+             if p.exists()]
+    config = [str(found[0])] if found else []
     cmd = [sys.executable, "-m", "dctstream", "run", *config, "--source", url,
            "--set", f"source.angles={json.dumps(f'{path}::/1.1/measurement/diffrz')}",
            "--dark", f"{path}::{DARK_PATH}", "--out", str(out), "--overwrite"]
@@ -297,7 +300,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds per dctstream run (600 quick, 1800 full)")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--dctstream-root", default=str(ROOT),
-                   help="run the dctstream package (and configs/default.yml) of this checkout (default: this one)")
+                   help="run the dctstream package (and dctstream/configs/default.yml) of this checkout (default: this one)")
     p.add_argument("--json", help="also write every row's numbers to this file")
 
 

@@ -85,3 +85,29 @@ def bad_inputs(tmp_path_factory, tiny_scan):
         raw.seek(chunk.byte_offset + chunk.size // 3)
         raw.write(b"\xff" * 64)
     return path
+
+
+@pytest.fixture(scope="session")
+def bliss_url(tmp_path_factory):
+    """``redis://127.0.0.1:PORT`` of a Redis server with blissdata's modules, initialised for blissdata."""
+    pytest.importorskip("blissdata", reason="blissdata is not installed (pip install '.[bliss]')")
+    from blissdata.redis_engine.store import DataStore
+
+    from blissdata_server import start_server, stop_server
+
+    started = start_server(tmp_path_factory.mktemp("redis"))
+    if isinstance(started, str):
+        pytest.skip(started)
+    proc, url = started
+    try:
+        DataStore(url, init_db=True)  # the indexes blissdata searches scans with
+        yield url
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def scan_frames(tiny_scan):
+    """(frames, angles) of the tiny scan, as arrays."""
+    with h5py.File(tiny_scan.path, "r") as f:
+        return f["/1.1/measurement/marana"][()], f["/1.1/measurement/diffrz"][()]

@@ -98,7 +98,8 @@ def test_difspot_matches_its_file_and_row(runs):
     assert spot.max_value == spot.volume[tuple(np.subtract(spot.max_index, spot.bbox[:3]))]
     psi = 360.0 * np.arange(FRAMES) / FRAMES  # the simulator's angles
     assert spot.psi_range_deg == (psi[spot.bbox[0]], psi[spot.bbox[3]])
-    np.testing.assert_allclose(spot.projection.sum(), spot.integral, rtol=1e-5)
+    np.testing.assert_allclose(spot.projection.sum(), spot.voxels.sum(), rtol=1e-5)
+    assert spot.integral > 0  # the voxels and their tails (segment.segmenter)
 
 
 def same_difspot(a: dctstream.Difspot, b: dctstream.Difspot) -> None:
@@ -259,3 +260,13 @@ def test_segment_is_callable_after_the_segmenter_is_imported():
     assert callable(dctstream.segment)
     with pytest.raises(InputError, match="frames: expected an iterable"):
         dctstream.segment(3, None)
+
+
+def test_a_packaged_config_is_named_by_its_name():
+    from dctstream.api import resolve_config
+    from dctstream.configs import names
+
+    assert "default" in names()
+    cfg = resolve_config("default", {"background.window": 101}, {}, "run()")
+    assert cfg.source.angles == "auto" and cfg.background.window == 101  # the packaged default's own keys
+    assert resolve_config(None, None, {}, "run()").source.angles is None  # the built-in defaults

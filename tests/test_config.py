@@ -60,8 +60,9 @@ def test_config_is_frozen():
         Config().background.window = 3  # type: ignore[misc]
 
 
-def test_default_yml_equals_defaults():
-    assert load_config(CONFIGS / "default.yml") == load_config(None)
+def test_default_yml_equals_defaults_but_finds_angles_and_dark():
+    packaged = load_config(CONFIGS / "default.yml")
+    assert packaged == replace_config(load_config(None), source={"angles": "auto"}, dark={"url": "auto"})
 
 
 def documented_keys(text: str) -> set[str]:
@@ -91,6 +92,13 @@ def test_default_yml_documents_every_field():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), Config)
+
+
+def test_slurm_campaign_example():
+    cluster = load_config(CONFIGS / "slurm_campaign.yml").cluster
+    assert (cluster.kind, cluster.workers, cluster.cores_per_worker, cluster.memory_per_worker) == (
+        "slurm", 10, 4, "24GiB")
+    assert cluster.walltime == "04:00:00" and cluster.job_extra_directives == ("--exclusive",)
 
 
 def test_sim512():
@@ -166,7 +174,7 @@ def test_replace_config_checks_values():
 def test_config_to_dict_is_plain():
     d = config_to_dict(load_config(None, ["direct_beam.bbox=[1,2,3,4]"]))
     assert list(d) == ["source", "dark", "background", "filter", "direct_beam", "segmentation", "output",
-                       "status", "quicklook", "watch", "detector", "export"]
+                       "status", "quicklook", "watch", "detector", "export", "cluster"]
     assert d["direct_beam"]["bbox"] == [1, 2, 3, 4]
     assert d["segmentation"]["max_blob_size"] == [80, 80, 25]
 
@@ -261,11 +269,30 @@ def test_any_even_window_is_rejected(half):
      "segmentation.max_blob_size: must be >= segmentation.min_blob_size [5, 5, 5] in every component, got [80, 4, 25]"),
     # structure
     ("backgrond: {window: 5}",
-     "backgrond: unknown section (known: background, dark, detector, direct_beam, export, filter, output, "
+     "backgrond: unknown section (known: background, cluster, dark, detector, direct_beam, export, filter, output, "
      "quicklook, segmentation, source, status, watch)"),
     ("background: {windw: 5}", "background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("background: 5", "background: must be a mapping, got 5"),
     ("- background", "must be a mapping of sections, got [background]"),
+    # cluster
+    ("cluster: {kind: oar}", "cluster.kind: must be one of local, slurm, pbs, sge, lsf, address, got oar"),
+    ("cluster: {workers: 0}", "cluster.workers: must be >= 1, got 0"),
+    ("cluster: {memory_per_worker: 16}", "cluster.memory_per_worker: must be a non-empty string or null, got 16"),
+    ("cluster: {memory_per_worker: lots}",
+     "cluster.memory_per_worker: must be a size such as 16GiB or 500MB or null, got lots"),
+    ("cluster: {walltime: 4h}",
+     "cluster.walltime: must be a time limit such as 04:00:00 or 1-00:00:00 or null, got 4h"),
+    ("cluster: {job_extra_directives: --exclusive}",
+     "cluster.job_extra_directives: must be a list of non-empty strings, got --exclusive"),
+    ("cluster: {kind: address}",
+     "cluster.address: must be set (tcp://host:port) when cluster.kind is address, and only then, got null"),
+    ("cluster: {address: 'tcp://h:8786'}",
+     "cluster.address: must be set (tcp://host:port) when cluster.kind is address, and only then, got tcp://h:8786"),
+    ("cluster: {kind: address, address: 'h:8786'}",
+     "cluster.address: must be a scheduler address such as tcp://host:8786 or null, got h:8786"),
+    ("cluster: {kind: slurm}",
+     "cluster.memory_per_worker: must be set for the jobs of cluster.kind: slurm (a batch system needs it), "
+     "got null"),
 ])
 def test_bad_file(tmp_path, snippet, message):
     path = write(tmp_path, snippet + "\n")
@@ -296,7 +323,7 @@ def test_cross_rule_error_names_the_layer_that_broke_it(tmp_path):
     ("background.windw=5",
      "--set: background.windw: unknown key (known: batch_frames, margin_px, mode, normalise, stride, window)"),
     ("bg.window=5",
-     "--set: bg: unknown section (known: background, dark, detector, direct_beam, export, filter, output, "
+     "--set: bg: unknown section (known: background, cluster, dark, detector, direct_beam, export, filter, output, "
      "quicklook, segmentation, source, status, watch)"),
     ("background.window=4", "--set: background.window: must be odd and >= 3, got 4"),
     ("dark.value=[1,", "--set: dark.value: invalid YAML value '[1,': "
@@ -322,3 +349,32 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
         f"{path}: line 3: invalid YAML: while parsing a block mapping, "
         "expected <block end>, but found '<block mapping start>'"
     )
+
+
+# -- packaged configs -----------------------------------------------------------
+
+
+def test_packaged_configs_are_the_shipped_files(capsys):
+    from dctstream import configs
+    from dctstream.cli import main
+
+    assert configs.names() == sorted(p.stem for p in CONFIGS.glob("*.yml"))
+    assert main(["config", "list"]) == 0
+    listed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert listed == {p.stem: str(configs.packaged_path(p.stem)) for p in CONFIGS.glob("*.yml")}
+    assert main(["config", "show", "sim512"]) == 0
+    assert capsys.readouterr().out == (CONFIGS / "sim512.yml").read_text()
+    assert main(["config", "show", "nope"]) == 2
+    assert capsys.readouterr().err == ("dctstream: error: config show: nope: no such packaged config, expected one "
+                                       f"of {', '.join(configs.names())}\n")
+
+
+def test_a_config_argument_is_a_file_else_a_packaged_name(tmp_path, monkeypatch):
+    from dctstream.configs import config_file, packaged_path
+
+    monkeypatch.chdir(tmp_path)
+    assert config_file(None) == packaged_path("default")
+    assert config_file("sim512") == config_file("sim512.yml") == packaged_path("sim512")
+    (tmp_path / "sim512.yml").write_text("background: {window: 11}\n")
+    assert config_file("sim512.yml") == "sim512.yml"  # a file of that name wins
+    assert config_file("other.yml") == "other.yml"  # neither: reading it says it is missing

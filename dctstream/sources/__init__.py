@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import h5py
 
@@ -21,12 +22,20 @@ _STREAM_PORTS = {9999: "stream1", 31001: "stream2"}
 
 
 def source_kind(cfg) -> str:
-    """hdf5 (a recorded file), hdf5-live (a file being written), stream1, stream2 or folder.
+    """hdf5 (a recorded file), hdf5-live (a file being written), stream1, stream2, folder or bliss.
 
     With ``protocol: auto`` an HDF5 file is followed as it grows unless it is
     complete; ``hdf5`` or ``hdf5-live`` decides it.
     """
     url, protocol = cfg.url, cfg.protocol
+    if re.match(r"^(redis|rediss|unix)://", url):
+        if protocol in ("auto", "bliss"):
+            return "bliss"
+        raise ConfigError(f"source.protocol: {url} is a blissdata (Redis) server, expected auto or bliss, "
+                          f"got {protocol}")
+    if protocol == "bliss":
+        raise ConfigError(f"source.url: {url}: expected redis://host:port (the blissdata server) for "
+                          "protocol bliss")
     if re.match(r"^(tcp|ipc|inproc)://", url):
         if protocol in ("stream1", "stream2"):
             return protocol
@@ -45,14 +54,50 @@ def source_kind(cfg) -> str:
     if protocol != "auto":
         raise ConfigError(f"source.protocol: {url} is an HDF5 dataset, expected auto, hdf5 or hdf5-live, "
                           f"got {protocol}")
-    return "hdf5" if _finished(url) else "hdf5-live"
+    return "hdf5" if _finished(url, cfg.idle_timeout_s) else "hdf5-live"
 
 
-def _finished(url: str) -> bool:
+def _not_hdf5(path: str) -> str | None:
+    """What is wrong with ``path`` as an HDF5 file judged by its first bytes, or None."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "is empty (0 bytes)"
+        if not h5py.is_hdf5(path):
+            with open(path, "rb") as f:
+                head = f.read(8)
+            return f"is not an HDF5 file (no HDF5 signature; it starts with {head!r})"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def _finished(url: str, idle_timeout_s: float = 60.0) -> bool:
     """Whether the scan file exists and is complete: it says so (Bliss writes the scan's
-    end_time), or no writer holds it (HDF5 refuses a plain read-only open while one does)."""
+    end_time), or no writer holds it (HDF5 refuses a plain read-only open while one does).
+
+    A file that is not readable HDF5 and that nobody changed for ``idle_timeout_s`` is no scan being
+    written: an `InputError` says at once what is wrong with it (a live one is waited for at most that long).
+    """
     path, dataset = parse_url(url)
     if not os.path.exists(path):
+        return False
+    if os.path.isdir(path):
+        raise InputError(f"source.url: {path}: is a folder, expected an HDF5 file (from {url})")
+    try:
+        age_s = time.time() - os.path.getmtime(path)
+    except OSError:
+        age_s = 0.0
+    stale = age_s > idle_timeout_s
+
+    def broken(what: str) -> InputError:
+        return InputError(f"source.url: {path}: {what}, expected an HDF5 file of frames (it has not changed for "
+                          f"{age_s:.0f} s, so it is not being written; source.protocol: hdf5-live waits for it)")
+
+    problem = _not_hdf5(path)
+    if problem:
+        if stale:
+            raise broken(problem)
         return False
     scan = "/" + dataset.strip("/").split("/")[0]
     try:
@@ -63,7 +108,13 @@ def _finished(url: str) -> bool:
     try:
         with h5py.File(path, "r", locking=False) as h5:
             return f"{scan}/end_time" in h5
-    except OSError:  # mid-write, or a file system without locks: follow it
+    except OSError as exc:  # mid-write, or a file system without locks: follow it
+        if stale:
+            try:
+                with h5py.File(path, "r", locking=False, swmr=True) as h5:
+                    return f"{scan}/end_time" in h5
+            except OSError:
+                raise broken(f"cannot be opened as HDF5 ({' '.join(str(exc).split())})") from None
         return False
 
 
@@ -71,10 +122,13 @@ def open_source(cfg):
     """The source that the ``source`` config section names."""
     kind = source_kind(cfg)
     if kind == "hdf5":
-        return Hdf5FileSource(cfg.url, cfg.angles)
+        return Hdf5FileSource(cfg.url, cfg.angles, missing=cfg.missing)
     if kind == "hdf5-live":
         from .hdf5_live import Hdf5WatchSource
         return Hdf5WatchSource(cfg)
+    if kind == "bliss":
+        from .bliss import BlissdataSource
+        return BlissdataSource(cfg)
     if kind == "folder":
         from .folder import FolderSource
         return FolderSource(cfg)

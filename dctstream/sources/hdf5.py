@@ -73,7 +73,7 @@ def read_dataset(url: str, key: str | None = None) -> np.ndarray:
 class Hdf5FileSource:
     """Frames of a complete (recorded) scan: a 3-D dataset (frames, y, x) of integers."""
 
-    def __init__(self, url: str, angles: str | None = None):
+    def __init__(self, url: str, angles: str | None = None, missing: str = "error"):
         self.url = url
         self._h5, self._dset = _open(url, "source.url")
         shape, dtype = self._dset.shape, self._dset.dtype
@@ -88,6 +88,21 @@ class Hdf5FileSource:
             self.close()
             raise InputError(f"source.url: {url}: expected integer detector counts, got dtype {dtype}")
         self.n_frames = shape[0]
+        try:
+            self.missing = unwritten_frames(self._dset, path_of(url))
+        except BaseException:
+            self.close()
+            raise
+        if self.missing.size:
+            span = _spans(self.missing)
+            if missing == "error":
+                self.close()
+                raise InputError(f"source.url: {url}: {span} never written (their chunks or virtual-dataset "
+                                 "sources are not there: the file holds only its fill value), expected every frame; "
+                                 "set source.missing: repeat-background to go on without them")
+            log.warning("%s: %s never written (chunks or virtual-dataset sources not there): replaced by the "
+                        "background (source.missing: repeat-background)", url, span)
+        self._missing = set(self.missing.tolist())
         self.first_frame = 0  # where iterating starts (a resumed run skips what it no longer needs)
         self.frame_shape = tuple(shape[1:])
         self.dtype = dtype
@@ -102,6 +117,9 @@ class Hdf5FileSource:
                 self.close()
                 raise InputError(f"source.angles: {angles}: expected a 1-D array of at least {self.n_frames} "
                                  f"angles in degrees (one per frame), got shape {psi.shape}, dtype {psi.dtype}")
+            if psi.size > self.n_frames:
+                log.warning("source.angles: %s: %d angles for %d frames: the first %d are used (are they the "
+                            "angles of this scan?)", angles, psi.size, self.n_frames, self.n_frames)
             try:
                 self.angles = check_angles(psi[: self.n_frames].astype(np.float64), angles)
             except BaseException:
@@ -117,7 +135,11 @@ class Hdf5FileSource:
                 block = [self._read_one(k) for k in range(start, min(start + batch, self.n_frames))]
             for i, data in enumerate(block):
                 k = start + i
-                yield Frame(k, None if self.angles is None else float(self.angles[k]), data)
+                yield Frame(k, None if self.angles is None else float(self.angles[k]),
+                            None if k in self._missing else data)
+
+    def read_frame(self, k: int) -> np.ndarray:
+        return self._read_one(k)
 
     def _read_one(self, k: int) -> np.ndarray:
         """Frame ``k`` alone: a batch that failed to read names the frame that broke it."""
@@ -137,6 +159,69 @@ class Hdf5FileSource:
         self.close()
 
 
+def path_of(url: str) -> str:
+    return url.partition("::")[0]
+
+
+def _spans(frames: np.ndarray, limit: int = 4) -> str:
+    """``frames 3..5, 9`` for sorted frame numbers (the first ``limit`` runs)."""
+    runs, start = [], frames[0]
+    for a, b in zip(frames[:-1], frames[1:]):
+        if b != a + 1:
+            runs.append((start, a))
+            start = b
+    runs.append((start, frames[-1]))
+    text = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in runs[:limit])
+    more = f" and {len(runs) - limit} more runs" if len(runs) > limit else ""
+    return f"{'frame' if frames.size == 1 else f'{frames.size} frames'} {text}{more}"
+
+
+def _first_axis_bounds(space) -> tuple[int, int]:
+    """First and last index along the first axis of a dataspace's selection."""
+    if space.get_select_type() == h5py.h5s.SEL_ALL:  # the whole source (its shape may not be stored here)
+        return 0, space.shape[0] - 1 if space.shape else None
+    (first, *_), (last, *_) = space.get_select_bounds()
+    return first, last
+
+
+def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
+    """Frames of ``dset`` (frames, y, x) whose data is not in the file: chunks never written (a pre-allocated
+    dataset), or virtual-dataset sources that are missing or shorter than mapped.  Reading them gives the
+    fill value (zeros), which must not pass for frames."""
+    n = dset.shape[0]
+    if dset.is_virtual:
+        covered = np.zeros(n, bool)
+        folder = os.path.dirname(os.path.abspath(file_path))
+        for vs in dset.virtual_sources():
+            name = file_path if vs.file_name == "." else os.path.join(folder, vs.file_name)
+            try:
+                v0, v1 = _first_axis_bounds(vs.vspace)
+                v1 = n - 1 if v1 is None else v1
+                s0, _ = _first_axis_bounds(vs.src_space)
+                with h5py.File(name, "r", locking=False) as src:
+                    held = src[vs.dset_name].shape[0]
+            except (OSError, KeyError, ValueError, TypeError):
+                continue  # a missing source file or dataset covers nothing
+            covered[v0:v0 + max(min(v1 - v0, held - 1 - s0) + 1, 0)] = True
+        return np.flatnonzero(~covered)
+    chunks = dset.chunks
+    if chunks is None:
+        return np.arange(n) if n and dset.id.get_storage_size() == 0 else np.zeros(0, np.int64)
+    per_frame_chunk = -(-dset.shape[1] // chunks[1]) * -(-dset.shape[2] // chunks[2])
+    groups = -(-n // chunks[0])
+    stored = dset.id.get_num_chunks()
+    if stored >= groups * per_frame_chunk:
+        return np.zeros(0, np.int64)
+    counts = np.zeros(groups, np.int64)
+    for i in range(stored):
+        offset = dset.id.get_chunk_info(i).chunk_offset
+        counts[offset[0] // chunks[0]] += 1
+    lost = np.zeros(n, bool)
+    for g in np.flatnonzero(counts < per_frame_chunk):
+        lost[g * chunks[0]:(g + 1) * chunks[0]] = True
+    return np.flatnonzero(lost)
+
+
 def check_angles(psi: np.ndarray, url: str) -> np.ndarray:
     """``psi`` (degrees, one per frame) if every angle is finite; a rotation that turns back is only logged.
 
@@ -154,6 +239,11 @@ def check_angles(psi: np.ndarray, url: str) -> np.ndarray:
         turn = int(np.flatnonzero(np.sign(np.diff(psi)) == -steps[0])[0]) + 1
         log.warning("source.angles: %s: angles are not monotonic (frame %d goes back from %g to %g degrees): "
                     "kept as recorded", url, turn, psi[turn - 1], psi[turn])
+    span = float(np.ptp(psi)) if psi.size else 0.0
+    if psi.size >= 20 and 0.9 * np.pi <= span <= 2.05 * np.pi and np.max(np.abs(psi)) <= 2.05 * np.pi:
+        log.warning("source.angles: %s: the angles span %.4g over %d frames, like radians (a turn is 6.283), "
+                    "expected degrees: kept as recorded, so psi in the results is in the same unit", url, span,
+                    psi.size)
     repeats = np.flatnonzero(np.diff(psi) == 0)
     if repeats.size:
         log.warning("source.angles: %s: frame %d repeats the angle of frame %d (%g degrees): kept as recorded",

@@ -323,11 +323,34 @@ class Hdf5WatchSource(FollowedSource):
         self._ended = False
         self._why = "file not found"  # why there is no dataset to read yet
         self._error = ""  # the last read error
+        self._path = path
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file whose frames are read
         try:
             self._look()  # a dataset already there gives the frame shape before the first frame
         except BaseException:
             self.close()
             raise
+
+    @property
+    def waiting_for(self) -> str | None:
+        """What the source waits for before its first frame (for the status), or None."""
+        if self._dset is not None and self._n > 0:
+            return None
+        what = self._why if self._dset is None else "its first frame"
+        return f"{self.url}: {what} (waiting at most {self._idle_s:g} s, source.idle_timeout_s)"
+
+    def _replaced(self) -> bool:
+        """Whether the file at the path is no longer the one whose frames were read (replaced by another)."""
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return False  # gone: the idle timeout says so, unless it comes back
+        now = (st.st_dev, st.st_ino)
+        if self._file_id is None:
+            if self._dset is not None:
+                self._file_id = now
+            return False
+        return now != self._file_id
 
     @property
     def frames_listed(self) -> int:
@@ -427,6 +450,11 @@ class Hdf5WatchSource(FollowedSource):
                 raise InputError(f"source.url: {self.url}: the dataset holds {self._n} frames, fewer than the {k} "
                                  "already read: expected it only to grow (was the file truncated or replaced "
                                  "during the scan?)")
+            if self._replaced() and k > 0:
+                log.warning("%s: the file was replaced by another during the scan, after %d frames: the scan "
+                            "ends there (the new file's frames are not mixed in)", self.url, k)
+                self._finish("replaced", k)
+                return
             # what counts as progress: the file appearing, the dataset appearing, the dataset growing
             phase = 2 if self._dset is not None else int(self._why != "file not found")
             state = (phase, self._n)
@@ -506,6 +534,10 @@ class Hdf5WatchSource(FollowedSource):
         if self._n == 0:
             raise InputError(f"source.url: {self.url}: expected frames within {self._idle_s:g} s "
                              f"(source.idle_timeout_s), got {self._why}")
+        if self._why == "file not found" and self._dset is None:
+            log.warning("%s: the file vanished during the scan, after %d frames", self.url, k)
+            self._finish("vanished", k)
+            return
         if k < self._n:
             data = self._read(k)
             if data is None:

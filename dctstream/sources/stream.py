@@ -110,6 +110,9 @@ log = logging.getLogger(__name__)
 
 # Frames held back while waiting for an earlier one; at 50 fps, 8 frames delay the scan by 0.16 s.
 REORDER_FRAMES = 8
+# A frame number this far past the next expected frame is not believed (a corrupt or foreign message): without
+# it, a number of 1,000,000 in a short series would have the pipeline fill in a million missing frames.
+MAX_FRAME_JUMP = 10_000
 
 # Detector pixels are integers; anything else in an image message is a malformed message.
 _INTEGER_TYPES = {"uint8", "uint16", "uint32", "int8", "int16", "int32"}
@@ -675,7 +678,26 @@ class _StreamSource:
 
     # -- frame order --
 
+    @property
+    def frames_announced(self) -> int | None:
+        """The frame count the series' header announced, if any."""
+        return self._header.n_frames if getattr(self, "_header", None) else None
+
+    def _implausible(self, number: int) -> str | None:
+        """Why frame ``number`` cannot belong to the series being received, or None."""
+        announced = self.frames_announced
+        if announced is not None and number >= announced:
+            return f"frame number {number} is past the series' {announced} announced frames"
+        if number - self._next > MAX_FRAME_JUMP:
+            return (f"frame number {number} jumps more than {MAX_FRAME_JUMP} frames past the next expected "
+                    f"({self._next})")
+        return None
+
     def _accept(self, number: int, data: np.ndarray) -> Iterator[Frame]:
+        problem = self._implausible(number)
+        if problem:
+            self._malformed(MalformedMessage(problem, number))
+            return
         if number < self._resumed_at:  # sent again from the series' start after a restart: already spooled
             self.counters["duplicate"] += 1
             self._resent()

@@ -1,0 +1,116 @@
+"""Hand-off to the legacy DCT code: the difspot table in its own column names (``OUT/difspot.h5``, ``.csv``).
+
+One row per difspot, the columns of the DCT pipeline's ``difspot`` table, from
+``spots.h5``.  Indices follow the difspot files (``dctstream.sinks.difspots``):
+MATLAB, starting at 1, and absolute (from the scan's first frame and the
+detector's first pixel), so that a row repeats its difspot file's
+``StartImage``, ``EndImage``, ``BoundingBoxXorigin`` ... exactly.
+
+=======================  =======  ===============================================
+column                   dtype    from ``spots.h5`` (0-based)
+=======================  =======  ===============================================
+``difspotID``            int64    ``id`` (file ``difspots/{id:06d}.h5``)
+``StartImage``           int64    ``start_frame + 1``
+``EndImage``             int64    ``end_frame + 1`` (inclusive)
+``MaxImage``             int64    ``max_frame + 1``, frame of the maximum
+``ExtStartImage``        int64    = ``StartImage``: the double threshold already
+``ExtEndImage``          int64    grows each spot over its whole extent
+``Area``                 int64    ``area``, voxels
+``CentroidX``            float64  ``centroid_x + 1``, column
+``CentroidY``            float64  ``centroid_y + 1``, row
+``CentroidImage``        float64  ``centroid_frame + 1``
+``BoundingBoxXorigin``   int64    ``bbox_x0 + 1``
+``BoundingBoxYorigin``   int64    ``bbox_y0 + 1``
+``BoundingBoxXsize``     int64    ``bbox_x_size``
+``BoundingBoxYsize``     int64    ``bbox_y_size``
+``Integral``             float64  ``integral``, corrected counts
+=======================  =======  ===============================================
+
+``difspot.h5``: group ``/difspot``, one 1-D dataset per column in this order,
+attributes ``notation_indexing`` and ``source``.  ``difspot.csv``: a header
+line of the names, then one line per difspot (integers as integers, floats
+in the shortest text that reads back to the same value).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, OutputError
+from .sinks import read_spot_table
+from .sinks.spot_table import atomic_h5
+
+H5_NAME, CSV_NAME = "difspot.h5", "difspot.csv"
+INDEXING = "starts with 1 (MATLAB), absolute"
+
+# DCT column -> (spots.h5 column, added to it)
+_FROM_SPOTS = {
+    "difspotID": ("id", 0),
+    "StartImage": ("start_frame", 1),
+    "EndImage": ("end_frame", 1),
+    "MaxImage": ("max_frame", 1),
+    "ExtStartImage": ("start_frame", 1),
+    "ExtEndImage": ("end_frame", 1),
+    "Area": ("area", 0),
+    "CentroidX": ("centroid_x", 1),
+    "CentroidY": ("centroid_y", 1),
+    "CentroidImage": ("centroid_frame", 1),
+    "BoundingBoxXorigin": ("bbox_x0", 1),
+    "BoundingBoxYorigin": ("bbox_y0", 1),
+    "BoundingBoxXsize": ("bbox_x_size", 0),
+    "BoundingBoxYsize": ("bbox_y_size", 0),
+    "Integral": ("integral", 0),
+}
+COLUMNS = tuple(_FROM_SPOTS)
+
+
+def difspot_columns(spots: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The DCT difspot table's columns from the columns of a ``spots.h5``."""
+    return {name: spots[column] + offset for name, (column, offset) in _FROM_SPOTS.items()}
+
+
+def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> tuple[list[Path], int]:
+    """Write ``out_dir/difspot.h5`` and ``difspot.csv`` (or ``output`` and its ``.csv``); their paths and
+    the number of difspots."""
+    out_dir = Path(out_dir)
+    path = out_dir / "spots.h5"
+    try:
+        spots = read_spot_table(path)
+    except (OSError, KeyError) as exc:
+        raise InputError(f"{path}: cannot read the spot table, expected the spots.h5 of a dctstream run "
+                         f"({' '.join(str(exc).split())})") from None
+    cols = difspot_columns(spots)
+    h5_path = Path(output) if output else out_dir / H5_NAME
+    csv_path = h5_path.with_suffix(".csv")
+    with atomic_h5(h5_path) as f:
+        group = f.create_group("difspot", track_order=True)
+        for name, values in cols.items():
+            group.create_dataset(name, data=values)
+        group.attrs["notation_indexing"] = INDEXING
+        group.attrs["source"] = str(path)
+    lines = [",".join(COLUMNS)]
+    for row in zip(*cols.values()):
+        lines.append(",".join(str(int(v)) if isinstance(v, np.integer) else repr(float(v)) for v in row))
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    try:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, csv_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{csv_path}: cannot write output, {exc.strerror or exc}") from None
+    return [h5_path, csv_path], len(cols["difspotID"])
+
+
+def read_difspot_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The columns of a ``difspot.csv`` (for tests and for users without the DCT code)."""
+    header, *rows = Path(path).read_text().splitlines()
+    names = header.split(",")
+    data = [line.split(",") for line in rows if line]
+    out = {}
+    for i, name in enumerate(names):
+        kind = float if name in ("CentroidX", "CentroidY", "CentroidImage", "Integral") else int
+        out[name] = np.array([kind(row[i]) for row in data], np.float64 if kind is float else np.int64)
+    return out

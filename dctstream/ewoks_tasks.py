@@ -1,0 +1,59 @@
+"""dctstream as ewoks tasks (``pip install 'dctstream[ewoks]'``), and the workflow that runs them.
+
+``ProcessScan`` is one ``dctstream run``: the scan at ``source`` (any source
+URL: ``scan.h5::/1.1/measurement/marana``, ``redis://host:port`` with
+``overrides: ["source.scan=..."]``, a detector stream ...) processed into
+``out_dir`` with ``config`` (a file, or a packaged config's name; the packaged
+default when none), then ``dark`` and each ``KEY=VALUE`` of ``overrides``, as
+on the command line.  Its outputs say where the results are and how the scan
+ended.  The packaged workflow (`workflow_path`) is that one task::
+
+    ewoks execute $(python -c "import dctstream.ewoks_tasks as t; print(t.workflow_path())") \\
+        -p source=/data/s1.h5::/1.1/measurement/marana -p out_dir=/data/s1_dctstream
+
+A resegmenting task is not here: dctstream has no resegment command yet.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from ewokscore import Task
+
+from .config import load_config
+from .configs import config_file
+from .dct_table import CSV_NAME, H5_NAME
+from .runner import process_scan
+
+WORKFLOW = "process_scan.json"
+
+
+def workflow_path() -> Path:
+    """The packaged workflow file: one ProcessScan node, id ``process_scan``."""
+    return Path(str(resources.files("dctstream") / "workflows" / WORKFLOW))
+
+
+class ProcessScan(Task, input_names=["source", "out_dir"],
+                  optional_input_names=["config", "dark", "overrides", "overwrite"],
+                  output_names=["out_dir", "spots_file", "difspot_table", "spots", "frames", "end_reason"]):
+    """One scan into difspots, as ``dctstream run CONFIG --source SOURCE --out OUT_DIR [--dark DARK]
+    [--set OVERRIDE ...]``; an error in the config or the input fails the task with dctstream's one-line message."""
+
+    def run(self):
+        overrides = [f"source.url={json.dumps(str(self.inputs.source))}",
+                     f"output.dir={json.dumps(str(self.inputs.out_dir))}"]
+        dark = self.get_input_value("dark", None)
+        if dark:
+            overrides.append(f"dark.url={json.dumps(str(dark))}")
+        overrides += list(self.get_input_value("overrides", None) or [])
+        cfg = load_config(config_file(self.get_input_value("config", None)), overrides)
+        stats = process_scan(cfg, overwrite=bool(self.get_input_value("overwrite", False)), display=False)
+        out = Path(cfg.output.dir)
+        self.outputs.out_dir = str(out)
+        self.outputs.spots_file = str(out / "spots.h5")
+        self.outputs.difspot_table = [str(out / H5_NAME), str(out / CSV_NAME)]
+        self.outputs.spots = stats.difspots_written
+        self.outputs.frames = stats.frames_segmented
+        self.outputs.end_reason = stats.source_end

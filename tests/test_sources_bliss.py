@@ -1,0 +1,134 @@
+"""protocol: bliss — scans published frame by frame with blissdata's writer API on a real Redis server.
+
+Each scan is published as Bliss does (``DataStore.create_scan``, a stream per
+channel, ``prepare``/``start``, ``send`` per frame, ``seal``, ``stop``,
+``info["end_reason"]``, ``close``), in a thread while dctstream reads it, and
+the difspots found live must be those of an offline run on the same frames.
+A Lima detector stream needs a detector server (Tango) for frames still in the
+detector's memory: none can run here, so the Lima scan is published with
+``buffer_max_number: 0`` (no frame in memory) and blissdata reads every frame
+from the files Lima saved.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+from dctstream.config import load_config
+from dctstream.errors import InputError
+from dctstream.pipeline import Pipeline
+from dctstream.record import read_record
+from dctstream.runner import process_scan
+from dctstream.sinks import read_spot_table
+from dctstream.sources import open_source
+
+from blissdata_server import PUBLISH_TIMEOUT_S, Publisher
+
+blissdata = pytest.importorskip("blissdata", reason="blissdata is not installed (pip install '.[bliss]')")
+
+
+def _cfg(url, out, dark_url, tiny_overrides, *more):
+    return load_config(None, [f"source.url={url}", f"output.dir={out}", f"dark.url={dark_url}", "source.angles=auto",
+                              "source.idle_timeout_s=30", "quicklook.enabled=false", *tiny_overrides, *more])
+
+
+def _offline(tmp_path, frames, angles, tiny_scan, tiny_overrides):
+    path = tmp_path / "offline.h5"
+    with h5py.File(path, "w") as f:
+        f["frames"], f["angles"] = frames, angles
+    out = tmp_path / "offline"
+    cfg = load_config(None, [f"source.url={path}::/frames", f"source.angles={path}::/angles", f"output.dir={out}",
+                             f"dark.url={tiny_scan.dark_url}", "quicklook.enabled=false", *tiny_overrides])
+    process_scan(cfg, display=False)
+    return read_spot_table(out / "spots.h5")
+
+
+def _assert_same_spots(live_out, offline):
+    live = read_spot_table(live_out / "spots.h5")
+    assert live.keys() == offline.keys() and "centroid_psi_deg" in live
+    assert len(offline["id"]) > 0
+    for name in offline:
+        np.testing.assert_array_equal(live[name], offline[name], err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["array", "hdf5", "lima"])
+def test_a_scan_processed_live_equals_offline(kind, bliss_url, scan_frames, tiny_scan, tiny_overrides, tmp_path):
+    frames, angles = scan_frames
+    publisher = Publisher(bliss_url, frames, angles, tmp_path, name=f"dct_{kind}", kind=kind, expire=12)
+    publisher.start()
+    assert publisher.created.wait(PUBLISH_TIMEOUT_S) and publisher.error is None
+    out = tmp_path / "live"
+    stats = process_scan(_cfg(bliss_url, out, tiny_scan.dark_url, tiny_overrides, f"source.scan={publisher.key}"),
+                         display=False)
+    publisher.finish()
+    assert stats.source_end == "scan_end" and stats.frames_read == len(frames)
+    _assert_same_spots(out, _offline(tmp_path, frames, angles, tiny_scan, tiny_overrides))
+    auto = read_record(out)["auto"]
+    assert auto["source.scan"]["url"] == publisher.key
+    assert auto["source.stream"]["url"] == "marana:image"
+    assert auto["source.angles"] == {"url": "axis:diffrz",
+                                     "reason": "the axis the scan's title names ('fscan diffrz 0 9 40 0.1')"}
+
+
+def test_the_next_scan_whose_name_matches(bliss_url, scan_frames, tiny_scan, tiny_overrides, tmp_path):
+    """Scans started after the source was opened, the first one not matching: the second one is processed."""
+    frames, angles = scan_frames
+    cfg = _cfg(bliss_url, tmp_path / "live", tiny_scan.dark_url, tiny_overrides, "source.scan=dct_*")
+    source = open_source(cfg.source)  # from now on, scans are new
+    go = threading.Event()
+    other = Publisher(bliss_url, frames[:5], angles[:5], tmp_path, name="align", go=go)
+    wanted = Publisher(bliss_url, frames, angles, tmp_path, name="dct_next")
+    other.start()
+    go.set()
+    other.finish()
+    wanted.start()
+    stats = Pipeline(cfg, source=source).run()
+    wanted.finish()
+    assert stats.source_end == "scan_end"
+    assert source.found["source.scan"]["url"] == wanted.key
+    assert source.found["source.scan"]["reason"].startswith("the next scan whose name matches 'dct_*'")
+    _assert_same_spots(tmp_path / "live", _offline(tmp_path, frames, angles, tiny_scan, tiny_overrides))
+
+
+@pytest.mark.parametrize("when", ["live", "after"])
+def test_an_aborted_scan_keeps_what_was_received_and_says_so(when, bliss_url, scan_frames, tiny_scan, tiny_overrides,
+                                                             tmp_path, caplog):
+    """Read while Bliss publishes it, or once it is over (still in Redis)."""
+    frames, angles = scan_frames
+    publisher = Publisher(bliss_url, frames, angles, tmp_path, name="dct_abort", abort_after=25)
+    publisher.start()
+    assert publisher.created.wait(PUBLISH_TIMEOUT_S)
+    if when == "after":
+        publisher.finish()
+    out = tmp_path / "live"
+    stats = process_scan(_cfg(bliss_url, out, tiny_scan.dark_url, tiny_overrides, f"source.scan={publisher.key}"),
+                         display=False)
+    publisher.finish()
+    assert stats.source_end == "scan_aborted" and stats.frames_read == 25
+    record = read_record(out)
+    assert record["state"] == "finished" and record["end_reason"] == "scan_aborted"
+    assert any("ended with USER_ABORT after 25 frames" in r.getMessage() for r in caplog.records)
+    _assert_same_spots(out, _offline(tmp_path, frames[:25], angles[:25], tiny_scan, tiny_overrides))
+
+
+def test_no_scan_comes(bliss_url, tmp_path):
+    cfg = load_config(None, [f"source.url={bliss_url}", "source.scan=never_*", "source.idle_timeout_s=1"])
+    source = open_source(cfg.source)
+    with pytest.raises(InputError, match=r"no new scan matching 'never_\*' within source.idle_timeout_s \(1 s\)"):
+        next(iter(source))
+
+
+def test_an_unknown_scan_key(bliss_url):
+    cfg = load_config(None, [f"source.url={bliss_url}", "source.scan=esrf:scan:nope"])
+    with pytest.raises(InputError, match="source.scan: esrf:scan:nope: no such scan"):
+        next(iter(open_source(cfg.source)))
+
+
+def test_a_server_that_is_not_there():
+    cfg = load_config(None, ["source.url=redis://127.0.0.1:1"])
+    with pytest.raises(InputError, match=r"source.url: redis://127.0.0.1:1: cannot reach the blissdata server"):
+        open_source(cfg.source)
