@@ -311,6 +311,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from simulators.validation import main as validate
+
+    return validate(args.options, prog="dctstream validate")
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments are one line, like every other error (argparse prints the usage first)."""
 
@@ -508,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_count(0), default=1)
     p.add_argument("--keep", metavar="DIR", help="keep the scan and results in DIR")
     p.set_defaults(func=cmd_demo)
+
+    # Its options belong to simulators.validation and are passed on untouched (no option starts with "+").
+    p = sub.add_parser("validate", add_help=False, prefix_chars="+", help=(
+        "score dctstream at default settings and ImageD11 on hard simulated scans (minutes; see validate --help)"))
+    p.add_argument("options", nargs="*")
+    p.set_defaults(func=cmd_validate)
     return parser
 
 

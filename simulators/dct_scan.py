@@ -484,6 +484,7 @@ def simulate_scan(
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
     flat_frames: int = 0,
+    model: ScanModel | None = None,
     **defects,
 ) -> ScanTruth:
     """Write a simulated DCT scan and its ground truth to the HDF5 file ``path``.
@@ -498,6 +499,9 @@ def simulate_scan(
     rendered and written one at a time.  ``defects`` are `ScanModel`'s
     ``hot_pixel_fraction``, ``dead_pixel_fraction``, ``module_gap_px``, ``gain_spread`` and
     ``shutter_closed_frames``; ``flat_frames`` > 0 adds a flat-field scan.
+    ``model``, if given, is the scene to write (a `ScanModel` or a subclass, e.g.
+    ``simulators.hard_scans.HardScanModel``) and ``frames``, ``size``, ``spots``,
+    ``seed`` and ``defects`` are not used; its ``spots`` may hold more columns.
 
     Layout (the file is overwritten)::
 
@@ -531,7 +535,8 @@ def simulate_scan(
         raise InputError(f"simulate_scan: unsupported dtype, expected one of "
                          f"{', '.join(map(str, _ALLOWED_DTYPES))}, got {dtype}")
     dark_frames = _check_count("dark_frames", dark_frames, 1)
-    model = ScanModel(frames=frames, size=size, spots=spots, seed=seed, **defects)
+    if model is None:
+        model = ScanModel(frames=frames, size=size, spots=spots, seed=seed, **defects)
     flat_frames = _check_count("flat_frames", flat_frames, 0)
     path = os.fspath(path)
     total = model.frames + dark_frames

@@ -14,7 +14,7 @@ def inside(bbox, x, y) -> np.ndarray:
 
 
 def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
-          tol_px: float = 2.0, tol_frames: float = 2.0) -> dict:
+          tol_px: float = 2.0, tol_frames: float = 2.0, period_frames: float | None = None) -> dict:
     """Recall, precision and centroid errors of detected ``spots`` against ``truth``.
 
     A detection matches a true spot when its centroid is within ``tol_px`` in x
@@ -22,14 +22,24 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     closest first. Recall counts the true spots with snr >= ``snr_min`` outside
     the masked direct beam; precision counts every detection against every true
     spot (a detection of a faint true spot is not a false one).
+
+    ``period_frames``: the scan is a full turn of that many frames, so frame
+    n - 0.5 is 1 frame from frame 0.5 (matching and the psi error wrap).
+    When both tables have an ``integral`` column, ``intensity_ratio_q25``,
+    ``_median`` and ``_q75`` are the quartiles of detected / true integral over
+    the true spots found.  ``truth_to_detection`` gives the detection matched
+    to each true spot (-1 if none).
     """
     t = np.stack([truth["x"] / tol_px, truth["y"] / tol_px, truth["frame"] / tol_frames], axis=1)
     d = np.stack([spots["centroid_x"] / tol_px, spots["centroid_y"] / tol_px,
                   spots["centroid_frame"] / tol_frames], axis=1)
     pairs = []
     if len(t) and len(d):
-        for i, js in enumerate(cKDTree(t).query_ball_point(d, r=1.0)):
-            pairs += [(float(np.linalg.norm(d[i] - t[j])), i, j) for j in js]
+        tree = cKDTree(t)
+        for shift in (0.0,) if period_frames is None else (0.0, period_frames, -period_frames):
+            shifted = d + np.array([0.0, 0.0, shift / tol_frames])
+            for i, js in enumerate(tree.query_ball_point(shifted, r=1.0)):
+                pairs += [(float(np.linalg.norm(shifted[i] - t[j])), i, j) for j in js]
     pairs.sort()
     det_used, truth_of = set(), {}
     for _, i, j in pairs:
@@ -41,7 +51,18 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     errors = {}
     for axis, col in (("x", "centroid_x"), ("y", "centroid_y"), ("frame", "centroid_frame")):
         diff = np.array([spots[col][truth_of[j]] - truth[axis][j] for j in found])
+        if axis == "frame" and period_frames is not None and diff.size:
+            diff = (diff + period_frames / 2) % period_frames - period_frames / 2
         errors[axis] = float(np.sqrt(np.mean(diff ** 2))) if diff.size else float("nan")
+    intensity = {}
+    if "integral" in truth and "integral" in spots:
+        ratio = np.array([spots["integral"][truth_of[j]] / truth["integral"][j] for j in found])
+        q25, median, q75 = np.percentile(ratio, [25, 50, 75]) if ratio.size else (float("nan"),) * 3
+        intensity = {"intensity_ratio_q25": float(q25), "intensity_ratio_median": float(median),
+                     "intensity_ratio_q75": float(q75)}
+    truth_to_detection = np.full(len(t), -1, np.int64)
+    for j, i in truth_of.items():
+        truth_to_detection[j] = i
     return {
         "true_spots": int(len(t)),
         "eligible": int(eligible.sum()),
@@ -53,4 +74,6 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
         "rms_x_px": errors["x"],
         "rms_y_px": errors["y"],
         "rms_frame": errors["frame"],
+        **intensity,
+        "truth_to_detection": truth_to_detection,
     }

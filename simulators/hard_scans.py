@@ -1,0 +1,463 @@
+"""Hard DCT scans for validating spot finding at default settings.
+
+Each scan reuses `ScanModel`'s detector (quadrant offsets, hot pixels, read
+noise, zingers, 16-bit saturation) and background (direct beam with the
+sample's shadow, glow, source ripple and decay), changes one thing that makes
+spot finding hard, and draws its own spots: Gaussian spots like `ScanModel`'s
+or grain-shaped ones (random convex polygons 8-50 px across with an intensity
+ramp and soft edges), each with a Gaussian rocking curve over frames.  A spot's
+counts in frame ``k`` are ``amplitude * source_intensity(k) * rocking(k) *
+footprint``, so its truth -- centroid, integral, peak -- is computed from
+exactly what is added to the noiseless frames.
+
+The scans (`SCANS`): ``clean`` (a steady source: the reference for speed), ``no_beam`` (no direct beam on the detector), ``topup``
+(+3 % source step at 55 % of the scan), ``oscillating`` (20 % source ripple,
+41-frame period), ``strong_glow`` (10x the glow), ``wrap360`` (spots crossing
+0/360 deg), ``grains`` (grain-shaped spots), ``grains_topup_wrap`` (grain
+spots, a top-up and the 0/360 crossing together), ``overlaps`` (touching spot
+pairs with separate maxima), ``bright_start`` (bright spots in the first 5
+frames) and ``photon_counting`` (uint32 counts, no offsets or read noise, a
+background of well under a photon per pixel, no direct beam).
+
+Frames are written by `simulate_scan` in its Bliss-like layout; the ground
+truth holds `simulate_scan`'s columns (``x``, ``y``, ``frame`` are the centroid
+of the noiseless spot; ``integral`` its total counts as added to the raw
+frames; ``sigma_*`` second moments; ``noise`` the raw noise at the peak pixel,
+sqrt(background + read_noise**2), at least 1 count for photon counting) and
+more: ``size_x``, ``size_y`` (footprint extent, px), ``first_frame``,
+``last_frame`` (the frames the spot is drawn in; first > last when it crosses
+0/360 deg), ``crosses_wrap`` and ``partner`` (the other spot of a touching
+pair, -1 if none).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.spatial import ConvexHull
+
+from simulators.dct_scan import (_NOISE_STREAM, READ_NOISE_COUNTS, SOURCE_DECAY, SOURCE_RIPPLE,
+                                 SOURCE_RIPPLE_PERIOD_FRAMES, SPOT_CUTOFF_SIGMAS, TRUTH_PATH, ScanModel, ScanTruth,
+                                 _truth, simulate_scan)
+
+_SPOT_STREAM = 10  # rng stream of the hard scans' spots, apart from ScanModel's
+_DARK_STREAM = 3
+
+GAUSS_SIGMA_XY_PX = (0.8, 2.5)
+GRAIN_SIZE_PX = (8.0, 50.0)
+GRAIN_SIGMA_FRAME = (0.7, 2.5)
+GRAIN_EDGE_SIGMA_PX = 0.6
+SPOT_SNR = (3.0, 200.0)
+BRIGHT_SNR = (30.0, 300.0)
+MAX_PEAK_COUNTS = 20000.0  # well below saturation, so the raw frames hold the whole integral
+BORDER_PX = 6
+PLACEMENT_TRIES = 200
+# A footprint pixel below this fraction of its maximum is left out (so a spot's extent is finite).
+FOOTPRINT_FLOOR = 1e-3
+
+EXTERNAL_PEAK_COUNTS = 3000.0  # peak of the thickest external spot (no structure factors: thickness only)
+EXTERNAL_SIGMA_FRAME = (0.6, 1.5)
+
+FULL_FRAMES, FULL_SIZE = 720, 512
+QUICK_FRAMES, QUICK_SIZE = 360, 256
+
+# name -> HardScanModel options (spots are for the full size; scaled down by quick).
+SCANS: dict[str, dict] = {
+    "clean": dict(ripple=0.0, decay=0.0, spots=250),  # steady source: the fps reference
+    "no_beam": dict(beam=False, glow_scale=0.3, spots=250),
+    "topup": dict(topup_at=0.55, topup_step=0.03, spots=250),
+    "oscillating": dict(ripple=0.20, ripple_period_frames=41.0, spots=250),
+    "strong_glow": dict(glow_scale=10.0, spots=250),
+    "wrap360": dict(wrap=True, wrap_spots=16, spots=250),
+    "grains": dict(spot_shape="grain", spots=220),
+    "grains_topup_wrap": dict(spot_shape="grain", spots=220, topup_at=0.55, topup_step=0.03, wrap=True,
+                              wrap_spots=12),
+    "overlaps": dict(pairs=40, spots=150),
+    "bright_start": dict(early_spots=16, spots=250),
+    "photon_counting": dict(photon_counting=True, beam=False, glow_scale=0.002, spots=250),
+}
+
+
+class HardScanModel(ScanModel):
+    """A `ScanModel` background and detector with one hard feature, and its own spots (see the module doc).
+
+    ``beam``: a direct beam on the detector; ``glow_scale``: factor on the glow; ``ripple``,
+    ``ripple_period_frames``, ``decay``: the source intensity's ripple and decay; ``topup_at``,
+    ``topup_step``: the source steps up by ``topup_step`` from frame ``topup_at * frames`` on;
+    ``wrap``: the scan is a full turn whose last frame neighbours the first, spots may cross it and
+    ``wrap_spots`` of them are centred within 1.5 frames of 0/360 deg; ``spot_shape``: ``gauss`` or
+    ``grain``; ``pairs``: touching spot pairs (Gaussian, 3-4.5 sigma apart, brightness within 2x);
+    ``early_spots``: bright spots centred in frames 0-5; ``photon_counting``: uint32 Poisson counts,
+    no offsets, read noise or zingers, hot pixels counting 10-40 a frame.  ``external_spots``: an HDF5 file
+    of spots made elsewhere (`benchmarks/independent_scan.py`: footprints, places and fractional frames)
+    used instead of drawn ones, each given a rocking curve and a peak of `EXTERNAL_PEAK_COUNTS` x its
+    thickness relative to the thickest.
+    """
+
+    def __init__(self, *, frames: int = FULL_FRAMES, size: int = FULL_SIZE, spots: int = 250, seed: int = 0,
+                 beam: bool = True, glow_scale: float = 1.0, ripple: float = SOURCE_RIPPLE,
+                 ripple_period_frames: float = SOURCE_RIPPLE_PERIOD_FRAMES, decay: float = SOURCE_DECAY,
+                 topup_at: float | None = None, topup_step: float = 0.03, wrap: bool = False,
+                 wrap_spots: int = 0, spot_shape: str = "gauss", pairs: int = 0, early_spots: int = 0,
+                 photon_counting: bool = False, external_spots: str | os.PathLike | None = None):
+        if spot_shape not in ("gauss", "grain"):
+            raise ValueError(f"HardScanModel: spot_shape must be gauss or grain, got {spot_shape!r}")
+        if wrap_spots and not wrap:
+            raise ValueError("HardScanModel: wrap_spots needs wrap=True")
+        self._ripple, self._ripple_period, self._decay = ripple, ripple_period_frames, decay
+        self._topup_frame = None if topup_at is None else topup_at * frames
+        self._topup_step = topup_step
+        self.beam, self.wrap, self.photon_counting = beam, wrap, photon_counting
+        super().__init__(frames=frames, size=size, spots=0, seed=seed)
+        self.glow = self.glow * glow_scale
+        if photon_counting:
+            self.read_noise = 0.0
+            self.quadrant_offsets = (0.0, 0.0, 0.0, 0.0)
+            self._hot_rate = self.hot_pixel_excess / 100.0
+        if not beam:
+            self.direct_beam_bbox = (0, 0, 0, 0)
+        rng = np.random.default_rng((self.seed, _SPOT_STREAM))
+        self._patches: list[np.ndarray] = []
+        self._origin: list[tuple[int, int]] = []
+        self._rock: list[tuple[np.ndarray, np.ndarray]] = []  # (frames drawn in, unwrapped frames) per spot
+        self._sigma_frames: list[float] = []
+        self._frame0: list[float] = []
+        self._amp: list[float] = []
+        self._partner: list[int] = []
+        self._boxes: list[tuple[float, float, float, float, float, float]] = []  # x, y, frame, half extents
+        if external_spots is not None:
+            self._load_external(rng, external_spots)
+        for _ in range(pairs):
+            self._place_pair(rng)
+        for _ in range(early_spots):
+            self._place(rng, "gauss", frame_range=(0.0, 5.0), snr_range=BRIGHT_SNR)
+        for _ in range(wrap_spots):
+            self._place(rng, spot_shape, frame_range=(-1.5, 1.5), snr_range=SPOT_SNR, sigma_frame_min=1.0)
+        full = (0.0, float(frames)) if wrap else (3.0, frames - 4.0)
+        for _ in range(spots):
+            self._place(rng, spot_shape, frame_range=full, snr_range=SPOT_SNR)
+        self._by_frame: list[list[tuple[int, float]]] = [[] for _ in range(frames)]
+        for i, (ks, ku) in enumerate(self._rock):
+            for k, g in zip(ks, self._rocking(i, ku)):
+                self._by_frame[k].append((i, g))
+        self.spots = self._truth_columns()
+
+    # --- background ---------------------------------------------------------
+
+    def source_intensity(self, frame):
+        frame = np.asarray(frame, dtype=np.float64)
+        ripple = 1.0 + self._ripple * np.sin(2 * np.pi * frame / self._ripple_period)
+        out = ripple * (1.0 - self._decay * frame / self.frames)
+        if self._topup_frame is not None:
+            out = out * np.where(frame >= self._topup_frame, 1.0 + self._topup_step, 1.0)
+        return out
+
+    def _beam_counts(self, k: int) -> np.ndarray:
+        counts = super()._beam_counts(k)
+        return counts if self.beam else np.zeros_like(counts)
+
+    # --- spots --------------------------------------------------------------
+
+    def _footprint(self, rng: np.random.Generator, shape: str, fx: float, fy: float) -> np.ndarray:
+        """A footprint with max 1 whose drawn centre is (half + fx, half + fy) in its own pixels."""
+        if shape == "gauss":
+            sx, sy = rng.uniform(*GAUSS_SIGMA_XY_PX, size=2)
+            half = math.ceil(SPOT_CUTOFF_SIGMAS * max(sx, sy))
+            ox = np.arange(2 * half + 1) - half - fx
+            oy = np.arange(2 * half + 1) - half - fy
+            gx = np.where(np.abs(ox) <= SPOT_CUTOFF_SIGMAS * sx, np.exp(-0.5 * (ox / sx) ** 2), 0.0)
+            gy = np.where(np.abs(oy) <= SPOT_CUTOFF_SIGMAS * sy, np.exp(-0.5 * (oy / sy) ** 2), 0.0)
+            patch = np.outer(gy, gx)
+        else:
+            diameter = rng.uniform(*GRAIN_SIZE_PX)
+            a = diameter / 2
+            b = a * rng.uniform(0.5, 1.0)
+            theta = rng.uniform(0, np.pi)
+            phi = np.sort(rng.uniform(0, 2 * np.pi, size=rng.integers(5, 11)))
+            r = rng.uniform(0.75, 1.0, size=phi.size)
+            u, v = a * r * np.cos(phi), b * r * np.sin(phi)
+            vx = u * math.cos(theta) - v * math.sin(theta)
+            vy = u * math.sin(theta) + v * math.cos(theta)
+            hull = ConvexHull(np.column_stack([vx, vy]))
+            half = math.ceil(a) + 3
+            sub = 4  # supersampling per pixel side: partial coverage at the edges
+            grid = (np.arange((2 * half + 1) * sub) + 0.5) / sub - 0.5 - half
+            px, py = grid[None, :] - fx, grid[:, None] - fy
+            inside = np.ones((grid.size, grid.size), bool)
+            for nx_, ny_, c in hull.equations:
+                inside &= nx_ * px + ny_ * py + c <= 0
+            coverage = inside.reshape(2 * half + 1, sub, 2 * half + 1, sub).mean(axis=(1, 3))
+            # Grains diffract unevenly (orientation spread, strain): an intensity ramp across the spot.
+            direction = rng.uniform(0, 2 * np.pi)
+            cx = np.arange(2 * half + 1) - half - fx
+            ramp = 1 + 0.4 * (np.cos(direction) * cx[None, :] + np.sin(direction) * cx[:, None]) / a
+            patch = gaussian_filter(coverage * np.clip(ramp, 0.3, None), GRAIN_EDGE_SIGMA_PX)
+        patch = patch / patch.max()
+        patch[patch < FOOTPRINT_FLOOR] = 0.0
+        return patch
+
+    def _frames_of(self, frame0: float, sigma_frame: float) -> tuple[np.ndarray, np.ndarray]:
+        ku = np.arange(math.ceil(frame0 - SPOT_CUTOFF_SIGMAS * sigma_frame),
+                       math.floor(frame0 + SPOT_CUTOFF_SIGMAS * sigma_frame) + 1)
+        if self.wrap:
+            return ku % self.frames, ku
+        ku = ku[(ku >= 0) & (ku < self.frames)]
+        return ku, ku
+
+    def _rocking(self, i: int, ku: np.ndarray) -> np.ndarray:
+        return np.exp(-0.5 * ((ku - self._frame0[i]) / self._sigma_frames[i]) ** 2)
+
+    def _clashes(self, box, ignore: int = -1) -> bool:
+        x, y, f, hx, hy, hf = box
+        for j, (x2, y2, f2, hx2, hy2, hf2) in enumerate(self._boxes):
+            if j == ignore:
+                continue
+            df = abs(f - f2)
+            if self.wrap:
+                df = min(df, self.frames - df)
+            if abs(x - x2) < hx + hx2 and abs(y - y2) < hy + hy2 and df < hf + hf2:
+                return True
+        return False
+
+    def _draw(self, rng, shape, frame_range, sigma_frame_min=0.0, centre=None):
+        """One candidate spot: (patch, origin, frame0, sigma_frame, box), or None if it does not fit."""
+        ny, nx = self.shape
+        if centre is None:
+            x, y = rng.uniform(0, nx), rng.uniform(0, ny)
+            frame0 = rng.uniform(*frame_range)
+        else:
+            x, y, frame0 = centre
+        ix, iy = math.floor(x), math.floor(y)
+        patch = self._footprint(rng, shape, x - ix, y - iy)
+        half = patch.shape[0] // 2
+        origin = (iy - half, ix - half)
+        if (origin[0] < BORDER_PX or origin[1] < BORDER_PX or origin[0] + patch.shape[0] > ny - BORDER_PX
+                or origin[1] + patch.shape[1] > nx - BORDER_PX):
+            return None
+        if shape == "grain":
+            sigma_frame = rng.uniform(*GRAIN_SIGMA_FRAME)
+        else:
+            sigma_frame = self._sigma_frame(x)  # as ScanModel: longer near the rotation axis
+        sigma_frame = max(sigma_frame, sigma_frame_min)
+        if self.wrap:
+            frame0 = frame0 % self.frames
+        cols, rows = np.nonzero(patch.any(axis=0))[0], np.nonzero(patch.any(axis=1))[0]
+        hx = (cols[-1] - cols[0] + 1) / 2 + 1
+        hy = (rows[-1] - rows[0] + 1) / 2 + 1
+        box = (x, y, frame0, hx, hy, 3.0 * sigma_frame)
+        return patch, origin, frame0, sigma_frame, box
+
+    def _add(self, rng, drawn, snr_range, partner=-1, snr=None) -> int:
+        patch, origin, frame0, sigma_frame, box = drawn
+        i = len(self._patches)
+        self._patches.append(patch)
+        self._origin.append(origin)
+        self._sigma_frames.append(sigma_frame)
+        self._frame0.append(frame0)
+        ks, ku = self._frames_of(frame0, sigma_frame)
+        self._rock.append((ks, ku))
+        self._boxes.append(box)
+        self._partner.append(partner)
+        weight = self.source_intensity(ks) * self._rocking(i, ku)
+        ix, iy = round(box[0]), round(box[1])
+        k_peak = int(ks[np.argmax(weight)])
+        noise = self._noise_beside_beam(k_peak, iy, ix)
+        snr = math.exp(rng.uniform(*np.log(snr_range))) if snr is None else snr
+        self._amp.append(min(snr * noise, MAX_PEAK_COUNTS) / weight.max())
+        return i
+
+    def _noise_beside_beam(self, k: int, iy: int, ix: int) -> float:
+        """Noise a spot would have at (iy, ix) without the direct beam (its brightness then does not
+        depend on landing in the beam), at least 1 count."""
+        glow = self.glow[iy, ix] * float(self.source_intensity(k))
+        return max(math.sqrt(glow + self.read_noise ** 2), 1.0)
+
+    def _place(self, rng, shape, *, frame_range, snr_range, sigma_frame_min=0.0) -> None:
+        drawn = None
+        for _ in range(PLACEMENT_TRIES):
+            drawn = self._draw(rng, shape, frame_range, sigma_frame_min)
+            if drawn is not None and not self._clashes(drawn[4]):
+                break
+            drawn = None
+        if drawn is not None:  # a crowded scan gets fewer spots, never overlapping ones
+            self._add(rng, drawn, snr_range)
+
+    def _place_pair(self, rng) -> None:
+        for _ in range(PLACEMENT_TRIES):
+            first = self._draw(rng, "gauss", (3.0, self.frames - 4.0))
+            if first is None or self._clashes(first[4]):
+                continue
+            sigma = 0.5 * (first[4][3] + first[4][4]) / SPOT_CUTOFF_SIGMAS  # about the spot's sigma
+            angle = rng.uniform(0, 2 * np.pi)
+            distance = rng.uniform(3.0, 4.5) * max(sigma, GAUSS_SIGMA_XY_PX[0])
+            centre = (first[4][0] + distance * math.cos(angle), first[4][1] + distance * math.sin(angle),
+                      first[2] + rng.uniform(-1.0, 1.0) * first[3])
+            second = self._draw(rng, "gauss", None, centre=centre)
+            if second is None or self._clashes(second[4]):
+                continue
+            snr = math.exp(rng.uniform(math.log(20.0), math.log(200.0)))
+            i = self._add(rng, first, None, partner=len(self._patches) + 1, snr=snr)
+            self._add(rng, second, None, partner=i, snr=snr * math.exp(rng.uniform(-math.log(2), math.log(2))))
+            return
+
+    def _load_external(self, rng, path) -> None:
+        with h5py.File(path, "r") as f:
+            shapes, values = f["patch_shape"][()], f["patch_values"][()]
+            origins, frames = f["origin"][()], f["frame"][()]
+            if (f.attrs["frames"], f.attrs["size"]) != (self.frames, self.shape[0]):
+                raise ValueError(f"{path}: spots for {f.attrs['frames']} frames of {f.attrs['size']} px, "
+                                 f"expected {self.frames} of {self.shape[0]}")
+        ends = np.cumsum(shapes.prod(axis=1))
+        thickest = values.max()
+        for shape, end, origin, frame0 in zip(shapes, ends, origins, frames):
+            patch = values[end - shape.prod():end].reshape(shape).astype(np.float64)
+            peak = EXTERNAL_PEAK_COUNTS * patch.max() / thickest
+            patch /= patch.max()
+            patch[patch < FOOTPRINT_FLOOR] = 0.0
+            sigma_frame = rng.uniform(*EXTERNAL_SIGMA_FRAME)
+            i = len(self._patches)
+            self._patches.append(patch)
+            self._origin.append((int(origin[0]), int(origin[1])))
+            self._sigma_frames.append(sigma_frame)
+            self._frame0.append(float(frame0))
+            ks, ku = self._frames_of(float(frame0), sigma_frame)
+            self._rock.append((ks, ku))
+            self._partner.append(-1)
+            self._boxes.append((origin[1] + shape[1] / 2, origin[0] + shape[0] / 2, frame0,
+                                shape[1] / 2, shape[0] / 2, 3 * sigma_frame))
+            self._amp.append(peak / (self.source_intensity(ks) * self._rocking(i, ku)).max())
+
+    # --- rendering ----------------------------------------------------------
+
+    def spot_counts(self, i: int, k: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """Noiseless counts of spot ``i`` in frame ``k`` (its footprint patch) and the patch's (row, col) origin."""
+        ks, ku = self._rock[i]
+        hit = ku[ks == k]
+        g = float(self._rocking(i, hit)[0]) if hit.size else 0.0
+        return self._amp[i] * float(self.source_intensity(k)) * g * self._patches[i], self._origin[i]
+
+    def add_spots(self, image: np.ndarray, k: int) -> np.ndarray:
+        scale = float(self.source_intensity(k))
+        for i, g in self._by_frame[k]:
+            patch = self._patches[i]
+            oy, ox = self._origin[i]
+            image[oy:oy + patch.shape[0], ox:ox + patch.shape[1]] += (self._amp[i] * scale * g) * patch
+        return image
+
+    def frame(self, k: int) -> np.ndarray:
+        if not self.photon_counting:
+            return super().frame(k)
+        rng = np.random.default_rng((self.seed, _NOISE_STREAM, k))
+        counts = rng.poisson(self.signal(k)).astype(np.uint32)
+        counts[tuple(self.hot_pixels.T)] += rng.poisson(self._hot_rate).astype(np.uint32)
+        return counts
+
+    def dark_frame(self, i: int) -> np.ndarray:
+        if not self.photon_counting:
+            return super().dark_frame(i)
+        rng = np.random.default_rng((self.seed, _DARK_STREAM, i))
+        counts = np.zeros(self.shape, np.uint32)
+        counts[tuple(self.hot_pixels.T)] = rng.poisson(self._hot_rate)
+        return counts
+
+    # --- truth --------------------------------------------------------------
+
+    def _truth_columns(self) -> dict[str, np.ndarray]:
+        cols: dict[str, list] = {name: [] for name in (
+            "x", "y", "frame", "sigma_x", "sigma_y", "sigma_frame", "peak", "integral", "noise", "snr",
+            "in_direct_beam", "size_x", "size_y", "first_frame", "last_frame", "crosses_wrap", "partner")}
+        x0, y0, w, h = self.direct_beam_bbox
+        for i, patch in enumerate(self._patches):
+            ks, ku = self._rock[i]
+            weight = self.source_intensity(ks) * self._rocking(i, ku)
+            total = patch.sum()
+            rows, cols_ = np.arange(patch.shape[0]), np.arange(patch.shape[1])
+            oy, ox = self._origin[i]
+            x = ox + (patch.sum(axis=0) @ cols_) / total
+            y = oy + (patch.sum(axis=1) @ rows) / total
+            frame = (weight @ ku) / weight.sum()
+            if self.wrap:
+                frame %= self.frames
+            k_peak = int(ks[np.argmax(weight)])
+            iy, ix = np.unravel_index(np.argmax(patch), patch.shape)
+            background = self.background(k_peak)[oy + iy, ox + ix]
+            noise = max(math.sqrt(background + self.read_noise ** 2), 1.0)
+            peak = self._amp[i] * weight.max()
+            cols["x"].append(x)
+            cols["y"].append(y)
+            cols["frame"].append(frame)
+            cols["sigma_x"].append(math.sqrt((patch.sum(axis=0) @ (cols_ + ox - x) ** 2) / total))
+            cols["sigma_y"].append(math.sqrt((patch.sum(axis=1) @ (rows + oy - y) ** 2) / total))
+            cols["sigma_frame"].append(self._sigma_frames[i])
+            cols["peak"].append(peak)
+            cols["integral"].append(self._amp[i] * weight.sum() * total)
+            cols["noise"].append(noise)
+            cols["snr"].append(peak / noise)
+            cols["in_direct_beam"].append(self.beam and x0 - 0.5 <= x < x0 + w - 0.5 and y0 - 0.5 <= y < y0 + h - 0.5)
+            cols["size_x"].append(int(patch.any(axis=0).sum()))
+            cols["size_y"].append(int(patch.any(axis=1).sum()))
+            cols["first_frame"].append(int(ks[0]))
+            cols["last_frame"].append(int(ks[-1]))
+            cols["crosses_wrap"].append(bool(ku[0] < 0 or ku[-1] >= self.frames))
+            cols["partner"].append(self._partner[i])
+        types = {"in_direct_beam": np.uint8, "crosses_wrap": np.uint8, "size_x": np.int64, "size_y": np.int64,
+                 "first_frame": np.int64, "last_frame": np.int64, "partner": np.int64}
+        return {name: np.asarray(v, dtype=types.get(name, np.float64)) for name, v in cols.items()}
+
+
+def scan_model(name: str, *, quick: bool = False, seed: int = 0) -> HardScanModel:
+    """The model of hard scan ``name`` (see `SCANS`): 720 frames of 512 x 512 px, or 360 of 256 x 256 if quick."""
+    if name not in SCANS:
+        raise ValueError(f"hard scan: unknown name, expected one of {', '.join(SCANS)}, got {name!r}")
+    options = dict(SCANS[name])
+    frames, size = (QUICK_FRAMES, QUICK_SIZE) if quick else (FULL_FRAMES, FULL_SIZE)
+    scale = size**2 / FULL_SIZE**2  # by area only: a quick scan keeps enough spots to score
+    for key in ("spots", "pairs"):  # the few wrap and early spots stay as many
+        if key in options:
+            options[key] = max(10, round(options[key] * scale))
+    return HardScanModel(frames=frames, size=size, seed=seed, **options)
+
+
+def independent_model(spots_path: str | os.PathLike, *, seed: int = 0) -> HardScanModel:
+    """The spots of an independent simulator (`benchmarks/independent_scan.py`) over a `ScanModel` background
+    with a +3 % top-up at 55 % of a full turn, and no direct beam: `ScanModel`'s beam box is twice as wide as
+    that simulator's sample, and would hide spots that a beam fitted to the sample leaves in view."""
+    with h5py.File(spots_path, "r") as f:
+        frames, size = int(f.attrs["frames"]), int(f.attrs["size"])
+    return HardScanModel(frames=frames, size=size, seed=seed, spots=0, wrap=True, topup_at=0.55, beam=False,
+                         external_spots=spots_path)
+
+
+def write_hard_scan(name: str, path: str | os.PathLike, *, quick: bool = False, seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None,
+                    model: HardScanModel | None = None) -> ScanTruth:
+    """Write hard scan ``name`` to ``path`` in `simulate_scan`'s layout, with the extra truth columns
+    (``model``, if given, instead of `scan_model`'s)."""
+    model = model or scan_model(name, quick=quick, seed=seed)
+    dtype = "uint32" if model.photon_counting else "uint16"
+    truth = simulate_scan(path, model=model, dtype=dtype, progress=progress)
+    with h5py.File(path, "a") as f:
+        f[TRUTH_PATH].attrs["scan"] = name
+        f[TRUTH_PATH].attrs["wrap"] = model.wrap
+    return truth
+
+
+def read_hard_truth(path: str | os.PathLike) -> ScanTruth:
+    """Every truth column of a scan written by `write_hard_scan` (or `simulate_scan`)."""
+    path = os.fspath(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"read_hard_truth: no such file, expected a simulated scan, got {path}")
+    with h5py.File(path, "r") as f:
+        group = f[TRUTH_PATH]
+        spots = {name: group[name][()] for name in group}
+        bbox = group.attrs["direct_beam_bbox"]
+    return _truth(path, spots, bbox)
+
+
+__all__ = ["SCANS", "HardScanModel", "scan_model", "write_hard_scan", "read_hard_truth", "READ_NOISE_COUNTS"]

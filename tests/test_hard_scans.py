@@ -1,0 +1,153 @@
+"""The hard validation scans: every truth column agrees with what is drawn in the frames."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from simulators.dct_scan import simulate_scan
+from simulators.hard_scans import SCANS, HardScanModel, independent_model, read_hard_truth
+
+FRAMES, SIZE, SEED = 48, 128, 1
+
+
+def small(name: str) -> HardScanModel:
+    options = dict(SCANS[name])
+    options["spots"] = 8
+    if "pairs" in options:
+        options["pairs"] = 3
+    return HardScanModel(frames=FRAMES, size=SIZE, seed=SEED, **options)
+
+
+@pytest.fixture(scope="module", params=list(SCANS))
+def model(request):
+    return request.param, small(request.param)
+
+
+def spot_volume(model: HardScanModel, i: int) -> np.ndarray:
+    """Spot ``i`` alone, rendered frame by frame over the whole detector."""
+    volume = np.zeros((model.frames, *model.shape))
+    for k in range(model.frames):
+        counts, (oy, ox) = model.spot_counts(i, k)
+        volume[k, oy:oy + counts.shape[0], ox:ox + counts.shape[1]] = counts
+    return volume
+
+
+def test_noiseless_frames_hold_exactly_the_truth_integrals(model):
+    name, m = model
+    assert len(m.spots["x"]) >= 8, name
+    drawn = sum((m.signal(k) - m.background(k)).sum() for k in range(m.frames))
+    np.testing.assert_allclose(drawn, m.spots["integral"].sum(), rtol=1e-9)
+
+
+def test_each_spot_alone_has_the_truth_centroid_integral_and_peak(model):
+    name, m = model
+    s = m.spots
+    for i in range(len(s["x"])):
+        # Every frame of the scan, not only those the truth names: a spot drawn elsewhere would show.
+        k, y, x, w = [], [], [], []
+        for frame in range(m.frames):
+            counts, (oy, ox) = m.spot_counts(i, frame)
+            yy, xx = np.nonzero(counts)
+            k.append(np.full(yy.size, frame)), y.append(yy + oy), x.append(xx + ox), w.append(counts[yy, xx])
+        k, y, x, w = map(np.concatenate, (k, y, x, w))
+        assert w.sum() == pytest.approx(s["integral"][i], rel=1e-9)
+        assert w.max() == pytest.approx(s["peak"][i], rel=1e-9)
+        assert np.average(x, weights=w) == pytest.approx(s["x"][i], abs=1e-9)
+        assert np.average(y, weights=w) == pytest.approx(s["y"][i], abs=1e-9)
+        if s["crosses_wrap"][i]:
+            k = np.where(k > m.frames / 2, k - m.frames, k)  # frames just before 0 deg are negative
+        assert np.average(k, weights=w) % m.frames == pytest.approx(s["frame"][i], abs=1e-9)
+        assert (k.min() % m.frames, k.max() % m.frames) == (s["first_frame"][i], s["last_frame"][i])
+        assert s["snr"][i] == pytest.approx(s["peak"][i] / s["noise"][i])
+
+
+def test_spots_cross_0_360_only_in_the_wrap_scans(model):
+    name, m = model
+    s = m.spots
+    crossing = np.flatnonzero(s["crosses_wrap"])
+    if not SCANS[name].get("wrap"):
+        assert crossing.size == 0
+        return
+    assert crossing.size >= 5
+    for i in crossing:
+        assert s["first_frame"][i] > s["last_frame"][i]
+        assert min(s["frame"][i], m.frames - s["frame"][i]) < 4 * s["sigma_frame"][i] + 1
+        assert m.spot_counts(i, 0)[0].sum() > 0 and m.spot_counts(i, m.frames - 1)[0].sum() > 0
+
+
+def test_touching_pairs_are_mutual_and_have_two_maxima():
+    m = small("overlaps")
+    partner = m.spots["partner"]
+    pairs = [(i, j) for i, j in enumerate(partner) if j > i]
+    assert len(pairs) == 3 and all(partner[j] == i for i, j in pairs)
+    for i, j in pairs:
+        k = int(round((m.spots["frame"][i] + m.spots["frame"][j]) / 2))
+        image = sum(np.pad(c, [(oy, SIZE - oy - c.shape[0]), (ox, SIZE - ox - c.shape[1])])
+                    for c, (oy, ox) in (m.spot_counts(n, k) for n in (i, j)))
+        ends = [(round(m.spots["y"][n]), round(m.spots["x"][n])) for n in (i, j)]
+        # Along the line joining them the counts dip between the two centres.
+        line = [image[round(y), round(x)] for y, x in np.linspace(ends[0], ends[1], 25)]
+        assert min(line[5:20]) < min(line[:3] + line[-3:])
+        footprints = [c > 0 for c, _ in (m.spot_counts(n, k) for n in (i, j))]
+        assert all(f.any() for f in footprints)
+
+
+def test_source_and_beam_options():
+    topup = small("topup")
+    step_frame = 0.55 * FRAMES
+    before, after = topup.source_intensity(step_frame - 1e-9), topup.source_intensity(step_frame)
+    assert after / before == pytest.approx(1.03)
+    no_beam, clean = small("no_beam"), small("clean")
+    assert no_beam.direct_beam_bbox == (0, 0, 0, 0)
+    x0, y0, w, h = clean.direct_beam_bbox
+    centre = (y0 + h // 2, x0 + w // 2)
+    assert clean.background(3)[centre] > 1000 > no_beam.background(3)[centre]
+    assert clean.source_intensity(10) == clean.source_intensity(40) == 1.0
+
+
+def test_photon_counting_frames_are_sparse_uint32_counts():
+    m = small("photon_counting")
+    frame = m.frame(10)
+    assert frame.dtype == np.uint32
+    assert np.median(frame) == 0 and frame.max() > 0
+    dark = m.dark_frame(0)
+    assert dark.dtype == np.uint32 and set(np.flatnonzero(dark)) <= set(np.ravel_multi_index(m.hot_pixels.T, m.shape))
+
+
+def test_written_scan_has_the_models_frames_and_every_truth_column(tmp_path):
+    m = small("grains_topup_wrap")
+    path = tmp_path / "hard.h5"
+    truth = simulate_scan(path, model=m, dark_frames=2, workers=1)
+    back = read_hard_truth(path)
+    assert set(back.spots) == set(m.spots)
+    for name, column in m.spots.items():
+        np.testing.assert_array_equal(back.spots[name], column)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["/1.1/measurement/marana"][7], m.frame(7))
+    assert truth.direct_beam_bbox == back.direct_beam_bbox == m.direct_beam_bbox
+
+
+def test_external_spots_keep_their_footprint_place_and_frame(tmp_path):
+    path = tmp_path / "spots.h5"
+    rng = np.random.default_rng(0)
+    patches = [rng.uniform(0, 30, size=shape) for shape in ((12, 20), (30, 9), (5, 5))]
+    origins = np.array([[20, 30], [70, 80], [100, 10]])
+    frames = np.array([10.3, 0.2, 47.6])  # the last two cross 0/360 deg
+    with h5py.File(path, "w") as f:
+        f["patch_shape"] = np.array([p.shape for p in patches])
+        f["patch_values"] = np.concatenate([p.ravel() for p in patches])
+        f["origin"], f["frame"] = origins, frames
+        f.attrs.update(frames=FRAMES, size=SIZE)
+    m = independent_model(path)
+    s = m.spots
+    assert len(s["x"]) == 3 and list(s["crosses_wrap"]) == [0, 1, 1]
+    for i, patch in enumerate(patches):
+        volume = spot_volume(m, i)
+        assert volume.sum() == pytest.approx(s["integral"][i], rel=1e-9)
+        footprint = volume.sum(axis=0)[origins[i][0]:origins[i][0] + patch.shape[0],
+                                       origins[i][1]:origins[i][1] + patch.shape[1]]
+        np.testing.assert_allclose(footprint / footprint.max(), patch / patch.max(), atol=1e-3)
+    assert s["frame"][0] == pytest.approx(10.3, abs=0.1)
+    assert s["peak"].max() == pytest.approx(3000.0)  # the thickest spot

@@ -1,0 +1,34 @@
+"""The validation table: its extra counts, and `dctstream validate` passing its options on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dctstream.cli import main
+from simulators.dct_scan import ScanTruth
+from simulators.validation import score_row, table_markdown
+from test_evaluate import N, detections, truth_table
+
+
+def test_score_row_counts_pairs_found_apart_and_spots_cut_at_0_360():
+    # Spots 0 and 1 touch (a pair); spot 2 crosses 0/360 deg and is found twice, once on each side.
+    truth = ScanTruth(path="", frames_url="", angles_url="", dark_url="", direct_beam_bbox=(0, 0, 0, 0),
+                      spots=truth_table([20, 24, 60], [20, 20, 60], [30, 30, 0.2], partner=[1, 0, -1],
+                                        crosses_wrap=np.array([0, 0, 1], np.uint8)))
+    found = detections([22, 60, 60.3], [20, 60, 60], [30, 1.1, N - 1.2], [2000.0, 600.0, 400.0])
+    row = score_row(truth, found, N, tol_px=2.0)
+    assert (row["pairs"], row["pairs_both_found"]) == (1, 0)
+    assert (row["crossing"], row["crossing_found"], row["crossing_split"]) == (1, 1, 1)
+    assert row["false_by_tenth"][0] + row["false_by_tenth"][9] == 1
+    text = table_markdown([{"scan": "toy", "tool": "dctstream", "fps": 10.0, "score": row}])
+    assert "touching pairs both found 0/1" in text and "cut in two 1" in text
+
+
+def test_dctstream_validate_passes_its_options_to_the_validation(capsys):
+    assert main(["validate", "--scans", "clean,bogus"]) == 2
+    assert "unknown ['bogus']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: dctstream validate")
