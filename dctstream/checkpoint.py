@@ -285,6 +285,7 @@ def capture(pipeline, k: int) -> Snapshot:
         "sigma": pipeline._sigma,
         # every frame's beam-intensity scale so far: frames read again on resume are not measured again
         "frame_scales": np.asarray(bg.frame_scales[:], np.float64),
+        **_intensity_samples(bg),
         **{f"noise_{name}": np.asarray(v) for name, v in noise.items()},
         "seg_low_tiles": state["low_tiles"], "seg_floods": state["floods"],
         "pixel_mask": bg.pixel_mask,
@@ -298,6 +299,14 @@ def capture(pipeline, k: int) -> Snapshot:
     return Snapshot(k, meta, arrays)
 
 
+def _intensity_samples(bg) -> dict[str, np.ndarray]:
+    """normalise: auto: the frames' samples the next references take, as two arrays."""
+    samples = bg.intensity.samples() if bg.intensity is not None else {}
+    frames = np.array(sorted(samples), np.int64)
+    values = np.stack([samples[f] for f in frames]) if frames.size else np.zeros((0, 0), np.float32)
+    return {"intensity_frames": frames, "intensity_samples": values}
+
+
 def resume_background(resume, bbox) -> dict:
     """The background stage's arguments for a resumed run: start at the first raw frame needed,
     with the direct beam and margin reference of the first run (not found again)."""
@@ -305,7 +314,9 @@ def resume_background(resume, bbox) -> dict:
     beam = meta["direct_beam"]
     return {"direct_beam": "none" if beam is None else tuple(beam),
             "stage": {"first_frame": meta["first_raw"], "margin_ref": meta["margin_ref"],
-                      "known_scales": resume[1]["frame_scales"], "auto_enabled": meta["auto_normalise"]}}
+                      "known_scales": resume[1]["frame_scales"], "auto_enabled": meta["auto_normalise"],
+                      "known_samples": dict(zip(resume[1]["intensity_frames"].tolist(),
+                                                resume[1]["intensity_samples"]))}}
 
 
 def restore_detector(detector, meta: dict, arrays: dict[str, np.ndarray]) -> None:

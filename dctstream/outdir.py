@@ -34,7 +34,7 @@ PREVIOUS = "previous"
 # What a run writes at the top of its folder: what --overwrite moves aside.  Anything else (a user's notes,
 # the daemon's run.log) is left where it is.
 OUTPUTS = ("spots.h5", "difspots", "mask.h5", "corrected.h5", "config.yml", "run.json", "status.json",
-           "quicklook", "spots.flt")
+           "quicklook", "spots.flt", "difspot.h5", "difspot.csv")
 # Of those, what makes a folder "hold results" that a new run must not mix with.
 RESULTS = ("spots.h5", "difspots", "mask.h5", "corrected.h5", "difspot.h5", "difspot.csv")
 

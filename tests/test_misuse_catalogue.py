@@ -42,8 +42,9 @@ from simulators.dct_scan import simulate_scan
 
 TIMEOUT_S = 120
 FRAMES = "/1.1/measurement/marana"
+# dark.url and source.angles null: the built-in defaults the "good" run has, not the packaged default's auto
 TINY = ["--set", "background.window=11", "--set", "segmentation.max_blob_size=[20,20,5]",
-        "--set", "quicklook.enabled=false"]
+        "--set", "quicklook.enabled=false", "--set", "dark.url=null", "--set", "source.angles=null"]
 OLD = time.time() - 3600  # an mtime that says "nobody is writing this"
 
 

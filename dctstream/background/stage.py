@@ -120,6 +120,14 @@ class BeamIntensity:
             return 1.0
         return 1.0 / ratio
 
+    def samples(self) -> dict[int, np.ndarray]:
+        """The samples the references of the next frames take: a resumed run cannot make them all again."""
+        return dict(self._samples)  # one C-level copy: safe beside the thread that adds to it
+
+    def restore(self, samples: dict[int, np.ndarray]) -> None:
+        for j, values in samples.items():
+            self._samples.setdefault(int(j), np.asarray(values, np.float32))
+
     def add(self, j: int, raw: np.ndarray, scale: float) -> None:
         """Frame j's normalised samples, for the references of the frames after it."""
         if not self.enabled:
@@ -139,12 +147,13 @@ class BackgroundStage:
     def __init__(self, cfg, *, frame_shape, dtype, dark=None, direct_beam="none",
                  beam_margin_px: int = 10, filter_size: int = 3, gain=None, pixel_mask=None,
                  first_window=None, first_frame: int = 0, margin_ref: float | None = None,
-                 known_scales=None, auto_enabled: bool | None = None):
+                 known_scales=None, auto_enabled: bool | None = None, known_samples=None):
         """``gain`` multiplies each pixel after the dark (> 0); ``pixel_mask`` marks pixels left out of the
         margin means; ``first_window(ring, slots) -> (dark or None, pixel_mask)`` is called once the first
         window of frames is in, before they are used (to estimate the dark or find bad pixels from them).
         A resumed run is given the scales of the frames already normalised (``known_scales``, by frame)
-        and whether ``normalise: auto`` measured the beam (``auto_enabled``)."""
+        and whether ``normalise: auto`` measured the beam (``auto_enabled``) with the samples of the frames
+        its next references take (``known_samples``, frame -> samples)."""
         self.cfg = cfg
         self.window = cfg.window
         self.batch = cfg.batch_frames
@@ -169,6 +178,7 @@ class BackgroundStage:
         self._margin_ref: float | None = margin_ref
         self._known_scales = np.asarray([] if known_scales is None else known_scales, np.float64)
         self._auto_enabled = auto_enabled
+        self._known_samples = dict(known_samples or {})
         self.intensity: BeamIntensity | None = None  # normalise: auto
         self.frame_scales: list[float] = list(self._known_scales[:first_frame])  # every frame's scale so far
         self._hist: HistogramWindow | None = None
@@ -272,6 +282,7 @@ class BackgroundStage:
         if self.cfg.normalise == "auto":
             self.intensity = BeamIntensity(self.frame_shape, self.dark, self.gain, self.pixel_mask, self.window)
             self.intensity.start([self.ring.data[s] for s in slots], self._auto_enabled)
+            self.intensity.restore(self._known_samples)
         for k in range(first, self.ring.count):
             self._normalise(k, self.ring.slot(k))
         full = width == self.window == self.cfg.window  # a full window: slide from here on
