@@ -121,7 +121,7 @@ def reference_sigma(values, clip=4.0, passes=3):
     return sigma
 
 
-def reference_frame_noise(frame, mask, tile=32, step=4):
+def reference_frame_noise(frame, mask, tile=32, step=2):
     """Noise per tile of one frame over its unmasked pixels on a grid of ``step``; NaN where fewer than
     a quarter of the grid (at most 32) are unmasked."""
     min_samples = min(32, max((tile // step) ** 2 // 4, 1))
