@@ -39,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputError
-from .sinks import read_spot_table
-from .sinks.spot_table import atomic_h5
+from .errors import OutputError
+from .sinks.spot_table import atomic_h5, read_run_spots
 
 H5_NAME, CSV_NAME = "difspot.h5", "difspot.csv"
 INDEXING = "starts with 1 (MATLAB), absolute"
@@ -76,12 +75,7 @@ def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = No
     """Write ``out_dir/difspot.h5`` and ``difspot.csv`` (or ``output`` and its ``.csv``); their paths and
     the number of difspots."""
     out_dir = Path(out_dir)
-    path = out_dir / "spots.h5"
-    try:
-        spots = read_spot_table(path)
-    except (OSError, KeyError) as exc:
-        raise InputError(f"{path}: cannot read the spot table, expected the spots.h5 of a dctstream run "
-                         f"({' '.join(str(exc).split())})") from None
+    path, spots = read_run_spots(out_dir)
     cols = difspot_columns(spots)
     h5_path = Path(output) if output else out_dir / H5_NAME
     csv_path = h5_path.with_suffix(".csv")

@@ -39,8 +39,7 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .record import read_record
-from .sinks import read_spot_table
-from .sinks.spot_table import PSI_COLUMN
+from .sinks.spot_table import PSI_COLUMN, read_run_spots
 
 FLT_NAME = "spots.flt"
 INT_COLUMNS = frozenset({"Number_of_pixels", "IMax_s", "IMax_f", "Min_s", "Max_s", "Min_f", "Max_f", "onfirst",
@@ -83,12 +82,7 @@ def _max_pixels(out_dir: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def imaged11_columns(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The columns (in file order) and parameters of the columnfile of ``out_dir``."""
     out_dir = Path(out_dir)
-    path = out_dir / "spots.h5"
-    try:
-        t = read_spot_table(path)
-    except (OSError, KeyError) as exc:
-        raise InputError(f"{path}: cannot read the spot table, expected the spots.h5 of a dctstream run "
-                         f"({' '.join(str(exc).split())})") from None
+    path, t = read_run_spots(out_dir)
     line = _omega_line(t)
     has_psi = PSI_COLUMN in t
     omega_of = (lambda frame: line[0] + line[1] * frame) if line else None

@@ -517,7 +517,9 @@ class Pipeline:
             stats.seed_threshold = (float(seed.min()), float(seed.max()))
         every = max(1, (stats.frames_total or 10_000) // 200)
         if k % every == 0:
-            stats.noise_sigma_by_frame = [*(stats.noise_sigma_by_frame or []), [k, round(level, 4)]]
+            if stats.noise_sigma_by_frame is None:
+                stats.noise_sigma_by_frame = []
+            stats.noise_sigma_by_frame.append([k, round(level, 4)])
         floods = self.segmenter.floods
         if len(floods) > self._floods_said:
             if self._floods_said == 0:

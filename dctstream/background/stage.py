@@ -82,6 +82,7 @@ class BeamIntensity:
         self._first_reference: np.ndarray | None = None
         self._reference: np.ndarray | None = None
         self._reference_at: int | None = None
+        self._taken: tuple[int, np.ndarray] | None = None  # the last frame's samples, for add() after scale()
 
     def _values(self, raw: np.ndarray) -> np.ndarray:
         return (raw.reshape(-1)[self.index].astype(np.float32) - self.dark) * self.gain
@@ -109,6 +110,7 @@ class BeamIntensity:
             self._reference_at = u
         reference = self._reference
         values = self._values(raw)
+        self._taken = (j, values)
         use = self.keep & (reference >= AUTO_MIN_COUNTS)
         if raw.dtype.kind in "ui":
             use &= raw.reshape(-1)[self.index] < np.iinfo(raw.dtype).max  # saturated pixels say nothing
@@ -132,7 +134,8 @@ class BeamIntensity:
         """Frame j's normalised samples, for the references of the frames after it."""
         if not self.enabled:
             return
-        self._samples[j] = self._values(raw) * np.float32(scale)
+        values = self._taken[1] if self._taken is not None and self._taken[0] == j else self._values(raw)
+        self._samples[j] = values * np.float32(scale)
         self._samples.pop(j - self.history - self.every, None)
 
 

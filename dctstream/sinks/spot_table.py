@@ -258,6 +258,18 @@ class SpotTable:
         self.flush()
 
 
+def read_run_spots(out_dir: str | os.PathLike) -> tuple[Path, dict[str, np.ndarray]]:
+    """``out_dir/spots.h5`` and its columns; `InputError` (one line) when it is not a run's spot table."""
+    from ..errors import InputError
+
+    path = Path(out_dir) / "spots.h5"
+    try:
+        return path, read_spot_table(path)
+    except (OSError, KeyError) as exc:
+        raise InputError(f"{path}: cannot read the spot table, expected the spots.h5 of a dctstream run "
+                         f"({' '.join(str(exc).split())})") from None
+
+
 def read_spot_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The columns of a ``spots.h5``, in the order they were written."""
     with h5py.File(path, "r") as f:
