@@ -341,7 +341,7 @@ def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma)
     pipeline.table.attrs.update(meta["table"]["attrs"])
     mask = pipeline.segment_mask()
-    pipeline.segmenter = Segmenter(params, bg.frame_shape, mask)
+    pipeline.segmenter = Segmenter(params, bg.frame_shape, mask, measured=bg.filter_size > 1)
     pipeline.noise = NoiseTracker(bg.frame_shape, mask,
                                   floor=INTEGER_NOISE_FLOOR if pipeline.detector.dtype.kind in "ui" else 0.0)
     pipeline.noise.restore({name: arrays[f"noise_{name}"] for name in ("history", "pushed", "n_primed", "primed",

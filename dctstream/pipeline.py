@@ -201,7 +201,7 @@ class Pipeline:
         self._sigma: np.ndarray | None = None  # the noise of the first frames, per tile
         self.noise: NoiseTracker | None = None
         self._floods_said = 0  # flood events already counted in the stats
-        self._first_frames: list[tuple[int, np.ndarray]] = []  # corrected frames held for the noise estimate
+        self._first_frames: list[tuple[int, np.ndarray, np.ndarray]] = []  # corrected frames held for the noise estimate
         self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
         self._checkpointer = checkpoint.Checkpointer(self.out_dir, cfg.output.checkpoint_every_s,
                                                      cfg.output.checkpoint_every_frames)
@@ -472,7 +472,7 @@ class Pipeline:
             self.stats.frames_corrected += 1
             self._segmenting.submit(item)
 
-    def _take_corrected(self, item: tuple[int, np.ndarray]) -> None:
+    def _take_corrected(self, item: tuple[int, np.ndarray, np.ndarray]) -> None:
         """Runs in the segmenting thread."""
         if self.segmenter is None:  # the noise estimate waits for the first few frames
             self._first_frames.append(item)
@@ -481,9 +481,11 @@ class Pipeline:
             return
         self._segment_frame(*item)
 
-    def _segment_frame(self, k: int, frame: np.ndarray) -> None:
+    def _segment_frame(self, k: int, frame: np.ndarray, difference: np.ndarray) -> None:
+        """Frame k filtered (it finds the spots) and its unfiltered difference (it measures them)."""
+        measure = difference if self.segmenter.measured else None
         if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
-            self.segmenter.load_frame(k, frame)
+            self.segmenter.load_frame(k, frame, measure)
             return
         with self._timed("segment"):
             sigma = self.noise.push(k, frame)
@@ -491,7 +493,7 @@ class Pipeline:
             if self.cfg.segmentation.seed_threshold == "auto" or self.cfg.segmentation.grow_low == "auto":
                 seed, low = (np.broadcast_to(np.asarray(m, np.float64), sigma.shape)
                              for m in frame_thresholds(self.cfg.segmentation, sigma))
-            blobs = self.segmenter.push(k, frame, seed, low)
+            blobs = self.segmenter.push(k, frame, seed, low, measure)
         self._note_noise(k, sigma, seed)
         self._write(blobs)
         if self.export is not None:
@@ -544,7 +546,7 @@ class Pipeline:
 
     def _start_segmenter(self) -> None:
         """Estimate the noise on the first corrected frames, start the segmenter and give it those frames."""
-        first_frames = [frame for _, frame in self._first_frames]
+        first_frames = [frame for _, frame, _ in self._first_frames]
         shape = self.background.frame_shape
         detector = self.detector
         mask = self.segment_mask()
@@ -570,7 +572,7 @@ class Pipeline:
         self.stats.normalise = self.background.normalise_facts()
         log.info("direct beam %s, noise %.3g counts (median), seed threshold %.4g..%.4g counts",
                  self.stats.direct_beam, self.stats.noise_sigma, *self.stats.seed_threshold)
-        self.segmenter = Segmenter(params, shape, mask)
+        self.segmenter = Segmenter(params, shape, mask, measured=self.background.filter_size > 1)
         self.table.attrs.update({"seed_threshold_min": self.stats.seed_threshold[0],
                                  "seed_threshold_max": self.stats.seed_threshold[1],
                                  "noise_sigma_median": self.stats.noise_sigma,
@@ -580,8 +582,8 @@ class Pipeline:
             self.export = CorrectedFrameWriter(self.out_dir / "corrected.h5", self.cfg.export, shape, mask,
                                                params.maps(shape)[1], raw_frame_bytes, binning=detector.binning)
         held, self._first_frames = self._first_frames, []
-        for k, frame in held:
-            self._segment_frame(k, frame)
+        for item in held:
+            self._segment_frame(*item)
 
     def _write(self, blobs) -> None:
         for blob in blobs:

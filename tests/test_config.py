@@ -46,7 +46,7 @@ def test_defaults():
     assert cfg == Config()
     assert cfg.background == BackgroundConfig(window=501, mode="exact", stride=50, normalise="auto", margin_px=20)
     assert cfg.filter.median_size == 3
-    assert cfg.direct_beam == DirectBeamConfig(bbox="auto", margin_px=10)
+    assert cfg.direct_beam == DirectBeamConfig(bbox="auto", margin_px=2)
     assert cfg.segmentation == SegmentationConfig(
         seed_threshold="auto", seed_sigma=6.0, grow_ratio=0.3, grow_low="auto", grow_high=None,
         seed_min_voxels=3, min_blob_size=(2, 2, 1), max_blob_size=(80, 80, 25), connectivity=26,
