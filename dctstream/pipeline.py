@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint, outdir, seam, spool
+from . import checkpoint, outdir, seam, spool
+from ._version import __version__
+from .atomic import crash_point
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
+from .direct_beam import beam_mask
 from .errors import ConfigError, DctStreamError, InputError, OutputError
 from .overlap import Prefetch, Worker
 from .resources import check_memory
@@ -105,14 +109,6 @@ def frame_thresholds(cfg, sigma: np.ndarray | None):
         seed = cfg.seed_sigma * sigma
     low = 0.5 * seed if cfg.grow_low == "auto" else cfg.grow_low
     return seed, low
-
-
-def beam_mask(bbox, frame_shape) -> np.ndarray:
-    mask = np.zeros(frame_shape, bool)
-    if bbox is not None:
-        x0, y0, w, h = bbox
-        mask[y0:y0 + h, x0:x0 + w] = True
-    return mask
 
 
 def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
@@ -203,6 +199,12 @@ class Pipeline:
         self._floods_said = 0  # flood events already counted in the stats
         self._first_frames: list[tuple[int, np.ndarray]] = []  # corrected frames held for the noise estimate
         self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
+        # frames lost in transit and the stand-ins put in their place (main thread), from the oldest a checkpoint
+        # may read again: a resumed run has fewer frames before them to make the same stand-ins from
+        self._lost_lock = threading.Lock()
+        self._lost: dict[int, np.ndarray] = {}
+        self._lost_before = 0  # lost frames already dropped from _lost, all before a checkpoint's first_raw
+        self._known_stand_ins: dict[int, np.ndarray] = {}  # resuming: the first run's stand-ins
         self._checkpointer = checkpoint.Checkpointer(self.out_dir, cfg.output.checkpoint_every_s,
                                                      cfg.output.checkpoint_every_frames)
         self.segmenter: Segmenter | None = None
@@ -294,7 +296,7 @@ class Pipeline:
         self._writer = Worker(self._write_blob, BLOB_QUEUE_DEPTH, name="dctstream-write")
         self._segmenting = Worker(self._take_corrected, SEGMENT_QUEUE_DEPTH, name="dctstream-segment")
         if self._resume:
-            checkpoint.restore(self, *self._resume)
+            _restore(self, *self._resume)
 
     def run(self, progress=None) -> Stats:
         """Process every frame of the source; ``progress(stats)`` is called after each frame.
@@ -312,6 +314,10 @@ class Pipeline:
                 for frame in reader:
                     self.stats.backlog_frames = reader.backlog
                     if frame.psi_deg is None:
+                        if self._psi:  # rows with a psi are written already: the table cannot drop it now
+                            raise InputError(f"source.angles: frame {frame.index}: no rotation angle, expected "
+                                             f"one per frame as frames 0 to {len(self._psi) - 1} had (the "
+                                             "angles stop before the frames)")
                         self._psi = None
                     elif self._psi is not None:
                         self._psi.append(frame.psi_deg)
@@ -383,6 +389,15 @@ class Pipeline:
             self.stats.frames_read += 1
             yield frame
 
+    def lost_since(self, first_raw: int) -> tuple[int, dict[int, np.ndarray]]:
+        """For a checkpoint (segmenting thread): how many frames before ``first_raw`` were lost, and the
+        stand-ins of those lost from it on; the others are forgotten, never read again."""
+        with self._lost_lock:
+            for k in [k for k in self._lost if k < first_raw]:
+                del self._lost[k]
+                self._lost_before += 1
+            return self._lost_before, dict(self._lost)
+
     def _close_segmenting(self) -> None:
         """Segment every corrected frame already handed over."""
         worker, self._segmenting = self._segmenting, None
@@ -447,7 +462,10 @@ class Pipeline:
         if data is None:  # lost in transit: the source's missing-frame policy asked for a stand-in
             if self.background is None:
                 raise InputError(f"frame {frame.index}: lost before any frame arrived, expected a first frame")
-            data = self.background.stand_in()
+            known = self._known_stand_ins.pop(frame.index, None)
+            data = self.background.stand_in() if known is None else known
+            with self._lost_lock:
+                self._lost[frame.index] = data
             self.stats.frames_missing += 1
             # a few are said; the count is in the status (so that they cannot crowd out the other warnings)
             (log.warning if self.stats.frames_missing <= MISSING_WARNINGS else log.debug)(
@@ -502,7 +520,7 @@ class Pipeline:
                 for tap in self.frame_taps:
                     tap.on_corrected(k, frame)
         self.stats.frames_segmented += 1
-        checkpoint.crash_point("frame")
+        crash_point("frame")
         if not self._finishing and self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
             self._writer.submit(checkpoint.capture(self, k))
 
@@ -614,6 +632,52 @@ class Pipeline:
             if time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
                 self.table.flush()
                 self._flushed_s = time.monotonic()
+
+
+def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Put the checkpoint's state back into a pipeline whose stages were just built."""
+    bg, stats = pipeline.background, pipeline.stats
+    bg.emitted = meta["first_needed"]
+    pipeline._sigma = arrays["sigma"]
+    params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma)
+    pipeline.table.attrs.update(meta["table"]["attrs"])
+    mask = pipeline.segment_mask()
+    pipeline.segmenter = Segmenter(params, bg.frame_shape, mask)
+    pipeline.noise = NoiseTracker(bg.frame_shape, mask,
+                                  floor=INTEGER_NOISE_FLOOR if pipeline.detector.dtype.kind in "ui" else 0.0)
+    pipeline.noise.restore({name: arrays[f"noise_{name}"] for name in ("history", "pushed", "n_primed", "primed",
+                                                                       "series")})
+    seg_meta = meta["segmenter"]
+    pipeline.segmenter.restore({
+        **seg_meta,
+        "prev_labels": arrays["seg_prev_labels"], "parent": arrays["seg_parent"],
+        "region_ids": arrays["seg_region_ids"], "open": arrays["seg_open"], "claimed": arrays["seg_claimed"],
+        "regions": {name: arrays[f"seg_regions_{name}"] for name in ("count", "max_value", "max_index", "first")},
+        "pending": {name: arrays[f"seg_pending_{name}"] for name in ("count", "max_value", "max_index", "first")},
+        "low_tiles": arrays["seg_low_tiles"], "floods": arrays["seg_floods"],
+    })
+    pipeline._floods_said = len(pipeline.segmenter.floods)
+    pipeline._lost_before = meta["stats"]["frames_missing"]
+    pipeline._known_stand_ins = dict(zip(arrays["lost_frames"].tolist(), arrays["lost_stand_ins"]))
+    pipeline._replay_until = meta["frame"]
+    # a source that says its frame shape only with its first frame (a stream, a folder) starts the stages once
+    # that frame's psi was taken: it comes after the checkpoint's
+    pipeline._psi = arrays["psi"].tolist() + pipeline._psi if meta["has_psi"] and pipeline._psi is not None else None
+    pipeline.table.restore({name[len("table_"):]: v for name, v in arrays.items() if name.startswith("table_")})
+    s = meta["stats"]
+    stats.difspots_written, stats.frames_missing = s["difspots_written"], s["frames_missing"]
+    stats.seed_threshold = tuple(s["seed_threshold"]) if s["seed_threshold"] else None
+    stats.noise_sigma = s["noise_sigma"]
+    stats.noise_sigma_range = tuple(s["noise_sigma_range"]) if s["noise_sigma_range"] else None
+    stats.noise_sigma_by_frame = s["noise_sigma_by_frame"]
+    stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
+    stats.normalise = bg.normalise_facts()
+    stats.rejected = Counter(seg_meta["rejected"])
+    stats.frames_read = meta["first_raw"]
+    stats.frames_corrected = meta["first_needed"]
+    stats.frames_segmented = meta["frame"] + 1
+    log.info("resuming %s from its checkpoint at frame %d: reading again from frame %d, %d difspots so far",
+             pipeline.out_dir, meta["frame"], meta["first_raw"], stats.difspots_written)
 
 
 def run(cfg: Config, *, overwrite: bool = False, progress=None) -> Stats:

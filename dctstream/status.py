@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
+from .atomic import replacing
 from .config import Config
 from .errors import InputError
 from .sources.hdf5 import Hdf5FileSource
@@ -101,13 +102,8 @@ def stats_dict(stats) -> dict:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """``path`` holds the old or the new JSON, never a part of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no partial temporary file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def memory_mb() -> float:

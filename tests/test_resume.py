@@ -194,7 +194,8 @@ def test_killed_again_and_again_while_resuming(scan, tmp_path, protocol):
     assert _run(_args(scan, want, extra)).returncode == 0
     out = tmp_path / "out"
     for point in ("frame:20", "frame:15", "difspot:3", "frame:5"):  # counted from each start
-        assert _run(_args(scan, out, extra), crash_at=point).returncode == -9, point
+        killed = _run(_args(scan, out, extra), crash_at=point)
+        assert killed.returncode == -9, f"{point}: {killed.stderr}"
     assert _run(_args(scan, out, extra)).returncode == 0
     assert_same_outputs(outputs(out), outputs(want))
 
