@@ -215,6 +215,7 @@ class Pipeline:
         # consumers of each difspot once written, called as tap(blob, row) with its spot-table row (segment())
         self.blob_taps: list = []
         self._writer: Worker | None = None
+        self._source_closed = False
         self._segmenting: Worker | None = None
         self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
         try:
@@ -229,16 +230,17 @@ class Pipeline:
             elif not self.resuming:  # say it now, not after waiting for a scan that may take a while
                 _previous_results(self.out_dir, overwrite)
         except BaseException:
-            self.source.close()
             self.end("failed")
             raise
 
     def end(self, outcome: str) -> None:
-        """Let the output folder go, ``outcome`` being finished, incomplete, stopped or failed.
+        """Close the source and let the output folder go, ``outcome`` being finished, incomplete, stopped or
+        failed: whatever way a run ends (or never started: its caller failed before `run`), this is called.
 
         A failed ``--overwrite`` run gives the earlier results back (see `dctstream.outdir`); a finished one
         drops them.  Safe to call again.
         """
+        self._close_source()
         lock, self.lock = self.lock, None
         if lock is None:
             return
@@ -253,6 +255,12 @@ class Pipeline:
                         exc.strerror or exc, outdir.previous_dir(self.out_dir))
         finally:
             lock.release(remove=True)
+
+    def _close_source(self) -> None:
+        source = getattr(self, "source", None)  # None: opening it failed
+        if source is not None and not self._source_closed:
+            self._source_closed = True
+            source.close()
 
     def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
@@ -347,9 +355,10 @@ class Pipeline:
             finally:
                 reader.close()
                 if reader.running:
+                    self._source_closed = True  # closing it under the reader's feet could crash the process
                     log.warning("the source did not stop within 5 s; leaving it open")
                 else:
-                    self.source.close()
+                    self._close_source()
                 self._close_outputs(raise_errors=done, failure=failure)
             self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
             self._judge_completeness()

@@ -78,3 +78,41 @@ def test_resume_is_exact_when_lost_frames_were_replaced(tiny_scan, tiny_override
     assert expected.keys() == got.keys()
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_the_source_is_closed_when_the_run_fails_before_it_starts(tiny_scan, tiny_overrides, tmp_path,
+                                                                  monkeypatch):
+    """Between opening the scan and running it, the runner builds the quick-look pictures and the display;
+    before: a failure there left the source open (a live file held, a stream's socket bound)."""
+    import dctstream.pipeline as pipeline_module
+    import dctstream.runner as runner
+
+    source = ListSource(_frames(tiny_scan))
+    monkeypatch.setattr(pipeline_module, "open_source", lambda cfg: source)
+
+    def no_pictures(*args, **kwargs):
+        raise OSError("no font")
+
+    monkeypatch.setattr(runner, "QuickLook", no_pictures)
+    cfg = _config(tiny_scan, tmp_path / "out", tiny_overrides, "quicklook.enabled=true")
+    with pytest.raises(OSError, match="no font"):
+        runner.process_scan(cfg, display=False)
+    assert source.closed
+
+
+def test_the_source_is_closed_once_on_every_way_a_run_ends(tiny_scan, tiny_overrides, tmp_path):
+    closes = []
+
+    class Counted(ListSource):
+        def close(self):
+            closes.append(1)
+
+    frames = _frames(tiny_scan)
+    pipeline = Pipeline(_config(tiny_scan, tmp_path / "ok", tiny_overrides), source=Counted(frames))
+    pipeline.run()
+    pipeline.end("finished")  # again, as the runner does
+    assert len(closes) == 1
+    pipeline = Pipeline(_config(tiny_scan, tmp_path / "failed", tiny_overrides), source=Counted(frames, fail_at=20))
+    with pytest.raises(RuntimeError):
+        pipeline.run()
+    assert len(closes) == 2
