@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -10,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,23 @@ class Stats:
     incomplete: str | None = None  # why the scan is not whole (the source went quiet, vanished, ...), or None
     started_s: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self):
+        # Each counter has one writer thread, and containers are replaced whole, except stage_s: every thread
+        # adds its own stage's time to it, so it changes under that lock.
+        self._lock = threading.Lock()
+
     @property
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started_s
+
+    def add_stage_s(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.stage_s[stage] += seconds
+
+    def snapshot(self) -> dict:
+        """Every field, containers copied, for a reader on another thread (the status, the display)."""
+        with self._lock:
+            return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self)}
 
 
 def resolve_segmentation(cfg, sigma: np.ndarray | None, tile_px: int = TILE_PX) -> SegmentParams:
@@ -455,7 +470,7 @@ class Pipeline:
         try:
             yield
         finally:
-            self.stats.stage_s[stage] += time.perf_counter() - start
+            self.stats.add_stage_s(stage, time.perf_counter() - start)
 
     def _timed_items(self, stage: str, items: Iterator) -> Iterator:
         """The items of ``items``, the time spent making each counted to ``stage``."""
@@ -618,11 +633,14 @@ class Pipeline:
             self.stats.rejected = Counter(self.segmenter.rejected)
 
     def _psi_at(self, frame: float) -> float | None:
-        if not self._psi:
+        """Runs in the segmenting thread; the main thread appends to ``_psi`` (never shortens it once it holds
+        an angle: see `run`), so one reference read here is consistent."""
+        psi = self._psi
+        if not psi:
             return None
         # between the two frames around it: O(1), not O(frames so far), per blob
-        i = max(min(int(frame), len(self._psi) - 2), 0)
-        return float(np.interp(frame, np.arange(i, i + 2)[:len(self._psi)], self._psi[i:i + 2]))
+        i = max(min(int(frame), len(psi) - 2), 0)
+        return float(np.interp(frame, np.arange(i, i + 2)[:len(psi)], psi[i:i + 2]))
 
     def _write_blob(self, item) -> None:
         """Runs in the writer thread."""

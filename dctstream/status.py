@@ -38,7 +38,7 @@ import numpy as np
 from ._version import __version__
 from .atomic import replacing
 from .config import Config
-from .errors import InputError
+from .errors import DctStreamError, InputError
 from .sources.hdf5 import Hdf5FileSource
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,11 @@ def _plain(value):
 def stats_dict(stats) -> dict:
     """Every field of a `Stats` (whatever fields it has), plus ``elapsed_s``, as JSON types.
 
-    Safe while the pipeline updates ``stats`` from another thread: a mapping
-    that changes size while it is copied is copied again.
+    Safe while the pipeline updates ``stats`` from other threads: it is read through its snapshot.
     """
-    out = {}
-    for f in dataclasses.fields(stats):
-        for _ in range(5):
-            try:
-                out[f.name] = _plain(getattr(stats, f.name))
-                break
-            except RuntimeError:  # "dictionary changed size during iteration"
-                continue
+    values = (stats.snapshot() if hasattr(stats, "snapshot")
+              else {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)})
+    out = {name: _plain(value) for name, value in values.items()}
     if hasattr(stats, "elapsed_s"):
         out["elapsed_s"] = float(stats.elapsed_s)
     return out
@@ -126,8 +120,8 @@ class _WarningLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.messages.append(" ".join(record.getMessage().split()))
-        except Exception:  # a bad log call must not stop the scan
-            pass
+        except Exception:  # a bad log call must not stop the scan, nor go unsaid: logging reports it on stderr
+            self.handleError(record)
 
 
 class ScanMonitor:
@@ -582,6 +576,7 @@ class LogStatus:
         self._log = logger or log
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failed = False  # a fault in making the lines was reported (once: the next ones would repeat it)
 
     def emit(self) -> None:
         """Log the lines now."""
@@ -590,8 +585,11 @@ class LogStatus:
                 self._log.info("%s", self._header())
             for snap in self._get():
                 self._log.info("%s", status_line(snap))
-        except Exception as exc:
+        except (DctStreamError, OSError) as exc:  # a scan's status file is not there (yet), or unreadable
             self._log.debug("status unavailable: %s", exc)
+        except Exception:  # a bug in the status lines: the scan goes on, but it is said
+            (self._log.debug if self._failed else self._log.exception)("status line not made")
+            self._failed = True
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
