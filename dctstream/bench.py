@@ -20,6 +20,7 @@ import numba
 import numpy as np
 
 from .background.kernels import HistogramWindow, median_filter
+from .sources.base import FrameSource
 
 # Rows used to time the slow baselines; their frames/s are projected to the whole frame.
 BASELINE_ROWS = 64
@@ -376,10 +377,13 @@ def bench_sources(scan: SyntheticScan, workdir: Path, rates=(10.0, 50.0), n: int
 SOAK_SAMPLE_S = 1.0
 
 
-class PacedSource:
+class PacedSource(FrameSource):
     """``n`` synthetic frames delivered at ``fps``, as a detector acquires them: frame k is not
     available before ``start + k / fps``, and frames the pipeline is late for are delivered at once
     (a detector's buffer). ``acquired()`` is how many frames exist at a given instant."""
+
+    rereadable = True  # made again from the seed
+    url = "bench://paced"
 
     def __init__(self, scan: SyntheticScan, n: int, fps: float):
         self.scan, self.n_frames, self.fps = scan, n, fps

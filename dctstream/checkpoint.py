@@ -293,7 +293,7 @@ def frames_from(source, first: int, identity: str | None = None, out_dir=None):
     A stream cannot be read again: it is resumed from its spool (``spool.Spool.frames``).
 
     ``identity`` (`frame_identity` of the first run's frame 0) is checked against this source's frame 0."""
-    if not getattr(source, "rereadable", True):
+    if not source.rereadable:
         raise ValueError("a stream is resumed from its spool, not read again")
     if hasattr(source, "first_frame"):  # a recorded file: its frame 0 was checked when the run started
         source.first_frame = first

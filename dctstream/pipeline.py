@@ -29,7 +29,7 @@ from .resources import check_memory
 from .segment import SegmentParams, Segmenter
 from .segment.noise import TILE_PX, NoiseTracker
 from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
-from .sources import open_source
+from .sources import COMPLETE_ENDS, check_source, open_source
 from .sources.scan_file import resolve_auto
 
 log = logging.getLogger(__name__)
@@ -179,10 +179,6 @@ def identity_config(cfg: Config) -> str:
         output={"dir": os.path.realpath(cfg.output.dir)}))
 
 
-# Why a source ended that means it delivered the whole scan.
-COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end"})
-
-
 class Pipeline:
     """One scan, from its source to difspots on disk. ``run()`` drives it to the end."""
 
@@ -232,15 +228,16 @@ class Pipeline:
         self._writer: Worker | None = None
         self._source_closed = False
         self._segmenting: Worker | None = None
-        self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
+        # a source object: bench --soak, segment(), tests
+        self.source = check_source(open_source(cfg.source) if source is None else source)
         try:
             if self._resume and hasattr(self.source, "read_frame"):  # a recorded file: is it the same scan?
                 checkpoint.check_identity(self.source.read_frame(0), self._resume[0].get("source_id"),
                                           self.source, self.out_dir)
             self.spool = spool.for_source(self.source, self.out_dir, self._resume, self.resuming)  # streams only
-            self.stats.frames_total = getattr(self.source, "n_frames", None)
+            self.stats.frames_total = self.source.n_frames
             self.background: BackgroundStage | None = None
-            if getattr(self.source, "frame_shape", None) is not None:
+            if self.source.frame_shape is not None:
                 self._start_stages(self.source.frame_shape, self.source.dtype)
             elif not self.resuming:  # say it now, not after waiting for a scan that may take a while
                 _previous_results(self.out_dir, overwrite)
@@ -375,7 +372,7 @@ class Pipeline:
                 else:
                     self._close_source()
                 self._close_outputs(raise_errors=done, failure=failure)
-            self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
+            self.stats.source_end = self.source.end_reason or "complete"
             self._judge_completeness()
             if self.stats.incomplete is None:
                 checkpoint.finish_run(self.out_dir)
@@ -394,7 +391,7 @@ class Pipeline:
     def _judge_completeness(self) -> None:
         """Whether the source delivered the whole scan; if not, ``stats.incomplete`` says why."""
         stats, reason = self.stats, self.stats.source_end
-        announced = self.cfg.source.expected_frames or getattr(self.source, "frames_announced", None)
+        announced = self.cfg.source.expected_frames or self.source.frames_announced
         stats.frames_expected = announced or (self.source.n_frames if reason == "complete" else None)
         seen = f"{stats.frames_segmented} frames" + (f" of {announced} expected" if announced else "")
         if reason not in COMPLETE_ENDS or (announced and stats.frames_segmented < announced):

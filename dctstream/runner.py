@@ -46,7 +46,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
     def auto() -> dict:  # what was found in the scan file, and what a live source found once its scan began
         if pipeline is None:
             return {}
-        return {**pipeline.auto_found, **getattr(pipeline.source, "found", {})}
+        return {**pipeline.auto_found, **pipeline.source.found}
 
     recorded = threading.Event()
 

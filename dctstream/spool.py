@@ -72,7 +72,7 @@ _CRC = struct.Struct("<I")
 
 def for_source(source, out_dir: Path, resume: tuple | None, resuming: bool) -> Spool | None:
     """The spool of a stream source (None for a source that can be read again); checked now when resuming."""
-    if getattr(source, "rereadable", True):
+    if source.rereadable:
         return None
     meta = resume[0] if resume else {}
     return Spool(Path(out_dir) / RUN_DIR / SPOOL, resuming, meta.get("first_raw", 0), meta.get("spool_until", -1))

@@ -211,6 +211,8 @@ class ScanMonitor:
         waiting = getattr(source, "waiting_for", None)
         if waiting and not s.get("frames_read"):
             snap["waiting_for"] = waiting
+        # what the source met on the way (frames dropped, reopens, waits, ...); one C-level copy beside its thread
+        snap["source_counters"] = dict(getattr(source, "counters", None) or {})
         snap["spots_per_psi"] = self._sparkline(s)
         snap["warnings"] = self._warning_list(s, snap["rates"])
         return snap
@@ -466,6 +468,8 @@ def render_scan(snap: dict):
         grid.add_row("spots/ψ", Text(sparkline(spark["counts"])) + Text(f"  {axis}, highest {max(spark['counts'])}"))
     if snap.get("waiting_for"):
         grid.add_row("waiting", snap["waiting_for"])
+    if _counters_text(snap):
+        grid.add_row("source", _counters_text(snap))
     grid.add_row("memory", _fmt_mb(snap.get("memory_mb")))
     warnings = snap.get("warnings") or []
     grid.add_row("warnings", Text("\n".join(warnings), style="yellow") if warnings else "none")
@@ -496,6 +500,11 @@ def render(snapshots: Sequence[dict], header: str | None = None):
     return Group(*parts)
 
 
+def _counters_text(snap: dict) -> str:
+    """The source's counters that are not 0: ``missing 3, reopens 1``."""
+    return ", ".join(f"{name} {n}" for name, n in (snap.get("source_counters") or {}).items() if n)
+
+
 def status_line(snap: dict) -> str:
     """One scan's snapshot on one line, for logs."""
     s, rates, lat = snap.get("stats") or {}, snap.get("rates") or {}, snap.get("latency") or {}
@@ -508,6 +517,7 @@ def status_line(snap: dict) -> str:
             f"{'' if seconds is None else f' {seconds:.1f} s'}; difspots {s.get('difspots_written', 0)}, "
             f"rejected {_rejected_text(s)}; {_fmt_mb(snap.get('memory_mb'))}"
             + (f"; waiting: {snap['waiting_for']}" if snap.get("waiting_for") else "")
+            + (f"; source: {_counters_text(snap)}" if _counters_text(snap) else "")
             + (f"; warnings: {'; '.join(snap['warnings'])}" if snap.get("warnings") else ""))
 
 

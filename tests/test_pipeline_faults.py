@@ -9,7 +9,7 @@ from dctstream.config import load_config
 from dctstream.errors import InputError
 from dctstream.pipeline import Pipeline
 from dctstream.sinks import read_spot_table
-from dctstream.sources import Hdf5FileSource
+from dctstream.sources import FrameSource, Hdf5FileSource
 from dctstream.types import Frame
 
 
@@ -24,11 +24,10 @@ def _frames(scan, lost=(), no_angle_from=None):
                       None if f.index in lost else f.data.copy()) for f in source]
 
 
-class ListSource:
+class ListSource(FrameSource):
     """Frames from a list, their shape known from the first, as a stream's; ``fail_at`` raises there
     (the process dies mid-scan).  Records whether it was closed."""
 
-    frame_shape = dtype = n_frames = None
     end_reason = "series_end"
     rereadable = True
 

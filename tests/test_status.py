@@ -173,6 +173,22 @@ def test_stats_read_whole_while_every_thread_adds_its_stage_time():
     assert stats_dict(stats)["stage_s"]["a0"] == 10.0
 
 
+def test_source_counters_reach_the_status_and_the_record(tmp_path):
+    """What the source met (frames dropped, reopens, waits) is in the snapshot, the log line, the live view
+    and the run record; counters at 0 are not shown."""
+    from types import SimpleNamespace
+
+    monitor, stats = fed_monitor(tmp_path)
+    source = SimpleNamespace(counters={"missing": 3, "reopens": 1, "looks": 0})
+    monitor.attach(SimpleNamespace(stats=stats, source=source))
+    snap = monitor.snapshot()
+    assert snap["source_counters"] == {"missing": 3, "reopens": 1, "looks": 0}
+    assert "; source: missing 3, reopens 1;" in status_line(snap) + ";"
+    assert "│ source     missing 3, reopens 1 " in text_of(render([snap]))
+    record = run_record(monitor.cfg, snap)
+    assert record["source_counters"] == {"missing": 3, "reopens": 1, "looks": 0}
+
+
 def test_display_is_chosen_by_the_terminal(tmp_path):
     piped = Console(file=io.StringIO())
     terminal = Console(file=io.StringIO(), force_terminal=True, width=100)

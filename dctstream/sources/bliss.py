@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..types import Frame
+from .base import FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _blissdata():
     return DataStore, ScanState, EndOfStream, NoScanAvailable
 
 
-class BlissdataSource:
+class BlissdataSource(FrameSource):
     """Frames of one blissdata scan, in order, as Bliss publishes them."""
 
     rereadable = True  # the scan stays in Redis (and its file) for a while: a resumed run reads it again
