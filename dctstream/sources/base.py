@@ -30,7 +30,7 @@ from ..types import Frame
 
 # Why a source's frames ended (``end_reason``) that means it delivered the whole scan; any other reason
 # (idle_timeout, vanished, stopped, scan_aborted, ...) makes the run incomplete.
-COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end"})
+COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end", "scan_end"})
 
 _NONE: Mapping = MappingProxyType({})
 
