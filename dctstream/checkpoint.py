@@ -45,6 +45,7 @@ from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from .atomic import sync_files, write_atomic
 from .errors import InputError, OutputError
@@ -63,9 +64,10 @@ def marker_path(out_dir: Path) -> Path:
 
 
 def unfinished_run(out_dir: Path, config_text: str) -> bool:
-    """Whether ``out_dir`` holds an unfinished run of this configuration (to resume).
+    """Whether ``out_dir`` holds an unfinished run of this configuration (to resume): the same effective
+    settings, however written, those that cannot change a result (`RUN_ONLY`) left out.
 
-    Raises `OutputError` when it holds one of another configuration.
+    Raises `OutputError` naming the first setting that differs when it holds one of another configuration.
     """
     marker = marker_path(out_dir)
     try:
@@ -74,19 +76,44 @@ def unfinished_run(out_dir: Path, config_text: str) -> bool:
         return False
     except OSError as exc:
         raise OutputError(f"{marker}: cannot read ({exc.strerror})") from None
-    if previous != config_text:
-        changed = _changed_lines(previous, config_text)
+    changed = _first_difference(previous, config_text)
+    if changed is not None:
         raise OutputError(f"{out_dir}: holds an unfinished run of another configuration ({changed}), expected "
                           "the same command to resume it; pass --overwrite to start again")
     return True
 
 
-def _changed_lines(old: str, new: str) -> str:
-    before, after = old.splitlines(), new.splitlines()
-    for a, b in zip(before, after):
-        if a != b:
-            return f"was {a.strip()!r}, now {b.strip()!r}"
-    return "its length differs"
+# Settings of how a run is watched, checkpointed or spread over a cluster: a resumed run may change them.
+RUN_ONLY = ("status.", "watch.", "cluster.", "output.checkpoint_every_s", "output.checkpoint_every_frames")
+
+
+def _settings(text: str) -> dict:
+    """``section.key`` -> value of a dumped configuration."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        tree = None
+    if not isinstance(tree, dict):
+        return {"(the configuration)": text}
+    flat = {}
+    for section, keys in tree.items():
+        for key, value in (keys.items() if isinstance(keys, dict) else [("", keys)]):
+            name = f"{section}.{key}"
+            if not name.startswith(RUN_ONLY):
+                flat[name] = value
+    return flat
+
+
+def _first_difference(old: str, new: str) -> str | None:
+    """The first setting whose value differs between two dumped configurations, said as
+    ``section.key: was A, now B``; None when they are the same."""
+    if old == new:
+        return None
+    before, after = _settings(old), _settings(new)
+    for name in [*after, *(k for k in before if k not in after)]:
+        if before.get(name, "(not set)") != after.get(name, "(not set)"):
+            return f"{name}: was {before.get(name, '(not set)')!r}, now {after.get(name, '(not set)')!r}"
+    return None
 
 
 def start_run(out_dir: Path, config_text: str) -> None:

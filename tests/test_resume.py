@@ -259,7 +259,7 @@ def test_unfinished_run_of_another_configuration_is_refused(scan, tmp_path, caps
     rc = main(_args(scan, out, ("segmentation.seed_sigma=7",)))
     captured = capsys.readouterr()
     assert_one_line_error(rc, captured.out, captured.err, 1, [
-        str(out), "holds an unfinished run of another configuration", "seed_sigma: 4.0", "seed_sigma: 7.0",
+        str(out), "holds an unfinished run of another configuration (segmentation.seed_sigma: was 4.0, now 7.0)",
         "expected the same command to resume it", "--overwrite"])
     assert sorted(p.name for p in (out / "difspots").iterdir()) == before
     assert main([*_args(scan, out, ("segmentation.seed_sigma=7",)), "--overwrite"]) == 0
