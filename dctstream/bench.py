@@ -188,6 +188,9 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
         "per_frame_s_p50": float(np.median(steady)) if steady.size else None,
         "per_frame_s_p99": float(np.percentile(steady, 99)) if steady.size else None,
         "stage_frames_per_s": {k: n / v for k, v in stats.stage_s.items() if v > 0},
+        "stage_ms_per_frame": {k: 1000 * v / n for k, v in stats.stage_s.items()},
+        # the stages run on their own threads, joined by bounded queues: the slowest one sets the rate
+        "bound_by": max(stats.stage_s, key=stats.stage_s.get) if stats.stage_s else None,
         "difspots": stats.difspots_written,
         "rejected": dict(stats.rejected),
         "flood_frames": stats.flood_frames_total,
@@ -279,18 +282,29 @@ def format_report(report: dict) -> str:
     p = report.get("pipeline")
     window_gib = o["window"] * o["size"] ** 2 * 2 / 2**30  # uint16 frames
     if p:
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p["stage_frames_per_s"].items()))
         lines += ["", f"whole pipeline, HDF5 file -> difspots, {p['frames']} frames: "
                       f"{p['frames_per_s']:.1f} frames/s overall, {p['steady_frames_per_s']:.1f} frames/s "
                       f"after the first window",
-                  f"  per stage (frames/s of the time spent in it): {stages}",
+                  *format_stages(p),
                   f"  per frame: p50 {p['per_frame_s_p50'] * 1000:.0f} ms, p99 {p['per_frame_s_p99'] * 1000:.0f} ms; "
-                  f"latency {p['latency_frames']} frames "
-                  f"({p['latency_frames'] / p['steady_frames_per_s']:.1f} s at that rate)",
+                  f"latency {p['latency_frames']} frames measured "
+                  f"({p['latency_frames'] / p['steady_frames_per_s']:.1f} s at that rate; the background stage "
+                  f"holds back {p['latency_frames_background']})",
                   f"  memory: peak {p['peak_rss_gib']:.2f} GiB resident, {p['peak_rss_gib'] / window_gib:.2f}x the "
                   f"{window_gib:.2f} GiB of a window of raw frames (the ring holds {p['ring_gib']:.2f}); "
                   f"{p['difspots']} difspots"]
     return "\n".join(lines)
+
+
+def format_stages(p: dict) -> list[str]:
+    """The per-stage table of a pipeline report: time per frame in each stage's thread, and which bounds the rate."""
+    ms = p["stage_ms_per_frame"]
+    lines = [f"  {'stage':12s} {'ms/frame':>9s} {'frames/s':>9s}"]
+    for stage in sorted(ms, key=ms.get, reverse=True):
+        rate = 1000 / ms[stage] if ms[stage] > 0 else float("inf")
+        lines.append(f"  {stage:12s} {ms[stage]:9.2f} {rate:9.1f}"
+                     + ("  <- bounds the rate (the stages overlap on their threads)" if stage == p["bound_by"] else ""))
+    return lines
 
 
 def main(opts: BenchOptions, as_json: bool = False) -> str:

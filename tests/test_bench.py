@@ -27,8 +27,12 @@ def test_report_of_stages_and_pipeline():
     assert (p["latency_frames_background"] <= p["latency_frames"]
             <= p["latency_frames_background"] + SEGMENT_QUEUE_DEPTH + FRAME_QUEUE_DEPTH + 2)
     assert p["difspots"] > 0 and p["peak_rss_gib"] > p["ring_gib"] > 0
+    ms = p["stage_ms_per_frame"]
+    assert set(ms) == set(p["stage_frames_per_s"]) and p["bound_by"] == max(ms, key=ms.get)
     text = format_report(report)
     assert "whole pipeline" in text and "running median" in text
+    bound = next(line for line in text.splitlines() if "bounds the rate" in line)
+    assert bound.split()[:2] == [p["bound_by"], f"{ms[p['bound_by']]:.2f}"]
 
 
 def test_json_report(capsys):
