@@ -175,8 +175,8 @@ class BlissdataSource(FrameSource):
             self.n_frames = npoints
         try:
             self.frame_shape, self.dtype = tuple(frames.shape)[-2:], np.dtype(frames.dtype)
-        except Exception:  # a plugin that learns them from the first frame
-            pass
+        except Exception as exc:  # a plugin that learns them from the first frame: they come with it
+            log.debug("%s: frame shape and type not known before the first frame (%s)", frames.name, exc)
         psi = _Angles(angles, self._EndOfStream)
         cursor = frames.cursor()
         k = 0
