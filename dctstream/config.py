@@ -315,12 +315,6 @@ def _parse_text(value: Any) -> str:
     return value
 
 
-def _parse_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid("must be true or false")
-    return value
-
-
 def _parse_dataset(value: Any) -> str:
     text = _parse_text(value)
     if not text.startswith("/"):

@@ -198,7 +198,8 @@ def test_killed_again_and_again_while_resuming(scan, tmp_path, protocol):
     assert _run(_args(scan, want, extra)).returncode == 0
     out = tmp_path / "out"
     for point in ("frame:20", "frame:15", "difspot:3", "frame:5"):  # counted from each start
-        assert _run(_args(scan, out, extra), crash_at=point).returncode == -9, point
+        killed = _run(_args(scan, out, extra), crash_at=point)
+        assert killed.returncode == -9, f"{point}: {killed.stderr}"
     assert _run(_args(scan, out, extra)).returncode == 0
     assert_same_outputs(outputs(out), outputs(want))
 
@@ -262,7 +263,7 @@ def test_unfinished_run_of_another_configuration_is_refused(scan, tmp_path, caps
     rc = main(_args(scan, out, ("segmentation.seed_sigma=7",)))
     captured = capsys.readouterr()
     assert_one_line_error(rc, captured.out, captured.err, 1, [
-        str(out), "holds an unfinished run of another configuration", "seed_sigma: 4.0", "seed_sigma: 7.0",
+        str(out), "holds an unfinished run of another configuration (segmentation.seed_sigma: was 4.0, now 7.0)",
         "expected the same command to resume it", "--overwrite"])
     assert sorted(p.name for p in (out / "difspots").iterdir()) == before
     assert main([*_args(scan, out, ("segmentation.seed_sigma=7",)), "--overwrite"]) == 0
