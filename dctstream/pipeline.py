@@ -169,7 +169,7 @@ def identity_config(cfg: Config) -> str:
 
 
 # Why a source ended that means it delivered the whole scan.
-COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end"})
+COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end", "scan_end"})
 
 
 class Pipeline:

@@ -96,13 +96,15 @@ def stop_server(proc: subprocess.Popen) -> None:
 class Publisher(threading.Thread):
     """Bliss's side: one scan, frame by frame.  ``kind``: array (frames in Redis), hdf5 (frames in Redis and
     the scan file, the first ``expire`` gone from Redis as the memory tracker does before ``created`` is set),
-    lima (frames only in Lima's files).  ``abort_after``: the user stops the scan after that many frames."""
+    lima (frames only in Lima's files).  ``abort_after``: the user stops the scan after that many frames.
+    ``hold``: (k, event): after frame k - 1 the scan waits for the event (a paused acquisition)."""
 
-    def __init__(self, url, frames, angles, folder, *, name="dct", kind="array", abort_after=None, expire=0,
-                 go: threading.Event | None = None):
+    def __init__(self, url, frames, angles, folder, *, name="dct", number=1, kind="array", abort_after=None,
+                 expire=0, go: threading.Event | None = None, hold: tuple[int, threading.Event] | None = None):
         super().__init__(daemon=True)
         self.url, self.frames, self.angles, self.folder = url, frames, angles, folder
         self.name, self.kind, self.abort_after, self.expire, self.go = name, kind, abort_after, expire, go
+        self.number, self.hold = number, hold
         self.error = None
         self.created = threading.Event()
         self.key = None
@@ -132,7 +134,7 @@ class Publisher(threading.Thread):
             assert self.go.wait(PUBLISH_TIMEOUT_S)
         store = DataStore(self.url)
         scan_file = self.folder / f"{self.name}.h5"
-        scan = store.create_scan({"name": self.name, "number": 1, "data_policy": "no_policy", "path": str(scan_file)},
+        scan = store.create_scan({"name": self.name, "number": self.number, "data_policy": "no_policy", "path": str(scan_file)},
                                  info={"title": "fscan diffrz 0 9 40 0.1", "npoints": n, "type": "fscan"})
         self.key = scan.key
         if self.kind != "hdf5":
@@ -159,6 +161,8 @@ class Publisher(threading.Thread):
         scan.start()
         stop = n if self.abort_after is None else self.abort_after
         for k in range(stop):
+            if self.hold is not None and k == self.hold[0]:
+                assert self.hold[1].wait(PUBLISH_TIMEOUT_S), "the scan was held for too long"
             if self.kind == "lima":
                 with h5py.File(self.folder / f"marana_{k:04d}.h5", "w") as f:
                     f["entry_0000/measurement/data"] = frames[k:k + 1]

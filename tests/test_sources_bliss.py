@@ -67,7 +67,9 @@ def test_a_scan_processed_live_equals_offline(kind, bliss_url, scan_frames, tiny
     publisher.finish()
     assert stats.source_end == "scan_end" and stats.frames_read == len(frames)
     _assert_same_spots(out, _offline(tmp_path, frames, angles, tiny_scan, tiny_overrides))
-    auto = read_record(out)["auto"]
+    record = read_record(out)
+    assert record["state"] == "finished" and record["end_reason"] == "scan_end"  # a whole scan, not "incomplete"
+    auto = record["auto"]
     assert auto["source.scan"]["url"] == publisher.key
     assert auto["source.stream"]["url"] == "marana:image"
     assert auto["source.angles"] == {"url": "axis:diffrz",
