@@ -136,6 +136,8 @@ class BlissScanFinder:
         """Scans of this server whose runs were stopped (or killed) under ``out_root``, still in Redis."""
         found = []
         for record_path in sorted(self.out_root.rglob(RUN_FILE)):
+            if any(part.startswith(".") for part in record_path.relative_to(self.out_root).parts):
+                continue  # results set aside by --overwrite (OUT/.dctstream/previous), not a run's folder
             record = read_record(record_path.parent) or {}
             source = (record.get("config") or {}).get("source") or {}
             if record.get("state") not in ("stopped", "running") or source.get("url") != self.url:

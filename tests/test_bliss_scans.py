@@ -64,6 +64,35 @@ def test_a_server_that_is_not_there_is_a_one_line_error(tmp_path, capsys):
     assert err.endswith("expected Redis with blissdata's modules") and "\n" not in err
 
 
+def test_a_restarted_watch_takes_up_only_the_stopped_runs_of_its_server_still_in_redis(bliss_url, scan_frames,
+                                                                                       tmp_path):
+    from dctstream.bliss_scans import BlissScanFinder
+    from dctstream.record import write_record
+
+    frames, angles = scan_frames
+    scan = Publisher(bliss_url, frames[:3], angles[:3], tmp_path, name="dct_old")
+    scan.start()
+    scan.finish()
+    out = (tmp_path / "out").resolve()
+
+    def run(folder, state, url=bliss_url, key=scan.key):
+        folder.mkdir(parents=True)
+        write_record(folder, {"state": state, "config": {"source": {"url": url, "scan": key}}})
+
+    run(out / "a" / "1_stopped", "stopped")
+    run(out / "a" / "2_killed", "running")
+    for name, state in (("finished", "finished"), ("failed", "failed"), ("aborted", "incomplete")):
+        run(out / "a" / name, state)
+    run(out / "a" / "other_server", "stopped", url="redis://elsewhere:25002")
+    run(out / "a" / "gone", "stopped", key="esrf:scan:01GONE")
+    run(out / "a" / "1_stopped" / ".dctstream" / "previous", "stopped")
+    finder = BlissScanFinder(bliss_url, load_config(None, [f"output.dir={out}"]))
+    taken = finder.left_unfinished()
+    assert [s.out_dir for s in taken] == [out / "a" / "1_stopped", out / "a" / "2_killed"]
+    assert {(s.scan_key, s.name, s.number) for s in taken} == {(scan.key, "dct_old", 1)}
+    assert finder.new_scans() == []  # the scan was there before the finder
+
+
 # -- the daemon on a real server -----------------------------------------------------------------------------
 
 
