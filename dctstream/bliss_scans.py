@@ -20,6 +20,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .config import Config
 from .errors import InputError
@@ -54,9 +55,7 @@ class BlissScan:
     def run_args(self) -> list[str]:
         return ["--source", self.server, "--set", f"source.scan={self.scan_key}", "--out", str(self.out_dir)]
 
-    def stamp(self) -> None:
-        """An incomplete Bliss scan (aborted, failed) is over: nothing to try again when it changes."""
-        return None
+    retry_on_change: ClassVar[bool] = False  # an incomplete Bliss scan (aborted, failed) is over
 
 
 def parse_filter(text: str) -> tuple[str | None, str]:

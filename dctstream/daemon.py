@@ -39,6 +39,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import h5py
@@ -90,6 +91,8 @@ class Scan:
     def stamp(self) -> tuple | None:
         """Its file's identity and size: an incomplete scan is tried again once this changes."""
         return _file_stat(self.path)
+
+    retry_on_change: ClassVar[bool] = True  # an incomplete scan may grow: tried again when its stamp changes
 
 
 def plan(out_dir: Path) -> str:
@@ -367,11 +370,10 @@ class Daemon:
                 continue
             if state == "incomplete":
                 self.incomplete += 1
-                stamp = scan.stamp()
-                if stamp is not None:
-                    self.retry[key] = (scan, stamp)
+                if scan.retry_on_change:
+                    self.retry[key] = (scan, scan.stamp())
                 log.warning("%s: incomplete (%s): %s", scan.label, record.get("incomplete") or record.get("end_reason"),
-                            "tried again when the file changes" if stamp is not None else "the scan is over")
+                            "tried again when the file changes" if scan.retry_on_change else "the scan is over")
                 continue
             if self._stop.is_set():
                 log.info("%s: stopped (exit code %s); processed again at the next start", scan.label, code)
