@@ -98,6 +98,7 @@ class BlissScanFinder:
         self.url = url
         self.filters = [parse_filter(f) for f in cfg.watch.scan_filter]
         self.out_root = Path(cfg.output.dir).resolve()
+        self._unreachable = False
         try:
             self._store = DataStore(url)
             self._since = self._store.get_last_scan_timetag()  # scans from now on are new
@@ -118,7 +119,15 @@ class BlissScanFinder:
             try:
                 self._since, key = self._store.get_next_scan(since=self._since, block=False)
             except self._NoScanAvailable:
+                self._reachable()
                 return found
+            except Exception as exc:  # the server went away (restarted, network): asked again at the next look
+                if not self._unreachable:
+                    log.warning("%s: cannot reach the blissdata server (%s): trying again", self.url,
+                                " ".join(str(exc).split()))
+                self._unreachable = True
+                return found
+            self._reachable()
             scan = self._load(key)
             if scan is None:
                 continue
@@ -130,6 +139,11 @@ class BlissScanFinder:
             if taken and taken != scan.key:  # the same name and number again (Redis was emptied): kept apart
                 out = out.with_name(f"{out.name}_{_UNSAFE.sub('_', scan.key.rsplit(':', 1)[-1])}")
             found.append(self._scan(scan, out))
+
+    def _reachable(self) -> None:
+        if self._unreachable:
+            log.info("%s: the blissdata server answers again", self.url)
+            self._unreachable = False
 
     def left_unfinished(self) -> list[BlissScan]:
         """Scans of this server whose runs were stopped (or killed) under ``out_root``, still in Redis."""

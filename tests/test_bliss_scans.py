@@ -94,6 +94,26 @@ def test_a_restarted_watch_takes_up_only_the_stopped_runs_of_its_server_still_in
     assert finder.new_scans() == []  # the scan was there before the finder
 
 
+def test_a_server_gone_for_a_while_is_said_once_and_asked_again(bliss_url, monkeypatch, tmp_path, caplog):
+    import redis
+
+    from dctstream.bliss_scans import BlissScanFinder
+
+    caplog.set_level("INFO", logger="dctstream.bliss_scans")
+    finder = BlissScanFinder(bliss_url, load_config(None, [f"output.dir={tmp_path}"]))
+
+    def gone(**kwargs):
+        raise redis.ConnectionError("Connection refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(finder._store, "get_next_scan", gone)
+        assert finder.new_scans() == [] and finder.new_scans() == []
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{bliss_url}: cannot reach the blissdata server (Connection refused): trying again"]
+    assert finder.new_scans() == []
+    assert caplog.records[-1].getMessage() == f"{bliss_url}: the blissdata server answers again"
+
+
 # -- the daemon on a real server -----------------------------------------------------------------------------
 
 
