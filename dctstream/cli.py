@@ -150,12 +150,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    children = list(args.set or [])
+    if args.filter:
+        args.set = [*children, f"watch.scan_filter={json.dumps(args.filter, ensure_ascii=False)}"]
     cfg = _config(args)
     from .daemon import Daemon
 
     _folder_to_write(cfg.output.dir, "output.dir")
 
-    daemon = Daemon(args.root, cfg, config_path=args.config, overrides=list(args.set or []))
+    daemon = Daemon(args.root, cfg, config_path=args.config, overrides=children)
     return daemon.run(max_scans=args.max_scans)
 
 
@@ -403,10 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("watch", help="process every new scan that appears under a folder, as a daemon")
-    p.add_argument("root", help="the acquisition tree to watch (Bliss: the data folder holding proposals)")
+    p.add_argument("root", help="the acquisition tree to watch (Bliss: the data folder holding proposals), or "
+                   "redis://host:port: the scans Bliss publishes through blissdata, one after the other")
     p.add_argument("--config", dest="config", help="YAML configuration file (watch and processing settings)")
     p.add_argument("--out", help="folder for the results, one subfolder per scan (overrides output.dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (repeatable)")
+    p.add_argument("--filter", action="append", metavar="GLOB|KEY=GLOB",
+                   help="redis://: only scans whose name matches GLOB, or whose info or identity KEY does "
+                   "(repeatable, all must match; overrides watch.scan_filter)")
     p.add_argument("--max-scans", type=_count(1), default=None,
                    help="stop after this many scans were processed (for tests and trials)")
     p.set_defaults(func=cmd_watch, source=None, dark=None)

@@ -182,6 +182,8 @@ class WatchConfig:
     log_file: str = "dctstream-watch.log"  # relative to output.dir, or absolute
     log_max_mb: float = 10.0  # the log is rotated at this size
     log_backups: int = 5  # rotated logs kept
+    # `watch redis://...`: scans whose name matches GLOB / whose info or identity KEY matches: "KEY=GLOB" (all)
+    scan_filter: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -453,6 +455,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "log_file": _parse_text,
         "log_max_mb": _positive,
         "log_backups": _int_at_least(0),
+        "scan_filter": _parse_texts,
     },
     "detector": {
         "mask": _or(None, _parse_text),

@@ -19,6 +19,11 @@ __all__ = ["COMPLETE_ENDS", "FrameSource", "check_source", "Hdf5FileSource", "lo
 _STREAM_PORTS = {9999: "stream1", 31001: "stream2"}
 
 
+def is_bliss_url(url: str) -> bool:
+    """A blissdata (Redis) server's URL: redis://, rediss:// or unix://."""
+    return re.match(r"^(redis|rediss|unix)://", url) is not None
+
+
 def source_kind(cfg) -> str:
     """hdf5 (a recorded file), hdf5-live (a file being written), stream1, stream2, folder or bliss.
 
@@ -26,7 +31,7 @@ def source_kind(cfg) -> str:
     complete; ``hdf5`` or ``hdf5-live`` decides it.
     """
     url, protocol = cfg.url, cfg.protocol
-    if re.match(r"^(redis|rediss|unix)://", url):
+    if is_bliss_url(url):
         if protocol in ("auto", "bliss"):
             return "bliss"
         raise ConfigError(f"source.protocol: {url} is a blissdata (Redis) server, expected auto or bliss, "
