@@ -48,7 +48,8 @@ def source_kind(cfg) -> str:
         return "folder"
     if "::" not in url:
         raise InputError(f"source.url: {url}: expected a URL of the form path/to/file.h5::/path/to/dataset, "
-                         "tcp://host:port (a detector stream) or path/to/dir/*.edf (a folder of frames)")
+                         "an existing DCT dataset file path/to/dataset.h5, tcp://host:port (a detector stream) "
+                         "or path/to/dir/*.edf (a folder of frames)")
     if protocol in ("hdf5", "hdf5-live"):
         return protocol
     if protocol != "auto":
