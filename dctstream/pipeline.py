@@ -460,7 +460,9 @@ class Pipeline:
                 self._source_id = checkpoint.frame_identity(data)
             if not self._first_checked:
                 self._first_checked = True
-                self.detector.check_first_frame(data, self.cfg.source.url)
+                self.detector.check_first_frame(data, self.cfg.source.url,
+                                                invalid_value=getattr(self.source, "invalid_value", None),
+                                                pixel_mask=getattr(self.source, "pixel_mask", None))
             data = self.detector.bin(data)
         with self._timed("background"):
             return self.background.push(data)
