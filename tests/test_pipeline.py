@@ -206,8 +206,11 @@ def test_a_photon_counting_scan_followed_live_from_a_dectris_master_file(tmp_pat
         assert time.monotonic() < deadline, "the writer did not start"
         time.sleep(0.01)
     fit = ["background.window=31", "source.idle_timeout_s=30"]
-    live = Pipeline(load_config(None, [f"source.url={master}::/entry/data", f"output.dir={tmp_path / 'live_out'}",
-                                       f"source.angles={master}::/entry/sample/goniometer/omega", *fit])).run()
+    pipeline = Pipeline(load_config(None, [f"source.url={master}", "source.angles=auto",
+                                           f"output.dir={tmp_path / 'live_out'}", *fit]))
+    assert pipeline.cfg.source.url == f"{master}::/entry/data"  # the master file's path alone says it all
+    assert pipeline.cfg.source.angles == f"{master}::/entry/sample/goniometer/omega"
+    live = pipeline.run()
     writer.join(60)
     recorded = Pipeline(load_config(None, [f"source.url={truth.frames_url}", f"source.angles={truth.angles_url}",
                                            f"output.dir={tmp_path / 'out'}", *fit])).run()

@@ -1,4 +1,4 @@
-"""What a Bliss/NeXus scan file says about its own scan: the rotation angles and the dark, for ``auto``.
+"""What a Bliss/NeXus scan file says about its own scan: the rotation angles, dark and flat, for ``auto``.
 
 ``source.angles: auto`` takes the positioner that moves monotonically over the
 scan with one value per frame: a 1-D dataset in the scan's
@@ -8,7 +8,9 @@ positioners: the one the scan's title names (``fscan diffrz 0 0.5 720 ...``);
 otherwise none is guessed.  ``dark.url: auto`` takes another scan entry of the
 same file whose title says dark and which holds frames of the same shape at the
 same place (``/2.1/measurement/marana`` for ``/1.1/measurement/marana``): the
-last one taken before the scan, else the first after it.
+last one taken before the scan, else the first after it.  For a DECTRIS master
+file (``x_master.h5::/entry/data``) the angles are its
+``/entry/sample/goniometer/omega``.
 
 ``detector.flat: auto`` takes the references (sample out) of the same file, with
 frames at the same place: scans whose title says ref/flat, or in which nothing
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 
 AUTO = "auto"
 # measurement channels that grow with every frame without being a positioner
+# A DECTRIS master file: its frames' group, and where it says the rotation angle of each frame.
+MASTER_DATA = "/entry/data"
+MASTER_OMEGA = "/entry/sample/goniometer/omega"
 _TIME_CHANNEL = re.compile(r"(^|_)(epoch|elapsed_time|time|timer|timestamp|sec|musst_timer)($|_)", re.I)
 
 
@@ -78,8 +83,11 @@ def resolve_auto(cfg):
         h5 = None
     else:
         h5, reason = _open(url)
+    master = h5 is not None and parse_url(url)[1].rstrip("/") == MASTER_DATA
     try:
-        if want_angles:
+        if want_angles and master:
+            found["source.angles"] = _master_angles(h5, url)
+        elif want_angles:
             found["source.angles"] = (_find_angles(h5, url) if h5 is not None
                                       else {"url": None, "reason": reason})
         if want_dark:
@@ -313,6 +321,10 @@ def pick_rotation_scan(path: str) -> dict:
     if h5 is None:
         raise InputError(f"source.url: {reason}")
     with h5:
+        data = h5.get(MASTER_DATA)
+        if isinstance(data, h5py.Group) and any(name.startswith("data_") for name in data):
+            return {"url": f"{path}::{MASTER_DATA}", "reason": f"a DECTRIS master file: the frames of its "
+                                                              f"{len(data)} data files ({MASTER_DATA}/data_*)"}
         candidates, seen = [], []
         for name in sorted(h5, key=_scan_number):
             title = _text(h5, f"{name}/title")
@@ -406,3 +418,16 @@ def _find_flat(h5: h5py.File, url: str, dark_url: str | None, dark_value: float 
         return {"url": None, "reason": f"{where}: {bright:.0%} of its pixels are over {1 / floor:g} x its median "
                                        "(a direct-beam reference, not a flat field): no flat"}
     return {"url": f"{path}::/{name}/{inside}", "reason": where}
+
+
+def _master_angles(h5: h5py.File, url: str) -> dict:
+    """A DECTRIS master file's omega, one value per frame, when it moves."""
+    path, _ = parse_url(url)
+    omega = _frames(h5, MASTER_OMEGA)
+    if omega is None or omega.ndim != 1 or omega.dtype.kind not in "uif" or omega.shape[0] < 2:
+        return {"url": None, "reason": f"the DECTRIS master file has no {MASTER_OMEGA} with one angle per frame"}
+    v = np.asarray(omega[()], np.float64)
+    if not np.all(np.isfinite(v)) or v[-1] == v[0]:
+        return {"url": None, "reason": f"{MASTER_OMEGA} of the DECTRIS master file does not move"}
+    return {"url": f"{path}::{MASTER_OMEGA}",
+            "reason": f"the DECTRIS master file's goniometer: omega from {v[0]:g} to {v[-1]:g} over {v.size} frames"}
