@@ -193,11 +193,11 @@ def cmd_simulate(args) -> int:
                           hot_pixel_fraction=args.hot_pixels, dead_pixel_fraction=args.dead_pixels,
                           module_gap_px=args.module_gap,
                           gain_spread=args.gain_spread, flat_frames=args.flat_frames,
-                          shutter_closed_frames=args.shutter_closed)
+                          shutter_closed_frames=args.shutter_closed, layout=args.layout)
     print(f"wrote {args.output}: {args.frames} frames of {args.size} x {args.size} px, {args.spots} spots\n"
           f"  frames: {truth.frames_url}\n  angles: {truth.angles_url}\n  dark:   {truth.dark_url}\n"
           + (f"  flat:   {truth.flat_url}\n" if truth.flat_url else "")
-          + f"  truth:  {args.output}::/1.1/ground_truth")
+          + f"  truth:  {truth.frames_url.rsplit('/measurement/', 1)[0]}/ground_truth")
     return 0
 
 
@@ -469,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gain per module in [1-S, 1+S]")
     p.add_argument("--flat-frames", type=_count(0), default=0, metavar="N", help="add a flat-field scan at /3.1")
     p.add_argument("--shutter-closed", type=_count(0), default=0, metavar="N", help="first N frames without beam")
+    p.add_argument("--layout", choices=["scan", "dct"], default="scan",
+                   help="scan: the scan at /1.1, its dark at /2.1; dct: a DCT dataset file (references /1.1 and "
+                        "/3.1, the rotation scan /2.1, the dark /4.1), run with --source FILE.h5")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("replay", help="play a recorded scan back as a growing file, a detector stream or EDF files")

@@ -89,6 +89,8 @@ class DetectorConfig:
     flat_floor: float = 0.1  # flat below this fraction of its median: pixel masked, not divided
     binning: int = 1  # 1, 2 or 4: b x b pixels summed (or averaged) into one
     binning_mode: str = "sum"  # sum | mean
+    # spot positions corrected (ImageD11): a Fit2D spline file, or [dx, dy] maps (dctstream/distortion.py)
+    distortion: str | tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,14 @@ def _parse_bbox(value: Any) -> str | tuple[int, ...]:
     return box
 
 
+def _parse_distortion(value: Any) -> str | tuple[str, str]:
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) and v.strip() for v in value):
+        return tuple(value)
+    raise _Invalid("must be a Fit2D spline file or a list of 2 files [dx, dy]")
+
+
 def _parse_texts(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise _Invalid("must be a list of non-empty strings")
@@ -464,6 +474,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "flat_floor": _checked(_parse_number, lambda x: 0 < x < 1, "in (0, 1)"),
         "binning": _one_of(1, 2, 4),
         "binning_mode": _one_of("sum", "mean"),
+        "distortion": _or(None, _parse_distortion),
     },
     "export": {
         "format": _one_of("none", "stack", "sparse"),

@@ -188,6 +188,10 @@ class Pipeline:
                               "(in the config or with --source)")
         # source.angles / dark.url "auto": read from the scan file now, so that everything after sees URLs
         cfg, self.auto_found = resolve_auto(cfg)
+        self.distortion = None  # the detector's distortion, for the spot positions (ImageD11: imported only then)
+        if cfg.detector.distortion:
+            from .distortion import Distortion
+            self.distortion = Distortion(cfg.detector.distortion)
         self.cfg = cfg
         self.stats = Stats()
         self.out_dir = Path(cfg.output.dir)
@@ -277,6 +281,8 @@ class Pipeline:
     def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
         self.detector = detector = Detector(cfg.detector, cfg.dark, shape, dtype)
+        if self.distortion is not None:
+            self.distortion.check_shape(shape)
         bbox = cfg.direct_beam.bbox
         if isinstance(bbox, tuple):
             x0, y0, w, h = bbox
@@ -312,7 +318,7 @@ class Pipeline:
         self.difspots = DifspotWriter(self.out_dir)
         (self.out_dir / "config.yml").write_text(dump_config(cfg))
         self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,
-                                              "source": cfg.source.url})
+                                              "source": cfg.source.url}, distortion=self.distortion)
         self._writer = Worker(self._write_blob, BLOB_QUEUE_DEPTH, name="dctstream-write")
         self._segmenting = Worker(self._take_corrected, SEGMENT_QUEUE_DEPTH, name="dctstream-segment")
         if self._resume:
@@ -499,7 +505,9 @@ class Pipeline:
                 self._source_id = checkpoint.frame_identity(data)
             if not self._first_checked:
                 self._first_checked = True
-                self.detector.check_first_frame(data, self.cfg.source.url)
+                self.detector.check_first_frame(data, self.cfg.source.url,
+                                                invalid_value=getattr(self.source, "invalid_value", None),
+                                                pixel_mask=getattr(self.source, "pixel_mask", None))
             data = self.detector.bin(data)
         with self._timed("background"):
             return self.background.push(data)

@@ -1,5 +1,6 @@
 """End to end: simulated scan -> streamed pipeline -> difspots, against references and ground truth."""
 
+import time
 from pathlib import Path
 
 import h5py
@@ -183,3 +184,41 @@ def test_photon_counting_scan_at_default_settings(tmp_path):
     assert stats.noise_sigma_range == (1.0, 1.0)
     assert (distance.min(axis=1) < 1.5).all()  # precision 1
     assert (distance.min(axis=0) < 1.5).all()  # recall 1
+
+
+def test_a_photon_counting_scan_followed_live_from_a_dectris_master_file(tmp_path):
+    """An Eiger-like scan (uint32, 0-0.5 counts of background, module gaps at 0xFFFFFFFF) written as a DECTRIS
+    master file and data files appearing one after another: the run that follows them gives the spot table
+    of the recorded frames, with the gaps masked (the master's pixel mask) and psi from the master's omega."""
+    from simulators.dct_scan import GLOW_COUNTS
+    from simulators.hard_scans import PHOTON_BACKGROUND_MAX, HardScanModel
+    from simulators.replay_file import replay_dectris, start_in_process
+
+    model = HardScanModel(frames=80, size=64, spots=10, seed=3, beam=False, photon_counting=True,
+                          glow_scale=PHOTON_BACKGROUND_MAX / GLOW_COUNTS, module_gap_px=2)
+    truth = simulate_scan(tmp_path / "eiger.h5", model=model, dtype="uint32", dark_frames=1, workers=1)
+    master = tmp_path / "live" / "eiger_master.h5"
+    master.parent.mkdir()
+    writer = start_in_process(replay_dectris, truth.frames_url, str(master), frames_per_file=20, fps=400,
+                              angles_url=truth.angles_url)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "live" / "eiger_data_000001.h5").exists():
+        assert time.monotonic() < deadline, "the writer did not start"
+        time.sleep(0.01)
+    fit = ["background.window=31", "source.idle_timeout_s=30"]
+    pipeline = Pipeline(load_config(None, [f"source.url={master}", "source.angles=auto",
+                                           f"output.dir={tmp_path / 'live_out'}", *fit]))
+    assert pipeline.cfg.source.url == f"{master}::/entry/data"  # the master file's path alone says it all
+    assert pipeline.cfg.source.angles == f"{master}::/entry/sample/goniometer/omega"
+    live = pipeline.run()
+    writer.join(60)
+    recorded = Pipeline(load_config(None, [f"source.url={truth.frames_url}", f"source.angles={truth.angles_url}",
+                                           f"output.dir={tmp_path / 'out'}", *fit])).run()
+    assert live.source_end == "complete" and live.frames_corrected == 80
+    gaps = 2 * 64 * 2 - 4
+    assert live.masked_pixels == {"detector": gaps, "invalid": 0, "all": gaps}  # the master's mask came first
+    assert recorded.masked_pixels == {"invalid": gaps, "all": gaps}
+    a, b = read_spot_table(tmp_path / "live_out" / "spots.h5"), read_spot_table(tmp_path / "out" / "spots.h5")
+    assert len(b["id"]) >= 8
+    for name in b:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
