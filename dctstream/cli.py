@@ -86,9 +86,10 @@ def _run_split(args, cfg) -> int:
 
     cluster = _cluster_config(cfg, args)
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    client, _, close = open_client(cluster)
+    client, resources, close = open_client(cluster)
     try:
-        record = run_split(cfg, client, args.split, overwrite=args.overwrite, cores=cluster.cores_per_worker)
+        record = run_split(cfg, client, args.split, overwrite=args.overwrite, cores=cluster.cores_per_worker,
+                           resources=resources)
     finally:
         close()
     split = record["split"]

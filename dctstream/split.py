@@ -278,8 +278,11 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
     try:
         detector = _restored_detector(cfg, source, ctx)
         first = max(min(first_raw_frame(cfg.background, noise_from), n - cfg.background.window), 0)
+        # the scales measured by the first task, or placeholders for the frames before ``first``, so that the
+        # stage's list of scales stays indexed by frame
+        known = ctx["scales"] if ctx["scales"] is not None else np.full(first, np.nan)
         stage = _stage(cfg, detector, ctx["direct_beam"] or "none", first_frame=first,
-                       margin_ref=ctx["margin_ref"], known_scales=ctx["scales"], auto_enabled=ctx["auto_enabled"])
+                       margin_ref=ctx["margin_ref"], known_scales=known, auto_enabled=ctx["auto_enabled"])
         stage.emitted = noise_from
         shape = stage.frame_shape
         mask = beam_mask(stage.direct_beam, shape) | stage.pixel_mask
@@ -388,9 +391,13 @@ def _counter_between(facts: dict, c0: int, c1: int) -> dict:
     return {k: v - start.get(k, 0) for k, v in end.items() if v - start.get(k, 0)}
 
 
-def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, starts=None, cores: int = 1) -> dict:
+def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, starts=None, cores: int = 1,
+              resources: dict | None = None) -> dict:
     """Process the recorded scan of ``cfg`` in ``parts`` chunks on the Dask ``client``, into ``cfg.output.dir``
-    exactly as one process does; returns the run record (``split`` says how the chunks went)."""
+    exactly as one process does; returns the run record (``split`` says how the chunks went).
+
+    ``cores``: numba threads a chunk uses; ``resources``: what a chunk takes of a worker (`campaign.open_client`'s:
+    a batch job's worker runs one chunk at a time on its cores)."""
     from .dct_table import export_dct
     from .record import run_record, write_record
 
@@ -417,12 +424,14 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
         checkpoint.start_run(out_dir, identity)
         spill_dir = out_dir / checkpoint.RUN_DIR / SPLIT_DIR
         spill_dir.mkdir(parents=True, exist_ok=True)
-        ctx_future = client.submit(scan_context, cfg, pure=False, key=f"dctstream-split-context-{out_dir.name}")
+        extra = {"resources": resources} if resources else {}
+        ctx_future = client.submit(scan_context, cfg, pure=False, key=f"dctstream-split-context-{out_dir.name}",
+                                   **extra)
 
         def submit(chunk: Chunk):
             path = spill_dir / f"{chunk.seg_start:09d}-{chunk.seg_end:09d}.pkl"
             future = client.submit(run_chunk, cfg, ctx_future, chunk, str(path), cores, pure=False,
-                                   key=f"dctstream-split-{out_dir.name}-{chunk.seg_start}-{chunk.seg_end}")
+                                   key=f"dctstream-split-{out_dir.name}-{chunk.seg_start}-{chunk.seg_end}", **extra)
             return future, path
 
         runs = {chunk: submit(chunk) for chunk in chunks}

@@ -31,7 +31,8 @@ def _add_spot(frames, centre_frame, yx, width_frames):
     y, x = np.mgrid[0:ny, 0:nx]
     for k in range(n):
         d = min(abs(k - centre_frame), n - abs(k - centre_frame))  # along psi, across the seam too
-        spot = 3000.0 * np.exp(-d ** 2 / (2 * width_frames ** 2) - ((x - yx[1]) ** 2 + (y - yx[0]) ** 2) / (2 * 1.5 ** 2))
+        r2 = (x - yx[1]) ** 2 + (y - yx[0]) ** 2
+        spot = 3000.0 * np.exp(-d ** 2 / (2 * width_frames ** 2) - r2 / (2 * 1.5 ** 2))
         frames[k] = np.clip(frames[k] + spot, 0, 65535).astype(frames.dtype)
 
 
