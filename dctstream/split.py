@@ -411,6 +411,10 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
     n = source.n_frames
     source.close()
     chunks = plan(n, parts, cfg, starts)
+    if len(chunks) < parts:
+        pre, post = overlaps(cfg)
+        log.warning("--split %d: %d chunks of %d frames: a chunk starts at least %d frames into the scan and is at "
+                    "least %d frames long", parts, len(chunks), n, pre + FIRST_START, post)
     out_dir = Path(cfg.output.dir)
     outdir.check_free(out_dir)
     identity = identity_config(cfg)
@@ -435,8 +439,16 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
             return future, path
 
         runs = {chunk: submit(chunk) for chunk in chunks}
-        facts = {chunk: runs[chunk][0].result() for chunk in chunks}
+        log.info("%s: %d frames in %d chunks, starting at frames %s", cfg.source.url, n, len(chunks),
+                 [c.start for c in chunks])
         ctx = ctx_future.result()
+        log.info("first window and beam-intensity scales: %.1f s", ctx["elapsed_s"])
+        facts = {}
+        for i, chunk in enumerate(chunks):
+            facts[chunk] = runs[chunk][0].result()
+            log.info("chunk %d of %d (frames %d-%d): %d blobs, %.1f s, peak memory %.0f MB", i + 1, len(chunks),
+                     chunk.start, chunk.end - 1, facts[chunk]["blobs"], facts[chunk]["elapsed_s"],
+                     facts[chunk]["peak_rss_mb"])
         rerun = 0
         while True:  # edges where two chunks' segmenters never agreed: those two as one chunk
             edges = [edge(facts[p], facts[q], q) for p, q in zip(chunks, chunks[1:])]

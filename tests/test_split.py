@@ -12,6 +12,7 @@ import pytest
 from dctstream import split
 from dctstream.cli import main
 from dctstream.config import load_config
+from dctstream.errors import ConfigError
 from dctstream.runner import process_scan
 from simulators.dct_scan import simulate_scan
 from test_resume import assert_same_outputs, outputs
@@ -138,3 +139,10 @@ def test_chunk_plan():
 def test_cluster_options_need_split(tmp_path, capsys):
     assert main(["run", "--source", f"{tmp_path}/x.h5::/d", "--workers", "2"]) != 0
     assert "--split" in capsys.readouterr().err
+
+
+def test_export_refused_before_any_output(scan, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"export.format: sparse: .* expected none"):
+        split.run_split(_cfg(scan, out, "export.format=sparse"), None, 2)
+    assert not out.exists()
