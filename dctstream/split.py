@@ -292,13 +292,15 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
         held: list[tuple[int, np.ndarray]] = []
         edges = set(chunk.lower) | set(chunk.upper)
         facts = {"fingerprints": {}, "rejected": {}, "noise": [], "floods": [], "seed_threshold": None,
-                 "scales": [], "blobs": 0}
+                 "scales": [], "blobs": 0, "fingerprint_s": 0.0}
         with open(spill, "wb") as out:
 
             def segment(k: int, frame: np.ndarray) -> None:
                 if k in edges:
+                    t = time.perf_counter()
                     facts["fingerprints"][k] = fingerprint(segmenter, a)
                     facts["rejected"][k] = dict(segmenter.rejected)
+                    facts["fingerprint_s"] += time.perf_counter() - t
                 sigma = noise.push(k, frame)
                 seed, low = frame_maps(cfg.segmentation, sigma)
                 floods = len(segmenter.floods)
@@ -569,6 +571,7 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
                                               + [ctx["peak_rss_mb"]]), 1),
              "context_s": round(ctx["elapsed_s"], 3),
              "chunk_s": [round(facts[c]["elapsed_s"], 3) for c in chunks],
+             "fingerprint_s": [round(facts[c]["fingerprint_s"], 3) for c in chunks],
              "frames_read": int(sum(facts[c]["frames_read"] for c in chunks))}
     return stats, split
 
