@@ -56,8 +56,48 @@ def cmd_run(args) -> int:
     from .runner import stop_on_sigterm
 
     stop_on_sigterm()
+    if not args.split and (args.cluster is not None or args.workers is not None):
+        from .errors import ConfigError
+
+        raise ConfigError("--cluster, --workers: they say where the chunks of --split N run, expected --split too")
+    if args.split:
+        return _run_split(args, cfg)
     result = run(None, out=None, config=cfg, overwrite=args.overwrite, display=True)
     print(_summary(result.stats, cfg.output.dir))
+    return 0
+
+
+def _cluster_config(cfg, args):
+    """The cluster section with ``--cluster`` and ``--workers`` applied (the scan's config stays as it is)."""
+    from .config import replace_config
+
+    changes = {}
+    if args.cluster is not None:
+        kind = "address" if "://" in args.cluster else args.cluster
+        changes.update(kind=kind, address=args.cluster if kind == "address" else None)
+    if args.workers is not None:
+        changes["workers"] = args.workers
+    return replace_config(cfg, cluster=changes).cluster if changes else cfg.cluster
+
+
+def _run_split(args, cfg) -> int:
+    from .campaign import open_client
+    from .split import run_split
+
+    cluster = _cluster_config(cfg, args)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    client, resources, close = open_client(cluster)
+    try:
+        record = run_split(cfg, client, args.split, overwrite=args.overwrite, cores=cluster.cores_per_worker,
+                           resources=resources)
+    finally:
+        close()
+    split = record["split"]
+    print(f"{record['frames_processed']} frames in {len(split['chunks'])} chunks on "
+          f"{cluster.address or f'{cluster.workers} {cluster.kind} worker(s)'} in {split['elapsed_s']:.1f} s "
+          f"(chunk edges at frames {split['edges'] or 'none'}; {split['rerun']} run again as one); "
+          f"{record['spots']} difspots written to {cfg.output.dir}; worker peak memory "
+          f"{split['workers_peak_rss_mb']:.0f} MB")
     return 0
 
 
@@ -403,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="process a scan into difspots")
     with_config(p)
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
+    p.add_argument("--split", type=_count(2), metavar="N",
+                   help="a recorded scan in N chunks along psi on a Dask cluster, results equal to one process")
+    p.add_argument("--cluster", metavar="KIND",
+                   help="with --split: local, slurm, pbs, sge, lsf or a scheduler tcp://HOST:PORT (cluster.kind)")
+    p.add_argument("--workers", type=_count(1), help="with --split: number of workers (cluster.workers)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("watch", help="process every new scan that appears under a folder, as a daemon")

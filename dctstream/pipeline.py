@@ -126,6 +126,14 @@ def frame_thresholds(cfg, sigma: np.ndarray | None):
     return seed, low
 
 
+def frame_maps(cfg, sigma: np.ndarray):
+    """Frame k's own (seed, grow_low) tile maps from its noise map ``sigma``, or (None, None) when the
+    segmentation section gives both as numbers (the segmenter's parameters then hold them)."""
+    if cfg.seed_threshold != "auto" and cfg.grow_low != "auto":
+        return None, None
+    return tuple(np.broadcast_to(np.asarray(m, np.float64), sigma.shape) for m in frame_thresholds(cfg, sigma))
+
+
 def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
     """Results of an earlier run in ``out_dir``; refuse to mix them with a new run unless asked to replace them."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -536,10 +544,7 @@ class Pipeline:
             return
         with self._timed("segment"):
             sigma = self.noise.push(k, frame)
-            seed = low = None
-            if self.cfg.segmentation.seed_threshold == "auto" or self.cfg.segmentation.grow_low == "auto":
-                seed, low = (np.broadcast_to(np.asarray(m, np.float64), sigma.shape)
-                             for m in frame_thresholds(self.cfg.segmentation, sigma))
+            seed, low = frame_maps(self.cfg.segmentation, sigma)
             blobs = self.segmenter.push(k, frame, seed, low, measure)
         self._note_noise(k, sigma, seed)
         self._write(blobs)
