@@ -14,8 +14,10 @@ interrupted:
   frames, only between frames, so never while a difspot or the table is half
   written): the segmenter's state without its frames (regions, frontier,
   claimed voxels as a sparse list), the noise map, the direct-beam box, the
-  margin reference, the angles read so far, the spot table's rows and the
-  counters. Written to a temporary file, synced, renamed; the difspot files
+  margin reference, the angles read so far, the spot table's rows, the
+  counters and the sparse scan's counts with what is not yet in
+  ``corrected.h5`` (less than a chunk of pixels; a resumed run copies the
+  file up to that point to a new file and continues it). Written to a temporary file, synced, renamed; the difspot files
   it counts are synced first.
 * On resume the background stage starts again at the first raw frame the
   segmenter's oldest needed frame depends on (``BackgroundStage.first_raw_frame``),
@@ -243,6 +245,8 @@ class Snapshot:
         self.meta["stats"]["difspots_written"] = len(table)
         self.meta["table"] = {"attrs": {key: _plain(v) for key, v in table.attrs.items()}}
         arrays = {**self.arrays, **{f"table_{name}": v for name, v in table.columns().items()}}
+        if "export" in self.meta:  # and the sparse scan's chunks it counts
+            pipeline._unsynced.append(pipeline.export.path)
         sync_files(pipeline._unsynced)  # every difspot this checkpoint counts is on disk first
         pipeline._unsynced.clear()
         spool = getattr(pipeline, "spool", None)
@@ -276,7 +280,8 @@ def capture(pipeline, k: int) -> Snapshot:
         "stats": {"frames_missing": stats.frames_missing, "seed_threshold": stats.seed_threshold,
                   "noise_sigma": stats.noise_sigma, "noise_sigma_range": stats.noise_sigma_range,
                   "noise_sigma_by_frame": stats.noise_sigma_by_frame, "flood_frames": stats.flood_frames,
-                  "flood_frames_total": stats.flood_frames_total},
+                  "flood_frames_total": stats.flood_frames_total, "sparse_cut": stats.sparse_cut,
+                  "cut_range": pipeline._cut_range},
         "segmenter": {key: state[key] for key in ("low", "last", "prev_offset", "next_id", "n_blobs",
                                                   "rejected", "capacity")},
     }
@@ -296,6 +301,11 @@ def capture(pipeline, k: int) -> Snapshot:
         **{f"seg_regions_{name}": v for name, v in state["regions"].items()},
         **{f"seg_pending_{name}": v for name, v in state["pending"].items()},
     }
+    export = pipeline.export
+    if export is not None and hasattr(export, "state"):  # the sparse scan: its counts and what is not in the file
+        state = export.state()
+        meta["export"] = {key: state[key] for key in export.STATE_VALUES}
+        arrays.update({f"export_{key}": state[key] for key in export.STATE_ARRAYS})
     return Snapshot(k, meta, arrays)
 
 
@@ -356,6 +366,11 @@ def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         "low_tiles": arrays["seg_low_tiles"], "floods": arrays["seg_floods"],
     })
     pipeline._floods_said = len(pipeline.segmenter.floods)
+    if "export" in meta:
+        from .sinks import SparseScanWriter
+
+        pipeline._open_export(mask, resume={**meta["export"], **{
+            key: arrays[f"export_{key}"] for key in SparseScanWriter.STATE_ARRAYS}})
     pipeline._replay_until = meta["frame"]
     # a source that says its frame shape only with its first frame (a stream, a folder) starts the stages once
     # that frame's psi was taken: it comes after the checkpoint's
@@ -368,6 +383,8 @@ def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     stats.noise_sigma_range = tuple(s["noise_sigma_range"]) if s["noise_sigma_range"] else None
     stats.noise_sigma_by_frame = s["noise_sigma_by_frame"]
     stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
+    stats.sparse_cut = s.get("sparse_cut")
+    pipeline._cut_range = tuple(s["cut_range"]) if s.get("cut_range") else None
     stats.normalise = bg.normalise_facts()
     stats.rejected = Counter(seg_meta["rejected"])
     stats.frames_read = meta["first_raw"]
