@@ -19,11 +19,14 @@ def test_report_of_stages_and_pipeline():
         assert r["bottleneck_frames_per_s"] is None or r["bottleneck_frames_per_s"] > 0
     p = report["pipeline"]
     assert p["frames"] == 51
-    assert set(p["stage_frames_per_s"]) == {"read", "background", "segment", "write"}
+    assert set(p["stage_frames_per_s"]) == {"read", "background", "segment", "write", "export"}
     assert p["latency_frames"] == 11 // 2 + 4 - 1
     assert p["difspots"] > 0 and p["peak_rss_gib"] > p["ring_gib"] > 0
+    r = p["resegment"]  # the same settings from the sparse scan: the same difspots
+    assert r["frames"] == 51 and r["difspots"] == r["table_only_difspots"] == p["difspots"] and r["wall_s"] > 0
+    assert 0 < r["sparse_bytes_per_frame"] < r["raw_frame_bytes"] and 0 < r["sparse_fill_fraction"] < 1
     text = format_report(report)
-    assert "whole pipeline" in text and "running median" in text
+    assert "whole pipeline" in text and "running median" in text and "resegment from the sparse scan" in text
 
 
 def test_json_report(capsys):

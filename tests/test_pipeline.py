@@ -149,7 +149,7 @@ def test_a_frame_lost_in_transit_is_replaced_by_the_background(small_scan, tmp_p
     assert stats.source_end == "series_end"
     table = read_spot_table(tmp_path / "out" / "spots.h5")
     assert len(table["id"]) == stats.difspots_written > 5
-    assert set(stats.stage_s) == {"read", "background", "segment", "write"}
+    assert set(stats.stage_s) == {"read", "background", "segment", "write", "export"}  # the sparse scan
 
 
 def test_photon_counting_scan_at_default_settings(tmp_path):
