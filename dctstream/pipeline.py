@@ -208,7 +208,7 @@ class Pipeline:
         self.out_dir = Path(cfg.output.dir)
         self.overwrite = overwrite
         self.table: SpotTable | None = None
-        self.export: CorrectedFrameWriter | None = None
+        self.export: CorrectedFrameWriter | SparseScanWriter | None = None
         self.lock: outdir.OutputLock | None = None  # taken when the output appears, held until `end`
         self.keep_lock = False  # True: `run` leaves `end` to its caller (the runner writes the record first)
         self._source_id: str | None = None  # identity of frame 0, kept in checkpoints

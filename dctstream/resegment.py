@@ -133,6 +133,7 @@ class Outcome:
     """One setting's result: its difspots' table rows and the segmenter's rejections and floods."""
 
     rows: list[dict] = field(default_factory=list)
+    blobs: int = 0
     rejected: dict = field(default_factory=dict)
     floods: int = 0
 
@@ -157,14 +158,16 @@ def _psi_at(psi, frame: float) -> float | None:
 
 
 def segment_scan(scan: SparseScan, settings: list[tuple[Config, SegmentParams]], on_blobs=None,
-                 on_frame=None) -> list[Outcome]:
+                 on_frame=None, rows: bool = True) -> list[Outcome]:
     """Segment the scan with each of ``settings`` in one pass; ``on_blobs(i, blobs)`` gets each setting's blobs
-    as they close, ``on_frame(k, frame)`` each rebuilt frame. The rows are before any seam join."""
+    as they close, ``on_frame(k, frame)`` each rebuilt frame. The rows (unless not ``rows``: ``on_blobs``
+    writes them) are before any seam join."""
     segmenters = [Segmenter(p, scan.frame_shape, scan.mask) for _, p in settings]
     outcomes = [Outcome() for _ in settings]
 
     def take(i, blobs):
-        for blob in blobs:
+        outcomes[i].blobs += len(blobs)
+        for blob in blobs if rows else ():
             outcomes[i].rows.append(spot_row(unbin_blob(blob, scan.binning, scan.binning_mode),
                                              _psi_at(scan.psi, blob.centroid[0])))
         if on_blobs is not None:
@@ -248,7 +251,8 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     joined = 0
     try:
         try:
-            outcome, = segment_scan(scan, [(cfg, params)], write, quick.on_corrected if quick is not None else None)
+            outcome, = segment_scan(scan, [(cfg, params)], write, quick.on_corrected if quick is not None else None,
+                                    rows=False)
         finally:
             writer.close()
         if turn:  # as a run of the whole scan joins them
@@ -259,7 +263,7 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
         table.close()
     pictures = quick.finish() if quick is not None else []
     return {"out_dir": str(out), "frames": n, "finished_scan": scan.finished,
-            "difspots": len(outcome.rows) - joined, "seam_joined": joined, "rejected": outcome.rejected,
+            "difspots": outcome.blobs - joined, "seam_joined": joined, "rejected": outcome.rejected,
             "flood_frames": outcome.floods, "quicklook": pictures, "seconds": time.perf_counter() - start}
 
 

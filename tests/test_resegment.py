@@ -336,3 +336,13 @@ def test_sparse_writer_resumed_from_its_state_writes_the_same_datasets(tmp_path,
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert resumed.bytes_per_frame == whole.bytes_per_frame
+
+
+def test_tune_sweeps_counts_when_the_config_sets_counts(run):
+    _, tmp, _ = run
+    result = tune(tmp / "run", overrides=("segmentation.seed_threshold=40", "segmentation.grow_low=20"))
+    values = [r["value"] for r in result["rows"]]
+    assert result["key"] == "seed_threshold" and not result["refused"]
+    assert len(values) >= 5 and 40 / 3 - 0.01 <= values[0] < 40 < values[-1] <= 80
+    spots = [r["spots"] for r in result["rows"]]
+    assert spots[0] > spots[-1] > 0
