@@ -11,7 +11,9 @@ ended.  The packaged workflow (`workflow_path`) is that one task::
     ewoks execute $(python -c "import dctstream.ewoks_tasks as t; print(t.workflow_path())") \\
         -p source=/data/s1.h5::/1.1/measurement/marana -p out_dir=/data/s1_dctstream
 
-A resegmenting task is not here: dctstream has no resegment command yet.
+``ResegmentRun`` is one ``dctstream resegment``: a finished (or running) run's sparse corrected scan
+segmented again with other ``segmentation.*`` settings into ``out_dir`` (default ``RUN_DIR/resegmented``),
+seconds where the run took minutes; chain it after ``ProcessScan`` (its ``out_dir`` as ``run_dir``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ewokscore import Task
 from .config import load_config
 from .configs import config_file
 from .dct_table import CSV_NAME, H5_NAME
+from .resegment import resegment
 from .runner import process_scan
 
 WORKFLOW = "process_scan.json"
@@ -57,3 +60,19 @@ class ProcessScan(Task, input_names=["source", "out_dir"],
         self.outputs.spots = stats.difspots_written
         self.outputs.frames = stats.frames_segmented
         self.outputs.end_reason = stats.source_end
+
+
+class ResegmentRun(Task, input_names=["run_dir"], optional_input_names=["overrides", "out_dir", "overwrite", "difspots"],
+                   output_names=["out_dir", "spots_file", "spots", "frames"]):
+    """A run segmented again from its sparse scan, as ``dctstream resegment RUN_DIR [--set KEY=VALUE ...]
+    [--out OUT_DIR] [--overwrite] [--no-difspots]``; settings below the sparse cut fail the task with
+    dctstream's one-line message naming the key."""
+
+    def run(self):
+        summary = resegment(self.inputs.run_dir, list(self.get_input_value("overrides", None) or []),
+                            self.get_input_value("out_dir", None), overwrite=bool(self.get_input_value("overwrite", False)),
+                            difspots=bool(self.get_input_value("difspots", True)))
+        self.outputs.out_dir = summary["out_dir"]
+        self.outputs.spots_file = str(Path(summary["out_dir"]) / "spots.h5")
+        self.outputs.spots = summary["difspots"]
+        self.outputs.frames = summary["frames"]

@@ -52,6 +52,25 @@ def test_ewoks_execute_runs_a_scan(tiny_scan, tmp_path):
     assert all(Path(p).is_file() for p in outputs["difspot_table"])
 
 
+def test_resegment_task_equals_the_command(tiny_scan, tmp_path):
+    """ProcessScan then ResegmentRun (as a workflow chains them): the resegmented spots equal those of
+    `dctstream resegment` with the same settings."""
+    from dctstream.ewoks_tasks import ProcessScan, ResegmentRun
+    from dctstream.resegment import resegment
+
+    settings = ["background.window=11", "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false"]
+    run = ProcessScan(inputs={"source": tiny_scan.frames_url, "out_dir": str(tmp_path / "run"),
+                              "dark": tiny_scan.dark_url, "overrides": settings})
+    run.execute()
+    task = ResegmentRun(inputs={"run_dir": run.outputs.out_dir, "overrides": ["segmentation.seed_sigma=8"],
+                                "out_dir": str(tmp_path / "task")})
+    task.execute()
+    resegment(tmp_path / "run", ["segmentation.seed_sigma=8"], tmp_path / "command")
+    n = _same_spots(Path(task.outputs.spots_file), tmp_path / "command" / "spots.h5")
+    assert task.outputs.spots == n and task.outputs.frames == 40
+    assert n < run.outputs.spots  # a higher seed threshold: fewer spots than the run's 6 sigma
+
+
 def test_a_processor_runs_the_workflow_on_each_dct_scan_bliss_publishes(bliss_url, scan_frames, tiny_scan,
                                                                        tiny_overrides, tmp_path, monkeypatch):
     from blissdata.redis_engine.store import DataStore
