@@ -201,6 +201,7 @@ class PassMerge:
         self.psi: list[float] = []  # psi-order index -> psi
         self.held_pixels = 0
         self.most_held = 0
+        self.most_held_pixels = 0  # the memory: 8 bytes a pixel (index and value)
         self.disorder: list[int] = []  # acquisition indices that came after their place in psi had gone
 
     def _key(self, item) -> tuple:
@@ -245,6 +246,7 @@ class PassMerge:
             self._held.insert(i, item)
             self._keys.insert(i, key)
         self.most_held = max(self.most_held, len(self._held))
+        self.most_held_pixels = max(self.most_held_pixels, self.held_pixels)
         if self._direction != 0 and p >= self.passes - 1:
             yield from self._release(bisect.bisect_right(self._keys, self._key(item)))
 

@@ -535,7 +535,8 @@ class Pipeline:
         merge = self._merge
         facts = dict(self.stats.frame_order or {})
         facts.update({"passes_seen": len(self._tracker.starts), "frames_held": merge.held,
-                      "most_frames_held": merge.most_held, "held_pixels": merge.held_pixels})
+                      "most_frames_held": merge.most_held, "held_pixels": merge.held_pixels,
+                      "most_held_pixels": merge.most_held_pixels})
         if merge.disorder:
             if "out_of_order" not in facts:
                 log.warning("frame %d: came after the frames beside it in psi were segmented (a pass more than "
@@ -571,7 +572,9 @@ class Pipeline:
         # a scan of passes: held as its pixels a spot can hold until the last pass has reached its psi
         low_tiles = np.broadcast_to(np.asarray(frame_thresholds(self.cfg.segmentation, sigma)[1], np.float64),
                                     sigma.shape)
-        for item in self._merge.put(k, frame, pixel_map(low_tiles, TILE_PX, frame.shape), seed, low):
+        low_map = pixel_map(low_tiles, TILE_PX, frame.shape)
+        low_map[self.segmenter.mask] = np.inf  # never segmented: not kept
+        for item in self._merge.put(k, frame, low_map, seed, low):
             self._segment_in_order(*item)
         self._note_order()
 

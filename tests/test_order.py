@@ -13,8 +13,9 @@ from dctstream.pipeline import Pipeline
 from dctstream.sinks import read_spot_table
 from dctstream.sources.memory import MemorySource
 from simulators.dct_scan import simulate_scan
+from simulators.evaluate import score
 
-FRAMES, SIZE = 120, 96
+FRAMES, SIZE = 120, 128
 SETTINGS = ["background.window=15", "segmentation.max_blob_size=[20,20,8]"]
 FRAMES_PATH, ANGLES_PATH = "/1.1/measurement/marana", "/1.1/measurement/diffrz"
 
@@ -23,7 +24,7 @@ FRAMES_PATH, ANGLES_PATH = "/1.1/measurement/marana", "/1.1/measurement/diffrz"
 def scan(tmp_path_factory):
     """A simulated scan in psi order, its frames and angles, and the spot table of its run."""
     tmp = tmp_path_factory.mktemp("order")
-    truth = simulate_scan(str(tmp / "scan.h5"), frames=FRAMES, size=SIZE, spots=25, seed=3)
+    truth = simulate_scan(str(tmp / "scan.h5"), frames=FRAMES, size=SIZE, spots=20, seed=3)
     with h5py.File(truth.path, "r") as f:
         frames, angles = f[FRAMES_PATH][()], f[ANGLES_PATH][()]
     table = run_file(truth, truth.path, tmp / "sorted")[1]
@@ -184,3 +185,37 @@ def test_order_psi_needs_a_recorded_scan(scan, tmp_path):
     truth, frames, angles, _ = scan
     with pytest.raises(ConfigError, match="source.order: psi reads a recorded file"):
         run_live(truth, frames, angles, tmp_path / "out", "source.order=psi")
+
+
+# ---- scans of passes: interlaced turns, back-and-forth ------------------------------------------------
+
+def psi_frames(table, angles):
+    """The table's centroids as frames of the psi-sorted scan (a pass going down counts frames down)."""
+    return {**table, "centroid_frame": np.interp(table["centroid_psi_deg"], np.sort(angles), np.arange(len(angles)))}
+
+
+@pytest.mark.parametrize("make_order, turns", [(interlaced, 2), (back_and_forth, 2), (back_and_forth, 3)],
+                         ids=["interlaced-2", "back-and-forth-2", "back-and-forth-3"])
+def test_a_live_scan_of_passes_gives_the_spots_of_its_recorded_run(scan, tmp_path, make_order, turns):
+    truth, frames, angles, expected = scan
+    order = make_order(FRAMES, turns)
+    path = write_scan(tmp_path / "passes.h5", frames[order], angles[order])
+    stats, recorded = run_file(truth, path, tmp_path / "recorded")
+    assert stats.frame_order["mode"] == "passes" and stats.frame_order["passes"] == turns
+    live_stats, live = run_live(truth, frames[order], angles[order], tmp_path / "live",
+                                f"source.interlaced_turns={turns - 1}")
+    assert_same_spots(live, recorded, skip=())
+    # every frame of the earlier passes waits for the last pass, none much longer; as sparse pixels
+    facts = live_stats.frame_order
+    earlier = FRAMES - FRAMES // turns
+    assert earlier <= facts["most_frames_held"] <= earlier + 15 // 2 + turns + 2
+    assert facts["most_held_pixels"] < 0.02 * facts["most_frames_held"] * SIZE * SIZE
+    assert facts["frames_held"] == 0 and live_stats.frames_segmented == FRAMES
+    # the acquisition index of the maximum names a frame at the spot's psi
+    step = np.median(np.diff(np.sort(angles)))
+    assert np.all(np.abs(angles[order][live["max_frame_acquired"]] - live["centroid_psi_deg"]) <= 3 * step)
+    # as good as the psi-sorted frames against the truth
+    sorted_score = score(truth.spots, expected, direct_beam=truth.direct_beam_bbox)
+    got = score(truth.spots, psi_frames(live, angles), direct_beam=truth.direct_beam_bbox)
+    assert got["recall"] >= sorted_score["recall"] - 0.05, (got, sorted_score)
+    assert got["precision"] >= sorted_score["precision"] - 0.05, (got, sorted_score)
