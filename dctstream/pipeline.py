@@ -534,8 +534,8 @@ class Pipeline:
         """How far the segmentation is behind the frames corrected, for the status and the run record."""
         merge = self._merge
         facts = dict(self.stats.frame_order or {})
-        facts.update({"passes_seen": len(self._tracker.starts), "frames_held": merge.held,
-                      "most_frames_held": merge.most_held, "held_pixels": merge.held_pixels,
+        facts.update({"passes_seen": len(self._tracker.starts), "frames_behind": merge.held,
+                      "most_frames_behind": merge.most_held, "held_pixels": merge.held_pixels,
                       "most_held_pixels": merge.most_held_pixels})
         if merge.disorder:
             if "out_of_order" not in facts:

@@ -272,8 +272,8 @@ def test_bad_input_main(name, tiny_scan, bad_inputs, tiny_overrides, tmp_path, m
 RECOVERIES = {
     "scan_shorter_than_window": ("short", None, ["the scan has 5 frames, fewer than background.window=11",
                                                  "using a window of 5 frames"]),
-    "angles_not_monotonic": (None, "angles_back", ["angles_back: angles are not monotonic",
-                                                   "frame 8 goes back from 8 to 7 degrees", "kept as recorded"]),
+    "angles_not_monotonic": (None, "angles_back", ["angles_back: the frames are not in psi order",
+                                                   "frame 8 goes back from 8 to 7 degrees", "read in psi order"]),
     "angles_repeated": (None, "angles_repeat", ["angles_repeat: frame 8 repeats the angle of frame 7",
                                                 "kept as recorded"]),
 }

@@ -208,9 +208,9 @@ def test_a_live_scan_of_passes_gives_the_spots_of_its_recorded_run(scan, tmp_pat
     # every frame of the earlier passes waits for the last pass, none much longer; as sparse pixels
     facts = live_stats.frame_order
     earlier = FRAMES - FRAMES // turns
-    assert earlier <= facts["most_frames_held"] <= earlier + 15 // 2 + turns + 2
-    assert facts["most_held_pixels"] < 0.02 * facts["most_frames_held"] * SIZE * SIZE
-    assert facts["frames_held"] == 0 and live_stats.frames_segmented == FRAMES
+    assert earlier <= facts["most_frames_behind"] <= earlier + 15 // 2 + turns + 2
+    assert facts["most_held_pixels"] < 0.02 * facts["most_frames_behind"] * SIZE * SIZE
+    assert facts["frames_behind"] == 0 and live_stats.frames_segmented == FRAMES
     # the acquisition index of the maximum names a frame at the spot's psi
     step = np.median(np.diff(np.sort(angles)))
     assert np.all(np.abs(angles[order][live["max_frame_acquired"]] - live["centroid_psi_deg"]) <= 3 * step)
@@ -219,3 +219,13 @@ def test_a_live_scan_of_passes_gives_the_spots_of_its_recorded_run(scan, tmp_pat
     got = score(truth.spots, psi_frames(live, angles), direct_beam=truth.direct_beam_bbox)
     assert got["recall"] >= sorted_score["recall"] - 0.05, (got, sorted_score)
     assert got["precision"] >= sorted_score["precision"] - 0.05, (got, sorted_score)
+
+
+def test_a_pass_more_than_declared_is_warned_of_with_its_frames(scan, tmp_path, caplog):
+    truth, frames, angles, _ = scan
+    order = interlaced(FRAMES, 3)
+    with caplog.at_level(logging.WARNING, "dctstream"):
+        stats, _ = run_live(truth, frames[order], angles[order], tmp_path / "out", "source.interlaced_turns=1")
+    assert "frame 80: came after the frames beside it in psi were segmented" in caplog.text
+    assert stats.frame_order["out_of_order"][:2] == [80, 81]
+    assert stats.frame_order["passes_seen"] == 3
