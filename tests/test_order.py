@@ -229,3 +229,23 @@ def test_a_pass_more_than_declared_is_warned_of_with_its_frames(scan, tmp_path, 
     assert "frame 80: came after the frames beside it in psi were segmented" in caplog.text
     assert stats.frame_order["out_of_order"][:2] == [80, 81]
     assert stats.frame_order["passes_seen"] == 3
+
+
+def test_interlaced_turns_written_as_the_pipeline_reads_them_give_the_recorded_spots(scan, tmp_path):
+    """The same through a growing HDF5 file, the angles written beside the frames."""
+    from simulators.replay_file import replay_hdf5, start_in_process
+
+    truth, frames, angles, _ = scan
+    order = interlaced(FRAMES, 2)
+    path = write_scan(tmp_path / "interlaced.h5", frames[order], angles[order])
+    _, recorded = run_file(truth, path, tmp_path / "recorded")
+    live = tmp_path / "live.h5"
+    acquisition = start_in_process(replay_hdf5, f"{path}::{FRAMES_PATH}", str(live), fps=500,
+                                   angles_url=f"{path}::{ANGLES_PATH}")
+    cfg = load_config(None, [f"source.url={live}::{FRAMES_PATH}", f"source.angles={live}::{ANGLES_PATH}",
+                             f"dark.url={truth.dark_url}", f"output.dir={tmp_path / 'out'}", "source.idle_timeout_s=20",
+                             "source.interlaced_turns=1", *SETTINGS])
+    stats = Pipeline(cfg).run()
+    acquisition.join(30)
+    assert stats.frames_segmented == FRAMES and stats.frame_order["passes_seen"] == 2
+    assert_same_spots(read_spot_table(tmp_path / "out" / "spots.h5"), recorded, skip=())
