@@ -42,17 +42,10 @@ DISORDER_LISTED = 10
 
 def pass_starts(psi) -> list[int]:
     """Where each pass begins (arrival indices): a pass runs one way; a step against it starts the next."""
-    starts, direction = [0], 0.0
-    for i in range(1, len(psi)):
-        step = np.sign(psi[i] - psi[i - 1])
-        if step == 0:
-            continue
-        if direction == 0:
-            direction = step
-        elif step != direction:
-            starts.append(i)
-            direction = 0.0
-    return starts
+    tracker = PassTracker()
+    for a in psi:
+        tracker.add(float(a))
+    return tracker.starts
 
 
 def backward_steps(psi) -> np.ndarray:
@@ -137,7 +130,8 @@ class PsiOrderedSource:
         return getattr(self.source, name)
 
     def __iter__(self) -> Iterator[Frame]:
-        missing = getattr(self.source, "_missing", set())
+        missing = getattr(self.source, "missing", None)  # frames never written (Hdf5FileSource)
+        missing = set(missing.tolist()) if isinstance(missing, np.ndarray) else set()
         for j in range(self.first_frame, len(self.order)):
             k = int(self.order[j])
             yield Frame(j, float(self.angles[j]), None if k in missing else self.source.read_frame(k))

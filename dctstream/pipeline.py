@@ -18,8 +18,8 @@ from . import __version__, checkpoint, outdir, seam, spool
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
-from .order import PassMerge, PassTracker, arrange, frames_text
 from .errors import ConfigError, DctStreamError, InputError, OutputError
+from .order import PassMerge, PassTracker, arrange, frames_text
 from .overlap import Prefetch, Worker
 from .resources import check_memory
 from .segment import SegmentParams, Segmenter
@@ -592,7 +592,8 @@ class Pipeline:
                     tap.on_corrected(k, frame)
         self.stats.frames_segmented += 1
         checkpoint.crash_point("frame")
-        if not self._finishing and self._merge is None and self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
+        # saved by the writer, once the difspots before it are written; a scan of passes is never checkpointed
+        if not self._finishing and self._merge is None and self._checkpointer.due(k):
             self._writer.submit(checkpoint.capture(self, k))
 
     def _note_noise(self, k: int, sigma: np.ndarray, seed) -> None:

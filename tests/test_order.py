@@ -8,7 +8,7 @@ import pytest
 
 from dctstream.config import load_config
 from dctstream.errors import ConfigError
-from dctstream.order import PassMerge, PassTracker, classify, pass_starts
+from dctstream.order import PassMerge, PassTracker, classify
 from dctstream.pipeline import Pipeline
 from dctstream.sinks import read_spot_table
 from dctstream.sources.memory import MemorySource
@@ -41,7 +41,7 @@ def run_file(truth, path, out, *extra):
 
 def run_live(truth, frames, angles, out, *extra):
     """The frames handed over one at a time as a live source does (angles not known ahead)."""
-    cfg = load_config(None, [f"source.url=live::/frames", f"dark.url={truth.dark_url}", f"output.dir={out}",
+    cfg = load_config(None, ["source.url=live::/frames", f"dark.url={truth.dark_url}", f"output.dir={out}",
                              *SETTINGS, *extra])
     stats = Pipeline(cfg, source=LiveFrames(frames, angles)).run()
     return stats, read_spot_table(out / "spots.h5")
@@ -97,15 +97,6 @@ def test_passes_are_told_from_disorder():
     swapped[[7, 8]] = swapped[[8, 7]]
     assert classify(swapped)[0] == "unordered"
     assert classify(np.random.default_rng(0).permutation(psi))[0] == "unordered"
-
-
-def test_pass_tracker_agrees_with_the_whole_angles():
-    for order in (interlaced(60, 3), back_and_forth(60, 4)):
-        psi = np.arange(60.0)[order]
-        tracker = PassTracker()
-        for a in psi:
-            tracker.add(a)
-        assert tracker.starts == pass_starts(psi)
 
 
 @pytest.mark.parametrize("make_order", [interlaced, back_and_forth])
