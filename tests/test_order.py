@@ -240,3 +240,22 @@ def test_interlaced_turns_written_as_the_pipeline_reads_them_give_the_recorded_s
     acquisition.join(30)
     assert stats.frames_segmented == FRAMES and stats.frame_order["passes_seen"] == 2
     assert_same_spots(read_spot_table(tmp_path / "out" / "spots.h5"), recorded, skip=())
+
+
+def test_the_run_record_says_how_frames_were_placed_and_which_went_back(scan, tmp_path):
+    import dctstream
+    from dctstream.record import read_record
+
+    truth, frames, angles, _ = scan
+    order = interlaced(FRAMES, 2)
+    path = write_scan(tmp_path / "interlaced.h5", frames[order], angles[order])
+    common = dict(dark=truth.dark_url, angles=f"{path}::{ANGLES_PATH}")
+    passes = dctstream.run(f"{path}::{FRAMES_PATH}", out=tmp_path / "passes", overrides=SETTINGS, **common)
+    arrival = dctstream.run(f"{path}::{FRAMES_PATH}", out=tmp_path / "arrival",
+                            overrides=[*SETTINGS, "source.order=arrival"], **common)
+    placed = read_record(passes.out)["stats"]["frame_order"]
+    assert placed["mode"] == "passes" and placed["pass_starts"] == [0, FRAMES // 2]
+    assert placed["most_frames_behind"] >= FRAMES // 2 and placed["frames_behind"] == 0
+    record = read_record(arrival.out)
+    assert record["stats"]["frame_order"] == {"mode": "arrival", "frames_back": [60], "frames_back_total": 1}
+    assert any("frame 60: psi goes back from" in w for w in record["warnings"])
