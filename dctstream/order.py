@@ -82,14 +82,15 @@ def arrange(source, cfg) -> tuple[object, int | None, dict | None]:
     to segment across (None: no passes) and how the frames are placed, for the run record; ``cfg`` is the
     ``source`` section."""
     angles = getattr(source, "angles", None)
-    recorded = isinstance(angles, np.ndarray) and hasattr(source, "read_frame")
+    known = isinstance(angles, np.ndarray)  # every angle known ahead: a recorded file, or frames given with angles
+    recorded = known and hasattr(source, "read_frame")
     declared = None if cfg.interlaced_turns is None else cfg.interlaced_turns + 1
     if cfg.order == "arrival":
         return source, None, {"mode": "arrival"}
-    if not recorded:
-        if cfg.order == "psi":
-            raise ConfigError("source.order: psi reads a recorded file in psi order, expected auto or arrival "
-                              "for a live source (declare source.interlaced_turns for turns)")
+    if cfg.order == "psi" and not recorded:
+        raise ConfigError("source.order: psi reads a recorded file in psi order, expected auto or arrival "
+                          "for a live source (declare source.interlaced_turns for turns)")
+    if not known:
         if declared and declared > 1:
             return source, declared, {"mode": "passes", "passes": declared}
         return source, None, None
@@ -103,6 +104,8 @@ def arrange(source, cfg) -> tuple[object, int | None, dict | None]:
     back = backward_steps(angles)
     first = int(back[0])
     how = f"frame {first} goes back from {angles[first - 1]:g} to {angles[first]:g} degrees"
+    if kind == "unordered" and not recorded:
+        return source, None, None  # cannot be read again in psi order: each frame that goes back is said
     if cfg.order == "psi" or kind == "unordered":
         log.warning("%s: the frames are not in psi order (%s; %d frames go back in all: %s): read in psi order; "
                     "the frames of the results count along psi, max_frame_acquired in spots.h5 is the acquisition "

@@ -259,3 +259,16 @@ def test_the_run_record_says_how_frames_were_placed_and_which_went_back(scan, tm
     record = read_record(arrival.out)
     assert record["stats"]["frame_order"] == {"mode": "arrival", "frames_back": [60], "frames_back_total": 1}
     assert any("frame 60: psi goes back from" in w for w in record["warnings"])
+
+
+def test_frames_given_with_all_their_angles_are_recognised_as_passes(scan, tmp_path):
+    """Angles known ahead (dctstream.segment(frames, angles)), frames one at a time: no declaration needed."""
+    truth, frames, angles, _ = scan
+    order = back_and_forth(FRAMES, 2)
+    path = write_scan(tmp_path / "passes.h5", frames[order], angles[order])
+    _, recorded = run_file(truth, path, tmp_path / "recorded")
+    cfg = load_config(None, ["source.url=live::/frames", f"dark.url={truth.dark_url}",
+                             f"output.dir={tmp_path / 'out'}", *SETTINGS])
+    stats = Pipeline(cfg, source=MemorySource(iter(list(frames[order])), angles[order])).run()
+    assert stats.frame_order["mode"] == "passes"
+    assert_same_spots(read_spot_table(tmp_path / "out" / "spots.h5"), recorded, skip=())
