@@ -5,7 +5,9 @@ does, `open_run` reads such a folder back, and `segment` finds the difspots of
 frames held in memory.  Errors are the classes of `dctstream.errors`.
 """
 
-__version__ = "0.1.0"
+import sys
+
+from ._version import __version__
 
 from ._numba_cache import place_numba_cache  # noqa: E402  (before any kernel is compiled)
 
@@ -13,11 +15,14 @@ from ._numba_cache import place_numba_cache  # noqa: E402  (before any kernel is
 # account): said once in the log by the command line.
 NUMBA_CACHE_NOTE = place_numba_cache()
 
-from .api import run, segment
+from .api import run
 from .config import Config, load_config
 from .errors import ConfigError, DctStreamError, InputError, OptionalDependencyError, OutputError
 from .results import Run, open_run
 from .types import Difspot
+
+# the segmenter's subpackage, which `api` made callable as the function `segment` (the name means both)
+segment = sys.modules[f"{__name__}.segment"]  # noqa: F811
 
 __all__ = [
     "Config",

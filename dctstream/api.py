@@ -6,10 +6,13 @@ the same frames and configuration give the same difspots.
 
 from __future__ import annotations
 
+import importlib
 import os
 import queue
+import sys
 import tempfile
 import threading
+import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -233,3 +236,15 @@ def _segmenting(cfg: Config, source, dark_image: np.ndarray | None) -> Iterator[
         finally:
             source.stop()
             worker.join()
+
+
+class _CallableModule(types.ModuleType):
+    """``dctstream.segment`` names both this function and the segmenter's subpackage (whichever was bound
+    last): the subpackage is made callable, so ``dctstream.segment(...)`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        return segment(*args, **kwargs)
+
+
+importlib.import_module(".segment", __package__)
+sys.modules[f"{__package__}.segment"].__class__ = _CallableModule

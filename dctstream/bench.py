@@ -20,6 +20,7 @@ import numba
 import numpy as np
 
 from .background.kernels import HistogramWindow, median_filter
+from .sources.base import FrameSource
 
 # Rows used to time the slow baselines; their frames/s are projected to the whole frame.
 BASELINE_ROWS = 64
@@ -164,11 +165,13 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
                              f"background.batch_frames={opts.batch}", f"output.dir={workdir / 'out'}"])
     pipeline = Pipeline(cfg, overwrite=True)
     push_s = []
+    behind = []  # frames handed to the background stage whose segmentation is not done: the latency in frames
     last = [time.perf_counter()]
 
     def tick(stats):
         now = time.perf_counter()
         push_s.append(now - last[0])
+        behind.append(stats.frames_read - stats.backlog_frames - stats.frames_segmented)
         last[0] = now
 
     t0 = time.perf_counter()
@@ -185,12 +188,18 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
         "per_frame_s_p50": float(np.median(steady)) if steady.size else None,
         "per_frame_s_p99": float(np.percentile(steady, 99)) if steady.size else None,
         "stage_frames_per_s": {k: n / v for k, v in stats.stage_s.items() if v > 0},
+        "stage_ms_per_frame": {k: 1000 * v / n for k, v in stats.stage_s.items()},
+        # the stages run on their own threads, joined by bounded queues: the slowest one sets the rate
+        "bound_by": max(stats.stage_s, key=stats.stage_s.get) if stats.stage_s else None,
         "difspots": stats.difspots_written,
         "rejected": dict(stats.rejected),
         "flood_frames": stats.flood_frames_total,
         "noise_sigma_range": stats.noise_sigma_range,
-        # the first frame of a block waits for the block's centre too
-        "latency_frames": opts.window // 2 + opts.batch - 1 + (opts.stride // 2 if opts.mode == "block" else 0),
+        # measured, after the first window: frames pushed but not yet segmented, median
+        "latency_frames": int(np.median(behind[opts.window + 1:-1])) if len(behind) > opts.window + 2 else None,
+        # what the background stage alone holds back (the first frame of a block waits for its centre too)
+        "latency_frames_background": opts.window // 2 + opts.batch - 1 + (opts.stride // 2 if opts.mode == "block"
+                                                                          else 0),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "ring_gib": ring_bytes / 2**30,
     }
@@ -273,18 +282,29 @@ def format_report(report: dict) -> str:
     p = report.get("pipeline")
     window_gib = o["window"] * o["size"] ** 2 * 2 / 2**30  # uint16 frames
     if p:
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p["stage_frames_per_s"].items()))
         lines += ["", f"whole pipeline, HDF5 file -> difspots, {p['frames']} frames: "
                       f"{p['frames_per_s']:.1f} frames/s overall, {p['steady_frames_per_s']:.1f} frames/s "
                       f"after the first window",
-                  f"  per stage (frames/s of the time spent in it): {stages}",
+                  *format_stages(p),
                   f"  per frame: p50 {p['per_frame_s_p50'] * 1000:.0f} ms, p99 {p['per_frame_s_p99'] * 1000:.0f} ms; "
-                  f"latency {p['latency_frames']} frames "
-                  f"({p['latency_frames'] / p['steady_frames_per_s']:.1f} s at that rate)",
+                  f"latency {p['latency_frames']} frames measured "
+                  f"({p['latency_frames'] / p['steady_frames_per_s']:.1f} s at that rate; the background stage "
+                  f"holds back {p['latency_frames_background']})",
                   f"  memory: peak {p['peak_rss_gib']:.2f} GiB resident, {p['peak_rss_gib'] / window_gib:.2f}x the "
                   f"{window_gib:.2f} GiB of a window of raw frames (the ring holds {p['ring_gib']:.2f}); "
                   f"{p['difspots']} difspots"]
     return "\n".join(lines)
+
+
+def format_stages(p: dict) -> list[str]:
+    """The per-stage table of a pipeline report: time per frame in each stage's thread, and which bounds the rate."""
+    ms = p["stage_ms_per_frame"]
+    lines = [f"  {'stage':12s} {'ms/frame':>9s} {'frames/s':>9s}"]
+    for stage in sorted(ms, key=ms.get, reverse=True):
+        rate = 1000 / ms[stage] if ms[stage] > 0 else float("inf")
+        lines.append(f"  {stage:12s} {ms[stage]:9.2f} {rate:9.1f}"
+                     + ("  <- bounds the rate (the stages overlap on their threads)" if stage == p["bound_by"] else ""))
+    return lines
 
 
 def main(opts: BenchOptions, as_json: bool = False) -> str:
@@ -376,10 +396,13 @@ def bench_sources(scan: SyntheticScan, workdir: Path, rates=(10.0, 50.0), n: int
 SOAK_SAMPLE_S = 1.0
 
 
-class PacedSource:
+class PacedSource(FrameSource):
     """``n`` synthetic frames delivered at ``fps``, as a detector acquires them: frame k is not
     available before ``start + k / fps``, and frames the pipeline is late for are delivered at once
     (a detector's buffer). ``acquired()`` is how many frames exist at a given instant."""
+
+    rereadable = True  # made again from the seed
+    url = "bench://paced"
 
     def __init__(self, scan: SyntheticScan, n: int, fps: float):
         self.scan, self.n_frames, self.fps = scan, n, fps

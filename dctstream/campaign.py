@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import replacing
 from .config import ClusterConfig, Config, load_config
 from .errors import ConfigError, DctStreamError, InputError
 from .record import read_record, write_record
@@ -414,9 +415,8 @@ def write_summary(path: Path, rows: Sequence[dict]) -> Path:
     lines = ["\t".join(SUMMARY_COLUMNS)]
     for row in rows:
         lines.append("\t".join(_cell(row, key) for key in SUMMARY_COLUMNS))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return path
 
 

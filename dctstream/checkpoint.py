@@ -39,17 +39,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
 import time
-from collections import Counter
 from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from .errors import OutputError
+from .atomic import sync_files, write_atomic
+from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ RUN_DIR = ".dctstream"
 LOCK = "lock"  # dctstream.outdir's
 MARKER = "running"
 CHECKPOINT = "checkpoint.npz"
-FORMAT = 2
+FORMAT = 3  # 3: the stand-ins of lost frames
 
 
 def marker_path(out_dir: Path) -> Path:
@@ -65,9 +64,10 @@ def marker_path(out_dir: Path) -> Path:
 
 
 def unfinished_run(out_dir: Path, config_text: str) -> bool:
-    """Whether ``out_dir`` holds an unfinished run of this configuration (to resume).
+    """Whether ``out_dir`` holds an unfinished run of this configuration (to resume): the same effective
+    settings, however written, those that cannot change a result (`RUN_ONLY`) left out.
 
-    Raises `OutputError` when it holds one of another configuration.
+    Raises `OutputError` naming the first setting that differs when it holds one of another configuration.
     """
     marker = marker_path(out_dir)
     try:
@@ -76,19 +76,44 @@ def unfinished_run(out_dir: Path, config_text: str) -> bool:
         return False
     except OSError as exc:
         raise OutputError(f"{marker}: cannot read ({exc.strerror})") from None
-    if previous != config_text:
-        changed = _changed_lines(previous, config_text)
+    changed = _first_difference(previous, config_text)
+    if changed is not None:
         raise OutputError(f"{out_dir}: holds an unfinished run of another configuration ({changed}), expected "
                           "the same command to resume it; pass --overwrite to start again")
     return True
 
 
-def _changed_lines(old: str, new: str) -> str:
-    before, after = old.splitlines(), new.splitlines()
-    for a, b in zip(before, after):
-        if a != b:
-            return f"was {a.strip()!r}, now {b.strip()!r}"
-    return "its length differs"
+# Settings of how a run is watched, checkpointed or spread over a cluster: a resumed run may change them.
+RUN_ONLY = ("status.", "watch.", "cluster.", "output.checkpoint_every_s", "output.checkpoint_every_frames")
+
+
+def _settings(text: str) -> dict:
+    """``section.key`` -> value of a dumped configuration."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        tree = None
+    if not isinstance(tree, dict):
+        return {"(the configuration)": text}
+    flat = {}
+    for section, keys in tree.items():
+        for key, value in (keys.items() if isinstance(keys, dict) else [("", keys)]):
+            name = f"{section}.{key}"
+            if not name.startswith(RUN_ONLY):
+                flat[name] = value
+    return flat
+
+
+def _first_difference(old: str, new: str) -> str | None:
+    """The first setting whose value differs between two dumped configurations, said as
+    ``section.key: was A, now B``; None when they are the same."""
+    if old == new:
+        return None
+    before, after = _settings(old), _settings(new)
+    for name in [*after, *(k for k in before if k not in after)]:
+        if before.get(name, "(not set)") != after.get(name, "(not set)"):
+            return f"{name}: was {before.get(name, '(not set)')!r}, now {after.get(name, '(not set)')!r}"
+    return None
 
 
 def start_run(out_dir: Path, config_text: str) -> None:
@@ -96,7 +121,7 @@ def start_run(out_dir: Path, config_text: str) -> None:
     earlier run (replaced by ``--overwrite``) goes first, so that it can never be taken for this one's."""
     with suppress(FileNotFoundError):
         (Path(out_dir) / RUN_DIR / CHECKPOINT).unlink()
-    _atomic_write(marker_path(out_dir), config_text.encode())
+    write_atomic(marker_path(out_dir), config_text.encode(), sync=True, crash="marker")
 
 
 def finish_run(out_dir: Path) -> None:
@@ -113,48 +138,6 @@ def finish_run(out_dir: Path) -> None:
             shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
     with suppress(OSError):
         folder.rmdir()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        crash_point("checkpoint" if path.name == CHECKPOINT else "marker")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        from .sinks.spot_table import output_error
-
-        with suppress(OSError):
-            tmp.unlink()
-        raise output_error(path, exc) from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_files(paths) -> None:
-    """Make written files durable (a checkpoint must not count a difspot a power cut could take back)."""
-    folders = set()
-    for path in paths:
-        with suppress(FileNotFoundError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            folders.add(Path(path).parent)
-    for folder in folders:
-        _fsync_dir(folder)
 
 
 class Checkpointer:
@@ -182,7 +165,7 @@ class Checkpointer:
         buffer = io.BytesIO()
         meta = {**meta, "format": FORMAT}
         np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-        _atomic_write(self.path, buffer.getvalue())
+        write_atomic(self.path, buffer.getvalue(), sync=True, crash="checkpoint")
         log.debug("checkpoint at frame %d", k)
 
 
@@ -202,25 +185,6 @@ def load(out_dir: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
         raise OutputError(f"{path}: checkpoint format {meta.get('format')}, expected {FORMAT}; "
                           "pass --overwrite to start again")
     return meta, arrays
-
-
-# -- for tests: die at a chosen write -------------------------------------------------------------
-
-_CRASH_ENV = "DCTSTREAM_CRASH_AT"
-_crash_counts: dict[str, int] = {}
-
-
-def crash_point(kind: str) -> None:
-    """SIGKILL this process at the N-th ``kind`` point when ``DCTSTREAM_CRASH_AT=kind:N`` (tests only)."""
-    target = os.environ.get(_CRASH_ENV)
-    if not target:
-        return
-    want, _, n = target.partition(":")
-    if want != kind:
-        return
-    _crash_counts[kind] = _crash_counts.get(kind, 0) + 1
-    if _crash_counts[kind] == int(n):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- what a pipeline saves and takes back ----------------------------------------------------------
@@ -261,6 +225,7 @@ def capture(pipeline, k: int) -> Snapshot:
     first_needed = seg.first_needed
     first_raw = bg.first_raw_frame(first_needed)
     psi = pipeline._psi
+    lost_before, stand_ins = pipeline.lost_since(first_raw)
     meta = {
         "frame": k,
         "first_needed": first_needed,
@@ -273,7 +238,8 @@ def capture(pipeline, k: int) -> Snapshot:
         # what the first window taught the detector (an estimated dark, automatic bad pixels)
         "detector": {"dark_source": pipeline.detector.dark_source, "mask_counts": pipeline.detector.mask_counts,
                      "dark_estimated": pipeline.cfg.dark.estimate},
-        "stats": {"frames_missing": stats.frames_missing, "seed_threshold": stats.seed_threshold,
+        # frames read again from first_raw on are counted again
+        "stats": {"frames_missing": lost_before, "seed_threshold": stats.seed_threshold,
                   "noise_sigma": stats.noise_sigma, "noise_sigma_range": stats.noise_sigma_range,
                   "noise_sigma_by_frame": stats.noise_sigma_by_frame, "flood_frames": stats.flood_frames,
                   "flood_frames_total": stats.flood_frames_total},
@@ -289,6 +255,9 @@ def capture(pipeline, k: int) -> Snapshot:
         **{f"noise_{name}": np.asarray(v) for name, v in noise.items()},
         "seg_low_tiles": state["low_tiles"], "seg_floods": state["floods"],
         "pixel_mask": bg.pixel_mask,
+        "lost_frames": np.array(sorted(stand_ins), np.int64),
+        "lost_stand_ins": (np.stack([stand_ins[k] for k in sorted(stand_ins)]) if stand_ins
+                           else np.zeros((0, *bg.frame_shape), bg.dtype)),
         **({"dark": bg.dark} if pipeline.cfg.dark.estimate else {}),
         "psi": np.asarray(psi[:first_raw] if psi is not None else [], np.float64),
         "seg_prev_labels": state["prev_labels"], "seg_parent": state["parent"],
@@ -329,54 +298,6 @@ def restore_detector(detector, meta: dict, arrays: dict[str, np.ndarray]) -> Non
         detector.dark = arrays["dark"]
 
 
-def restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Put the checkpoint's state back into a pipeline whose stages were just built."""
-    from .pipeline import INTEGER_NOISE_FLOOR, resolve_segmentation
-    from .segment import Segmenter
-    from .segment.noise import NoiseTracker
-
-    bg, stats = pipeline.background, pipeline.stats
-    bg.emitted = meta["first_needed"]
-    pipeline._sigma = arrays["sigma"]
-    params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma)
-    pipeline.table.attrs.update(meta["table"]["attrs"])
-    mask = pipeline.segment_mask()
-    pipeline.segmenter = Segmenter(params, bg.frame_shape, mask)
-    pipeline.noise = NoiseTracker(bg.frame_shape, mask,
-                                  floor=INTEGER_NOISE_FLOOR if pipeline.detector.dtype.kind in "ui" else 0.0)
-    pipeline.noise.restore({name: arrays[f"noise_{name}"] for name in ("history", "pushed", "n_primed", "primed",
-                                                                       "series")})
-    seg_meta = meta["segmenter"]
-    pipeline.segmenter.restore({
-        **seg_meta,
-        "prev_labels": arrays["seg_prev_labels"], "parent": arrays["seg_parent"],
-        "region_ids": arrays["seg_region_ids"], "open": arrays["seg_open"], "claimed": arrays["seg_claimed"],
-        "regions": {name: arrays[f"seg_regions_{name}"] for name in ("count", "max_value", "max_index", "first")},
-        "pending": {name: arrays[f"seg_pending_{name}"] for name in ("count", "max_value", "max_index", "first")},
-        "low_tiles": arrays["seg_low_tiles"], "floods": arrays["seg_floods"],
-    })
-    pipeline._floods_said = len(pipeline.segmenter.floods)
-    pipeline._replay_until = meta["frame"]
-    # a source that says its frame shape only with its first frame (a stream, a folder) starts the stages once
-    # that frame's psi was taken: it comes after the checkpoint's
-    pipeline._psi = arrays["psi"].tolist() + pipeline._psi if meta["has_psi"] and pipeline._psi is not None else None
-    pipeline.table.restore({name[len("table_"):]: v for name, v in arrays.items() if name.startswith("table_")})
-    s = meta["stats"]
-    stats.difspots_written, stats.frames_missing = s["difspots_written"], s["frames_missing"]
-    stats.seed_threshold = tuple(s["seed_threshold"]) if s["seed_threshold"] else None
-    stats.noise_sigma = s["noise_sigma"]
-    stats.noise_sigma_range = tuple(s["noise_sigma_range"]) if s["noise_sigma_range"] else None
-    stats.noise_sigma_by_frame = s["noise_sigma_by_frame"]
-    stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
-    stats.normalise = bg.normalise_facts()
-    stats.rejected = Counter(seg_meta["rejected"])
-    stats.frames_read = meta["first_raw"]
-    stats.frames_corrected = meta["first_needed"]
-    stats.frames_segmented = meta["frame"] + 1
-    log.info("resuming %s from its checkpoint at frame %d: reading again from frame %d, %d difspots so far",
-             pipeline.out_dir, meta["frame"], meta["first_raw"], stats.difspots_written)
-
-
 def frame_identity(data: np.ndarray) -> str:
     """What tells one scan from another: a hash of its first frame, with the frame's shape and type."""
     import hashlib
@@ -389,8 +310,6 @@ def frame_identity(data: np.ndarray) -> str:
 
 def check_identity(data, identity: str | None, source, out_dir) -> None:
     if identity and data is not None and frame_identity(data) != identity:
-        from .errors import InputError
-
         raise InputError(f"source.url: {source.url}: frame 0 is not that of the scan the unfinished run in {out_dir} "
                          "was made from (was the file replaced?), expected the same scan to resume it; pass "
                          "--overwrite to start again, or choose another output.dir")
@@ -401,7 +320,7 @@ def frames_from(source, first: int, identity: str | None = None, out_dir=None):
     A stream cannot be read again: it is resumed from its spool (``spool.Spool.frames``).
 
     ``identity`` (`frame_identity` of the first run's frame 0) is checked against this source's frame 0."""
-    if not getattr(source, "rereadable", True):
+    if not source.rereadable:
         raise ValueError("a stream is resumed from its spool, not read again")
     if hasattr(source, "first_frame"):  # a recorded file: its frame 0 was checked when the run started
         source.first_frame = first

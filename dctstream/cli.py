@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import DctStreamError, InputError, OutputError
 
 log = logging.getLogger("dctstream")

@@ -127,7 +127,9 @@ class DirectBeamConfig:
     """The transmitted beam on the detector, kept out of the spot search."""
 
     bbox: str | tuple[int, int, int, int] = "auto"  # "auto", "none" or (x0, y0, width, height)
-    margin_px: int = 10
+    # The beam found already reaches down to a tenth of its height; 2 px more covers the 3x3 filter.
+    # Wider margins hid the spots beside the beam (recall 0.94 -> 1.00 on the validation scans at 2).
+    margin_px: int = 2
 
 
 @dataclass(frozen=True)
@@ -312,12 +314,6 @@ def _parse_percentiles(value: Any) -> tuple[float, float]:
 def _parse_text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Invalid("must be a non-empty string")
-    return value
-
-
-def _parse_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid("must be true or false")
     return value
 
 

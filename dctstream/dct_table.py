@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_h5, replacing
 from .errors import OutputError
-from .sinks.spot_table import atomic_h5, read_run_spots
+from .sinks.spot_table import read_run_spots
 
 H5_NAME, CSV_NAME = "difspot.h5", "difspot.csv"
 INDEXING = "starts with 1 (MATLAB), absolute"
@@ -88,12 +89,10 @@ def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = No
     lines = [",".join(COLUMNS)]
     for row in zip(*cols.values()):
         lines.append(",".join(str(int(v)) if isinstance(v, np.integer) else repr(float(v)) for v in row))
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
     try:
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, csv_path)
+        with replacing(csv_path) as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{csv_path}: cannot write output, {exc.strerror or exc}") from None
     return [h5_path, csv_path], len(cols["difspotID"])
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import scipy.ndimage as ndi
 
+from .atomic import atomic_h5
 from .background.kernels import window_median
 from .errors import InputError
-from .sinks.spot_table import atomic_h5
 from .sources import load_dark, read_dataset
 from .types import Blob
 

@@ -20,6 +20,15 @@ _PLATEAU_LEVEL = 0.25
 _MIN_PLATEAU = 0.75
 
 
+def beam_mask(bbox: tuple[int, int, int, int] | None, shape: tuple[int, int]) -> np.ndarray:
+    """The pixels of the box ``(x0, y0, width, height)`` in a frame of ``shape``; none for no box."""
+    mask = np.zeros(shape, bool)
+    if bbox is not None and len(bbox):
+        x0, y0, w, h = bbox
+        mask[y0:y0 + h, x0:x0 + w] = True
+    return mask
+
+
 def detect_direct_beam(image: np.ndarray, margin_px: int,
                        mask: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
     """Bounding box ``(x0, y0, width, height)`` of the bright transmitted beam, grown by ``margin_px``.

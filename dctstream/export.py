@@ -37,6 +37,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import replacing
 from .errors import InputError, OutputError
 from .record import read_record
 from .sinks.spot_table import PSI_COLUMN, read_run_spots
@@ -142,12 +143,10 @@ def write_columnfile(path: str | os.PathLike, cols: dict[str, np.ndarray], param
     lines.append("#  " + "  ".join(titles))
     data = np.column_stack([np.asarray(cols[name], np.float64) for name in titles]) if titles else np.empty((0, 0))
     body = "\n".join("  ".join(fmt % v for fmt, v in zip(formats, row)) for row in data)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text("\n".join(lines) + "\n" + (body + "\n" if body else ""))
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            tmp.write_text("\n".join(lines) + "\n" + (body + "\n" if body else ""))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write output, {exc.strerror or exc}") from None
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .errors import ConfigError
+from .sources.base import FrameSource
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -120,24 +121,34 @@ def arrange(source, cfg) -> tuple[object, int | None, dict | None]:
     return source, len(starts), {"mode": "passes", "passes": len(starts), "pass_starts": starts}
 
 
-class PsiOrderedSource:
+class PsiOrderedSource(FrameSource):
     """A recorded source read in psi order: frame ``j`` is the j-th by angle (a stable sort)."""
 
-    def __init__(self, source):
+    rereadable = True
+
+    def __init__(self, source: FrameSource):
         self.source = source
+        self.url = source.url
+        self.frame_shape, self.dtype, self.n_frames = source.frame_shape, source.dtype, source.n_frames
         self.order = np.argsort(source.angles, kind="stable")  # psi-order index -> acquisition index
         self.angles = source.angles[self.order]
         self.first_frame = 0  # where iterating starts (checkpoint.frames_from sets it to resume)
+        missing = getattr(source, "missing", None)  # frames never written (Hdf5FileSource)
+        self._missing = set(missing.tolist()) if isinstance(missing, np.ndarray) else set()
 
-    def __getattr__(self, name):  # n_frames, frame_shape, dtype, url, counters, end_reason ...
-        return getattr(self.source, name)
+    @property
+    def end_reason(self) -> str | None:
+        return self.source.end_reason
+
+    @property
+    def counters(self):
+        return self.source.counters
 
     def __iter__(self) -> Iterator[Frame]:
-        missing = getattr(self.source, "missing", None)  # frames never written (Hdf5FileSource)
-        missing = set(missing.tolist()) if isinstance(missing, np.ndarray) else set()
         for j in range(self.first_frame, len(self.order)):
             k = int(self.order[j])
-            yield Frame(j, float(self.angles[j]), None if k in missing else self.source.read_frame(k))
+            yield Frame(j, float(self.angles[j]), None if k in self._missing else self.source.read_frame(k))
+        self.source.end_reason = "complete"
 
     def read_frame(self, j: int) -> np.ndarray:
         return self.source.read_frame(int(self.order[j]))
@@ -198,7 +209,7 @@ class PassMerge:
         self.psi: list[float] = []  # psi-order index -> psi
         self.held_pixels = 0
         self.most_held = 0
-        self.most_held_pixels = 0  # the memory: 8 bytes a pixel (index and value)
+        self.most_held_pixels = 0  # the memory: 8 bytes a pixel (index, value), 12 with a frame to measure on
         self.disorder: list[int] = []  # acquisition indices that came after their place in psi had gone
 
     def _key(self, item) -> tuple:
@@ -222,13 +233,16 @@ class PassMerge:
         self._held.sort(key=self._key)
         self._keys = [self._key(item) for item in self._held]
 
-    def put(self, k: int, frame: np.ndarray, low_map: np.ndarray, seed, low) -> Iterator[tuple]:
-        """Take corrected frame ``k`` (acquisition index) with its lower growth threshold per pixel and its
-        tile maps; yields ``(j, k, psi, frame, seed, low)`` for every frame now due, j counting along psi."""
+    def put(self, k: int, frame: np.ndarray, low_map: np.ndarray, seed, low,
+            measure: np.ndarray | None = None) -> Iterator[tuple]:
+        """Take corrected frame ``k`` (acquisition index) with its lower growth threshold per pixel, its tile
+        maps and the frame its spots are measured on (None: ``frame``); yields ``(j, frame, seed, low,
+        measure)`` for every frame now due, j counting along psi."""
         flat = frame.ravel()
         idx = np.flatnonzero(flat >= low_map.ravel()).astype(np.int32)
         p = self.tracker.pass_of(k)
-        item = (p, k, self.tracker.psi[k], idx, flat[idx], seed, low)
+        measured = None if measure is None else measure.ravel()[idx]
+        item = (p, k, self.tracker.psi[k], idx, (flat[idx], measured), seed, low)
         self._learn_direction(p)
         self.held_pixels += idx.size
         if self._direction == 0:  # the last pass has not begun: every frame waits
@@ -261,14 +275,18 @@ class PassMerge:
         yield from self._emit(due)
 
     def _emit(self, items) -> Iterator[tuple]:
-        for p, k, psi, idx, values, seed, low in items:
+        for p, k, psi, idx, kept, seed, low in items:
             self.held_pixels -= idx.size
-            frame = np.zeros(self.frame_shape, np.float32)
-            frame.ravel()[idx] = values
+            frame, measure = (None if values is None else self._dense(idx, values) for values in kept)
             j = len(self.acquired)
             self.acquired.append(k)
             self.psi.append(psi)
-            yield j, frame, seed, low
+            yield j, frame, seed, low, measure
+
+    def _dense(self, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+        frame = np.zeros(self.frame_shape, np.float32)
+        frame.ravel()[idx] = values
+        return frame
 
     @property
     def held(self) -> int:

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint, outdir, seam, spool
+from . import checkpoint, outdir, seam, spool
+from ._version import __version__
+from .atomic import crash_point
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
+from .direct_beam import beam_mask
 from .errors import ConfigError, DctStreamError, InputError, OutputError
 from .order import PassMerge, PassTracker, arrange, frames_text
 from .overlap import Prefetch, Worker
@@ -26,7 +31,7 @@ from .segment import SegmentParams, Segmenter
 from .segment.segmenter import pixel_map
 from .segment.noise import TILE_PX, NoiseTracker
 from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
-from .sources import open_source
+from .sources import COMPLETE_ENDS, check_source, open_source
 from .sources.scan_file import resolve_auto
 
 log = logging.getLogger(__name__)
@@ -85,9 +90,23 @@ class Stats:
     frame_order: dict | None = None
     started_s: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self):
+        # Each counter has one writer thread, and containers are replaced whole, except stage_s: every thread
+        # adds its own stage's time to it, so it changes under that lock.
+        self._lock = threading.Lock()
+
     @property
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started_s
+
+    def add_stage_s(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.stage_s[stage] += seconds
+
+    def snapshot(self) -> dict:
+        """Every field, containers copied, for a reader on another thread (the status, the display)."""
+        with self._lock:
+            return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self)}
 
 
 def resolve_segmentation(cfg, sigma: np.ndarray | None, tile_px: int = TILE_PX) -> SegmentParams:
@@ -110,14 +129,6 @@ def frame_thresholds(cfg, sigma: np.ndarray | None):
         seed = cfg.seed_sigma * sigma
     low = 0.5 * seed if cfg.grow_low == "auto" else cfg.grow_low
     return seed, low
-
-
-def beam_mask(bbox, frame_shape) -> np.ndarray:
-    mask = np.zeros(frame_shape, bool)
-    if bbox is not None:
-        x0, y0, w, h = bbox
-        mask[y0:y0 + h, x0:x0 + w] = True
-    return mask
 
 
 def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
@@ -173,10 +184,6 @@ def identity_config(cfg: Config) -> str:
         output={"dir": os.path.realpath(cfg.output.dir)}))
 
 
-# Why a source ended that means it delivered the whole scan.
-COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end"})
-
-
 class Pipeline:
     """One scan, from its source to difspots on disk. ``run()`` drives it to the end."""
 
@@ -206,8 +213,14 @@ class Pipeline:
         self._sigma: np.ndarray | None = None  # the noise of the first frames, per tile
         self.noise: NoiseTracker | None = None
         self._floods_said = 0  # flood events already counted in the stats
-        self._first_frames: list[tuple[int, np.ndarray]] = []  # corrected frames held for the noise estimate
+        self._first_frames: list[tuple[int, np.ndarray, np.ndarray]] = []  # corrected frames held for the noise estimate
         self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
+        # frames lost in transit and the stand-ins put in their place (main thread), from the oldest a checkpoint
+        # may read again: a resumed run has fewer frames before them to make the same stand-ins from
+        self._lost_lock = threading.Lock()
+        self._lost: dict[int, np.ndarray] = {}
+        self._lost_before = 0  # lost frames already dropped from _lost, all before a checkpoint's first_raw
+        self._known_stand_ins: dict[int, np.ndarray] = {}  # resuming: the first run's stand-ins
         self._checkpointer = checkpoint.Checkpointer(self.out_dir, cfg.output.checkpoint_every_s,
                                                      cfg.output.checkpoint_every_frames)
         self.segmenter: Segmenter | None = None
@@ -218,8 +231,10 @@ class Pipeline:
         # consumers of each difspot once written, called as tap(blob, row) with its spot-table row (segment())
         self.blob_taps: list = []
         self._writer: Worker | None = None
+        self._source_closed = False
         self._segmenting: Worker | None = None
-        self.source = open_source(cfg.source) if source is None else source  # a source object: bench --soak
+        # a source object: bench --soak, segment(), tests
+        self.source = check_source(open_source(cfg.source) if source is None else source)
         # frames out of psi order: a recorded file read sorted, or passes segmented across (dctstream.order)
         self._passes: int | None = None
         self._tracker: PassTracker | None = None
@@ -235,23 +250,24 @@ class Pipeline:
                 checkpoint.check_identity(self.source.read_frame(0), self._resume[0].get("source_id"),
                                           self.source, self.out_dir)
             self.spool = spool.for_source(self.source, self.out_dir, self._resume, self.resuming)  # streams only
-            self.stats.frames_total = getattr(self.source, "n_frames", None)
+            self.stats.frames_total = self.source.n_frames
             self.background: BackgroundStage | None = None
-            if getattr(self.source, "frame_shape", None) is not None:
+            if self.source.frame_shape is not None:
                 self._start_stages(self.source.frame_shape, self.source.dtype)
             elif not self.resuming:  # say it now, not after waiting for a scan that may take a while
                 _previous_results(self.out_dir, overwrite)
         except BaseException:
-            self.source.close()
             self.end("failed")
             raise
 
     def end(self, outcome: str) -> None:
-        """Let the output folder go, ``outcome`` being finished, incomplete, stopped or failed.
+        """Close the source and let the output folder go, ``outcome`` being finished, incomplete, stopped or
+        failed: whatever way a run ends (or never started: its caller failed before `run`), this is called.
 
         A failed ``--overwrite`` run gives the earlier results back (see `dctstream.outdir`); a finished one
         drops them.  Safe to call again.
         """
+        self._close_source()
         lock, self.lock = self.lock, None
         if lock is None:
             return
@@ -266,6 +282,12 @@ class Pipeline:
                         exc.strerror or exc, outdir.previous_dir(self.out_dir))
         finally:
             lock.release(remove=True)
+
+    def _close_source(self) -> None:
+        source = getattr(self, "source", None)  # None: opening it failed
+        if source is not None and not self._source_closed:
+            self._source_closed = True
+            source.close()
 
     def _start_stages(self, shape, dtype) -> None:
         cfg = self.cfg
@@ -311,7 +333,7 @@ class Pipeline:
         self._writer = Worker(self._write_blob, BLOB_QUEUE_DEPTH, name="dctstream-write")
         self._segmenting = Worker(self._take_corrected, SEGMENT_QUEUE_DEPTH, name="dctstream-segment")
         if self._resume:
-            checkpoint.restore(self, *self._resume)
+            _restore(self, *self._resume)
 
     def run(self, progress=None) -> Stats:
         """Process every frame of the source; ``progress(stats)`` is called after each frame.
@@ -331,6 +353,10 @@ class Pipeline:
                     if self._tracker is not None:
                         self._place(frame)
                     elif frame.psi_deg is None:
+                        if self._psi:  # rows with a psi are written already: the table cannot drop it now
+                            raise InputError(f"source.angles: frame {frame.index}: no rotation angle, expected "
+                                             f"one per frame as frames 0 to {len(self._psi) - 1} had (the "
+                                             "angles stop before the frames)")
                         self._psi = None
                     elif self._psi is not None:
                         self._psi.append(frame.psi_deg)
@@ -368,11 +394,12 @@ class Pipeline:
             finally:
                 reader.close()
                 if reader.running:
+                    self._source_closed = True  # closing it under the reader's feet could crash the process
                     log.warning("the source did not stop within 5 s; leaving it open")
                 else:
-                    self.source.close()
+                    self._close_source()
                 self._close_outputs(raise_errors=done, failure=failure)
-            self.stats.source_end = getattr(self.source, "end_reason", None) or "complete"
+            self.stats.source_end = self.source.end_reason or "complete"
             self._judge_completeness()
             if self.stats.incomplete is None:
                 checkpoint.finish_run(self.out_dir)
@@ -391,7 +418,7 @@ class Pipeline:
     def _judge_completeness(self) -> None:
         """Whether the source delivered the whole scan; if not, ``stats.incomplete`` says why."""
         stats, reason = self.stats, self.stats.source_end
-        announced = self.cfg.source.expected_frames or getattr(self.source, "frames_announced", None)
+        announced = self.cfg.source.expected_frames or self.source.frames_announced
         stats.frames_expected = announced or (self.source.n_frames if reason == "complete" else None)
         seen = f"{stats.frames_segmented} frames" + (f" of {announced} expected" if announced else "")
         if reason not in COMPLETE_ENDS or (announced and stats.frames_segmented < announced):
@@ -409,6 +436,15 @@ class Pipeline:
         for frame in self._timed_items("read", frames):
             self.stats.frames_read += 1
             yield frame
+
+    def lost_since(self, first_raw: int) -> tuple[int, dict[int, np.ndarray]]:
+        """For a checkpoint (segmenting thread): how many frames before ``first_raw`` were lost, and the
+        stand-ins of those lost from it on; the others are forgotten, never read again."""
+        with self._lost_lock:
+            for k in [k for k in self._lost if k < first_raw]:
+                del self._lost[k]
+                self._lost_before += 1
+            return self._lost_before, dict(self._lost)
 
     def _close_segmenting(self) -> None:
         """Segment every corrected frame already handed over."""
@@ -458,7 +494,7 @@ class Pipeline:
         try:
             yield
         finally:
-            self.stats.stage_s[stage] += time.perf_counter() - start
+            self.stats.add_stage_s(stage, time.perf_counter() - start)
 
     def _timed_items(self, stage: str, items: Iterator) -> Iterator:
         """The items of ``items``, the time spent making each counted to ``stage``."""
@@ -474,7 +510,10 @@ class Pipeline:
         if data is None:  # lost in transit: the source's missing-frame policy asked for a stand-in
             if self.background is None:
                 raise InputError(f"frame {frame.index}: lost before any frame arrived, expected a first frame")
-            data = self.background.stand_in()
+            known = self._known_stand_ins.pop(frame.index, None)
+            data = self.background.stand_in() if known is None else known
+            with self._lost_lock:
+                self._lost[frame.index] = data
             self.stats.frames_missing += 1
             # a few are said; the count is in the status (so that they cannot crowd out the other warnings)
             (log.warning if self.stats.frames_missing <= MISSING_WARNINGS else log.debug)(
@@ -495,9 +534,9 @@ class Pipeline:
     def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
         """Hand the corrected frames to the segmenting thread, one at a time: the background stage makes
         each on demand."""
-        for k, frame in self._timed_items("background", corrected):
+        for k, *frames in self._timed_items("background", corrected):
             self.stats.frames_corrected += 1
-            self._segmenting.submit((self._pass_offset + k, frame))
+            self._segmenting.submit((self._pass_offset + k, *frames))
 
     def _place(self, frame) -> None:
         """A frame of a scan of passes: a new pass gets a background of its own."""
@@ -546,7 +585,7 @@ class Pipeline:
             facts["out_of_order_total"] = len(merge.disorder)
         self.stats.frame_order = facts
 
-    def _take_corrected(self, item: tuple[int, np.ndarray]) -> None:
+    def _take_corrected(self, item: tuple[int, np.ndarray, np.ndarray]) -> None:
         """Runs in the segmenting thread."""
         if self.segmenter is None:  # the noise estimate waits for the first few frames
             self._first_frames.append(item)
@@ -555,9 +594,11 @@ class Pipeline:
             return
         self._segment_frame(*item)
 
-    def _segment_frame(self, k: int, frame: np.ndarray) -> None:
+    def _segment_frame(self, k: int, frame: np.ndarray, difference: np.ndarray) -> None:
+        """Frame k filtered (it finds the spots) and its unfiltered difference (it measures them)."""
+        measure = difference if self.segmenter.measured else None
         if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
-            self.segmenter.load_frame(k, frame)
+            self.segmenter.load_frame(k, frame, measure)
             return
         with self._timed("segment"):
             sigma = self.noise.push(k, frame)
@@ -567,21 +608,21 @@ class Pipeline:
                              for m in frame_thresholds(self.cfg.segmentation, sigma))
         self._note_noise(k, sigma, seed)
         if self._merge is None:
-            self._segment_in_order(k, frame, seed, low)
+            self._segment_in_order(k, frame, seed, low, measure)
             return
         # a scan of passes: held as its pixels a spot can hold until the last pass has reached its psi
         low_tiles = np.broadcast_to(np.asarray(frame_thresholds(self.cfg.segmentation, sigma)[1], np.float64),
                                     sigma.shape)
         low_map = pixel_map(low_tiles, TILE_PX, frame.shape)
         low_map[self.segmenter.mask] = np.inf  # never segmented: not kept
-        for item in self._merge.put(k, frame, low_map, seed, low):
+        for item in self._merge.put(k, frame, low_map, seed, low, measure):
             self._segment_in_order(*item)
         self._note_order()
 
-    def _segment_in_order(self, k: int, frame: np.ndarray, seed, low) -> None:
+    def _segment_in_order(self, k: int, frame: np.ndarray, seed, low, measure) -> None:
         """Segment frame ``k`` (along psi), then write, export and checkpoint what it completes."""
         with self._timed("segment"):
-            blobs = self.segmenter.push(k, frame, seed, low)
+            blobs = self.segmenter.push(k, frame, seed, low, measure)
         self._write(blobs)
         if self.export is not None:
             with self._timed("export"):
@@ -591,7 +632,7 @@ class Pipeline:
                 for tap in self.frame_taps:
                     tap.on_corrected(k, frame)
         self.stats.frames_segmented += 1
-        checkpoint.crash_point("frame")
+        crash_point("frame")
         # saved by the writer, once the difspots before it are written; a scan of passes is never checkpointed
         if not self._finishing and self._merge is None and self._checkpointer.due(k):
             self._writer.submit(checkpoint.capture(self, k))
@@ -634,7 +675,7 @@ class Pipeline:
 
     def _start_segmenter(self) -> None:
         """Estimate the noise on the first corrected frames, start the segmenter and give it those frames."""
-        first_frames = [frame for _, frame in self._first_frames]
+        first_frames = [frame for _, frame, _ in self._first_frames]
         shape = self.background.frame_shape
         detector = self.detector
         mask = self.segment_mask()
@@ -660,7 +701,7 @@ class Pipeline:
         self.stats.normalise = self.background.normalise_facts()
         log.info("direct beam %s, noise %.3g counts (median), seed threshold %.4g..%.4g counts",
                  self.stats.direct_beam, self.stats.noise_sigma, *self.stats.seed_threshold)
-        self.segmenter = Segmenter(params, shape, mask)
+        self.segmenter = Segmenter(params, shape, mask, measured=self.background.filter_size > 1)
         if self._tracker is not None:
             self._merge = PassMerge(self._tracker, self._passes, shape)
             self._psi = self._merge.psi  # psi of the frames as segmented
@@ -673,8 +714,8 @@ class Pipeline:
             self.export = CorrectedFrameWriter(self.out_dir / "corrected.h5", self.cfg.export, shape, mask,
                                                params.maps(shape)[1], raw_frame_bytes, binning=detector.binning)
         held, self._first_frames = self._first_frames, []
-        for k, frame in held:
-            self._segment_frame(k, frame)
+        for item in held:
+            self._segment_frame(*item)
 
     def _write(self, blobs) -> None:
         for blob in blobs:
@@ -691,11 +732,14 @@ class Pipeline:
         return None if acquired is None else acquired(k)
 
     def _psi_at(self, frame: float) -> float | None:
-        if not self._psi:
+        """Runs in the segmenting thread; the main thread appends to ``_psi`` (never shortens it once it holds
+        an angle: see `run`), so one reference read here is consistent."""
+        psi = self._psi
+        if not psi:
             return None
         # between the two frames around it: O(1), not O(frames so far), per blob
-        i = max(min(int(frame), len(self._psi) - 2), 0)
-        return float(np.interp(frame, np.arange(i, i + 2)[:len(self._psi)], self._psi[i:i + 2]))
+        i = max(min(int(frame), len(psi) - 2), 0)
+        return float(np.interp(frame, np.arange(i, i + 2)[:len(psi)], psi[i:i + 2]))
 
     def _write_blob(self, item) -> None:
         """Runs in the writer thread."""
@@ -714,6 +758,52 @@ class Pipeline:
             if time.monotonic() - self._flushed_s > TABLE_FLUSH_S:
                 self.table.flush()
                 self._flushed_s = time.monotonic()
+
+
+def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Put the checkpoint's state back into a pipeline whose stages were just built."""
+    bg, stats = pipeline.background, pipeline.stats
+    bg.emitted = meta["first_needed"]
+    pipeline._sigma = arrays["sigma"]
+    params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma)
+    pipeline.table.attrs.update(meta["table"]["attrs"])
+    mask = pipeline.segment_mask()
+    pipeline.segmenter = Segmenter(params, bg.frame_shape, mask, measured=bg.filter_size > 1)
+    pipeline.noise = NoiseTracker(bg.frame_shape, mask,
+                                  floor=INTEGER_NOISE_FLOOR if pipeline.detector.dtype.kind in "ui" else 0.0)
+    pipeline.noise.restore({name: arrays[f"noise_{name}"] for name in ("history", "pushed", "n_primed", "primed",
+                                                                       "series")})
+    seg_meta = meta["segmenter"]
+    pipeline.segmenter.restore({
+        **seg_meta,
+        "prev_labels": arrays["seg_prev_labels"], "parent": arrays["seg_parent"],
+        "region_ids": arrays["seg_region_ids"], "open": arrays["seg_open"], "claimed": arrays["seg_claimed"],
+        "regions": {name: arrays[f"seg_regions_{name}"] for name in ("count", "max_value", "max_index", "first")},
+        "pending": {name: arrays[f"seg_pending_{name}"] for name in ("count", "max_value", "max_index", "first")},
+        "low_tiles": arrays["seg_low_tiles"], "floods": arrays["seg_floods"],
+    })
+    pipeline._floods_said = len(pipeline.segmenter.floods)
+    pipeline._lost_before = meta["stats"]["frames_missing"]
+    pipeline._known_stand_ins = dict(zip(arrays["lost_frames"].tolist(), arrays["lost_stand_ins"]))
+    pipeline._replay_until = meta["frame"]
+    # a source that says its frame shape only with its first frame (a stream, a folder) starts the stages once
+    # that frame's psi was taken: it comes after the checkpoint's
+    pipeline._psi = arrays["psi"].tolist() + pipeline._psi if meta["has_psi"] and pipeline._psi is not None else None
+    pipeline.table.restore({name[len("table_"):]: v for name, v in arrays.items() if name.startswith("table_")})
+    s = meta["stats"]
+    stats.difspots_written, stats.frames_missing = s["difspots_written"], s["frames_missing"]
+    stats.seed_threshold = tuple(s["seed_threshold"]) if s["seed_threshold"] else None
+    stats.noise_sigma = s["noise_sigma"]
+    stats.noise_sigma_range = tuple(s["noise_sigma_range"]) if s["noise_sigma_range"] else None
+    stats.noise_sigma_by_frame = s["noise_sigma_by_frame"]
+    stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
+    stats.normalise = bg.normalise_facts()
+    stats.rejected = Counter(seg_meta["rejected"])
+    stats.frames_read = meta["first_raw"]
+    stats.frames_corrected = meta["first_needed"]
+    stats.frames_segmented = meta["frame"] + 1
+    log.info("resuming %s from its checkpoint at frame %d: reading again from frame %d, %d difspots so far",
+             pipeline.out_dir, meta["frame"], meta["first_raw"], stats.difspots_written)
 
 
 def run(cfg: Config, *, overwrite: bool = False, progress=None) -> Stats:

@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import replacing
+from .direct_beam import beam_mask
+
 log = logging.getLogger(__name__)
 
 FOLDER = "quicklook"
@@ -107,21 +110,8 @@ def _box(draw: ImageDraw.ImageDraw, bbox, up: int, down: int, colour, offset=(0,
 
 
 def _save(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no partial temporary file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def beam_mask(bbox, shape) -> np.ndarray:
-    mask = np.zeros(shape, bool)
-    if bbox:
-        x0, y0, w, h = bbox
-        mask[y0:y0 + h, x0:x0 + w] = True
-    return mask
 
 
 # A difspot's box holds its voxels above tau * max; the spot's glow reaches further, and an

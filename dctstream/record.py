@@ -59,6 +59,7 @@ def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None, auto
         "incomplete": s.get("incomplete") if state == "incomplete" else None,
         "spots": s.get("difspots_written", 0),
         "rejected": s.get("rejected", {}),
+        "source_counters": snap.get("source_counters", {}),
         "warnings": snap.get("warnings", []),
         "stats": s,
         "config": config_to_dict(cfg),

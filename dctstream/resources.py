@@ -33,7 +33,7 @@ def needed_bytes(frame_shape, dtype, window: int, batch_frames: int, blob_frames
     itemsize = np.dtype(dtype).itemsize
     ring = (window + batch_frames) * px * itemsize
     median_state = px * (_HIST_BINS * (1 if window < 512 else 2) + 4 * 8)
-    segmenter = (blob_frames + 4) * px * 5
+    segmenter = (blob_frames + 4) * px * 9  # float32 filtered and unfiltered values, packed flags
     buffers = _FLOAT_BUFFERS * px * 4
     return int(_SLACK * (ring + median_state + segmenter + buffers))
 

@@ -46,7 +46,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
     def auto() -> dict:  # what was found in the scan file, and what a live source found once its scan began
         if pipeline is None:
             return {}
-        return {**pipeline.auto_found, **getattr(pipeline.source, "found", {})}
+        return {**pipeline.auto_found, **pipeline.source.found}
 
     recorded = threading.Event()
 
@@ -64,12 +64,17 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
         raise
     pipeline.keep_lock = True  # the record is written before another run may take the folder
     cfg = pipeline.cfg  # with what source.angles / dark.url: auto found in place
-    quick = QuickLook(cfg.quicklook, cfg.output.dir, pipeline) if cfg.quicklook.enabled else None
-    if quick is not None:
-        pipeline.frame_taps.append(quick)
-    monitor.attach(pipeline)
-    view = open_display(lambda: [monitor.snapshot()], console=console,
-                        every_s=cfg.status.log_every_s) if display else None
+    try:
+        quick = QuickLook(cfg.quicklook, cfg.output.dir, pipeline) if cfg.quicklook.enabled else None
+        if quick is not None:
+            pipeline.frame_taps.append(quick)
+        monitor.attach(pipeline)
+        view = open_display(lambda: [monitor.snapshot()], console=console,
+                            every_s=cfg.status.log_every_s) if display else None
+    except BaseException:
+        monitor.close("failed")
+        pipeline.end("failed")  # the source closed, the output folder let go
+        raise
     state, error = "failed", None
     try:
         try:

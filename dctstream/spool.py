@@ -53,7 +53,8 @@ from pathlib import Path
 import bitshuffle
 import numpy as np
 
-from .checkpoint import RUN_DIR, sync_files
+from .atomic import output_error, replacing, sync_files, write_atomic
+from .checkpoint import RUN_DIR
 from .errors import OutputError
 from .types import Frame
 
@@ -71,7 +72,7 @@ _CRC = struct.Struct("<I")
 
 def for_source(source, out_dir: Path, resume: tuple | None, resuming: bool) -> Spool | None:
     """The spool of a stream source (None for a source that can be read again); checked now when resuming."""
-    if getattr(source, "rereadable", True):
+    if source.rereadable:
         return None
     meta = resume[0] if resume else {}
     return Spool(Path(out_dir) / RUN_DIR / SPOOL, resuming, meta.get("first_raw", 0), meta.get("spool_until", -1))
@@ -218,10 +219,7 @@ class Spool:
 
     def add(self, frame: Frame, source) -> None:
         """Keep ``frame`` (renamed into place whole; synced at the next checkpoint)."""
-        from .sinks.spot_table import output_error
-
         path = frame_path(self.folder, frame.index)
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
             if not self._ready:  # a new run: what an earlier run spooled is not this one's
                 shutil.rmtree(self.folder, ignore_errors=True)
@@ -231,29 +229,15 @@ class Spool:
                 self._facts = source.series_facts()
                 self._write(self.folder / FACTS, json.dumps(self._facts))
             record = encode(frame)
-            with open(tmp, "wb") as f:
-                f.write(record)
-            os.replace(tmp, path)
+            with replacing(path) as tmp:
+                tmp.write_bytes(record)
         except OSError as exc:
-            with suppress(OSError):
-                tmp.unlink()
             raise output_error(path, exc) from None
         self.last = frame.index
 
     @staticmethod
     def _write(path: Path, text: str, sync: bool = False) -> None:
-        from .sinks.spot_table import output_error
-
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-            if sync:
-                sync_files([path])
-        except OSError as exc:
-            with suppress(OSError):
-                tmp.unlink()
-            raise output_error(path, exc) from None
+        write_atomic(path, text, sync=sync)
 
     # -- at each checkpoint (writer thread) --
 

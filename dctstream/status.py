@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
+from .atomic import replacing
 from .config import Config
-from .errors import InputError
+from .errors import DctStreamError, InputError
 from .sources.hdf5 import Hdf5FileSource
 
 log = logging.getLogger(__name__)
@@ -83,17 +84,11 @@ def _plain(value):
 def stats_dict(stats) -> dict:
     """Every field of a `Stats` (whatever fields it has), plus ``elapsed_s``, as JSON types.
 
-    Safe while the pipeline updates ``stats`` from another thread: a mapping
-    that changes size while it is copied is copied again.
+    Safe while the pipeline updates ``stats`` from other threads: it is read through its snapshot.
     """
-    out = {}
-    for f in dataclasses.fields(stats):
-        for _ in range(5):
-            try:
-                out[f.name] = _plain(getattr(stats, f.name))
-                break
-            except RuntimeError:  # "dictionary changed size during iteration"
-                continue
+    values = (stats.snapshot() if hasattr(stats, "snapshot")
+              else {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)})
+    out = {name: _plain(value) for name, value in values.items()}
     if hasattr(stats, "elapsed_s"):
         out["elapsed_s"] = float(stats.elapsed_s)
     return out
@@ -101,13 +96,8 @@ def stats_dict(stats) -> dict:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """``path`` holds the old or the new JSON, never a part of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no partial temporary file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def memory_mb() -> float:
@@ -130,8 +120,8 @@ class _WarningLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.messages.append(" ".join(record.getMessage().split()))
-        except Exception:  # a bad log call must not stop the scan
-            pass
+        except Exception:  # a bad log call must not stop the scan, nor go unsaid: logging reports it on stderr
+            self.handleError(record)
 
 
 class ScanMonitor:
@@ -221,6 +211,8 @@ class ScanMonitor:
         waiting = getattr(source, "waiting_for", None)
         if waiting and not s.get("frames_read"):
             snap["waiting_for"] = waiting
+        # what the source met on the way (frames dropped, reopens, waits, ...); one C-level copy beside its thread
+        snap["source_counters"] = dict(getattr(source, "counters", None) or {})
         snap["spots_per_psi"] = self._sparkline(s)
         snap["warnings"] = self._warning_list(s, snap["rates"])
         return snap
@@ -476,6 +468,8 @@ def render_scan(snap: dict):
         grid.add_row("spots/ψ", Text(sparkline(spark["counts"])) + Text(f"  {axis}, highest {max(spark['counts'])}"))
     if snap.get("waiting_for"):
         grid.add_row("waiting", snap["waiting_for"])
+    if _counters_text(snap):
+        grid.add_row("source", _counters_text(snap))
     grid.add_row("memory", _fmt_mb(snap.get("memory_mb")))
     warnings = snap.get("warnings") or []
     grid.add_row("warnings", Text("\n".join(warnings), style="yellow") if warnings else "none")
@@ -506,6 +500,11 @@ def render(snapshots: Sequence[dict], header: str | None = None):
     return Group(*parts)
 
 
+def _counters_text(snap: dict) -> str:
+    """The source's counters that are not 0: ``missing 3, reopens 1``."""
+    return ", ".join(f"{name} {n}" for name, n in (snap.get("source_counters") or {}).items() if n)
+
+
 def status_line(snap: dict) -> str:
     """One scan's snapshot on one line, for logs."""
     s, rates, lat = snap.get("stats") or {}, snap.get("rates") or {}, snap.get("latency") or {}
@@ -518,6 +517,7 @@ def status_line(snap: dict) -> str:
             f"{'' if seconds is None else f' {seconds:.1f} s'}; difspots {s.get('difspots_written', 0)}, "
             f"rejected {_rejected_text(s)}; {_fmt_mb(snap.get('memory_mb'))}"
             + (f"; waiting: {snap['waiting_for']}" if snap.get("waiting_for") else "")
+            + (f"; source: {_counters_text(snap)}" if _counters_text(snap) else "")
             + (f"; warnings: {'; '.join(snap['warnings'])}" if snap.get("warnings") else ""))
 
 
@@ -586,6 +586,7 @@ class LogStatus:
         self._log = logger or log
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failed = False  # a fault in making the lines was reported (once: the next ones would repeat it)
 
     def emit(self) -> None:
         """Log the lines now."""
@@ -594,8 +595,11 @@ class LogStatus:
                 self._log.info("%s", self._header())
             for snap in self._get():
                 self._log.info("%s", status_line(snap))
-        except Exception as exc:
+        except (DctStreamError, OSError) as exc:  # a scan's status file is not there (yet), or unreadable
             self._log.debug("status unavailable: %s", exc)
+        except Exception:  # a bug in the status lines: the scan goes on, but it is said
+            (self._log.debug if self._failed else self._log.exception)("status line not made")
+            self._failed = True
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):

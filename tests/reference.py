@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import scipy.ndimage as ndi
 
@@ -32,6 +34,9 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
         corrected = normalised[k] - background
         out[k] = ndi.median_filter(corrected, size=filter_size, mode="reflect") if filter_size > 1 else corrected
     return out
+
+
+SPLIT_LOW = 2.0  # as dctstream.segment.segmenter.SPLIT_LOW: a second maximum stands out by 2 x grow_low
 
 
 def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, flood_limit=None):
@@ -84,25 +89,68 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                slice(max(x - reach_x, 0), x + reach_x + 1))
         peak = -neg_peak
         high = np.inf if params.grow_high is None else params.grow_high
-        threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * peak, low_map[box]), high), peak)
+        # the component at the lower clamp, split into its spots, each the double threshold of its own peak
+        threshold = np.minimum(np.minimum(low_map[box], high), peak)
         eligible = (volume[box] >= threshold) & ~claimed[box] & allowed[box]
         local = (f - box[0].start, y - box[1].start, x - box[2].start)
         if not eligible[local]:
             rejected["maximum_claimed"] += 1
             continue
         component, _ = ndi.label(eligible, structure=structure)
-        voxels = np.argwhere(component == component[local]) + [s.start for s in box]
-        extent = voxels.max(axis=0) - voxels.min(axis=0) + 1  # (frames, y, x)
-        size = (extent[2], extent[1], extent[0])
-        if any(s < m for s, m in zip(size, params.min_size)):
-            rejected["too_small"] += 1
-            continue
-        if any(s > m for s, m in zip(size, params.max_size)):
-            rejected["too_large"] += 1
-            continue
-        claimed[tuple(voxels.T)] = True
-        blobs.append(voxels)
+        grown = np.argwhere(component == component[local]) + [s.start for s in box]
+        values = volume[tuple(grown.T)].astype(np.float64)
+        stand_out = SPLIT_LOW * low_map[tuple(grown.T)]
+        top = np.array(reference_split(grown, values, stand_out, params.grow_ratio, params.connectivity == 26))
+        for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
+            part_peak = values[root]
+            part_threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * part_peak,
+                                                              low_map[tuple(grown.T)]), high), part_peak)
+            part = np.zeros(volume.shape, bool)
+            inside = (top == root) & (values >= part_threshold)
+            part[tuple(grown[inside].T)] = True
+            labels_part, _ = ndi.label(part, structure=structure)
+            voxels = np.argwhere(labels_part == labels_part[tuple(grown[root])])
+            extent = voxels.max(axis=0) - voxels.min(axis=0) + 1  # (frames, y, x)
+            size = (extent[2], extent[1], extent[0])
+            if any(s < m for s, m in zip(size, params.min_size)):
+                rejected["too_small"] += 1
+                continue
+            if any(s > m for s, m in zip(size, params.max_size)):
+                rejected["too_large"] += 1
+                continue
+            claimed[tuple(voxels.T)] = True
+            blobs.append(voxels)
     return blobs, rejected
+
+
+def reference_split(voxels, values, stand_out, ratio, conn26):
+    """Plainly: flood the voxels brightest first (ties in index order); a voxel with no flooded neighbour
+    starts a part; where parts meet, each dimmer one whose peak p stands less than max(stand_out at its
+    peak, ratio * p) above this voxel joins the brightest; the voxel joins its brightest neighbour's part.
+    Returns each voxel's part, as the index of the part's peak."""
+    index = {tuple(v): i for i, v in enumerate(np.asarray(voxels).tolist())}
+    offsets = [d for d in itertools.product((-1, 0, 1), repeat=3)
+               if any(d) and (conn26 or sum(map(abs, d)) == 1)]
+    owner = {}
+
+    def part(i):
+        while owner[i] != i:
+            i = owner[i]
+        return i
+
+    for i in sorted(range(len(values)), key=lambda i: (-values[i], i)):
+        f, y, x = voxels[i]
+        flooded = [index[n] for n in ((f + a, y + b, x + c) for a, b, c in offsets)
+                   if n in index and index[n] in owner]
+        if not flooded:
+            owner[i] = i
+            continue
+        parts = sorted({part(j) for j in flooded}, key=lambda r: (-values[r], r))
+        for r in parts[1:]:
+            if values[r] - values[i] < max(stand_out[r], ratio * values[r]):
+                owner[r] = parts[0]
+        owner[i] = part(min(flooded, key=lambda j: (-values[j], j)))
+    return [part(i) for i in range(len(values))]
 
 
 def reference_sigma(values, clip=4.0, passes=3):

@@ -31,13 +31,16 @@ def stream(raw, dark, *, window, mode="exact", stride=1, normalise="none", filte
                             filter_size=filter_size)
     emitted = []  # (frame index, frames pushed when it came out)
     frames = []
+    stage.differences = []  # the unfiltered ones, beside
     for i, frame in enumerate(raw):
-        for k, corrected in stage.push(frame):
+        for k, corrected, difference in stage.push(frame):
             emitted.append((k, i + 1))
             frames.append(corrected)
-    for k, corrected in stage.finish():
+            stage.differences.append(difference)
+    for k, corrected, difference in stage.finish():
         emitted.append((k, None))
         frames.append(corrected)
+        stage.differences.append(difference)
     return np.stack(frames), emitted, stage
 
 
@@ -52,11 +55,15 @@ def margin_scales(raw, dark, margin_px=2):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_streamed_equals_reference(mode, stride, normalise, n, batch):
     raw, dark = make_scan(np.random.default_rng(n), n)
-    got, emitted, _ = stream(raw, dark, window=9, mode=mode, stride=stride, normalise=normalise, batch=batch)
+    got, emitted, stage = stream(raw, dark, window=9, mode=mode, stride=stride, normalise=normalise, batch=batch)
     scales = margin_scales(raw, dark) if normalise == "margin" else None
     expected = reference_corrected(raw, window=9, mode=mode, stride=stride, dark=dark, scales=scales)
     assert [k for k, _ in emitted] == list(range(n))
     np.testing.assert_array_equal(got, expected)
+    # the unfiltered differences come beside: the same frames before the median filter
+    unfiltered = reference_corrected(raw, window=9, mode=mode, stride=stride, dark=dark, scales=scales,
+                                     filter_size=1)
+    np.testing.assert_array_equal(np.stack(stage.differences), unfiltered)
 
 
 def test_exact_mode_latency_is_half_the_window():

@@ -206,8 +206,23 @@ CASES = {
 MID_SCAN = {"frames_all_zero", "frames_saturated", "scan_of_one_frame", "frames_corrupted_chunk"}
 
 
+def _runs(test) -> int:
+    """How many cases pytest runs ``test`` with (its parametrize marks multiplied)."""
+    n = 1
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name == "parametrize":
+            n *= len(mark.args[1])
+    return n
+
+
 def test_the_catalogue_is_long_enough():
-    assert len(CASES) + len(RECOVERIES) + len(STREAM_MESSAGES) + 3 >= 25  # + folder shape, dtype, truncated file
+    """At least 25 distinct bad inputs, each run by a test (counted from the tests, not by hand)."""
+    tables = [set(CASES), set(RECOVERIES), set(STREAM_MESSAGES)]
+    assert len(set.union(*tables)) == sum(map(len, tables))  # no case counted twice
+    run = (_runs(test_bad_input_main) + _runs(test_recovery_is_logged) + _runs(test_bad_stream_message_is_skipped_and_logged)
+           + _runs(test_folder_frame_unlike_the_first) + _runs(test_hdf5_file_replaced_by_a_shorter_one_mid_scan))
+    assert run == sum(map(len, tables)) + 3  # + folder shape, dtype, a file replaced by a shorter one
+    assert run >= 25
 
 
 def _case(name, scan, bad, folder: Path, tiny_overrides):

@@ -182,16 +182,17 @@ def test_simulate_then_run(tmp_path, tiny_set_args, tiny_overrides):
 
 
 def test_demo_prints_recall_and_precision(capsys):
-    rc = main(["demo", "--frames", "60", "--size", "64", "--spots", "10", "--window", "11"])
+    rc = main(["demo", "--frames", "60", "--size", "96", "--spots", "30", "--window", "11"])
     text = capsys.readouterr().out
     assert rc == 0
     eligible = re.search(r"\((\d+) of (\d+) true spots", text)
     recall = re.search(r"^\s*recall\s+(\S+) \((\d+) found\)$", text, re.M)
     precision = re.search(r"^\s*precision\s+(\S+) \((\d+) of (\d+) difspots are true spots\)$", text, re.M)
     assert eligible and recall and precision, text
-    assert int(eligible[2]) == 10
+    assert int(eligible[2]) == 30 and int(eligible[1]) >= 10  # enough bright spots for the ratios to say something
     r, p = float(recall[1]), float(precision[1])
-    assert 0.0 <= r <= 1.0 and 0.0 <= p <= 1.0
+    # the demo finds what it promises: nearly every bright spot, few false ones (1.000 and 0.952 when written)
+    assert r >= 0.9 and p >= 0.9
     # the printed ratios are the printed counts
     assert r == pytest.approx(int(recall[2]) / max(int(eligible[1]), 1), abs=5e-4)
     assert p == pytest.approx(int(precision[2]) / max(int(precision[3]), 1), abs=5e-4)

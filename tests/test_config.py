@@ -46,7 +46,7 @@ def test_defaults():
     assert cfg == Config()
     assert cfg.background == BackgroundConfig(window=501, mode="exact", stride=50, normalise="auto", margin_px=20)
     assert cfg.filter.median_size == 3
-    assert cfg.direct_beam == DirectBeamConfig(bbox="auto", margin_px=10)
+    assert cfg.direct_beam == DirectBeamConfig(bbox="auto", margin_px=2)
     assert cfg.segmentation == SegmentationConfig(
         seed_threshold="auto", seed_sigma=6.0, grow_ratio=0.3, grow_low="auto", grow_high=None,
         seed_min_voxels=3, min_blob_size=(2, 2, 1), max_blob_size=(80, 80, 25), connectivity=26,
@@ -99,6 +99,25 @@ def test_slurm_campaign_example():
     assert (cluster.kind, cluster.workers, cluster.cores_per_worker, cluster.memory_per_worker) == (
         "slurm", 10, 4, "24GiB")
     assert cluster.walltime == "04:00:00" and cluster.job_extra_directives == ("--exclusive",)
+
+
+def test_live_hdf5_takes_the_histogram_median(tiny_scan, tiny_overrides, tmp_path):
+    """Its margin normalisation keeps integer frames integer, so the median is the windowed histogram, not the
+    sorted float window (7.8 GiB at 2048 x 2048 with its window of 501); binned to a mean, frames are float."""
+    from dctstream.pipeline import Pipeline
+
+    def median_of(*more):
+        cfg = load_config(CONFIGS / "live_hdf5.yml", [
+            f"source.url={tiny_scan.frames_url}", f"source.angles={tiny_scan.angles_url}",
+            f"dark.url={tiny_scan.dark_url}", "source.protocol=hdf5", f"output.dir={tmp_path / str(len(more))}",
+            *tiny_overrides, *more])
+        pipeline = Pipeline(cfg)
+        pipeline.run()
+        bg = pipeline.background
+        return "histogram" if bg._hist is not None else "sorted" if bg._sorted is not None else "selection"
+
+    assert median_of() == "histogram"
+    assert median_of("detector.binning=2", "detector.binning_mode=mean") == "sorted"
 
 
 def test_sim512():

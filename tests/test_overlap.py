@@ -1,11 +1,30 @@
 """The threads that join the stages: order, back-pressure, errors, nothing dropped."""
 
+import signal
 import threading
 import time
 
 import pytest
 
 from dctstream.overlap import Prefetch, Worker
+
+# Every test here joins threads: one that never ends fails the test after this long instead of hanging the suite
+# (pytest-timeout is not a dependency).
+TEST_TIMEOUT_S = 30
+
+
+@pytest.fixture(autouse=True)
+def _timeout():
+    def expired(signum, frame):
+        raise TimeoutError(f"test still running after {TEST_TIMEOUT_S} s: a thread that never ends?")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_prefetch_yields_every_item_in_order_and_never_runs_more_than_depth_ahead():
@@ -70,12 +89,15 @@ def test_worker_handles_every_item_in_order_and_bounds_its_queue():
     time.sleep(0.05)
     for i in range(1, 5):
         worker.submit(i)
-    blocked = threading.Thread(target=worker.submit, args=(5,))
+    blocked = threading.Thread(target=worker.submit, args=(5,), daemon=True)
     blocked.start()
     time.sleep(0.2)
-    assert blocked.is_alive(), "a full queue must hold the submitter back"
-    gate.set()
+    try:
+        assert blocked.is_alive(), "a full queue must hold the submitter back"
+    finally:
+        gate.set()  # whatever happened, the worker's thread goes on and ends
     blocked.join(2.0)
+    assert not blocked.is_alive()
     worker.close()
     assert handled == list(range(6))
 

@@ -125,14 +125,14 @@ def test_accuracy_on_a_720_frame_512px_scan(tmp_path, defects):
 
 def test_a_frame_lost_in_transit_is_replaced_by_the_background(small_scan, tmp_path, monkeypatch):
     import dctstream.pipeline as pipeline_module
-    from dctstream.sources import Hdf5FileSource
+    from dctstream.sources import FrameSource, Hdf5FileSource
     from dctstream.types import Frame
 
     with Hdf5FileSource(small_scan.frames_url, small_scan.angles_url) as source:
         frames = [Frame(f.index, f.psi_deg, None if f.index == 50 else f.data.copy()) for f in source]
 
-    class StreamLike:  # the shape is only known from the first frame, as with a detector stream
-        frame_shape = dtype = n_frames = None
+    class StreamLike(FrameSource):  # the shape is only known from the first frame, as with a detector stream
+        rereadable = True  # a list: read again, nothing to spool
         end_reason = "series_end"
 
         def __iter__(self):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
 import pytest
 import zmq
 
@@ -71,19 +72,19 @@ def test_background_started_later_gives_the_same_frames(mode, stride, normalise,
     cfg = types.SimpleNamespace(window=9, mode=mode, stride=stride, normalise=normalise, margin_px=2,
                                 batch_frames=batch)
     whole = _stage(raw, dark, cfg)
-    expected = dict(pair for frame in raw for pair in whole.push(frame))
-    expected.update(whole.finish())
+    expected = {k: (f, d) for frame in raw for k, f, d in whole.push(frame)}
+    expected.update((k, (f, d)) for k, f, d in whole.finish())
 
     first = whole.first_raw_frame(needed)
     assert first <= needed
     later = _stage(raw, dark, cfg, first, margin_ref=whole.margin_ref, known_scales=whole.frame_scales[:first + 20],
                    auto_enabled=None if whole.intensity is None else whole.intensity.enabled)
     later.emitted = needed
-    got = dict(pair for frame in raw[first:] for pair in later.push(frame))
-    got.update(later.finish())
+    got = {k: (f, d) for frame in raw[first:] for k, f, d in later.push(frame)}
+    got.update((k, (f, d)) for k, f, d in later.finish())
     assert sorted(got) == list(range(needed, 40))
-    for k, frame in got.items():
-        np.testing.assert_array_equal(frame, expected[k], err_msg=f"frame {k}")
+    for k, pair in got.items():
+        np.testing.assert_array_equal(pair, expected[k], err_msg=f"frame {k}")
 
 
 # -- whole runs, killed and resumed -------------------------------------------------------------------
@@ -169,19 +170,22 @@ def test_sigkill_at_10_random_points_then_resume_gives_identical_outputs(scan, r
         i, point = i_point
         out = tmp_path / f"kill{i}"
         killed = _run(_args(scan, out), crash_at=point)
+        had_checkpoint = (out / checkpoint.RUN_DIR / checkpoint.CHECKPOINT).exists()
         resumed = _run(_args(scan, out))
-        return point, killed, resumed, out
+        return point, killed, had_checkpoint, resumed, out
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         trials = list(pool.map(trial, enumerate(points)))
     resumed_from = []
-    for point, killed, resumed, out in trials:
+    for point, killed, had_checkpoint, resumed, out in trials:
         assert killed.returncode == -9, f"{point}: {killed.stderr}"
         assert resumed.returncode == 0, f"{point}: {resumed.stderr}"
-        resumed_from.append("resuming" in resumed.stderr)
+        # a kill after a checkpoint resumes from it; one before starts again
+        assert ("resuming" in resumed.stderr) == had_checkpoint, point
+        resumed_from.append(had_checkpoint)
         assert_same_outputs(outputs(out), reference)
-    # most kills came after the first checkpoint: those resumed from it rather than started again
-    assert sum(resumed_from) >= 6, list(zip(points, resumed_from))
+    # the resume path itself was taken, not only fresh starts
+    assert sum(resumed_from) >= 3, list(zip(points, resumed_from))
 
 
 @pytest.mark.parametrize("protocol", ["hdf5", "hdf5-live"])
@@ -194,7 +198,8 @@ def test_killed_again_and_again_while_resuming(scan, tmp_path, protocol):
     assert _run(_args(scan, want, extra)).returncode == 0
     out = tmp_path / "out"
     for point in ("frame:20", "frame:15", "difspot:3", "frame:5"):  # counted from each start
-        assert _run(_args(scan, out, extra), crash_at=point).returncode == -9, point
+        killed = _run(_args(scan, out, extra), crash_at=point)
+        assert killed.returncode == -9, f"{point}: {killed.stderr}"
     assert _run(_args(scan, out, extra)).returncode == 0
     assert_same_outputs(outputs(out), outputs(want))
 
@@ -258,7 +263,7 @@ def test_unfinished_run_of_another_configuration_is_refused(scan, tmp_path, caps
     rc = main(_args(scan, out, ("segmentation.seed_sigma=7",)))
     captured = capsys.readouterr()
     assert_one_line_error(rc, captured.out, captured.err, 1, [
-        str(out), "holds an unfinished run of another configuration", "seed_sigma: 4.0", "seed_sigma: 7.0",
+        str(out), "holds an unfinished run of another configuration (segmentation.seed_sigma: was 4.0, now 7.0)",
         "expected the same command to resume it", "--overwrite"])
     assert sorted(p.name for p in (out / "difspots").iterdir()) == before
     assert main([*_args(scan, out, ("segmentation.seed_sigma=7",)), "--overwrite"]) == 0

@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dctstream.segment import SegmentParams, Segmenter
-from dctstream.segment.segmenter import HOT_SLOTS
-from reference import reference_blobs
+from dctstream.segment._kernels import split_maxima
+from dctstream.segment.segmenter import HOT_SLOTS, INTEGRAL_MARGIN_FRAMES, INTEGRAL_MARGIN_PX, SPIKE_LOW, SPIKE_VALUE
+from reference import reference_blobs, reference_split
 
 
 def segment(volume, params, mask=None):
@@ -118,7 +119,8 @@ def test_brightest_first_claims_shared_voxels():
     # the bright spot grows down to 2.0 and stops at 1.8; the dim one (down to 1.5)
     # would reach 3, 5 and 8 too, but the brighter spot took them first
     assert bright.x.tolist() == [6, 7, 8, 9] and dim.x.tolist() == [3, 4, 5]
-    assert dict(segmenter.rejected) == {}
+    # both came out of the bright one's component, split at 1.8; the dim seed region found its maximum taken
+    assert dict(segmenter.rejected) == {"maximum_claimed": 1}
 
 
 def test_size_filters_reject_by_reason():
@@ -338,3 +340,102 @@ def test_segmenter_checkpoint_keeps_per_frame_low_maps():
     got += second.finish()
     expected, _ = reference_blobs(volume, p, seed_tiles=seed, low_tiles=low)
     assert voxel_sets(got) == reference_sets(expected)
+
+
+def reference_totals(blobs, closed_at, measure, mask, nf):
+    """Each blob's integral, obviously: its voxels' measured values, plus the measured values of its box
+    grown by half its extent (at least INTEGRAL_MARGIN_*) up to the last frame pushed when it closed,
+    where neither the mask nor a blob grown before it (nor itself) holds the voxel."""
+    claimed = np.zeros(measure.shape, bool)
+    totals = []
+    for blob, at in zip(blobs, closed_at):
+        last = nf - 1 if at is None else at
+        (f0, y0, x0, f1, y1, x1), (sx, sy, sf) = blob.bbox, blob.size
+        my, mx = (max(INTEGRAL_MARGIN_PX, -(-s // 2)) for s in (sy, sx))
+        mf = max(INTEGRAL_MARGIN_FRAMES, -(-sf // 2))
+        claimed[blob.frame, blob.y, blob.x] = True
+        box = (slice(max(f0 - mf, 0), min(f1 + mf, last) + 1), slice(max(y0 - my, 0), y1 + my + 1),
+               slice(max(x0 - mx, 0), x1 + mx + 1))
+        free = ~claimed[box] & ~mask[box[1:]][None]
+        totals.append(float(measure[blob.frame, blob.y, blob.x].sum(dtype=np.float64))
+                      + float(measure[box][free].sum(dtype=np.float64)))
+    return totals
+
+
+def test_measured_blobs_take_their_values_and_integral_from_the_unfiltered_frames():
+    rng = np.random.default_rng(11)
+    found = spotty_volume(rng, (60, 40, 48), 30)  # the frames that find the spots (filtered)
+    measure = (1.2 * found + rng.normal(0, 0.5, found.shape)).astype(np.float32)  # and those that measure them
+    zingers = tuple(rng.integers(0, n, 300) for n in found.shape)
+    measure[zingers] += 500.0  # the filter took them out of the frames that find the spots
+    p = params(max_size=(12, 12, 12))
+    # obviously: a pixel further above its filtered value than SPIKE_LOW x grow_low + SPIKE_VALUE x |filtered|
+    # takes the filtered value
+    spikes = measure - found > SPIKE_LOW * p.grow_low + SPIKE_VALUE * np.abs(found)
+    assert spikes[zingers].mean() > 0.9
+    despiked = np.where(spikes, found, measure)
+    mask = np.zeros((40, 48), bool)
+    mask[15:25, 20:30] = True
+    plain, plain_closed_at, _ = segment(found, p, mask)
+    np.testing.assert_allclose([b.total for b in plain], reference_totals(plain, plain_closed_at, found, mask,
+                                                                          len(found)), rtol=1e-9, atol=1e-6)
+    segmenter = Segmenter(p, found.shape[1:], mask, measured=True)
+    blobs, closed_at = [], []
+    for k in range(len(found)):
+        new = segmenter.push(k, found[k], measure=measure[k])
+        blobs += new
+        closed_at += [k] * len(new)
+    blobs += segmenter.finish()
+    closed_at += [None] * (len(blobs) - len(closed_at))
+    assert len(blobs) > 10
+    # the same voxels as without the unfiltered frames: only the values differ
+    assert [b.voxel_key() for b in blobs] == [b.voxel_key() for b in plain]
+    for blob in blobs:
+        np.testing.assert_array_equal(blob.value, despiked[blob.frame, blob.y, blob.x])
+    np.testing.assert_allclose([b.total for b in blobs], reference_totals(blobs, closed_at, despiked, mask,
+                                                                          len(found)), rtol=1e-9, atol=1e-6)
+    with pytest.raises(ValueError, match="measure"):
+        Segmenter(p, found.shape[1:], mask, measured=True).push(0, found[0])
+
+
+def test_split_maxima_equals_the_plain_flooding():
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        shape = tuple(rng.integers(2, 9, 3))
+        vox = np.argwhere(rng.random(shape) < 0.7)
+        if len(vox) == 0:
+            continue
+        values = rng.choice([1.0, 2.0, 3.0, 5.0, 8.0], len(vox)) if trial % 2 else rng.normal(10, 4, len(vox))
+        stand_out = rng.uniform(0, 3, len(vox))
+        for conn26 in (False, True):
+            got = split_maxima(vox[:, 0], vox[:, 1], vox[:, 2], values, stand_out, 0.3, conn26)
+            assert got.tolist() == reference_split(vox, values, stand_out, 0.3, conn26), (trial, conn26)
+
+
+def two_spots(separation, shape=(9, 24, 40), peaks=(100.0, 70.0), sigma=1.5, noise=0.0, seed=0):
+    f, y, x = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]].astype(np.float64)
+    volume = np.random.default_rng(seed).normal(0, noise, shape) if noise else np.zeros(shape)
+    for peak, cx in zip(peaks, (15.0, 15.0 + separation)):
+        volume += peak * np.exp(-(f - 4) ** 2 / 2 - ((y - 12) ** 2 + (x - cx) ** 2) / (2 * sigma ** 2))
+    return volume.astype(np.float32)
+
+
+@pytest.mark.parametrize("separation,parts", [(7.0, 2), (5.0, 2), (2.0, 1)])
+def test_touching_spots_are_two_where_their_valley_allows(separation, parts):
+    volume = two_spots(separation)
+    p = params(seed_threshold=5.0, grow_low=2.0, max_size=(30, 20, 9))
+    blobs, _, _ = segment(volume, p)
+    expected, _ = reference_blobs(volume, p)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert len(blobs) == parts
+    if parts == 2:  # each part holds its own peak and is measured on its own
+        assert sorted(b.max_index[2] for b in blobs) == [15, 15 + int(separation)]
+        assert blobs[0].total > blobs[1].total
+
+
+def test_a_noisy_plateau_stays_one_spot():
+    f, y, x = np.mgrid[0:7, 0:30, 0:30]
+    grain = ((y - 15) ** 2 + (x - 15) ** 2 < 100) & (abs(f - 3) < 2)
+    volume = (np.random.default_rng(1).normal(0, 1.0, grain.shape) + 200.0 * grain).astype(np.float32)
+    blobs, _, _ = segment(volume, params(seed_threshold=6.0, grow_low=3.0, max_size=(30, 30, 7)))
+    assert len(blobs) == 1 and blobs[0].area >= grain.sum()

@@ -66,6 +66,7 @@ def test_a_scan_processed_live_equals_offline(kind, bliss_url, scan_frames, tiny
                          display=False)
     publisher.finish()
     assert stats.source_end == "scan_end" and stats.frames_read == len(frames)
+    assert stats.incomplete is None  # Bliss said SUCCESS: the whole scan
     _assert_same_spots(out, _offline(tmp_path, frames, angles, tiny_scan, tiny_overrides))
     auto = read_record(out)["auto"]
     assert auto["source.scan"]["url"] == publisher.key

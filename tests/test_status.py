@@ -120,6 +120,75 @@ def test_log_fallback_line(tmp_path, caplog):
         "acquisition 50.0/s, processing 50.0/s; latency 51 frames 1.0 s; difspots 3, rejected 0; ")
 
 
+def test_a_fault_in_the_status_line_is_reported_once(caplog):
+    """A missing status file is only unavailable (debug); a bug in making the line is said, with its traceback,
+    once.  Before: both dropped at debug level."""
+    def broken():
+        return [{"stats": {"frames_total": 10}, "latency": {"seconds": "soon"}}]  # a bug: not a number
+
+    view = LogStatus(broken, every_s=5.0)
+    with caplog.at_level(logging.DEBUG, logger="dctstream.status"):
+        view.emit()
+        view.emit()
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert errors[0].getMessage() == "status line not made"
+
+
+def test_a_bad_log_call_kept_for_the_status_is_reported(capsys):
+    from dctstream.status import _WarningLog
+
+    handler = _WarningLog()
+    record = logging.LogRecord("dctstream.x", logging.WARNING, __file__, 1, "frame %d", ("not a number",), None)
+    handler.emit(record)
+    assert list(handler.messages) == []
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
+def test_stats_read_whole_while_every_thread_adds_its_stage_time():
+    """The status reads the stats on its own thread while the stages add their time, each under its own
+    name (new names appear mid-run): every read is whole, and no second is lost."""
+    import threading
+
+    from dctstream.pipeline import Stats
+    from dctstream.status import stats_dict
+
+    stats = Stats()
+
+    def add(name):
+        for i in range(3000):
+            stats.add_stage_s(f"{name}{i % 300}", 1.0)
+
+    threads = [threading.Thread(target=add, args=(name,)) for name in "abcd"]
+    for t in threads:
+        t.start()
+    reads = 0
+    while any(t.is_alive() for t in threads) or reads == 0:
+        read = stats_dict(stats)
+        assert set(read) >= {"stage_s", "frames_read", "elapsed_s"}
+        reads += 1
+    for t in threads:
+        t.join(10)
+    assert sum(stats.stage_s.values()) == 4 * 3000
+    assert stats_dict(stats)["stage_s"]["a0"] == 10.0
+
+
+def test_source_counters_reach_the_status_and_the_record(tmp_path):
+    """What the source met (frames dropped, reopens, waits) is in the snapshot, the log line, the live view
+    and the run record; counters at 0 are not shown."""
+    from types import SimpleNamespace
+
+    monitor, stats = fed_monitor(tmp_path)
+    source = SimpleNamespace(counters={"missing": 3, "reopens": 1, "looks": 0})
+    monitor.attach(SimpleNamespace(stats=stats, source=source))
+    snap = monitor.snapshot()
+    assert snap["source_counters"] == {"missing": 3, "reopens": 1, "looks": 0}
+    assert "; source: missing 3, reopens 1;" in status_line(snap) + ";"
+    assert "│ source     missing 3, reopens 1 " in text_of(render([snap]))
+    record = run_record(monitor.cfg, snap)
+    assert record["source_counters"] == {"missing": 3, "reopens": 1, "looks": 0}
+
+
 def test_display_is_chosen_by_the_terminal(tmp_path):
     piped = Console(file=io.StringIO())
     terminal = Console(file=io.StringIO(), force_terminal=True, width=100)

@@ -9,8 +9,9 @@ and kept in raw counts: ``q_j = (raw_j - dark) * scale_j + dark``, rounded and
 clipped for integer frames (a rounding of at most half a count, far below the
 noise), so that the fast histogram median serves normalised scans too.
 Normalised frame j is ``(float32(q_j) - dark) * gain`` (gain = 1 / flat field,
-per pixel); corrected frame k is its normalised frame minus its background,
-then the 2-D median filter.
+per pixel); corrected frame k is its normalised frame minus its background
+(the difference), then the 2-D median filter. Both are emitted: the filtered
+frame to find the spots, the difference to measure them.
 
 Frame k is emitted as soon as the last frame of its window has arrived (and,
 with ``batch_frames`` > 1, the batch holding it is complete): a fixed latency
@@ -195,9 +196,10 @@ class BackgroundStage:
         self._difference = np.empty(self.frame_shape, np.float32)  # scratch, reused for every frame
 
     # ---- public --------------------------------------------------------------
-    def push(self, frame: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """Take raw frame ``ring.count``; the corrected frames it completes come one at a time, so
-        that a batch, or the end of a scan, never holds many frame-sized arrays at once."""
+    def push(self, frame: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Take raw frame ``ring.count``; the corrected frames it completes come one at a time, as
+        ``(k, filtered, difference)``, so that a batch, or the end of a scan, never holds many
+        frame-sized arrays at once."""
         j = self.ring.count
         frame = np.asarray(frame)
         if frame.shape != self.frame_shape:
@@ -218,7 +220,7 @@ class BackgroundStage:
                 self._warm_up(self.window)
         return self._drain()
 
-    def finish(self) -> Iterator[tuple[int, np.ndarray]]:
+    def finish(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """The scan has ended: emit every frame still held back."""
         n = self.ring.count
         self.n_frames = n
@@ -401,7 +403,7 @@ class BackgroundStage:
                                                   gain=self.gain)}
         return self._medians[start]
 
-    def _drain(self) -> Iterator[tuple[int, np.ndarray]]:
+    def _drain(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         while self._ready(self.emitted):
             k = self.emitted
             slot = self.ring.slot(k)
@@ -410,4 +412,6 @@ class BackgroundStage:
             for start in [s for s in self._medians if s < self._start(k)]:
                 del self._medians[start]
             self.emitted += 1
-            yield k, median_filter(difference, self.filter_size)
+            filtered = median_filter(difference, self.filter_size)
+            # the unfiltered difference too (its own copy: the scratch is reused), for the blobs' values
+            yield k, filtered, (difference.copy() if self.filter_size > 1 else filtered)

@@ -292,3 +292,125 @@ def unclaimed_sum(values, slot_of, flags, mask, f0, f1, y0, y1, x0, x1):
                 if not mask[y, x] and not _flag(flags, s, CLAIMED, y, x):
                     total += values[s, y, x]
     return total
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def despike(measure, found, low, tile, low_factor, value_factor):
+    """In place: a pixel of ``measure`` (unfiltered) more than ``low_factor`` x its tile's ``low`` plus
+    ``value_factor`` x ``|found|`` (its 3x3 median) above ``found`` is a zinger: it takes ``found``'s value."""
+    ny, nx = measure.shape
+    for y in numba.prange(ny):
+        ty = y // tile
+        for x in range(nx):
+            f = found[y, x]
+            if measure[y, x] - f > low_factor * low[ty, x // tile] + value_factor * abs(f):
+                measure[y, x] = f
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _top(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@numba.njit(cache=True, nogil=True)
+def split_maxima(fs, ys, xs, values, prominence_abs, ratio, conn26):
+    """The parts of one blob: for each voxel, the index of the maximum of the part it belongs to.
+
+    Voxels are flooded from the brightest down; where two parts meet at a voxel of value s, the dimmer
+    one (peak p) stays a part of its own only if it stands out: p - s >= max(prominence_abs at its peak,
+    ratio x p); otherwise it joins the brightest part met there. A voxel joins the part of its brightest
+    flooded neighbour (ties: the lower index). Ties in value are flooded in index order."""
+    n = values.size
+    f0, y0, x0 = fs.min(), ys.min(), xs.min()
+    box = np.full((fs.max() - f0 + 1, ys.max() - y0 + 1, xs.max() - x0 + 1), -1, np.int64)
+    for i in range(n):
+        box[fs[i] - f0, ys[i] - y0, xs[i] - x0] = i
+    nf, ny, nx = box.shape
+    order = np.argsort(-values, kind="mergesort")
+    parent = np.full(n, -1, np.int64)
+    roots = np.empty(26, np.int64)
+    for i in order:
+        v = values[i]
+        f, y, x = fs[i] - f0, ys[i] - y0, xs[i] - x0
+        n_roots = 0
+        best = -1
+        for df in range(-1, 2):
+            for dy in range(-1, 2):
+                for dx in range(-1, 2):
+                    d = abs(df) + abs(dy) + abs(dx)
+                    if d == 0 or (not conn26 and d > 1):
+                        continue
+                    g, h, w = f + df, y + dy, x + dx
+                    if g < 0 or h < 0 or w < 0 or g >= nf or h >= ny or w >= nx:
+                        continue
+                    j = box[g, h, w]
+                    if j < 0 or parent[j] < 0:
+                        continue
+                    if best < 0 or values[j] > values[best] or (values[j] == values[best] and j < best):
+                        best = j
+                    r = _top(parent, j)
+                    seen = False
+                    for q in range(n_roots):
+                        if roots[q] == r:
+                            seen = True
+                    if not seen:
+                        roots[n_roots] = r
+                        n_roots += 1
+        if n_roots == 0:
+            parent[i] = i
+            continue
+        top = roots[0]
+        for q in range(1, n_roots):
+            r = roots[q]
+            if values[r] > values[top] or (values[r] == values[top] and r < top):
+                top = r
+        for q in range(n_roots):
+            r = roots[q]
+            if r != top and values[r] - v < max(prominence_abs[r], ratio * values[r]):
+                parent[r] = top
+        parent[i] = _top(parent, best)
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = _top(parent, i)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def flood_from(fs, ys, xs, allowed, start, conn26):
+    """The voxels (of these, where ``allowed``) connected to voxel ``start`` through allowed voxels."""
+    n = fs.size
+    f0, y0, x0 = fs.min(), ys.min(), xs.min()
+    box = np.full((fs.max() - f0 + 1, ys.max() - y0 + 1, xs.max() - x0 + 1), -1, np.int64)
+    for i in range(n):
+        if allowed[i]:
+            box[fs[i] - f0, ys[i] - y0, xs[i] - x0] = i
+    nf, ny, nx = box.shape
+    reached = np.zeros(n, np.bool_)
+    if not allowed[start]:
+        return reached
+    stack = np.empty(n, np.int64)
+    stack[0] = start
+    reached[start] = True
+    top = 1
+    while top > 0:
+        top -= 1
+        i = stack[top]
+        f, y, x = fs[i] - f0, ys[i] - y0, xs[i] - x0
+        for df in range(-1, 2):
+            for dy in range(-1, 2):
+                for dx in range(-1, 2):
+                    d = abs(df) + abs(dy) + abs(dx)
+                    if d == 0 or (not conn26 and d > 1):
+                        continue
+                    g, h, w = f + df, y + dy, x + dx
+                    if g < 0 or h < 0 or w < 0 or g >= nf or h >= ny or w >= nx:
+                        continue
+                    j = box[g, h, w]
+                    if j >= 0 and not reached[j]:
+                        reached[j] = True
+                        stack[top] = j
+                        top += 1
+    return reached

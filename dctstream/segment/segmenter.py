@@ -32,7 +32,8 @@ import numpy as np
 
 from ..ring import release, releasable_frames
 from ..types import Blob
-from ._kernels import CLAIMED, expand_tiles, grow_region, label_seeds, seed_rows, unclaimed_sum
+from ._kernels import (CLAIMED, despike, expand_tiles, flood_from, grow_region, label_seeds, seed_rows,
+                       split_maxima, unclaimed_sum)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
@@ -51,6 +52,18 @@ FLOOD_DOUBLINGS = 4
 # there adds nothing on average).
 INTEGRAL_MARGIN_PX = 2
 INTEGRAL_MARGIN_FRAMES = 1
+# The unfiltered frames still hold the zingers that the 3x3 median took out of the filtered ones: a pixel
+# more than SPIKE_LOW x its frame's grow_low (15 sigma at the auto thresholds) plus SPIKE_VALUE x its 3x3
+# median above that median is one, and takes the median's value. A spot's own peak pixel stands less
+# than 3x its median above it down to 0.6 px sigma; a zinger of thousands of counts tripled a spot's integral.
+SPIKE_LOW = 5.0
+SPIKE_VALUE = 3.0
+# Touching spots: the component of voxels >= grow_low around a maximum holds a second spot when a second
+# maximum stands out -- by SPLIT_LOW x its frame's grow_low (the seed threshold at the auto thresholds)
+# and by tau x its own peak -- above the saddle that joins it to a brighter one. The component is split
+# where their slopes meet (split_maxima), and each part is the double threshold of its own peak P: its
+# voxels >= clamp(tau * P, grow_low, grow_high) connected to P.
+SPLIT_LOW = 2.0
 
 
 @dataclass(frozen=True)
@@ -122,8 +135,13 @@ class _Region:
 class Segmenter:
     """Push corrected frames in order; get back the blobs that no later frame can change."""
 
-    def __init__(self, params: SegmentParams, frame_shape: tuple[int, int], mask: np.ndarray | None = None):
+    def __init__(self, params: SegmentParams, frame_shape: tuple[int, int], mask: np.ndarray | None = None,
+                 measured: bool = False):
         self.params = params
+        # measured: each frame comes with a second, unfiltered copy whose values the blobs report (their
+        # voxels' values, box and integral); the filtered one only finds them. A 3x3 median flattens a
+        # spot a pixel or two wide: its integral measured on the filtered frame was 10-15 % low.
+        self.measured = measured
         self.frame_shape = tuple(frame_shape)
         self.mask = np.zeros(self.frame_shape, bool) if mask is None else np.ascontiguousarray(mask, bool)
         self._seeds: dict[np.dtype, np.ndarray] = {}  # seed maps by frame dtype, see _seed
@@ -156,9 +174,10 @@ class Segmenter:
 
     # ---- public --------------------------------------------------------------
     def push(self, k: int, frame: np.ndarray, seed: np.ndarray | None = None,
-             low: np.ndarray | None = None) -> list[Blob]:
+             low: np.ndarray | None = None, measure: np.ndarray | None = None) -> list[Blob]:
         """Segment frame k; ``seed`` and ``low`` are this frame's own (tiles_y, tiles_x) threshold maps
-        (the noise followed along psi), else the parameters' ones."""
+        (the noise followed along psi), else the parameters' ones; ``measure`` is its unfiltered copy
+        (required when ``measured``)."""
         if k != self.last + 1:
             raise ValueError(f"frame {k}: expected frame {self.last + 1}")
         if frame.shape != self.frame_shape:
@@ -167,9 +186,12 @@ class Segmenter:
         for name, m in (("seed", seed), ("low", low)):
             if m is not None and np.shape(m) != tiles:
                 raise ValueError(f"frame {k}: {name}: expected a {tiles} tile map, got {np.shape(m)}")
-        self._store(k, frame)
+        self._check_measure(k, measure)
+        self._store(k, frame, measure)
         self.last = k
         self._link(k, frame, seed, self._low_tiles_default if low is None else low)
+        if self.measured:  # with the frame's grow_low, set by _link
+            self._despike(int(self._slot_of[k % self._capacity]))
         return self._close(ended=False)
 
     def finish(self) -> list[Blob]:
@@ -244,11 +266,25 @@ class Segmenter:
         """The first frame whose corrected values a restored segmenter needs back."""
         return max(self._low, 0)
 
-    def load_frame(self, k: int, frame: np.ndarray) -> None:
+    def load_frame(self, k: int, frame: np.ndarray, measure: np.ndarray | None = None) -> None:
         """Put back corrected frame ``k`` (``first_needed <= k <= last``) after ``restore``; its flags stay."""
         if not max(self._low, 0) <= k <= self.last:
             raise ValueError(f"frame {k}: expected a frame from {max(self._low, 0)} to {self.last}")
-        self._values[self._take_slot(k)] = frame
+        self._check_measure(k, measure)
+        slot = self._take_slot(k)
+        self._values[slot] = frame
+        if self.measured:
+            self._measures[slot] = measure
+            self._despike(slot)
+
+    def _despike(self, slot: int) -> None:
+        despike(self._measures[slot], self._values[slot], self._low_tiles[slot], self.params.tile_px,
+                SPIKE_LOW, SPIKE_VALUE)
+
+    def _check_measure(self, k: int, measure) -> None:
+        if self.measured and (measure is None or measure.shape != self.frame_shape):
+            raise ValueError(f"frame {k}: measure: expected the unfiltered frame of shape {self.frame_shape}, "
+                             f"got {None if measure is None else measure.shape}")
 
     # ---- frame store ---------------------------------------------------------------
     # Frame f's values and flags are in slot _slot_of[f % cap] of the values and flags pools. A slot
@@ -258,6 +294,7 @@ class Segmenter:
     def _new_pools(self, cap: int) -> None:
         ny, nx = self.frame_shape
         self._values = releasable_frames(cap, self.frame_shape, np.float32)
+        self._measures = releasable_frames(cap, self.frame_shape, np.float32) if self.measured else self._values
         self._flags = releasable_frames(cap, (2, ny, (nx + 7) // 8), np.uint8)  # see segment._kernels.CLAIMED
         self._low_tiles = np.zeros((cap, *self.params.tiles(self.frame_shape)), np.float32)  # each frame's grow_low
         self._slot_of = np.full(cap, -1, np.int64)
@@ -287,24 +324,31 @@ class Segmenter:
         if len(self._hot) > HOT_SLOTS:
             slot = self._hot.pop(0)
             release(self._values, slot)
+            if self.measured:
+                release(self._measures, slot)
             release(self._flags, slot)
             self._cold.append(slot)
 
     def _frame_slots(self, frames) -> np.ndarray:
         return self._slot_of[np.asarray(frames, np.int64) % self._capacity]
 
-    def _store(self, k: int, frame: np.ndarray) -> None:
+    def _store(self, k: int, frame: np.ndarray, measure: np.ndarray | None) -> None:
         cap = self._capacity
         if k - self._low + 1 > cap:
             # a chain of overlapping spots holds old frames: make room
-            values, flags, lows = self._values, self._flags, self._low_tiles
+            values, measures, flags, lows = self._values, self._measures, self._flags, self._low_tiles
             slots = self._frame_slots(np.arange(self._low, k))
             self._new_pools(max(k - self._low + 1, cap + self.params.max_size[2]))
             for f, slot in zip(range(self._low, k), slots):
                 new = self._take_slot(f)
                 self._values[new], self._flags[new], self._low_tiles[new] = values[slot], flags[slot], lows[slot]
+                if self.measured:
+                    self._measures[new] = measures[slot]
         self._give_slot(k)  # the frame a ring's length before, if still held
-        self._values[self._take_slot(k)] = frame
+        slot = self._take_slot(k)
+        self._values[slot] = frame
+        if self.measured:
+            self._measures[slot] = measure
 
     def _claimed_voxels(self, frames) -> np.ndarray:
         """(frame, y, x) of the claimed voxels of ``frames``, (3, n); a frame at a time, bytes set first:
@@ -424,9 +468,7 @@ class Segmenter:
             if not (ended or self._boxes_clear(region, brighter, reach) or self._valley_clear(region, brighter, reach)):
                 continue
             waiting[i] = False
-            blob = self._grow(region)
-            if blob is not None:
-                blobs.append(blob)
+            blobs += self._grow(region)
         self._pending = [r for r, w in zip(pending, waiting) if w]
         first_needed = min([r.first for r in open_regions] + [r.max_index[0] for r in self._pending]
                            + [self.last + 1])
@@ -481,7 +523,7 @@ class Segmenter:
         later = brighter[~earlier]
         return not np.isin((later[:, 0] * ny + later[:, 1]) * nx + later[:, 2], voxels).any()
 
-    def _grow(self, region: _Region) -> Blob | None:
+    def _grow(self, region: _Region) -> list[Blob]:
         p = self.params
         f, y, x = region.max_index
         reach_x, reach_y, reach_f = p.max_size
@@ -490,13 +532,37 @@ class Segmenter:
         y0, y1 = max(y - reach_y, 0), min(y + reach_y, ny - 1)
         x0, x1 = max(x - reach_x, 0), min(x + reach_x, nx - 1)
         peak = region.max_value
+        high = np.inf if p.grow_high is None else p.grow_high
         voxels, _ = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_tiles,
-                                p.tile_px, f0, f1, y0, y1, x0, x1, f, y, x, p.grow_ratio * peak, np.inf if p.grow_high is None else p.grow_high,
+                                p.tile_px, f0, f1, y0, y1, x0, x1, f, y, x, -np.inf, high,
                                 peak, p.connectivity == 26, np.iinfo(np.int64).max)
         if voxels.size == 0:
             self.rejected["maximum_claimed"] += 1
-            return None
+            return []
         fs, ys, xs = np.unravel_index(voxels, (self.last + 1, ny, nx))
+        slots = self._frame_slots(fs)
+        found = self._values[slots, ys, xs].astype(np.float64)
+        low = self._low_tiles[slots, ys // p.tile_px, xs // p.tile_px].astype(np.float64)
+        top = split_maxima(fs, ys, xs, found, SPLIT_LOW * low, p.grow_ratio, p.connectivity == 26)
+        blobs = []
+        for root in sorted(set(top.tolist()), key=lambda r: (-found[r], r)):
+            at = (int(fs[root]), int(ys[root]), int(xs[root]))
+            if at == tuple(region.max_index):
+                at, part_peak = region.max_index, region.max_value
+            else:
+                part_peak = float(found[root])
+            threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * part_peak, low), high), part_peak)
+            keep = flood_from(fs, ys, xs, (top == root) & (found >= threshold), root, p.connectivity == 26)
+            blob = self._blob(fs[keep], ys[keep], xs[keep], at)
+            if blob is not None:
+                blobs.append(blob)
+        return blobs
+
+    def _blob(self, fs, ys, xs, max_index) -> Blob | None:
+        """The blob of these voxels around its maximum, measured and claimed; None if the size filters
+        reject it."""
+        p = self.params
+        ny, nx = self.frame_shape
         size = (int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1), int(fs.max() - fs.min() + 1))
         if any(s < m for s, m in zip(size, p.min_size)):
             self.rejected["too_small"] += 1
@@ -506,16 +572,19 @@ class Segmenter:
             return None
         self._claim(fs, ys, xs)
         slots = self._frame_slots(np.arange(fs.min(), fs.max() + 1))
-        volume = self._values[slots, ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # copies the box only
+        volume = self._measures[slots, ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # copies the box only
         value = volume[fs - fs.min(), ys - ys.min(), xs - xs.min()]
         my, mx = (max(INTEGRAL_MARGIN_PX, -(-s // 2)) for s in (size[1], size[0]))
         mf = max(INTEGRAL_MARGIN_FRAMES, -(-size[2] // 2))
-        tails = unclaimed_sum(self._values, self._slot_of, self._flags, self.mask,
+        tails = unclaimed_sum(self._measures, self._slot_of, self._flags, self.mask,
                               max(int(fs.min()) - mf, self._low, 0), min(int(fs.max()) + mf, self.last),
                               max(int(ys.min()) - my, 0), min(int(ys.max()) + my, ny - 1),
                               max(int(xs.min()) - mx, 0), min(int(xs.max()) + mx, nx - 1))
+        peak_f, peak_y, peak_x = max_index
+        # the value the blob reports at its maximum: the measured one, as all its values
+        max_value = float(volume[peak_f - fs.min(), peak_y - ys.min(), peak_x - xs.min()])
         blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
-                    value=value, max_index=(f, y, x), max_value=region.max_value, volume=volume,
+                    value=value, max_index=tuple(max_index), max_value=max_value, volume=volume,
                     total=float(value.sum(dtype=np.float64)) + tails)
         self.n_blobs += 1
         return blob

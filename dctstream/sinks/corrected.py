@@ -28,7 +28,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from .spot_table import output_error
+from ..atomic import output_error
 
 
 class CorrectedFrameWriter:

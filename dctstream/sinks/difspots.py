@@ -56,7 +56,8 @@ import h5py
 import numpy as np
 
 from ..types import Blob
-from .spot_table import atomic_h5, ensure_dir, spot_row
+from ..atomic import atomic_h5
+from .spot_table import ensure_dir, spot_row
 
 ATTRS = {
     "interpretation": "difspot",

@@ -36,17 +36,13 @@ HDF5 1.10 format bounds so that readers opening it in SWMR mode accept it.
 
 from __future__ import annotations
 
-import errno
 import os
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..checkpoint import crash_point
+from ..atomic import atomic_h5, output_error
 from ..errors import OutputError
 from ..types import Blob
 
@@ -103,19 +99,6 @@ def spot_row(blob: Blob, psi_deg: float | None = None, acquired: int | None = No
     return row
 
 
-def output_error(path: Path, exc: OSError | RuntimeError) -> OutputError:
-    # h5py puts HDF5's whole diagnostic into str(exc), with the system's errno inside: say what that
-    # errno means (disk full, file too large, read-only, permission denied) and keep the message one line.
-    code = getattr(exc, "errno", None)
-    if code is None:
-        found = re.search(r"errno = (\d+)", str(exc))
-        code = int(found[1]) if found else None
-    reason = os.strerror(code) if code else " ".join((getattr(exc, "strerror", None) or str(exc)).split())
-    hint = ("; free some space (or raise the file-size limit) and run the same command again to resume"
-            if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
-    return OutputError(f"{path}: cannot write output, {reason}, expected a writable folder with free space{hint}")
-
-
 def ensure_dir(path: Path) -> None:
     """Create ``path`` if needed; raise `OutputError` unless it is a writable folder.
 
@@ -134,36 +117,6 @@ def ensure_dir(path: Path) -> None:
         raise output_error(path, exc) from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: cannot write output, permission denied")
-
-
-@contextmanager
-def atomic_h5(path: Path, **file_kwargs) -> Iterator[h5py.File]:
-    """Yield a new HDF5 file that appears at ``path`` only once complete.
-
-    The file is written under a hidden temporary name in the same folder
-    (``os.replace`` is atomic only within one filesystem) and renamed over
-    ``path`` after it is closed, so a reader sees either the old file or the
-    new one, never a partial one.  No fsync: the goal is consistency for
-    concurrent readers, and a sync per difspot would be slow on network
-    filesystems.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with h5py.File(tmp, "w", **file_kwargs) as f:
-            yield f
-            crash_point("table" if path.name == "spots.h5" else "difspot")  # tests: die mid-write
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise output_error(path, exc) from exc
-    except RuntimeError as exc:  # h5py reports some failed writes (at close: flushing its metadata) this way
-        if "errno = " not in str(exc):
-            raise
-        raise output_error(path, exc) from exc
-    finally:
-        # After a successful rename there is nothing left to remove; after a
-        # failure, no partial file may stay behind.
-        with suppress(OSError):
-            tmp.unlink()
 
 
 class SpotTable:

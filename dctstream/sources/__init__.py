@@ -1,8 +1,5 @@
-"""Sources of frames: iterators of ``Frame`` with ``close()``, chosen by ``source.url``.
-
-Every source has ``frame_shape`` and ``dtype`` (None until known), ``n_frames``
-(expected, when known), ``end_reason`` (why it stopped) and ``counters``.
-"""
+"""Sources of frames: iterators of ``Frame`` with ``close()``, chosen by ``source.url``; what each must say
+is `base.FrameSource`."""
 
 from __future__ import annotations
 
@@ -13,9 +10,10 @@ import time
 import h5py
 
 from ..errors import ConfigError, InputError
+from .base import COMPLETE_ENDS, FrameSource, check_source
 from .hdf5 import Hdf5FileSource, load_dark, parse_url, read_dataset
 
-__all__ = ["Hdf5FileSource", "load_dark", "parse_url", "read_dataset", "open_source", "source_kind"]
+__all__ = ["COMPLETE_ENDS", "FrameSource", "check_source", "Hdf5FileSource", "load_dark", "parse_url", "read_dataset", "open_source", "source_kind"]
 
 # The ports DECTRIS detectors serve their streams on, by default.
 _STREAM_PORTS = {9999: "stream1", 31001: "stream2"}

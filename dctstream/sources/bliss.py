@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..types import Frame
+from .base import FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _blissdata():
     return DataStore, ScanState, EndOfStream, NoScanAvailable
 
 
-class BlissdataSource:
+class BlissdataSource(FrameSource):
     """Frames of one blissdata scan, in order, as Bliss publishes them."""
 
     rereadable = True  # the scan stays in Redis (and its file) for a while: a resumed run reads it again
@@ -174,8 +175,8 @@ class BlissdataSource:
             self.n_frames = npoints
         try:
             self.frame_shape, self.dtype = tuple(frames.shape)[-2:], np.dtype(frames.dtype)
-        except Exception:  # a plugin that learns them from the first frame
-            pass
+        except Exception as exc:  # a plugin that learns them from the first frame: they come with it
+            log.debug("%s: frame shape and type not known before the first frame (%s)", frames.name, exc)
         psi = _Angles(angles, self._EndOfStream)
         cursor = frames.cursor()
         k = 0

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..types import Frame
+from .base import FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,10 @@ def read_dataset(url: str, key: str | None = None) -> np.ndarray:
         return dset[()]
 
 
-class Hdf5FileSource:
+class Hdf5FileSource(FrameSource):
     """Frames of a complete (recorded) scan: a 3-D dataset (frames, y, x) of integers."""
+
+    rereadable = True
 
     def __init__(self, url: str, angles: str | None = None, missing: str = "error"):
         self.url = url
@@ -137,6 +140,7 @@ class Hdf5FileSource:
                 k = start + i
                 yield Frame(k, None if self.angles is None else float(self.angles[k]),
                             None if k in self._missing else data)
+        self.end_reason = "complete"
 
     def read_frame(self, k: int) -> np.ndarray:
         return self._read_one(k)

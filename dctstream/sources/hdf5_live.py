@@ -52,6 +52,7 @@ from watchdog.observers import Observer
 
 from ..errors import InputError
 from ..types import Frame
+from .base import FrameSource
 from .hdf5 import parse_url
 
 log = logging.getLogger(__name__)
@@ -248,11 +249,13 @@ def _stored(dset: h5py.Dataset, k: int) -> bool:
                for y in range(0, ny, chunks[1]) for x in range(0, nx, chunks[2]))
 
 
-class FollowedSource:
+class FollowedSource(FrameSource):
     """What the sources that follow a growing file or folder share: how they end and close.
 
     Subclasses set ``_wake``, ``_watcher``, ``_angles`` and ``_closed``.
     """
+
+    rereadable = True  # a resumed run follows the file (folder) again from its start, dropping the frames before
 
     def __init__(self, cfg):
         self.url = cfg.url

@@ -10,10 +10,11 @@ import numpy as np
 
 from ..errors import InputError
 from ..types import Frame
+from .base import FrameSource
 from .hdf5 import check_angles
 
 
-class MemorySource:
+class MemorySource(FrameSource):
     """The frames of ``frames`` in order, each with its angle from ``angles`` (degrees) when given.
 
     ``frames`` is read once, lazily, on the pipeline's reader thread; every

@@ -99,6 +99,7 @@ import zmq
 
 from ..errors import InputError
 from ..types import Frame
+from .base import FrameSource
 from .hdf5 import check_angles, read_dataset
 
 __all__ = [
@@ -465,7 +466,7 @@ def _frame(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 # -- the sources ---------------------------------------------------------------------------------
 
 
-class _StreamSource:
+class _StreamSource(FrameSource):
     """Receiving, series and frame-order logic of both protocols; subclasses receive and decode one message."""
 
     protocol = ""  # the protocol's name in messages

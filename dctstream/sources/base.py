@@ -1,0 +1,77 @@
+"""What every source of frames must say: the contract the pipeline, the spool and the status read.
+
+A source is an iterator of `Frame` (index from 0, in order; ``data`` None for a frame lost in transit when
+``source.missing: repeat-background``) with ``close()``.  Beside its frames it says:
+
+* ``rereadable`` (class attribute, no default): whether a resumed run can read its frames again (a file,
+  a folder, a scan kept in Redis) or must keep them in its spool as they arrive (a detector stream);
+* ``frame_shape`` and ``dtype`` once known (before the first frame for a file, with it for a stream);
+* ``n_frames``: the frames known to be in the scan, or None while that is unknown;
+* ``end_reason`` once its frames have ended (a word: `COMPLETE_ENDS` or why not), None before;
+* ``counters``: name -> count of what it met on the way (frames dropped, reopens, waits, ...), for the
+  status and the run record.
+
+Optional, with the defaults here: ``frames_announced`` (what the scan said it would have), ``waiting_for``
+(what it waits for now, for the status), ``frames_listed`` (frames seen but not yet read), ``found`` (what
+it found for ``auto`` settings, for the record).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import InputError
+from ..types import Frame
+
+# Why a source's frames ended (``end_reason``) that means it delivered the whole scan; any other reason
+# (idle_timeout, vanished, stopped, scan_aborted, ...) makes the run incomplete.
+COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end", "scan_end"})
+
+_NONE: Mapping = MappingProxyType({})
+
+
+class FrameSource(abc.ABC):
+    """The base of every source (see the module's description)."""
+
+    rereadable: ClassVar[bool]
+    url: str = ""
+    frame_shape: tuple[int, int] | None = None
+    dtype: np.dtype | None = None
+    n_frames: int | None = None
+    end_reason: str | None = None
+    counters: Mapping[str, int] = _NONE
+    frames_announced: int | None = None
+    waiting_for: str | None = None
+    frames_listed: int | None = None
+    found: Mapping[str, dict] = _NONE
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__iter__" in cls.__dict__ and not isinstance(getattr(cls, "rereadable", None), bool):
+            raise TypeError(f"{cls.__name__}.rereadable: expected True or False (can a resumed run read its "
+                            f"frames again?), got {getattr(cls, 'rereadable', None)!r}")
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_source(source) -> FrameSource:
+    """``source`` if it is a `FrameSource` (a source object handed to the pipeline: `segment`, bench, tests)."""
+    if not isinstance(source, FrameSource):
+        raise InputError(f"source: {type(source).__name__} is not a dctstream.sources.FrameSource, expected one "
+                         "(it says whether it can be read again, its frames' shape, why it ended, its counters)")
+    return source
