@@ -8,8 +8,8 @@ back-and-forth (the second pass reversed) and shuffled; each file is run with
 ``source.order: arrival`` (the frames as they come) and ``auto`` (see README,
 "Any psi order").  Scored against the truth with `simulators.evaluate.score`,
 the detections' centroids placed by their psi.  ``held`` is the most pixels a
-scan of passes held for the last pass (8 bytes each) against the frames they
-came from (4 bytes a pixel as float32 frames).
+scan of passes held for the last pass (12 bytes each: index, filtered and
+unfiltered value) against the frames they came from (4 bytes a pixel as float32 frames).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
             facts = stats.frame_order or {}
             held = "–"
             if facts.get("mode") == "passes":
-                held = (f"{facts['most_held_pixels'] * 8 / 2**20:.2f} MiB of {facts['most_frames_behind']} frames "
+                held = (f"{facts['most_held_pixels'] * 12 / 2**20:.2f} MiB of {facts['most_frames_behind']} frames "
                         f"({facts['most_frames_behind'] * SIZE * SIZE * 4 / 2**20:.0f} MiB)")
             print(f"| {name} | {mode} ({facts.get('mode', 'as they came')}) | {len(table['id'])} | {s['recall']:.3f} "
                   f"| {s['precision']:.3f} | {held} |")
