@@ -56,8 +56,48 @@ def cmd_run(args) -> int:
     from .runner import stop_on_sigterm
 
     stop_on_sigterm()
+    if not args.split and (args.cluster is not None or args.workers is not None):
+        from .errors import ConfigError
+
+        raise ConfigError("--cluster, --workers: they say where the chunks of --split N run, expected --split too")
+    if args.split:
+        return _run_split(args, cfg)
     result = run(None, out=None, config=cfg, overwrite=args.overwrite, display=True)
     print(_summary(result.stats, cfg.output.dir))
+    return 0
+
+
+def _cluster_config(cfg, args):
+    """The cluster section with ``--cluster`` and ``--workers`` applied (the scan's config stays as it is)."""
+    from .config import replace_config
+
+    changes = {}
+    if args.cluster is not None:
+        kind = "address" if "://" in args.cluster else args.cluster
+        changes.update(kind=kind, address=args.cluster if kind == "address" else None)
+    if args.workers is not None:
+        changes["workers"] = args.workers
+    return replace_config(cfg, cluster=changes).cluster if changes else cfg.cluster
+
+
+def _run_split(args, cfg) -> int:
+    from .campaign import open_client
+    from .split import run_split
+
+    cluster = _cluster_config(cfg, args)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    client, resources, close = open_client(cluster)
+    try:
+        record = run_split(cfg, client, args.split, overwrite=args.overwrite, cores=cluster.cores_per_worker,
+                           resources=resources)
+    finally:
+        close()
+    split = record["split"]
+    print(f"{record['frames_processed']} frames in {len(split['chunks'])} chunks on "
+          f"{cluster.address or f'{cluster.workers} {cluster.kind} worker(s)'} in {split['elapsed_s']:.1f} s "
+          f"(chunk edges at frames {split['edges'] or 'none'}; {split['rerun']} run again as one); "
+          f"{record['spots']} difspots written to {cfg.output.dir}; worker peak memory "
+          f"{split['workers_peak_rss_mb']:.0f} MB")
     return 0
 
 
@@ -150,12 +190,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_watch(args) -> int:
+    children = list(args.set or [])
+    if args.filter:
+        args.set = [*children, f"watch.scan_filter={json.dumps(args.filter, ensure_ascii=False)}"]
     cfg = _config(args)
     from .daemon import Daemon
 
     _folder_to_write(cfg.output.dir, "output.dir")
 
-    daemon = Daemon(args.root, cfg, config_path=args.config, overrides=list(args.set or []))
+    daemon = Daemon(args.root, cfg, config_path=args.config, overrides=children)
     return daemon.run(max_scans=args.max_scans)
 
 
@@ -190,11 +233,11 @@ def cmd_simulate(args) -> int:
                           hot_pixel_fraction=args.hot_pixels, dead_pixel_fraction=args.dead_pixels,
                           module_gap_px=args.module_gap,
                           gain_spread=args.gain_spread, flat_frames=args.flat_frames,
-                          shutter_closed_frames=args.shutter_closed)
+                          shutter_closed_frames=args.shutter_closed, layout=args.layout)
     print(f"wrote {args.output}: {args.frames} frames of {args.size} x {args.size} px, {args.spots} spots\n"
           f"  frames: {truth.frames_url}\n  angles: {truth.angles_url}\n  dark:   {truth.dark_url}\n"
           + (f"  flat:   {truth.flat_url}\n" if truth.flat_url else "")
-          + f"  truth:  {args.output}::/1.1/ground_truth")
+          + f"  truth:  {truth.frames_url.rsplit('/measurement/', 1)[0]}/ground_truth")
     return 0
 
 
@@ -400,13 +443,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="process a scan into difspots")
     with_config(p)
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
+    p.add_argument("--split", type=_count(2), metavar="N",
+                   help="a recorded scan in N chunks along psi on a Dask cluster, results equal to one process")
+    p.add_argument("--cluster", metavar="KIND",
+                   help="with --split: local, slurm, pbs, sge, lsf or a scheduler tcp://HOST:PORT (cluster.kind)")
+    p.add_argument("--workers", type=_count(1), help="with --split: number of workers (cluster.workers)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("watch", help="process every new scan that appears under a folder, as a daemon")
-    p.add_argument("root", help="the acquisition tree to watch (Bliss: the data folder holding proposals)")
+    p.add_argument("root", help="the acquisition tree to watch (Bliss: the data folder holding proposals), or "
+                   "redis://host:port: the scans Bliss publishes through blissdata, one after the other")
     p.add_argument("--config", dest="config", help="YAML configuration file (watch and processing settings)")
     p.add_argument("--out", help="folder for the results, one subfolder per scan (overrides output.dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key (repeatable)")
+    p.add_argument("--filter", action="append", metavar="GLOB|KEY=GLOB",
+                   help="redis://: only scans whose name matches GLOB, or whose info or identity KEY does "
+                   "(repeatable, all must match; overrides watch.scan_filter)")
     p.add_argument("--max-scans", type=_count(1), default=None,
                    help="stop after this many scans were processed (for tests and trials)")
     p.set_defaults(func=cmd_watch, source=None, dark=None)
@@ -462,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gain per module in [1-S, 1+S]")
     p.add_argument("--flat-frames", type=_count(0), default=0, metavar="N", help="add a flat-field scan at /3.1")
     p.add_argument("--shutter-closed", type=_count(0), default=0, metavar="N", help="first N frames without beam")
+    p.add_argument("--layout", choices=["scan", "dct"], default="scan",
+                   help="scan: the scan at /1.1, its dark at /2.1; dct: a DCT dataset file (references /1.1 and "
+                        "/3.1, the rotation scan /2.1, the dark /4.1), run with --source FILE.h5")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("replay", help="play a recorded scan back as a growing file, a detector stream or EDF files")

@@ -91,6 +91,8 @@ class DetectorConfig:
     flat_floor: float = 0.1  # flat below this fraction of its median: pixel masked, not divided
     binning: int = 1  # 1, 2 or 4: b x b pixels summed (or averaged) into one
     binning_mode: str = "sum"  # sum | mean
+    # spot positions corrected (ImageD11): a Fit2D spline file, or [dx, dy] maps (dctstream/distortion.py)
+    distortion: str | tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,8 @@ class WatchConfig:
     log_file: str = "dctstream-watch.log"  # relative to output.dir, or absolute
     log_max_mb: float = 10.0  # the log is rotated at this size
     log_backups: int = 5  # rotated logs kept
+    # `watch redis://...`: scans whose name matches GLOB / whose info or identity KEY matches: "KEY=GLOB" (all)
+    scan_filter: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -388,6 +392,14 @@ def _parse_bbox(value: Any) -> str | tuple[int, ...]:
     return box
 
 
+def _parse_distortion(value: Any) -> str | tuple[str, str]:
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) and v.strip() for v in value):
+        return tuple(value)
+    raise _Invalid("must be a Fit2D spline file or a list of 2 files [dx, dy]")
+
+
 def _parse_texts(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise _Invalid("must be a list of non-empty strings")
@@ -457,6 +469,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "log_file": _parse_text,
         "log_max_mb": _positive,
         "log_backups": _int_at_least(0),
+        "scan_filter": _parse_texts,
     },
     "detector": {
         "mask": _or(None, _parse_text),
@@ -465,6 +478,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "flat_floor": _checked(_parse_number, lambda x: 0 < x < 1, "in (0, 1)"),
         "binning": _one_of(1, 2, 4),
         "binning_mode": _one_of("sum", "mean"),
+        "distortion": _or(None, _parse_distortion),
     },
     "export": {
         "format": _one_of("none", "stack", "sparse"),

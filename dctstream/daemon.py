@@ -39,6 +39,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import h5py
@@ -73,6 +74,25 @@ class Scan:
     @property
     def key(self) -> tuple[str, str]:
         return (str(self.path), self.dataset)
+
+    @property
+    def label(self) -> str:
+        return self.url
+
+    def run_args(self) -> list[str]:
+        """What ``dctstream run`` is given for this scan, after the daemon's config and overrides."""
+        args = ["--source", self.url, "--out", str(self.out_dir)]
+        if self.angles:
+            args += ["--set", f"source.angles={self.path}::{self.angles}"]
+        if self.dark:
+            args += ["--dark", f"{self.path}::{self.dark}"]
+        return args
+
+    def stamp(self) -> tuple | None:
+        """Its file's identity and size: an incomplete scan is tried again once this changes."""
+        return _file_stat(self.path)
+
+    retry_on_change: ClassVar[bool] = True  # an incomplete scan may grow: tried again when its stamp changes
 
 
 def plan(out_dir: Path) -> str:
@@ -182,15 +202,25 @@ class Daemon:
     def __init__(self, root: str | os.PathLike, cfg: Config, *, config_path: str | None = None,
                  overrides: list[str] | None = None, console=None):
         from .errors import InputError
+        from .sources import is_bliss_url
 
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
-            raise InputError(f"{root}: cannot watch it, expected a folder (the acquisition tree)")
         self.cfg = cfg
         self.config_path = config_path
         self.overrides = list(overrides or [])
         self.console = console
-        self.finder = ScanFinder(self.root, cfg)
+        if is_bliss_url(str(root)):  # the scans Bliss publishes, not files
+            from .bliss_scans import BlissScanFinder
+
+            self.root = str(root)
+            self.finder = BlissScanFinder(self.root, cfg)
+            self.watching = self.finder.describe()
+        else:
+            self.root = Path(root).resolve()
+            if not self.root.is_dir():
+                raise InputError(f"{root}: cannot watch it, expected a folder (the acquisition tree) "
+                                 "or redis://host:port (a blissdata server)")
+            self.finder = ScanFinder(self.root, cfg)
+            self.watching = f"{self.root} for {cfg.watch.glob}::{cfg.watch.dataset}"
         self.out_root = self.finder.out_root
         self.known: set[tuple[str, str]] = set()  # scans queued, running or done
         self.files_done: set[str] = set()  # files whose scans are all known, with a fixed dataset
@@ -209,8 +239,13 @@ class Daemon:
         self.out_root.mkdir(parents=True, exist_ok=True)
         handler = self._log_file()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        log.info("watching %s for %s::%s; results in %s; %d scan(s) at once", self.root, self.cfg.watch.glob,
-                 self.cfg.watch.dataset, self.out_root, self.cfg.watch.max_parallel)
+        log.info("watching %s; results in %s; %d scan(s) at once", self.watching, self.out_root,
+                 self.cfg.watch.max_parallel)
+        if not isinstance(self.finder, ScanFinder):
+            for scan in self.finder.left_unfinished():
+                self.known.add(scan.key)
+                log.info("%s: left unfinished by an earlier run: resuming it", scan.label)
+                self.queue.append(scan)
         try:
             with open_display(self.snapshots, console=self.console, every_s=self.cfg.status.log_every_s,
                               header=self.header):
@@ -263,10 +298,17 @@ class Daemon:
     # -- finding scans ------------------------------------------------------------------------
     def _discover(self) -> None:
         for key, (scan, seen) in list(self.retry.items()):
-            if _file_stat(scan.path) not in (seen, None):
+            if scan.stamp() not in (seen, None):
                 del self.retry[key]
                 log.info("%s: the file of this incomplete scan changed: resuming it", scan.url)
                 self.queue.append(scan)
+        if not isinstance(self.finder, ScanFinder):
+            for scan in self.finder.new_scans():
+                if scan.key not in self.known:
+                    self.known.add(scan.key)
+                    log.info("%s: new scan", scan.label)
+                    self.queue.append(scan)
+            return
         fixed = not any(c in self.cfg.watch.dataset for c in "*?[")
         for path in self.finder.files():
             if str(path) in self.files_done:
@@ -297,12 +339,7 @@ class Daemon:
             cmd.append(str(self.config_path))
         for override in self.overrides:
             cmd += ["--set", override]
-        cmd += ["--source", scan.url, "--out", str(scan.out_dir)]
-        if scan.angles:
-            cmd += ["--set", f"source.angles={scan.path}::{scan.angles}"]
-        if scan.dark:
-            cmd += ["--dark", f"{scan.path}::{scan.dark}"]
-        return cmd
+        return cmd + scan.run_args()
 
     def _launch(self) -> None:
         while self.queue and len(self.running) < self.cfg.watch.max_parallel and not self._stop.is_set():
@@ -316,7 +353,7 @@ class Daemon:
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, PARENT_ENV: str(os.getpid())})
             self.running[scan.key] = (scan, proc)
-            log.info("%s: processing into %s (pid %d)", scan.url, scan.out_dir, proc.pid)
+            log.info("%s: processing into %s (pid %d)", scan.label, scan.out_dir, proc.pid)
 
     def _reap(self) -> None:
         for key, (scan, proc) in list(self.running.items()):
@@ -328,23 +365,24 @@ class Daemon:
             state = record.get("state")
             if state == "finished":  # (a SIGTERM just after it finished may have changed its exit code)
                 self.finished += 1
-                log.info("%s: finished, %s difspots from %s frames (scan ended: %s)", scan.url,
+                log.info("%s: finished, %s difspots from %s frames (scan ended: %s)", scan.label,
                          record.get("spots"), record.get("frames_processed"), record.get("end_reason"))
                 continue
             if state == "incomplete":
                 self.incomplete += 1
-                self.retry[key] = (scan, _file_stat(scan.path))
-                log.warning("%s: incomplete (%s): tried again when the file changes", scan.url,
-                            record.get("incomplete") or record.get("end_reason"))
+                if scan.retry_on_change:
+                    self.retry[key] = (scan, scan.stamp())
+                log.warning("%s: incomplete (%s): %s", scan.label, record.get("incomplete") or record.get("end_reason"),
+                            "tried again when the file changes" if scan.retry_on_change else "the scan is over")
                 continue
             if self._stop.is_set():
-                log.info("%s: stopped (exit code %s); processed again at the next start", scan.url, code)
+                log.info("%s: stopped (exit code %s); processed again at the next start", scan.label, code)
                 continue
             self.failed += 1
             why = record.get("error") or _last_line(scan.out_dir / "run.log") or f"exit code {code}"
-            log.error("%s: failed: %s (see %s)", scan.url, why, scan.out_dir / "run.log")
+            log.error("%s: failed: %s (see %s)", scan.label, why, scan.out_dir / "run.log")
             if state != "failed":  # died before it could say so: record it, so that it is not retried forever
-                write_record(scan.out_dir, {**record, "state": "failed", "error": why, "source": scan.url,
+                write_record(scan.out_dir, {**record, "state": "failed", "error": why, "source": scan.label,
                                             "ended_utc": utc_now(), "exit_code": code})
 
     def _stop_children(self) -> None:
@@ -356,14 +394,14 @@ class Daemon:
             try:
                 proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                log.warning("%s: did not stop within %.0f s, killed", scan.url, STOP_TIMEOUT_S)
+                log.warning("%s: did not stop within %.0f s, killed", scan.label, STOP_TIMEOUT_S)
                 proc.kill()
                 proc.wait()
         self._reap()
 
     # -- display ------------------------------------------------------------------------------------
     def header(self) -> str:
-        return (f"dctstream watch {self.root} ({self.cfg.watch.glob} :: {self.cfg.watch.dataset}): "
+        return (f"dctstream watch {self.watching}: "
                 f"{len(self.running)} running, {len(self.queue)} queued, {self.finished} finished, "
                 f"{self.incomplete} incomplete, {self.failed} failed, {self.skipped} skipped; log {getattr(self, 'log_path', '-')}")
 
@@ -371,9 +409,12 @@ class Daemon:
         out = []
         for scan, proc in list(self.running.values()):
             try:
-                out.append(read_status(scan.out_dir))
+                snap = read_status(scan.out_dir)
+                if not isinstance(scan, Scan):  # a Bliss scan: its run's source is only the server
+                    snap = {**snap, "source": scan.label}
+                out.append(snap)
             except Exception:  # not written yet (the child is starting) or being replaced
-                out.append({"source": scan.url, "out_dir": str(scan.out_dir), "state": "starting"})
+                out.append({"source": scan.label, "out_dir": str(scan.out_dir), "state": "starting"})
         return out
 
 

@@ -171,24 +171,38 @@ class Detector:
             self.gain = (1.0 / binned).astype(np.float32)
         self.mask = bin_image(raw_mask, b, "any")
 
-    def check_first_frame(self, frame: np.ndarray, url: str) -> None:
+    def check_first_frame(self, frame: np.ndarray, url: str, *, invalid_value: int | None = None,
+                          pixel_mask: np.ndarray | None = None) -> None:
         """What the first frame shows about the counts, before any is used (raw frame, detector pixels).
 
-        * Pixels with all bits set in 32-bit unsigned frames are the detector's own mark of a pixel without
-          data (Eiger module gaps and dead pixels): masked (``mask_counts["invalid"]``), not taken as counts.
+        * Pixels with all bits set in 32-bit unsigned frames, or at ``invalid_value`` (what the source says
+          its detector writes there: all bits set at its bit depth), are the detector's own mark of a pixel
+          without data (Eiger module gaps and dead pixels): masked (``mask_counts["invalid"]``), not taken as
+          counts.
+        * ``pixel_mask`` (the detector's own, from the source: non-zero = bad) is masked too
+          (``mask_counts["detector"]``).
         * Counts beyond 2**24, which float32 (the corrected frames' type) cannot hold exactly, are refused.
         * A dark above every count of the frame (nothing left positive after subtracting it) is logged.
         """
         valid = None
-        if self.raw_dtype == np.uint32:
-            invalid = frame == np.iinfo(np.uint32).max
+        if pixel_mask is not None:
+            bad = _checked_shape(np.asarray(pixel_mask), url, "source.url (its detector's pixel mask)",
+                                 self.raw_shape, stack=False) != 0
+            binned = bin_image(bad, self.binning, "any")
+            self.mask_counts["detector"] = int((binned & ~self.mask).sum())
+            self.mask |= binned  # in place: the background stage holds this array
+            log.info("%d pixels marked bad in the detector's own pixel mask: masked", int(bad.sum()))
+        if invalid_value is None and self.raw_dtype == np.uint32:
+            invalid_value = int(np.iinfo(np.uint32).max)
+        if invalid_value is not None:
+            invalid = frame == invalid_value
             if invalid.any():
                 valid = ~invalid
                 binned = bin_image(invalid, self.binning, "any")
                 self.mask_counts["invalid"] = int((binned & ~self.mask).sum())
-                self.mask |= binned  # in place: the background stage holds this array
-                log.info("%d pixels hold 0xFFFFFFFF (the detector's mark of a pixel without data): masked",
-                         int(invalid.sum()))
+                self.mask |= binned
+                log.info("%d pixels hold %#x (the detector's mark of a pixel without data): masked",
+                         int(invalid.sum()), invalid_value)
         if self.raw_dtype.itemsize >= 4:
             values = frame if valid is None else frame[valid]
             if values.size:

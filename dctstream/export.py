@@ -9,8 +9,10 @@ peak search, ``blobcorrector``/``peaksearch``):
 ====================  ============================================================
 column                from the spot table (0-based pixels and frames)
 ====================  ============================================================
-``sc``, ``fc``        slow (row, y) and fast (column, x) intensity-weighted centroid;
-                      no spatial distortion is applied, so equal to ``s_raw``/``f_raw``
+``sc``, ``fc``        slow (row, y) and fast (column, x) intensity-weighted centroid,
+                      corrected for the detector's distortion when the run had
+                      ``detector.distortion`` (ImageD11's own correction), else
+                      equal to ``s_raw``/``f_raw``
 ``omega``             rotation angle at the centroid, degrees (``centroid_psi_deg``);
                       the centroid frame when the scan had no angles
 ``Number_of_pixels``  voxels of the difspot (``area``)
@@ -87,9 +89,10 @@ def imaged11_columns(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray],
     line = _omega_line(t)
     has_psi = PSI_COLUMN in t
     omega_of = (lambda frame: line[0] + line[1] * frame) if line else None
+    corrected = "centroid_x_corrected" in t
     cols: dict[str, np.ndarray] = {
-        "sc": t["centroid_y"],
-        "fc": t["centroid_x"],
+        "sc": t["centroid_y_corrected"] if corrected else t["centroid_y"],
+        "fc": t["centroid_x_corrected"] if corrected else t["centroid_x"],
         "omega": t[PSI_COLUMN] if has_psi else t["centroid_frame"],
         "Number_of_pixels": t["area"],
         "avg_intensity": t["integral"] / np.maximum(t["area"], 1),
@@ -117,6 +120,9 @@ def imaged11_columns(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray],
     cols["spot3d_id"] = t["id"]
     params = {"omega_unit": "degrees" if has_psi else "frames", "source": str(record.get("source", "")),
               "software": f"dctstream {record.get('dctstream_version', '')}".strip()}
+    if corrected:  # what ImageD11's own peak search says of its sc/fc
+        distortion = ((record.get("config") or {}).get("detector") or {}).get("distortion")
+        params["spline"] = " ".join(distortion) if isinstance(distortion, list) else str(distortion)
     partial = partial_reason(record)
     if partial:
         params["partial"] = partial

@@ -8,8 +8,9 @@ killed: `scan_state` reads it that way.
 Keys: ``dctstream_version``, ``state``, ``end_reason`` (why the source ended,
 or why the run stopped), ``incomplete`` (why an incomplete scan is not whole,
 with the frames seen of those expected), ``error``, ``source``, ``angles``, ``dark``,
-``auto`` (what ``source.angles: auto`` and ``dark.url: auto`` found in the
-scan file, and why), ``out_dir``, ``host``, ``pid``, ``started_utc``, ``ended_utc``,
+``auto`` (what ``source.angles``, ``dark.url`` and ``detector.flat: auto``
+found in the scan file, and why; ``source.url``: the rotation scan of a DCT
+dataset file), ``out_dir``, ``host``, ``pid``, ``started_utc``, ``ended_utc``,
 ``frames_processed`` (frames segmented), ``frames_read``, ``frames_expected``, ``spots``
 (difspots written), ``rejected`` (by reason), ``warnings``, ``stats`` (every
 field of the pipeline's `Stats`, whatever fields it has), ``config`` (the

@@ -57,16 +57,21 @@ class DctstreamProcessor:
 
         return execute_graph(str(workflow_path()), inputs=inputs)
 
-    def run(self, max_scans: int | None = None) -> None:
-        """Follow Bliss's scans, one after the other (until ``max_scans`` matching scans were handed over)."""
+    def run(self, max_scans: int | None = None, since: str | None = None) -> list:
+        """Follow Bliss's scans, one after the other, from those created after ``since`` (a timetag of
+        blissdata's; default: from now), until ``max_scans`` matching scans were handed over; returns
+        what each hand-over returned."""
         from blissdata.redis_engine.store import DataStore
 
         store = DataStore(self.redis_url)
-        since, handed = store.get_last_scan_timetag(), 0
-        while max_scans is None or handed < max_scans:
+        since = since or store.get_last_scan_timetag()
+        handed = []
+        while max_scans is None or len(handed) < max_scans:
             since, key = store.get_next_scan(since=since)
-            if self.on_new_scan(store.load_scan(key)) is not None:
-                handed += 1
+            result = self.on_new_scan(store.load_scan(key))
+            if result is not None:
+                handed.append(result)
+        return handed
 
 
 def main() -> None:

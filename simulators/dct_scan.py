@@ -46,6 +46,11 @@ ANGLES_PATH = "/1.1/measurement/diffrz"
 DARK_PATH = "/2.1/measurement/marana"
 TRUTH_PATH = "/1.1/ground_truth"
 FLAT_PATH = "/3.1/measurement/marana"
+# The DCT dataset layout (``layout="dct"``): references before, the rotation scan, references after, the dark.
+DCT_REFS_BEFORE, DCT_SCAN, DCT_REFS_AFTER, DCT_DARK = "1.1", "2.1", "3.1", "4.1"
+DCT_SCAN_TITLE = "fscan diffrz 0 {step:g} {frames} 0.1"
+DCT_REF_TITLE = "loopscan {frames} 0.1 (references, sample out)"
+SAMPLE_OUT_SAMY_MM = 5.0  # where the references are taken: the sample moved out of the beam along samy
 
 FLAT_COUNTS = 20000.0  # photons per pixel per flat frame at gain 1
 
@@ -485,6 +490,7 @@ def simulate_scan(
     workers: int | None = None,
     flat_frames: int = 0,
     model: ScanModel | None = None,
+    layout: str = "scan",
     **defects,
 ) -> ScanTruth:
     """Write a simulated DCT scan and its ground truth to the HDF5 file ``path``.
@@ -529,33 +535,68 @@ def simulate_scan(
         /2.1/measurement/marana     (dark_frames, ny, nx) offsets + read noise + hot pixels
         /3.1/measurement/marana     (flat_frames, ny, nx) FLAT_COUNTS x gain + offsets + noise,
                                     only when flat_frames > 0
+
+    ``layout="dct"`` writes a DCT dataset file in the Bliss DCT layout instead, each scan with
+    ``instrument/positioners`` (diffrz, samy) and ``positioners_start``::
+
+        /1.1  "loopscan N 0.1 (references, sample out)"  flat_frames (default 10) flat frames, samy out
+        /2.1  "fscan diffrz 0 <step> <frames> 0.1"      the rotation scan, its ground_truth, diffrz moving
+        /3.1  the references after, as /1.1
+        /4.1  "dark"                                    dark_frames dark frames
     """
     dtype = np.dtype(dtype)
     if dtype not in _ALLOWED_DTYPES:
         raise InputError(f"simulate_scan: unsupported dtype, expected one of "
                          f"{', '.join(map(str, _ALLOWED_DTYPES))}, got {dtype}")
+    if layout not in ("scan", "dct"):
+        raise InputError(f"simulate_scan: layout: expected scan or dct, got {layout!r}")
     dark_frames = _check_count("dark_frames", dark_frames, 1)
     if model is None:
         model = ScanModel(frames=frames, size=size, spots=spots, seed=seed, **defects)
     flat_frames = _check_count("flat_frames", flat_frames, 0)
+    if layout == "dct":
+        flat_frames = flat_frames or 10
     path = os.fspath(path)
-    total = model.frames + dark_frames
     ny, nx = model.shape
+    names = ({"scan": DCT_SCAN, "dark": DCT_DARK, "flats": (DCT_REFS_BEFORE, DCT_REFS_AFTER)} if layout == "dct"
+             else {"scan": "1.1", "dark": "2.1", "flats": ("3.1",) if flat_frames else ()})
+    total = model.frames + dark_frames + flat_frames * len(names["flats"])
+    done = 0
 
-    with h5py.File(path, "w") as f:
-        scan = f.create_group("1.1")
-        scan["title"] = "dct scan"
-        scan["start_time"] = START_TIME.isoformat()
-        scan["end_time"] = (START_TIME + dt.timedelta(seconds=EXPOSURE_S * model.frames)).isoformat()
-        f[ANGLES_PATH] = model.psi_deg()
-        images = f.create_dataset(FRAMES_PATH, shape=(model.frames, ny, nx), dtype=dtype,
+    def stack(name: str, n: int, render: Callable[[int], np.ndarray] | Iterator[np.ndarray]) -> None:
+        nonlocal done
+        images = f.create_dataset(f"{name}/measurement/marana", shape=(n, ny, nx), dtype=dtype,
                                   chunks=(1, ny, nx), compression=compression)
-        for k, image in enumerate(iter_frames(model, workers=workers)):
-            images[k] = image
+        for i, image in enumerate(map(render, range(n)) if callable(render) else render):
+            images[i] = image
+            done += 1
             if progress is not None:
-                progress(k + 1, total)
+                progress(done, total)
 
-        truth = f.create_group(TRUTH_PATH)
+    def positioners(name: str, **values) -> None:
+        for motor, value in values.items():
+            f[f"{name}/instrument/positioners/{motor}"] = value
+            f[f"{name}/instrument/positioners_start/{motor}"] = np.ravel(value)[0]
+
+    clock = START_TIME
+    with h5py.File(path, "w") as f:
+        for name in names["flats"][:1] if layout == "dct" else ():
+            f[f"{name}/title"] = DCT_REF_TITLE.format(frames=flat_frames)
+            positioners(name, diffrz=0.0, samy=SAMPLE_OUT_SAMY_MM)
+            stack(name, flat_frames, model.flat_frame)
+        scan = f.create_group(names["scan"])
+        scan["title"] = ("dct scan" if layout == "scan"
+                         else DCT_SCAN_TITLE.format(step=360.0 / model.frames, frames=model.frames))
+        scan["start_time"] = clock.isoformat()
+        scan["end_time"] = (clock + dt.timedelta(seconds=EXPOSURE_S * model.frames)).isoformat()
+        if layout == "dct":
+            positioners(names["scan"], diffrz=model.psi_deg(), samy=0.0)
+            scan["measurement/diffrz"] = h5py.SoftLink(f"/{names['scan']}/instrument/positioners/diffrz")
+        else:
+            f[ANGLES_PATH] = model.psi_deg()
+        stack(names["scan"], model.frames, iter_frames(model, workers=workers))
+
+        truth = f.create_group(f"{names['scan']}/ground_truth")
         for name, column in model.spots.items():
             truth[name] = column
         truth.attrs["direct_beam_bbox"] = np.asarray(model.direct_beam_bbox, dtype=np.int64)
@@ -563,23 +604,25 @@ def simulate_scan(
         truth.attrs["quadrant_offsets"] = np.asarray(model.quadrant_offsets)
         truth.attrs["seed"] = model.seed
 
-        dark = f.create_group("2.1")
-        dark["title"] = "dark"
-        darks = f.create_dataset(DARK_PATH, shape=(dark_frames, ny, nx), dtype=dtype,
-                                 chunks=(1, ny, nx), compression=compression)
-        for i in range(dark_frames):
-            darks[i] = model.dark_frame(i)
-            if progress is not None:
-                progress(model.frames + i + 1, total)
-        if flat_frames:
-            f["3.1/title"] = "flat"
-            flats = f.create_dataset(FLAT_PATH, shape=(flat_frames, ny, nx), dtype=dtype,
-                                     chunks=(1, ny, nx), compression=compression)
-            for i in range(flat_frames):
-                flats[i] = model.flat_frame(i)
+        for name in names["flats"][1:] if layout == "dct" else names["flats"]:
+            f[f"{name}/title"] = DCT_REF_TITLE.format(frames=flat_frames) if layout == "dct" else "flat"
+            if layout == "dct":
+                positioners(name, diffrz=360.0, samy=SAMPLE_OUT_SAMY_MM)
+            stack(name, flat_frames, model.flat_frame)
+        f[f"{names['dark']}/title"] = "dark"
+        if layout == "dct":
+            positioners(names["dark"], diffrz=360.0, samy=SAMPLE_OUT_SAMY_MM)
+        stack(names["dark"], dark_frames, model.dark_frame)
 
-    truth = _truth(path, model.spots, model.direct_beam_bbox)
-    return dataclasses.replace(truth, flat_url=f"{path}::{FLAT_PATH}") if flat_frames else truth
+    scan_url = f"{path}::/{names['scan']}"
+    truth = ScanTruth(path=path, frames_url=f"{scan_url}/measurement/marana",
+                      angles_url=(f"{scan_url}/instrument/positioners/diffrz" if layout == "dct"
+                                  else f"{path}::{ANGLES_PATH}"),
+                      dark_url=f"{path}::/{names['dark']}/measurement/marana", spots=model.spots,
+                      direct_beam_bbox=tuple(int(v) for v in model.direct_beam_bbox))
+    if flat_frames:
+        truth = dataclasses.replace(truth, flat_url=f"{path}::/{names['flats'][0]}/measurement/marana")
+    return truth
 
 
 def _truth(path: str, spots: dict[str, np.ndarray], bbox: Sequence[int]) -> ScanTruth:
@@ -588,19 +631,28 @@ def _truth(path: str, spots: dict[str, np.ndarray], bbox: Sequence[int]) -> Scan
 
 
 def read_truth(path: str | os.PathLike) -> ScanTruth:
-    """Read back the ground truth that ``simulate_scan`` wrote to ``path``."""
+    """Read back the ground truth that ``simulate_scan`` wrote to ``path`` (either layout)."""
     path = os.fspath(path)
     if not Path(path).is_file():
         raise InputError(f"read_truth: no such file, expected a simulated scan, got {path}")
     with h5py.File(path, "r") as f:
-        if TRUTH_PATH not in f:
+        where = TRUTH_PATH if TRUTH_PATH in f else f"/{DCT_SCAN}/ground_truth"
+        if where not in f:
             raise InputError(f"read_truth: {path} has no {TRUTH_PATH}, expected a simulated scan, "
                              f"got groups {sorted(f)}")
-        group = f[TRUTH_PATH]
+        group = f[where]
         missing = [name for name in TRUTH_COLUMNS if name not in group]
         if missing:
-            raise InputError(f"read_truth: {path}::{TRUTH_PATH} lacks columns, expected {list(TRUTH_COLUMNS)}, "
+            raise InputError(f"read_truth: {path}::{where} lacks columns, expected {list(TRUTH_COLUMNS)}, "
                              f"got {sorted(group)}")
         spots = {name: group[name][()] for name in TRUTH_COLUMNS}
         bbox = group.attrs["direct_beam_bbox"]
-    return _truth(path, spots, bbox)
+        dct = where != TRUTH_PATH
+    truth = _truth(path, spots, bbox)
+    if dct:
+        scan = f"{path}::/{DCT_SCAN}"
+        truth = dataclasses.replace(truth, frames_url=f"{scan}/measurement/marana",
+                                    angles_url=f"{scan}/instrument/positioners/diffrz",
+                                    dark_url=f"{path}::/{DCT_DARK}/measurement/marana",
+                                    flat_url=f"{path}::/{DCT_REFS_BEFORE}/measurement/marana")
+    return truth

@@ -17,7 +17,8 @@ The scans (`SCANS`): ``clean`` (a steady source: the reference for speed), ``no_
 spots, a top-up and the 0/360 crossing together), ``overlaps`` (touching spot
 pairs with separate maxima), ``bright_start`` (bright spots in the first 5
 frames) and ``photon_counting`` (uint32 counts, no offsets or read noise, a
-background of well under a photon per pixel, no direct beam).
+background of 0-0.5 counts per pixel, no direct beam, gaps between the 2 x 2
+modules at the invalid value 0xFFFFFFFF, as an Eiger writes them).
 
 Frames are written by `simulate_scan` in its Bliss-like layout; the ground
 truth holds `simulate_scan`'s columns (``x``, ``y``, ``frame`` are the centroid
@@ -42,7 +43,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import ConvexHull
 
-from simulators.dct_scan import (_NOISE_STREAM, READ_NOISE_COUNTS, SOURCE_DECAY, SOURCE_RIPPLE,
+from simulators.dct_scan import (_NOISE_STREAM, GLOW_COUNTS, READ_NOISE_COUNTS, SOURCE_DECAY, SOURCE_RIPPLE,
                                  SOURCE_RIPPLE_PERIOD_FRAMES, SPOT_CUTOFF_SIGMAS, TRUTH_PATH, ScanModel, ScanTruth,
                                  _truth, simulate_scan)
 
@@ -64,6 +65,9 @@ FOOTPRINT_FLOOR = 1e-3
 EXTERNAL_PEAK_COUNTS = 3000.0  # peak of the thickest external spot (no structure factors: thickness only)
 EXTERNAL_SIGMA_FRAME = (0.6, 1.5)
 
+PHOTON_BACKGROUND_MAX = 0.5  # counts a pixel a frame, where the glow is brightest
+INVALID_UINT32 = np.iinfo(np.uint32).max  # a photon-counting detector's mark of a pixel without data
+
 FULL_FRAMES, FULL_SIZE = 720, 512
 QUICK_FRAMES, QUICK_SIZE = 360, 256
 
@@ -80,7 +84,9 @@ SCANS: dict[str, dict] = {
                               wrap_spots=12),
     "overlaps": dict(pairs=40, spots=150),
     "bright_start": dict(early_spots=16, spots=250),
-    "photon_counting": dict(photon_counting=True, beam=False, glow_scale=0.002, spots=250),
+    # an Eiger-like detector: a background of 0-0.5 counts a pixel, gaps between its 2 x 2 modules
+    "photon_counting": dict(photon_counting=True, beam=False, glow_scale=PHOTON_BACKGROUND_MAX / GLOW_COUNTS,
+                            module_gap_px=4, spots=250),
 }
 
 
@@ -94,7 +100,8 @@ class HardScanModel(ScanModel):
     ``wrap_spots`` of them are centred within 1.5 frames of 0/360 deg; ``spot_shape``: ``gauss`` or
     ``grain``; ``pairs``: touching spot pairs (Gaussian, 3-4.5 sigma apart, brightness within 2x);
     ``early_spots``: bright spots centred in frames 0-5; ``photon_counting``: uint32 Poisson counts,
-    no offsets, read noise or zingers, hot pixels counting 10-40 a frame.  ``external_spots``: an HDF5 file
+    no offsets, read noise or zingers, hot pixels counting 10-40 a frame, ``module_gap_px`` gaps at 0xFFFFFFFF
+    (no spot is placed on them).  ``external_spots``: an HDF5 file
     of spots made elsewhere (`benchmarks/independent_scan.py`: footprints, places and fractional frames)
     used instead of drawn ones, each given a rocking curve and a peak of `EXTERNAL_PEAK_COUNTS` x its
     thickness relative to the thickest.
@@ -105,7 +112,8 @@ class HardScanModel(ScanModel):
                  ripple_period_frames: float = SOURCE_RIPPLE_PERIOD_FRAMES, decay: float = SOURCE_DECAY,
                  topup_at: float | None = None, topup_step: float = 0.03, wrap: bool = False,
                  wrap_spots: int = 0, spot_shape: str = "gauss", pairs: int = 0, early_spots: int = 0,
-                 photon_counting: bool = False, external_spots: str | os.PathLike | None = None):
+                 photon_counting: bool = False, external_spots: str | os.PathLike | None = None,
+                 module_gap_px: int = 0):
         if spot_shape not in ("gauss", "grain"):
             raise ValueError(f"HardScanModel: spot_shape must be gauss or grain, got {spot_shape!r}")
         if wrap_spots and not wrap:
@@ -114,7 +122,7 @@ class HardScanModel(ScanModel):
         self._topup_frame = None if topup_at is None else topup_at * frames
         self._topup_step = topup_step
         self.beam, self.wrap, self.photon_counting = beam, wrap, photon_counting
-        super().__init__(frames=frames, size=size, spots=0, seed=seed)
+        super().__init__(frames=frames, size=size, spots=0, seed=seed, module_gap_px=module_gap_px)
         self.glow = self.glow * glow_scale
         if photon_counting:
             self.read_noise = 0.0
@@ -240,6 +248,8 @@ class HardScanModel(ScanModel):
         if (origin[0] < BORDER_PX or origin[1] < BORDER_PX or origin[0] + patch.shape[0] > ny - BORDER_PX
                 or origin[1] + patch.shape[1] > nx - BORDER_PX):
             return None
+        if self.dead[origin[0] - 1:origin[0] + patch.shape[0] + 1, origin[1] - 1:origin[1] + patch.shape[1] + 1].any():
+            return None  # on a module gap: its counts would not be there to find
         if shape == "grain":
             sigma_frame = rng.uniform(*GRAIN_SIGMA_FRAME)
         else:
@@ -356,6 +366,7 @@ class HardScanModel(ScanModel):
         rng = np.random.default_rng((self.seed, _NOISE_STREAM, k))
         counts = rng.poisson(self.signal(k)).astype(np.uint32)
         counts[tuple(self.hot_pixels.T)] += rng.poisson(self._hot_rate).astype(np.uint32)
+        counts[self.dead] = INVALID_UINT32
         return counts
 
     def dark_frame(self, i: int) -> np.ndarray:
@@ -364,6 +375,7 @@ class HardScanModel(ScanModel):
         rng = np.random.default_rng((self.seed, _DARK_STREAM, i))
         counts = np.zeros(self.shape, np.uint32)
         counts[tuple(self.hot_pixels.T)] = rng.poisson(self._hot_rate)
+        counts[self.dead] = INVALID_UINT32
         return counts
 
     # --- truth --------------------------------------------------------------

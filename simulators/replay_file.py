@@ -1,7 +1,8 @@
 """Play a recorded or simulated scan back the way an acquisition system writes it.
 
 ``replay_hdf5`` grows one HDF5 dataset frame by frame (with or without SWMR,
-compressed or not), ``replay_edf`` writes one EDF file per frame; both at a
+compressed or not), ``replay_edf`` writes one EDF file per frame,
+``replay_dectris`` a DECTRIS master file and its data files one after another; all at a
 given frame rate, so that live sources can be tested against real writers.
 
 ``start_in_thread`` and ``start_in_process`` run a replayer in the background
@@ -153,6 +154,68 @@ def replay_edf(
         count = k + 1
         if on_frame is not None:
             on_frame(k)
+    return count
+
+
+def replay_dectris(
+    src_url: str,
+    master_path: str | os.PathLike,
+    *,
+    frames_per_file: int = 100,
+    fps: float | None = 10.0,
+    angles_url: str | None = None,
+    bit_depth: int | None = None,
+    pixel_mask: np.ndarray | None = None,
+    on_file: Callable[[int], None] | None = None,
+) -> int:
+    """Write the frames of ``src_url`` as a DECTRIS detector's file writer does: the master file
+    ``x_master.h5`` first (``/entry/data/data_NNNNNN`` external links to every data file of the series,
+    ``detectorSpecific/nimages``, ``ntrigger`` 1, pixel counts, ``bit_depth_image`` (default: the frames'
+    type), ``pixel_mask`` (default: 1 where frame 0 holds all bits set, the module gaps), and the
+    frames' angles at ``/entry/sample/goniometer/omega`` when ``angles_url`` is given), then the data files
+    ``x_data_NNNNNN.h5::/entry/data/data`` of ``frames_per_file`` frames each, one after another: each is
+    written under another name and renamed when whole, once its frames are due at ``fps``.  ``on_file(i)``
+    is called once data file i (from 1) is in place.  Returns the number of frames written.
+    """
+    master_path = os.fspath(master_path)
+    if not master_path.endswith("_master.h5"):
+        raise ValueError(f"replay_dectris: {master_path}: expected a name ending in _master.h5")
+    path, name = parse_url(src_url)
+    prefix = master_path[:-len("_master.h5")]
+    with h5py.File(path, "r", locking=False) as src:
+        frames = src[name]
+        n, shape, dtype = frames.shape[0], frames.shape[1:], frames.dtype
+        first = frames[0]
+    bits = bit_depth or dtype.itemsize * 8
+    if pixel_mask is None:
+        pixel_mask = (first == 2**bits - 1).astype(np.uint32)
+    n_files = -(-n // frames_per_file)
+    with h5py.File(master_path, "w") as f:
+        for i in range(1, n_files + 1):
+            f[f"/entry/data/data_{i:06d}"] = h5py.ExternalLink(
+                f"{os.path.basename(prefix)}_data_{i:06d}.h5", "/entry/data/data")
+        det = f.create_group("/entry/instrument/detector")
+        det["bit_depth_image"] = np.uint32(bits)
+        specific = det.create_group("detectorSpecific")
+        specific["nimages"], specific["ntrigger"] = np.uint32(n), np.uint32(1)
+        specific["x_pixels_in_detector"], specific["y_pixels_in_detector"] = np.uint32(shape[1]), np.uint32(shape[0])
+        specific["pixel_mask"] = pixel_mask
+        if angles_url is not None:
+            f["/entry/sample/goniometer/omega"] = read_dataset(angles_url).astype(np.float64)[:n]
+    count = 0
+    start = time.monotonic()
+    for i in range(1, n_files + 1):
+        lo, hi = (i - 1) * frames_per_file, min(i * frames_per_file, n)
+        if fps:
+            time.sleep(max(0.0, start + hi / fps - time.monotonic()))
+        final = f"{prefix}_data_{i:06d}.h5"
+        with h5py.File(path, "r", locking=False) as src, h5py.File(final + ".part", "w") as f:
+            data = f.create_dataset("/entry/data/data", data=src[name][lo:hi], chunks=(1, *shape))
+            data.attrs["image_nr_low"], data.attrs["image_nr_high"] = np.uint64(lo + 1), np.uint64(hi)
+        os.replace(final + ".part", final)
+        count = hi
+        if on_file is not None:
+            on_file(i)
     return count
 
 

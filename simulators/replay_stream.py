@@ -257,7 +257,8 @@ class StreamReplayer:
         start = {"type": "start", "series_id": series, "series_unique_id": f"replay-{series}",
                  "arm_date": dt.datetime.now(dt.timezone.utc), "channels": [CHANNEL],
                  "number_of_images": self.n_frames, "image_size_x": nx, "image_size_y": ny,
-                 "frame_time": 1 / self.fps if self.fps else 0.0, "saturation_value": int(np.iinfo(self.dtype).max)}
+                 "frame_time": 1 / self.fps if self.fps else 0.0, "saturation_value": int(np.iinfo(self.dtype).max),
+                 "bit_depth_image": 8 * self.dtype.itemsize}
         if self.rotation is not None:
             start["goniometer"] = {"omega": {"start": self.rotation[0], "increment": self.rotation[1]}}
         if self.header_detail == "all":
@@ -268,9 +269,11 @@ class StreamReplayer:
         return _CBOR_MAGIC + cbor2.dumps(start)
 
     def _calibration(self) -> list[tuple[str, np.ndarray]]:
-        """What header_detail "all" adds: a flat flatfield, an empty pixel mask, an identity count-rate table."""
+        """What header_detail "all" adds: a flat flatfield, the pixel mask (1 where frame 0 holds all bits set:
+        the module gaps), an identity count-rate table."""
+        mask = (self._frames[0] == np.iinfo(self.dtype).max).astype(np.uint32)
         return [("dflatfield-1.0", np.ones(self.frame_shape, np.float32)),
-                ("dpixelmask-1.0", np.zeros(self.frame_shape, np.uint32)),
+                ("dpixelmask-1.0", mask),
                 ("dcountrate_table-1.0", np.arange(1000, dtype=np.uint32))]
 
     def _end(self, series: int):

@@ -184,7 +184,7 @@ def reference_frame_noise(frame, mask, tile=32, step=2):
     return out
 
 
-def reference_thresholds(volume, mask, seg, *, prime=5, history=15, floor=1.0, tile=32):
+def reference_thresholds(volume, mask, seg, *, prime=5, history=15, floor=0.5, tile=32):
     """Each frame's seed and lower grow clamp tile maps for the ``auto`` segmentation settings ``seg``:
     seed_sigma x the median of the tile noise over the first ``prime`` frames (for those frames) or the
     last ``history`` frames (NaN tiles: the median of the others; at least ``floor``)."""

@@ -96,8 +96,12 @@ CASES = {
     "missing_dataset": lambda c: (
         ["run", "--source", f"{c.scan.path}::/nope", "--out", c.out], 1,
         ["source.url", f"{c.scan.path}::/nope", "no such dataset", "expected a dataset", "1.1, 2.1"]),
+    # a file named alone is a DCT dataset file: it must hold a rotation scan
     "url_without_separator": lambda c: (
-        ["run", "--source", c.scan.path, "--out", c.out], 1,
+        ["run", "--source", str(c.bad), "--out", c.out], 1,
+        [str(c.bad), "no rotation scan in this file", "name the frames as"]),
+    "url_without_separator_not_a_file": lambda c: (
+        ["run", "--source", c.scan.path + ".missing", "--out", c.out], 1,
         [c.scan.path, "expected a URL of the form path/to/file.h5::/path/to/dataset"]),
     "group_not_dataset": lambda c: (
         ["run", "--source", f"{c.scan.path}::/1.1/measurement", "--out", c.out], 1,

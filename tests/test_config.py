@@ -60,9 +60,10 @@ def test_config_is_frozen():
         Config().background.window = 3  # type: ignore[misc]
 
 
-def test_default_yml_equals_defaults_but_finds_angles_and_dark():
+def test_default_yml_equals_defaults_but_finds_angles_dark_and_flat():
     packaged = load_config(CONFIGS / "default.yml")
-    assert packaged == replace_config(load_config(None), source={"angles": "auto"}, dark={"url": "auto"})
+    assert packaged == replace_config(load_config(None), source={"angles": "auto"}, dark={"url": "auto"},
+                                      detector={"flat": "auto"})
 
 
 def documented_keys(text: str) -> set[str]:

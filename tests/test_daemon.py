@@ -168,7 +168,8 @@ def test_watching_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
 
     assert main(["watch", str(tmp_path / "nowhere")]) == 1
     assert capsys.readouterr().err.strip() == (f"dctstream: error: {tmp_path / 'nowhere'}: cannot watch it, "
-                                               "expected a folder (the acquisition tree)")
+                                               "expected a folder (the acquisition tree) or redis://host:port "
+                                               "(a blissdata server)")
 
 
 # -- the daemon at work ---------------------------------------------------------------------------

@@ -337,3 +337,27 @@ def test_stretched_export_maps_back_within_one_step(plain_scan, tmp_path):
 def _ignored(out):
     with h5py.File(out / "mask.h5") as m:
         return m["mask"][()].astype(bool) | m["direct_beam"][()].astype(bool)
+
+
+def test_the_detectors_own_pixel_mask_and_invalid_value_are_masked():
+    """What a photon-counting source says of its detector: its pixel mask (non-zero = bad) and the value its
+    pixels without data hold (all bits set at its bit depth: 0xFFFF for a 16-bit image, not a count)."""
+    cfg = load_config(None, ["detector.binning=2"])
+    frame = np.zeros((8, 8), np.uint16)
+    frame[0, 0] = 0xFFFF
+    frame[5, 6] = 0xFFFE  # a count, however high
+    own = np.zeros((8, 8), np.uint32)
+    own[7, 2] = 4  # DECTRIS: bit 2 = under-responding
+    det = Detector(cfg.detector, cfg.dark, frame.shape, frame.dtype)
+    det.check_first_frame(frame, "x.h5::/d", invalid_value=0xFFFF, pixel_mask=own)
+    expected = np.zeros((4, 4), bool)
+    expected[0, 0] = expected[3, 1] = True
+    np.testing.assert_array_equal(det.mask, expected)
+    assert det.mask_counts == {"detector": 1, "invalid": 1}
+    # a uint16 frame is an sCMOS's too: 65535 there is saturation, masked only when the source says so
+    det = Detector(cfg.detector, cfg.dark, frame.shape, frame.dtype)
+    det.check_first_frame(frame, "x.h5::/d")
+    assert not det.mask.any()
+    with pytest.raises(InputError, match=r"source.url \(its detector's pixel mask\): x.h5::/d: expected an image "
+                                         r"of 8 x 8 pixels"):
+        det.check_first_frame(frame, "x.h5::/d", pixel_mask=np.zeros((4, 4)))

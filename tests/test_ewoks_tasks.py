@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +65,20 @@ def test_a_processor_runs_the_workflow_on_each_dct_scan_bliss_publishes(bliss_ur
     processor = DctstreamProcessor(bliss_url, tmp_path / "processed", scan_pattern="dct_*", local=True,
                                    overrides=(f"dark.url={tiny_scan.dark_url}", "quicklook.enabled=false",
                                               *tiny_overrides))
-    store = DataStore(bliss_url)
+    since = DataStore(bliss_url).get_last_scan_timetag()
+    handed = []
+    follower = threading.Thread(target=lambda: handed.extend(processor.run(max_scans=1, since=since)), daemon=True)
+    follower.start()  # follows the scans Bliss starts from now on
     align = Publisher(bliss_url, frames[:3], angles[:3], tmp_path, name="align")
     align.start()
-    align.finish()
-    assert processor.on_new_scan(store.load_scan(align.key)) is None  # not a DCT scan: left alone
+    align.finish()  # not a DCT scan: left alone
     dct = Publisher(bliss_url, frames, angles, tmp_path, name="dct_wf")
     dct.start()
-    assert dct.created.wait(PUBLISH_TIMEOUT_S)
-    outputs = processor.on_new_scan(store.load_scan(dct.key))  # while the scan is being published
     dct.finish()
+    follower.join(PUBLISH_TIMEOUT_S)
+    assert not follower.is_alive() and len(handed) == 1
+    outputs = handed[0]
+    assert not (tmp_path / "processed" / "align_1_dctstream").exists()
     assert outputs["end_reason"] == "scan_end" and outputs["out_dir"] == str(tmp_path / "processed" / "dct_wf_1_dctstream")
     offline = load_config(None, [f"source.url={tiny_scan.frames_url}", f"source.angles={tiny_scan.angles_url}",
                                  f"dark.url={tiny_scan.dark_url}", f"output.dir={tmp_path / 'offline'}",

@@ -113,7 +113,15 @@ def test_photon_counting_frames_are_sparse_uint32_counts():
     assert frame.dtype == np.uint32
     assert np.median(frame) == 0 and frame.max() > 0
     dark = m.dark_frame(0)
-    assert dark.dtype == np.uint32 and set(np.flatnonzero(dark)) <= set(np.ravel_multi_index(m.hot_pixels.T, m.shape))
+    assert dark.dtype == np.uint32
+    assert set(np.flatnonzero(np.where(m.dead, 0, dark))) <= set(np.ravel_multi_index(m.hot_pixels.T, m.shape))
+    # an Eiger's module gaps hold all bits set, in every frame; no spot lies on them
+    assert m.dead.any() and (frame[m.dead] == 0xFFFFFFFF).all() and (dark[m.dead] == 0xFFFFFFFF).all()
+    assert (frame[~m.dead] < 0xFFFFFFFF).all()
+    assert 0.4 < max(m.background(k).max() for k in (0, 10)) <= 0.5 * 1.06  # 0-0.5 counts, with the ripple
+    for i in range(len(m.spots["x"])):
+        counts, (oy, ox) = m.spot_counts(i, int(round(m.spots["frame"][i])))
+        assert not m.dead[oy:oy + counts.shape[0], ox:ox + counts.shape[1]].any()
 
 
 def test_written_scan_has_the_models_frames_and_every_truth_column(tmp_path):

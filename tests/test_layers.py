@@ -19,12 +19,12 @@ LAYERS = [
     ("base", {"errors", "types", "_version", "_numba_cache", "atomic", "ring", "overlap", "direct_beam", "configs"}),
     ("kernels", {"background._kernels", "background.kernels", "segment._kernels", "segment.noise"}),
     ("config", {"config", "resources", "outdir"}),
-    ("stages", {"sources", "background", "segment", "detector", "order"}),
+    ("stages", {"sources", "background", "segment", "detector", "distortion", "order"}),
     ("sinks", {"sinks", "seam", "quicklook"}),
     ("run state", {"checkpoint", "spool", "status", "record"}),
     ("pipeline", {"pipeline"}),
     ("front", {"", "__main__", "api", "runner", "results", "export", "dct_table", "bench", "campaign", "daemon",
-               "cli", "ewoks_tasks"}),
+               "cli", "ewoks_tasks", "bliss_scans", "split"}),
 ]
 
 

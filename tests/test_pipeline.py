@@ -1,5 +1,6 @@
 """End to end: simulated scan -> streamed pipeline -> difspots, against references and ground truth."""
 
+import time
 from pathlib import Path
 
 import h5py
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from dctstream.config import load_config
-from dctstream.pipeline import Pipeline
+from dctstream.pipeline import INTEGER_NOISE_FLOOR, Pipeline
 from dctstream.sinks import read_spot_table
 from dctstream.sources import read_dataset
 from dctstream.segment.segmenter import flood_limit
@@ -152,10 +153,39 @@ def test_a_frame_lost_in_transit_is_replaced_by_the_background(small_scan, tmp_p
     assert set(stats.stage_s) == {"read", "background", "segment", "write"}
 
 
+def test_faint_photon_counting_spots_over_a_counting_background(tmp_path):
+    """Spots of 8 counts at their peak over a background of 0.3 counts/px: counting statistics, not a floor
+    of 1 count (6-count seeds), set the threshold: every spot found, nothing else."""
+    rng = np.random.default_rng(4)
+    n, ny, nx = 80, 96, 96
+    truth = np.array([(rng.uniform(8, 88), rng.uniform(8, 88), rng.uniform(8, 72)) for _ in range(12)])
+    y, x = np.mgrid[0:ny, 0:nx]
+    frames = np.empty((n, ny, nx), np.uint32)
+    for k in range(n):
+        lam = np.full((ny, nx), 0.3)
+        for sx, sy, sf in truth:
+            lam += 8.0 * np.exp(-((x - sx) ** 2 + (y - sy) ** 2) / (2 * 1.3 ** 2) - (k - sf) ** 2 / 2)
+        frames[k] = rng.poisson(lam)
+    path = tmp_path / "eiger.h5"
+    with h5py.File(path, "w") as f:
+        f["/1.1/measurement/eiger"] = frames
+        f["/1.1/measurement/diffrz"] = np.arange(n) * 0.5
+        f["/1.1/end_time"] = "2024-01-01T10:00:00"
+    cfg = load_config(None, [f"source.url={path}::/1.1/measurement/eiger",
+                             f"source.angles={path}::/1.1/measurement/diffrz",
+                             f"output.dir={tmp_path / 'out'}", "background.window=31"])
+    Pipeline(cfg).run()
+    spots = read_spot_table(tmp_path / "out" / "spots.h5")
+    found = np.stack([spots["centroid_x"], spots["centroid_y"], spots["centroid_frame"]], axis=1)
+    distance = np.linalg.norm(found[:, None] - truth[None], axis=2)
+    assert (distance.min(axis=1) < 2.0).all()  # precision 1
+    assert (distance.min(axis=0) < 2.0).sum() >= 11  # recall >= 11 of 12
+
+
 def test_photon_counting_scan_at_default_settings(tmp_path):
     """A photon-counting detector: uint32, almost every pixel 0, Poisson spots of 30-200 counts, no beam.
     The defaults find every spot and nothing else: no beam box, no normalisation (nothing lit to measure
-    it on, said in the record), the noise at its floor of one count."""
+    it on, said in the record), the noise at its floor of half a count (INTEGER_NOISE_FLOOR)."""
     rng = np.random.default_rng(0)
     n, ny, nx = 80, 96, 96
     truth = np.array([(rng.uniform(8, 88), rng.uniform(8, 88), rng.uniform(5, 75), rng.uniform(30, 200))
@@ -180,6 +210,44 @@ def test_photon_counting_scan_at_default_settings(tmp_path):
     found = np.stack([spots["centroid_x"], spots["centroid_y"], spots["centroid_frame"]], axis=1)
     distance = np.linalg.norm(found[:, None] - truth[None, :, :3], axis=2)
     assert stats.direct_beam is None and stats.normalise["measured"] is False
-    assert stats.noise_sigma_range == (1.0, 1.0)
+    assert stats.noise_sigma_range == (INTEGER_NOISE_FLOOR, INTEGER_NOISE_FLOOR)
     assert (distance.min(axis=1) < 1.5).all()  # precision 1
     assert (distance.min(axis=0) < 1.5).all()  # recall 1
+
+
+def test_a_photon_counting_scan_followed_live_from_a_dectris_master_file(tmp_path):
+    """An Eiger-like scan (uint32, 0-0.5 counts of background, module gaps at 0xFFFFFFFF) written as a DECTRIS
+    master file and data files appearing one after another: the run that follows them gives the spot table
+    of the recorded frames, with the gaps masked (the master's pixel mask) and psi from the master's omega."""
+    from simulators.dct_scan import GLOW_COUNTS
+    from simulators.hard_scans import PHOTON_BACKGROUND_MAX, HardScanModel
+    from simulators.replay_file import replay_dectris, start_in_process
+
+    model = HardScanModel(frames=80, size=64, spots=10, seed=3, beam=False, photon_counting=True,
+                          glow_scale=PHOTON_BACKGROUND_MAX / GLOW_COUNTS, module_gap_px=2)
+    truth = simulate_scan(tmp_path / "eiger.h5", model=model, dtype="uint32", dark_frames=1, workers=1)
+    master = tmp_path / "live" / "eiger_master.h5"
+    master.parent.mkdir()
+    writer = start_in_process(replay_dectris, truth.frames_url, str(master), frames_per_file=20, fps=400,
+                              angles_url=truth.angles_url)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "live" / "eiger_data_000001.h5").exists():
+        assert time.monotonic() < deadline, "the writer did not start"
+        time.sleep(0.01)
+    fit = ["background.window=31", "source.idle_timeout_s=30"]
+    pipeline = Pipeline(load_config(None, [f"source.url={master}", "source.angles=auto",
+                                           f"output.dir={tmp_path / 'live_out'}", *fit]))
+    assert pipeline.cfg.source.url == f"{master}::/entry/data"  # the master file's path alone says it all
+    assert pipeline.cfg.source.angles == f"{master}::/entry/sample/goniometer/omega"
+    live = pipeline.run()
+    writer.join(60)
+    recorded = Pipeline(load_config(None, [f"source.url={truth.frames_url}", f"source.angles={truth.angles_url}",
+                                           f"output.dir={tmp_path / 'out'}", *fit])).run()
+    assert live.source_end == "complete" and live.frames_corrected == 80
+    gaps = 2 * 64 * 2 - 4
+    assert live.masked_pixels == {"detector": gaps, "invalid": 0, "all": gaps}  # the master's mask came first
+    assert recorded.masked_pixels == {"invalid": gaps, "all": gaps}
+    a, b = read_spot_table(tmp_path / "live_out" / "spots.h5"), read_spot_table(tmp_path / "out" / "spots.h5")
+    assert len(b["id"]) >= 8
+    for name in b:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -1,4 +1,4 @@
-"""source.angles: auto and dark.url: auto, read from Bliss/NeXus scan files."""
+"""source.angles, dark.url and detector.flat: auto, and a DCT dataset file's rotation scan, read from Bliss/NeXus scan files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import pytest
 from dctstream.config import load_config
 from dctstream.runner import process_scan
 from dctstream.sinks import read_spot_table
+from dctstream.errors import InputError
 from dctstream.sources.scan_file import resolve_auto
+from simulators.dct_scan import simulate_scan
 
 FRAMES = "/1.1/measurement/marana"
 N = 12
@@ -138,3 +140,116 @@ def test_a_wheel_holds_the_packaged_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in (root / "dctstream" / "configs").glob("*.yml"):
         assert f"dctstream/configs/{config.name}" in names
+
+
+def _dataset_file(path: Path, scans):
+    """A DCT dataset file: ``scans`` is a list of (name, title, frames (n, y, x) or None, {motor: value(s)})."""
+    with h5py.File(path, "w") as f:
+        for name, title, frames, motors in scans:
+            f[f"{name}/title"] = title
+            if frames is not None:
+                f[f"{name}/measurement/marana"] = frames
+            for motor, values in motors.items():
+                f[f"{name}/instrument/positioners/{motor}"] = values
+                f[f"{name}/instrument/positioners_start/{motor}"] = np.ravel(values)[0]
+    return path
+
+
+def _found(path: Path, *overrides):
+    return resolve_auto(load_config(None, [f"source.url={path}", "source.angles=auto", "dark.url=auto",
+                                           "detector.flat=auto", *overrides]))
+
+
+def _flat(n=4, lit=None):
+    image = np.full((n, 8, 8), 20000, np.uint16)
+    if lit is not None:  # references of the direct beam only: dark outside it
+        image[:] = 100
+        image[:, lit, lit] = 20000
+    return image
+
+
+def test_a_dataset_file_gives_its_rotation_scan_angles_dark_and_flat(tmp_path):
+    rotate = {"diffrz": np.arange(N) * 30.0, "samy": 0.0}
+    path = _dataset_file(tmp_path / "d.h5", [
+        ("1.1", "ascan samy -1 1 4 0.1", np.zeros((4, 8, 8), np.uint16), {"samy": np.linspace(-1, 1, 4)}),
+        ("2.1", "loopscan 4 0.1", _flat(), {"diffrz": 0.0, "samy": 5.0}),  # told by samy standing out
+        ("3.1", "fscan diffrz 0 30 12 0.1", np.zeros((N, 8, 8), np.uint16), rotate),
+        ("4.1", "ref scan", _flat(), {"diffrz": 360.0, "samy": 5.0}),
+        ("5.1", "dark", np.full((3, 8, 8), 100, np.uint16), {}),
+        ("6.1", "loopscan 4 0.1", _flat(), {"diffrz": 0.0, "samy": 0.0}),  # sample in: not a reference
+    ])
+    cfg, found = _found(path)
+    assert cfg.source.url == f"{path}::/3.1/measurement/marana"
+    assert found["source.url"]["reason"].startswith("scan 3.1 ('fscan diffrz 0 30 12 0.1'): 12 frames of marana "
+                                                    "while diffrz 0 to 330")
+    assert "also 1.1/marana (4)" in found["source.url"]["reason"]  # the alignment scan has fewer frames
+    assert cfg.source.angles == f"{path}::/3.1/instrument/positioners/diffrz"
+    assert cfg.dark.url == f"{path}::/5.1/measurement/marana"
+    assert cfg.detector.flat == f"{path}::/2.1/measurement/marana"
+    assert found["detector.flat"]["reason"] == ("scan 2.1 (nothing moves over it and samy stands at 5, not 0 (sample "
+                                                "out)), the last such scan before 3.1")
+    # without the one before: the first after; every choice can be named instead
+    with h5py.File(path, "a") as f:
+        del f["2.1"]
+    cfg, found = _found(path)
+    assert cfg.detector.flat == f"{path}::/4.1/measurement/marana"
+    assert found["detector.flat"]["reason"] == "scan 4.1 (titled 'ref scan'), the first such scan after 3.1"
+    cfg, found = _found(path, "detector.flat=null", "dark.url=null", f"source.angles={path}::/x")
+    assert (cfg.detector.flat, cfg.dark.url, cfg.source.angles) == (None, None, f"{path}::/x")
+    assert set(found) == {"source.url"}
+    cfg, found = _found(f"{path}::/1.1/measurement/marana")
+    assert cfg.source.url == f"{path}::/1.1/measurement/marana" and "source.url" not in found
+
+
+def test_references_of_the_direct_beam_only_are_no_flat(tmp_path):
+    path = _dataset_file(tmp_path / "d.h5", [
+        ("1.1", "ref", _flat(lit=slice(3, 5)), {}),
+        ("2.1", "fscan diffrz 0 30 12 0.1", np.zeros((N, 8, 8), np.uint16), {"diffrz": np.arange(N) * 30.0}),
+    ])
+    cfg, found = _found(path)
+    assert cfg.source.url.endswith("::/2.1/measurement/marana") and cfg.detector.flat is None
+    assert found["detector.flat"]["reason"] == ("scan 1.1 (titled 'ref'), the last such scan before 2.1: 6% of its "
+                                                "pixels are over 10 x its median (a direct-beam reference, not a flat "
+                                                "field): no flat")
+    with h5py.File(path, "a") as f:  # with the dark subtracted, the rest of the detector is 0
+        f["0.1/title"] = "dark"
+        f["0.1/measurement/marana"] = np.full((2, 8, 8), 100, np.uint16)
+    cfg, found = _found(path)
+    assert cfg.detector.flat is None and "it is dark on most of the detector (median 0 counts" in found["detector.flat"]["reason"]
+
+
+def test_a_dataset_file_without_a_rotation_scan_or_with_two_says_so(tmp_path):
+    path = _dataset_file(tmp_path / "d.h5", [("1.1", "ref", _flat(), {}), ("2.1", "dark", _flat(), {})])
+    with pytest.raises(InputError, match=r"no rotation scan in this file .*its scans: 1\.1 \('ref': marana\); "
+                                         r"2\.1 \('dark': marana\)"):
+        _found(path)
+    rotate = {"diffrz": np.arange(N) * 30.0}
+    path = _dataset_file(tmp_path / "e.h5", [("1.1", "fscan", np.zeros((N, 8, 8), np.uint16), rotate),
+                                             ("2.1", "fscan", np.zeros((N, 8, 8), np.uint16), rotate)])
+    with pytest.raises(InputError, match=r"several rotation scans or detectors with 12 frames "
+                                         r"\(/1\.1/measurement/marana, /2\.1/measurement/marana\)"):
+        _found(path)
+
+
+def test_a_simulated_dct_dataset_file_runs_with_only_its_path(tmp_path, tiny_set_args):
+    """`dctstream run --source dataset.h5`: the run equals one naming the rotation scan, angles, dark and flat,
+    and its record says which scan gave what."""
+    truth = simulate_scan(tmp_path / "dataset.h5", frames=40, size=64, spots=10, seed=0, dark_frames=4,
+                          gain_spread=0.2, layout="dct")
+    out_auto, out_named = tmp_path / "auto", tmp_path / "named"
+    done = subprocess.run([sys.executable, "-m", "dctstream", "run", "--source", truth.path,
+                           "--out", str(out_auto), *tiny_set_args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out_auto / "run.json").read_text())
+    assert {key: what["url"] for key, what in record["auto"].items()} == {
+        "source.url": truth.frames_url, "source.angles": truth.angles_url, "dark.url": truth.dark_url,
+        "detector.flat": truth.flat_url}
+    assert record["auto"]["source.url"]["reason"].startswith("scan 2.1 ('fscan diffrz 0 9 40 0.1'): 40 frames")
+    named = load_config(None, [f"source.url={truth.frames_url}", f"source.angles={truth.angles_url}",
+                               f"dark.url={truth.dark_url}", f"detector.flat={truth.flat_url}",
+                               f"output.dir={out_named}", *[a for a in tiny_set_args if a != "--set"]])
+    process_scan(named, display=False)
+    auto, expected = read_spot_table(out_auto / "spots.h5"), read_spot_table(out_named / "spots.h5")
+    assert auto.keys() == expected.keys() and len(expected["id"]) > 0
+    for name in expected:
+        np.testing.assert_array_equal(auto[name], expected[name], err_msg=name)

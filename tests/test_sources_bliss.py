@@ -5,13 +5,18 @@ channel, ``prepare``/``start``, ``send`` per frame, ``seal``, ``stop``,
 ``info["end_reason"]``, ``close``), in a thread while dctstream reads it, and
 the difspots found live must be those of an offline run on the same frames.
 A Lima detector stream needs a detector server (Tango) for frames still in the
-detector's memory: none can run here, so the Lima scan is published with
-``buffer_max_number: 0`` (no frame in memory) and blissdata reads every frame
-from the files Lima saved.
+detector's memory: none can run here.  One Lima scan is published with
+``buffer_max_number: 0`` (no frame in memory), so blissdata reads every frame
+from the files Lima saved; in another the detector keeps the last frames and a
+stand-in answers blissdata's Tango calls (`LimaServerStandIn`), so that
+blissdata's own LimaClient decides, frame by frame, between the detector and
+the files, as at a beamline.  Not tested: the Tango reads themselves (Lima's
+image formats), files other than HDF5, Lima2.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 
 import h5py
@@ -26,7 +31,7 @@ from dctstream.runner import process_scan
 from dctstream.sinks import read_spot_table
 from dctstream.sources import open_source
 
-from blissdata_server import PUBLISH_TIMEOUT_S, Publisher
+from blissdata_server import PUBLISH_TIMEOUT_S, LimaServerStandIn, Publisher
 
 blissdata = pytest.importorskip("blissdata", reason="blissdata is not installed (pip install '.[bliss]')")
 
@@ -68,11 +73,36 @@ def test_a_scan_processed_live_equals_offline(kind, bliss_url, scan_frames, tiny
     assert stats.source_end == "scan_end" and stats.frames_read == len(frames)
     assert stats.incomplete is None  # Bliss said SUCCESS: the whole scan
     _assert_same_spots(out, _offline(tmp_path, frames, angles, tiny_scan, tiny_overrides))
-    auto = read_record(out)["auto"]
+    record = read_record(out)
+    assert record["state"] == "finished" and record["end_reason"] == "scan_end"  # a whole scan, not "incomplete"
+    auto = record["auto"]
     assert auto["source.scan"]["url"] == publisher.key
     assert auto["source.stream"]["url"] == "marana:image"
     assert auto["source.angles"] == {"url": "axis:diffrz",
                                      "reason": "the axis the scan's title names ('fscan diffrz 0 9 40 0.1')"}
+
+
+def test_a_lima_scan_whose_early_frames_are_only_in_the_files(bliss_url, scan_frames, tiny_scan, tiny_overrides,
+                                                              tmp_path, monkeypatch):
+    """Lima saves 4 frames a file and keeps the last 12 in memory; dctstream starts after 20 frames.  Frames
+    0-15 (in files already closed) come from the files, frame 16 from the detector (the scan waits until it is
+    asked for), the rest from wherever each still is: each frame once, and the spots of the offline run."""
+    frames, angles = scan_frames
+    detector = LimaServerStandIn(buffer=12)
+    from_file = detector.install(monkeypatch)
+    publisher = Publisher(bliss_url, frames, angles, tmp_path, name="dct_lima_memory", kind="lima",
+                          frames_per_file=4, detector=detector, early=20, hold=(20, detector.first_served))
+    publisher.start()
+    assert publisher.created.wait(PUBLISH_TIMEOUT_S) and publisher.error is None
+    out = tmp_path / "live"
+    stats = process_scan(_cfg(bliss_url, out, tiny_scan.dark_url, tiny_overrides, f"source.scan={publisher.key}"),
+                         display=False)
+    publisher.finish()
+    assert stats.source_end == "scan_end" and stats.frames_read == len(frames)
+    files = [4 * int(re.search(r"_(\d{4})\.h5$", name).group(1)) + index for name, index in from_file]
+    assert sorted(files + detector.served) == list(range(len(frames)))
+    assert set(range(16)) <= set(files) and 16 in detector.served
+    _assert_same_spots(out, _offline(tmp_path, frames, angles, tiny_scan, tiny_overrides))
 
 
 def test_the_next_scan_whose_name_matches(bliss_url, scan_frames, tiny_scan, tiny_overrides, tmp_path):

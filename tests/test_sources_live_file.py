@@ -26,9 +26,9 @@ from dctstream.config import SourceConfig
 from dctstream.errors import InputError
 from dctstream.sources import hdf5_live
 from dctstream.sources.folder import FolderSource, parse_pattern
-from dctstream.sources.hdf5_live import Hdf5WatchSource
+from dctstream.sources.hdf5_live import DectrisMasterSource, Hdf5WatchSource
 from simulators.dct_scan import ANGLES_PATH, FRAMES_PATH, simulate_scan
-from simulators.replay_file import replay_edf, replay_hdf5, start_in_process, start_in_thread
+from simulators.replay_file import replay_dectris, replay_edf, replay_hdf5, start_in_process, start_in_thread
 
 FRAMES = 30
 SYNC_TIMEOUT_S = 30.0  # only reached when something hangs
@@ -391,3 +391,59 @@ def test_folder_never_appearing(tmp_path):
 def test_folder_pattern_rejects(url):
     with pytest.raises(InputError, match=f"source.url: {re.escape(url)}: expected a folder and a file pattern"):
         parse_pattern(url)
+
+
+# -- a DECTRIS master file and its data files ------------------------------------------------------------
+
+
+class FileLockstep(Lockstep):
+    """``on_file`` for `replay_dectris`: after data file i, wait until the reader has delivered every frame
+    of it but its last (which waits for the next file), so that each file is read before the next appears."""
+
+    def __init__(self, frames_per_file: int):
+        super().__init__()
+        self.per = frames_per_file
+
+    def __call__(self, i: int) -> None:
+        super().__call__(min(i * self.per, FRAMES) - 1)
+
+
+def test_dectris_master_followed_as_its_data_files_appear(scan, tmp_path):
+    truth, recorded, psi = scan
+    master = tmp_path / "s1_master.h5"
+    gaps = np.zeros(recorded.shape[1:], np.uint32)
+    gaps[16] = 1
+    lockstep = FileLockstep(8)
+    writer = start_in_process(replay_dectris, truth.frames_url, str(master), frames_per_file=8, fps=0,
+                              angles_url=truth.angles_url, pixel_mask=gaps, on_file=lockstep)
+    wait_for(lambda: os.path.exists(tmp_path / "s1_data_000001.h5"), "the first data file")
+    cfg = source_config(f"{master}::/entry/data", angles=f"{master}::/entry/sample/goniometer/omega")
+    with DectrisMasterSource(cfg) as source:
+        assert source.n_frames == FRAMES and source.frame_shape == recorded.shape[1:]
+        assert source.invalid_value == 0xFFFF  # 16 bits an image: all bits set is a pixel without data
+        np.testing.assert_array_equal(source.pixel_mask, gaps)
+        frames = lockstep.read(source)
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded, psi)
+    assert source.end_reason == "complete" and source.counters["files"] == 3
+
+
+def test_dectris_master_whose_writer_stops_ends_on_idle_timeout(scan, tmp_path):
+    truth, recorded, _ = scan
+    master = tmp_path / "s2_master.h5"
+    replay_dectris(truth.frames_url, str(master), frames_per_file=8, fps=0)
+    for i in (2, 3, 4):  # only the first data file came
+        os.remove(tmp_path / f"s2_data_{i:06d}.h5")
+    with DectrisMasterSource(source_config(f"{master}::/entry/data", idle_timeout_s=0.5)) as source:
+        frames = list(source)
+    check_frames(frames, recorded, count=8)
+    assert source.end_reason == "idle_timeout"
+
+
+def test_dectris_master_that_is_not_one_is_reported(tmp_path):
+    path = tmp_path / "x_master.h5"
+    with h5py.File(path, "w") as f:
+        f["/entry/data/other"] = np.zeros(3)
+    with pytest.raises(InputError, match=r"x_master.h5::/entry/data: no data_NNNNNN entries, expected links to "
+                                         r"the data files"):
+        DectrisMasterSource(source_config(f"{path}::/entry/data"))

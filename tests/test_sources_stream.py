@@ -114,6 +114,38 @@ def test_wide_frames_of_32_bit_counts(tmp_path, protocol):
     assert source.frame_shape == (32, 48) and source.dtype == np.uint32
 
 
+@pytest.mark.parametrize("protocol", ["stream1", "stream2"])
+@pytest.mark.parametrize("header_detail", ["all", "basic"])
+def test_the_headers_pixel_mask_and_bit_depth(tmp_path, protocol, header_detail):
+    """An Eiger's gaps (all bits set in every frame) come with a pixel mask in a "header_detail: all" header
+    (Stream v1) or start message (Stream2), and the bit depth says which value has no data."""
+    truth = simulate_scan(tmp_path / "eiger.h5", frames=8, size=(32, 48), spots=1, seed=1, dtype="uint32")
+    with h5py.File(truth.path, "a") as f:
+        f["/1.1/measurement/marana"][:, 15:17, :] = 0xFFFFFFFF
+        frames = f["/1.1/measurement/marana"][()]
+    got, source = play(truth.frames_url, protocol, header_detail=header_detail)
+    check_frames(got, frames)
+    assert source.invalid_value == 0xFFFFFFFF  # bit_depth_image 32 (Stream v1: in the detector configuration)
+    if header_detail == "all":
+        expected = np.zeros((32, 48), np.uint32)
+        expected[15:17] = 1
+        np.testing.assert_array_equal(source.pixel_mask, expected)
+    else:
+        assert source.pixel_mask is None
+
+
+def test_a_malformed_pixel_mask_is_a_malformed_header():
+    head = json.dumps({"htype": "dheader-1.0", "series": 1, "header_detail": "all"}).encode()
+    config = json.dumps({"nimages": 2, "bit_depth_image": 16}).encode()
+    mask = json.dumps({"htype": "dpixelmask-1.0", "shape": [4], "type": "uint32"}).encode()
+    with pytest.raises(MalformedMessage, match=r"dpixelmask: shape \[x, y\] and an integer type expected"):
+        decode_stream1([head, config, mask, b"\0" * 16])
+    start = decode_stream1([head, config, json.dumps({"htype": "dpixelmask-1.0", "shape": [4, 2],
+                                                      "type": "uint32"}).encode(), np.arange(8, dtype="<u4").tobytes()])
+    assert start.bit_depth == 16
+    np.testing.assert_array_equal(start.pixel_mask, np.arange(8).reshape(2, 4))
+
+
 def test_stream2_angles_from_the_config_without_a_goniometer(scan):
     truth, frames, psi = scan
     got, _ = play(truth.frames_url, "stream2", cfg={"angles": truth.angles_url})

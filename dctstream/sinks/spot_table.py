@@ -23,6 +23,8 @@ column               dtype    meaning
 ``bbox_y_size``      int64    bounding-box height in rows
 ``centroid_psi_deg`` float64  rotation angle at ``centroid_frame``, degrees; only
                               present when the angles were given
+``centroid_x_corrected``,     the centroid corrected for the detector's distortion
+``centroid_y_corrected``      (ImageD11, ``detector.distortion``); only present then
 ===================  =======  =====================================================
 
 Attributes of ``/spots``: every entry of the ``attrs`` given to `SpotTable`
@@ -64,7 +66,12 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "bbox_y_size": (np.int64, "bounding-box height in rows"),
     "centroid_psi_deg": (np.float64, "rotation angle at centroid_frame, degrees; "
                                      "only present when the angles were given"),
+    "centroid_x_corrected": (np.float64, "centroid_x corrected for the detector's distortion; "
+                                         "only present with detector.distortion"),
+    "centroid_y_corrected": (np.float64, "centroid_y corrected for the detector's distortion; "
+                                         "only present with detector.distortion"),
 }
+CORRECTED_COLUMNS = ("centroid_x_corrected", "centroid_y_corrected")
 PSI_COLUMN = "centroid_psi_deg"
 
 # Attribute values h5py stores as plain scalars or strings; anything else
@@ -122,8 +129,11 @@ def ensure_dir(path: Path) -> None:
 class SpotTable:
     """Collects one row per difspot and rewrites ``OUT/spots.h5`` on `flush`."""
 
-    def __init__(self, out_dir: str | os.PathLike, attrs: dict):
+    def __init__(self, out_dir: str | os.PathLike, attrs: dict, distortion=None):
+        """``distortion``: a `dctstream.distortion.Distortion` whose ``correct(x, y)`` fills the corrected
+        centroid columns, or None (no such columns)."""
         self.path = Path(out_dir) / "spots.h5"
+        self.distortion = distortion
         for key, value in attrs.items():
             if not isinstance(value, _ATTR_TYPES):
                 raise TypeError(f"spot table attribute {key!r}: expected a string or number, "
@@ -133,7 +143,7 @@ class SpotTable:
         # slices without converting 100k Python rows, and memory stays at
         # 8 bytes per cell.
         self._data = {name: np.empty(1024, dtype) for name, (dtype, _) in COLUMNS.items()
-                      if name != PSI_COLUMN}
+                      if name != PSI_COLUMN and (distortion is not None or name not in CORRECTED_COLUMNS)}
         self._n = 0
         self._with_psi: bool | None = None  # decided by the first row
         self._dirty = True  # an empty table is still written on the first flush
@@ -164,6 +174,9 @@ class SpotTable:
                 f"got {'one' if with_psi else 'none'}"
             )
         row = spot_row(blob, psi_deg, acquired)
+        if self.distortion is not None:
+            xc, yc = self.distortion.correct(row["centroid_x"], row["centroid_y"])
+            row["centroid_x_corrected"], row["centroid_y_corrected"] = float(xc[0]), float(yc[0])
         if self._with_psi is None:
             self._with_psi = with_psi
             if with_psi:

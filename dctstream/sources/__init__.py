@@ -19,14 +19,20 @@ __all__ = ["COMPLETE_ENDS", "FrameSource", "check_source", "Hdf5FileSource", "lo
 _STREAM_PORTS = {9999: "stream1", 31001: "stream2"}
 
 
+def is_bliss_url(url: str) -> bool:
+    """A blissdata (Redis) server's URL: redis://, rediss:// or unix://."""
+    return re.match(r"^(redis|rediss|unix)://", url) is not None
+
+
 def source_kind(cfg) -> str:
-    """hdf5 (a recorded file), hdf5-live (a file being written), stream1, stream2, folder or bliss.
+    """hdf5 (a recorded file), hdf5-live (a file being written), dectris-master (a DECTRIS master file's
+    ``/entry/data``, its data files followed as they appear), stream1, stream2, folder or bliss.
 
     With ``protocol: auto`` an HDF5 file is followed as it grows unless it is
     complete; ``hdf5`` or ``hdf5-live`` decides it.
     """
     url, protocol = cfg.url, cfg.protocol
-    if re.match(r"^(redis|rediss|unix)://", url):
+    if is_bliss_url(url):
         if protocol in ("auto", "bliss"):
             return "bliss"
         raise ConfigError(f"source.protocol: {url} is a blissdata (Redis) server, expected auto or bliss, "
@@ -46,7 +52,10 @@ def source_kind(cfg) -> str:
         return "folder"
     if "::" not in url:
         raise InputError(f"source.url: {url}: expected a URL of the form path/to/file.h5::/path/to/dataset, "
-                         "tcp://host:port (a detector stream) or path/to/dir/*.edf (a folder of frames)")
+                         "an existing DCT dataset file path/to/dataset.h5, tcp://host:port (a detector stream) "
+                         "or path/to/dir/*.edf (a folder of frames)")
+    if url.partition("::")[2].rstrip("/") == "/entry/data" and protocol in ("auto", "hdf5-live"):
+        return "dectris-master"  # a DECTRIS master file: its frames are in data files, followed as they appear
     if protocol in ("hdf5", "hdf5-live"):
         return protocol
     if protocol != "auto":
@@ -124,6 +133,9 @@ def open_source(cfg):
     if kind == "hdf5-live":
         from .hdf5_live import Hdf5WatchSource
         return Hdf5WatchSource(cfg)
+    if kind == "dectris-master":
+        from .hdf5_live import DectrisMasterSource
+        return DectrisMasterSource(cfg)
     if kind == "bliss":
         from .bliss import BlissdataSource
         return BlissdataSource(cfg)

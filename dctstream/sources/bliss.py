@@ -44,13 +44,13 @@ ANGLE_WAIT_S = 5.0
 _READ_S = 0.2
 
 
-def _blissdata():
+def _blissdata(where: str = "source.protocol: bliss"):
     try:
         from blissdata.exceptions import EndOfStream, NoScanAvailable
         from blissdata.redis_engine.scan import ScanState
         from blissdata.redis_engine.store import DataStore
     except ImportError as exc:
-        raise ConfigError(f"source.protocol: bliss needs blissdata ({exc}), expected it installed: "
+        raise ConfigError(f"{where} needs blissdata ({exc}), expected it installed: "
                           "pip install 'dctstream[bliss]'") from None
     return DataStore, ScanState, EndOfStream, NoScanAvailable
 
@@ -112,7 +112,7 @@ class BlissdataSource(FrameSource):
             if left <= 0:
                 break
             try:
-                self._since, key = self._store.get_next_scan(since=self._since, timeout=min(left, 1.0))
+                self._since, key = self._store.get_next_scan(since=self._since, timeout=min(max(left, 0.01), 1.0))
             except self._NoScanAvailable:
                 continue
             scan = self._store.load_scan(key)

@@ -553,3 +553,184 @@ class Hdf5WatchSource(FollowedSource):
 
     def _release(self) -> None:
         self._file.close()
+
+
+# Where a DECTRIS master file says what it knows about its detector.
+MASTER_DATA = "/entry/data"
+_DETECTOR = "/entry/instrument/detector"
+_SPECIFIC = f"{_DETECTOR}/detectorSpecific"
+_DTYPES = {8: np.uint8, 16: np.uint16, 32: np.uint32}
+
+
+def _scalar(h5: h5py.File, path: str) -> int | None:
+    obj = h5.get(path)
+    if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "ui" and obj.size == 1:
+        return int(np.ravel(obj[()])[0])
+    return None
+
+
+class DectrisMasterSource(FollowedSource):
+    """Frames of a DECTRIS master file (``x_master.h5::/entry/data``) whose ``data_NNNNNN`` entries are external
+    links to data files (``x_data_NNNNNN.h5::/entry/data/data``) that appear one after another as the detector
+    writes them.
+
+    The master says how many frames the series has (``detectorSpecific/nimages`` x ``ntrigger``), the bit depth
+    (``bit_depth_image``: a pixel at all bits set has no data, ``invalid_value``) and the detector's own
+    ``pixel_mask`` (non-zero = bad, ``pixel_mask``); both are masked by the pipeline.  A data file is read as it
+    appears; its last listed frame waits until the file grows, the next data file appears or the series is
+    complete (as `Hdf5WatchSource` does).  The scan is over once every frame of the series is delivered
+    (``complete``), or nothing new came for ``source.idle_timeout_s`` (``idle_timeout``).
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._path, _ = parse_url(cfg.url)
+        self.counters = {"looks": 0, "notifications": 0, "retries": 0, "files": 0, "angles_missing": 0}
+        self._angles = None
+        self._wake = threading.Event()
+        self._watcher = Watcher(self._wake, folders=[os.path.dirname(os.path.abspath(self._path))])
+        self._closed = False
+        self._data: h5py.File | None = None
+        self.invalid_value: int | None = None
+        self.pixel_mask: np.ndarray | None = None
+        try:
+            self._read_master()
+            if cfg.angles:
+                from .hdf5 import read_dataset
+                self._psi = np.asarray(read_dataset(cfg.angles, "source.angles"), np.float64).ravel()
+            else:
+                self._psi = None
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_master(self) -> None:
+        if not os.path.exists(self._path):
+            raise InputError(f"source.url: {self._path}: file not found, expected a DECTRIS master file")
+        folder = os.path.dirname(os.path.abspath(self._path))
+        try:
+            h5 = h5py.File(self._path, "r", locking=False)
+        except OSError as exc:
+            raise InputError(f"source.url: {self._path}: cannot open as HDF5 ({one_line(exc)}), expected a "
+                             "DECTRIS master file") from None
+        with h5:
+            group = h5.get(MASTER_DATA)
+            if not isinstance(group, h5py.Group):
+                raise InputError(f"source.url: {self.url}: no group {MASTER_DATA}, expected a DECTRIS master file")
+            self._files = []
+            for name in sorted(n for n in group if n.startswith("data_")):
+                link = group.get(name, getlink=True)
+                if isinstance(link, h5py.ExternalLink):
+                    self._files.append((os.path.join(folder, link.filename), link.path))
+                else:  # data inside the master itself
+                    self._files.append((os.path.abspath(self._path), f"{MASTER_DATA}/{name}"))
+            if not self._files:
+                raise InputError(f"source.url: {self.url}: no data_NNNNNN entries, expected links to the data files")
+            nimages, ntrigger = _scalar(h5, f"{_SPECIFIC}/nimages"), _scalar(h5, f"{_SPECIFIC}/ntrigger") or 1
+            if nimages:
+                self.n_frames = nimages * ntrigger if self._expected is None else min(self._expected,
+                                                                                     nimages * ntrigger)
+            bits = _scalar(h5, f"{_DETECTOR}/bit_depth_image")
+            ny, nx = _scalar(h5, f"{_SPECIFIC}/y_pixels_in_detector"), _scalar(h5, f"{_SPECIFIC}/x_pixels_in_detector")
+            if bits in _DTYPES:
+                self.invalid_value = 2**bits - 1
+                if ny and nx:
+                    self.frame_shape, self.dtype = (ny, nx), np.dtype(_DTYPES[bits])
+            mask = h5.get(f"{_SPECIFIC}/pixel_mask")
+            if isinstance(mask, h5py.Dataset) and mask.ndim == 2:
+                self.pixel_mask = mask[()]
+
+    @property
+    def waiting_for(self) -> str | None:
+        return None if self._data is not None else f"{self.url}: its first data file {self._files[0][0]}"
+
+    def __iter__(self):
+        k, quiet_since = 0, time.monotonic()
+        total = self.n_frames
+        for i, (path, name) in enumerate(self._files):
+            taken = 0  # frames of this file delivered
+            while not self._closed:
+                self.counters["looks"] += 1
+                self._watcher.start()
+                dset = self._open(path, name)
+                n = 0 if dset is None else dset.shape[0]
+                later = i + 1 < len(self._files) and os.path.exists(self._files[i + 1][0])
+                done = later or (total is not None and k + n - taken >= total)
+                readable = n if done else n - 1
+                while taken < readable and (total is None or k < total):
+                    try:
+                        if not _stored(dset, taken):
+                            break
+                        data = dset[taken]
+                    except _H5_ERRORS as exc:
+                        log.debug("%s: frame %d: cannot read yet (%s)", path, taken, one_line(exc))
+                        self.counters["retries"] += 1
+                        self._close_data()
+                        break
+                    yield Frame(k, self._angle(k), data)
+                    k, taken, quiet_since = k + 1, taken + 1, time.monotonic()
+                if total is not None and k >= total:
+                    self._finish("complete", k)
+                    return
+                if done and taken >= n and dset is not None:
+                    self.counters["files"] += 1
+                    self._close_data()
+                    break
+                if time.monotonic() - quiet_since >= self._idle_s:
+                    # the writer is gone: its last listed frame counts if it is there whole
+                    if dset is not None and taken < n and _stored(dset, taken):
+                        yield Frame(k, self._angle(k), dset[taken])
+                        k += 1
+                    log.warning("%s: nothing new for %g s (source.idle_timeout_s) after %d frames%s", self.url,
+                                self._idle_s, k, f" of {total}" if total else "")
+                    self._finish("idle_timeout", k)
+                    return
+                self._close_data()  # a plain handle goes stale: look again through a fresh one
+                if self._wake.wait(self._poll_s):
+                    self.counters["notifications"] += 1
+                self._wake.clear()
+            if self._closed:
+                return
+        self._finish("complete" if total is None or k >= total else "end_time", k)
+
+    def _open(self, path: str, name: str) -> h5py.Dataset | None:
+        if not os.path.exists(path):
+            return None
+        try:
+            self._data = h5py.File(path, "r", locking=False)
+            dset = self._data.get(name)
+        except _H5_ERRORS:
+            self.counters["retries"] += 1
+            self._close_data()
+            return None
+        if not isinstance(dset, h5py.Dataset):
+            return None
+        if dset.ndim != 3 or dset.dtype.kind not in "ui":
+            raise InputError(f"source.url: {path}::{name}: expected a 3-D stack of integer frames (frames, y, x), "
+                             f"got shape {dset.shape}, dtype {dset.dtype}")
+        if self.frame_shape is not None and tuple(dset.shape[1:]) != self.frame_shape:
+            raise InputError(f"source.url: {path}::{name}: frames of {tuple(dset.shape[1:])} pixels, expected "
+                             f"{self.frame_shape} as the master file {self._path} says")
+        self.frame_shape = tuple(dset.shape[1:])
+        if self.dtype is None or self.dtype.itemsize < dset.dtype.itemsize:
+            self.dtype = dset.dtype
+        return dset
+
+    def _angle(self, k: int) -> float | None:
+        if self._psi is None:
+            return None
+        if k < self._psi.size:
+            return float(self._psi[k])
+        self.counters["angles_missing"] += 1
+        return None
+
+    def _close_data(self) -> None:
+        if self._data is not None:
+            try:
+                self._data.close()
+            except _H5_ERRORS:
+                pass
+            self._data = None
+
+    def _release(self) -> None:
+        self._close_data()

@@ -10,8 +10,9 @@ Stream v1 (SIMPLON "stream" interface, ``format: legacy``), one multipart messag
 
 * header: ``{"htype": "dheader-1.0", "series": id, "header_detail": "all"|"basic"|"none"}``,
   then, unless the detail is "none", the detector configuration as a JSON
-  object (``nimages`` x ``ntrigger`` gives the number of frames), then with
-  "all" the flatfield, pixel mask and count-rate table (JSON + data each; not used);
+  object (``nimages`` x ``ntrigger`` gives the number of frames, ``bit_depth_image``
+  the invalid value: all bits set), then with "all" the flatfield, pixel mask and
+  count-rate table (JSON + data each; the pixel mask, ``dpixelmask-1.0``, is used);
 * image: ``{"htype": "dimage-1.0", "series", "frame", "hash"}``,
   ``{"htype": "dimage_d-1.0", "shape": [x, y], "type": "uint16", "encoding", "size"}``,
   the data (``size`` bytes), ``{"htype": "dconfig-1.0", ...}`` (not used);
@@ -25,6 +26,7 @@ self-describe tag 55799 first; it is accepted, not required), told apart by ``ty
 
 * ``start``: ``series_id``, ``series_unique_id``, ``number_of_images``,
   ``image_size_x`` / ``image_size_y``, ``channels`` (the first one is used),
+  ``bit_depth_image``, ``pixel_mask: {channel: tag 40 array}`` (the first one),
   ``goniometer: {AXIS: {start, increment}}`` (psi of frame k = start + k x
   increment, of ``omega`` or else the first axis that moves);
 * ``image``: ``series_id``, ``image_id``, ``data: {channel: tag 40 [[rows,
@@ -89,7 +91,7 @@ import re
 import struct
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import bitshuffle
 import cbor2
@@ -150,6 +152,8 @@ class SeriesStart:
     frame_shape: tuple[int, int] | None = None
     rotation: tuple[float, float] | None = None  # (start, increment) in degrees
     channel: str | None = None  # Stream2: the channel whose data are read
+    bit_depth: int | None = None  # bits an image pixel: all of them set = a pixel without data
+    pixel_mask: np.ndarray | None = field(default=None, compare=False)  # the detector's own: non-zero = bad
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,12 +292,34 @@ def decode_stream1(parts: Sequence[bytes]) -> SeriesStart | Image | SeriesEnd:
             nimages, ntrigger = config.get("nimages"), config.get("ntrigger", 1)
             if _count(nimages) and _count(ntrigger):
                 n_frames = nimages * ntrigger
+            bits = config.get("bit_depth_image")
+            return SeriesStart(series, n_frames=n_frames, bit_depth=bits if bits in (8, 16, 32) else None,
+                               pixel_mask=_pixel_mask_v1(parts[2:]))
         return SeriesStart(series, n_frames=n_frames)
     if htype.startswith("dimage-"):
         return Image(series, *_image_v1(head, parts))
     if htype.startswith("dseries_end-"):
         return SeriesEnd(series)
     raise MalformedMessage(f"unknown message type (htype {htype!r:.40})")
+
+
+def _pixel_mask_v1(parts: Sequence[bytes]) -> np.ndarray | None:
+    """The ``dpixelmask-1.0`` array among a "header_detail: all" header's (JSON, data) pairs, or None."""
+    for desc_part, blob in zip(parts[::2], parts[1::2]):
+        try:
+            desc = json.loads(desc_part)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(desc, dict) or not str(desc.get("htype", "")).startswith("dpixelmask-"):
+            continue
+        shape, type_ = desc.get("shape"), desc.get("type")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_count(n) for n in shape)
+                and type_ in _INTEGER_TYPES):
+            raise MalformedMessage(f"dpixelmask: shape [x, y] and an integer type expected, got {shape!r:.40}, "
+                                   f"{type_!r:.20}")
+        nx, ny = shape
+        return _frame(decode_raw(blob, np.dtype(type_).newbyteorder("<"), nx * ny), (ny, nx))
+    return None
 
 
 def _image_v1(head: dict, parts: Sequence[bytes]) -> tuple[int, np.ndarray]:
@@ -381,9 +407,17 @@ def _start_v2(msg: Mapping, series: tuple) -> SeriesStart:
     nx, ny = msg.get("image_size_x"), msg.get("image_size_y")
     channels = msg.get("channels")
     channel = channels[0] if isinstance(channels, (list, tuple)) and channels and isinstance(channels[0], str) else None
+    bits, masks = msg.get("bit_depth_image"), msg.get("pixel_mask")
+    mask = None
+    if isinstance(masks, Mapping) and masks:
+        try:
+            mask = _image_v2(masks, channel if channel in masks else None)
+        except MalformedMessage as exc:
+            raise MalformedMessage(f"start: pixel_mask: {str(exc).removeprefix('image: ')}") from None
     return SeriesStart(series, n_frames=n_frames if _count(n_frames) else None,
                        frame_shape=(ny, nx) if _count(nx) and _count(ny) else None,
-                       rotation=_rotation(msg.get("goniometer")), channel=channel)
+                       rotation=_rotation(msg.get("goniometer")), channel=channel,
+                       bit_depth=bits if bits in (8, 16, 32) else None, pixel_mask=mask)
 
 
 def _rotation(goniometer) -> tuple[float, float] | None:
@@ -519,6 +553,9 @@ class _StreamSource(FrameSource):
         self._replaced: set[int] = set()  # frames declared missing
         known = [n for n in (start.n_frames if start else None, self._limit) if n is not None]
         self.n_frames: int | None = min(known) if known else None
+        # what the header says of the detector, for the pipeline's mask (Detector.check_first_frame)
+        self.invalid_value = 2**start.bit_depth - 1 if start and start.bit_depth else None
+        self.pixel_mask = start.pixel_mask if start else None
         if start and start.frame_shape:
             self.frame_shape = start.frame_shape
 

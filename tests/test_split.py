@@ -1,0 +1,148 @@
+"""One scan split along psi over a LocalCluster of 2 worker processes: outputs identical to one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from dctstream import split
+from dctstream.cli import main
+from dctstream.config import load_config
+from dctstream.errors import ConfigError
+from dctstream.runner import process_scan
+from simulators.dct_scan import simulate_scan
+from test_resume import assert_same_outputs, outputs
+
+distributed = pytest.importorskip("distributed")
+
+FRAMES, SIZE = 160, 64
+# max_blob_size 5 frames: a chunk's segmenter starts 28 frames before it, its edge is looked for over 18
+OVERRIDES = ["background.window=11", "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false",
+             "source.angles=auto", "dark.url=auto"]
+EDGE = 80  # a chunk starts where a spot of several frames is brightest
+SEAM_SPOT, EDGE_SPOT = (9, 9), (50, 12)  # (y, x)
+
+
+def _add_spot(frames, centre_frame, yx, width_frames):
+    n, ny, nx = frames.shape
+    y, x = np.mgrid[0:ny, 0:nx]
+    for k in range(n):
+        d = min(abs(k - centre_frame), n - abs(k - centre_frame))  # along psi, across the seam too
+        r2 = (x - yx[1]) ** 2 + (y - yx[0]) ** 2
+        spot = 3000.0 * np.exp(-d ** 2 / (2 * width_frames ** 2) - r2 / (2 * 1.5 ** 2))
+        frames[k] = np.clip(frames[k] + spot, 0, 65535).astype(frames.dtype)
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    """A full turn of 160 frames with a spot across 0/360 degrees and one across frame EDGE."""
+    path = tmp_path_factory.mktemp("split") / "scan.h5"
+    simulate_scan(path, frames=FRAMES, size=SIZE, spots=40, seed=11)
+    with h5py.File(path, "r+") as f:
+        frames = f["/1.1/measurement/marana"][()]
+        _add_spot(frames, FRAMES - 0.5, SEAM_SPOT, 0.8)
+        _add_spot(frames, EDGE, EDGE_SPOT, 1.2)
+        f["/1.1/measurement/marana"][...] = frames
+    return f"{path}::/1.1/measurement/marana"
+
+
+def _cfg(scan, out, *more):
+    return load_config(None, [f"source.url={scan}", f"output.dir={out}", *OVERRIDES, *more])
+
+
+@pytest.fixture(scope="module")
+def reference(scan, tmp_path_factory):
+    """One process (which also compiles the kernels once, before the workers need them)."""
+    out = tmp_path_factory.mktemp("reference")
+    stats = process_scan(_cfg(scan, out), display=False)
+    assert stats.seam_joined == 1 and stats.difspots_written > 20
+    return out
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def _spots_across(out: Path, yx, frame: int) -> list[dict]:
+    """The rows near (y, x) whose frames run from before ``frame`` to it or after."""
+    with h5py.File(out / "spots.h5", "r") as f:
+        spots = {k: v[()] for k, v in f["spots"].items()}
+    i = np.flatnonzero((np.abs(spots["centroid_y"] - yx[0]) < 2) & (np.abs(spots["centroid_x"] - yx[1]) < 2)
+                       & (spots["start_frame"] < frame) & (spots["end_frame"] >= frame))
+    return [{k: v[j] for k, v in spots.items()} for j in i]
+
+
+@pytest.mark.parametrize("parts,starts,chunks", [(2, None, 2), (3, [EDGE - 30, EDGE], 3), (6, None, 5)])
+def test_split_scan_equals_one_process(scan, reference, client, tmp_path, parts, starts, chunks):
+    out = tmp_path / "out"
+    record = split.run_split(_cfg(scan, out), client, parts, starts=starts)
+    assert_same_outputs(outputs(out), outputs(reference))
+    info = record["split"]
+    assert len(info["chunks"]) == chunks and info["rerun"] == 0  # 6: the first would start too early
+    want = json.loads((reference / "run.json").read_text())
+    for key in ("rejected", "noise_sigma_range", "noise_sigma_by_frame", "normalise", "seam_joined",
+                "difspots_written", "seed_threshold", "flood_frames_total"):
+        assert record["stats"][key] == want["stats"][key], key
+    assert record["state"] == "finished" and not (out / ".dctstream").exists()
+    # the spot across 0/360 degrees is one, made of the first chunk's blob and the last one's
+    assert len(_spots_across(out, SEAM_SPOT, FRAMES)) == 1
+    if starts is not None:  # a spot lies across the edge where the chunks met
+        assert info["edges"][1] == EDGE
+        assert len(_spots_across(out, EDGE_SPOT, EDGE)) == 1
+
+
+def test_chunks_that_never_agree_are_run_as_one(scan, reference, tmp_path, monkeypatch):
+    """A segmenter started 2 frames before its chunk cannot agree with the previous one at the chunk's first
+    frame (regions across its start are cut): the edge moves on, or the two chunks run as one: exact anyway."""
+    monkeypatch.setattr(split, "PRE_REACHES", 0)
+    monkeypatch.setattr(split, "MARGIN_FRAMES", 2)
+    monkeypatch.setattr(split, "POST_REACHES", 0)
+
+    class Done:  # a client that runs each task at once, in this process (the constants above hold there)
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    class Client:
+        def submit(self, fn, *args, pure=None, key=None):
+            return Done(fn(*[a.result() if isinstance(a, Done) else a for a in args]))
+
+    out = tmp_path / "out"
+    record = split.run_split(_cfg(scan, out), Client(), 6)
+    assert_same_outputs(outputs(out), outputs(reference))
+    assert record["split"]["rerun"] >= 1
+
+
+def test_chunk_plan():
+    cfg = load_config(None, OVERRIDES)
+    pre, post = split.overlaps(cfg)
+    assert (pre, post) == (28, 18)
+    chunks = split.plan(160, 4, cfg)
+    # 40 - 28 < 19: a segmenter started there would not have the noise of 15 frames before it
+    assert [(c.start, c.end) for c in chunks] == [(0, 80), (80, 120), (120, 160)]
+    for c, d in zip(chunks, chunks[1:]):
+        assert c.seg_end == d.start + post and d.seg_start == d.start - pre
+        assert list(d.lower) == list(range(d.start, d.start + post, split.FINGERPRINT_EVERY)) == list(c.upper)
+    assert chunks[-1].seg_end == 160 and chunks[0].seg_start == 0
+    assert [c.start for c in split.plan(160, 20, cfg)] == [0, 48, 72, 96, 120]  # chunks of at least 18 frames
+
+
+def test_cluster_options_need_split(tmp_path, capsys):
+    assert main(["run", "--source", f"{tmp_path}/x.h5::/d", "--workers", "2"]) != 0
+    assert "--split" in capsys.readouterr().err
+
+
+def test_export_refused_before_any_output(scan, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"export.format: sparse: .* expected none"):
+        split.run_split(_cfg(scan, out, "export.format=sparse"), None, 2)
+    assert not out.exists()
