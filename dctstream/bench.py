@@ -152,7 +152,7 @@ def _write_scan(path: Path, scan: SyntheticScan, n: int) -> str:
     return f"{path}::/1.1/measurement/frames"
 
 
-def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> dict:
+def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path, resegment: bool = True) -> dict:
     from .config import load_config
     from .pipeline import Pipeline
 
@@ -179,6 +179,9 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
     wall = time.perf_counter() - t0
     steady = np.array(push_s[opts.window + 1:-1]) if len(push_s) > opts.window + 2 else np.array(push_s)
     ring_bytes = pipeline.background.ring.data.nbytes
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    resegmented = bench_resegment(workdir / "out", workdir / "resegmented", wall, scan.size,
+                                  stats.sparse_fill_fraction) if resegment else None
     return {
         "frames": n,
         "write_input_s": written_s,
@@ -200,9 +203,35 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path) -> di
         # what the background stage alone holds back (the first frame of a block waits for its centre too)
         "latency_frames_background": opts.window // 2 + opts.batch - 1 + (opts.stride // 2 if opts.mode == "block"
                                                                           else 0),
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": peak_rss_gib,
         "ring_gib": ring_bytes / 2**30,
+        "resegment": resegmented,
     }
+
+
+def bench_resegment(run_dir: Path, out: Path, run_s: float, size: int, fill_fraction: float | None) -> dict:
+    """``dctstream resegment`` of the run just benched, same settings (no quick-look pictures, which the
+    benched run does not draw either): its time against the run's, and the sparse scan's size against the
+    raw frames'."""
+    from .resegment import SPARSE_FILE, resegment
+
+    settings = ("quicklook.enabled=false",)
+    t0 = time.perf_counter()
+    summary = resegment(run_dir, settings, out)
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table_only = resegment(run_dir, settings, out.with_name(out.name + "_table"), difspots=False)
+    table_s = time.perf_counter() - t0
+    with h5py.File(run_dir / SPARSE_FILE, "r") as h5:
+        group = h5["1.1"]
+        frames = max(int(group.attrs["nframes"]), 1)
+        pixels = sum(group[n].id.get_storage_size() for n in ("row", "col", "intensity", "nnz")) / frames
+        maps = sum(group[n].id.get_storage_size() for n in ("cut", "noise_sigma")) / frames
+    return {"frames": summary["frames"], "wall_s": wall, "frames_per_s": summary["frames"] / wall,
+            "speedup": run_s / wall, "difspots": summary["difspots"],
+            "table_only_s": table_s, "table_only_speedup": run_s / table_s, "table_only_difspots": table_only["difspots"],
+            "sparse_bytes_per_frame": pixels + maps, "sparse_map_bytes_per_frame": maps,
+            "raw_frame_bytes": size * size * 2, "sparse_fill_fraction": fill_fraction}
 
 
 def bench_hard(opts: BenchOptions, workdir: Path) -> dict:
@@ -212,7 +241,7 @@ def bench_hard(opts: BenchOptions, workdir: Path) -> dict:
     out = {}
     for source in ("steady", "hard"):
         with tempfile.TemporaryDirectory(prefix=f"dctstream-bench-{source}-", dir=workdir) as tmp:
-            out[source] = bench_pipeline(SyntheticScan(opts.size, opts.seed, source), opts, Path(tmp))
+            out[source] = bench_pipeline(SyntheticScan(opts.size, opts.seed, source), opts, Path(tmp), resegment=False)
     out["hard_over_steady_fps"] = out["hard"]["frames_per_s"] / out["steady"]["frames_per_s"]
     return out
 
@@ -293,6 +322,17 @@ def format_report(report: dict) -> str:
                   f"  memory: peak {p['peak_rss_gib']:.2f} GiB resident, {p['peak_rss_gib'] / window_gib:.2f}x the "
                   f"{window_gib:.2f} GiB of a window of raw frames (the ring holds {p['ring_gib']:.2f}); "
                   f"{p['difspots']} difspots"]
+        r = p.get("resegment")
+        if r:
+            lines += [f"resegment from the sparse scan, same settings: {r['wall_s']:.1f} s for {r['frames']} frames "
+                      f"({r['frames_per_s']:.1f} frames/s), {r['speedup']:.1f}x faster than the run; "
+                      f"{r['difspots']} difspots",
+                      f"  spots.h5 only (--no-difspots): {r['table_only_s']:.1f} s, "
+                      f"{r['table_only_speedup']:.1f}x faster than the run",
+                      f"  sparse scan: {r['sparse_bytes_per_frame'] / 2**10:.0f} KiB/frame (cut and noise maps "
+                      f"{r['sparse_map_bytes_per_frame'] / 2**10:.0f}), "
+                      f"{r['sparse_bytes_per_frame'] / r['raw_frame_bytes']:.1%} of a raw frame, "
+                      f"{(r['sparse_fill_fraction'] or 0):.1%} of the unmasked pixels kept"]
     return "\n".join(lines)
 
 

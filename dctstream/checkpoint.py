@@ -14,8 +14,10 @@ interrupted:
   frames, only between frames, so never while a difspot or the table is half
   written): the segmenter's state without its frames (regions, frontier,
   claimed voxels as a sparse list), the noise map, the direct-beam box, the
-  margin reference, the angles read so far, the spot table's rows and the
-  counters. Written to a temporary file, synced, renamed; the difspot files
+  margin reference, the angles read so far, the spot table's rows, the
+  counters and the sparse scan's counts with what is not yet in
+  ``corrected.h5`` (less than a chunk of pixels; a resumed run copies the
+  file up to that point to a new file and continues it). Written to a temporary file, synced, renamed; the difspot files
   it counts are synced first.
 * On resume the background stage starts again at the first raw frame the
   segmenter's oldest needed frame depends on (``BackgroundStage.first_raw_frame``),
@@ -207,6 +209,8 @@ class Snapshot:
         self.meta["stats"]["difspots_written"] = len(table)
         self.meta["table"] = {"attrs": {key: _plain(v) for key, v in table.attrs.items()}}
         arrays = {**self.arrays, **{f"table_{name}": v for name, v in table.columns().items()}}
+        if "export" in self.meta:  # and the sparse scan's chunks it counts
+            pipeline._unsynced.append(pipeline.export.path)
         sync_files(pipeline._unsynced)  # every difspot this checkpoint counts is on disk first
         pipeline._unsynced.clear()
         spool = getattr(pipeline, "spool", None)
@@ -242,7 +246,8 @@ def capture(pipeline, k: int) -> Snapshot:
         "stats": {"frames_missing": lost_before, "seed_threshold": stats.seed_threshold,
                   "noise_sigma": stats.noise_sigma, "noise_sigma_range": stats.noise_sigma_range,
                   "noise_sigma_by_frame": stats.noise_sigma_by_frame, "flood_frames": stats.flood_frames,
-                  "flood_frames_total": stats.flood_frames_total},
+                  "flood_frames_total": stats.flood_frames_total, "sparse_cut": stats.sparse_cut,
+                  "cut_range": pipeline._cut_range},
         "segmenter": {key: state[key] for key in ("low", "last", "prev_offset", "next_id", "n_blobs",
                                                   "rejected", "capacity")},
     }
@@ -265,6 +270,11 @@ def capture(pipeline, k: int) -> Snapshot:
         **{f"seg_regions_{name}": v for name, v in state["regions"].items()},
         **{f"seg_pending_{name}": v for name, v in state["pending"].items()},
     }
+    export = pipeline.export
+    if export is not None and hasattr(export, "state"):  # the sparse scan: its counts and what is not in the file
+        state = export.state()
+        meta["export"] = {key: state[key] for key in export.STATE_VALUES}
+        arrays.update({f"export_{key}": state[key] for key in export.STATE_ARRAYS})
     return Snapshot(k, meta, arrays)
 
 

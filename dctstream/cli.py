@@ -1,4 +1,4 @@
-"""The ``dctstream`` command: run | watch | campaign | status | export | demo | simulate | replay | bench | check | config."""
+"""The ``dctstream`` command: run | resegment | tune | watch | campaign | status | export | demo | simulate | replay | bench | check | config."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ._version import __version__
-from .errors import DctStreamError, InputError, OutputError
+from .errors import ConfigError, DctStreamError, InputError, OutputError
 
 log = logging.getLogger("dctstream")
 
@@ -135,6 +135,35 @@ def cmd_campaign(args) -> int:
         print(f"dctstream: {len(failed)} of {len(rows)} scans failed; first: {failed[0]['scan']}: "
               f"{failed[0]['error']}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_resegment(args) -> int:
+    from .resegment import resegment
+
+    r = resegment(args.run_dir, list(args.set or []), args.out, overwrite=args.overwrite,
+                  difspots=not args.no_difspots)
+    rejected = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "none"
+    partial = "" if r["finished_scan"] else " (scan still being written: the frames so far)"
+    print(f"{r['difspots']} difspots from the sparse scan of {r['frames']} frames{partial} in {r['seconds']:.1f} s, "
+          f"written to {r['out_dir']}; rejected: {rejected}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .resegment import draw_tune, format_tune, tune
+
+    values = None
+    if args.values:
+        try:
+            values = [float(v) for v in args.values.split(",")]
+        except ValueError:
+            raise ConfigError(f"--values: expected numbers separated by commas, got {args.values!r}") from None
+    result = tune(args.run_dir, args.key, values, list(args.set or []))
+    print(format_tune(result, args.run_dir))
+    png = Path(args.png) if args.png else Path(args.run_dir) / "tune.png"
+    draw_tune(result).save(png)
+    print(f"picture: {png}")
     return 0
 
 
@@ -449,6 +478,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --split: local, slurm, pbs, sge, lsf or a scheduler tcp://HOST:PORT (cluster.kind)")
     p.add_argument("--workers", type=_count(1), help="with --split: number of workers (cluster.workers)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resegment", help="segment a run again from its sparse corrected scan, with other "
+                       "segmentation settings (seconds, not a full run)")
+    p.add_argument("run_dir", help="the output folder of a run (holds corrected.h5, export.format: sparse)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a segmentation.* (or quicklook.*) key, e.g. --set segmentation.seed_sigma=8 (repeatable)")
+    p.add_argument("--out", help="folder for the new spots.h5, difspots and quick-look (default RUN_DIR/resegmented)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in that folder")
+    p.add_argument("--no-difspots", action="store_true",
+                   help="spots.h5 and quick-look only, no difspot files (faster: writing them takes longest)")
+    p.set_defaults(func=cmd_resegment)
+
+    p = sub.add_parser("tune", help="sweep a segmentation threshold over the sparse scan of a run: spots per "
+                       "value, a picture and the suggested value")
+    p.add_argument("run_dir", help="the output folder of a run (finished or still running)")
+    p.add_argument("--key", help="segmentation key to sweep (default seed_sigma, or seed_threshold when that is "
+                   "a number), e.g. grow_ratio, grow_low")
+    p.add_argument("--values", help="values to try, comma-separated (default: from the lowest the cut allows "
+                   "to twice the run's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="other segmentation.* keys to hold")
+    p.add_argument("--png", help="picture to write (default RUN_DIR/tune.png)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("watch", help="process every new scan that appears under a folder, as a daemon")
     p.add_argument("root", help="the acquisition tree to watch (Bliss: the data folder holding proposals), or "

@@ -99,8 +99,9 @@ class DetectorConfig:
 class ExportConfig:
     """The corrected frames written to OUT/corrected.h5 as the scan runs."""
 
-    format: str = "none"  # none | stack (every pixel) | sparse (pixels above threshold)
-    threshold: float | str = "auto"  # sparse: counts, or auto = the segmentation's lowest growth threshold
+    format: str = "sparse"  # sparse (pixels at or above a cut: what `dctstream resegment` reads) | stack | none
+    threshold: float | str = "auto"  # sparse cut: counts, or auto = cut_sigma x the noise followed along psi
+    cut_sigma: float = 2.0  # auto cut, in noise sigmas; never above what the segmentation itself compares
     dtype: str = "float32"  # float32 (exact) | uint16 | uint8 (stretched by percentiles)
     percentiles: tuple[float, float] = (1.0, 99.99)  # of the first exported frame: the stretch's 0 and maximum
 
@@ -483,6 +484,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
     "export": {
         "format": _one_of("none", "stack", "sparse"),
         "threshold": _or("auto", _positive),
+        "cut_sigma": _positive,
         "dtype": _one_of("float32", "uint16", "uint8"),
         "percentiles": _checked(_parse_percentiles, lambda p: 0 <= p[0] < p[1] <= 100,
                                 "[low, high] with 0 <= low < high <= 100"),

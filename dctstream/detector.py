@@ -124,6 +124,31 @@ def stuck_and_hot(frames: np.ndarray, slots: np.ndarray, dark: np.ndarray, gain:
     return stuck, hot
 
 
+def unbin_blob(blob: Blob, b: int, binning_mode: str) -> Blob:
+    """``blob`` in detector pixels: each binned voxel becomes its b x b pixels, sharing its counts.
+
+    Binned value v becomes v / b² per pixel (``sum``) or v (``mean``), so the
+    integral is the sum of the detector counts either way; the centroid is
+    b x (binned centroid) + (b - 1) / 2, the box b x (binned box).
+    """
+    if b == 1:
+        return blob
+    share = 1.0 / (b * b) if binning_mode == "sum" else 1.0
+    dy, dx = (a.ravel() for a in np.mgrid[0:b, 0:b])
+    frame = np.repeat(blob.frame, b * b)
+    y = (blob.y[:, None] * b + dy).ravel()
+    x = (blob.x[:, None] * b + dx).ravel()
+    value = np.repeat(blob.value * np.float32(share), b * b)
+    order = np.lexsort((x, y, frame))
+    volume = None
+    if blob.volume is not None:
+        volume = np.repeat(np.repeat(blob.volume * np.float32(share), b, axis=1), b, axis=2)
+    f, my, mx = blob.max_index
+    return Blob(id=blob.id, frame=frame[order], y=y[order], x=x[order], value=value[order],
+                max_index=(f, my * b, mx * b), max_value=float(blob.max_value * share), volume=volume,
+                total=None if blob.total is None else blob.total * share * b * b)
+
+
 class Detector:
     """The ``detector`` and ``dark`` sections applied to frames of ``frame_shape`` and ``dtype`` from the source.
 
@@ -256,29 +281,8 @@ class Detector:
         return bbox if bbox is None or b == 1 else tuple(int(v) * b for v in bbox)
 
     def unbin_blob(self, blob: Blob) -> Blob:
-        """``blob`` in detector pixels: each binned voxel becomes its b x b pixels, sharing its counts.
-
-        Binned value v becomes v / b² per pixel (``sum``) or v (``mean``), so the
-        integral is the sum of the detector counts either way; the centroid is
-        b x (binned centroid) + (b - 1) / 2, the box b x (binned box).
-        """
-        b = self.binning
-        if b == 1:
-            return blob
-        share = 1.0 / (b * b) if self.cfg.binning_mode == "sum" else 1.0
-        dy, dx = (a.ravel() for a in np.mgrid[0:b, 0:b])
-        frame = np.repeat(blob.frame, b * b)
-        y = (blob.y[:, None] * b + dy).ravel()
-        x = (blob.x[:, None] * b + dx).ravel()
-        value = np.repeat(blob.value * np.float32(share), b * b)
-        order = np.lexsort((x, y, frame))
-        volume = None
-        if blob.volume is not None:
-            volume = np.repeat(np.repeat(blob.volume * np.float32(share), b, axis=1), b, axis=2)
-        f, my, mx = blob.max_index
-        return Blob(id=blob.id, frame=frame[order], y=y[order], x=x[order], value=value[order],
-                    max_index=(f, my * b, mx * b), max_value=float(blob.max_value * share), volume=volume,
-                    total=None if blob.total is None else blob.total * share * b * b)
+        """``blob`` in detector pixels (see `unbin_blob`)."""
+        return unbin_blob(blob, self.binning, self.cfg.binning_mode)
 
     def attrs(self) -> dict:
         """Facts for the run record: where the dark came from, masked pixels, binning."""

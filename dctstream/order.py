@@ -234,15 +234,16 @@ class PassMerge:
         self._keys = [self._key(item) for item in self._held]
 
     def put(self, k: int, frame: np.ndarray, low_map: np.ndarray, seed, low,
-            measure: np.ndarray | None = None) -> Iterator[tuple]:
+            measure: np.ndarray | None = None, sigma=None) -> Iterator[tuple]:
         """Take corrected frame ``k`` (acquisition index) with its lower growth threshold per pixel, its tile
         maps and the frame its spots are measured on (None: ``frame``); yields ``(j, frame, seed, low,
-        measure)`` for every frame now due, j counting along psi."""
+        measure, sigma)`` for every frame now due, j counting along psi (``sigma``, its noise map, is
+        carried along)."""
         flat = frame.ravel()
         idx = np.flatnonzero(flat >= low_map.ravel()).astype(np.int32)
         p = self.tracker.pass_of(k)
         measured = None if measure is None else measure.ravel()[idx]
-        item = (p, k, self.tracker.psi[k], idx, (flat[idx], measured), seed, low)
+        item = (p, k, self.tracker.psi[k], idx, (flat[idx], measured), seed, low, sigma)
         self._learn_direction(p)
         self.held_pixels += idx.size
         if self._direction == 0:  # the last pass has not begun: every frame waits
@@ -275,13 +276,13 @@ class PassMerge:
         yield from self._emit(due)
 
     def _emit(self, items) -> Iterator[tuple]:
-        for p, k, psi, idx, kept, seed, low in items:
+        for p, k, psi, idx, kept, seed, low, sigma in items:
             self.held_pixels -= idx.size
             frame, measure = (None if values is None else self._dense(idx, values) for values in kept)
             j = len(self.acquired)
             self.acquired.append(k)
             self.psi.append(psi)
-            yield j, frame, seed, low, measure
+            yield j, frame, seed, low, measure, sigma
 
     def _dense(self, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
         frame = np.zeros(self.frame_shape, np.float32)

@@ -28,9 +28,10 @@ from .order import PassMerge, PassTracker, arrange, frames_text
 from .overlap import Prefetch, Worker
 from .resources import check_memory
 from .segment import SegmentParams, Segmenter
+from .segment.floor import floor_tiles, reach_tiles, round_down_to_float32
 from .segment.segmenter import pixel_map
 from .segment.noise import TILE_PX, NoiseTracker
-from .sinks import CorrectedFrameWriter, DifspotWriter, SpotTable
+from .sinks import CorrectedFrameWriter, DifspotWriter, SparseScanWriter, SpotTable
 from .sources import COMPLETE_ENDS, check_source, open_source
 from .sources.scan_file import resolve_auto
 
@@ -86,6 +87,9 @@ class Stats:
     masked_pixels: dict | None = None  # bad pixels by reason (file, flat, stuck, hot) and in all
     binning: str | None = None  # "b x b sum|mean"
     export_reduction: float | None = None  # bytes of raw frames read / bytes of OUT/corrected.h5
+    sparse_cut: str | None = None  # the sparse scan's cut: how it is set and its range in counts so far
+    sparse_fill_fraction: float | None = None  # pixels kept in the sparse scan / unmasked pixels of its frames
+    sparse_bytes_per_frame: float | None = None  # bytes of OUT/corrected.h5 per frame (sparse)
     frames_expected: int | None = None  # what the scan announced (expected_frames, a stream's header, the file)
     incomplete: str | None = None  # why the scan is not whole (the source went quiet, vanished, ...), or None
     # how frames were placed in psi (dctstream.order): mode psi | passes | arrival, passes, frames held back
@@ -140,6 +144,24 @@ def frame_maps(cfg, sigma: np.ndarray):
     if cfg.seed_threshold != "auto" and cfg.grow_low != "auto":
         return None, None
     return tuple(np.broadcast_to(np.asarray(m, np.float64), sigma.shape) for m in frame_thresholds(cfg, sigma))
+
+
+def threshold_maps(cfg, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The seed threshold and lower grow clamp of the segmentation section as float64 tile maps of
+    ``sigma``'s shape, for a frame whose noise is ``sigma``."""
+    return tuple(np.broadcast_to(np.asarray(m, np.float64), sigma.shape) for m in frame_thresholds(cfg, sigma))
+
+
+def sparse_cut(export_cfg, seg_cfg, sigma: np.ndarray, tile_px: int = TILE_PX) -> np.ndarray:
+    """A frame's sparse cut, float32 (tiles_y, tiles_x): ``export.cut_sigma`` x its noise ``sigma`` (or
+    ``export.threshold`` counts), lowered to what the run's own segmentation compares there (see
+    `dctstream.segment.floor`), so that the run's settings can always be applied again to the sparse scan."""
+    seed, low = threshold_maps(seg_cfg, sigma)
+    own = floor_tiles(seed, low, seg_cfg.grow_high, reach_tiles(seg_cfg.max_blob_size, tile_px))
+    cut = export_cfg.cut_sigma * sigma if export_cfg.threshold == "auto" else np.full(sigma.shape,
+                                                                                        float(export_cfg.threshold))
+    cut = np.minimum(cut, own)
+    return round_down_to_float32(np.where(cut > 0, cut, own))  # a noiseless tile keeps what is compared
 
 
 def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
@@ -213,7 +235,7 @@ class Pipeline:
         self.out_dir = Path(cfg.output.dir)
         self.overwrite = overwrite
         self.table: SpotTable | None = None
-        self.export: CorrectedFrameWriter | None = None
+        self.export: CorrectedFrameWriter | SparseScanWriter | None = None
         self.lock: outdir.OutputLock | None = None  # taken when the output appears, held until `end`
         self.keep_lock = False  # True: `run` leaves `end` to its caller (the runner writes the record first)
         self._source_id: str | None = None  # identity of frame 0, kept in checkpoints
@@ -226,6 +248,7 @@ class Pipeline:
         self._resume = checkpoint.load(self.out_dir) if self.resuming else None
         self._replay_until = -1  # frames up to this one are put back in the segmenter, not segmented again
         self._sigma: np.ndarray | None = None  # the noise of the first frames, per tile
+        self._cut_range: tuple[float, float] | None = None  # of the sparse scan's cut so far, counts
         self.noise: NoiseTracker | None = None
         self._floods_said = 0  # flood events already counted in the stats
         self._first_frames: list[tuple[int, np.ndarray, np.ndarray]] = []  # corrected frames held for the noise estimate
@@ -321,7 +344,7 @@ class Pipeline:
         first_window = detector.first_window
         resume = {}
         if self._resume:
-            if cfg.export.format != "none":
+            if cfg.export.format == "stack":
                 raise OutputError(f"{self.out_dir}: holds an unfinished run with export.format: {cfg.export.format}, "
                                   "whose corrected.h5 cannot be continued, expected a run without the export to "
                                   "resume; pass --overwrite to start again")
@@ -489,11 +512,26 @@ class Pipeline:
             else:
                 log.exception("writing the last difspots failed")
         finally:
-            if self.export is not None:
-                self.export.close()
-                self.stats.export_reduction = self.table.attrs["export_reduction"] = self.export.reduction
-            if self.table is not None:
-                self.table.close()
+            try:
+                if self.export is not None:
+                    self._close_export(raise_errors)
+            finally:  # the table is written whatever became of the export
+                if self.table is not None:
+                    self.table.close()
+
+    def _close_export(self, raise_errors: bool) -> None:
+        try:
+            self.export.close()
+        except DctStreamError as exc:
+            if raise_errors:
+                raise
+            log.warning("closing %s failed too: %s", self.export.path, exc)
+            return
+        self.stats.export_reduction = self.export.reduction
+        self.table.update_attrs({"export_reduction": self.export.reduction})
+        if isinstance(self.export, SparseScanWriter):
+            self.stats.sparse_fill_fraction = self.export.fill_fraction
+            self.stats.sparse_bytes_per_frame = self.export.bytes_per_frame
 
     def _join_seam(self) -> None:
         if self.table is None or not seam.full_turn(self._psi):
@@ -624,25 +662,25 @@ class Pipeline:
             seed, low = frame_maps(self.cfg.segmentation, sigma)
         self._note_noise(k, sigma, seed)
         if self._merge is None:
-            self._segment_in_order(k, frame, seed, low, measure)
+            self._segment_in_order(k, frame, seed, low, measure, sigma)
             return
         # a scan of passes: held as its pixels a spot can hold until the last pass has reached its psi
         low_tiles = np.broadcast_to(np.asarray(frame_thresholds(self.cfg.segmentation, sigma)[1], np.float64),
                                     sigma.shape)
         low_map = pixel_map(low_tiles, TILE_PX, frame.shape)
         low_map[self.segmenter.mask] = np.inf  # never segmented: not kept
-        for item in self._merge.put(k, frame, low_map, seed, low, measure):
+        for item in self._merge.put(k, frame, low_map, seed, low, measure, sigma):
             self._segment_in_order(*item)
         self._note_order()
 
-    def _segment_in_order(self, k: int, frame: np.ndarray, seed, low, measure) -> None:
+    def _segment_in_order(self, k: int, frame: np.ndarray, seed, low, measure, sigma) -> None:
         """Segment frame ``k`` (along psi), then write, export and checkpoint what it completes."""
         with self._timed("segment"):
             blobs = self.segmenter.push(k, frame, seed, low, measure)
         self._write(blobs)
         if self.export is not None:
             with self._timed("export"):
-                self.export.write(k, frame)
+                self._export(k, frame, measure, sigma)
         if self.frame_taps:
             with self._timed("taps"):
                 for tap in self.frame_taps:
@@ -652,6 +690,21 @@ class Pipeline:
         # saved by the writer, once the difspots before it are written; a scan of passes is never checkpointed
         if not self._finishing and self._merge is None and self._checkpointer.due(k):
             self._writer.submit(checkpoint.capture(self, k))
+
+    def _export(self, k: int, frame: np.ndarray, difference: np.ndarray, sigma: np.ndarray) -> None:
+        if not isinstance(self.export, SparseScanWriter):
+            self.export.write(k, frame)
+            return
+        cut = sparse_cut(self.cfg.export, self.cfg.segmentation, sigma, self.segmenter.params.tile_px)
+        self.export.write(k, frame, cut, sigma, self._psi[k] if self._psi and k < len(self._psi) else None,
+                          difference if self.segmenter.measured else None)
+        low, high = float(cut.min()), float(cut.max())
+        if self._cut_range is not None:
+            low, high = min(low, self._cut_range[0]), max(high, self._cut_range[1])
+        self._cut_range = (low, high)
+        how = f"{self.cfg.export.cut_sigma:g} x noise" if self.cfg.export.threshold == "auto" else \
+            f"{self.cfg.export.threshold:g} counts"
+        self.stats.sparse_cut = f"{how}, at most what the segmentation compares: {low:.4g}..{high:.4g} counts"
 
     def _note_noise(self, k: int, sigma: np.ndarray, seed) -> None:
         """The noise and thresholds of frame k, and any seed flood, for the status and the run record."""
@@ -725,13 +778,26 @@ class Pipeline:
                                  "seed_threshold_max": self.stats.seed_threshold[1],
                                  "noise_sigma_median": self.stats.noise_sigma,
                                  "direct_beam_bbox": str(list(self.stats.direct_beam or []))})
-        if self.cfg.export.format != "none":
-            raw_frame_bytes = int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize
-            self.export = CorrectedFrameWriter(self.out_dir / "corrected.h5", self.cfg.export, shape, mask,
-                                               params.maps(shape)[1], raw_frame_bytes, binning=detector.binning)
+        self._open_export(mask)
         held, self._first_frames = self._first_frames, []
         for item in held:
             self._segment_frame(*item)
+
+    def _open_export(self, mask: np.ndarray, resume: dict | None = None) -> None:
+        """The corrected-frame export, if any; ``resume``: a sparse writer's state from the checkpoint."""
+        cfg, detector = self.cfg.export, self.detector
+        if cfg.format == "none":
+            return
+        raw_frame_bytes = int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize
+        path = self.out_dir / "corrected.h5"
+        if cfg.format == "stack":
+            self.export = CorrectedFrameWriter(path, cfg, mask.shape, mask, raw_frame_bytes, binning=detector.binning)
+            return
+        self.export = SparseScanWriter(path, cfg, mask.shape, mask, self.segmenter.params.tile_px, raw_frame_bytes,
+                                       binning=detector.binning, binning_mode=self.cfg.detector.binning_mode,
+                                       angles=bool(self._psi) if resume is None else resume["angles"],
+                                       direct_beam=self.stats.direct_beam, unfiltered=self.segmenter.measured,
+                                       resume=resume)
 
     def _write(self, blobs) -> None:
         for blob in blobs:
@@ -799,6 +865,9 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         "low_tiles": arrays["seg_low_tiles"], "floods": arrays["seg_floods"],
     })
     pipeline._floods_said = len(pipeline.segmenter.floods)
+    if "export" in meta:
+        pipeline._open_export(mask, resume={**meta["export"], **{
+            key: arrays[f"export_{key}"] for key in SparseScanWriter.STATE_ARRAYS}})
     pipeline._lost_before = meta["stats"]["frames_missing"]
     pipeline._known_stand_ins = dict(zip(arrays["lost_frames"].tolist(), arrays["lost_stand_ins"]))
     pipeline._replay_until = meta["frame"]
@@ -813,6 +882,8 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     stats.noise_sigma_range = tuple(s["noise_sigma_range"]) if s["noise_sigma_range"] else None
     stats.noise_sigma_by_frame = s["noise_sigma_by_frame"]
     stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
+    stats.sparse_cut = s.get("sparse_cut")
+    pipeline._cut_range = tuple(s["cut_range"]) if s.get("cut_range") else None
     stats.normalise = bg.normalise_facts()
     stats.rejected = Counter(seg_meta["rejected"])
     stats.frames_read = meta["first_raw"]

@@ -94,9 +94,11 @@ def _joined(last: Blob, first: Blob, n: int) -> Blob:
                 total=last.integral + first.integral)
 
 
-def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, binning: int = 1) -> int:
+def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, binning: int = 1,
+                     blobs: dict[int, Blob] | None = None) -> int:
     """Join the spots across the seam of a full-turn scan of ``n`` frames, in the table and the difspot
-    files; ``psi_at(frame)`` gives psi. Returns how many pairs became one spot."""
+    files; ``psi_at(frame)`` gives psi. ``blobs``: the blobs by id, read instead of their files (``difspots``
+    None: there are none). Returns how many pairs became one spot."""
     columns = {name: values.copy() for name, values in table.columns().items()}
     if not len(columns.get("id", ())):
         return 0
@@ -105,9 +107,11 @@ def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, bi
     if not ends.size or not starts.size:
         return 0
     reach = binning if connectivity == 26 else 0
-    folder = difspots.folder
+    folder = difspots.folder if difspots is not None else None
 
     def load(i):
+        if blobs is not None:
+            return blobs[int(columns["id"][i])]
         return read_difspot(folder / f"{int(columns['id'][i]):06d}.h5", int(columns["id"][i]),
                             float(columns["integral"][i]))
 
@@ -131,7 +135,8 @@ def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, bi
             if not _touch(last, first, n, reach):
                 continue
             blob = _joined(last, first, n)
-            difspots.write(blob, volume=blob.volume)
+            if difspots is not None:
+                difspots.write(blob, volume=blob.volume)
             psi = psi_at(blob.centroid[0] % n) if PSI_COLUMN in columns else None
             row = spot_row(blob, psi)
             if "max_frame_acquired" in columns:  # the brighter part's
@@ -148,7 +153,7 @@ def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, bi
     keep = np.setdiff1d(np.arange(len(columns["id"])), dropped)
     table.restore({name: values[keep] for name, values in columns.items()})
     table.flush()
-    for j in dropped:  # only once the table no longer counts them
+    for j in dropped if folder is not None else ():  # only once the table no longer counts them
         (folder / f"{int(columns['id'][j]):06d}.h5").unlink(missing_ok=True)
     log.info("%d spots across 0/360 degrees joined into one each", joined)
     return joined

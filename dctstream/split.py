@@ -411,9 +411,13 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
     started_wall = time.time()
     started = time.monotonic()
     cfg, auto_found = resolve_auto(cfg)
-    if cfg.export.format != "none":
-        raise ConfigError(f"export.format: {cfg.export.format}: a scan split over workers writes no corrected.h5, "
-                          "expected none (run it in one process for the export)")
+    if cfg.export.format == "stack":
+        raise ConfigError("export.format: stack: a scan split over workers writes no corrected.h5, expected "
+                          "sparse (the default, not written by a split run) or none; run it in one process for "
+                          "the export")
+    if cfg.export.format == "sparse":
+        log.warning("export.format: sparse: a scan split over workers writes no sparse scan (corrected.h5) yet, "
+                    "so it cannot be resegmented or tuned; run it in one process for that")
     source = _open_recorded(cfg)
     n = source.n_frames
     source.close()

@@ -20,7 +20,7 @@ def test_report_of_stages_and_pipeline():
         assert r["bottleneck_frames_per_s"] is None or r["bottleneck_frames_per_s"] > 0
     p = report["pipeline"]
     assert p["frames"] == 51
-    assert set(p["stage_frames_per_s"]) == {"read", "background", "segment", "write"}
+    assert set(p["stage_frames_per_s"]) == {"read", "background", "segment", "write", "export"}
     # measured, not a formula: never less than the background stage holds back (a frame is corrected once half
     # a window after it is in), never more than that plus what the bounded queues between the threads hold
     assert p["latency_frames_background"] == 11 // 2 + 4 - 1
@@ -29,8 +29,11 @@ def test_report_of_stages_and_pipeline():
     assert p["difspots"] > 0 and p["peak_rss_gib"] > p["ring_gib"] > 0
     ms = p["stage_ms_per_frame"]
     assert set(ms) == set(p["stage_frames_per_s"]) and p["bound_by"] == max(ms, key=ms.get)
+    r = p["resegment"]  # the same settings from the sparse scan: the same difspots
+    assert r["frames"] == 51 and r["difspots"] == r["table_only_difspots"] == p["difspots"] and r["wall_s"] > 0
+    assert 0 < r["sparse_bytes_per_frame"] < r["raw_frame_bytes"] and 0 < r["sparse_fill_fraction"] < 1
     text = format_report(report)
-    assert "whole pipeline" in text and "running median" in text
+    assert "whole pipeline" in text and "running median" in text and "resegment from the sparse scan" in text
     bound = next(line for line in text.splitlines() if "bounds the rate" in line)
     assert bound.split()[:2] == [p["bound_by"], f"{ms[p['bound_by']]:.2f}"]
 

@@ -301,20 +301,21 @@ def test_exported_stack_reads_back_equal_to_the_corrected_frames(plain_scan, tmp
         assert h5["spots"].attrs["export_reduction"] == stats.export_reduction
 
 
-def test_exported_sparse_frames_are_the_pixels_above_threshold(plain_scan, tmp_path):
-    pipeline = Pipeline(config(plain_scan, tmp_path / "out", "export.format=sparse"))
+def test_exported_sparse_frames_are_the_pixels_at_or_above_each_frames_cut(plain_scan, tmp_path):
+    pipeline = Pipeline(config(plain_scan, tmp_path / "out"))  # the sparse scan is the default export
     stats = pipeline.run()
     out = tmp_path / "out"
     with h5py.File(out / "corrected.h5") as h5, h5py.File(out / "mask.h5") as m:
-        threshold = h5["sparse/threshold"][()]
+        cut, tile = h5["1.1/cut"][()], int(h5["1.1"].attrs["tile_px"])
         ignored = m["mask"][()].astype(bool) | m["direct_beam"][()].astype(bool)
     frames = read_corrected(out / "corrected.h5")
-    assert len(frames) == 120 and ignored.sum() > 0
-    for frame, (rows, cols, values) in zip(_reference_frames(plain_scan, pipeline), frames):
-        expected = np.nonzero((frame >= threshold) & ~ignored)
-        np.testing.assert_array_equal(rows, expected[0])
-        np.testing.assert_array_equal(cols, expected[1])
-        np.testing.assert_array_equal(values, frame[expected])
+    assert len(frames) == len(cut) == 120 and ignored.sum() > 0
+    for k, (frame, (rows, cols, values)) in enumerate(zip(_reference_frames(plain_scan, pipeline), frames)):
+        pixel_cut = np.repeat(np.repeat(cut[k], tile, 0), tile, 1)[:frame.shape[0], :frame.shape[1]]
+        expected = np.nonzero((frame >= pixel_cut) & ~ignored)
+        np.testing.assert_array_equal(rows, expected[0], err_msg=f"frame {k}")
+        np.testing.assert_array_equal(cols, expected[1], err_msg=f"frame {k}")
+        np.testing.assert_array_equal(values, frame[expected], err_msg=f"frame {k}")
     assert stats.export_reduction > 10
 
 

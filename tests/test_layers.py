@@ -24,7 +24,7 @@ LAYERS = [
     ("run state", {"checkpoint", "spool", "status", "record"}),
     ("pipeline", {"pipeline"}),
     ("front", {"", "__main__", "api", "runner", "results", "export", "dct_table", "bench", "campaign", "daemon",
-               "cli", "ewoks_tasks", "bliss_scans", "split"}),
+               "cli", "ewoks_tasks", "bliss_scans", "split", "resegment"}),
 ]
 
 

@@ -111,11 +111,11 @@ def test_pass_merge_hands_frames_on_in_psi_order_once_the_last_pass_covers_them(
         tracker.add(float(a))
         frame = np.zeros((4, 4), np.float32)
         frame[0, 0], frame[1, 1] = a + 1, 0.25  # the second pixel is below the threshold: dropped
-        for j, dense, _, _, measure in merge.put(k, frame, low, None, None, frame + 1):
+        for j, dense, _, _, measure, _ in merge.put(k, frame, low, None, None, frame + 1):
             assert measure[0, 0] == dense[0, 0] + 1 and measure[1, 1] == 0  # measured on the same pixels
             out.append(dense)
         behind.append(k + 1 - len(out))
-    out += [dense for _, dense, _, _, _ in merge.finish()]
+    out += [dense for _, dense, *_ in merge.finish()]
     got_psi = [float(f[0, 0]) - 1 for f in out]
     last_pass_up = (passes - 1) % 2 == 0 or make_order is interlaced
     assert got_psi == sorted(map(float, range(n)), reverse=not last_pass_up)

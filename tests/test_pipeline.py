@@ -150,7 +150,7 @@ def test_a_frame_lost_in_transit_is_replaced_by_the_background(small_scan, tmp_p
     assert stats.source_end == "series_end"
     table = read_spot_table(tmp_path / "out" / "spots.h5")
     assert len(table["id"]) == stats.difspots_written > 5
-    assert set(stats.stage_s) == {"read", "background", "segment", "write"}
+    assert set(stats.stage_s) == {"read", "background", "segment", "write", "export"}  # the sparse scan
 
 
 def test_faint_photon_counting_spots_over_a_counting_background(tmp_path):

@@ -21,8 +21,10 @@ distributed = pytest.importorskip("distributed")
 
 FRAMES, SIZE = 160, 64
 # max_blob_size 5 frames: a chunk's segmenter starts 28 frames before it, its edge is looked for over 18
+# no sparse scan: a split run does not write one (it says so), and the one-process run it is compared with
+# would record its size
 OVERRIDES = ["background.window=11", "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false",
-             "source.angles=auto", "dark.url=auto"]
+             "source.angles=auto", "dark.url=auto", "export.format=none"]
 EDGE = 80  # a chunk starts where a spot of several frames is brightest
 SEAM_SPOT, EDGE_SPOT = (9, 9), (50, 12)  # (y, x)
 
@@ -141,8 +143,8 @@ def test_cluster_options_need_split(tmp_path, capsys):
     assert "--split" in capsys.readouterr().err
 
 
-def test_export_refused_before_any_output(scan, tmp_path):
+def test_stack_export_refused_before_any_output(scan, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=r"export.format: sparse: .* expected none"):
-        split.run_split(_cfg(scan, out, "export.format=sparse"), None, 2)
+    with pytest.raises(ConfigError, match=r"export.format: stack: .* expected sparse .* or none"):
+        split.run_split(_cfg(scan, out, "export.format=stack"), None, 2)
     assert not out.exists()

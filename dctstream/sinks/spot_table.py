@@ -207,6 +207,11 @@ class SpotTable:
         self._with_psi = (PSI_COLUMN in columns) if n else None
         self._dirty = True
 
+    def update_attrs(self, values: dict) -> None:
+        """Set attributes of ``/spots``; the next flush writes them, rows changed or not."""
+        self.attrs.update(values)
+        self._dirty = True
+
     def flush(self) -> None:
         """Rewrite ``spots.h5`` with every row so far, unless nothing changed."""
         if not self._dirty:

@@ -1,0 +1,413 @@
+"""``dctstream resegment`` and ``dctstream tune``: segment a run again from its sparse corrected scan.
+
+A run writes its corrected frames above a low cut to ``OUT/corrected.h5``
+(``export.format: sparse``, see `dctstream.sinks.corrected`), with each
+frame's cut and its noise followed along psi. Each frame is rebuilt from it (0
+below the cut) and pushed through the same `Segmenter` with the seed and grow
+maps that this noise gives for the new parameters, as a full run would: the
+flood guard and the 0/360-degree seam join run as in a full run. For
+parameters whose every threshold is at or above the cut, at every frame and
+tile (see `dctstream.segment.floor`), the blobs, so the spot table, are those a
+full run with these parameters gives, the ``integral`` column aside: its tails
+sum the unclaimed voxels around a spot, and those below the cut are 0 here.
+Difspot files hold 0 where their box was below the cut. Parameters that would
+need a voxel below the cut are refused, naming the key, the frame and the cut.
+
+``tune`` runs several settings of one key over the sparse scan and reports,
+per setting, the difspots found, their sizes and lengths in psi, how many sit
+where the noise is high and how many the size filters reject, with the knee
+of the spots-per-setting curve as the suggested value.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import outdir, seam
+from ._version import __version__
+from .config import Config, config_to_dict, dump_config, load_config, replace_config
+from .detector import unbin_blob
+from .errors import ConfigError, InputError
+from .overlap import Worker
+from .pipeline import frame_maps, frame_thresholds, prepare_output, resolve_segmentation
+from .segment import SegmentParams, Segmenter
+from .segment.floor import floor_tiles, reach_tiles
+from .sinks import DifspotWriter, SparseScan, SpotTable, spot_row
+
+log = logging.getLogger(__name__)
+
+SPARSE_FILE = "corrected.h5"
+# Sections a resegmentation may change: the rest made the corrected frames, which the sparse scan holds.
+CHANGEABLE = ("segmentation", "quicklook")
+# A spot "sits where the noise is high" when its tile's noise is this many times the median.
+NOISY_FACTOR = 2.0
+# Closed difspots waiting for the writer thread; each is a few kB.
+WRITE_QUEUE_DEPTH = 256
+# Frames of resident segmenter pools a tune pass may hold, all settings together (about 2 GiB at 2048 x 2048).
+TUNE_POOL_FRAMES = 128
+# Frames whose thresholds are checked against the cut at once (a few MB of tile maps).
+CHECK_BLOCK_FRAMES = 256
+
+
+def run_config(run_dir: Path, overrides=()) -> Config:
+    """The run's configuration (``RUN_DIR/config.yml``) with ``overrides`` of the changeable sections."""
+    path = Path(run_dir) / "config.yml"
+    if not path.is_file():
+        raise InputError(f"{path}: no run configuration, expected the output folder of a dctstream run")
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key.split(".")[0] not in CHANGEABLE:
+            raise ConfigError(f"--set: {key}: cannot change in a resegmentation (the sparse scan holds the "
+                              f"corrected frames it made), expected a key of {' or '.join(CHANGEABLE)}")
+    return load_config(path, overrides)
+
+
+def open_scan(run_dir: Path) -> SparseScan:
+    scan = SparseScan(Path(run_dir) / SPARSE_FILE)
+    dtype = scan.h5.attrs.get("dtype", "float32")
+    if dtype != "float32" or not len(scan):
+        scan.close()
+        raise InputError(f"{scan.path}: " + (f"values stretched to {dtype}, expected export.dtype: float32 (exact "
+                                             "values) to segment again" if dtype != "float32" else
+                                             "no frame written yet, expected at least one"))
+    return scan
+
+
+def resolve(cfg: Config, scan: SparseScan) -> SegmentParams:
+    """The segmentation parameters as the run resolved them (on its first frames' noise), refused when any
+    frame's thresholds would need a voxel below its cut."""
+    params = resolve_segmentation(cfg.segmentation, scan.noise_sigma[0], scan.tile_px)
+    check_cut(cfg, params, scan)
+    return params
+
+
+def check_cut(cfg: Config, params: SegmentParams, scan: SparseScan) -> None:
+    """`ConfigError` naming the key, frame and tile where ``cfg``'s thresholds would go below the sparse cut."""
+    seg, n = cfg.segmentation, len(scan)
+    reach, reach_f = reach_tiles(params.max_size, params.tile_px), params.max_size[2]
+    ty, tx = scan.cut.shape[1:]
+    t = params.tile_px
+    # a tile of masked pixels only is never segmented: its cut keeps nothing, its thresholds say nothing
+    kept = np.pad(~scan.mask, ((0, ty * t - scan.mask.shape[0]), (0, tx * t - scan.mask.shape[1])))
+    kept = kept.reshape(ty, t, tx, t).any(axis=(1, 3))
+    for start in range(0, n, CHECK_BLOCK_FRAMES):
+        lo, hi = max(start - reach_f, 0), min(start + CHECK_BLOCK_FRAMES + reach_f, n)
+        seed, low = frame_thresholds(seg, scan.noise_sigma[lo:hi])
+        seed, low = (np.broadcast_to(np.asarray(m, np.float64), (hi - lo, ty, tx)) for m in (seed, low))
+        floor = floor_tiles(seed, low, seg.grow_high, reach, reach_f)
+        stop = min(start + CHECK_BLOCK_FRAMES, n)
+        part = slice(start - lo, stop - lo)
+        cut = scan.cut[start:stop].astype(np.float64)
+        short = (cut > floor[part]) & kept
+        if not short.any():
+            continue
+        k, y, x = np.unravel_index(np.argmax(np.where(short, cut / floor[part], -np.inf)), short.shape)
+        near = floor_tiles(seed, np.full_like(low, np.inf), None, reach, reach_f)[part][k, y, x]
+        limits = {"seed_sigma" if seg.seed_threshold == "auto" else "seed_threshold": near,
+                  "grow_low": low[part][k, y, x], "grow_high": np.inf if seg.grow_high is None else seg.grow_high}
+        key = min(limits, key=limits.get)
+        what = {"grow_low": " (auto: half the seed threshold)" if seg.grow_low == "auto" else "",
+                "grow_high": ""}.get(key, f" (the seed threshold within {list(params.max_size)} pixels, frames)")
+        raise ConfigError(f"segmentation.{key}: needs corrected values down to {floor[part][k, y, x]:.4g} counts"
+                          f"{what} at frame {start + k}, pixels y {y * t}..{(y + 1) * t - 1}, x {x * t}.."
+                          f"{(x + 1) * t - 1}, below the sparse scan's cut of {cut[k, y, x]:.4g} counts there "
+                          f"({scan.path}); expected settings at or above the cut, or a run with a lower "
+                          "export.cut_sigma")
+
+
+@dataclass
+class Outcome:
+    """One setting's result: its difspots' table rows and the segmenter's rejections and floods."""
+
+    rows: list[dict] = field(default_factory=list)
+    blobs: int = 0
+    rejected: dict = field(default_factory=dict)
+    floods: int = 0
+
+
+def _frames(scan: SparseScan):
+    """(k, frame, unfiltered or None): each frame rebuilt, 0 below the cut; one buffer each, only the last
+    frame's pixels cleared."""
+    frame = np.zeros(scan.frame_shape, np.float32)
+    measure = np.zeros(scan.frame_shape, np.float32) if scan.unfiltered else None
+    rows = cols = np.empty(0, np.intp)
+    for k, rows_k, cols_k, values, *unfiltered in scan.frames(unfiltered=scan.unfiltered):
+        frame[rows, cols] = 0
+        if measure is not None:
+            measure[rows, cols] = 0
+        rows, cols = rows_k.astype(np.intp), cols_k.astype(np.intp)
+        frame[rows, cols] = values
+        if measure is not None:
+            measure[rows, cols] = unfiltered[0]
+        yield k, frame, measure
+
+
+def _psi_at(psi, frame: float) -> float | None:
+    """psi at a fractional frame, as the pipeline gives a blob's (between the two frames around it)."""
+    if psi is None or not len(psi):
+        return None
+    i = max(min(int(frame), len(psi) - 2), 0)
+    return float(np.interp(frame, np.arange(i, i + 2)[:len(psi)], psi[i:i + 2]))
+
+
+def segment_scan(scan: SparseScan, settings: list[tuple[Config, SegmentParams]], on_blobs=None,
+                 on_frame=None, rows: bool = True) -> list[Outcome]:
+    """Segment the scan with each of ``settings`` in one pass; ``on_blobs(i, blobs)`` gets each setting's blobs
+    as they close, ``on_frame(k, frame)`` each rebuilt frame. The rows (unless not ``rows``: ``on_blobs``
+    writes them) are before any seam join."""
+    segmenters = [Segmenter(p, scan.frame_shape, scan.mask, measured=scan.unfiltered) for _, p in settings]
+    outcomes = [Outcome() for _ in settings]
+
+    def take(i, blobs):
+        outcomes[i].blobs += len(blobs)
+        for blob in blobs if rows else ():
+            outcomes[i].rows.append(spot_row(unbin_blob(blob, scan.binning, scan.binning_mode),
+                                             _psi_at(scan.psi, blob.centroid[0])))
+        if on_blobs is not None:
+            on_blobs(i, blobs)
+
+    for k, frame, measure in _frames(scan):
+        for i, ((cfg, _), seg) in enumerate(zip(settings, segmenters)):
+            take(i, seg.push(k, frame, *frame_maps(cfg.segmentation, scan.noise_sigma[k]), measure))
+        if on_frame is not None:
+            on_frame(k, frame)
+    for i, seg in enumerate(segmenters):
+        take(i, seg.finish())
+        outcomes[i].rejected = dict(seg.rejected)
+        outcomes[i].floods = len(seg.floods)
+    return outcomes
+
+
+class _RunView:
+    """What `QuickLook` reads from a pipeline: the spot table and the direct beam (no raw frames here)."""
+
+    def __init__(self, table, direct_beam, frames):
+        self.table = table
+        self.background = None
+        self.stats = type("Stats", (), {"direct_beam": direct_beam, "frames_total": frames})()
+
+
+def resegment(run_dir, overrides=(), out_dir=None, *, overwrite: bool = False, difspots: bool = True) -> dict:
+    """Segment the run in ``run_dir`` again with ``overrides``; writes spots.h5, difspots/ (unless not
+    ``difspots``: a file per difspot costs more than segmenting it) and quicklook/ to ``out_dir`` (default
+    ``RUN_DIR/resegmented``). Returns a summary."""
+    from .quicklook import QuickLook
+
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir, overrides)
+    with open_scan(run_dir) as scan:
+        params = resolve(cfg, scan)
+        out = Path(out_dir) if out_dir is not None else run_dir / "resegmented"
+        if out.resolve() == run_dir.resolve():
+            raise ConfigError(f"--out: {out} is the run's own folder, expected another one")
+        lock = prepare_output(out, overwrite)
+        done = False
+        try:
+            summary = _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook)
+            done = True
+            return summary
+        finally:
+            # as a run ends: an earlier result set aside by overwrite is dropped, or put back on a failure
+            (outdir.drop_previous if done else outdir.restore_previous)(out)
+            lock.release(remove=True)
+
+
+def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> dict:
+    cfg = replace_config(cfg, output={"dir": str(out)})
+    (out / "config.yml").write_text(dump_config(cfg))
+    table = SpotTable(out, {"config": dump_config(cfg), "version": __version__, "source": cfg.source.url,
+                            "resegmented_from": str(run_dir / SPARSE_FILE), "sparse_frames": len(scan)})
+    files = DifspotWriter(out) if difspots else None
+    quick = QuickLook(cfg.quicklook, out, _RunView(table, scan.direct_beam, len(scan))) \
+        if cfg.quicklook.enabled else None
+    n = len(scan)
+    psi = None if scan.psi is None else [float(v) for v in scan.psi]
+    turn = scan.finished and seam.full_turn(psi)
+    at_seam: dict[int, object] = {}  # without difspot files: the blobs a seam join may read
+
+    def write_one(item):  # in the writer thread, as a run writes them
+        blob, psi_deg = item
+        blob = unbin_blob(blob, scan.binning, scan.binning_mode)
+        if files is not None:
+            files.write(blob, volume=blob.volume)
+        elif turn and (blob.frame.min() == 0 or blob.frame.max() == n - 1):
+            at_seam[blob.id] = blob
+        table.add(blob, psi_deg)
+
+    writer = Worker(write_one, WRITE_QUEUE_DEPTH, name="dctstream-resegment-write")
+
+    def write(_, blobs):
+        for blob in blobs:
+            writer.submit((blob, _psi_at(psi, blob.centroid[0])))
+
+    joined = 0
+    try:
+        try:
+            outcome, = segment_scan(scan, [(cfg, params)], write, quick.on_corrected if quick is not None else None,
+                                    rows=False)
+        finally:
+            writer.close()
+        if turn:  # as a run of the whole scan joins them
+            joined = seam.join_across_seam(table, files, n, lambda c: seam.psi_at(psi, c),
+                                           params.connectivity, scan.binning,
+                                           blobs=at_seam if files is None else None)
+    finally:
+        table.close()
+    pictures = quick.finish() if quick is not None else []
+    return {"out_dir": str(out), "frames": n, "finished_scan": scan.finished,
+            "difspots": outcome.blobs - joined, "seam_joined": joined, "rejected": outcome.rejected,
+            "flood_frames": outcome.floods, "quicklook": pictures, "seconds": time.perf_counter() - start}
+
+
+# ---- tune ------------------------------------------------------------------------------------------
+
+
+def default_sweep(cfg: Config, scan: SparseScan) -> tuple[str, list[float]]:
+    """The key swept by default (seed_sigma, or seed_threshold when that is a number) and its values: from
+    the lowest the cut allows up to twice the run's value."""
+    seg = cfg.segmentation
+    if seg.seed_threshold == "auto":
+        key, value = "seed_sigma", seg.seed_sigma
+        low = float(np.median(scan.cut / scan.noise_sigma))
+        low *= 1.0 if seg.grow_low != "auto" else 2.0  # auto grow_low is half the seed threshold
+    else:
+        key, value = "seed_threshold", float(seg.seed_threshold)
+        low = float(np.max(scan.cut)) * (1.0 if seg.grow_low != "auto" else 2.0)
+    # rounded up: a lowest value rounded down could fall below the cut
+    values = np.unique(np.ceil(np.geomspace(max(low, value / 3), 2 * value, 13) * 100) / 100)
+    return key, [float(v) for v in values]
+
+
+def tune(run_dir, key: str | None = None, values=None, overrides=()) -> dict:
+    """Sweep ``segmentation.<key>`` over ``values`` on the run's sparse scan; rows of figures per value,
+    the values that need voxels below the cut listed apart, and the knee of spots per value."""
+    start = time.perf_counter()
+    cfg = run_config(Path(run_dir), overrides)
+    with open_scan(Path(run_dir)) as scan:
+        if key is None or values is None:
+            default_key, default_values = default_sweep(cfg, scan)
+            key = key or default_key
+            values = values if values is not None else default_values
+        settings, refused = [], []
+        for value in values:
+            try:
+                setting = replace_config(cfg, segmentation={key: value})
+                settings.append((value, setting, resolve(setting, scan)))
+            except ConfigError as exc:
+                refused.append((value, str(exc)))
+        if not settings:
+            raise ConfigError(f"segmentation.{key}: every value swept needs voxels below the sparse scan's cut "
+                              f"({refused[0][1] if refused else 'no values'})")
+        reach = max(p.max_size[2] for _, _, p in settings)
+        per_pass = max(1, TUNE_POOL_FRAMES // (2 * reach + 4))
+        outcomes = []
+        for i in range(0, len(settings), per_pass):
+            outcomes += segment_scan(scan, [(c, p) for _, c, p in settings[i:i + per_pass]])
+        sigma = scan.noise_sigma
+        noisy = sigma > NOISY_FACTOR * np.median(sigma)
+        rows = [_figures(value, outcome, noisy, scan.binning * scan.tile_px)
+                for (value, _, _), outcome in zip(settings, outcomes)]
+        knee = knee_index([r["value"] for r in rows], [r["spots"] for r in rows])
+        return {"key": key, "rows": rows, "refused": refused, "knee": knee, "frames": len(scan),
+                "finished_scan": scan.finished, "outcomes": outcomes, "seconds": time.perf_counter() - start,
+                "config": config_to_dict(cfg)}
+
+
+def _figures(value, outcome: Outcome, noisy, tile_px: int) -> dict:
+    """``noisy``: (frames, tiles_y, tiles_x) whether a tile of a frame is noisy; tiles of ``tile_px`` detector
+    pixels."""
+    rows = outcome.rows
+    area = np.array([r["area"] for r in rows])
+    frames = np.array([r["end_frame"] - r["start_frame"] + 1 for r in rows])
+    where = np.array([(r["max_frame"], int(r["centroid_y"]) // tile_px, int(r["centroid_x"]) // tile_px)
+                      for r in rows], np.int64).reshape(-1, 3)
+    return {"value": value, "spots": len(rows),
+            "median_area": float(np.median(area)) if len(rows) else 0.0,
+            "median_frames": float(np.median(frames)) if len(rows) else 0.0,
+            "noisy": int(noisy[where[:, 0], where[:, 1], where[:, 2]].sum()) if len(rows) else 0,
+            "floods": outcome.floods,
+            "too_small": outcome.rejected.get("too_small", 0), "too_large": outcome.rejected.get("too_large", 0),
+            "seed_min_voxels": outcome.rejected.get("seed_min_voxels", 0)}
+
+
+def knee_index(x, y) -> int | None:
+    """The knee of a decreasing, convex curve (spots against threshold): the point farthest below the chord
+    from its first to its last point, both axes scaled to [0, 1] (the "kneedle" rule)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    xn, yn = (x - x[0]) / (x[-1] - x[0]), (y - y.min()) / np.ptp(y)
+    below = yn[0] + (yn[-1] - yn[0]) * xn - yn
+    i = int(np.argmax(below))
+    return i if below[i] > 0 else None
+
+
+def format_tune(result: dict, run_dir) -> str:
+    key, rows, knee = result["key"], result["rows"], result["knee"]
+    state = "" if result["finished_scan"] else " (scan still being written: the frames so far)"
+    lines = [f"segmentation.{key} swept over {len(rows)} values on the sparse scan of {result['frames']} "
+             f"frames{state}, in {result['seconds']:.1f} s", "",
+             f"{key:>14s} {'spots':>7s} {'median px':>9s} {'median ψ':>9s} {'noisy':>6s} {'too small':>9s} "
+             f"{'too large':>9s} {'few seeds':>9s} {'floods':>6s}"]
+    for i, r in enumerate(rows):
+        lines.append(f"{r['value']:14.4g} {r['spots']:7d} {r['median_area']:9.0f} {r['median_frames']:9.1f} "
+                     f"{r['noisy']:6d} {r['too_small']:9d} {r['too_large']:9d} {r['seed_min_voxels']:9d} {r['floods']:6d}"
+                     + ("  <- knee" if i == knee else ""))
+    for value, why in result["refused"]:
+        lines.append(f"{value:14.4g} refused: {why}")
+    if knee is not None:
+        value = rows[knee]["value"]
+        lines += ["", f"suggested: segmentation.{key}={value:g}; apply it with",
+                  f"  dctstream resegment {run_dir} --set segmentation.{key}={value:g}"]
+    else:
+        lines += ["", "no knee in the curve: widen the range (--values)"]
+    return "\n".join(lines)
+
+
+def draw_tune(result: dict):
+    """A PNG picture of spots per setting, the knee marked: PIL only, as the quick-look pictures."""
+    from PIL import Image, ImageDraw
+
+    from .quicklook import BACKGROUND_COLOUR, BAR_COLOUR, BEAM_COLOUR, SPOT_COLOUR, TEXT_COLOUR, _font
+
+    rows, knee, key = result["rows"], result["knee"], result["key"]
+    w, h, left, right, top, bottom = 720, 420, 70, 20, 40, 50
+    image = Image.new("RGB", (w, h), BACKGROUND_COLOUR)
+    draw = ImageDraw.Draw(image)
+    font = _font(14)
+    x = np.array([r["value"] for r in rows], np.float64)
+    series = {"spots": (np.array([r["spots"] for r in rows], np.float64), BAR_COLOUR),
+              "rejected by size": (np.array([r["too_small"] + r["too_large"] for r in rows], np.float64),
+                                   BEAM_COLOUR)}
+    y_max = max(max(v.max() for v, _ in series.values()), 1.0)
+
+    def px(xv, yv):
+        span = max(x[-1] - x[0], 1e-12)
+        return left + (xv - x[0]) / span * (w - left - right), h - bottom - yv / y_max * (h - top - bottom)
+
+    draw.line([px(x[0], 0), px(x[-1], 0)], fill=TEXT_COLOUR)
+    draw.line([px(x[0], 0), px(x[0], y_max)], fill=TEXT_COLOUR)
+    for name, (y, colour) in series.items():
+        points = [px(a, b) for a, b in zip(x, y)]
+        draw.line(points, fill=colour, width=2)
+        for p in points:
+            draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+    if knee is not None:
+        kx = px(x[knee], 0)[0]
+        draw.line([(kx, top), (kx, h - bottom)], fill=SPOT_COLOUR, width=2)
+        draw.text((kx + 4, top), f"knee: {key} = {x[knee]:g} ({rows[knee]['spots']} spots)", fill=SPOT_COLOUR,
+                  font=font)
+    for v in (x[0], x[len(x) // 2], x[-1]):
+        draw.text((px(v, 0)[0] - 10, h - bottom + 6), f"{v:g}", fill=TEXT_COLOUR, font=font)
+    draw.text((6, top - 4), f"{y_max:.0f}", fill=TEXT_COLOUR, font=font)
+    draw.text((6, h - bottom - 10), "0", fill=TEXT_COLOUR, font=font)
+    draw.text((w // 2 - 60, h - 22), f"segmentation.{key}", fill=TEXT_COLOUR, font=font)
+    draw.text((left, 10), "difspots found (blue) and rejected by the size filters (red)", fill=TEXT_COLOUR,
+              font=font)
+    return image
