@@ -67,6 +67,8 @@ class SourceConfig:
     idle_timeout_s: float = 60.0  # ... or once the source has been silent this long
     poll_interval_s: float = 0.5  # how often a file or folder is checked when notifications fail
     missing: str = "error"  # a frame missing from a stream: error | repeat-background
+    order: str = "auto"  # frames out of psi order: auto | psi (recorded: read sorted) | arrival (see dctstream.order)
+    interlaced_turns: int | None = None  # turns after the first (DCT's parameter); a live scan of passes needs it
 
 
 @dataclass(frozen=True)
@@ -427,6 +429,8 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "idle_timeout_s": _positive,
         "poll_interval_s": _positive,
         "missing": _one_of("error", "repeat-background"),
+        "order": _one_of("auto", "psi", "arrival"),
+        "interlaced_turns": _or(None, _int_at_least(0)),
     },
     "dark": {"url": _or(None, _parse_text), "value": _or(None, _parse_number),
              "estimate": _parse_bool, "estimate_frames": _int_at_least(1)},

@@ -24,10 +24,12 @@ from .config import Config, dump_config
 from .detector import Detector
 from .direct_beam import beam_mask
 from .errors import ConfigError, DctStreamError, InputError, OutputError
+from .order import PassMerge, PassTracker, arrange, frames_text
 from .overlap import Prefetch, Worker
 from .resources import check_memory
 from .segment import SegmentParams, Segmenter
 from .segment.floor import floor_tiles, reach_tiles, round_down_to_float32
+from .segment.segmenter import pixel_map
 from .segment.noise import TILE_PX, NoiseTracker
 from .sinks import CorrectedFrameWriter, DifspotWriter, SparseScanWriter, SpotTable
 from .sources import COMPLETE_ENDS, check_source, open_source
@@ -90,6 +92,9 @@ class Stats:
     sparse_bytes_per_frame: float | None = None  # bytes of OUT/corrected.h5 per frame (sparse)
     frames_expected: int | None = None  # what the scan announced (expected_frames, a stream's header, the file)
     incomplete: str | None = None  # why the scan is not whole (the source went quiet, vanished, ...), or None
+    # how frames were placed in psi (dctstream.order): mode psi | passes | arrival, passes, frames held back
+    # (the latency in frames), frames that came out of psi order; None: they came in psi order
+    frame_order: dict | None = None
     started_s: float = field(default_factory=time.monotonic)
 
     def __post_init__(self):
@@ -268,7 +273,17 @@ class Pipeline:
         self._segmenting: Worker | None = None
         # a source object: bench --soak, segment(), tests
         self.source = check_source(open_source(cfg.source) if source is None else source)
+        # frames out of psi order: a recorded file read sorted, or passes segmented across (dctstream.order)
+        self._passes: int | None = None
+        self._tracker: PassTracker | None = None
+        self._merge: PassMerge | None = None
+        self._pass_offset = 0  # acquisition index of the current pass's first frame (its background's frame 0)
+        self._backward: list[int] = []  # frames of a scan in arrival order that went back in psi
+        self._direction = 0.0  # of psi over such a scan, once it has moved
         try:
+            self.source, self._passes, self.stats.frame_order = arrange(self.source, cfg.source)
+            if self._passes:  # never checkpointed: a killed run starts again from its first frame
+                self._tracker = PassTracker()
             if self._resume and hasattr(self.source, "read_frame"):  # a recorded file: is it the same scan?
                 checkpoint.check_identity(self.source.read_frame(0), self._resume[0].get("source_id"),
                                           self.source, self.out_dir)
@@ -336,10 +351,12 @@ class Pipeline:
             resume = checkpoint.resume_background(self._resume, bbox)
             checkpoint.restore_detector(detector, *self._resume)
             first_window = None  # the first run's dark and mask, not estimated again mid-scan
-        self.background = BackgroundStage(cfg.background, frame_shape=detector.shape, dtype=detector.dtype,
+        self._stage_args = dict(frame_shape=detector.shape, dtype=detector.dtype,
+                                beam_margin_px=-(-cfg.direct_beam.margin_px // detector.binning),
+                                filter_size=cfg.filter.median_size)
+        self.background = BackgroundStage(cfg.background, **self._stage_args,
                                           dark=detector.dark, direct_beam=resume.get("direct_beam", bbox),
-                                          beam_margin_px=-(-cfg.direct_beam.margin_px // detector.binning),
-                                          filter_size=cfg.filter.median_size, gain=detector.gain,
+                                          gain=detector.gain,
                                           pixel_mask=detector.mask, first_window=first_window,
                                           **resume.get("stage", {}))
         # only now, with the frames' shape checked against the dark and the beam box, does output appear
@@ -373,7 +390,9 @@ class Pipeline:
             try:
                 for frame in reader:
                     self.stats.backlog_frames = reader.backlog
-                    if frame.psi_deg is None:
+                    if self._tracker is not None:
+                        self._place(frame)
+                    elif frame.psi_deg is None:
                         if self._psi:  # rows with a psi are written already: the table cannot drop it now
                             raise InputError(f"source.angles: frame {frame.index}: no rotation angle, expected "
                                              f"one per frame as frames 0 to {len(self._psi) - 1} had (the "
@@ -381,6 +400,7 @@ class Pipeline:
                         self._psi = None
                     elif self._psi is not None:
                         self._psi.append(frame.psi_deg)
+                        self._check_order(frame)
                     self._segment(self._push(frame))
                     if progress is not None:
                         progress(self.stats)
@@ -393,10 +413,17 @@ class Pipeline:
                 self._close_segmenting()
                 if self._first_frames:  # a scan of fewer corrected frames than the noise estimate takes
                     self._start_segmenter()
+                if self._merge is not None:
+                    for item in self._merge.finish():
+                        self._segment_in_order(*item)
+                    self._note_order()
                 if self.segmenter is not None:
                     with self._timed("segment"):
                         blobs = self.segmenter.finish()
                     self._write(blobs)
+                if len(self._backward) > 1:
+                    log.warning("%s came back in psi (out of psi order): processed in arrival order",
+                                frames_text(self._backward))
                 done = True
             except KeyboardInterrupt as exc:
                 failure, outcome = exc, "stopped"
@@ -564,9 +591,56 @@ class Pipeline:
     def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
         """Hand the corrected frames to the segmenting thread, one at a time: the background stage makes
         each on demand."""
-        for item in self._timed_items("background", corrected):
+        for k, *frames in self._timed_items("background", corrected):
             self.stats.frames_corrected += 1
-            self._segmenting.submit(item)
+            self._segmenting.submit((self._pass_offset + k, *frames))
+
+    def _place(self, frame) -> None:
+        """A frame of a scan of passes: a new pass gets a background of its own."""
+        if frame.psi_deg is None:
+            raise InputError(f"frame {frame.index}: no angle, expected one for every frame of a scan of passes "
+                             "(source.interlaced_turns, or passes recognised in source.angles)")
+        if self._tracker.add(frame.psi_deg) and self.background is not None:
+            self._segment(self.background.finish())
+            self._pass_offset = self._tracker.starts[-1]
+            previous = self.background
+            self.background = BackgroundStage(self.cfg.background, **self._stage_args, dark=previous.dark,
+                                              gain=previous.gain, pixel_mask=previous.pixel_mask,
+                                              direct_beam=previous.direct_beam or "none")
+            log.info("frame %d: pass %d begins at psi %g", frame.index, len(self._tracker.starts), frame.psi_deg)
+
+    def _check_order(self, frame) -> None:
+        """A frame of a scan processed in arrival order that goes back in psi is said."""
+        psi = self._psi
+        step = np.sign(psi[-1] - psi[-2]) if len(psi) > 1 else 0.0
+        if step == 0:
+            return
+        if self._direction == 0:
+            self._direction = step
+        elif step != self._direction:
+            self._backward.append(frame.index)
+            if len(self._backward) == 1:
+                log.warning("frame %d: psi goes back from %g to %g degrees (frames out of psi order): processed "
+                            "in arrival order, so spots across it may be split; a scan of interlaced turns or "
+                            "back-and-forth passes needs source.interlaced_turns", frame.index, psi[-2], psi[-1])
+            self.stats.frame_order = {"mode": "arrival", "frames_back": self._backward[:FLOOD_FRAMES_LISTED],
+                                      "frames_back_total": len(self._backward)}
+
+    def _note_order(self) -> None:
+        """How far the segmentation is behind the frames corrected, for the status and the run record."""
+        merge = self._merge
+        facts = dict(self.stats.frame_order or {})
+        facts.update({"passes_seen": len(self._tracker.starts), "frames_behind": merge.held,
+                      "most_frames_behind": merge.most_held, "held_pixels": merge.held_pixels,
+                      "most_held_pixels": merge.most_held_pixels})
+        if merge.disorder:
+            if "out_of_order" not in facts:
+                log.warning("frame %d: came after the frames beside it in psi were segmented (a pass more than "
+                            "source.interlaced_turns says, or one out of order): segmented where it came",
+                            merge.disorder[0])
+            facts["out_of_order"] = merge.disorder[:FLOOD_FRAMES_LISTED]
+            facts["out_of_order_total"] = len(merge.disorder)
+        self.stats.frame_order = facts
 
     def _take_corrected(self, item: tuple[int, np.ndarray, np.ndarray]) -> None:
         """Runs in the segmenting thread."""
@@ -586,19 +660,35 @@ class Pipeline:
         with self._timed("segment"):
             sigma = self.noise.push(k, frame)
             seed, low = frame_maps(self.cfg.segmentation, sigma)
-            blobs = self.segmenter.push(k, frame, seed, low, measure)
         self._note_noise(k, sigma, seed)
+        if self._merge is None:
+            self._segment_in_order(k, frame, seed, low, measure, sigma)
+            return
+        # a scan of passes: held as its pixels a spot can hold until the last pass has reached its psi
+        low_tiles = np.broadcast_to(np.asarray(frame_thresholds(self.cfg.segmentation, sigma)[1], np.float64),
+                                    sigma.shape)
+        low_map = pixel_map(low_tiles, TILE_PX, frame.shape)
+        low_map[self.segmenter.mask] = np.inf  # never segmented: not kept
+        for item in self._merge.put(k, frame, low_map, seed, low, measure, sigma):
+            self._segment_in_order(*item)
+        self._note_order()
+
+    def _segment_in_order(self, k: int, frame: np.ndarray, seed, low, measure, sigma) -> None:
+        """Segment frame ``k`` (along psi), then write, export and checkpoint what it completes."""
+        with self._timed("segment"):
+            blobs = self.segmenter.push(k, frame, seed, low, measure)
         self._write(blobs)
         if self.export is not None:
             with self._timed("export"):
-                self._export(k, frame, difference, sigma)
+                self._export(k, frame, measure, sigma)
         if self.frame_taps:
             with self._timed("taps"):
                 for tap in self.frame_taps:
                     tap.on_corrected(k, frame)
         self.stats.frames_segmented += 1
         crash_point("frame")
-        if not self._finishing and self._checkpointer.due(k):  # saved by the writer, once the difspots before it are written
+        # saved by the writer, once the difspots before it are written; a scan of passes is never checkpointed
+        if not self._finishing and self._merge is None and self._checkpointer.due(k):
             self._writer.submit(checkpoint.capture(self, k))
 
     def _export(self, k: int, frame: np.ndarray, difference: np.ndarray, sigma: np.ndarray) -> None:
@@ -681,6 +771,9 @@ class Pipeline:
         log.info("direct beam %s, noise %.3g counts (median), seed threshold %.4g..%.4g counts",
                  self.stats.direct_beam, self.stats.noise_sigma, *self.stats.seed_threshold)
         self.segmenter = Segmenter(params, shape, mask, measured=self.background.filter_size > 1)
+        if self._tracker is not None:
+            self._merge = PassMerge(self._tracker, self._passes, shape)
+            self._psi = self._merge.psi  # psi of the frames as segmented
         self.table.attrs.update({"seed_threshold_min": self.stats.seed_threshold[0],
                                  "seed_threshold_max": self.stats.seed_threshold[1],
                                  "noise_sigma_median": self.stats.noise_sigma,
@@ -708,10 +801,17 @@ class Pipeline:
 
     def _write(self, blobs) -> None:
         for blob in blobs:
-            self._writer.submit((blob, self._psi_at(blob.centroid[0])))
+            self._writer.submit((blob, self._psi_at(blob.centroid[0]), self._acquired(blob.max_index[0])))
         self.stats.write_backlog = self._writer.backlog if self._writer is not None else 0
         if self.segmenter is not None:
             self.stats.rejected = Counter(self.segmenter.rejected)
+
+    def _acquired(self, k: int) -> int | None:
+        """The acquisition index of frame ``k`` as segmented (None: the same)."""
+        if self._merge is not None:
+            return self._merge.acquired[k]
+        acquired = getattr(self.source, "acquired", None)
+        return None if acquired is None else acquired(k)
 
     def _psi_at(self, frame: float) -> float | None:
         """Runs in the segmenting thread; the main thread appends to ``_psi`` (never shortens it once it holds
@@ -729,11 +829,11 @@ class Pipeline:
             with self._timed("write"):
                 item.save(self)
             return
-        blob, psi = item
+        blob, psi, acquired = item
         blob = self.detector.unbin_blob(blob)
         with self._timed("write"):
             self._unsynced.append(self.difspots.write(blob, volume=blob.volume))
-            row = self.table.add(blob, psi)
+            row = self.table.add(blob, psi, acquired)
             self.stats.difspots_written += 1
             for tap in self.blob_taps:
                 tap(blob, row)

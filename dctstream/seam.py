@@ -139,6 +139,8 @@ def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, bi
                 difspots.write(blob, volume=blob.volume)
             psi = psi_at(blob.centroid[0] % n) if PSI_COLUMN in columns else None
             row = spot_row(blob, psi)
+            if "max_frame_acquired" in columns:  # the brighter part's
+                row["max_frame_acquired"] = columns["max_frame_acquired"][i if last.max_value >= first.max_value else j]
             row["centroid_frame"] = row["centroid_frame"] % n
             for name in columns:
                 columns[name][i] = row[name]

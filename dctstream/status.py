@@ -207,7 +207,7 @@ class ScanMonitor:
         snap.update(self._pipeline_state())
         source = getattr(self._pipeline, "source", None)
         # a recorded file is read as fast as it is processed: its "acquisition" rate is a reading rate
-        snap["live"] = not isinstance(source, Hdf5FileSource)
+        snap["live"] = not isinstance(getattr(source, "source", source), Hdf5FileSource)  # also read in psi order
         waiting = getattr(source, "waiting_for", None)
         if waiting and not s.get("frames_read"):
             snap["waiting_for"] = waiting

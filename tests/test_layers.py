@@ -19,7 +19,7 @@ LAYERS = [
     ("base", {"errors", "types", "_version", "_numba_cache", "atomic", "ring", "overlap", "direct_beam", "configs"}),
     ("kernels", {"background._kernels", "background.kernels", "segment._kernels", "segment.noise"}),
     ("config", {"config", "resources", "outdir"}),
-    ("stages", {"sources", "background", "segment", "detector", "distortion"}),
+    ("stages", {"sources", "background", "segment", "detector", "distortion", "order"}),
     ("sinks", {"sinks", "seam", "quicklook"}),
     ("run state", {"checkpoint", "spool", "status", "record"}),
     ("pipeline", {"pipeline"}),

@@ -53,6 +53,7 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "start_frame": (np.int64, "first frame of the bounding box, 0-based absolute"),
     "end_frame": (np.int64, "last frame of the bounding box (inclusive), 0-based absolute"),
     "max_frame": (np.int64, "frame of the seed maximum, 0-based absolute"),
+    "max_frame_acquired": (np.int64, "acquisition index of max_frame (frames count along psi, see source.order)"),
     "area": (np.int64, "number of voxels"),
     "integral": (np.float64, "integrated intensity: the voxels and their tails below the growth threshold"),
     "max_value": (np.float64, "corrected value at the seed maximum"),
@@ -78,8 +79,9 @@ PSI_COLUMN = "centroid_psi_deg"
 _ATTR_TYPES = (str, bytes, int, float, bool, np.generic)
 
 
-def spot_row(blob: Blob, psi_deg: float | None = None) -> dict:
-    """One table row for ``blob``: bounding box and centroid, 0-based absolute."""
+def spot_row(blob: Blob, psi_deg: float | None = None, acquired: int | None = None) -> dict:
+    """One table row for ``blob``: bounding box and centroid, 0-based absolute; ``acquired``: the acquisition
+    index of its max_frame when frames were not processed in their arrival order."""
     f0, y0, x0, f1, y1, x1 = blob.bbox
     cf, cy, cx = blob.centroid
     row = {
@@ -87,6 +89,7 @@ def spot_row(blob: Blob, psi_deg: float | None = None) -> dict:
         "start_frame": f0,
         "end_frame": f1,
         "max_frame": int(blob.max_index[0]),
+        "max_frame_acquired": int(blob.max_index[0]) if acquired is None else int(acquired),
         "area": blob.area,
         "integral": blob.integral,
         "max_value": float(blob.max_value),
@@ -161,7 +164,7 @@ class SpotTable:
         values = self._data.get(name)
         return np.empty(0) if values is None else values[:n].copy()
 
-    def add(self, blob: Blob, psi_deg: float | None = None) -> dict:
+    def add(self, blob: Blob, psi_deg: float | None = None, acquired: int | None = None) -> dict:
         """Append the row of ``blob`` and return it; every row must have a psi, or none."""
         with_psi = psi_deg is not None
         if self._with_psi is not None and with_psi != self._with_psi:
@@ -170,7 +173,7 @@ class SpotTable:
                 f"{'a' if self._with_psi else 'no'} psi like the previous rows, "
                 f"got {'one' if with_psi else 'none'}"
             )
-        row = spot_row(blob, psi_deg)
+        row = spot_row(blob, psi_deg, acquired)
         if self.distortion is not None:
             xc, yc = self.distortion.correct(row["centroid_x"], row["centroid_y"])
             row["centroid_x_corrected"], row["centroid_y_corrected"] = float(xc[0]), float(yc[0])

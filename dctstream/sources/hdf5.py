@@ -227,22 +227,14 @@ def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
 
 
 def check_angles(psi: np.ndarray, url: str) -> np.ndarray:
-    """``psi`` (degrees, one per frame) if every angle is finite; a rotation that turns back is only logged.
+    """``psi`` (degrees, one per frame) if every angle is finite.
 
-    A DCT scan turns one way; angles that do not are kept as recorded (each
-    difspot's psi is read between the two frames around its centroid) and a
-    warning names the first frame where the direction changes.
+    Angles out of order are the pipeline's to place (`dctstream.order`).
     """
     bad = np.flatnonzero(~np.isfinite(psi))
     if bad.size:
         raise InputError(f"source.angles: {url}: frame {bad[0]}: expected a finite angle in degrees, "
                          f"got {psi[bad[0]]}")
-    steps = np.sign(np.diff(psi))
-    steps = steps[steps != 0]
-    if steps.size and np.any(steps != steps[0]):
-        turn = int(np.flatnonzero(np.sign(np.diff(psi)) == -steps[0])[0]) + 1
-        log.warning("source.angles: %s: angles are not monotonic (frame %d goes back from %g to %g degrees): "
-                    "kept as recorded", url, turn, psi[turn - 1], psi[turn])
     span = float(np.ptp(psi)) if psi.size else 0.0
     if psi.size >= 20 and 0.9 * np.pi <= span <= 2.05 * np.pi and np.max(np.abs(psi)) <= 2.05 * np.pi:
         log.warning("source.angles: %s: the angles span %.4g over %d frames, like radians (a turn is 6.283), "
