@@ -153,49 +153,17 @@ def test_a_frame_lost_in_transit_is_replaced_by_the_background(small_scan, tmp_p
     assert set(stats.stage_s) == {"read", "background", "segment", "write", "export"}  # the sparse scan
 
 
-def test_faint_photon_counting_spots_over_a_counting_background(tmp_path):
-    """Spots of 8 counts at their peak over a background of 0.3 counts/px: counting statistics, not a floor
-    of 1 count (6-count seeds), set the threshold: every spot found, nothing else."""
-    rng = np.random.default_rng(4)
+def _photon_counting_run(tmp_path, rng, truth, rate, sigma_px):
+    """A uint32 scan of 80 frames of 96 x 96 px, Poisson counts: ``rate`` per pixel plus spots at ``truth``'s
+    (x, y, frame, peak), ``sigma_px`` wide and a frame long, run at default settings (window 31). Returns
+    the run's stats and each found spot's distance to each true one (x, y, frame)."""
     n, ny, nx = 80, 96, 96
-    truth = np.array([(rng.uniform(8, 88), rng.uniform(8, 88), rng.uniform(8, 72)) for _ in range(12)])
     y, x = np.mgrid[0:ny, 0:nx]
     frames = np.empty((n, ny, nx), np.uint32)
     for k in range(n):
-        lam = np.full((ny, nx), 0.3)
-        for sx, sy, sf in truth:
-            lam += 8.0 * np.exp(-((x - sx) ** 2 + (y - sy) ** 2) / (2 * 1.3 ** 2) - (k - sf) ** 2 / 2)
-        frames[k] = rng.poisson(lam)
-    path = tmp_path / "eiger.h5"
-    with h5py.File(path, "w") as f:
-        f["/1.1/measurement/eiger"] = frames
-        f["/1.1/measurement/diffrz"] = np.arange(n) * 0.5
-        f["/1.1/end_time"] = "2024-01-01T10:00:00"
-    cfg = load_config(None, [f"source.url={path}::/1.1/measurement/eiger",
-                             f"source.angles={path}::/1.1/measurement/diffrz",
-                             f"output.dir={tmp_path / 'out'}", "background.window=31"])
-    Pipeline(cfg).run()
-    spots = read_spot_table(tmp_path / "out" / "spots.h5")
-    found = np.stack([spots["centroid_x"], spots["centroid_y"], spots["centroid_frame"]], axis=1)
-    distance = np.linalg.norm(found[:, None] - truth[None], axis=2)
-    assert (distance.min(axis=1) < 2.0).all()  # precision 1
-    assert (distance.min(axis=0) < 2.0).sum() >= 11  # recall >= 11 of 12
-
-
-def test_photon_counting_scan_at_default_settings(tmp_path):
-    """A photon-counting detector: uint32, almost every pixel 0, Poisson spots of 30-200 counts, no beam.
-    The defaults find every spot and nothing else: no beam box, no normalisation (nothing lit to measure
-    it on, said in the record), the noise at its floor of half a count (INTEGER_NOISE_FLOOR)."""
-    rng = np.random.default_rng(0)
-    n, ny, nx = 80, 96, 96
-    truth = np.array([(rng.uniform(8, 88), rng.uniform(8, 88), rng.uniform(5, 75), rng.uniform(30, 200))
-                      for _ in range(15)])
-    y, x = np.mgrid[0:ny, 0:nx]
-    frames = np.empty((n, ny, nx), np.uint32)
-    for k in range(n):
-        lam = np.full((ny, nx), 0.04)
+        lam = np.full((ny, nx), rate)
         for sx, sy, sf, peak in truth:
-            lam += peak * np.exp(-((x - sx) ** 2 + (y - sy) ** 2) / (2 * 1.5 ** 2) - (k - sf) ** 2 / 2)
+            lam += peak * np.exp(-((x - sx) ** 2 + (y - sy) ** 2) / (2 * sigma_px ** 2) - (k - sf) ** 2 / 2)
         frames[k] = rng.poisson(lam)
     path = tmp_path / "eiger.h5"
     with h5py.File(path, "w") as f:
@@ -208,7 +176,27 @@ def test_photon_counting_scan_at_default_settings(tmp_path):
     stats = Pipeline(cfg).run()
     spots = read_spot_table(tmp_path / "out" / "spots.h5")
     found = np.stack([spots["centroid_x"], spots["centroid_y"], spots["centroid_frame"]], axis=1)
-    distance = np.linalg.norm(found[:, None] - truth[None, :, :3], axis=2)
+    return stats, np.linalg.norm(found[:, None] - truth[None, :, :3], axis=2)
+
+
+def test_faint_photon_counting_spots_over_a_counting_background(tmp_path):
+    """Spots of 8 counts at their peak over a background of 0.3 counts/px: counting statistics, not a floor
+    of 1 count (6-count seeds), set the threshold: every spot found, nothing else."""
+    rng = np.random.default_rng(4)
+    truth = np.array([(rng.uniform(8, 88), rng.uniform(8, 88), rng.uniform(8, 72), 8.0) for _ in range(12)])
+    _, distance = _photon_counting_run(tmp_path, rng, truth, rate=0.3, sigma_px=1.3)
+    assert (distance.min(axis=1) < 2.0).all()  # precision 1
+    assert (distance.min(axis=0) < 2.0).sum() >= 11  # recall >= 11 of 12
+
+
+def test_photon_counting_scan_at_default_settings(tmp_path):
+    """A photon-counting detector: uint32, almost every pixel 0, Poisson spots of 30-200 counts, no beam.
+    The defaults find every spot and nothing else: no beam box, no normalisation (nothing lit to measure
+    it on, said in the record), the noise at its floor of half a count (INTEGER_NOISE_FLOOR)."""
+    rng = np.random.default_rng(0)
+    truth = np.array([(rng.uniform(8, 88), rng.uniform(8, 88), rng.uniform(5, 75), rng.uniform(30, 200))
+                      for _ in range(15)])
+    stats, distance = _photon_counting_run(tmp_path, rng, truth, rate=0.04, sigma_px=1.5)
     assert stats.direct_beam is None and stats.normalise["measured"] is False
     assert stats.noise_sigma_range == (INTEGER_NOISE_FLOOR, INTEGER_NOISE_FLOOR)
     assert (distance.min(axis=1) < 1.5).all()  # precision 1

@@ -316,6 +316,35 @@ def _top(parent, i):
 
 
 @numba.njit(cache=True, nogil=True)
+def _voxel_box(fs, ys, xs, keep):
+    """The index of each kept voxel at its place in their bounding box (-1 elsewhere), and the box's origin."""
+    f0, y0, x0 = fs.min(), ys.min(), xs.min()
+    box = np.full((fs.max() - f0 + 1, ys.max() - y0 + 1, xs.max() - x0 + 1), -1, np.int64)
+    for i in range(fs.size):
+        if keep[i]:
+            box[fs[i] - f0, ys[i] - y0, xs[i] - x0] = i
+    return box, f0, y0, x0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _neighbours(box, f, y, x, conn26, out):
+    """The kept 6- or 26-neighbours of box place (f, y, x) into ``out``; returns how many."""
+    nf, ny, nx = box.shape
+    m = 0
+    for df in range(-1, 2):
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                d = abs(df) + abs(dy) + abs(dx)
+                if d == 0 or (not conn26 and d > 1):
+                    continue
+                g, h, w = f + df, y + dy, x + dx
+                if 0 <= g < nf and 0 <= h < ny and 0 <= w < nx and box[g, h, w] >= 0:
+                    out[m] = box[g, h, w]
+                    m += 1
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
 def split_maxima(fs, ys, xs, values, prominence_abs, ratio, conn26):
     """The parts of one blob: for each voxel, the index of the maximum of the part it belongs to.
 
@@ -324,51 +353,31 @@ def split_maxima(fs, ys, xs, values, prominence_abs, ratio, conn26):
     ratio x p); otherwise it joins the brightest part met there. A voxel joins the part of its brightest
     flooded neighbour (ties: the lower index). Ties in value are flooded in index order."""
     n = values.size
-    f0, y0, x0 = fs.min(), ys.min(), xs.min()
-    box = np.full((fs.max() - f0 + 1, ys.max() - y0 + 1, xs.max() - x0 + 1), -1, np.int64)
-    for i in range(n):
-        box[fs[i] - f0, ys[i] - y0, xs[i] - x0] = i
-    nf, ny, nx = box.shape
-    order = np.argsort(-values, kind="mergesort")
-    parent = np.full(n, -1, np.int64)
+    box, f0, y0, x0 = _voxel_box(fs, ys, xs, np.ones(n, np.bool_))
+    near = np.empty(26, np.int64)
+    parent = np.full(n, -1, np.int64)  # -1: not flooded yet
     roots = np.empty(26, np.int64)
-    for i in order:
+    for i in np.argsort(-values, kind="mergesort"):
         v = values[i]
-        f, y, x = fs[i] - f0, ys[i] - y0, xs[i] - x0
         n_roots = 0
         best = -1
-        for df in range(-1, 2):
-            for dy in range(-1, 2):
-                for dx in range(-1, 2):
-                    d = abs(df) + abs(dy) + abs(dx)
-                    if d == 0 or (not conn26 and d > 1):
-                        continue
-                    g, h, w = f + df, y + dy, x + dx
-                    if g < 0 or h < 0 or w < 0 or g >= nf or h >= ny or w >= nx:
-                        continue
-                    j = box[g, h, w]
-                    if j < 0 or parent[j] < 0:
-                        continue
-                    if best < 0 or values[j] > values[best] or (values[j] == values[best] and j < best):
-                        best = j
-                    r = _top(parent, j)
-                    seen = False
-                    for q in range(n_roots):
-                        if roots[q] == r:
-                            seen = True
-                    if not seen:
-                        roots[n_roots] = r
-                        n_roots += 1
+        for j in near[:_neighbours(box, fs[i] - f0, ys[i] - y0, xs[i] - x0, conn26, near)]:
+            if parent[j] < 0:
+                continue
+            if best < 0 or values[j] > values[best] or (values[j] == values[best] and j < best):
+                best = j
+            r = _top(parent, j)
+            if r not in roots[:n_roots]:
+                roots[n_roots] = r
+                n_roots += 1
         if n_roots == 0:
             parent[i] = i
             continue
         top = roots[0]
-        for q in range(1, n_roots):
-            r = roots[q]
+        for r in roots[1:n_roots]:
             if values[r] > values[top] or (values[r] == values[top] and r < top):
                 top = r
-        for q in range(n_roots):
-            r = roots[q]
+        for r in roots[:n_roots]:
             if r != top and values[r] - v < max(prominence_abs[r], ratio * values[r]):
                 parent[r] = top
         parent[i] = _top(parent, best)
@@ -382,15 +391,11 @@ def split_maxima(fs, ys, xs, values, prominence_abs, ratio, conn26):
 def flood_from(fs, ys, xs, allowed, start, conn26):
     """The voxels (of these, where ``allowed``) connected to voxel ``start`` through allowed voxels."""
     n = fs.size
-    f0, y0, x0 = fs.min(), ys.min(), xs.min()
-    box = np.full((fs.max() - f0 + 1, ys.max() - y0 + 1, xs.max() - x0 + 1), -1, np.int64)
-    for i in range(n):
-        if allowed[i]:
-            box[fs[i] - f0, ys[i] - y0, xs[i] - x0] = i
-    nf, ny, nx = box.shape
     reached = np.zeros(n, np.bool_)
     if not allowed[start]:
         return reached
+    box, f0, y0, x0 = _voxel_box(fs, ys, xs, allowed)
+    near = np.empty(26, np.int64)
     stack = np.empty(n, np.int64)
     stack[0] = start
     reached[start] = True
@@ -398,19 +403,9 @@ def flood_from(fs, ys, xs, allowed, start, conn26):
     while top > 0:
         top -= 1
         i = stack[top]
-        f, y, x = fs[i] - f0, ys[i] - y0, xs[i] - x0
-        for df in range(-1, 2):
-            for dy in range(-1, 2):
-                for dx in range(-1, 2):
-                    d = abs(df) + abs(dy) + abs(dx)
-                    if d == 0 or (not conn26 and d > 1):
-                        continue
-                    g, h, w = f + df, y + dy, x + dx
-                    if g < 0 or h < 0 or w < 0 or g >= nf or h >= ny or w >= nx:
-                        continue
-                    j = box[g, h, w]
-                    if j >= 0 and not reached[j]:
-                        reached[j] = True
-                        stack[top] = j
-                        top += 1
+        for j in near[:_neighbours(box, fs[i] - f0, ys[i] - y0, xs[i] - x0, conn26, near)]:
+            if not reached[j]:
+                reached[j] = True
+                stack[top] = j
+                top += 1
     return reached

@@ -545,7 +545,8 @@ class Segmenter:
         low = self._low_tiles[slots, ys // p.tile_px, xs // p.tile_px].astype(np.float64)
         top = split_maxima(fs, ys, xs, found, SPLIT_LOW * low, p.grow_ratio, p.connectivity == 26)
         blobs = []
-        for root in sorted(set(top.tolist()), key=lambda r: (-found[r], r)):
+        roots = np.unique(top)  # each part's peak: brightest first, then by index
+        for root in roots[np.lexsort((roots, -found[roots]))]:
             at = (int(fs[root]), int(ys[root]), int(xs[root]))
             if at == tuple(region.max_index):
                 at, part_peak = region.max_index, region.max_value

@@ -118,10 +118,6 @@ def ensure_dir(path: Path) -> None:
         raise OutputError(f"{path}: cannot write output, expected a folder, got a file") from None
     except OSError as exc:
         raise output_error(path, exc) from exc
-    except RuntimeError as exc:  # h5py reports some failed writes (at close: flushing its metadata) this way
-        if "errno = " not in str(exc):
-            raise
-        raise output_error(path, exc) from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: cannot write output, permission denied")
 
