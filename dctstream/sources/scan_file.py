@@ -153,7 +153,17 @@ def _positioners(h5: h5py.File, entry: str, frames_name: str) -> dict[str, str]:
     groups = [f"{entry}/instrument/positioners"]
     if groups[0] not in h5:  # a file without Bliss's positioners group (NeXus by hand, simulations)
         groups.append(f"{entry}/measurement")
-    for group_path in groups:
+    for group_path, name, obj in _numeric_datasets(h5, groups):
+        if obj.ndim == 1 and name != frames_name and not (group_path.endswith("measurement")
+                                                          and _TIME_CHANNEL.search(name)):
+            out.setdefault(name, f"{group_path}/{name}")
+    return out
+
+
+def _numeric_datasets(h5: h5py.File, group_paths):
+    """(group path, name, dataset) of the numeric datasets in those groups, the groups that exist, in order;
+    dangling links passed over."""
+    for group_path in group_paths:
         group = h5.get(group_path)
         if not isinstance(group, h5py.Group):
             continue
@@ -162,10 +172,8 @@ def _positioners(h5: h5py.File, entry: str, frames_name: str) -> dict[str, str]:
                 obj = group.get(name)
             except (KeyError, ValueError, OSError):
                 continue  # a dangling link
-            if (isinstance(obj, h5py.Dataset) and obj.ndim == 1 and obj.dtype.kind in "uif"
-                    and name != frames_name and not (group_path.endswith("measurement") and _TIME_CHANNEL.search(name))):
-                out.setdefault(name, f"{group_path}/{name}")
-    return out
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "uif":
+                yield group_path, name, obj
 
 
 def _find_angles(h5: h5py.File, url: str) -> dict:
@@ -298,17 +306,10 @@ def _movers(h5: h5py.File, entry: str, n: int, frames_name: str) -> list[tuple[s
 def _motor_values(h5: h5py.File, entry: str) -> dict[str, float]:
     """Where each motor stood as ``entry`` began: Bliss's ``positioners_start``, else the first positioner values."""
     out: dict[str, float] = {}
-    for group_path in (f"{entry}/instrument/positioners_start", f"{entry}/instrument/positioners"):
-        group = h5.get(group_path)
-        if not isinstance(group, h5py.Group):
-            continue
-        for name in group:
-            try:
-                obj = group.get(name)
-            except (KeyError, ValueError, OSError):
-                continue
-            if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "uif" and obj.size:
-                out.setdefault(name, float(np.ravel(obj[()])[0]))
+    for _, name, obj in _numeric_datasets(h5, (f"{entry}/instrument/positioners_start",
+                                               f"{entry}/instrument/positioners")):
+        if obj.size:
+            out.setdefault(name, float(np.ravel(obj[()])[0]))
     return out
 
 
