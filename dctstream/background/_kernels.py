@@ -411,7 +411,20 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
         late_j = np.empty(nx, dtype=np.int64)
         late_drift = np.empty(nx, dtype=np.int64)
         n_late = 0
+        # The dropped and added values of the next _TILE pixels, gathered a row piece at a time: reading them
+        # pixel by pixel walks 2 x n_steps frames at once, more streams than the prefetcher follows
+        # (twice the CPU time per pixel-step at 2048 x 2048, window 501).
+        olds = np.empty((_TILE, n_steps), ring.dtype)
+        news = np.empty((_TILE, n_steps), ring.dtype)
         for x in range(nx):
+            t = x % _TILE
+            if t == 0:
+                for j in range(n_steps):
+                    so = old_slots[j]
+                    sn = new_slots[j]
+                    for i in range(min(_TILE, nx - x)):
+                        olds[i, j] = ring[so, y, x + i]
+                        news[i, j] = ring[sn, y, x + i]
             p = y * nx + x
             b = base[p]
             m = med[p]
@@ -419,8 +432,7 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
             ov = np.int64(over[p])
             late = False
             for j in range(n_steps):
-                c, ov = _hist_update(hist, p, b, m, c, ov, top, np.int64(ring[old_slots[j], y, x]),
-                                     np.int64(ring[new_slots[j], y, x]))
+                c, ov = _hist_update(hist, p, b, m, c, ov, top, np.int64(olds[t, j]), np.int64(news[t, j]))
                 if not (emit[j] or j == n_steps - 1):
                     continue  # block mode: the median is looked for only where it is wanted
                 where, m, c = _hist_walk(hist, p, b, m, c, ov, top, h)

@@ -3,6 +3,8 @@
 import numba
 import numpy as np
 
+from ..background._kernels import _select
+
 # The flags ring holds one bit per voxel in each of two planes, (slot, plane, y, x // 8), bit x % 8:
 # an eighth of a byte per voxel, for a ring of frames that is the segmenter's biggest array after its values.
 CLAIMED = 0  # plane of the voxels that belong to a blob
@@ -223,15 +225,32 @@ def label_seeds(frame, seed, rows, prev_labels, conn8, labels, dirty, parent):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def robust_sigma(values, clip, passes):
+def _median(values, work):
+    """np.median of ``values`` by a selection in ``work`` (scratch of the same size): no sort, no allocation."""
+    n = values.size
+    work[:] = values
+    h = n // 2
+    high = _select(work, n, h)
+    if n % 2:
+        return high
+    low = work[0]  # the selection leaves the h smallest values before position h
+    for i in range(1, h):
+        low = max(low, work[i])
+    return (low + high) / 2
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def robust_sigma(values, clip, passes, work, deviation):
     """Noise of ``values`` that spots do not move: 1.4826 x the median absolute deviation from the median
     (1.2533 x the mean absolute deviation where most values sit on the median), then ``passes`` times the
     standard deviation of the values within ``clip`` of those sigmas of the median. The clipped standard
     deviation does not step with the counts' integer steps as the median absolute deviation does (on
-    integer counts with a noise of 2.5, that is 1.48 or 2.97 from tile to tile)."""
-    centre = np.median(values)
-    deviation = np.abs(values - centre)
-    sigma = 1.4826 * np.median(deviation)
+    integer counts with a noise of 2.5, that is 1.48 or 2.97 from tile to tile). ``work`` and ``deviation``:
+    scratch of ``values``' size."""
+    centre = _median(values, work)
+    for i in range(values.size):
+        deviation[i] = abs(values[i] - centre)
+    sigma = 1.4826 * _median(deviation, work)
     if sigma <= 0:
         sigma = 1.2533 * deviation.mean()
     for _ in range(passes):
@@ -253,20 +272,22 @@ def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, out):
     NaN where fewer than ``min_samples`` pixels are unmasked."""
     ny, nx = frame.shape
     nty, ntx = out.shape
-    for t in numba.prange(nty * ntx):
-        ty = t // ntx
-        tx = t % ntx
-        buf = np.empty(((tile + step - 1) // step) ** 2, np.float64)
-        n = 0
-        for y in range(ty * tile, min((ty + 1) * tile, ny), step):
-            for x in range(tx * tile, min((tx + 1) * tile, nx), step):
-                if not mask[y, x]:
-                    buf[n] = frame[y, x]
-                    n += 1
-        if n < min_samples:
-            out[ty, tx] = np.nan
-        else:
-            out[ty, tx] = robust_sigma(buf[:n], clip, passes)
+    size = ((tile + step - 1) // step) ** 2
+    for ty in numba.prange(nty):  # a row of tiles at a time: scratch made once for the row
+        buf = np.empty(size, np.float64)
+        work = np.empty(size, np.float64)
+        deviation = np.empty(size, np.float64)
+        for tx in range(ntx):
+            n = 0
+            for y in range(ty * tile, min((ty + 1) * tile, ny), step):
+                for x in range(tx * tile, min((tx + 1) * tile, nx), step):
+                    if not mask[y, x]:
+                        buf[n] = frame[y, x]
+                        n += 1
+            if n < min_samples:
+                out[ty, tx] = np.nan
+            else:
+                out[ty, tx] = robust_sigma(buf[:n], clip, passes, work[:n], deviation[:n])
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -275,8 +296,10 @@ def expand_tiles(tiles, tile, mask, out):
     ny, nx = out.shape
     for y in numba.prange(ny):
         row = tiles[y // tile]
-        for x in range(nx):
-            out[y, x] = np.inf if mask[y, x] else row[x // tile]
+        for x0 in range(0, nx, tile):  # a tile's run of pixels at a time: no division per pixel
+            v = row[x0 // tile]
+            for x in range(x0, min(x0 + tile, nx)):
+                out[y, x] = np.inf if mask[y, x] else v
 
 
 @numba.njit(cache=True, nogil=True)
@@ -301,10 +324,12 @@ def despike(measure, found, low, tile, low_factor, value_factor):
     ny, nx = measure.shape
     for y in numba.prange(ny):
         ty = y // tile
-        for x in range(nx):
-            f = found[y, x]
-            if measure[y, x] - f > low_factor * low[ty, x // tile] + value_factor * abs(f):
-                measure[y, x] = f
+        for x0 in range(0, nx, tile):
+            limit = low_factor * low[ty, x0 // tile]
+            for x in range(x0, min(x0 + tile, nx)):
+                f = found[y, x]
+                if measure[y, x] - f > limit + value_factor * abs(f):
+                    measure[y, x] = f
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

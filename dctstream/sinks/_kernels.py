@@ -5,31 +5,39 @@ from __future__ import annotations
 import numba
 
 
-@numba.njit(cache=True, nogil=True)
-def count_at_or_above(frame, cut, tile, mask):
-    """How many unmasked pixels have frame >= cut, ``cut`` a (tiles_y, tiles_x) map of ``tile``-pixel tiles."""
+@numba.njit(cache=True, nogil=True, parallel=True)
+def rows_at_or_above(frame, cut, tile, mask, counts):
+    """counts[y] = how many unmasked pixels of row y have frame >= cut, ``cut`` a (tiles_y, tiles_x) map of
+    ``tile``-pixel tiles."""
     ny, nx = frame.shape
-    n = 0
-    for y in range(ny):
+    for y in numba.prange(ny):
         row = cut[y // tile]
-        for x in range(nx):
-            n += (frame[y, x] >= row[x // tile]) and not mask[y, x]
-    return n
+        n = 0
+        for x0 in range(0, nx, tile):  # a tile's run of pixels at a time: no division per pixel
+            c = row[x0 // tile]
+            for x in range(x0, min(x0 + tile, nx)):
+                n += (frame[y, x] >= c) & (not mask[y, x])
+        counts[y] = n
 
 
-@numba.njit(cache=True, nogil=True)
-def pixels_at_or_above(frame, cut, tile, mask, rows, cols, values):
-    """The unmasked pixels with frame >= cut (a tile map, as ``count_at_or_above``) in (row, col) order into
-    rows, cols, values (each at least ``count_at_or_above`` long); returns their count."""
+@numba.njit(cache=True, nogil=True, parallel=True)
+def pixels_at_or_above(frame, unfiltered, cut, tile, mask, starts, rows, cols, values, unfiltered_values):
+    """The unmasked pixels with frame >= cut (as ``rows_at_or_above``) in (row, col) order into rows, cols,
+    values and, where ``unfiltered`` has the frame's shape, their ``unfiltered`` values; row y's pixels
+    from index ``starts[y]`` (the counts before it)."""
     ny, nx = frame.shape
-    n = 0
-    for y in range(ny):
+    both = unfiltered.shape == frame.shape
+    for y in numba.prange(ny):
         row = cut[y // tile]
-        for x in range(nx):
-            v = frame[y, x]
-            if v >= row[x // tile] and not mask[y, x]:
-                rows[n] = y
-                cols[n] = x
-                values[n] = v
-                n += 1
-    return n
+        n = starts[y]
+        for x0 in range(0, nx, tile):
+            c = row[x0 // tile]
+            for x in range(x0, min(x0 + tile, nx)):
+                v = frame[y, x]
+                if v >= c and not mask[y, x]:
+                    rows[n] = y
+                    cols[n] = x
+                    values[n] = v
+                    if both:
+                        unfiltered_values[n] = unfiltered[y, x]
+                    n += 1

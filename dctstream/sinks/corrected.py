@@ -42,7 +42,7 @@ import numpy as np
 
 from ..atomic import output_error
 from ..errors import InputError, OutputError
-from ._kernels import count_at_or_above, pixels_at_or_above
+from ._kernels import pixels_at_or_above, rows_at_or_above
 
 SCAN_GROUP = "1.1"
 # Pixels per chunk of row, col and intensity (fewer for small frames): each chunk is compressed and
@@ -252,9 +252,8 @@ class SparseScanWriter:
                              f"{np.shape(noise_sigma)}")
         if self.dtype != np.float32 and self.stretch is None:
             self.stretch = _first_stretch(self.h5, self.cfg, frame, ~self.mask)
-        rows, cols, values = self._select(frame, cut)
-        more = () if unfiltered is None else (_stretch(np.asarray(unfiltered, np.float32)[rows, cols], self.stretch,
-                                                       self.dtype),)
+        rows, cols, values, below = self._select(frame, cut, unfiltered)
+        more = () if unfiltered is None else (_stretch(below, self.stretch, self.dtype),)
         self._pending.append((rows, cols, _stretch(values, self.stretch, self.dtype), *more))
         self._pending_px += rows.size
         self._nnz.append(rows.size)
@@ -266,15 +265,25 @@ class SparseScanWriter:
         if self._pending_px >= self.chunk_px:
             self._flush(self._pending_px // self.chunk_px * self.chunk_px)
 
-    def _select(self, frame: np.ndarray, cut: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """rows, cols (uint16) and values of the pixels at or above the cut, outside the mask."""
+    def _select(self, frame: np.ndarray, cut: np.ndarray, unfiltered: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """rows, cols (uint16) and values of the pixels at or above the cut, outside the mask, and those
+        pixels' values in ``unfiltered`` (None without it)."""
         frame = np.ascontiguousarray(frame)
-        if frame.dtype != np.float32 or frame.shape != self.frame_shape:
-            raise ValueError(f"frame: expected float32 {self.frame_shape}, got {frame.dtype} {frame.shape}")
-        n = count_at_or_above(frame, cut, self.tile_px, self.mask)
+        if unfiltered is not None:
+            unfiltered = np.ascontiguousarray(unfiltered, np.float32)
+        for name, f in (("frame", frame), ("unfiltered", unfiltered)):
+            if f is not None and (f.dtype != np.float32 or f.shape != self.frame_shape):
+                raise ValueError(f"{name}: expected float32 {self.frame_shape}, got {f.dtype} {f.shape}")
+        counts = np.empty(frame.shape[0], np.int64)
+        rows_at_or_above(frame, cut, self.tile_px, self.mask, counts)
+        starts = np.concatenate(([0], np.cumsum(counts)))
+        n = int(starts[-1])
         rows, cols, values = np.empty(n, np.uint16), np.empty(n, np.uint16), np.empty(n, np.float32)
-        pixels_at_or_above(frame, cut, self.tile_px, self.mask, rows, cols, values)
-        return rows, cols, values
+        below = np.empty(n if unfiltered is not None else 0, np.float32)
+        pixels_at_or_above(frame, unfiltered if unfiltered is not None else frame[:0],
+                           cut, self.tile_px, self.mask, starts, rows, cols, values, below)
+        return rows, cols, values, (below if unfiltered is not None else None)
 
     def _pending_arrays(self) -> tuple[np.ndarray, ...]:
         if len(self._pending) != 1:
