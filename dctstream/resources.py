@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import frames_per_batch
 from .errors import ResourceError
 
 GiB = 2**30
@@ -93,7 +94,8 @@ def available_bytes() -> tuple[int | None, str]:
 
 def check_memory(frame_shape, dtype, background_cfg, blob_frames: int, binning: int = 1) -> None:
     """Raise `ResourceError` when the pipeline cannot fit in the memory this process may use."""
-    need = needed_bytes(frame_shape, dtype, background_cfg.window, background_cfg.batch_frames, blob_frames)
+    need = needed_bytes(frame_shape, dtype, background_cfg.window,
+                        frames_per_batch(background_cfg.batch_frames, frame_shape), blob_frames)
     have, limit = available_bytes()
     if have is None or need <= have:
         return

@@ -398,3 +398,16 @@ def test_a_config_argument_is_a_file_else_a_packaged_name(tmp_path, monkeypatch)
     (tmp_path / "sim512.yml").write_text("background: {window: 11}\n")
     assert config_file("sim512.yml") == "sim512.yml"  # a file of that name wins
     assert config_file("other.yml") == "other.yml"  # neither: reading it says it is missing
+
+
+def test_batch_frames_auto_slides_large_detectors_sixteen_frames_at_a_time():
+    from dctstream.config import frames_per_batch
+
+    assert load_config(None).background.batch_frames == "auto"
+    assert frames_per_batch("auto", (512, 512)) == 1
+    assert frames_per_batch("auto", (1024, 1024)) == 16
+    assert frames_per_batch("auto", (2048, 2048)) == 16
+    assert frames_per_batch(4, (2048, 2048)) == 4
+    assert load_config(None, ["background.batch_frames=8"]).background.batch_frames == 8
+    with pytest.raises(ConfigError, match="background.batch_frames"):
+        load_config(None, ["background.batch_frames=0"])

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..config import frames_per_batch
 from ..direct_beam import detect_direct_beam, margin_mean
 from ..errors import InputError
 from ..ring import FrameRing
@@ -160,7 +161,7 @@ class BackgroundStage:
         its next references take (``known_samples``, frame -> samples)."""
         self.cfg = cfg
         self.window = cfg.window
-        self.batch = cfg.batch_frames
+        self.batch = frames_per_batch(cfg.batch_frames, frame_shape)
         self.frame_shape = tuple(frame_shape)
         self.dtype = np.dtype(dtype)
         self.dark = (np.zeros(self.frame_shape, np.float32) if dark is None
