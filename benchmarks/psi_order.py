@@ -69,7 +69,8 @@ def main() -> None:
               "shuffled": np.random.default_rng(0).permutation(FRAMES)}
     common = [f"dark.url={truth.dark_url}", "background.window=31"]
     sorted_table = None
-    print("| frames acquired | read from | source.order (placed) | spots | recall | precision | = sorted | most behind |")
+    print("| frames acquired | read from | source.order (placed) | spots | recall | precision | = sorted "
+          "| most behind |")
     print("|---|---|---|---|---|---|---|---|")
     for i, (name, order) in enumerate(orders.items()):
         path = work / f"scan{i}.h5"
