@@ -34,7 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .sources.base import FrameSource
+from .sources.base import COMPLETE_ENDS, FrameSource
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,9 @@ class PsiOrderFollow(FrameSource):
         self._last: tuple[float, int] | None = None  # the last frame handed on
         self.most_behind = 0
         self.disorder: list[int] = []  # acquisition indices that came after their place in psi had gone
+        # where the frames handed on after a scan ended incomplete begin: their places hold only if it never
+        # goes on (a checkpoint must not count them); None: every frame is in its place
+        self.provisional_from: int | None = None
 
     frame_shape = property(lambda self: self.source.frame_shape)
     dtype = property(lambda self: self.source.dtype)
@@ -208,6 +211,9 @@ class PsiOrderFollow(FrameSource):
     counters = property(lambda self: self.source.counters)
     frames_announced = property(lambda self: self.source.frames_announced)
     found = property(lambda self: self.source.found)
+    # a detector's own invalid value and pixel mask, where its source knows them (the pipeline masks them)
+    invalid_value = property(lambda self: getattr(self.source, "invalid_value", None))
+    pixel_mask = property(lambda self: getattr(self.source, "pixel_mask", None))
 
     @property
     def end_reason(self) -> str | None:
@@ -242,6 +248,8 @@ class PsiOrderFollow(FrameSource):
                 while limit is not None and self._waiting and self._waiting[0] <= limit:
                     yield self._next(frame)
             self._say()
+        if self.source.end_reason not in COMPLETE_ENDS:
+            self.provisional_from = len(self._order)
         while self._waiting:  # the scan has ended: nothing can come before them now
             yield self._next(None)
         self._say()

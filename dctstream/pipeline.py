@@ -392,6 +392,9 @@ class Pipeline:
             try:
                 for frame in reader:
                     self.stats.backlog_frames = reader.backlog
+                    provisional = getattr(self.source, "provisional_from", None)
+                    if provisional is not None and frame.index >= provisional:
+                        self._finishing = True  # placed in psi as if the scan had ended: not to be continued
                     if self._tracker is not None:
                         self._place(frame)
                     elif frame.psi_deg is None:

@@ -348,6 +348,27 @@ def test_a_scan_of_passes_killed_and_started_again_ends_with_the_psi_sorted_spot
     assert_same_spots(read_spot_table(tmp_path / "out" / "spots.h5"), expected)
 
 
+def test_a_live_scan_of_passes_that_stopped_early_resumes_once_it_grew(scan, tmp_path):
+    """The frames handed on once an incomplete scan stopped are placed as if it had ended: not checkpointed,
+    so that the same command, once the scan has grown, gives the psi-sorted table."""
+    truth, frames, angles, expected = scan
+    order = interlaced(FRAMES, 2)
+
+    class Stopped(LiveFramesReadAgain):
+        def __iter__(self):
+            yield from super().__iter__()
+            self.end_reason = "idle_timeout"
+
+    cfg = load_config(None, ["source.url=live::/frames", f"dark.url={truth.dark_url}", f"output.dir={tmp_path}",
+                             *SETTINGS, "source.interlaced_turns=1", "output.checkpoint_every_frames=5"])
+    first = Pipeline(cfg, source=Stopped(frames[order][:100], angles[order][:100])).run()
+    assert first.incomplete == "idle_timeout after 100 frames" and first.frame_order["frames_behind"] == 0
+    resumed = Pipeline(cfg, source=LiveFramesReadAgain(frames[order], angles[order]))
+    assert resumed.resuming
+    assert resumed.run().incomplete is None
+    assert_same_spots(read_spot_table(tmp_path / "spots.h5"), expected)
+
+
 @pytest.mark.parametrize("make_order, turns", [(interlaced, 2), (back_and_forth, 2), (back_and_forth, 3)],
                          ids=["interlaced-2", "back-and-forth-2", "back-and-forth-3"])
 def test_a_scan_of_passes_that_cannot_be_read_again_is_segmented_across_its_passes(scan, tmp_path, make_order,
