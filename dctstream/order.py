@@ -3,16 +3,21 @@
 A DCT scan need not arrive in psi order: interlaced turns (a second turn at the
 angles between those of the first), back-and-forth rotation (every other pass
 reversed) or a recorded file written in any order.  The segmenter joins frames
-that are neighbours in psi, so frames reach it in psi order:
+that are neighbours in psi, so frames reach the background stage and the
+segmenter in psi order:
 
 * a recorded scan whose angles are all known is read in psi order
   (`PsiOrderedSource`): its spot table is that of the psi-sorted file;
-* a scan of passes (turns) -- recognised from a recorded file's angles, or
-  declared by ``source.interlaced_turns`` for a live one -- gets a background
-  per pass and is segmented across the passes by `PassMerge`, which holds the
-  earlier passes' corrected frames as sparse pixels (at or above the lower
-  growth threshold, the only ones a spot can hold) until the last pass has
-  covered their psi.
+* a live scan of passes (turns, declared by ``source.interlaced_turns``) from a
+  source that can read a frame again (``read_again``: a growing file, a folder)
+  is handed on in psi order too (`PsiOrderFollow`): a frame goes on once the
+  last pass has passed its psi, read again from the source then; only the
+  angles are kept meanwhile, and the spot table is that of the psi-sorted file;
+* a scan of passes from a source that cannot read a frame again (a stream,
+  frames in memory) gets a background per pass and is segmented across the
+  passes by `PassMerge`, which holds the earlier passes' corrected frames as
+  sparse pixels (at or above the lower growth threshold, the only ones a spot
+  can hold) until the last pass has covered their psi.
 
 Frame numbers: the segmenter's frame ``k`` (``start_frame``, ``max_frame``,
 ``centroid_frame`` in spots.h5, the difspot files) counts along psi; the
@@ -22,13 +27,14 @@ acquisition index of a spot's ``max_frame`` is the column ``max_frame_acquired``
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 from collections.abc import Iterator
 
 import numpy as np
 
-from .errors import ConfigError
-from .sources.base import FrameSource
+from .errors import ConfigError, InputError
+from .sources.base import COMPLETE_ENDS, FrameSource
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -78,10 +84,11 @@ def frames_text(frames, limit: int = DISORDER_LISTED) -> str:
         f" and {len(frames) - limit} more" if len(frames) > limit else "")
 
 
-def arrange(source, cfg) -> tuple[object, int | None, dict | None]:
+def arrange(source, cfg, report=None) -> tuple[object, int | None, dict | None]:
     """``(source, passes, facts)``: the source to read (in psi order when it must be), the number of passes
     to segment across (None: no passes) and how the frames are placed, for the run record; ``cfg`` is the
-    ``source`` section."""
+    ``source`` section; ``report(facts)`` is given the latency of a live scan handed on in psi order
+    (`PsiOrderFollow`) whenever a frame arrives."""
     angles = getattr(source, "angles", None)
     known = isinstance(angles, np.ndarray)  # every angle known ahead: a recorded file, or frames given with angles
     recorded = known and hasattr(source, "read_frame")
@@ -92,9 +99,13 @@ def arrange(source, cfg) -> tuple[object, int | None, dict | None]:
         raise ConfigError("source.order: psi reads a recorded file in psi order, expected auto or arrival "
                           "for a live source (declare source.interlaced_turns for turns)")
     if not known:
-        if declared and declared > 1:
-            return source, declared, {"mode": "passes", "passes": declared}
-        return source, None, None
+        if not declared or declared < 2:
+            return source, None, None
+        if hasattr(source, "read_again"):
+            log.info("source.interlaced_turns: %d passes, read again from %s in psi order once the last pass has "
+                     "passed their angle", declared, source.url)
+            return PsiOrderFollow(source, declared, report), None, {"mode": "psi", "passes": declared}
+        return source, declared, {"mode": "passes", "passes": declared}
     kind, starts = classify(angles)
     where = f"source.angles: {cfg.angles}"
     if kind == "monotonic":
@@ -107,7 +118,7 @@ def arrange(source, cfg) -> tuple[object, int | None, dict | None]:
     how = f"frame {first} goes back from {angles[first - 1]:g} to {angles[first]:g} degrees"
     if kind == "unordered" and not recorded:
         return source, None, None  # cannot be read again in psi order: each frame that goes back is said
-    if cfg.order == "psi" or kind == "unordered":
+    if kind == "unordered":
         log.warning("%s: the frames are not in psi order (%s; %d frames go back in all: %s): read in psi order; "
                     "the frames of the results count along psi, max_frame_acquired in spots.h5 is the acquisition "
                     "index", where, how, back.size, frames_text(back))
@@ -116,8 +127,12 @@ def arrange(source, cfg) -> tuple[object, int | None, dict | None]:
     if declared and declared != len(starts):
         log.warning("%s: source.interlaced_turns is %d but the angles hold %d passes: %d passes", where,
                     cfg.interlaced_turns, len(starts), len(starts))
-    log.info("%s: %d passes (interlaced turns or back-and-forth) starting at frames %s: a background per pass, "
-             "segmented across them in psi order", where, len(starts), starts)
+    if recorded:
+        log.info("%s: %d passes (interlaced turns or back-and-forth) starting at frames %s: read in psi order",
+                 where, len(starts), starts)
+        return PsiOrderedSource(source), None, {"mode": "psi", "passes": len(starts), "pass_starts": starts}
+    log.info("%s: %d passes (interlaced turns or back-and-forth) starting at frames %s, not to be read again: a "
+             "background per pass, segmented across them in psi order", where, len(starts), starts)
     return source, len(starts), {"mode": "passes", "passes": len(starts), "pass_starts": starts}
 
 
@@ -160,6 +175,124 @@ class PsiOrderedSource(FrameSource):
         self.source.close()
 
 
+class PsiOrderFollow(FrameSource):
+    """A live scan of ``passes`` passes (``source.interlaced_turns``) handed on in psi order, frame ``j`` the
+    j-th by angle as `PsiOrderedSource` reads the recorded scan (ties in acquisition order).
+
+    ``source`` must read a frame again once it has delivered it (``read_again``: a growing file, a folder).
+    A frame is due once no frame still to come can come before it: the last pass has begun and, going up
+    in psi, passed its angle (a last pass going down passes none: everything waits for the scan's end).
+    Until then only its angle is kept; it is read again from the source when its turn comes (an arriving
+    frame due at once goes on as it came).  A frame that arrives after its place in psi has gone (a pass
+    more than declared) goes on where it came, and is said.
+    """
+
+    rereadable = True  # read again from its start on resume, the frames before the checkpoint's dropped
+
+    def __init__(self, source: FrameSource, passes: int, report=None):
+        self.source = source
+        self.url = source.url
+        self.passes = passes
+        self.tracker = PassTracker()
+        self._report = report
+        self._waiting: list[tuple[float, int]] = []  # (psi, acquisition index) arrived, not yet handed on
+        self._order: list[int] = []  # psi-order index -> acquisition index
+        self._lost: set[int] = set()  # frames the source delivered without data (lost in transit)
+        self._last: tuple[float, int] | None = None  # the last frame handed on
+        self.most_behind = 0
+        self.disorder: list[int] = []  # acquisition indices that came after their place in psi had gone
+        # where the frames handed on after a scan ended incomplete begin: their places hold only if it never
+        # goes on (a checkpoint must not count them); None: every frame is in its place
+        self.provisional_from: int | None = None
+
+    frame_shape = property(lambda self: self.source.frame_shape)
+    dtype = property(lambda self: self.source.dtype)
+    n_frames = property(lambda self: self.source.n_frames)
+    counters = property(lambda self: self.source.counters)
+    frames_announced = property(lambda self: self.source.frames_announced)
+    found = property(lambda self: self.source.found)
+    # a detector's own invalid value and pixel mask, where its source knows them (the pipeline masks them)
+    invalid_value = property(lambda self: getattr(self.source, "invalid_value", None))
+    pixel_mask = property(lambda self: getattr(self.source, "pixel_mask", None))
+
+    @property
+    def end_reason(self) -> str | None:
+        return self.source.end_reason
+
+    @property
+    def waiting_for(self) -> str | None:
+        waiting = self.source.waiting_for
+        if waiting or self._order or not self.tracker.psi:
+            return waiting
+        return (f"the last of {self.passes} passes (source.interlaced_turns) to pass the angles of the "
+                f"{len(self.tracker.psi)} frames acquired: they go on in psi order")
+
+    def __iter__(self) -> Iterator[Frame]:
+        for frame in self.source:
+            k, psi = frame.index, frame.psi_deg
+            if psi is None:
+                raise InputError(f"frame {k}: no angle, expected one for every frame of a scan of passes "
+                                 "(source.interlaced_turns)")
+            self.tracker.add(psi)
+            if frame.data is None:
+                self._lost.add(k)
+            if self._last is not None and (psi, k) < self._last:
+                if not self.disorder:
+                    log.warning("frame %d: came after the frames beside it in psi went on (a pass more than "
+                                "source.interlaced_turns says, or one out of order): processed where it came", k)
+                self.disorder.append(k)
+                yield self._hand_on(psi, k, frame.data)
+            else:
+                heapq.heappush(self._waiting, (psi, k))
+                limit = self._due_until()
+                while limit is not None and self._waiting and self._waiting[0] <= limit:
+                    yield self._next(frame)
+            self._say()
+        if self.source.end_reason not in COMPLETE_ENDS:
+            self.provisional_from = len(self._order)
+        while self._waiting:  # the scan has ended: nothing can come before them now
+            yield self._next(None)
+        self._say()
+
+    def _due_until(self) -> tuple[float, int] | None:
+        """The last frame (psi, acquisition index) that nothing still to come can precede, or None."""
+        t = self.tracker
+        if len(t.starts) < self.passes or t.direction <= 0:
+            return None
+        return t.psi[-1], len(t.psi) - 1
+
+    def _next(self, arrived: Frame | None) -> Frame:
+        psi, k = heapq.heappop(self._waiting)
+        if k in self._lost:
+            data = None
+        elif arrived is not None and arrived.index == k:
+            data = arrived.data
+        else:
+            data = self.source.read_again(k)
+        return self._hand_on(psi, k, data)
+
+    def _hand_on(self, psi: float, k: int, data) -> Frame:
+        self._last = max(self._last or (psi, k), (psi, k))
+        self._order.append(k)
+        return Frame(len(self._order) - 1, psi, data)
+
+    def _say(self) -> None:
+        behind = len(self.tracker.psi) - len(self._order)
+        self.most_behind = max(self.most_behind, behind)
+        if self._report is not None:
+            facts = {"passes_seen": len(self.tracker.starts), "frames_acquired": len(self.tracker.psi),
+                     "frames_behind": behind, "most_frames_behind": self.most_behind}
+            if self.disorder:
+                facts.update(out_of_order=self.disorder[:DISORDER_LISTED], out_of_order_total=len(self.disorder))
+            self._report(facts)
+
+    def acquired(self, j: int) -> int:
+        return self._order[j]
+
+    def close(self) -> None:
+        self.source.close()
+
+
 class PassTracker:
     """Which pass each arriving frame belongs to (`pass_starts`, as the angles arrive)."""
 
@@ -184,6 +317,11 @@ class PassTracker:
             self._direction = 0.0
             return True
         return False
+
+    @property
+    def direction(self) -> float:
+        """psi's direction along the current pass: 1, -1, or 0 until it has moved."""
+        return self._direction
 
     def pass_of(self, k: int) -> int:
         return bisect.bisect_right(self.starts, k) - 1

@@ -281,7 +281,9 @@ class Pipeline:
         self._backward: list[int] = []  # frames of a scan in arrival order that went back in psi
         self._direction = 0.0  # of psi over such a scan, once it has moved
         try:
-            self.source, self._passes, self.stats.frame_order = arrange(self.source, cfg.source)
+            self.source, self._passes, self.stats.frame_order = arrange(self.source, cfg.source, self._note_follow)
+            # read in psi order: frames go back only where the source says so (PsiOrderFollow)
+            self._sorted = (self.stats.frame_order or {}).get("mode") == "psi"
             if self._passes:  # never checkpointed: a killed run starts again from its first frame
                 self._tracker = PassTracker()
             if self._resume and hasattr(self.source, "read_frame"):  # a recorded file: is it the same scan?
@@ -390,6 +392,9 @@ class Pipeline:
             try:
                 for frame in reader:
                     self.stats.backlog_frames = reader.backlog
+                    provisional = getattr(self.source, "provisional_from", None)
+                    if provisional is not None and frame.index >= provisional:
+                        self._finishing = True  # placed in psi as if the scan had ended: not to be continued
                     if self._tracker is not None:
                         self._place(frame)
                     elif frame.psi_deg is None:
@@ -400,7 +405,8 @@ class Pipeline:
                         self._psi = None
                     elif self._psi is not None:
                         self._psi.append(frame.psi_deg)
-                        self._check_order(frame)
+                        if not self._sorted:
+                            self._check_order(frame)
                     self._segment(self._push(frame))
                     if progress is not None:
                         progress(self.stats)
@@ -625,6 +631,11 @@ class Pipeline:
                             "back-and-forth passes needs source.interlaced_turns", frame.index, psi[-2], psi[-1])
             self.stats.frame_order = {"mode": "arrival", "frames_back": self._backward[:FLOOD_FRAMES_LISTED],
                                       "frames_back_total": len(self._backward)}
+
+    def _note_follow(self, facts: dict) -> None:
+        """How far a live scan handed on in psi order is behind its acquisition (the reader thread, its only
+        writer then: `dctstream.order.PsiOrderFollow`)."""
+        self.stats.frame_order = {**self.stats.frame_order, **facts}
 
     def _note_order(self) -> None:
         """How far the segmentation is behind the frames corrected, for the status and the run record."""

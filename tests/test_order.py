@@ -1,6 +1,7 @@
 """Frames in any psi order (dctstream.order): shuffled, interlaced turns, back-and-forth; recorded and live."""
 
 import logging
+import re
 
 import h5py
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from dctstream.config import load_config
 from dctstream.errors import ConfigError
-from dctstream.order import PassMerge, PassTracker, classify
+from dctstream.order import PassMerge, PassTracker, PsiOrderFollow, classify
 from dctstream.pipeline import Pipeline
 from dctstream.sinks import read_spot_table
 from dctstream.sources.memory import MemorySource
@@ -59,10 +60,30 @@ class LiveFrames(MemorySource):
             yield type(frame)(frame.index, self._psi[frame.index], frame.data)
 
 
-def write_scan(path, frames, angles):
+class LiveFramesReadAgain(LiveFrames):
+    """... that reads a frame again once it has delivered it, as a growing file or a folder does."""
+
+    def __init__(self, frames, angles):
+        super().__init__(frames, angles)
+        self._stack, self.delivered, self.read_again_count = frames, 0, 0
+
+    def __iter__(self):
+        for frame in super().__iter__():
+            self.delivered = frame.index + 1
+            yield frame
+
+    def read_again(self, k):
+        assert k < self.delivered, f"frame {k} read again before it was delivered"
+        self.read_again_count += 1
+        return self._stack[k]
+
+
+def write_scan(path, frames, angles, end_time=False):
     with h5py.File(path, "w") as f:
         f[FRAMES_PATH] = frames
         f[ANGLES_PATH] = angles
+        if end_time:  # the scan is over: a followed file ends at once
+            f["/1.1/end_time"] = "2026-12-05T00:00:00"
     return path
 
 
@@ -128,6 +149,47 @@ def test_pass_merge_hands_frames_on_in_psi_order_once_the_last_pass_covers_them(
     assert behind[-1] <= passes
 
 
+@pytest.mark.parametrize("make_order, passes", [(interlaced, 2), (interlaced, 3), (back_and_forth, 2),
+                                              (back_and_forth, 3)])
+def test_a_live_scan_of_passes_goes_on_in_psi_order_once_the_last_pass_has_passed(make_order, passes):
+    n = 30
+    order = make_order(n, passes)
+    stack = np.ones((n, 2, 2), np.uint16) * order[:, None, None].astype(np.uint16)  # each frame holds its psi
+    source = LiveFramesReadAgain(stack, order.astype(float))
+    reports = []
+    follow = PsiOrderFollow(source, passes, reports.append)
+    out = [(frame.index, frame.psi_deg, int(frame.data[0, 0]), source.delivered) for frame in follow]
+    assert [o[:3] for o in out] == [(j, float(j), j) for j in range(n)]  # the psi-sorted frames, each its own data
+    assert [follow.acquired(j) for j in range(n)] == np.argsort(order).tolist()
+    last = follow.tracker.starts[-1]
+    assert len(follow.tracker.starts) == passes and min(o[3] for o in out) > last + 1  # none before the last pass
+    last_up = order[-1] > order[-2]
+    if last_up:  # then each as soon as the last pass has passed its psi
+        for j, _, _, delivered in out:
+            passed = [k for k in range(last, n) if order[k] >= j]
+            assert delivered - 1 == max(last + 1, min(passed, default=n - 1)), j
+    else:  # a last pass going down passes no psi before the scan's end
+        assert all(delivered == n for *_, delivered in out)
+    # a frame not due when it came is read again when its turn comes, not kept
+    assert source.read_again_count == (last + 1 if last_up else n)
+    assert reports[-1] == {"passes_seen": passes, "frames_acquired": n, "frames_behind": 0,
+                           "most_frames_behind": n if not last_up else last + 1}
+
+
+def test_a_pass_more_than_declared_goes_on_where_it_came_and_is_said(caplog):
+    n = 30
+    order = interlaced(n, 3)
+    source = LiveFramesReadAgain(np.ones((n, 2, 2), np.uint16) * order[:, None, None].astype(np.uint16),
+                                 order.astype(float))
+    reports = []
+    with caplog.at_level(logging.WARNING, "dctstream"):
+        out = [int(frame.data[0, 0]) for frame in PsiOrderFollow(source, 2, reports.append)]
+    assert sorted(out) == list(range(n)) and out[-10:] == order[20:].tolist()
+    assert "frame 20: came after the frames beside it in psi went on" in caplog.text
+    # the third pass's last frame (psi 29) comes after every frame before it in psi: in its place
+    assert reports[-1]["out_of_order"] == list(range(20, 29)) and reports[-1]["out_of_order_total"] == 9
+
+
 # ---- recorded scans ---------------------------------------------------------------------------------
 
 def test_a_shuffled_recorded_scan_gives_the_spots_of_the_sorted_one(scan, tmp_path, caplog):
@@ -186,17 +248,142 @@ def psi_frames(table, angles):
     return {**table, "centroid_frame": np.interp(table["centroid_psi_deg"], np.sort(angles), np.arange(len(angles)))}
 
 
-@pytest.mark.parametrize("make_order, turns", [(interlaced, 2), (back_and_forth, 2), (back_and_forth, 3)],
-                         ids=["interlaced-2", "back-and-forth-2", "back-and-forth-3"])
-def test_a_live_scan_of_passes_gives_the_spots_of_its_recorded_run(scan, tmp_path, make_order, turns):
+PASSES = [(interlaced, 2), (interlaced, 3), (back_and_forth, 2)]
+PASSES_IDS = ["interlaced-2", "interlaced-3", "back-and-forth-2"]
+
+
+@pytest.mark.parametrize("make_order, turns", PASSES, ids=PASSES_IDS)
+def test_a_scan_of_passes_gives_the_spots_of_the_psi_sorted_frames(scan, tmp_path, make_order, turns):
+    """Recorded (every angle known), and live (the angles as the frames come, each frame read again when its
+    turn in psi comes): the table of the psi-sorted frames."""
     truth, frames, angles, expected = scan
     order = make_order(FRAMES, turns)
     path = write_scan(tmp_path / "passes.h5", frames[order], angles[order])
     stats, recorded = run_file(truth, path, tmp_path / "recorded")
+    assert stats.frame_order == {"mode": "psi", "passes": turns, "pass_starts": classify(angles[order])[1]}
+    source = LiveFramesReadAgain(frames[order], angles[order])
+    cfg = load_config(None, ["source.url=live::/frames", f"dark.url={truth.dark_url}",
+                             f"output.dir={tmp_path / 'live'}", *SETTINGS, f"source.interlaced_turns={turns - 1}"])
+    live_stats = Pipeline(cfg, source=source).run()
+    live = read_spot_table(tmp_path / "live" / "spots.h5")
+    for got in (recorded, live):
+        assert_same_spots(got, expected)
+        np.testing.assert_array_equal(got["max_frame_acquired"], np.argsort(order)[got["max_frame"]])
+    # every frame waits for the last pass (going down: for the scan's end), read again then, not kept
+    facts = live_stats.frame_order
+    waited = FRAMES if order[-1] < order[-2] else FRAMES - FRAMES // turns + 1
+    assert facts == {"mode": "psi", "passes": turns, "passes_seen": turns, "frames_acquired": FRAMES,
+                     "frames_behind": 0, "most_frames_behind": waited}
+    assert source.read_again_count == waited
+
+
+@pytest.mark.parametrize("make_order, turns", PASSES, ids=PASSES_IDS)
+def test_a_scan_of_passes_written_as_the_pipeline_reads_it_gives_the_psi_sorted_spots(scan, tmp_path, make_order,
+                                                                                      turns):
+    """The same through a growing HDF5 file, the angles written beside the frames."""
+    from simulators.replay_file import replay_hdf5, start_in_process
+
+    truth, frames, angles, expected = scan
+    order = make_order(FRAMES, turns)
+    path = write_scan(tmp_path / "passes.h5", frames[order], angles[order])
+    live = tmp_path / "live.h5"
+    acquisition = start_in_process(replay_hdf5, f"{path}::{FRAMES_PATH}", str(live), fps=500,
+                                   angles_url=f"{path}::{ANGLES_PATH}")
+    cfg = load_config(None, [f"source.url={live}::{FRAMES_PATH}", f"source.angles={live}::{ANGLES_PATH}",
+                             f"dark.url={truth.dark_url}", f"output.dir={tmp_path / 'out'}", "source.idle_timeout_s=20",
+                             f"source.interlaced_turns={turns - 1}", *SETTINGS])
+    stats = Pipeline(cfg).run()
+    acquisition.join(30)
+    assert stats.frames_segmented == FRAMES and stats.frame_order["mode"] == "psi"
+    assert stats.source_end == "end_time" and stats.frame_order["passes_seen"] == turns
+    got = read_spot_table(tmp_path / "out" / "spots.h5")
+    assert_same_spots(got, expected)
+    np.testing.assert_array_equal(got["max_frame_acquired"], np.argsort(order)[got["max_frame"]])
+
+
+def test_interlaced_turns_written_as_edf_files_give_the_psi_sorted_spots(scan, tmp_path):
+    """A folder of EDF files, the angle in each file's header."""
+    from simulators.replay_file import replay_edf, start_in_thread
+
+    truth, frames, angles, expected = scan
+    order = interlaced(FRAMES, 2)
+    path = write_scan(tmp_path / "interlaced.h5", frames[order], angles[order])
+    acquisition = start_in_thread(replay_edf, f"{path}::{FRAMES_PATH}", tmp_path / "edf", fps=1000,
+                                  angles_url=f"{path}::{ANGLES_PATH}")
+    cfg = load_config(None, [f"source.url={tmp_path}/edf/*.edf", f"dark.url={truth.dark_url}",
+                             f"output.dir={tmp_path / 'out'}", f"source.expected_frames={FRAMES}",
+                             "source.idle_timeout_s=20", "source.interlaced_turns=1", *SETTINGS])
+    stats = Pipeline(cfg).run()
+    acquisition.join(30)
+    assert stats.frames_segmented == FRAMES and stats.frame_order["mode"] == "psi"
+    assert_same_spots(read_spot_table(tmp_path / "out" / "spots.h5"), expected)
+
+
+@pytest.mark.parametrize("protocol", ["hdf5", "hdf5-live"])
+def test_a_scan_of_passes_killed_and_started_again_ends_with_the_psi_sorted_spots(scan, tmp_path, protocol):
+    """Checkpointed like a scan in psi order: the same command resumes it from its last checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from cli_util import SUBPROCESS_TIMEOUT_S
+
+    truth, frames, angles, expected = scan
+    order = interlaced(FRAMES, 2)
+    path = write_scan(tmp_path / "interlaced.h5", frames[order], angles[order], end_time=True)
+    settings = [f"source.angles={path}::{ANGLES_PATH}", f"dark.url={truth.dark_url}", f"source.protocol={protocol}",
+                "source.interlaced_turns=1", "output.checkpoint_every_frames=10", *SETTINGS]
+    command = [sys.executable, "-m", "dctstream", "run", "--source", f"{path}::{FRAMES_PATH}",
+               "--out", str(tmp_path / "out"), *[a for s in settings for a in ("--set", s)]]
+
+    def run(crash_at=""):
+        return subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                              env={**os.environ, "DCTSTREAM_CRASH_AT": crash_at})
+
+    killed = run("frame:95")
+    assert killed.returncode == -9, killed.stderr
+    resumed = run()
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resuming .* from its checkpoint at frame [1-9]", resumed.stderr), resumed.stderr
+    assert_same_spots(read_spot_table(tmp_path / "out" / "spots.h5"), expected)
+
+
+def test_a_live_scan_of_passes_that_stopped_early_resumes_once_it_grew(scan, tmp_path):
+    """The frames handed on once an incomplete scan stopped are placed as if it had ended: not checkpointed,
+    so that the same command, once the scan has grown, gives the psi-sorted table."""
+    truth, frames, angles, expected = scan
+    order = interlaced(FRAMES, 2)
+
+    class Stopped(LiveFramesReadAgain):
+        def __iter__(self):
+            yield from super().__iter__()
+            self.end_reason = "idle_timeout"
+
+    cfg = load_config(None, ["source.url=live::/frames", f"dark.url={truth.dark_url}", f"output.dir={tmp_path}",
+                             *SETTINGS, "source.interlaced_turns=1", "output.checkpoint_every_frames=5"])
+    first = Pipeline(cfg, source=Stopped(frames[order][:100], angles[order][:100])).run()
+    assert first.incomplete == "idle_timeout after 100 frames" and first.frame_order["frames_behind"] == 0
+    resumed = Pipeline(cfg, source=LiveFramesReadAgain(frames[order], angles[order]))
+    assert resumed.resuming
+    assert resumed.run().incomplete is None
+    assert_same_spots(read_spot_table(tmp_path / "spots.h5"), expected)
+
+
+@pytest.mark.parametrize("make_order, turns", [(interlaced, 2), (back_and_forth, 2), (back_and_forth, 3)],
+                         ids=["interlaced-2", "back-and-forth-2", "back-and-forth-3"])
+def test_a_scan_of_passes_that_cannot_be_read_again_is_segmented_across_its_passes(scan, tmp_path, make_order,
+                                                                                    turns):
+    """A stream, frames in memory: a background per pass; live (passes declared) as with all angles known."""
+    truth, frames, angles, expected = scan
+    order = make_order(FRAMES, turns)
+    cfg = load_config(None, ["source.url=live::/frames", f"dark.url={truth.dark_url}",
+                             f"output.dir={tmp_path / 'known'}", *SETTINGS])
+    stats = Pipeline(cfg, source=MemorySource(iter(list(frames[order])), angles[order])).run()
     assert stats.frame_order["mode"] == "passes" and stats.frame_order["passes"] == turns
+    known = read_spot_table(tmp_path / "known" / "spots.h5")
     live_stats, live = run_live(truth, frames[order], angles[order], tmp_path / "live",
                                 f"source.interlaced_turns={turns - 1}")
-    assert_same_spots(live, recorded, skip=())
+    assert_same_spots(live, known, skip=())
     # every frame of the earlier passes waits for the last pass, none much longer; as sparse pixels
     facts = live_stats.frame_order
     earlier = FRAMES - FRAMES // turns
@@ -225,26 +412,6 @@ def test_a_pass_more_than_declared_is_warned_of_with_its_frames(scan, tmp_path, 
     assert stats.frame_order["passes_seen"] == 3
 
 
-def test_interlaced_turns_written_as_the_pipeline_reads_them_give_the_recorded_spots(scan, tmp_path):
-    """The same through a growing HDF5 file, the angles written beside the frames."""
-    from simulators.replay_file import replay_hdf5, start_in_process
-
-    truth, frames, angles, _ = scan
-    order = interlaced(FRAMES, 2)
-    path = write_scan(tmp_path / "interlaced.h5", frames[order], angles[order])
-    _, recorded = run_file(truth, path, tmp_path / "recorded")
-    live = tmp_path / "live.h5"
-    acquisition = start_in_process(replay_hdf5, f"{path}::{FRAMES_PATH}", str(live), fps=500,
-                                   angles_url=f"{path}::{ANGLES_PATH}")
-    cfg = load_config(None, [f"source.url={live}::{FRAMES_PATH}", f"source.angles={live}::{ANGLES_PATH}",
-                             f"dark.url={truth.dark_url}", f"output.dir={tmp_path / 'out'}", "source.idle_timeout_s=20",
-                             "source.interlaced_turns=1", *SETTINGS])
-    stats = Pipeline(cfg).run()
-    acquisition.join(30)
-    assert stats.frames_segmented == FRAMES and stats.frame_order["passes_seen"] == 2
-    assert_same_spots(read_spot_table(tmp_path / "out" / "spots.h5"), recorded, skip=())
-
-
 def test_the_run_record_says_how_frames_were_placed_and_which_went_back(scan, tmp_path):
     import dctstream
     from dctstream.record import read_record
@@ -257,21 +424,7 @@ def test_the_run_record_says_how_frames_were_placed_and_which_went_back(scan, tm
     arrival = dctstream.run(f"{path}::{FRAMES_PATH}", out=tmp_path / "arrival",
                             overrides=[*SETTINGS, "source.order=arrival"], **common)
     placed = read_record(passes.out)["stats"]["frame_order"]
-    assert placed["mode"] == "passes" and placed["pass_starts"] == [0, FRAMES // 2]
-    assert placed["most_frames_behind"] >= FRAMES // 2 and placed["frames_behind"] == 0
+    assert placed == {"mode": "psi", "passes": 2, "pass_starts": [0, FRAMES // 2]}
     record = read_record(arrival.out)
     assert record["stats"]["frame_order"] == {"mode": "arrival", "frames_back": [60], "frames_back_total": 1}
     assert any("frame 60: psi goes back from" in w for w in record["warnings"])
-
-
-def test_frames_given_with_all_their_angles_are_recognised_as_passes(scan, tmp_path):
-    """Angles known ahead (dctstream.segment(frames, angles)), frames one at a time: no declaration needed."""
-    truth, frames, angles, _ = scan
-    order = back_and_forth(FRAMES, 2)
-    path = write_scan(tmp_path / "passes.h5", frames[order], angles[order])
-    _, recorded = run_file(truth, path, tmp_path / "recorded")
-    cfg = load_config(None, ["source.url=live::/frames", f"dark.url={truth.dark_url}",
-                             f"output.dir={tmp_path / 'out'}", *SETTINGS])
-    stats = Pipeline(cfg, source=MemorySource(iter(list(frames[order])), angles[order])).run()
-    assert stats.frame_order["mode"] == "passes"
-    assert_same_spots(read_spot_table(tmp_path / "out" / "spots.h5"), recorded, skip=())

@@ -161,6 +161,43 @@ def test_hdf5_live_delivers_the_recorded_frames(scan, tmp_path, swmr, compressio
     assert source.n_frames == FRAMES and source.frame_shape == recorded.shape[1:] and source.dtype == recorded.dtype
 
 
+@pytest.mark.parametrize("swmr", [True, False], ids=["swmr", "no-swmr"])
+def test_hdf5_live_reads_a_delivered_frame_again_while_the_file_grows(scan, tmp_path, swmr):
+    """As a scan of passes read in psi order does (dctstream.order): frames read again between two frames leave
+    the looks seeing the file grow (the writer waits for each frame before the next), and after the end too."""
+    truth, recorded, _ = scan
+    path = tmp_path / "live.h5"
+    lockstep = Lockstep()
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=swmr, on_frame=lockstep)
+    frames, again = [], []
+    with Hdf5WatchSource(source_config(live_url(path))) as source:
+        for frame in source:
+            frames.append(frame)
+            again.append(source.read_again(frame.index // 2))
+            lockstep.delivered.value = len(frames)
+        after = [source.read_again(k) for k in range(FRAMES)]
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded)
+    assert source.end_reason == "end_time"
+    np.testing.assert_array_equal(again, recorded[np.arange(FRAMES) // 2])
+    np.testing.assert_array_equal(after, recorded)
+    path.unlink()
+    with pytest.raises(InputError, match=r"live.h5::/1.1/measurement/marana: frame 3: cannot read it again "
+                                         r"\(file not found\)"):
+        source.read_again(3)
+
+
+def test_folder_reads_a_delivered_frame_again(scan, tmp_path):
+    truth, recorded, _ = scan
+    replay_edf(truth.frames_url, tmp_path, fps=0, stop_after=6)
+    with FolderSource(source_config(f"{tmp_path}/*.edf", expected_frames=6)) as source:
+        assert len(list(source)) == 6
+        np.testing.assert_array_equal(source.read_again(3), recorded[3])
+        (tmp_path / "scan0003.edf").unlink()
+        with pytest.raises(InputError, match=r"scan0003.edf: frame 3: cannot read it again"):
+            source.read_again(3)
+
+
 def test_hdf5_live_without_notifications_polls(scan, tmp_path, monkeypatch):
     """On NFS no notification comes: polling alone finds every frame."""
     truth, recorded, _ = scan

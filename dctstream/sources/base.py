@@ -14,6 +14,11 @@ A source is an iterator of `Frame` (index from 0, in order; ``data`` None for a 
 Optional, with the defaults here: ``frames_announced`` (what the scan said it would have), ``waiting_for``
 (what it waits for now, for the status), ``frames_listed`` (frames seen but not yet read), ``found`` (what
 it found for ``auto`` settings, for the record).
+
+Optional, without a default: ``read_frame(k)``, any frame of a recorded scan whose angles are all known
+(``angles``), and ``read_again(k)``, a frame of a live scan once delivered (a growing file, a folder).  A
+scan out of psi order is read in psi order with them (`dctstream.order`); a source without either (a
+stream, frames in memory) has its passes segmented as they come.
 """
 
 from __future__ import annotations

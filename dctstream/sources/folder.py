@@ -278,6 +278,15 @@ class FolderSource(FollowedSource):
             self.counters["notifications"] += 1
         self._wake.clear()
 
+    def read_again(self, k: int) -> np.ndarray:
+        """Frame ``k`` again, once delivered (a scan of passes goes on in psi order: `dctstream.order`)."""
+        path = os.path.join(self._folder, self._name(self._first + k))
+        read = self._read(path)
+        if read is None:
+            raise InputError(f"source.url: {self.url}: {path}: frame {k}: cannot read it again ({self._error}), "
+                             "expected the files already read to stay in the folder")
+        return read[0]
+
     def _give_up(self, k: int, number: int, stat: os.stat_result | None) -> None:
         name = self._name(number)
         if stat is None:

@@ -551,6 +551,27 @@ class Hdf5WatchSource(FollowedSource):
                 k += 1
         self._finish("idle_timeout", k)
 
+    def read_again(self, k: int) -> np.ndarray:
+        """Frame ``k`` again, once delivered (a scan of passes goes on in psi order: `dctstream.order`).
+
+        Through a handle opened for it and closed at once: HDF5 shares an open file with the next open of it in
+        this process, so a handle kept open would keep the looks from seeing the file grow."""
+        file = LiveFile(self._path)
+        try:
+            h5 = file.look()
+            dset = None if h5 is None else h5.get(self._name)
+            if isinstance(dset, h5py.Dataset):
+                if file.swmr:
+                    dset.refresh()
+                return dset[k]
+            why = file.error if h5 is None else "no such dataset"
+        except _H5_ERRORS as exc:
+            why = one_line(exc)
+        finally:
+            file.close()
+        raise InputError(f"source.url: {self.url}: frame {k}: cannot read it again ({why}), expected the frames "
+                         "already read to stay in the file")
+
     def _release(self) -> None:
         self._file.close()
 
