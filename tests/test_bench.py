@@ -72,3 +72,28 @@ def test_soak_report(capsys):
     assert 0 <= s["max_backlog_frames"] <= 60 and s["rss_max_mib"] >= s["end"]["rss_mib"]
     text = format_report(report)
     assert "dctstream bench --soak: 60 frames of 64 x 64" in text and "max backlog" in text
+
+
+def test_baselines_take_every_pixel_of_the_ring_frames_they_name(monkeypatch):
+    """Measured on the whole frames, the window's frames in order (a partition per block of rows), never
+    on a few rows projected to the frame."""
+    import numpy as np
+
+    from dctstream import bench
+
+    opts = BenchOptions(size=150, window=5, stride=2)  # 150 rows: blocks of 64, 64 and 22
+    ring = np.arange(7 * 150 * 3, dtype=np.uint16).reshape(7, 150, 3)
+    seen = []
+    real = np.partition
+
+    def partition(a, kth, axis):
+        seen.append(a.copy())
+        return real(a, kth, axis=axis)
+
+    monkeypatch.setattr(bench.np, "partition", partition)
+    result = bench.bench_baselines(ring, first=9, opts=opts, threads=2)  # frames 9..15: slots 2..6, 0, 1
+    blocks = sorted(seen, key=lambda a: a[0, 0, 0])
+    assert [b.shape for b in blocks] == [(5, 64, 3), (5, 64, 3), (5, 22, 3)]
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=1), ring[[2, 3, 4, 5, 6]])
+    assert result["partition_block_frames_per_s"] == pytest.approx(2 * result["partition_exact_frames_per_s"])
+    assert result["baseline_threads"] == 2
