@@ -194,7 +194,6 @@ class BackgroundStage:
         self.warm = False
         self.n_frames: int | None = None  # known once the scan has ended
         self.emitted = first_frame
-        self._difference = np.empty(self.frame_shape, np.float32)  # scratch, reused for every frame
 
     # ---- public --------------------------------------------------------------
     def push(self, frame: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -409,10 +408,11 @@ class BackgroundStage:
             k = self.emitted
             slot = self.ring.slot(k)
             difference = normalised_minus_background(self.ring.data[slot], self.dark, self.gain, 1.0,
-                                                     self._background(k), self._difference)
+                                                     self._background(k),
+                                                     np.empty(self.frame_shape, np.float32))
             for start in [s for s in self._medians if s < self._start(k)]:
                 del self._medians[start]
             self.emitted += 1
-            filtered = median_filter(difference, self.filter_size)
-            # the unfiltered difference too (its own copy: the scratch is reused), for the blobs' values
-            yield k, filtered, (difference.copy() if self.filter_size > 1 else filtered)
+            # the filtered frame finds the spots, the unfiltered difference measures them
+            filtered = median_filter(difference, self.filter_size) if self.filter_size > 1 else difference
+            yield k, filtered, difference
