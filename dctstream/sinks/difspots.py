@@ -186,9 +186,10 @@ def _small_dataset(f: h5py.File, name: str, value) -> None:
     """A contiguous dataset through h5py's low-level calls, with types and dataspaces made once:
     a quarter of the high-level cost, which adds up over ~20 small datasets per difspot and ~10
     difspots per frame."""
-    array = np.asarray(value)
-    dset = h5py.h5d.create(f.id, name.encode(), _h5_type(array.dtype), _h5_space(array.shape))
-    dset.write(h5py.h5s.ALL, h5py.h5s.ALL, array)
+    array = np.ascontiguousarray(value)
+    kind = _h5_type(array.dtype)
+    dset = h5py.h5d.create(f.id, name.encode(), kind, _h5_space(array.shape))
+    dset.write(h5py.h5s.ALL, h5py.h5s.ALL, array, mtype=kind)  # the memory type given: not made again per write
 
 
 _STRING = h5py.string_dtype("utf-8")
