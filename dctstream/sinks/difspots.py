@@ -186,7 +186,7 @@ def _small_dataset(f: h5py.File, name: str, value) -> None:
     """A contiguous dataset through h5py's low-level calls, with types and dataspaces made once:
     a quarter of the high-level cost, which adds up over ~20 small datasets per difspot and ~10
     difspots per frame."""
-    array = np.ascontiguousarray(value)
+    array = np.asarray(value, order="C")  # not ascontiguousarray: it makes a scalar 1-D
     kind = _h5_type(array.dtype)
     dset = h5py.h5d.create(f.id, name.encode(), kind, _h5_space(array.shape))
     dset.write(h5py.h5s.ALL, h5py.h5s.ALL, array, mtype=kind)  # the memory type given: not made again per write
