@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dctstream.segment import SegmentParams, Segmenter
-from dctstream.segment._kernels import split_maxima
+from dctstream.segment._kernels import seed_rows, split_maxima
 from dctstream.segment.segmenter import HOT_SLOTS, INTEGRAL_MARGIN_FRAMES, INTEGRAL_MARGIN_PX, SPIKE_LOW, SPIKE_VALUE
 from reference import reference_blobs, reference_split
 
@@ -176,8 +176,9 @@ def test_label_seeds_equals_scipy_label_and_brute_force_links(ny, nx, conn8, den
     dirty = labels.any(axis=1)
     parent = np.empty(ny * nx + 1, np.int32)
     rows = np.zeros(ny, bool)
-    seed_map = np.where(unmasked, threshold, np.inf)
-    seed_rows(frame, seed_map, rows)
+    seed_map = np.full((ny, nx), np.nan)  # only the rows holding seeds are filled, and only they are read
+    seed_rows(frame, threshold, 1, ~unmasked, rows, seed_map)  # tiles of 1 pixel
+    np.testing.assert_array_equal(seed_map[rows], np.where(unmasked, threshold, np.inf)[rows])
     n, counts, max_value, max_y, max_x, prev, here = label_seeds(
         frame, seed_map, rows, prev_labels.astype(np.int32), conn8, labels, dirty, parent)
 
@@ -255,9 +256,13 @@ def test_float32_seed_map_takes_the_same_seeds_as_float64():
     mask = rng.random((16, 16)) < 0.1
     p = params(seed_threshold=threshold, grow_low=threshold / 2, tile_px=1)
     segmenter = Segmenter(p, frame.shape, mask)
-    seed = segmenter._seed(np.float32)
-    assert seed.dtype == np.float32
-    np.testing.assert_array_equal(frame >= seed, (frame.astype(np.float64) >= threshold) & ~mask)
+    tiles, seed = segmenter._seed(np.float32)
+    assert tiles.dtype == seed.dtype == np.float32
+    rows = np.zeros(16, bool)
+    seed_rows(frame, tiles, 1, mask, rows, seed)
+    expected = (frame.astype(np.float64) >= threshold) & ~mask
+    np.testing.assert_array_equal(rows, expected.any(axis=1))
+    np.testing.assert_array_equal((frame >= seed)[rows], expected[rows])
 
 
 def test_segmenter_with_every_freed_slot_given_back_equals_reference(monkeypatch):

@@ -113,21 +113,32 @@ def _root(parent, i):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def seed_rows(frame, seed, out):
-    """out[y] = whether row y holds a seed (frame >= seed): the labelling then skips the rest."""
+def seed_rows(frame, tiles, tile, mask, rows, seed):
+    """rows[y] = whether row y holds a seed: an unmasked pixel with frame >= its tile's threshold in
+    ``tiles`` (a (tiles_y, tiles_x) map of ``tile``-pixel tiles). The rows that do get their per-pixel
+    thresholds in ``seed`` (+inf where masked), all that the labelling reads of it."""
     ny, nx = frame.shape
     for y in numba.prange(ny):
+        row = tiles[y // tile]
         found = False
-        for x in range(nx):
-            found |= frame[y, x] >= seed[y, x]  # no early exit: the loop vectorises
-        out[y] = found
+        for x0 in range(0, nx, tile):  # a tile's run of pixels at a time: no division per pixel
+            v = row[x0 // tile]
+            for x in range(x0, min(x0 + tile, nx)):
+                found |= (frame[y, x] >= v) & (not mask[y, x])  # no early exit: the loop vectorises
+        rows[y] = found
+        if found:
+            for x0 in range(0, nx, tile):
+                v = row[x0 // tile]
+                for x in range(x0, min(x0 + tile, nx)):
+                    seed[y, x] = np.inf if mask[y, x] else v
 
 
 @numba.njit(cache=True, nogil=True)
 def label_seeds(frame, seed, rows, prev_labels, conn8, labels, dirty, parent):
     """Seeds of one frame (``frame >= seed``), labelled in 2-D, and linked to the previous frame.
 
-    ``rows[y]`` tells whether row y holds a seed (``seed_rows``); a masked pixel has an infinite seed.
+    ``rows[y]`` tells whether row y holds a seed (``seed_rows``), and only those rows of ``seed`` are read;
+    a masked pixel has an infinite seed.
     Labels go into ``labels`` (0 = no seed), numbered 1..n in raster order of
     first appearance, as ``scipy.ndimage.label`` numbers them; ``dirty[y]`` tells
     whether row y of ``labels`` may hold labels from before, and says on return
@@ -288,18 +299,6 @@ def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, out):
                 out[ty, tx] = np.nan
             else:
                 out[ty, tx] = robust_sigma(buf[:n], clip, passes, work[:n], deviation[:n])
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def expand_tiles(tiles, tile, mask, out):
-    """out[y, x] = tiles[y // tile, x // tile], +inf where masked: a per-pixel threshold map from a tile map."""
-    ny, nx = out.shape
-    for y in numba.prange(ny):
-        row = tiles[y // tile]
-        for x0 in range(0, nx, tile):  # a tile's run of pixels at a time: no division per pixel
-            v = row[x0 // tile]
-            for x in range(x0, min(x0 + tile, nx)):
-                out[y, x] = np.inf if mask[y, x] else v
 
 
 @numba.njit(cache=True, nogil=True)

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..ring import release, releasable_frames
 from ..types import Blob
-from ._kernels import (CLAIMED, despike, expand_tiles, flood_from, grow_region, label_seeds, seed_rows,
+from ._kernels import (CLAIMED, despike, flood_from, grow_region, label_seeds, seed_rows,
                        split_maxima, unclaimed_sum)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
@@ -144,7 +144,6 @@ class Segmenter:
         self.measured = measured
         self.frame_shape = tuple(frame_shape)
         self.mask = np.zeros(self.frame_shape, bool) if mask is None else np.ascontiguousarray(mask, bool)
-        self._seeds: dict[np.dtype, np.ndarray] = {}  # seed maps by frame dtype, see _seed
         self._seed_tiles, self._low_tiles_default = params.tile_maps(self.frame_shape)
         self._seed_scratch: dict[np.dtype, np.ndarray] = {}
         self.flood_limit = flood_limit(self.mask)
@@ -383,26 +382,17 @@ class Segmenter:
         self._parent[rb] = ra
         self._regions[ra].absorb(self._regions.pop(rb))
 
-    def _seed(self, dtype, tiles: np.ndarray | None = None) -> np.ndarray:
-        """The seed threshold map for frames of ``dtype``, +inf where masked; rounded up to float32 for
-        float32 frames (see _round_up_to_float32). ``tiles``: this frame's own map, else the parameters'
-        (made once)."""
-        dtype = np.dtype(dtype)
-        kind = np.dtype(np.float32 if dtype == np.float32 else np.float64)
-        if tiles is None:
-            if dtype not in self._seeds:
-                self._seeds[dtype] = self._expand(self._seed_tiles, kind, np.empty(self.frame_shape, kind))
-            return self._seeds[dtype]
-        if kind not in self._seed_scratch:
-            self._seed_scratch[kind] = np.empty(self.frame_shape, kind)
-        return self._expand(tiles, kind, self._seed_scratch[kind])
-
-    def _expand(self, tiles: np.ndarray, kind: np.dtype, out: np.ndarray) -> np.ndarray:
-        tiles = np.asarray(tiles, np.float64)
+    def _seed(self, dtype, tiles: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The seed threshold tile map for frames of ``dtype``, rounded up to float32 for float32 frames (see
+        _round_up_to_float32), and the per-pixel map `seed_rows` fills for the rows holding seeds.
+        ``tiles``: this frame's own map, else the parameters'."""
+        kind = np.dtype(np.float32 if np.dtype(dtype) == np.float32 else np.float64)
+        tiles = np.asarray(self._seed_tiles if tiles is None else tiles, np.float64)
         if kind == np.float32:
             tiles = _round_up_to_float32(tiles)
-        expand_tiles(np.ascontiguousarray(tiles, kind), self.params.tile_px, self.mask, out)
-        return out
+        if kind not in self._seed_scratch:
+            self._seed_scratch[kind] = np.empty(self.frame_shape, kind)
+        return np.ascontiguousarray(tiles, kind), self._seed_scratch[kind]
 
     def _link(self, k: int, frame: np.ndarray, seed_tiles=None, low_tiles=None) -> None:
         labels, dirty = self._spare_labels, self._spare_dirty
@@ -410,8 +400,8 @@ class Segmenter:
         while True:
             tiles = None if seed_tiles is None and factor == 1.0 else \
                 factor * (self._seed_tiles if seed_tiles is None else np.asarray(seed_tiles, np.float64))
-            seed = self._seed(frame.dtype, tiles)
-            seed_rows(frame, seed, self._seed_rows)
+            seed_tiles, seed = self._seed(frame.dtype, tiles)
+            seed_rows(frame, seed_tiles, self.params.tile_px, self.mask, self._seed_rows, seed)
             n, counts, max_value, max_y, max_x, prev, here = label_seeds(
                 frame, seed, self._seed_rows, self._prev_labels, self.params.connectivity == 26,
                 labels, dirty, self._parent_scratch)
