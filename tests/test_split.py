@@ -20,11 +20,10 @@ from test_resume import assert_same_outputs, outputs
 distributed = pytest.importorskip("distributed")
 
 FRAMES, SIZE = 160, 64
-# max_blob_size 5 frames: a chunk's segmenter starts 28 frames before it, its edge is looked for over 18
-# no sparse scan: a split run does not write one (it says so), and the one-process run it is compared with
-# would record its size
+# max_blob_size 5 frames: a chunk's segmenter starts 28 frames before it, its edge is looked for over 18;
+# export.format: sparse, the default
 OVERRIDES = ["background.window=11", "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false",
-             "source.angles=auto", "dark.url=auto", "export.format=none"]
+             "source.angles=auto", "dark.url=auto"]
 EDGE = 80  # a chunk starts where a spot of several frames is brightest
 SEAM_SPOT, EDGE_SPOT = (9, 9), (50, 12)  # (y, x)
 
@@ -62,6 +61,8 @@ def reference(scan, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     stats = process_scan(_cfg(scan, out), display=False)
     assert stats.seam_joined == 1 and stats.difspots_written > 20
+    sparse = outputs(out)["sparse"]
+    assert len(sparse["1.1/row"]) == len(sparse["1.1/unfiltered"]) > 0  # a sparse scan, with unfiltered values
     return out
 
 
@@ -90,7 +91,8 @@ def test_split_scan_equals_one_process(scan, reference, client, tmp_path, parts,
     assert len(info["chunks"]) == chunks and info["rerun"] == 0  # 6: the first would start too early
     want = json.loads((reference / "run.json").read_text())
     for key in ("rejected", "noise_sigma_range", "noise_sigma_by_frame", "normalise", "seam_joined",
-                "difspots_written", "seed_threshold", "flood_frames_total"):
+                "difspots_written", "seed_threshold", "flood_frames_total", "export_reduction", "sparse_cut",
+                "sparse_fill_fraction", "sparse_bytes_per_frame"):
         assert record["stats"][key] == want["stats"][key], key
     assert record["state"] == "finished" and not (out / ".dctstream").exists()
     # the spot across 0/360 degrees is one, made of the first chunk's blob and the last one's
@@ -98,6 +100,21 @@ def test_split_scan_equals_one_process(scan, reference, client, tmp_path, parts,
     if starts is not None:  # a spot lies across the edge where the chunks met
         assert info["edges"][1] == EDGE
         assert len(_spots_across(out, EDGE_SPOT, EDGE)) == 1
+
+
+def test_stretched_sparse_scan_equals_one_process(scan, client, tmp_path):
+    """export.dtype uint16: every chunk's values stretched by frame 0's percentiles, as one process does."""
+    more = ["export.dtype=uint16"]
+    one = tmp_path / "one"
+    process_scan(_cfg(scan, one, *more), display=False)
+    record = split.run_split(_cfg(scan, tmp_path / "out", *more), client, 2)
+    got, want = outputs(tmp_path / "out"), outputs(one)
+    assert want["sparse"]["1.1/intensity"].dtype == np.uint16
+    assert_same_outputs(got, want)
+    with h5py.File(one / "corrected.h5") as a, h5py.File(tmp_path / "out" / "corrected.h5") as b:
+        assert dict(b.attrs) == dict(a.attrs) and "stretch_lo" in a.attrs
+    assert record["stats"]["export_reduction"] == json.loads((one / "run.json").read_text())["stats"][
+        "export_reduction"]
 
 
 def test_chunks_that_never_agree_are_run_as_one(scan, reference, tmp_path, monkeypatch):
