@@ -39,13 +39,16 @@ import hashlib
 import logging
 import pickle
 import resource
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, checkpoint, outdir, seam
+from .atomic import write_atomic
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
@@ -65,6 +68,7 @@ from .status import stats_dict
 log = logging.getLogger(__name__)
 
 SPLIT_DIR = "split"  # under OUT/.dctstream: each chunk's blobs until the merge
+CONTEXT_FILE = "context.done"  # in SPLIT_DIR: the first task's result, kept for a restart
 # A chunk's segmenter starts PRE_REACHES x (max_blob_size frames) before it, and its state is compared with
 # the previous chunk's over its first POST_REACHES x that: enough for the regions open where it started
 # empty to close and leave the frames it holds (about a spot's length and two reaches).
@@ -402,6 +406,19 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
             part.h5.close()
 
 
+def kept(path: str, fn, *args):
+    """``fn(*args)``, a dict, kept in the file ``path`` (written whole once it is done): a split run started
+    again after a kill takes it from there (with ``kept: True``) rather than doing it again."""
+    try:
+        with open(path, "rb") as f:
+            return {**pickle.load(f), "kept": True}
+    except (FileNotFoundError, EOFError, pickle.UnpicklingError):
+        pass
+    result = fn(*args)
+    write_atomic(Path(path), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    return result
+
+
 # -- the chunks' edges, and the merge -----------------------------------------------------------------
 
 
@@ -455,24 +472,29 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
     out_dir = Path(cfg.output.dir)
     outdir.check_free(out_dir)
     identity = identity_config(cfg)
-    if not overwrite and checkpoint.unfinished_run(out_dir, identity):  # a split run killed: start it again
+    spill_dir = out_dir / checkpoint.RUN_DIR / SPLIT_DIR
+    resuming = not overwrite and checkpoint.unfinished_run(out_dir, identity)
+    if resuming:  # a split run killed: what its tasks finished is kept in spill_dir, the rest runs again
         lock = outdir.OutputLock(out_dir)
         checkpoint.forget_unsaved_difspots(out_dir, None)
     else:
         lock = prepare_output(out_dir, overwrite)
     outcome = "failed"
     try:
+        if not resuming:
+            shutil.rmtree(spill_dir, ignore_errors=True)
         checkpoint.start_run(out_dir, identity)
-        spill_dir = out_dir / checkpoint.RUN_DIR / SPLIT_DIR
         spill_dir.mkdir(parents=True, exist_ok=True)
         extra = {"resources": resources} if resources else {}
-        ctx_future = client.submit(scan_context, cfg, pure=False, key=f"dctstream-split-context-{out_dir.name}",
-                                   **extra)
+        # a key of its own for each attempt: the scheduler may still hold a killed attempt's tasks (failed)
+        tag = f"dctstream-split-{out_dir.name}-{uuid.uuid4().hex[:8]}"
+        ctx_future = client.submit(kept, str(spill_dir / CONTEXT_FILE), scan_context, cfg, pure=False,
+                                   key=f"{tag}-context", **extra)
 
         def submit(chunk: Chunk):
             path = spill_dir / f"{chunk.seg_start:09d}-{chunk.seg_end:09d}.pkl"
-            future = client.submit(run_chunk, cfg, ctx_future, chunk, str(path), cores, pure=False,
-                                   key=f"dctstream-split-{out_dir.name}-{chunk.seg_start}-{chunk.seg_end}", **extra)
+            future = client.submit(kept, str(path.with_suffix(".done")), run_chunk, cfg, ctx_future, chunk, str(path),
+                                   cores, pure=False, key=f"{tag}-{chunk.seg_start}-{chunk.seg_end}", **extra)
             return future, path
 
         runs = {chunk: submit(chunk) for chunk in chunks}
@@ -503,6 +525,7 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
         bounds = [0] + edges + [n + 1]
         stats, split = _merge(cfg, ctx, chunks, facts, bounds, [runs[c][1] for c in chunks], out_dir)
         split.update(chunks=[[c.start, c.end] for c in chunks], edges=edges, rerun=rerun, parts=parts,
+                     kept=[[c.start, c.end] for c in chunks if facts[c].get("kept")], kept_context=bool(ctx.get("kept")),
                      elapsed_s=round(time.monotonic() - started, 3))
         for path in spill_dir.iterdir():
             path.unlink()

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dctstream import split
+from dctstream import checkpoint, split
 from dctstream.cli import main
 from dctstream.config import load_config
 from dctstream.errors import ConfigError
@@ -73,6 +73,21 @@ def client():
         yield c
 
 
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class InProcess:
+    """A client that runs each task at once, in this process."""
+
+    def submit(self, fn, *args, pure=None, key=None):
+        return _Done(fn(*[a.result() if isinstance(a, _Done) else a for a in args]))
+
+
 def _spots_across(out: Path, yx, frame: int) -> list[dict]:
     """The rows near (y, x) whose frames run from before ``frame`` to it or after."""
     with h5py.File(out / "spots.h5", "r") as f:
@@ -117,26 +132,49 @@ def test_stretched_sparse_scan_equals_one_process(scan, client, tmp_path):
         "export_reduction"]
 
 
+def test_killed_split_run_restarts_without_redoing_finished_chunks(scan, reference, client, tmp_path,
+                                                                   monkeypatch):
+    """The last chunk dies half-way (its blob file cut short): the run stops, unfinished; the same command
+    again, on the cluster, takes the first task's result and the finished chunks from OUT/.dctstream/split
+    and runs only that chunk, with outputs identical to one process's."""
+    out = tmp_path / "out"
+    cfg = _cfg(scan, out)
+    starts = [EDGE - 30, EDGE]
+    chunks = split.plan(FRAMES, 3, cfg, starts)
+    last = chunks[-1]
+    run_chunk = split.run_chunk
+
+    def killed(cfg, ctx, chunk, spill, cores=1):
+        if chunk == last:
+            Path(spill).write_bytes(b"\x80\x05 a blob file cut short")
+            raise KeyboardInterrupt("killed")
+        return run_chunk(cfg, ctx, chunk, spill, cores)
+
+    monkeypatch.setattr(split, "run_chunk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        split.run_split(cfg, InProcess(), 3, starts=starts)
+    monkeypatch.undo()
+    done = sorted(p.name for p in (out / ".dctstream" / split.SPLIT_DIR).glob("*.done"))
+    assert len(done) == 3 and split.CONTEXT_FILE in done  # the first task and the two chunks that finished
+    assert checkpoint.marker_path(out).exists()  # an unfinished run
+    (out / "difspots").mkdir(exist_ok=True)  # and what a merge killed half-way leaves
+    (out / "difspots" / "000999.h5").write_bytes(b"cut short")
+    (out / "corrected.h5").write_bytes(b"cut short")
+    record = split.run_split(cfg, client, 3, starts=starts)
+    info = record["split"]
+    assert info["kept"] == [[c.start, c.end] for c in chunks[:2]] and info["kept_context"]
+    assert_same_outputs(outputs(out), outputs(reference))
+    assert record["state"] == "finished" and not (out / ".dctstream").exists()
+
+
 def test_chunks_that_never_agree_are_run_as_one(scan, reference, tmp_path, monkeypatch):
     """A segmenter started 2 frames before its chunk cannot agree with the previous one at the chunk's first
     frame (regions across its start are cut): the edge moves on, or the two chunks run as one: exact anyway."""
     monkeypatch.setattr(split, "PRE_REACHES", 0)
     monkeypatch.setattr(split, "MARGIN_FRAMES", 2)
     monkeypatch.setattr(split, "POST_REACHES", 0)
-
-    class Done:  # a client that runs each task at once, in this process (the constants above hold there)
-        def __init__(self, value):
-            self.value = value
-
-        def result(self):
-            return self.value
-
-    class Client:
-        def submit(self, fn, *args, pure=None, key=None):
-            return Done(fn(*[a.result() if isinstance(a, Done) else a for a in args]))
-
     out = tmp_path / "out"
-    record = split.run_split(_cfg(scan, out), Client(), 6)
+    record = split.run_split(_cfg(scan, out), InProcess(), 6)  # the constants above hold in this process
     assert_same_outputs(outputs(out), outputs(reference))
     assert record["split"]["rerun"] >= 1
 
