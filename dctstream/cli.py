@@ -95,7 +95,8 @@ def _run_split(args, cfg) -> int:
     split = record["split"]
     print(f"{record['frames_processed']} frames in {len(split['chunks'])} chunks on "
           f"{cluster.address or f'{cluster.workers} {cluster.kind} worker(s)'} in {split['elapsed_s']:.1f} s "
-          f"(chunk edges at frames {split['edges'] or 'none'}; {split['rerun']} run again as one); "
+          f"(chunk edges at frames {split['edges'] or 'none'}; {split['rerun']} run again as one"
+          f"{'; %d kept from a killed run' % len(split['kept']) if split['kept'] else ''}); "
           f"{record['spots']} difspots written to {cfg.output.dir}; worker peak memory "
           f"{split['workers_peak_rss_mb']:.0f} MB")
     return 0

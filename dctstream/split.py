@@ -29,7 +29,8 @@ chunk gets it exactly rather than approximately:
   with ``export.dtype`` uint8/uint16 by frame 0's percentiles from the first task.
 
 Each chunk's blobs wait in ``OUT/.dctstream/split/`` (a file system the workers share with the caller,
-as a campaign's results need) until the merge.
+as a campaign's results need) until the merge. So does each task's result once it is done (`kept`): a run
+killed and started again takes those from there and runs only the rest, then the merge.
 """
 
 from __future__ import annotations
@@ -314,7 +315,6 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
         segmenter = Segmenter(resolve_segmentation(cfg.segmentation, ctx["sigma"]), shape, mask,
                               measured=stage.filter_size > 1)
         psi = ctx["psi"]
-        part = None
         if cfg.export.format == "sparse":
             part = SparseScanWriter(sparse_part(spill), dataclasses.replace(cfg.export, dtype="float32"), shape,
                                     mask, segmenter.params.tile_px, 1, angles=bool(psi),
@@ -493,8 +493,9 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
 
         def submit(chunk: Chunk):
             path = spill_dir / f"{chunk.seg_start:09d}-{chunk.seg_end:09d}.pkl"
-            future = client.submit(kept, str(path.with_suffix(".done")), run_chunk, cfg, ctx_future, chunk, str(path),
-                                   cores, pure=False, key=f"{tag}-{chunk.seg_start}-{chunk.seg_end}", **extra)
+            future = client.submit(kept, str(path.with_suffix(".done")), run_chunk, cfg, ctx_future, chunk,
+                                   str(path), cores, pure=False, key=f"{tag}-{chunk.seg_start}-{chunk.seg_end}",
+                                   **extra)
             return future, path
 
         runs = {chunk: submit(chunk) for chunk in chunks}
@@ -525,11 +526,10 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
         bounds = [0] + edges + [n + 1]
         stats, split = _merge(cfg, ctx, chunks, facts, bounds, [runs[c][1] for c in chunks], out_dir)
         split.update(chunks=[[c.start, c.end] for c in chunks], edges=edges, rerun=rerun, parts=parts,
-                     kept=[[c.start, c.end] for c in chunks if facts[c].get("kept")], kept_context=bool(ctx.get("kept")),
+                     kept=[[c.start, c.end] for c in chunks if facts[c].get("kept")],
+                     kept_context=bool(ctx.get("kept")),
                      elapsed_s=round(time.monotonic() - started, 3))
-        for path in spill_dir.iterdir():
-            path.unlink()
-        checkpoint.finish_run(out_dir)
+        checkpoint.finish_run(out_dir)  # the chunks' files too
         outcome = "finished"
         try:
             export_dct(out_dir)
