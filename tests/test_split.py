@@ -193,6 +193,15 @@ def test_chunk_plan():
     assert [c.start for c in split.plan(160, 20, cfg)] == [0, 48, 72, 96, 120]  # chunks of at least 18 frames
 
 
+def test_run_split_from_the_command_line(scan, reference, client, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", "--source", scan, "--out", str(out), "--split", "2", "--cluster", client.scheduler.address,
+                 *[a for o in OVERRIDES for a in ("--set", o)]])
+    assert code == 0, capsys.readouterr().err
+    assert f"{FRAMES} frames in 2 chunks on {client.scheduler.address}" in capsys.readouterr().out
+    assert_same_outputs(outputs(out), outputs(reference))
+
+
 def test_cluster_options_need_split(tmp_path, capsys):
     assert main(["run", "--source", f"{tmp_path}/x.h5::/d", "--workers", "2"]) != 0
     assert "--split" in capsys.readouterr().err
