@@ -41,6 +41,8 @@ from .record import read_record, write_record
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "campaign.tsv"
+RESEGMENT_SUMMARY_FILE = "resegment.tsv"
+RESEGMENTED = "resegmented"  # a run's folder of its results segmented again, as `dctstream resegment` names it
 SUMMARY_COLUMNS = ("scan", "state", "frames", "spots", "noise_sigma", "time_s", "warnings", "error", "out_dir")
 # keys of one scan in a YAML listing
 SCAN_KEYS = ("source", "angles", "dark", "name", "set")
@@ -56,6 +58,8 @@ class ScanJob:
     source: str
     cfg: Config | None
     error: str | None = None  # known before it ran (a file without frames): reported as failed
+    # not None: ``source`` is a run's folder, segmented again from its sparse scan with these overrides
+    resegment: tuple[str, ...] | None = None
 
 
 # -- what the scans are ------------------------------------------------------------------------------
@@ -214,6 +218,35 @@ def _job(label: str, entry: dict, found: dict, base: Config, config_path, overri
     return ScanJob(name, source, dataclasses.replace(cfg, cluster=ClusterConfig()))
 
 
+def list_runs(folders: Sequence[str | os.PathLike], overrides: Sequence[str] = (),
+              out_root: str | os.PathLike | None = None) -> list[ScanJob]:
+    """A job per run found in ``folders`` (each a run's output folder with its sparse scan, or a folder of them
+    such as a campaign's ``--out``), segmenting it again with ``overrides`` into ``RUN_DIR/resegmented`` (or
+    ``out_root/<name>``).  A run whose configuration the overrides cannot change becomes a job with an ``error``."""
+    from .config import replace_config
+    from .resegment import SPARSE_FILE, run_config
+
+    jobs, seen = [], set()
+    for folder in map(Path, folders):
+        found = [folder] if (folder / SPARSE_FILE).is_file() else sorted(p.parent for p in folder.rglob(SPARSE_FILE))
+        if not found:
+            raise InputError(f"{folder}: no {SPARSE_FILE} in it or below it, expected the output folder of a run "
+                             "with export.format: sparse (the default), or a folder of them")
+        for run in found:
+            name = run.name if run == folder else str(run.relative_to(folder))
+            if name in seen:
+                name = str(run)
+            seen.add(name)
+            out_dir = Path(out_root) / name if out_root is not None else run / RESEGMENTED
+            try:
+                cfg = replace_config(run_config(run, overrides), output={"dir": str(out_dir)})
+            except DctStreamError as exc:
+                jobs.append(ScanJob(name, str(run), None, " ".join(str(exc).split()), tuple(overrides)))
+                continue
+            jobs.append(ScanJob(name, str(run), cfg, resegment=tuple(overrides)))
+    return jobs
+
+
 # -- one scan, in a worker ---------------------------------------------------------------------------
 
 
@@ -223,6 +256,8 @@ def process_job(job: ScanJob, cores: int = 1) -> dict:
     out_dir = Path(job.cfg.output.dir) if job.cfg is not None else None
     if job.cfg is None:
         return _row(job, "failed", {}, 0.0, job.error)
+    if job.resegment is not None:
+        return _resegment_job(job, out_dir, cores)
     record = read_record(out_dir)
     if record is not None and record.get("state") == "finished":
         return _row(job, "skipped", record, None, None)
@@ -253,6 +288,36 @@ def process_job(job: ScanJob, cores: int = 1) -> dict:
         record = {**record, "state": "failed", "error": error, "source": job.source, "out_dir": str(out_dir)}
         write_record(out_dir, record)
     return _row(job, "failed" if error else "resumed" if resumed else "finished", record, elapsed, error)
+
+
+def _resegment_job(job: ScanJob, out_dir: Path, cores: int) -> dict:
+    """`dctstream resegment` of the run ``job.source``; its run record (``state``, ``resegment``: the overrides)
+    makes the same command again skip it."""
+    record = read_record(out_dir)
+    if record is not None and record.get("state") == "finished" and record.get("resegment") == list(job.resegment):
+        return _row(job, "skipped", record, None, None)
+    import numba
+
+    from .resegment import resegment
+
+    numba.set_num_threads(max(1, min(cores, numba.config.NUMBA_NUM_THREADS)))
+    started = time.monotonic()
+    try:
+        result = resegment(job.source, list(job.resegment), out_dir, overwrite=True)
+    except DctStreamError as exc:
+        return _row(job, "failed", {}, time.monotonic() - started, " ".join(str(exc).split()))
+    except Exception as exc:  # a bug, but one run's: the others go on
+        log.exception("%s: resegmenting failed", job.source)
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        return _row(job, "failed", {}, time.monotonic() - started, error)
+    noise = ((read_record(job.source) or {}).get("stats") or {}).get("noise_sigma")
+    record = {"state": "finished", "source": job.source, "out_dir": str(out_dir), "resegment": list(job.resegment),
+              "frames_processed": result["frames"], "spots": result["difspots"],
+              "stats": {"noise_sigma": noise, "elapsed_s": round(result["seconds"], 3),
+                        "rejected": result["rejected"], "seam_joined": result["seam_joined"]},
+              "warnings": [] if result["finished_scan"] else ["the run's scan was being written: its frames so far"]}
+    write_record(out_dir, record)
+    return _row(job, "finished", record, time.monotonic() - started, None)
 
 
 def _scan_log(out_dir: Path) -> logging.Handler:
@@ -335,9 +400,11 @@ def open_client(cfg: ClusterConfig):
 class Campaign:
     """Runs `ScanJob` s on a Dask client and keeps what the view shows."""
 
-    def __init__(self, jobs: Sequence[ScanJob], out_root: str | os.PathLike, *, cores_per_worker: int = 1):
+    def __init__(self, jobs: Sequence[ScanJob], out_root: str | os.PathLike, *, cores_per_worker: int = 1,
+                 summary_file: str = SUMMARY_FILE):
         self.jobs = list(jobs)
         self.out_root = Path(out_root)
+        self.summary_file = summary_file
         self.cores = cores_per_worker
         self.rows: dict[str, dict] = {}
         self.started = time.monotonic()
@@ -361,7 +428,7 @@ class Campaign:
                 self.frames_done += row["frames"] or 0
             log.info("%s: %s%s", job.name, row["state"], f": {row['error']}" if row["error"] else "")
         rows = [self.rows[job.name] for job in self.jobs]
-        write_summary(self.out_root / SUMMARY_FILE, rows)
+        write_summary(self.out_root / self.summary_file, rows)
         return rows
 
     def counts(self) -> dict[str, int]:

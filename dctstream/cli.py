@@ -95,7 +95,8 @@ def _run_split(args, cfg) -> int:
     split = record["split"]
     print(f"{record['frames_processed']} frames in {len(split['chunks'])} chunks on "
           f"{cluster.address or f'{cluster.workers} {cluster.kind} worker(s)'} in {split['elapsed_s']:.1f} s "
-          f"(chunk edges at frames {split['edges'] or 'none'}; {split['rerun']} run again as one); "
+          f"(chunk edges at frames {split['edges'] or 'none'}; {split['rerun']} run again as one"
+          f"{'; %d kept from a killed run' % len(split['kept']) if split['kept'] else ''}); "
           f"{record['spots']} difspots written to {cfg.output.dir}; worker peak memory "
           f"{split['workers_peak_rss_mb']:.0f} MB")
     return 0
@@ -115,12 +116,21 @@ def cmd_campaign(args) -> int:
     cfg = load_config(args.config, overrides + cluster)  # a bad config fails at once, before any cluster starts
     from rich.console import Console
 
-    from .campaign import SUMMARY_FILE, Campaign, CampaignView, list_scans, open_client, summary_table
+    from .campaign import (RESEGMENT_SUMMARY_FILE, SUMMARY_FILE, Campaign, CampaignView, list_runs, list_scans,
+                           open_client, summary_table)
 
-    jobs = list_scans(args.scans, args.out, config_path=args.config, overrides=overrides)
-    campaign = Campaign(jobs, args.out, cores_per_worker=cfg.cluster.cores_per_worker)
+    if args.resegment:
+        jobs = list_runs(args.scans, overrides, args.out)
+        summary_root, summary = Path(args.out or args.scans[0]), RESEGMENT_SUMMARY_FILE
+    elif args.out is None:
+        raise ConfigError("--out: expected the folder for the results (one subfolder per scan)")
+    else:
+        jobs = list_scans(args.scans, args.out, config_path=args.config, overrides=overrides)
+        summary_root, summary = Path(args.out), SUMMARY_FILE
+    campaign = Campaign(jobs, summary_root, cores_per_worker=cfg.cluster.cores_per_worker, summary_file=summary)
     where = cfg.cluster.address or f"{cfg.cluster.workers} {cfg.cluster.kind} worker(s)"
-    log.info("campaign of %d scans on %s; results in %s", len(jobs), where, args.out)
+    log.info("campaign of %d %s on %s; results in %s", len(jobs), "runs to resegment" if args.resegment else "scans",
+             where, args.out or "each run's resegmented/")
     logging.getLogger("distributed").setLevel(logging.WARNING)  # its start-up chatter is not ours to show
     client, resources, close = open_client(cfg.cluster)
     try:
@@ -129,7 +139,7 @@ def cmd_campaign(args) -> int:
     finally:
         close()
     Console(width=max(Console().width, 120)).print(summary_table(rows))
-    print(f"summary written to {Path(args.out) / SUMMARY_FILE}")
+    print(f"summary written to {summary_root / summary}")
     failed = [row for row in rows if row["state"] == "failed"]
     if failed:
         print(f"dctstream: {len(failed)} of {len(rows)} scans failed; first: {failed[0]['scan']}: "
@@ -519,7 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file.h5::/dataset, file.h5 (its scans, found as watch finds them), a quoted glob, or a "
                         "YAML listing of scans with their own settings")
     p.add_argument("--config", help="YAML configuration file: processing settings and the cluster section")
-    p.add_argument("--out", required=True, help="folder for the results, one subfolder per scan")
+    p.add_argument("--out", help="folder for the results, one subfolder per scan (with --resegment: default "
+                   "RUN_DIR/resegmented)")
+    p.add_argument("--resegment", action="store_true",
+                   help="SCANs are runs' output folders, or folders of them (a campaign's --out): segment each again "
+                        "from its sparse scan with the --set segmentation.* keys, as dctstream resegment does")
     p.add_argument("--cluster", metavar="KIND",
                    help="local, slurm, pbs, sge, lsf or a scheduler tcp://HOST:PORT (overrides cluster.kind)")
     p.add_argument("--workers", type=int, help="number of workers, one scan each at a time (cluster.workers)")

@@ -152,6 +152,12 @@ def threshold_maps(cfg, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.broadcast_to(np.asarray(m, np.float64), sigma.shape) for m in frame_thresholds(cfg, sigma))
 
 
+def sparse_cut_note(export_cfg, low: float, high: float) -> str:
+    """The run record's ``sparse_cut``: how the cut is set and its range over the frames so far."""
+    how = f"{export_cfg.cut_sigma:g} x noise" if export_cfg.threshold == "auto" else f"{export_cfg.threshold:g} counts"
+    return f"{how}, at most what the segmentation compares: {low:.4g}..{high:.4g} counts"
+
+
 def sparse_cut(export_cfg, seg_cfg, sigma: np.ndarray, tile_px: int = TILE_PX) -> np.ndarray:
     """A frame's sparse cut, float32 (tiles_y, tiles_x): ``export.cut_sigma`` x its noise ``sigma`` (or
     ``export.threshold`` counts), lowered to what the run's own segmentation compares there (see
@@ -713,9 +719,7 @@ class Pipeline:
         if self._cut_range is not None:
             low, high = min(low, self._cut_range[0]), max(high, self._cut_range[1])
         self._cut_range = (low, high)
-        how = f"{self.cfg.export.cut_sigma:g} x noise" if self.cfg.export.threshold == "auto" else \
-            f"{self.cfg.export.threshold:g} counts"
-        self.stats.sparse_cut = f"{how}, at most what the segmentation compares: {low:.4g}..{high:.4g} counts"
+        self.stats.sparse_cut = sparse_cut_note(self.cfg.export, low, high)
 
     def _note_noise(self, k: int, sigma: np.ndarray, seed) -> None:
         """The noise and thresholds of frame k, and any seed flood, for the status and the run record."""

@@ -24,9 +24,13 @@ chunk gets it exactly rather than approximately:
 * **Numbering.** One process numbers blobs in the order they close; the merge (`_merge`, in the
   calling process) numbers them on in that order, writes the difspots and the spot table, then joins
   the spots across 0/360 degrees as one process does.
+* **Sparse scan.** A frame's part of it depends only on that frame's corrected values and noise: each chunk
+  writes its own frames' part (float32), the merge appends the parts in order (`_merge_sparse`), stretched
+  with ``export.dtype`` uint8/uint16 by frame 0's percentiles from the first task.
 
 Each chunk's blobs wait in ``OUT/.dctstream/split/`` (a file system the workers share with the caller,
-as a campaign's results need) until the merge.
+as a campaign's results need) until the merge. So does each task's result once it is done (`kept`): a run
+killed and started again takes those from there and runs only the rest, then the merge.
 """
 
 from __future__ import annotations
@@ -36,23 +40,28 @@ import hashlib
 import logging
 import pickle
 import resource
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, checkpoint, outdir, seam
+from .atomic import write_atomic
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
 from .errors import ConfigError, InputError
 from .direct_beam import beam_mask
 from .pipeline import (FLOOD_FRAMES_LISTED, INTEGER_NOISE_FLOOR, NOISE_FRAMES, Stats, frame_maps,
-                       identity_config, prepare_output, resolve_segmentation)
+                       identity_config, prepare_output, resolve_segmentation, sparse_cut,
+                       sparse_cut_note)
 from .segment import Segmenter
 from .segment.noise import HISTORY_FRAMES, NoiseTracker, frame_noise
-from .sinks import DifspotWriter, SpotTable
+from .sinks import DifspotWriter, SparseScanWriter, SpotTable
+from .sinks.corrected import SparseScan, first_stretch
 from .sources import open_source
 from .sources.scan_file import resolve_auto
 from .status import stats_dict
@@ -60,6 +69,7 @@ from .status import stats_dict
 log = logging.getLogger(__name__)
 
 SPLIT_DIR = "split"  # under OUT/.dctstream: each chunk's blobs until the merge
+CONTEXT_FILE = "context.done"  # in SPLIT_DIR: the first task's result, kept for a restart
 # A chunk's segmenter starts PRE_REACHES x (max_blob_size frames) before it, and its state is compared with
 # the previous chunk's over its first POST_REACHES x that: enough for the regions open where it started
 # empty to close and leave the frames it holds (about a spot's length and two reaches).
@@ -178,6 +188,9 @@ def scan_context(cfg: Config) -> dict:
         first = first[:NOISE_FRAMES]
         mask = beam_mask(stage.direct_beam, stage.frame_shape) | stage.pixel_mask
         sigma = NoiseTracker(stage.frame_shape, mask, floor=_noise_floor(detector)).prime(first)
+        stretch = None
+        if cfg.export.format == "sparse" and cfg.export.dtype != "float32":  # from frame 0, as one process
+            stretch = first_stretch(cfg.export, first[0], ~mask)
         scales = None
         intensity = stage.intensity
         if intensity is not None and intensity.enabled:
@@ -194,7 +207,8 @@ def scan_context(cfg: Config) -> dict:
             "dark_source": detector.dark_source, "direct_beam": stage.direct_beam, "margin_ref": stage.margin_ref,
             "auto_enabled": None if intensity is None else bool(intensity.enabled), "scales": scales,
             "beam_off_frames": None if intensity is None else len(intensity.beam_off),
-            "sigma": sigma, "elapsed_s": time.monotonic() - started, "peak_rss_mb": _peak_rss_mb(),
+            "sigma": sigma, "stretch": stretch, "elapsed_s": time.monotonic() - started,
+            "peak_rss_mb": _peak_rss_mb(),
         }
     finally:
         source.close()
@@ -267,10 +281,16 @@ def _shifted(blob, offset: int):
     return dataclasses.replace(blob, frame=blob.frame + offset, max_index=(f + offset, y, x))
 
 
+def sparse_part(spill: str | Path) -> Path:
+    """The file of a chunk's part of the sparse scan, beside its blobs' ``spill``."""
+    return Path(spill).with_suffix(".sparse.h5")
+
+
 def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) -> dict:
     """Correct and segment ``chunk`` as one process does those frames; its blobs (each with the frame after
-    which it closed, ``n_frames`` for the scan's end) go to the file ``spill``; returns the segmenter's
-    fingerprints at its edges and the frames' facts."""
+    which it closed, ``n_frames`` for the scan's end) go to the file ``spill``, and with ``export.format:
+    sparse`` its frames' part of the sparse scan to `sparse_part` (float32: the merge stretches); returns the
+    segmenter's fingerprints at its edges and the frames' facts."""
     import numba
 
     numba.set_num_threads(max(1, min(cores, numba.config.NUMBA_NUM_THREADS)))
@@ -278,6 +298,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
     n = ctx["n_frames"]
     a, b = chunk.seg_start, chunk.seg_end
     noise_from = a - (HISTORY_FRAMES - 1) if a else 0
+    part = None
     source = _open_recorded(cfg)
     try:
         detector = _restored_detector(cfg, source, ctx)
@@ -293,6 +314,11 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
         noise = NoiseTracker(shape, mask, floor=_noise_floor(detector))
         segmenter = Segmenter(resolve_segmentation(cfg.segmentation, ctx["sigma"]), shape, mask,
                               measured=stage.filter_size > 1)
+        psi = ctx["psi"]
+        if cfg.export.format == "sparse":
+            part = SparseScanWriter(sparse_part(spill), dataclasses.replace(cfg.export, dtype="float32"), shape,
+                                    mask, segmenter.params.tile_px, 1, angles=bool(psi),
+                                    unfiltered=segmenter.measured)
         history = np.full((HISTORY_FRAMES, *noise.state()["history"].shape[1:]), np.nan)
         held: list[tuple[int, np.ndarray, np.ndarray]] = []
         edges = set(chunk.lower) | set(chunk.upper)
@@ -311,6 +337,10 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
                 floods = len(segmenter.floods)
                 keep(k, segmenter.push(k - a, frame, seed, low, difference if segmenter.measured else None))
                 if chunk.start <= k < chunk.end:
+                    if part is not None:
+                        part.write(k - chunk.start, frame, sparse_cut(cfg.export, cfg.segmentation, sigma,
+                                                                      segmenter.params.tile_px),
+                                   sigma, psi[k] if psi else None, difference if segmenter.measured else None)
                     facts["noise"].append(float(np.median(sigma)))
                     if len(segmenter.floods) > floods:
                         f, found, factor = segmenter.floods[-1]
@@ -361,6 +391,8 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
                 facts["rejected"][n] = dict(segmenter.rejected)
             else:
                 facts["rejected"][b] = dict(segmenter.rejected)
+        if part is not None:
+            part.close()
         scales = stage.frame_scales[chunk.start:chunk.end]
         facts["scales"] = [min(scales), max(scales)] if scales else []
         facts["beam_off"] = [] if stage.intensity is None else [int(j) for j in stage.intensity.beam_off
@@ -370,6 +402,21 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
         return facts
     finally:
         source.close()
+        if part is not None and part.h5.id.valid:  # failed: its file left as it is
+            part.h5.close()
+
+
+def kept(path: str, fn, *args):
+    """``fn(*args)``, a dict, kept in the file ``path`` (written whole once it is done): a split run started
+    again after a kill takes it from there (with ``kept: True``) rather than doing it again."""
+    try:
+        with open(path, "rb") as f:
+            return {**pickle.load(f), "kept": True}
+    except (FileNotFoundError, EOFError, pickle.UnpicklingError):
+        pass
+    result = fn(*args)
+    write_atomic(Path(path), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    return result
 
 
 # -- the chunks' edges, and the merge -----------------------------------------------------------------
@@ -412,12 +459,8 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
     started = time.monotonic()
     cfg, auto_found = resolve_auto(cfg)
     if cfg.export.format == "stack":
-        raise ConfigError("export.format: stack: a scan split over workers writes no corrected.h5, expected "
-                          "sparse (the default, not written by a split run) or none; run it in one process for "
-                          "the export")
-    if cfg.export.format == "sparse":
-        log.warning("export.format: sparse: a scan split over workers writes no sparse scan (corrected.h5) yet, "
-                    "so it cannot be resegmented or tuned; run it in one process for that")
+        raise ConfigError("export.format: stack: a scan split over workers writes no stack of corrected frames, "
+                          "expected sparse (the default) or none; run it in one process for the stack")
     source = _open_recorded(cfg)
     n = source.n_frames
     source.close()
@@ -429,24 +472,30 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
     out_dir = Path(cfg.output.dir)
     outdir.check_free(out_dir)
     identity = identity_config(cfg)
-    if not overwrite and checkpoint.unfinished_run(out_dir, identity):  # a split run killed: start it again
+    spill_dir = out_dir / checkpoint.RUN_DIR / SPLIT_DIR
+    resuming = not overwrite and checkpoint.unfinished_run(out_dir, identity)
+    if resuming:  # a split run killed: what its tasks finished is kept in spill_dir, the rest runs again
         lock = outdir.OutputLock(out_dir)
         checkpoint.forget_unsaved_difspots(out_dir, None)
     else:
         lock = prepare_output(out_dir, overwrite)
     outcome = "failed"
     try:
+        if not resuming:
+            shutil.rmtree(spill_dir, ignore_errors=True)
         checkpoint.start_run(out_dir, identity)
-        spill_dir = out_dir / checkpoint.RUN_DIR / SPLIT_DIR
         spill_dir.mkdir(parents=True, exist_ok=True)
         extra = {"resources": resources} if resources else {}
-        ctx_future = client.submit(scan_context, cfg, pure=False, key=f"dctstream-split-context-{out_dir.name}",
-                                   **extra)
+        # a key of its own for each attempt: the scheduler may still hold a killed attempt's tasks (failed)
+        tag = f"dctstream-split-{out_dir.name}-{uuid.uuid4().hex[:8]}"
+        ctx_future = client.submit(kept, str(spill_dir / CONTEXT_FILE), scan_context, cfg, pure=False,
+                                   key=f"{tag}-context", **extra)
 
         def submit(chunk: Chunk):
             path = spill_dir / f"{chunk.seg_start:09d}-{chunk.seg_end:09d}.pkl"
-            future = client.submit(run_chunk, cfg, ctx_future, chunk, str(path), cores, pure=False,
-                                   key=f"dctstream-split-{out_dir.name}-{chunk.seg_start}-{chunk.seg_end}", **extra)
+            future = client.submit(kept, str(path.with_suffix(".done")), run_chunk, cfg, ctx_future, chunk,
+                                   str(path), cores, pure=False, key=f"{tag}-{chunk.seg_start}-{chunk.seg_end}",
+                                   **extra)
             return future, path
 
         runs = {chunk: submit(chunk) for chunk in chunks}
@@ -477,10 +526,10 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
         bounds = [0] + edges + [n + 1]
         stats, split = _merge(cfg, ctx, chunks, facts, bounds, [runs[c][1] for c in chunks], out_dir)
         split.update(chunks=[[c.start, c.end] for c in chunks], edges=edges, rerun=rerun, parts=parts,
+                     kept=[[c.start, c.end] for c in chunks if facts[c].get("kept")],
+                     kept_context=bool(ctx.get("kept")),
                      elapsed_s=round(time.monotonic() - started, 3))
-        for path in spill_dir.glob("*.pkl"):
-            path.unlink()
-        checkpoint.finish_run(out_dir)
+        checkpoint.finish_run(out_dir)  # the chunks' files too
         outcome = "finished"
         try:
             export_dct(out_dir)
@@ -558,6 +607,9 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
                                        cfg.segmentation.connectivity, detector.binning)
         stats.difspots_written -= joined
         stats.seam_joined = joined
+    if cfg.export.format == "sparse":
+        _merge_sparse(cfg, ctx, chunks, [sparse_part(p) for p in spills], out_dir, detector, params.tile_px,
+                      stats, table)
     table.close()
     noise = [v for c in chunks for v in facts[c]["noise"]]
     if noise:
@@ -583,6 +635,45 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
              "fingerprint_s": [round(facts[c]["fingerprint_s"], 3) for c in chunks],
              "frames_read": int(sum(facts[c]["frames_read"] for c in chunks))}
     return stats, split
+
+
+def _merge_sparse(cfg: Config, ctx: dict, chunks, parts, out_dir: Path, detector: Detector, tile_px: int,
+                  stats: Stats, table: SpotTable) -> None:
+    """``OUT/corrected.h5`` from the chunks' parts, frame by frame as one process writes it."""
+    shape = detector.shape
+    mask = beam_mask(ctx["direct_beam"], shape) | ctx["pixel_mask"]
+    psi = ctx["psi"]
+    measured = None
+    writer = None
+    low = high = None
+    try:
+        for chunk, path in zip(chunks, parts):
+            with SparseScan(path) as part:
+                if len(part) != chunk.end - chunk.start:
+                    raise InputError(f"{path}: {len(part)} frames, expected {chunk.end - chunk.start} (frames "
+                                     f"{chunk.start} to {chunk.end - 1}): a chunk's part of the sparse scan")
+                if writer is None:
+                    measured = part.unfiltered
+                    writer = SparseScanWriter(out_dir / "corrected.h5", cfg.export, shape, mask, tile_px,
+                                              int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize,
+                                              binning=detector.binning, binning_mode=cfg.detector.binning_mode,
+                                              angles=bool(psi), direct_beam=stats.direct_beam, unfiltered=measured)
+                    if ctx["stretch"] is not None:
+                        writer.set_stretch(ctx["stretch"])
+                for f, *pixels in part.frames(unfiltered=measured):
+                    k = chunk.start + f
+                    writer.write_pixels(k, *pixels[:3], part.cut[f], part.noise_sigma[f], psi[k] if psi else None,
+                                        pixels[3] if measured else None)
+                cuts = (float(part.cut.min()), float(part.cut.max()))
+                low, high = (cuts if low is None else (min(low, cuts[0]), max(high, cuts[1])))
+        writer.close()
+    finally:
+        if writer is not None and writer.h5.id.valid:
+            writer.h5.close()
+    stats.export_reduction = writer.reduction
+    table.update_attrs({"export_reduction": writer.reduction})
+    stats.sparse_fill_fraction, stats.sparse_bytes_per_frame = writer.fill_fraction, writer.bytes_per_frame
+    stats.sparse_cut = sparse_cut_note(cfg.export, low, high)
 
 
 def _psi_at(psi: list[float], frame: float) -> float:

@@ -16,19 +16,23 @@ from dctstream import checkpoint
 from rich.console import Console
 
 from dctstream.campaign import (
+    RESEGMENT_SUMMARY_FILE,
     SUMMARY_COLUMNS,
     SUMMARY_FILE,
     Campaign,
     jobqueue_cluster,
+    list_runs,
     list_scans,
     process_job,
     render_running,
     summary_table,
     write_summary,
 )
+from dctstream.cli import main
 from dctstream.config import load_config
 from dctstream.errors import ConfigError, InputError
 from dctstream.record import read_record
+from dctstream.resegment import resegment
 from dctstream.runner import process_scan
 from dctstream.status import write_json_atomic
 from simulators.dct_scan import simulate_scan
@@ -278,3 +282,39 @@ def test_bench_campaign_counts_every_frame_of_every_scan(tmp_path):
     assert run["scans_per_min"] == pytest.approx(60 * 2 / run["wall_s"])
     assert len(list((tmp_path / "out_1").glob("scan_*_1.1/spots.h5"))) == 2
     assert format_campaign(report).splitlines()[2].split()[:2] == ["1", f"{run['wall_s']:.1f}"]
+
+
+def test_resegment_a_campaign_from_its_sparse_scans(scans, client, tmp_path, capsys):
+    """``campaign --resegment``: every run under a campaign's folder segmented again from its sparse scan, one
+    Dask task each, as ``dctstream resegment`` does; the same command again skips them; a setting a
+    resegmentation cannot change fails each run, not the campaign; a folder without runs is refused."""
+    results = tmp_path / "results"
+    for job in list_scans([str(scans / "a.h5"), str(scans / "b.h5")], results, overrides=OVERRIDES):
+        process_scan(job.cfg, display=False)
+    more = ["segmentation.seed_sigma=9"]
+    jobs = list_runs([results], more)
+    assert [job.name for job in jobs] == ["a_1.1", "b_1.1"]
+
+    rows = Campaign(jobs, results, summary_file=RESEGMENT_SUMMARY_FILE).run(client)
+
+    assert [row["state"] for row in rows] == ["finished", "finished"], rows
+    for job, row in zip(jobs, rows):
+        want = resegment(job.source, more, tmp_path / "want" / job.name)  # one process
+        assert_same_outputs(outputs(Path(job.cfg.output.dir)), outputs(Path(want["out_dir"])))
+        assert row["spots"] == want["difspots"] > 0
+        assert "seed_sigma: 9" in "\n".join(outputs(Path(job.cfg.output.dir))["attrs"]["config"])
+        assert job.cfg.output.dir == str(results / job.name / "resegmented") and row["frames"] == FRAMES
+    assert (results / RESEGMENT_SUMMARY_FILE).is_file() and not (results / SUMMARY_FILE).exists()
+
+    done = snapshot(results)
+    code = main(["campaign", "--resegment", str(results), "--set", more[0], "--cluster", client.scheduler.address])
+    assert code == 0, capsys.readouterr().err
+    again = [line.split("\t") for line in (results / RESEGMENT_SUMMARY_FILE).read_text().splitlines()[1:]]
+    assert [line[:2] for line in again] == [["a_1.1", "skipped"], ["b_1.1", "skipped"]]
+    assert {k: v for k, v in snapshot(results).items() if k != RESEGMENT_SUMMARY_FILE} == \
+        {k: v for k, v in done.items() if k != RESEGMENT_SUMMARY_FILE}
+
+    bad = list_runs([results], ["background.window=5"])
+    assert [job.cfg for job in bad] == [None, None] and "background.window" in bad[0].error
+    with pytest.raises(InputError, match="no corrected.h5 in it or below it"):
+        list_runs([tmp_path / "want" / "a_1.1"])

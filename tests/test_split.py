@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dctstream import split
+from dctstream import checkpoint, split
 from dctstream.cli import main
 from dctstream.config import load_config
 from dctstream.errors import ConfigError
@@ -20,11 +20,10 @@ from test_resume import assert_same_outputs, outputs
 distributed = pytest.importorskip("distributed")
 
 FRAMES, SIZE = 160, 64
-# max_blob_size 5 frames: a chunk's segmenter starts 28 frames before it, its edge is looked for over 18
-# no sparse scan: a split run does not write one (it says so), and the one-process run it is compared with
-# would record its size
+# max_blob_size 5 frames: a chunk's segmenter starts 28 frames before it, its edge is looked for over 18;
+# export.format: sparse, the default
 OVERRIDES = ["background.window=11", "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false",
-             "source.angles=auto", "dark.url=auto", "export.format=none"]
+             "source.angles=auto", "dark.url=auto"]
 EDGE = 80  # a chunk starts where a spot of several frames is brightest
 SEAM_SPOT, EDGE_SPOT = (9, 9), (50, 12)  # (y, x)
 
@@ -62,6 +61,8 @@ def reference(scan, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     stats = process_scan(_cfg(scan, out), display=False)
     assert stats.seam_joined == 1 and stats.difspots_written > 20
+    sparse = outputs(out)["sparse"]
+    assert len(sparse["1.1/row"]) == len(sparse["1.1/unfiltered"]) > 0  # a sparse scan, with unfiltered values
     return out
 
 
@@ -70,6 +71,21 @@ def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     with cluster, distributed.Client(cluster) as c:
         yield c
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class InProcess:
+    """A client that runs each task at once, in this process."""
+
+    def submit(self, fn, *args, pure=None, key=None):
+        return _Done(fn(*[a.result() if isinstance(a, _Done) else a for a in args]))
 
 
 def _spots_across(out: Path, yx, frame: int) -> list[dict]:
@@ -90,7 +106,8 @@ def test_split_scan_equals_one_process(scan, reference, client, tmp_path, parts,
     assert len(info["chunks"]) == chunks and info["rerun"] == 0  # 6: the first would start too early
     want = json.loads((reference / "run.json").read_text())
     for key in ("rejected", "noise_sigma_range", "noise_sigma_by_frame", "normalise", "seam_joined",
-                "difspots_written", "seed_threshold", "flood_frames_total"):
+                "difspots_written", "seed_threshold", "flood_frames_total", "export_reduction", "sparse_cut",
+                "sparse_fill_fraction", "sparse_bytes_per_frame"):
         assert record["stats"][key] == want["stats"][key], key
     assert record["state"] == "finished" and not (out / ".dctstream").exists()
     # the spot across 0/360 degrees is one, made of the first chunk's blob and the last one's
@@ -100,26 +117,64 @@ def test_split_scan_equals_one_process(scan, reference, client, tmp_path, parts,
         assert len(_spots_across(out, EDGE_SPOT, EDGE)) == 1
 
 
+def test_stretched_sparse_scan_equals_one_process(scan, client, tmp_path):
+    """export.dtype uint16: every chunk's values stretched by frame 0's percentiles, as one process does."""
+    more = ["export.dtype=uint16"]
+    one = tmp_path / "one"
+    process_scan(_cfg(scan, one, *more), display=False)
+    record = split.run_split(_cfg(scan, tmp_path / "out", *more), client, 2)
+    got, want = outputs(tmp_path / "out"), outputs(one)
+    assert want["sparse"]["1.1/intensity"].dtype == np.uint16
+    assert_same_outputs(got, want)
+    with h5py.File(one / "corrected.h5") as a, h5py.File(tmp_path / "out" / "corrected.h5") as b:
+        assert dict(b.attrs) == dict(a.attrs) and "stretch_lo" in a.attrs
+    assert record["stats"]["export_reduction"] == json.loads((one / "run.json").read_text())["stats"][
+        "export_reduction"]
+
+
+def test_killed_split_run_restarts_without_redoing_finished_chunks(scan, reference, client, tmp_path,
+                                                                   monkeypatch):
+    """The last chunk dies half-way (its blob file cut short): the run stops, unfinished; the same command
+    again, on the cluster, takes the first task's result and the finished chunks from OUT/.dctstream/split
+    and runs only that chunk, with outputs identical to one process's."""
+    out = tmp_path / "out"
+    cfg = _cfg(scan, out)
+    starts = [EDGE - 30, EDGE]
+    chunks = split.plan(FRAMES, 3, cfg, starts)
+    last = chunks[-1]
+    run_chunk = split.run_chunk
+
+    def killed(cfg, ctx, chunk, spill, cores=1):
+        if chunk == last:
+            Path(spill).write_bytes(b"\x80\x05 a blob file cut short")
+            raise KeyboardInterrupt("killed")
+        return run_chunk(cfg, ctx, chunk, spill, cores)
+
+    monkeypatch.setattr(split, "run_chunk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        split.run_split(cfg, InProcess(), 3, starts=starts)
+    monkeypatch.undo()
+    done = sorted(p.name for p in (out / ".dctstream" / split.SPLIT_DIR).glob("*.done"))
+    assert len(done) == 3 and split.CONTEXT_FILE in done  # the first task and the two chunks that finished
+    assert checkpoint.marker_path(out).exists()  # an unfinished run
+    (out / "difspots").mkdir(exist_ok=True)  # and what a merge killed half-way leaves
+    (out / "difspots" / "000999.h5").write_bytes(b"cut short")
+    (out / "corrected.h5").write_bytes(b"cut short")
+    record = split.run_split(cfg, client, 3, starts=starts)
+    info = record["split"]
+    assert info["kept"] == [[c.start, c.end] for c in chunks[:2]] and info["kept_context"]
+    assert_same_outputs(outputs(out), outputs(reference))
+    assert record["state"] == "finished" and not (out / ".dctstream").exists()
+
+
 def test_chunks_that_never_agree_are_run_as_one(scan, reference, tmp_path, monkeypatch):
     """A segmenter started 2 frames before its chunk cannot agree with the previous one at the chunk's first
     frame (regions across its start are cut): the edge moves on, or the two chunks run as one: exact anyway."""
     monkeypatch.setattr(split, "PRE_REACHES", 0)
     monkeypatch.setattr(split, "MARGIN_FRAMES", 2)
     monkeypatch.setattr(split, "POST_REACHES", 0)
-
-    class Done:  # a client that runs each task at once, in this process (the constants above hold there)
-        def __init__(self, value):
-            self.value = value
-
-        def result(self):
-            return self.value
-
-    class Client:
-        def submit(self, fn, *args, pure=None, key=None):
-            return Done(fn(*[a.result() if isinstance(a, Done) else a for a in args]))
-
     out = tmp_path / "out"
-    record = split.run_split(_cfg(scan, out), Client(), 6)
+    record = split.run_split(_cfg(scan, out), InProcess(), 6)  # the constants above hold in this process
     assert_same_outputs(outputs(out), outputs(reference))
     assert record["split"]["rerun"] >= 1
 
@@ -136,6 +191,15 @@ def test_chunk_plan():
         assert list(d.lower) == list(range(d.start, d.start + post, split.FINGERPRINT_EVERY)) == list(c.upper)
     assert chunks[-1].seg_end == 160 and chunks[0].seg_start == 0
     assert [c.start for c in split.plan(160, 20, cfg)] == [0, 48, 72, 96, 120]  # chunks of at least 18 frames
+
+
+def test_run_split_from_the_command_line(scan, reference, client, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", "--source", scan, "--out", str(out), "--split", "2", "--cluster", client.scheduler.address,
+                 *[a for o in OVERRIDES for a in ("--set", o)]])
+    assert code == 0, capsys.readouterr().err
+    assert f"{FRAMES} frames in 2 chunks on {client.scheduler.address}" in capsys.readouterr().out
+    assert_same_outputs(outputs(out), outputs(reference))
 
 
 def test_cluster_options_need_split(tmp_path, capsys):

@@ -66,11 +66,20 @@ def _stretch(values: np.ndarray, stretch, dtype) -> np.ndarray:
     return np.clip(np.rint((values - lo) / (hi - lo) * qmax), 0, qmax).astype(dtype)
 
 
-def _first_stretch(h5, cfg, frame, keep):
+def first_stretch(cfg, frame, keep) -> tuple[float, float]:
+    """(lo, hi): the ``export.percentiles`` of the first exported frame's ``keep`` pixels."""
     lo, hi = np.percentile(frame[keep], cfg.percentiles)
-    stretch = (float(lo), float(max(hi, lo + 1e-6)))
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def _put_stretch(h5, stretch) -> None:
     h5.attrs.update({"stretch_lo": stretch[0], "stretch_hi": stretch[1],
                      "stretch": "value ~ stretch_lo + q * (stretch_hi - stretch_lo) / qmax"})
+
+
+def _first_stretch(h5, cfg, frame, keep):
+    stretch = first_stretch(cfg, frame, keep)
+    _put_stretch(h5, stretch)
     return stretch
 
 
@@ -225,8 +234,7 @@ class SparseScanWriter:
         self.pixels = int(state["pixels"])
         self.stretch = None if state["stretch"] is None else tuple(state["stretch"])
         if self.stretch is not None:
-            self.h5.attrs.update({"stretch_lo": self.stretch[0], "stretch_hi": self.stretch[1],
-                                  "stretch": "value ~ stretch_lo + q * (stretch_hi - stretch_lo) / qmax"})
+            _put_stretch(self.h5, self.stretch)
         if len(state["rows"]):
             self._pending = [(np.asarray(state["rows"], np.uint16), np.asarray(state["cols"], np.uint16),
                               np.asarray(state["values"], self.dtype),
@@ -242,18 +250,40 @@ class SparseScanWriter:
               psi_deg: float | None = None, unfiltered: np.ndarray | None = None) -> None:
         """Frame k's pixels at or above ``cut`` (float32 tile map), with ``noise_sigma`` (tile map); with the
         writer's ``unfiltered``, the same pixels of ``unfiltered`` (the frame before its median filter)."""
+        cut = np.ascontiguousarray(cut, np.float32)
+        self._check(k, cut, noise_sigma, unfiltered)
+        if self.dtype != np.float32 and self.stretch is None:
+            self.stretch = _first_stretch(self.h5, self.cfg, frame, ~self.mask)
+        rows, cols, values, below = self._select(frame, cut, unfiltered)
+        self._add(rows, cols, values, cut, noise_sigma, psi_deg, below)
+
+    def write_pixels(self, k: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, cut: np.ndarray,
+                     noise_sigma: np.ndarray, psi_deg: float | None = None,
+                     unfiltered: np.ndarray | None = None) -> None:
+        """Frame k's pixels already selected (float32 values, as `write` selects them, and their unfiltered
+        values): the frames of a scan split over workers. A stretched export's ``stretch`` is set before."""
+        cut = np.ascontiguousarray(cut, np.float32)
+        self._check(k, cut, noise_sigma, unfiltered)
+        if self.dtype != np.float32 and self.stretch is None:
+            raise ValueError(f"frame {k}: export.dtype {self.dtype}: expected the stretch set before")
+        self._add(np.asarray(rows, np.uint16), np.asarray(cols, np.uint16), np.asarray(values, np.float32), cut,
+                  noise_sigma, psi_deg, unfiltered)
+
+    def set_stretch(self, stretch: tuple[float, float]) -> None:
+        self.stretch = (float(stretch[0]), float(stretch[1]))
+        _put_stretch(self.h5, self.stretch)
+
+    def _check(self, k: int, cut: np.ndarray, noise_sigma: np.ndarray, unfiltered) -> None:
         if (unfiltered is not None) != (len(self.pixel_names) > 3):
             raise ValueError(f"frame {k}: unfiltered: expected {'a frame' if len(self.pixel_names) > 3 else None}")
         if k != self.frames:
             raise ValueError(f"frame {k}: expected frame {self.frames}")
-        cut = np.ascontiguousarray(cut, np.float32)
         if cut.shape != self.tiles or np.shape(noise_sigma) != self.tiles:
             raise ValueError(f"frame {k}: cut, noise_sigma: expected {self.tiles} tile maps, got {cut.shape}, "
                              f"{np.shape(noise_sigma)}")
-        if self.dtype != np.float32 and self.stretch is None:
-            self.stretch = _first_stretch(self.h5, self.cfg, frame, ~self.mask)
-        rows, cols, values, below = self._select(frame, cut, unfiltered)
-        more = () if unfiltered is None else (_stretch(below, self.stretch, self.dtype),)
+
+    def _add(self, rows, cols, values, cut, noise_sigma, psi_deg, unfiltered) -> None:
+        more = () if unfiltered is None else (_stretch(np.asarray(unfiltered, np.float32), self.stretch, self.dtype),)
         self._pending.append((rows, cols, _stretch(values, self.stretch, self.dtype), *more))
         self._pending_px += rows.size
         self._nnz.append(rows.size)
