@@ -452,7 +452,8 @@ def test_two_runs_into_one_folder_and_a_signal(tiny_scan, tmp_path):
 
 
 def test_resume_accepts_the_folder_by_another_path(files, tiny_scan, tmp_path):
-    env = {**_env(), "DCTSTREAM_CRASH_AT": "frame:25"}
+    # killed while saving its 3rd checkpoint: two are on disk whatever the timing of the writer thread
+    env = {**_env(), "DCTSTREAM_CRASH_AT": "checkpoint:3"}
     killed = _cli(*_run_argv(tiny_scan.frames_url, "out", "--set", "output.checkpoint_every_frames=5"),
                   cwd=tmp_path, env=env)
     assert killed.returncode == -signal.SIGKILL
@@ -470,7 +471,7 @@ def test_resume_refuses_another_scan_in_the_same_file(tiny_scan, tmp_path):
     scan = tmp_path / "scan.h5"
     shutil.copy(tiny_scan.path, scan)
     url = f"{scan}::{FRAMES}"
-    env = {**_env(), "DCTSTREAM_CRASH_AT": "frame:25"}
+    env = {**_env(), "DCTSTREAM_CRASH_AT": "checkpoint:3"}  # two checkpoints on disk, whatever the timing
     killed = _cli(*_run_argv(url, "out", "--set", "output.checkpoint_every_frames=5"), cwd=tmp_path, env=env)
     assert killed.returncode == -signal.SIGKILL
     simulate_scan(scan, frames=40, size=64, spots=10, seed=7)  # the file is replaced by another scan
