@@ -277,6 +277,16 @@ def test_tune_marks_a_seed_threshold_where_recall_and_precision_reach_097(tmp_pa
     assert (tmp_path / "tune.png").stat().st_size > 1000
 
 
+def test_tune_says_when_the_cut_kept_the_sweep_above_the_noise():
+    row = {"median_area": 9.0, "median_frames": 3.0, "noisy": 0, "too_small": 0, "too_large": 0,
+           "seed_min_voxels": 0, "floods": 0}
+    result = {"key": "seed_sigma", "knee": 1, "frames": 10, "finished_scan": True, "seconds": 1.0,
+              "rows": [{**row, "value": v, "spots": n} for v, n in ((5.0, 60), (6.0, 40), (8.0, 38))]}
+    below = format_tune({**result, "refused": [(4.0, "segmentation.grow_low: needs ...")]}, "OUT")
+    assert "below 5: a run with a lower export.cut_sigma" in below
+    assert "export.cut_sigma" not in format_tune({**result, "refused": [(9.0, "...")]}, "OUT")
+
+
 # ---- the sparse scan writer ----------------------------------------------------------------------
 
 TILE = 16
