@@ -361,6 +361,10 @@ def format_tune(result: dict, run_dir) -> str:
                      + ("  <- knee" if i == knee else ""))
     for value, why in result["refused"]:
         lines.append(f"{value:14.4g} refused: {why}")
+    if any(value < rows[0]["value"] for value, _ in result["refused"]):
+        # without the values where noise seeds start, the curve's bend is among the real spots, too high
+        lines += ["", f"below {rows[0]['value']:g}: a run with a lower export.cut_sigma; the knee marks where noise "
+                  "seeds end only when the sweep starts among them (far more spots at its first value)"]
     if knee is not None:
         value = rows[knee]["value"]
         lines += ["", f"suggested: segmentation.{key}={value:g}; apply it with",
