@@ -105,6 +105,20 @@ def box_grown(box: Box, px: int, shape: tuple[int, int]) -> Box:
     return (x0, y0, x1 - x0, y1 - y0)
 
 
+def box_ahead(found: Box | None, before: Box | None, shape: tuple[int, int]) -> Box | None:
+    """``found`` with each edge that moved outwards since ``before`` (the beam found last time) moved as
+    far again: where a beam that moves steadily will be by the next finding."""
+    if found is None or before is None:
+        return found
+    fx0, fy0, fw, fh = found
+    bx0, by0, bw, bh = before
+    ny, nx = shape
+    x0, y0 = max(fx0 - max(bx0 - fx0, 0), 0), max(fy0 - max(by0 - fy0, 0), 0)
+    x1 = min(fx0 + fw + max(fx0 + fw - bx0 - bw, 0), nx)
+    y1 = min(fy0 + fh + max(fy0 + fh - by0 - bh, 0), ny)
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
 def followed_box(current: Box | None, found: Box | None, band: int, shape: tuple[int, int]) -> Box | None:
     """The beam box to use from now on, ``current`` the one in use and ``found`` the one just found.
 

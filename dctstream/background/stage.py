@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..direct_beam import box_union, detect_direct_beam, followed_box, margin_mean
+from ..direct_beam import box_ahead, box_union, detect_direct_beam, followed_box, margin_mean
 from ..errors import InputError
 from ..ring import FrameRing
 from .kernels import (HistogramWindow, SortedWindow, median_filter, normalise_into, normalised_minus_background,
@@ -154,14 +154,15 @@ class BackgroundStage:
     ``follow_beam``: the beam is found again along the scan (`followed_box`): ``self.beam`` is the box of
     the frame last emitted, ``self.beam_track`` lists ``(first frame, box)`` each time it changed, and the
     box's pixels read 0 in the corrected frames (never segmented, however the beam moved). A resumed
-    stage is given the track of the frames before the first it emits.
+    stage is given the track of the frames before the first it emits, and ``beam_found``: ``(frame, box)``
+    each time the beam was looked for.
     """
 
     def __init__(self, cfg, *, frame_shape, dtype, dark=None, direct_beam="none",
                  beam_margin_px: int = 10, filter_size: int = 3, gain=None, pixel_mask=None,
                  first_window=None, first_frame: int = 0, margin_ref: float | None = None,
                  known_scales=None, auto_enabled: bool | None = None, known_samples=None,
-                 follow_beam: bool = False, beam_track=None):
+                 follow_beam: bool = False, beam_track=None, beam_found=None):
         """``gain`` multiplies each pixel after the dark (> 0); ``pixel_mask`` marks pixels left out of the
         margin means; ``first_window(ring, slots) -> (dark or None, pixel_mask)`` is called once the first
         window of frames is in, before they are used (to estimate the dark or find bad pixels from them).
@@ -186,8 +187,10 @@ class BackgroundStage:
         self.beam_track: list[tuple[int, tuple | None]] = [(int(f), None if b is None else tuple(b))
                                                           for f, b in (beam_track or [])]
         self.beam = self.beam_track[-1][1] if self.beam_track else self.direct_beam
+        self.beam_found: list[tuple[int, tuple | None]] = [(int(f), None if b is None else tuple(b))
+                                                          for f, b in (beam_found or [])]
         # room for the beam to move between two findings, and hysteresis (see followed_box)
-        self._beam_band = max(2, 2 * beam_margin_px)
+        self._beam_band = max(1, beam_margin_px)
         self.filter_size = filter_size
         # the histogram drops frame f - window while adding frame f: both must be in the ring
         self.ring = FrameRing(self.window + self.batch, self.frame_shape, self.dtype)
@@ -337,10 +340,15 @@ class BackgroundStage:
         if self._start(k) != self._centre(k) - self.window // 2:  # the median's beam is not this frame's
             frame = (self.ring.data[self.ring.slot(k)].astype(np.float32) - self.dark) * self.gain
             found = box_union(found, detect_direct_beam(frame, self._beam_margin_px, self.pixel_mask))
-        beam = followed_box(self.beam, found, self._beam_band, self.frame_shape)
+        before = self.beam_found[-1][1] if self.beam_found else None
+        self.beam_found.append((k, found))
+        beam = followed_box(self.beam, box_ahead(found, before, self.frame_shape), self._beam_band,
+                            self.frame_shape)
         if beam != self.beam:
             log.info("frame %d: the direct beam moved from %s to %s", k, self.beam, beam)
             self.beam = beam
+            if self.beam_track and self.beam_track[-1][0] == k:  # found again on the frame it was found for
+                self.beam_track.pop()
             self.beam_track.append((k, beam))
 
     def _normalise(self, k: int, slot: int) -> None:
