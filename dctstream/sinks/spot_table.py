@@ -21,7 +21,7 @@ column               dtype    meaning
 ``bbox_y0``          int64    first row of the bounding box
 ``bbox_x_size``      int64    bounding-box width in columns
 ``bbox_y_size``      int64    bounding-box height in rows
-``touches_mask``     uint8    1 when the bounding box, grown by 1 px, holds pixels never
+``touches_mask``     int64    1 when the bounding box, grown by 1 px, holds pixels never
                               segmented (the direct beam of its frames, bad pixels,
                               detector gaps): the spot may be partly hidden
 ``centroid_psi_deg`` float64  rotation angle at ``centroid_frame``, degrees; only
@@ -67,7 +67,7 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "bbox_y0": (np.int64, "first row of the bounding box, 0-based absolute"),
     "bbox_x_size": (np.int64, "bounding-box width in columns"),
     "bbox_y_size": (np.int64, "bounding-box height in rows"),
-    "touches_mask": (np.uint8, "1 when the bounding box, grown by 1 px, holds pixels never segmented (the direct "
+    "touches_mask": (np.int64, "1 when the bounding box, grown by 1 px, holds pixels never segmented (the direct "
                                "beam of its frames, bad pixels, detector gaps): the spot may be partly hidden"),
     "centroid_psi_deg": (np.float64, "rotation angle at centroid_frame, degrees; "
                                      "only present when the angles were given"),
