@@ -339,7 +339,12 @@ class BackgroundStage:
         found = detect_direct_beam(image, self._beam_margin_px, self.pixel_mask)
         if self._start(k) != self._centre(k) - self.window // 2:  # the median's beam is not this frame's
             frame = (self.ring.data[self.ring.slot(k)].astype(np.float32) - self.dark) * self.gain
-            found = box_union(found, detect_direct_beam(frame, self._beam_margin_px, self.pixel_mask))
+            own = detect_direct_beam(frame, self._beam_margin_px, self.pixel_mask)
+            # within the margin of the median's, the frame's own (noisier) box says nothing more
+            if found is None or own is None or max(abs(a - b) for a, b in zip(
+                    (*found[:2], found[0] + found[2], found[1] + found[3]),
+                    (*own[:2], own[0] + own[2], own[1] + own[3]))) > self._beam_band:
+                found = box_union(found, own)
         before = self.beam_found[-1][1] if self.beam_found else None
         self.beam_found.append((k, found))
         beam = followed_box(self.beam, box_ahead(found, before, self.frame_shape), self._beam_band,
