@@ -18,7 +18,8 @@ spots, a top-up and the 0/360 crossing together), ``overlaps`` (touching spot
 pairs with separate maxima), ``bright_start`` (bright spots in the first 5
 frames) and ``photon_counting`` (uint32 counts, no offsets or read noise, a
 background of 0-0.5 counts per pixel, no direct beam, gaps between the 2 x 2
-modules at the invalid value 0xFFFFFFFF, as an Eiger writes them).
+modules at the invalid value 0xFFFFFFFF, as an Eiger writes them) and ``moving_beam`` (a direct
+beam whose box moves and grows with psi).
 
 Frames are written by `simulate_scan` in its Bliss-like layout; the ground
 truth holds `simulate_scan`'s columns (``x``, ``y``, ``frame`` are the centroid
