@@ -46,8 +46,8 @@ from scipy.spatial import ConvexHull
 from scipy.special import erf
 
 from simulators.dct_scan import (_NOISE_STREAM, BEAM_COUNTS, BEAM_EDGE_INSET_PX, BEAM_EDGE_SIGMA_PX, GLOW_COUNTS,
-                                 READ_NOISE_COUNTS, SOURCE_DECAY, SOURCE_RIPPLE, SOURCE_RIPPLE_PERIOD_FRAMES, SPOT_CUTOFF_SIGMAS, TRUTH_PATH, ScanModel, ScanTruth,
-                                 _truth, simulate_scan)
+                                 READ_NOISE_COUNTS, SOURCE_DECAY, SOURCE_RIPPLE, SOURCE_RIPPLE_PERIOD_FRAMES,
+                                 SPOT_CUTOFF_SIGMAS, TRUTH_PATH, ScanModel, ScanTruth, _truth, simulate_scan)
 
 _SPOT_STREAM = 10  # rng stream of the hard scans' spots, apart from ScanModel's
 _DARK_STREAM = 3
