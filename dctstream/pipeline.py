@@ -835,8 +835,10 @@ class Pipeline:
             return
         raw_frame_bytes = int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize
         path = self.out_dir / "corrected.h5"
-        if cfg.format == "stack":
-            self.export = CorrectedFrameWriter(path, cfg, mask.shape, mask, raw_frame_bytes, binning=detector.binning)
+        if cfg.format == "stack":  # its stretch from the first frame leaves out that frame's beam, followed or not
+            beam = beam_mask(self.background.direct_beam, mask.shape)
+            self.export = CorrectedFrameWriter(path, cfg, mask.shape, mask | beam, raw_frame_bytes,
+                                               binning=detector.binning)
             return
         self.export = SparseScanWriter(path, cfg, mask.shape, mask, self.segmenter.params.tile_px, raw_frame_bytes,
                                        binning=detector.binning, binning_mode=self.cfg.detector.binning_mode,
