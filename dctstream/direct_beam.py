@@ -18,6 +18,10 @@ _MIN_CONTRAST = 10.0
 # 0.4 for an exponential).
 _PLATEAU_LEVEL = 0.25
 _MIN_PLATEAU = 0.75
+# The typical and brightest levels are taken from at most this many pixels (an even stride over the
+# rest): exact up to 512 x 512; at 2048 x 2048 the two percentiles of every pixel took 150 ms, too long
+# for a beam found again every few frames, and a 1-in-16 sample moves them by far less than the noise.
+_LEVEL_SAMPLES = 1 << 18
 
 
 def beam_mask(bbox: tuple[int, int, int, int] | None, shape: tuple[int, int]) -> np.ndarray:
@@ -39,11 +43,11 @@ def detect_direct_beam(image: np.ndarray, margin_px: int,
     no beam: nothing stands ``_MIN_CONTRAST`` times above the typical level, or
     what does is a smooth glow rather than a plateau.
     """
-    valid = image if mask is None else image[~np.asarray(mask, bool)]
+    valid = (image if mask is None else image[~np.asarray(mask, bool)]).reshape(-1)
     if valid.size == 0:
         return None
-    typical = max(float(np.percentile(valid, 50)), 0.0)
-    brightest = float(np.percentile(valid, 99.9))
+    typical, brightest = (float(v) for v in np.percentile(valid[::-(-valid.size // _LEVEL_SAMPLES)], [50, 99.9]))
+    typical = max(typical, 0.0)
     if brightest <= typical or brightest < _MIN_CONTRAST * max(typical, 1.0):
         return None
     usable = np.ones(image.shape, bool) if mask is None else ~np.asarray(mask, bool)
@@ -55,13 +59,12 @@ def detect_direct_beam(image: np.ndarray, margin_px: int,
     if n == 0:
         return None
     sizes = np.bincount(labels.ravel())[1:]
-    keep = np.isin(labels, 1 + np.flatnonzero(sizes >= _MIN_PART * sizes.max()))
-    ys, xs = np.nonzero(keep)
+    parts = [box for box, size in zip(ndi.find_objects(labels), sizes) if size >= _MIN_PART * sizes.max()]
     ny, nx = image.shape
-    x0 = max(int(xs.min()) - margin_px, 0)
-    y0 = max(int(ys.min()) - margin_px, 0)
-    x1 = min(int(xs.max()) + margin_px, nx - 1)
-    y1 = min(int(ys.max()) + margin_px, ny - 1)
+    x0 = max(min(p[1].start for p in parts) - margin_px, 0)
+    y0 = max(min(p[0].start for p in parts) - margin_px, 0)
+    x1 = min(max(p[1].stop for p in parts) - 1 + margin_px, nx - 1)
+    y1 = min(max(p[0].stop for p in parts) - 1 + margin_px, ny - 1)
     return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
 
 
