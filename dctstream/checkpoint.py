@@ -235,6 +235,8 @@ def capture(pipeline, k: int) -> Snapshot:
         "first_needed": first_needed,
         "first_raw": first_raw,
         "direct_beam": None if bg.direct_beam is None else [int(v) for v in bg.direct_beam],
+        "beam_track": [[f, None if b is None else [int(v) for v in b]] for f, b in list(pipeline._beam_track)],
+        "beam_found": [[f, None if b is None else [int(v) for v in b]] for f, b in list(bg.beam_found)],
         "margin_ref": None if bg.margin_ref is None else float(bg.margin_ref),
         "auto_normalise": None if bg.intensity is None else bool(bg.intensity.enabled),
         "has_psi": psi is not None,
@@ -295,7 +297,10 @@ def resume_background(resume, bbox) -> dict:
             "stage": {"first_frame": meta["first_raw"], "margin_ref": meta["margin_ref"],
                       "known_scales": resume[1]["frame_scales"], "auto_enabled": meta["auto_normalise"],
                       "known_samples": dict(zip(resume[1]["intensity_frames"].tolist(),
-                                                resume[1]["intensity_samples"]))}}
+                                                resume[1]["intensity_samples"])),
+                      # the beam followed up to the first frame emitted again (found again from there)
+                      "beam_track": [(f, b) for f, b in meta.get("beam_track", []) if f < meta["first_needed"]],
+                      "beam_found": [(f, b) for f, b in meta.get("beam_found", []) if f < meta["first_needed"]]}}
 
 
 def restore_detector(detector, meta: dict, arrays: dict[str, np.ndarray]) -> None:

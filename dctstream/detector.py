@@ -146,7 +146,7 @@ def unbin_blob(blob: Blob, b: int, binning_mode: str) -> Blob:
     f, my, mx = blob.max_index
     return Blob(id=blob.id, frame=frame[order], y=y[order], x=x[order], value=value[order],
                 max_index=(f, my * b, mx * b), max_value=float(blob.max_value * share), volume=volume,
-                total=None if blob.total is None else blob.total * share * b * b)
+                total=None if blob.total is None else blob.total * share * b * b, touches_mask=blob.touches_mask)
 
 
 class Detector:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
+import dataclasses
 import logging
 import os
 import re
@@ -22,7 +24,7 @@ from .atomic import crash_point
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
-from .direct_beam import beam_mask
+from .direct_beam import NeverSegmented, beam_mask
 from .errors import ConfigError, DctStreamError, InputError, OutputError
 from .order import PassMerge, PassTracker, arrange, frames_text
 from .overlap import Prefetch, Worker
@@ -70,6 +72,8 @@ class Stats:
     difspots_written: int = 0
     rejected: Counter = field(default_factory=Counter)
     direct_beam: tuple | None = None
+    # direct_beam.bbox: auto: [first frame, box or None] each time the beam box changed along the scan
+    direct_beam_track: list | None = None
     seed_threshold: tuple[float, float] | None = None  # (min, max) over the detector, current frame
     noise_sigma: float | None = None  # median over the detector, current frame
     noise_sigma_range: tuple[float, float] | None = None  # (min, max) of noise_sigma over the scan so far
@@ -258,6 +262,11 @@ class Pipeline:
         self.noise: NoiseTracker | None = None
         self._floods_said = 0  # flood events already counted in the stats
         self._first_frames: list[tuple[int, np.ndarray, np.ndarray]] = []  # corrected frames held for the noise estimate
+        # direct_beam.bbox: auto: (first frame, binned box or None) each time the beam box changed (main thread
+        # appends before it hands the frame over); the noise and touches_mask of frame k take its box
+        self._beam_track: list[tuple[int, tuple | None]] = []
+        self._noise_beam: tuple | None = None  # the beam box the noise tracker's mask holds
+        self._never: NeverSegmented | None = None  # which spots touch pixels never segmented
         self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
         # frames lost in transit and the stand-ins put in their place (main thread), from the oldest a checkpoint
         # may read again: a resumed run has fewer frames before them to make the same stand-ins from
@@ -366,6 +375,7 @@ class Pipeline:
                                           dark=detector.dark, direct_beam=resume.get("direct_beam", bbox),
                                           gain=detector.gain,
                                           pixel_mask=detector.mask, first_window=first_window,
+                                          follow_beam=cfg.direct_beam.bbox == "auto",
                                           **resume.get("stage", {}))
         # only now, with the frames' shape checked against the dark and the beam box, does output appear
         if not self.resuming:
@@ -605,7 +615,33 @@ class Pipeline:
         each on demand."""
         for k, *frames in self._timed_items("background", corrected):
             self.stats.frames_corrected += 1
+            if self.background.follow_beam:
+                self._note_beam(self._pass_offset + k, self.background.beam)
             self._segmenting.submit((self._pass_offset + k, *frames))
+
+    def _note_beam(self, k: int, box) -> None:
+        """Frame k's beam box (main thread), for the segmenting thread and the run record."""
+        track = self._beam_track
+        if track and track[-1][1] == box:
+            return
+        track.append((k, box))
+        unbin = self.detector.unbin_bbox
+        self.stats.direct_beam_track = [[f, None if b is None else [int(v) for v in unbin(b)]] for f, b in track]
+
+    def _beam_at(self, k: int):
+        """The beam box of frame k, binned, or None."""
+        track = self._beam_track
+        i = bisect.bisect_right(track, k, key=lambda entry: entry[0]) - 1
+        return track[i][1] if i >= 0 else None
+
+    def _noise_mask_for(self, k: int) -> None:
+        """Give the noise tracker frame k's mask: the fixed one and, followed along the scan, its beam box."""
+        if not self.background.follow_beam:
+            return
+        beam = self._beam_at(k)
+        if beam != self._noise_beam:
+            self._noise_beam = beam
+            self.noise.mask = beam_mask(beam, self.segmenter.frame_shape) | self.segmenter.mask
 
     def _place(self, frame) -> None:
         """A frame of a scan of passes: a new pass gets a background of its own."""
@@ -616,9 +652,10 @@ class Pipeline:
             self._segment(self.background.finish())
             self._pass_offset = self._tracker.starts[-1]
             previous = self.background
-            self.background = BackgroundStage(self.cfg.background, **self._stage_args, dark=previous.dark,
-                                              gain=previous.gain, pixel_mask=previous.pixel_mask,
-                                              direct_beam=previous.direct_beam or "none")
+            self.background = BackgroundStage(
+                self.cfg.background, **self._stage_args, dark=previous.dark, gain=previous.gain,
+                pixel_mask=previous.pixel_mask, follow_beam=previous.follow_beam,
+                direct_beam="auto" if previous.follow_beam else previous.direct_beam or "none")
             log.info("frame %d: pass %d begins at psi %g", frame.index, len(self._tracker.starts), frame.psi_deg)
 
     def _check_order(self, frame) -> None:
@@ -675,6 +712,7 @@ class Pipeline:
             self.segmenter.load_frame(k, frame, measure)
             return
         with self._timed("segment"):
+            self._noise_mask_for(k)
             sigma = self.noise.push(k, frame)
             seed, low = frame_maps(self.cfg.segmentation, sigma)
         self._note_noise(k, sigma, seed)
@@ -755,7 +793,12 @@ class Pipeline:
         self.stats.dark, self.stats.binning = facts["dark"], facts["binning"]
         self.stats.masked_pixels = {**detector.mask_counts, "all": facts["masked_pixels"]}
         self.table.attrs.update(facts)
-        return beam_mask(background.direct_beam, background.frame_shape) | background.pixel_mask
+        if background.follow_beam:  # the beam's pixels of each frame read 0 (see BackgroundStage)
+            mask = background.pixel_mask.copy()
+        else:
+            mask = beam_mask(background.direct_beam, background.frame_shape) | background.pixel_mask
+        self._never = NeverSegmented(mask, self._beam_track)
+        return mask
 
     def _start_segmenter(self) -> None:
         """Estimate the noise on the first corrected frames, start the segmenter and give it those frames."""
@@ -767,6 +810,8 @@ class Pipeline:
                             beam_mask(self.background.direct_beam, shape))
         floor = INTEGER_NOISE_FLOOR if detector.dtype.kind in "ui" else 0.0
         self.noise = NoiseTracker(shape, mask, floor=floor)
+        if self.background.follow_beam:
+            self.noise.mask = beam_mask(self._beam_at(self._first_frames[0][0]), shape) | mask
         flat = all(not np.any(frame[~mask]) for frame in first_frames)
         if self.cfg.segmentation.seed_threshold == "auto" and flat:
             raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "
@@ -805,8 +850,10 @@ class Pipeline:
             return
         raw_frame_bytes = int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize
         path = self.out_dir / "corrected.h5"
-        if cfg.format == "stack":
-            self.export = CorrectedFrameWriter(path, cfg, mask.shape, mask, raw_frame_bytes, binning=detector.binning)
+        if cfg.format == "stack":  # its stretch from the first frame leaves out that frame's beam, followed or not
+            beam = beam_mask(self.background.direct_beam, mask.shape)
+            self.export = CorrectedFrameWriter(path, cfg, mask.shape, mask | beam, raw_frame_bytes,
+                                               binning=detector.binning)
             return
         self.export = SparseScanWriter(path, cfg, mask.shape, mask, self.segmenter.params.tile_px, raw_frame_bytes,
                                        binning=detector.binning, binning_mode=self.cfg.detector.binning_mode,
@@ -816,6 +863,8 @@ class Pipeline:
 
     def _write(self, blobs) -> None:
         for blob in blobs:
+            f0, y0, x0, f1, y1, x1 = blob.bbox
+            blob = dataclasses.replace(blob, touches_mask=self._never.touches(f0, f1, y0, y1, x0, x1))
             self._writer.submit((blob, self._psi_at(blob.centroid[0]), self._acquired(blob.max_index[0])))
         self.stats.write_backlog = self._writer.backlog if self._writer is not None else 0
         if self.segmenter is not None:
@@ -862,6 +911,10 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     bg, stats = pipeline.background, pipeline.stats
     bg.emitted = meta["first_needed"]
     pipeline._sigma = arrays["sigma"]
+    pipeline._beam_track = [(int(f), None if b is None else tuple(b)) for f, b in meta.get("beam_track", [])
+                            if f < meta["first_needed"]]
+    pipeline.stats.direct_beam_track = [[f, None if b is None else [int(v) for v in pipeline.detector.unbin_bbox(b)]]
+                                        for f, b in pipeline._beam_track] or None
     params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma)
     pipeline.table.attrs.update(meta["table"]["attrs"])
     mask = pipeline.segment_mask()

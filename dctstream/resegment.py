@@ -21,6 +21,7 @@ of the spots-per-setting curve as the suggested value.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from . import outdir, seam
 from ._version import __version__
 from .config import Config, config_to_dict, dump_config, load_config, replace_config
 from .detector import unbin_blob
+from .direct_beam import NeverSegmented, beam_mask
 from .errors import ConfigError, InputError
 from .overlap import Worker
 from .pipeline import frame_maps, frame_thresholds, prepare_output, resolve_segmentation
@@ -231,8 +233,14 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     turn = scan.finished and seam.full_turn(psi)
     at_seam: dict[int, object] = {}  # without difspot files: the blobs a seam join may read
 
+    # the run's fixed mask and its beam box (of its first frames, for a beam it followed along the scan)
+    beam = None if scan.direct_beam is None else tuple(v // scan.binning for v in scan.direct_beam)
+    never = NeverSegmented(scan.mask | beam_mask(beam, scan.mask.shape))
+
     def write_one(item):  # in the writer thread, as a run writes them
         blob, psi_deg = item
+        f0, y0, x0, f1, y1, x1 = blob.bbox
+        blob = dataclasses.replace(blob, touches_mask=never.touches(f0, f1, y0, y1, x0, x1))
         blob = unbin_blob(blob, scan.binning, scan.binning_mode)
         if files is not None:
             files.write(blob, volume=blob.volume)

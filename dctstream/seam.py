@@ -142,6 +142,8 @@ def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, bi
             if "max_frame_acquired" in columns:  # the brighter part's
                 row["max_frame_acquired"] = columns["max_frame_acquired"][i if last.max_value >= first.max_value else j]
             row["centroid_frame"] = row["centroid_frame"] % n
+            if "touches_mask" in columns:
+                row["touches_mask"] = int(columns["touches_mask"][i] or columns["touches_mask"][j])
             for name in columns:
                 columns[name][i] = row[name]
             used.add(j)

@@ -54,7 +54,7 @@ from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
 from .errors import ConfigError, InputError
-from .direct_beam import beam_mask
+from .direct_beam import NeverSegmented, beam_mask
 from .pipeline import (FLOOD_FRAMES_LISTED, INTEGER_NOISE_FLOOR, NOISE_FRAMES, Stats, frame_maps,
                        identity_config, prepare_output, resolve_segmentation, sparse_cut,
                        sparse_cut_note)
@@ -568,6 +568,7 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     shape = detector.shape
     beam = ctx["direct_beam"]
     detector.write_mask(out_dir / "mask.h5", ctx["pixel_mask"], beam_mask(beam, shape))
+    never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"])
     stats = Stats(frames_total=n, frames_read=n, frames_corrected=n, frames_segmented=n, source_end="complete",
                   frames_expected=n)
     stats.direct_beam = detector.unbin_bbox(beam)
@@ -592,7 +593,9 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
             if not c0 <= k < c1:
                 continue
             at = None if psi is None else _psi_at(psi, blob.centroid[0])
-            blob = detector.unbin_blob(dataclasses.replace(blob, id=next_id))
+            f0, y0, x0, f1, y1, x1 = blob.bbox
+            blob = detector.unbin_blob(dataclasses.replace(blob, id=next_id,
+                                                           touches_mask=never.touches(f0, f1, y0, y1, x0, x1)))
             difspots.write(blob, volume=blob.volume)
             table.add(blob, at)
             next_id += 1

@@ -32,6 +32,8 @@ class Blob:
     volume: np.ndarray | None = field(default=None, repr=False)
     # the spot's counts with its tails below the growth threshold (see segment.segmenter), when known
     total: float | None = None
+    # its box, grown by 1 px, holds pixels never segmented (the beam, bad pixels): its intensity may be partial
+    touches_mask: bool | None = None
 
     @property
     def area(self) -> int:

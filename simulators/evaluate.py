@@ -14,14 +14,16 @@ def inside(bbox, x, y) -> np.ndarray:
 
 
 def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
-          tol_px: float = 2.0, tol_frames: float = 2.0, period_frames: float | None = None) -> dict:
+          tol_px: float = 2.0, tol_frames: float = 2.0, period_frames: float | None = None,
+          in_beam: np.ndarray | None = None) -> dict:
     """Recall, precision and centroid errors of detected ``spots`` against ``truth``.
 
     A detection matches a true spot when its centroid is within ``tol_px`` in x
     and y and ``tol_frames`` along psi (an ellipsoid); pairs are made one-to-one,
     closest first. Recall counts the true spots with snr >= ``snr_min`` outside
     the masked direct beam; precision counts every detection against every true
-    spot (a detection of a faint true spot is not a false one).
+    spot (a detection of a faint true spot is not a false one). ``in_beam``: which true spots
+    the beam hides, when that is not one box for the whole scan (a beam that moves with psi).
 
     ``period_frames``: the scan is a full turn of that many frames, so frame
     n - 0.5 is 1 frame from frame 0.5 (matching and the psi error wrap).
@@ -46,7 +48,8 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
         if i not in det_used and j not in truth_of:
             det_used.add(i)
             truth_of[j] = i
-    eligible = (truth["snr"] >= snr_min) & ~inside(direct_beam, truth["x"], truth["y"])
+    hidden = inside(direct_beam, truth["x"], truth["y"]) if in_beam is None else np.asarray(in_beam, bool)
+    eligible = (truth["snr"] >= snr_min) & ~hidden
     found = [j for j in np.flatnonzero(eligible) if j in truth_of]
     errors = {}
     for axis, col in (("x", "centroid_x"), ("y", "centroid_y"), ("frame", "centroid_frame")):

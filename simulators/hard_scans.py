@@ -18,7 +18,8 @@ spots, a top-up and the 0/360 crossing together), ``overlaps`` (touching spot
 pairs with separate maxima), ``bright_start`` (bright spots in the first 5
 frames) and ``photon_counting`` (uint32 counts, no offsets or read noise, a
 background of 0-0.5 counts per pixel, no direct beam, gaps between the 2 x 2
-modules at the invalid value 0xFFFFFFFF, as an Eiger writes them).
+modules at the invalid value 0xFFFFFFFF, as an Eiger writes them) and ``moving_beam`` (a direct
+beam whose box moves and grows with psi).
 
 Frames are written by `simulate_scan` in its Bliss-like layout; the ground
 truth holds `simulate_scan`'s columns (``x``, ``y``, ``frame`` are the centroid
@@ -42,10 +43,11 @@ import h5py
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import ConvexHull
+from scipy.special import erf
 
-from simulators.dct_scan import (_NOISE_STREAM, GLOW_COUNTS, READ_NOISE_COUNTS, SOURCE_DECAY, SOURCE_RIPPLE,
-                                 SOURCE_RIPPLE_PERIOD_FRAMES, SPOT_CUTOFF_SIGMAS, TRUTH_PATH, ScanModel, ScanTruth,
-                                 _truth, simulate_scan)
+from simulators.dct_scan import (_NOISE_STREAM, BEAM_COUNTS, BEAM_EDGE_INSET_PX, BEAM_EDGE_SIGMA_PX, GLOW_COUNTS,
+                                 READ_NOISE_COUNTS, SOURCE_DECAY, SOURCE_RIPPLE, SOURCE_RIPPLE_PERIOD_FRAMES,
+                                 SPOT_CUTOFF_SIGMAS, TRUTH_PATH, ScanModel, ScanTruth, _truth, simulate_scan)
 
 _SPOT_STREAM = 10  # rng stream of the hard scans' spots, apart from ScanModel's
 _DARK_STREAM = 3
@@ -84,6 +86,9 @@ SCANS: dict[str, dict] = {
                               wrap_spots=12),
     "overlaps": dict(pairs=40, spots=150),
     "bright_start": dict(early_spots=16, spots=250),
+    # a beam whose footprint follows psi: over the scan it moves right by 6 % of the detector and grows
+    # 10 % wider and 4 % taller (its right edge 0.08 px a frame)
+    "moving_beam": dict(beam_motion=(0.06, 0.0, 0.10, 0.04), spots=250),
     # an Eiger-like detector: a background of 0-0.5 counts a pixel, gaps between its 2 x 2 modules
     "photon_counting": dict(photon_counting=True, beam=False, glow_scale=PHOTON_BACKGROUND_MAX / GLOW_COUNTS,
                             module_gap_px=4, spots=250),
@@ -104,7 +109,10 @@ class HardScanModel(ScanModel):
     (no spot is placed on them).  ``external_spots``: an HDF5 file
     of spots made elsewhere (`benchmarks/independent_scan.py`: footprints, places and fractional frames)
     used instead of drawn ones, each given a rocking curve and a peak of `EXTERNAL_PEAK_COUNTS` x its
-    thickness relative to the thickest.
+    thickness relative to the thickest.  ``beam_motion``: ``(shift_x, shift_y, grow_x, grow_y)``, fractions
+    of the detector's width and height by which the beam box moves and grows (about its centre) linearly
+    from the first frame to the last; ``direct_beam_bbox`` is then the box that holds every position, and
+    ``in_direct_beam`` says whether a spot's centre is in the beam at its brightest frame.
     """
 
     def __init__(self, *, frames: int = FULL_FRAMES, size: int = FULL_SIZE, spots: int = 250, seed: int = 0,
@@ -113,7 +121,7 @@ class HardScanModel(ScanModel):
                  topup_at: float | None = None, topup_step: float = 0.03, wrap: bool = False,
                  wrap_spots: int = 0, spot_shape: str = "gauss", pairs: int = 0, early_spots: int = 0,
                  photon_counting: bool = False, external_spots: str | os.PathLike | None = None,
-                 module_gap_px: int = 0):
+                 module_gap_px: int = 0, beam_motion: tuple[float, float, float, float] | None = None):
         if spot_shape not in ("gauss", "grain"):
             raise ValueError(f"HardScanModel: spot_shape must be gauss or grain, got {spot_shape!r}")
         if wrap_spots and not wrap:
@@ -130,6 +138,16 @@ class HardScanModel(ScanModel):
             self._hot_rate = self.hot_pixel_excess / 100.0
         if not beam:
             self.direct_beam_bbox = (0, 0, 0, 0)
+        self.beam_motion = None if not beam or beam_motion is None else tuple(float(v) for v in beam_motion)
+        if self.beam_motion is not None:
+            ny, nx = self.shape
+            self._beam_start = tuple(float(v) for v in self.direct_beam_bbox)
+            self._sample_offset_px = np.arange(nx) - (nx - 1) / 2  # the sample's transmission over every column
+            boxes = np.array([self.beam_box(0), self.beam_box(frames - 1)])
+            x0, y0 = np.floor(boxes[:, :2].min(axis=0)).astype(int)
+            x1, y1 = np.ceil((boxes[:, :2] + boxes[:, 2:]).max(axis=0)).astype(int)
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, nx), min(y1, ny)
+            self.direct_beam_bbox = (int(x0), int(y0), int(x1 - x0), int(y1 - y0))
         rng = np.random.default_rng((self.seed, _SPOT_STREAM))
         self._patches: list[np.ndarray] = []
         self._origin: list[tuple[int, int]] = []
@@ -169,6 +187,29 @@ class HardScanModel(ScanModel):
     def _beam_counts(self, k: int) -> np.ndarray:
         counts = super()._beam_counts(k)
         return counts if self.beam else np.zeros_like(counts)
+
+    def beam_box(self, k: float) -> tuple[float, float, float, float]:
+        """The moving beam's box ``(x0, y0, width, height)`` at frame ``k`` (pixels, fractional)."""
+        ny, nx = self.shape
+        t = k / max(self.frames - 1, 1)
+        sx, sy, gx, gy = self.beam_motion
+        x0, y0, w, h = self._beam_start
+        return (x0 + (sx - gx / 2) * nx * t, y0 + (sy - gy / 2) * ny * t, w + gx * nx * t, h + gy * ny * t)
+
+    def background(self, k: int) -> np.ndarray:
+        if self.beam_motion is None:
+            return super().background(k)
+        x0, y0, w, h = self.beam_box(k)
+        scale = math.sqrt(2) * BEAM_EDGE_SIGMA_PX
+
+        def edges(start, size, n):  # ScanModel's flat top with blurred edges, at a fractional place
+            pos = np.arange(n, dtype=np.float64)
+            return 0.5 * (erf((pos - start - BEAM_EDGE_INSET_PX) / scale)
+                          - erf((pos - (start + size - 1 - BEAM_EDGE_INSET_PX)) / scale))
+
+        ny, nx = self.shape
+        beam = BEAM_COUNTS * np.outer(edges(y0, h, ny), edges(x0, w, nx) * self._transmission(k))
+        return (self.glow + beam) * self.source_intensity(k)
 
     # --- spots --------------------------------------------------------------
 
@@ -411,7 +452,9 @@ class HardScanModel(ScanModel):
             cols["integral"].append(self._amp[i] * weight.sum() * total)
             cols["noise"].append(noise)
             cols["snr"].append(peak / noise)
-            cols["in_direct_beam"].append(self.beam and x0 - 0.5 <= x < x0 + w - 0.5 and y0 - 0.5 <= y < y0 + h - 0.5)
+            bx0, by0, bw, bh = (x0, y0, w, h) if self.beam_motion is None else self.beam_box(k_peak)
+            cols["in_direct_beam"].append(self.beam and bx0 - 0.5 <= x < bx0 + bw - 0.5
+                                          and by0 - 0.5 <= y < by0 + bh - 0.5)
             cols["size_x"].append(int(patch.any(axis=0).sum()))
             cols["size_y"].append(int(patch.any(axis=1).sum()))
             cols["first_frame"].append(int(ks[0]))
@@ -457,6 +500,8 @@ def write_hard_scan(name: str, path: str | os.PathLike, *, quick: bool = False, 
     with h5py.File(path, "a") as f:
         f[TRUTH_PATH].attrs["scan"] = name
         f[TRUTH_PATH].attrs["wrap"] = model.wrap
+        if model.beam_motion is not None:
+            f[TRUTH_PATH].attrs["beam_motion"] = np.asarray(model.beam_motion)
     return truth
 
 

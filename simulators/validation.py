@@ -48,7 +48,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from simulators.dct_scan import DARK_PATH, FRAMES_PATH
+from simulators.dct_scan import DARK_PATH, FRAMES_PATH, TRUTH_PATH
 from simulators.evaluate import inside, score
 from simulators.hard_scans import SCANS, independent_model, read_hard_truth, write_hard_scan
 
@@ -171,11 +171,42 @@ def run_imaged11(path: Path, bbox, *, flt: Path) -> tuple[dict | None, dict]:
     return spots, {"wall_s": wall, "frames": n, "fps": n / wall, "error": None}
 
 
-def score_row(truth, spots: dict, n_frames: int, tol_px: float) -> dict:
-    """`score` over the full turn, plus where the false detections are, touching pairs and 0/360 crossings."""
+def half_window(n_frames: int) -> int:
+    """Half the default median window a scan of ``n_frames`` gets (a shorter scan gets one that fits it)."""
+    from dctstream.config import BackgroundConfig
+
+    window = BackgroundConfig().window
+    if n_frames < window:
+        window = n_frames if n_frames % 2 else n_frames - 1
+    return window // 2
+
+
+def by_region(n_frames: int, true_frame: np.ndarray, found: np.ndarray, eligible: np.ndarray,
+              false_frame: np.ndarray) -> dict:
+    """Recall and false detections per 100 frames in the scan's first and last half-window (whose median
+    window is shifted inside the scan) and in its middle."""
+    half = half_window(n_frames)
+    edges = {"start": (0, half), "middle": (half, n_frames - half), "end": (n_frames - half, n_frames)}
+    regions = {}
+    for name, (a, b) in edges.items():
+        if b <= a:
+            continue
+        in_true = (true_frame % n_frames >= a) & (true_frame % n_frames < b) & eligible
+        n_false = int(((false_frame >= a) & (false_frame < b)).sum())
+        regions[name] = {"frames": [int(a), int(b)], "eligible": int(in_true.sum()),
+                         "recall": float(found[in_true].mean()) if in_true.any() else None,
+                         "false": n_false, "false_per_100_frames": 100.0 * n_false / (b - a)}
+    return regions
+
+
+def score_row(truth, spots: dict, n_frames: int, tol_px: float, beam_moves: bool = False) -> dict:
+    """`score` over the full turn, plus where the false detections are (by tenth of the scan, near the beam,
+    at the scan's ends against its middle), touching pairs and 0/360 crossings. ``beam_moves``: the beam's
+    box follows psi, so a spot is hidden by it when the truth's ``in_direct_beam`` says so."""
     t = truth.spots
     result = score(t, spots, direct_beam=truth.direct_beam_bbox, snr_min=SNR_MIN, tol_px=tol_px,
-                   tol_frames=TOL_FRAMES, period_frames=n_frames)
+                   tol_frames=TOL_FRAMES, period_frames=n_frames,
+                   in_beam=t["in_direct_beam"] if beam_moves else None)
     matched_detections = np.zeros(len(spots["centroid_x"]), bool)
     to_det = result.pop("truth_to_detection")
     matched_detections[to_det[to_det >= 0]] = True
@@ -186,8 +217,11 @@ def score_row(truth, spots: dict, n_frames: int, tol_px: float) -> dict:
     near_beam = (x0 - BEAM_MASK_MARGIN_PX, y0 - BEAM_MASK_MARGIN_PX, w + 2 * BEAM_MASK_MARGIN_PX,
                  h + 2 * BEAM_MASK_MARGIN_PX) if w and h else None
     result["false_near_beam"] = int(inside(near_beam, spots["centroid_x"][false], spots["centroid_y"][false]).sum())
-    eligible = (t["snr"] >= SNR_MIN) & ~inside(truth.direct_beam_bbox, t["x"], t["y"])
+    hidden = t["in_direct_beam"].astype(bool) if beam_moves else inside(truth.direct_beam_bbox, t["x"], t["y"])
+    eligible = (t["snr"] >= SNR_MIN) & ~hidden
     found = (to_det >= 0) & eligible
+    result["regions"] = by_region(n_frames, t["frame"], found, eligible,
+                                  np.clip(spots["centroid_frame"][false], 0, n_frames - 1e-9))
     if "partner" in t:
         first = np.flatnonzero((t["partner"] > np.arange(len(t["x"]))) & eligible)
         first = first[eligible[t["partner"][first]]]
@@ -234,6 +268,10 @@ def table_markdown(rows: list[dict]) -> str:
             notes.append("false by tenth of the scan " + " ".join(map(str, s["false_by_tenth"])))
             if s["false_near_beam"]:
                 notes.append(f"{s['false_near_beam']} false within 10 px of the beam box")
+        regions = s.get("regions") or {}
+        if regions:
+            notes.append("false per 100 frames / recall: " + ", ".join(
+                f"{name} {v['false_per_100_frames']:.1f} / {_fmt(v['recall'], '.2f')}" for name, v in regions.items()))
         if s.get("pairs"):
             notes.append(f"touching pairs both found {s['pairs_both_found']}/{s['pairs']}")
         if "crossing" in s:
@@ -246,6 +284,23 @@ def table_markdown(rows: list[dict]) -> str:
             notes.append(r["error"])
         lines.append(f"| {r['scan']} | {r['tool']} | {s['recall']:.3f} | {s['precision']:.3f} | {_fmt(rms_xy)} | "
                      f"{_fmt(s['rms_frame'])} | {ratio} | {fps} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
+def regions_markdown(rows: list[dict]) -> str:
+    """The scan's ends against its middle: false detections per 100 frames and recall in the first and last
+    half-window (their median window is shifted inside the scan) and between them."""
+    lines = ["| scan | tool | half-window (frames) | false / 100 frames: start, middle, end "
+             "| recall: start, middle, end |", "|---|---|---|---|---|"]
+    for r in rows:
+        regions = (r.get("score") or {}).get("regions")
+        if not regions:
+            continue
+        names = ("start", "middle", "end")
+        half = regions["start"]["frames"][1]
+        false = ", ".join(_fmt(regions[n]["false_per_100_frames"], ".1f") if n in regions else "—" for n in names)
+        recall = ", ".join(_fmt(regions[n]["recall"], ".3f") if n in regions else "—" for n in names)
+        lines.append(f"| {r['scan']} | {r['tool']} | {half} | {false} | {recall} |")
     return "\n".join(lines)
 
 
@@ -271,6 +326,7 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
         truth = read_hard_truth(path)
         with h5py.File(path, "r") as f:
             n_frames = f[FRAMES_PATH].shape[0]
+            beam_moves = "beam_motion" in f[TRUTH_PATH].attrs
         tools = [("dctstream", lambda: run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s,
                                                      code_root=code_root))]
         if imaged11:
@@ -280,7 +336,7 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
             spots, info = run()
             row = {"scan": name, "tool": tool, "true_beam": truth.direct_beam_bbox, **info}
             if spots is not None:
-                row["score"] = score_row(truth, spots, n_frames, TOL_PX[shape_kind])
+                row["score"] = score_row(truth, spots, n_frames, TOL_PX[shape_kind], beam_moves)
             rows.append(row)
             s = row.get("score") or {}
             print(f"  {tool}: recall {_fmt(s.get('recall'))} precision {_fmt(s.get('precision'))} "
@@ -316,7 +372,7 @@ def run_from_args(args) -> int:
         return 2
     rows = validate(quick=args.quick, scans=scans, work=Path(args.work), seed=args.seed,
                     imaged11=not args.no_imaged11, timeout_s=args.timeout, code_root=Path(args.dctstream_root))
-    table = table_markdown(rows)
+    table = table_markdown(rows) + "\n\n" + regions_markdown(rows)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

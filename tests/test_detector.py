@@ -285,9 +285,14 @@ def test_unbinned_blob_spreads_each_binned_voxel_over_its_pixels(mode, share):
 
 
 def _reference_frames(truth, pipeline):
-    """The corrected frames from scratch, with the beam-intensity scales the pipeline measured."""
-    return reference_corrected(read_dataset(truth.frames_url), window=21, dark=mean_dark(truth),
-                               scales=np.asarray(pipeline.background.frame_scales, np.float32))
+    """The corrected frames from scratch, with the beam-intensity scales the pipeline measured; the direct
+    beam it followed reads 0."""
+    frames = reference_corrected(read_dataset(truth.frames_url), window=21, dark=mean_dark(truth),
+                                 scales=np.asarray(pipeline.background.frame_scales, np.float32))
+    for k, frame in enumerate(frames):
+        x0, y0, w, h = [box for start, box in pipeline.stats.direct_beam_track if start <= k][-1]
+        frame[y0:y0 + h, x0:x0 + w] = 0
+    return frames
 
 
 def test_exported_stack_reads_back_equal_to_the_corrected_frames(plain_scan, tmp_path):

@@ -239,3 +239,57 @@ def test_a_photon_counting_scan_followed_live_from_a_dectris_master_file(tmp_pat
     assert len(b["id"]) >= 8
     for name in b:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def moving_beam_scan(tmp_path_factory):
+    """A beam whose box moves right and grows with psi (its right edge 0.2 px a frame), and spots about it."""
+    from simulators.hard_scans import HardScanModel, write_hard_scan
+
+    model = HardScanModel(frames=160, size=128, spots=60, seed=0, beam_motion=(0.1, 0.0, 0.15, 0.05))
+    return model, write_hard_scan("moving_beam", tmp_path_factory.mktemp("moving") / "scan.h5", model=model)
+
+
+@pytest.mark.parametrize("window", [None, 31])  # default: one window shifted over the whole scan
+def test_spots_beside_a_beam_that_moves_with_psi_are_found_and_its_edge_gives_none(moving_beam_scan, tmp_path,
+                                                                                    window):
+    model, truth = moving_beam_scan
+    out = tmp_path / "out"
+    stats = Pipeline(config(truth, out, *([f"background.window={window}"] if window else []))).run()
+    spots, t = read_spot_table(out / "spots.h5"), truth.spots
+    result = score(t, spots, in_beam=t["in_direct_beam"])
+    # each true spot's distance (px) to the beam box of its frame
+    boxes = np.array([model.beam_box(f) for f in t["frame"]])
+    outside = np.maximum.reduce([boxes[:, 0] - t["x"], t["x"] - boxes[:, 0] - boxes[:, 2],
+                                 boxes[:, 1] - t["y"], t["y"] - boxes[:, 1] - boxes[:, 3], np.zeros(len(boxes))])
+    beside = (t["snr"] >= 5) & ~t["in_direct_beam"].astype(bool) & (outside > 3)
+    assert (beside & (outside < 15)).sum() >= 8
+    assert (result["truth_to_detection"][beside] >= 0).all()
+    # no detection from the beam's moving edge: each is a true spot, whole or partly hidden by the beam
+    # (its centroid then off the truth's, and the row says it touches the mask)
+    d = np.hypot(spots["centroid_x"][:, None] - t["x"], spots["centroid_y"][:, None] - t["y"])
+    near = (d <= 6) & (np.abs(spots["centroid_frame"][:, None] - t["frame"]) <= 4)
+    assert near.any(axis=1).all()
+    matched = np.zeros(len(d), bool)
+    matched[result["truth_to_detection"][result["truth_to_detection"] >= 0]] = True
+    assert spots["touches_mask"][~matched].all()
+    # the track in the run record: the beam box it followed, each frame's box holding that frame's beam
+    track = stats.direct_beam_track
+    assert len(track) >= 3 and track[0][0] == 0
+    for k in range(model.frames):
+        x0, y0, w, h = [b for f, b in track if f <= k][-1]
+        bx0, by0, bw, bh = model.beam_box(k)
+        assert x0 <= bx0 and y0 <= by0 and x0 + w >= bx0 + bw and y0 + h >= by0 + bh, k
+    # touches_mask, against the pixels: the box grown by 1 px meets the bad pixels or a frame's beam box
+    with h5py.File(out / "mask.h5") as f:
+        bad = f["mask"][()].astype(bool)
+    for row in range(len(spots["id"])):
+        x0, y0 = spots["bbox_x0"][row], spots["bbox_y0"][row]
+        grown = np.zeros(bad.shape, bool)
+        grown[max(y0 - 1, 0):y0 + spots["bbox_y_size"][row] + 1, max(x0 - 1, 0):x0 + spots["bbox_x_size"][row] + 1] = 1
+        hidden = bad.copy()
+        for k in range(spots["start_frame"][row], spots["end_frame"][row] + 1):
+            bx, by, bw, bh = [b for f, b in track if f <= k][-1]
+            hidden[by:by + bh, bx:bx + bw] = True
+        assert spots["touches_mask"][row] == (grown & hidden).any(), row
+    assert 0 < spots["touches_mask"].sum() < len(spots["id"])

@@ -5,6 +5,7 @@ table always see a consistent table."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import socket
@@ -228,6 +229,28 @@ def test_resumed_with_detector_corrections_keeps_the_first_runs_dark_and_mask(sc
     resumed = _run(_args(scan, out, extra))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
+    assert_same_outputs(outputs(out), outputs(want))
+
+
+def test_a_beam_followed_along_the_scan_resumes_exactly(tmp_path):
+    """direct_beam.bbox: auto follows a beam that moves with psi: killed where it has moved, twice, the run
+    resumes with the boxes it had and ends with the outputs (touches_mask included) of a run never killed."""
+    from simulators.hard_scans import HardScanModel, write_hard_scan
+
+    model = HardScanModel(frames=FRAMES, size=SIZE, spots=30, seed=3, beam_motion=(0.2, 0.05, 0.2, 0.1))
+    moving = write_hard_scan("moving_beam", tmp_path / "scan.h5", model=model)
+    want = tmp_path / "want"
+    done = _run(_args(moving, want))
+    assert done.returncode == 0, done.stderr
+    track = json.loads((want / "run.json").read_text())["stats"]["direct_beam_track"]
+    assert len(track) >= 3  # it moved
+    out = tmp_path / "out"
+    for point in ("checkpoint:6", "checkpoint:3"):  # in a checkpoint's write, counted from each start
+        assert _run(_args(moving, out), crash_at=point).returncode == -9
+    resumed = _run(_args(moving, out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert json.loads((out / "run.json").read_text())["stats"]["direct_beam_track"] == track
     assert_same_outputs(outputs(out), outputs(want))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -69,9 +70,10 @@ def test_spot_row_is_zero_based_absolute():
         "id": 3, "start_frame": 10, "end_frame": 12, "max_frame": 12, "max_frame_acquired": 12, "area": 2,
         "integral": 4.0, "max_value": 3.0,
         "centroid_x": 33.0, "centroid_y": 22.25, "centroid_frame": 11.5,
-        "bbox_x0": 30, "bbox_y0": 20, "bbox_x_size": 5, "bbox_y_size": 4,
+        "bbox_x0": 30, "bbox_y0": 20, "bbox_x_size": 5, "bbox_y_size": 4, "touches_mask": 0,
         "centroid_psi_deg": 45.5,
     }
+    assert spot_row(dataclasses.replace(make_pair_blob(), touches_mask=True))["touches_mask"] == 1
     assert "centroid_psi_deg" not in spot_row(make_pair_blob())
     assert spot_row(make_pair_blob(), acquired=40)["max_frame_acquired"] == 40  # frames read out of arrival order
 
@@ -249,7 +251,7 @@ def test_spot_table_round_trip(tmp_path):
     assert list(columns) == [
         "id", "start_frame", "end_frame", "max_frame", "max_frame_acquired", "area", "integral", "max_value",
         "centroid_x", "centroid_y", "centroid_frame",
-        "bbox_x0", "bbox_y0", "bbox_x_size", "bbox_y_size",
+        "bbox_x0", "bbox_y0", "bbox_x_size", "bbox_y_size", "touches_mask",
     ]
     np.testing.assert_array_equal(columns["id"], [0, 1, 2])
     np.testing.assert_array_equal(columns["start_frame"], [10, 10, 100])
@@ -303,7 +305,7 @@ def test_spot_table_psi_on_all_rows_or_none(tmp_path, first_psi, second_psi):
 def test_empty_spot_table(tmp_path):
     SpotTable(tmp_path, {"version": "0.1.0"}).close()
     columns = read_spot_table(tmp_path / "spots.h5")
-    assert len(columns) == 15 and "centroid_psi_deg" not in columns
+    assert len(columns) == 16 and "centroid_psi_deg" not in columns
     assert all(values.shape == (0,) for values in columns.values())
     with h5py.File(tmp_path / "spots.h5", "r") as f:
         assert f["spots"].attrs["n_spots"] == 0

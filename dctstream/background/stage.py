@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..config import frames_per_batch
-from ..direct_beam import detect_direct_beam, margin_mean
+from ..direct_beam import box_ahead, box_union, detect_direct_beam, followed_box, margin_mean
 from ..errors import InputError
 from ..ring import FrameRing
 from .kernels import (HistogramWindow, SortedWindow, median_filter, normalise_into, normalised_minus_background,
@@ -51,6 +51,10 @@ AUTO_MIN_PIXELS = 64
 # A ratio outside this range is not the source drifting but the beam off (shutter closed) or a
 # different scene: the frame is left unscaled.
 AUTO_RATIO_RANGE = (0.25, 4.0)
+# direct_beam.bbox: auto follows the beam along psi: it is found again every BEAM_EVERY frames emitted,
+# on the frame's background (and, where the median window is shifted inside the scan, on the frame itself,
+# whose beam is then not the median's), a few ms of whole-frame work at 2048 x 2048.
+BEAM_EVERY = 10
 
 
 def window_start(centre: int, window: int, n_frames: int) -> int:
@@ -147,12 +151,19 @@ class BackgroundStage:
     ``direct_beam`` is a bbox ``(x0, y0, width, height)``, ``"auto"`` (found from
     the median of the first window) or ``"none"``; after the first window it is
     available as ``self.direct_beam`` (a bbox or None).
+
+    ``follow_beam``: the beam is found again along the scan (`followed_box`): ``self.beam`` is the box of
+    the frame last emitted, ``self.beam_track`` lists ``(first frame, box)`` each time it changed, and the
+    box's pixels read 0 in the corrected frames (never segmented, however the beam moved). A resumed
+    stage is given the track of the frames before the first it emits, and ``beam_found``: ``(frame, box)``
+    each time the beam was looked for.
     """
 
     def __init__(self, cfg, *, frame_shape, dtype, dark=None, direct_beam="none",
                  beam_margin_px: int = 10, filter_size: int = 3, gain=None, pixel_mask=None,
                  first_window=None, first_frame: int = 0, margin_ref: float | None = None,
-                 known_scales=None, auto_enabled: bool | None = None, known_samples=None):
+                 known_scales=None, auto_enabled: bool | None = None, known_samples=None,
+                 follow_beam: bool = False, beam_track=None, beam_found=None):
         """``gain`` multiplies each pixel after the dark (> 0); ``pixel_mask`` marks pixels left out of the
         margin means; ``first_window(ring, slots) -> (dark or None, pixel_mask)`` is called once the first
         window of frames is in, before they are used (to estimate the dark or find bad pixels from them).
@@ -173,6 +184,14 @@ class BackgroundStage:
         self._beam_spec = direct_beam
         self._beam_margin_px = beam_margin_px
         self.direct_beam = direct_beam if isinstance(direct_beam, tuple) else None
+        self.follow_beam = follow_beam
+        self.beam_track: list[tuple[int, tuple | None]] = [(int(f), None if b is None else tuple(b))
+                                                          for f, b in (beam_track or [])]
+        self.beam = self.beam_track[-1][1] if self.beam_track else self.direct_beam
+        self.beam_found: list[tuple[int, tuple | None]] = [(int(f), None if b is None else tuple(b))
+                                                          for f, b in (beam_found or [])]
+        # room for the beam to move between two findings, and hysteresis (see followed_box)
+        self._beam_band = max(1, beam_margin_px)
         self.filter_size = filter_size
         # the histogram drops frame f - window while adding frame f: both must be in the ring
         self.ring = FrameRing(self.window + self.batch, self.frame_shape, self.dtype)
@@ -304,11 +323,38 @@ class BackgroundStage:
             elif image.dtype != np.float32:
                 image = self._from_raw(image)
             self._find_beam(image)
+        if self.follow_beam and not self.beam_track:
+            self.beam = self.direct_beam
+            self.beam_track.append((first, self.beam))
         self.warm = True
 
     def _find_beam(self, image: np.ndarray) -> None:
         self.direct_beam = detect_direct_beam(image, self._beam_margin_px, self.pixel_mask)
         log.info("direct beam found at %s", self.direct_beam)
+
+    def _follow(self, k: int) -> None:
+        """Find the beam again for frame k (see `followed_box`)."""
+        background = self._background(k)
+        image = background if background.dtype == np.float32 else self._from_raw(background)
+        found = detect_direct_beam(image, self._beam_margin_px, self.pixel_mask)
+        if self._start(k) != self._centre(k) - self.window // 2:  # the median's beam is not this frame's
+            frame = (self.ring.data[self.ring.slot(k)].astype(np.float32) - self.dark) * self.gain
+            own = detect_direct_beam(frame, self._beam_margin_px, self.pixel_mask)
+            # within the margin of the median's, the frame's own (noisier) box says nothing more
+            if found is None or own is None or max(abs(a - b) for a, b in zip(
+                    (*found[:2], found[0] + found[2], found[1] + found[3]),
+                    (*own[:2], own[0] + own[2], own[1] + own[3]))) > self._beam_band:
+                found = box_union(found, own)
+        before = self.beam_found[-1][1] if self.beam_found else None
+        self.beam_found.append((k, found))
+        beam = followed_box(self.beam, box_ahead(found, before, self.frame_shape), self._beam_band,
+                            self.frame_shape)
+        if beam != self.beam:
+            log.info("frame %d: the direct beam moved from %s to %s", k, self.beam, beam)
+            self.beam = beam
+            if self.beam_track and self.beam_track[-1][0] == k:  # found again on the frame it was found for
+                self.beam_track.pop()
+            self.beam_track.append((k, beam))
 
     def _normalise(self, k: int, slot: int) -> None:
         """Bring frame k, just stored in ``slot``, to the scan's beam intensity, in place."""
@@ -378,11 +424,15 @@ class BackgroundStage:
             centre = (k // self.cfg.stride) * self.cfg.stride + self.cfg.stride // 2
         return max(centre - self.window // 2, 0)
 
-    def _start(self, k: int) -> int:
-        centre = k
+    def _centre(self, k: int) -> int:
+        """The frame k's window is centred on."""
         if self.cfg.mode == "block":
             stride = self.cfg.stride
-            centre = (k // stride) * stride + stride // 2
+            return (k // stride) * stride + stride // 2
+        return k
+
+    def _start(self, k: int) -> int:
+        centre = self._centre(k)
         n = self.n_frames if self.n_frames is not None else self.ring.count + self.window  # end not known yet
         return window_start(centre, self.window, n)
 
@@ -406,6 +456,8 @@ class BackgroundStage:
     def _drain(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         while self._ready(self.emitted):
             k = self.emitted
+            if self.follow_beam and k % BEAM_EVERY == 0:
+                self._follow(k)
             slot = self.ring.slot(k)
             difference = normalised_minus_background(self.ring.data[slot], self.dark, self.gain, 1.0,
                                                      self._background(k),
@@ -415,4 +467,8 @@ class BackgroundStage:
             self.emitted += 1
             # the filtered frame finds the spots, the unfiltered difference measures them
             filtered = median_filter(difference, self.filter_size) if self.filter_size > 1 else difference
+            if self.follow_beam and self.beam is not None:  # never segmented: nothing to find or to add there
+                x0, y0, w, h = self.beam
+                filtered[y0:y0 + h, x0:x0 + w] = 0.0
+                difference[y0:y0 + h, x0:x0 + w] = 0.0
             yield k, filtered, difference

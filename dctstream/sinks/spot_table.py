@@ -21,6 +21,9 @@ column               dtype    meaning
 ``bbox_y0``          int64    first row of the bounding box
 ``bbox_x_size``      int64    bounding-box width in columns
 ``bbox_y_size``      int64    bounding-box height in rows
+``touches_mask``     int64    1 when the bounding box, grown by 1 px, holds pixels never
+                              segmented (the direct beam of its frames, bad pixels,
+                              detector gaps): the spot may be partly hidden
 ``centroid_psi_deg`` float64  rotation angle at ``centroid_frame``, degrees; only
                               present when the angles were given
 ``centroid_x_corrected``,     the centroid corrected for the detector's distortion
@@ -64,6 +67,8 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "bbox_y0": (np.int64, "first row of the bounding box, 0-based absolute"),
     "bbox_x_size": (np.int64, "bounding-box width in columns"),
     "bbox_y_size": (np.int64, "bounding-box height in rows"),
+    "touches_mask": (np.int64, "1 when the bounding box, grown by 1 px, holds pixels never segmented (the direct "
+                               "beam of its frames, bad pixels, detector gaps): the spot may be partly hidden"),
     "centroid_psi_deg": (np.float64, "rotation angle at centroid_frame, degrees; "
                                      "only present when the angles were given"),
     "centroid_x_corrected": (np.float64, "centroid_x corrected for the detector's distortion; "
@@ -100,6 +105,7 @@ def spot_row(blob: Blob, psi_deg: float | None = None, acquired: int | None = No
         "bbox_y0": y0,
         "bbox_x_size": x1 - x0 + 1,
         "bbox_y_size": y1 - y0 + 1,
+        "touches_mask": int(bool(blob.touches_mask)),
     }
     if psi_deg is not None:
         row[PSI_COLUMN] = float(psi_deg)
