@@ -859,7 +859,8 @@ class Pipeline:
                                        binning=detector.binning, binning_mode=self.cfg.detector.binning_mode,
                                        angles=bool(self._psi) if resume is None else resume["angles"],
                                        direct_beam=self.stats.direct_beam, unfiltered=self.segmenter.measured,
-                                       resume=resume)
+                                       resume=resume, stretch_mask=mask | beam_mask(self.background.direct_beam,
+                                                                                    mask.shape))
 
     def _write(self, blobs) -> None:
         for blob in blobs:

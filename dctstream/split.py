@@ -644,7 +644,9 @@ def _merge_sparse(cfg: Config, ctx: dict, chunks, parts, out_dir: Path, detector
                   stats: Stats, table: SpotTable) -> None:
     """``OUT/corrected.h5`` from the chunks' parts, frame by frame as one process writes it."""
     shape = detector.shape
-    mask = beam_mask(ctx["direct_beam"], shape) | ctx["pixel_mask"]
+    # as one process: with the beam followed (bbox auto) the sparse scan's mask is the bad pixels only, the
+    # beam's pixels reading 0 (the chunks' parts hold none of them either)
+    mask = ctx["pixel_mask"] if cfg.direct_beam.bbox == "auto" else beam_mask(ctx["direct_beam"], shape) | ctx["pixel_mask"]
     psi = ctx["psi"]
     measured = None
     writer = None

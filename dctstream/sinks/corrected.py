@@ -142,12 +142,15 @@ class SparseScanWriter:
 
     def __init__(self, path: str | os.PathLike, cfg, frame_shape, mask: np.ndarray, tile_px: int,
                  raw_frame_bytes: float, *, binning: int = 1, binning_mode: str = "sum", angles: bool = False,
-                 direct_beam=None, unfiltered: bool = False, resume: dict | None = None):
+                 direct_beam=None, unfiltered: bool = False, resume: dict | None = None,
+                 stretch_mask: np.ndarray | None = None):
         self.path = Path(path)
         self.pixel_names = _PIXELS + (("unfiltered",) if unfiltered else ())
         self.cfg = cfg
         self.frame_shape = tuple(frame_shape)
         self.mask = np.ascontiguousarray(mask, bool)
+        # pixels the stretch's percentiles leave out: the mask, and a followed beam's box (its pixels read 0)
+        self._stretch_mask = self.mask if stretch_mask is None else np.asarray(stretch_mask, bool)
         self.tile_px = int(tile_px)
         ny, nx = self.frame_shape
         self.tiles = (-(-ny // self.tile_px), -(-nx // self.tile_px))
@@ -253,7 +256,7 @@ class SparseScanWriter:
         cut = np.ascontiguousarray(cut, np.float32)
         self._check(k, cut, noise_sigma, unfiltered)
         if self.dtype != np.float32 and self.stretch is None:
-            self.stretch = _first_stretch(self.h5, self.cfg, frame, ~self.mask)
+            self.stretch = _first_stretch(self.h5, self.cfg, frame, ~self._stretch_mask)
         rows, cols, values, below = self._select(frame, cut, unfiltered)
         self._add(rows, cols, values, cut, noise_sigma, psi_deg, below)
 
