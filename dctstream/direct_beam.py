@@ -17,6 +17,9 @@ _MIN_CONTRAST = 10.0
 # way up (a box beam with the sample's shadow in it: 0.9; a glow, smooth and peaked: 0.6 for a Gaussian,
 # 0.4 for an exponential).
 _PLATEAU_LEVEL = 0.25
+# A single frame holds spots as well as the beam, some beside it a fifth as bright (the simulator's); half
+# the way up, only the beam shows: a frame's beam edges are compared with its background's there.
+_EDGE_LEVEL = 0.5
 _MIN_PLATEAU = 0.75
 # The typical and brightest levels are taken from at most this many pixels (an even stride over the
 # rest): exact up to 512 x 512; at 2048 x 2048 the two percentiles of every pixel took 150 ms, too long
@@ -33,15 +36,16 @@ def beam_mask(bbox: tuple[int, int, int, int] | None, shape: tuple[int, int]) ->
     return mask
 
 
-def detect_direct_beam(image: np.ndarray, margin_px: int,
-                       mask: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+def detect_direct_beam(image: np.ndarray, margin_px: int, mask: np.ndarray | None = None,
+                       level: float = _LEVEL) -> tuple[int, int, int, int] | None:
     """Bounding box ``(x0, y0, width, height)`` of the bright transmitted beam, grown by ``margin_px``.
 
     ``image`` is a background image above the dark (a per-pixel median over
     frames), so spots and zingers are already gone; pixels where ``mask`` is
     true (the detector's bad pixels) are left out. Returns None when there is
     no beam: nothing stands ``_MIN_CONTRAST`` times above the typical level, or
-    what does is a smooth glow rather than a plateau.
+    what does is a smooth glow rather than a plateau. ``level``: the fraction of the way from the typical
+    level to the brightest above which a pixel is beam.
     """
     valid = (image if mask is None else image[~np.asarray(mask, bool)]).reshape(-1)
     if valid.size == 0:
@@ -51,7 +55,7 @@ def detect_direct_beam(image: np.ndarray, margin_px: int,
     if brightest <= typical or brightest < _MIN_CONTRAST * max(typical, 1.0):
         return None
     usable = np.ones(image.shape, bool) if mask is None else ~np.asarray(mask, bool)
-    bright = usable & (image > typical + _LEVEL * (brightest - typical))
+    bright = usable & (image > typical + level * (brightest - typical))
     plateau = usable & (image > typical + _PLATEAU_LEVEL * (brightest - typical))
     if plateau.sum() < _MIN_PLATEAU * bright.sum():
         return None
@@ -66,6 +70,26 @@ def detect_direct_beam(image: np.ndarray, margin_px: int,
     x1 = min(max(p[1].stop for p in parts) - 1 + margin_px, nx - 1)
     y1 = min(max(p[0].stop for p in parts) - 1 + margin_px, ny - 1)
     return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+
+
+def edges_moved(background: np.ndarray, frame: np.ndarray,
+                mask: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+    """How far the beam's edges (x0, y0, x1, y1) in ``frame`` lie from those in its ``background`` (both above
+    the dark), each measured half the way up the beam so that no spot beside it counts; None when either
+    shows no beam."""
+    a = detect_direct_beam(background, 0, mask, _EDGE_LEVEL)
+    b = detect_direct_beam(frame, 0, mask, _EDGE_LEVEL)
+    if a is None or b is None:
+        return None
+    return (b[0] - a[0], b[1] - a[1], b[0] + b[2] - a[0] - a[2], b[1] + b[3] - a[1] - a[3])
+
+
+def box_moved(box: Box, moved: tuple[int, int, int, int], shape: tuple[int, int]) -> Box:
+    """``box`` with its edges (x0, y0, x1, y1) moved by ``moved``, inside a frame of ``shape``."""
+    ny, nx = shape
+    x0, y0 = min(max(box[0] + moved[0], 0), nx - 1), min(max(box[1] + moved[1], 0), ny - 1)
+    x1, y1 = max(min(box[0] + box[2] + moved[2], nx), x0 + 1), max(min(box[1] + box[3] + moved[3], ny), y0 + 1)
+    return (x0, y0, x1 - x0, y1 - y0)
 
 
 def margin_mean(frame: np.ndarray, dark: np.ndarray, bbox: tuple[int, int, int, int], margin_px: int,

@@ -390,6 +390,20 @@ def test_followed_beam_covers_each_frames_beam_and_leaves_no_edge_behind():
     assert [f for f, _ in stage.beam_track] == [0, *changes]
 
 
+def test_a_spot_beside_a_still_beam_at_the_scans_ends_leaves_its_box_alone():
+    """In the first and last half-window a frame's own beam is looked at: a spot touching the beam's edge
+    there, a fifth as bright as the beam, is no beam (it grew the box before, and hid spots beside it)."""
+    n, window = 60, 15
+    rng = np.random.default_rng(2)
+    raw = rng.poisson(100.0, (n, 40, 72))
+    raw[:, 12:26, 10:30] += 5000
+    for k in (0, 1, n - 2, n - 1):  # spots in the frames looked at: 0 and 50 (frames 0-7 and 53-59 share a median)
+        raw[k, 16:20, 30:34] += 1000
+    raw[n - 10, 16:20, 30:34] += 1000
+    stage, out = follow(raw.astype(np.uint16), np.zeros((40, 72), np.float32), window)
+    assert len(stage.beam_track) == 1, stage.beam_track
+    assert out[n - 10][0] == out[0][0] == stage.direct_beam
+
 @pytest.mark.parametrize("needed", [3, 31, 52])
 def test_followed_beam_started_later_with_its_track_gives_the_same_frames(needed):
     raw, dark = moving_beam_scan(np.random.default_rng(1), 70)

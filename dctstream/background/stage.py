@@ -30,7 +30,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..config import frames_per_batch
-from ..direct_beam import box_ahead, box_union, detect_direct_beam, followed_box, margin_mean
+from ..direct_beam import (box_ahead, box_moved, box_union, detect_direct_beam, edges_moved, followed_box,
+                           margin_mean)
 from ..errors import InputError
 from ..ring import FrameRing
 from .kernels import (HistogramWindow, SortedWindow, median_filter, normalise_into, normalised_minus_background,
@@ -337,14 +338,13 @@ class BackgroundStage:
         background = self._background(k)
         image = background if background.dtype == np.float32 else self._from_raw(background)
         found = detect_direct_beam(image, self._beam_margin_px, self.pixel_mask)
-        if self._start(k) != self._centre(k) - self.window // 2:  # the median's beam is not this frame's
+        if found is not None and self._start(k) != self._centre(k) - self.window // 2:
+            # the median's beam is not this frame's (the scan's first and last half-window): moved as far as
+            # the frame's own beam edges lie from the median's, where they do by more than the band
             frame = (self.ring.data[self.ring.slot(k)].astype(np.float32) - self.dark) * self.gain
-            own = detect_direct_beam(frame, self._beam_margin_px, self.pixel_mask)
-            # within the margin of the median's, the frame's own (noisier) box says nothing more
-            if found is None or own is None or max(abs(a - b) for a, b in zip(
-                    (*found[:2], found[0] + found[2], found[1] + found[3]),
-                    (*own[:2], own[0] + own[2], own[1] + own[3]))) > self._beam_band:
-                found = box_union(found, own)
+            moved = edges_moved(image, frame, self.pixel_mask)
+            if moved is not None and max(abs(d) for d in moved) > self._beam_band:
+                found = box_union(found, box_moved(found, moved, self.frame_shape))
         before = self.beam_found[-1][1] if self.beam_found else None
         self.beam_found.append((k, found))
         beam = followed_box(self.beam, box_ahead(found, before, self.frame_shape), self._beam_band,
