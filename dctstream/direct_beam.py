@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import scipy.ndimage as ndi
 
@@ -166,6 +168,12 @@ def followed_box(current: Box | None, found: Box | None, band: int, shape: tuple
     if min(spare) >= 0 and max(spare) <= 2 * band:
         return current
     return box_grown(found, band, shape)
+
+
+def box_at(track, k: int) -> Box | None:
+    """Frame k's box in ``track`` (``(first frame, box or None)`` in frame order), None before its first."""
+    i = bisect.bisect_right(track, k, key=lambda entry: entry[0]) - 1
+    return track[i][1] if i >= 0 else None
 
 
 class NeverSegmented:

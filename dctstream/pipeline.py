@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import copy
 import dataclasses
 import logging
@@ -24,7 +23,7 @@ from .atomic import crash_point
 from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
-from .direct_beam import NeverSegmented, beam_mask
+from .direct_beam import NeverSegmented, beam_mask, box_at
 from .errors import ConfigError, DctStreamError, InputError, OutputError
 from .order import PassMerge, PassTracker, arrange, frames_text
 from .overlap import Prefetch, Worker
@@ -630,9 +629,7 @@ class Pipeline:
 
     def _beam_at(self, k: int):
         """The beam box of frame k, binned, or None."""
-        track = self._beam_track
-        i = bisect.bisect_right(track, k, key=lambda entry: entry[0]) - 1
-        return track[i][1] if i >= 0 else None
+        return box_at(self._beam_track, k)
 
     def _noise_mask_for(self, k: int) -> None:
         """Give the noise tracker frame k's mask: the fixed one and, followed along the scan, its beam box."""

@@ -54,7 +54,7 @@ from .background import BackgroundStage
 from .config import Config, dump_config
 from .detector import Detector
 from .errors import ConfigError, InputError
-from .direct_beam import NeverSegmented, beam_mask
+from .direct_beam import NeverSegmented, beam_mask, box_at
 from .pipeline import (FLOOD_FRAMES_LISTED, INTEGER_NOISE_FLOOR, NOISE_FRAMES, Stats, frame_maps,
                        identity_config, prepare_output, resolve_segmentation, sparse_cut,
                        sparse_cut_note)
@@ -161,6 +161,11 @@ def _stage(cfg: Config, detector: Detector, direct_beam, **kw) -> BackgroundStag
                            filter_size=cfg.filter.median_size, gain=detector.gain, pixel_mask=detector.mask, **kw)
 
 
+def _follows(cfg: Config) -> bool:
+    """Whether the direct beam is followed along psi (`BackgroundStage`'s ``follow_beam``), as one process."""
+    return cfg.direct_beam.bbox == "auto"
+
+
 def _noise_floor(detector: Detector) -> float:
     return INTEGER_NOISE_FLOOR if detector.dtype.kind in "ui" else 0.0
 
@@ -173,7 +178,9 @@ def scan_context(cfg: Config) -> dict:
     source = _open_recorded(cfg)
     try:
         detector = _detector(cfg, source)
-        stage = _stage(cfg, detector, detector.bin_bbox(cfg.direct_beam.bbox), first_window=detector.first_window)
+        follow = _follows(cfg)
+        stage = _stage(cfg, detector, detector.bin_bbox(cfg.direct_beam.bbox), first_window=detector.first_window,
+                       follow_beam=follow)
         frames = iter(source)
         first = []
         for frame in frames:
@@ -187,7 +194,9 @@ def scan_context(cfg: Config) -> dict:
             raise InputError(f"source.url: {cfg.source.url}: {source.n_frames} frames, too few to split")
         first = first[:NOISE_FRAMES]
         mask = beam_mask(stage.direct_beam, stage.frame_shape) | stage.pixel_mask
-        sigma = NoiseTracker(stage.frame_shape, mask, floor=_noise_floor(detector)).prime(first)
+        # as one process: the first frames' noise leaves out frame 0's box, followed or not
+        noise_mask = beam_mask(box_at(stage.beam_track, 0), stage.frame_shape) | stage.pixel_mask if follow else mask
+        sigma = NoiseTracker(stage.frame_shape, noise_mask, floor=_noise_floor(detector)).prime(first)
         stretch = None
         if cfg.export.format == "sparse" and cfg.export.dtype != "float32":  # from frame 0, as one process
             stretch = first_stretch(cfg.export, first[0], ~mask)
@@ -286,11 +295,13 @@ def sparse_part(spill: str | Path) -> Path:
     return Path(spill).with_suffix(".sparse.h5")
 
 
-def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) -> dict:
+def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, beam: dict | None = None) -> dict:
     """Correct and segment ``chunk`` as one process does those frames; its blobs (each with the frame after
     which it closed, ``n_frames`` for the scan's end) go to the file ``spill``, and with ``export.format:
     sparse`` its frames' part of the sparse scan to `sparse_part` (float32: the merge stretches); returns the
-    segmenter's fingerprints at its edges and the frames' facts."""
+    segmenter's fingerprints at its edges and the frames' facts. With the beam followed, the chunk starts
+    from the first window's box, or from ``beam`` (``track`` and ``found`` before its first frame, as
+    `beam_before` gives them), and its facts hold the box of every frame it corrected (``beam_track``)."""
     import numba
 
     numba.set_num_threads(max(1, min(cores, numba.config.NUMBA_NUM_THREADS)))
@@ -306,12 +317,28 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
         # the scales measured by the first task, or placeholders for the frames before ``first``, so that the
         # stage's list of scales stays indexed by frame
         known = ctx["scales"] if ctx["scales"] is not None else np.full(first, np.nan)
+        follow = _follows(cfg)
         stage = _stage(cfg, detector, ctx["direct_beam"] or "none", first_frame=first,
-                       margin_ref=ctx["margin_ref"], known_scales=known, auto_enabled=ctx["auto_enabled"])
+                       margin_ref=ctx["margin_ref"], known_scales=known, auto_enabled=ctx["auto_enabled"],
+                       follow_beam=follow, beam_track=(beam or {}).get("track"), beam_found=(beam or {}).get("found"))
         stage.emitted = noise_from
         shape = stage.frame_shape
-        mask = beam_mask(stage.direct_beam, shape) | stage.pixel_mask
+        # as one process: a followed beam's pixels read 0 in the frames, only the bad pixels are masked
+        mask = stage.pixel_mask if follow else beam_mask(stage.direct_beam, shape) | stage.pixel_mask
         noise = NoiseTracker(shape, mask, floor=_noise_floor(detector))
+        track: list[tuple[int, tuple | None]] = []  # the box of each frame corrected, where it changed
+
+        def noise_mask(k: int) -> np.ndarray:
+            """Frame k's noise mask (`Pipeline._noise_mask_for`)."""
+            if follow:
+                noise.mask = beam_mask(box_at(track, k), shape) | mask
+            return noise.mask
+
+        def corrected(frames):
+            for item in frames:
+                if follow and (not track or track[-1][1] != stage.beam):
+                    track.append((item[0], stage.beam))
+                yield item
         segmenter = Segmenter(resolve_segmentation(cfg.segmentation, ctx["sigma"]), shape, mask,
                               measured=stage.filter_size > 1)
         psi = ctx["psi"]
@@ -323,7 +350,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
         held: list[tuple[int, np.ndarray, np.ndarray]] = []
         edges = set(chunk.lower) | set(chunk.upper)
         facts = {"fingerprints": {}, "rejected": {}, "noise": [], "floods": [], "seed_threshold": None,
-                 "scales": [], "blobs": 0, "fingerprint_s": 0.0}
+                 "scales": [], "blobs": 0, "fingerprint_s": 0.0, "beam_track": track}
         with open(spill, "wb") as out:
 
             def segment(k: int, frame: np.ndarray, difference: np.ndarray) -> None:
@@ -332,6 +359,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
                     facts["fingerprints"][k] = fingerprint(segmenter, a)
                     facts["rejected"][k] = dict(segmenter.rejected)
                     facts["fingerprint_s"] += time.perf_counter() - t
+                noise_mask(k)
                 sigma = noise.push(k, frame)
                 seed, low = frame_maps(cfg.segmentation, sigma)
                 floods = len(segmenter.floods)
@@ -358,7 +386,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
             def take(k: int, frame: np.ndarray, difference: np.ndarray) -> bool:
                 """False once the chunk's last frame is segmented."""
                 if k < a:  # only the noise of the frames before it
-                    history[k % HISTORY_FRAMES] = frame_noise(frame, mask, noise.tile_px)
+                    history[k % HISTORY_FRAMES] = frame_noise(frame, noise_mask(k), noise.tile_px)
                     return True
                 if k == a and a:
                     noise.restore({"history": history, "pushed": a, "n_primed": NOISE_FRAMES,
@@ -366,6 +394,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
                 if not a and k < NOISE_FRAMES:  # as one process: the first frames' noise, together
                     held.append((k, frame, difference))
                     if len(held) == NOISE_FRAMES:
+                        noise_mask(0)
                         noise.prime([f for _, f, _ in held])
                         for item in held:
                             segment(*item)
@@ -376,15 +405,15 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
             going = True
             source.first_frame = first
             for frame in source:
-                for k, corrected, difference in stage.push(detector.bin(frame.data)):
-                    going = take(k, corrected, difference)
+                for k, frame_k, difference in corrected(stage.push(detector.bin(frame.data))):
+                    going = take(k, frame_k, difference)
                     if not going:
                         break
                 if not going:
                     break
             if b == n:  # the scan's end: the last frames, then every region still open
-                for k, corrected, difference in stage.finish():
-                    take(k, corrected, difference)
+                for k, frame_k, difference in corrected(stage.finish()):
+                    take(k, frame_k, difference)
                 for blob in segmenter.finish():
                     pickle.dump((n, _shifted(blob, a)), out, protocol=pickle.HIGHEST_PROTOCOL)
                     facts["blobs"] += 1
@@ -397,6 +426,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1) 
         facts["scales"] = [min(scales), max(scales)] if scales else []
         facts["beam_off"] = [] if stage.intensity is None else [int(j) for j in stage.intensity.beam_off
                                                                  if chunk.start <= j < chunk.end]
+        facts["beam_found"] = list(stage.beam_found)
         facts.update(elapsed_s=time.monotonic() - started, peak_rss_mb=_peak_rss_mb(),
                      frames_read=stage.ring.count - first, frames_segmented=b - a)
         return facts
@@ -429,6 +459,37 @@ def edge(before: dict, after: dict, chunk: Chunk) -> int | None:
         if mine is not None and mine == before["fingerprints"].get(c):
             return c
     return None
+
+
+def beams_agree(before: dict, after: dict, chunk: Chunk, previous: Chunk) -> bool:
+    """Whether two chunks gave every frame that both corrected the same beam box (nothing to check when the
+    beam is not followed): the box of a frame follows from the one before and the frame's findings, so from
+    the first frame the later chunk corrected on, it is then the box one process gives."""
+    a, b = before.get("beam_track") or [], after.get("beam_track") or []
+    if not a or not b:
+        return True
+    frames = sorted({f for f, _ in a} | {f for f, _ in b})
+    first, last = b[0][0], previous.seg_end
+    return all(box_at(a, f) == box_at(b, f) for f in [first, *frames] if first <= f < last)
+
+
+def beam_before(facts: dict, frame: int) -> dict:
+    """What a chunk starting at ``frame`` needs of the beam followed so far (a chunk's ``facts``): the box
+    track and the findings before it."""
+    return {"track": [(f, b) for f, b in facts["beam_track"] if f < frame][-1:],
+            "found": [(f, b) for f, b in facts["beam_found"] if f < frame][-1:]}
+
+
+def merged_track(chunks, facts) -> list[tuple[int, tuple | None]]:
+    """The box of every frame, each chunk's over its own frames, where it changed."""
+    track: list[tuple[int, tuple | None]] = []
+    for chunk in chunks:
+        mine = facts[chunk].get("beam_track") or []
+        for f, box in [(chunk.start, box_at(mine, chunk.start)), *[(f, b) for f, b in mine
+                                                                   if chunk.start < f < chunk.end]]:
+            if not track or track[-1][1] != box:
+                track.append((f, box))
+    return track
 
 
 def _read_blobs(path: Path):
@@ -491,10 +552,13 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
         ctx_future = client.submit(kept, str(spill_dir / CONTEXT_FILE), scan_context, cfg, pure=False,
                                    key=f"{tag}-context", **extra)
 
+        beam_given: dict[Chunk, dict] = {}  # chunks run again from the previous one's beam
+
         def submit(chunk: Chunk):
-            path = spill_dir / f"{chunk.seg_start:09d}-{chunk.seg_end:09d}.pkl"
+            name = f"{chunk.seg_start:09d}-{chunk.seg_end:09d}" + ("-beam" if chunk in beam_given else "")
+            path = spill_dir / f"{name}.pkl"
             future = client.submit(kept, str(path.with_suffix(".done")), run_chunk, cfg, ctx_future, chunk,
-                                   str(path), cores, pure=False, key=f"{tag}-{chunk.seg_start}-{chunk.seg_end}",
+                                   str(path), cores, beam_given.get(chunk), pure=False, key=f"{tag}-{name}",
                                    **extra)
             return future, path
 
@@ -509,7 +573,16 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
             log.info("chunk %d of %d (frames %d-%d): %d blobs, %.1f s, peak memory %.0f MB", i + 1, len(chunks),
                      chunk.start, chunk.end - 1, facts[chunk]["blobs"], facts[chunk]["elapsed_s"],
                      facts[chunk]["peak_rss_mb"])
-        rerun = 0
+        rerun = beam_rerun = 0
+        for i in range(1, len(chunks)):  # a beam that moved: a chunk from the box one process has there
+            p, q = chunks[i - 1], chunks[i]
+            if not beams_agree(facts[p], facts[q], q, p):
+                log.warning("frames %d-%d: the direct beam followed from the first window's box is not where the "
+                            "frames before took it: run again from there", q.start, q.end - 1)
+                beam_given[q] = beam_before(facts[p], q.seg_start - (HISTORY_FRAMES - 1))
+                runs[q] = submit(q)
+                facts[q] = runs[q][0].result()
+                beam_rerun += 1
         while True:  # edges where two chunks' segmenters never agreed: those two as one chunk
             edges = [edge(facts[p], facts[q], q) for p, q in zip(chunks, chunks[1:])]
             if all(e is not None for e in edges):
@@ -517,6 +590,8 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
             i = edges.index(None)
             p, q = chunks[i], chunks[i + 1]
             joined = Chunk(p.start, q.end, p.seg_start, q.seg_end, p.post)
+            if p in beam_given:
+                beam_given[joined] = beam_given[p]
             log.warning("frames %d-%d: the segmenters of two chunks did not agree within %d frames of their edge: "
                         "run again as one chunk", q.start, q.start + q.post - 1, q.post)
             runs[joined] = submit(joined)
@@ -525,7 +600,8 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
             rerun += 1
         bounds = [0] + edges + [n + 1]
         stats, split = _merge(cfg, ctx, chunks, facts, bounds, [runs[c][1] for c in chunks], out_dir)
-        split.update(chunks=[[c.start, c.end] for c in chunks], edges=edges, rerun=rerun, parts=parts,
+        split.update(chunks=[[c.start, c.end] for c in chunks], edges=edges, rerun=rerun, beam_rerun=beam_rerun,
+                     parts=parts,
                      kept=[[c.start, c.end] for c in chunks if facts[c].get("kept")],
                      kept_context=bool(ctx.get("kept")),
                      elapsed_s=round(time.monotonic() - started, 3))
@@ -568,10 +644,18 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     shape = detector.shape
     beam = ctx["direct_beam"]
     detector.write_mask(out_dir / "mask.h5", ctx["pixel_mask"], beam_mask(beam, shape))
-    never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"])
+    if _follows(cfg):
+        track = merged_track(chunks, facts)
+        never = NeverSegmented(ctx["pixel_mask"], track)
+    else:
+        track = None
+        never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"])
     stats = Stats(frames_total=n, frames_read=n, frames_corrected=n, frames_segmented=n, source_end="complete",
                   frames_expected=n)
     stats.direct_beam = detector.unbin_bbox(beam)
+    if track:
+        stats.direct_beam_track = [[f, None if b is None else [int(v) for v in detector.unbin_bbox(b)]]
+                                   for f, b in track]
     facts_d = detector.attrs()
     stats.dark, stats.binning = facts_d["dark"], facts_d["binning"]
     stats.masked_pixels = {**detector.mask_counts, "all": facts_d["masked_pixels"]}

@@ -144,11 +144,11 @@ def test_killed_split_run_restarts_without_redoing_finished_chunks(scan, referen
     last = chunks[-1]
     run_chunk = split.run_chunk
 
-    def killed(cfg, ctx, chunk, spill, cores=1):
+    def killed(cfg, ctx, chunk, spill, cores=1, beam=None):
         if chunk == last:
             Path(spill).write_bytes(b"\x80\x05 a blob file cut short")
             raise KeyboardInterrupt("killed")
-        return run_chunk(cfg, ctx, chunk, spill, cores)
+        return run_chunk(cfg, ctx, chunk, spill, cores, beam)
 
     monkeypatch.setattr(split, "run_chunk", killed)
     with pytest.raises(KeyboardInterrupt):
@@ -212,3 +212,28 @@ def test_stack_export_refused_before_any_output(scan, tmp_path):
     with pytest.raises(ConfigError, match=r"export.format: stack: .* expected sparse .* or none"):
         split.run_split(_cfg(scan, out, "export.format=stack"), None, 2)
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def moving_beam_scan(tmp_path_factory):
+    """A beam that moves right by a fifth of the detector and grows over the scan (the validation's
+    moving_beam scan, 3 times faster): its followed box changes several times in every chunk."""
+    from simulators.hard_scans import HardScanModel, write_hard_scan
+
+    path = tmp_path_factory.mktemp("moving") / "scan.h5"
+    model = HardScanModel(frames=FRAMES, size=SIZE, spots=30, seed=5, beam_motion=(0.2, 0.0, 0.3, 0.1))
+    write_hard_scan("moving_beam", path, model=model)
+    return f"{path}::/1.1/measurement/marana"
+
+
+def test_split_with_a_moving_beam_equals_one_process(moving_beam_scan, tmp_path):
+    """The chunks after the first start from the first window's box; where the beam has moved by then, each
+    is run again from the box the chunk before it reached, and the outputs are one process's."""
+    one = tmp_path / "one"
+    process_scan(_cfg(moving_beam_scan, one), display=False)
+    want = json.loads((one / "run.json").read_text())["stats"]
+    assert len(want["direct_beam_track"]) > 4  # it moved, in every chunk
+    record = split.run_split(_cfg(moving_beam_scan, tmp_path / "out"), InProcess(), 3)
+    assert_same_outputs(outputs(tmp_path / "out"), outputs(one))
+    assert record["stats"]["direct_beam_track"] == want["direct_beam_track"]
+    assert record["split"]["beam_rerun"] == 2
