@@ -386,7 +386,10 @@ def cmd_bench(args) -> int:
 
     sizes = {k: getattr(args, k) for k in ("size", "window", "frames", "fps")}
     sizes = {k: (_SOAK_DEFAULTS if args.soak else _BENCH_DEFAULTS)[k] if v is None else v for k, v in sizes.items()}
-    opts = BenchOptions(**sizes, mode=args.mode, stride=args.stride, batch=args.batch, seed=args.seed,
+    from .config import frames_per_batch
+
+    batch = args.batch or frames_per_batch("auto", (sizes["size"], sizes["size"]))
+    opts = BenchOptions(**sizes, mode=args.mode, stride=args.stride, batch=batch, seed=args.seed,
                         pipeline=not args.no_pipeline, baselines=not args.no_baselines, sources=args.sources,
                         soak=args.soak, hard=args.hard)
     print(bench_main(opts, as_json=args.json))
@@ -604,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames through the pipeline after the first window (600; with --soak, all: 14400)")
     p.add_argument("--mode", choices=["exact", "block"], default="exact")
     p.add_argument("--stride", type=_count(1), default=50)
-    p.add_argument("--batch", type=_count(1), default=16, help="background.batch_frames")
+    p.add_argument("--batch", type=_count(1), default=None,
+                   help="background.batch_frames (auto, the default: 8 at 1024 x 1024 px and up, else 1)")
     p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--no-pipeline", action="store_true", help="time the kernels only")
     p.add_argument("--no-baselines", action="store_true", help="skip np.partition and bottleneck")

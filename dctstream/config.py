@@ -119,12 +119,14 @@ class BackgroundConfig:
     margin_px: int = 20  # width of that margin
 
 
-# batch_frames: auto. A detector of this many pixels or more slides its median 16 frames per call: each
+# batch_frames: auto. A detector of this many pixels or more slides its median 8 frames per call: each
 # pixel's state then stays in the CPU cache over the batch (about half the CPU per frame at 1024 x 1024 and
-# up: `dctstream bench --no-pipeline --batch 1` against `--batch 16`), for 15 frames more of latency.
-# Smaller frames keep one (their state fits in the cache anyway).
+# up: `dctstream bench --no-pipeline --batch 1` against `--batch 8`), for 7 frames more of latency. 16 took
+# 4-8 % less CPU per pixel-step than 8 but held 0.125 GiB more at 2048 x 2048 (8 more frames in the ring,
+# 8 more medians a batch), past 1.6 x a window in all. Smaller frames keep one (their state fits in the
+# cache anyway).
 AUTO_BATCH_PIXELS = 1024 * 1024
-AUTO_BATCH_FRAMES = 16
+AUTO_BATCH_FRAMES = 8
 
 
 def frames_per_batch(batch_frames: int | str, frame_shape) -> int:

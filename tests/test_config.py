@@ -405,8 +405,8 @@ def test_batch_frames_auto_slides_large_detectors_sixteen_frames_at_a_time():
 
     assert load_config(None).background.batch_frames == "auto"
     assert frames_per_batch("auto", (512, 512)) == 1
-    assert frames_per_batch("auto", (1024, 1024)) == 16
-    assert frames_per_batch("auto", (2048, 2048)) == 16
+    assert frames_per_batch("auto", (1024, 1024)) == 8
+    assert frames_per_batch("auto", (2048, 2048)) == 8
     assert frames_per_batch(4, (2048, 2048)) == 4
     assert load_config(None, ["background.batch_frames=8"]).background.batch_frames == 8
     with pytest.raises(ConfigError, match="background.batch_frames"):
