@@ -191,7 +191,9 @@ def scan_context(cfg: Config) -> dict:
             if len(first) >= NOISE_FRAMES:
                 break
         else:
-            raise InputError(f"source.url: {cfg.source.url}: {source.n_frames} frames, too few to split")
+            raise InputError(f"source.url: {cfg.source.url}: {source.n_frames} frames, too few to split: expected more "
+                             f"than background.window={cfg.background.window} (one process fits the window to a "
+                             "shorter scan; run it without --split)")
         first = first[:NOISE_FRAMES]
         mask = beam_mask(stage.direct_beam, stage.frame_shape) | stage.pixel_mask
         # as one process: the first frames' noise leaves out frame 0's box, followed or not

@@ -12,7 +12,7 @@ import pytest
 from dctstream import checkpoint, split
 from dctstream.cli import main
 from dctstream.config import load_config
-from dctstream.errors import ConfigError
+from dctstream.errors import ConfigError, InputError
 from dctstream.runner import process_scan
 from simulators.dct_scan import simulate_scan
 from test_resume import assert_same_outputs, outputs
@@ -237,3 +237,9 @@ def test_split_with_a_moving_beam_equals_one_process(moving_beam_scan, tmp_path)
     assert_same_outputs(outputs(tmp_path / "out"), outputs(one))
     assert record["stats"]["direct_beam_track"] == want["direct_beam_track"]
     assert record["split"]["beam_rerun"] == 2
+
+
+def test_scan_shorter_than_the_window_is_refused_with_the_window_named(scan, tmp_path):
+    """One process fits the window to a scan shorter than it; a split says so rather than 'too few'."""
+    with pytest.raises(InputError, match=r"160 frames, too few to split: expected more than background.window=201"):
+        split.run_split(_cfg(scan, tmp_path / "out", "background.window=201"), InProcess(), 2)
