@@ -13,6 +13,19 @@ def inside(bbox, x, y) -> np.ndarray:
     return (x >= x0) & (x < x0 + w) & (y >= y0) & (y < y0 + h)
 
 
+def scored_at(truth: dict) -> dict:
+    """Where each true spot is scored: its centroid, or, for a spot the direct beam partly hides, the
+    centroid of its counts outside the beam -- all of it that any spot finder can see (a detection of
+    that part is the spot, not a false one; its centroid error is against what is there to measure)."""
+    at = {axis: np.asarray(truth[axis], float) for axis in ("x", "y", "frame")}
+    if "visible_fraction" in truth:
+        fraction = np.asarray(truth["visible_fraction"], float)
+        cut = (fraction > 0) & (fraction < 1 - 1e-6)
+        for axis in at:
+            at[axis] = np.where(cut, truth["visible_" + axis], at[axis])
+    return at
+
+
 def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
           tol_px: float = 2.0, tol_frames: float = 2.0, period_frames: float | None = None,
           in_beam: np.ndarray | None = None) -> dict:
@@ -25,6 +38,10 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     spot (a detection of a faint true spot is not a false one). ``in_beam``: which true spots
     the beam hides, when that is not one box for the whole scan (a beam that moves with psi).
 
+    A true spot that the direct beam partly hides is matched and measured at the centroid of its
+    visible part (``visible_x``, ``_y``, ``_frame``, ``_fraction`` when the truth has them, see
+    `scored_at`); whether it counts for recall still goes by its whole centroid.
+
     ``period_frames``: the scan is a full turn of that many frames, so frame
     n - 0.5 is 1 frame from frame 0.5 (matching and the psi error wrap).
     When both tables have an ``integral`` column, ``intensity_ratio_q25``,
@@ -32,7 +49,8 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     the true spots found.  ``truth_to_detection`` gives the detection matched
     to each true spot (-1 if none).
     """
-    t = np.stack([truth["x"] / tol_px, truth["y"] / tol_px, truth["frame"] / tol_frames], axis=1)
+    at = scored_at(truth)
+    t = np.stack([at["x"] / tol_px, at["y"] / tol_px, at["frame"] / tol_frames], axis=1)
     d = np.stack([spots["centroid_x"] / tol_px, spots["centroid_y"] / tol_px,
                   spots["centroid_frame"] / tol_frames], axis=1)
     pairs = []
@@ -53,7 +71,7 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     found = [j for j in np.flatnonzero(eligible) if j in truth_of]
     errors = {}
     for axis, col in (("x", "centroid_x"), ("y", "centroid_y"), ("frame", "centroid_frame")):
-        diff = np.array([spots[col][truth_of[j]] - truth[axis][j] for j in found])
+        diff = np.array([spots[col][truth_of[j]] - at[axis][j] for j in found])
         if axis == "frame" and period_frames is not None and diff.size:
             diff = (diff + period_frames / 2) % period_frames - period_frames / 2
         errors[axis] = float(np.sqrt(np.mean(diff ** 2))) if diff.size else float("nan")

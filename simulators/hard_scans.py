@@ -384,6 +384,28 @@ class HardScanModel(ScanModel):
                                 shape[1] / 2, shape[0] / 2, 3 * sigma_frame))
             self._amp.append(peak / (self.source_intensity(ks) * self._rocking(i, ku)).max())
 
+    def _visible_centroid(self, i: int, weight: np.ndarray, ku: np.ndarray) -> tuple[float, float, float, float]:
+        """Centroid (x, y, frame) of spot ``i``'s counts outside the direct beam, and the fraction of its
+        integral there: what any spot finder can see of it (the whole spot, mostly). NaN when none is."""
+        patch, (oy, ox) = self._patches[i], self._origin[i]
+        if not self.beam:
+            boxes = [None] * len(ku)
+        elif self.beam_motion is None:
+            boxes = [self.direct_beam_bbox] * len(ku)
+        else:
+            boxes = [self.beam_box(int(k)) for k in self._rock[i][0]]
+        rows, cols_ = np.arange(patch.shape[0]) + oy, np.arange(patch.shape[1]) + ox
+        total = sx = sy = sf = 0.0
+        for w, k, box in zip(weight, ku, boxes):
+            seen = patch if box is None or box[2] == 0 else patch * ~_in_box(box, *patch.shape, oy, ox)
+            counts = w * seen.sum()
+            total, sf = total + counts, sf + counts * k
+            sx, sy = sx + w * (seen.sum(axis=0) @ cols_), sy + w * (seen.sum(axis=1) @ rows)
+        if total <= 0:
+            return float("nan"), float("nan"), float("nan"), 0.0
+        frame = sf / total
+        return sx / total, sy / total, frame % self.frames if self.wrap else frame, total / (weight.sum() * patch.sum())
+
     # --- rendering ----------------------------------------------------------
 
     def spot_counts(self, i: int, k: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -424,7 +446,8 @@ class HardScanModel(ScanModel):
     def _truth_columns(self) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {name: [] for name in (
             "x", "y", "frame", "sigma_x", "sigma_y", "sigma_frame", "peak", "integral", "noise", "snr",
-            "in_direct_beam", "size_x", "size_y", "first_frame", "last_frame", "crosses_wrap", "partner")}
+            "in_direct_beam", "size_x", "size_y", "first_frame", "last_frame", "crosses_wrap", "partner",
+            "visible_x", "visible_y", "visible_frame", "visible_fraction")}
         x0, y0, w, h = self.direct_beam_bbox
         for i, patch in enumerate(self._patches):
             ks, ku = self._rock[i]
@@ -461,9 +484,20 @@ class HardScanModel(ScanModel):
             cols["last_frame"].append(int(ks[-1]))
             cols["crosses_wrap"].append(bool(ku[0] < 0 or ku[-1] >= self.frames))
             cols["partner"].append(self._partner[i])
+            for name, value in zip(("visible_x", "visible_y", "visible_frame", "visible_fraction"),
+                                   self._visible_centroid(i, weight, ku)):
+                cols[name].append(value)
         types = {"in_direct_beam": np.uint8, "crosses_wrap": np.uint8, "size_x": np.int64, "size_y": np.int64,
                  "first_frame": np.int64, "last_frame": np.int64, "partner": np.int64}
         return {name: np.asarray(v, dtype=types.get(name, np.float64)) for name, v in cols.items()}
+
+
+def _in_box(box, n_rows: int, n_cols: int, oy: int, ox: int) -> np.ndarray:
+    """Which pixels of an (n_rows, n_cols) patch at (oy, ox) have their centre in ``box`` (x0, y0, w, h; as
+    ``in_direct_beam``: the pixel centre c with x0 - 0.5 <= c < x0 + w - 0.5)."""
+    x0, y0, w, h = box
+    cx, cy = np.arange(n_cols) + ox, np.arange(n_rows) + oy
+    return np.outer((cy >= y0 - 0.5) & (cy < y0 + h - 0.5), (cx >= x0 - 0.5) & (cx < x0 + w - 0.5))
 
 
 def scan_model(name: str, *, quick: bool = False, seed: int = 0) -> HardScanModel:

@@ -40,3 +40,17 @@ def test_intensity_ratio_quartiles_are_over_the_spots_found():
     result = score(truth, found)
     assert result["intensity_ratio_median"] == pytest.approx(1.0)
     assert (result["intensity_ratio_q25"], result["intensity_ratio_q75"]) == pytest.approx((0.75, 1.25))
+
+
+def test_a_spot_the_beam_partly_hides_is_scored_where_its_visible_part_is():
+    # spot 0: its centre in the beam, a third of it seen 12 px away; spot 1: half hidden, centre outside
+    truth = truth_table([50, 80], [50, 20], [10, 30], visible_x=[62.0, 83.0], visible_y=[50.0, 20.0],
+                        visible_frame=[10.0, 30.0], visible_fraction=[0.3, 0.5])
+    found = detections([62.5, 83.2, 120.0], [50.0, 20.0, 20.0], [10.0, 30.1, 30.0], [300.0, 500.0, 9.0])
+    result = score(truth, found, direct_beam=(40, 40, 20, 20))
+    assert result["eligible"] == 1 and result["found"] == 1  # the hidden one is still not asked for
+    assert result["matched_detections"] == 2 and result["precision"] == pytest.approx(2 / 3)  # 120 px: false
+    assert result["rms_x_px"] == pytest.approx(0.2)
+    assert list(result["truth_to_detection"]) == [0, 1]
+    whole = score({k: v for k, v in truth.items() if not k.startswith("visible")}, found, direct_beam=(40, 40, 20, 20))
+    assert whole["matched_detections"] == 0  # scored at the whole centroids, both detections were false

@@ -61,6 +61,15 @@ def test_each_spot_alone_has_the_truth_centroid_integral_and_peak(model):
         assert np.average(k, weights=w) % m.frames == pytest.approx(s["frame"][i], abs=1e-9)
         assert (k.min() % m.frames, k.max() % m.frames) == (s["first_frame"][i], s["last_frame"][i])
         assert s["snr"][i] == pytest.approx(s["peak"][i] / s["noise"][i])
+        # the part outside the direct beam (a pixel is in it when its centre is; the box of each frame)
+        boxes = np.array([m.beam_box(f) if m.beam_motion is not None else m.direct_beam_bbox for f in k], float)
+        bx, by, bw, bh = boxes.T if m.beam else np.zeros((4, k.size))
+        seen = ~((x >= bx - 0.5) & (x < bx + bw - 0.5) & (y >= by - 0.5) & (y < by + bh - 0.5))
+        assert s["visible_fraction"][i] == pytest.approx(w[seen].sum() / w.sum(), abs=1e-9)
+        if seen.any():
+            assert np.average(x[seen], weights=w[seen]) == pytest.approx(s["visible_x"][i], abs=1e-9)
+            assert np.average(y[seen], weights=w[seen]) == pytest.approx(s["visible_y"][i], abs=1e-9)
+            assert np.average(k[seen], weights=w[seen]) % m.frames == pytest.approx(s["visible_frame"][i], abs=1e-9)
 
 
 def test_spots_cross_0_360_only_in_the_wrap_scans(model):
