@@ -16,8 +16,13 @@ def inside(bbox, x, y) -> np.ndarray:
 def scored_at(truth: dict) -> dict:
     """Where each true spot is scored: its centroid, or, for a spot the direct beam partly hides, the
     centroid of its counts outside the beam -- all of it that any spot finder can see (a detection of
-    that part is the spot, not a false one; its centroid error is against what is there to measure)."""
+    that part is the spot, not a false one; its centroid error is against what is there to measure).
+    Along psi, when the truth has ``frame_normalised``: the centroid of the counts over the source
+    intensity of their frame (the spot's rocking curve, which a beam-normalised spot finder reports;
+    a rippling source moves the raw counts' centroid by up to half a frame, not the spot)."""
     at = {axis: np.asarray(truth[axis], float) for axis in ("x", "y", "frame")}
+    if "frame_normalised" in truth:
+        at["frame"] = np.asarray(truth["frame_normalised"], float)
     if "visible_fraction" in truth:
         fraction = np.asarray(truth["visible_fraction"], float)
         cut = (fraction > 0) & (fraction < 1 - 1e-6)

@@ -28,8 +28,12 @@ frames; ``sigma_*`` second moments; ``noise`` the raw noise at the peak pixel,
 sqrt(background + read_noise**2), at least 1 count for photon counting) and
 more: ``size_x``, ``size_y`` (footprint extent, px), ``first_frame``,
 ``last_frame`` (the frames the spot is drawn in; first > last when it crosses
-0/360 deg), ``crosses_wrap`` and ``partner`` (the other spot of a touching
-pair, -1 if none).
+0/360 deg), ``crosses_wrap``, ``partner`` (the other spot of a touching
+pair, -1 if none), ``frame_normalised`` (the centroid along psi of its counts
+divided by the source intensity of their frame: its rocking curve's, which a
+rippling or stepping source does not move) and ``visible_x``, ``visible_y``,
+``visible_frame``, ``visible_fraction`` (the same centroid of its normalised
+counts outside the direct beam, and their fraction of them all).
 """
 
 from __future__ import annotations
@@ -385,8 +389,9 @@ class HardScanModel(ScanModel):
             self._amp.append(peak / (self.source_intensity(ks) * self._rocking(i, ku)).max())
 
     def _visible_centroid(self, i: int, weight: np.ndarray, ku: np.ndarray) -> tuple[float, float, float, float]:
-        """Centroid (x, y, frame) of spot ``i``'s counts outside the direct beam, and the fraction of its
-        integral there: what any spot finder can see of it (the whole spot, mostly). NaN when none is."""
+        """Centroid (x, y, frame) of spot ``i``'s counts outside the direct beam, each frame's weighted by
+        ``weight`` (over ``ku``), and the fraction of them there: what any spot finder can see of it (the
+        whole spot, mostly). NaN when none is."""
         patch, (oy, ox) = self._patches[i], self._origin[i]
         if not self.beam:
             boxes = [None] * len(ku)
@@ -447,7 +452,7 @@ class HardScanModel(ScanModel):
         cols: dict[str, list] = {name: [] for name in (
             "x", "y", "frame", "sigma_x", "sigma_y", "sigma_frame", "peak", "integral", "noise", "snr",
             "in_direct_beam", "size_x", "size_y", "first_frame", "last_frame", "crosses_wrap", "partner",
-            "visible_x", "visible_y", "visible_frame", "visible_fraction")}
+            "frame_normalised", "visible_x", "visible_y", "visible_frame", "visible_fraction")}
         x0, y0, w, h = self.direct_beam_bbox
         for i, patch in enumerate(self._patches):
             ks, ku = self._rock[i]
@@ -484,8 +489,10 @@ class HardScanModel(ScanModel):
             cols["last_frame"].append(int(ks[-1]))
             cols["crosses_wrap"].append(bool(ku[0] < 0 or ku[-1] >= self.frames))
             cols["partner"].append(self._partner[i])
+            rocking = self._rocking(i, ku)  # the counts over the source intensity of their frame
+            cols["frame_normalised"].append((rocking @ ku) / rocking.sum() % (self.frames if self.wrap else np.inf))
             for name, value in zip(("visible_x", "visible_y", "visible_frame", "visible_fraction"),
-                                   self._visible_centroid(i, weight, ku)):
+                                   self._visible_centroid(i, rocking, ku)):
                 cols[name].append(value)
         types = {"in_direct_beam": np.uint8, "crosses_wrap": np.uint8, "size_x": np.int64, "size_y": np.int64,
                  "first_frame": np.int64, "last_frame": np.int64, "partner": np.int64}

@@ -61,6 +61,9 @@ def test_each_spot_alone_has_the_truth_centroid_integral_and_peak(model):
         assert np.average(k, weights=w) % m.frames == pytest.approx(s["frame"][i], abs=1e-9)
         assert (k.min() % m.frames, k.max() % m.frames) == (s["first_frame"][i], s["last_frame"][i])
         assert s["snr"][i] == pytest.approx(s["peak"][i] / s["noise"][i])
+        rocking = w / m.source_intensity(k % m.frames)  # the counts over the source intensity of their frame
+        assert np.average(k, weights=rocking) % m.frames == pytest.approx(s["frame_normalised"][i], abs=1e-9)
+        w = rocking
         # the part outside the direct beam (a pixel is in it when its centre is; the box of each frame)
         boxes = np.array([m.beam_box(f) if m.beam_motion is not None else m.direct_beam_bbox for f in k], float)
         bx, by, bw, bh = boxes.T if m.beam else np.zeros((4, k.size))
