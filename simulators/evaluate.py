@@ -31,6 +31,30 @@ def scored_at(truth: dict) -> dict:
     return at
 
 
+def _pieces(truth: dict, spots: dict, matched: set, period_frames: float | None) -> list[int]:
+    """The unmatched detections that are a piece of a true spot which the direct beam partly hides: the
+    detection says it touches the mask (``touches_mask``) and its centroid is on that spot's footprint
+    (within half its extent in x and y, 3 sigma along psi). A spot whose visible part the mask cuts in
+    two is seen, and reported as partial, twice; no tool can tell that both pieces are one spot."""
+    if "touches_mask" not in spots or "visible_fraction" not in truth:
+        return []
+    fraction = np.asarray(truth["visible_fraction"], float)
+    cut = np.flatnonzero((fraction > 0) & (fraction < 1 - 1e-6))
+    out = []
+    for i in np.flatnonzero(np.asarray(spots["touches_mask"], bool)):
+        if i in matched or not cut.size:
+            continue
+        df = np.abs(spots["centroid_frame"][i] - truth["frame"][cut])
+        if period_frames is not None:
+            df = np.minimum(df, period_frames - df)
+        on = ((np.abs(spots["centroid_x"][i] - truth["x"][cut]) <= truth["size_x"][cut] / 2)
+              & (np.abs(spots["centroid_y"][i] - truth["y"][cut]) <= truth["size_y"][cut] / 2)
+              & (df <= 3 * truth["sigma_frame"][cut]))
+        if on.any():
+            out.append(int(i))
+    return out
+
+
 def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
           tol_px: float = 2.0, tol_frames: float = 2.0, period_frames: float | None = None,
           in_beam: np.ndarray | None = None) -> dict:
@@ -45,14 +69,15 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
 
     A true spot that the direct beam partly hides is matched and measured at the centroid of its
     visible part (``visible_x``, ``_y``, ``_frame``, ``_fraction`` when the truth has them, see
-    `scored_at`); whether it counts for recall still goes by its whole centroid.
+    `scored_at`); whether it counts for recall still goes by its whole centroid. A detection that is
+    a second piece of such a spot, cut in two by the mask, is not false either (``pieces``, see `_pieces`).
 
     ``period_frames``: the scan is a full turn of that many frames, so frame
     n - 0.5 is 1 frame from frame 0.5 (matching and the psi error wrap).
     When both tables have an ``integral`` column, ``intensity_ratio_q25``,
     ``_median`` and ``_q75`` are the quartiles of detected / true integral over
     the true spots found.  ``truth_to_detection`` gives the detection matched
-    to each true spot (-1 if none).
+    to each true spot (-1 if none), ``piece_detections`` the pieces (see `_pieces`).
     """
     at = scored_at(truth)
     t = np.stack([at["x"] / tol_px, at["y"] / tol_px, at["frame"] / tol_frames], axis=1)
@@ -71,6 +96,7 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
         if i not in det_used and j not in truth_of:
             det_used.add(i)
             truth_of[j] = i
+    pieces = _pieces(truth, spots, det_used, period_frames)
     hidden = inside(direct_beam, truth["x"], truth["y"]) if in_beam is None else np.asarray(in_beam, bool)
     eligible = (truth["snr"] >= snr_min) & ~hidden
     found = [j for j in np.flatnonzero(eligible) if j in truth_of]
@@ -95,11 +121,13 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
         "found": len(found),
         "recall": len(found) / max(int(eligible.sum()), 1),
         "detections": int(len(d)),
-        "matched_detections": len(det_used),
-        "precision": len(det_used) / max(len(d), 1),
+        "matched_detections": len(det_used) + len(pieces),
+        "pieces": len(pieces),
+        "precision": (len(det_used) + len(pieces)) / max(len(d), 1),
         "rms_x_px": errors["x"],
         "rms_y_px": errors["y"],
         "rms_frame": errors["frame"],
         **intensity,
         "truth_to_detection": truth_to_detection,
+        "piece_detections": np.array(pieces, np.int64),
     }

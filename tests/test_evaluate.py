@@ -54,3 +54,14 @@ def test_a_spot_the_beam_partly_hides_is_scored_where_its_visible_part_is():
     assert list(result["truth_to_detection"]) == [0, 1]
     whole = score({k: v for k, v in truth.items() if not k.startswith("visible")}, found, direct_beam=(40, 40, 20, 20))
     assert whole["matched_detections"] == 0  # scored at the whole centroids, both detections were false
+
+
+def test_a_second_piece_of_a_spot_the_beam_cuts_in_two_is_not_false():
+    # the beam hides the middle of spot 0 (20 x 20 px): its visible part is seen as two pieces
+    truth = truth_table([50], [50], [10], visible_x=[45.0], visible_y=[50.0], visible_frame=[10.0],
+                        visible_fraction=[0.4], size_x=[20], size_y=[20])
+    found = detections([44.5, 58.0, 58.0], [50.0, 52.0, 52.0], [10.0, 10.0, 10.0], [1.0, 1.0, 1.0])
+    found["touches_mask"] = np.array([1, 1, 0])  # the last says it is whole: it is no piece of a cut spot
+    result = score(truth, found, direct_beam=(48, 40, 4, 20))
+    assert result["pieces"] == 1 and result["matched_detections"] == 2
+    assert list(result["truth_to_detection"]) == [0]
