@@ -31,6 +31,34 @@ def scored_at(truth: dict) -> dict:
     return at
 
 
+def merged_points(truth: dict, at: dict, period_frames: float | None = None) -> tuple[dict, np.ndarray]:
+    """The points a detection may match: each true spot's (``at``) and, after them, each group of spots
+    merged into one (``merged_into``) at their combined centroid (their integral-weighted mean, psi taken
+    next to the brightest's over a full turn) with their summed integral; and whose each point is."""
+    n = len(truth["x"])
+    integral = np.asarray(truth["integral"], float) if "integral" in truth else np.ones(n)
+    points = {**at, "integral": integral}
+    owner = np.arange(n)
+    into = np.asarray(truth.get("merged_into", np.full(n, -1)))
+    groups = np.unique(into[into >= 0])
+    if not groups.size:
+        return points, owner
+    extra = {key: [] for key in points}
+    for r in groups:
+        members = np.concatenate([[r], np.flatnonzero(into == r)])
+        w = integral[members]
+        frame = at["frame"][members]
+        if period_frames is not None:
+            frame = frame - np.round((frame - at["frame"][r]) / period_frames) * period_frames
+        extra["x"].append(w @ at["x"][members] / w.sum())
+        extra["y"].append(w @ at["y"][members] / w.sum())
+        combined = w @ frame / w.sum()
+        extra["frame"].append(combined % period_frames if period_frames is not None else combined)
+        extra["integral"].append(w.sum())
+    points = {key: np.concatenate([points[key], extra[key]]) for key in points}
+    return points, np.concatenate([owner, groups])
+
+
 def _pieces(truth: dict, spots: dict, matched: set, period_frames: float | None) -> list[int]:
     """The unmatched detections that are a piece of a true spot which the direct beam partly hides: the
     detection says it touches the mask (``touches_mask``) and its centroid is on that spot's footprint
@@ -72,6 +100,12 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     `scored_at`); whether it counts for recall still goes by its whole centroid. A detection that is
     a second piece of such a spot, cut in two by the mask, is not false either (``pieces``, see `_pieces`).
 
+    Spots that are one in the noiseless frames (``merged_into``: the brighter spot whose maximum a
+    dimmer one shares, see `simulators.hard_scans.RESOLVE_SIGMAS`) are one spot to find: the dimmer
+    ones are not asked for (``merged`` counts them), and a detection of the group -- at its spots'
+    combined centroid and with their summed integral -- is the brighter one's. A detection of any of
+    them on its own is not false.
+
     ``period_frames``: the scan is a full turn of that many frames, so frame
     n - 0.5 is 1 frame from frame 0.5 (matching and the psi error wrap).
     When both tables have an ``integral`` column, ``intensity_ratio_q25``,
@@ -80,7 +114,8 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     to each true spot (-1 if none), ``piece_detections`` the pieces (see `_pieces`).
     """
     at = scored_at(truth)
-    t = np.stack([at["x"] / tol_px, at["y"] / tol_px, at["frame"] / tol_frames], axis=1)
+    points, owner = merged_points(truth, at, period_frames)  # each spot's point, then each merged group's
+    t = np.stack([points["x"] / tol_px, points["y"] / tol_px, points["frame"] / tol_frames], axis=1)
     d = np.stack([spots["centroid_x"] / tol_px, spots["centroid_y"] / tol_px,
                   spots["centroid_frame"] / tol_frames], axis=1)
     pairs = []
@@ -91,33 +126,36 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
             for i, js in enumerate(tree.query_ball_point(shifted, r=1.0)):
                 pairs += [(float(np.linalg.norm(shifted[i] - t[j])), i, j) for j in js]
     pairs.sort()
-    det_used, truth_of = set(), {}
-    for _, i, j in pairs:
+    det_used, truth_of, point_of = set(), {}, {}
+    for _, i, p in pairs:
+        j = int(owner[p])
         if i not in det_used and j not in truth_of:
             det_used.add(i)
-            truth_of[j] = i
+            truth_of[j], point_of[j] = i, p
     pieces = _pieces(truth, spots, det_used, period_frames)
     hidden = inside(direct_beam, truth["x"], truth["y"]) if in_beam is None else np.asarray(in_beam, bool)
-    eligible = (truth["snr"] >= snr_min) & ~hidden
+    merged = np.asarray(truth["merged_into"]) >= 0 if "merged_into" in truth else np.zeros(len(hidden), bool)
+    eligible = (truth["snr"] >= snr_min) & ~hidden & ~merged
     found = [j for j in np.flatnonzero(eligible) if j in truth_of]
     errors = {}
     for axis, col in (("x", "centroid_x"), ("y", "centroid_y"), ("frame", "centroid_frame")):
-        diff = np.array([spots[col][truth_of[j]] - at[axis][j] for j in found])
+        diff = np.array([spots[col][truth_of[j]] - points[axis][point_of[j]] for j in found])
         if axis == "frame" and period_frames is not None and diff.size:
             diff = (diff + period_frames / 2) % period_frames - period_frames / 2
         errors[axis] = float(np.sqrt(np.mean(diff ** 2))) if diff.size else float("nan")
     intensity = {}
     if "integral" in truth and "integral" in spots:
-        ratio = np.array([spots["integral"][truth_of[j]] / truth["integral"][j] for j in found])
+        ratio = np.array([spots["integral"][truth_of[j]] / points["integral"][point_of[j]] for j in found])
         q25, median, q75 = np.percentile(ratio, [25, 50, 75]) if ratio.size else (float("nan"),) * 3
         intensity = {"intensity_ratio_q25": float(q25), "intensity_ratio_median": float(median),
                      "intensity_ratio_q75": float(q75)}
-    truth_to_detection = np.full(len(t), -1, np.int64)
+    truth_to_detection = np.full(len(truth["x"]), -1, np.int64)
     for j, i in truth_of.items():
         truth_to_detection[j] = i
     return {
-        "true_spots": int(len(t)),
+        "true_spots": int(len(truth["x"])),
         "eligible": int(eligible.sum()),
+        "merged": int(merged.sum()),
         "found": len(found),
         "recall": len(found) / max(int(eligible.sum()), 1),
         "detections": int(len(d)),

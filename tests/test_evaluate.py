@@ -65,3 +65,16 @@ def test_a_second_piece_of_a_spot_the_beam_cuts_in_two_is_not_false():
     result = score(truth, found, direct_beam=(48, 40, 4, 20))
     assert result["pieces"] == 1 and result["matched_detections"] == 2
     assert list(result["truth_to_detection"]) == [0]
+
+
+def test_spots_merged_in_the_frames_are_one_spot_to_find():
+    # spot 1 shares spot 0's maximum (merged_into 0): one group, found at the combined centroid
+    truth = truth_table([10, 14, 60], [10, 10, 60], [20, 20, 40], merged_into=[-1, 0, -1])
+    truth["integral"] = np.array([3000.0, 1000.0, 500.0])
+    found = detections([11.1, 60.0], [10.0, 60.0], [20.0, 40.0], [4000.0, 500.0])
+    result = score(truth, found, tol_px=1.0)
+    assert (result["eligible"], result["found"], result["merged"]) == (2, 2, 1)
+    assert result["precision"] == 1.0 and result["intensity_ratio_median"] == pytest.approx(1.0)
+    assert result["rms_x_px"] == pytest.approx(np.sqrt(0.1 ** 2 / 2))  # against (3000 * 10 + 1000 * 14) / 4000
+    alone = score(truth, detections([10.0, 14.0], [10.0, 10.0], [20.0, 20.0], [3000.0, 1000.0]), tol_px=1.0)
+    assert alone["precision"] == 1.0 and alone["found"] == 1  # each found apart: neither is false
