@@ -97,7 +97,9 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
 
     A true spot that the direct beam partly hides is matched and measured at the centroid of its
     visible part (``visible_x``, ``_y``, ``_frame``, ``_fraction`` when the truth has them, see
-    `scored_at`); whether it counts for recall still goes by its whole centroid. A detection that is
+    `scored_at`); whether it counts for recall still goes by its whole centroid, and its centroid and
+    integral are not in the errors and ratios (``found_cut`` counts such spots found): they depend on
+    how far around the beam each tool masks, and no tool can see the rest. A detection that is
     a second piece of such a spot, cut in two by the mask, is not false either (``pieces``, see `_pieces`).
 
     Spots that are one in the noiseless frames (``merged_into``: the brighter spot whose maximum a
@@ -137,15 +139,18 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     merged = np.asarray(truth["merged_into"]) >= 0 if "merged_into" in truth else np.zeros(len(hidden), bool)
     eligible = (truth["snr"] >= snr_min) & ~hidden & ~merged
     found = [j for j in np.flatnonzero(eligible) if j in truth_of]
+    # a spot the beam cuts is found, but what any tool measures of it depends on how much it masks
+    cut = (np.asarray(truth["visible_fraction"]) < 1 - 1e-6) if "visible_fraction" in truth else np.zeros(len(hidden), bool)
+    measured = [j for j in found if not cut[j]]
     errors = {}
     for axis, col in (("x", "centroid_x"), ("y", "centroid_y"), ("frame", "centroid_frame")):
-        diff = np.array([spots[col][truth_of[j]] - points[axis][point_of[j]] for j in found])
+        diff = np.array([spots[col][truth_of[j]] - points[axis][point_of[j]] for j in measured])
         if axis == "frame" and period_frames is not None and diff.size:
             diff = (diff + period_frames / 2) % period_frames - period_frames / 2
         errors[axis] = float(np.sqrt(np.mean(diff ** 2))) if diff.size else float("nan")
     intensity = {}
     if "integral" in truth and "integral" in spots:
-        ratio = np.array([spots["integral"][truth_of[j]] / points["integral"][point_of[j]] for j in found])
+        ratio = np.array([spots["integral"][truth_of[j]] / points["integral"][point_of[j]] for j in measured])
         q25, median, q75 = np.percentile(ratio, [25, 50, 75]) if ratio.size else (float("nan"),) * 3
         intensity = {"intensity_ratio_q25": float(q25), "intensity_ratio_median": float(median),
                      "intensity_ratio_q75": float(q75)}
@@ -157,6 +162,7 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
         "eligible": int(eligible.sum()),
         "merged": int(merged.sum()),
         "found": len(found),
+        "found_cut": len(found) - len(measured),
         "recall": len(found) / max(int(eligible.sum()), 1),
         "detections": int(len(d)),
         "matched_detections": len(det_used) + len(pieces),

@@ -264,7 +264,8 @@ def table_markdown(rows: list[dict]) -> str:
         ref = clean_fps.get(r["tool"])
         fps = _fmt(r.get("fps"), ".1f") + (f" ({100 * r['fps'] / ref:.0f} %)" if ref and r.get("fps") else "")
         false = s["detections"] - s["matched_detections"]
-        notes = [f"{s['found']}/{s['eligible']} found, {false} false"]
+        notes = [f"{s['found']}/{s['eligible']} found ({s.get('found_cut', 0)} cut by the beam, not measured), "
+                 f"{false} false"]
         if s.get("pieces"):
             notes.append(f"{s['pieces']} more pieces of spots the beam cuts in two")
         if false:
