@@ -28,8 +28,12 @@ frames; ``sigma_*`` second moments; ``noise`` the raw noise at the peak pixel,
 sqrt(background + read_noise**2), at least 1 count for photon counting) and
 more: ``size_x``, ``size_y`` (footprint extent, px), ``first_frame``,
 ``last_frame`` (the frames the spot is drawn in; first > last when it crosses
-0/360 deg), ``crosses_wrap`` and ``partner`` (the other spot of a touching
-pair, -1 if none).
+0/360 deg), ``crosses_wrap``, ``partner`` (the other spot of a touching
+pair, -1 if none), ``frame_normalised`` (the centroid along psi of its counts
+divided by the source intensity of their frame: its rocking curve's, which a
+rippling or stepping source does not move) and ``visible_x``, ``visible_y``,
+``visible_frame``, ``visible_fraction`` (the same centroid of its normalised
+counts outside the direct beam, and their fraction of them all).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import h5py
+import numba
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import ConvexHull
@@ -66,6 +71,11 @@ FOOTPRINT_FLOOR = 1e-3
 
 EXTERNAL_PEAK_COUNTS = 3000.0  # peak of the thickest external spot (no structure factors: thickness only)
 EXTERNAL_SIGMA_FRAME = (0.6, 1.5)
+
+# Overlapping spots are told apart when the dimmer one has a maximum of its own in the noiseless frames
+# that stands this many times the noise there (background and photon noise at the saddle) above the saddle
+# joining it to a brighter one -- as a spot is detectable when its peak stands 5 x the noise above 0.
+RESOLVE_SIGMAS = 5.0
 
 PHOTON_BACKGROUND_MAX = 0.5  # counts a pixel a frame, where the glow is brightest
 INVALID_UINT32 = np.iinfo(np.uint32).max  # a photon-counting detector's mark of a pixel without data
@@ -384,6 +394,97 @@ class HardScanModel(ScanModel):
                                 shape[1] / 2, shape[0] / 2, 3 * sigma_frame))
             self._amp.append(peak / (self.source_intensity(ks) * self._rocking(i, ku)).max())
 
+    def _visible_centroid(self, i: int, weight: np.ndarray, ku: np.ndarray) -> tuple[float, float, float, float]:
+        """Centroid (x, y, frame) of spot ``i``'s counts outside the direct beam, each frame's weighted by
+        ``weight`` (over ``ku``), and the fraction of them there: what any spot finder can see of it (the
+        whole spot, mostly). NaN when none is."""
+        patch, (oy, ox) = self._patches[i], self._origin[i]
+        if not self.beam:
+            boxes = [None] * len(ku)
+        elif self.beam_motion is None:
+            boxes = [self.direct_beam_bbox] * len(ku)
+        else:
+            boxes = [self.beam_box(int(k)) for k in self._rock[i][0]]
+        rows, cols_ = np.arange(patch.shape[0]) + oy, np.arange(patch.shape[1]) + ox
+        total = sx = sy = sf = 0.0
+        for w, k, box in zip(weight, ku, boxes):
+            seen = patch if box is None or box[2] == 0 else patch * ~_in_box(box, *patch.shape, oy, ox)
+            counts = w * seen.sum()
+            total, sf = total + counts, sf + counts * k
+            sx, sy = sx + w * (seen.sum(axis=0) @ cols_), sy + w * (seen.sum(axis=1) @ rows)
+        if total <= 0:
+            return float("nan"), float("nan"), float("nan"), 0.0
+        frame = sf / total
+        return sx / total, sy / total, frame % self.frames if self.wrap else frame, total / (weight.sum() * patch.sum())
+
+    def _merged_into(self, noise, peak) -> np.ndarray:
+        """For each spot, the brighter spot it is one with in the noiseless frames (-1 if it stands alone):
+        in the sum of the spots that overlap it, its peak belongs to a maximum that is another's, or to
+        one that stands less than `RESOLVE_SIGMAS` x the noise at the saddle (sqrt(noise^2 + saddle
+        counts)) above the saddle joining it to a brighter one."""
+        n = len(self._patches)
+        out = np.full(n, -1, np.int64)
+        boxes = []  # (y0, y1, x0, x1, first unwrapped frame, last)
+        for i in range(n):
+            (oy, ox), shape, ku = self._origin[i], self._patches[i].shape, self._rock[i][1]
+            boxes.append((oy, oy + shape[0], ox, ox + shape[1], int(ku[0]), int(ku[-1])))
+        boxes = np.array(boxes, np.int64).reshape(-1, 6)
+        group = list(range(n))
+
+        def root(i):
+            while group[i] != i:
+                group[i] = group[group[i]]
+                i = group[i]
+            return i
+
+        for i in range(n):  # spots whose boxes overlap, in x, y and (over a full turn, wrapped) psi
+            b = boxes[i]
+            for shift in (0, self.frames, -self.frames) if self.wrap else (0,):
+                near = np.flatnonzero((boxes[:, 0] < b[1]) & (boxes[:, 1] > b[0]) & (boxes[:, 2] < b[3])
+                                      & (boxes[:, 3] > b[2]) & (boxes[:, 4] + shift <= b[5])
+                                      & (boxes[:, 5] + shift >= b[4]))
+                for j in near:
+                    group[root(int(j))] = root(i)
+        clusters: dict[int, list[int]] = {}
+        for i in range(n):
+            clusters.setdefault(root(i), []).append(i)
+        for members in clusters.values():
+            if len(members) < 2:
+                continue
+            # frames unwrapped next to the first member's; a box around them all
+            f_ref = self._frame0[members[0]]
+            shifts = {i: (round((f_ref - self._frame0[i]) / self.frames) * self.frames if self.wrap else 0)
+                      for i in members}
+            b = boxes[members]
+            y0, x0 = b[:, 0].min(), b[:, 2].min()
+            f0 = min(int(boxes[i, 4]) + shifts[i] for i in members)
+            f1 = max(int(boxes[i, 5]) + shifts[i] for i in members)
+            volume = np.zeros((f1 - f0 + 1, b[:, 1].max() - y0, b[:, 3].max() - x0))
+            tops = {}
+            for i in members:
+                oy, ox = self._origin[i]
+                ph, pw = self._patches[i].shape
+                best = -1.0
+                for k, k_unwrapped in zip(*self._rock[i]):
+                    counts, _ = self.spot_counts(i, int(k))
+                    f = int(k_unwrapped) + shifts[i] - f0
+                    volume[f, oy - y0:oy - y0 + ph, ox - x0:ox - x0 + pw] += counts
+                    if counts.max() > best:
+                        best = counts.max()
+                        py, px = np.unravel_index(np.argmax(counts), counts.shape)
+                        tops[i] = (f, oy - y0 + py, ox - x0 + px)
+            sigma = float(np.median([noise[i] for i in members]))
+            part = _resolved_parts(volume, sigma, RESOLVE_SIGMAS)
+            by_part: dict[int, list[int]] = {}
+            for i in members:
+                by_part.setdefault(int(part[tops[i]]), []).append(i)
+            for together in by_part.values():
+                brightest = max(together, key=lambda i: peak[i])
+                for i in together:
+                    if i != brightest:
+                        out[i] = brightest
+        return out
+
     # --- rendering ----------------------------------------------------------
 
     def spot_counts(self, i: int, k: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -424,7 +525,8 @@ class HardScanModel(ScanModel):
     def _truth_columns(self) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {name: [] for name in (
             "x", "y", "frame", "sigma_x", "sigma_y", "sigma_frame", "peak", "integral", "noise", "snr",
-            "in_direct_beam", "size_x", "size_y", "first_frame", "last_frame", "crosses_wrap", "partner")}
+            "in_direct_beam", "size_x", "size_y", "first_frame", "last_frame", "crosses_wrap", "partner",
+            "frame_normalised", "visible_x", "visible_y", "visible_frame", "visible_fraction", "merged_into")}
         x0, y0, w, h = self.direct_beam_bbox
         for i, patch in enumerate(self._patches):
             ks, ku = self._rock[i]
@@ -461,9 +563,75 @@ class HardScanModel(ScanModel):
             cols["last_frame"].append(int(ks[-1]))
             cols["crosses_wrap"].append(bool(ku[0] < 0 or ku[-1] >= self.frames))
             cols["partner"].append(self._partner[i])
+            rocking = self._rocking(i, ku)  # the counts over the source intensity of their frame
+            cols["frame_normalised"].append((rocking @ ku) / rocking.sum() % (self.frames if self.wrap else np.inf))
+            for name, value in zip(("visible_x", "visible_y", "visible_frame", "visible_fraction"),
+                                   self._visible_centroid(i, rocking, ku)):
+                cols[name].append(value)
+        cols["merged_into"] = list(self._merged_into(cols["noise"], cols["peak"]))
         types = {"in_direct_beam": np.uint8, "crosses_wrap": np.uint8, "size_x": np.int64, "size_y": np.int64,
-                 "first_frame": np.int64, "last_frame": np.int64, "partner": np.int64}
+                 "first_frame": np.int64, "last_frame": np.int64, "partner": np.int64, "merged_into": np.int64}
         return {name: np.asarray(v, dtype=types.get(name, np.float64)) for name, v in cols.items()}
+
+
+def _in_box(box, n_rows: int, n_cols: int, oy: int, ox: int) -> np.ndarray:
+    """Which pixels of an (n_rows, n_cols) patch at (oy, ox) have their centre in ``box`` (x0, y0, w, h; as
+    ``in_direct_beam``: the pixel centre c with x0 - 0.5 <= c < x0 + w - 0.5)."""
+    x0, y0, w, h = box
+    cx, cy = np.arange(n_cols) + ox, np.arange(n_rows) + oy
+    return np.outer((cy >= y0 - 0.5) & (cy < y0 + h - 0.5), (cx >= x0 - 0.5) & (cx < x0 + w - 0.5))
+
+
+@numba.njit(cache=True)
+def _resolved_parts(volume, sigma, sigmas):
+    """Each voxel's part of ``volume`` (the flat index of the part's maximum; -1 below ``sigma``), flooding
+    26-connected voxels from the brightest down: where parts meet at a voxel of value s, a dimmer one whose
+    maximum p stands less than ``sigmas`` x sqrt(sigma^2 + s) above s joins the brightest one met."""
+    nf, ny, nx = volume.shape
+    flat = volume.ravel()
+    parent = np.full(flat.size, -1, np.int64)
+    order = np.argsort(-flat, kind="mergesort")
+    roots = np.empty(26, np.int64)
+    for i in order:
+        v = flat[i]
+        if v < sigma:
+            break
+        f, rest = divmod(i, ny * nx)
+        y, x = divmod(rest, nx)
+        n_roots = 0
+        for df in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    g, u, w = f + df, y + dy, x + dx
+                    if (df == 0 and dy == 0 and dx == 0) or not (0 <= g < nf and 0 <= u < ny and 0 <= w < nx):
+                        continue
+                    j = (g * ny + u) * nx + w
+                    if parent[j] < 0:
+                        continue
+                    while parent[j] != j:
+                        j = parent[j]
+                    if j not in roots[:n_roots]:
+                        roots[n_roots] = j
+                        n_roots += 1
+        if n_roots == 0:
+            parent[i] = i
+            continue
+        top = roots[0]
+        for r in roots[1:n_roots]:
+            if flat[r] > flat[top]:
+                top = r
+        for r in roots[:n_roots]:
+            if r != top and flat[r] - v < sigmas * np.sqrt(sigma * sigma + max(v, 0.0)):
+                parent[r] = top
+        parent[i] = top
+    out = np.full(flat.size, -1, np.int64)
+    for i in range(flat.size):
+        if parent[i] >= 0:
+            j = i
+            while parent[j] != j:
+                j = parent[j]
+            out[i] = j
+    return out.reshape(volume.shape)
 
 
 def scan_model(name: str, *, quick: bool = False, seed: int = 0) -> HardScanModel:

@@ -210,6 +210,7 @@ def score_row(truth, spots: dict, n_frames: int, tol_px: float, beam_moves: bool
     matched_detections = np.zeros(len(spots["centroid_x"]), bool)
     to_det = result.pop("truth_to_detection")
     matched_detections[to_det[to_det >= 0]] = True
+    matched_detections[result.pop("piece_detections")] = True
     false = ~matched_detections
     tenth = np.clip((spots["centroid_frame"][false] * 10 // n_frames).astype(int), 0, 9)
     result["false_by_tenth"] = np.bincount(tenth, minlength=10).tolist()
@@ -263,7 +264,10 @@ def table_markdown(rows: list[dict]) -> str:
         ref = clean_fps.get(r["tool"])
         fps = _fmt(r.get("fps"), ".1f") + (f" ({100 * r['fps'] / ref:.0f} %)" if ref and r.get("fps") else "")
         false = s["detections"] - s["matched_detections"]
-        notes = [f"{s['found']}/{s['eligible']} found, {false} false"]
+        notes = [f"{s['found']}/{s['eligible']} found ({s.get('found_cut', 0)} cut by the beam, not measured), "
+                 f"{false} false"]
+        if s.get("pieces"):
+            notes.append(f"{s['pieces']} more pieces of spots the beam cuts in two")
         if false:
             notes.append("false by tenth of the scan " + " ".join(map(str, s["false_by_tenth"])))
             if s["false_near_beam"]:

@@ -70,7 +70,7 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             low_map[k] *= factor
     # the segmenter compares float32 values with float32 thresholds rounded up: the same voxels
     labels, n = ndi.label((volume >= seed_map) & allowed, structure=structure)
-    rejected = {"seed_min_voxels": 0, "maximum_claimed": 0, "too_small": 0, "too_large": 0}
+    rejected = {"seed_min_voxels": 0, "maximum_claimed": 0, "tail_of_blob": 0, "too_small": 0, "too_large": 0}
     regions = []
     for i, box in enumerate(ndi.find_objects(labels), start=1):
         members = np.argwhere(labels[box] == i) + [s.start for s in box]  # (frame, y, x), C order
@@ -103,6 +103,13 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
         top = np.array(reference_split(grown, values, stand_out, params.grow_ratio, params.connectivity == 26))
         for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
             part_peak = values[root]
+            # a claimed voxel brighter than the peak next to it (a neighbour, in the box): a blob's tail
+            near = [tuple(grown[root] + d) for d in itertools.product((-1, 0, 1), repeat=3)
+                    if any(d) and (params.connectivity == 26 or sum(map(abs, d)) == 1)]
+            if any(all(b.start <= c < min(b.stop, n) for c, b, n in zip(v, box, volume.shape))
+                   and claimed[v] and volume[v] > part_peak for v in near):
+                rejected["tail_of_blob"] += 1
+                continue
             part_threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * part_peak,
                                                               low_map[tuple(grown.T)]), high), part_peak)
             part = np.zeros(volume.shape, bool)

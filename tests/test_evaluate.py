@@ -40,3 +40,41 @@ def test_intensity_ratio_quartiles_are_over_the_spots_found():
     result = score(truth, found)
     assert result["intensity_ratio_median"] == pytest.approx(1.0)
     assert (result["intensity_ratio_q25"], result["intensity_ratio_q75"]) == pytest.approx((0.75, 1.25))
+
+
+def test_a_spot_the_beam_partly_hides_is_scored_where_its_visible_part_is():
+    # spot 0: its centre in the beam, a third of it seen 12 px away; spot 1: half hidden, centre outside
+    truth = truth_table([50, 80], [50, 20], [10, 30], visible_x=[62.0, 83.0], visible_y=[50.0, 20.0],
+                        visible_frame=[10.0, 30.0], visible_fraction=[0.3, 0.5])
+    found = detections([62.5, 83.2, 120.0], [50.0, 20.0, 20.0], [10.0, 30.1, 30.0], [300.0, 500.0, 9.0])
+    result = score(truth, found, direct_beam=(40, 40, 20, 20))
+    assert result["eligible"] == 1 and result["found"] == 1  # the hidden one is still not asked for
+    assert result["matched_detections"] == 2 and result["precision"] == pytest.approx(2 / 3)  # 120 px: false
+    assert result["found_cut"] == 1 and np.isnan(result["rms_x_px"])  # a cut spot is found, not measured
+    assert list(result["truth_to_detection"]) == [0, 1]
+    whole = score({k: v for k, v in truth.items() if not k.startswith("visible")}, found, direct_beam=(40, 40, 20, 20))
+    assert whole["matched_detections"] == 0  # scored at the whole centroids, both detections were false
+
+
+def test_a_second_piece_of_a_spot_the_beam_cuts_in_two_is_not_false():
+    # the beam hides the middle of spot 0 (20 x 20 px): its visible part is seen as two pieces
+    truth = truth_table([50], [50], [10], visible_x=[45.0], visible_y=[50.0], visible_frame=[10.0],
+                        visible_fraction=[0.4], size_x=[20], size_y=[20])
+    found = detections([44.5, 58.0, 58.0], [50.0, 52.0, 52.0], [10.0, 10.0, 10.0], [1.0, 1.0, 1.0])
+    found["touches_mask"] = np.array([1, 1, 0])  # the last says it is whole: it is no piece of a cut spot
+    result = score(truth, found, direct_beam=(48, 40, 4, 20))
+    assert result["pieces"] == 1 and result["matched_detections"] == 2
+    assert list(result["truth_to_detection"]) == [0]
+
+
+def test_spots_merged_in_the_frames_are_one_spot_to_find():
+    # spot 1 shares spot 0's maximum (merged_into 0): one group, found at the combined centroid
+    truth = truth_table([10, 14, 60], [10, 10, 60], [20, 20, 40], merged_into=[-1, 0, -1])
+    truth["integral"] = np.array([3000.0, 1000.0, 500.0])
+    found = detections([11.1, 60.0], [10.0, 60.0], [20.0, 40.0], [4000.0, 500.0])
+    result = score(truth, found, tol_px=1.0)
+    assert (result["eligible"], result["found"], result["merged"]) == (2, 2, 1)
+    assert result["precision"] == 1.0 and result["intensity_ratio_median"] == pytest.approx(1.0)
+    assert result["rms_x_px"] == pytest.approx(np.sqrt(0.1 ** 2 / 2))  # against (3000 * 10 + 1000 * 14) / 4000
+    alone = score(truth, detections([10.0, 14.0], [10.0, 10.0], [20.0, 20.0], [3000.0, 1000.0]), tol_px=1.0)
+    assert alone["precision"] == 1.0 and alone["found"] == 1  # each found apart: neither is false

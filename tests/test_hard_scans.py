@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from simulators.dct_scan import simulate_scan
-from simulators.hard_scans import SCANS, HardScanModel, independent_model, read_hard_truth
+from simulators.hard_scans import (RESOLVE_SIGMAS, SCANS, HardScanModel, _resolved_parts, independent_model,
+                                   read_hard_truth)
 
 FRAMES, SIZE, SEED = 48, 128, 1
 
@@ -61,6 +62,18 @@ def test_each_spot_alone_has_the_truth_centroid_integral_and_peak(model):
         assert np.average(k, weights=w) % m.frames == pytest.approx(s["frame"][i], abs=1e-9)
         assert (k.min() % m.frames, k.max() % m.frames) == (s["first_frame"][i], s["last_frame"][i])
         assert s["snr"][i] == pytest.approx(s["peak"][i] / s["noise"][i])
+        rocking = w / m.source_intensity(k % m.frames)  # the counts over the source intensity of their frame
+        assert np.average(k, weights=rocking) % m.frames == pytest.approx(s["frame_normalised"][i], abs=1e-9)
+        w = rocking
+        # the part outside the direct beam (a pixel is in it when its centre is; the box of each frame)
+        boxes = np.array([m.beam_box(f) if m.beam_motion is not None else m.direct_beam_bbox for f in k], float)
+        bx, by, bw, bh = boxes.T if m.beam else np.zeros((4, k.size))
+        seen = ~((x >= bx - 0.5) & (x < bx + bw - 0.5) & (y >= by - 0.5) & (y < by + bh - 0.5))
+        assert s["visible_fraction"][i] == pytest.approx(w[seen].sum() / w.sum(), abs=1e-9)
+        if seen.any():
+            assert np.average(x[seen], weights=w[seen]) == pytest.approx(s["visible_x"][i], abs=1e-9)
+            assert np.average(y[seen], weights=w[seen]) == pytest.approx(s["visible_y"][i], abs=1e-9)
+            assert np.average(k[seen], weights=w[seen]) % m.frames == pytest.approx(s["visible_frame"][i], abs=1e-9)
 
 
 def test_spots_cross_0_360_only_in_the_wrap_scans(model):
@@ -159,3 +172,33 @@ def test_external_spots_keep_their_footprint_place_and_frame(tmp_path):
         np.testing.assert_allclose(footprint / footprint.max(), patch / patch.max(), atol=1e-3)
     assert s["frame"][0] == pytest.approx(10.3, abs=0.1)
     assert s["peak"].max() == pytest.approx(3000.0)  # the thickest spot
+
+
+@pytest.mark.parametrize("gap", [4.0, 6.0, 8.0, 12.0])
+def test_two_maxima_are_resolved_when_the_dimmer_stands_out_above_the_saddle(gap):
+    x = np.arange(40.0)
+    line = 1000 * np.exp(-0.5 * ((x - 10) / 2.5) ** 2) + 600 * np.exp(-0.5 * ((x - 10 - gap) / 2.5) ** 2)
+    part = _resolved_parts(line.reshape(1, 1, -1), 10.0, RESOLVE_SIGMAS)[0, 0]
+    dim = 10 + int(gap) - 1 + int(np.argmax(line[10 + int(gap) - 1:10 + int(gap) + 2]))  # the dimmer maximum
+    saddle = line[10:dim + 1].min()
+    apart = line[dim] - saddle >= RESOLVE_SIGMAS * np.sqrt(10.0 ** 2 + saddle)
+    assert (part[dim] != part[10]) == apart
+    assert (part >= 0).sum() == (line >= 10.0).sum()  # every voxel above the noise is in a part
+    if gap == 4.0:
+        assert not apart
+    if gap == 12.0:
+        assert apart
+
+
+def test_spots_of_the_independent_model_that_share_a_maximum_are_merged(tmp_path):
+    path = tmp_path / "spots.h5"
+    patch = np.ones((6, 6), np.float32)
+    with h5py.File(path, "w") as f:  # three equal square spots: two overlap almost wholly, one far off
+        f["patch_shape"] = np.array([[6, 6]] * 3)
+        f["patch_values"] = np.concatenate([patch.ravel()] * 3)
+        f["origin"] = np.array([[40, 40], [41, 40], [80, 80]])
+        f["frame"] = np.array([20.0, 20.2, 20.0])
+        f.attrs.update(frames=FRAMES, size=SIZE)
+    m = independent_model(path, seed=SEED)
+    merged = m.spots["merged_into"]
+    assert merged[2] == -1 and sorted(merged[:2].tolist()) in ([-1, 0], [-1, 1])

@@ -123,6 +123,25 @@ def test_brightest_first_claims_shared_voxels():
     assert dict(segmenter.rejected) == {"maximum_claimed": 1}
 
 
+def test_tail_of_a_bright_blob_is_no_spot():
+    """A bright spot's blob keeps its voxels >= tau x M; the rest of it (up to 0.3 M, far above the seed
+    threshold) is left unclaimed. A faint spot's growth that reaches it must not make it a spot: its
+    top is beside the bright blob's voxels, brighter than it."""
+    f, y, x = np.mgrid[0:9, 0:40, 0:60].astype(np.float32)
+    volume = 1000 * np.exp(-((f - 4) ** 2) / 2 - ((y - 20) ** 2 + (x - 20) ** 2) / (2 * 2.5 ** 2))
+    volume += 40 * np.exp(-((f - 4) ** 2) / 2 - ((y - 20) ** 2 + (x - 34) ** 2) / 2)
+    volume[4, 20, 27:33] = np.maximum(volume[4, 20, 27:33], 15)  # a ridge between the seed and the grow level
+    volume = volume.astype(np.float32)
+    # the faint maximum is beyond the bright one's growth box (12 px), the bright tail within the faint one's
+    p = params(seed_threshold=20.0, grow_low=10.0, seed_min_voxels=1, max_size=(12, 12, 9))
+    blobs, _, segmenter = segment(volume, p)
+    expected, rejected = reference_blobs(volume, p)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    assert sorted(round(b.max_value) for b in blobs) == [40, 1000]  # the bright spot and the faint one
+    assert segmenter.rejected["tail_of_blob"] == 1
+
+
 def test_size_filters_reject_by_reason():
     volume = np.zeros((10, 20, 20), np.float32)
     volume[2, 5, 5] = 10  # a single voxel: too small in x and y

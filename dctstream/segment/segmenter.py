@@ -25,6 +25,7 @@ cannot interfere.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -110,6 +111,10 @@ def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
     float32 map is half the memory of a float64 one, and half the traffic per frame."""
     t32 = threshold.astype(np.float32)
     return np.where(t32 < threshold, np.nextafter(t32, np.float32(np.inf)), t32)
+
+
+_NEIGHBOURS = {n: [d for d in itertools.product((-1, 0, 1), repeat=3) if any(d) and (n == 26 or sum(map(abs, d)) == 1)]
+               for n in (6, 26)}
 
 
 class _Region:
@@ -542,12 +547,30 @@ class Segmenter:
                 at, part_peak = region.max_index, region.max_value
             else:
                 part_peak = float(found[root])
+            if self._beside_brighter_blob(at, part_peak, (f0, f1, y0, y1, x0, x1)):
+                self.rejected["tail_of_blob"] += 1
+                continue
             threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * part_peak, low), high), part_peak)
             keep = flood_from(fs, ys, xs, (top == root) & (found >= threshold), root, p.connectivity == 26)
             blob = self._blob(fs[keep], ys[keep], xs[keep], at)
             if blob is not None:
                 blobs.append(blob)
         return blobs
+
+    def _beside_brighter_blob(self, at, value: float, box) -> bool:
+        """A claimed voxel brighter than ``value`` neighbours ``at`` (in the growth box ``box``: f0, f1, y0,
+        y1, x0, x1): ``at`` is no maximum of the frames, only of what a brighter blob left unclaimed (its
+        tail below tau x its peak). Only neighbours through which the blob could grow count, so this
+        depends on the brighter regions the closing rules already wait for."""
+        f, y, x = at
+        f0, f1, y0, y1, x0, x1 = box
+        for df, dy, dx in _NEIGHBOURS[self.params.connectivity]:
+            g, v, u = f + df, y + dy, x + dx
+            if f0 <= g <= f1 and y0 <= v <= y1 and x0 <= u <= x1:
+                slot = self._slot_of[g % self._capacity]
+                if (self._flags[slot, CLAIMED, v, u >> 3] >> (u & 7)) & 1 and self._values[slot, v, u] > value:
+                    return True
+        return False
 
     def _blob(self, fs, ys, xs, max_index) -> Blob | None:
         """The blob of these voxels around its maximum, measured and claimed; None if the size filters
