@@ -37,8 +37,9 @@ from .direct_beam import NeverSegmented, beam_mask
 from .errors import ConfigError, InputError
 from .overlap import Worker
 from .pipeline import frame_maps, frame_thresholds, prepare_output, resolve_segmentation
-from .segment import SegmentParams, Segmenter
+from .segment import SegmentParams
 from .segment.floor import floor_tiles, reach_tiles
+from .segment.sparse import SparseFrame, SparseSegmenter
 from .sinks import DifspotWriter, SparseScan, SpotTable, spot_row
 
 log = logging.getLogger(__name__)
@@ -133,20 +134,24 @@ class Outcome:
 
 
 def _frames(scan: SparseScan):
-    """(k, frame, unfiltered or None): each frame rebuilt, 0 below the cut; one buffer each, only the last
-    frame's pixels cleared."""
-    frame = np.zeros(scan.frame_shape, np.float32)
-    measure = np.zeros(scan.frame_shape, np.float32) if scan.unfiltered else None
-    rows = cols = np.empty(0, np.intp)
-    for k, rows_k, cols_k, values, *unfiltered in scan.frames(unfiltered=scan.unfiltered):
-        frame[rows, cols] = 0
-        if measure is not None:
-            measure[rows, cols] = 0
-        rows, cols = rows_k.astype(np.intp), cols_k.astype(np.intp)
-        frame[rows, cols] = values
-        if measure is not None:
-            measure[rows, cols] = unfiltered[0]
-        yield k, frame, measure
+    """(k, frame, unfiltered or None) as `SparseFrame` s."""
+    for k, rows, cols, values, *unfiltered in scan.frames(unfiltered=scan.unfiltered):
+        yield (k, SparseFrame(rows, cols, values, scan.frame_shape),
+               SparseFrame(rows, cols, unfiltered[0], scan.frame_shape) if unfiltered else None)
+
+
+class _DenseFrame:
+    """One frame buffer that takes each sparse frame in turn (only the last one's pixels cleared)."""
+
+    def __init__(self, shape):
+        self.frame = np.zeros(shape, np.float32)
+        self._last: SparseFrame | None = None
+
+    def of(self, sparse: SparseFrame) -> np.ndarray:
+        if self._last is not None:
+            self.frame[self._last.rows, self._last.cols] = 0
+        self._last = sparse
+        return sparse.dense(self.frame)
 
 
 def _psi_at(psi, frame: float) -> float | None:
@@ -162,7 +167,8 @@ def segment_scan(scan: SparseScan, settings: list[tuple[Config, SegmentParams]],
     """Segment the scan with each of ``settings`` in one pass; ``on_blobs(i, blobs)`` gets each setting's blobs
     as they close, ``on_frame(k, frame)`` each rebuilt frame. The rows (unless not ``rows``: ``on_blobs``
     writes them) are before any seam join."""
-    segmenters = [Segmenter(p, scan.frame_shape, scan.mask, measured=scan.unfiltered) for _, p in settings]
+    segmenters = [SparseSegmenter(p, scan.frame_shape, scan.mask, measured=scan.unfiltered) for _, p in settings]
+    dense = _DenseFrame(scan.frame_shape) if on_frame is not None else None
     outcomes = [Outcome() for _ in settings]
 
     def take(i, blobs):
@@ -177,7 +183,7 @@ def segment_scan(scan: SparseScan, settings: list[tuple[Config, SegmentParams]],
         for i, ((cfg, _), seg) in enumerate(zip(settings, segmenters)):
             take(i, seg.push(k, frame, *frame_maps(cfg.segmentation, scan.noise_sigma[k]), measure))
         if on_frame is not None:
-            on_frame(k, frame)
+            on_frame(k, dense.of(frame))
     for i, seg in enumerate(segmenters):
         take(i, seg.finish())
         outcomes[i].rejected = dict(seg.rejected)
