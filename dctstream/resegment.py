@@ -2,10 +2,11 @@
 
 A run writes its corrected frames above a low cut to ``OUT/corrected.h5``
 (``export.format: sparse``, see `dctstream.sinks.corrected`), with each
-frame's cut and its noise followed along psi. Each frame is rebuilt from it (0
-below the cut) and pushed through the same `Segmenter` with the seed and grow
-maps that this noise gives for the new parameters, as a full run would: the
-flood guard and the 0/360-degree seam join run as in a full run. For
+frame's cut and its noise followed along psi. Each frame's stored pixels (0
+below the cut) are pushed through the run's segmenter (`SparseSegmenter`: the
+same blobs as for the frame made dense, at the cost of its stored pixels) with
+the seed and grow maps that this noise gives for the new parameters, as a full
+run would: the flood guard and the 0/360-degree seam join run as in a full run. For
 parameters whose every threshold is at or above the cut, at every frame and
 tile (see `dctstream.segment.floor`), the blobs, so the spot table, are those a
 full run with these parameters gives, the ``integral`` column aside: its tails
@@ -25,6 +26,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -376,7 +378,8 @@ class _WriterProcess:
 
 def _serve_files(out: str) -> None:
     """In a writer process: the difspot file of each blob read from standard input; an error is pickled to
-    standard output."""
+    standard output. Ctrl-C is the caller's to handle: it ends this process by closing its input."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         writer = DifspotWriter(out)
         while True:
