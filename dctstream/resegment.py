@@ -298,7 +298,7 @@ def _cpus() -> int:
 class _DifspotFiles:
     """The difspot files of a resegmentation: written in the calling thread up to PROCESS_AFTER_FILES of
     them, then by ``processes`` writer processes, in turn. A file is about 2.5 ms of HDF5 calls that hold
-    the GIL, more than segmenting its difspot from the sparse scan; a process costs about half a second to
+    the GIL, more than segmenting its difspot from the sparse scan; a process costs about a second of CPU to
     start, more than the files of a small scan."""
 
     def __init__(self, out: Path, processes: int):
@@ -310,7 +310,7 @@ class _DifspotFiles:
 
     def write(self, blob) -> None:
         self._count += 1
-        if self._processes < 1 or self._count <= PROCESS_AFTER_FILES:
+        if self._processes < 1 or self._count <= PROCESS_AFTER_FILES or not sys.executable:
             self.writer.write(blob, volume=blob.volume)
             return
         if not self._workers:
