@@ -31,6 +31,7 @@ def test_report_of_stages_and_pipeline():
     assert set(ms) == set(p["stage_frames_per_s"]) and p["bound_by"] == max(ms, key=ms.get)
     r = p["resegment"]  # the same settings from the sparse scan: the same difspots
     assert r["frames"] == 51 and r["difspots"] == r["table_only_difspots"] == p["difspots"] and r["wall_s"] > 0
+    assert r["cpu_s"] > 0 and r["table_only_cpu_s"] > 0
     assert 0 < r["sparse_bytes_per_frame"] < r["raw_frame_bytes"] and 0 < r["sparse_fill_fraction"] < 1
     text = format_report(report)
     assert "whole pipeline" in text and "running median" in text and "resegment from the sparse scan" in text

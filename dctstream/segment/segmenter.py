@@ -349,7 +349,10 @@ class Segmenter:
                 if self.measured:
                     self._measures[new] = measures[slot]
         self._give_slot(k)  # the frame a ring's length before, if still held
-        slot = self._take_slot(k)
+        self._put(self._take_slot(k), frame, measure)
+
+    def _put(self, slot: int, frame, measure) -> None:
+        """Frame values into a free slot (a sparse segmenter writes only its pixels: see sparse.py)."""
         self._values[slot] = frame
         if self.measured:
             self._measures[slot] = measure
@@ -399,6 +402,9 @@ class Segmenter:
             self._seed_scratch[kind] = np.empty(self.frame_shape, kind)
         return np.ascontiguousarray(tiles, kind), self._seed_scratch[kind]
 
+    def _mark_seed_rows(self, frame: np.ndarray, seed_tiles: np.ndarray, seed: np.ndarray) -> None:
+        seed_rows(frame, seed_tiles, self.params.tile_px, self.mask, self._seed_rows, seed)
+
     def _link(self, k: int, frame: np.ndarray, seed_tiles=None, low_tiles=None) -> None:
         labels, dirty = self._spare_labels, self._spare_dirty
         factor = 1.0
@@ -406,7 +412,7 @@ class Segmenter:
             tiles = None if seed_tiles is None and factor == 1.0 else \
                 factor * (self._seed_tiles if seed_tiles is None else np.asarray(seed_tiles, np.float64))
             seed_tiles, seed = self._seed(frame.dtype, tiles)
-            seed_rows(frame, seed_tiles, self.params.tile_px, self.mask, self._seed_rows, seed)
+            self._mark_seed_rows(frame, seed_tiles, seed)
             n, counts, max_value, max_y, max_x, prev, here = label_seeds(
                 frame, seed, self._seed_rows, self._prev_labels, self.params.connectivity == 26,
                 labels, dirty, self._parent_scratch)
