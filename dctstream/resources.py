@@ -2,7 +2,7 @@
 
 What a run holds is mostly the background's ring of raw frames (``background.window`` +
 ``background.batch_frames`` frames in their binned type); beside it the running median's state (at most
-two bytes a bin, 128 bins, and four counters per pixel), the segmenter's corrected frames (about
+two bytes a bin, 112 bins, and four counters per pixel), the segmenter's corrected frames (about
 ``max_blob_size`` frames + 4, float32 with a flag byte), and a few frame-sized float32 buffers.  The
 estimate adds a quarter for what it does not count (``dctstream bench`` measures 1.57x the ring at
 2048 x 2048 with a window of 501, this formula 1.6x).
@@ -23,7 +23,7 @@ from .config import frames_per_batch
 from .errors import ResourceError
 
 GiB = 2**30
-_HIST_BINS = 128
+_HIST_BINS = 112
 _FLOAT_BUFFERS = 8
 _SLACK = 1.25
 

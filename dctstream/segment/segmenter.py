@@ -38,8 +38,9 @@ from ._kernels import (CLAIMED, despike, flood_from, grow_region, label_seeds, s
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
-# Free frame slots kept resident for the next frames: one is taken and one freed per frame.
-HOT_SLOTS = 2
+# Free frame slots kept resident for the next frames: one is taken and one freed per frame (each slot 33 MiB
+# at 2048 x 2048: two, as before, put the peak past 1.6 x a window of raw frames).
+HOT_SLOTS = 1
 # A frame with more seed regions than this (or one per FLOOD_PIXELS unmasked pixels, if more) is flooded:
 # a background change the median has not followed, not spots. Its thresholds are doubled until it is
 # not (at most FLOOD_DOUBLINGS times), so that growing noise never takes the run's speed.
