@@ -4,8 +4,8 @@ What a run holds is mostly the background's ring of raw frames (``background.win
 ``background.batch_frames`` frames in their binned type); beside it the running median's state (at most
 two bytes a bin, 112 bins, and four counters per pixel), the segmenter's corrected frames (about
 ``max_blob_size`` frames + 4, float32 with a flag byte), and a few frame-sized float32 buffers.  The
-estimate adds a quarter for what it does not count (``dctstream bench`` measures 1.57x the ring at
-2048 x 2048 with a window of 501, this formula 1.6x).
+estimate adds a quarter for what it does not count (``dctstream bench --frames 600`` measured 1.61x a
+window of raw frames at 2048 x 2048 with a window of 501, 1.59x in another run).
 
 What the process may use is the least of the physical memory, the cgroup's limit (v2 ``memory.max``, v1
 ``memory.limit_in_bytes``) and the address-space limit (``ulimit -v``) less what is already mapped.
