@@ -10,6 +10,10 @@ chunk gets it exactly rather than approximately:
   scale depends on the samples of the frames before it, which depend on their own scales: a chain back
   to frame 0. So one first task (`scan_context`) reads the scan once and measures every scale (only the
   sampled pixels are kept), beside the first-window facts and the first frames' noise.
+* **Direct beam** (``bbox: auto``, followed along psi): frame k's box follows from frame k-1's and the beam
+  found at k (every 10th frame). Each chunk follows it from the first window's box; where its boxes differ
+  from the previous chunk's over the frames both corrected, it runs again from the box and finding that
+  chunk reached (`beams_agree`, `beam_before`), one after another: exact, and free for a still beam.
 * **Noise.** Frame k's noise is the median of the last 15 frames' tile noise (frames 0-4 share that of
   the five): a chunk corrects the 14 frames before its segmenter starts for that alone.
 * **Segmentation** has no bound along psi in principle (a chain of ever brighter overlapping spots), so
