@@ -334,10 +334,14 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
         noise = NoiseTracker(shape, mask, floor=_noise_floor(detector))
         track: list[tuple[int, tuple | None]] = []  # the box of each frame corrected, where it changed
 
+        noise_box: list = [None]  # the box noise.mask was made for
+
         def noise_mask(k: int) -> np.ndarray:
-            """Frame k's noise mask (`Pipeline._noise_mask_for`)."""
-            if follow:
-                noise.mask = beam_mask(box_at(track, k), shape) | mask
+            """Frame k's noise mask (`Pipeline._noise_mask_for`), made again only when the box changed."""
+            box = box_at(track, k) if follow else None
+            if follow and box != noise_box[0]:
+                noise_box[0] = box
+                noise.mask = beam_mask(box, shape) | mask
             return noise.mask
 
         def corrected(frames):
@@ -467,7 +471,7 @@ def edge(before: dict, after: dict, chunk: Chunk) -> int | None:
     return None
 
 
-def beams_agree(before: dict, after: dict, chunk: Chunk, previous: Chunk) -> bool:
+def beams_agree(before: dict, after: dict, previous: Chunk) -> bool:
     """Whether two chunks gave every frame that both corrected the same beam box (nothing to check when the
     beam is not followed): the box of a frame follows from the one before and the frame's findings, so from
     the first frame the later chunk corrected on, it is then the box one process gives."""
@@ -582,7 +586,7 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
         rerun = beam_rerun = 0
         for i in range(1, len(chunks)):  # a beam that moved: a chunk from the box one process has there
             p, q = chunks[i - 1], chunks[i]
-            if not beams_agree(facts[p], facts[q], q, p):
+            if not beams_agree(facts[p], facts[q], p):
                 log.warning("frames %d-%d: the direct beam followed from the first window's box is not where the "
                             "frames before took it: run again from there", q.start, q.end - 1)
                 beam_given[q] = beam_before(facts[p], q.seg_start - (HISTORY_FRAMES - 1))

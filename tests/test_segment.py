@@ -220,18 +220,23 @@ def test_label_seeds_equals_scipy_label_and_brute_force_links(ny, nx, conn8, den
     assert set(zip(prev.tolist(), here.tolist())) == touching
 
 
-def test_a_chain_of_spots_longer_than_the_ring_grows_it_and_still_equals_reference():
-    """Each spot waits for the brighter one after it, whose box overlaps its own: the first spot's
-    frames are needed until the last is grown, so the frame ring must grow."""
-    rng = np.random.default_rng(3)
-    nf = 120
+def spot_chain(rng, nf: int = 120) -> np.ndarray:
+    """Spots ever brighter, 4 frames apart, on a ridge above grow_low that joins them all (no valley closes
+    early): the first spot's frames are needed until the last is grown, so a segmenter's ring must grow."""
     volume = rng.normal(0, 0.3, (nf, 24, 24)).astype(np.float32)
     f = np.arange(nf)[:, None, None]
     y, x = np.mgrid[0:24, 0:24]
-    for i, c in enumerate(range(4, nf - 8, 4)):  # brighter and brighter, 4 frames apart
+    for i, c in enumerate(range(4, nf - 8, 4)):
         volume += ((9 + i) * np.exp(-((f - c) / 0.7) ** 2 / 2 - ((y - 12) ** 2 + (x - 6 - i % 12) ** 2) / 4)
                    ).astype(np.float32)
-    volume[:, 12, 6:18] += 2.6  # a ridge above grow_low joins them all: no valley closes early
+    volume[:, 12, 6:18] += 2.6
+    return volume
+
+
+def test_a_chain_of_spots_longer_than_the_ring_grows_it_and_still_equals_reference():
+    """Each spot waits for the brighter one after it, whose box overlaps its own: the first spot's
+    frames are needed until the last is grown, so the frame ring must grow."""
+    volume = spot_chain(np.random.default_rng(3))
     p = params(max_size=(12, 12, 5))
     blobs, _, segmenter = segment(volume, p)
     assert segmenter._values.shape[0] > 4 * p.max_size[2] + 4  # it had to grow

@@ -5,7 +5,7 @@ import pytest
 
 from dctstream.segment import Segmenter
 from dctstream.segment.sparse import SparseFrame, SparseSegmenter
-from test_segment import params, spotty_volume
+from test_segment import params, spot_chain, spotty_volume
 
 
 def _sparse(frame, kept):
@@ -81,13 +81,7 @@ def test_sparse_slots_given_back_and_taken_again_hold_no_pixels_of_their_last_fr
     monkeypatch.setattr("dctstream.segment.segmenter.HOT_SLOTS", 0)
     rng = np.random.default_rng(3)
     nf = 120
-    found = rng.normal(0, 0.3, (nf, 24, 24)).astype(np.float32)
-    f = np.arange(nf)[:, None, None]
-    y, x = np.mgrid[0:24, 0:24]
-    for i, c in enumerate(range(4, nf - 8, 4)):  # brighter and brighter, 4 frames apart
-        found += ((9 + i) * np.exp(-((f - c) / 0.7) ** 2 / 2 - ((y - 12) ** 2 + (x - 6 - i % 12) ** 2) / 4)
-                  ).astype(np.float32)
-    found[:, 12, 6:18] += 2.6  # a ridge above grow_low joins them all: the ring must grow
+    found = spot_chain(rng, nf)  # the ring must grow
     found[60:] += rng.normal(0, 0.3, (nf - 60, 24, 24)).astype(np.float32)
     p = params(max_size=(12, 12, 5))
     blobs, segmenters = _both(found, found >= 0.5, p)
