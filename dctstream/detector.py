@@ -144,9 +144,14 @@ def unbin_blob(blob: Blob, b: int, binning_mode: str) -> Blob:
     if blob.volume is not None:
         volume = np.repeat(np.repeat(blob.volume * np.float32(share), b, axis=1), b, axis=2)
     f, my, mx = blob.max_index
+    moments = None
+    if blob.moments is not None:
+        s, sf, sy, sx = (m * share * b * b for m in blob.moments)
+        moments = (s, sf, b * sy + (b - 1) / 2 * s, b * sx + (b - 1) / 2 * s)
     return Blob(id=blob.id, frame=frame[order], y=y[order], x=x[order], value=value[order],
                 max_index=(f, my * b, mx * b), max_value=float(blob.max_value * share), volume=volume,
-                total=None if blob.total is None else blob.total * share * b * b, touches_mask=blob.touches_mask)
+                total=None if blob.total is None else blob.total * share * b * b, touches_mask=blob.touches_mask,
+                moments=moments)
 
 
 class Detector:

@@ -46,8 +46,10 @@ def psi_at(psi: list[float], frame: float) -> float:
     return float(psi[0] + sign * ((sign * (value - psi[0])) % 360.0))
 
 
-def read_difspot(path: Path, blob_id: int, total: float | None = None) -> Blob:
-    """The blob of a difspot file (``sinks.difspots`` layout: 1-based box, Mask and Data)."""
+def read_difspot(path: Path, blob_id: int, total: float | None = None,
+                 centroid: tuple[float, float, float] | None = None) -> Blob:
+    """The blob of a difspot file (``sinks.difspots`` layout: 1-based box, Mask and Data); ``total`` and
+    ``centroid``: its integral and centroid (frame, y, x) from the spot table."""
     with h5py.File(path, "r") as f:
         data = f["Data"][()]
         mask = f["Mask"][()].astype(bool)
@@ -56,7 +58,8 @@ def read_difspot(path: Path, blob_id: int, total: float | None = None) -> Blob:
     fs, ys, xs = np.nonzero(mask)
     max_index = tuple(int(v) for v in max_rel + origin)
     return Blob(id=blob_id, frame=fs + origin[0], y=ys + origin[1], x=xs + origin[2], value=data[fs, ys, xs],
-                max_index=max_index, max_value=float(data[tuple(max_rel)]), volume=data, total=total)
+                max_index=max_index, max_value=float(data[tuple(max_rel)]), volume=data, total=total,
+                moments=None if centroid is None else (1.0, *centroid))
 
 
 def _touch(last: Blob, first: Blob, n: int, reach: int) -> bool:
@@ -89,9 +92,13 @@ def _joined(last: Blob, first: Blob, n: int) -> Blob:
         volume[b[0] + shift - f0:b[3] + shift - f0 + 1, b[1] - y0:b[4] - y0 + 1, b[2] - x0:b[5] - x0 + 1] = blob.volume
     bright, shift = (last, 0) if last.max_value >= first.max_value else (first, n)
     f, my, mx = bright.max_index
+    # the parts' centroids (the spot table's) weighted by their voxels' sums (the difspot files'): the same
+    # from the files as from the blobs, and from a sparse scan as from the frames
+    weights = [float(blob.value.sum(dtype=np.float64)) for blob in (last, first)]
+    moments = weights[0] * np.array(last.centroid) + weights[1] * (np.array(first.centroid) + (n, 0, 0))
     return Blob(id=last.id, frame=frame[order], y=y[order], x=x[order], value=value[order],
                 max_index=(f + shift, my, mx), max_value=bright.max_value, volume=volume,
-                total=last.integral + first.integral)
+                total=last.integral + first.integral, moments=(sum(weights), *(float(m) for m in moments)))
 
 
 def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, binning: int = 1,
@@ -113,7 +120,8 @@ def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, bi
         if blobs is not None:
             return blobs[int(columns["id"][i])]
         return read_difspot(folder / f"{int(columns['id'][i]):06d}.h5", int(columns["id"][i]),
-                            float(columns["integral"][i]))
+                            float(columns["integral"][i]),
+                            tuple(float(columns[f"centroid_{a}"][i]) for a in ("frame", "y", "x")))
 
     joined, dropped = 0, []
     used = set()

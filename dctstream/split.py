@@ -293,7 +293,10 @@ def fingerprint(seg: Segmenter, offset: int) -> str | None:
 
 def _shifted(blob, offset: int):
     f, y, x = blob.max_index
-    return dataclasses.replace(blob, frame=blob.frame + offset, max_index=(f + offset, y, x))
+    moments = blob.moments
+    if moments is not None:
+        moments = (moments[0], moments[1] + offset * moments[0], moments[2], moments[3])
+    return dataclasses.replace(blob, frame=blob.frame + offset, max_index=(f + offset, y, x), moments=moments)
 
 
 def sparse_part(spill: str | Path) -> Path:

@@ -34,6 +34,9 @@ class Blob:
     total: float | None = None
     # its box, grown by 1 px, holds pixels never segmented (the beam, bad pixels): its intensity may be partial
     touches_mask: bool | None = None
+    # (sum, and its moments along frame, y and x) of the measured values over the spot's voxels down to the
+    # growth floor (see segment.segmenter): where the centroid is taken, when the segmenter measured them
+    moments: tuple[float, float, float, float] | None = None
 
     @property
     def area(self) -> int:
@@ -60,7 +63,11 @@ class Blob:
 
     @property
     def centroid(self) -> tuple[float, float, float]:
-        """Intensity-weighted centroid (frame, y, x), absolute."""
+        """Intensity-weighted centroid (frame, y, x), absolute: over the spot down to the growth floor when
+        the segmenter measured it (``moments``), else over the blob's voxels."""
+        if self.moments is not None and self.moments[0] > 0:
+            total, *first = self.moments
+            return tuple(float(m / total) for m in first)
         w = self.value.astype(np.float64)
         total = w.sum()
         return (

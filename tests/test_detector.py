@@ -1,5 +1,6 @@
 """Pixel masks, flat field, dark from the data, binning and the corrected-frame export, against obvious references."""
 
+import dataclasses
 from pathlib import Path
 
 import fabio
@@ -279,6 +280,14 @@ def test_unbinned_blob_spreads_each_binned_voxel_over_its_pixels(mode, share):
     assert list(zip(out.frame, out.y, out.x, out.value)) == reference
     assert out.integral == pytest.approx(24.0 * 4 * share)
     np.testing.assert_allclose(out.centroid, (blob.centroid[0], *(2 * c + 0.5 for c in blob.centroid[1:])))
+    # a centroid taken over more voxels than the blob's (its spot down to grow_low): the one of those
+    # voxels spread over their pixels
+    spot = np.array([[0, 1, 1, 4.0], [0, 1, 2, 8.0], [1, 2, 2, 12.0], [1, 3, 2, 5.0]])
+    moments = (spot[:, 3].sum(), *(spot[:, 3] @ spot[:, i] for i in range(3)))
+    out = detector.unbin_blob(dataclasses.replace(blob, moments=moments))
+    pixels = np.array([(f, 2 * y + dy, 2 * x + dx, v * share) for f, y, x, v in spot for dy in (0, 1) for dx in (0, 1)])
+    np.testing.assert_allclose(out.centroid, (pixels[:, 3:] * pixels[:, :3]).sum(axis=0) / pixels[:, 3].sum())
+    assert out.moments[0] == pytest.approx(pixels[:, 3].sum())
 
 
 # ---- corrected-frame export ---------------------------------------------------------------------------

@@ -43,6 +43,15 @@ def spotty_volume(rng, shape, n_spots, noise=1.0):
     return volume
 
 
+def assert_centroids_over_spots(blobs, expected, spots, volume):
+    """Each blob's centroid is the one of its reference spot voxels (its part at the lower clamp)."""
+    by_key = {reference_sets([v])[0]: spot for v, spot in zip(expected, spots)}
+    for blob in blobs:
+        spot = by_key[blob.voxel_key()]
+        w = volume[tuple(spot.T)].astype(np.float64)
+        np.testing.assert_allclose(blob.centroid, (w[:, None] * spot).sum(axis=0) / w.sum(), rtol=1e-9)
+
+
 def params(**kw):
     base = dict(seed_threshold=4.0, grow_ratio=0.3, grow_low=2.0, grow_high=None, seed_min_voxels=2,
                 min_size=(1, 1, 1), max_size=(12, 12, 5), connectivity=26)
@@ -58,10 +67,12 @@ def test_spots_equal_reference(connectivity):
     mask[15:25, 20:30] = True
     p = params(connectivity=connectivity)
     blobs, _, segmenter = segment(volume, p, mask)
-    expected, rejected = reference_blobs(volume, p, mask)
+    spots = []
+    expected, rejected = reference_blobs(volume, p, mask, spots=spots)
     assert len(blobs) > 10
     assert voxel_sets(blobs) == reference_sets(expected)
     assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    assert_centroids_over_spots(blobs, expected, spots, volume)
     for blob in blobs:
         assert not mask[blob.y, blob.x].any()
         np.testing.assert_array_equal(blob.value, volume[blob.frame, blob.y, blob.x])
@@ -142,6 +153,22 @@ def test_tail_of_a_bright_blob_is_no_spot():
     assert segmenter.rejected["tail_of_blob"] == 1
 
 
+def test_a_lopsided_spots_centroid_is_the_whole_spots():
+    """A spot steep on one side and shallow on the other: the double threshold keeps its voxels >= tau x M,
+    whose centroid is off the whole spot's towards the steep side; the centroid is taken down to grow_low."""
+    f, y, x = np.mgrid[0:7, 0:20, 0:40].astype(np.float64)
+    side = np.where(x < 12, 1.0, 4.0)  # px: sigma left and right of the peak at x = 12
+    volume = (500 * np.exp(-((f - 3) ** 2) / 2 - (y - 10) ** 2 / 2 - (x - 12) ** 2 / (2 * side ** 2)))
+    volume = volume.astype(np.float32)
+    p = params(seed_threshold=20.0, grow_low=1.0, seed_min_voxels=1, max_size=(30, 12, 7))
+    (blob,), _, _ = segment(volume, p)
+    whole = np.array([(volume * c).sum() / volume.sum() for c in (f, y, x)])
+    w = blob.value.astype(np.float64)
+    double_threshold = np.array([(w * c).sum() / w.sum() for c in (blob.frame, blob.y, blob.x)])
+    assert abs(double_threshold[2] - whole[2]) > 0.5  # what the blob's own voxels would say
+    np.testing.assert_allclose(blob.centroid, whole, atol=0.05)
+
+
 def test_size_filters_reject_by_reason():
     volume = np.zeros((10, 20, 20), np.float32)
     volume[2, 5, 5] = 10  # a single voxel: too small in x and y
@@ -170,9 +197,12 @@ def test_hypothesis_equals_reference(seed, nf, ny, nx, threshold, ratio, low, hi
     p = params(seed_threshold=threshold, grow_ratio=ratio, grow_low=low, grow_high=high,
                seed_min_voxels=min_voxels, min_size=(1, 1, 1), max_size=max_size, connectivity=connectivity)
     blobs, _, segmenter = segment(volume, p, mask)
-    expected, rejected = reference_blobs(volume, p, mask)
+    spots = []
+    expected, rejected = reference_blobs(volume, p, mask, spots=spots)
     assert voxel_sets(blobs) == reference_sets(expected)
     assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    if all(b.moments[0] > 0 for b in blobs):  # else the centroid is the blob's own voxels'
+        assert_centroids_over_spots(blobs, expected, spots, volume)
 
 
 @settings(max_examples=60, deadline=None)

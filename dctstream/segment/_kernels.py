@@ -316,6 +316,20 @@ def unclaimed_sum(values, slot_of, flags, mask, f0, f1, y0, y1, x0, x1):
     return total
 
 
+@numba.njit(cache=True, nogil=True)
+def moments(values, slot_of, fs, ys, xs):
+    """(sum, sum of frame x value, of y x value, of x x value) of the values at voxels (fs, ys, xs)."""
+    cap = slot_of.size
+    s = sf = sy = sx = 0.0
+    for i in range(fs.size):
+        v = np.float64(values[slot_of[fs[i] % cap], ys[i], xs[i]])
+        s += v
+        sf += fs[i] * v
+        sy += ys[i] * v
+        sx += xs[i] * v
+    return s, sf, sy, sx
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def despike(measure, found, low, tile, low_factor, value_factor):
     """In place: a pixel of ``measure`` (unfiltered) more than ``low_factor`` x its tile's ``low`` plus
