@@ -92,7 +92,7 @@ def open_scan(run_dir: Path) -> SparseScan:
 def resolve(cfg: Config, scan: SparseScan) -> SegmentParams:
     """The segmentation parameters as the run resolved them (on its first frames' noise), refused when any
     frame's thresholds would need a voxel below its cut."""
-    params = resolve_segmentation(cfg.segmentation, scan.noise_sigma[0], scan.tile_px)
+    params = resolve_segmentation(cfg.segmentation, scan.noise_sigma[0], scan.tile_px, scan.photon_gain)
     check_cut(cfg, params, scan)
     return params
 

@@ -203,6 +203,7 @@ def scan_context(cfg: Config) -> dict:
         # as one process: the first frames' noise leaves out frame 0's box, followed or not
         noise_mask = beam_mask(box_at(stage.beam_track, 0), stage.frame_shape) | stage.pixel_mask if follow else mask
         sigma = NoiseTracker(stage.frame_shape, noise_mask, floor=_noise_floor(detector)).prime(first)
+        photon = stage.photon_gain
         stretch = None
         if cfg.export.format == "sparse" and cfg.export.dtype != "float32":  # from frame 0, as one process
             stretch = first_stretch(cfg.export, first[0], ~mask)
@@ -222,7 +223,7 @@ def scan_context(cfg: Config) -> dict:
             "dark_source": detector.dark_source, "direct_beam": stage.direct_beam, "margin_ref": stage.margin_ref,
             "auto_enabled": None if intensity is None else bool(intensity.enabled), "scales": scales,
             "beam_off_frames": None if intensity is None else len(intensity.beam_off),
-            "sigma": sigma, "stretch": stretch, "elapsed_s": time.monotonic() - started,
+            "sigma": sigma, "photon_gain": photon, "stretch": stretch, "elapsed_s": time.monotonic() - started,
             "peak_rss_mb": _peak_rss_mb(),
         }
     finally:
@@ -352,8 +353,8 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                 if follow and (not track or track[-1][1] != stage.beam):
                     track.append((item[0], stage.beam))
                 yield item
-        segmenter = Segmenter(resolve_segmentation(cfg.segmentation, ctx["sigma"]), shape, mask,
-                              measured=stage.filter_size > 1)
+        segmenter = Segmenter(resolve_segmentation(cfg.segmentation, ctx["sigma"], photon_gain=ctx["photon_gain"]),
+                              shape, mask, measured=stage.filter_size > 1)
         psi = ctx["psi"]
         if cfg.export.format == "sparse":
             part = SparseScanWriter(sparse_part(spill), dataclasses.replace(cfg.export, dtype="float32"), shape,
@@ -672,12 +673,14 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     facts_d = detector.attrs()
     stats.dark, stats.binning = facts_d["dark"], facts_d["binning"]
     stats.masked_pixels = {**detector.mask_counts, "all": facts_d["masked_pixels"]}
-    params = resolve_segmentation(cfg.segmentation, ctx["sigma"])
+    params = resolve_segmentation(cfg.segmentation, ctx["sigma"], photon_gain=ctx["photon_gain"])
     seed = params.tile_maps(shape)[0]
     attrs = {"config": dump_config(cfg), "version": __version__, "source": cfg.source.url, **facts_d,
              "seed_threshold_min": float(np.min(seed)), "seed_threshold_max": float(np.max(seed)),
              "noise_sigma_median": float(np.median(ctx["sigma"])),
+             "photon_gain": -1.0 if ctx["photon_gain"] is None else ctx["photon_gain"],
              "direct_beam_bbox": str(list(stats.direct_beam or []))}
+    stats.photon_gain = ctx["photon_gain"]
     (out_dir / "config.yml").write_text(dump_config(cfg))
     table = SpotTable(out_dir, attrs)
     difspots = DifspotWriter(out_dir)
@@ -759,7 +762,8 @@ def _merge_sparse(cfg: Config, ctx: dict, chunks, parts, out_dir: Path, detector
                     writer = SparseScanWriter(out_dir / "corrected.h5", cfg.export, shape, mask, tile_px,
                                               int(np.prod(detector.raw_shape)) * detector.raw_dtype.itemsize,
                                               binning=detector.binning, binning_mode=cfg.detector.binning_mode,
-                                              angles=bool(psi), direct_beam=stats.direct_beam, unfiltered=measured)
+                                              angles=bool(psi), direct_beam=stats.direct_beam, unfiltered=measured,
+                                              photon_gain=ctx["photon_gain"])
                     if ctx["stretch"] is not None:
                         writer.set_stretch(ctx["stretch"])
                 for f, *pixels in part.frames(unfiltered=measured):

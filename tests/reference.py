@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -101,7 +102,7 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
         grown = np.argwhere(component == component[local]) + [s.start for s in box]
         values = volume[tuple(grown.T)].astype(np.float64)
         stand_out = SPLIT_LOW * low_map[tuple(grown.T)]
-        top = np.array(reference_split(grown, values, stand_out, params.grow_ratio, params.connectivity == 26))
+        top = np.array(reference_split(grown, values, stand_out, *params.split_rule(), params.connectivity == 26))
         for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
             part_peak = values[root]
             # a claimed voxel brighter than the peak next to it (a neighbour, in the box): a blob's tail
@@ -133,11 +134,11 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     return blobs, rejected
 
 
-def reference_split(voxels, values, stand_out, ratio, conn26):
+def reference_split(voxels, values, stand_out, ratio, photon, conn26):
     """Plainly: flood the voxels brightest first (ties in index order); a voxel with no flooded neighbour
-    starts a part; where parts meet, each dimmer one whose peak p stands less than max(stand_out at its
-    peak, ratio * p) above this voxel joins the brightest; the voxel joins its brightest neighbour's part.
-    Returns each voxel's part, as the index of the part's peak."""
+    starts a part; where parts meet at a voxel of value s, each dimmer one whose peak p stands less than
+    max(sqrt(stand_out at its peak ** 2 + photon * max(s, 0)), ratio * p) above s joins the brightest; the
+    voxel joins its brightest neighbour's part. Returns each voxel's part, as the index of the part's peak."""
     index = {tuple(v): i for i, v in enumerate(np.asarray(voxels).tolist())}
     offsets = [d for d in itertools.product((-1, 0, 1), repeat=3)
                if any(d) and (conn26 or sum(map(abs, d)) == 1)]
@@ -157,7 +158,8 @@ def reference_split(voxels, values, stand_out, ratio, conn26):
             continue
         parts = sorted({part(j) for j in flooded}, key=lambda r: (-values[r], r))
         for r in parts[1:]:
-            if values[r] - values[i] < max(stand_out[r], ratio * values[r]):
+            if values[r] - values[i] < max(math.sqrt(stand_out[r] ** 2 + photon * max(values[i], 0.0)),
+                                           ratio * values[r]):
                 owner[r] = parts[0]
         owner[i] = part(min(flooded, key=lambda j: (-values[j], j)))
     return [part(i) for i in range(len(values))]

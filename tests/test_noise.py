@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dctstream.segment.noise import NoiseTracker, frame_noise
+from dctstream.segment.noise import PHOTON_FRAMES, NoiseTracker, frame_noise, photon_gain
 from reference import reference_frame_noise
 
 
@@ -66,3 +66,26 @@ def test_tracker_floor_for_photon_counting_frames():
     frames = [(rng.random((64, 64)) < 0.02).astype(np.float32) for _ in range(5)]
     tracker = NoiseTracker((64, 64), np.zeros((64, 64), bool), floor=1.0)
     assert np.all(tracker.prime(frames) == 1.0)
+
+
+@pytest.mark.parametrize("gain", [0.5, 1.0, 4.0])
+def test_photon_gain_is_the_counts_per_photon_of_poisson_frames(gain):
+    """Frames of Poisson photons times a gain, on a dark offset with read noise, under a glow and a few spots
+    that move from frame to frame: the photon transfer gives the gain (read noise makes it a little high)."""
+    rng = np.random.default_rng(int(gain * 10))
+    ny, nx = 192, 256
+    y, x = np.mgrid[0:ny, 0:nx]
+    level = 40 + 3000 * np.exp(-((y - 96) ** 2 + (x - 100) ** 2) / (2 * 50 ** 2))  # photons
+    dark = np.full((ny, nx), 100.0, np.float32)
+    flat = rng.uniform(0.9, 1.1, (ny, nx)).astype(np.float32)  # corrected counts: (raw - dark) x flat
+    frames = []
+    for k in range(PHOTON_FRAMES):
+        photons = level.copy()
+        photons[20 + 30 * k:26 + 30 * k, 200:206] += 5000  # a spot, somewhere else in each frame
+        frames.append((rng.poisson(photons) * gain / flat + dark + rng.normal(0, 2, (ny, nx))).astype(np.float32))
+    mask = np.zeros((ny, nx), bool)
+    got = photon_gain(frames, dark, flat, mask)
+    assert gain <= got < 1.1 * gain
+    # masked pixels do not count; no counts at all: unknown
+    assert photon_gain([np.full((ny, nx), 100, np.float32)] * 3, dark, flat, mask) is None
+    assert photon_gain(frames, dark, flat, np.ones((ny, nx), bool)) is None

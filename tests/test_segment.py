@@ -1,5 +1,7 @@
 """The streaming segmenter produces exactly the blobs of the whole-volume reference."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -466,9 +468,10 @@ def test_split_maxima_equals_the_plain_flooding():
             continue
         values = rng.choice([1.0, 2.0, 3.0, 5.0, 8.0], len(vox)) if trial % 2 else rng.normal(10, 4, len(vox))
         stand_out = rng.uniform(0, 3, len(vox))
-        for conn26 in (False, True):
-            got = split_maxima(vox[:, 0], vox[:, 1], vox[:, 2], values, stand_out, 0.3, conn26)
-            assert got.tolist() == reference_split(vox, values, stand_out, 0.3, conn26), (trial, conn26)
+        for conn26, (ratio, photon) in itertools.product((False, True), ((0.3, 0.0), (0.0, 2.0))):
+            got = split_maxima(vox[:, 0], vox[:, 1], vox[:, 2], values, stand_out, ratio, photon, conn26)
+            want = reference_split(vox, values, stand_out, ratio, photon, conn26)
+            assert got.tolist() == want, (trial, conn26, ratio)
 
 
 def two_spots(separation, shape=(9, 24, 40), peaks=(100.0, 70.0), sigma=1.5, noise=0.0, seed=0):
@@ -498,3 +501,34 @@ def test_a_noisy_plateau_stays_one_spot():
     volume = (np.random.default_rng(1).normal(0, 1.0, grain.shape) + 200.0 * grain).astype(np.float32)
     blobs, _, _ = segment(volume, params(seed_threshold=6.0, grow_low=3.0, max_size=(30, 30, 7)))
     assert len(blobs) == 1 and blobs[0].area >= grain.sum()
+
+
+def test_touching_spots_split_by_their_photon_noise():
+    """Two bright spots whose saddle lies above 0.7 x the dimmer peak: the double threshold's rule (stand
+    out by tau x the peak) keeps them one; by the photon noise at the saddle (6 sqrt(g s), g = 1 count a
+    photon) they are two, each holding its own peak."""
+    rng = np.random.default_rng(7)
+    volume = rng.poisson(np.maximum(two_spots(4.4, peaks=(4000.0, 3000.0)), 0)).astype(np.float32)
+    p = params(seed_threshold=50.0, grow_low=20.0, max_size=(30, 20, 9))
+    by_ratio, _, _ = segment(volume, p)
+    assert len(by_ratio) == 1
+    p = params(seed_threshold=50.0, grow_low=20.0, max_size=(30, 20, 9), photon_gain=1.0)
+    blobs, _, _ = segment(volume, p)
+    expected, _ = reference_blobs(volume, p)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert len(blobs) == 2
+    assert sorted(b.max_index[2] for b in blobs) == [15, 19]
+
+
+def test_a_bright_spot_is_not_cut_by_its_own_photon_noise():
+    """A bright grain-shaped spot (a flat top, a rocking curve over many frames) has many maxima of its
+    photon noise; none stands 6 x that noise above its saddle: one spot. Without the photon noise in the
+    rule it is cut up."""
+    f, y, x = np.mgrid[0:30, 0:24, 0:24].astype(np.float64)
+    counts = 2000 * np.exp(-((f - 15) / 6) ** 2 / 2) * (((y - 12) ** 2 + (x - 12) ** 2) < 36)
+    volume = np.random.default_rng(3).poisson(counts).astype(np.float32)
+    kw = dict(seed_threshold=40.0, grow_low=5.0, seed_min_voxels=1, max_size=(24, 24, 30))
+    blobs, _, _ = segment(volume, params(**kw, photon_gain=1.0))
+    assert len(blobs) == 1
+    cut, _, _ = segment(volume, params(**kw, photon_gain=0.0))
+    assert len(cut) > 5

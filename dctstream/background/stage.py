@@ -30,8 +30,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..config import frames_per_batch
-from ..direct_beam import (box_ahead, box_moved, box_union, detect_direct_beam, edges_moved, followed_box,
-                           margin_mean)
+from ..direct_beam import (beam_mask, box_ahead, box_moved, box_union, detect_direct_beam, edges_moved,
+                           followed_box, margin_mean)
 from ..errors import InputError
 from ..ring import FrameRing
 from .kernels import (HistogramWindow, SortedWindow, median_filter, normalise_into, normalised_minus_background,
@@ -212,6 +212,8 @@ class BackgroundStage:
         self._medians: dict[int, np.ndarray] = {}
         self._median_batch: np.ndarray | None = None  # the medians of one slide of the histogram
         self.warm = False
+        # counts per photon of the corrected frames, from the first window's frames (segment.noise.photon_gain)
+        self.photon_gain: float | None = None
         self.n_frames: int | None = None  # known once the scan has ended
         self.emitted = first_frame
 
@@ -327,6 +329,10 @@ class BackgroundStage:
         if self.follow_beam and not self.beam_track:
             self.beam = self.direct_beam
             self.beam_track.append((first, self.beam))
+        from ..segment.noise import PHOTON_FRAMES, photon_gain  # here: segment._kernels imports background's
+
+        self.photon_gain = photon_gain([self.ring.data[s] for s in slots[:PHOTON_FRAMES]], self.dark, self.gain,
+                                       self.pixel_mask | beam_mask(self.direct_beam, self.frame_shape))
         self.warm = True
 
     def _find_beam(self, image: np.ndarray) -> None:

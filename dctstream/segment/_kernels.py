@@ -383,12 +383,12 @@ def _neighbours(box, f, y, x, conn26, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def split_maxima(fs, ys, xs, values, prominence_abs, ratio, conn26):
+def split_maxima(fs, ys, xs, values, prominence_abs, ratio, photon, conn26):
     """The parts of one blob: for each voxel, the index of the maximum of the part it belongs to.
 
     Voxels are flooded from the brightest down; where two parts meet at a voxel of value s, the dimmer
-    one (peak p) stays a part of its own only if it stands out: p - s >= max(prominence_abs at its peak,
-    ratio x p); otherwise it joins the brightest part met there. A voxel joins the part of its brightest
+    one (peak p) stays a part of its own only if it stands out: p - s >= max(sqrt(a^2 + photon x max(s, 0)),
+    ratio x p), a = prominence_abs at its peak; otherwise it joins the brightest part met there. A voxel joins the part of its brightest
     flooded neighbour (ties: the lower index). Ties in value are flooded in index order."""
     n = values.size
     box, f0, y0, x0 = _voxel_box(fs, ys, xs, np.ones(n, np.bool_))
@@ -416,7 +416,8 @@ def split_maxima(fs, ys, xs, values, prominence_abs, ratio, conn26):
             if values[r] > values[top] or (values[r] == values[top] and r < top):
                 top = r
         for r in roots[:n_roots]:
-            if r != top and values[r] - v < max(prominence_abs[r], ratio * values[r]):
+            if r != top and values[r] - v < max(np.sqrt(prominence_abs[r] ** 2 + photon * max(v, 0.0)),
+                                                ratio * values[r]):
                 parent[r] = top
         parent[i] = _top(parent, best)
     out = np.empty(n, np.int64)

@@ -48,6 +48,44 @@ def frame_noise(frame: np.ndarray, mask: np.ndarray, tile_px: int = TILE_PX) -> 
     return out
 
 
+# Frames of the first window whose consecutive pairs give the photon gain (see photon_gain).
+PHOTON_FRAMES = 5
+
+
+def photon_gain(frames, dark: np.ndarray, flat: np.ndarray, mask: np.ndarray, tile_px: int = TILE_PX) -> float | None:
+    """Counts per photon of the corrected frames, from raw ``frames`` (consecutive, the scan's first):
+    the photon transfer. Two consecutive frames differ by their noise (the background cancels, the few
+    spots that change are clipped by the robust spread), so per tile half the variance of their
+    difference, over their mean level ((raw - dark) x flat), is the gain, read noise aside. The median over
+    the brighter half of the tiles: read noise makes it an upper bound, the safe side for splitting
+    touching spots (segment.segmenter). None where no tile holds counts."""
+    ratios = []
+    for a, b in zip(frames, frames[1:]):
+        a = (np.asarray(a, np.float32) - dark) * flat
+        b = (np.asarray(b, np.float32) - dark) * flat
+        spread = frame_noise(a - b, mask, tile_px)
+        level = _tile_medians(0.5 * (a + b), mask, tile_px)
+        ok = np.isfinite(spread) & np.isfinite(level) & (level > 0) & (spread > 0)
+        if ok.any():
+            bright = ok & (level >= np.median(level[ok]))
+            ratios.append(spread[bright] ** 2 / 2 / level[bright])
+    if not ratios:
+        return None
+    return float(np.median(np.concatenate(ratios)))
+
+
+def _tile_medians(frame: np.ndarray, mask: np.ndarray, tile_px: int) -> np.ndarray:
+    """Median of each tile's unmasked pixels (every SAMPLE_STEP-th in each direction), NaN where none."""
+    ty, tx = tiles_shape(frame.shape, tile_px)
+    step = SAMPLE_STEP if tile_px >= 4 * SAMPLE_STEP and tile_px % SAMPLE_STEP == 0 else 1
+    padded = np.full((ty * tile_px, tx * tile_px), np.nan, np.float32)
+    padded[:frame.shape[0], :frame.shape[1]] = np.where(mask, np.nan, frame)
+    samples = padded[::step, ::step].reshape(ty, tile_px // step, tx, tile_px // step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-masked tile
+        return np.nanmedian(samples, axis=(1, 3))
+
+
 class NoiseTracker:
     """Push corrected frames in order; get each one's noise per tile (a (tiles_y, tiles_x) map)."""
 

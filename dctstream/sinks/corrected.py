@@ -143,7 +143,7 @@ class SparseScanWriter:
     def __init__(self, path: str | os.PathLike, cfg, frame_shape, mask: np.ndarray, tile_px: int,
                  raw_frame_bytes: float, *, binning: int = 1, binning_mode: str = "sum", angles: bool = False,
                  direct_beam=None, unfiltered: bool = False, resume: dict | None = None,
-                 stretch_mask: np.ndarray | None = None):
+                 stretch_mask: np.ndarray | None = None, photon_gain: float | None = None):
         self.path = Path(path)
         self.pixel_names = _PIXELS + (("unfiltered",) if unfiltered else ())
         self.cfg = cfg
@@ -183,6 +183,7 @@ class SparseScanWriter:
             group.attrs.update({"shape0": ny, "shape1": nx, "nframes": 0, "npx": 0, "itype": "uint16",
                                 "tile_px": self.tile_px,
                                 "direct_beam": [] if direct_beam is None else [int(v) for v in direct_beam],
+                                **({} if photon_gain is None else {"photon_gain": float(photon_gain)}),
                                 "cut": "pixels with corrected value >= cut[frame, y // tile_px, x // tile_px] "
                                        "outside mask, counts"})
             group.create_dataset("mask", data=self.mask.astype(np.uint8), chunks=True, **_COMPRESSED)
@@ -404,7 +405,8 @@ class SparseScan:
     """A sparse corrected scan (``export.format: sparse``) open for reading, finished or still being written.
 
     ``nnz``, ``psi`` (None without angles), ``cut`` and ``noise_sigma`` (frames, tiles_y, tiles_x),
-    ``tile_px``, ``mask``, ``direct_beam`` and ``frame_shape`` are read at once (the frames whole in the
+    ``tile_px``, ``mask``, ``direct_beam``, ``photon_gain`` (None if the run had none) and ``frame_shape`` are
+    read at once (the frames whole in the
     file when it is opened); ``frames()`` yields (k, rows, cols, values) a block at a time, and the
     unfiltered values after them with ``unfiltered=True`` (when the file has them: ``self.unfiltered``).
     """
@@ -434,6 +436,7 @@ class SparseScan:
         self.noise_sigma = group["noise_sigma"][:n]
         self.mask = group["mask"][()].astype(bool)
         self.direct_beam = tuple(int(v) for v in group.attrs["direct_beam"]) or None
+        self.photon_gain = float(group.attrs["photon_gain"]) if "photon_gain" in group.attrs else None
         self.binning = int(self.h5.attrs.get("binning", 1))
         self.binning_mode = str(self.h5.attrs.get("binning_mode", "sum"))
         self.finished = int(group.attrs["nframes"]) == n > 0

@@ -14,9 +14,10 @@ column               dtype    meaning
 ``area``             int64    number of voxels
 ``integral``         float64  integrated intensity: the voxels' corrected values and their tails
 ``max_value``        float64  corrected value at the seed maximum
-``centroid_x``       float64  intensity-weighted centroid, detector column
-``centroid_y``       float64  intensity-weighted centroid, detector row
-``centroid_frame``   float64  intensity-weighted centroid, frame
+``centroid_x``       float64  intensity-weighted centroid, detector column: over the spot's voxels down to
+                              grow_low, not the difspot's alone (see segment.segmenter)
+``centroid_y``       float64  intensity-weighted centroid, detector row (the same)
+``centroid_frame``   float64  intensity-weighted centroid, frame (the same)
 ``bbox_x0``          int64    first column of the bounding box
 ``bbox_y0``          int64    first row of the bounding box
 ``bbox_x_size``      int64    bounding-box width in columns
@@ -60,9 +61,12 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "area": (np.int64, "number of voxels"),
     "integral": (np.float64, "integrated intensity: the voxels and their tails below the growth threshold"),
     "max_value": (np.float64, "corrected value at the seed maximum"),
-    "centroid_x": (np.float64, "intensity-weighted centroid, detector column, 0-based absolute"),
-    "centroid_y": (np.float64, "intensity-weighted centroid, detector row, 0-based absolute"),
-    "centroid_frame": (np.float64, "intensity-weighted centroid, frame, 0-based absolute"),
+    "centroid_x": (np.float64, "intensity-weighted centroid over the spot's voxels >= grow_low, detector column, "
+                                    "0-based absolute"),
+    "centroid_y": (np.float64, "intensity-weighted centroid over the spot's voxels >= grow_low, detector row, "
+                                    "0-based absolute"),
+    "centroid_frame": (np.float64, "intensity-weighted centroid over the spot's voxels >= grow_low, frame, "
+                                    "0-based absolute"),
     "bbox_x0": (np.int64, "first column of the bounding box, 0-based absolute"),
     "bbox_y0": (np.int64, "first row of the bounding box, 0-based absolute"),
     "bbox_x_size": (np.int64, "bounding-box width in columns"),
