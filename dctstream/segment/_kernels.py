@@ -388,8 +388,9 @@ def split_maxima(fs, ys, xs, values, prominence_abs, ratio, photon, conn26):
 
     Voxels are flooded from the brightest down; where two parts meet at a voxel of value s, the dimmer
     one (peak p) stays a part of its own only if it stands out: p - s >= max(sqrt(a^2 + photon x max(s, 0)),
-    ratio x p), a = prominence_abs at its peak; otherwise it joins the brightest part met there. A voxel joins the part of its brightest
-    flooded neighbour (ties: the lower index). Ties in value are flooded in index order."""
+    ratio x p), a = prominence_abs at its peak; otherwise it joins the brightest part met there. A voxel
+    joins the part of its brightest flooded neighbour (ties: the lower index). Ties in value are flooded in
+    index order."""
     n = values.size
     box, f0, y0, x0 = _voxel_box(fs, ys, xs, np.ones(n, np.bool_))
     near = np.empty(26, np.int64)
