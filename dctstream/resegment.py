@@ -24,11 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import pickle
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +35,7 @@ from ._version import __version__
 from .config import Config, config_to_dict, dump_config, load_config, replace_config
 from .detector import unbin_blob
 from .direct_beam import NeverSegmented, beam_mask
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, InputError
 from .overlap import Worker
 from .pipeline import frame_maps, frame_thresholds, prepare_output, resolve_segmentation
 from .segment import SegmentParams
@@ -57,8 +52,6 @@ CHANGEABLE = ("segmentation", "quicklook")
 NOISY_FACTOR = 2.0
 # Closed difspots waiting for the writer thread; each is a few kB.
 WRITE_QUEUE_DEPTH = 256
-# Difspot files written in the writer thread before writer processes take over (see _DifspotFiles).
-PROCESS_AFTER_FILES = 200
 # Frames of resident segmenter pools a tune pass may hold, all settings together (about 2 GiB at 2048 x 2048).
 TUNE_POOL_FRAMES = 128
 # Frames whose thresholds are checked against the cut at once (a few MB of tile maps).
@@ -239,7 +232,7 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     (out / "config.yml").write_text(dump_config(cfg))
     table = SpotTable(out, {"config": dump_config(cfg), "version": __version__, "source": cfg.source.url,
                             "resegmented_from": str(run_dir / SPARSE_FILE), "sparse_frames": len(scan)})
-    files = _DifspotFiles(out, _cpus()) if difspots else None
+    files = DifspotWriter(out) if difspots else None
     quick = QuickLook(cfg.quicklook, out, _RunView(table, scan.direct_beam, len(scan))) \
         if cfg.quicklook.enabled else None
     n = len(scan)
@@ -257,7 +250,7 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
         blob = dataclasses.replace(blob, touches_mask=never.touches(f0, f1, y0, y1, x0, x1))
         blob = unbin_blob(blob, scan.binning, scan.binning_mode)
         if files is not None:
-            files.write(blob)
+            files.write(blob, volume=blob.volume)
         elif turn and (blob.frame.min() == 0 or blob.frame.max() == n - 1):
             at_seam[blob.id] = blob
         table.add(blob, psi_deg)
@@ -275,123 +268,15 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
                                     rows=False)
         finally:
             writer.close()
-        if files is not None:
-            files.close()
         if turn:  # as a run of the whole scan joins them
-            joined = seam.join_across_seam(table, files and files.writer, n, lambda c: seam.psi_at(psi, c),
-                                           params.connectivity, scan.binning,
-                                           blobs=at_seam if files is None else None)
+            joined = seam.join_across_seam(table, files, n, lambda c: seam.psi_at(psi, c), params.connectivity,
+                                           scan.binning, blobs=at_seam if files is None else None)
     finally:
-        if files is not None:
-            files.abort()  # after an error: the writer processes end
         table.close()
     pictures = quick.finish() if quick is not None else []
     return {"out_dir": str(out), "frames": n, "finished_scan": scan.finished,
             "difspots": outcome.blobs - joined, "seam_joined": joined, "rejected": outcome.rejected,
             "flood_frames": outcome.floods, "quicklook": pictures, "seconds": time.perf_counter() - start}
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class _DifspotFiles:
-    """The difspot files of a resegmentation: written in the calling thread up to PROCESS_AFTER_FILES of
-    them, then by ``processes`` writer processes, in turn. A file is about 2.5 ms of HDF5 calls that hold
-    the GIL, more than segmenting its difspot from the sparse scan; a process costs about a second of CPU to
-    start, more than the files of a small scan."""
-
-    def __init__(self, out: Path, processes: int):
-        self.writer = DifspotWriter(out)
-        self._out = str(out)
-        self._processes = processes
-        self._count = 0
-        self._workers: list[_WriterProcess] = []
-
-    def write(self, blob) -> None:
-        self._count += 1
-        if self._processes < 1 or self._count <= PROCESS_AFTER_FILES or not sys.executable:
-            self.writer.write(blob, volume=blob.volume)
-            return
-        if not self._workers:
-            self._workers = [_WriterProcess(self._out) for _ in range(self._processes)]
-        self._workers[self._count % self._processes].send(blob)
-
-    def close(self) -> None:
-        """Every file written (those handed to a writer process too); the first error of one raised."""
-        workers, self._workers = self._workers, []
-        for error in [w.close() for w in workers]:
-            if error is not None:
-                raise error
-
-    def abort(self) -> None:
-        """As close, its errors dropped: another one is on its way."""
-        workers, self._workers = self._workers, []
-        for w in workers:
-            w.close()
-
-
-class _WriterProcess:
-    """A Python process that writes the difspot files of the blobs pickled to its standard input: not a
-    multiprocessing child, which would run the caller's main script again where it has no main guard."""
-
-    def __init__(self, out: str):
-        import dctstream
-
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(dctstream.__file__).parents[1])]
-                                            + [p for p in [env.get("PYTHONPATH")] if p])
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", f"from dctstream.resegment import _serve_files; _serve_files({out!r})"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        self._out = out
-        self._error: BaseException | None = None
-
-    def send(self, blob) -> None:
-        if self._error is None:
-            try:
-                pickle.dump(blob, self._process.stdin, pickle.HIGHEST_PROTOCOL)
-                return
-            except OSError:  # it ended: its error says why
-                self._error = self.close() or OutputError(f"{self._out}: a difspot writer process ended before "
-                                                          "its last file, expected it to end when told")
-        raise self._error
-
-    def close(self) -> BaseException | None:
-        """Waits for its files; its error, if it had one."""
-        if self._process.returncode is None:
-            try:
-                self._process.stdin.close()
-            except OSError:
-                pass
-            answer = self._process.stdout.read()
-            self._process.wait()
-            self._process.stdout.close()
-            if self._process.returncode:
-                try:
-                    self._error = pickle.loads(answer)
-                except Exception:
-                    self._error = OutputError(f"difspot writer process: ended with exit status "
-                                              f"{self._process.returncode}, expected 0")
-        return self._error
-
-
-def _serve_files(out: str) -> None:
-    """In a writer process: the difspot file of each blob read from standard input; an error is pickled to
-    standard output. Ctrl-C is the caller's to handle: it ends this process by closing its input."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        writer = DifspotWriter(out)
-        while True:
-            try:
-                blob = pickle.load(sys.stdin.buffer)
-            except EOFError:
-                return
-            writer.write(blob, volume=blob.volume)
-    except Exception as exc:
-        sys.stdout.buffer.write(pickle.dumps(exc))
-        sys.stdout.flush()
-        sys.exit(1)
 
 
 # ---- tune ------------------------------------------------------------------------------------------

@@ -382,36 +382,3 @@ def test_tune_sweeps_counts_when_the_config_sets_counts(run):
     assert len(values) >= 5 and 40 / 3 - 0.01 <= values[0] < 40 < values[-1] <= 80
     spots = [r["spots"] for r in result["rows"]]
     assert spots[0] > spots[-1] > 0
-
-
-# ---- difspot files from writer processes -----------------------------------------------------------------
-
-
-def _h5_contents(path):
-    with h5py.File(path, "r") as h5:
-        return {name: h5[name][()] for name in h5}, dict(h5.attrs)
-
-
-def test_difspot_files_from_writer_processes_equal_those_written_in_process(run, tmp_path, monkeypatch):
-    _, tmp, _ = run
-    resegment(tmp / "run", (), tmp_path / "here")
-    monkeypatch.setattr("dctstream.resegment.PROCESS_AFTER_FILES", 5)
-    monkeypatch.setattr("dctstream.resegment._cpus", lambda: 2)
-    resegment(tmp / "run", (), tmp_path / "there")
-    here, there = (sorted((tmp_path / name / "difspots").iterdir()) for name in ("here", "there"))
-    assert [p.name for p in there] == [p.name for p in here] and len(here) > 20
-    for a, b in zip(here, there):
-        (want, want_attrs), (got, got_attrs) = _h5_contents(a), _h5_contents(b)
-        assert got.keys() == want.keys() and got_attrs == want_attrs
-        for name in want:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{b}: {name}")
-
-
-def test_a_writer_process_error_is_raised_in_the_resegmentation(tmp_path):
-    from dctstream.errors import OutputError
-    from dctstream.resegment import _WriterProcess
-
-    (tmp_path / "taken").write_text("a file where the output folder goes")
-    writer = _WriterProcess(str(tmp_path / "taken"))
-    error = writer.close()
-    assert isinstance(error, OutputError) and str(tmp_path / "taken") in str(error)
