@@ -326,13 +326,16 @@ class Segmenter:
             return
         self._slot_of[pos] = -1
         self._hot.append(slot)
-        if len(self._hot) > HOT_SLOTS:
+        if len(self._hot) > self._hot_slots():
             slot = self._hot.pop(0)
             release(self._values, slot)
             if self.measured:
                 release(self._measures, slot)
             release(self._flags, slot)
             self._cold.append(slot)
+
+    def _hot_slots(self) -> int:
+        return HOT_SLOTS
 
     def _frame_slots(self, frames) -> np.ndarray:
         return self._slot_of[np.asarray(frames, np.int64) % self._capacity]
