@@ -526,7 +526,9 @@ class Segmenter:
         if f + 3 * reach_f > self.last and voxels[-1] // (ny * nx) == self.last:
             return False  # still growing along psi
         later = brighter[~earlier]
-        return not np.isin((later[:, 0] * ny + later[:, 1]) * nx + later[:, 2], voxels).any()
+        keys = (later[:, 0] * ny + later[:, 1]) * nx + later[:, 2]
+        at = np.minimum(np.searchsorted(voxels, keys), voxels.size - 1)  # voxels are sorted: np.isin sorts again
+        return not (voxels[at] == keys).any()
 
     def _grow(self, region: _Region) -> list[Blob]:
         p = self.params
