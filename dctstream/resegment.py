@@ -24,6 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +42,14 @@ from ._version import __version__
 from .config import Config, config_to_dict, dump_config, load_config, replace_config
 from .detector import unbin_blob
 from .direct_beam import NeverSegmented, beam_mask
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OutputError
 from .overlap import Worker
 from .pipeline import frame_maps, frame_thresholds, prepare_output, resolve_segmentation
 from .segment import SegmentParams
 from .segment.floor import floor_tiles, reach_tiles
 from .segment.sparse import SparseFrame, SparseSegmenter
 from .sinks import DifspotWriter, SparseScan, SpotTable, spot_row
+from .split import FINGERPRINT_EVERY, fingerprint, overlaps
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,11 @@ SPARSE_FILE = "corrected.h5"
 CHANGEABLE = ("segmentation", "quicklook")
 # A spot "sits where the noise is high" when its tile's noise is this many times the median.
 NOISY_FACTOR = 2.0
+# A resegmentation of at least this many pixels (frames x frame pixels) segments its second half in a second
+# process, with 2 CPUs or more. That process takes about 2 s of CPU to start and segments 4 x max_blob_size
+# frames more than its half: on the 601 frames of 1024 x 1024 px of the bench scan it cost more than it saved,
+# on 1803 frames it took 30 % off the wall time (see the README's Tuning section).
+SPLIT_MIN_PIXELS = 1_500_000_000
 # Closed difspots waiting for the writer thread; each is a few kB.
 WRITE_QUEUE_DEPTH = 256
 # Frames of resident segmenter pools a tune pass may hold, all settings together (about 2 GiB at 2048 x 2048).
@@ -134,9 +147,9 @@ class Outcome:
     floods: int = 0
 
 
-def _frames(scan: SparseScan):
-    """(k, frame, unfiltered or None) as `SparseFrame` s."""
-    for k, rows, cols, values, *unfiltered in scan.frames(unfiltered=scan.unfiltered):
+def _frames(scan: SparseScan, start: int = 0, stop: int | None = None):
+    """(k, frame, unfiltered or None) as `SparseFrame` s, of frames start..stop-1."""
+    for k, rows, cols, values, *unfiltered in scan.frames(start, stop, unfiltered=scan.unfiltered):
         yield (k, SparseFrame(rows, cols, values, scan.frame_shape),
                SparseFrame(rows, cols, unfiltered[0], scan.frame_shape) if unfiltered else None)
 
@@ -264,8 +277,10 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     joined = 0
     try:
         try:
-            outcome, = segment_scan(scan, [(cfg, params)], write, quick.on_corrected if quick is not None else None,
-                                    rows=False)
+            on_frame = quick.on_corrected if quick is not None else None
+            half = _second_half(scan, cfg)
+            outcome = segment_in_halves(scan, cfg, params, half, write, on_frame) if half is not None else \
+                segment_scan(scan, [(cfg, params)], write, on_frame, rows=False)[0]
         finally:
             writer.close()
         if turn:  # as a run of the whole scan joins them
@@ -277,6 +292,176 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     return {"out_dir": str(out), "frames": n, "finished_scan": scan.finished,
             "difspots": outcome.blobs - joined, "seam_joined": joined, "rejected": outcome.rejected,
             "flood_frames": outcome.floods, "quicklook": pictures, "seconds": time.perf_counter() - start}
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _second_half(scan: SparseScan, cfg: Config) -> int | None:
+    """The first frame of the scan's second half, for a scan worth a second process; else None."""
+    n, (ny, nx) = len(scan), scan.frame_shape
+    pre, post = overlaps(cfg)
+    start = (n + pre - post) // 2  # the two processes segment about as many frames
+    if _cpus() < 2 or n * ny * nx < SPLIT_MIN_PIXELS or start - pre < 1 or start + post > n:
+        return None
+    return start
+
+
+def segment_in_halves(scan: SparseScan, cfg: Config, params: SegmentParams, start: int, on_blobs,
+                      on_frame=None) -> Outcome:
+    """`segment_scan` of one setting with the frames from ``start`` on segmented in a second process, exactly:
+    that process's segmenter starts ``pre`` frames before ``start`` (see `dctstream.split`, which splits a
+    run the same way) and fingerprints its state at every 4th of its first ``post`` frames from ``start``.
+    Where this one's first agrees, at frame c, both are in one state: the blobs closed from c on are the
+    second process's (numbered on), and this one stops. Where none agrees, this one segments the whole scan."""
+    n = len(scan)
+    pre, post = overlaps(cfg)
+    edges = list(range(start, start + post, FINGERPRINT_EVERY))
+    second = _HalfProcess((str(scan.path), cfg.segmentation, params, start - pre, start, n, edges))
+    seg = SparseSegmenter(params, scan.frame_shape, scan.mask, measured=scan.unfiltered)
+    dense = _DenseFrame(scan.frame_shape) if on_frame is not None else None
+    outcome = Outcome()
+
+    def take(blobs):
+        outcome.blobs += len(blobs)
+        on_blobs(0, blobs)
+
+    try:
+        theirs = None  # the second process's fingerprints and rejection counts at the edges
+        stitched = False
+        for k, frame, measure in _frames(scan):
+            if not stitched and second is not None and k in edges:
+                theirs = theirs or second.edges()
+                mine = fingerprint(seg, 0)
+                if mine is not None and mine == theirs[0].get(k):
+                    next_id = seg.n_blobs
+                    for closed, blobs in second.blobs():
+                        if closed >= k:
+                            take([dataclasses.replace(blob, id=next_id + i) for i, blob in enumerate(blobs)])
+                            next_id += len(blobs)
+                    rejected, floods = second.end
+                    counts = {key: seg.rejected.get(key, 0) + rejected.get(key, 0) - theirs[1][k].get(key, 0)
+                              for key in {*seg.rejected, *rejected}}
+                    outcome.rejected = {key: v for key, v in counts.items() if v}
+                    outcome.floods = len(seg.floods) + sum(f >= k for f, _, _ in floods)
+                    stitched = True
+                    log.info("resegment: frames %d to %d segmented in a second process", k, n - 1)
+                    if on_frame is None:
+                        break
+                elif k == edges[-1]:  # no state in common: this process segments the rest too
+                    second.close()
+                    second = None
+            if not stitched:
+                take(seg.push(k, frame, *frame_maps(cfg.segmentation, scan.noise_sigma[k]), measure))
+            if on_frame is not None:
+                on_frame(k, dense.of(frame))
+        if not stitched:
+            take(seg.finish())
+            outcome.rejected, outcome.floods = dict(seg.rejected), len(seg.floods)
+    finally:
+        if second is not None:
+            second.close()
+    return outcome
+
+
+class _HalfProcess:
+    """A Python process that segments frames ``first``..n-1 of the sparse scan (`_serve_half`), its answers
+    read in a thread as they come (so it never waits on a full pipe): not a multiprocessing child, which
+    would run the caller's main script again where it has no main guard."""
+
+    def __init__(self, args: tuple):
+        import dctstream
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(dctstream.__file__).parents[1])]
+                                            + [p for p in [env.get("PYTHONPATH")] if p])
+        self._first = args[3]
+        self._answers: queue.Queue = queue.Queue()
+        self.end: tuple[dict, list] | None = None  # its rejection counts and floods, once it has ended
+        self._process = subprocess.Popen([sys.executable, "-c", "from dctstream.resegment import _serve_half; "
+                                          "_serve_half()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        try:
+            pickle.dump(args, self._process.stdin, pickle.HIGHEST_PROTOCOL)
+            self._process.stdin.close()
+        except OSError:
+            pass  # it ended: its answers say why
+        threading.Thread(target=self._read, name="dctstream-resegment-half", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                answer = pickle.load(self._process.stdout)
+            except Exception:  # it ended (or was ended)
+                self._answers.put(None)
+                return
+            self._answers.put(answer)
+
+    def _answer(self, kind: str):
+        answer = self._answers.get()
+        if answer is None:
+            self._process.wait()
+            raise OutputError(f"resegment: the process segmenting frames {self._first} on ended with exit status "
+                              f"{self._process.returncode}, expected its {kind}")
+        if answer[0] == "error":
+            raise answer[1]
+        return answer
+
+    def edges(self) -> tuple[dict, dict]:
+        """Its fingerprints and rejection counts at each edge frame."""
+        return self._answer("fingerprints")[1:]
+
+    def blobs(self):
+        """(frame pushed, the blobs that closed then) from ``start`` on, as it goes; then ``end`` is set."""
+        while (answer := self._answer("blobs"))[0] == "blobs":
+            yield answer[1:]
+        self.end = answer[1:]
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+
+
+def _later(blob, frames: int):
+    """``blob`` of a segmenter that started ``frames`` into the scan, in the scan's frames."""
+    f, y, x = blob.max_index
+    return dataclasses.replace(blob, frame=blob.frame + frames, max_index=(f + frames, y, x))
+
+
+def _serve_half() -> None:
+    """In a second process: the frames from ``first`` on, segmented as `segment_in_halves` says, answered as
+    pickles on standard output (the fingerprints at the edges first, then the blobs), an error as one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's: it ends this process
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to standard error, not into the answers
+    try:
+        path, seg_cfg, params, first, start, n, edges = pickle.load(sys.stdin.buffer)
+        with SparseScan(path) as scan:
+            seg = SparseSegmenter(params, scan.frame_shape, scan.mask, measured=scan.unfiltered)
+            fingerprints, rejected, held = {}, {}, []  # held: the blobs closed before the edges are sent
+
+            def send(k, closed):
+                if k >= start and closed:
+                    held.append(("blobs", k, [_later(blob, first) for blob in closed]))
+                if k >= edges[-1]:
+                    for answer in held:
+                        pickle.dump(answer, out, pickle.HIGHEST_PROTOCOL)
+                    held.clear()
+
+            for k, frame, measure in _frames(scan, first, n):
+                if k in edges:
+                    fingerprints[k], rejected[k] = fingerprint(seg, first), dict(seg.rejected)
+                    if k == edges[-1]:
+                        pickle.dump(("edges", fingerprints, rejected), out, pickle.HIGHEST_PROTOCOL)
+                        out.flush()
+                send(k, seg.push(k - first, frame, *frame_maps(seg_cfg, scan.noise_sigma[k]), measure))
+            send(n, seg.finish())
+        floods = [(f + first, found, factor) for f, found, factor in seg.floods]
+        pickle.dump(("end", dict(seg.rejected), floods), out, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        pickle.dump(("error", exc), out, pickle.HIGHEST_PROTOCOL)
+    out.close()
 
 
 # ---- tune ------------------------------------------------------------------------------------------
