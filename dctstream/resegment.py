@@ -303,7 +303,7 @@ def _second_half(scan: SparseScan, cfg: Config) -> int | None:
     n, (ny, nx) = len(scan), scan.frame_shape
     pre, post = overlaps(cfg)
     start = (n + pre - post) // 2  # the two processes segment about as many frames
-    if _cpus() < 2 or n * ny * nx < SPLIT_MIN_PIXELS or start - pre < 1 or start + post > n:
+    if _cpus() < 2 or not sys.executable or n * ny * nx < SPLIT_MIN_PIXELS or start - pre < 1 or start + post > n:
         return None
     return start
 
