@@ -270,7 +270,7 @@ def bench_resegment(run_dir: Path, out: Path, run_s: float, size: int, fill_frac
 
 
 def _cpu_s() -> float:
-    """CPU seconds of this process and of its children that have ended (resegment's difspot writers): on a
+    """CPU seconds of this process and of its children that have ended (resegment's second process): on a
     machine shared with other jobs, what a wall time cannot say."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
@@ -368,7 +368,7 @@ def format_report(report: dict) -> str:
         if r:
             lines += [f"resegment from the sparse scan, same settings: {r['wall_s']:.1f} s for {r['frames']} frames "
                       f"({r['frames_per_s']:.1f} frames/s), {r['speedup']:.1f}x faster than the run; "
-                      f"{r['difspots']} difspots; {r['cpu_s']:.1f} s of CPU (difspot writer processes included)",
+                      f"{r['difspots']} difspots; {r['cpu_s']:.1f} s of CPU (a second process, if any, included)",
                       f"  spots.h5 only (--no-difspots): {r['table_only_s']:.1f} s, "
                       f"{r['table_only_speedup']:.1f}x faster than the run; {r['table_only_cpu_s']:.1f} s of CPU",
                       f"  sparse scan: {r['sparse_bytes_per_frame'] / 2**10:.0f} KiB/frame (cut and noise maps "

@@ -26,9 +26,11 @@ import dataclasses
 import logging
 import os
 import pickle
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from .segment import SegmentParams
 from .segment.floor import floor_tiles, reach_tiles
 from .segment.sparse import SparseFrame, SparseSegmenter
 from .sinks import DifspotWriter, SparseScan, SpotTable, spot_row
+from .split import FINGERPRINT_EVERY, fingerprint, overlaps
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,13 @@ SPARSE_FILE = "corrected.h5"
 CHANGEABLE = ("segmentation", "quicklook")
 # A spot "sits where the noise is high" when its tile's noise is this many times the median.
 NOISY_FACTOR = 2.0
+# A resegmentation of at least this many pixels (frames x frame pixels) segments its second half in a second
+# process, with 2 CPUs or more. That process takes about 2 s of CPU to start and segments 4 x max_blob_size
+# frames more than its half: on the 601 frames of 1024 x 1024 px of the bench scan it cost more than it saved,
+# on 1803 frames it took 30 % off the wall time (see the README's Tuning section).
+SPLIT_MIN_PIXELS = 1_500_000_000
 # Closed difspots waiting for the writer thread; each is a few kB.
 WRITE_QUEUE_DEPTH = 256
-# Difspot files written in the writer thread before writer processes take over (see _DifspotFiles).
-PROCESS_AFTER_FILES = 200
 # Frames of resident segmenter pools a tune pass may hold, all settings together (about 2 GiB at 2048 x 2048).
 TUNE_POOL_FRAMES = 128
 # Frames whose thresholds are checked against the cut at once (a few MB of tile maps).
@@ -141,9 +147,9 @@ class Outcome:
     floods: int = 0
 
 
-def _frames(scan: SparseScan):
-    """(k, frame, unfiltered or None) as `SparseFrame` s."""
-    for k, rows, cols, values, *unfiltered in scan.frames(unfiltered=scan.unfiltered):
+def _frames(scan: SparseScan, start: int = 0, stop: int | None = None):
+    """(k, frame, unfiltered or None) as `SparseFrame` s, of frames start..stop-1."""
+    for k, rows, cols, values, *unfiltered in scan.frames(start, stop, unfiltered=scan.unfiltered):
         yield (k, SparseFrame(rows, cols, values, scan.frame_shape),
                SparseFrame(rows, cols, unfiltered[0], scan.frame_shape) if unfiltered else None)
 
@@ -239,7 +245,7 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     (out / "config.yml").write_text(dump_config(cfg))
     table = SpotTable(out, {"config": dump_config(cfg), "version": __version__, "source": cfg.source.url,
                             "resegmented_from": str(run_dir / SPARSE_FILE), "sparse_frames": len(scan)})
-    files = _DifspotFiles(out, _cpus()) if difspots else None
+    files = DifspotWriter(out) if difspots else None
     quick = QuickLook(cfg.quicklook, out, _RunView(table, scan.direct_beam, len(scan))) \
         if cfg.quicklook.enabled else None
     n = len(scan)
@@ -257,7 +263,7 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
         blob = dataclasses.replace(blob, touches_mask=never.touches(f0, f1, y0, y1, x0, x1))
         blob = unbin_blob(blob, scan.binning, scan.binning_mode)
         if files is not None:
-            files.write(blob)
+            files.write(blob, volume=blob.volume)
         elif turn and (blob.frame.min() == 0 or blob.frame.max() == n - 1):
             at_seam[blob.id] = blob
         table.add(blob, psi_deg)
@@ -271,19 +277,16 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     joined = 0
     try:
         try:
-            outcome, = segment_scan(scan, [(cfg, params)], write, quick.on_corrected if quick is not None else None,
-                                    rows=False)
+            on_frame = quick.on_corrected if quick is not None else None
+            half = _second_half(scan, cfg)
+            outcome = segment_in_halves(scan, cfg, params, half, write, on_frame) if half is not None else \
+                segment_scan(scan, [(cfg, params)], write, on_frame, rows=False)[0]
         finally:
             writer.close()
-        if files is not None:
-            files.close()
         if turn:  # as a run of the whole scan joins them
-            joined = seam.join_across_seam(table, files and files.writer, n, lambda c: seam.psi_at(psi, c),
-                                           params.connectivity, scan.binning,
-                                           blobs=at_seam if files is None else None)
+            joined = seam.join_across_seam(table, files, n, lambda c: seam.psi_at(psi, c), params.connectivity,
+                                           scan.binning, blobs=at_seam if files is None else None)
     finally:
-        if files is not None:
-            files.abort()  # after an error: the writer processes end
         table.close()
     pictures = quick.finish() if quick is not None else []
     return {"out_dir": str(out), "frames": n, "finished_scan": scan.finished,
@@ -295,103 +298,170 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class _DifspotFiles:
-    """The difspot files of a resegmentation: written in the calling thread up to PROCESS_AFTER_FILES of
-    them, then by ``processes`` writer processes, in turn. A file is about 2.5 ms of HDF5 calls that hold
-    the GIL, more than segmenting its difspot from the sparse scan; a process costs about a second of CPU to
-    start, more than the files of a small scan."""
-
-    def __init__(self, out: Path, processes: int):
-        self.writer = DifspotWriter(out)
-        self._out = str(out)
-        self._processes = processes
-        self._count = 0
-        self._workers: list[_WriterProcess] = []
-
-    def write(self, blob) -> None:
-        self._count += 1
-        if self._processes < 1 or self._count <= PROCESS_AFTER_FILES or not sys.executable:
-            self.writer.write(blob, volume=blob.volume)
-            return
-        if not self._workers:
-            self._workers = [_WriterProcess(self._out) for _ in range(self._processes)]
-        self._workers[self._count % self._processes].send(blob)
-
-    def close(self) -> None:
-        """Every file written (those handed to a writer process too); the first error of one raised."""
-        workers, self._workers = self._workers, []
-        for error in [w.close() for w in workers]:
-            if error is not None:
-                raise error
-
-    def abort(self) -> None:
-        """As close, its errors dropped: another one is on its way."""
-        workers, self._workers = self._workers, []
-        for w in workers:
-            w.close()
+def _second_half(scan: SparseScan, cfg: Config) -> int | None:
+    """The first frame of the scan's second half, for a scan worth a second process; else None."""
+    n, (ny, nx) = len(scan), scan.frame_shape
+    pre, post = overlaps(cfg)
+    start = (n + pre - post) // 2  # the two processes segment about as many frames
+    if _cpus() < 2 or not sys.executable or n * ny * nx < SPLIT_MIN_PIXELS or start - pre < 1 or start + post > n:
+        return None
+    return start
 
 
-class _WriterProcess:
-    """A Python process that writes the difspot files of the blobs pickled to its standard input: not a
-    multiprocessing child, which would run the caller's main script again where it has no main guard."""
+def segment_in_halves(scan: SparseScan, cfg: Config, params: SegmentParams, start: int, on_blobs,
+                      on_frame=None) -> Outcome:
+    """`segment_scan` of one setting with the frames from ``start`` on segmented in a second process, exactly:
+    that process's segmenter starts ``pre`` frames before ``start`` (see `dctstream.split`, which splits a
+    run the same way) and fingerprints its state at every 4th of its first ``post`` frames from ``start``.
+    Where this one's first agrees, at frame c, both are in one state: the blobs closed from c on are the
+    second process's (numbered on), and this one stops. Where none agrees, this one segments the whole scan."""
+    n = len(scan)
+    pre, post = overlaps(cfg)
+    edges = list(range(start, start + post, FINGERPRINT_EVERY))
+    second = _HalfProcess((str(scan.path), cfg.segmentation, params, start - pre, start, n, edges))
+    seg = SparseSegmenter(params, scan.frame_shape, scan.mask, measured=scan.unfiltered)
+    dense = _DenseFrame(scan.frame_shape) if on_frame is not None else None
+    outcome = Outcome()
 
-    def __init__(self, out: str):
+    def take(blobs):
+        outcome.blobs += len(blobs)
+        on_blobs(0, blobs)
+
+    try:
+        theirs = None  # the second process's fingerprints and rejection counts at the edges
+        stitched = False
+        for k, frame, measure in _frames(scan):
+            if not stitched and second is not None and k in edges:
+                theirs = theirs or second.edges()
+                mine = fingerprint(seg, 0)
+                if mine is not None and mine == theirs[0].get(k):
+                    next_id = seg.n_blobs
+                    for closed, blobs in second.blobs():
+                        if closed >= k:
+                            take([dataclasses.replace(blob, id=next_id + i) for i, blob in enumerate(blobs)])
+                            next_id += len(blobs)
+                    rejected, floods = second.end
+                    counts = {key: seg.rejected.get(key, 0) + rejected.get(key, 0) - theirs[1][k].get(key, 0)
+                              for key in {*seg.rejected, *rejected}}
+                    outcome.rejected = {key: v for key, v in counts.items() if v}
+                    outcome.floods = len(seg.floods) + sum(f >= k for f, _, _ in floods)
+                    stitched = True
+                    log.info("resegment: frames %d to %d segmented in a second process", k, n - 1)
+                    if on_frame is None:
+                        break
+                elif k == edges[-1]:  # no state in common: this process segments the rest too
+                    second.close()
+                    second = None
+            if not stitched:
+                take(seg.push(k, frame, *frame_maps(cfg.segmentation, scan.noise_sigma[k]), measure))
+            if on_frame is not None:
+                on_frame(k, dense.of(frame))
+        if not stitched:
+            take(seg.finish())
+            outcome.rejected, outcome.floods = dict(seg.rejected), len(seg.floods)
+    finally:
+        if second is not None:
+            second.close()
+    return outcome
+
+
+class _HalfProcess:
+    """A Python process that segments frames ``first``..n-1 of the sparse scan (`_serve_half`), its answers
+    read in a thread as they come (so it never waits on a full pipe): not a multiprocessing child, which
+    would run the caller's main script again where it has no main guard."""
+
+    def __init__(self, args: tuple):
         import dctstream
 
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(Path(dctstream.__file__).parents[1])]
                                             + [p for p in [env.get("PYTHONPATH")] if p])
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", f"from dctstream.resegment import _serve_files; _serve_files({out!r})"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        self._out = out
-        self._error: BaseException | None = None
+        self._first = args[3]
+        self._answers: queue.Queue = queue.Queue()
+        self.end: tuple[dict, list] | None = None  # its rejection counts and floods, once it has ended
+        self._process = subprocess.Popen([sys.executable, "-c", "from dctstream.resegment import _serve_half; "
+                                          "_serve_half()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        try:
+            pickle.dump(args, self._process.stdin, pickle.HIGHEST_PROTOCOL)
+            self._process.stdin.close()
+        except OSError:
+            pass  # it ended: its answers say why
+        threading.Thread(target=self._read, name="dctstream-resegment-half", daemon=True).start()
 
-    def send(self, blob) -> None:
-        if self._error is None:
-            try:
-                pickle.dump(blob, self._process.stdin, pickle.HIGHEST_PROTOCOL)
-                return
-            except OSError:  # it ended: its error says why
-                self._error = self.close() or OutputError(f"{self._out}: a difspot writer process ended before "
-                                                          "its last file, expected it to end when told")
-        raise self._error
-
-    def close(self) -> BaseException | None:
-        """Waits for its files; its error, if it had one."""
-        if self._process.returncode is None:
-            try:
-                self._process.stdin.close()
-            except OSError:
-                pass
-            answer = self._process.stdout.read()
-            self._process.wait()
-            self._process.stdout.close()
-            if self._process.returncode:
-                try:
-                    self._error = pickle.loads(answer)
-                except Exception:
-                    self._error = OutputError(f"difspot writer process: ended with exit status "
-                                              f"{self._process.returncode}, expected 0")
-        return self._error
-
-
-def _serve_files(out: str) -> None:
-    """In a writer process: the difspot file of each blob read from standard input; an error is pickled to
-    standard output. Ctrl-C is the caller's to handle: it ends this process by closing its input."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        writer = DifspotWriter(out)
+    def _read(self) -> None:
         while True:
             try:
-                blob = pickle.load(sys.stdin.buffer)
-            except EOFError:
+                answer = pickle.load(self._process.stdout)
+            except Exception:  # it ended (or was ended)
+                self._answers.put(None)
                 return
-            writer.write(blob, volume=blob.volume)
+            self._answers.put(answer)
+
+    def _answer(self, kind: str):
+        answer = self._answers.get()
+        if answer is None:
+            self._process.wait()
+            raise OutputError(f"resegment: the process segmenting frames {self._first} on ended with exit status "
+                              f"{self._process.returncode}, expected its {kind}")
+        if answer[0] == "error":
+            raise answer[1]
+        return answer
+
+    def edges(self) -> tuple[dict, dict]:
+        """Its fingerprints and rejection counts at each edge frame."""
+        return self._answer("fingerprints")[1:]
+
+    def blobs(self):
+        """(frame pushed, the blobs that closed then) from ``start`` on, as it goes; then ``end`` is set."""
+        while (answer := self._answer("blobs"))[0] == "blobs":
+            yield answer[1:]
+        self.end = answer[1:]
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+
+
+def _later(blob, frames: int):
+    """``blob`` of a segmenter that started ``frames`` into the scan, in the scan's frames."""
+    f, y, x = blob.max_index
+    return dataclasses.replace(blob, frame=blob.frame + frames, max_index=(f + frames, y, x))
+
+
+def _serve_half() -> None:
+    """In a second process: the frames from ``first`` on, segmented as `segment_in_halves` says, answered as
+    pickles on standard output (the fingerprints at the edges first, then the blobs), an error as one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's: it ends this process
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to standard error, not into the answers
+    try:
+        path, seg_cfg, params, first, start, n, edges = pickle.load(sys.stdin.buffer)
+        with SparseScan(path) as scan:
+            seg = SparseSegmenter(params, scan.frame_shape, scan.mask, measured=scan.unfiltered)
+            fingerprints, rejected, held = {}, {}, []  # held: the blobs closed before the edges are sent
+
+            def send(k, closed):
+                if k >= start and closed:
+                    held.append(("blobs", k, [_later(blob, first) for blob in closed]))
+                if k >= edges[-1]:
+                    for answer in held:
+                        pickle.dump(answer, out, pickle.HIGHEST_PROTOCOL)
+                    held.clear()
+
+            for k, frame, measure in _frames(scan, first, n):
+                if k in edges:
+                    fingerprints[k], rejected[k] = fingerprint(seg, first), dict(seg.rejected)
+                    if k == edges[-1]:
+                        pickle.dump(("edges", fingerprints, rejected), out, pickle.HIGHEST_PROTOCOL)
+                        out.flush()
+                send(k, seg.push(k - first, frame, *frame_maps(seg_cfg, scan.noise_sigma[k]), measure))
+            send(n, seg.finish())
+        floods = [(f + first, found, factor) for f, found, factor in seg.floods]
+        pickle.dump(("end", dict(seg.rejected), floods), out, pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        sys.stdout.buffer.write(pickle.dumps(exc))
-        sys.stdout.flush()
-        sys.exit(1)
+        pickle.dump(("error", exc), out, pickle.HIGHEST_PROTOCOL)
+    out.close()
 
 
 # ---- tune ------------------------------------------------------------------------------------------

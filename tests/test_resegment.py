@@ -3,6 +3,7 @@ table of a full run with the same settings, whenever those need no voxel below t
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import h5py
@@ -13,7 +14,7 @@ from cli_util import assert_one_line_error
 from dctstream.cli import main
 from dctstream.config import load_config
 from dctstream.errors import ConfigError
-from dctstream.pipeline import Pipeline
+from dctstream.pipeline import Pipeline, resolve_segmentation
 from dctstream.resegment import draw_tune, format_tune, knee_index, resegment, tune
 from dctstream.sinks import SparseScan, read_corrected, read_spot_table
 from simulators.dct_scan import simulate_scan
@@ -114,7 +115,7 @@ def _with_flood(truth, path, frames=range(50, 53)):
                            angles_url=f"{path}::/1.1/measurement/diffrz", dark_url=f"{path}::/2.1/measurement/marana")
 
 
-def test_a_flooded_scan_resegments_as_its_full_run(run, tmp_path):
+def test_a_flooded_scan_resegments_as_its_full_run(run, tmp_path, monkeypatch):
     """The flood guard raises a frame's thresholds from its seed count: the same with the sparse scan."""
     truth, _, _ = run
     flooded = _with_flood(truth, tmp_path / "flood.h5")
@@ -125,6 +126,12 @@ def test_a_flooded_scan_resegments_as_its_full_run(run, tmp_path):
         full_stats, want = _full_run_table(flooded, tmp_path / f"full{i}", settings)
         assert summary["flood_frames"] == full_stats.flood_frames_total >= 2
         _same_table(read_spot_table(tmp_path / f"re{i}" / "spots.h5"), want)
+    # the second half in a second process, its segmenter started before the flood: counted once
+    monkeypatch.setattr("dctstream.resegment.SPLIT_MIN_PIXELS", 0)
+    monkeypatch.setattr("dctstream.resegment._cpus", lambda: 2)
+    two = resegment(tmp_path / "run", (), tmp_path / "two")
+    assert (two["flood_frames"], two["difspots"]) == (stats.flood_frames_total, len(read_spot_table(
+        tmp_path / "re0" / "spots.h5")["id"]))
 
 
 @pytest.mark.parametrize("difspots", [True, False])
@@ -384,34 +391,87 @@ def test_tune_sweeps_counts_when_the_config_sets_counts(run):
     assert spots[0] > spots[-1] > 0
 
 
-# ---- difspot files from writer processes -----------------------------------------------------------------
+# ---- the second half of the scan in a second process ----------------------------------------------------
 
 
-def _h5_contents(path):
-    with h5py.File(path, "r") as h5:
-        return {name: h5[name][()] for name in h5}, dict(h5.attrs)
+def _difspot_files(folder):
+    files = {}
+    for path in sorted((folder / "difspots").glob("*.h5")):
+        with h5py.File(path, "r") as h5:
+            files[path.name] = ({name: h5[name][()] for name in h5}, dict(h5.attrs))
+    return files
 
 
-def test_difspot_files_from_writer_processes_equal_those_written_in_process(run, tmp_path, monkeypatch):
+def _closing_frames(run_dir, settings) -> list[int]:
+    """The frames whose push closed a blob, in one process."""
+    from dctstream.resegment import open_scan, resolve, run_config, segment_scan
+
+    cfg = run_config(run_dir, settings)
+    pushed, closed = [-1], []
+    with open_scan(run_dir) as scan:
+        segment_scan(scan, [(cfg, resolve(cfg, scan))], lambda _, blobs: closed.extend([pushed[0] + 1] * len(blobs)),
+                     lambda k, _: pushed.__setitem__(0, k), rows=False)
+    return closed
+
+
+@pytest.mark.parametrize("settings", [("quicklook.enabled=true",), ("segmentation.min_blob_size=[3,3,2]",)])
+def test_a_resegmentation_in_two_processes_equals_one_in_one(run, tmp_path, monkeypatch, caplog, settings):
     _, tmp, _ = run
-    resegment(tmp / "run", (), tmp_path / "here")
-    monkeypatch.setattr("dctstream.resegment.PROCESS_AFTER_FILES", 5)
+    one = resegment(tmp / "run", settings, tmp_path / "one")
+    # the second half from a frame that closes blobs: those are the second process's
+    start = next(k for k in _closing_frames(tmp / "run", settings) if k >= 50)
+    monkeypatch.setattr("dctstream.resegment._second_half", lambda scan, cfg: start)
+    with caplog.at_level(logging.INFO, "dctstream.resegment"):
+        two = resegment(tmp / "run", settings, tmp_path / "two")
+    assert [r.getMessage() for r in caplog.records if "second process" in r.getMessage()] == \
+        [f"resegment: frames {start} to 99 segmented in a second process"]
+    for key in ("difspots", "rejected", "flood_frames", "quicklook"):
+        assert two[key] == one[key], key
+    assert one["difspots"] > 10 and (one["rejected"] or one["quicklook"])
+    got, want = (read_spot_table(tmp_path / name / "spots.h5") for name in ("two", "one"))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    files, want_files = _difspot_files(tmp_path / "two"), _difspot_files(tmp_path / "one")
+    assert files.keys() == want_files.keys()
+    for name, (data, attrs) in want_files.items():
+        assert files[name][1] == attrs and files[name][0].keys() == data.keys()
+        for key in data:
+            np.testing.assert_array_equal(files[name][0][key], data[key], err_msg=f"{name}: {key}")
+    for picture in one["quicklook"]:
+        assert (tmp_path / "two" / picture).read_bytes() == (tmp_path / "one" / picture).read_bytes()
+
+
+def test_a_second_process_whose_state_never_agrees_leaves_the_scan_to_the_first(run, tmp_path, monkeypatch,
+                                                                                 caplog):
+    _, tmp, _ = run
+    one = resegment(tmp / "run", (), tmp_path / "one")
+    monkeypatch.setattr("dctstream.resegment.SPLIT_MIN_PIXELS", 0)
     monkeypatch.setattr("dctstream.resegment._cpus", lambda: 2)
-    resegment(tmp / "run", (), tmp_path / "there")
-    here, there = (sorted((tmp_path / name / "difspots").iterdir()) for name in ("here", "there"))
-    assert [p.name for p in there] == [p.name for p in here] and len(here) > 20
-    for a, b in zip(here, there):
-        (want, want_attrs), (got, got_attrs) = _h5_contents(a), _h5_contents(b)
-        assert got.keys() == want.keys() and got_attrs == want_attrs
-        for name in want:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{b}: {name}")
+    monkeypatch.setattr("dctstream.resegment.fingerprint", lambda seg, offset: "never the other process's")
+    with caplog.at_level(logging.INFO, "dctstream.resegment"):
+        two = resegment(tmp / "run", (), tmp_path / "two")
+    assert not any("second process" in r.getMessage() for r in caplog.records)
+    assert (two["difspots"], two["rejected"]) == (one["difspots"], one["rejected"])
+    got, want = (read_spot_table(tmp_path / name / "spots.h5") for name in ("two", "one"))
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_a_writer_process_error_is_raised_in_the_resegmentation(tmp_path):
-    from dctstream.errors import OutputError
-    from dctstream.resegment import _WriterProcess
+def test_an_error_in_the_second_process_is_raised_in_the_first(run, tmp_path):
+    from dctstream.errors import InputError, OutputError
+    from dctstream.resegment import _HalfProcess, run_config
 
-    (tmp_path / "taken").write_text("a file where the output folder goes")
-    writer = _WriterProcess(str(tmp_path / "taken"))
-    error = writer.close()
-    assert isinstance(error, OutputError) and str(tmp_path / "taken") in str(error)
+    _, tmp, _ = run
+    missing = tmp_path / "corrected.h5"
+    seg = run_config(tmp / "run").segmentation
+    with SparseScan(tmp / "run" / "corrected.h5") as scan:
+        params = resolve_segmentation(seg, scan.noise_sigma[0], scan.tile_px)
+    second = _HalfProcess((str(missing), seg, params, 10, 20, 60, [20]))
+    with pytest.raises(InputError, match=str(missing)):
+        second.edges()
+    second.close()
+    second = _HalfProcess((str(tmp / "run" / "corrected.h5"), seg, params, 10, 20, 60, [50]))
+    second.close()  # killed before it answered
+    with pytest.raises(OutputError, match="frames 10 on ended with exit status"):
+        second.edges()

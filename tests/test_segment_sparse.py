@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dctstream.segment import Segmenter
-from dctstream.segment.sparse import SparseFrame, SparseSegmenter
+from dctstream.segment.sparse import HOT_SLOTS, SparseFrame, SparseSegmenter
 from test_segment import params, spot_chain, spotty_volume
 
 
@@ -76,9 +76,11 @@ def test_a_seed_threshold_of_0_seeds_the_pixels_not_stored_as_the_dense_frame_do
     assert [b.voxel_key() for b in other] != [b.voxel_key() for b in blobs[1]]  # the 0s made a difference
 
 
-def test_sparse_slots_given_back_and_taken_again_hold_no_pixels_of_their_last_frame(monkeypatch):
-    """Every freed slot handed back at once, and a chain of spots that grows the ring (its slots copied)."""
-    monkeypatch.setattr("dctstream.segment.segmenter.HOT_SLOTS", 0)
+@pytest.mark.parametrize("hot_slots", [0, HOT_SLOTS])
+def test_sparse_slots_given_back_and_taken_again_hold_no_pixels_of_their_last_frame(monkeypatch, hot_slots):
+    """Every freed slot handed back at once (0) or kept, and a chain of spots that grows the ring (its slots
+    copied)."""
+    monkeypatch.setattr("dctstream.segment.sparse.HOT_SLOTS", hot_slots)
     rng = np.random.default_rng(3)
     nf = 120
     found = spot_chain(rng, nf)  # the ring must grow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dctstream.errors import OutputError
-from dctstream.sinks import DifspotWriter, SpotTable, read_spot_table, spot_row
+from dctstream.sinks import DifspotWriter, SpotTable, difspots, read_spot_table, spot_row
 from dctstream.types import Blob
 
 # The box blob: a 3x4x5 (frame, y, x) box at offset (10, 20, 30) without its
@@ -224,8 +224,39 @@ def test_difspot_output_dir_is_a_file(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_difspot_folder_gone_during_run(tmp_path):
+def test_difspot_file_of_a_shape_written_before_equals_its_own_hdf5_write(tmp_path, monkeypatch):
+    # the second file of a box shape is the first one's bytes with its values put in: the same file as
+    # HDF5 writes for it (the datasets' modification times aside)
+    writer = DifspotWriter(tmp_path / "run")
+    first = make_blob(blob_id=1, peak_value=3.0)  # each field another value than the next one's, but the box
+    keep = np.arange(first.frame.size) != 5
+    writer.write(dataclasses.replace(first, frame=first.frame[keep], y=first.y[keep], x=first.x[keep],
+                                     value=first.value[keep], max_index=(F0 + 2, Y0, X0)))
+    through_hdf5 = []
+    real_write = difspots._write_h5
+    monkeypatch.setattr(difspots, "_write_h5", lambda *a: through_hdf5.append(a) or real_write(*a))
+    blob = make_blob(blob_id=40, offset=(100, 200, 300), peak_value=7.5)
+    volume = np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
+    path = writer.write(blob, volume=volume)
+    assert through_hdf5 == []
+    expected = DifspotWriter(tmp_path / "alone").write(blob, volume=volume)
+    assert len(through_hdf5) == 1 and path.stat().st_size == expected.stat().st_size
+    (d, attrs), (d_expected, attrs_expected) = read_all(path), read_all(expected)
+    assert attrs == attrs_expected and d.keys() == d_expected.keys()
+    for name in d:
+        assert np.asarray(d[name]).dtype == np.asarray(d_expected[name]).dtype, name
+        np.testing.assert_array_equal(d[name], d_expected[name], err_msg=name)
+    assert d["difspotID"] == 40 and d["StartImage"] == 101 and d["Data"][PEAK] == volume[PEAK]
+    with h5py.File(path, "r") as f, h5py.File(expected, "r") as g:
+        assert [(n, f[n].id.get_offset(), f[n].chunks) for n in f] == [(n, g[n].id.get_offset(), g[n].chunks)
+                                                                     for n in g]
+
+
+@pytest.mark.parametrize("written_before", [False, True])
+def test_difspot_folder_gone_during_run(tmp_path, written_before):
     writer = DifspotWriter(tmp_path)
+    if written_before:  # a file of the same shape: the next one is copied from it
+        os.remove(writer.write(make_blob(blob_id=1)))
     writer.folder.rmdir()
     writer.folder.write_text("")  # the folder is now a file: nothing can go in it
     with pytest.raises(OutputError, match=re.escape(str(writer.folder))) as info:

@@ -346,13 +346,16 @@ class Segmenter:
             return
         self._slot_of[pos] = -1
         self._hot.append(slot)
-        if len(self._hot) > HOT_SLOTS:
+        if len(self._hot) > self._hot_slots():
             slot = self._hot.pop(0)
             release(self._values, slot)
             if self.measured:
                 release(self._measures, slot)
             release(self._flags, slot)
             self._cold.append(slot)
+
+    def _hot_slots(self) -> int:
+        return HOT_SLOTS
 
     def _frame_slots(self, frames) -> np.ndarray:
         return self._slot_of[np.asarray(frames, np.int64) % self._capacity]
@@ -543,7 +546,9 @@ class Segmenter:
         if f + 3 * reach_f > self.last and voxels[-1] // (ny * nx) == self.last:
             return False  # still growing along psi
         later = brighter[~earlier]
-        return not np.isin((later[:, 0] * ny + later[:, 1]) * nx + later[:, 2], voxels).any()
+        keys = (later[:, 0] * ny + later[:, 1]) * nx + later[:, 2]
+        at = np.minimum(np.searchsorted(voxels, keys), voxels.size - 1)  # voxels are sorted: np.isin sorts again
+        return not (voxels[at] == keys).any()
 
     def _grow(self, region: _Region) -> list[Blob]:
         p = self.params

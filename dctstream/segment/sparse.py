@@ -23,6 +23,12 @@ import numpy as np
 
 from .segmenter import SPIKE_LOW, SPIKE_VALUE, Segmenter
 
+# Free slots kept resident: one given back to the system costs the faults and zeroing of its pages when
+# taken again (about 2 ms an array at 2048 x 2048, more than writing a frame's stored pixels), and the
+# frames after a spot closes free a few slots at once (bench scan at 1024 x 1024: 32 of 601 slots taken
+# afresh, the first ones, against 158 with one kept).
+HOT_SLOTS = 4
+
 
 @dataclass(frozen=True)
 class SparseFrame:
@@ -45,17 +51,16 @@ class SparseSegmenter(Segmenter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._pixels_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # each frame held in a slot
-        self._pushed: tuple[int, SparseFrame] | None = None
+        self._pushed: tuple[int, SparseFrame, SparseFrame | None] | None = None
 
     def push(self, k: int, frame: SparseFrame, seed=None, low=None, measure: SparseFrame | None = None):
-        self._pushed = (k, frame)
+        self._pushed = (k, frame, measure)
         return super().push(k, frame, seed, low, measure)
 
     def _put(self, slot: int, frame: SparseFrame, measure: SparseFrame | None) -> None:
-        k, _ = self._pushed
+        # the measured values go in with the zingers taken out (_despike): nothing reads them before
+        k, _, _ = self._pushed
         scatter(self._values, slot, frame.rows, frame.cols, frame.values)
-        if self.measured:
-            scatter(self._measures, slot, measure.rows, measure.cols, measure.values)
         self._pixels_of[k] = (frame.rows, frame.cols)
 
     def _give_slot(self, f: int) -> None:
@@ -74,6 +79,9 @@ class SparseSegmenter(Segmenter):
                     clear(self._measures, slot, rows, cols)
         super()._give_slot(f)
 
+    def _hot_slots(self) -> int:
+        return HOT_SLOTS
+
     def _link(self, k: int, frame: SparseFrame, seed_tiles=None, low_tiles=None) -> None:
         super()._link(k, self._values[self._slot_of[k % self._capacity]], seed_tiles, low_tiles)
 
@@ -81,14 +89,14 @@ class SparseSegmenter(Segmenter):
         if not seed_tiles.min() > 0:  # the 0s may be seeds: look at them all
             super()._mark_seed_rows(frame, seed_tiles, seed)
             return
-        _, pixels = self._pushed
+        _, pixels, _ = self._pushed
         sparse_seed_rows(pixels.rows, pixels.cols, pixels.values, seed_tiles, self.params.tile_px, self.mask,
                          self._seed_rows, seed)
 
     def _despike(self, slot: int) -> None:
-        _, pixels = self._pushed
-        sparse_despike(self._measures, self._values, slot, pixels.rows, pixels.cols, self._low_tiles[slot],
-                       self.params.tile_px, SPIKE_LOW, SPIKE_VALUE)
+        _, pixels, measure = self._pushed
+        put_despiked(self._measures, slot, pixels.rows, pixels.cols, pixels.values, measure.values,
+                     self._low_tiles[slot], self.params.tile_px, SPIKE_LOW, SPIKE_VALUE)
 
     def load_frame(self, k, frame, measure=None):
         raise NotImplementedError("a sparse segmenter is not restored from a checkpoint")
@@ -126,10 +134,13 @@ def sparse_seed_rows(rows, cols, values, tiles, tile, mask, marks, seed):
 
 
 @numba.njit(cache=True, nogil=True)
-def sparse_despike(measures, values, slot, rows, cols, low, tile, low_factor, value_factor):
-    """`despike` of slot ``slot`` at (rows, cols) only, with the same arithmetic."""
+def put_despiked(measures, slot, rows, cols, values, measured, low, tile, low_factor, value_factor):
+    """The measured values into slot ``slot`` at (rows, cols), each taken through `despike` against the
+    frame's value there, with the same arithmetic (float32 values, the limit in float64)."""
     for i in range(rows.size):
         y, x = rows[i], cols[i]
-        f = values[slot, y, x]
-        if measures[slot, y, x] - f > low_factor * low[y // tile, x // tile] + value_factor * abs(f):
-            measures[slot, y, x] = f
+        f = np.float32(values[i])
+        m = np.float32(measured[i])
+        if m - f > low_factor * low[y // tile, x // tile] + value_factor * abs(f):
+            m = f
+        measures[slot, y, x] = m
