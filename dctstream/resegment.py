@@ -49,7 +49,7 @@ from .segment import SegmentParams
 from .segment.floor import floor_tiles, reach_tiles
 from .segment.sparse import SparseFrame, SparseSegmenter
 from .sinks import DifspotWriter, SparseScan, SpotTable, spot_row
-from .split import FINGERPRINT_EVERY, fingerprint, overlaps
+from .split import FINGERPRINT_EVERY, fingerprint, overlaps, shifted
 
 log = logging.getLogger(__name__)
 
@@ -423,12 +423,6 @@ class _HalfProcess:
         self._process.wait()
 
 
-def _later(blob, frames: int):
-    """``blob`` of a segmenter that started ``frames`` into the scan, in the scan's frames."""
-    f, y, x = blob.max_index
-    return dataclasses.replace(blob, frame=blob.frame + frames, max_index=(f + frames, y, x))
-
-
 def _serve_half() -> None:
     """In a second process: the frames from ``first`` on, segmented as `segment_in_halves` says, answered as
     pickles on standard output (the fingerprints at the edges first, then the blobs), an error as one."""
@@ -443,7 +437,7 @@ def _serve_half() -> None:
 
             def send(k, closed):
                 if k >= start and closed:
-                    held.append(("blobs", k, [_later(blob, first) for blob in closed]))
+                    held.append(("blobs", k, [shifted(blob, first) for blob in closed]))
                 if k >= edges[-1]:
                     for answer in held:
                         pickle.dump(answer, out, pickle.HIGHEST_PROTOCOL)

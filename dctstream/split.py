@@ -292,7 +292,8 @@ def fingerprint(seg: Segmenter, offset: int) -> str | None:
     return digest.hexdigest()
 
 
-def _shifted(blob, offset: int):
+def shifted(blob, offset: int):
+    """``blob`` of a segmenter that started ``offset`` frames into the scan, in the scan's frames."""
     f, y, x = blob.max_index
     moments = blob.moments
     if moments is not None:
@@ -394,7 +395,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                 if k < chunk.start:
                     return
                 for blob in blobs:
-                    pickle.dump((k, _shifted(blob, a)), out, protocol=pickle.HIGHEST_PROTOCOL)
+                    pickle.dump((k, shifted(blob, a)), out, protocol=pickle.HIGHEST_PROTOCOL)
                     facts["blobs"] += 1
 
             def take(k: int, frame: np.ndarray, difference: np.ndarray) -> bool:
@@ -429,7 +430,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                 for k, frame_k, difference in corrected(stage.finish()):
                     take(k, frame_k, difference)
                 for blob in segmenter.finish():
-                    pickle.dump((n, _shifted(blob, a)), out, protocol=pickle.HIGHEST_PROTOCOL)
+                    pickle.dump((n, shifted(blob, a)), out, protocol=pickle.HIGHEST_PROTOCOL)
                     facts["blobs"] += 1
                 facts["rejected"][n] = dict(segmenter.rejected)
             else:

@@ -225,13 +225,14 @@ def test_difspot_output_dir_is_a_file(tmp_path):
 
 
 def test_difspot_file_of_a_shape_written_before_equals_its_own_hdf5_write(tmp_path, monkeypatch):
-    # the second file of a box shape is the first one's bytes with its values put in: the same file as
-    # HDF5 writes for it (the datasets' modification times aside)
+    # from the second file of a box shape on, a file of that shape is that one's bytes with its values put
+    # in: the same file as HDF5 writes for it (the datasets' modification times aside)
     writer = DifspotWriter(tmp_path / "run")
-    first = make_blob(blob_id=1, peak_value=3.0)  # each field another value than the next one's, but the box
-    keep = np.arange(first.frame.size) != 5
-    writer.write(dataclasses.replace(first, frame=first.frame[keep], y=first.y[keep], x=first.x[keep],
-                                     value=first.value[keep], max_index=(F0 + 2, Y0, X0)))
+    for i in (1, 2):
+        first = make_blob(blob_id=i, peak_value=3.0)  # each field another value than the next one's, but the box
+        keep = np.arange(first.frame.size) != 5
+        writer.write(dataclasses.replace(first, frame=first.frame[keep], y=first.y[keep], x=first.x[keep],
+                                         value=first.value[keep], max_index=(F0 + 2, Y0, X0)))
     through_hdf5 = []
     real_write = difspots._write_h5
     monkeypatch.setattr(difspots, "_write_h5", lambda *a: through_hdf5.append(a) or real_write(*a))
@@ -255,8 +256,9 @@ def test_difspot_file_of_a_shape_written_before_equals_its_own_hdf5_write(tmp_pa
 @pytest.mark.parametrize("written_before", [False, True])
 def test_difspot_folder_gone_during_run(tmp_path, written_before):
     writer = DifspotWriter(tmp_path)
-    if written_before:  # a file of the same shape: the next one is copied from it
-        os.remove(writer.write(make_blob(blob_id=1)))
+    if written_before:  # two files of the same shape: the next one is copied from the second
+        for i in (1, 2):
+            os.remove(writer.write(make_blob(blob_id=i)))
     writer.folder.rmdir()
     writer.folder.write_text("")  # the folder is now a file: nothing can go in it
     with pytest.raises(OutputError, match=re.escape(str(writer.folder))) as info:
