@@ -241,7 +241,7 @@ def capture(pipeline, k: int) -> Snapshot:
         "auto_normalise": None if bg.intensity is None else bool(bg.intensity.enabled),
         "has_psi": psi is not None,
         "source_id": pipeline._source_id,
-        "photon_gain": pipeline._photon_gain,
+        "photon_gain": stats.photon_gain,
         # what the first window taught the detector (an estimated dark, automatic bad pixels)
         "detector": {"dark_source": pipeline.detector.dark_source, "mask_counts": pipeline.detector.mask_counts,
                      "dark_estimated": pipeline.cfg.dark.estimate},

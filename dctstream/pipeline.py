@@ -259,7 +259,6 @@ class Pipeline:
         self._resume = checkpoint.load(self.out_dir) if self.resuming else None
         self._replay_until = -1  # frames up to this one are put back in the segmenter, not segmented again
         self._sigma: np.ndarray | None = None  # the noise of the first frames, per tile
-        self._photon_gain: float | None = None  # counts per photon, from the first frames
         self._cut_range: tuple[float, float] | None = None  # of the sparse scan's cut so far, counts
         self.noise: NoiseTracker | None = None
         self._floods_said = 0  # flood events already counted in the stats
@@ -823,15 +822,15 @@ class Pipeline:
             raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "
                              "after background correction (constant float frames?), expected detector counts "
                              "with noise for segmentation.seed_threshold: auto; set a number of counts instead")
-        self._photon_gain = self.stats.photon_gain = self.background.photon_gain
-        params = resolve_segmentation(self.cfg.segmentation, sigma, photon_gain=self._photon_gain)
+        gain = self.stats.photon_gain = self.background.photon_gain
+        params = resolve_segmentation(self.cfg.segmentation, sigma, photon_gain=gain)
         seed = params.tile_maps(shape)[0]
         self.stats.noise_sigma = float(np.median(sigma))
         self.stats.seed_threshold = (float(np.min(seed)), float(np.max(seed)))
         self.stats.normalise = self.background.normalise_facts()
         log.info("direct beam %s, noise %.3g counts (median), seed threshold %.4g..%.4g counts, %s counts "
                  "per photon", self.stats.direct_beam, self.stats.noise_sigma, *self.stats.seed_threshold,
-                 "unknown" if self._photon_gain is None else f"{self._photon_gain:.3g}")
+                 "unknown" if gain is None else f"{gain:.3g}")
         self.segmenter = Segmenter(params, shape, mask, measured=self.background.filter_size > 1)
         if self._tracker is not None:
             self._merge = PassMerge(self._tracker, self._passes, shape)
@@ -839,7 +838,7 @@ class Pipeline:
         self.table.attrs.update({"seed_threshold_min": self.stats.seed_threshold[0],
                                  "seed_threshold_max": self.stats.seed_threshold[1],
                                  "noise_sigma_median": self.stats.noise_sigma,
-                                 "photon_gain": -1.0 if self._photon_gain is None else self._photon_gain,
+                                 "photon_gain": -1.0 if gain is None else gain,
                                  "direct_beam_bbox": str(list(self.stats.direct_beam or []))})
         self._open_export(mask)
         held, self._first_frames = self._first_frames, []
@@ -862,7 +861,7 @@ class Pipeline:
                                        binning=detector.binning, binning_mode=self.cfg.detector.binning_mode,
                                        angles=bool(self._psi) if resume is None else resume["angles"],
                                        direct_beam=self.stats.direct_beam, unfiltered=self.segmenter.measured,
-                                       photon_gain=self._photon_gain,
+                                       photon_gain=self.stats.photon_gain,
                                        resume=resume, stretch_mask=mask | beam_mask(self.background.direct_beam,
                                                                                     mask.shape))
 
@@ -916,12 +915,12 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     bg, stats = pipeline.background, pipeline.stats
     bg.emitted = meta["first_needed"]
     pipeline._sigma = arrays["sigma"]
-    pipeline._photon_gain = pipeline.stats.photon_gain = meta.get("photon_gain")
+    pipeline.stats.photon_gain = meta.get("photon_gain")
     pipeline._beam_track = [(int(f), None if b is None else tuple(b)) for f, b in meta.get("beam_track", [])
                             if f < meta["first_needed"]]
     pipeline.stats.direct_beam_track = [[f, None if b is None else [int(v) for v in pipeline.detector.unbin_bbox(b)]]
                                         for f, b in pipeline._beam_track] or None
-    params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma, photon_gain=pipeline._photon_gain)
+    params = resolve_segmentation(pipeline.cfg.segmentation, pipeline._sigma, photon_gain=pipeline.stats.photon_gain)
     pipeline.table.attrs.update(meta["table"]["attrs"])
     mask = pipeline.segment_mask()
     pipeline.segmenter = Segmenter(params, bg.frame_shape, mask, measured=bg.filter_size > 1)

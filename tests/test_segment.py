@@ -324,7 +324,7 @@ def test_float32_seed_map_takes_the_same_seeds_as_float64():
 def test_segmenter_with_every_freed_slot_given_back_equals_reference(monkeypatch):
     """Slots given back to the system and taken again (small frames: their memory is not whole pages,
     so it keeps its old bytes) must not keep the claims of the frame before."""
-    monkeypatch.setattr("dctstream.segment.segmenter.HOT_SLOTS", 0)
+    monkeypatch.setattr(Segmenter, "hot_slots", 0)
     rng = np.random.default_rng(4)
     nf = 150
     volume = rng.normal(0, 1, (nf, 20, 20)).astype(np.float32)

@@ -80,7 +80,7 @@ def test_a_seed_threshold_of_0_seeds_the_pixels_not_stored_as_the_dense_frame_do
 def test_sparse_slots_given_back_and_taken_again_hold_no_pixels_of_their_last_frame(monkeypatch, hot_slots):
     """Every freed slot handed back at once (0) or kept, and a chain of spots that grows the ring (its slots
     copied)."""
-    monkeypatch.setattr("dctstream.segment.sparse.HOT_SLOTS", hot_slots)
+    monkeypatch.setattr(SparseSegmenter, "hot_slots", hot_slots)
     rng = np.random.default_rng(3)
     nf = 120
     found = spot_chain(rng, nf)  # the ring must grow

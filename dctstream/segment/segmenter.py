@@ -161,6 +161,8 @@ class _Region:
 class Segmenter:
     """Push corrected frames in order; get back the blobs that no later frame can change."""
 
+    hot_slots = HOT_SLOTS
+
     def __init__(self, params: SegmentParams, frame_shape: tuple[int, int], mask: np.ndarray | None = None,
                  measured: bool = False):
         self.params = params
@@ -346,16 +348,13 @@ class Segmenter:
             return
         self._slot_of[pos] = -1
         self._hot.append(slot)
-        if len(self._hot) > self._hot_slots():
+        if len(self._hot) > self.hot_slots:
             slot = self._hot.pop(0)
             release(self._values, slot)
             if self.measured:
                 release(self._measures, slot)
             release(self._flags, slot)
             self._cold.append(slot)
-
-    def _hot_slots(self) -> int:
-        return HOT_SLOTS
 
     def _frame_slots(self, frames) -> np.ndarray:
         return self._slot_of[np.asarray(frames, np.int64) % self._capacity]

@@ -48,6 +48,8 @@ class SparseFrame:
 class SparseSegmenter(Segmenter):
     """`Segmenter` whose ``push`` takes `SparseFrame` s (``measure`` one at the same pixels)."""
 
+    hot_slots = HOT_SLOTS
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._pixels_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # each frame held in a slot
@@ -78,9 +80,6 @@ class SparseSegmenter(Segmenter):
                 if self.measured:
                     clear(self._measures, slot, rows, cols)
         super()._give_slot(f)
-
-    def _hot_slots(self) -> int:
-        return HOT_SLOTS
 
     def _link(self, k: int, frame: SparseFrame, seed_tiles=None, low_tiles=None) -> None:
         super()._link(k, self._values[self._slot_of[k % self._capacity]], seed_tiles, low_tiles)

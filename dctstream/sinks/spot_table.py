@@ -52,6 +52,7 @@ from ..atomic import atomic_h5, output_error
 from ..errors import OutputError
 from ..types import Blob
 
+_CENTROID = "intensity-weighted centroid over the spot's voxels >= grow_low"
 COLUMNS: dict[str, tuple[type, str]] = {
     "id": (np.int64, "difspot id, its file is difspots/{id:06d}.h5"),
     "start_frame": (np.int64, "first frame of the bounding box, 0-based absolute"),
@@ -61,12 +62,9 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "area": (np.int64, "number of voxels"),
     "integral": (np.float64, "integrated intensity: the voxels and their tails below the growth threshold"),
     "max_value": (np.float64, "corrected value at the seed maximum"),
-    "centroid_x": (np.float64, "intensity-weighted centroid over the spot's voxels >= grow_low, detector column, "
-                                    "0-based absolute"),
-    "centroid_y": (np.float64, "intensity-weighted centroid over the spot's voxels >= grow_low, detector row, "
-                                    "0-based absolute"),
-    "centroid_frame": (np.float64, "intensity-weighted centroid over the spot's voxels >= grow_low, frame, "
-                                    "0-based absolute"),
+    "centroid_x": (np.float64, f"{_CENTROID}, detector column, 0-based absolute"),
+    "centroid_y": (np.float64, f"{_CENTROID}, detector row, 0-based absolute"),
+    "centroid_frame": (np.float64, f"{_CENTROID}, frame, 0-based absolute"),
     "bbox_x0": (np.int64, "first column of the bounding box, 0-based absolute"),
     "bbox_y0": (np.int64, "first row of the bounding box, 0-based absolute"),
     "bbox_x_size": (np.int64, "bounding-box width in columns"),
