@@ -85,7 +85,7 @@ def _pieces(truth: dict, spots: dict, matched: set, period_frames: float | None)
 
 def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
           tol_px: float = 2.0, tol_frames: float = 2.0, period_frames: float | None = None,
-          in_beam: np.ndarray | None = None) -> dict:
+          in_beam: np.ndarray | None = None, measured_only: np.ndarray | None = None) -> dict:
     """Recall, precision and centroid errors of detected ``spots`` against ``truth``.
 
     A detection matches a true spot when its centroid is within ``tol_px`` in x
@@ -94,6 +94,8 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     the masked direct beam; precision counts every detection against every true
     spot (a detection of a faint true spot is not a false one). ``in_beam``: which true spots
     the beam hides, when that is not one box for the whole scan (a beam that moves with psi).
+    ``measured_only``: which true spots the errors and ratios are taken over, if found (two tools
+    compared on the spots both found).
 
     A true spot that the direct beam partly hides is matched and measured at the centroid of its
     visible part (``visible_x``, ``_y``, ``_frame``, ``_fraction`` when the truth has them, see
@@ -141,7 +143,7 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     found = [j for j in np.flatnonzero(eligible) if j in truth_of]
     # a spot the beam cuts is found, but what any tool measures of it depends on how much it masks
     cut = (np.asarray(truth["visible_fraction"]) < 1 - 1e-6) if "visible_fraction" in truth else np.zeros(len(hidden), bool)
-    measured = [j for j in found if not cut[j]]
+    measured = [j for j in found if not cut[j] and (measured_only is None or measured_only[j])]
     errors = {}
     for axis, col in (("x", "centroid_x"), ("y", "centroid_y"), ("frame", "centroid_frame")):
         diff = np.array([spots[col][truth_of[j]] - points[axis][point_of[j]] for j in measured])
@@ -162,7 +164,8 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
         "eligible": int(eligible.sum()),
         "merged": int(merged.sum()),
         "found": len(found),
-        "found_cut": len(found) - len(measured),
+        "found_cut": int(sum(cut[j] for j in found)),
+        "measured": len(measured),
         "recall": len(found) / max(int(eligible.sum()), 1),
         "detections": int(len(d)),
         "matched_detections": len(det_used) + len(pieces),

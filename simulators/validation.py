@@ -199,14 +199,16 @@ def by_region(n_frames: int, true_frame: np.ndarray, found: np.ndarray, eligible
     return regions
 
 
-def score_row(truth, spots: dict, n_frames: int, tol_px: float, beam_moves: bool = False) -> dict:
+def score_row(truth, spots: dict, n_frames: int, tol_px: float, beam_moves: bool = False,
+              measured_only: np.ndarray | None = None) -> dict:
     """`score` over the full turn, plus where the false detections are (by tenth of the scan, near the beam,
     at the scan's ends against its middle), touching pairs and 0/360 crossings. ``beam_moves``: the beam's
-    box follows psi, so a spot is hidden by it when the truth's ``in_direct_beam`` says so."""
+    box follows psi, so a spot is hidden by it when the truth's ``in_direct_beam`` says so. ``found_spots``:
+    the true spots found (indices); ``measured_only``: see `score`."""
     t = truth.spots
     result = score(t, spots, direct_beam=truth.direct_beam_bbox, snr_min=SNR_MIN, tol_px=tol_px,
                    tol_frames=TOL_FRAMES, period_frames=n_frames,
-                   in_beam=t["in_direct_beam"] if beam_moves else None)
+                   in_beam=t["in_direct_beam"] if beam_moves else None, measured_only=measured_only)
     matched_detections = np.zeros(len(spots["centroid_x"]), bool)
     to_det = result.pop("truth_to_detection")
     matched_detections[to_det[to_det >= 0]] = True
@@ -221,6 +223,7 @@ def score_row(truth, spots: dict, n_frames: int, tol_px: float, beam_moves: bool
     hidden = t["in_direct_beam"].astype(bool) if beam_moves else inside(truth.direct_beam_bbox, t["x"], t["y"])
     eligible = (t["snr"] >= SNR_MIN) & ~hidden
     found = (to_det >= 0) & eligible
+    result["found_spots"] = np.flatnonzero(found).tolist()
     result["regions"] = by_region(n_frames, t["frame"], found, eligible,
                                   np.clip(spots["centroid_frame"][false], 0, n_frames - 1e-9))
     if "partner" in t:
@@ -291,6 +294,22 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def common_markdown(rows: list[dict]) -> str:
+    """Centroid, psi and intensity errors over the spots that every tool found on a scan: each tool's
+    errors in the main table are over its own spots, and a tool that finds only the bright ones has the
+    easier share."""
+    lines = ["| scan | tool | spots both found | centroid RMS (px) | ψ RMS (frames) | intensity ratio, median |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r.get("score_common")
+        if s is None:
+            continue
+        rms_xy = float(np.sqrt((s["rms_x_px"] ** 2 + s["rms_y_px"] ** 2) / 2))
+        lines.append(f"| {r['scan']} | {r['tool']} | {s['measured']} | {_fmt(rms_xy)} | {_fmt(s['rms_frame'])} | "
+                     f"{_fmt(s.get('intensity_ratio_median'))} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def regions_markdown(rows: list[dict]) -> str:
     """The scan's ends against its middle: false detections per 100 frames and recall in the first and last
     half-window (their median window is shifted inside the scan) and between them."""
@@ -336,15 +355,24 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
         if imaged11:
             tools.append(("ImageD11", lambda: run_imaged11(path, truth.direct_beam_bbox,
                                                            flt=work / f"{path.stem}.flt")))
+        tables = {}
         for tool, run in tools:
             spots, info = run()
             row = {"scan": name, "tool": tool, "true_beam": truth.direct_beam_bbox, **info}
             if spots is not None:
                 row["score"] = score_row(truth, spots, n_frames, TOL_PX[shape_kind], beam_moves)
+                tables[tool] = (row, spots)
             rows.append(row)
             s = row.get("score") or {}
             print(f"  {tool}: recall {_fmt(s.get('recall'))} precision {_fmt(s.get('precision'))} "
                   f"fps {_fmt(row.get('fps'), '.1f')} {row.get('error') or ''}", flush=True)
+        if len(tables) > 1:  # the errors again, over the spots every tool found: the same spots for each
+            both = np.ones(len(truth.spots["x"]), bool)
+            for row, _ in tables.values():
+                both &= np.isin(np.arange(both.size), row["score"]["found_spots"])
+            for row, spots in tables.values():
+                row["score_common"] = score_row(truth, spots, n_frames, TOL_PX[shape_kind], beam_moves,
+                                                measured_only=both)
     return rows
 
 
@@ -376,7 +404,7 @@ def run_from_args(args) -> int:
         return 2
     rows = validate(quick=args.quick, scans=scans, work=Path(args.work), seed=args.seed,
                     imaged11=not args.no_imaged11, timeout_s=args.timeout, code_root=Path(args.dctstream_root))
-    table = table_markdown(rows) + "\n\n" + regions_markdown(rows)
+    table = "\n\n".join(part for part in (table_markdown(rows), common_markdown(rows), regions_markdown(rows)) if part)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

@@ -165,9 +165,12 @@ def reference_split(voxels, values, stand_out, ratio, photon, conn26):
     return [part(i) for i in range(len(values))]
 
 
-def reference_sigma(values, clip=4.0, passes=3):
+def reference_sigma(values, clip=4.0, passes=3, covered=2.0, min_below=8):
     """The noise of some values: 1.4826 x MAD (or 1.2533 x mean absolute deviation), then the standard
-    deviation of the values within ``clip`` of those sigmas of the median, ``passes`` times."""
+    deviation of the values within ``clip`` of those sigmas of the median, ``passes`` times. If the median
+    is above 0 and at least ``min_below`` values are below 0: the root mean square of those, then of the
+    values within ``clip`` of it about 0, ``passes`` times; taken if ``covered`` times it is under the
+    former (a spot covers most values)."""
     centre = np.median(values)
     deviation = np.abs(values - centre)
     sigma = 1.4826 * np.median(deviation)
@@ -178,6 +181,16 @@ def reference_sigma(values, clip=4.0, passes=3):
             break
         kept = deviation[deviation < clip * sigma]
         sigma = np.sqrt(np.mean(kept ** 2)) if kept.size else 0.0
+    below = values[values < 0]
+    if centre > 0 and below.size >= min_below:
+        about_zero = np.sqrt(np.mean(below ** 2))
+        for _ in range(passes):
+            if about_zero <= 0:
+                break
+            kept = values[np.abs(values) < clip * about_zero]
+            about_zero = np.sqrt(np.mean(kept ** 2)) if kept.size else 0.0
+        if about_zero > 0 and covered * about_zero < sigma:
+            sigma = about_zero
     return sigma
 
 

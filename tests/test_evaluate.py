@@ -42,6 +42,17 @@ def test_intensity_ratio_quartiles_are_over_the_spots_found():
     assert (result["intensity_ratio_q25"], result["intensity_ratio_q75"]) == pytest.approx((0.75, 1.25))
 
 
+def test_errors_can_be_taken_over_the_spots_another_tool_also_found():
+    truth = truth_table([10, 30, 50], [10] * 3, [20] * 3)
+    found = detections([10.1, 30.0, 51.0], [10] * 3, [20.2, 20.0, 21.0], [1000.0, 1000.0, 500.0])
+    both = np.array([True, True, False])  # the third, 1 px off, only this tool found
+    alone, common = score(truth, found), score(truth, found, measured_only=both)
+    assert alone["found"] == common["found"] == 3 and (alone["measured"], common["measured"]) == (3, 2)
+    assert common["rms_x_px"] == pytest.approx(np.sqrt(0.1**2 / 2)) and alone["rms_x_px"] > 0.5
+    assert common["rms_frame"] == pytest.approx(np.sqrt(0.2**2 / 2))
+    assert common["intensity_ratio_q25"] == pytest.approx(1.0) and alone["intensity_ratio_q25"] < 1.0
+
+
 def test_a_spot_the_beam_partly_hides_is_scored_where_its_visible_part_is():
     # spot 0: its centre in the beam, a third of it seen 12 px away; spot 1: half hidden, centre outside
     truth = truth_table([50, 80], [50, 20], [10, 30], visible_x=[62.0, 83.0], visible_y=[50.0, 20.0],

@@ -18,6 +18,36 @@ def test_frame_noise_equals_reference(shape):
     assert np.isnan(frame_noise(frame, mask)[0, 0])
 
 
+def grain_over_tiles(rng, amplitude: float) -> tuple[np.ndarray, np.ndarray]:
+    """Noise 2 (integer steps) on 96 x 96 px, a flat-topped spot of 31 x 31 px over tile (1, 1) but its last
+    4 rows and columns (and a bit of its neighbours), and a pedestal of 3 sigmas over tile (0, 2) (a
+    background not followed)."""
+    frame = np.round(rng.normal(0, 2.0, (96, 96)))
+    frame[29:60, 29:60] += amplitude * (1 + 0.5 * rng.random((31, 31)))
+    frame[:32, 64:] += 6.0
+    return frame.astype(np.float32), np.zeros(frame.shape, bool)
+
+
+@pytest.mark.parametrize("amplitude", [10.0, 100.0])
+def test_frame_noise_of_a_tile_a_spot_covers_equals_reference(amplitude):
+    frame, mask = grain_over_tiles(np.random.default_rng(5), amplitude)
+    np.testing.assert_allclose(frame_noise(frame, mask), reference_frame_noise(frame, mask, 32), rtol=1e-12)
+
+
+def test_a_spot_covering_a_tile_does_not_raise_its_noise_a_pedestal_does_not_lower_it():
+    """A grain's projection as wide as a tile puts the tile's median in the spot: the spread about the
+    median is the spot's (about 25x the noise here). The residual's noise is centred on 0, and the values
+    below 0 are noise alone: the tile's noise stays 2. A pedestal shifts every value up: the spread about
+    0 is wider than about the median, which stays the noise."""
+    frame, mask = grain_over_tiles(np.random.default_rng(6), 100.0)
+    sigma = frame_noise(frame, mask)
+    assert abs(sigma[1, 1] - 2.0) < 0.4  # was 26 with the spread about the median alone
+    assert abs(sigma[0, 2] - 2.0) < 0.3  # the pedestal's spread, not less
+    assert np.all(np.abs(np.delete(sigma.ravel(), [4, 2]) - 2.0) < 0.6)  # the neighbours the spot edges
+    covered = frame[32:64, 32:64][::2, ::2]
+    assert 1.4826 * np.median(np.abs(covered - np.median(covered))) > 10  # what the median alone saw
+
+
 def test_clipped_noise_follows_integer_counts_the_mad_does_not():
     """Integer counts with a noise of 2.5: the median absolute deviation is a multiple of 1/2, so its sigma
     steps by 0.74 (1.48, 2.22, 2.97); the clipped deviation finds 2.5 in every tile."""

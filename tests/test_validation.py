@@ -7,7 +7,7 @@ import pytest
 
 from dctstream.cli import main
 from simulators.dct_scan import ScanTruth
-from simulators.validation import score_row, table_markdown
+from simulators.validation import common_markdown, score_row, table_markdown
 from test_evaluate import N, detections, truth_table
 
 
@@ -23,6 +23,21 @@ def test_score_row_counts_pairs_found_apart_and_spots_cut_at_0_360():
     assert row["false_by_tenth"][0] + row["false_by_tenth"][9] == 1
     text = table_markdown([{"scan": "toy", "tool": "dctstream", "fps": 10.0, "score": row}])
     assert "touching pairs both found 0/1" in text and "cut in two 1" in text
+
+
+def test_tools_are_also_compared_on_the_spots_both_found():
+    truth = ScanTruth(path="", frames_url="", angles_url="", dark_url="", direct_beam_bbox=(0, 0, 0, 0),
+                      spots=truth_table([20, 60, 100], [20] * 3, [30] * 3))
+    ours = detections([20.0, 60.0, 101.0], [20] * 3, [30.0, 30.0, 31.0], [1000.0] * 3)
+    peer = detections([20.2, 60.2], [20] * 2, [30.5, 30.5], [500.0] * 2)  # misses the third, the hardest
+    both = np.ones(3, bool)
+    for table in (ours, peer):
+        both &= np.isin(np.arange(3), score_row(truth, table, N, tol_px=2.0)["found_spots"])
+    assert both.tolist() == [True, True, False]
+    rows = [{"scan": "toy", "tool": tool, "score_common": score_row(truth, table, N, tol_px=2.0, measured_only=both)}
+            for tool, table in (("dctstream", ours), ("ImageD11", peer))]
+    assert "| toy | dctstream | 2 | 0.000 | 0.000 | 1.000 |" in common_markdown(rows)
+    assert "| toy | ImageD11 | 2 | 0.141 | 0.500 | 0.500 |" in common_markdown(rows)
 
 
 def test_dctstream_validate_passes_its_options_to_the_validation(capsys):

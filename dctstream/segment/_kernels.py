@@ -251,13 +251,20 @@ def _median(values, work):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def robust_sigma(values, clip, passes, work, deviation):
+def robust_sigma(values, clip, passes, covered, min_below, work, deviation):
     """Noise of ``values`` that spots do not move: 1.4826 x the median absolute deviation from the median
     (1.2533 x the mean absolute deviation where most values sit on the median), then ``passes`` times the
     standard deviation of the values within ``clip`` of those sigmas of the median. The clipped standard
     deviation does not step with the counts' integer steps as the median absolute deviation does (on
-    integer counts with a noise of 2.5, that is 1.48 or 2.97 from tile to tile). ``work`` and ``deviation``:
-    scratch of ``values``' size."""
+    integer counts with a noise of 2.5, that is 1.48 or 2.97 from tile to tile).
+
+    A spot that covers most of the values puts the median in it, and that spread is the spot's. The values
+    are residuals (the background subtracted): noise centred on 0, to which spots only add, so the values
+    below 0 (at least ``min_below`` of them) are noise alone. When the spread about 0 -- their root mean
+    square, then ``passes`` times that of the values within ``clip`` of it about 0 -- is under the spread
+    about the median by ``covered`` times, a spot covers the values and the former is the noise. Values
+    all shifted up (a background not followed) only widen the spread about 0: it is never taken for them.
+    ``work`` and ``deviation``: scratch of ``values``' size."""
     centre = _median(values, work)
     for i in range(values.size):
         deviation[i] = abs(values[i] - centre)
@@ -274,11 +281,32 @@ def robust_sigma(values, clip, passes, work, deviation):
                 total += d * d
                 n += 1
         sigma = np.sqrt(total / n) if n > 0 else 0.0
+    if centre > 0:
+        below = 0
+        total = 0.0
+        for v in values:
+            if v < 0:
+                below += 1
+                total += v * v
+        if below >= min_below:
+            about_zero = np.sqrt(total / below)
+            for _ in range(passes):
+                if about_zero <= 0:
+                    break
+                total = 0.0
+                n = 0
+                for v in values:
+                    if abs(v) < clip * about_zero:
+                        total += v * v
+                        n += 1
+                about_zero = np.sqrt(total / n) if n > 0 else 0.0
+            if about_zero > 0 and covered * about_zero < sigma:
+                sigma = about_zero
     return sigma
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, out):
+def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, covered, min_below, out):
     """``robust_sigma`` of each tile of ``frame`` over its unmasked pixels on a grid of ``step``;
     NaN where fewer than ``min_samples`` pixels are unmasked."""
     ny, nx = frame.shape
@@ -298,7 +326,7 @@ def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, out):
             if n < min_samples:
                 out[ty, tx] = np.nan
             else:
-                out[ty, tx] = robust_sigma(buf[:n], clip, passes, work[:n], deviation[:n])
+                out[ty, tx] = robust_sigma(buf[:n], clip, passes, covered, min_below, work[:n], deviation[:n])
 
 
 @numba.njit(cache=True, nogil=True)

@@ -30,6 +30,13 @@ MIN_TILE_SAMPLES = 32
 # absolute deviation 40% off to within 1%.
 CLIP_SIGMAS = 4.0
 CLIP_PASSES = 3
+# A tile that a spot covers nearly whole (a grain's projection is as wide as a tile): its noise is taken
+# from the values about 0 when their spread is under half the spread about the median, and at least 8
+# values sit below 0 (see _kernels.robust_sigma). Without it a 33 px spot lasting 13 frames raised its
+# tile's noise 13-fold for 6 frames (the median over HISTORY_FRAMES did not hide it), and with it the
+# threshold its own tail was grown to.
+COVERED_SPREAD = 2.0
+MIN_BELOW_ZERO = 8
 
 
 def tiles_shape(frame_shape, tile_px: int = TILE_PX) -> tuple[int, int]:
@@ -44,7 +51,8 @@ def frame_noise(frame: np.ndarray, mask: np.ndarray, tile_px: int = TILE_PX) -> 
     out = np.empty(tiles_shape(frame.shape, tile_px), np.float64)
     step = SAMPLE_STEP if tile_px >= 4 * SAMPLE_STEP else 1
     tile_sigma(np.ascontiguousarray(frame), np.ascontiguousarray(mask, bool), tile_px, step,
-               min(MIN_TILE_SAMPLES, max((tile_px // step) ** 2 // 4, 1)), CLIP_SIGMAS, CLIP_PASSES, out)
+               min(MIN_TILE_SAMPLES, max((tile_px // step) ** 2 // 4, 1)), CLIP_SIGMAS, CLIP_PASSES,
+               COVERED_SPREAD, MIN_BELOW_ZERO, out)
     return out
 
 
