@@ -223,7 +223,8 @@ def score_row(truth, spots: dict, n_frames: int, tol_px: float, beam_moves: bool
                  h + 2 * BEAM_MASK_MARGIN_PX) if w and h else None
     result["false_near_beam"] = int(inside(near_beam, spots["centroid_x"][false], spots["centroid_y"][false]).sum())
     hidden = t["in_direct_beam"].astype(bool) if beam_moves else inside(truth.direct_beam_bbox, t["x"], t["y"])
-    eligible = (t["snr"] >= SNR_MIN) & ~hidden
+    # as `score`: a spot merged into a brighter one is not asked for (it would read as a miss here)
+    eligible = (t["snr"] >= SNR_MIN) & ~hidden & (t["merged_into"] < 0 if "merged_into" in t else True)
     found = (to_det >= 0) & eligible
     result["regions"] = by_region(n_frames, t["frame"], found, eligible,
                                   np.clip(spots["centroid_frame"][false], 0, n_frames - 1e-9))
