@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import math
 import shlex
 import sys
 import time
@@ -171,7 +170,8 @@ def render_peaks(param: dict, peaks: dict, n_frames: int, shape: tuple[int, int]
         # the frames PolyXSim draws it in (its make_image loop's bounds) and the fraction in each
         near = (omega <= omega_frames + step + 2 * rocking_deg) & (omega >= omega_frames - 2 * rocking_deg)
         ks = np.flatnonzero(near)
-        fraction = norm.cdf((omega_frames[ks] - omega + step) / sigma_deg) - norm.cdf((omega_frames[ks] - omega) / sigma_deg)
+        lower = (omega_frames[ks] - omega) / sigma_deg
+        fraction = norm.cdf(lower + step / sigma_deg) - norm.cdf(lower)
         keep = fraction > 0
         if not keep.any():
             continue
@@ -285,10 +285,11 @@ def centroid_check(model: PolyXSimModel, truth: dict) -> dict:
         dy.append((block * rr).sum() / total + b[0] - truth["y"][i])
         df.append((block * kk).sum() / total + b[4] - truth["frame"][i])
     dx, dy, df = map(np.asarray, (dx, dy, df))
-    return {"isolated_peaks": int(dx.size),
-            "centroid_rms_x_px": float(np.sqrt(np.mean(dx ** 2))), "centroid_rms_y_px": float(np.sqrt(np.mean(dy ** 2))),
+    return {"isolated_peaks": int(dx.size), "centroid_rms_x_px": float(np.sqrt(np.mean(dx ** 2))),
+            "centroid_rms_y_px": float(np.sqrt(np.mean(dy ** 2))),
             "centroid_rms_frame": float(np.sqrt(np.mean(df ** 2))),
-            "centroid_max_px": float(max(np.abs(dx).max(), np.abs(dy).max())), "centroid_max_frame": float(np.abs(df).max())}
+            "centroid_max_px": float(max(np.abs(dx).max(), np.abs(dy).max())),
+            "centroid_max_frame": float(np.abs(df).max())}
 
 
 def main(argv=None) -> int:
