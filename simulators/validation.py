@@ -332,8 +332,8 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
         elif name == "polyxsim":
             if not (work / POLYXSIM_SCAN).exists():
                 rows.append({"scan": name, "tool": "dctstream", "error": (
-                    f"skipped: no {work / POLYXSIM_SCAN}; make it with benchmarks/polyxsim_scan.py "
-                    f"--out {work / POLYXSIM_SCAN} (PolyXSim's output, see its doc)")})
+                    f"skipped: no {work / POLYXSIM_SCAN}; make it with benchmarks/polyxsim_scan.py --inp INP "
+                    f"--out {work / POLYXSIM_SCAN} (INP: PolyXSim's input, run first; see its doc)")})
                 continue
             shape_kind = "gauss"
         else:
