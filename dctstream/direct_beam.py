@@ -57,6 +57,16 @@ def detect_direct_beam(image: np.ndarray, margin_px: int, mask: np.ndarray | Non
     if brightest <= typical or brightest < _MIN_CONTRAST * max(typical, 1.0):
         return None
     usable = np.ones(image.shape, bool) if mask is None else ~np.asarray(mask, bool)
+    # Every pixel above either level lies in the box of those above the lower one: the parts are labelled
+    # there alone, the same as over the whole frame (at 2048 x 2048 a beam found again every few frames
+    # spent 40 of its 58 ms labelling the frame).
+    above = usable & (image > typical + min(level, _PLATEAU_LEVEL) * (brightest - typical))
+    rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+    if not rows.size:
+        return None
+    full_ny, full_nx = image.shape
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    image, usable = image[box], usable[box]
     bright = usable & (image > typical + level * (brightest - typical))
     plateau = usable & (image > typical + _PLATEAU_LEVEL * (brightest - typical))
     if plateau.sum() < _MIN_PLATEAU * bright.sum():
@@ -65,13 +75,12 @@ def detect_direct_beam(image: np.ndarray, margin_px: int, mask: np.ndarray | Non
     if n == 0:
         return None
     sizes = np.bincount(labels.ravel())[1:]
-    parts = [box for box, size in zip(ndi.find_objects(labels), sizes) if size >= _MIN_PART * sizes.max()]
-    ny, nx = image.shape
-    x0 = max(min(p[1].start for p in parts) - margin_px, 0)
-    y0 = max(min(p[0].start for p in parts) - margin_px, 0)
-    x1 = min(max(p[1].stop for p in parts) - 1 + margin_px, nx - 1)
-    y1 = min(max(p[0].stop for p in parts) - 1 + margin_px, ny - 1)
-    return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+    parts = [part for part, size in zip(ndi.find_objects(labels), sizes) if size >= _MIN_PART * sizes.max()]
+    x0 = max(cols[0] + min(p[1].start for p in parts) - margin_px, 0)
+    y0 = max(rows[0] + min(p[0].start for p in parts) - margin_px, 0)
+    x1 = min(cols[0] + max(p[1].stop for p in parts) - 1 + margin_px, full_nx - 1)
+    y1 = min(rows[0] + max(p[0].stop for p in parts) - 1 + margin_px, full_ny - 1)
+    return (int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1))
 
 
 def edges_moved(background: np.ndarray, frame: np.ndarray,

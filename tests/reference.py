@@ -225,3 +225,33 @@ def reference_thresholds(volume, mask, seg, *, prime=5, history=15, floor=0.5, t
         seeds.append(seed)
         lows.append(low)
     return np.stack(seeds), np.stack(lows)
+
+
+def reference_direct_beam(image, margin_px, mask=None, level=0.1, plateau_level=0.25, min_plateau=0.75,
+                          min_part=0.01, min_contrast=10.0, samples=1 << 18):
+    """`direct_beam.detect_direct_beam` labelling the whole frame: the box (x0, y0, w, h) of the bright
+    parts (above ``level`` of the way from the typical level to the brightest, each at least ``min_part``
+    of the largest), grown by ``margin_px``; None without contrast or plateau."""
+    from scipy import ndimage
+
+    valid = (image if mask is None else image[~mask]).reshape(-1)
+    if valid.size == 0:
+        return None
+    typical, brightest = (float(v) for v in np.percentile(valid[::-(-valid.size // samples)], [50, 99.9]))
+    typical = max(typical, 0.0)
+    if brightest <= typical or brightest < min_contrast * max(typical, 1.0):
+        return None
+    usable = np.ones(image.shape, bool) if mask is None else ~mask
+    bright = usable & (image > typical + level * (brightest - typical))
+    plateau = usable & (image > typical + plateau_level * (brightest - typical))
+    if plateau.sum() < min_plateau * bright.sum():
+        return None
+    labels, n = ndimage.label(bright)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    ys, xs = np.nonzero(np.isin(labels, 1 + np.flatnonzero(sizes >= min_part * sizes.max())))
+    ny, nx = image.shape
+    x0, y0 = max(xs.min() - margin_px, 0), max(ys.min() - margin_px, 0)
+    x1, y1 = min(xs.max() + margin_px, nx - 1), min(ys.max() + margin_px, ny - 1)
+    return (int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1))

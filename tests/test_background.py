@@ -266,6 +266,31 @@ def test_detect_direct_beam_finds_the_bright_box_with_margin():
     assert detect_direct_beam(np.full((10, 10), 5.0), margin_px=3) is None
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("level", [0.1, 0.5])
+def test_detect_direct_beam_equals_a_whole_frame_reference(seed, level):
+    """The beam's parts are labelled in the box of the pixels above the lower level only: the same box as
+    labelling the whole frame, with glints, a second slit part, a glow, bad pixels, a beam at the edge."""
+    from reference import reference_direct_beam
+
+    rng = np.random.default_rng(seed)
+    ny, nx = 96, 128
+    y, x = np.mgrid[:ny, :nx]
+    image = 40 + 30 * np.exp(-((y - 50) ** 2 + (x - 60) ** 2) / 800.0) + rng.normal(0, 2, (ny, nx))
+    x0, y0 = rng.integers(-10, 100), rng.integers(-10, 70)
+    image[max(y0, 0):y0 + 30, max(x0, 0):x0 + 40] += rng.uniform(2000, 5000)  # the beam, maybe cut by an edge
+    if seed % 2:
+        image[max(y0, 0):y0 + 30, x0 + 44:x0 + 50] += 1500  # a second part beyond a slit blade's shadow
+    for _ in range(seed):  # glints, from a pixel to a few
+        gy, gx = rng.integers(0, ny - 3), rng.integers(0, nx - 3)
+        image[gy:gy + rng.integers(1, 4), gx:gx + rng.integers(1, 4)] += rng.uniform(500, 4000)
+    mask = rng.random((ny, nx)) < 0.01 if seed > 2 else None
+    image = image.astype(np.float32)
+    got = detect_direct_beam(image, 3, mask, level)
+    assert got == reference_direct_beam(image, 3, mask, level)
+    assert got[0] <= max(x0, 0) < max(x0, 0) + 30 < got[0] + got[2] and got[1] <= max(y0, 0)  # it holds the beam
+
+
 def test_detect_direct_beam_finds_no_beam_in_a_glow_or_a_dim_scene():
     """No direct beam on the detector: a smooth glow, however bright, and a dim scene give no box."""
     y, x = np.mgrid[0:128, 0:160]

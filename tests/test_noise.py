@@ -1,5 +1,7 @@
 """The noise followed along psi equals a slow numpy reference, and is not moved by spots."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,17 @@ def test_photon_gain_is_the_counts_per_photon_of_poisson_frames(gain):
     # masked pixels do not count; no counts at all: unknown
     assert photon_gain([np.full((ny, nx), 100, np.float32)] * 3, dark, flat, mask) is None
     assert photon_gain(frames, dark, flat, np.ones((ny, nx), bool)) is None
+
+
+@pytest.mark.parametrize("planes", [1, 4, 15])
+def test_history_median_equals_numpys_nanmedian(planes):
+    from dctstream.segment._kernels import nan_median_along_first
+
+    rng = np.random.default_rng(7)
+    held = np.round(rng.normal(3, 1, (planes, 9, 11)), 1)  # ties, as integer-step noise gives
+    held[rng.random(held.shape) < 0.3] = np.nan
+    held[:, 0, 0] = np.nan  # a tile masked in every frame
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN tile
+        want = np.nanmedian(held, axis=0)
+    np.testing.assert_array_equal(nan_median_along_first(held, np.empty(held.shape[1:])), want)

@@ -321,8 +321,9 @@ class BackgroundStage:
             self._medians[first] = self._sorted_background()
         if self._beam_spec == "auto" and self.cfg.normalise != "margin":
             image = self._medians.get(first)
-            if image is None:
-                image = window_median(self.ring.data, slots, self.dark, self._ones, gain=self.gain)
+            if image is None:  # a scan shorter than the window: its first frames' background (see _background)
+                image = self._medians[first] = window_median(self.ring.data, slots, self.dark, self._ones,
+                                                             gain=self.gain)
             elif image.dtype != np.float32:
                 image = self._from_raw(image)
             self._find_beam(image)

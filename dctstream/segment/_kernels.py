@@ -330,6 +330,33 @@ def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, covered, min_
 
 
 @numba.njit(cache=True, nogil=True)
+def nan_median_along_first(held, out):
+    """``out`` = np.nanmedian(held, axis=0) for a 3-D ``held`` of a few planes (NaN where a column is all
+    NaN): numpy's takes the masked-array path on such short columns, 30x slower."""
+    n, ny, nx = held.shape
+    column = np.empty(n, np.float64)
+    for y in range(ny):
+        for x in range(nx):
+            m = 0
+            for i in range(n):
+                v = held[i, y, x]
+                if not np.isnan(v):
+                    j = m  # insertion: columns are a few values long
+                    while j > 0 and column[j - 1] > v:
+                        column[j] = column[j - 1]
+                        j -= 1
+                    column[j] = v
+                    m += 1
+            if m == 0:
+                out[y, x] = np.nan
+            elif m % 2:
+                out[y, x] = column[m // 2]
+            else:
+                out[y, x] = (column[m // 2 - 1] + column[m // 2]) / 2.0
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
 def unclaimed_sum(values, slot_of, flags, mask, f0, f1, y0, y1, x0, x1):
     """Sum of the values in the inclusive box [f0..f1, y0..y1, x0..x1] that no blob has claimed and
     that are not masked: the tails of a spot around its claimed voxels."""

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from ._kernels import tile_sigma
+from ._kernels import nan_median_along_first, tile_sigma
 
 TILE_PX = 32
 HISTORY_FRAMES = 15
@@ -134,9 +134,7 @@ class NoiseTracker:
 
     def _current(self) -> np.ndarray:
         held = self._history[:min(self._pushed, len(self._history))]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN tile: filled below
-            sigma = np.nanmedian(held, axis=0)
+        sigma = nan_median_along_first(held, np.empty(held.shape[1:]))  # an all-NaN tile: filled below
         valid = np.isfinite(sigma)
         fill = float(np.median(sigma[valid])) if valid.any() else self.floor
         sigma = np.where(valid, sigma, fill)
