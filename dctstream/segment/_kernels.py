@@ -251,6 +251,23 @@ def _median(values, work):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _clipped_spread(deviation, sigma, clip, passes):
+    """``passes`` times: the root mean square of the ``deviation``s (absolute) under ``clip`` x ``sigma``,
+    the next ``sigma`` (0 if none is)."""
+    for _ in range(passes):
+        if sigma <= 0:
+            break
+        total = 0.0
+        n = 0
+        for d in deviation:
+            if d < clip * sigma:
+                total += d * d
+                n += 1
+        sigma = np.sqrt(total / n) if n > 0 else 0.0
+    return sigma
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def robust_sigma(values, clip, passes, covered, min_below, work, deviation):
     """Noise of ``values`` that spots do not move: 1.4826 x the median absolute deviation from the median
     (1.2533 x the mean absolute deviation where most values sit on the median), then ``passes`` times the
@@ -271,35 +288,18 @@ def robust_sigma(values, clip, passes, covered, min_below, work, deviation):
     sigma = 1.4826 * _median(deviation, work)
     if sigma <= 0:
         sigma = 1.2533 * deviation.mean()
-    for _ in range(passes):
-        if sigma <= 0:
-            break
-        total = 0.0
-        n = 0
-        for d in deviation:
-            if d < clip * sigma:
-                total += d * d
-                n += 1
-        sigma = np.sqrt(total / n) if n > 0 else 0.0
+    sigma = _clipped_spread(deviation, sigma, clip, passes)
     if centre > 0:
         below = 0
         total = 0.0
-        for v in values:
+        for i in range(values.size):
+            v = values[i]
+            deviation[i] = abs(v)
             if v < 0:
                 below += 1
                 total += v * v
         if below >= min_below:
-            about_zero = np.sqrt(total / below)
-            for _ in range(passes):
-                if about_zero <= 0:
-                    break
-                total = 0.0
-                n = 0
-                for v in values:
-                    if abs(v) < clip * about_zero:
-                        total += v * v
-                        n += 1
-                about_zero = np.sqrt(total / n) if n > 0 else 0.0
+            about_zero = _clipped_spread(deviation, np.sqrt(total / below), clip, passes)
             if about_zero > 0 and covered * about_zero < sigma:
                 sigma = about_zero
     return sigma
