@@ -505,7 +505,7 @@ def test_a_noisy_plateau_stays_one_spot():
 
 def test_touching_spots_split_by_their_photon_noise():
     """Two bright spots whose saddle lies above 0.7 x the dimmer peak: the double threshold's rule (stand
-    out by tau x the peak) keeps them one; by the photon noise at the saddle (6 sqrt(g s), g = 1 count a
+    out by tau x the peak) keeps them one; by the photon noise at the saddle (4 sqrt(g s), g = 1 count a
     photon) they are two, each holding its own peak."""
     rng = np.random.default_rng(7)
     volume = rng.poisson(np.maximum(two_spots(4.4, peaks=(4000.0, 3000.0)), 0)).astype(np.float32)
@@ -522,7 +522,7 @@ def test_touching_spots_split_by_their_photon_noise():
 
 def test_a_bright_spot_is_not_cut_by_its_own_photon_noise():
     """A bright grain-shaped spot (a flat top, a rocking curve over many frames) has many maxima of its
-    photon noise; none stands 6 x that noise above its saddle: one spot. Without the photon noise in the
+    photon noise; none stands 4 x that noise above its saddle (2 x would do): one spot. Without the photon noise in the
     rule it is cut up."""
     f, y, x = np.mgrid[0:30, 0:24, 0:24].astype(np.float64)
     counts = 2000 * np.exp(-((f - 15) / 6) ** 2 / 2) * (((y - 12) ** 2 + (x - 12) ** 2) < 36)
