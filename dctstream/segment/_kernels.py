@@ -332,7 +332,7 @@ def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, covered, min_
 @numba.njit(cache=True, nogil=True)
 def nan_median_along_first(held, out):
     """``out`` = np.nanmedian(held, axis=0) for a 3-D ``held`` of a few planes (NaN where a column is all
-    NaN): numpy's takes the masked-array path on such short columns, 30x slower."""
+    NaN): numpy's takes the masked-array path on such short columns (3.6 against 0.8 ms for 15 x 64 x 64)."""
     n, ny, nx = held.shape
     column = np.empty(n, np.float64)
     for y in range(ny):
