@@ -68,9 +68,9 @@ SPIKE_VALUE = 3.0
 # the 3x3 median's is lower: its noise is correlated over 3x3 pixels and a bright spot has many maxima to
 # test (at the filtered noise, a long spot of `overlaps` was cut in two). 4 such sigmas, not 6: at full size
 # `overlaps` recall 0.978 -> 0.983, centroid 0.165 -> 0.139 px, `polyxsim` recall 0.996 -> 0.998, no false
-# split on any validation scan; a bright flat-topped spot with a long rocking curve stays one down to 2. Without a known gain it must
-# stand out by tau x its own peak too, the double threshold's rule (pairs closer than that were merged:
-# 12 of the 201 `independent` spots). The component is split where their slopes meet (split_maxima), and
+# split on any validation scan; a bright flat-topped spot with a long rocking curve stays one down to 2.
+# Without a known gain it must stand out by tau x its own peak too, the double threshold's rule (pairs
+# closer than that were merged: 12 of the 201 `independent` spots). The component is split where their slopes meet (split_maxima), and
 # each part is the double threshold of its own peak P: its voxels >= clamp(tau * P, grow_low, grow_high)
 # connected to P.
 SPLIT_LOW = 2.0
