@@ -223,8 +223,10 @@ def box_arrays(blob: Blob, row: dict, volume: np.ndarray | None = None) -> tuple
     return data, mask
 
 
-# Only the voxel arrays are worth compressing; the rest are a few numbers each.
-_COMPRESSED = ("Data", "Mask", "DataMasked", "Projection")
+# Only the voxel arrays are worth compressing; the rest are a few numbers each. Not ``Data``: the corrected
+# values of the whole box are noise, which gzip shrank by a tenth for 40 % of a large difspot's write time
+# (4.7 of 12 ms for a box of 12 x 50 x 50 voxels); ``DataMasked`` is mostly the zeros off the difspot.
+_COMPRESSED = ("Mask", "DataMasked", "Projection")
 # Below this, a gzip chunk saves a few hundred bytes and costs more than the rest of the file to
 # write (~0.5 ms per array): most difspots are boxes of a few hundred voxels.
 COMPRESS_MIN_BYTES = 16384
