@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 
@@ -270,3 +272,13 @@ def test_a_packaged_config_is_named_by_its_name():
     cfg = resolve_config("default", {"background.window": 101}, {}, "run()")
     assert cfg.source.angles == "auto" and cfg.background.window == 101  # the packaged default's own keys
     assert resolve_config(None, None, {}, "run()").source.angles is None  # the built-in defaults
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_between_kernels_unless_told_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    done = subprocess.run([sys.executable, "-c", "import os, dctstream; print(os.environ['OMP_WAIT_POLICY'])"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == expected, done.stderr
