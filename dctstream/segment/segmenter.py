@@ -129,6 +129,18 @@ def flood_limit(mask: np.ndarray) -> int:
     return max(FLOOD_REGIONS, int(np.count_nonzero(~mask)) // FLOOD_PIXELS)
 
 
+def _inside(voxels: np.ndarray, frame_shape: tuple[int, int], box: tuple[int, ...]) -> bool:
+    """Whether the voxels (sorted indices (f * ny + y) * nx + x) all lie in the inclusive box f0, f1, y0, y1, x0,
+    x1."""
+    if voxels.size == 0:
+        return True
+    ny, nx = frame_shape
+    f0, f1, y0, y1, x0, x1 = box
+    ys, xs = (voxels // nx) % ny, voxels % nx
+    return (f0 <= voxels[0] // (ny * nx) and voxels[-1] // (ny * nx) <= f1 and y0 <= ys.min() and ys.max() <= y1
+            and x0 <= xs.min() and xs.max() <= x1)
+
+
 def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
     """The least float32 >= each threshold: a float32 v is >= t exactly when it is >= this, and a
     float32 map is half the memory of a float64 one, and half the traffic per frame."""
@@ -491,10 +503,13 @@ class Segmenter:
         blobs = []
         for i, region in enumerate(pending):
             brighter = np.concatenate([at[:i][waiting[:i]], open_at[[q.order < region.order for q in open_regions]]])
-            if not (ended or self._boxes_clear(region, brighter, reach) or self._valley_clear(region, brighter, reach)):
-                continue
+            grown = None
+            if not (ended or self._boxes_clear(region, brighter, reach)):
+                clear, grown = self._valley_clear(region, brighter, reach)
+                if not clear:
+                    continue
             waiting[i] = False
-            blobs += self._grow(region)
+            blobs += self._grow(region, grown)
         self._pending = [r for r, w in zip(pending, waiting) if w]
         first_needed = min([r.first for r in open_regions] + [r.max_index[0] for r in self._pending]
                            + [self.last + 1])
@@ -515,8 +530,9 @@ class Segmenter:
             return False  # a brighter region may still appear within reach along psi
         return not np.all(np.abs(brighter - region.max_index) <= reach, axis=1).any()
 
-    def _valley_clear(self, region: _Region, brighter: np.ndarray, reach: np.ndarray) -> bool:
-        """No brighter region can reach this one's voxels: the valley around it is closed.
+    def _valley_clear(self, region: _Region, brighter: np.ndarray, reach: np.ndarray) -> tuple[bool, np.ndarray | None]:
+        """No brighter region can reach this one's voxels: the valley around it is closed; and the component
+        around its maximum that told (`_grow`'s own where it lies in the growth box), None if none was grown.
 
         A brighter region Q can only take a voxel this one would take through a
         path of voxels >= min(grow_low, grow_high, M) joining the two maxima
@@ -532,7 +548,7 @@ class Segmenter:
         reach_x, reach_y, reach_f = p.max_size
         earlier = brighter[:, 0] < f
         if np.all(np.abs(brighter[earlier] - region.max_index) <= reach, axis=1).any():
-            return False
+            return False, None
         ny, nx = self.frame_shape
         box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
                min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
@@ -541,17 +557,19 @@ class Segmenter:
                                        self.params.tile_px, *box,
                                        f, y, x, -np.inf, high, region.max_value, p.connectivity == 26, VALLEY_VOXELS)
         if not complete:
-            return False
+            return False, None
         if voxels.size == 0:
-            return True  # its maximum is already claimed: nothing can change that
+            return True, voxels  # its maximum is already claimed: nothing can change that
         if f + 3 * reach_f > self.last and voxels[-1] // (ny * nx) == self.last:
-            return False  # still growing along psi
+            return False, None  # still growing along psi
         later = brighter[~earlier]
         keys = (later[:, 0] * ny + later[:, 1]) * nx + later[:, 2]
         at = np.minimum(np.searchsorted(voxels, keys), voxels.size - 1)  # voxels are sorted: np.isin sorts again
-        return not (voxels[at] == keys).any()
+        return not (voxels[at] == keys).any(), voxels
 
-    def _grow(self, region: _Region) -> list[Blob]:
+    def _grow(self, region: _Region, grown: np.ndarray | None = None) -> list[Blob]:
+        """The blobs of ``region``; ``grown``: the component `_valley_clear` has just grown around its maximum,
+        with the same thresholds in a box around the growth box (taken as the blob's when it lies in it)."""
         p = self.params
         f, y, x = region.max_index
         reach_x, reach_y, reach_f = p.max_size
@@ -561,9 +579,12 @@ class Segmenter:
         x0, x1 = max(x - reach_x, 0), min(x + reach_x, nx - 1)
         peak = region.max_value
         high = np.inf if p.grow_high is None else p.grow_high
-        voxels, _ = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_tiles,
-                                p.tile_px, f0, f1, y0, y1, x0, x1, f, y, x, -np.inf, high,
-                                peak, p.connectivity == 26, np.iinfo(np.int64).max)
+        if grown is not None and _inside(grown, (ny, nx), (f0, f1, y0, y1, x0, x1)):
+            voxels = grown  # the component from the same voxel with the same thresholds: the same voxels
+        else:
+            voxels, _ = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_tiles,
+                                    p.tile_px, f0, f1, y0, y1, x0, x1, f, y, x, -np.inf, high,
+                                    peak, p.connectivity == 26, np.iinfo(np.int64).max)
         if voxels.size == 0:
             self.rejected["maximum_claimed"] += 1
             return []
