@@ -634,12 +634,15 @@ def _resolved_parts(volume, sigma, sigmas):
     return out.reshape(volume.shape)
 
 
-def scan_model(name: str, *, quick: bool = False, seed: int = 0) -> HardScanModel:
-    """The model of hard scan ``name`` (see `SCANS`): 720 frames of 512 x 512 px, or 360 of 256 x 256 if quick."""
+def scan_model(name: str, *, quick: bool = False, seed: int = 0, frames: int | None = None,
+               size: int | None = None) -> HardScanModel:
+    """The model of hard scan ``name`` (see `SCANS`): 720 frames of 512 x 512 px, or 360 of 256 x 256 if quick,
+    or ``frames`` of ``size`` x ``size`` px where given."""
     if name not in SCANS:
         raise ValueError(f"hard scan: unknown name, expected one of {', '.join(SCANS)}, got {name!r}")
     options = dict(SCANS[name])
-    frames, size = (QUICK_FRAMES, QUICK_SIZE) if quick else (FULL_FRAMES, FULL_SIZE)
+    frames = frames or (QUICK_FRAMES if quick else FULL_FRAMES)
+    size = size or (QUICK_SIZE if quick else FULL_SIZE)
     scale = size**2 / FULL_SIZE**2  # by area only: a quick scan keeps enough spots to score
     for key in ("spots", "pairs"):  # the few wrap and early spots stay as many
         if key in options:

@@ -20,6 +20,9 @@ it is made again only when those change), then
   count), the true direct-beam box plus 10 px is masked, and peaks of fewer
   than 3 pixels (zingers) are dropped; fps is frames / wall seconds of all that.
 
+Each row's fps is also given as a share of the same tool's on ``clean``; a scan of another size (``polyxsim``:
+360 frames of 512 x 512 px) against a clean scan of its own size, run for it and shown as a row of its own.
+
 Scoring (`simulators.evaluate.score`, psi wrapping over the full turn): a
 detection matches a true spot within 2 px in x and y and 2 frames (4 px for
 grain-shaped spots); recall counts the detectable spots -- peak >= 5 x the
@@ -53,7 +56,7 @@ import numpy as np
 
 from simulators.dct_scan import DARK_PATH, FRAMES_PATH, TRUTH_PATH
 from simulators.evaluate import inside, score
-from simulators.hard_scans import SCANS, independent_model, read_hard_truth, write_hard_scan
+from simulators.hard_scans import SCANS, independent_model, read_hard_truth, scan_model, write_hard_scan
 
 ROOT = Path(__file__).resolve().parents[1]  # holds the dctstream and simulators packages
 
@@ -75,14 +78,18 @@ def _source_hash(*extra: Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def scan_path(work: Path, name: str, *, quick: bool, seed: int) -> Path:
-    """The scan's file in ``work``, generated first if it is not there."""
+def scan_path(work: Path, name: str, *, quick: bool, seed: int, shape: tuple[int, int] | None = None) -> Path:
+    """The scan's file in ``work``, generated first if it is not there; ``shape``: (frames, size) instead of the
+    quick or full ones."""
     spots = [work / INDEPENDENT_SPOTS[quick]] if name == "independent" else []
-    path = work / f"{name}-{'quick' if quick else 'full'}-s{seed}-{_source_hash(*spots)}.h5"
+    label = f"{shape[0]}x{shape[1]}" if shape else ("quick" if quick else "full")
+    path = work / f"{name}-{label}-s{seed}-{_source_hash(*spots)}.h5"
     if not path.exists():
         t0 = time.monotonic()
         partial = path.with_suffix(".partial.h5")
         model = independent_model(spots[0], seed=seed) if spots else None
+        if shape:
+            model = scan_model(name, seed=seed, frames=shape[0], size=shape[1])
         write_hard_scan(name, partial, quick=quick, seed=seed, model=model)
         partial.rename(path)
         print(f"  generated {path.name} in {time.monotonic() - t0:.0f} s", flush=True)
@@ -269,7 +276,7 @@ def table_markdown(rows: list[dict]) -> str:
         rms_xy = float(np.sqrt((s["rms_x_px"] ** 2 + s["rms_y_px"] ** 2) / 2))
         ratio = (f"{_fmt(s.get('intensity_ratio_median'))} [{_fmt(s.get('intensity_ratio_q25'), '.2f')}–"
                  f"{_fmt(s.get('intensity_ratio_q75'), '.2f')}]")
-        ref = clean_fps.get(r["tool"])
+        ref = r.get("fps_clean") or clean_fps.get(r["tool"])
         fps = _fmt(r.get("fps"), ".1f") + (f" ({100 * r['fps'] / ref:.0f} %)" if ref and r.get("fps") else "")
         false = s["detections"] - s["matched_detections"]
         notes = [f"{s['found']}/{s['eligible']} found ({s.get('found_cut', 0)} cut by the beam, not measured), "
@@ -288,6 +295,8 @@ def table_markdown(rows: list[dict]) -> str:
             notes.append(f"touching pairs both found {s['pairs_both_found']}/{s['pairs']}")
         if "crossing" in s:
             notes.append(f"0/360° spots found {s['crossing_found']}/{s['crossing']}, cut in two {s['crossing_split']}")
+        if r.get("clean_scan"):
+            notes.append(f"fps against {r['clean_scan']}")
         if r.get("rejected"):
             notes.append("rejected " + ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())))
         if r["tool"] == "dctstream" and "direct_beam" in r:
@@ -338,6 +347,7 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
     work.mkdir(parents=True, exist_ok=True)
     timeout_s = timeout_s or (600.0 if quick else 1800.0)
     rows = []
+    shape_of = {}  # scan name -> (frames, y, x)
     for name in scans:
         print(f"{name}:", flush=True)
         if name == "independent":
@@ -360,15 +370,11 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
         path = work / POLYXSIM_SCAN if name == "polyxsim" else scan_path(work, name, quick=quick, seed=seed)
         truth = read_hard_truth(path)
         with h5py.File(path, "r") as f:
-            n_frames = f[FRAMES_PATH].shape[0]
+            shape_of[name] = f[FRAMES_PATH].shape
+            n_frames = shape_of[name][0]
             beam_moves = "beam_motion" in f[TRUTH_PATH].attrs
-        tools = [("dctstream", lambda: run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s,
-                                                     code_root=code_root))]
-        if imaged11:
-            tools.append(("ImageD11", lambda: run_imaged11(path, truth.direct_beam_bbox,
-                                                           flt=work / f"{path.stem}.flt")))
         tables = {}
-        for tool, run in tools:
+        for tool, run in _tools(path, truth, work, timeout_s, code_root, imaged11):
             spots, info = run()
             row = {"scan": name, "tool": tool, "true_beam": truth.direct_beam_bbox, **info}
             if spots is not None:
@@ -385,7 +391,36 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
             for row, spots in tables.values():
                 row["score_common"] = score_row(truth, spots, n_frames, TOL_PX[shape_kind], beam_moves,
                                                 measured_only=both)
+    # fps against a clean scan of the same size, frames and pixels: one shorter than the median window waits for
+    # its last frame before its first is corrected, and larger frames cost more
+    for shape in sorted({shape for name, shape in shape_of.items() if shape != shape_of.get("clean")}):
+        n_frames, ny, nx = shape
+        if ny != nx:
+            continue
+        path = scan_path(work, "clean", quick=quick, seed=seed, shape=(n_frames, ny))
+        truth = read_hard_truth(path)
+        label = f"clean ({n_frames} × {ny}²)"
+        print(f"{label}:", flush=True)
+        for tool, run in _tools(path, truth, work, timeout_s, code_root, imaged11):
+            spots, info = run()
+            reference = {"scan": label, "tool": tool, "true_beam": truth.direct_beam_bbox, **info}
+            if spots is not None:
+                reference["score"] = score_row(truth, spots, n_frames, TOL_PX["gauss"])
+            reference["fps_clean"] = info.get("fps")
+            rows.append(reference)
+            for row in rows:
+                if shape_of.get(row["scan"]) == shape and row["tool"] == tool:
+                    row["fps_clean"], row["clean_scan"] = info.get("fps"), label
     return rows
+
+
+def _tools(path: Path, truth, work: Path, timeout_s: float, code_root: Path, imaged11: bool) -> list:
+    """(tool, run) for each tool on the scan at ``path``; run() gives its spots and what it said."""
+    tools = [("dctstream", lambda: run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s,
+                                                 code_root=code_root))]
+    if imaged11:
+        tools.append(("ImageD11", lambda: run_imaged11(path, truth.direct_beam_bbox, flt=work / f"{path.stem}.flt")))
+    return tools
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ import pytest
 
 from dctstream.cli import main
 from simulators.dct_scan import ScanTruth
+from simulators.hard_scans import scan_model
 from simulators.validation import common_markdown, score_row, table_markdown
 from test_evaluate import N, detections, truth_table
 
@@ -47,3 +48,21 @@ def test_dctstream_validate_passes_its_options_to_the_validation(capsys):
         main(["validate", "--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("usage: dctstream validate")
+
+
+def test_fps_is_against_a_clean_scan_of_the_same_size_where_one_was_run():
+    score = {"recall": 1.0, "precision": 1.0, "rms_x_px": 0.0, "rms_y_px": 0.0, "rms_frame": 0.0, "detections": 1,
+             "matched_detections": 1, "found": 1, "eligible": 1}
+    rows = [{"scan": "clean", "tool": "dctstream", "fps": 100.0, "score": score},
+            {"scan": "polyxsim", "tool": "dctstream", "fps": 30.0, "score": score, "fps_clean": 40.0,
+             "clean_scan": "clean (360 × 512²)"},
+            {"scan": "topup", "tool": "dctstream", "fps": 80.0, "score": score}]
+    lines = table_markdown(rows).splitlines()
+    assert "| 30.0 (75 %) |" in lines[3] and "fps against clean (360 × 512²)" in lines[3]
+    assert "| 80.0 (80 %) |" in lines[4]
+
+
+def test_a_hard_scan_model_takes_another_size():
+    model = scan_model("clean", frames=360, size=512)
+    assert (model.frames, model.shape) == (360, (512, 512))
+    assert scan_model("clean", quick=True).frames == 360 and scan_model("clean").shape == (512, 512)
