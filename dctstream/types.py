@@ -70,6 +70,8 @@ class Blob:
             return tuple(float(m / total) for m in first)
         w = self.value.astype(np.float64)
         total = w.sum()
+        if not total > 0:  # a blob seen on the filtered frames whose measured values are noise about 0: its voxels
+            w, total = np.ones_like(w), float(w.size)
         return (
             float((w * self.frame).sum() / total),
             float((w * self.y).sum() / total),

@@ -403,3 +403,15 @@ def test_spot_table_output_dir_is_a_file(tmp_path):
 def test_spot_table_rejects_unstorable_attribute(tmp_path):
     with pytest.raises(TypeError, match="'config'"):
         SpotTable(tmp_path, {"config": None})
+
+
+@pytest.mark.parametrize("values", [[-1.0, 0.5, 0.5], [0.0, 0.0, 0.0]])
+def test_a_blob_whose_measured_values_sum_to_zero_or_less_is_written_at_its_voxels_mean(tmp_path, values):
+    # found on the median-filtered frames, measured on the unfiltered ones: a one-frame speck of noise can sum
+    # to 0 or below there (a run stopped on "cannot convert float NaN to integer" at its psi)
+    blob = Blob(id=3, frame=np.array([4, 4, 5]), y=np.array([10, 11, 10]), x=np.array([7, 7, 9]),
+                value=np.array(values, np.float32), max_index=(4, 10, 7), max_value=0.5,
+                moments=(float(sum(values)), 0.0, 0.0, 0.0))
+    assert np.allclose(blob.centroid, (13 / 3, 31 / 3, 23 / 3))
+    row = SpotTable(tmp_path, {}).add(blob, psi_deg=1.0)
+    assert np.isfinite([row["centroid_x"], row["centroid_y"], row["centroid_frame"]]).all()
