@@ -342,6 +342,21 @@ def test_auto_normalise_measures_the_source_with_or_without_a_beam(beam):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_auto_normalise_gives_intensities_in_units_of_the_first_windows_median_beam():
+    """A source that decays 60 % over the scan, no top-up: every frame is brought to the median beam of the
+    first window (that of its middle frame), the documented unit, not to frame 0's beam."""
+    rng = np.random.default_rng(10)
+    n, window = 120, 21
+    y, x = np.mgrid[0:48, 0:64]
+    scene = 300.0 * np.exp(-np.hypot(x - 32, y - 24) / 20.0) + 50.0
+    gain = 1 - 0.6 * np.arange(n) / n
+    raw = (rng.poisson(scene[None] * gain[:, None, None]) + 100).astype(np.uint16)
+    _, _, stage = stream(raw, np.full((48, 64), 100.0, np.float32), window=window, normalise="auto", bbox="none")
+    level = np.asarray(stage.frame_scales) * gain
+    np.testing.assert_allclose(level, np.median(gain[:window]), rtol=0.02)  # the drift of 1.5 % the median follows
+    assert abs(np.median(gain[:window]) - gain[0]) > 0.04
+
+
 def test_auto_normalise_leaves_dark_frames_alone():
     """A photon-counting-like scan (almost all zeros): nothing to measure the beam on, no scaling."""
     rng = np.random.default_rng(8)
