@@ -165,12 +165,13 @@ def reference_split(voxels, values, stand_out, ratio, photon, conn26):
     return [part(i) for i in range(len(values))]
 
 
-def reference_sigma(values, clip=4.0, passes=3, covered=2.0, min_below=8):
+def reference_sigma(values, clip=4.0, passes=3, covered=2.0, min_below=8, shifted=3.0):
     """The noise of some values: 1.4826 x MAD (or 1.2533 x mean absolute deviation), then the standard
     deviation of the values within ``clip`` of those sigmas of the median, ``passes`` times. If the median
     is above 0 and at least ``min_below`` values are below 0: the root mean square of those, then of the
     values within ``clip`` of it about 0, ``passes`` times; taken if ``covered`` times it is under the
-    former (a spot covers most values)."""
+    former (a spot covers most values). NaN if the median is more than ``shifted`` of the first sigmas below 0
+    (a frame without its background: the beam off)."""
     centre = np.median(values)
     deviation = np.abs(values - centre)
     sigma = 1.4826 * np.median(deviation)
@@ -181,6 +182,8 @@ def reference_sigma(values, clip=4.0, passes=3, covered=2.0, min_below=8):
             break
         kept = deviation[deviation < clip * sigma]
         sigma = np.sqrt(np.mean(kept ** 2)) if kept.size else 0.0
+    if centre < -shifted * sigma:
+        return np.nan
     below = values[values < 0]
     if centre > 0 and below.size >= min_below:
         about_zero = np.sqrt(np.mean(below ** 2))

@@ -135,3 +135,31 @@ def test_history_median_equals_numpys_nanmedian(planes):
         warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN tile
         want = np.nanmedian(held, axis=0)
     np.testing.assert_array_equal(nan_median_along_first(held, np.empty(held.shape[1:])), want)
+
+
+def test_frame_noise_of_a_tile_without_its_background_equals_reference_nan():
+    """The beam off over tile (0, 1): its residual sits far below 0 with the read noise alone."""
+    rng = np.random.default_rng(11)
+    frame = np.round(rng.normal(0, 5.0, (64, 96))).astype(np.float32)
+    frame[:32, 32:64] = np.round(rng.normal(-300, 1.0, (32, 32)))
+    mask = np.zeros(frame.shape, bool)
+    got = frame_noise(frame, mask)
+    np.testing.assert_allclose(got, reference_frame_noise(frame, mask, 32), rtol=1e-12)
+    assert np.isnan(got[0, 1]) and np.all(np.abs(np.delete(got.ravel(), 1) - 5.0) < 0.8)
+
+
+@pytest.mark.parametrize("closed", [range(0, 12), range(30, 40)])
+def test_frames_without_the_beam_do_not_lower_the_noise_of_the_frames_after_them(closed):
+    """A shutter that opens late, or the beam off for 10 frames: those corrected frames are the background's
+    negative with the read noise alone (1 count against 5 lit). The frames after them keep the noise of
+    the lit frames (a history median that took them would give ~1 for the next 7 frames: false spots)."""
+    rng = np.random.default_rng(12)
+    shape = (64, 64)
+    frames = [np.round(rng.normal(0, 5.0, shape)).astype(np.float32) for _ in range(60)]
+    for k in closed:
+        frames[k] = np.round(rng.normal(-300, 1.0, shape)).astype(np.float32)
+    tracker = NoiseTracker(shape, np.zeros(shape, bool), floor=1.0)
+    tracker.prime(frames[:5])
+    got = [tracker.push(k, f) for k, f in enumerate(frames)]
+    lit = [k for k in range(60) if k not in closed]
+    assert all(np.all(np.abs(got[k] - 5.0) < 0.8) for k in lit)

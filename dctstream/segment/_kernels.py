@@ -268,7 +268,7 @@ def _clipped_spread(deviation, sigma, clip, passes):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def robust_sigma(values, clip, passes, covered, min_below, work, deviation):
+def robust_sigma(values, clip, passes, covered, min_below, shifted, work, deviation):
     """Noise of ``values`` that spots do not move: 1.4826 x the median absolute deviation from the median
     (1.2533 x the mean absolute deviation where most values sit on the median), then ``passes`` times the
     standard deviation of the values within ``clip`` of those sigmas of the median. The clipped standard
@@ -281,6 +281,8 @@ def robust_sigma(values, clip, passes, covered, min_below, work, deviation):
     square, then ``passes`` times that of the values within ``clip`` of it about 0 -- is under the spread
     about the median by ``covered`` times, a spot covers the values and the former is the noise. Values
     all shifted up (a background not followed) only widen the spread about 0: it is never taken for them.
+    Values whose median lies more than ``shifted`` of those sigmas below 0 (the beam off, the shutter
+    closed: the background is not there) say nothing of the noise of the frames with it: NaN.
     ``work`` and ``deviation``: scratch of ``values``' size."""
     centre = _median(values, work)
     for i in range(values.size):
@@ -289,6 +291,8 @@ def robust_sigma(values, clip, passes, covered, min_below, work, deviation):
     if sigma <= 0:
         sigma = 1.2533 * deviation.mean()
     sigma = _clipped_spread(deviation, sigma, clip, passes)
+    if centre < -shifted * sigma:
+        return np.nan
     if centre > 0:
         below = 0
         total = 0.0
@@ -306,9 +310,9 @@ def robust_sigma(values, clip, passes, covered, min_below, work, deviation):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, covered, min_below, out):
+def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, covered, min_below, shifted, out):
     """``robust_sigma`` of each tile of ``frame`` over its unmasked pixels on a grid of ``step``;
-    NaN where fewer than ``min_samples`` pixels are unmasked."""
+    NaN where fewer than ``min_samples`` pixels are unmasked, or the tile is shifted below 0."""
     ny, nx = frame.shape
     nty, ntx = out.shape
     size = ((tile + step - 1) // step) ** 2
@@ -326,7 +330,8 @@ def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, covered, min_
             if n < min_samples:
                 out[ty, tx] = np.nan
             else:
-                out[ty, tx] = robust_sigma(buf[:n], clip, passes, covered, min_below, work[:n], deviation[:n])
+                out[ty, tx] = robust_sigma(buf[:n], clip, passes, covered, min_below, shifted, work[:n],
+                                           deviation[:n])
 
 
 @numba.njit(cache=True, nogil=True)
