@@ -54,6 +54,9 @@ FLOOD_FRAMES_LISTED = 10
 FRAME_QUEUE_DEPTH = 4
 # Corrected frames waiting for the segmenter: 16 MiB each at 2048 x 2048.
 SEGMENT_QUEUE_DEPTH = 1
+# Blobs rejected as larger than max_blob_size: said once there are this many, and this share of the blobs kept.
+TOO_LARGE_SAID = 5
+TOO_LARGE_FRACTION = 0.05
 # Missing frames logged one by one as warnings; the rest are counted in the status.
 MISSING_WARNINGS = 3
 # Closed blobs waiting for the writer; each is a few kB.
@@ -262,6 +265,7 @@ class Pipeline:
         self._cut_range: tuple[float, float] | None = None  # of the sparse scan's cut so far, counts
         self.noise: NoiseTracker | None = None
         self._floods_said = 0  # flood events already counted in the stats
+        self._too_large_said = False
         self._first_frames: list[tuple[int, np.ndarray, np.ndarray]] = []  # corrected frames held for the noise estimate
         # direct_beam.bbox: auto: (first frame, binned box or None) each time the beam box changed (main thread
         # appends before it hands the frame over); the noise and touches_mask of frame k take its box
@@ -772,6 +776,7 @@ class Pipeline:
             if stats.noise_sigma_by_frame is None:
                 stats.noise_sigma_by_frame = []
             stats.noise_sigma_by_frame.append([k, round(level, 4)])
+        self._note_too_large()
         floods = self.segmenter.floods
         if len(floods) > self._floods_said:
             if self._floods_said == 0:
@@ -783,6 +788,19 @@ class Pipeline:
             self._floods_said = len(floods)
             stats.flood_frames = [[int(f), int(n), float(c)] for f, n, c in floods[-FLOOD_FRAMES_LISTED:]]
             stats.flood_frames_total = len(floods)
+
+    def _note_too_large(self) -> None:
+        """Said once, when blobs larger than max_blob_size are not a rare few: spots with long rocking curves
+        (a fine psi step) or large grains are being lost."""
+        segmenter = self.segmenter
+        rejected = segmenter.rejected["too_large"]
+        if self._too_large_said or rejected < TOO_LARGE_SAID or rejected < TOO_LARGE_FRACTION * segmenter.n_blobs:
+            return
+        self._too_large_said = True
+        log.warning("%d blobs larger than segmentation.max_blob_size %s (x, y, frames) rejected so far, up to %s: "
+                    "spots with long rocking curves (a fine psi step) or large grains? raise max_blob_size "
+                    "(`dctstream resegment` tries it on the sparse scan in seconds)", rejected,
+                    list(self.cfg.segmentation.max_blob_size), list(segmenter.too_large_size))
 
     def segment_mask(self) -> np.ndarray:
         """Pixels never segmented: the direct beam and the detector's bad pixels; their facts go to the record."""

@@ -775,3 +775,16 @@ def test_recorded_not_hdf5_is_said_at_once_also_in_process(files):
                        ("truncated.h5", "cannot be opened as HDF5")):
         with pytest.raises(InputError, match=what):
             source_kind(SourceConfig(url=f"{files}/{name}::{FRAMES}"))
+
+
+def test_blobs_rejected_as_too_large_are_warned_when_they_are_not_a_rare_few(tiny_scan, tmp_path, monkeypatch,
+                                                                              capsys, caplog):
+    """A fine psi step gives spots longer than max_blob_size frames (here 1): they are lost, and said."""
+    record, status, logged = _run_record(tmp_path, monkeypatch, capsys, caplog, tiny_scan.frames_url,
+                                         "--set", "segmentation.max_blob_size=[80,80,1]")
+    assert record["rejected"]["too_large"] >= 5
+    _warned(record, status, logged, "blobs larger than segmentation.max_blob_size [80, 80, 1]", "rejected so far",
+            "raise max_blob_size")
+    (tmp_path / "default").mkdir()
+    record, status, logged = _run_record(tmp_path / "default", monkeypatch, capsys, caplog, tiny_scan.frames_url)
+    assert not any("max_blob_size" in w for w in record["warnings"])

@@ -212,6 +212,7 @@ class Segmenter:
         self._next_id = 1
         self.n_blobs = 0
         self.rejected: Counter = Counter()
+        self.too_large_size = (0, 0, 0)  # the largest (x, y, frames) of the blobs rejected as too large
 
     # ---- public --------------------------------------------------------------
     def push(self, k: int, frame: np.ndarray, seed: np.ndarray | None = None,
@@ -638,6 +639,7 @@ class Segmenter:
             return None
         if any(s > m for s, m in zip(size, p.max_size)):
             self.rejected["too_large"] += 1
+            self.too_large_size = tuple(max(a, b) for a, b in zip(self.too_large_size, size))
             return None
         self._claim(fs, ys, xs)
         slots = self._frame_slots(np.arange(fs.min(), fs.max() + 1))
