@@ -166,6 +166,7 @@ class SegmentationConfig:
     min_blob_size: tuple[int, int, int] = (2, 2, 1)  # (x, y, frames)
     max_blob_size: tuple[int, int, int] = (80, 80, 25)  # (x, y, frames)
     connectivity: int = 26  # 6 or 26
+    drop_zingers: bool = True  # one frame deep, a few pixels, far above the noise (see segment.segmenter)
 
 
 @dataclass(frozen=True)
@@ -472,6 +473,7 @@ _CHECKS: dict[str, dict[str, _Parser]] = {
         "min_blob_size": _blob_size,
         "max_blob_size": _blob_size,
         "connectivity": _one_of(6, 26),
+        "drop_zingers": _parse_bool,
     },
     "output": {"dir": _parse_text, "checkpoint_every_s": _positive,
                "checkpoint_every_frames": _int_at_least(0)},

@@ -131,7 +131,8 @@ def resolve_segmentation(cfg, sigma: np.ndarray | None, tile_px: int = TILE_PX,
     return SegmentParams(seed_threshold=seed, grow_ratio=cfg.grow_ratio, grow_low=low,
                          grow_high=cfg.grow_high, seed_min_voxels=cfg.seed_min_voxels,
                          min_size=tuple(cfg.min_blob_size), max_size=tuple(cfg.max_blob_size),
-                         connectivity=cfg.connectivity, tile_px=tile_px, photon_gain=photon_gain)
+                         connectivity=cfg.connectivity, tile_px=tile_px, photon_gain=photon_gain,
+                         drop_zingers=cfg.drop_zingers)
 
 
 def frame_thresholds(cfg, sigma: np.ndarray | None):

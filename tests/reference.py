@@ -72,7 +72,8 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             low_map[k] *= factor
     # the segmenter compares float32 values with float32 thresholds rounded up: the same voxels
     labels, n = ndi.label((volume >= seed_map) & allowed, structure=structure)
-    rejected = {"seed_min_voxels": 0, "maximum_claimed": 0, "tail_of_blob": 0, "too_small": 0, "too_large": 0}
+    rejected = {"seed_min_voxels": 0, "maximum_claimed": 0, "tail_of_blob": 0, "too_small": 0, "too_large": 0,
+                "zinger": 0}
     regions = []
     for i, box in enumerate(ndi.find_objects(labels), start=1):
         members = np.argwhere(labels[box] == i) + [s.start for s in box]  # (frame, y, x), C order
@@ -128,10 +129,31 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 rejected["too_large"] += 1
                 continue
             claimed[tuple(voxels.T)] = True
+            if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root]):
+                rejected["zinger"] += 1
+                continue
             blobs.append(voxels)
             if spots is not None:
                 spots.append(grown[top == root])
     return blobs, rejected
+
+
+def is_zinger(volume, low_map, voxels, peak, most=12, peak_lows=10.0):
+    """A blob (its (frame, y, x) voxels, its maximum at ``peak``) one frame deep: at most ``most`` voxels in one
+    frame, the maximum ``peak_lows`` x its lower clamp or more, and no voxel at or above the lower clamp at its
+    pixels in the frames before and after it (those in the volume)."""
+    frames = set(voxels[:, 0].tolist())
+    if len(voxels) > most or len(frames) != 1:
+        return False
+    if volume[tuple(peak)] < peak_lows * low_map[tuple(peak)]:
+        return False
+    k = frames.pop()
+    for g in (k - 1, k + 1):
+        if 0 <= g < volume.shape[0]:
+            for _, y, x in voxels:
+                if volume[g, y, x] >= low_map[g, y, x]:
+                    return False
+    return True
 
 
 def reference_split(voxels, values, stand_out, ratio, photon, conn26):

@@ -171,6 +171,26 @@ def test_a_lopsided_spots_centroid_is_the_whole_spots():
     np.testing.assert_allclose(blob.centroid, whole, atol=0.05)
 
 
+def test_a_zinger_one_frame_deep_is_dropped_a_spot_as_narrow_with_a_rocking_tail_is_not():
+    """Three 3 x 3 px blocks of +200 counts in frame 5: alone (a zinger), with +30 at its pixels in frames 4
+    and 6 (a spot's rocking curve, under tau x its peak: its blob is one frame deep too), and a faint one
+    of +15 alone (under 10 x grow_low: kept). The same as the whole-volume reference."""
+    rng = np.random.default_rng(3)
+    volume = rng.normal(0, 1, (12, 30, 48)).astype(np.float32)
+    volume[5, 10:13, 5:8] += 200
+    volume[4:7, 10:13, 20:23] += np.array([30, 200, 30], np.float32)[:, None, None]
+    volume[5, 20:23, 35:38] += 15
+    p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=1, min_size=(2, 2, 1), drop_zingers=True)
+    blobs, _, segmenter = segment(volume, p)
+    expected, rejected = reference_blobs(volume, p)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    assert segmenter.rejected["zinger"] == 1
+    kept, _, _ = segment(volume, params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=1, min_size=(2, 2, 1)))
+    assert len(kept) == 3
+    assert sorted((int(b.x.min()), int(b.frame.min()), int(b.frame.max())) for b in blobs) == [(20, 5, 5), (35, 5, 5)]
+
+
 def test_size_filters_reject_by_reason():
     volume = np.zeros((10, 20, 20), np.float32)
     volume[2, 5, 5] = 10  # a single voxel: too small in x and y
