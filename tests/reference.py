@@ -138,21 +138,28 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     return blobs, rejected
 
 
-def is_zinger(volume, low_map, voxels, peak, most=12, peak_lows=10.0):
-    """A blob (its (frame, y, x) voxels, its maximum at ``peak``) one frame deep: at most ``most`` voxels in one
-    frame, the maximum ``peak_lows`` x its lower clamp or more, and no voxel at or above the lower clamp at its
-    pixels in the frames before and after it (those in the volume)."""
+def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0):
+    """A blob (its (frame, y, x) voxels, its maximum at ``peak``) one frame deep: in one frame, at most ``most``
+    voxels, or ``track`` whose pixels' position variances along their principal axes (each pixel a unit
+    square: + 1/12) are in a ratio of ``elongation`` or more; its maximum 10 x its lower clamp or more, and fewer
+    than 2 of its pixels at or above the lower clamp in the frame before and in the frame after it (those in
+    the volume)."""
     frames = set(voxels[:, 0].tolist())
-    if len(voxels) > most or len(frames) != 1:
+    if len(frames) != 1 or len(voxels) > track:
         return False
+    if len(voxels) > most:
+        centred = voxels[:, 1:] - voxels[:, 1:].mean(axis=0)
+        variances = np.linalg.eigvalsh(centred.T @ centred / len(voxels) + np.eye(2) / 12)
+        if variances[1] / variances[0] < elongation:
+            return False
+    peak_lows = 10.0
     if volume[tuple(peak)] < peak_lows * low_map[tuple(peak)]:
         return False
     k = frames.pop()
     for g in (k - 1, k + 1):
         if 0 <= g < volume.shape[0]:
-            for _, y, x in voxels:
-                if volume[g, y, x] >= low_map[g, y, x]:
-                    return False
+            if sum(volume[g, y, x] >= low_map[g, y, x] for _, y, x in voxels) >= 2:
+                return False
     return True
 
 

@@ -180,15 +180,18 @@ def test_a_zinger_one_frame_deep_is_dropped_a_spot_as_narrow_with_a_rocking_tail
     volume[5, 10:13, 5:8] += 200
     volume[4:7, 10:13, 20:23] += np.array([30, 200, 30], np.float32)[:, None, None]
     volume[5, 20:23, 35:38] += 15
+    volume[8, 20:22, 5:17] += 200  # a track: 2 x 12 px, one frame
+    volume[8, 22:26, 20:26] += 200  # a block of 4 x 6 px, one frame: more voxels than a dot, not a line
     p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=1, min_size=(2, 2, 1), drop_zingers=True)
     blobs, _, segmenter = segment(volume, p)
     expected, rejected = reference_blobs(volume, p)
     assert voxel_sets(blobs) == reference_sets(expected)
     assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
-    assert segmenter.rejected["zinger"] == 1
+    assert segmenter.rejected["zinger"] == 2
     kept, _, _ = segment(volume, params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=1, min_size=(2, 2, 1)))
-    assert len(kept) == 3
-    assert sorted((int(b.x.min()), int(b.frame.min()), int(b.frame.max())) for b in blobs) == [(20, 5, 5), (35, 5, 5)]
+    assert len(kept) == 5
+    assert sorted((int(b.x.min()), int(b.frame.min()), int(b.frame.max())) for b in blobs) == \
+        [(20, 5, 5), (20, 8, 8), (35, 5, 5)]
 
 
 def test_size_filters_reject_by_reason():

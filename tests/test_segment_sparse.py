@@ -44,20 +44,24 @@ def _assert_same(blobs, segmenters):
 
 @pytest.mark.parametrize("connectivity", [6, 26])
 def test_sparse_frames_give_the_blobs_of_the_dense_ones(connectivity):
-    """Per-frame threshold maps, a mask, unfiltered values with zingers: the cut below every threshold."""
+    """Per-frame threshold maps, a mask, unfiltered values with zingers (single pixels in the unfiltered values,
+    3 x 3 blocks one frame deep in the filtered ones too): the cut below every threshold."""
     rng = np.random.default_rng(connectivity)
     found = spotty_volume(rng, (60, 40, 48), 30)
+    for k, y, x in ((7, 2, 2), (30, 30, 4), (45, 20, 40)):
+        found[k, y:y + 3, x:x + 3] += 300.0
     measure = (1.2 * found + rng.normal(0, 0.5, found.shape)).astype(np.float32)
     measure[tuple(rng.integers(0, n, 300) for n in found.shape)] += 500.0
     mask = np.zeros((40, 48), bool)
     mask[10:16, 30:40] = True
-    p = params(tile_px=16, connectivity=connectivity)
+    p = params(tile_px=16, connectivity=connectivity, drop_zingers=True)
     seed = rng.uniform(3.0, 7.0, (60, *p.tiles((40, 48))))
     low = seed * rng.uniform(0.3, 0.7, seed.shape)
     kept = (found >= 1.0) & ~mask
     assert 0.1 < kept.mean() < 0.5
     blobs, segmenters = _both(found, kept, p, mask, measure, seed, low)
     _assert_same(blobs, segmenters)
+    assert segmenters[0].rejected["zinger"] >= 1
     assert any(not np.array_equal(b.value, found[b.frame, b.y, b.x]) for b in blobs[1])  # measured values
 
 

@@ -62,14 +62,22 @@ SPIKE_LOW = 5.0
 SPIKE_VALUE = 3.0
 # A zinger -- a cosmic ray or a photon caught by the sensor itself -- is one frame deep: a blob of one frame,
 # of at most ZINGER_VOXELS, whose peak is ZINGER_PEAK_LOWS x its grow_low (30 sigma at the auto thresholds)
-# or more, with nothing at or above grow_low at its pixels in the frames before and after it, is one and is
-# dropped (its voxels claimed). The 3x3 median takes out zingers of one or two pixels, not those of 2 x 3
+# or more, with fewer than ZINGER_TAIL_PIXELS of its pixels at or above grow_low in the frame before and in
+# the frame after it (no rocking curve: one pixel may be noise, 6 % of 24-pixel blobs at 3 sigma; the sparse
+# scan holds every such pixel, so `resegment` decides the same), is one and is dropped (its voxels claimed). The 3x3 median takes out zingers of one or two pixels, not those of 2 x 3
 # pixels or more: an independent generator's 3 a frame at 256^2 (dots, blocks up to 3 x 3, tracks) made 316
 # false spots of 402. A spot's rocking curve puts a tenth of its peak or more into the next frame unless it
 # is narrower than 0.35 frames (sigma); a spot of 12 voxels or fewer above tau x its peak is one of 1.3 px
 # sigma or less.
 ZINGER_VOXELS = 12
 ZINGER_PEAK_LOWS = 10.0
+ZINGER_TAIL_PIXELS = 2
+# ... or of at most ZINGER_TRACK_VOXELS in a line: a particle crossing the sensor at a slant. Line: the
+# variances of its pixels' positions along their two principal axes (each pixel a unit square, 1/12 more)
+# in a ratio of ZINGER_TRACK_ELONGATION or more, a length 2.5x the width (a track 2 px wide, 5 px long or
+# more); a spot is round unless far bigger (polyxsim's one-frame spots: 17 voxels or more, a ratio under 2).
+ZINGER_TRACK_VOXELS = 48
+ZINGER_TRACK_ELONGATION = 6.0
 # Touching spots: the component of voxels >= grow_low around a maximum holds a second spot when a second
 # maximum stands out above the saddle s that joins it to a brighter one by its noise there: by
 # sqrt((SPLIT_LOW x grow_low)^2 + SPLIT_PHOTON^2 x g x s), the background's noise (SPLIT_LOW x grow_low is
@@ -150,6 +158,13 @@ def _inside(voxels: np.ndarray, frame_shape: tuple[int, int], box: tuple[int, ..
     ys, xs = (voxels // nx) % ny, voxels % nx
     return (f0 <= voxels[0] // (ny * nx) and voxels[-1] // (ny * nx) <= f1 and y0 <= ys.min() and ys.max() <= y1
             and x0 <= xs.min() and xs.max() <= x1)
+
+
+def elongation(ys: np.ndarray, xs: np.ndarray) -> float:
+    """The ratio of the variances of pixels' positions along their principal axes, each pixel a unit square."""
+    cov = np.cov(np.stack((ys, xs)).astype(np.float64), bias=True) + np.eye(2) / 12.0
+    low, high = np.linalg.eigvalsh(cov)
+    return float(high / low)
 
 
 def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
@@ -640,10 +655,13 @@ class Segmenter:
         return False
 
     def _zinger(self, fs, ys, xs, max_index) -> bool:
-        """One frame, at most ZINGER_VOXELS, a peak ZINGER_PEAK_LOWS x its grow_low or more, and no voxel at
-        or above grow_low at its pixels in the frames before and after (those of the scan)."""
+        """One frame, at most ZINGER_VOXELS (or ZINGER_TRACK_VOXELS in a line), a peak ZINGER_PEAK_LOWS x its
+        grow_low or more, and fewer than ZINGER_TAIL_PIXELS of its pixels at or above grow_low in the frame
+        before and in the frame after (those of the scan): no rocking curve there."""
         k = int(fs[0])
-        if fs.size > ZINGER_VOXELS or fs.min() != fs.max():
+        if fs.min() != fs.max() or fs.size > ZINGER_TRACK_VOXELS:
+            return False
+        if fs.size > ZINGER_VOXELS and elongation(ys, xs) < ZINGER_TRACK_ELONGATION:
             return False
         tile = self.params.tile_px
         slot = self._slot_of[k % self._capacity]
@@ -653,7 +671,8 @@ class Segmenter:
         for g in (k - 1, k + 1):
             if 0 <= g <= self.last:
                 s = self._slot_of[g % self._capacity]
-                if np.any(self._values[s, ys, xs] >= self._low_tiles[s, ys // tile, xs // tile]):
+                if np.count_nonzero(self._values[s, ys, xs] >= self._low_tiles[s, ys // tile, xs // tile]) \
+                        >= ZINGER_TAIL_PIXELS:
                     return False
         return True
 
