@@ -661,8 +661,6 @@ class Segmenter:
         k = int(fs[0])
         if fs.min() != fs.max() or fs.size > ZINGER_TRACK_VOXELS:
             return False
-        if fs.size > ZINGER_VOXELS and elongation(ys, xs) < ZINGER_TRACK_ELONGATION:
-            return False
         tile = self.params.tile_px
         slot = self._slot_of[k % self._capacity]
         _, y, x = max_index
@@ -674,7 +672,7 @@ class Segmenter:
                 if np.count_nonzero(self._values[s, ys, xs] >= self._low_tiles[s, ys // tile, xs // tile]) \
                         >= ZINGER_TAIL_PIXELS:
                     return False
-        return True
+        return fs.size <= ZINGER_VOXELS or elongation(ys, xs) >= ZINGER_TRACK_ELONGATION
 
     def _blob(self, fs, ys, xs, max_index, spot) -> Blob | None:
         """The blob of these voxels around its maximum, measured and claimed, its centroid taken over the
