@@ -104,7 +104,12 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
         values = volume[tuple(grown.T)].astype(np.float64)
         stand_out = SPLIT_LOW * low_map[tuple(grown.T)]
         top = np.array(reference_split(grown, values, stand_out, *params.split_rule(), params.connectivity == 26))
+        # the region's own maximum in a brighter voxel's part: the skirt of a spot grown before, not a spot
+        own = top[next(i for i, v in enumerate(grown) if tuple(v) == (f, y, x))]
         for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
+            if root == own and values[own] > peak:
+                rejected["tail_of_blob"] += 1
+                continue
             part_peak = values[root]
             # a claimed voxel brighter than the peak next to it (a neighbour, in the box): a blob's tail
             near = [tuple(grown[root] + d) for d in itertools.product((-1, 0, 1), repeat=3)

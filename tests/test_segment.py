@@ -194,6 +194,32 @@ def test_a_zinger_one_frame_deep_is_dropped_a_spot_as_narrow_with_a_rocking_tail
         [(20, 5, 5), (20, 8, 8), (35, 5, 5)]
 
 
+def test_a_seed_on_the_slope_of_a_spot_grown_before_is_no_spot():
+    """A big spot (peak 150) keeps its voxels >= tau x 150 = 45; its skirt (25, a bump of 32 on it) stays
+    unclaimed. A seed of 17 two frames before it, where the threshold is lower (15 against 20), rises into that
+    skirt through frame 3 (18): its maximum lies on the spot's slope, in the part of the skirt's bump. That
+    is the spot's tail, not a second spot with the bump for a peak (a big grain gave such second detections)."""
+    volume = np.zeros((10, 24, 24), np.float32)
+    volume[4:7, 6:18, 6:18] = 25.0
+    volume[4:7, 8:16, 8:16] = 100.0
+    volume[5, 12, 12] = 150.0
+    volume[5, 6, 17] = 32.0
+    volume[3, 6:18, 6:18] = 18.0
+    volume[2, 6, 6] = 17.0
+    seed = np.full((10, 1, 1), 20.0)
+    seed[2] = 15.0
+    low = np.full((10, 1, 1), 3.0)
+    p = params(seed_threshold=20.0, grow_low=3.0, seed_min_voxels=1, min_size=(1, 1, 1), max_size=(20, 20, 8),
+               tile_px=32)
+    segmenter = Segmenter(p, volume.shape[1:])
+    blobs = [b for k in range(len(volume)) for b in segmenter.push(k, volume[k], seed[k], low[k])]
+    blobs += segmenter.finish()
+    expected, rejected = reference_blobs(volume, p, seed_tiles=seed, low_tiles=low)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected) == {"tail_of_blob": 1}
+    assert [b.max_value for b in blobs] == [150.0]
+
+
 def test_size_filters_reject_by_reason():
     volume = np.zeros((10, 20, 20), np.float32)
     volume[2, 5, 5] = 10  # a single voxel: too small in x and y

@@ -620,9 +620,17 @@ class Segmenter:
         found = self._values[slots, ys, xs].astype(np.float64)
         low = self._low_tiles[slots, ys // p.tile_px, xs // p.tile_px].astype(np.float64)
         top = split_maxima(fs, ys, xs, found, SPLIT_LOW * low, *p.split_rule(), p.connectivity == 26)
+        # This region's own maximum in the part of a brighter voxel: it lies on the slope of a spot grown
+        # before it (brighter regions are grown first), in what that spot left below tau x its peak -- a
+        # noise-lifted seed in a big spot's rocking tail, whose part would take a bump of that skirt for a peak.
+        own = top[np.searchsorted(voxels, (f * ny + y) * nx + x)]
+        skirt = own if found[own] > region.max_value else -1
         blobs = []
         roots = np.unique(top)  # each part's peak: brightest first, then by index
         for root in roots[np.lexsort((roots, -found[roots]))]:
+            if root == skirt:
+                self.rejected["tail_of_blob"] += 1
+                continue
             at = (int(fs[root]), int(ys[root]), int(xs[root]))
             if at == tuple(region.max_index):
                 at, part_peak = region.max_index, region.max_value
