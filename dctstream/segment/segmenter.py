@@ -623,8 +623,11 @@ class Segmenter:
         # This region's own maximum in the part of a brighter voxel: it lies on the slope of a spot grown
         # before it (brighter regions are grown first), in what that spot left below tau x its peak -- a
         # noise-lifted seed in a big spot's rocking tail, whose part would take a bump of that skirt for a peak.
+        # A spot whose peak lies where the seed threshold is higher (another tile or frame) is no seed there,
+        # and its region's maximum lies on its slope too: a skirt touches the blob that left it.
         own = top[np.searchsorted(voxels, (f * ny + y) * nx + x)]
-        skirt = own if found[own] > region.max_value else -1
+        part = top == own
+        skirt = own if found[own] > region.max_value and self._touches_claimed(fs[part], ys[part], xs[part]) else -1
         blobs = []
         roots = np.unique(top)  # each part's peak: brightest first, then by index
         for root in roots[np.lexsort((roots, -found[roots]))]:
@@ -646,6 +649,17 @@ class Segmenter:
             if blob is not None:
                 blobs.append(blob)
         return blobs
+
+    def _touches_claimed(self, fs, ys, xs) -> bool:
+        """Whether a voxel next to these (through which they could grow) is claimed."""
+        ny, nx = self.frame_shape
+        for df, dy, dx in _NEIGHBOURS[self.params.connectivity]:
+            g, v, u = fs + df, ys + dy, xs + dx
+            inside = (g >= max(self._low, 0)) & (g <= self.last) & (v >= 0) & (v < ny) & (u >= 0) & (u < nx)
+            g, v, u = g[inside], v[inside], u[inside]
+            if np.any((self._flags[self._frame_slots(g), CLAIMED, v, u >> 3] >> (u & 7)) & 1):
+                return True
+        return False
 
     def _beside_brighter_blob(self, at, value: float, box) -> bool:
         """A claimed voxel brighter than ``value`` neighbours ``at`` (in the growth box ``box``: f0, f1, y0,
