@@ -64,11 +64,12 @@ SPIKE_VALUE = 3.0
 # of at most ZINGER_VOXELS, whose peak is ZINGER_PEAK_LOWS x its grow_low (30 sigma at the auto thresholds)
 # or more, with fewer than ZINGER_TAIL_PIXELS of its pixels at or above grow_low in the frame before and in
 # the frame after it (no rocking curve: one pixel may be noise, 6 % of 24-pixel blobs at 3 sigma; the sparse
-# scan holds every such pixel, so `resegment` decides the same), is one and is dropped (its voxels claimed). The 3x3 median takes out zingers of one or two pixels, not those of 2 x 3
-# pixels or more: an independent generator's 3 a frame at 256^2 (dots, blocks up to 3 x 3, tracks) made 316
-# false spots of 402. A spot's rocking curve puts a tenth of its peak or more into the next frame unless it
-# is narrower than 0.35 frames (sigma); a spot of 12 voxels or fewer above tau x its peak is one of 1.3 px
-# sigma or less.
+# scan holds every such pixel, so `resegment` decides the same), is one and is dropped (its voxels claimed).
+# The 3x3 median takes out zingers of one or two pixels, not those of 2 x 3 pixels or more: an independent
+# generator's 3 a frame at 256^2 (dots, blocks up to 3 x 3, tracks) made 316 false spots of 402 without this
+# rule, 9 with it. A spot's rocking curve puts a tenth of its peak or more into the next frame unless it is
+# narrower than 0.35 frames (sigma); a spot of 12 voxels or fewer above tau x its peak is one of 1.3 px sigma
+# or less.
 ZINGER_VOXELS = 12
 ZINGER_PEAK_LOWS = 10.0
 ZINGER_TAIL_PIXELS = 2
@@ -88,8 +89,8 @@ ZINGER_TRACK_ELONGATION = 6.0
 # `overlaps` recall 0.978 -> 0.983, centroid 0.165 -> 0.139 px, `polyxsim` recall 0.996 -> 0.998, no false
 # split on any validation scan; a bright flat-topped spot with a long rocking curve stays one down to 2.
 # Without a known gain it must stand out by tau x its own peak too, the double threshold's rule (pairs
-# closer than that were merged: 12 of the 201 `independent` spots). The component is split where their slopes meet (split_maxima), and
-# each part is the double threshold of its own peak P: its voxels >= clamp(tau * P, grow_low, grow_high)
+# closer than that were merged: 12 of the 201 `independent` spots). The component is split where their
+# slopes meet (split_maxima), and each part is the double threshold of its own peak P: its voxels >= clamp(tau * P, grow_low, grow_high)
 # connected to P.
 SPLIT_LOW = 2.0
 SPLIT_PHOTON = 4.0
@@ -174,8 +175,8 @@ def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
     return np.where(t32 < threshold, np.nextafter(t32, np.float32(np.inf)), t32)
 
 
-_NEIGHBOURS = {n: [d for d in itertools.product((-1, 0, 1), repeat=3) if any(d) and (n == 26 or sum(map(abs, d)) == 1)]
-               for n in (6, 26)}
+_NEIGHBOURS = {n: np.array([d for d in itertools.product((-1, 0, 1), repeat=3)
+                            if any(d) and (n == 26 or sum(map(abs, d)) == 1)]) for n in (6, 26)}
 
 
 class _Region:
@@ -626,8 +627,12 @@ class Segmenter:
         # A spot whose peak lies where the seed threshold is higher (another tile or frame) is no seed there,
         # and its region's maximum lies on its slope too: a skirt touches the blob that left it.
         own = top[np.searchsorted(voxels, (f * ny + y) * nx + x)]
-        part = top == own
-        skirt = own if found[own] > region.max_value and self._touches_claimed(fs[part], ys[part], xs[part]) else -1
+        skirt = -1
+        if found[own] > region.max_value:
+            part = top == own
+            scan = (max(self._low, 0), self.last, 0, ny - 1, 0, nx - 1)
+            if self._claimed_beside(fs[part], ys[part], xs[part], scan).size:
+                skirt = own
         blobs = []
         roots = np.unique(top)  # each part's peak: brightest first, then by index
         for root in roots[np.lexsort((roots, -found[roots]))]:
@@ -650,31 +655,24 @@ class Segmenter:
                 blobs.append(blob)
         return blobs
 
-    def _touches_claimed(self, fs, ys, xs) -> bool:
-        """Whether a voxel next to these (through which they could grow) is claimed."""
-        ny, nx = self.frame_shape
-        for df, dy, dx in _NEIGHBOURS[self.params.connectivity]:
-            g, v, u = fs + df, ys + dy, xs + dx
-            inside = (g >= max(self._low, 0)) & (g <= self.last) & (v >= 0) & (v < ny) & (u >= 0) & (u < nx)
-            g, v, u = g[inside], v[inside], u[inside]
-            if np.any((self._flags[self._frame_slots(g), CLAIMED, v, u >> 3] >> (u & 7)) & 1):
-                return True
-        return False
+    def _claimed_beside(self, fs, ys, xs, box) -> np.ndarray:
+        """The values of the claimed voxels next to these (through which they could grow), in the inclusive box
+        f0, f1, y0, y1, x0, x1."""
+        f0, f1, y0, y1, x0, x1 = box
+        near = (np.stack((fs, ys, xs), axis=1)[:, None, :] + _NEIGHBOURS[self.params.connectivity]).reshape(-1, 3)
+        g, v, u = near.T
+        near = near[(g >= f0) & (g <= f1) & (v >= y0) & (v <= y1) & (u >= x0) & (u <= x1)]
+        slots, v, u = self._frame_slots(near[:, 0]), near[:, 1], near[:, 2]
+        claimed = ((self._flags[slots, CLAIMED, v, u >> 3] >> (u & 7)) & 1).astype(bool)
+        return self._values[slots[claimed], v[claimed], u[claimed]]
 
     def _beside_brighter_blob(self, at, value: float, box) -> bool:
         """A claimed voxel brighter than ``value`` neighbours ``at`` (in the growth box ``box``: f0, f1, y0,
         y1, x0, x1): ``at`` is no maximum of the frames, only of what a brighter blob left unclaimed (its
         tail below tau x its peak). Only neighbours through which the blob could grow count, so this
         depends on the brighter regions the closing rules already wait for."""
-        f, y, x = at
-        f0, f1, y0, y1, x0, x1 = box
-        for df, dy, dx in _NEIGHBOURS[self.params.connectivity]:
-            g, v, u = f + df, y + dy, x + dx
-            if f0 <= g <= f1 and y0 <= v <= y1 and x0 <= u <= x1:
-                slot = self._slot_of[g % self._capacity]
-                if (self._flags[slot, CLAIMED, v, u >> 3] >> (u & 7)) & 1 and self._values[slot, v, u] > value:
-                    return True
-        return False
+        f, y, x = (np.array([c], np.int64) for c in at)
+        return bool((self._claimed_beside(f, y, x, box) > value).any())
 
     def _zinger(self, fs, ys, xs, max_index) -> bool:
         """One frame, at most ZINGER_VOXELS (or ZINGER_TRACK_VOXELS in a line), a peak ZINGER_PEAK_LOWS x its
