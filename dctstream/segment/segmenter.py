@@ -90,8 +90,8 @@ ZINGER_TRACK_ELONGATION = 6.0
 # split on any validation scan; a bright flat-topped spot with a long rocking curve stays one down to 2.
 # Without a known gain it must stand out by tau x its own peak too, the double threshold's rule (pairs
 # closer than that were merged: 12 of the 201 `independent` spots). The component is split where their
-# slopes meet (split_maxima), and each part is the double threshold of its own peak P: its voxels >= clamp(tau * P, grow_low, grow_high)
-# connected to P.
+# slopes meet (split_maxima), and each part is the double threshold of its own peak P: its voxels
+# >= clamp(tau * P, grow_low, grow_high) connected to P.
 SPLIT_LOW = 2.0
 SPLIT_PHOTON = 4.0
 # A spot's centroid: over its part of that component (its voxels >= grow_low, unfiltered values), not over
