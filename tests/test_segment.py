@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dctstream.segment import SegmentParams, Segmenter
-from dctstream.segment._kernels import seed_rows, split_maxima
+from dctstream.segment._kernels import CLAIMED, claim, claimed_beside_max, seed_rows, split_maxima
 from dctstream.segment.segmenter import HOT_SLOTS, INTEGRAL_MARGIN_FRAMES, INTEGRAL_MARGIN_PX, SPIKE_LOW, SPIKE_VALUE
 from reference import reference_blobs, reference_split
 
@@ -581,3 +581,28 @@ def test_a_bright_spot_is_not_cut_by_its_own_photon_noise():
     assert len(blobs) == 1
     cut, _, _ = segment(volume, params(**kw, photon_gain=0.0))
     assert len(cut) > 5
+
+
+@pytest.mark.parametrize("conn26", [True, False])
+def test_claim_and_claimed_beside_max_equal_numpy(conn26):
+    rng = np.random.default_rng(3)
+    cap, ny, nx = 5, 12, 21
+    values = rng.normal(size=(cap, ny, nx)).astype(np.float32)
+    slot_of = rng.permutation(cap).astype(np.int64)  # frame f in slot slot_of[f % cap]
+    flags = np.zeros((cap, 2, ny, (nx + 7) // 8), np.uint8)
+    claimed = np.zeros((cap, ny, nx), bool)  # by slot
+    f, y, x = (rng.integers(0, n, 40) for n in (2 * cap, ny, nx))  # frames past the ring wrap around it
+    claim(flags, slot_of, f, y, x)
+    claimed[slot_of[f % cap], y, x] = True
+    assert np.array_equal(np.unpackbits(flags[:, CLAIMED], axis=-1, bitorder="little")[..., :nx].astype(bool),
+                          claimed)
+    steps = [d for d in itertools.product((-1, 0, 1), repeat=3) if any(d) and (conn26 or sum(map(abs, d)) == 1)]
+    for _ in range(30):
+        n = int(rng.integers(1, 6))
+        fs, ys, xs = (rng.integers(0, m, n) for m in (cap, ny, nx))
+        box = (int(rng.integers(0, 2)), int(rng.integers(2, cap)), 1, ny - 2, 2, nx - 1)
+        f0, f1, y0, y1, x0, x1 = box
+        near = [(a + da, b + db, c + dc) for a, b, c in zip(fs, ys, xs) for da, db, dc in steps]
+        found = [values[slot_of[g % cap], v, u] for g, v, u in near
+                 if f0 <= g <= f1 and y0 <= v <= y1 and x0 <= u <= x1 and claimed[slot_of[g % cap], v, u]]
+        assert claimed_beside_max(values, slot_of, flags, fs, ys, xs, *box, conn26) == max(found, default=-np.inf)

@@ -509,3 +509,37 @@ def flood_from(fs, ys, xs, allowed, start, conn26):
                 stack[top] = j
                 top += 1
     return reached
+
+
+@numba.njit(cache=True, nogil=True)
+def claimed_beside_max(values, slot_of, flags, fs, ys, xs, f0, f1, y0, y1, x0, x1, conn26):
+    """The greatest value of the claimed voxels next to these (6- or 26-neighbours, through which they could
+    grow) in the inclusive box [f0..f1, y0..y1, x0..x1]; -inf when there is none."""
+    cap = slot_of.size
+    best = -np.inf
+    for i in range(fs.size):
+        for df in range(-1, 2):
+            g = fs[i] + df
+            if g < f0 or g > f1:
+                continue
+            slot = slot_of[g % cap]
+            for dy in range(-1, 2):
+                y = ys[i] + dy
+                if y < y0 or y > y1:
+                    continue
+                for dx in range(-1, 2):
+                    x = xs[i] + dx
+                    d = abs(df) + abs(dy) + abs(dx)
+                    if d == 0 or (not conn26 and d > 1) or x < x0 or x > x1:
+                        continue
+                    if _flag(flags, slot, CLAIMED, y, x) and values[slot, y, x] > best:
+                        best = values[slot, y, x]
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def claim(flags, slot_of, fs, ys, xs):
+    """Mark these voxels claimed."""
+    cap = slot_of.size
+    for i in range(fs.size):
+        _set_flag(flags, slot_of[fs[i] % cap], CLAIMED, ys[i], xs[i])

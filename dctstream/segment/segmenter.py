@@ -25,16 +25,17 @@ cannot interfere.
 
 from __future__ import annotations
 
-import itertools
+import bisect
 from collections import Counter
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
 from ..ring import release, releasable_frames
 from ..types import Blob
-from ._kernels import (CLAIMED, despike, flood_from, grow_region, label_seeds, seed_rows,
-                       moments, split_maxima, unclaimed_sum)
+from ._kernels import (CLAIMED, claim, claimed_beside_max, despike, flood_from, grow_region, label_seeds,
+                       moments, seed_rows, split_maxima, unclaimed_sum)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
@@ -175,10 +176,6 @@ def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
     return np.where(t32 < threshold, np.nextafter(t32, np.float32(np.inf)), t32)
 
 
-_NEIGHBOURS = {n: np.array([d for d in itertools.product((-1, 0, 1), repeat=3)
-                            if any(d) and (n == 26 or sum(map(abs, d)) == 1)]) for n in (6, 26)}
-
-
 class _Region:
     __slots__ = ("count", "max_value", "max_index", "first")
 
@@ -192,7 +189,7 @@ class _Region:
     def order(self):
         return (-self.max_value, *self.max_index)
 
-    def absorb(self, other: "_Region") -> None:
+    def absorb(self, other: _Region) -> None:
         self.count += other.count
         self.first = min(self.first, other.first)
         if other.order < self.order:
@@ -434,8 +431,7 @@ class Segmenter:
         return np.concatenate(found, axis=1)
 
     def _claim(self, f, y, x) -> None:
-        f, y, x = (np.asarray(v, np.int64) for v in (f, y, x))
-        np.bitwise_or.at(self._flags, (self._frame_slots(f), CLAIMED, y, x >> 3), (1 << (x & 7)).astype(np.uint8))
+        claim(self._flags, self._slot_of, *(np.asarray(v, np.int64) for v in (f, y, x)))
 
     # ---- seed regions --------------------------------------------------------------
     def _find(self, i: int) -> int:
@@ -523,14 +519,16 @@ class Segmenter:
     def _close(self, ended: bool) -> list[Blob]:
         reach_f = self.params.max_size[2]
         reach = 2 * np.array(self._reach_fyx)
-        open_regions = [self._regions[r] for r in self._open]
+        open_regions = sorted((self._regions[r] for r in self._open), key=attrgetter("order"))
+        open_orders = [q.order for q in open_regions]
         open_at = np.array([q.max_index for q in open_regions]).reshape(-1, 3)
-        pending = sorted(self._pending, key=lambda r: r.order)
+        pending = sorted(self._pending, key=attrgetter("order"))
         at = np.array([r.max_index for r in pending]).reshape(-1, 3)
         waiting = np.ones(len(pending), bool)  # not grown yet: holds dimmer regions it may touch
         blobs = []
         for i, region in enumerate(pending):
-            brighter = np.concatenate([at[:i][waiting[:i]], open_at[[q.order < region.order for q in open_regions]]])
+            # the open regions brighter than this one: the first ones in order
+            brighter = np.concatenate([at[:i][waiting[:i]], open_at[:bisect.bisect_left(open_orders, region.order)]])
             grown = None
             if not (ended or self._boxes_clear(region, brighter, reach)):
                 clear, grown = self._valley_clear(region, brighter, reach)
@@ -631,7 +629,7 @@ class Segmenter:
         if found[own] > region.max_value:
             part = top == own
             scan = (max(self._low, 0), self.last, 0, ny - 1, 0, nx - 1)
-            if self._claimed_beside(fs[part], ys[part], xs[part], scan).size:
+            if self._claimed_beside(fs[part], ys[part], xs[part], scan) > -np.inf:
                 skirt = own
         blobs = []
         roots = np.unique(top)  # each part's peak: brightest first, then by index
@@ -655,16 +653,11 @@ class Segmenter:
                 blobs.append(blob)
         return blobs
 
-    def _claimed_beside(self, fs, ys, xs, box) -> np.ndarray:
-        """The values of the claimed voxels next to these (through which they could grow), in the inclusive box
-        f0, f1, y0, y1, x0, x1."""
-        f0, f1, y0, y1, x0, x1 = box
-        near = (np.stack((fs, ys, xs), axis=1)[:, None, :] + _NEIGHBOURS[self.params.connectivity]).reshape(-1, 3)
-        g, v, u = near.T
-        near = near[(g >= f0) & (g <= f1) & (v >= y0) & (v <= y1) & (u >= x0) & (u <= x1)]
-        slots, v, u = self._frame_slots(near[:, 0]), near[:, 1], near[:, 2]
-        claimed = ((self._flags[slots, CLAIMED, v, u >> 3] >> (u & 7)) & 1).astype(bool)
-        return self._values[slots[claimed], v[claimed], u[claimed]]
+    def _claimed_beside(self, fs, ys, xs, box) -> float:
+        """The greatest value of the claimed voxels next to these (through which they could grow), in the
+        inclusive box f0, f1, y0, y1, x0, x1; -inf if none is."""
+        return claimed_beside_max(self._values, self._slot_of, self._flags, fs, ys, xs, *box,
+                                  self.params.connectivity == 26)
 
     def _beside_brighter_blob(self, at, value: float, box) -> bool:
         """A claimed voxel brighter than ``value`` neighbours ``at`` (in the growth box ``box``: f0, f1, y0,
@@ -672,7 +665,7 @@ class Segmenter:
         tail below tau x its peak). Only neighbours through which the blob could grow count, so this
         depends on the brighter regions the closing rules already wait for."""
         f, y, x = (np.array([c], np.int64) for c in at)
-        return bool((self._claimed_beside(f, y, x, box) > value).any())
+        return bool(self._claimed_beside(f, y, x, box) > value)
 
     def _zinger(self, fs, ys, xs, max_index) -> bool:
         """One frame, at most ZINGER_VOXELS (or ZINGER_TRACK_VOXELS in a line), a peak ZINGER_PEAK_LOWS x its
@@ -699,7 +692,8 @@ class Segmenter:
         ``spot``'s voxels (frames, ys, xs); None if the size filters reject it."""
         p = self.params
         ny, nx = self.frame_shape
-        size = (int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1), int(fs.max() - fs.min() + 1))
+        fa, fb, ya, yb, xa, xb = (int(v) for v in (fs.min(), fs.max(), ys.min(), ys.max(), xs.min(), xs.max()))
+        size = (xb - xa + 1, yb - ya + 1, fb - fa + 1)
         if any(s < m for s, m in zip(size, p.min_size)):
             self.rejected["too_small"] += 1
             return None
@@ -711,18 +705,16 @@ class Segmenter:
         if p.drop_zingers and self._zinger(fs, ys, xs, max_index):
             self.rejected["zinger"] += 1
             return None
-        slots = self._frame_slots(np.arange(fs.min(), fs.max() + 1))
-        volume = self._measures[slots, ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # copies the box only
-        value = volume[fs - fs.min(), ys - ys.min(), xs - xs.min()]
+        volume = self._measures[self._frame_slots(np.arange(fa, fb + 1)), ya:yb + 1, xa:xb + 1]  # copies the box only
+        value = volume[fs - fa, ys - ya, xs - xa]
         my, mx = (max(INTEGRAL_MARGIN_PX, -(-s // 2)) for s in (size[1], size[0]))
         mf = max(INTEGRAL_MARGIN_FRAMES, -(-size[2] // 2))
         tails = unclaimed_sum(self._measures, self._slot_of, self._flags, self.mask,
-                              max(int(fs.min()) - mf, self._low, 0), min(int(fs.max()) + mf, self.last),
-                              max(int(ys.min()) - my, 0), min(int(ys.max()) + my, ny - 1),
-                              max(int(xs.min()) - mx, 0), min(int(xs.max()) + mx, nx - 1))
+                              max(fa - mf, self._low, 0), min(fb + mf, self.last),
+                              max(ya - my, 0), min(yb + my, ny - 1), max(xa - mx, 0), min(xb + mx, nx - 1))
         peak_f, peak_y, peak_x = max_index
         # the value the blob reports at its maximum: the measured one, as all its values
-        max_value = float(volume[peak_f - fs.min(), peak_y - ys.min(), peak_x - xs.min()])
+        max_value = float(volume[peak_f - fa, peak_y - ya, peak_x - xa])
         blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
                     value=value, max_index=tuple(max_index), max_value=max_value, volume=volume,
                     total=float(value.sum(dtype=np.float64)) + tails,
