@@ -66,3 +66,18 @@ def test_a_hard_scan_model_takes_another_size():
     model = scan_model("clean", frames=360, size=512)
     assert (model.frames, model.shape) == (360, (512, 512))
     assert scan_model("clean", quick=True).frames == 360 and scan_model("clean").shape == (512, 512)
+
+
+def test_a_previous_output_is_set_aside_and_removed_once_the_table_is_made(tmp_path):
+    from simulators.validation import OLD_OUTPUTS, set_aside, validate
+
+    out = tmp_path / "out-scan"
+    (out / "difspots").mkdir(parents=True)
+    (out / "difspots" / "000000.h5").write_bytes(b"old")
+    set_aside(out)
+    assert not out.exists()
+    (kept,) = (tmp_path / OLD_OUTPUTS).iterdir()
+    assert (kept / "difspots" / "000000.h5").read_bytes() == b"old"
+    set_aside(out)  # nothing there: nothing to do
+    validate(quick=True, scans=["polyxsim"], work=tmp_path, imaged11=False)  # skipped: no scan, but it ends
+    assert not (tmp_path / OLD_OUTPUTS).exists()
