@@ -252,7 +252,7 @@ def capture(pipeline, k: int) -> Snapshot:
                   "flood_frames_total": stats.flood_frames_total, "sparse_cut": stats.sparse_cut,
                   "cut_range": pipeline._cut_range},
         "segmenter": {key: state[key] for key in ("low", "last", "prev_offset", "next_id", "n_blobs",
-                                                  "rejected", "capacity")},
+                                                  "rejected", "capacity", "too_large_size")},
     }
     noise = pipeline.noise.state()
     arrays = {

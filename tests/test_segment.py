@@ -229,6 +229,12 @@ def test_size_filters_reject_by_reason():
     blobs, _, segmenter = segment(volume, p)
     assert [b.max_value for b in blobs] == [9]
     assert dict(segmenter.rejected) == {"too_small": 1, "too_large": 1}
+    # (x, y, frames) of the largest, as far as the growth box reaches: what the warning says
+    width, height, frames = segmenter.too_large_size
+    assert (width, frames) == (2, 1) and height > 8
+    restored = Segmenter(p, (20, 20))
+    restored.restore(segmenter.state())  # a resumed run says the same
+    assert restored.too_large_size == segmenter.too_large_size
 
 
 @settings(max_examples=60, deadline=None)

@@ -292,6 +292,7 @@ class Segmenter:
         return {
             "low": self._low, "last": self.last, "prev_offset": self._prev_offset, "next_id": self._next_id,
             "n_blobs": self.n_blobs, "rejected": dict(self.rejected), "capacity": self._capacity,
+            "too_large_size": list(self.too_large_size),
             "prev_labels": self._prev_labels.copy(),
             "parent": np.array(sorted(self._parent.items()), np.int64).reshape(-1, 2),
             "region_ids": np.array(list(self._regions), np.int64),
@@ -312,6 +313,7 @@ class Segmenter:
         self._low, self.last = int(state["low"]), int(state["last"])
         self._prev_offset, self._next_id = int(state["prev_offset"]), int(state["next_id"])
         self.n_blobs, self.rejected = int(state["n_blobs"]), Counter(state["rejected"])
+        self.too_large_size = tuple(int(v) for v in state.get("too_large_size", (0, 0, 0)))  # older checkpoints: none
         self._new_pools(int(state["capacity"]))
         self._prev_labels = np.array(state["prev_labels"], np.int32, order="C")
         self._spare_labels = np.zeros_like(self._prev_labels)
