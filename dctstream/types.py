@@ -9,6 +9,7 @@ unless a field says otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class Blob:
         """The spot's integrated intensity: its voxels and their tails when the segmenter measured them."""
         return float(self.value.sum(dtype=np.float64)) if self.total is None else self.total
 
-    @property
+    @cached_property  # asked for by each sink: six reductions over the voxels every time
     def bbox(self) -> tuple[int, int, int, int, int, int]:
         """(frame0, y0, x0, frame1, y1, x1), inclusive."""
         return (

@@ -226,14 +226,13 @@ def test_difspot_output_dir_is_a_file(tmp_path):
 
 
 def test_difspot_file_of_a_shape_written_before_equals_its_own_hdf5_write(tmp_path, monkeypatch):
-    # from the second file of a box shape on, a file of that shape is that one's bytes with its values put
-    # in: the same file as HDF5 writes for it (the datasets' modification times aside)
+    # after the first file of a box shape, a file of that shape is that one's bytes with its values put in:
+    # the same file as HDF5 writes for it (the datasets' modification times aside)
     writer = DifspotWriter(tmp_path / "run")
-    for i in (1, 2):
-        first = make_blob(blob_id=i, peak_value=3.0)  # each field another value than the next one's, but the box
-        keep = np.arange(first.frame.size) != 5
-        writer.write(dataclasses.replace(first, frame=first.frame[keep], y=first.y[keep], x=first.x[keep],
-                                         value=first.value[keep], max_index=(F0 + 2, Y0, X0)))
+    first = make_blob(blob_id=1, peak_value=3.0)  # each field another value than the next one's, but the box
+    keep = np.arange(first.frame.size) != 5
+    writer.write(dataclasses.replace(first, frame=first.frame[keep], y=first.y[keep], x=first.x[keep],
+                                     value=first.value[keep], max_index=(F0 + 2, Y0, X0)))
     through_hdf5 = []
     real_write = difspots._write_h5
     monkeypatch.setattr(difspots, "_write_h5", lambda *a: through_hdf5.append(a) or real_write(*a))
@@ -254,10 +253,28 @@ def test_difspot_file_of_a_shape_written_before_equals_its_own_hdf5_write(tmp_pa
                                                                      for n in g]
 
 
+def test_difspot_file_images_are_kept_for_at_most_IMAGES_shapes(tmp_path, monkeypatch):
+    monkeypatch.setattr(difspots, "IMAGES", 1)
+    writer = DifspotWriter(tmp_path)
+    through_hdf5 = []
+    real_write = difspots._write_h5
+    monkeypatch.setattr(difspots, "_write_h5", lambda *a: through_hdf5.append(a[0].name) or real_write(*a))
+    other = make_blob(blob_id=2)
+    keep = other.y != other.y.max()  # a box a row shorter: another shape
+    other = dataclasses.replace(other, frame=other.frame[keep], y=other.y[keep], x=other.x[keep],
+                                value=other.value[keep])
+    for i, blob in enumerate([make_blob(blob_id=1), other, make_blob(blob_id=3), other]):
+        writer.write(dataclasses.replace(blob, id=10 + i))
+    # the first shape's image is kept, the second shape finds no room: its files go through HDF5 each time
+    assert through_hdf5 == ["000010.h5", "000011.h5", "000013.h5"]
+    for i in range(4):
+        assert read_all(writer.folder / f"{10 + i:06d}.h5")[0]["difspotID"] == 10 + i
+
+
 @pytest.mark.parametrize("written_before", [False, True])
 def test_difspot_folder_gone_during_run(tmp_path, written_before):
     writer = DifspotWriter(tmp_path)
-    if written_before:  # two files of the same shape: the next one is copied from the second
+    if written_before:  # two files of the same shape: the next one is copied from the first
         for i in (1, 2):
             os.remove(writer.write(make_blob(blob_id=i)))
     writer.folder.rmdir()

@@ -78,7 +78,6 @@ class DifspotWriter:
         self.folder = Path(out_dir) / "difspots"
         ensure_dir(self.folder)
         self._images: dict[tuple[int, int, int], _Image | None] = {}  # by box shape (frames, y, x)
-        self._seen: set[tuple[int, int, int]] = set()  # shapes with a file written through HDF5
 
     def write(self, blob: Blob, volume: np.ndarray | None = None) -> Path:
         """Write the difspot file of ``blob`` and return its path.
@@ -131,20 +130,18 @@ class DifspotWriter:
         path = self.folder / f"{row['id']:06d}.h5"
         values = {**arrays, **scalars}
         # Without a compressed array, a box shape's files differ only in their datasets' values, each at a
-        # fixed place in the file: from a shape's second file on, a file of that shape is the bytes of one
-        # written through HDF5 with the values put in (0.7 ms a file where the HDF5 calls take 2.4; the
-        # datasets' modification times are that file's). A shape's first file is only written: most shapes of
-        # a small scan never come again.
+        # fixed place in the file: a shape's first file is written through HDF5 (2.4-5 ms), the next ones are
+        # its bytes with their values put in (0.1-0.7 ms; the datasets' modification times are that file's).
+        # At most IMAGES shapes are kept so: beyond, a new shape's files are all written through HDF5.
         small = all(arrays[name].nbytes < COMPRESS_MIN_BYTES for name in _COMPRESSED)
         image = self._images.get(shape) if small else None
         if image is not None:
             image.write(path, values)
             return path
-        imaged = small and shape in self._seen and shape not in self._images
+        imaged = small and shape not in self._images and len(self._images) < IMAGES
         offsets = _write_h5(path, values, imaged)
         if imaged:
             self._images[shape] = _Image.of(path, values, offsets)
-        self._seen.add(shape)
         return path
 
 
@@ -227,6 +224,9 @@ def box_arrays(blob: Blob, row: dict, volume: np.ndarray | None = None) -> tuple
 # values of the whole box are noise, which gzip shrank by a tenth for 40 % of a large difspot's write time
 # (4.7 of 12 ms for a box of 12 x 50 x 50 voxels); ``DataMasked`` is mostly the zeros off the difspot.
 _COMPRESSED = ("Mask", "DataMasked", "Projection")
+# Box shapes whose file image a writer keeps: an image is the bytes of a file of small arrays (under ~60 KiB,
+# most 10-20 KiB), so at most ~60 MiB.
+IMAGES = 1024
 # Below this, a gzip chunk saves a few hundred bytes and costs more than the rest of the file to
 # write (~0.5 ms per array): most difspots are boxes of a few hundred voxels.
 COMPRESS_MIN_BYTES = 16384
