@@ -224,9 +224,9 @@ def box_arrays(blob: Blob, row: dict, volume: np.ndarray | None = None) -> tuple
 # values of the whole box are noise, which gzip shrank by a tenth for 40 % of a large difspot's write time
 # (4.7 of 12 ms for a box of 12 x 50 x 50 voxels); ``DataMasked`` is mostly the zeros off the difspot.
 _COMPRESSED = ("Mask", "DataMasked", "Projection")
-# Box shapes whose file image a writer keeps: an image is the bytes of a file of small arrays (under ~60 KiB,
-# most 10-20 KiB), so at most ~60 MiB.
-IMAGES = 1024
+# Box shapes whose file image a writer keeps (the first ones met: the common shapes come early): an image is
+# the bytes of a file of small arrays, under ~60 KiB (most 10-20), so at most ~15 MiB beside the frames.
+IMAGES = 256
 # Below this, a gzip chunk saves a few hundred bytes and costs more than the rest of the file to
 # write (~0.5 ms per array): most difspots are boxes of a few hundred voxels.
 COMPRESS_MIN_BYTES = 16384
