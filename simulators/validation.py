@@ -11,8 +11,8 @@ it is made again only when those change), then
   the dark given: ``python -m dctstream run dctstream/configs/default.yml --source F
   --set source.angles=A --dark D --out OUT --overwrite`` (the code beside this
   module; without the config file when it is not there, i.e. installed);
-  fps is frames processed / elapsed seconds from ``OUT/run.json``, after an untimed run on a small scan
-  (`warm_up`: the numba kernels compiled and cached);
+  fps is frames processed / elapsed seconds from ``OUT/run.json`` of a second run (the first compiles the
+  numba kernels for that scan's dtypes and code paths);
 * **ImageD11** (``ImageD11.labelimage``, the per-frame labelling merged over
   omega, when ImageD11 is importable) runs on the same frames, background
   subtracted as its users do: the mean dark, then a per-pixel median of (up to)
@@ -365,7 +365,6 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
     work.mkdir(parents=True, exist_ok=True)
     timeout_s = timeout_s or (600.0 if quick else 1800.0)
     rows = []
-    warm = False
     shape_of = {}  # scan name -> (frames, y, x)
     for name in scans:
         print(f"{name}:", flush=True)
@@ -393,8 +392,6 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
             n_frames = shape_of[name][0]
             beam_moves = "beam_motion" in f[TRUTH_PATH].attrs
         tables = {}
-        if not warm:  # before the first timed run
-            warm = warm_up(work, seed=seed, timeout_s=timeout_s, code_root=code_root)
         for tool, run in _tools(path, truth, work, timeout_s, code_root, imaged11):
             spots, info = run()
             row = {"scan": name, "tool": tool, "true_beam": truth.direct_beam_bbox, **info}
@@ -436,22 +433,15 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
     return rows
 
 
-def warm_up(work: Path, *, seed: int, timeout_s: float, code_root: Path = ROOT) -> bool:
-    """One untimed run on a small scan, so that no row's fps counts the compiling of the numba kernels (~30 s
-    the first time a checkout runs; cached after)."""
-    path = scan_path(work, "clean", quick=True, seed=seed, shape=WARM_UP_SHAPE)
-    print(f"warm-up on {path.name}:", flush=True)
-    run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s, code_root=code_root)
-    return True
-
-
-WARM_UP_SHAPE = (120, 128)  # frames, size
-
-
 def _tools(path: Path, truth, work: Path, timeout_s: float, code_root: Path, imaged11: bool) -> list:
     """(tool, run) for each tool on the scan at ``path``; run() gives its spots and what it said."""
-    tools = [("dctstream", lambda: run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s,
-                                                 code_root=code_root))]
+    def dctstream():
+        # twice, the second timed: the first compiles the numba kernels for the scan's dtypes and code paths
+        # (1-30 s the first time a checkout meets them; cached after), which no row's fps counts
+        run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s, code_root=code_root)
+        return run_dctstream(path, work / f"out-{path.stem}", timeout_s=timeout_s, code_root=code_root)
+
+    tools = [("dctstream", dctstream)]
     if imaged11:
         tools.append(("ImageD11", lambda: run_imaged11(path, truth.direct_beam_bbox, flt=work / f"{path.stem}.flt")))
     return tools
