@@ -669,12 +669,11 @@ class Segmenter:
         f, y, x = (np.array([c], np.int64) for c in at)
         return bool(self._claimed_beside(f, y, x, box) > value)
 
-    def _zinger(self, fs, ys, xs, max_index) -> bool:
-        """One frame, at most ZINGER_VOXELS (or ZINGER_TRACK_VOXELS in a line), a peak ZINGER_PEAK_LOWS x its
-        grow_low or more, and fewer than ZINGER_TAIL_PIXELS of its pixels at or above grow_low in the frame
-        before and in the frame after (those of the scan): no rocking curve there."""
-        k = int(fs[0])
-        if fs.min() != fs.max() or fs.size > ZINGER_TRACK_VOXELS:
+    def _zinger(self, k: int, ys, xs, max_index) -> bool:
+        """A blob of frame k alone (its pixels ys, xs): at most ZINGER_VOXELS (or ZINGER_TRACK_VOXELS in a line),
+        a peak ZINGER_PEAK_LOWS x its grow_low or more, and fewer than ZINGER_TAIL_PIXELS of its pixels at or
+        above grow_low in the frame before and in the frame after (those of the scan): no rocking curve there."""
+        if ys.size > ZINGER_TRACK_VOXELS:
             return False
         tile = self.params.tile_px
         slot = self._slot_of[k % self._capacity]
@@ -687,7 +686,7 @@ class Segmenter:
                 if np.count_nonzero(self._values[s, ys, xs] >= self._low_tiles[s, ys // tile, xs // tile]) \
                         >= ZINGER_TAIL_PIXELS:
                     return False
-        return fs.size <= ZINGER_VOXELS or elongation(ys, xs) >= ZINGER_TRACK_ELONGATION
+        return ys.size <= ZINGER_VOXELS or elongation(ys, xs) >= ZINGER_TRACK_ELONGATION
 
     def _blob(self, fs, ys, xs, max_index, spot) -> Blob | None:
         """The blob of these voxels around its maximum, measured and claimed, its centroid taken over the
@@ -704,7 +703,7 @@ class Segmenter:
             self.too_large_size = tuple(max(a, b) for a, b in zip(self.too_large_size, size))
             return None
         self._claim(fs, ys, xs)
-        if p.drop_zingers and self._zinger(fs, ys, xs, max_index):
+        if p.drop_zingers and fa == fb and self._zinger(fa, ys, xs, max_index):  # one frame deep
             self.rejected["zinger"] += 1
             return None
         volume = self._measures[self._frame_slots(np.arange(fa, fb + 1)), ya:yb + 1, xa:xb + 1]  # copies the box only
