@@ -249,6 +249,7 @@ def capture(pipeline, k: int) -> Snapshot:
         "stats": {"frames_missing": lost_before, "seed_threshold": stats.seed_threshold,
                   "noise_sigma": stats.noise_sigma, "noise_sigma_range": stats.noise_sigma_range,
                   "noise_sigma_by_frame": stats.noise_sigma_by_frame, "flood_frames": stats.flood_frames,
+                  "background_level_range": stats.background_level_range,
                   "flood_frames_total": stats.flood_frames_total, "sparse_cut": stats.sparse_cut,
                   "cut_range": pipeline._cut_range},
         "segmenter": {key: state[key] for key in ("low", "last", "prev_offset", "next_id", "n_blobs",
@@ -262,6 +263,10 @@ def capture(pipeline, k: int) -> Snapshot:
         **_intensity_samples(bg),
         **{f"noise_{name}": np.asarray(v) for name, v in noise.items()},
         "seg_low_tiles": state["low_tiles"], "seg_floods": state["floods"],
+        # the level each frame the segmenter may still need was measured above: its values are made again
+        "level_frames": np.array([f for f in sorted(pipeline._levels) if f >= first_needed], np.int64),
+        "levels": np.array([level for f, level in sorted(pipeline._levels.items()) if f >= first_needed],
+                           np.float32).reshape(-1, *pipeline.noise.level.shape),
         "pixel_mask": bg.pixel_mask,
         "lost_frames": np.array(sorted(stand_ins), np.int64),
         "lost_stand_ins": (np.stack([stand_ins[k] for k in sorted(stand_ins)]) if stand_ins

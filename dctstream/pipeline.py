@@ -31,7 +31,7 @@ from .resources import check_memory
 from .segment import SegmentParams, Segmenter
 from .segment.floor import floor_tiles, reach_tiles, round_down_to_float32
 from .segment.segmenter import pixel_map
-from .segment.noise import TILE_PX, NoiseTracker
+from .segment.noise import TILE_PX, NoiseTracker, subtract_level
 from .sinks import CorrectedFrameWriter, DifspotWriter, SparseScanWriter, SpotTable
 from .sources import COMPLETE_ENDS, check_source, open_source
 from .sources.scan_file import resolve_auto
@@ -80,6 +80,9 @@ class Stats:
     noise_sigma: float | None = None  # median over the detector, current frame
     noise_sigma_range: tuple[float, float] | None = None  # (min, max) of noise_sigma over the scan so far
     noise_sigma_by_frame: list | None = None  # [frame, noise_sigma] every so many frames (the run record)
+    # (min, max) over the scan so far of the unfiltered corrected frames' level (median over the detector),
+    # which each frame's spots are measured above (segment.noise: a median along psi is not the counts' mean)
+    background_level_range: tuple[float, float] | None = None
     photon_gain: float | None = None  # counts per photon of the corrected frames (segment.noise.photon_gain)
     normalise: dict | None = None  # how frames were brought to the beam intensity: mode, scale range
     flood_frames: list | None = None  # the last frames whose seeds flooded: [frame, seed regions, threshold factor]
@@ -265,6 +268,7 @@ class Pipeline:
         self._sigma: np.ndarray | None = None  # the noise of the first frames, per tile
         self._cut_range: tuple[float, float] | None = None  # of the sparse scan's cut so far, counts
         self.noise: NoiseTracker | None = None
+        self._levels: dict[int, np.ndarray] = {}  # frame -> its level (float32 tile map), while a resume needs it
         self._floods_said = 0  # flood events already counted in the stats
         self._too_large_said = False
         self._first_frames: list[tuple[int, np.ndarray, np.ndarray]] = []  # corrected frames held for the noise estimate
@@ -713,11 +717,15 @@ class Pipeline:
         """Frame k filtered (it finds the spots) and its unfiltered difference (it measures them)."""
         measure = difference if self.segmenter.measured else None
         if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
+            if measure is not None and k in self._levels:  # the level it was measured above
+                subtract_level(measure, self._levels[k])
             self.segmenter.load_frame(k, frame, measure)
             return
         with self._timed("segment"):
             self._noise_mask_for(k)
-            sigma = self.noise.push(k, frame)
+            sigma = self.noise.push(k, frame, measure)
+            if measure is not None:
+                self._measure_above_level(k, measure)
             seed, low = frame_maps(self.cfg.segmentation, sigma)
         self._note_noise(k, sigma, seed)
         if self._merge is None:
@@ -732,6 +740,15 @@ class Pipeline:
             self._segment_in_order(*item)
         self._note_order()
 
+    def _measure_above_level(self, k: int, measure: np.ndarray) -> None:
+        """Frame k's unfiltered values less its level, kept for the sparse scan and, while the segmenter may
+        need the frame again, for a checkpoint."""
+        level = self._levels[k] = self.noise.level
+        subtract_level(measure, level)
+        middle = float(np.median(level))
+        low, high = self.stats.background_level_range or (middle, middle)
+        self.stats.background_level_range = (min(low, middle), max(high, middle))
+
     def _segment_in_order(self, k: int, frame: np.ndarray, seed, low, measure, sigma) -> None:
         """Segment frame ``k`` (along psi), then write, export and checkpoint what it completes."""
         with self._timed("segment"):
@@ -740,6 +757,11 @@ class Pipeline:
         if self.export is not None:
             with self._timed("export"):
                 self._export(k, frame, measure, sigma)
+        if self._merge is not None:  # never checkpointed
+            self._levels.pop(k, None)
+        else:
+            for f in [f for f in self._levels if f < self.segmenter.first_needed]:
+                del self._levels[f]
         if self.frame_taps:
             with self._timed("taps"):
                 for tap in self.frame_taps:
@@ -756,7 +778,7 @@ class Pipeline:
             return
         cut = sparse_cut(self.cfg.export, self.cfg.segmentation, sigma, self.segmenter.params.tile_px)
         self.export.write(k, frame, cut, sigma, self._psi[k] if self._psi and k < len(self._psi) else None,
-                          difference if self.segmenter.measured else None)
+                          difference if self.segmenter.measured else None, self._levels.get(k))
         low, high = float(cut.min()), float(cut.max())
         if self._cut_range is not None:
             low, high = min(low, self._cut_range[0]), max(high, self._cut_range[1])
@@ -821,6 +843,7 @@ class Pipeline:
     def _start_segmenter(self) -> None:
         """Estimate the noise on the first corrected frames, start the segmenter and give it those frames."""
         first_frames = [frame for _, frame, _ in self._first_frames]
+        first_measures = [difference for _, _, difference in self._first_frames]
         shape = self.background.frame_shape
         detector = self.detector
         mask = self.segment_mask()
@@ -836,7 +859,8 @@ class Pipeline:
                              "after background correction (all-zero, saturated or constant frames, or a scan of "
                              "fewer than 3 frames?), expected detector counts with noise for "
                              "segmentation.seed_threshold: auto; set a number of counts instead")
-        sigma = self._sigma = self.noise.prime(first_frames)
+        measured = self.background.filter_size > 1
+        sigma = self._sigma = self.noise.prime(first_frames, first_measures if measured else None)
         if self.cfg.segmentation.seed_threshold == "auto" and not np.all(sigma > 0):
             raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "
                              "after background correction (constant float frames?), expected detector counts "
@@ -850,7 +874,7 @@ class Pipeline:
         log.info("direct beam %s, noise %.3g counts (median), seed threshold %.4g..%.4g counts, %s counts "
                  "per photon", self.stats.direct_beam, self.stats.noise_sigma, *self.stats.seed_threshold,
                  "unknown" if gain is None else f"{gain:.3g}")
-        self.segmenter = Segmenter(params, shape, mask, measured=self.background.filter_size > 1)
+        self.segmenter = Segmenter(params, shape, mask, measured=measured)
         if self._tracker is not None:
             self._merge = PassMerge(self._tracker, self._passes, shape)
             self._psi = self._merge.psi  # psi of the frames as segmented
@@ -945,8 +969,9 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     pipeline.segmenter = Segmenter(params, bg.frame_shape, mask, measured=bg.filter_size > 1)
     pipeline.noise = NoiseTracker(bg.frame_shape, mask,
                                   floor=INTEGER_NOISE_FLOOR if pipeline.detector.dtype.kind in "ui" else 0.0)
-    pipeline.noise.restore({name: arrays[f"noise_{name}"] for name in ("history", "pushed", "n_primed", "primed",
-                                                                       "series")})
+    pipeline.noise.restore({name[len("noise_"):]: v for name, v in arrays.items() if name.startswith("noise_")})
+    # the levels of the frames read again (none in a checkpoint of a version before the level)
+    pipeline._levels = dict(zip(arrays.get("level_frames", np.zeros(0, np.int64)).tolist(), arrays.get("levels", ())))
     seg_meta = meta["segmenter"]
     pipeline.segmenter.restore({
         **seg_meta,
@@ -959,7 +984,7 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     pipeline._floods_said = len(pipeline.segmenter.floods)
     if "export" in meta:
         pipeline._open_export(mask, resume={**meta["export"], **{
-            key: arrays[f"export_{key}"] for key in SparseScanWriter.STATE_ARRAYS}})
+            key: arrays[f"export_{key}"] for key in SparseScanWriter.STATE_ARRAYS if f"export_{key}" in arrays}})
     pipeline._lost_before = meta["stats"]["frames_missing"]
     pipeline._known_stand_ins = dict(zip(arrays["lost_frames"].tolist(), arrays["lost_stand_ins"]))
     pipeline._replay_until = meta["frame"]
@@ -973,6 +998,7 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     stats.noise_sigma = s["noise_sigma"]
     stats.noise_sigma_range = tuple(s["noise_sigma_range"]) if s["noise_sigma_range"] else None
     stats.noise_sigma_by_frame = s["noise_sigma_by_frame"]
+    stats.background_level_range = tuple(s["background_level_range"]) if s.get("background_level_range") else None
     stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
     stats.sparse_cut = s.get("sparse_cut")
     pipeline._cut_range = tuple(s["cut_range"]) if s.get("cut_range") else None

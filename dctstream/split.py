@@ -63,7 +63,7 @@ from .pipeline import (FLOOD_FRAMES_LISTED, INTEGER_NOISE_FLOOR, NOISE_FRAMES, S
                        identity_config, prepare_output, resolve_segmentation, sparse_cut,
                        sparse_cut_note)
 from .segment import Segmenter
-from .segment.noise import HISTORY_FRAMES, NoiseTracker, frame_noise
+from .segment.noise import HISTORY_FRAMES, NoiseTracker, subtract_level
 from .sinks import DifspotWriter, SparseScanWriter, SpotTable
 from .sinks.corrected import SparseScan, first_stretch
 from .sources import open_source
@@ -361,10 +361,9 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
             part = SparseScanWriter(sparse_part(spill), dataclasses.replace(cfg.export, dtype="float32"), shape,
                                     mask, segmenter.params.tile_px, 1, angles=bool(psi),
                                     unfiltered=segmenter.measured)
-        history = np.full((HISTORY_FRAMES, *noise.state()["history"].shape[1:]), np.nan)
         held: list[tuple[int, np.ndarray, np.ndarray]] = []
         edges = set(chunk.lower) | set(chunk.upper)
-        facts = {"fingerprints": {}, "rejected": {}, "noise": [], "floods": [], "seed_threshold": None,
+        facts = {"fingerprints": {}, "rejected": {}, "noise": [], "level": [], "floods": [], "seed_threshold": None,
                  "scales": [], "blobs": 0, "fingerprint_s": 0.0, "beam_track": track}
         with open(spill, "wb") as out:
 
@@ -375,7 +374,9 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                     facts["rejected"][k] = dict(segmenter.rejected)
                     facts["fingerprint_s"] += time.perf_counter() - t
                 noise_mask(k)
-                sigma = noise.push(k, frame)
+                sigma = noise.push(k, frame, difference if segmenter.measured else None)
+                if segmenter.measured:
+                    subtract_level(difference, noise.level)
                 seed, low = frame_maps(cfg.segmentation, sigma)
                 floods = len(segmenter.floods)
                 keep(k, segmenter.push(k - a, frame, seed, low, difference if segmenter.measured else None))
@@ -383,8 +384,10 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                     if part is not None:
                         part.write(k - chunk.start, frame, sparse_cut(cfg.export, cfg.segmentation, sigma,
                                                                       segmenter.params.tile_px),
-                                   sigma, psi[k] if psi else None, difference if segmenter.measured else None)
+                                   sigma, psi[k] if psi else None, difference if segmenter.measured else None,
+                                   noise.level if segmenter.measured else None)
                     facts["noise"].append(float(np.median(sigma)))
+                    facts["level"].append(float(np.median(noise.level)))
                     if len(segmenter.floods) > floods:
                         f, found, factor = segmenter.floods[-1]
                         facts["floods"].append([int(f) + a, int(found), float(factor)])
@@ -400,17 +403,15 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
 
             def take(k: int, frame: np.ndarray, difference: np.ndarray) -> bool:
                 """False once the chunk's last frame is segmented."""
-                if k < a:  # only the noise of the frames before it
-                    history[k % HISTORY_FRAMES] = frame_noise(frame, noise_mask(k), noise.tile_px)
+                if k < a:  # only the noise and level of the frames before it
+                    noise_mask(k)
+                    noise.add(frame, difference if segmenter.measured else None)
                     return True
-                if k == a and a:
-                    noise.restore({"history": history, "pushed": a, "n_primed": NOISE_FRAMES,
-                                   "primed": ctx["sigma"], "series": np.zeros(a)})
                 if not a and k < NOISE_FRAMES:  # as one process: the first frames' noise, together
                     held.append((k, frame, difference))
                     if len(held) == NOISE_FRAMES:
                         noise_mask(0)
-                        noise.prime([f for _, f, _ in held])
+                        noise.prime([f for _, f, _ in held], [d for _, _, d in held] if segmenter.measured else None)
                         for item in held:
                             segment(*item)
                     return True
@@ -721,6 +722,9 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
         stats.noise_sigma_range = (min(noise), max(noise))
         every = max(1, n // 200)
         stats.noise_sigma_by_frame = [[k, round(v, 4)] for k, v in enumerate(noise) if k % every == 0]
+    level = [v for c in chunks for v in facts[c]["level"]]
+    if level:
+        stats.background_level_range = (min(level), max(level))
     floods = [fl for c in chunks for fl in facts[c]["floods"]]
     if floods:
         stats.flood_frames, stats.flood_frames_total = floods[-FLOOD_FRAMES_LISTED:], len(floods)
@@ -770,7 +774,7 @@ def _merge_sparse(cfg: Config, ctx: dict, chunks, parts, out_dir: Path, detector
                 for f, *pixels in part.frames(unfiltered=measured):
                     k = chunk.start + f
                     writer.write_pixels(k, *pixels[:3], part.cut[f], part.noise_sigma[f], psi[k] if psi else None,
-                                        pixels[3] if measured else None)
+                                        pixels[3] if measured else None, part.level[f])
                 cuts = (float(part.cut.min()), float(part.cut.max()))
                 low, high = (cuts if low is None else (min(low, cuts[0]), max(high, cuts[1])))
         writer.close()

@@ -250,6 +250,23 @@ def reference_frame_noise(frame, mask, tile=32, step=2):
     return out
 
 
+def reference_frame_level(frame, measure, mask, sigma, tile=32, step=2, exclude=3.0, clip=10.0):
+    """Mean per tile of ``measure`` over the unmasked pixels on a grid of ``step`` where ``frame`` is below
+    ``exclude`` x the tile's ``sigma`` and ``measure`` within ``clip`` x ``sigma`` of 0; NaN where fewer
+    than a quarter of the grid (at most 32) such pixels."""
+    min_samples = min(32, max((tile // step) ** 2 // 4, 1))
+    out = np.full(sigma.shape, np.nan)
+    for ty in range(out.shape[0]):
+        for tx in range(out.shape[1]):
+            box = (slice(ty * tile, (ty + 1) * tile, step), slice(tx * tile, (tx + 1) * tile, step))
+            s = sigma[ty, tx]
+            m = measure[box].astype(np.float64)
+            keep = ~mask[box] & (frame[box] < exclude * s) & (np.abs(m) <= clip * s)
+            if keep.sum() >= min_samples:
+                out[ty, tx] = m[keep].mean()
+    return out
+
+
 def reference_thresholds(volume, mask, seg, *, prime=5, history=15, floor=0.5, tile=32):
     """Each frame's seed and lower grow clamp tile maps for the ``auto`` segmentation settings ``seg``:
     seed_sigma x the median of the tile noise over the first ``prime`` frames (for those frames) or the

@@ -5,8 +5,9 @@ import warnings
 import numpy as np
 import pytest
 
-from dctstream.segment.noise import PHOTON_FRAMES, NoiseTracker, frame_noise, photon_gain
-from reference import reference_frame_noise
+from dctstream.segment.noise import (PHOTON_FRAMES, NoiseTracker, frame_level, frame_noise, photon_gain,
+                                     subtract_level)
+from reference import reference_frame_level, reference_frame_noise
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (70, 45)])
@@ -163,3 +164,97 @@ def test_frames_without_the_beam_do_not_lower_the_noise_of_the_frames_after_them
     got = [tracker.push(k, f) for k, f in enumerate(frames)]
     lit = [k for k in range(60) if k not in closed]
     assert all(np.all(np.abs(got[k] - 5.0) < 0.8) for k in lit)
+
+
+def _level_frames(rng, shape, mean):
+    """A filtered-looking frame and its unfiltered copy: noise about ``mean``, spots (high in both), zingers (in
+    the unfiltered one only) and masked pixels."""
+    measure = rng.normal(mean, 2.0, shape).astype(np.float32)
+    frame = rng.normal(mean, 0.8, shape).astype(np.float32)
+    frame[10:20, 40:52] += 30.0  # a spot: lit in the filtered frame
+    measure[10:20, 40:52] += 30.0
+    measure[rng.integers(0, shape[0], 40), rng.integers(0, shape[1], 40)] += 500.0  # zingers: clipped
+    mask = np.zeros(shape, bool)
+    mask[:, :6] = True
+    mask[64:, 96:] = True  # a whole tile masked: NaN
+    return frame, measure, mask
+
+
+def test_frame_level_equals_reference():
+    rng = np.random.default_rng(11)
+    shape = (96, 128)
+    frame, measure, mask = _level_frames(rng, shape, 0.7)
+    sigma = frame_noise(frame, mask)
+    sigma[0, 3] = np.nan  # a tile without a noise estimate has no level either
+    got = frame_level(frame, measure, mask, sigma)
+    want = reference_frame_level(frame, measure, mask, sigma)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    assert np.isnan(got[0, 3]) and np.isnan(got[2, 3])
+    ok = np.isfinite(got)
+    assert np.all(np.abs(got[ok] - 0.7) < 0.5)  # the spot (+3.5) and the zingers (+2) left out: the noise's mean
+
+
+def test_subtract_level_takes_each_tiles_level_in_float32():
+    rng = np.random.default_rng(12)
+    measure = rng.normal(0, 3, (70, 100)).astype(np.float32)
+    level = rng.normal(0, 1, (3, 4)).astype(np.float32)
+    want = measure - np.repeat(np.repeat(level, 32, 0), 32, 1)[:70, :100]
+    got = subtract_level(measure.copy(), level)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="tile map"):
+        subtract_level(measure, level[:2])
+
+
+def _reference_neighbourhood_median(tiles):
+    out = np.full(tiles.shape, np.nan)
+    for y in range(tiles.shape[0]):
+        for x in range(tiles.shape[1]):
+            near = tiles[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+            if np.isfinite(near).any():
+                out[y, x] = np.median(near[np.isfinite(near)])
+    return out
+
+
+def test_tracker_level_is_the_median_of_the_last_frames_levels_and_0_where_none():
+    """Each frame's level: over the pixels within its own noise of 0, the median of 3 x 3 tiles; frame k's:
+    the median of the last frames' (the primed frames: of theirs)."""
+    rng = np.random.default_rng(13)
+    shape = (96, 128)
+    pairs = [_level_frames(rng, shape, 0.1 * k) for k in range(10)]
+    mask = pairs[0][2]
+    tracker = NoiseTracker(shape, mask, history=4, floor=0.0)
+    tracker.prime([f for f, _, _ in pairs[:3]], [m for _, m, _ in pairs[:3]])
+    per_frame = [_reference_neighbourhood_median(reference_frame_level(f, m, mask, reference_frame_noise(f, mask)))
+                 for f, m, _ in pairs]
+    for k, (frame, measure, _) in enumerate(pairs):
+        tracker.push(k, frame, measure)
+        held = per_frame[:3] if k < 3 else per_frame[max(0, k - 3):k + 1]
+        with np.errstate(all="ignore"):
+            want = np.nanmedian(np.stack(held), axis=0)
+        np.testing.assert_allclose(tracker.level[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-5, atol=1e-6)
+        assert np.all(tracker.level[~np.isfinite(want)] == 0)  # not measured: not corrected
+    assert tracker.level.dtype == np.float32 and abs(float(np.median(tracker.level)) - 0.8) < 0.15
+    state = tracker.state()
+    again = NoiseTracker(shape, mask, history=4, floor=0.0)
+    again.restore(state)
+    frame, measure, _ = _level_frames(rng, shape, 2.0)
+    tracker.push(10, frame, measure), again.push(10, frame, measure)
+    np.testing.assert_array_equal(tracker.level, again.level)
+
+
+def test_a_spot_that_covers_a_tile_for_the_whole_history_is_not_its_level():
+    """A grain's projection over one tile for every frame, below the thresholds (its skirt): the tile's own
+    mean is the spot's, its 3 x 3 tiles' median the background's."""
+    rng = np.random.default_rng(14)
+    shape = (128, 128)
+    mask = np.zeros(shape, bool)
+    tracker = NoiseTracker(shape, mask, history=5)
+    for k in range(8):
+        measure = rng.normal(0.3, 2.0, shape).astype(np.float32)
+        frame = rng.normal(0.3, 0.8, shape).astype(np.float32)
+        measure[32:64, 32:64] += 1.5  # under 3 sigmas of the filtered frame: not excluded
+        frame[32:64, 32:64] += 1.5
+        sigma = tracker.push(k, frame, measure)
+    own = frame_level(frame, measure, mask, sigma)
+    assert own[1, 1] > 1.2  # the tile alone takes the skirt
+    assert abs(tracker.level[1, 1] - 0.3) < 0.15

@@ -51,8 +51,8 @@ def _same_table(got, want):
 
 
 def _integral_gap_is_below_the_cut(got, want, run_dir, stack_dir):
-    """For most spots, full-run integral - resegmented integral = the unfiltered corrected values where the
-    filtered ones are below the cut, in the tails' box (the spot's box grown by half its extent, at least
+    """For most spots, full-run integral - resegmented integral = the unfiltered corrected values (less the
+    frame's level) where the filtered ones are below the cut, in the tails' box (the spot's box grown by half its extent, at least
     2 px and 1 frame: segmenter.py). The others closed before their box's last frame was segmented (their
     tails stop there, in both runs), or hold a zinger taken out of the unfiltered values."""
     frames = np.stack(read_corrected(stack_dir / "corrected.h5"))
@@ -60,7 +60,9 @@ def _integral_gap_is_below_the_cut(got, want, run_dir, stack_dir):
     n, ny, nx = frames.shape
     with SparseScan(run_dir / "corrected.h5") as scan:
         cut, mask = _pixel_maps(scan.cut, scan.tile_px, (ny, nx)), scan.mask
-    below = np.where((frames < cut) & ~mask, unfiltered.astype(np.float64), 0.0)
+        level = _pixel_maps(scan.level, scan.tile_px, (ny, nx))  # the unfiltered values are measured above it
+    assert np.any(level != 0)
+    below = np.where((frames < cut) & ~mask, unfiltered.astype(np.float32) - level, 0.0).astype(np.float64)
     same = 0
     for i in range(len(want["id"])):
         (f0, f1), x0, y0 = (want["start_frame"][i], want["end_frame"][i]), want["bbox_x0"][i], want["bbox_y0"][i]

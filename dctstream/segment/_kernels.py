@@ -334,6 +334,72 @@ def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, covered, min_
                                            deviation[:n])
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def tile_level(found, measure, mask, sigma, tile, step, min_samples, exclude, clip, out):
+    """Mean of ``measure`` over each tile's unmasked pixels on a grid of ``step`` where ``found`` is below
+    ``exclude`` x the tile's ``sigma`` and ``measure`` within ``clip`` x ``sigma`` of 0; NaN where fewer than
+    ``min_samples`` such pixels, or ``sigma`` is NaN."""
+    ny, nx = found.shape
+    nty, ntx = out.shape
+    for ty in numba.prange(nty):
+        for tx in range(ntx):
+            s = sigma[ty, tx]
+            if not s >= 0:
+                out[ty, tx] = np.nan
+                continue
+            top = exclude * s
+            lim = clip * s
+            n = 0
+            total = 0.0
+            for y in range(ty * tile, min((ty + 1) * tile, ny), step):
+                for x in range(tx * tile, min((tx + 1) * tile, nx), step):
+                    if not mask[y, x] and found[y, x] < top:
+                        v = measure[y, x]
+                        if -lim <= v <= lim:
+                            total += v
+                            n += 1
+            out[ty, tx] = total / n if n >= min_samples else np.nan
+
+
+@numba.njit(cache=True, nogil=True)
+def neighbourhood_median(tiles, out):
+    """out[y, x] = median of the finite values among tiles[y-1:y+2, x-1:x+2] (NaN where none)."""
+    ty, tx = tiles.shape
+    near = np.empty(9, np.float64)
+    for y in range(ty):
+        for x in range(tx):
+            m = 0
+            for yy in range(max(y - 1, 0), min(y + 2, ty)):
+                for xx in range(max(x - 1, 0), min(x + 2, tx)):
+                    v = tiles[yy, xx]
+                    if not np.isnan(v):
+                        j = m  # insertion: nine values at most
+                        while j > 0 and near[j - 1] > v:
+                            near[j] = near[j - 1]
+                            j -= 1
+                        near[j] = v
+                        m += 1
+            if m == 0:
+                out[y, x] = np.nan
+            elif m % 2:
+                out[y, x] = near[m // 2]
+            else:
+                out[y, x] = (near[m // 2 - 1] + near[m // 2]) / 2.0
+    return out
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def subtract_tiles(frame, tiles, tile):
+    """In place: frame[y, x] -= tiles[y // tile, x // tile] (both float32: the sum in float32, as numpy's)."""
+    ny, nx = frame.shape
+    for y in numba.prange(ny):
+        ty = y // tile
+        for x0 in range(0, nx, tile):
+            v = tiles[ty, x0 // tile]
+            for x in range(x0, min(x0 + tile, nx)):
+                frame[y, x] -= v
+
+
 @numba.njit(cache=True, nogil=True)
 def nan_median_along_first(held, out):
     """``out`` = np.nanmedian(held, axis=0) for a 3-D ``held`` of a few planes (NaN where a column is all

@@ -11,7 +11,9 @@ psi of each frame, degrees (when the scan has angles). Attributes: ``shape0``,
 cut is a map of ``tile_px``-pixel tiles: ``cut`` (frames, tiles_y, tiles_x)
 float32, a pixel is kept when its value is >= its tile's cut; ``noise_sigma``
 (frames, tiles_y, tiles_x) float64 is the noise followed along psi that the
-frame's segmentation thresholds come from, ``mask`` (y, x) the pixels never
+frame's segmentation thresholds come from, ``level`` (frames, tiles_y, tiles_x)
+float32 the level its unfiltered values were taken less (``unfiltered``, the values
+spots are measured with: `dctstream.segment.noise`), ``mask`` (y, x) the pixels never
 segmented, and the group's ``direct_beam`` attribute the beam box, so that
 ``dctstream resegment`` can segment the scan again with other parameters.
 The pixel datasets are bitshuffle + LZ4 compressed (``import hdf5plugin`` to
@@ -138,7 +140,7 @@ class SparseScanWriter:
     unmasked pixels) and ``bytes_per_frame`` (of the datasets; the file adds a few kB of metadata).
     """
 
-    _MAPS = (("cut", np.float32), ("noise_sigma", np.float64))
+    _MAPS = (("cut", np.float32), ("noise_sigma", np.float64), ("level", np.float32))
 
     def __init__(self, path: str | os.PathLike, cfg, frame_shape, mask: np.ndarray, tile_px: int,
                  raw_frame_bytes: float, *, binning: int = 1, binning_mode: str = "sum", angles: bool = False,
@@ -215,7 +217,7 @@ class SparseScanWriter:
                 "values": pending[2], "unfiltered_values": pending[3] if len(pending) > 3 else np.empty(0, self.dtype),
                 "nnz": np.array(self._nnz, np.int64), "psi": np.array(self._psi, np.float64), **maps}
 
-    STATE_ARRAYS = ("rows", "cols", "values", "unfiltered_values", "nnz", "psi", "cut", "noise_sigma")
+    STATE_ARRAYS = ("rows", "cols", "values", "unfiltered_values", "nnz", "psi", "cut", "noise_sigma", "level")
     STATE_VALUES = ("frames", "file_px", "file_frames", "pixels", "stretch", "angles")
 
     def _take_back(self, state: dict) -> None:
@@ -228,9 +230,10 @@ class SparseScanWriter:
                     self.data[name].resize(file_px, axis=0)
                     for start in range(0, file_px, self.chunk_px):  # a chunk at a time: each written once, whole
                         self.data[name][start:start + self.chunk_px] = group[name][start:start + self.chunk_px]
-                for name in ("nnz", "cut", "noise_sigma", *(("measurement/rot",) if self.angles else ())):
+                for name in ("nnz", "cut", "noise_sigma", "level", *(("measurement/rot",) if self.angles else ())):
                     self.group[name].resize(file_frames, axis=0)
-                    self.group[name][:] = group[name][:file_frames]
+                    if name in group:  # a file of a version before the level: none taken
+                        self.group[name][:] = group[name][:file_frames]
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise OutputError(f"{self.path}: cannot continue the sparse scan of the unfinished run ({exc}), "
                               "expected the file it was writing; pass --overwrite to start again") from None
@@ -247,37 +250,40 @@ class SparseScanWriter:
         self._pending_px = len(state["rows"])
         self._nnz = [int(n) for n in state["nnz"]]
         self._psi = [float(p) for p in state["psi"]]
-        self._maps = {name: list(np.asarray(state[name], dtype)) for name, dtype in self._MAPS}
+        self._maps = {name: list(np.asarray(state[name], dtype).reshape(-1, *self.tiles)) if name in state
+                      else [np.zeros(self.tiles, dtype)] * len(self._nnz) for name, dtype in self._MAPS}
 
     # ---- writing -------------------------------------------------------------------
     def write(self, k: int, frame: np.ndarray, cut: np.ndarray, noise_sigma: np.ndarray,
-              psi_deg: float | None = None, unfiltered: np.ndarray | None = None) -> None:
+              psi_deg: float | None = None, unfiltered: np.ndarray | None = None,
+              level: np.ndarray | None = None) -> None:
         """Frame k's pixels at or above ``cut`` (float32 tile map), with ``noise_sigma`` (tile map); with the
-        writer's ``unfiltered``, the same pixels of ``unfiltered`` (the frame before its median filter)."""
+        writer's ``unfiltered``, the same pixels of ``unfiltered`` (the frame before its median filter, less
+        its ``level``, a tile map: 0 if None)."""
         cut = np.ascontiguousarray(cut, np.float32)
-        self._check(k, cut, noise_sigma, unfiltered)
+        self._check(k, cut, noise_sigma, unfiltered, level)
         if self.dtype != np.float32 and self.stretch is None:
             self.stretch = _first_stretch(self.h5, self.cfg, frame, ~self._stretch_mask)
         rows, cols, values, below = self._select(frame, cut, unfiltered)
-        self._add(rows, cols, values, cut, noise_sigma, psi_deg, below)
+        self._add(rows, cols, values, cut, noise_sigma, psi_deg, below, level)
 
     def write_pixels(self, k: int, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, cut: np.ndarray,
                      noise_sigma: np.ndarray, psi_deg: float | None = None,
-                     unfiltered: np.ndarray | None = None) -> None:
+                     unfiltered: np.ndarray | None = None, level: np.ndarray | None = None) -> None:
         """Frame k's pixels already selected (float32 values, as `write` selects them, and their unfiltered
         values): the frames of a scan split over workers. A stretched export's ``stretch`` is set before."""
         cut = np.ascontiguousarray(cut, np.float32)
-        self._check(k, cut, noise_sigma, unfiltered)
+        self._check(k, cut, noise_sigma, unfiltered, level)
         if self.dtype != np.float32 and self.stretch is None:
             raise ValueError(f"frame {k}: export.dtype {self.dtype}: expected the stretch set before")
         self._add(np.asarray(rows, np.uint16), np.asarray(cols, np.uint16), np.asarray(values, np.float32), cut,
-                  noise_sigma, psi_deg, unfiltered)
+                  noise_sigma, psi_deg, unfiltered, level)
 
     def set_stretch(self, stretch: tuple[float, float]) -> None:
         self.stretch = (float(stretch[0]), float(stretch[1]))
         _put_stretch(self.h5, self.stretch)
 
-    def _check(self, k: int, cut: np.ndarray, noise_sigma: np.ndarray, unfiltered) -> None:
+    def _check(self, k: int, cut: np.ndarray, noise_sigma: np.ndarray, unfiltered, level) -> None:
         if (unfiltered is not None) != (len(self.pixel_names) > 3):
             raise ValueError(f"frame {k}: unfiltered: expected {'a frame' if len(self.pixel_names) > 3 else None}")
         if k != self.frames:
@@ -285,8 +291,10 @@ class SparseScanWriter:
         if cut.shape != self.tiles or np.shape(noise_sigma) != self.tiles:
             raise ValueError(f"frame {k}: cut, noise_sigma: expected {self.tiles} tile maps, got {cut.shape}, "
                              f"{np.shape(noise_sigma)}")
+        if level is not None and np.shape(level) != self.tiles:
+            raise ValueError(f"frame {k}: level: expected a {self.tiles} tile map, got {np.shape(level)}")
 
-    def _add(self, rows, cols, values, cut, noise_sigma, psi_deg, unfiltered) -> None:
+    def _add(self, rows, cols, values, cut, noise_sigma, psi_deg, unfiltered, level) -> None:
         more = () if unfiltered is None else (_stretch(np.asarray(unfiltered, np.float32), self.stretch, self.dtype),)
         self._pending.append((rows, cols, _stretch(values, self.stretch, self.dtype), *more))
         self._pending_px += rows.size
@@ -294,6 +302,7 @@ class SparseScanWriter:
         self._psi.append(np.nan if psi_deg is None else psi_deg)
         self._maps["cut"].append(cut)
         self._maps["noise_sigma"].append(np.asarray(noise_sigma, np.float64))
+        self._maps["level"].append(np.zeros(self.tiles, np.float32) if level is None else np.asarray(level, np.float32))
         self.frames += 1
         self.pixels += rows.size
         if self._pending_px >= self.chunk_px:
@@ -404,7 +413,7 @@ def _datasets(h5: h5py.File) -> list[h5py.Dataset]:
 class SparseScan:
     """A sparse corrected scan (``export.format: sparse``) open for reading, finished or still being written.
 
-    ``nnz``, ``psi`` (None without angles), ``cut`` and ``noise_sigma`` (frames, tiles_y, tiles_x),
+    ``nnz``, ``psi`` (None without angles), ``cut``, ``noise_sigma`` and ``level`` (frames, tiles_y, tiles_x),
     ``tile_px``, ``mask``, ``direct_beam``, ``photon_gain`` (None if the run had none) and ``frame_shape`` are
     read at once (the frames whole in the
     file when it is opened); ``frames()`` yields (k, rows, cols, values) a block at a time, and the
@@ -434,6 +443,8 @@ class SparseScan:
         self.psi = group["measurement/rot"][:n] if "measurement/rot" in group else None
         self.cut = group["cut"][:n]
         self.noise_sigma = group["noise_sigma"][:n]
+        # the level the unfiltered values were taken less (none before this map was written)
+        self.level = group["level"][:n] if "level" in group else np.zeros(self.cut.shape, np.float32)
         self.mask = group["mask"][()].astype(bool)
         self.direct_beam = tuple(int(v) for v in group.attrs["direct_beam"]) or None
         self.photon_gain = float(group.attrs["photon_gain"]) if "photon_gain" in group.attrs else None
