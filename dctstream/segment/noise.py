@@ -98,9 +98,10 @@ def frame_level(frame: np.ndarray, measure: np.ndarray, mask: np.ndarray, sigma:
 
 def subtract_level(measure: np.ndarray, level: np.ndarray, tile_px: int = TILE_PX) -> np.ndarray:
     """In place: each tile of the float32 frame ``measure`` less its ``level``; returns ``measure``."""
-    if measure.dtype != np.float32 or not measure.flags.c_contiguous or level.shape != tiles_shape(measure.shape, tile_px):
-        raise ValueError(f"measure, level: expected a C-contiguous float32 frame and its {tiles_shape(measure.shape, tile_px)} "
-                         f"tile map, got {measure.dtype} {measure.shape} and {level.shape}")
+    tiles = tiles_shape(measure.shape, tile_px)
+    if measure.dtype != np.float32 or not measure.flags.c_contiguous or level.shape != tiles:
+        raise ValueError(f"measure, level: expected a C-contiguous float32 frame and its {tiles} tile map, "
+                         f"got {measure.dtype} {measure.shape} and {level.shape}")
     subtract_tiles(measure, np.ascontiguousarray(level, np.float32), tile_px)
     return measure
 
