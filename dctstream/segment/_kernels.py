@@ -361,6 +361,26 @@ def tile_level(found, measure, mask, sigma, tile, step, min_samples, exclude, cl
             out[ty, tx] = total / n if n >= min_samples else np.nan
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _insert_sorted(buf, m, v):
+    """Put v into the sorted buf[:m] (insertion: the runs these medians take are a few values long)."""
+    j = m
+    while j > 0 and buf[j - 1] > v:
+        buf[j] = buf[j - 1]
+        j -= 1
+    buf[j] = v
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _median_of_sorted(buf, m):
+    """Median of the sorted buf[:m], NaN if m is 0."""
+    if m == 0:
+        return np.nan
+    if m % 2:
+        return buf[m // 2]
+    return (buf[m // 2 - 1] + buf[m // 2]) / 2.0
+
+
 @numba.njit(cache=True, nogil=True)
 def neighbourhood_median(tiles, out):
     """out[y, x] = median of the finite values among tiles[y-1:y+2, x-1:x+2] (NaN where none)."""
@@ -373,18 +393,9 @@ def neighbourhood_median(tiles, out):
                 for xx in range(max(x - 1, 0), min(x + 2, tx)):
                     v = tiles[yy, xx]
                     if not np.isnan(v):
-                        j = m  # insertion: nine values at most
-                        while j > 0 and near[j - 1] > v:
-                            near[j] = near[j - 1]
-                            j -= 1
-                        near[j] = v
+                        _insert_sorted(near, m, v)
                         m += 1
-            if m == 0:
-                out[y, x] = np.nan
-            elif m % 2:
-                out[y, x] = near[m // 2]
-            else:
-                out[y, x] = (near[m // 2 - 1] + near[m // 2]) / 2.0
+            out[y, x] = _median_of_sorted(near, m)
     return out
 
 
@@ -412,18 +423,9 @@ def nan_median_along_first(held, out):
             for i in range(n):
                 v = held[i, y, x]
                 if not np.isnan(v):
-                    j = m  # insertion: columns are a few values long
-                    while j > 0 and column[j - 1] > v:
-                        column[j] = column[j - 1]
-                        j -= 1
-                    column[j] = v
+                    _insert_sorted(column, m, v)
                     m += 1
-            if m == 0:
-                out[y, x] = np.nan
-            elif m % 2:
-                out[y, x] = column[m // 2]
-            else:
-                out[y, x] = (column[m // 2 - 1] + column[m // 2]) / 2.0
+            out[y, x] = _median_of_sorted(column, m)
     return out
 
 
