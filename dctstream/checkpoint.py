@@ -58,7 +58,7 @@ RUN_DIR = ".dctstream"
 LOCK = "lock"  # dctstream.outdir's
 MARKER = "running"
 CHECKPOINT = "checkpoint.npz"
-FORMAT = 3  # 3: the stand-ins of lost frames
+FORMAT = 4  # 3: the stand-ins of lost frames; 4: the levels of the frames read again
 
 
 def marker_path(out_dir: Path) -> Path:

@@ -717,8 +717,8 @@ class Pipeline:
         """Frame k filtered (it finds the spots) and its unfiltered difference (it measures them)."""
         measure = difference if self.segmenter.measured else None
         if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
-            if measure is not None and k in self._levels:  # the level it was measured above
-                subtract_level(measure, self._levels[k])
+            if measure is not None:  # less the level it was measured above
+                self._less_level(k, measure, self._levels[k])
             self.segmenter.load_frame(k, frame, measure)
             return
         with self._timed("segment"):
@@ -744,13 +744,18 @@ class Pipeline:
         """Frame k's unfiltered values less its level, kept for the sparse scan and, while the segmenter may
         need the frame again, for a checkpoint."""
         level = self._levels[k] = self.noise.level
-        subtract_level(measure, level)
+        self._less_level(k, measure, level)
         middle = float(np.median(level))
         low, high = self.stats.background_level_range or (middle, middle)
         self.stats.background_level_range = (min(low, middle), max(high, middle))
 
+    def _less_level(self, k: int, measure: np.ndarray, level: np.ndarray) -> None:
+        """In place; a followed beam's box stays at 0 (see BackgroundStage)."""
+        subtract_level(measure, level, box=self._beam_at(k) if self.background.follow_beam else None)
+
     def _segment_in_order(self, k: int, frame: np.ndarray, seed, low, measure, sigma) -> None:
-        """Segment frame ``k`` (along psi), then write, export and checkpoint what it completes."""
+        """Segment frame ``k`` (along psi: of a scan of passes, the k-th in psi order), then write, export and
+        checkpoint what it completes."""
         with self._timed("segment"):
             blobs = self.segmenter.push(k, frame, seed, low, measure)
         self._write(blobs)
@@ -758,7 +763,7 @@ class Pipeline:
             with self._timed("export"):
                 self._export(k, frame, measure, sigma)
         if self._merge is not None:  # never checkpointed
-            self._levels.pop(k, None)
+            self._levels.pop(self._merge.acquired[k], None)
         else:
             for f in [f for f in self._levels if f < self.segmenter.first_needed]:
                 del self._levels[f]
@@ -778,7 +783,8 @@ class Pipeline:
             return
         cut = sparse_cut(self.cfg.export, self.cfg.segmentation, sigma, self.segmenter.params.tile_px)
         self.export.write(k, frame, cut, sigma, self._psi[k] if self._psi and k < len(self._psi) else None,
-                          difference if self.segmenter.measured else None, self._levels.get(k))
+                          difference if self.segmenter.measured else None,
+                          self._levels.get(self._merge.acquired[k] if self._merge is not None else k))
         low, high = float(cut.min()), float(cut.max())
         if self._cut_range is not None:
             low, high = min(low, self._cut_range[0]), max(high, self._cut_range[1])
@@ -970,8 +976,7 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     pipeline.noise = NoiseTracker(bg.frame_shape, mask,
                                   floor=INTEGER_NOISE_FLOOR if pipeline.detector.dtype.kind in "ui" else 0.0)
     pipeline.noise.restore({name[len("noise_"):]: v for name, v in arrays.items() if name.startswith("noise_")})
-    # the levels of the frames read again (none in a checkpoint of a version before the level)
-    pipeline._levels = dict(zip(arrays.get("level_frames", np.zeros(0, np.int64)).tolist(), arrays.get("levels", ())))
+    pipeline._levels = dict(zip(arrays["level_frames"].tolist(), arrays["levels"]))  # of the frames read again
     seg_meta = meta["segmenter"]
     pipeline.segmenter.restore({
         **seg_meta,
@@ -984,7 +989,7 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     pipeline._floods_said = len(pipeline.segmenter.floods)
     if "export" in meta:
         pipeline._open_export(mask, resume={**meta["export"], **{
-            key: arrays[f"export_{key}"] for key in SparseScanWriter.STATE_ARRAYS if f"export_{key}" in arrays}})
+            key: arrays[f"export_{key}"] for key in SparseScanWriter.STATE_ARRAYS}})
     pipeline._lost_before = meta["stats"]["frames_missing"]
     pipeline._known_stand_ins = dict(zip(arrays["lost_frames"].tolist(), arrays["lost_stand_ins"]))
     pipeline._replay_until = meta["frame"]

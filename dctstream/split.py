@@ -376,7 +376,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                 noise_mask(k)
                 sigma = noise.push(k, frame, difference if segmenter.measured else None)
                 if segmenter.measured:
-                    subtract_level(difference, noise.level)
+                    subtract_level(difference, noise.level, box=box_at(track, k) if follow else None)
                 seed, low = frame_maps(cfg.segmentation, sigma)
                 floods = len(segmenter.floods)
                 keep(k, segmenter.push(k - a, frame, seed, low, difference if segmenter.measured else None))
@@ -387,7 +387,8 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                                    sigma, psi[k] if psi else None, difference if segmenter.measured else None,
                                    noise.level if segmenter.measured else None)
                     facts["noise"].append(float(np.median(sigma)))
-                    facts["level"].append(float(np.median(noise.level)))
+                    if segmenter.measured:
+                        facts["level"].append(float(np.median(noise.level)))
                     if len(segmenter.floods) > floods:
                         f, found, factor = segmenter.floods[-1]
                         facts["floods"].append([int(f) + a, int(found), float(factor)])
@@ -722,7 +723,7 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
         stats.noise_sigma_range = (min(noise), max(noise))
         every = max(1, n // 200)
         stats.noise_sigma_by_frame = [[k, round(v, 4)] for k, v in enumerate(noise) if k % every == 0]
-    level = [v for c in chunks for v in facts[c]["level"]]
+    level = [v for c in chunks for v in facts[c].get("level", ())]  # (chunks kept from a version before it: none)
     if level:
         stats.background_level_range = (min(level), max(level))
     floods = [fl for c in chunks for fl in facts[c]["floods"]]

@@ -201,6 +201,13 @@ def test_subtract_level_takes_each_tiles_level_in_float32():
     want = measure - np.repeat(np.repeat(level, 32, 0), 32, 1)[:70, :100]
     got = subtract_level(measure.copy(), level)
     np.testing.assert_array_equal(got, want)
+    beam = measure.copy()
+    beam[20:30, 40:70] = 0.0  # a followed beam's box reads 0, and stays 0: nothing to measure there
+    got = subtract_level(beam, level, box=(40, 20, 30, 10))
+    assert not got[20:30, 40:70].any()
+    outside = np.ones(got.shape, bool)
+    outside[20:30, 40:70] = False
+    np.testing.assert_array_equal(got[outside], want[outside])
     with pytest.raises(ValueError, match="tile map"):
         subtract_level(measure, level[:2])
 

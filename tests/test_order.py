@@ -12,6 +12,7 @@ from dctstream.errors import ConfigError
 from dctstream.order import PassMerge, PassTracker, PsiOrderFollow, classify
 from dctstream.pipeline import Pipeline
 from dctstream.sinks import read_spot_table
+from dctstream.sinks.corrected import SparseScan
 from dctstream.sources.memory import MemorySource
 from simulators.dct_scan import simulate_scan
 from simulators.evaluate import score
@@ -250,6 +251,33 @@ def psi_frames(table, angles):
 
 PASSES = [(interlaced, 2), (interlaced, 3), (back_and_forth, 2)]
 PASSES_IDS = ["interlaced-2", "interlaced-3", "back-and-forth-2"]
+
+
+def test_a_scan_of_passes_exports_each_frames_level_with_that_frame(scan, tmp_path, monkeypatch):
+    """Frames are measured less their level as they come, and segmented and exported in psi order: the sparse
+    scan's level of its j-th frame is that of the frame acquired j-th in psi order."""
+    truth, frames, angles, _ = scan
+    order = interlaced(FRAMES, 2)
+    levels = {}
+    measure_above_level = Pipeline._measure_above_level
+
+    def kept(self, k, measure):
+        measure_above_level(self, k, measure)
+        levels[k] = self._levels[k].copy()
+
+    monkeypatch.setattr(Pipeline, "_measure_above_level", kept)
+    cfg = load_config(None, ["source.url=live::/frames", f"dark.url={truth.dark_url}", f"output.dir={tmp_path}",
+                             *SETTINGS])
+    pipeline = Pipeline(cfg, source=MemorySource(iter(list(frames[order])), angles[order]))  # not read again
+    assert pipeline.run().frame_order["mode"] == "passes"
+    acquired = pipeline._merge.acquired
+    with SparseScan(tmp_path / "corrected.h5") as sparse:
+        exported = sparse.level
+    assert sorted(acquired) == list(range(FRAMES)) and acquired != sorted(acquired)
+    assert len({levels[k].tobytes() for k in acquired}) > FRAMES // 2  # each frame's own
+    for j, k in enumerate(acquired):
+        np.testing.assert_array_equal(exported[j], levels[k], err_msg=f"frame {j} in psi order")
+    assert not pipeline._levels  # each let go once exported
 
 
 @pytest.mark.parametrize("make_order, turns", PASSES, ids=PASSES_IDS)

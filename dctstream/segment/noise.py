@@ -96,13 +96,18 @@ def frame_level(frame: np.ndarray, measure: np.ndarray, mask: np.ndarray, sigma:
     return out
 
 
-def subtract_level(measure: np.ndarray, level: np.ndarray, tile_px: int = TILE_PX) -> np.ndarray:
-    """In place: each tile of the float32 frame ``measure`` less its ``level``; returns ``measure``."""
+def subtract_level(measure: np.ndarray, level: np.ndarray, tile_px: int = TILE_PX, box=None) -> np.ndarray:
+    """In place: each tile of the float32 frame ``measure`` less its ``level``, but for ``box`` (x0, y0, w, h),
+    left at 0 (a followed beam's pixels read 0: never segmented, nothing to measure there); returns
+    ``measure``."""
     tiles = tiles_shape(measure.shape, tile_px)
     if measure.dtype != np.float32 or not measure.flags.c_contiguous or level.shape != tiles:
         raise ValueError(f"measure, level: expected a C-contiguous float32 frame and its {tiles} tile map, "
                          f"got {measure.dtype} {measure.shape} and {level.shape}")
     subtract_tiles(measure, np.ascontiguousarray(level, np.float32), tile_px)
+    if box is not None:
+        x0, y0, w, h = box
+        measure[y0:y0 + h, x0:x0 + w] = 0.0
     return measure
 
 
@@ -227,6 +232,5 @@ class NoiseTracker:
         self._pushed, self._n_primed = int(state["pushed"]), int(state["n_primed"])
         self._primed = np.array(state["primed"], np.float64) if np.size(state["primed"]) else None
         self.series = [float(v) for v in state["series"]]
-        # a checkpoint of a version before the level: none measured
-        self._levels = np.array(state.get("levels", np.full(self._history.shape, np.nan)), np.float64)
-        self._primed_level = np.array(state.get("primed_level", np.zeros(self._history.shape[1:])), np.float64)
+        self._levels = np.array(state["levels"], np.float64)
+        self._primed_level = np.array(state["primed_level"], np.float64)

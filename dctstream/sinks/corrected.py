@@ -232,8 +232,7 @@ class SparseScanWriter:
                         self.data[name][start:start + self.chunk_px] = group[name][start:start + self.chunk_px]
                 for name in ("nnz", "cut", "noise_sigma", "level", *(("measurement/rot",) if self.angles else ())):
                     self.group[name].resize(file_frames, axis=0)
-                    if name in group:  # a file of a version before the level: none taken
-                        self.group[name][:] = group[name][:file_frames]
+                    self.group[name][:] = group[name][:file_frames]
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise OutputError(f"{self.path}: cannot continue the sparse scan of the unfinished run ({exc}), "
                               "expected the file it was writing; pass --overwrite to start again") from None
@@ -250,8 +249,7 @@ class SparseScanWriter:
         self._pending_px = len(state["rows"])
         self._nnz = [int(n) for n in state["nnz"]]
         self._psi = [float(p) for p in state["psi"]]
-        self._maps = {name: list(np.asarray(state[name], dtype).reshape(-1, *self.tiles)) if name in state
-                      else [np.zeros(self.tiles, dtype)] * len(self._nnz) for name, dtype in self._MAPS}
+        self._maps = {name: list(np.asarray(state[name], dtype).reshape(-1, *self.tiles)) for name, dtype in self._MAPS}
 
     # ---- writing -------------------------------------------------------------------
     def write(self, k: int, frame: np.ndarray, cut: np.ndarray, noise_sigma: np.ndarray,
