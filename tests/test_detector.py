@@ -330,7 +330,9 @@ def test_exported_sparse_frames_are_the_pixels_at_or_above_each_frames_cut(plain
         np.testing.assert_array_equal(rows, expected[0], err_msg=f"frame {k}")
         np.testing.assert_array_equal(cols, expected[1], err_msg=f"frame {k}")
         np.testing.assert_array_equal(values, frame[expected], err_msg=f"frame {k}")
-    assert stats.export_reduction > 10
+    # raw bytes / sparse bytes: > 10 when the unfiltered values were integers (raw - median); less a level
+    # (segment.noise) on a 1/64-count grid they take ~15 % more bytes on this integer scan
+    assert stats.export_reduction > 8.5
 
 
 def test_stretched_export_maps_back_within_one_step(plain_scan, tmp_path):

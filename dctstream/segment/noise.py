@@ -78,6 +78,7 @@ def frame_noise(frame: np.ndarray, mask: np.ndarray, tile_px: int = TILE_PX) -> 
 # (about 4 sigmas of the unfiltered noise: a spot's peak pixel, a zinger), symmetric so that noise keeps its mean.
 LEVEL_EXCLUDE_SIGMAS = 3.0
 LEVEL_CLIP_SIGMAS = 10.0
+LEVEL_STEPS = 64
 
 
 def frame_level(frame: np.ndarray, measure: np.ndarray, mask: np.ndarray, sigma: np.ndarray,
@@ -188,7 +189,10 @@ class NoiseTracker:
         else:
             self.add(frame, measure)
             sigma, level = self._current(), self._current_level()
-        self.level = level.astype(np.float32)
+        # on a grid of 1/LEVEL_STEPS count, finer than its error (0.02 count): values that were integers keep
+        # few mantissa bits for the sparse scan's compression (a 96 x 96 integer scan without normalisation:
+        # 2,298 bytes a frame with a level on a 1/256 grid, 2,219 on 1/64, 1,936 without a level)
+        self.level = (np.round(level * LEVEL_STEPS) / LEVEL_STEPS).astype(np.float32)
         if k == len(self.series):
             self.series.append(float(np.median(sigma)))
         return sigma
