@@ -259,8 +259,10 @@ def bench_resegment(run_dir: Path, out: Path, run_s: float, size: int, fill_frac
     with h5py.File(run_dir / SPARSE_FILE, "r") as h5:
         group = h5["1.1"]
         frames = max(int(group.attrs["nframes"]), 1)
-        pixels = sum(group[n].id.get_storage_size() for n in ("row", "col", "intensity", "nnz")) / frames
-        maps = sum(group[n].id.get_storage_size() for n in ("cut", "noise_sigma")) / frames
+        # the unfiltered values (spots are measured with them) and the level map where the run has them
+        pixels = sum(group[n].id.get_storage_size() for n in ("row", "col", "intensity", "unfiltered", "nnz")
+                     if n in group) / frames
+        maps = sum(group[n].id.get_storage_size() for n in ("cut", "noise_sigma", "level") if n in group) / frames
     return {"frames": summary["frames"], "wall_s": wall, "frames_per_s": summary["frames"] / wall,
             "speedup": run_s / wall, "difspots": summary["difspots"], "cpu_s": cpu,
             "table_only_s": table_s, "table_only_speedup": run_s / table_s, "table_only_difspots": table_only["difspots"],
@@ -371,7 +373,7 @@ def format_report(report: dict) -> str:
                       f"{r['difspots']} difspots; {r['cpu_s']:.1f} s of CPU (a second process, if any, included)",
                       f"  spots.h5 only (--no-difspots): {r['table_only_s']:.1f} s, "
                       f"{r['table_only_speedup']:.1f}x faster than the run; {r['table_only_cpu_s']:.1f} s of CPU",
-                      f"  sparse scan: {r['sparse_bytes_per_frame'] / 2**10:.0f} KiB/frame (cut and noise maps "
+                      f"  sparse scan: {r['sparse_bytes_per_frame'] / 2**10:.0f} KiB/frame (cut, noise and level maps "
                       f"{r['sparse_map_bytes_per_frame'] / 2**10:.0f}), "
                       f"{r['sparse_bytes_per_frame'] / r['raw_frame_bytes']:.1%} of a raw frame, "
                       f"{(r['sparse_fill_fraction'] or 0):.1%} of the unmasked pixels kept"]
