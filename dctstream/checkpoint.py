@@ -256,6 +256,7 @@ def capture(pipeline, k: int) -> Snapshot:
                                                   "rejected", "capacity", "too_large_size")},
     }
     noise = pipeline.noise.state()
+    replayed = sorted(f for f in pipeline._levels if f >= first_needed)  # frames a resume reads again
     arrays = {
         "sigma": pipeline._sigma,
         # every frame's beam-intensity scale so far: frames read again on resume are not measured again
@@ -264,9 +265,8 @@ def capture(pipeline, k: int) -> Snapshot:
         **{f"noise_{name}": np.asarray(v) for name, v in noise.items()},
         "seg_low_tiles": state["low_tiles"], "seg_floods": state["floods"],
         # the level each frame the segmenter may still need was measured above: its values are made again
-        "level_frames": np.array([f for f in sorted(pipeline._levels) if f >= first_needed], np.int64),
-        "levels": np.array([level for f, level in sorted(pipeline._levels.items()) if f >= first_needed],
-                           np.float32).reshape(-1, *pipeline.noise.level.shape),
+        "level_frames": np.array(replayed, np.int64),
+        "levels": np.array([pipeline._levels[f] for f in replayed], np.float32).reshape(-1, *noise["levels"].shape[1:]),
         "pixel_mask": bg.pixel_mask,
         "lost_frames": np.array(sorted(stand_ins), np.int64),
         "lost_stand_ins": (np.stack([stand_ins[k] for k in sorted(stand_ins)]) if stand_ins

@@ -374,21 +374,22 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                     facts["rejected"][k] = dict(segmenter.rejected)
                     facts["fingerprint_s"] += time.perf_counter() - t
                 noise_mask(k)
-                sigma = noise.push(k, frame, difference if segmenter.measured else None)
-                if segmenter.measured:
-                    subtract_level(difference, noise.level, box=box_at(track, k) if follow else None)
+                measure = difference if segmenter.measured else None
+                sigma = noise.push(k, frame, measure)
+                level = None if measure is None else noise.level
+                if measure is not None:
+                    subtract_level(measure, level, box=box_at(track, k) if follow else None)
                 seed, low = frame_maps(cfg.segmentation, sigma)
                 floods = len(segmenter.floods)
-                keep(k, segmenter.push(k - a, frame, seed, low, difference if segmenter.measured else None))
+                keep(k, segmenter.push(k - a, frame, seed, low, measure))
                 if chunk.start <= k < chunk.end:
                     if part is not None:
                         part.write(k - chunk.start, frame, sparse_cut(cfg.export, cfg.segmentation, sigma,
                                                                       segmenter.params.tile_px),
-                                   sigma, psi[k] if psi else None, difference if segmenter.measured else None,
-                                   noise.level if segmenter.measured else None)
+                                   sigma, psi[k] if psi else None, measure, level)
                     facts["noise"].append(float(np.median(sigma)))
-                    if segmenter.measured:
-                        facts["level"].append(float(np.median(noise.level)))
+                    if level is not None:
+                        facts["level"].append(float(np.median(level)))
                     if len(segmenter.floods) > floods:
                         f, found, factor = segmenter.floods[-1]
                         facts["floods"].append([int(f) + a, int(found), float(factor)])

@@ -249,7 +249,7 @@ class SparseScanWriter:
         self._pending_px = len(state["rows"])
         self._nnz = [int(n) for n in state["nnz"]]
         self._psi = [float(p) for p in state["psi"]]
-        self._maps = {name: list(np.asarray(state[name], dtype).reshape(-1, *self.tiles)) for name, dtype in self._MAPS}
+        self._maps = {name: list(np.asarray(state[name], dtype)) for name, dtype in self._MAPS}
 
     # ---- writing -------------------------------------------------------------------
     def write(self, k: int, frame: np.ndarray, cut: np.ndarray, noise_sigma: np.ndarray,
