@@ -164,7 +164,7 @@ class SegmentationConfig:
     grow_high: float | None = None  # upper clamp on tau*M, None = no clamp
     seed_min_voxels: int = 3
     min_blob_size: tuple[int, int, int] = (2, 2, 1)  # (x, y, frames)
-    max_blob_size: tuple[int, int, int] = (80, 80, 25)  # (x, y, frames)
+    max_blob_size: tuple[int, int, int] = (80, 80, 25)  # (x, y, frames): the growth box's half-size
     connectivity: int = 26  # 6 or 26
     drop_zingers: bool = True  # one frame deep, a few pixels, far above the noise (see segment.segmenter)
 

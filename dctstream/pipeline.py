@@ -819,14 +819,15 @@ class Pipeline:
             stats.flood_frames_total = len(floods)
 
     def _note_too_large(self) -> None:
-        """Said once, when blobs larger than max_blob_size are not a rare few: spots with long rocking curves
-        (a fine psi step) or large grains are being lost."""
+        """Said once, when blobs cut by their growth box (max_blob_size either side of their maximum) are not a
+        rare few: spots with long rocking curves (a fine psi step) or large grains are being lost."""
         segmenter = self.segmenter
         rejected = segmenter.rejected["too_large"]
         if self._too_large_said or rejected < TOO_LARGE_SAID or rejected < TOO_LARGE_FRACTION * segmenter.n_blobs:
             return
         self._too_large_said = True
-        log.warning("%d blobs larger than segmentation.max_blob_size %s (x, y, frames) rejected so far, up to %s: "
+        log.warning("%d blobs reaching past segmentation.max_blob_size %s (x, y, frames) from their maximum "
+                    "rejected so far, up to %s in all: "
                     "spots with long rocking curves (a fine psi step) or large grains? raise max_blob_size "
                     "(`dctstream resegment` tries it on the sparse scan in seconds)", rejected,
                     list(self.cfg.segmentation.max_blob_size), list(segmenter.too_large_size))

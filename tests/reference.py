@@ -134,7 +134,10 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             if any(s < m for s, m in zip(size, params.min_size)):
                 rejected["too_small"] += 1
                 continue
-            if any(s > m for s, m in zip(size, params.max_size)):
+            # cut by its growth box: it reaches an edge of the box that lies inside the volume
+            lows = np.array([f, y, x]) - (reach_f, reach_y, reach_x)
+            highs = np.array([f, y, x]) + (reach_f, reach_y, reach_x)
+            if (voxels.min(axis=0) == lows).any() or (voxels.max(axis=0) == highs).any():
                 rejected["too_large"] += 1
                 continue
             claimed[tuple(voxels.T)] = True

@@ -783,7 +783,7 @@ def test_blobs_rejected_as_too_large_are_warned_when_they_are_not_a_rare_few(tin
     record, status, logged = _run_record(tmp_path, monkeypatch, capsys, caplog, tiny_scan.frames_url,
                                          "--set", "segmentation.max_blob_size=[80,80,1]")
     assert record["rejected"]["too_large"] >= 5
-    _warned(record, status, logged, "blobs larger than segmentation.max_blob_size [80, 80, 1]", "rejected so far",
+    _warned(record, status, logged, "blobs reaching past segmentation.max_blob_size [80, 80, 1]", "rejected so far",
             "raise max_blob_size")
     (tmp_path / "default").mkdir()
     record, status, logged = _run_record(tmp_path / "default", monkeypatch, capsys, caplog, tiny_scan.frames_url)

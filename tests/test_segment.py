@@ -237,6 +237,23 @@ def test_size_filters_reject_by_reason():
     assert restored.too_large_size == segmenter.too_large_size
 
 
+def test_a_rocking_curve_longer_than_max_blob_size_frames_is_kept_when_its_growth_box_holds_it():
+    """A fine psi step: a spot 15 frames long (tau x its peak) with max_blob_size 10 frames, centred on its
+    maximum, lies inside its growth box (the maximum +- 10 frames) and is one spot (it was dropped as too
+    large); a leak 25 frames long reaches past its box along psi and is still dropped."""
+    volume = np.zeros((60, 20, 20), np.float32)
+    rocking = np.exp(-0.5 * ((np.arange(60) - 20.2) / 5.0) ** 2).astype(np.float32)
+    volume[:, 4:7, 4:7] = 100 * rocking[:, None, None]  # its maximum at frame 20, the middle of its box
+    volume[35:60, 14:16, 14:16] = 50  # the leak: its maximum at frame 35, its box 25-45
+    p = params(seed_threshold=20.0, grow_low=5.0, seed_min_voxels=1, min_size=(1, 1, 1), max_size=(8, 8, 10))
+    blobs, _, segmenter = segment(volume, p)
+    assert [(int(b.frame.min()), int(b.frame.max())) for b in blobs] == [(13, 27)]  # 15 frames
+    assert dict(segmenter.rejected) == {"too_large": 1}
+    expected, rejected = reference_blobs(volume, p)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert rejected["too_large"] == 1
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), nf=st.integers(1, 20), ny=st.integers(1, 14), nx=st.integers(1, 14),
        threshold=st.floats(1.0, 4.0), ratio=st.floats(0.05, 1.0), low=st.floats(0.2, 2.0),

@@ -11,9 +11,12 @@ frame by frame:
    is the connected component containing M of the voxels with
    V >= t = min(clamp(grow_ratio * M, grow_low, grow_high), M) that are not
    masked and not claimed by an earlier blob, searched in the box
-   M +- max_blob_size. A component whose extent (x, y, frames) lies outside
-   [min_blob_size, max_blob_size] is rejected; otherwise its voxels are
-   claimed and it becomes a blob.
+   M +- max_blob_size. A component smaller than min_blob_size (x, y, frames),
+   or one that reaches an edge of that box inside the frame and the scan
+   (cut by the box: a streak, a direct-beam leak), is rejected; otherwise its
+   voxels are claimed and it becomes a blob (up to 2 x max_blob_size + 1 long:
+   a rocking curve longer than max_blob_size frames but centred on its
+   maximum is a spot).
 
 Streaming: a blob can only take voxels inside its box, so R's outcome depends
 only on brighter regions whose boxes overlap R's box, all of which have their
@@ -99,6 +102,17 @@ SPLIT_PHOTON = 4.0
 # the double threshold's voxels >= tau * P alone. A grain's projection is lopsided: the centroid of its
 # voxels >= 0.3 P lay 0.6 px from the whole spot's, and a rocking curve cut by the scan's first frame kept
 # one side only; below grow_low the noise would move it more than the tails do.
+
+
+def cut_by_box(extent, centre, max_size) -> bool:
+    """Whether a blob of ``extent`` (f0, f1, y0, y1, x0, x1, inclusive) reaches an edge of the growth box
+    ``centre`` +- ``max_size`` (x, y, frames): an edge inside the frame and the scan, since the blob lies in the
+    box (one outside them is no voxel of anything)."""
+    f, y, x = centre
+    reach_x, reach_y, reach_f = max_size
+    fa, fb, ya, yb, xa, xb = extent
+    return (fa == f - reach_f or fb == f + reach_f or ya == y - reach_y or yb == y + reach_y
+            or xa == x - reach_x or xb == x + reach_x)
 
 
 @dataclass(frozen=True)
@@ -650,7 +664,7 @@ class Segmenter:
             threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * part_peak, low), high), part_peak)
             part = top == root
             keep = flood_from(fs, ys, xs, part & (found >= threshold), root, p.connectivity == 26)
-            blob = self._blob(fs[keep], ys[keep], xs[keep], at, (fs[part], ys[part], xs[part]))
+            blob = self._blob(fs[keep], ys[keep], xs[keep], at, (fs[part], ys[part], xs[part]), (f, y, x))
             if blob is not None:
                 blobs.append(blob)
         return blobs
@@ -688,9 +702,11 @@ class Segmenter:
                     return False
         return ys.size <= ZINGER_VOXELS or elongation(ys, xs) >= ZINGER_TRACK_ELONGATION
 
-    def _blob(self, fs, ys, xs, max_index, spot) -> Blob | None:
+    def _blob(self, fs, ys, xs, max_index, spot, centre) -> Blob | None:
         """The blob of these voxels around its maximum, measured and claimed, its centroid taken over the
-        ``spot``'s voxels (frames, ys, xs); None if the size filters reject it."""
+        ``spot``'s voxels (frames, ys, xs); None if the size filters reject it: smaller than min_size, or
+        reaching an edge of the growth box around ``centre`` (f, y, x; the region's maximum) that lies inside
+        the frame and the scan, where it was cut."""
         p = self.params
         ny, nx = self.frame_shape
         fa, fb, ya, yb, xa, xb = (int(v) for v in (fs.min(), fs.max(), ys.min(), ys.max(), xs.min(), xs.max()))
@@ -698,7 +714,7 @@ class Segmenter:
         if any(s < m for s, m in zip(size, p.min_size)):
             self.rejected["too_small"] += 1
             return None
-        if any(s > m for s, m in zip(size, p.max_size)):
+        if cut_by_box((fa, fb, ya, yb, xa, xb), centre, p.max_size):
             self.rejected["too_large"] += 1
             self.too_large_size = tuple(max(a, b) for a, b in zip(self.too_large_size, size))
             return None
