@@ -21,6 +21,23 @@ def test_frame_noise_equals_reference(shape):
     assert np.isnan(frame_noise(frame, mask)[0, 0])
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33, 64, 255, 256])
+def test_bucket_median_equals_numpys_median(n):
+    """The bucket select (segment._kernels._median) gives np.median's value exactly: noise, integer ties, one
+    value repeated, spots far above the rest, two clusters, infinities, values a few ulps apart."""
+    from dctstream.segment._kernels import BUCKETS, _median
+
+    rng = np.random.default_rng(n)
+    cases = [rng.normal(0, 2.3, n), np.round(rng.normal(0, 1.0, n)), np.full(n, 7.5),
+             np.where(rng.random(n) < 0.1, 1e4, rng.normal(0, 1, n)), np.where(rng.random(n) < 0.7, 50.0, 0.0)
+             + rng.normal(0, 1, n), np.where(rng.random(n) < 0.05, np.inf, rng.normal(0, 1, n)),
+             1.0 + np.arange(n) * np.finfo(float).eps * rng.permutation(n % 5 + 1).repeat(n)[:n],
+             np.concatenate([np.full(n - n // 3, -np.inf), rng.normal(0, 1, n // 3)])]
+    work, counts = np.empty(n), np.empty(BUCKETS, np.int64)
+    for values in cases:
+        assert _median(values, work, counts) == np.median(values)
+
+
 def grain_over_tiles(rng, amplitude: float) -> tuple[np.ndarray, np.ndarray]:
     """Noise 2 (integer steps) on 96 x 96 px, a flat-topped spot of 31 x 31 px over tile (1, 1) but its last
     4 rows and columns (and a bit of its neighbours), and a pedestal of 3 sigmas over tile (0, 2) (a
