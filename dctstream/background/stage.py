@@ -33,7 +33,7 @@ from ..config import frames_per_batch
 from ..direct_beam import (beam_mask, box_ahead, box_moved, box_union, detect_direct_beam, edges_moved,
                            followed_box, margin_mean)
 from ..errors import InputError
-from ..ring import FrameRing
+from ..ring import ArrayPool, FrameRing
 from .kernels import (HistogramWindow, SortedWindow, median_filter, normalise_into, normalised_minus_background,
                       window_median)
 
@@ -211,6 +211,7 @@ class BackgroundStage:
         # window start -> background (normalised units, float32) or median of raw frames (their type)
         self._medians: dict[int, np.ndarray] = {}
         self._median_batch: np.ndarray | None = None  # the medians of one slide of the histogram
+        self._corrected = ArrayPool(6)  # two arrays a corrected frame, three frames on their way to the segmenter
         self.warm = False
         # counts per photon of the corrected frames, from the first window's frames (segment.noise.photon_gain)
         self.photon_gain: float | None = None
@@ -468,12 +469,13 @@ class BackgroundStage:
             slot = self.ring.slot(k)
             difference = normalised_minus_background(self.ring.data[slot], self.dark, self.gain, 1.0,
                                                      self._background(k),
-                                                     np.empty(self.frame_shape, np.float32))
+                                                     self._corrected.take(self.frame_shape, np.float32))
             for start in [s for s in self._medians if s < self._start(k)]:
                 del self._medians[start]
             self.emitted += 1
             # the filtered frame finds the spots, the unfiltered difference measures them
-            filtered = median_filter(difference, self.filter_size) if self.filter_size > 1 else difference
+            filtered = median_filter(difference, self.filter_size, self._corrected.take(self.frame_shape, np.float32)) \
+                if self.filter_size > 1 else difference
             if self.follow_beam and self.beam is not None:  # never segmented: nothing to find or to add there
                 x0, y0, w, h = self.beam
                 filtered[y0:y0 + h, x0:x0 + w] = 0.0

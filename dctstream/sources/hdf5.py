@@ -10,6 +10,7 @@ import hdf5plugin  # noqa: F401  (registers bitshuffle/LZ4 and friends with h5py
 import numpy as np
 
 from ..errors import InputError
+from ..ring import ArrayPool
 from ..types import Frame
 from .base import FrameSource
 
@@ -131,9 +132,11 @@ class Hdf5FileSource(FrameSource):
 
     def __iter__(self):
         batch = max(1, min(_READ_FRAMES_MAX, _READ_BYTES // (int(np.prod(self.frame_shape)) * self.dtype.itemsize or 1)))
+        blocks = ArrayPool(6)  # the frames read ahead and the one being used: see ArrayPool
         for start in range(self.first_frame, self.n_frames, batch):
             try:
-                block = self._dset[start:start + batch]
+                block = blocks.take((min(batch, self.n_frames - start), *self.frame_shape), self.dtype)
+                self._dset.read_direct(block, np.s_[start:start + len(block)])
             except OSError:
                 block = [self._read_one(k) for k in range(start, min(start + batch, self.n_frames))]
             for i, data in enumerate(block):
