@@ -99,14 +99,14 @@ SCANS: dict[str, dict] = {
     # a beam whose footprint follows psi: over the scan it moves right by 6 % of the detector and grows
     # 10 % wider and 4 % taller (its right edge 0.08 px a frame)
     "moving_beam": dict(beam_motion=(0.06, 0.0, 0.10, 0.04), spots=250),
+    # a psi step 3 x finer (0.033 deg where the others are 0.1): rocking curves 3 x as many frames, 3.4-12 frames
+    # sigma (longer near the rotation axis), up to 40 frames above 0.3 x their peak: more than max_blob_size's 25
+    "fine_step": dict(rocking_scale=3.0, spots=250),
     # an Eiger-like detector: a background of 0-0.5 counts a pixel, gaps between its 2 x 2 modules
     "photon_counting": dict(photon_counting=True, beam=False, glow_scale=PHOTON_BACKGROUND_MAX / GLOW_COUNTS,
                             module_gap_px=4, spots=250),
     # the same detector under 5x the glow: 0-2.5 counts a pixel, where a count's median steps from 0 to 2 and
     # lies up to 0.69 below its mean
-    # a psi step 3 x finer (0.033 deg where the others are 0.1): rocking curves 3 x as many frames, 3.4-12 frames
-    # sigma (longer near the rotation axis), up to 40 frames above 0.3 x their peak: more than max_blob_size's 25
-    "fine_step": dict(rocking_scale=3.0, spots=250),
     "photon_counting_glow": dict(photon_counting=True, beam=False,
                                  glow_scale=5 * PHOTON_BACKGROUND_MAX / GLOW_COUNTS, module_gap_px=4, spots=250),
 }

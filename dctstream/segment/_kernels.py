@@ -255,14 +255,13 @@ def _median(values, work, counts):
     finite = True
     for i in range(n):
         v = values[i]
+        work[i] = v
         if v < lo:
             lo = v
         if v > hi:
             hi = v
         if v != v:
             finite = False
-    for i in range(n):
-        work[i] = values[i]
     m = n
     k = h  # the rank sought among work[:m]
     below = -np.inf  # the greatest value ranked below work[:m]
