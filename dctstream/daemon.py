@@ -232,6 +232,7 @@ class Daemon:
         self.retry: dict[tuple[str, str], tuple[Scan, tuple | None]] = {}  # incomplete scans: their file's stat
         self.skipped = 0
         self._stop = threading.Event()
+        self._signals: list[str] = []  # set by the signal handler, which must take no lock (an Event's would do)
         self._last_look = 0.0
 
     # -- the loop -------------------------------------------------------------------------
@@ -249,7 +250,7 @@ class Daemon:
         try:
             with open_display(self.snapshots, console=self.console, every_s=self.cfg.status.log_every_s,
                               header=self.header):
-                while not self._stop.is_set():
+                while not self.stopping:
                     self._reap()
                     if (max_scans is not None and self.finished + self.failed + self.incomplete >= max_scans
                             and not self.running):
@@ -273,10 +274,15 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or bool(self._signals)
+
     def _on_signal(self, signum, frame) -> None:
-        log.info("%s: stopping (the scans in progress are stopped and recorded as such)",
-                 signal.Signals(signum).name)
-        self._stop.set()
+        if not self._signals:  # (logging's lock is reentrant)
+            log.info("%s: stopping (the scans in progress are stopped and recorded as such)",
+                     signal.Signals(signum).name)
+        self._signals.append(signal.Signals(signum).name)
 
     def _log_file(self) -> logging.Handler:
         watch = self.cfg.watch
@@ -342,7 +348,7 @@ class Daemon:
         return cmd + scan.run_args()
 
     def _launch(self) -> None:
-        while self.queue and len(self.running) < self.cfg.watch.max_parallel and not self._stop.is_set():
+        while self.queue and len(self.running) < self.cfg.watch.max_parallel and not self.stopping:
             scan = self.queue.popleft()
             scan.out_dir.mkdir(parents=True, exist_ok=True)
             with open(scan.out_dir / "run.log", "ab") as out:
@@ -375,8 +381,12 @@ class Daemon:
                 log.warning("%s: incomplete (%s): %s", scan.label, record.get("incomplete") or record.get("end_reason"),
                             "tried again when the file changes" if scan.retry_on_change else "the scan is over")
                 continue
-            if self._stop.is_set():
+            if self.stopping:
                 log.info("%s: stopped (exit code %s); processed again at the next start", scan.label, code)
+                if state in (None, "running"):  # killed before it could say so: the record must not say running
+                    write_record(scan.out_dir, {**record, "state": "stopped", "source": scan.label,
+                                                "error": f"stopped by the daemon (exit code {code})",
+                                                "ended_utc": utc_now(), "exit_code": code})
                 continue
             self.failed += 1
             why = record.get("error") or _last_line(scan.out_dir / "run.log") or f"exit code {code}"

@@ -171,6 +171,9 @@ class PsiOrderedSource(FrameSource):
     def acquired(self, j: int) -> int:
         return int(self.order[j])
 
+    def stop(self) -> None:
+        self.source.stop()
+
     def close(self) -> None:
         self.source.close()
 
@@ -288,6 +291,9 @@ class PsiOrderFollow(FrameSource):
 
     def acquired(self, j: int) -> int:
         return self._order[j]
+
+    def stop(self) -> None:
+        self.source.stop()
 
     def close(self) -> None:
         self.source.close()

@@ -13,6 +13,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+from . import interrupt
+
 _END = object()
 # How often a blocked put or get looks up whether the other side has gone away.
 _POLL_S = 0.1
@@ -53,7 +55,11 @@ class Prefetch:
 
     def __iter__(self) -> Iterator:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                interrupt.check()  # waiting for a live source's next frame when a stop came, and was dropped
+                continue
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -105,7 +111,7 @@ class Worker:
                 self._queue.put(item, timeout=_POLL_S)
                 return
             except queue.Full:
-                pass
+                interrupt.check()
 
     @property
     def backlog(self) -> int:

@@ -464,6 +464,8 @@ class Pipeline:
                 failure = exc
                 raise
             finally:
+                if not done:
+                    self.source.stop()  # a live source waiting for its next frame returns now
                 reader.close()
                 if reader.running:
                     self._source_closed = True  # closing it under the reader's feet could crash the process

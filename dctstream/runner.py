@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 
+from . import interrupt
 from .config import Config
 from .dct_table import export_dct
 from .pipeline import Pipeline, Stats
@@ -114,7 +115,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
 def stop_on_sigterm() -> None:
     """SIGTERM stops a run as Ctrl-C does: the pipeline closes its files and the record says ``stopped``."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        interrupt.install()
     die_with_parent()
 
 

@@ -8,6 +8,7 @@ import multiprocessing
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -280,6 +281,7 @@ def test_sigterm_stops_the_scan_in_progress(recorded, tmp_path):
         acquisition.join(TIMEOUT_S)
     rec = record(scan_out)
     assert rec["state"] == "stopped" and rec["frames_read"] < 60
+    assert "did not stop" not in (scan_out / "run.log").read_text()  # the source waiting for a frame stopped too
     assert plan(scan_out) == "redo"
     read_spot_table(scan_out / "spots.h5")  # consistent files
 
@@ -305,3 +307,34 @@ def test_the_daemon_log_is_rotated(tmp_path):
     assert names == ["dctstream-watch.log", "dctstream-watch.log.1", "dctstream-watch.log.2"]
     assert all(p.stat().st_size <= 1100 for p in (tmp_path / "out").iterdir())
     assert "line 199 of" in (tmp_path / "out" / "dctstream-watch.log").read_text()
+
+
+def test_the_signal_handler_takes_no_lock_the_main_thread_may_hold(tmp_path):
+    from dctstream.daemon import Daemon
+
+    daemon = Daemon(tmp_path, load_config(None, [f"output.dir={tmp_path / 'out'}"]))
+    # the handler runs between two bytecodes of the main thread, which may be inside its wait's lock
+    with daemon._stop._cond:
+        handler = threading.Thread(target=daemon._on_signal, args=(signal.SIGTERM, None), daemon=True)
+        handler.start()
+        handler.join(5)
+        assert not handler.is_alive(), "the signal handler waits for a lock its own thread holds: deadlock"
+    assert daemon.stopping
+
+
+def test_a_scan_killed_while_the_daemon_stops_is_recorded_stopped_not_running(tmp_path):
+    from dctstream.daemon import Daemon, Scan
+
+    (tmp_path / "data").mkdir()
+    daemon = Daemon(tmp_path / "data", load_config(None, [f"output.dir={tmp_path / 'out'}"]))
+    scan = Scan(tmp_path / "data" / "s.h5", "/1.1/measurement/marana", tmp_path / "out" / "s_1.1")
+    scan.out_dir.mkdir(parents=True)
+    write_record(scan.out_dir, {"state": "running", "frames_read": 7})
+    child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    child.wait(30)
+    daemon.running[scan.key] = (scan, child)
+    daemon.stop()
+    daemon._reap()
+    rec = record(scan.out_dir)
+    assert rec["state"] == "stopped" and rec["frames_read"] == 7 and rec["exit_code"] == -9
+    assert plan(scan.out_dir) == "redo" and daemon.failed == 0

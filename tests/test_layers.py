@@ -16,7 +16,8 @@ PACKAGE = Path(dctstream.__file__).parent
 # Bottom to top: a module may import its own layer and those below.  Modules are matched by the longest
 # prefix listed (``sources`` covers ``sources.hdf5``).
 LAYERS = [
-    ("base", {"errors", "types", "_version", "_numba_cache", "atomic", "ring", "overlap", "direct_beam", "configs"}),
+    ("base", {"errors", "types", "_version", "_numba_cache", "atomic", "ring", "overlap", "interrupt", "direct_beam",
+              "configs"}),
     ("kernels", {"background._kernels", "background.kernels", "segment._kernels", "segment.noise"}),
     ("config", {"config", "resources", "outdir"}),
     ("stages", {"sources", "background", "segment", "detector", "distortion", "order"}),

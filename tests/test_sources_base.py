@@ -122,3 +122,50 @@ def test_the_pipeline_takes_only_frame_sources(tiny_scan, tmp_path):
     cfg = load_config(None, [f"source.url={tiny_scan.frames_url}", f"output.dir={tmp_path}"])
     with pytest.raises(InputError, match=r"^source: Duck is not a dctstream.sources.FrameSource"):
         Pipeline(cfg, source=Duck())
+
+
+def _unended(tmp):
+    """A file of 2 frames whose scan has not ended (no end_time): more may come."""
+    with h5py.File(tmp / "growing.h5", "w") as f:
+        f["/1.1/measurement/marana"] = np.zeros((2, 8, 8), np.uint16)
+    return f"{tmp / 'growing.h5'}::/1.1/measurement/marana"
+
+
+WAITING = {  # each waits for a frame that never comes, for a minute unless stopped
+    "hdf5-live": lambda scan, tmp: Hdf5WatchSource(SourceConfig(url=_unended(tmp), idle_timeout_s=60,
+                                                                poll_interval_s=0.05)),
+    "folder": lambda scan, tmp: FolderSource(SourceConfig(
+        url=_tif_folder(tmp, np.zeros((2, 8, 8), np.uint16)), expected_frames=3, idle_timeout_s=60,
+        poll_interval_s=0.05)),
+    "stream2": lambda scan, tmp: Stream2Source(SourceConfig(url="tcp://127.0.0.1:1", idle_timeout_s=60)),
+}
+
+
+@pytest.mark.parametrize("kind", WAITING)
+def test_stop_from_another_thread_ends_a_wait_for_the_next_frame(kind, tiny_scan, tmp_path):
+    """Before: a run stopped while its live source waited left the reader thread behind (the source open),
+    and the process could hang at its exit."""
+    import threading
+    import time
+
+    source = WAITING[kind](tiny_scan, tmp_path)
+    got, ended = [], threading.Event()
+
+    def read():
+        for frame in source:
+            got.append(frame.index)
+        ended.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        time.sleep(1.0)  # every frame there is read; now it waits
+        assert not ended.is_set()
+        start = time.monotonic()
+        source.stop()
+        assert ended.wait(5) and time.monotonic() - start < 1.0
+        assert got == list(range(len(got))) and (kind == "stream2" or got)
+    finally:
+        source.stop()
+        reader.join(5)
+        source.close()

@@ -13,7 +13,9 @@ A source is an iterator of `Frame` (index from 0, in order; ``data`` None for a 
 
 Optional, with the defaults here: ``frames_announced`` (what the scan said it would have), ``waiting_for``
 (what it waits for now, for the status), ``frames_listed`` (frames seen but not yet read), ``found`` (what
-it found for ``auto`` settings, for the record).
+it found for ``auto`` settings, for the record), ``stop()`` (from another thread: end the frames within a
+fraction of a second, a wait for the next one included, leaving what it holds open until ``close()``; a
+source whose waits are short needs none).
 
 Optional, without a default: ``read_frame(k)``, any frame of a recorded scan whose angles are all known
 (``angles``), and ``read_again(k)``, a frame of a live scan once delivered (a growing file, a folder).  A
@@ -66,6 +68,9 @@ class FrameSource(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def stop(self) -> None:
+        """From another thread: end the frames soon, a wait for the next one included (see the module)."""
 
     def __enter__(self):
         return self

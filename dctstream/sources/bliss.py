@@ -232,8 +232,12 @@ class BlissdataSource(FrameSource):
             log.warning("%s: the scan ended with %s after %d frames: the frames received are processed",
                         scan.key, reason, frames)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """End the frames at the next read (they wait at most a fraction of a second), from any thread."""
         self._closed = True
+
+    def close(self) -> None:
+        self.stop()
 
 
 class _Angles:

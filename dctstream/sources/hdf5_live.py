@@ -273,6 +273,11 @@ class FollowedSource(FrameSource):
         log.info("%s: scan over (%s) after %d frames", self.url, reason, delivered)
         self.close()
 
+    def stop(self) -> None:
+        """End the frames at the next look (from any thread); the files stay open until `close`."""
+        self._closed = True
+        self._wake.set()
+
     def close(self) -> None:
         """Stop the watcher and release the files; safe to call again."""
         self._closed = True

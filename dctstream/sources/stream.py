@@ -116,6 +116,8 @@ REORDER_FRAMES = 8
 # A frame number this far past the next expected frame is not believed (a corrupt or foreign message): without
 # it, a number of 1,000,000 in a short series would have the pipeline fill in a million missing frames.
 MAX_FRAME_JUMP = 10_000
+# The longest a wait for the next message goes without looking whether the run asked the source to stop, s.
+_STOP_LOOK_S = 0.2
 
 # Detector pixels are integers; anything else in an image message is a malformed message.
 _INTEGER_TYPES = {"uint8", "uint16", "uint32", "int8", "int16", "int32"}
@@ -520,6 +522,7 @@ class _StreamSource(FrameSource):
         self.counters = dict.fromkeys(("missing", "duplicate", "out_of_order", "malformed", "series"), 0)
         self._messages = 0  # every message received, decodable or not
         self._delivered = 0  # frames yielded, missing ones included
+        self._stopped = False
         self._angles_warned = False
         self._resumed_at = 0  # frames before it came from the spool of an interrupted run
         self._resent_warned = False
@@ -599,8 +602,8 @@ class _StreamSource(FrameSource):
     def _receive(self):
         """The next message, or None after ``idle_timeout_s`` without one."""
         deadline = time.monotonic() + self._idle_timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            if self._poller.poll(math.ceil(remaining * 1000)):
+        while (remaining := deadline - time.monotonic()) > 0 and not self._stopped:
+            if self._poller.poll(math.ceil(min(remaining, _STOP_LOOK_S) * 1000)):
                 self._messages += 1
                 return self._receive_message()
         return None
@@ -616,6 +619,9 @@ class _StreamSource(FrameSource):
     def _frames(self) -> Iterator[Frame]:
         while self.end_reason is None and not self._socket.closed:
             message = self._receive()
+            if message is None and self._stopped:  # (a message received is handled: it may be spooled)
+                self.end_reason = "stopped"
+                return
             if message is None:
                 yield from self._flush()
                 self._timed_out()
@@ -810,6 +816,10 @@ class _StreamSource(FrameSource):
     @staticmethod
     def _show(series) -> str:
         return str(series)
+
+    def stop(self) -> None:
+        """End the frames within `_STOP_LOOK_S` (from any thread); the socket stays open until `close`."""
+        self._stopped = True
 
     def close(self) -> None:
         """Disconnect; the scan is over (idempotent)."""
