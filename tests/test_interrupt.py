@@ -47,7 +47,7 @@ def test_a_dropped_stop_is_raised_by_the_wait_for_the_next_frame():
     finally:
         more.set()
         reader.close()
-    assert time.monotonic() - start < 2 and got in ([], [0])
+    assert time.monotonic() - start < 5 and got in ([], [0])  # not after the 10 s the source waits
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -163,7 +163,7 @@ def test_stop_from_another_thread_ends_a_wait_for_the_next_frame(kind, tiny_scan
         assert not ended.is_set()
         start = time.monotonic()
         source.stop()
-        assert ended.wait(5) and time.monotonic() - start < 1.0
+        assert ended.wait(10) and time.monotonic() - start < 3.0  # not the minute of its idle timeout
         assert got == list(range(len(got))) and (kind == "stream2" or got)
     finally:
         source.stop()
