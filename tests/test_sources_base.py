@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import contextmanager
 
 import fabio.tifimage
@@ -132,23 +134,20 @@ def _unended(tmp):
 
 
 WAITING = {  # each waits for a frame that never comes, for a minute unless stopped
-    "hdf5-live": lambda scan, tmp: Hdf5WatchSource(SourceConfig(url=_unended(tmp), idle_timeout_s=60,
-                                                                poll_interval_s=0.05)),
-    "folder": lambda scan, tmp: FolderSource(SourceConfig(
+    "hdf5-live": lambda tmp: Hdf5WatchSource(SourceConfig(url=_unended(tmp), idle_timeout_s=60,
+                                                          poll_interval_s=0.05)),
+    "folder": lambda tmp: FolderSource(SourceConfig(
         url=_tif_folder(tmp, np.zeros((2, 8, 8), np.uint16)), expected_frames=3, idle_timeout_s=60,
         poll_interval_s=0.05)),
-    "stream2": lambda scan, tmp: Stream2Source(SourceConfig(url="tcp://127.0.0.1:1", idle_timeout_s=60)),
+    "stream2": lambda tmp: Stream2Source(SourceConfig(url="tcp://127.0.0.1:1", idle_timeout_s=60)),
 }
 
 
 @pytest.mark.parametrize("kind", WAITING)
-def test_stop_from_another_thread_ends_a_wait_for_the_next_frame(kind, tiny_scan, tmp_path):
+def test_stop_from_another_thread_ends_a_wait_for_the_next_frame(kind, tmp_path):
     """Before: a run stopped while its live source waited left the reader thread behind (the source open),
     and the process could hang at its exit."""
-    import threading
-    import time
-
-    source = WAITING[kind](tiny_scan, tmp_path)
+    source = WAITING[kind](tmp_path)
     got, ended = [], threading.Event()
 
     def read():

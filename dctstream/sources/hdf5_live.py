@@ -280,8 +280,7 @@ class FollowedSource(FrameSource):
 
     def close(self) -> None:
         """Stop the watcher and release the files; safe to call again."""
-        self._closed = True
-        self._wake.set()
+        self.stop()
         self._watcher.stop()
         if self._angles is not None:
             self._angles.close()
