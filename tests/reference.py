@@ -40,14 +40,16 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
 SPLIT_LOW = 2.0  # as dctstream.segment.segmenter.SPLIT_LOW: a second maximum stands out by 2 x grow_low
 
 
-def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, flood_limit=None, spots=None):
+def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, flood_limit=None, spots=None,
+                    others=None):
     """Whole-volume double threshold: scipy.ndimage.label on the seeds, then greedy growth brightest first.
 
     ``seed_tiles`` / ``low_tiles``: each frame's own (tiles_y, tiles_x) threshold maps, one per frame.
     ``flood_limit``: a frame with more 2-D seed regions than that has its two thresholds doubled until
     it has not (at most 4 times). Returns (blobs, rejected) where blobs is a list of (frame, y, x) voxel
     arrays in growth order and rejected counts the rejections by reason. ``spots``: a list that gets each
-    blob's part of its component at the lower clamp (where its centroid is taken), as (frame, y, x) voxels.
+    blob's part of its component at the lower clamp (where its centroid is taken), as (frame, y, x) voxels;
+    ``others``: a list that gets the rest of that component (the touching spots' parts), the same way.
     """
     nf, ny, nx = volume.shape
     mask = np.zeros((ny, nx), bool) if mask is None else mask
@@ -147,6 +149,8 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             blobs.append(voxels)
             if spots is not None:
                 spots.append(grown[top == root])
+            if others is not None:
+                others.append(grown[top != root])
     return blobs, rejected
 
 

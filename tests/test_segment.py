@@ -475,13 +475,14 @@ def test_segmenter_checkpoint_keeps_per_frame_low_maps():
     assert voxel_sets(got) == reference_sets(expected)
 
 
-def reference_totals(blobs, closed_at, measure, mask, nf):
+def reference_totals(blobs, closed_at, measure, mask, nf, others=None):
     """Each blob's integral, obviously: its voxels' measured values, plus the measured values of its box
     grown by half its extent (at least INTEGRAL_MARGIN_*) up to the last frame pushed when it closed,
-    where neither the mask nor a blob grown before it (nor itself) holds the voxel."""
+    where neither the mask nor a blob grown before it (nor itself) holds the voxel, nor the other parts of
+    its component (``others``: each blob's, (frame, y, x) voxels)."""
     claimed = np.zeros(measure.shape, bool)
     totals = []
-    for blob, at in zip(blobs, closed_at):
+    for i, (blob, at) in enumerate(zip(blobs, closed_at)):
         last = nf - 1 if at is None else at
         (f0, y0, x0, f1, y1, x1), (sx, sy, sf) = blob.bbox, blob.size
         my, mx = (max(INTEGRAL_MARGIN_PX, -(-s // 2)) for s in (sy, sx))
@@ -490,6 +491,10 @@ def reference_totals(blobs, closed_at, measure, mask, nf):
         box = (slice(max(f0 - mf, 0), min(f1 + mf, last) + 1), slice(max(y0 - my, 0), y1 + my + 1),
                slice(max(x0 - mx, 0), x1 + mx + 1))
         free = ~claimed[box] & ~mask[box[1:]][None]
+        if others is not None:
+            theirs = np.zeros(measure.shape, bool)
+            theirs[tuple(others[i].T)] = True
+            free &= ~theirs[box]
         totals.append(float(measure[blob.frame, blob.y, blob.x].sum(dtype=np.float64))
                       + float(measure[box][free].sum(dtype=np.float64)))
     return totals
@@ -510,8 +515,14 @@ def test_measured_blobs_take_their_values_and_integral_from_the_unfiltered_frame
     mask = np.zeros((40, 48), bool)
     mask[15:25, 20:30] = True
     plain, plain_closed_at, _ = segment(found, p, mask)
+    # each blob's touching spots, from the whole-volume reference: their parts are none of its tails
+    others = []
+    expected, _ = reference_blobs(found, p, mask, others=others)
+    theirs = {frozenset(map(tuple, voxels.tolist())): rest for voxels, rest in zip(expected, others)}
+    others = [theirs[frozenset(zip(b.frame.tolist(), b.y.tolist(), b.x.tolist()))] for b in plain]
+    assert sum(len(rest) > 0 for rest in others) >= 3  # touching spots, whose tails the rule changes
     np.testing.assert_allclose([b.total for b in plain], reference_totals(plain, plain_closed_at, found, mask,
-                                                                          len(found)), rtol=1e-9, atol=1e-6)
+                                                                          len(found), others), rtol=1e-9, atol=1e-6)
     segmenter = Segmenter(p, found.shape[1:], mask, measured=True)
     blobs, closed_at = [], []
     for k in range(len(found)):
@@ -526,7 +537,7 @@ def test_measured_blobs_take_their_values_and_integral_from_the_unfiltered_frame
     for blob in blobs:
         np.testing.assert_array_equal(blob.value, despiked[blob.frame, blob.y, blob.x])
     np.testing.assert_allclose([b.total for b in blobs], reference_totals(blobs, closed_at, despiked, mask,
-                                                                          len(found)), rtol=1e-9, atol=1e-6)
+                                                                          len(found), others), rtol=1e-9, atol=1e-6)
     with pytest.raises(ValueError, match="measure"):
         Segmenter(p, found.shape[1:], mask, measured=True).push(0, found[0])
 
@@ -565,6 +576,10 @@ def test_touching_spots_are_two_where_their_valley_allows(separation, parts):
     if parts == 2:  # each part holds its own peak and is measured on its own
         assert sorted(b.max_index[2] for b in blobs) == [15, 15 + int(separation)]
         assert blobs[0].total > blobs[1].total
+        # each integral is its own spot's counts: the other's part is none of its tails (11-44 % more before)
+        alone = [two_spots(separation, peaks=peaks).sum(dtype=np.float64) for peaks in ((100.0, 0.0), (0.0, 70.0))]
+        totals = [b.total for b in sorted(blobs, key=lambda b: b.max_index[2])]
+        np.testing.assert_allclose(totals, alone, rtol=0.06)
 
 
 def test_a_noisy_plateau_stays_one_spot():

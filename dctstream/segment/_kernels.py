@@ -506,6 +506,19 @@ def unclaimed_sum(values, slot_of, flags, mask, f0, f1, y0, y1, x0, x1):
 
 
 @numba.njit(cache=True, nogil=True)
+def unclaimed_sum_of(values, slot_of, flags, fs, ys, xs, f0, f1, y0, y1, x0, x1):
+    """Sum of the values at voxels (fs, ys, xs) in the inclusive box [f0..f1, y0..y1, x0..x1] that no blob has
+    claimed."""
+    cap = slot_of.size
+    total = 0.0
+    for i in range(fs.size):
+        f, y, x = fs[i], ys[i], xs[i]
+        if f0 <= f <= f1 and y0 <= y <= y1 and x0 <= x <= x1 and not _flag(flags, slot_of[f % cap], CLAIMED, y, x):
+            total += values[slot_of[f % cap], y, x]
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
 def moments(values, slot_of, fs, ys, xs):
     """(sum, sum of frame x value, of y x value, of x x value) of the values at voxels (fs, ys, xs)."""
     cap = slot_of.size

@@ -38,7 +38,7 @@ import numpy as np
 from ..ring import release, releasable_frames
 from ..types import Blob
 from ._kernels import (CLAIMED, claim, claimed_beside_max, despike, flood_from, grow_region, label_seeds,
-                       moments, seed_rows, split_maxima, unclaimed_sum)
+                       moments, seed_rows, split_maxima, unclaimed_sum, unclaimed_sum_of)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
@@ -59,7 +59,9 @@ FLOOD_DOUBLINGS = 4
 # counts in 3-D; its tails are in the blob's box grown by half its extent on each axis (at least
 # INTEGRAL_MARGIN_PX, INTEGRAL_MARGIN_FRAMES; along psi up to the last frame segmented when it closes),
 # summed where no other blob has claimed them (the corrected background is 0 on average, so the noise
-# there adds nothing on average).
+# there adds nothing on average) and no touching spot's part of their component lies (see SPLIT_LOW): the
+# box of a big spot held the whole of a neighbour not yet claimed (`independent`: 1.2-3 x the true integral
+# for 9 spots; intensity ratio 1.035 [0.98-1.16] -> 0.984 [0.95-1.03]).
 INTEGRAL_MARGIN_PX = 2
 INTEGRAL_MARGIN_FRAMES = 1
 # The unfiltered frames still hold the zingers that the 3x3 median took out of the filtered ones: a pixel
@@ -668,7 +670,8 @@ class Segmenter:
             threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * part_peak, low), high), part_peak)
             part = top == root
             keep = flood_from(fs, ys, xs, part & (found >= threshold), root, p.connectivity == 26)
-            blob = self._blob(fs[keep], ys[keep], xs[keep], at, (fs[part], ys[part], xs[part]), (f, y, x))
+            blob = self._blob(fs[keep], ys[keep], xs[keep], at, (fs[part], ys[part], xs[part]), (f, y, x),
+                              (fs[~part], ys[~part], xs[~part]))
             if blob is not None:
                 blobs.append(blob)
         return blobs
@@ -706,11 +709,12 @@ class Segmenter:
                     return False
         return ys.size <= ZINGER_VOXELS or elongation(ys, xs) >= ZINGER_TRACK_ELONGATION
 
-    def _blob(self, fs, ys, xs, max_index, spot, centre) -> Blob | None:
+    def _blob(self, fs, ys, xs, max_index, spot, centre, others) -> Blob | None:
         """The blob of these voxels around its maximum, measured and claimed, its centroid taken over the
         ``spot``'s voxels (frames, ys, xs); None if the size filters reject it: smaller than min_size, or
         reaching an edge of the growth box around ``centre`` (f, y, x; the region's maximum) that lies inside
-        the frame and the scan, where it was cut."""
+        the frame and the scan, where it was cut. ``others``: the voxels (frames, ys, xs) of the other parts of
+        its component, touching spots' voxels, which are none of its tails."""
         p = self.params
         ny, nx = self.frame_shape
         fa, fb, ya, yb, xa, xb = (int(v) for v in (fs.min(), fs.max(), ys.min(), ys.max(), xs.min(), xs.max()))
@@ -730,9 +734,10 @@ class Segmenter:
         value = volume[fs - fa, ys - ya, xs - xa]
         my, mx = (max(INTEGRAL_MARGIN_PX, -(-s // 2)) for s in (size[1], size[0]))
         mf = max(INTEGRAL_MARGIN_FRAMES, -(-size[2] // 2))
-        tails = unclaimed_sum(self._measures, self._slot_of, self._flags, self.mask,
-                              max(fa - mf, self._low, 0), min(fb + mf, self.last),
-                              max(ya - my, 0), min(yb + my, ny - 1), max(xa - mx, 0), min(xb + mx, nx - 1))
+        box = (max(fa - mf, self._low, 0), min(fb + mf, self.last),
+               max(ya - my, 0), min(yb + my, ny - 1), max(xa - mx, 0), min(xb + mx, nx - 1))
+        tails = (unclaimed_sum(self._measures, self._slot_of, self._flags, self.mask, *box)
+                 - unclaimed_sum_of(self._measures, self._slot_of, self._flags, *others, *box))
         peak_f, peak_y, peak_x = max_index
         # the value the blob reports at its maximum: the measured one, as all its values
         max_value = float(volume[peak_f - fa, peak_y - ya, peak_x - xa])
