@@ -38,7 +38,7 @@ def bad_inputs(tmp_path_factory, tiny_scan):
     """An HDF5 file of datasets that are wrong in one way each, for frames 64 x 64 px and 40 frames.
 
     Returns the file path; the datasets are:
-    ``two_d`` (64, 64) uint16, ``float_frames`` (5, 64, 64) float32, ``no_frames`` (0, 64, 64) uint16,
+    ``two_d`` (64, 64) uint16, ``float_frames`` (5, 64, 64) float32 of 0.5, ``no_frames`` (0, 64, 64) uint16,
     ``dark_small`` (3, 32, 32) uint16, ``dark_text`` (64, 64) bytes, ``dark_empty`` (0, 64, 64) uint16,
     ``angles_short`` (10,) float64, ``angles_text`` (40,) bytes, and a group ``group`` holding ``inside``;
     and, built from the tiny scan's frames: ``four_d`` (2, 3, 64, 64), ``bool_frames``, ``zeros`` and
@@ -53,7 +53,7 @@ def bad_inputs(tmp_path_factory, tiny_scan):
     path = tmp_path_factory.mktemp("bad_inputs") / "bad.h5"
     with h5py.File(path, "w") as f:
         f["two_d"] = np.zeros((TINY_SIZE, TINY_SIZE), np.uint16)
-        f["float_frames"] = np.zeros((5, TINY_SIZE, TINY_SIZE), np.float32)
+        f["float_frames"] = np.full((5, TINY_SIZE, TINY_SIZE), 0.5, np.float32)  # not counts: flat-fielded
         f["no_frames"] = np.zeros((0, TINY_SIZE, TINY_SIZE), np.uint16)
         f["dark_small"] = np.zeros((3, 32, 32), np.uint16)
         f["dark_text"] = np.full((TINY_SIZE, TINY_SIZE), b"a")

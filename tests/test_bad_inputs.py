@@ -114,7 +114,8 @@ CASES = {
         ["source.url", f"{c.bad}::/four_d", "expected a 3-D stack of frames", "got shape (2, 3, 64, 64)"]),
     "frames_float": lambda c: (
         ["run", *_bad_frames(c, "float_frames")], 1,
-        [f"{c.bad}::/float_frames", "expected integer detector counts", "float32"]),
+        [f"{c.bad}::/float_frames", "frame 0", "expected detector counts, whole numbers",
+         "got 0.5 at pixel (y, x) = (0, 0) of float32 frames"]),
     "frames_bool": lambda c: (
         ["run", *_bad_frames(c, "bool_frames")], 1,
         [f"{c.bad}::/bool_frames", "expected integer detector counts", "bool"]),

@@ -16,6 +16,7 @@ import re
 import threading
 import time
 
+import fabio.edfimage
 import fabio.tifimage
 import h5py
 import hdf5plugin
@@ -363,12 +364,29 @@ def test_hdf5_angles_that_never_come_give_none(scan, tmp_path, monkeypatch):
 
 
 def test_hdf5_wrong_dataset_is_reported_at_once(tmp_path):
-    path = tmp_path / "float.h5"
+    path = tmp_path / "complex.h5"
     with h5py.File(path, "w") as f:
-        f["frames"] = np.zeros((3, 4, 4), np.float32)
-    with pytest.raises(InputError, match=re.escape(f"source.url: {path}::/frames: expected integer detector counts, "
-                                                   "got dtype float32")):
+        f["frames"] = np.zeros((3, 4, 4), np.complex64)
+    with pytest.raises(InputError, match=re.escape(f"source.url: {path}::/frames: expected integer detector counts "
+                                                   "(or floats holding whole numbers), got dtype complex64")):
         Hdf5WatchSource(source_config(f"{path}::/frames"))
+
+
+def test_hdf5_float_counts_come_as_integers_and_other_floats_are_refused_at_their_frame(tmp_path):
+    path = tmp_path / "float.h5"
+    frames = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    frames[2, 1, 3] = 7.5  # a flat-fielded value in the last frame
+    with h5py.File(path, "w") as f:
+        f["frames"] = frames
+        f["/"].attrs["end_time"] = "now"
+    with Hdf5WatchSource(source_config(f"{path}::/frames")) as source:
+        got = []
+        with pytest.raises(InputError, match=re.escape(f"source.url: {path}::/frames: frame 2: expected detector "
+                                                       "counts, whole numbers, got 7.5 at pixel (y, x) = (1, 3)")):
+            for frame in source:
+                got.append(frame.data)
+    assert source.dtype == np.int32 and [g.dtype for g in got] == [np.int32] * 2
+    np.testing.assert_array_equal(np.stack(got), frames[:2].astype(np.int32))
 
 
 # -- folder failure modes -------------------------------------------------------------------------------
@@ -484,3 +502,20 @@ def test_dectris_master_that_is_not_one_is_reported(tmp_path):
     with pytest.raises(InputError, match=r"x_master.h5::/entry/data: no data_NNNNNN entries, expected links to "
                                          r"the data files"):
         DectrisMasterSource(source_config(f"{path}::/entry/data"))
+
+
+def test_folder_of_float_counts_comes_as_integers_and_a_fractional_frame_is_refused(tmp_path):
+    frames = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    frames[3, 2, 4] = 0.5  # a flat-fielded value
+    for k, frame in enumerate(frames):
+        fabio.edfimage.EdfImage(data=frame).write(str(tmp_path / f"scan{k:04d}.edf"))
+    got = []
+    with FolderSource(source_config(f"{tmp_path}/*.edf", expected_frames=4)) as source:
+        with pytest.raises(InputError, match=re.escape("scan0003.edf: expected detector counts, whole numbers, got "
+                                                       "0.5 at pixel (y, x) = (2, 4) of float32 frames")):
+            for frame in source:
+                got.append(frame.data)
+        assert source.dtype == np.int32
+        np.testing.assert_array_equal(source.read_again(1), frames[1].astype(np.int32))
+    assert [g.dtype for g in got] == [np.int32] * 3
+    np.testing.assert_array_equal(np.stack(got), frames[:3].astype(np.int32))

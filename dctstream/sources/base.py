@@ -5,7 +5,8 @@ A source is an iterator of `Frame` (index from 0, in order; ``data`` None for a 
 
 * ``rereadable`` (class attribute, no default): whether a resumed run can read its frames again (a file,
   a folder, a scan kept in Redis) or must keep them in its spool as they arrive (a detector stream);
-* ``frame_shape`` and ``dtype`` once known (before the first frame for a file, with it for a stream);
+* ``frame_shape`` and ``dtype`` once known (before the first frame for a file, with it for a stream): the
+  dtype of the frames it delivers (float counts come as int32: `counts_dtype`);
 * ``n_frames``: the frames known to be in the scan, or None while that is unknown;
 * ``end_reason`` once its frames have ended (a word: `COMPLETE_ENDS` or why not), None before;
 * ``counters``: name -> count of what it met on the way (frames dropped, reopens, waits, ...), for the
@@ -38,6 +39,39 @@ from ..types import Frame
 # Why a source's frames ended (``end_reason``) that means it delivered the whole scan; any other reason
 # (idle_timeout, vanished, stopped, scan_aborted, ...) makes the run incomplete.
 COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end", "scan_end"})
+
+# Float frames that hold whole numbers -- photon counts that a simulator or a converter stored as floats --
+# are counts, delivered as int32; any other float frame (flat-fielded, normalised) is refused at its first
+# fractional pixel: the running median and the photon noise need the detector's counts.
+FLOAT_COUNTS = np.dtype(np.int32)
+
+
+def counts_dtype(dtype, where: str) -> np.dtype:
+    """The dtype a source delivers frames stored as ``dtype`` in: integers as they are, floats as int32;
+    anything else is refused, ``where`` (e.g. ``source.url: F::/data``) naming the frames."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        return dtype
+    if dtype.kind == "f":
+        return FLOAT_COUNTS
+    raise InputError(f"{where}: expected integer detector counts (or floats holding whole numbers), "
+                     f"got dtype {dtype}")
+
+
+def as_counts(data: np.ndarray, where: str) -> np.ndarray:
+    """A frame (or a stack) as `counts_dtype` says: float values that are whole numbers as int32, refused
+    (naming ``where`` and the first pixel that is not one) otherwise."""
+    if data.dtype.kind != "f":
+        return data
+    limit = np.iinfo(FLOAT_COUNTS).max
+    whole = np.isfinite(data) & (np.rint(data) == data) & (np.abs(data) <= limit)
+    if not whole.all():
+        at = tuple(int(i) for i in np.argwhere(~whole)[0])
+        pixel = f"{'frame %d, ' % at[0] if data.ndim == 3 else ''}pixel (y, x) = ({at[-2]}, {at[-1]})"
+        raise InputError(f"{where}: expected detector counts, whole numbers, got {data[at]} at {pixel} of "
+                         f"{data.dtype} frames (frames already flat-fielded or normalised are not counts: give "
+                         "the raw frames, with the dark and detector.flat)")
+    return data.astype(FLOAT_COUNTS)
 
 _NONE: Mapping = MappingProxyType({})
 

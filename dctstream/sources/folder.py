@@ -38,6 +38,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..types import Frame
+from .base import as_counts, counts_dtype
 from .hdf5_live import ANGLE_WAIT_S, FollowedSource, LiveAngles, Watcher, one_line
 
 log = logging.getLogger(__name__)
@@ -168,15 +169,14 @@ class FolderSource(FollowedSource):
             return None
         if data.ndim != 2:
             raise InputError(f"source.url: {self.url}: {path}: expected a 2-D frame, got shape {data.shape}")
-        if data.dtype.kind not in "ui":
-            raise InputError(f"source.url: {self.url}: {path}: expected integer detector counts, "
-                             f"got dtype {data.dtype}")
+        where = f"source.url: {self.url}: {path}"
+        counts = counts_dtype(data.dtype, where)
         if self.frame_shape is None:
-            self.frame_shape, self.dtype = data.shape, data.dtype
-        elif data.shape != self.frame_shape or data.dtype != self.dtype:
-            raise InputError(f"source.url: {self.url}: {path}: expected a {self.frame_shape} frame of "
-                             f"{self.dtype} like the first one, got {data.shape} of {data.dtype}")
-        return data, header
+            self.frame_shape, self.dtype, self._stored = data.shape, counts, data.dtype
+        elif data.shape != self.frame_shape or data.dtype != self._stored:
+            raise InputError(f"{where}: expected a {self.frame_shape} frame of {self._stored} like the first one, "
+                             f"got {data.shape} of {data.dtype}")
+        return as_counts(data, where), header
 
     def _psi(self, k: int, header: dict) -> float | None:
         if self._angles is not None:

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import InputError
 from ..ring import ArrayPool
 from ..types import Frame
-from .base import FrameSource
+from .base import FrameSource, as_counts, counts_dtype
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,11 @@ class Hdf5FileSource(FrameSource):
             self.close()
             raise InputError(f"source.url: {url}: expected at least 1 frame of at least 1 x 1 pixels, "
                              f"got shape {shape}")
-        if dtype.kind not in "ui":
+        try:
+            counts = counts_dtype(dtype, f"source.url: {url}")
+        except InputError:
             self.close()
-            raise InputError(f"source.url: {url}: expected integer detector counts, got dtype {dtype}")
+            raise
         self.n_frames = shape[0]
         try:
             self.missing = unwritten_frames(self._dset, path_of(url))
@@ -109,7 +111,13 @@ class Hdf5FileSource(FrameSource):
         self._missing = set(self.missing.tolist())
         self.first_frame = 0  # where iterating starts (a resumed run skips what it no longer needs)
         self.frame_shape = tuple(shape[1:])
-        self.dtype = dtype
+        self.dtype, self._stored = counts, dtype
+        if dtype.kind == "f":  # flat-fielded or normalised frames are refused before anything is written
+            try:
+                self._read_one(0)
+            except BaseException:
+                self.close()
+                raise
         self.angles = None
         if angles:
             try:
@@ -135,14 +143,14 @@ class Hdf5FileSource(FrameSource):
         blocks = ArrayPool(6)  # the frames read ahead and the one being used: see ArrayPool
         for start in range(self.first_frame, self.n_frames, batch):
             try:
-                block = blocks.take((min(batch, self.n_frames - start), *self.frame_shape), self.dtype)
+                block = blocks.take((min(batch, self.n_frames - start), *self.frame_shape), self._stored)
                 self._dset.read_direct(block, np.s_[start:start + len(block)])
             except OSError:
                 block = [self._read_one(k) for k in range(start, min(start + batch, self.n_frames))]
             for i, data in enumerate(block):
                 k = start + i
                 yield Frame(k, None if self.angles is None else float(self.angles[k]),
-                            None if k in self._missing else data)
+                            None if k in self._missing else as_counts(data, f"source.url: {self.url}: frame {k}"))
         self.end_reason = "complete"
 
     def read_frame(self, k: int) -> np.ndarray:
@@ -151,7 +159,7 @@ class Hdf5FileSource(FrameSource):
     def _read_one(self, k: int) -> np.ndarray:
         """Frame ``k`` alone: a batch that failed to read names the frame that broke it."""
         try:
-            return self._dset[k]
+            return as_counts(self._dset[k], f"source.url: {self.url}: frame {k}")
         except OSError as exc:
             raise InputError(f"source.url: {self.url}: frame {k}: cannot read ({' '.join(str(exc).split())}), "
                              "expected a readable frame (a corrupted chunk, or a truncated file?)") from None

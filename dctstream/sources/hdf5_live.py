@@ -52,7 +52,7 @@ from watchdog.observers import Observer
 
 from ..errors import InputError
 from ..types import Frame
-from .base import FrameSource
+from .base import FrameSource, as_counts, counts_dtype
 from .hdf5 import parse_url
 
 log = logging.getLogger(__name__)
@@ -402,9 +402,7 @@ class Hdf5WatchSource(FollowedSource):
         if len(shape) != 3 or min(shape[1:]) < 1:
             raise InputError(f"source.url: {self.url}: expected a 3-D stack of frames (frames, y, x), "
                              f"got shape {shape}")
-        if dtype.kind not in "ui":
-            raise InputError(f"source.url: {self.url}: expected integer detector counts, got dtype {dtype}")
-        self.frame_shape, self.dtype = tuple(shape[1:]), dtype
+        self.frame_shape, self.dtype = tuple(shape[1:]), counts_dtype(dtype, f"source.url: {self.url}")
 
     def _reopen(self) -> None:
         self.counters["reopens"] += 1
@@ -425,12 +423,13 @@ class Hdf5WatchSource(FollowedSource):
             if not _stored(self._dset, k):
                 self._error = "not written yet"
                 return None
-            return self._dset[k]
+            data = self._dset[k]
         except _H5_ERRORS as exc:
             self.counters["retries"] += 1
             self._error = f"cannot read ({one_line(exc)})"
             self._reopen()
             return None
+        return as_counts(data, f"source.url: {self.url}: frame {k}")
 
     def _psi(self, k: int) -> float | None:
         psi = None if self._angles is None else self._angles.get(k)
@@ -567,7 +566,7 @@ class Hdf5WatchSource(FollowedSource):
             if isinstance(dset, h5py.Dataset):
                 if file.swmr:
                     dset.refresh()
-                return dset[k]
+                return as_counts(dset[k], f"source.url: {self.url}: frame {k}")
             why = file.error if h5 is None else "no such dataset"
         except _H5_ERRORS as exc:
             why = one_line(exc)
