@@ -61,6 +61,10 @@ GAUSS_SIGMA_XY_PX = (0.8, 2.5)
 GRAIN_SIZE_PX = (8.0, 50.0)
 GRAIN_SIGMA_FRAME = (0.7, 2.5)
 GRAIN_EDGE_SIGMA_PX = 0.6
+# Streaks: a grain's mosaic spread draws its spot out along the Debye-Scherrer ring, tangential about the
+# detector's centre; sigma along and across it.
+STREAK_SIGMA_LONG_PX = (3.0, 10.0)
+STREAK_SIGMA_WIDE_PX = (0.8, 1.5)
 SPOT_SNR = (3.0, 200.0)
 BRIGHT_SNR = (30.0, 300.0)
 MAX_PEAK_COUNTS = 20000.0  # well below saturation, so the raw frames hold the whole integral
@@ -92,6 +96,8 @@ SCANS: dict[str, dict] = {
     "strong_glow": dict(glow_scale=10.0, spots=250),
     "wrap360": dict(wrap=True, wrap_spots=16, spots=250),
     "grains": dict(spot_shape="grain", spots=220),
+    # far-field spots drawn out along the ring by mosaic spread: sigma 3-10 px along, 0.8-1.5 px across
+    "streaks": dict(spot_shape="streak", spots=220),
     "grains_topup_wrap": dict(spot_shape="grain", spots=220, topup_at=0.55, topup_step=0.03, wrap=True,
                               wrap_spots=12),
     "overlaps": dict(pairs=40, spots=150),
@@ -141,8 +147,8 @@ class HardScanModel(ScanModel):
                  photon_counting: bool = False, external_spots: str | os.PathLike | None = None,
                  module_gap_px: int = 0, beam_motion: tuple[float, float, float, float] | None = None,
                  rocking_scale: float = 1.0):
-        if spot_shape not in ("gauss", "grain"):
-            raise ValueError(f"HardScanModel: spot_shape must be gauss or grain, got {spot_shape!r}")
+        if spot_shape not in ("gauss", "grain", "streak"):
+            raise ValueError(f"HardScanModel: spot_shape must be gauss, grain or streak, got {spot_shape!r}")
         if wrap_spots and not wrap:
             raise ValueError("HardScanModel: wrap_spots needs wrap=True")
         self._ripple, self._ripple_period, self._decay = ripple, ripple_period_frames, decay
@@ -233,9 +239,22 @@ class HardScanModel(ScanModel):
 
     # --- spots --------------------------------------------------------------
 
-    def _footprint(self, rng: np.random.Generator, shape: str, fx: float, fy: float) -> np.ndarray:
-        """A footprint with max 1 whose drawn centre is (half + fx, half + fy) in its own pixels."""
-        if shape == "gauss":
+    def _footprint(self, rng: np.random.Generator, shape: str, fx: float, fy: float,
+                   at: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+        """A footprint with max 1 whose drawn centre is (half + fx, half + fy) in its own pixels; ``at``: that
+        centre's (x, y) on the detector (a streak runs tangential about the detector's centre)."""
+        if shape == "streak":
+            along, across = rng.uniform(*STREAK_SIGMA_LONG_PX), rng.uniform(*STREAK_SIGMA_WIDE_PX)
+            ny, nx = self.shape
+            radial = math.atan2(at[1] - (ny - 1) / 2, at[0] - (nx - 1) / 2)
+            cos, sin = math.cos(radial + math.pi / 2), math.sin(radial + math.pi / 2)
+            half = math.ceil(SPOT_CUTOFF_SIGMAS * along)
+            ox = (np.arange(2 * half + 1) - half - fx)[None, :]
+            oy = (np.arange(2 * half + 1) - half - fy)[:, None]
+            u, v = (ox * cos + oy * sin) / along, (-ox * sin + oy * cos) / across
+            r2 = u ** 2 + v ** 2
+            patch = np.where(r2 <= SPOT_CUTOFF_SIGMAS ** 2, np.exp(-0.5 * r2), 0.0)
+        elif shape == "gauss":
             sx, sy = rng.uniform(*GAUSS_SIGMA_XY_PX, size=2)
             half = math.ceil(SPOT_CUTOFF_SIGMAS * max(sx, sy))
             ox = np.arange(2 * half + 1) - half - fx
@@ -303,7 +322,7 @@ class HardScanModel(ScanModel):
         else:
             x, y, frame0 = centre
         ix, iy = math.floor(x), math.floor(y)
-        patch = self._footprint(rng, shape, x - ix, y - iy)
+        patch = self._footprint(rng, shape, x - ix, y - iy, at=(x, y))
         half = patch.shape[0] // 2
         origin = (iy - half, ix - half)
         if (origin[0] < BORDER_PX or origin[1] < BORDER_PX or origin[0] + patch.shape[0] > ny - BORDER_PX

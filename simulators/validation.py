@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]  # holds the dctstream and simulators
 
 SNR_MIN = 5.0
 TOL_FRAMES = 2.0
-TOL_PX = {"gauss": 2.0, "grain": 4.0}
+TOL_PX = {"gauss": 2.0, "grain": 4.0, "streak": 3.0}
 BEAM_MASK_MARGIN_PX = 10
 IMAGED11_SIGMA = 6.0
 IMAGED11_MIN_PIXELS = 3

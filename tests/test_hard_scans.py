@@ -202,3 +202,18 @@ def test_spots_of_the_independent_model_that_share_a_maximum_are_merged(tmp_path
     m = independent_model(path, seed=SEED)
     merged = m.spots["merged_into"]
     assert merged[2] == -1 and sorted(merged[:2].tolist()) in ([-1, 0], [-1, 1])
+
+
+def test_streaks_run_tangential_about_the_detector_centre():
+    m = small("streaks")
+    s = m.spots
+    for i in range(len(s["x"])):
+        counts, (oy, ox) = m.spot_counts(i, int(round(s["frame"][i])) % m.frames)
+        yy, xx = np.nonzero(counts)
+        w = counts[yy, xx]
+        d = np.stack([xx + ox - s["x"][i], yy + oy - s["y"][i]])
+        values, vectors = np.linalg.eigh((d * w) @ d.T / w.sum())
+        along = vectors[:, 1]  # the long axis
+        radial = np.array([s["x"][i] - (m.shape[1] - 1) / 2, s["y"][i] - (m.shape[0] - 1) / 2])
+        assert values[1] / values[0] >= (3.0 / 1.5) ** 2 * 0.8  # at least about 2:1 in sigma
+        assert abs(along @ radial) / np.linalg.norm(radial) < 0.15  # across the radius: along the ring
