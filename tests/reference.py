@@ -108,10 +108,11 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
         top = np.array(reference_split(grown, values, stand_out, *params.split_rule(), params.connectivity == 26))
         # the region's own maximum in a brighter voxel's part: the skirt of a spot grown before, not a spot
         own = top[next(i for i, v in enumerate(grown) if tuple(v) == (f, y, x))]
-        # ... when that part touches a claimed voxel (a peak where the seed threshold is higher is no seed)
+        # ... when that part touches a claimed voxel in the frames of its growth box (a peak where the seed
+        # threshold is higher is no seed)
         part_mask = np.zeros(volume.shape, bool)
         part_mask[tuple(grown[top == own].T)] = True
-        touches = (ndi.binary_dilation(part_mask, structure=structure) & claimed).any()
+        touches = (ndi.binary_dilation(part_mask, structure=structure) & claimed)[box[0]].any()  # its frames
         for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
             if root == own and values[own] > peak and touches:
                 rejected["tail_of_blob"] += 1

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dctstream.segment import SegmentParams, Segmenter
@@ -255,6 +255,12 @@ def test_a_rocking_curve_longer_than_max_blob_size_frames_is_kept_when_its_growt
 
 
 @settings(max_examples=60, deadline=None)
+# a region's skirt beside a blob claimed in the frame before its growth box, no longer held there (found by
+# hypothesis: the streaming segmenter made a spot of the skirt's bump)
+@example(seed=15, nf=13, ny=9, nx=3, threshold=2.5, ratio=1.0, low=1.0, high=None, min_voxels=2,
+         max_size=(3, 1, 3), connectivity=26, masked=False)
+@example(seed=15, nf=8, ny=10, nx=4, threshold=2.5, ratio=1.0, low=1.0, high=None, min_voxels=2,
+         max_size=(3, 1, 2), connectivity=26, masked=False)
 @given(seed=st.integers(0, 2**32 - 1), nf=st.integers(1, 20), ny=st.integers(1, 14), nx=st.integers(1, 14),
        threshold=st.floats(1.0, 4.0), ratio=st.floats(0.05, 1.0), low=st.floats(0.2, 2.0),
        high=st.one_of(st.none(), st.floats(2.0, 6.0)), min_voxels=st.integers(1, 4),

@@ -645,13 +645,14 @@ class Segmenter:
         # before it (brighter regions are grown first), in what that spot left below tau x its peak -- a
         # noise-lifted seed in a big spot's rocking tail, whose part would take a bump of that skirt for a peak.
         # A spot whose peak lies where the seed threshold is higher (another tile or frame) is no seed there,
-        # and its region's maximum lies on its slope too: a skirt touches the blob that left it.
+        # and its region's maximum lies on its slope too: a skirt touches the blob that left it -- in the frames
+        # of the growth box: those before it may no longer be held (a blob there went unseen, and the skirt's
+        # bump became a spot of its own).
         own = top[np.searchsorted(voxels, (f * ny + y) * nx + x)]
         skirt = -1
         if found[own] > region.max_value:
             part = top == own
-            scan = (max(self._low, 0), self.last, 0, ny - 1, 0, nx - 1)
-            if self._claimed_beside(fs[part], ys[part], xs[part], scan) > -np.inf:
+            if self._claimed_beside(fs[part], ys[part], xs[part], (f0, f1, 0, ny - 1, 0, nx - 1)) > -np.inf:
                 skirt = own
         blobs = []
         roots = np.unique(top)  # each part's peak: brightest first, then by index
