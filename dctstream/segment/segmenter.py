@@ -46,8 +46,8 @@ VALLEY_VOXELS = 200_000
 # few at once; a slot given back is faulted in and zeroed by the system when taken again (33 MiB at 2048 x
 # 2048). A 651-frame 2048 x 2048 scan: 159 of its frames took a given-back slot with 1 kept, 33 with 8, the
 # first ones; `dctstream bench --frames 600`: the segmenting thread 49.4 -> 44.6 ms a frame, the same peak
-# within 0.02 GiB (at that scan's busiest moment 28 frames held and 5 hot slots: the frames held a moment
-# before, when the peak was not; never releasing hot slots beyond the most frames held, tried, changed nothing).
+# within 0.02 GiB (at the peak, 28 frames held and 5 hot slots: fewer resident than frames held a moment
+# before; capping the hot slots at the most frames held, tried, changed nothing).
 HOT_SLOTS = 8
 # A frame with more seed regions than this (or one per FLOOD_PIXELS unmasked pixels, if more) is flooded:
 # a background change the median has not followed, not spots. Its thresholds are doubled until it is
