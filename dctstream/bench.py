@@ -173,12 +173,13 @@ def _write_scan(path: Path, scan: SyntheticScan, n: int) -> str:
     return f"{path}::/1.1/measurement/frames"
 
 
-def _written_apart(path: Path, scan: SyntheticScan, n: int) -> str:
-    """`_write_scan` in a child process: the memory it takes and leaves to the allocator is not counted in
-    this process's peak, which is then the pipeline's own."""
+def _written_apart(path: Path, size: int, seed: int, source: str, n: int) -> str:
+    """`_write_scan` of a `SyntheticScan` made in a child process: the memory it takes (the scan's model
+    maps, 64 MiB at 2048 x 2048) and leaves to the allocator is not counted in this process's peak, which is
+    then the pipeline's own."""
     import multiprocessing
 
-    process = multiprocessing.get_context("fork").Process(target=_write_scan, args=(path, scan, n))
+    process = multiprocessing.get_context("fork").Process(target=_write_synthetic, args=(path, size, seed, source, n))
     process.start()
     process.join()
     if process.exitcode != 0:
@@ -186,13 +187,17 @@ def _written_apart(path: Path, scan: SyntheticScan, n: int) -> str:
     return f"{path}::/1.1/measurement/frames"
 
 
-def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path, resegment: bool = True) -> dict:
+def _write_synthetic(path: Path, size: int, seed: int, source: str, n: int) -> None:
+    _write_scan(path, SyntheticScan(size, seed, source), n)
+
+
+def bench_pipeline(opts: BenchOptions, workdir: Path, source: str = "drifting", resegment: bool = True) -> dict:
     from .config import load_config
     from .pipeline import Pipeline
 
     n = opts.window + opts.frames
     t0 = time.perf_counter()
-    url = _written_apart(workdir / "bench.h5", scan, n)
+    url = _written_apart(workdir / "bench.h5", opts.size, opts.seed, source, n)
     written_s = time.perf_counter() - t0
     cfg = load_config(None, [f"source.url={url}", f"background.window={opts.window}",
                              f"background.mode={opts.mode}", f"background.stride={opts.stride}",
@@ -214,7 +219,7 @@ def bench_pipeline(scan: SyntheticScan, opts: BenchOptions, workdir: Path, reseg
     steady = np.array(push_s[opts.window + 1:-1]) if len(push_s) > opts.window + 2 else np.array(push_s)
     ring_bytes = pipeline.background.ring.data.nbytes
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    resegmented = bench_resegment(workdir / "out", workdir / "resegmented", wall, scan.size,
+    resegmented = bench_resegment(workdir / "out", workdir / "resegmented", wall, opts.size,
                                   stats.sparse_fill_fraction) if resegment else None
     return {
         "frames": n,
@@ -285,27 +290,29 @@ def bench_hard(opts: BenchOptions, workdir: Path) -> dict:
     out = {}
     for source in ("steady", "hard"):
         with tempfile.TemporaryDirectory(prefix=f"dctstream-bench-{source}-", dir=workdir) as tmp:
-            out[source] = bench_pipeline(SyntheticScan(opts.size, opts.seed, source), opts, Path(tmp), resegment=False)
+            out[source] = bench_pipeline(opts, Path(tmp), source, resegment=False)
     out["hard_over_steady_fps"] = out["hard"]["frames_per_s"] / out["steady"]["frames_per_s"]
     return out
 
 
 def run_bench(opts: BenchOptions) -> dict:
-    scan = SyntheticScan(opts.size, opts.seed)
     cores = os.cpu_count() or 1
     if opts.hard:
         with tempfile.TemporaryDirectory(prefix="dctstream-hard-") as tmp:
             return {"options": opts.__dict__, "cores": cores, "hard": bench_hard(opts, Path(tmp))}
     if opts.soak:
         with tempfile.TemporaryDirectory(prefix="dctstream-soak-") as tmp:
-            return {"options": opts.__dict__, "cores": cores, "soak": bench_soak(scan, opts, Path(tmp))}
+            return {"options": opts.__dict__, "cores": cores,
+                    "soak": bench_soak(SyntheticScan(opts.size, opts.seed), opts, Path(tmp))}
     if opts.sources:
         with tempfile.TemporaryDirectory(prefix="dctstream-bench-") as tmp:
-            return {"options": opts.__dict__, "cores": cores, "sources": bench_sources(scan, Path(tmp))}
+            return {"options": opts.__dict__, "cores": cores,
+                    "sources": bench_sources(SyntheticScan(opts.size, opts.seed), Path(tmp))}
     report = {"options": opts.__dict__, "cores": cores, "running_median": []}
-    if opts.pipeline:  # first, so that its peak memory is its own
+    if opts.pipeline:  # first, before this process makes frames, so that its peak memory is the pipeline's own
         with tempfile.TemporaryDirectory(prefix="dctstream-bench-") as tmp:
-            report["pipeline"] = bench_pipeline(scan, opts, Path(tmp))
+            report["pipeline"] = bench_pipeline(opts, Path(tmp))
+    scan = SyntheticScan(opts.size, opts.seed)
     for threads in sorted({1, cores}):
         report["running_median"].append(bench_running_median(scan, opts, threads))
     numba.set_num_threads(cores)

@@ -124,10 +124,12 @@ class SortedWindow:
 
 
 # Bins per pixel, a byte each (see HistogramWindow): on the bench's drifting, oscillating direct beam
-# 128 bins rebuild 33% less often than 96 (8% faster), for 0.125 GiB more at 2048 x 2048; 112 rebuild 24%
-# more often than 128 for the same CPU per pixel-step within the noise (1024 x 1024, window 501, 8-frame
-# batches: 13.6-15.2 against 14.0-14.3 ns), and hold 0.0625 GiB less: the peak stays under 1.6 x a window.
-NBINS = 112
+# 128 bins rebuild 33% less often than 96 (8% faster), for 0.125 GiB more at 2048 x 2048. 96 against 112:
+# 18% more rebuilds, the median alone on 2 threads 29.5-35.8 against 30.0-38.8 frames/s (`dctstream bench`'s
+# kernel timing, alternated in one process), the whole pipeline within the noise (12.5 and 12.6 against
+# 11.3 and 13.0 frames/s, 701 frames of the bench's scan, alternated), and 0.0625 GiB less: the bench's peak
+# 1.59 x a window of raw frames, against 1.61 x.
+NBINS = 96
 
 
 class HistogramWindow:
