@@ -333,3 +333,27 @@ def test_spots_beside_a_beam_that_moves_with_psi_are_found_and_its_edge_gives_no
             hidden[by:by + bh, bx:bx + bw] = True
         assert spots["touches_mask"][row] == (grown & hidden).any(), row
     assert 0 < spots["touches_mask"].sum() < len(spots["id"])
+
+
+def test_float_frames_with_fractions_give_the_spots_of_their_rounded_counts(tiny_scan, tiny_overrides, tmp_path):
+    """The simulated scan with Gaussian read noise added, stored as float32 (as another simulator may write
+    it): the spots, every column, of the same frames rounded to whole counts and stored as int32."""
+    with h5py.File(tiny_scan.path) as f:
+        counts = f["/1.1/measurement/marana"][()]
+    noisy = (counts + np.random.default_rng(2).normal(0, 1.0, counts.shape)).astype(np.float32)
+    assert (noisy != np.rint(noisy)).mean() > 0.99
+    path = tmp_path / "frames.h5"
+    with h5py.File(path, "w") as f:
+        f["float"], f["rounded"] = noisy, np.rint(noisy).astype(np.int32)
+    tables = []
+    for name in ("float", "rounded"):  # the command's runs, with their run records
+        api.run(f"{path}::/{name}", out=tmp_path / name, angles=tiny_scan.angles_url, dark=tiny_scan.dark_url,
+                overrides=list(tiny_overrides))
+        tables.append(read_spot_table(tmp_path / name / "spots.h5"))
+    assert len(tables[0]["id"]) >= 5
+    assert tables[0].keys() == tables[1].keys()
+    for column in tables[0]:
+        np.testing.assert_array_equal(tables[0][column], tables[1][column], err_msg=column)
+    record = json.loads((tmp_path / "float" / "run.json").read_text())
+    assert record["source_counters"]["frames_rounded"] >= len(noisy)
+    assert "frames_rounded" not in json.loads((tmp_path / "rounded" / "run.json").read_text())["source_counters"]

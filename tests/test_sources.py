@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import h5py
 import hdf5plugin
@@ -80,6 +81,36 @@ def test_every_frame_once_in_order_native_dtype(stack_file, dtype):
         expected = frames[k] % 250 if dtype == "uint8" else frames[k]
         np.testing.assert_array_equal(frame.data, expected.astype(delivered))
     assert str(path) not in open_files()
+
+
+def test_float_frames_with_fractions_are_rounded_where_their_noise_allows(tmp_path, caplog):
+    """A simulator's Poisson counts plus Gaussian read noise, stored as floats: fractions that a rounding
+    to whole counts loses nothing of (a noise of 10 counts against the rounding's 0.29) come rounded, said
+    once and counted; normalised frames (about 1, a noise of 0.03) are refused at their first fraction,
+    naming their noise, and so is a NaN in frames that are rounded."""
+    rng = np.random.default_rng(1)
+    noisy = (rng.poisson(100.0, (6, 32, 48)) + rng.normal(0, 2.0, (6, 32, 48))).astype(np.float32)
+    normalised = (noisy / 100.0).astype(np.float32)
+    broken = noisy.copy()
+    broken[4, 7, 9] = np.nan
+    path = tmp_path / "float.h5"
+    with h5py.File(path, "w") as f:
+        f["noisy"], f["normalised"], f["broken"] = noisy, normalised, broken
+    with Hdf5FileSource(f"{path}::/noisy") as source, caplog.at_level("WARNING"):
+        got = np.stack([frame.data for frame in source])
+        assert source.dtype == np.int32 and got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.rint(noisy).astype(np.int32))
+        assert dict(source.counters)["frames_rounded"] >= len(noisy)
+    rounded = [r.getMessage() for r in caplog.records if "rounded to whole counts" in r.getMessage()]
+    assert len(rounded) == 1 and "noise of 10" in rounded[0], rounded
+    with pytest.raises(InputError, match=r"/normalised: frame 0: expected detector counts, whole numbers, got "
+                                         r"[0-9.]+ at pixel \(y, x\) = \(0, 0\) of float32 frames, their noise 0\.1\d* "
+                                         r"counts, under the 1\.5 from which fractions are rounded"):
+        Hdf5FileSource(f"{path}::/normalised")
+    with Hdf5FileSource(f"{path}::/broken") as source:
+        with pytest.raises(InputError, match=re.escape(f"{path}::/broken: frame 4: expected detector counts, whole "
+                                                       "numbers, got nan at pixel (y, x) = (7, 9)")):
+            list(source)
 
 
 def test_frames_of_the_simulated_scan(tiny_scan):

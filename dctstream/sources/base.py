@@ -6,7 +6,7 @@ A source is an iterator of `Frame` (index from 0, in order; ``data`` None for a 
 * ``rereadable`` (class attribute, no default): whether a resumed run can read its frames again (a file,
   a folder, a scan kept in Redis) or must keep them in its spool as they arrive (a detector stream);
 * ``frame_shape`` and ``dtype`` once known (before the first frame for a file, with it for a stream): the
-  dtype of the frames it delivers (float counts come as int32: `counts_dtype`);
+  dtype of the frames it delivers (float counts come as int32: `counts_dtype`, `FloatCounts`);
 * ``n_frames``: the frames known to be in the scan, or None while that is unknown;
 * ``end_reason`` once its frames have ended (a word: `COMPLETE_ENDS` or why not), None before;
 * ``counters``: name -> count of what it met on the way (frames dropped, reopens, waits, ...), for the
@@ -27,6 +27,7 @@ stream, frames in memory) has its passes segmented as they come.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import ClassVar
@@ -36,14 +37,20 @@ import numpy as np
 from ..errors import InputError
 from ..types import Frame
 
+log = logging.getLogger(__name__)
+
 # Why a source's frames ended (``end_reason``) that means it delivered the whole scan; any other reason
 # (idle_timeout, vanished, stopped, scan_aborted, ...) makes the run incomplete.
 COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end", "scan_end"})
 
 # Float frames that hold whole numbers -- photon counts that a simulator or a converter stored as floats --
-# are counts, delivered as int32; any other float frame (flat-fielded, normalised) is refused at its first
-# fractional pixel: the running median and the photon noise need the detector's counts.
+# are counts, delivered as int32. Float frames with fractions whose noise is at least ROUND_MIN_NOISE counts
+# (a simulator's Poisson counts plus Gaussian read noise, a dark subtracted in floats) are rounded to whole
+# counts: the rounding adds 1/sqrt(12) = 0.29 counts of noise, under 4 % of such a noise's variance. Any
+# other float frame (flat-fielded, normalised: values about 1) would lose its noise to a rounding and is
+# refused at its first fractional pixel: the running median and the photon noise need the detector's counts.
 FLOAT_COUNTS = np.dtype(np.int32)
+ROUND_MIN_NOISE = 1.5
 
 
 def counts_dtype(dtype, where: str) -> np.dtype:
@@ -58,20 +65,54 @@ def counts_dtype(dtype, where: str) -> np.dtype:
                      f"got dtype {dtype}")
 
 
-def as_counts(data: np.ndarray, where: str) -> np.ndarray:
-    """A frame (or a stack) as `counts_dtype` says: float values that are whole numbers as int32, refused
-    (naming ``where`` and the first pixel that is not one) otherwise."""
-    if data.dtype.kind != "f":
-        return data
-    limit = np.iinfo(FLOAT_COUNTS).max
-    whole = np.isfinite(data) & (np.rint(data) == data) & (np.abs(data) <= limit)
-    if not whole.all():
-        at = tuple(int(i) for i in np.argwhere(~whole)[0])
+def frame_noise_counts(frame: np.ndarray) -> float:
+    """The pixel noise of a frame, robustly: 1.4826 x the median absolute second difference along x, over
+    sqrt(6) (a smooth background has none; the few spots do not move the median); 0 where it cannot tell."""
+    frame = np.asarray(frame, np.float64)
+    if frame.ndim != 2 or frame.shape[1] < 3:
+        return 0.0
+    rows = frame[::max(1, frame.shape[0] // 256)]  # a few hundred rows are plenty
+    second = rows[:, 2:] - 2 * rows[:, 1:-1] + rows[:, :-2]
+    second = np.abs(second[np.isfinite(second)])
+    return float(1.4826 * np.median(second) / np.sqrt(6)) if second.size else 0.0
+
+
+class FloatCounts:
+    """A source's float frames as counts (see ROUND_MIN_NOISE): whole numbers as int32; fractions rounded if
+    the first frame met with any has a noise of at least ROUND_MIN_NOISE counts (said once, and from then on
+    for every frame of the source), refused otherwise, naming the frame and the pixel."""
+
+    def __init__(self):
+        self.rounding: bool | None = None  # decided at the first frame with fractions
+        self.noise: float | None = None
+        self.rounded_frames = 0
+
+    def __call__(self, data: np.ndarray, where: str) -> np.ndarray:
+        if data.dtype.kind != "f":
+            return data
+        limit = np.iinfo(FLOAT_COUNTS).max
+        finite = np.isfinite(data) & (np.abs(data) <= limit - 1)
+        if finite.all() and (np.rint(data) == data).all():
+            return data.astype(FLOAT_COUNTS)
+        if finite.all():
+            if self.rounding is None:
+                self.noise = frame_noise_counts(data[0] if data.ndim == 3 else data)
+                self.rounding = self.noise >= ROUND_MIN_NOISE
+                if self.rounding:
+                    log.warning("%s: float frames with fractions, of a noise of %.3g counts: rounded to whole "
+                                "counts (that adds 0.29 counts of noise)", where, self.noise)
+            if self.rounding:
+                self.rounded_frames += data.shape[0] if data.ndim == 3 else 1
+                return np.rint(data).astype(FLOAT_COUNTS)
+        bad = ~finite | ((np.rint(data) != data) if not self.rounding else False)
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
         pixel = f"{'frame %d, ' % at[0] if data.ndim == 3 else ''}pixel (y, x) = ({at[-2]}, {at[-1]})"
+        noise = "" if self.noise is None or not finite.all() else (
+            f", their noise {self.noise:.3g} counts, under the {ROUND_MIN_NOISE:g} from which fractions are rounded")
         raise InputError(f"{where}: expected detector counts, whole numbers, got {data[at]} at {pixel} of "
-                         f"{data.dtype} frames (frames already flat-fielded or normalised are not counts: give "
-                         "the raw frames, with the dark and detector.flat)")
-    return data.astype(FLOAT_COUNTS)
+                         f"{data.dtype} frames{noise} (frames already flat-fielded or normalised are not counts: "
+                         "give the raw frames, with the dark and detector.flat)")
+
 
 _NONE: Mapping = MappingProxyType({})
 
@@ -102,6 +143,17 @@ class FrameSource(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def _counts(self, data: np.ndarray, where: str) -> np.ndarray:
+        """A frame as counts: float frames by the source's `FloatCounts`; the frames it rounded are counted
+        (``frames_rounded``)."""
+        if data.dtype.kind != "f":
+            return data
+        counts = self.__dict__.setdefault("_float_counts", FloatCounts())
+        data = counts(data, where)
+        if counts.rounded_frames:
+            self.counters = {**self.counters, "frames_rounded": counts.rounded_frames}
+        return data
 
     def stop(self) -> None:
         """From another thread: end the frames soon, a wait for the next one included (see the module)."""

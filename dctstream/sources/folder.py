@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..types import Frame
-from .base import as_counts, counts_dtype
+from .base import counts_dtype
 from .hdf5_live import ANGLE_WAIT_S, FollowedSource, LiveAngles, Watcher, one_line
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class FolderSource(FollowedSource):
         elif data.shape != self.frame_shape or data.dtype != self._stored:
             raise InputError(f"{where}: expected a {self.frame_shape} frame of {self._stored} like the first one, "
                              f"got {data.shape} of {data.dtype}")
-        return as_counts(data, where), header
+        return self._counts(data, where), header
 
     def _psi(self, k: int, header: dict) -> float | None:
         if self._angles is not None:

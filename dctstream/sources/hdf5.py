@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import InputError
 from ..ring import ArrayPool
 from ..types import Frame
-from .base import FrameSource, as_counts, counts_dtype
+from .base import FrameSource, counts_dtype
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Hdf5FileSource(FrameSource):
             for i, data in enumerate(block):
                 k = start + i
                 yield Frame(k, None if self.angles is None else float(self.angles[k]),
-                            None if k in self._missing else as_counts(data, f"source.url: {self.url}: frame {k}"))
+                            None if k in self._missing else self._counts(data, f"source.url: {self.url}: frame {k}"))
         self.end_reason = "complete"
 
     def read_frame(self, k: int) -> np.ndarray:
@@ -159,7 +159,7 @@ class Hdf5FileSource(FrameSource):
     def _read_one(self, k: int) -> np.ndarray:
         """Frame ``k`` alone: a batch that failed to read names the frame that broke it."""
         try:
-            return as_counts(self._dset[k], f"source.url: {self.url}: frame {k}")
+            return self._counts(self._dset[k], f"source.url: {self.url}: frame {k}")
         except OSError as exc:
             raise InputError(f"source.url: {self.url}: frame {k}: cannot read ({' '.join(str(exc).split())}), "
                              "expected a readable frame (a corrupted chunk, or a truncated file?)") from None

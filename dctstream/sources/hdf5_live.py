@@ -52,7 +52,7 @@ from watchdog.observers import Observer
 
 from ..errors import InputError
 from ..types import Frame
-from .base import FrameSource, as_counts, counts_dtype
+from .base import FrameSource, counts_dtype
 from .hdf5 import parse_url
 
 log = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ class Hdf5WatchSource(FollowedSource):
             self._error = f"cannot read ({one_line(exc)})"
             self._reopen()
             return None
-        return as_counts(data, f"source.url: {self.url}: frame {k}")
+        return self._counts(data, f"source.url: {self.url}: frame {k}")
 
     def _psi(self, k: int) -> float | None:
         psi = None if self._angles is None else self._angles.get(k)
@@ -566,7 +566,7 @@ class Hdf5WatchSource(FollowedSource):
             if isinstance(dset, h5py.Dataset):
                 if file.swmr:
                     dset.refresh()
-                return as_counts(dset[k], f"source.url: {self.url}: frame {k}")
+                return self._counts(dset[k], f"source.url: {self.url}: frame {k}")
             why = file.error if h5 is None else "no such dataset"
         except _H5_ERRORS as exc:
             why = one_line(exc)
