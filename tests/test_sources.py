@@ -107,6 +107,13 @@ def test_float_frames_with_fractions_are_rounded_where_their_noise_allows(tmp_pa
                                          r"[0-9.]+ at pixel \(y, x\) = \(0, 0\) of float32 frames, their noise 0\.1\d* "
                                          r"counts, under the 1\.5 from which fractions are rounded"):
         Hdf5FileSource(f"{path}::/normalised")
+    counting = np.where(rng.random((3, 32, 48)) < 0.1, 1.0, 0.0) * np.float32(0.1) * 10  # 1.0000000149 or 0
+    assert (counting != np.rint(counting)).any()
+    with h5py.File(path, "a") as f:
+        f["counting"] = counting.astype(np.float64)
+    with Hdf5FileSource(f"{path}::/counting") as source:  # whole up to the float's error, without a noise
+        np.testing.assert_array_equal(np.stack([frame.data for frame in source]), np.rint(counting))
+        assert "frames_rounded" not in source.counters
     with Hdf5FileSource(f"{path}::/broken") as source:
         with pytest.raises(InputError, match=re.escape(f"{path}::/broken: frame 4: expected detector counts, whole "
                                                        "numbers, got nan at pixel (y, x) = (7, 9)")):

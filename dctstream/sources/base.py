@@ -51,6 +51,9 @@ COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_en
 # refused at its first fractional pixel: the running median and the photon noise need the detector's counts.
 FLOAT_COUNTS = np.dtype(np.int32)
 ROUND_MIN_NOISE = 1.5
+# Whole numbers up to a float computation's error (99.9999 for 100): counts, whatever their noise (a
+# photon-counting frame of 0s and 1s has none to tell).
+WHOLE_TOLERANCE = 1e-3
 
 
 def counts_dtype(dtype, where: str) -> np.dtype:
@@ -92,8 +95,8 @@ class FloatCounts:
             return data
         limit = np.iinfo(FLOAT_COUNTS).max
         finite = np.isfinite(data) & (np.abs(data) <= limit - 1)
-        if finite.all() and (np.rint(data) == data).all():
-            return data.astype(FLOAT_COUNTS)
+        if finite.all() and (np.abs(np.rint(data) - data) <= WHOLE_TOLERANCE).all():
+            return np.rint(data).astype(FLOAT_COUNTS)
         if finite.all():
             if self.rounding is None:
                 self.noise = frame_noise_counts(data[0] if data.ndim == 3 else data)
