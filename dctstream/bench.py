@@ -213,9 +213,9 @@ def bench_pipeline(opts: BenchOptions, workdir: Path, source: str = "drifting", 
         behind.append(stats.frames_read - stats.backlog_frames - stats.frames_segmented)
         last[0] = now
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     stats = pipeline.run(progress=tick)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     steady = np.array(push_s[opts.window + 1:-1]) if len(push_s) > opts.window + 2 else np.array(push_s)
     ring_bytes = pipeline.background.ring.data.nbytes
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -229,6 +229,9 @@ def bench_pipeline(opts: BenchOptions, workdir: Path, source: str = "drifting", 
         "steady_frames_per_s": 1 / float(np.mean(steady)) if steady.size else None,
         "per_frame_s_p50": float(np.median(steady)) if steady.size else None,
         "per_frame_s_p99": float(np.percentile(steady, 99)) if steady.size else None,
+        # the stages' threads share the cores: where all of them are busy, the CPU a frame bounds the rate
+        "cpu_ms_per_frame": 1000 * cpu / n,
+        "cpu_busy": cpu / wall / (os.cpu_count() or 1),
         "stage_frames_per_s": {k: n / v for k, v in stats.stage_s.items() if v > 0},
         "stage_ms_per_frame": {k: 1000 * v / n for k, v in stats.stage_s.items()},
         # the stages run on their own threads, joined by bounded queues: the slowest one sets the rate
@@ -366,6 +369,8 @@ def format_report(report: dict) -> str:
                       f"{p['frames_per_s']:.1f} frames/s overall, {p['steady_frames_per_s']:.1f} frames/s "
                       f"after the first window",
                   *format_stages(p),
+                  f"  CPU: {p['cpu_ms_per_frame']:.0f} ms a frame, all threads; the {report['cores']} cores "
+                  f"{100 * p['cpu_busy']:.0f} % busy",
                   f"  per frame: p50 {p['per_frame_s_p50'] * 1000:.0f} ms, p99 {p['per_frame_s_p99'] * 1000:.0f} ms; "
                   f"latency {p['latency_frames']} frames measured "
                   f"({p['latency_frames'] / p['steady_frames_per_s']:.1f} s at that rate; the background stage "

@@ -27,6 +27,9 @@ def test_report_of_stages_and_pipeline():
     assert (p["latency_frames_background"] <= p["latency_frames"]
             <= p["latency_frames_background"] + SEGMENT_QUEUE_DEPTH + FRAME_QUEUE_DEPTH + 2)
     assert p["difspots"] > 0 and p["peak_rss_gib"] > p["ring_gib"] > 0
+    # the process's CPU over the run, all threads: at most what its cores had in that wall time
+    assert 0 < p["cpu_ms_per_frame"] * p["frames"] / 1000 <= 1.05 * p["wall_s"] * report["cores"]
+    assert p["cpu_busy"] == pytest.approx(p["cpu_ms_per_frame"] * p["frames"] / 1000 / p["wall_s"] / report["cores"])
     ms = p["stage_ms_per_frame"]
     assert set(ms) == set(p["stage_frames_per_s"]) and p["bound_by"] == max(ms, key=ms.get)
     r = p["resegment"]  # the same settings from the sparse scan: the same difspots
@@ -35,6 +38,7 @@ def test_report_of_stages_and_pipeline():
     assert 0 < r["sparse_bytes_per_frame"] < r["raw_frame_bytes"] and 0 < r["sparse_fill_fraction"] < 1
     text = format_report(report)
     assert "whole pipeline" in text and "running median" in text and "resegment from the sparse scan" in text
+    assert f"CPU: {p['cpu_ms_per_frame']:.0f} ms a frame, all threads; the {report['cores']} cores " in text
     bound = next(line for line in text.splitlines() if "bounds the rate" in line)
     assert bound.split()[:2] == [p["bound_by"], f"{ms[p['bound_by']]:.2f}"]
 
