@@ -86,8 +86,9 @@ def test_every_frame_once_in_order_native_dtype(stack_file, dtype):
 def test_float_frames_with_fractions_are_rounded_where_their_noise_allows(tmp_path, caplog):
     """A simulator's Poisson counts plus Gaussian read noise, stored as floats: fractions that a rounding
     to whole counts loses nothing of (a noise of 10 counts against the rounding's 0.29) come rounded, said
-    once and counted; normalised frames (about 1, a noise of 0.03) are refused at their first fraction,
-    naming their noise, and so is a NaN in frames that are rounded."""
+    once and counted, and so do those of a simulation without noise whose values are hundreds of counts;
+    normalised frames (about 1, a noise of 0.1) are refused at their first fraction, naming their noise, and
+    so is a NaN in frames that are rounded."""
     rng = np.random.default_rng(1)
     noisy = (rng.poisson(100.0, (6, 32, 48)) + rng.normal(0, 2.0, (6, 32, 48))).astype(np.float32)
     normalised = (noisy / 100.0).astype(np.float32)
@@ -105,8 +106,15 @@ def test_float_frames_with_fractions_are_rounded_where_their_noise_allows(tmp_pa
     assert len(rounded) == 1 and "noise of 10" in rounded[0], rounded
     with pytest.raises(InputError, match=r"/normalised: frame 0: expected detector counts, whole numbers, got "
                                          r"[0-9.]+ at pixel \(y, x\) = \(0, 0\) of float32 frames, their noise 0\.1\d* "
-                                         r"counts, under the 1\.5 from which fractions are rounded"):
+                                         r"counts and values under 100, where fractions are rounded from a noise "
+                                         r"of 1\.5"):
         Hdf5FileSource(f"{path}::/normalised")
+    y, x = np.mgrid[0:32, 0:48]
+    smooth = (300.0 + 2000.0 * np.exp(-((y - 15.3) ** 2 + (x - 20.6) ** 2) / 8.0)).astype(np.float32)
+    with h5py.File(path, "a") as f:
+        f["noiseless"] = np.stack([smooth] * 3)  # a simulation without noise: fractions, values of hundreds
+    with Hdf5FileSource(f"{path}::/noiseless") as source:
+        np.testing.assert_array_equal(np.stack([frame.data for frame in source])[1], np.rint(smooth))
     counting = np.where(rng.random((3, 32, 48)) < 0.1, 1.0, 0.0) * np.float32(0.1) * 10  # 1.0000000149 or 0
     assert (counting != np.rint(counting)).any()
     with h5py.File(path, "a") as f:
