@@ -13,6 +13,7 @@ from dctstream.config import load_config
 from dctstream.pipeline import INTEGER_NOISE_FLOOR, Pipeline
 from dctstream.sinks import read_spot_table
 from dctstream.sources import read_dataset
+from dctstream.sources.base import NO_DATA
 from dctstream.segment.segmenter import flood_limit
 from reference import reference_blobs, reference_corrected, reference_thresholds
 from simulators.dct_scan import simulate_scan
@@ -357,3 +358,41 @@ def test_float_frames_with_fractions_give_the_spots_of_their_rounded_counts(tiny
     record = json.loads((tmp_path / "float" / "run.json").read_text())
     assert record["source_counters"]["frames_rounded"] >= len(noisy)
     assert "frames_rounded" not in json.loads((tmp_path / "rounded" / "run.json").read_text())["source_counters"]
+
+
+def test_float_frames_with_a_column_without_numbers_mask_it(tiny_scan, tiny_overrides, tmp_path):
+    """A float scan whose column 20 holds NaN in every frame (a converter's module gap): that column is the
+    mark of a pixel without data, masked (``masked_pixels`` in the run record), no spot takes a voxel of
+    it, and the spots clear of it are those of the same counts without the NaN, the column masked by a mask
+    file (its values then differ only in the 3 x 3 filter of the columns beside it)."""
+    with h5py.File(tiny_scan.path) as f:
+        counts = f["/1.1/measurement/marana"][()]
+    noisy = (counts + np.random.default_rng(3).normal(0, 1.0, counts.shape)).astype(np.float32)
+    gap = noisy.copy()
+    gap[:, :, 20] = np.nan
+    mask = np.zeros(counts.shape[1:], np.uint8)
+    mask[:, 20] = 1
+    path = tmp_path / "frames.h5"
+    with h5py.File(path, "w") as f:
+        f["gap"], f["rounded"], f["mask"] = gap, np.rint(noisy).astype(np.int32), mask
+    tables = []
+    for name, extra in (("gap", []), ("rounded", [f"detector.mask={path}::/mask"])):
+        api.run(f"{path}::/{name}", out=tmp_path / name, angles=tiny_scan.angles_url, dark=tiny_scan.dark_url,
+                overrides=[*tiny_overrides, *extra])
+        tables.append(read_spot_table(tmp_path / name / "spots.h5"))
+    record = json.loads((tmp_path / "gap" / "run.json").read_text())
+    assert record["stats"]["masked_pixels"] == {"invalid": counts.shape[1], "all": counts.shape[1]}
+    for difspot in (tmp_path / "gap" / "difspots").glob("*.h5"):
+        with h5py.File(difspot) as h5:
+            x0 = int(h5["BoundingBoxXorigin"][()]) - 1  # 1-based
+            assert not h5["Mask"][()][:, :, max(20 - x0, 0):max(21 - x0, 0)].any(), difspot.name
+
+    def clear(table):
+        keep = (table["bbox_x0"] > 23) | (table["bbox_x0"] + table["bbox_x_size"] < 17)
+        order = np.lexsort((table["centroid_x"][keep], table["centroid_frame"][keep]))
+        return {k: v[keep][order] for k, v in table.items() if k != "id"}
+
+    got, want = clear(tables[0]), clear(tables[1])
+    assert len(got["centroid_x"]) >= 5
+    for column in got:
+        np.testing.assert_array_equal(got[column], want[column], err_msg=column)

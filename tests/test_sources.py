@@ -14,6 +14,7 @@ from dctstream.errors import InputError
 from dctstream.config import SourceConfig
 from dctstream.sources import Hdf5FileSource, load_dark, open_source, parse_url, read_dataset
 from dctstream.sources import hdf5 as hdf5_module
+from dctstream.sources.base import NO_DATA
 from simulators.dct_scan import simulate_scan
 
 
@@ -87,8 +88,8 @@ def test_float_frames_with_fractions_are_rounded_where_their_noise_allows(tmp_pa
     """A simulator's Poisson counts plus Gaussian read noise, stored as floats: fractions that a rounding
     to whole counts loses nothing of (a noise of 10 counts against the rounding's 0.29) come rounded, said
     once and counted, and so do those of a simulation without noise whose values are hundreds of counts;
-    normalised frames (about 1, a noise of 0.1) are refused at their first fraction, naming their noise, and
-    so is a NaN in frames that are rounded."""
+    normalised frames (about 1, a noise of 0.1) are refused at their first fraction, naming their noise; a NaN
+    is the mark of a pixel without data (the source's ``invalid_value``); counts beyond int32 are refused."""
     rng = np.random.default_rng(1)
     noisy = (rng.poisson(100.0, (6, 32, 48)) + rng.normal(0, 2.0, (6, 32, 48))).astype(np.float32)
     normalised = (noisy / 100.0).astype(np.float32)
@@ -122,10 +123,17 @@ def test_float_frames_with_fractions_are_rounded_where_their_noise_allows(tmp_pa
     with Hdf5FileSource(f"{path}::/counting") as source:  # whole up to the float's error, without a noise
         np.testing.assert_array_equal(np.stack([frame.data for frame in source]), np.rint(counting))
         assert "frames_rounded" not in source.counters
-    with Hdf5FileSource(f"{path}::/broken") as source:
-        with pytest.raises(InputError, match=re.escape(f"{path}::/broken: frame 4: expected detector counts, whole "
-                                                       "numbers, got nan at pixel (y, x) = (7, 9)")):
-            list(source)
+    with Hdf5FileSource(f"{path}::/broken") as source:  # a pixel without a number: the mark of no data
+        got = np.stack([frame.data for frame in source])
+        assert source.invalid_value == NO_DATA and got[4, 7, 9] == NO_DATA
+        np.testing.assert_array_equal(np.delete(got.ravel(), np.ravel_multi_index((4, 7, 9), got.shape)),
+                                      np.delete(np.rint(noisy).astype(np.int32).ravel(),
+                                                np.ravel_multi_index((4, 7, 9), got.shape)))
+    with h5py.File(path, "a") as f:
+        f["huge"] = np.full((2, 4, 4), 3e9, np.float32)
+    with pytest.raises(InputError, match=re.escape(f"{path}::/huge: frame 0: expected detector counts, whole numbers, "
+                                                   "got 3000000000.0 at pixel (y, x) = (0, 0)")):
+        Hdf5FileSource(f"{path}::/huge")
 
 
 def test_frames_of_the_simulated_scan(tiny_scan):

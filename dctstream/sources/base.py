@@ -57,6 +57,10 @@ ROUND_MIN_LEVEL = 100.0
 # Whole numbers up to a float computation's error (99.9999 for 100): counts, whatever their noise (a
 # photon-counting frame of 0s and 1s has none to tell).
 WHOLE_TOLERANCE = 1e-3
+# A float pixel without a number (NaN, infinite: a converter's mark of a module gap or a dead pixel) is read as
+# this, which the sources of float frames give as their ``invalid_value``: masked where the first frame holds
+# it (`Detector.check_first_frame`), a lone spike the 3 x 3 median removes elsewhere.
+NO_DATA = int(np.iinfo(FLOAT_COUNTS).max)
 
 
 def counts_dtype(dtype, where: str) -> np.dtype:
@@ -87,41 +91,54 @@ class FloatCounts:
     """A source's float frames as counts (see ROUND_MIN_NOISE): whole numbers as int32; fractions rounded if
     the first frame met with any has a noise of at least ROUND_MIN_NOISE counts or values of ROUND_MIN_LEVEL
     (said once, and from then on for every frame of the source), refused otherwise, naming the frame and the
-    pixel."""
+    pixel; NaN and infinities as NO_DATA (said once)."""
 
     def __init__(self):
         self.rounding: bool | None = None  # decided at the first frame with fractions
         self.noise: float | None = None
+        self.level: float | None = None
         self.rounded_frames = 0
+        self.no_data_said = False
 
     def __call__(self, data: np.ndarray, where: str) -> np.ndarray:
         if data.dtype.kind != "f":
             return data
-        limit = np.iinfo(FLOAT_COUNTS).max
-        finite = np.isfinite(data) & (np.abs(data) <= limit - 1)
-        if finite.all() and (np.abs(np.rint(data) - data) <= WHOLE_TOLERANCE).all():
-            return np.rint(data).astype(FLOAT_COUNTS)
-        if finite.all():
+        finite = np.isfinite(data)
+        values = np.where(finite, data, 0)
+        beyond = np.abs(values) > np.iinfo(FLOAT_COUNTS).max - 1
+        if beyond.any():
+            self._refuse(data, beyond, where, "")
+        fraction = np.abs(np.rint(values) - values) > WHOLE_TOLERANCE
+        if fraction.any():
             if self.rounding is None:
-                first = data[0] if data.ndim == 3 else data
+                first = (data[0] if data.ndim == 3 else data)
                 self.noise = frame_noise_counts(first)
-                level = float(np.percentile(np.abs(first), 99))
-                self.rounding = self.noise >= ROUND_MIN_NOISE or level >= ROUND_MIN_LEVEL
+                lit = np.abs(first[np.isfinite(first)])
+                self.level = float(np.percentile(lit, 99)) if lit.size else 0.0
+                self.rounding = self.noise >= ROUND_MIN_NOISE or self.level >= ROUND_MIN_LEVEL
                 if self.rounding:
                     log.warning("%s: float frames with fractions, of a noise of %.3g counts and values up to "
                                 "%.3g (99th percentile): rounded to whole counts (that adds 0.29 counts of "
-                                "noise)", where, self.noise, level)
-            if self.rounding:
-                self.rounded_frames += data.shape[0] if data.ndim == 3 else 1
-                return np.rint(data).astype(FLOAT_COUNTS)
-        bad = ~finite | ((np.rint(data) != data) if not self.rounding else False)
+                                "noise)", where, self.noise, self.level)
+            if not self.rounding:
+                self._refuse(data, fraction, where, f", their noise {self.noise:.3g} counts and values under "
+                             f"{ROUND_MIN_LEVEL:g}, where fractions are rounded from a noise of {ROUND_MIN_NOISE:g}")
+            self.rounded_frames += data.shape[0] if data.ndim == 3 else 1
+        counts = np.rint(values).astype(FLOAT_COUNTS)
+        if not finite.all():
+            counts[~finite] = NO_DATA
+            if not self.no_data_said:
+                log.warning("%s: %d pixels hold no number (NaN or infinite): read as %d, the mark of a pixel "
+                            "without data (masked where the first frame has it)", where, int((~finite).sum()), NO_DATA)
+                self.no_data_said = True
+        return counts
+
+    @staticmethod
+    def _refuse(data: np.ndarray, bad: np.ndarray, where: str, why: str):
         at = tuple(int(i) for i in np.argwhere(bad)[0])
         pixel = f"{'frame %d, ' % at[0] if data.ndim == 3 else ''}pixel (y, x) = ({at[-2]}, {at[-1]})"
-        noise = "" if self.noise is None or not finite.all() else (
-            f", their noise {self.noise:.3g} counts and values under {ROUND_MIN_LEVEL:g}, where fractions are rounded "
-            f"from a noise of {ROUND_MIN_NOISE:g}")
         raise InputError(f"{where}: expected detector counts, whole numbers, got {data[at]} at {pixel} of "
-                         f"{data.dtype} frames{noise} (frames already flat-fielded or normalised are not counts: "
+                         f"{data.dtype} frames{why} (frames already flat-fielded or normalised are not counts: "
                          "give the raw frames, with the dark and detector.flat)")
 
 
@@ -156,10 +173,11 @@ class FrameSource(abc.ABC):
     def close(self) -> None: ...
 
     def _counts(self, data: np.ndarray, where: str) -> np.ndarray:
-        """A frame as counts: float frames by the source's `FloatCounts`; the frames it rounded are counted
-        (``frames_rounded``)."""
+        """A frame as counts: float frames by the source's `FloatCounts` (and NO_DATA its ``invalid_value``);
+        the frames it rounded are counted (``frames_rounded``)."""
         if data.dtype.kind != "f":
             return data
+        self.invalid_value = NO_DATA  # what a pixel without a number is read as, masked where frame 0 has it
         counts = self.__dict__.setdefault("_float_counts", FloatCounts())
         data = counts(data, where)
         if counts.rounded_frames:
