@@ -14,6 +14,7 @@ from dctstream.errors import InputError
 from dctstream.config import SourceConfig
 from dctstream.sources import Hdf5FileSource, load_dark, open_source, parse_url, read_dataset
 from dctstream.sources import hdf5 as hdf5_module
+from dctstream.sources._kernels import float_counts
 from dctstream.sources.base import NO_DATA
 from simulators.dct_scan import simulate_scan
 
@@ -82,6 +83,24 @@ def test_every_frame_once_in_order_native_dtype(stack_file, dtype):
         expected = frames[k] % 250 if dtype == "uint8" else frames[k]
         np.testing.assert_array_equal(frame.data, expected.astype(delivered))
     assert str(path) not in open_files()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_counts_kernel_equals_numpy(dtype):
+    """The one-pass kernel against numpy: rint, the mark where no number or beyond the top, and its counts."""
+    rng = np.random.default_rng(5)
+    data = np.round(rng.normal(0, 300, 5000), 1).astype(dtype)  # whole numbers and tenths
+    data[rng.integers(0, data.size, 40)] = np.nan
+    data[rng.integers(0, data.size, 10)] = np.inf
+    data[rng.integers(0, data.size, 10)] = -3e9
+    out = np.empty(data.size, np.int32)
+    got = float_counts(data, 1e-3, 2**31 - 2, NO_DATA, out)
+    finite = np.isfinite(data)
+    rounded = np.rint(np.where(finite, data, 0))
+    beyond = np.abs(rounded) > 2**31 - 2
+    assert got == (int((finite & (np.abs(rounded - data) > 1e-3)).sum()), int((~finite).sum()), int(beyond.sum()))
+    assert got[0] > 1000 and got[1] == 50 and got[2] == 10
+    np.testing.assert_array_equal(out, np.where(finite & ~beyond, rounded.astype(np.int64), NO_DATA).astype(np.int32))
 
 
 def test_float_frames_with_fractions_are_rounded_where_their_noise_allows(tmp_path, caplog):

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..types import Frame
+from ._kernels import float_counts
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ ROUND_MIN_LEVEL = 100.0
 WHOLE_TOLERANCE = 1e-3
 # A float pixel without a number (NaN, infinite: a converter's mark of a module gap or a dead pixel) is read as
 # this, which the sources of float frames give as their ``invalid_value``: masked where the first frame holds
-# it (`Detector.check_first_frame`), a lone spike the 3 x 3 median removes elsewhere.
+# it (`Detector.check_first_frame`); elsewhere a lone spike, which the 3 x 3 median keeps from seeding.
 NO_DATA = int(np.iinfo(FLOAT_COUNTS).max)
 
 
@@ -103,15 +104,18 @@ class FloatCounts:
     def __call__(self, data: np.ndarray, where: str) -> np.ndarray:
         if data.dtype.kind != "f":
             return data
-        finite = np.isfinite(data)
-        values = np.where(finite, data, 0)
-        beyond = np.abs(values) > np.iinfo(FLOAT_COUNTS).max - 1
-        if beyond.any():
-            self._refuse(data, beyond, where, "")
-        fraction = np.abs(np.rint(values) - values) > WHOLE_TOLERANCE
-        if fraction.any():
+        top = np.iinfo(FLOAT_COUNTS).max - 1
+        flat = np.ascontiguousarray(data).reshape(-1)
+        counts = np.empty(flat.shape, FLOAT_COUNTS)
+        fractional, nonfinite, beyond = float_counts(flat, WHOLE_TOLERANCE, top, NO_DATA, counts)
+        counts = counts.reshape(data.shape)
+        if not (fractional or nonfinite or beyond):
+            return counts  # whole numbers, every pixel a number: the common case, in one pass
+        if beyond:
+            self._refuse(data, np.abs(data) > top, where, "")  # False where not a number
+        if fractional:
             if self.rounding is None:
-                first = (data[0] if data.ndim == 3 else data)
+                first = data[0] if data.ndim == 3 else data
                 self.noise = frame_noise_counts(first)
                 lit = np.abs(first[np.isfinite(first)])
                 self.level = float(np.percentile(lit, 99)) if lit.size else 0.0
@@ -121,16 +125,14 @@ class FloatCounts:
                                 "%.3g (99th percentile): rounded to whole counts (that adds 0.29 counts of "
                                 "noise)", where, self.noise, self.level)
             if not self.rounding:
-                self._refuse(data, fraction, where, f", their noise {self.noise:.3g} counts and values under "
-                             f"{ROUND_MIN_LEVEL:g}, where fractions are rounded from a noise of {ROUND_MIN_NOISE:g}")
+                self._refuse(data, np.abs(np.rint(data) - data) > WHOLE_TOLERANCE, where,
+                             f", their noise {self.noise:.3g} counts and values under {ROUND_MIN_LEVEL:g}, where "
+                             f"fractions are rounded from a noise of {ROUND_MIN_NOISE:g}")
             self.rounded_frames += data.shape[0] if data.ndim == 3 else 1
-        counts = np.rint(values).astype(FLOAT_COUNTS)
-        if not finite.all():
-            counts[~finite] = NO_DATA
-            if not self.no_data_said:
-                log.warning("%s: %d pixels hold no number (NaN or infinite): read as %d, the mark of a pixel "
-                            "without data (masked where the first frame has it)", where, int((~finite).sum()), NO_DATA)
-                self.no_data_said = True
+        if nonfinite and not self.no_data_said:
+            log.warning("%s: %d pixels hold no number (NaN or infinite): read as %d, the mark of a pixel without "
+                        "data (masked where the first frame has it)", where, nonfinite, NO_DATA)
+            self.no_data_said = True
         return counts
 
     @staticmethod
