@@ -139,7 +139,10 @@ def segment(frames: Iterable[Any], angles: Any = None, *, config: ConfigLike = N
     ----------
     frames : iterable of 2-D arrays
         Frames in scan order: a 3-D array ``(frames, y, x)``, a list, or a
-        generator (read once, on a thread of the pipeline) of integer counts.
+        generator (read once, on a thread of the pipeline) of detector counts:
+        integers, or floats as the file sources take them (whole numbers, or
+        rounded where their noise or values allow; NaN marks a pixel without
+        data).
     angles : 1-D array-like or None
         ψ of each frame in degrees; the difspots then have ``psi_deg`` and
         ``psi_range_deg``.

@@ -118,6 +118,18 @@ def test_segment_in_memory_gives_the_runs_difspots(runs, in_memory):
         same_difspot(spot, run.difspot(spot.id))
 
 
+def test_segment_takes_float_frames_as_the_file_sources_do(scan, in_memory):
+    """Float frames with fractions (a quarter count added to each) as a stack and as an iterable: rounded to
+    whole counts (`sources.base.FloatCounts`), the spots those of the integer frames."""
+    _, frames, darks, psi = scan
+    floats = frames.astype(np.float32) + np.float32(0.25)
+    for given in (floats, iter(floats)):
+        spots = list(dctstream.segment(given, psi, dark=darks, overrides=SETTINGS))
+        assert [s.id for s in spots] == [s.id for s in in_memory] and len(spots) >= 20
+        for ours, theirs in zip(spots, in_memory):
+            same_difspot(ours, theirs)
+
+
 def test_segment_takes_any_iterable_and_a_dark_url(scan, in_memory):
     truth, frames, _, psi = scan
     handed_over = (frame.copy() for frame in frames)  # one at a time, length unknown
@@ -204,8 +216,10 @@ def test_unknown_difspot_is_an_input_error(runs):
 
 
 @pytest.mark.parametrize("frames, angles, dark, needle", [
-    (np.zeros((4, 8), np.uint16), None, None, "frames: expected a 3-D stack (frames, y, x) of integer"),
-    (np.zeros((4, 8, 8), np.float32), None, None, "frames: expected a 3-D stack (frames, y, x) of integer"),
+    (np.zeros((4, 8), np.uint16), None, None, "frames: expected a 3-D stack (frames, y, x) of detector"),
+    (np.zeros((4, 8, 8), np.complex64), None, None, "frames: expected a 3-D stack (frames, y, x) of detector"),
+    (np.full((4, 8, 8), 0.5, np.float32), None, None, "frames: frame 0: expected detector counts, whole numbers, "
+                                                      "got 0.5 at pixel (y, x) = (0, 0) of float32 frames, their noise"),
     ("scan.h5", None, None, "frames: expected an iterable of 2-D arrays"),
     (np.zeros((4, 8, 8), np.uint16), np.zeros(3), None, "angles: expected a 1-D array of at least 4 angles"),
     (np.zeros((4, 8, 8), np.uint16), [0, 1, np.nan, 3], None,

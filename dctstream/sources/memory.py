@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..types import Frame
-from .base import FrameSource
+from .base import FrameSource, counts_dtype
 from .hdf5 import check_angles
 
 
@@ -18,8 +18,8 @@ class MemorySource(FrameSource):
     """The frames of ``frames`` in order, each with its angle from ``angles`` (degrees) when given.
 
     ``frames`` is read once, lazily, on the pipeline's reader thread; every
-    frame must be a 2-D array of integer detector counts with the shape and
-    dtype of the first.  ``stop()`` ends the frames early (the pipeline then
+    frame must be a 2-D array of detector counts with the shape and dtype of
+    the first (float frames as the file sources take them: `base.FloatCounts`).  ``stop()`` ends the frames early (the pipeline then
     finishes what it holds).  ``name`` starts error messages.
     """
 
@@ -36,11 +36,15 @@ class MemorySource(FrameSource):
         self.n_frames: int | None = len(frames) if isinstance(frames, Sized) else None
         self.frame_shape: tuple[int, int] | None = None
         self.dtype: np.dtype | None = None
+        self._stored: np.dtype | None = None  # the frames' own dtype (float frames come as int32 counts)
         if isinstance(frames, np.ndarray):
-            if frames.ndim != 3 or frames.dtype.kind not in "ui" or min(frames.shape[1:], default=0) < 1:
-                raise InputError(f"{name}: expected a 3-D stack (frames, y, x) of integer detector counts, "
+            if frames.ndim != 3 or frames.dtype.kind not in "uif" or min(frames.shape[1:], default=0) < 1:
+                raise InputError(f"{name}: expected a 3-D stack (frames, y, x) of detector counts, "
                                  f"got shape {frames.shape}, dtype {frames.dtype}")
-            self.frame_shape, self.dtype = tuple(frames.shape[1:]), frames.dtype
+            self.frame_shape, self._stored = tuple(frames.shape[1:]), frames.dtype
+            self.dtype = counts_dtype(frames.dtype, name)
+            if frames.shape[0] and frames.dtype.kind == "f":  # frames that are not counts: said at the call
+                self._counts(frames[0], f"{name}: frame 0")
         self.angles: np.ndarray | None = None
         if angles is not None:
             psi = np.asarray(angles)
@@ -52,13 +56,15 @@ class MemorySource(FrameSource):
 
     def _check(self, k: int, data: Any) -> np.ndarray:
         data = np.asarray(data)
-        if data.ndim != 2 or data.dtype.kind not in "ui" or min(data.shape) < 1:
-            raise InputError(f"{self.name}: frame {k}: expected a 2-D array of integer detector counts, "
+        if data.ndim != 2 or data.dtype.kind not in "uif" or min(data.shape) < 1:
+            raise InputError(f"{self.name}: frame {k}: expected a 2-D array of detector counts, "
                              f"got shape {data.shape}, dtype {data.dtype}")
-        if self.frame_shape is not None and (data.shape != self.frame_shape or data.dtype != self.dtype):
-            raise InputError(f"{self.name}: frame {k}: expected {self.frame_shape} of {self.dtype} like the "
+        if self._stored is None:
+            self._stored = data.dtype
+        if self.frame_shape is not None and (data.shape != self.frame_shape or data.dtype != self._stored):
+            raise InputError(f"{self.name}: frame {k}: expected {self.frame_shape} of {self._stored} like the "
                              f"first frame, got {data.shape} of {data.dtype}")
-        return data
+        return self._counts(data, f"{self.name}: frame {k}")
 
     def __iter__(self) -> Iterator[Frame]:
         k = -1
