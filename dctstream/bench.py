@@ -369,8 +369,9 @@ def format_report(report: dict) -> str:
                       f"{p['frames_per_s']:.1f} frames/s overall, {p['steady_frames_per_s']:.1f} frames/s "
                       f"after the first window",
                   *format_stages(p),
-                  f"  CPU: {p['cpu_ms_per_frame']:.0f} ms a frame, all threads; the {report['cores']} cores "
-                  f"{100 * p['cpu_busy']:.0f} % busy",
+                  f"  CPU: {p['cpu_ms_per_frame']:.0f} ms a frame, all threads: "
+                  f"{p['cpu_ms_per_frame'] / report['cores']:.0f} ms on each of the {report['cores']} cores against "
+                  f"{1000 * p['wall_s'] / p['frames']:.0f} ms a frame, the cores {100 * p['cpu_busy']:.0f} % busy",
                   f"  per frame: p50 {p['per_frame_s_p50'] * 1000:.0f} ms, p99 {p['per_frame_s_p99'] * 1000:.0f} ms; "
                   f"latency {p['latency_frames']} frames measured "
                   f"({p['latency_frames'] / p['steady_frames_per_s']:.1f} s at that rate; the background stage "
@@ -393,13 +394,14 @@ def format_report(report: dict) -> str:
 
 
 def format_stages(p: dict) -> list[str]:
-    """The per-stage table of a pipeline report: time per frame in each stage's thread, and which bounds the rate."""
+    """The per-stage table of a pipeline report: time per frame in each stage's thread, and the slowest."""
     ms = p["stage_ms_per_frame"]
     lines = [f"  {'stage':12s} {'ms/frame':>9s} {'frames/s':>9s}"]
     for stage in sorted(ms, key=ms.get, reverse=True):
         rate = 1000 / ms[stage] if ms[stage] > 0 else float("inf")
         lines.append(f"  {stage:12s} {ms[stage]:9.2f} {rate:9.1f}"
-                     + ("  <- bounds the rate (the stages overlap on their threads)" if stage == p["bound_by"] else ""))
+                     + ("  <- the slowest (the stages overlap on their threads, which share the cores: see CPU)"
+                        if stage == p["bound_by"] else ""))
     return lines
 
 
