@@ -378,7 +378,7 @@ def test_hdf5_float_counts_come_as_integers_and_other_floats_are_refused_at_thei
     frames[2, 1, 3] = 7.5  # a flat-fielded value in the last frame
     with h5py.File(path, "w") as f:
         f["frames"] = frames
-        f["/"].attrs["end_time"] = "now"
+        f["end_time"] = "now"  # the scan's end, where the source looks for it (not an attribute: 30 s idle)
     with Hdf5WatchSource(source_config(f"{path}::/frames")) as source:
         got = []
         with pytest.raises(InputError, match=re.escape(f"source.url: {path}::/frames: frame 2: expected detector "
