@@ -102,8 +102,7 @@ class FloatCounts:
         self.no_data_said = False
 
     def __call__(self, data: np.ndarray, where: str) -> np.ndarray:
-        if data.dtype.kind != "f":
-            return data
+        """Float ``data`` (a frame or a stack) as int32 counts."""
         top = np.iinfo(FLOAT_COUNTS).max - 1
         flat = np.ascontiguousarray(data).reshape(-1)
         counts = np.empty(flat.shape, FLOAT_COUNTS)

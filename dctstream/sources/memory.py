@@ -19,8 +19,9 @@ class MemorySource(FrameSource):
 
     ``frames`` is read once, lazily, on the pipeline's reader thread; every
     frame must be a 2-D array of detector counts with the shape and dtype of
-    the first (float frames as the file sources take them: `base.FloatCounts`).  ``stop()`` ends the frames early (the pipeline then
-    finishes what it holds).  ``name`` starts error messages.
+    the first (float frames as the file sources take them: `base.FloatCounts`).
+    ``stop()`` ends the frames early (the pipeline then finishes what it
+    holds).  ``name`` starts error messages.
     """
 
     # Nothing to spool for a resume: `segment` writes to a folder of its own that never outlives it.
