@@ -33,9 +33,9 @@ def test_bucket_median_equals_numpys_median(n):
              + rng.normal(0, 1, n), np.where(rng.random(n) < 0.05, np.inf, rng.normal(0, 1, n)),
              1.0 + np.arange(n) * np.finfo(float).eps * rng.permutation(n % 5 + 1).repeat(n)[:n],
              np.concatenate([np.full(n - n // 3, -np.inf), rng.normal(0, 1, n // 3)])]
-    work, counts = np.empty(n), np.empty(BUCKETS, np.int64)
+    work, counts, ids = np.empty(n), np.empty((4, BUCKETS + 1), np.int64), np.empty(n, np.uint8)
     for values in cases:
-        assert _median(values, work, counts) == np.median(values)
+        assert _median(values, work, counts, ids) == np.median(values)
 
 
 def grain_over_tiles(rng, amplitude: float) -> tuple[np.ndarray, np.ndarray]:

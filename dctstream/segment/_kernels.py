@@ -123,14 +123,17 @@ def seed_rows(frame, tiles, tile, mask, rows, seed):
         found = False
         for x0 in range(0, nx, tile):  # a tile's run of pixels at a time: no division per pixel
             v = row[x0 // tile]
-            for x in range(x0, min(x0 + tile, nx)):
-                found |= (frame[y, x] >= v) & (not mask[y, x])  # no early exit: the loop vectorises
+            # slices counted from 0: LLVM vectorises these loops, not those over range(x0, x1) (7x)
+            values, masked = frame[y, x0:x0 + tile], mask[y, x0:x0 + tile]
+            for x in range(values.size):
+                found |= (values[x] >= v) & (not masked[x])  # no early exit: the loop vectorises
         rows[y] = found
         if found:
             for x0 in range(0, nx, tile):
                 v = row[x0 // tile]
-                for x in range(x0, min(x0 + tile, nx)):
-                    seed[y, x] = np.inf if mask[y, x] else v
+                masked, out = mask[y, x0:x0 + tile], seed[y, x0:x0 + tile]
+                for x in range(out.size):
+                    out[x] = np.inf if masked[x] else v
 
 
 @numba.njit(cache=True, nogil=True)
@@ -235,19 +238,22 @@ def label_seeds(frame, seed, rows, prev_labels, conn8, labels, dirty, parent):
     return (n, counts[:n], max_value[:n], max_y[:n], max_x[:n], links_prev[:n_links], links_here[:n_links])
 
 
-# `_median`'s buckets: a tile's 256 values are counted into BUCKETS buckets between their least and greatest,
-# those of the median's bucket kept, and so on until at most BUCKET_VALUES are left to select among. Counting
-# has no comparison to mispredict: 2.7x faster than a quickselect over the 256 (13.1 -> 4.9 ms for the 4,096
-# tiles of a 2048 x 2048 frame, one thread), the same value.
+# `_median`'s buckets: a tile's 256 values are counted into BUCKETS buckets between their least and greatest
+# (the greatest in one more of its own), those of the median's bucket kept, and so on until at most
+# BUCKET_VALUES are left to select among. Counting has no comparison to mispredict: 2.7x faster than a
+# quickselect over the 256 (13.1 -> 4.9 ms for the 4,096 tiles of a 2048 x 2048 frame, one thread), the same
+# value.
 BUCKETS = 64
 BUCKET_VALUES = 32
 BUCKET_ROUNDS = 12
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _median(values, work, counts):
-    """np.median of ``values``, exactly (the same value as a sort's), in ``work`` (scratch of the same size)
-    and ``counts`` (scratch of BUCKETS): see BUCKETS; a quickselect where a value is NaN."""
+def _median(values, work, counts, ids):
+    """np.median of ``values``, exactly (the same value as a sort's), in ``work`` and ``ids`` (scratch of the
+    same size, ``ids`` of uint8) and ``counts`` (scratch of (4, BUCKETS + 1)): see BUCKETS; a quickselect
+    where a value is NaN. Four rows of counts, taken in turn: a run of values in one bucket waits on no
+    increment before its own (15 % faster)."""
     n = values.size
     h = n // 2
     lo = values[0]
@@ -270,26 +276,34 @@ def _median(values, work, counts):
         if not finite or m <= BUCKET_VALUES or not 0 < span < np.inf:
             break
         base = lo
-        scale = BUCKETS / span
+        scale = BUCKETS / span  # the greatest value lands in bucket BUCKETS: rounding stays under BUCKETS + 1
         counts[:] = 0
-        for i in range(m):
+        i = 0
+        while i + 4 <= m:
+            for q in range(4):
+                b = int((work[i + q] - base) * scale)
+                ids[i + q] = b
+                counts[q, b] += 1
+            i += 4
+        while i < m:
             b = int((work[i] - base) * scale)
-            if b >= BUCKETS:
-                b = BUCKETS - 1
-            counts[b] += 1
+            ids[i] = b
+            counts[0, b] += 1
+            i += 1
         ranked = 0
         top = 0
-        while ranked + counts[top] <= k:
-            ranked += counts[top]
+        while True:
+            c = counts[0, top] + counts[1, top] + counts[2, top] + counts[3, top]
+            if ranked + c > k:
+                break
+            ranked += c
             top += 1
         j = 0
         lo = np.inf
         hi = -np.inf
         for i in range(m):  # j <= i: the bucket's values move down in place
             v = work[i]
-            b = int((v - base) * scale)
-            if b >= BUCKETS:
-                b = BUCKETS - 1
+            b = ids[i]
             if b == top:
                 work[j] = v
                 j += 1
@@ -317,18 +331,38 @@ def _clipped_spread(deviation, sigma, clip, passes):
     for _ in range(passes):
         if sigma <= 0:
             break
-        total = 0.0
-        n = 0
-        for d in deviation:
-            if d < clip * sigma:
-                total += d * d
-                n += 1
+        # four sums in turn: none waits on the one before (16 % faster over tile_sigma; the sum's last bits
+        # differ from one running sum's)
+        lim = clip * sigma
+        t0 = t1 = t2 = t3 = 0.0
+        n0 = n1 = n2 = n3 = 0
+        m = deviation.size
+        i = 0
+        while i + 4 <= m:
+            d0, d1, d2, d3 = deviation[i], deviation[i + 1], deviation[i + 2], deviation[i + 3]
+            k0, k1, k2, k3 = d0 < lim, d1 < lim, d2 < lim, d3 < lim
+            t0 += d0 * d0 if k0 else 0.0
+            t1 += d1 * d1 if k1 else 0.0
+            t2 += d2 * d2 if k2 else 0.0
+            t3 += d3 * d3 if k3 else 0.0
+            n0 += k0
+            n1 += k1
+            n2 += k2
+            n3 += k3
+            i += 4
+        while i < m:
+            if deviation[i] < lim:
+                t0 += deviation[i] * deviation[i]
+                n0 += 1
+            i += 1
+        total = (t0 + t1) + (t2 + t3)
+        n = n0 + n1 + n2 + n3
         sigma = np.sqrt(total / n) if n > 0 else 0.0
     return sigma
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def robust_sigma(values, clip, passes, covered, min_below, shifted, work, deviation, counts):
+def robust_sigma(values, clip, passes, covered, min_below, shifted, work, deviation, counts, ids):
     """Noise of ``values`` that spots do not move: 1.4826 x the median absolute deviation from the median
     (1.2533 x the mean absolute deviation where most values sit on the median), then ``passes`` times the
     standard deviation of the values within ``clip`` of those sigmas of the median. The clipped standard
@@ -343,11 +377,11 @@ def robust_sigma(values, clip, passes, covered, min_below, shifted, work, deviat
     all shifted up (a background not followed) only widen the spread about 0: it is never taken for them.
     Values whose median lies more than ``shifted`` of those sigmas below 0 (the beam off, the shutter
     closed: the background is not there) say nothing of the noise of the frames with it: NaN.
-    ``work`` and ``deviation``: scratch of ``values``' size; ``counts``: of BUCKETS."""
-    centre = _median(values, work, counts)
+    ``work``, ``deviation`` and ``ids``: scratch of ``values``' size; ``counts``: see `_median`."""
+    centre = _median(values, work, counts, ids)
     for i in range(values.size):
         deviation[i] = abs(values[i] - centre)
-    sigma = 1.4826 * _median(deviation, work, counts)
+    sigma = 1.4826 * _median(deviation, work, counts, ids)
     if sigma <= 0:
         sigma = 1.2533 * deviation.mean()
     sigma = _clipped_spread(deviation, sigma, clip, passes)
@@ -380,19 +414,22 @@ def tile_sigma(frame, mask, tile, step, min_samples, clip, passes, covered, min_
         buf = np.empty(size, np.float64)
         work = np.empty(size, np.float64)
         deviation = np.empty(size, np.float64)
-        counts = np.empty(BUCKETS, np.int64)
+        counts = np.empty((4, BUCKETS + 1), np.int64)
+        ids = np.empty(size, np.uint8)
         for tx in range(ntx):
             n = 0
+            x0 = tx * tile
             for y in range(ty * tile, min((ty + 1) * tile, ny), step):
-                for x in range(tx * tile, min((tx + 1) * tile, nx), step):
-                    if not mask[y, x]:
-                        buf[n] = frame[y, x]
+                values, masked = frame[y, x0:x0 + tile:step], mask[y, x0:x0 + tile:step]  # see tile_level
+                for i in range(values.size):
+                    if not masked[i]:
+                        buf[n] = values[i]
                         n += 1
             if n < min_samples:
                 out[ty, tx] = np.nan
             else:
                 out[ty, tx] = robust_sigma(buf[:n], clip, passes, covered, min_below, shifted, work[:n],
-                                           deviation[:n], counts)
+                                           deviation[:n], counts, ids[:n])
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -412,10 +449,14 @@ def tile_level(found, measure, mask, sigma, tile, step, min_samples, exclude, cl
             lim = clip * s
             n = 0
             total = 0.0
+            x0 = tx * tile
             for y in range(ty * tile, min((ty + 1) * tile, ny), step):
-                for x in range(tx * tile, min((tx + 1) * tile, nx), step):
-                    if not mask[y, x] and found[y, x] < top:
-                        v = measure[y, x]
+                # slices counted from 0 (see seed_rows): 1.7x faster than indexing the frames over range(x0, x1)
+                filtered, values = found[y, x0:x0 + tile:step], measure[y, x0:x0 + tile:step]
+                masked = mask[y, x0:x0 + tile:step]
+                for i in range(values.size):
+                    if not masked[i] and filtered[i] < top:
+                        v = values[i]
                         if -lim <= v <= lim:
                             total += v
                             n += 1
@@ -468,8 +509,9 @@ def subtract_tiles(frame, tiles, tile):
         ty = y // tile
         for x0 in range(0, nx, tile):
             v = tiles[ty, x0 // tile]
-            for x in range(x0, min(x0 + tile, nx)):
-                frame[y, x] -= v
+            values = frame[y, x0:x0 + tile]  # counted from 0: vectorised (see seed_rows)
+            for x in range(values.size):
+                values[x] -= v
 
 
 @numba.njit(cache=True, nogil=True)
@@ -541,10 +583,11 @@ def despike(measure, found, low, tile, low_factor, value_factor):
         ty = y // tile
         for x0 in range(0, nx, tile):
             limit = low_factor * low[ty, x0 // tile]
-            for x in range(x0, min(x0 + tile, nx)):
-                f = found[y, x]
-                if measure[y, x] - f > limit + value_factor * abs(f):
-                    measure[y, x] = f
+            values, filtered = measure[y, x0:x0 + tile], found[y, x0:x0 + tile]  # see seed_rows
+            for x in range(values.size):
+                f = filtered[x]
+                if values[x] - f > limit + value_factor * abs(f):
+                    values[x] = f
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

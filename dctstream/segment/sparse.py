@@ -128,8 +128,9 @@ def sparse_seed_rows(rows, cols, values, tiles, tile, mask, marks, seed):
             row = tiles[y // tile]
             for x0 in range(0, nx, tile):
                 v = row[x0 // tile]
-                for x in range(x0, min(x0 + tile, nx)):
-                    seed[y, x] = np.inf if mask[y, x] else v
+                masked, out = mask[y, x0:x0 + tile], seed[y, x0:x0 + tile]  # see _kernels.seed_rows
+                for x in range(out.size):
+                    out[x] = np.inf if masked[x] else v
 
 
 @numba.njit(cache=True, nogil=True)
