@@ -190,6 +190,42 @@ def test_histogram_window_slides_exactly(nbins, sparse_emit):
         hist.slide(6)  # the ring cannot hold the window plus 6 new frames
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_histogram_window_leaves_its_dormant_box_and_wakes_it_exact(dtype):
+    """Pixels of a dormant box are not slid, every other median is exact; woken, the box's medians are exact
+    from the next slide on. `window_median_box` fills a box of a frame with its exact medians, nothing else."""
+    rng = np.random.default_rng(4)
+    n, window, ny, nx = 90, 15, 9, 11
+    frames = (rng.normal(1000, 40, (n, ny, nx)) + np.linspace(0, 600, n)[:, None, None]).astype(dtype)
+    ring = np.zeros((window + 4, ny, nx), dtype)
+    for f in range(window):
+        ring[f] = frames[f]
+    hist = kernels.HistogramWindow(ring, 0, window, nbins=8)
+    hist.dormant = box = (2, 6, 3, 9)  # rows 2-5, columns 3-8
+    inside = np.zeros((ny, nx), bool)
+    inside[2:6, 3:9] = True
+    f = window
+    for step in [4, 3, 4, 1, 4] * 3:
+        for g in range(f, f + step):
+            ring[g % len(ring)] = frames[g]
+        if f >= 40 and hist.dormant is not None:
+            assert (hist.median()[inside] != np.median(frames[f - window:f], axis=0)[inside]).any()  # left behind
+            hist.wake()
+            np.testing.assert_array_equal(hist.median(), np.median(frames[f - window:f], axis=0))
+        medians = hist.slide(step, None, np.zeros((step, ny, nx), dtype))
+        for j in range(step):
+            want = np.median(frames[f + j - window + 1:f + j + 1], axis=0)
+            seen = ~inside if hist.dormant is not None else np.ones((ny, nx), bool)
+            np.testing.assert_array_equal(medians[j][seen], want[seen])
+        f += step
+    assert hist.dormant is None and f > 50
+    out = np.full((ny, nx), 7, dtype)
+    slots = np.array([(f - window + i) % len(ring) for i in range(window)])
+    kernels.window_median_box(ring, slots, box, out)
+    np.testing.assert_array_equal(out[inside], np.median(frames[f - window:f], axis=0)[inside])
+    assert (out[~inside] == 7).all()
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31), half=st.integers(0, 8), nbins=st.sampled_from([2, 4, 16, 128]),
        n_extra=st.integers(1, 40), steps=st.lists(st.integers(1, 6), min_size=1, max_size=12),
@@ -430,6 +466,42 @@ def test_followed_beam_covers_each_frames_beam_and_leaves_no_edge_behind():
     assert [f for f, _ in stage.beam_track] == [0, *changes]
 
 
+@pytest.mark.parametrize("moving", [False, True])
+def test_the_beams_core_left_out_of_the_median_changes_no_frame(monkeypatch, moving):
+    """The pixels well inside a followed beam's box (its core) are not slid: every frame, filtered and
+    unfiltered, and every box equal those of a run that slides them. A beam that moves out of the core wakes
+    it, at the frame whose box no longer holds it."""
+    import dctstream.background.stage as stage_module
+
+    n, window = 90, 15
+    if moving:
+        raw, dark = moving_beam_scan(np.random.default_rng(0), n)
+    else:
+        rng = np.random.default_rng(2)
+        raw = rng.poisson(100.0, (n, 40, 72))
+        raw[:, 8:32, 10:50] += 5000
+        raw, dark = raw.astype(np.uint16), np.zeros((40, 72), np.float32)
+    monkeypatch.setattr(stage_module, "MIN_CORE_PIXELS", 10**9)  # no core
+    _, want = follow(raw, dark, window)
+    monkeypatch.setattr(stage_module, "MIN_CORE_PIXELS", 8)
+    monkeypatch.setattr(stage_module, "BEAM_CORE_PX", 4)
+    stage, got = follow(raw, dark, window)
+    assert stage._core is not None
+    x0, y0, w, h = stage.direct_beam
+    assert stage._core == (y0 + 4, y0 + h - 4, x0 + 4, x0 + w - 4)
+    if moving:  # woken where the box left it
+        until = stage._core_until
+        assert until is not None and stage._hist.dormant is None
+        assert [f for f, box in stage.beam_track if not stage_module._holds(box, stage._core)][0] == until
+    else:  # never woken: its medians were never kept
+        assert stage._core_until is None and stage._hist.dormant == stage._core
+    assert sorted(got) == sorted(want) == list(range(n))
+    for k in range(n):
+        assert got[k][0] == want[k][0], k
+        np.testing.assert_array_equal(got[k][1], want[k][1], err_msg=f"frame {k}")
+        np.testing.assert_array_equal(got[k][2], want[k][2], err_msg=f"frame {k}")
+
+
 def test_a_spot_beside_a_still_beam_at_the_scans_ends_leaves_its_box_alone():
     """In the first and last half-window a frame's own beam is looked at: a spot touching the beam's edge
     there, a fifth as bright as the beam, is no beam (it grew the box before, and hid spots beside it)."""
@@ -444,8 +516,15 @@ def test_a_spot_beside_a_still_beam_at_the_scans_ends_leaves_its_box_alone():
     assert len(stage.beam_track) == 1, stage.beam_track
     assert out[n - 10][0] == out[0][0] == stage.direct_beam
 
+@pytest.mark.parametrize("core", [False, True])
 @pytest.mark.parametrize("needed", [3, 31, 52])
-def test_followed_beam_started_later_with_its_track_gives_the_same_frames(needed):
+def test_followed_beam_started_later_with_its_track_gives_the_same_frames(needed, core, monkeypatch):
+    """Also with the beam's core left out of the median (see BEAM_CORE_PX), woken between 31 and 52."""
+    if core:
+        import dctstream.background.stage as stage_module
+
+        monkeypatch.setattr(stage_module, "MIN_CORE_PIXELS", 8)
+        monkeypatch.setattr(stage_module, "BEAM_CORE_PX", 4)
     raw, dark = moving_beam_scan(np.random.default_rng(1), 70)
     whole, expected = follow(raw, dark, 15)
     first = whole.first_raw_frame(needed)
@@ -456,6 +535,8 @@ def test_followed_beam_started_later_with_its_track_gives_the_same_frames(needed
                             beam_found=[(f, b) for f, b in whole.beam_found if f < needed])
     later.emitted = needed
     got = drain(later, raw[first:])
+    assert (later._core_until, later._core) == (whole._core_until, whole._core)
+    assert (whole._core is not None) == core and (not core or 31 < whole._core_until <= 52)
     assert sorted(got) == list(range(needed, 70))
     for k, (box, filtered, difference) in got.items():
         assert box == expected[k][0], k

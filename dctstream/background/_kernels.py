@@ -317,20 +317,21 @@ def _hist_shift(buf, window, p, h, base, hist, over, top, lt, med, drift):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def hist_init(ring, first_frame, window, base, hist, over, lt, med, u16):
-    """Build every pixel's histogram from the window of frames first_frame .. first_frame + window - 1."""
+def hist_init(ring, first_frame, window, base, hist, over, lt, med, u16, box):
+    """Build the histogram of every pixel of ``box`` (y0, y1, x0, x1: rows y0 .. y1 - 1, columns x0 .. x1 - 1)
+    from the window of frames first_frame .. first_frame + window - 1."""
     cap = ring.shape[0]
-    ny, nx = ring.shape[1], ring.shape[2]
+    nx = ring.shape[2]
     top = np.iinfo(hist.dtype).max
     nbins = hist.shape[1]
     h = window // 2
-    for y in numba.prange(ny):
+    for y in numba.prange(box[0], box[1]):
         # short row pieces: read the ring in order, and stay small enough for the cache
         rows = np.empty((window, _TILE), dtype=ring.dtype)
         buf = np.empty(window, dtype=np.int64)
         counts = np.empty(256 if u16 else 0, dtype=np.int64)
-        for x0 in range(0, nx, _TILE):
-            width = min(_TILE, nx - x0)
+        for x0 in range(box[2], box[3], _TILE):
+            width = min(_TILE, box[3] - x0)
             for i in range(window):
                 rows[i, :width] = ring[(first_frame + i) % cap, y, x0:x0 + width]
             for t in range(width):
@@ -339,8 +340,8 @@ def hist_init(ring, first_frame, window, base, hist, over, lt, med, u16):
                 p = y * nx + x0 + t
                 # the background is smooth: bins centred on the last pixel's median mostly hold this one's
                 # (a pass and a walk, against a selection); recentred when it lies in their outer quarters
-                placed = x0 + t > 0 and _hist_place(buf, window, p, h, med[p - 1] - nbins // 2, base, hist,
-                                                    over, top, lt, med)
+                placed = x0 + t > box[2] and _hist_place(buf, window, p, h, med[p - 1] - nbins // 2, base, hist,
+                                                         over, top, lt, med)
                 if placed and abs(med[p] - base[p] - nbins // 2) > nbins // 4:
                     _hist_place(buf, window, p, h, med[p] - nbins // 2, base, hist, over, top, lt, med)
                 elif not placed:
@@ -386,12 +387,14 @@ def _hist_walk(hist, p, b, m, c, ov, top, h):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, rebuilds, u16):
+def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, rebuilds, u16, skip):
     """Slide every pixel's window over new_frames (in order): add frame f, drop frame f - window.
 
     After step j, when emit[j], out[j] receives the median of frames
     new_frames[j] - window + 1 .. new_frames[j]. The ring must hold all of
     those frames and the dropped ones. rebuilds[y] counts rebuilds per row.
+    The pixels of the box ``skip`` (y0, y1, x0, x1, as hist_init's; empty: none) are left as they are,
+    their ``out`` unwritten.
 
     A pixel whose median leaves its bins is set aside and finished after the
     rest of its row, from the ring's rows read in order once for all such
@@ -420,6 +423,7 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
         # (twice the CPU time per pixel-step at 2048 x 2048, window 501).
         olds = np.empty((_TILE, n_steps), ring.dtype)
         news = np.empty((_TILE, n_steps), ring.dtype)
+        skip_row = skip[0] <= y < skip[1]
         for x in range(nx):
             t = x % _TILE
             if t == 0:
@@ -429,6 +433,8 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
                     for i in range(min(_TILE, nx - x)):
                         olds[i, j] = ring[so, y, x + i]
                         news[i, j] = ring[sn, y, x + i]
+            if skip_row and skip[2] <= x < skip[3]:
+                continue
             p = y * nx + x
             b = base[p]
             m = med[p]
@@ -498,6 +504,20 @@ def hist_slide(ring, new_frames, window, emit, out, base, hist, over, lt, med, r
             med[p] = m
             lt[p] = c
             over[p] = ov
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def window_median_box(ring, slots, box, u16, out):
+    """out[y, x] = the median of ring[slots, y, x] over the pixels of ``box`` (as hist_init's), integer frames,
+    exactly."""
+    n = slots.size
+    for y in numba.prange(box[0], box[1]):
+        buf = np.empty(n, dtype=np.int64)
+        counts = np.empty(256 if u16 else 0, dtype=np.int64)
+        for x in range(box[2], box[3]):
+            for i in range(n):
+                buf[i] = ring[slots[i], y, x]
+            out[y, x] = _select_u16(buf, n, n // 2, counts) if u16 else _select(buf, n, n // 2)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

@@ -137,6 +137,9 @@ class HistogramWindow:
 
     ``ring`` is the caller's ring of raw frames (frame f in slot f % len(ring)),
     which must hold the current window plus the frames being slid in.
+
+    ``dormant``: a box ``(y0, y1, x0, x1)`` (rows y0 .. y1 - 1, columns x0 .. x1 - 1) whose pixels are not
+    slid, their medians left undefined, until `wake` (None: every pixel is slid).
     """
 
     def __init__(self, ring: np.ndarray, first_frame: int, window: int, nbins: int = NBINS):
@@ -159,7 +162,18 @@ class HistogramWindow:
         self.med = np.empty(npix, state)
         self.rebuilds = np.zeros(ring.shape[1], np.int64)
         self._u16 = ring.dtype == np.uint16
-        _kernels.hist_init(ring, first_frame, window, self.base, self.hist, self.over, self.lt, self.med, self._u16)
+        self.dormant: tuple[int, int, int, int] | None = None
+        self._init(first_frame, (0, ring.shape[1], 0, ring.shape[2]))
+
+    def _init(self, first_frame: int, box) -> None:
+        _kernels.hist_init(self.ring, first_frame, self.window, self.base, self.hist, self.over, self.lt, self.med,
+                           self._u16, np.asarray(box, np.int64))
+
+    def wake(self) -> None:
+        """Build the dormant box's histograms again from the window in the ring: slid from here on."""
+        if self.dormant is not None:
+            self._init(self.last - self.window + 1, self.dormant)
+            self.dormant = None
 
     def slide(self, n_frames: int, emit=None, out: np.ndarray | None = None) -> np.ndarray:
         """Advance the window by ``n_frames`` (already in the ring); medians after each step where ``emit``."""
@@ -171,9 +185,27 @@ class HistogramWindow:
         if out is None:
             out = np.empty((n_frames, *self.ring.shape[1:]), np.int64)
         _kernels.hist_slide(self.ring, frames, self.window, emit, out, self.base, self.hist, self.over,
-                            self.lt, self.med, self.rebuilds, self._u16)
+                            self.lt, self.med, self.rebuilds, self._u16,
+                            np.asarray(self.dormant or (0, 0, 0, 0), np.int64))
         self.last += n_frames
         return out
 
     def median(self) -> np.ndarray:
+        """The current window's median (undefined in the dormant box)."""
         return self.med.reshape(self.ring.shape[1:])
+
+
+def window_median_box(ring: np.ndarray, slots: np.ndarray, box, out: np.ndarray) -> np.ndarray:
+    """The exact median of integer frames ``ring[slots]`` over the pixels of ``box`` (y0, y1, x0, x1), into
+    ``out`` (a frame of the ring's type) there; ``out`` is left as it is elsewhere."""
+    _require("ring", ring, ndim=3)
+    _require("out", out, ndim=2, dtype=ring.dtype)
+    if ring.dtype.kind not in "ui" or out.shape != ring.shape[1:]:
+        raise ValueError(f"ring, out: expected integer frames of shape {ring.shape[1:]}, got {ring.dtype} {out.shape}")
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    if slots.size % 2 != 1:
+        raise ValueError(f"slots: expected an odd number of frames, got {slots.size}")
+    y0, y1, x0, x1 = (int(v) for v in box)
+    box = np.array([max(y0, 0), min(y1, out.shape[0]), max(x0, 0), min(x1, out.shape[1])], np.int64)
+    _kernels.window_median_box(ring, slots, box, ring.dtype == np.uint16, out)
+    return out

@@ -35,7 +35,7 @@ from ..direct_beam import (beam_mask, box_ahead, box_moved, box_union, detect_di
 from ..errors import InputError
 from ..ring import ArrayPool, FrameRing
 from .kernels import (HistogramWindow, SortedWindow, median_filter, normalise_into, normalised_minus_background,
-                      window_median)
+                      window_median, window_median_box)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,22 @@ AUTO_RATIO_RANGE = (0.25, 4.0)
 # on the frame's background (and, where the median window is shifted inside the scan, on the frame itself,
 # whose beam is then not the median's), a few ms of whole-frame work at 2048 x 2048.
 BEAM_EVERY = 10
+# direct_beam.bbox: auto. The pixels more than BEAM_CORE_PX inside the followed beam's box (the beam's core)
+# are never segmented and read 0 in the corrected frames: the histogram median skips them (on the bench's
+# 2048 x 2048 scan its 25,000-count beam, a tenth of the detector, took a third of the median's CPU, rebuilding
+# bins the bright pixels' noise leaves), and the beam found again on frame k sees frame k itself there. When
+# a box no longer holds the core (the beam moved or shrank into it), the core is followed again, exactly, from
+# that frame on. A core under MIN_CORE_PIXELS is not worth it.
+BEAM_CORE_PX = 16
+MIN_CORE_PIXELS = 4096
+
+
+def _holds(box, core) -> bool:
+    """Whether beam box ``box`` (x0, y0, width, height, or None) holds ``core`` (y0, y1, x0, x1)."""
+    if box is None:
+        return False
+    x0, y0, w, h = box
+    return x0 <= core[2] and y0 <= core[0] and x0 + w >= core[3] and y0 + h >= core[1]
 
 
 def window_start(centre: int, window: int, n_frames: int) -> int:
@@ -208,6 +224,8 @@ class BackgroundStage:
         self.frame_scales: list[float] = list(self._known_scales[:first_frame])  # every frame's scale so far
         self._hist: HistogramWindow | None = None
         self._sorted: SortedWindow | None = None
+        self._core: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1): see BEAM_CORE_PX
+        self._core_until: int | None = None  # the first frame whose beam box no longer held the core
         # window start -> background (normalised units, float32) or median of raw frames (their type)
         self._medians: dict[int, np.ndarray] = {}
         self._median_batch: np.ndarray | None = None  # the medians of one slide of the histogram
@@ -331,6 +349,7 @@ class BackgroundStage:
         if self.follow_beam and not self.beam_track:
             self.beam = self.direct_beam
             self.beam_track.append((first, self.beam))
+        self._start_core()
         from ..segment.noise import PHOTON_FRAMES, photon_gain  # here: segment._kernels imports background's
 
         self.photon_gain = photon_gain([self.ring.data[s] for s in slots[:PHOTON_FRAMES]], self.dark, self.gain,
@@ -341,10 +360,48 @@ class BackgroundStage:
         self.direct_beam = detect_direct_beam(image, self._beam_margin_px, self.pixel_mask)
         log.info("direct beam found at %s", self.direct_beam)
 
+    def _start_core(self) -> None:
+        """The beam's core, from the first box found (that of the first run, resumed), unless the track says
+        that a box already left it (see BEAM_CORE_PX)."""
+        if not self.follow_beam or self._hist is None or self.direct_beam is None:
+            return
+        x0, y0, w, h = self.direct_beam
+        core = (y0 + BEAM_CORE_PX, y0 + h - BEAM_CORE_PX, x0 + BEAM_CORE_PX, x0 + w - BEAM_CORE_PX)
+        if core[1] <= core[0] or core[3] <= core[2] or (core[1] - core[0]) * (core[3] - core[2]) < MIN_CORE_PIXELS:
+            return
+        self._core = core
+        self._core_until = next((f for f, box in self.beam_track if not _holds(box, core)), None)
+        if self._core_until is None:
+            self._hist.dormant = core
+
+    def _core_at(self, k: int) -> tuple[int, int, int, int] | None:
+        """The core whose median is not kept for frame k, or None."""
+        if self._core is None or (self._core_until is not None and k >= self._core_until):
+            return None
+        return self._core
+
+    def _wake_core(self, k: int) -> None:
+        """The beam box of frame k no longer holds the core: its median is followed again, and the medians
+        already slid for frame k and after get it."""
+        self._core_until = k
+        self._hist.wake()
+        for start, median in self._medians.items():
+            if start >= self._start(k) and median.dtype != np.float32:
+                window_median_box(self.ring.data, self.ring.slots(start, start + self.window), self._core, median)
+        log.info("frame %d: the direct beam %s no longer holds its core (rows %d-%d, columns %d-%d), whose "
+                 "median is followed again", k, self.beam, self._core[0], self._core[1] - 1, self._core[2],
+                 self._core[3] - 1)
+
     def _follow(self, k: int) -> None:
         """Find the beam again for frame k (see `followed_box`)."""
         background = self._background(k)
         image = background if background.dtype == np.float32 else self._from_raw(background)
+        core = self._core_at(k)
+        if core is not None:  # no median there: the frame itself, whatever the histogram holds
+            y0, y1, x0, x1 = core
+            image = image.copy() if image is background else image
+            image[y0:y1, x0:x1] = ((self.ring.data[self.ring.slot(k)][y0:y1, x0:x1].astype(np.float32)
+                                    - self.dark[y0:y1, x0:x1]) * self.gain[y0:y1, x0:x1])
         found = detect_direct_beam(image, self._beam_margin_px, self.pixel_mask)
         if found is not None and self._start(k) != self._centre(k) - self.window // 2:
             # the median's beam is not this frame's (the scan's first and last half-window): moved as far as
@@ -363,6 +420,8 @@ class BackgroundStage:
             if self.beam_track and self.beam_track[-1][0] == k:  # found again on the frame it was found for
                 self.beam_track.pop()
             self.beam_track.append((k, beam))
+        if core is not None and not _holds(beam, core):
+            self._wake_core(k)
 
     def _normalise(self, k: int, slot: int) -> None:
         """Bring frame k, just stored in ``slot``, to the scan's beam intensity, in place."""
