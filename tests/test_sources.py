@@ -24,6 +24,15 @@ def open_files() -> set[str]:
     return {os.fsdecode(fid.name) for fid in h5py.h5f.get_obj_ids(h5py.h5f.OBJ_ALL, h5py.h5f.OBJ_FILE)}
 
 
+# frames as other software stores them: big-endian (a byte order the kernels do not take) and half floats
+STORED = {"uint16be": ">u2", "int32be": ">i4", "float32be": ">f4", "float16": "<f2"}
+
+
+def stored_values(name: str, frames: np.ndarray) -> np.ndarray:
+    """The values dataset ``name`` holds of ``frames``: uint8 and float16 (whole up to 2048) wrap below them."""
+    return frames % 250 if name == "uint8" else frames % 2000 if name == "float16" else frames
+
+
 @pytest.fixture
 def stack_file(tmp_path):
     """Frames whose every pixel tells its frame: frame k = k * 1000 + pixel number, several dtypes."""
@@ -32,7 +41,9 @@ def stack_file(tmp_path):
     frames = (np.arange(n)[:, None, None] * 1000 + np.arange(12).reshape(1, 3, 4))
     with h5py.File(path, "w") as f:
         for dtype in ("uint16", "int32", "uint32", "int64", "uint8", "float32", "float64"):
-            f[dtype] = (frames % 250 if dtype == "uint8" else frames).astype(dtype)
+            f[dtype] = stored_values(dtype, frames).astype(dtype)
+        for name, stored in STORED.items():
+            f[name] = stored_values(name, frames).astype(stored)
         f["angles"] = np.linspace(-10.0, 30.0, n + 5)  # more angles than frames is fine
     return path, frames
 
@@ -61,18 +72,19 @@ def test_parse_url_rejects(url):
 # -- Hdf5FileSource ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["uint16", "int32", "uint32", "int64", "uint8", "float32", "float64"])
+@pytest.mark.parametrize("dtype", ["uint16", "int32", "uint32", "int64", "uint8", "float32", "float64", *STORED])
 def test_every_frame_once_in_order_native_dtype(stack_file, dtype):
-    """Integer frames as they are stored; float frames of whole numbers (counts a simulator stored as floats)
-    as int32."""
+    """Integer frames as they are stored, in the machine's byte order; float frames of whole numbers (counts a
+    simulator stored as floats, half floats included) as int32."""
     path, frames = stack_file
+    stored = np.dtype(STORED.get(dtype, dtype))
     with Hdf5FileSource(f"{path}::/{dtype}", f"{path}::/angles") as source:
         assert source.n_frames == len(frames)
         assert source.frame_shape == (3, 4)
-        delivered = np.dtype("int32") if dtype.startswith("float") else np.dtype(dtype)
-        assert source.dtype == delivered
+        delivered = np.dtype("int32") if stored.kind == "f" else stored.newbyteorder("=")
+        assert source.dtype == delivered and delivered.isnative
         got = list(source)
-        last = (frames[-1] % 250 if dtype == "uint8" else frames[-1]).astype(dtype).astype(delivered)
+        last = stored_values(dtype, frames[-1]).astype(stored).astype(delivered)
         np.testing.assert_array_equal(source.read_frame(len(frames) - 1), last)
     angles = np.linspace(-10.0, 30.0, len(frames) + 5)
     assert [f.index for f in got] == list(range(len(frames)))
@@ -80,8 +92,7 @@ def test_every_frame_once_in_order_native_dtype(stack_file, dtype):
     for k, frame in enumerate(got):
         assert frame.data.dtype == delivered
         assert frame.data.shape == (3, 4)
-        expected = frames[k] % 250 if dtype == "uint8" else frames[k]
-        np.testing.assert_array_equal(frame.data, expected.astype(delivered))
+        np.testing.assert_array_equal(frame.data, stored_values(dtype, frames[k]).astype(stored).astype(delivered))
     assert str(path) not in open_files()
 
 

@@ -69,7 +69,7 @@ def counts_dtype(dtype, where: str) -> np.dtype:
     anything else is refused, ``where`` (e.g. ``source.url: F::/data``) naming the frames."""
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
-        return dtype
+        return dtype.newbyteorder("=")
     if dtype.kind == "f":
         return FLOAT_COUNTS
     raise InputError(f"{where}: expected integer detector counts (or floats holding whole numbers), "
@@ -176,8 +176,12 @@ class FrameSource(abc.ABC):
     def _counts(self, data: np.ndarray, where: str) -> np.ndarray:
         """A frame as counts: float frames by the source's `FloatCounts` (and NO_DATA its ``invalid_value``);
         the frames it rounded are counted (``frames_rounded``)."""
+        if not data.dtype.isnative:  # a big-endian file's: the kernels take the machine's own byte order
+            data = data.astype(data.dtype.newbyteorder("="))
         if data.dtype.kind != "f":
             return data
+        if data.dtype.itemsize < 4:  # float16: as float32, which holds each of its values exactly
+            data = data.astype(np.float32)
         self.invalid_value = NO_DATA  # what a pixel without a number is read as, masked where frame 0 has it
         counts = self.__dict__.setdefault("_float_counts", FloatCounts())
         data = counts(data, where)
