@@ -23,6 +23,13 @@ _PLATEAU_LEVEL = 0.25
 # the way up, only the beam shows: a frame's beam edges are compared with its background's there.
 _EDGE_LEVEL = 0.5
 _MIN_PLATEAU = 0.75
+# A beam is wide, and its parts (where a slit blade or an absorbing sample cuts it) alike in level: a bright
+# part thinner than _MIN_THICKNESS_PX (hot pixels, a hot cluster, a bright column, module gaps stored as the
+# largest count), or whose median (above the typical level) lies outside _PART_LEVELS x that of the largest
+# part, is not part of it. Without these, one hot column made the box 40 % of the detector, 4-px gap lines
+# all of it, a 5 x 5 hot cluster half of it (a new user's scans made elsewhere: recall 0.55, 0 and 0.83).
+_MIN_THICKNESS_PX = 7
+_PART_LEVELS = (0.25, 4.0)
 # The typical and brightest levels are taken from at most this many pixels (an even stride over the
 # rest): exact up to 512 x 512; at 2048 x 2048 the two percentiles of every pixel took 150 ms, too long
 # for a beam found again every few frames, and a 1-in-16 sample moves them by far less than the noise.
@@ -39,7 +46,7 @@ def beam_mask(bbox: tuple[int, int, int, int] | None, shape: tuple[int, int]) ->
 
 
 def detect_direct_beam(image: np.ndarray, margin_px: int, mask: np.ndarray | None = None,
-                       level: float = _LEVEL) -> tuple[int, int, int, int] | None:
+                       level: float = _LEVEL, near: Box | None = None) -> tuple[int, int, int, int] | None:
     """Bounding box ``(x0, y0, width, height)`` of the bright transmitted beam, grown by ``margin_px``.
 
     ``image`` is a background image above the dark (a per-pixel median over
@@ -47,7 +54,8 @@ def detect_direct_beam(image: np.ndarray, margin_px: int, mask: np.ndarray | Non
     true (the detector's bad pixels) are left out. Returns None when there is
     no beam: nothing stands ``_MIN_CONTRAST`` times above the typical level, or
     what does is a smooth glow rather than a plateau. ``level``: the fraction of the way from the typical
-    level to the brightest above which a pixel is beam.
+    level to the brightest above which a pixel is beam. The beam's parts are thick and alike in level (see
+    _MIN_THICKNESS_PX); ``near``: a box they must touch (a frame's beam is where its background's is).
     """
     valid = (image if mask is None else image[~np.asarray(mask, bool)]).reshape(-1)
     if valid.size == 0:
@@ -71,11 +79,25 @@ def detect_direct_beam(image: np.ndarray, margin_px: int, mask: np.ndarray | Non
     plateau = usable & (image > typical + _PLATEAU_LEVEL * (brightest - typical))
     if plateau.sum() < _MIN_PLATEAU * bright.sum():
         return None
-    labels, n = ndi.label(bright)
+    thick = ndi.binary_opening(bright, structure=np.ones((_MIN_THICKNESS_PX, _MIN_THICKNESS_PX), bool))
+    labels, n = ndi.label(thick)
     if n == 0:
         return None
-    sizes = np.bincount(labels.ravel())[1:]
-    parts = [part for part, size in zip(ndi.find_objects(labels), sizes) if size >= _MIN_PART * sizes.max()]
+    parts = ndi.find_objects(labels)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    if near is not None:  # only the parts that touch it
+        nx0, ny0, nw, nh = near
+        for i, (ys, xs) in enumerate(parts):
+            if (rows[0] + ys.stop <= ny0 or rows[0] + ys.start >= ny0 + nh or cols[0] + xs.stop <= nx0
+                    or cols[0] + xs.start >= nx0 + nw):
+                sizes[i] = 0
+        if not sizes.any():
+            return None
+    main = int(sizes.argmax())
+    levels = np.asarray(ndi.median(image - typical, labels, np.arange(1, n + 1)), np.float64)
+    low, high = _PART_LEVELS[0] * levels[main], _PART_LEVELS[1] * levels[main]
+    parts = [part for part, size, value in zip(parts, sizes, levels)
+             if size >= _MIN_PART * sizes[main] and low <= value <= high]
     x0 = max(cols[0] + min(p[1].start for p in parts) - margin_px, 0)
     y0 = max(rows[0] + min(p[0].start for p in parts) - margin_px, 0)
     x1 = min(cols[0] + max(p[1].stop for p in parts) - 1 + margin_px, full_nx - 1)
@@ -89,7 +111,9 @@ def edges_moved(background: np.ndarray, frame: np.ndarray,
     the dark), each measured half the way up the beam so that no spot beside it counts; None when either
     shows no beam."""
     a = detect_direct_beam(background, 0, mask, _EDGE_LEVEL)
-    b = detect_direct_beam(frame, 0, mask, _EDGE_LEVEL)
+    if a is None:
+        return None
+    b = detect_direct_beam(frame, 0, mask, _EDGE_LEVEL, near=box_grown(a, max(a[2], a[3]) // 4, frame.shape))
     if a is None or b is None:
         return None
     return (b[0] - a[0], b[1] - a[1], b[0] + b[2] - a[0] - a[2], b[1] + b[3] - a[1] - a[3])

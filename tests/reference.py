@@ -294,10 +294,11 @@ def reference_thresholds(volume, mask, seg, *, prime=5, history=15, floor=0.5, t
 
 
 def reference_direct_beam(image, margin_px, mask=None, level=0.1, plateau_level=0.25, min_plateau=0.75,
-                          min_part=0.01, min_contrast=10.0, samples=1 << 18):
+                          min_part=0.01, min_contrast=10.0, samples=1 << 18, thickness=7, part_levels=(0.25, 4.0)):
     """`direct_beam.detect_direct_beam` labelling the whole frame: the box (x0, y0, w, h) of the bright
-    parts (above ``level`` of the way from the typical level to the brightest, each at least ``min_part``
-    of the largest), grown by ``margin_px``; None without contrast or plateau."""
+    parts (above ``level`` of the way from the typical level to the brightest, opened by a ``thickness``
+    square, each at least ``min_part`` of the largest and with a median above the typical level within
+    ``part_levels`` of the largest's), grown by ``margin_px``; None without contrast or plateau."""
     from scipy import ndimage
 
     valid = (image if mask is None else image[~mask]).reshape(-1)
@@ -312,11 +313,15 @@ def reference_direct_beam(image, margin_px, mask=None, level=0.1, plateau_level=
     plateau = usable & (image > typical + plateau_level * (brightest - typical))
     if plateau.sum() < min_plateau * bright.sum():
         return None
-    labels, n = ndimage.label(bright)
+    labels, n = ndimage.label(ndimage.binary_opening(bright, np.ones((thickness, thickness), bool)))
     if n == 0:
         return None
     sizes = np.bincount(labels.ravel())[1:]
-    ys, xs = np.nonzero(np.isin(labels, 1 + np.flatnonzero(sizes >= min_part * sizes.max())))
+    main = sizes.argmax()
+    levels = np.array([np.median(image[labels == i + 1] - typical) for i in range(n)])
+    keep = (sizes >= min_part * sizes[main]) & (levels >= part_levels[0] * levels[main]) \
+        & (levels <= part_levels[1] * levels[main])
+    ys, xs = np.nonzero(np.isin(labels, 1 + np.flatnonzero(keep)))
     ny, nx = image.shape
     x0, y0 = max(xs.min() - margin_px, 0), max(ys.min() - margin_px, 0)
     x1, y1 = min(xs.max() + margin_px, nx - 1), min(ys.max() + margin_px, ny - 1)

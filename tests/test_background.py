@@ -316,7 +316,7 @@ def test_detect_direct_beam_equals_a_whole_frame_reference(seed, level):
     x0, y0 = rng.integers(-10, 100), rng.integers(-10, 70)
     image[max(y0, 0):y0 + 30, max(x0, 0):x0 + 40] += rng.uniform(2000, 5000)  # the beam, maybe cut by an edge
     if seed % 2:
-        image[max(y0, 0):y0 + 30, x0 + 44:x0 + 50] += 1500  # a second part beyond a slit blade's shadow
+        image[max(y0, 0):y0 + 30, x0 + 44:x0 + 54] += 1500  # a second part beyond a slit blade's shadow
     for _ in range(seed):  # glints, from a pixel to a few
         gy, gx = rng.integers(0, ny - 3), rng.integers(0, nx - 3)
         image[gy:gy + rng.integers(1, 4), gx:gx + rng.integers(1, 4)] += rng.uniform(500, 4000)
@@ -325,6 +325,33 @@ def test_detect_direct_beam_equals_a_whole_frame_reference(seed, level):
     got = detect_direct_beam(image, 3, mask, level)
     assert got == reference_direct_beam(image, 3, mask, level)
     assert got[0] <= max(x0, 0) < max(x0, 0) + 30 < got[0] + got[2] and got[1] <= max(y0, 0)  # it holds the beam
+
+
+@pytest.mark.parametrize("defect", ["hot column", "hot cluster", "gap lines", "saturated spot"])
+def test_detector_defects_and_bright_spots_are_no_part_of_the_beam(defect):
+    """A bright column, a 5 x 5 cluster at 3x the beam, 4-px module gaps at the largest count: thin or unlike
+    the beam in level, no part of its box (they made it 40 %, half and all of the detector). In a frame
+    looked at for its own beam edges, a spot brighter than the beam beside it does not move them."""
+    from dctstream.direct_beam import edges_moved
+
+    rng = np.random.default_rng(3)
+    clean = rng.poisson(300.0, (256, 256)).astype(np.float32)
+    clean[109:145, 100:155] += 20000
+    image = clean.copy()
+    if defect == "hot column":
+        image[:, 200] = rng.poisson(8000.0, 256)
+    elif defect == "hot cluster":
+        image[10:15, 10:15] = 60000
+    elif defect == "gap lines":
+        image[126:130, :] = image[:, 60:64] = 65535
+    else:
+        image[40:47, 30:37] = 65535  # a spot at the top of the range, clipped
+    want = detect_direct_beam(clean, 2)
+    assert want == (98, 107, 59, 40)
+    if defect == "saturated spot":
+        assert edges_moved(clean, image) == (0, 0, 0, 0)
+    else:
+        assert detect_direct_beam(image, 2) == want
 
 
 def test_detect_direct_beam_finds_no_beam_in_a_glow_or_a_dim_scene():
