@@ -10,7 +10,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from dctstream.config import load_config
-from dctstream.detector import Detector, bin_image, stuck_and_hot
+from dctstream.detector import DEAD_MAX_FRACTION, DEAD_MIN_FRAMES, Detector, bin_image, dead_pixels, stuck_and_hot
 from dctstream.direct_beam import margin_mean
 from dctstream.errors import InputError
 from dctstream.pipeline import Pipeline
@@ -378,3 +378,30 @@ def test_the_detectors_own_pixel_mask_and_invalid_value_are_masked():
     with pytest.raises(InputError, match=r"source.url \(its detector's pixel mask\): x.h5::/d: expected an image "
                                          r"of 8 x 8 pixels"):
         det.check_first_frame(frame, "x.h5::/d", pixel_mask=np.zeros((4, 4)))
+
+
+def test_dead_pixels_are_those_that_never_vary_unless_saturated_photon_zeros_or_most():
+    """A pixel holding one value over the frames is dead, against np.all over the stack; not one at the top
+    of the range, not 0 on a photon-counting detector, none when most hold still or the frames are few."""
+    rng = np.random.default_rng(0)
+    n = DEAD_MIN_FRAMES + 5
+    frames = rng.poisson(100.0, (n, 40, 50)).astype(np.uint16)
+    frames[:, 5:15, 5:20] = 0  # a dead block
+    frames[:, 30, 40] = 100  # one at the dark level
+    frames[:, 20:25, 30:35] = 65535  # saturated
+    frames[:, 2, 2] = 7
+    mask = np.zeros((40, 50), bool)
+    mask[2, 2] = True  # already masked: not counted again
+    slots = np.arange(n)
+    expected = np.all(frames == frames[0], axis=0) & (frames[0] != 65535) & ~mask
+    got = dead_pixels(frames, slots, mask)
+    np.testing.assert_array_equal(got, expected)
+    assert got.sum() == 10 * 15 + 1
+    assert not dead_pixels(frames, slots[:DEAD_MIN_FRAMES - 1], mask).any()  # too few frames to tell
+    photons = rng.poisson(0.3, (n, 40, 50)).astype(np.uint32)
+    photons[:, 10, 10] = 3  # stuck at a count: dead; the many pixels at 0 throughout are not
+    assert np.all(photons == photons[0], axis=0).sum() > 1
+    np.testing.assert_array_equal(np.flatnonzero(dead_pixels(photons, slots, np.zeros((40, 50), bool))), [510])
+    still = frames.copy()
+    still[:, : int(40 * (DEAD_MAX_FRACTION + 0.05)), :] = 500  # a simulation without noise: nothing is dead
+    assert not dead_pixels(still, slots, np.zeros((40, 50), bool)).any()

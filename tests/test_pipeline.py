@@ -396,3 +396,43 @@ def test_float_frames_with_a_column_without_numbers_mask_it(tiny_scan, tiny_over
     assert len(got["centroid_x"]) >= 5
     for column in got:
         np.testing.assert_array_equal(got[column], want[column], err_msg=column)
+
+
+def test_a_dead_block_is_masked_and_seeds_no_spot_beside_it(tiny_scan, tmp_path):
+    """A block of pixels at 0 in every frame (a dead module) took the noise of the tile it shares with live
+    pixels down to nothing, which then seeded false spots along it; found dead in the first window, it is
+    masked (``masked_pixels: dead``) and the spots clear of it are those of the same counts with the block
+    masked by a mask file (their values within 1 %, or 40 counts of an integral: the 3 x 3 filter of the pixels
+    beside the block, and so their tile's noise and level, differ)."""
+    with h5py.File(tiny_scan.path) as f:
+        counts = f["/1.1/measurement/marana"][()]
+    dead = counts.copy()
+    dead[:, 34:64, 2:30] = 0  # most of a noise tile (32 x 32 px)
+    mask = np.zeros(counts.shape[1:], np.uint8)
+    mask[34:64, 2:30] = 1
+    path = tmp_path / "frames.h5"
+    with h5py.File(path, "w") as f:
+        f["dead"], f["counts"], f["mask"] = dead, counts, mask
+    overrides = ["background.window=21", "segmentation.max_blob_size=[20,20,5]"]
+    tables = []
+    for name, extra in (("dead", []), ("counts", [f"detector.mask={path}::/mask"])):
+        api.run(f"{path}::/{name}", out=tmp_path / name, angles=tiny_scan.angles_url, dark=tiny_scan.dark_url,
+                overrides=[*overrides, *extra])
+        tables.append(read_spot_table(tmp_path / name / "spots.h5"))
+    def clear(table):  # two pixels beside the block: its 3 x 3 filter differs there
+        x0, y0 = table["bbox_x0"], table["bbox_y0"]
+        x1, y1 = x0 + table["bbox_x_size"], y0 + table["bbox_y_size"]
+        keep = (x0 > 31) | (y1 < 33)
+        order = np.lexsort((table["centroid_x"][keep], table["centroid_frame"][keep]))
+        return {k: v[keep][order] for k, v in table.items() if k != "id"}
+
+    got, want = clear(tables[0]), clear(tables[1])
+    assert len(want["centroid_x"]) >= 5
+    for column in got:
+        if column in ("integral", "max_value", "centroid_x", "centroid_y", "centroid_frame", "centroid_psi_deg"):
+            np.testing.assert_allclose(got[column], want[column], rtol=0.01,
+                                       atol={"integral": 40.0, "max_value": 1.0}.get(column, 0.02), err_msg=column)
+        else:
+            np.testing.assert_array_equal(got[column], want[column], err_msg=column)
+    record = json.loads((tmp_path / "dead" / "run.json").read_text())
+    assert record["stats"]["masked_pixels"]["dead"] == 30 * 28
