@@ -65,15 +65,10 @@ class Blob:
     @property
     def centroid(self) -> tuple[float, float, float]:
         """Intensity-weighted centroid (frame, y, x), absolute: over the spot down to the growth floor when
-        the segmenter measured it (``moments``), else over the blob's voxels. Also over the blob's voxels
-        where the spot's lies outside their box: a background not followed (a wrong dark under a decaying
-        beam) had joined a plateau to the spot's part, whose centroid then lay up to 40 px from the spot."""
+        the segmenter measured it (``moments``), else over the blob's voxels."""
         if self.moments is not None and self.moments[0] > 0:
             total, *first = self.moments
-            centroid = tuple(float(m / total) for m in first)
-            f0, y0, x0, f1, y1, x1 = self.bbox
-            if all(low - 0.5 <= c <= high + 0.5 for c, low, high in zip(centroid, (f0, y0, x0), (f1, y1, x1))):
-                return centroid
+            return tuple(float(m / total) for m in first)
         w = self.value.astype(np.float64)
         total = w.sum()
         if not total > 0:  # a blob seen on the filtered frames whose measured values are noise about 0: its voxels

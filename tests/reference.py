@@ -148,8 +148,14 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 rejected["zinger"] += 1
                 continue
             blobs.append(voxels)
-            if spots is not None:
-                spots.append(grown[top == root])
+            if spots is not None:  # the part, unless its centroid lies beyond the blob's box by the box's extent
+                own_part = grown[top == root]
+                w = volume[tuple(own_part.T)].astype(np.float64)
+                centre = (w[:, None] * own_part).sum(axis=0) / w.sum() if w.sum() > 0 else None
+                reach = np.maximum(extent, 2)
+                near = centre is not None and np.all(np.abs(centre - (voxels.min(axis=0) + voxels.max(axis=0)) / 2)
+                                                     <= (extent - 1) / 2 + reach)
+                spots.append(own_part if near else voxels)
             if others is not None:
                 others.append(grown[top != root])
     return blobs, rejected

@@ -104,10 +104,22 @@ ZINGER_TRACK_ELONGATION = 6.0
 # >= clamp(tau * P, grow_low, grow_high) connected to P.
 SPLIT_LOW = 2.0
 SPLIT_PHOTON = 4.0
-# A spot's centroid: over its part of that component (its voxels >= grow_low, unfiltered values), not over
-# the double threshold's voxels >= tau * P alone. A grain's projection is lopsided: the centroid of its
-# voxels >= 0.3 P lay 0.6 px from the whole spot's, and a rocking curve cut by the scan's first frame kept
-# one side only; below grow_low the noise would move it more than the tails do.
+# A spot's centroid (SPOT_CENTROID): over its part of that component (its voxels >= grow_low, unfiltered
+# values), not over the double threshold's voxels >= tau * P alone. A grain's projection is lopsided: the
+# centroid of its voxels >= 0.3 P lay 0.6 px from the whole spot's, and a rocking curve cut by the scan's first
+# frame kept one side only; below grow_low the noise would move it more than the tails do. A part whose
+# centroid lies further from the blob's box than the box's own extent (at least 2) is no spot's alone but a
+# background left above grow_low (a wrong dark under a decaying beam: up to 40 px from the spot): the blob's
+# own voxels give it then.
+
+
+def centroid_near(moments, low, high) -> bool:
+    """Whether the centroid of ``moments`` (sum, and sums of frame, y, x times value) lies within the box
+    ``low`` .. ``high`` (f, y, x, inclusive) grown by its own extent (at least 2) along each axis."""
+    total = moments[0]
+    if not total > 0:
+        return False
+    return all(a - max(b - a + 1, 2) <= m / total <= b + max(b - a + 1, 2) for m, a, b in zip(moments[1:], low, high))
 
 
 def cut_by_box(extent, centre, max_size) -> bool:
@@ -742,9 +754,11 @@ class Segmenter:
         peak_f, peak_y, peak_x = max_index
         # the value the blob reports at its maximum: the measured one, as all its values
         max_value = float(volume[peak_f - fa, peak_y - ya, peak_x - xa])
+        weights = moments(self._measures, self._slot_of, *spot)
+        if not centroid_near(weights, (fa, ya, xa), (fb, yb, xb)):  # see SPOT_CENTROID
+            weights = moments(self._measures, self._slot_of, fs, ys, xs)
         blob = Blob(id=self.n_blobs, frame=fs.astype(np.int64), y=ys.astype(np.int64), x=xs.astype(np.int64),
                     value=value, max_index=tuple(max_index), max_value=max_value, volume=volume,
-                    total=float(value.sum(dtype=np.float64)) + tails,
-                    moments=moments(self._measures, self._slot_of, *spot))
+                    total=float(value.sum(dtype=np.float64)) + tails, moments=weights)
         self.n_blobs += 1
         return blob
