@@ -326,3 +326,16 @@ def test_dark_errors(bad_inputs, dataset, needle):
     with pytest.raises(InputError, match="^dark.url: ") as err:
         load_dark(f"{bad_inputs}::/{dataset}", None, (64, 64))
     assert needle in str(err.value)
+
+
+def test_a_link_to_frames_that_are_not_there_is_named_as_such(tmp_path):
+    """An external link whose file is gone, and a soft link to nothing: the error says which link, and where
+    it points, not that the dataset does not exist."""
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as f:
+        f["entry/frames"] = h5py.ExternalLink("gone.h5", "/data")
+        f["entry/soft"] = h5py.SoftLink("/entry/nothing")
+    with pytest.raises(InputError, match=r"frames: an external link to gone\.h5::/data, which cannot be read"):
+        Hdf5FileSource(f"{path}::/entry/frames")
+    with pytest.raises(InputError, match=r"soft: a link to /entry/nothing, which does not exist in"):
+        Hdf5FileSource(f"{path}::/entry/soft")

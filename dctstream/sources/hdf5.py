@@ -56,8 +56,17 @@ def _open(url: str, key: str | None = None) -> tuple[h5py.File, h5py.Dataset]:
     except (KeyError, ValueError, OSError):  # e.g. a broken external or soft link
         obj = None
     if not isinstance(obj, h5py.Dataset):
+        try:
+            link = h5.get(name, getlink=True)
+        except (KeyError, ValueError, OSError):
+            link = None
         if isinstance(obj, h5py.Group):
             what = f"is a group, expected a dataset (the group holds: {_members(obj)})"
+        elif isinstance(link, h5py.ExternalLink):
+            what = (f"an external link to {link.filename}::{link.path}, which cannot be read (a file moved, "
+                    "renamed or not there yet?), expected a dataset there")
+        elif isinstance(link, h5py.SoftLink):
+            what = f"a link to {link.path}, which does not exist in {path}, expected a dataset there"
         else:
             what = f"no such dataset, expected a dataset in {path} (its root holds: {_members(h5)})"
         h5.close()
