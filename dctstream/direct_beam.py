@@ -30,6 +30,7 @@ _MIN_PLATEAU = 0.75
 # all of it, a 5 x 5 hot cluster half of it (a new user's scans made elsewhere: recall 0.55, 0 and 0.83).
 _MIN_THICKNESS_PX = 7
 _PART_LEVELS = (0.25, 4.0)
+_PART_SAMPLES = 1 << 14
 # The typical and brightest levels are taken from at most this many pixels (an even stride over the
 # rest): exact up to 512 x 512; at 2048 x 2048 the two percentiles of every pixel took 150 ms, too long
 # for a beam found again every few frames, and a 1-in-16 sample moves them by far less than the noise.
@@ -79,7 +80,9 @@ def detect_direct_beam(image: np.ndarray, margin_px: int, mask: np.ndarray | Non
     plateau = usable & (image > typical + _PLATEAU_LEVEL * (brightest - typical))
     if plateau.sum() < _MIN_PLATEAU * bright.sum():
         return None
-    thick = ndi.binary_opening(bright, structure=np.ones((_MIN_THICKNESS_PX, _MIN_THICKNESS_PX), bool))
+    # an opening by a square, as two separable filters: 10x faster than ndi.binary_opening's, the same
+    thick = ndi.maximum_filter(ndi.minimum_filter(bright, _MIN_THICKNESS_PX, mode="constant", cval=0),
+                               _MIN_THICKNESS_PX, mode="constant", cval=0)
     labels, n = ndi.label(thick)
     if n == 0:
         return None
@@ -94,15 +97,22 @@ def detect_direct_beam(image: np.ndarray, margin_px: int, mask: np.ndarray | Non
         if not sizes.any():
             return None
     main = int(sizes.argmax())
-    levels = np.asarray(ndi.median(image - typical, labels, np.arange(1, n + 1)), np.float64)
+    large = np.flatnonzero(sizes >= _MIN_PART * sizes[main])
+    levels = {int(i): _part_level(image, labels, parts[i], i + 1) - typical for i in large}
     low, high = _PART_LEVELS[0] * levels[main], _PART_LEVELS[1] * levels[main]
-    parts = [part for part, size, value in zip(parts, sizes, levels)
-             if size >= _MIN_PART * sizes[main] and low <= value <= high]
+    parts = [parts[i] for i in large if low <= levels[int(i)] <= high]
     x0 = max(cols[0] + min(p[1].start for p in parts) - margin_px, 0)
     y0 = max(rows[0] + min(p[0].start for p in parts) - margin_px, 0)
     x1 = min(cols[0] + max(p[1].stop for p in parts) - 1 + margin_px, full_nx - 1)
     y1 = min(rows[0] + max(p[0].stop for p in parts) - 1 + margin_px, full_ny - 1)
     return (int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1))
+
+
+def _part_level(image: np.ndarray, labels: np.ndarray, where, label: int) -> float:
+    """The median of ``image`` over the part ``label`` of ``labels`` (its box ``where``): of every pixel up to
+    _PART_SAMPLES of them, else of an even stride over them (a 2048 x 2048 beam's took 57 ms whole)."""
+    values = image[where][labels[where] == label]
+    return float(np.median(values[::-(-values.size // _PART_SAMPLES)]))
 
 
 def edges_moved(background: np.ndarray, frame: np.ndarray,
