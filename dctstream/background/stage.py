@@ -358,7 +358,10 @@ class BackgroundStage:
 
     def _find_beam(self, image: np.ndarray) -> None:
         self.direct_beam = detect_direct_beam(image, self._beam_margin_px, self.pixel_mask)
-        log.info("direct beam found at %s", self.direct_beam)
+        if self.direct_beam is None:
+            log.info("no direct beam found (no plateau 10x above the detector's typical level): none masked")
+        else:
+            log.info("direct beam found at %s", self.direct_beam)
 
     def _start_core(self) -> None:
         """The beam's core, from the first box found (that of the first run, resumed), unless the track says
