@@ -21,6 +21,7 @@ from . import checkpoint, outdir, seam, spool
 from ._version import __version__
 from .atomic import crash_point
 from .background import BackgroundStage
+from .background.kernels import kernels_cached
 from .config import Config, dump_config
 from .detector import Detector
 from .direct_beam import NeverSegmented, beam_mask, box_at
@@ -410,6 +411,9 @@ class Pipeline:
         another and difspots written in a third, each joined to the main
         thread (the background stage) by a bounded queue.
         """
+        if not kernels_cached():
+            log.info("compiling the numba kernels: the first run after installing dctstream takes 20-60 s more "
+                     "before its first frames (cached for the next runs)")
         reader = Prefetch(self._read(), FRAME_QUEUE_DEPTH, name="dctstream-read")
         done = False
         failure = None

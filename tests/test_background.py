@@ -569,3 +569,16 @@ def test_followed_beam_started_later_with_its_track_gives_the_same_frames(needed
         assert box == expected[k][0], k
         np.testing.assert_array_equal(filtered, expected[k][1], err_msg=f"frame {k}")
         np.testing.assert_array_equal(difference, expected[k][2], err_msg=f"frame {k}")
+
+
+def test_kernels_cached_tells_whether_the_medians_kernel_was_compiled_before(monkeypatch, tmp_path):
+    """The first run after installing compiles every kernel (20-60 s): told by the median kernel's cache index."""
+    from dctstream.background import _kernels
+
+    cache_file = getattr(getattr(_kernels.hist_slide, "_cache", None), "_cache_file", None)
+    if cache_file is None:
+        pytest.skip("numba caches nothing here")
+    monkeypatch.setattr(cache_file, "_index_path", str(tmp_path / "hist_slide.nbi"))
+    assert kernels.kernels_cached() is False
+    (tmp_path / "hist_slide.nbi").write_bytes(b"")
+    assert kernels.kernels_cached() is True

@@ -436,3 +436,20 @@ def test_a_dead_block_is_masked_and_seeds_no_spot_beside_it(tiny_scan, tmp_path)
             np.testing.assert_array_equal(got[column], want[column], err_msg=column)
     record = json.loads((tmp_path / "dead" / "run.json").read_text())
     assert record["stats"]["masked_pixels"]["dead"] == 30 * 28
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_first_run_says_that_it_compiles_the_kernels(tiny_scan, tiny_overrides, tmp_path, caplog, monkeypatch,
+                                                      cached):
+    """Its first frames wait 20-60 s on the compiler: said at the start, so that a status showing no frame
+    for that long is understood; not said once the kernels are cached."""
+    import logging
+
+    import dctstream.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "kernels_cached", lambda: cached)
+    with caplog.at_level(logging.INFO, logger="dctstream.pipeline"):
+        api.run(tiny_scan.frames_url, out=tmp_path / "out", angles=tiny_scan.angles_url, dark=tiny_scan.dark_url,
+                overrides=list(tiny_overrides))
+    said = [r.getMessage() for r in caplog.records if "compiling the numba kernels" in r.getMessage()]
+    assert len(said) == (0 if cached else 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import _kernels
@@ -209,3 +211,12 @@ def window_median_box(ring: np.ndarray, slots: np.ndarray, box, out: np.ndarray)
     box = np.array([max(y0, 0), min(y1, out.shape[0]), max(x0, 0), min(x1, out.shape[1])], np.int64)
     _kernels.window_median_box(ring, slots, box, ring.dtype == np.uint16, out)
     return out
+
+
+def kernels_cached() -> bool:
+    """Whether the running median's kernel has been compiled and cached before (its cache index exists): not
+    in the first run after installing or changing dctstream, which compiles every kernel (20-60 s, once).
+    True where that cannot be told (no cache, another numba version): then nothing is said."""
+    cache_file = getattr(getattr(_kernels.hist_slide, "_cache", None), "_cache_file", None)
+    index = getattr(cache_file, "_index_path", None)
+    return not isinstance(index, str) or os.path.exists(index)
