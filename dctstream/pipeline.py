@@ -95,7 +95,7 @@ class Stats:
     backlog_frames: int = 0  # frames read but not yet taken by the background stage
     write_backlog: int = 0  # difspots closed but not yet written
     dark: str | None = None  # where the dark came from: dark.url, dark.value, none, or how it was estimated
-    masked_pixels: dict | None = None  # bad pixels by reason (file, flat, stuck, hot) and in all
+    masked_pixels: dict | None = None  # bad pixels by reason (file, flat, dead, stuck, hot, ...) and in all
     binning: str | None = None  # "b x b sum|mean"
     export_reduction: float | None = None  # bytes of raw frames read / bytes of OUT/corrected.h5
     sparse_cut: str | None = None  # the sparse scan's cut: how it is set and its range in counts so far
