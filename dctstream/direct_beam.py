@@ -124,7 +124,7 @@ def edges_moved(background: np.ndarray, frame: np.ndarray,
     if a is None:
         return None
     b = detect_direct_beam(frame, 0, mask, _EDGE_LEVEL, near=box_grown(a, max(a[2], a[3]) // 4, frame.shape))
-    if a is None or b is None:
+    if b is None:
         return None
     return (b[0] - a[0], b[1] - a[1], b[0] + b[2] - a[0] - a[2], b[1] + b[3] - a[1] - a[3])
 
