@@ -137,10 +137,10 @@ def dead_pixels(frames: np.ndarray, slots: np.ndarray, mask: np.ndarray) -> np.n
     """The pixels, outside ``mask``, dead over ``frames[slots]`` (see DEAD_MIN_FRAMES); none if too few frames.
     The candidates shrink frame by frame: a few compares a pixel, not one a frame."""
     dead = np.zeros(mask.shape, bool)
-    if len(slots) < DEAD_MIN_FRAMES:
+    live = ~mask.reshape(-1)
+    if len(slots) < DEAD_MIN_FRAMES or not live.any():
         return dead
     first = frames[slots[0]].reshape(-1)
-    live = ~mask.reshape(-1)
     candidates = live & (frames[slots[1]].reshape(-1) == first)
     if first.dtype.kind in "ui":
         candidates &= first != np.iinfo(first.dtype).max
