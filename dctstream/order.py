@@ -84,6 +84,20 @@ def frames_text(frames, limit: int = DISORDER_LISTED) -> str:
         f" and {len(frames) - limit} more" if len(frames) > limit else "")
 
 
+def _jitter_hint(angles: np.ndarray, back: np.ndarray) -> str:
+    """What to say when every frame that goes back does so by less than a step: angles read with noise
+    (an encoder's) from frames that came in rotation order, which sorting them would shuffle (a new user's
+    scan with a jitter of 0.3 of a step: 33 spots for 30, split rocking curves)."""
+    steps = np.abs(np.diff(angles))
+    step = float(np.median(steps)) if steps.size else 0.0
+    largest = float(np.max(angles[back - 1] - angles[back]))
+    if not step > 0 or largest >= step:
+        return ""
+    return (f"; each goes back by less than a step ({largest:.3g} degrees at most, a step being {step:.3g}): "
+            "angles read with noise? If the frames came in rotation order, source.order: arrival keeps it "
+            "(sorted by noisy angles, a spot's rocking curve can be cut)")
+
+
 def arrange(source, cfg, report=None) -> tuple[object, int | None, dict | None]:
     """``(source, passes, facts)``: the source to read (in psi order when it must be), the number of passes
     to segment across (None: no passes) and how the frames are placed, for the run record; ``cfg`` is the
@@ -121,7 +135,7 @@ def arrange(source, cfg, report=None) -> tuple[object, int | None, dict | None]:
     if kind == "unordered":
         log.warning("%s: the frames are not in psi order (%s; %d frames go back in all: %s): read in psi order; "
                     "the frames of the results count along psi, max_frame_acquired in spots.h5 is the acquisition "
-                    "index", where, how, back.size, frames_text(back))
+                    "index%s", where, how, back.size, frames_text(back), _jitter_hint(angles, back))
         return PsiOrderedSource(source), None, {"mode": "psi", "frames_back": [int(f) for f in back[:DISORDER_LISTED]],
                                                 "frames_back_total": int(back.size)}
     if declared and declared != len(starts):

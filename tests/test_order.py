@@ -206,6 +206,25 @@ def test_a_shuffled_recorded_scan_gives_the_spots_of_the_sorted_one(scan, tmp_pa
     assert stats.frame_order["mode"] == "psi"
 
 
+def test_angles_that_go_back_by_less_than_a_step_are_said_to_look_like_noise(scan, tmp_path, caplog):
+    """Frames in rotation order whose recorded angles carry a jitter of up to 0.7 of a step: read in psi order
+    as any, and the warning says how little they go back and what keeps the acquisition order; a shuffled
+    scan's does not."""
+    truth, frames, angles, expected = scan
+    step = float(np.median(np.diff(angles)))
+    jittered = angles + np.random.default_rng(2).uniform(-0.7, 0.7, angles.size) * step
+    assert (np.diff(jittered) < 0).any()
+    path = write_scan(tmp_path / "jittered.h5", frames, jittered)
+    with caplog.at_level(logging.WARNING, "dctstream"):
+        run_file(truth, path, tmp_path / "out")
+    assert "goes back by less than a step" in caplog.text and "source.order: arrival keeps it" in caplog.text
+    caplog.clear()
+    order = np.random.default_rng(1).permutation(FRAMES)
+    with caplog.at_level(logging.WARNING, "dctstream"):
+        run_file(truth, write_scan(tmp_path / "shuffled.h5", frames[order], angles[order]), tmp_path / "out2")
+    assert "the frames are not in psi order" in caplog.text and "less than a step" not in caplog.text
+
+
 def test_an_interlaced_recorded_scan_read_in_psi_order_gives_the_sorted_spots(scan, tmp_path):
     truth, frames, angles, expected = scan
     order = interlaced(FRAMES, 2)
