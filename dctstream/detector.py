@@ -146,13 +146,15 @@ def dead_pixels(frames: np.ndarray, slots: np.ndarray, mask: np.ndarray) -> np.n
         candidates &= first != np.iinfo(first.dtype).max
     if np.median(first[live][::max(1, int(live.sum()) // 65536)]) < 1:  # photon counting: 0 is a count
         candidates &= first != 0
+    most = DEAD_MAX_FRACTION * int(live.sum())
     index = np.flatnonzero(candidates)
     for s in slots[2:]:
-        if index.size > DEAD_MAX_FRACTION * live.sum():
+        if index.size > most:
             return dead
         index = index[frames[s].reshape(-1)[index] == first[index]]
-    dead.reshape(-1)[index] = True
-    return dead if index.size <= DEAD_MAX_FRACTION * live.sum() else np.zeros(mask.shape, bool)
+    if index.size <= most:
+        dead.reshape(-1)[index] = True
+    return dead
 
 
 def unbin_blob(blob: Blob, b: int, binning_mode: str) -> Blob:
