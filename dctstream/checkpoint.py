@@ -39,10 +39,12 @@ process kill itself inside the N-th such write, for tests only.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
 import time
+import zipfile
 from contextlib import suppress
 from pathlib import Path
 
@@ -162,11 +164,14 @@ class Checkpointer:
         self._last_s, self._last_frame = time.monotonic(), k
 
     def save(self, meta: dict, arrays: dict[str, np.ndarray], k: int) -> None:
-        import io
-
         buffer = io.BytesIO()
         meta = {**meta, "format": FORMAT}
-        np.savez_compressed(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+        # an .npz (np.load reads it) deflated at level 1, not np.savez_compressed's 6: at 2048 x 2048, 0.24 s
+        # and 4.0 MB a checkpoint against 0.66 s and 3.5 MB, every checkpoint_every_s
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as npz:
+            for name, value in {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays}.items():
+                with npz.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
         write_atomic(self.path, buffer.getvalue(), sync=True, crash="checkpoint")
         log.debug("checkpoint at frame %d", k)
 
