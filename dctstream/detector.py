@@ -287,6 +287,10 @@ class Detector:
                             float(np.median(self.dark[keep])), float(np.median(self.bin(frame)[keep])))
 
     def bin(self, frame: np.ndarray) -> np.ndarray:
+        """The frame binned, in the detector's dtype: the frame itself, not a copy, when there is nothing to do
+        (its consumers only read it: 0.8 ms a frame at 2048 x 2048)."""
+        if self.binning == 1 and frame.dtype == self.dtype:
+            return frame
         return bin_image(frame, self.binning, self.cfg.binning_mode, self.dtype)
 
     def first_window(self, frames: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
