@@ -46,6 +46,9 @@ DEAD_MIN_FRAMES = 20
 DEAD_MAX_FRACTION = 0.25
 # Largest integer float32 holds exactly: counts beyond it would be rounded in the corrected frames.
 FLOAT32_EXACT = 2**24
+# A given dark at or above the counts of this share of frame 0's pixels is said to be wrong: the right one
+# leaves a pixel without light at or below it by its read noise alone, half the time.
+DARK_ABOVE_FRACTION = 0.9
 _NEIGHBOURS = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
 
 
@@ -245,7 +248,7 @@ class Detector:
         * ``pixel_mask`` (the detector's own, from the source: non-zero = bad) is masked too
           (``mask_counts["detector"]``).
         * Counts beyond 2**24, which float32 (the corrected frames' type) cannot hold exactly, are refused.
-        * A dark above every count of the frame (nothing left positive after subtracting it) is logged.
+        * A dark above the counts of most pixels of the frame (DARK_ABOVE_FRACTION) is logged.
         """
         valid = None
         if pixel_mask is not None:
@@ -279,11 +282,13 @@ class Detector:
         if self.dark is not None and self.dark_source in ("dark.url", "dark.value"):
             binned = self.bin(frame).astype(np.float32) - self.dark
             keep = ~self.mask
-            if keep.any() and not np.any(binned[keep] > 0):
+            above = float(np.mean(binned[keep] <= 0)) if keep.any() else 0.0
+            if above >= DARK_ABOVE_FRACTION:
                 where = self.dark_cfg.url if self.dark_cfg.url else f"{self.dark_cfg.value:g}"
-                log.warning("%s: %s: the dark is above every count of frame 0 (dark median %.4g, frame median "
-                            "%.4g): nothing is left positive after subtracting it, expected a dark below the frames "
-                            "(another exposure time or detector?)", self.dark_source, where,
+                what = ("every count of frame 0: nothing is left positive after subtracting it" if above == 1.0
+                        else f"the counts of {100 * above:.0f} % of the pixels of frame 0")
+                log.warning("%s: %s: the dark is above %s (dark median %.4g, frame median %.4g), expected a dark "
+                            "below the frames (another exposure time or detector?)", self.dark_source, where, what,
                             float(np.median(self.dark[keep])), float(np.median(self.bin(frame)[keep])))
 
     def bin(self, frame: np.ndarray) -> np.ndarray:

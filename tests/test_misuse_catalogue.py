@@ -88,6 +88,9 @@ def files(tiny_scan, tmp_path_factory):
         f["radians"] = np.linspace(0, 2 * np.pi, frames.shape[0])
         f["extra_angles"] = np.arange(frames.shape[0] + 5, dtype=np.float64)
         f["dark_high"] = np.full(frames.shape[1:], 60000.0, np.float32)
+        # above the counts of 95 % of frame 0's pixels, not of its brightest (the beam)
+        f["dark_most"] = np.full(frames.shape[1:], np.percentile(frames[0], 95), np.float32)
+        f["still_angles"] = np.zeros(frames.shape[0])
     for part in (0, 1):  # a virtual dataset of two files, the second missing
         with h5py.File(root / f"part{part}.h5", "w") as f:
             f["data"] = frames[20 * part:20 * (part + 1)]
@@ -766,6 +769,19 @@ def test_a_dark_above_every_count_is_warned(files, tiny_scan, tmp_path, monkeypa
                                  "--set", "segmentation.seed_threshold=10"), tmp_path, monkeypatch, capsys)
     record = json.loads((tmp_path / "o" / "run.json").read_text())
     assert any("the dark is above every count of frame 0" in w for w in record["warnings"]), (rc, err)
+
+
+def test_a_dark_above_most_counts_is_warned(files, tiny_scan, tmp_path, monkeypatch, capsys, caplog):
+    record, status, err = _run_record(tmp_path, monkeypatch, capsys, caplog, tiny_scan.frames_url,
+                                      "--dark", f"{files}/odd.h5::/dark_most", "--set",
+                                      "segmentation.seed_threshold=10")
+    _warned(record, status, err, "odd.h5::/dark_most", "the dark is above the counts of 95 % of the pixels")
+
+
+def test_angles_that_never_change_are_warned(files, tiny_scan, tmp_path, monkeypatch, capsys, caplog):
+    record, status, err = _run_record(tmp_path, monkeypatch, capsys, caplog, tiny_scan.frames_url,
+                                      "--set", f"source.angles={files}/odd.h5::/still_angles")
+    _warned(record, status, err, "odd.h5::/still_angles", "all 40 angles are 0 degrees")
 
 
 def test_recorded_not_hdf5_is_said_at_once_also_in_process(files):

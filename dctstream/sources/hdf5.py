@@ -261,7 +261,11 @@ def check_angles(psi: np.ndarray, url: str) -> np.ndarray:
                     "expected degrees: kept as recorded, so psi in the results is in the same unit", url, span,
                     psi.size)
     repeats = np.flatnonzero(np.diff(psi) == 0)
-    if repeats.size:
+    if psi.size >= 2 and repeats.size == psi.size - 1:
+        log.warning("source.angles: %s: all %d angles are %g degrees, expected one per frame along the rotation "
+                    "(a motor that did not move, or another dataset?): kept, so psi in the results is that angle",
+                    url, psi.size, psi[0])
+    elif repeats.size:
         log.warning("source.angles: %s: frame %d repeats the angle of frame %d (%g degrees): kept as recorded",
                     url, repeats[0] + 1, repeats[0], psi[repeats[0]])
     return psi
