@@ -22,7 +22,7 @@ def test_full_turn(psi, whole):
     assert full_turn(psi) is whole
 
 
-def _scan_with_seam_spot(tiny_scan, path, centre_frame):
+def _scan_with_seam_spot(tiny_scan, path, centre_frame, radians=False):
     with h5py.File(tiny_scan.path, "r") as f:
         frames = f["/1.1/measurement/marana"][()]
         angles = f["/1.1/measurement/diffrz"][()]
@@ -35,15 +35,17 @@ def _scan_with_seam_spot(tiny_scan, path, centre_frame):
         frames[k] = np.clip(frames[k] + spot, 0, 65535).astype(frames.dtype)
     with h5py.File(path, "w") as f:
         f["/1.1/measurement/marana"] = frames
-        f["/1.1/measurement/diffrz"] = angles
+        f["/1.1/measurement/diffrz"] = np.radians(angles) if radians else angles
+        if radians:  # as NeXus says it
+            f["/1.1/measurement/diffrz"].attrs["units"] = "rad"
         f["/2.1/measurement/marana"] = dark
         f["/1.1/end_time"] = "2024-01-01T10:00:00"
     return f"{path}::/1.1/measurement/marana", f"{path}::/1.1/measurement/diffrz", f"{path}::/2.1/measurement/marana"
 
 
-@pytest.mark.parametrize("centre", [39.5, 0.0])
-def test_spot_across_the_seam_is_one_spot(tmp_path, tiny_scan, tiny_overrides, centre):
-    src, angles, dark = _scan_with_seam_spot(tiny_scan, tmp_path / "seam.h5", centre)
+@pytest.mark.parametrize("centre,radians", [(39.5, False), (0.0, False), (0.0, True)])
+def test_spot_across_the_seam_is_one_spot(tmp_path, tiny_scan, tiny_overrides, centre, radians):
+    src, angles, dark = _scan_with_seam_spot(tiny_scan, tmp_path / "seam.h5", centre, radians)
     out = tmp_path / "out"
     cfg = load_config(None, [f"source.url={src}", f"source.angles={angles}", f"dark.url={dark}",
                              f"output.dir={out}", "quicklook.enabled=false", *tiny_overrides])

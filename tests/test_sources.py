@@ -96,6 +96,47 @@ def test_every_frame_once_in_order_native_dtype(stack_file, dtype):
     assert str(path) not in open_files()
 
 
+@pytest.mark.parametrize("units,factor", [(None, 1.0), ("deg", 1.0), (b"rad", 180 / np.pi),
+                                          (np.array([b"mrad"]), 0.18 / np.pi)])
+def test_angles_in_the_unit_their_units_attribute_names_are_read_in_degrees(tmp_path, caplog, units, factor):
+    """NeXus writes an angle's unit as the dataset's ``units``: radians become degrees; without one, angles
+    spanning about a turn in radians are only said to look like radians."""
+    from dctstream.sources.hdf5_live import LiveAngles
+
+    path = tmp_path / "scan.h5"
+    psi = np.arange(40) * 2 * np.pi / 40  # a turn, if radians
+    with h5py.File(path, "w") as f:
+        f["frames"] = np.zeros((40, 4, 4), np.uint16)
+        f["angles"] = psi
+        if units is not None:
+            f["angles"].attrs["units"] = units
+    with caplog.at_level("WARNING"), Hdf5FileSource(f"{path}::/frames", f"{path}::/angles") as source:
+        np.testing.assert_allclose(source.angles, psi * factor, rtol=1e-12)
+    assert ("like radians" in caplog.text) == (units is None)
+    live = LiveAngles(f"{path}::/angles")
+    live.look()
+    np.testing.assert_allclose([live.get(k) for k in range(40)], psi * factor, rtol=1e-12)
+    live.close()
+
+
+def test_angles_in_an_unknown_unit_are_refused_naming_it(tmp_path):
+    from dctstream.sources.hdf5_live import LiveAngles
+
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as f:
+        f["frames"] = np.zeros((3, 4, 4), np.uint16)
+        f["angles"] = np.arange(3.0)
+        f["angles"].attrs["units"] = "turns"
+    with pytest.raises(InputError, match=r"source.angles: .*scan.h5::/angles: units 'turns', expected angles in "
+                                         r"degrees or radians"):
+        Hdf5FileSource(f"{path}::/frames", f"{path}::/angles")
+    assert str(path) not in open_files()
+    live = LiveAngles(f"{path}::/angles")
+    with pytest.raises(InputError, match="units 'turns'"):
+        live.look()
+    live.close()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_float_counts_kernel_equals_numpy(dtype):
     """The one-pass kernel against numpy: rint, the mark where no number or beyond the top, and its counts."""

@@ -130,7 +130,10 @@ class Hdf5FileSource(FrameSource):
         self.angles = None
         if angles:
             try:
-                psi = read_dataset(angles, "source.angles")
+                h5, dset = _open(angles, "source.angles")
+                with h5:
+                    psi, units = dset[()], dset.attrs.get("units")
+                factor = degrees_per_unit(units, angles)
             except BaseException:
                 self.close()
                 raise
@@ -142,7 +145,8 @@ class Hdf5FileSource(FrameSource):
                 log.warning("source.angles: %s: %d angles for %d frames: the first %d are used (are they the "
                             "angles of this scan?)", angles, psi.size, self.n_frames, self.n_frames)
             try:
-                self.angles = check_angles(psi[: self.n_frames].astype(np.float64), angles)
+                self.angles = check_angles(in_degrees(psi[: self.n_frames], factor, units, angles), angles,
+                                           units_given=factor is not None)
             except BaseException:
                 self.close()
                 raise
@@ -246,8 +250,38 @@ def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
     return np.flatnonzero(lost)
 
 
-def check_angles(psi: np.ndarray, url: str) -> np.ndarray:
-    """``psi`` (degrees, one per frame) if every angle is finite.
+# The NeXus ``units`` of an angles dataset that dctstream reads, as degrees per unit.
+_DEGREES_PER = {"deg": 1.0, "degree": 1.0, "degrees": 1.0, "rad": 180.0 / np.pi, "radian": 180.0 / np.pi,
+                "radians": 180.0 / np.pi, "mrad": 0.18 / np.pi, "urad": 1.8e-4 / np.pi}
+
+
+def degrees_per_unit(units, url: str) -> float | None:
+    """Degrees per unit of an angles dataset's ``units`` attribute (NeXus: deg, rad, mrad, urad); None
+    without one (the angles are taken for degrees)."""
+    if units is None:
+        return None
+    value = np.asarray(units).reshape(-1)[0] if np.ndim(units) else units  # a 1-element array, as some write
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    factor = _DEGREES_PER.get(str(value).strip().lower())
+    if factor is None:
+        raise InputError(f"source.angles: {url}: units {units!r}, expected angles in degrees or radians "
+                         f"(units {', '.join(_DEGREES_PER)}, or none: degrees)")
+    return factor
+
+
+def in_degrees(psi: np.ndarray, factor: float | None, units, url: str) -> np.ndarray:
+    """``psi`` (float64) converted to degrees by ``factor`` (`degrees_per_unit`), saying so."""
+    psi = np.asarray(psi, np.float64)
+    if factor is None or factor == 1.0:
+        return psi
+    log.info("source.angles: %s: units %s, converted to degrees", url, units)
+    return psi * factor
+
+
+def check_angles(psi: np.ndarray, url: str, units_given: bool = False) -> np.ndarray:
+    """``psi`` (degrees, one per frame) if every angle is finite; ``units_given``: the file said their unit
+    (no guess that they may be radians).
 
     Angles out of order are the pipeline's to place (`dctstream.order`).
     """
@@ -256,10 +290,11 @@ def check_angles(psi: np.ndarray, url: str) -> np.ndarray:
         raise InputError(f"source.angles: {url}: frame {bad[0]}: expected a finite angle in degrees, "
                          f"got {psi[bad[0]]}")
     span = float(np.ptp(psi)) if psi.size else 0.0
-    if psi.size >= 20 and 0.9 * np.pi <= span <= 2.05 * np.pi and np.max(np.abs(psi)) <= 2.05 * np.pi:
+    if (not units_given and psi.size >= 20 and 0.9 * np.pi <= span <= 2.05 * np.pi
+            and np.max(np.abs(psi)) <= 2.05 * np.pi):
         log.warning("source.angles: %s: the angles span %.4g over %d frames, like radians (a turn is 6.283), "
-                    "expected degrees: kept as recorded, so psi in the results is in the same unit", url, span,
-                    psi.size)
+                    "expected degrees: kept as recorded, so psi in the results is in the same unit (a units "
+                    "attribute 'rad' on the dataset, as NeXus writes it, converts them)", url, span, psi.size)
     repeats = np.flatnonzero(np.diff(psi) == 0)
     if psi.size >= 2 and repeats.size == psi.size - 1:
         log.warning("source.angles: %s: all %d angles are %g degrees, expected one per frame along the rotation "

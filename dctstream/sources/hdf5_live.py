@@ -53,7 +53,7 @@ from watchdog.observers import Observer
 from ..errors import InputError
 from ..types import Frame
 from .base import FrameSource, counts_dtype
-from .hdf5 import parse_url
+from .hdf5 import degrees_per_unit, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,8 @@ class LiveAngles:
         self._own_file = file is None
         self._file = LiveFile(path) if file is None else file
         self._values: list[float] = []
+        self._factor: float | None = None  # degrees per unit of the dataset's units attribute, once read
+        self._units_read = False
 
     def look(self) -> None:
         """Read the angles written since the last look."""
@@ -214,11 +216,18 @@ class LiveAngles:
             if dset.ndim != 1 or dset.dtype.kind not in "uif":
                 raise InputError(f"source.angles: {self.url}: expected a 1-D array of angles in degrees, "
                                  f"got shape {dset.shape}, dtype {dset.dtype}")
+            if not self._units_read:
+                units = dset.attrs.get("units")
+                self._factor = degrees_per_unit(units, self.url)
+                self._units_read = True
+                if self._factor not in (None, 1.0):
+                    log.info("source.angles: %s: units %s, converted to degrees", self.url, units)
             if self._file.swmr:
                 dset.refresh()
             n = dset.shape[0]
             if n > len(self._values):
-                self._values.extend(dset[len(self._values):n].astype(np.float64).tolist())
+                values = dset[len(self._values):n].astype(np.float64)
+                self._values.extend((values if self._factor is None else values * self._factor).tolist())
         except _H5_ERRORS as exc:
             log.debug("%s: cannot read yet (%s)", self.url, one_line(exc))
             if self._own_file:
