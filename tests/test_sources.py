@@ -102,6 +102,7 @@ def test_angles_in_the_unit_their_units_attribute_names_are_read_in_degrees(tmp_
     """NeXus writes an angle's unit as the dataset's ``units``: radians become degrees; without one, angles
     spanning about a turn in radians are only said to look like radians."""
     from dctstream.sources.hdf5_live import LiveAngles
+    from dctstream.sources.stream import Stream2Source
 
     path = tmp_path / "scan.h5"
     psi = np.arange(40) * 2 * np.pi / 40  # a turn, if radians
@@ -117,6 +118,7 @@ def test_angles_in_the_unit_their_units_attribute_names_are_read_in_degrees(tmp_
     live.look()
     np.testing.assert_allclose([live.get(k) for k in range(40)], psi * factor, rtol=1e-12)
     live.close()
+    np.testing.assert_allclose(Stream2Source._load_angles(f"{path}::/angles"), psi * factor, rtol=1e-12)
 
 
 def test_angles_in_an_unknown_unit_are_refused_naming_it(tmp_path):

@@ -130,10 +130,7 @@ class Hdf5FileSource(FrameSource):
         self.angles = None
         if angles:
             try:
-                h5, dset = _open(angles, "source.angles")
-                with h5:
-                    psi, units = dset[()], dset.attrs.get("units")
-                factor = degrees_per_unit(units, angles)
+                psi, factor = read_angles(angles)
             except BaseException:
                 self.close()
                 raise
@@ -145,7 +142,7 @@ class Hdf5FileSource(FrameSource):
                 log.warning("source.angles: %s: %d angles for %d frames: the first %d are used (are they the "
                             "angles of this scan?)", angles, psi.size, self.n_frames, self.n_frames)
             try:
-                self.angles = check_angles(in_degrees(psi[: self.n_frames], factor, units, angles), angles,
+                self.angles = check_angles(psi[: self.n_frames].astype(np.float64) * (factor or 1.0), angles,
                                            units_given=factor is not None)
             except BaseException:
                 self.close()
@@ -270,13 +267,16 @@ def degrees_per_unit(units, url: str) -> float | None:
     return factor
 
 
-def in_degrees(psi: np.ndarray, factor: float | None, units, url: str) -> np.ndarray:
-    """``psi`` (float64) converted to degrees by ``factor`` (`degrees_per_unit`), saying so."""
-    psi = np.asarray(psi, np.float64)
-    if factor is None or factor == 1.0:
-        return psi
-    log.info("source.angles: %s: units %s, converted to degrees", url, units)
-    return psi * factor
+def read_angles(url: str) -> tuple[np.ndarray, float | None]:
+    """The angles dataset at ``url`` as stored and its degrees per unit (`degrees_per_unit`: None without a
+    ``units`` attribute); a conversion is said in the log."""
+    h5, dset = _open(url, "source.angles")
+    with h5:
+        psi, units = dset[()], dset.attrs.get("units")
+    factor = degrees_per_unit(units, url)
+    if factor not in (None, 1.0):
+        log.info("source.angles: %s: units %s, converted to degrees", url, units)
+    return psi, factor
 
 
 def check_angles(psi: np.ndarray, url: str, units_given: bool = False) -> np.ndarray:

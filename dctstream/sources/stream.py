@@ -102,7 +102,7 @@ import zmq
 from ..errors import InputError
 from ..types import Frame
 from .base import FrameSource
-from .hdf5 import check_angles, read_dataset
+from .hdf5 import check_angles, read_angles
 
 __all__ = [
     "REORDER_FRAMES", "MalformedMessage", "SeriesStart", "Image", "SeriesEnd", "Stream1Source", "Stream2Source",
@@ -540,11 +540,11 @@ class _StreamSource(FrameSource):
 
     @staticmethod
     def _load_angles(url: str) -> np.ndarray:
-        psi = read_dataset(url, "source.angles")
+        psi, factor = read_angles(url)
         if psi.dtype.kind not in "uif" or psi.ndim != 1:
             raise InputError(f"source.angles: {url}: expected a 1-D array of angles in degrees (one per frame), "
                              f"got shape {psi.shape}, dtype {psi.dtype}")
-        return check_angles(psi.astype(np.float64), url)
+        return check_angles(psi.astype(np.float64) * (factor or 1.0), url, units_given=factor is not None)
 
     def _reset_series(self, start: SeriesStart | None, series=None) -> None:
         """Wait for (``series`` None) or begin a series, from its header ``start`` if there was one."""
