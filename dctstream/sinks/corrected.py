@@ -18,8 +18,9 @@ segmented, and the group's ``direct_beam`` attribute the beam box, so that
 ``dctstream resegment`` can segment the scan again with other parameters.
 The pixel datasets are bitshuffle + LZ4 compressed (``import hdf5plugin`` to
 read them) and written a whole chunk at a time, each chunk once; the file is in
-SWMR mode while written (readers open it with ``swmr=True``) and ``nnz`` only
-counts frames whose pixels and maps are all in. ``nframes`` and ``npx`` are
+SWMR mode while written (readers open it with ``swmr=True``; it is flushed every
+``FLUSH_S`` seconds and at each checkpoint) and ``nnz`` only counts frames whose
+pixels and maps are all in. ``nframes`` and ``npx`` are
 set when the run ends.
 
 ``export.format: stack`` writes dataset ``/corrected`` (frames, y, x), one
