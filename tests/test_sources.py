@@ -121,7 +121,7 @@ def test_angles_in_the_unit_their_units_attribute_names_are_read_in_degrees(tmp_
     np.testing.assert_allclose(Stream2Source._load_angles(f"{path}::/angles"), psi * factor, rtol=1e-12)
 
 
-def test_angles_in_an_unknown_unit_are_refused_naming_it(tmp_path):
+def test_angles_in_an_unknown_unit_are_taken_as_degrees_saying_so(tmp_path, caplog):
     from dctstream.sources.hdf5_live import LiveAngles
 
     path = tmp_path / "scan.h5"
@@ -129,13 +129,13 @@ def test_angles_in_an_unknown_unit_are_refused_naming_it(tmp_path):
         f["frames"] = np.zeros((3, 4, 4), np.uint16)
         f["angles"] = np.arange(3.0)
         f["angles"].attrs["units"] = "turns"
-    with pytest.raises(InputError, match=r"source.angles: .*scan.h5::/angles: units 'turns', expected angles in "
-                                         r"degrees or radians"):
-        Hdf5FileSource(f"{path}::/frames", f"{path}::/angles")
-    assert str(path) not in open_files()
+    with caplog.at_level("WARNING"), Hdf5FileSource(f"{path}::/frames", f"{path}::/angles") as source:
+        np.testing.assert_array_equal(source.angles, [0.0, 1.0, 2.0])
+    assert re.search(r"source.angles: .*scan.h5::/angles: units 'turns' not known, expected degrees or radians "
+                     r"\(deg, .*\): taken as degrees", caplog.text)
     live = LiveAngles(f"{path}::/angles")
-    with pytest.raises(InputError, match="units 'turns'"):
-        live.look()
+    live.look()
+    assert [live.get(k) for k in range(3)] == [0.0, 1.0, 2.0]
     live.close()
 
 

@@ -248,22 +248,23 @@ def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
 
 
 # The NeXus ``units`` of an angles dataset that dctstream reads, as degrees per unit.
-_DEGREES_PER = {"deg": 1.0, "degree": 1.0, "degrees": 1.0, "rad": 180.0 / np.pi, "radian": 180.0 / np.pi,
-                "radians": 180.0 / np.pi, "mrad": 0.18 / np.pi, "urad": 1.8e-4 / np.pi}
+_DEGREES_PER = {"deg": 1.0, "degree": 1.0, "degrees": 1.0, "\u00b0": 1.0, "rad": 180.0 / np.pi,
+                "radian": 180.0 / np.pi, "radians": 180.0 / np.pi, "mrad": 0.18 / np.pi, "urad": 1.8e-4 / np.pi}
 
 
 def degrees_per_unit(units, url: str) -> float | None:
     """Degrees per unit of an angles dataset's ``units`` attribute (NeXus: deg, rad, mrad, urad); None
-    without one (the angles are taken for degrees)."""
+    without one, or with one not known (said): the angles are taken for degrees, as before units were read."""
     if units is None:
         return None
     value = np.asarray(units).reshape(-1)[0] if np.ndim(units) else units  # a 1-element array, as some write
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
-    factor = _DEGREES_PER.get(str(value).strip().lower())
-    if factor is None:
-        raise InputError(f"source.angles: {url}: units {units!r}, expected angles in degrees or radians "
-                         f"(units {', '.join(_DEGREES_PER)}, or none: degrees)")
+    key = str(value).strip().lower()
+    factor = _DEGREES_PER.get(key)
+    if factor is None and key:
+        log.warning("source.angles: %s: units %r not known, expected degrees or radians (%s): taken as degrees",
+                    url, str(value), ", ".join(_DEGREES_PER))
     return factor
 
 
