@@ -254,8 +254,9 @@ _DEGREES_PER = {"deg": 1.0, "degree": 1.0, "degrees": 1.0, "\u00b0": 1.0, "rad":
 
 def degrees_per_unit(units, url: str) -> float | None:
     """Degrees per unit of an angles dataset's ``units`` attribute (NeXus: deg, rad, mrad, urad); None
-    without one, or with one not known (said): the angles are taken for degrees, as before units were read."""
-    if units is None:
+    without one, or with one not known (said): the angles are taken for degrees, as before units were read.
+    A conversion is said in the log."""
+    if units is None or np.size(units) == 0:
         return None
     value = np.asarray(units).reshape(-1)[0] if np.ndim(units) else units  # a 1-element array, as some write
     if isinstance(value, bytes):
@@ -265,19 +266,18 @@ def degrees_per_unit(units, url: str) -> float | None:
     if factor is None and key:
         log.warning("source.angles: %s: units %r not known, expected degrees or radians (%s): taken as degrees",
                     url, str(value), ", ".join(_DEGREES_PER))
+    elif factor not in (None, 1.0):
+        log.info("source.angles: %s: units %s, converted to degrees", url, value)
     return factor
 
 
 def read_angles(url: str) -> tuple[np.ndarray, float | None]:
     """The angles dataset at ``url`` as stored and its degrees per unit (`degrees_per_unit`: None without a
-    ``units`` attribute); a conversion is said in the log."""
+    ``units`` attribute)."""
     h5, dset = _open(url, "source.angles")
     with h5:
         psi, units = dset[()], dset.attrs.get("units")
-    factor = degrees_per_unit(units, url)
-    if factor not in (None, 1.0):
-        log.info("source.angles: %s: units %s, converted to degrees", url, units)
-    return psi, factor
+    return psi, degrees_per_unit(units, url)
 
 
 def check_angles(psi: np.ndarray, url: str, units_given: bool = False) -> np.ndarray:

@@ -217,11 +217,8 @@ class LiveAngles:
                 raise InputError(f"source.angles: {self.url}: expected a 1-D array of angles in degrees, "
                                  f"got shape {dset.shape}, dtype {dset.dtype}")
             if not self._units_read:
-                units = dset.attrs.get("units")
-                self._factor = degrees_per_unit(units, self.url)
+                self._factor = degrees_per_unit(dset.attrs.get("units"), self.url)
                 self._units_read = True
-                if self._factor not in (None, 1.0):
-                    log.info("source.angles: %s: units %s, converted to degrees", self.url, units)
             if self._file.swmr:
                 dset.refresh()
             n = dset.shape[0]
