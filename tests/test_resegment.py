@@ -363,6 +363,41 @@ def test_sparse_writer_keeps_exactly_the_pixels_at_or_above_the_cut_and_readers_
     assert writer.fill_fraction == pytest.approx(kept / (n * (~mask).sum()))
 
 
+def test_sparse_writer_flushes_at_a_checkpoints_state_and_every_flush_s(tmp_path, monkeypatch):
+    """What another process reads of the file: a checkpoint's ``state()`` flushes what it counts (a resumed
+    run copies that much from the file), and between checkpoints the file is flushed every FLUSH_S seconds,
+    not at every chunk of pixels."""
+    import subprocess
+    import sys
+
+    from dctstream.sinks import corrected
+
+    def seen():  # frames counted and pixels in the file, read by another process as a follower would
+        code = ("import sys, h5py, hdf5plugin\n"
+                "with h5py.File(sys.argv[1], 'r', swmr=True) as f:\n"
+                "    print(f['1.1/nnz'].shape[0], f['1.1/row'].shape[0])")
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return tuple(int(v) for v in done.stdout.split())
+
+    monkeypatch.setattr(corrected, "FLUSH_S", 3600.0)
+    shape, n = (64, 80), 30
+    path = tmp_path / "s.h5"
+    frames = np.random.default_rng(1).normal(0, 1.5, (2 * n, *shape)).astype(np.float32)
+    writer, _ = _writer(path, shape)
+    for k in range(n):
+        writer.write(k, frames[k], *_frame_maps(k, shape), 0.5 * k)
+    assert writer.file_px >= 2 * writer.chunk_px and seen() == (0, 0)  # chunks written, not flushed
+    state = writer.state()
+    assert state["file_px"] == writer.file_px and seen() == (state["file_frames"], state["file_px"])
+    monkeypatch.setattr(corrected, "FLUSH_S", 0.0)  # due at every chunk
+    for k in range(n, 2 * n):
+        writer.write(k, frames[k], *_frame_maps(k, shape), 0.5 * k)
+    assert writer.file_px > state["file_px"] and seen() == (writer.file_frames, writer.file_px)
+    writer.close()
+    assert seen() == (2 * n, writer.pixels)
+
+
 @pytest.mark.parametrize("at", [0, 9, 17])
 def test_sparse_writer_resumed_from_its_state_writes_the_same_datasets(tmp_path, at):
     shape, n = (64, 80), 30
