@@ -605,6 +605,25 @@ def test_a_live_source_says_what_it_waits_for(tmp_path):
         source.close()
 
 
+def test_a_mistyped_file_name_is_waited_for_naming_the_close_names_in_its_folder(tmp_path, tiny_scan, monkeypatch,
+                                                                                 capsys):
+    """A name one letter off (or a folder that is not there) may still be written by the acquisition, so it is
+    waited for; what is there instead is said while it waits and when it gives up."""
+    (tmp_path / "sample_0001.h5").write_bytes(b"")
+    (tmp_path / "notes.txt").write_bytes(b"")
+    source = Hdf5WatchSource(SourceConfig(url=f"{tmp_path}/sample_001.h5::{FRAMES}", protocol="hdf5-live",
+                                          idle_timeout_s=7))
+    try:
+        assert source.waiting_for == f"{tmp_path}/sample_001.h5::{FRAMES}: file not found; in its folder: " \
+                                     "sample_0001.h5 (waiting at most 7 s, source.idle_timeout_s)"
+    finally:
+        source.close()
+    rc, out, err = _main(["run", "--source", f"{tmp_path}/nowhere/sample_0001.h5::{FRAMES}", "--out", "o", *TINY,
+                          "--set", "source.idle_timeout_s=1"], tmp_path, monkeypatch, capsys)
+    assert_one_line_error(rc, out, err, 1, ["expected frames within 1 s (source.idle_timeout_s), got file not found",
+                                            f"its folder {tmp_path}/nowhere is not there either"])
+
+
 @pytest.mark.parametrize("header, number", [(True, 1_000_000), (False, 1_000_000)],
                          ids=["past_the_announced_count", "implausible_jump"])
 def test_a_stream_frame_number_that_jumps_is_not_filled_in(header, number, caplog):

@@ -39,6 +39,7 @@ Memory is one frame plus the angles read so far (8 bytes a frame).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import threading
@@ -136,6 +137,18 @@ class _Handler(FileSystemEventHandler):
         touched = {os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "") or "")}
         if self._paths is None or touched & self._paths:
             self._wake.set()
+
+
+def not_found_hint(path: str) -> str:
+    """What is there instead of a file not found (a mistyped name): the folder's closest names, or that the
+    folder is not there either (an acquisition may still make both)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return f"; its folder {folder} is not there either"
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f"; in its folder: {', '.join(close)}" if close else ""
 
 
 class LiveFile:
@@ -350,6 +363,8 @@ class Hdf5WatchSource(FollowedSource):
         if self._dset is not None and self._n > 0:
             return None
         what = self._why if self._dset is None else "its first frame"
+        if what == "file not found":
+            what += not_found_hint(self._path)
         return f"{self.url}: {what} (waiting at most {self._idle_s:g} s, source.idle_timeout_s)"
 
     def _replaced(self) -> bool:
@@ -544,8 +559,9 @@ class Hdf5WatchSource(FollowedSource):
     def _idle_end(self, k: int):
         """Nothing grew for the idle timeout: the writer is gone.  Its last listed frame counts if it was written."""
         if self._n == 0:
+            hint = not_found_hint(self._path) if self._why == "file not found" else ""
             raise InputError(f"source.url: {self.url}: expected frames within {self._idle_s:g} s "
-                             f"(source.idle_timeout_s), got {self._why}")
+                             f"(source.idle_timeout_s), got {self._why}{hint}")
         if self._why == "file not found" and self._dset is None:
             log.warning("%s: the file vanished during the scan, after %d frames", self.url, k)
             self._finish("vanished", k)
