@@ -595,29 +595,24 @@ def test_a_file_not_readable_yet_is_waited_for_at_most_the_idle_timeout(tmp_path
     assert not (tmp_path / "o").exists()
 
 
-def test_a_live_source_says_what_it_waits_for(tmp_path):
-    source = Hdf5WatchSource(SourceConfig(url=f"{tmp_path}/later.h5::{FRAMES}", protocol="hdf5-live",
-                                          idle_timeout_s=7))
-    try:
-        assert source.waiting_for == f"{tmp_path}/later.h5::{FRAMES}: file not found (waiting at most 7 s, " \
-                                     "source.idle_timeout_s)"
-    finally:
-        source.close()
-
-
-def test_a_mistyped_file_name_is_waited_for_naming_the_close_names_in_its_folder(tmp_path, tiny_scan, monkeypatch,
-                                                                                 capsys):
-    """A name one letter off (or a folder that is not there) may still be written by the acquisition, so it is
-    waited for; what is there instead is said while it waits and when it gives up."""
-    (tmp_path / "sample_0001.h5").write_bytes(b"")
-    (tmp_path / "notes.txt").write_bytes(b"")
+@pytest.mark.parametrize("there, said", [((), ""),
+                                         (("sample_0001.h5", "notes.txt"), "; in its folder: sample_0001.h5")],
+                         ids=["nothing", "a_close_name"])
+def test_a_live_source_says_what_it_waits_for(tmp_path, there, said):
+    """A file not there yet (or a mistyped name: the acquisition may still make it) is waited for, and what
+    is there instead is said: the closest names in its folder."""
+    for name in there:
+        (tmp_path / name).write_bytes(b"")
     source = Hdf5WatchSource(SourceConfig(url=f"{tmp_path}/sample_001.h5::{FRAMES}", protocol="hdf5-live",
                                           idle_timeout_s=7))
     try:
-        assert source.waiting_for == f"{tmp_path}/sample_001.h5::{FRAMES}: file not found; in its folder: " \
-                                     "sample_0001.h5 (waiting at most 7 s, source.idle_timeout_s)"
+        assert source.waiting_for == f"{tmp_path}/sample_001.h5::{FRAMES}: file not found{said} (waiting at most " \
+                                     "7 s, source.idle_timeout_s)"
     finally:
         source.close()
+
+
+def test_a_file_in_a_folder_not_there_says_so_when_the_wait_ends(tmp_path, tiny_scan, monkeypatch, capsys):
     rc, out, err = _main(["run", "--source", f"{tmp_path}/nowhere/sample_0001.h5::{FRAMES}", "--out", "o", *TINY,
                           "--set", "source.idle_timeout_s=1"], tmp_path, monkeypatch, capsys)
     assert_one_line_error(rc, out, err, 1, ["expected frames within 1 s (source.idle_timeout_s), got file not found",
