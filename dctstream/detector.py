@@ -141,15 +141,16 @@ def dead_pixels(frames: np.ndarray, slots: np.ndarray, mask: np.ndarray) -> np.n
     The candidates shrink frame by frame: a few compares a pixel, not one a frame."""
     dead = np.zeros(mask.shape, bool)
     live = ~mask.reshape(-1)
-    if len(slots) < DEAD_MIN_FRAMES or not live.any():
+    n_live = int(live.sum())
+    if len(slots) < DEAD_MIN_FRAMES or not n_live:
         return dead
     first = frames[slots[0]].reshape(-1)
     candidates = live & (frames[slots[1]].reshape(-1) == first)
     if first.dtype.kind in "ui":
         candidates &= first != np.iinfo(first.dtype).max
-    if np.median(first[live][::max(1, int(live.sum()) // 65536)]) < 1:  # photon counting: 0 is a count
+    if np.median(first[live][::max(1, n_live // 65536)]) < 1:  # photon counting: 0 is a count
         candidates &= first != 0
-    most = DEAD_MAX_FRACTION * int(live.sum())
+    most = DEAD_MAX_FRACTION * n_live
     index = np.flatnonzero(candidates)
     for s in slots[2:]:
         if index.size > most:

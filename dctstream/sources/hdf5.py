@@ -142,8 +142,7 @@ class Hdf5FileSource(FrameSource):
                 log.warning("source.angles: %s: %d angles for %d frames: the first %d are used (are they the "
                             "angles of this scan?)", angles, psi.size, self.n_frames, self.n_frames)
             try:
-                self.angles = check_angles(psi[: self.n_frames].astype(np.float64) * (factor or 1.0), angles,
-                                           units_given=factor is not None)
+                self.angles = check_angles(psi[: self.n_frames], angles, factor)
             except BaseException:
                 self.close()
                 raise
@@ -280,18 +279,19 @@ def read_angles(url: str) -> tuple[np.ndarray, float | None]:
     return psi, degrees_per_unit(units, url)
 
 
-def check_angles(psi: np.ndarray, url: str, units_given: bool = False) -> np.ndarray:
-    """``psi`` (degrees, one per frame) if every angle is finite; ``units_given``: the file said their unit
-    (no guess that they may be radians).
+def check_angles(psi: np.ndarray, url: str, factor: float | None = None) -> np.ndarray:
+    """``psi`` in degrees (float64, one per frame), ``factor`` degrees per unit (`degrees_per_unit`; None: the
+    file said no unit, and angles that look like radians are said to), if every angle is finite.
 
     Angles out of order are the pipeline's to place (`dctstream.order`).
     """
+    psi = np.asarray(psi, np.float64) * (factor or 1.0)
     bad = np.flatnonzero(~np.isfinite(psi))
     if bad.size:
         raise InputError(f"source.angles: {url}: frame {bad[0]}: expected a finite angle in degrees, "
                          f"got {psi[bad[0]]}")
     span = float(np.ptp(psi)) if psi.size else 0.0
-    if (not units_given and psi.size >= 20 and 0.9 * np.pi <= span <= 2.05 * np.pi
+    if (factor is None and psi.size >= 20 and 0.9 * np.pi <= span <= 2.05 * np.pi
             and np.max(np.abs(psi)) <= 2.05 * np.pi):
         log.warning("source.angles: %s: the angles span %.4g over %d frames, like radians (a turn is 6.283), "
                     "expected degrees: kept as recorded, so psi in the results is in the same unit (a units "

@@ -214,8 +214,7 @@ class LiveAngles:
         self._own_file = file is None
         self._file = LiveFile(path) if file is None else file
         self._values: list[float] = []
-        self._factor: float | None = None  # degrees per unit of the dataset's units attribute, once read
-        self._units_read = False
+        self._factor: float | None = None  # degrees per unit (1 without a units attribute); None: not read yet
 
     def look(self) -> None:
         """Read the angles written since the last look."""
@@ -229,15 +228,13 @@ class LiveAngles:
             if dset.ndim != 1 or dset.dtype.kind not in "uif":
                 raise InputError(f"source.angles: {self.url}: expected a 1-D array of angles in degrees, "
                                  f"got shape {dset.shape}, dtype {dset.dtype}")
-            if not self._units_read:
-                self._factor = degrees_per_unit(dset.attrs.get("units"), self.url)
-                self._units_read = True
+            if self._factor is None:
+                self._factor = degrees_per_unit(dset.attrs.get("units"), self.url) or 1.0
             if self._file.swmr:
                 dset.refresh()
             n = dset.shape[0]
             if n > len(self._values):
-                values = dset[len(self._values):n].astype(np.float64)
-                self._values.extend((values if self._factor is None else values * self._factor).tolist())
+                self._values.extend((dset[len(self._values):n].astype(np.float64) * self._factor).tolist())
         except _H5_ERRORS as exc:
             log.debug("%s: cannot read yet (%s)", self.url, one_line(exc))
             if self._own_file:

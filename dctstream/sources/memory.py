@@ -53,7 +53,7 @@ class MemorySource(FrameSource):
                 count = "" if self.n_frames is None else f"at least {self.n_frames} "
                 raise InputError(f"angles: expected a 1-D array of {count}angles in degrees (one per frame), "
                                  f"got shape {psi.shape}, dtype {psi.dtype}")
-            self.angles = check_angles(psi.astype(np.float64), "segment(angles)")
+            self.angles = check_angles(psi, "segment(angles)")
 
     def _check(self, k: int, data: Any) -> np.ndarray:
         data = np.asarray(data)

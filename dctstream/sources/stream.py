@@ -544,7 +544,7 @@ class _StreamSource(FrameSource):
         if psi.dtype.kind not in "uif" or psi.ndim != 1:
             raise InputError(f"source.angles: {url}: expected a 1-D array of angles in degrees (one per frame), "
                              f"got shape {psi.shape}, dtype {psi.dtype}")
-        return check_angles(psi.astype(np.float64) * (factor or 1.0), url, units_given=factor is not None)
+        return check_angles(psi, url, factor)
 
     def _reset_series(self, start: SeriesStart | None, series=None) -> None:
         """Wait for (``series`` None) or begin a series, from its header ``start`` if there was one."""
