@@ -624,7 +624,10 @@ class Pipeline:
                                                 pixel_mask=getattr(self.source, "pixel_mask", None))
             data = self.detector.bin(data)
         with self._timed("background"):
-            return self.background.push(data)
+            corrected = self.background.push(data)
+        if len(self.background.unusable) != (self.stats.normalise or {}).get("unusable_frames", 0):
+            self.stats.normalise = self.background.normalise_facts()  # for the status, while it runs
+        return corrected
 
     def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
         """Hand the corrected frames to the segmenting thread, one at a time: the background stage makes
@@ -712,9 +715,9 @@ class Pipeline:
 
     def _take_corrected(self, item: tuple[int, np.ndarray, np.ndarray]) -> None:
         """Runs in the segmenting thread."""
-        if self.segmenter is None:  # the noise estimate waits for the first few frames
+        if self.segmenter is None:  # the noise estimate waits for the first few usable frames
             self._first_frames.append(item)
-            if len(self._first_frames) == NOISE_FRAMES:
+            if sum(k not in self.background.unusable for k, _, _ in self._first_frames) == NOISE_FRAMES:
                 self._start_segmenter()
             return
         self._segment_frame(*item)
@@ -850,7 +853,7 @@ class Pipeline:
             mask = background.pixel_mask.copy()
         else:
             mask = beam_mask(background.direct_beam, background.frame_shape) | background.pixel_mask
-        self._never = NeverSegmented(mask, self._beam_track)
+        self._never = NeverSegmented(mask, self._beam_track, self.background.unusable)
         return mask
 
     def _start_segmenter(self) -> None:

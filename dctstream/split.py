@@ -55,6 +55,7 @@ import numpy as np
 from . import __version__, checkpoint, outdir, seam
 from .atomic import write_atomic
 from .background import BackgroundStage
+from .background.stage import frame_runs
 from .config import Config, dump_config
 from .detector import Detector
 from .errors import ConfigError, InputError
@@ -190,15 +191,16 @@ def scan_context(cfg: Config) -> dict:
         for frame in frames:
             if frame.index == 0:
                 detector.check_first_frame(frame.data, cfg.source.url)
-            for _, corrected, _ in stage.push(detector.bin(frame.data)):
-                first.append(corrected)
-            if len(first) >= NOISE_FRAMES:
+            for k, corrected, _ in stage.push(detector.bin(frame.data)):
+                first.append((k, corrected))
+            if sum(k not in stage.unusable for k, _ in first) >= NOISE_FRAMES:  # as one process
                 break
         else:
             raise InputError(f"source.url: {cfg.source.url}: {source.n_frames} frames, too few to split: expected more "
                              f"than background.window={cfg.background.window} (one process fits the window to a "
                              "shorter scan; run it without --split)")
-        first = first[:NOISE_FRAMES]
+        usable = [i for i, (k, _) in enumerate(first) if k not in stage.unusable]
+        first = [corrected for _, corrected in first[:usable[NOISE_FRAMES - 1] + 1]]
         mask = beam_mask(stage.direct_beam, stage.frame_shape) | stage.pixel_mask
         # as one process: the first frames' noise leaves out frame 0's box, followed or not
         noise_mask = beam_mask(box_at(stage.beam_track, 0), stage.frame_shape) | stage.pixel_mask if follow else mask
@@ -441,6 +443,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
         if part is not None:
             part.close()
         scales = stage.frame_scales[chunk.start:chunk.end]
+        scales = [s for s in scales if s > 0]  # 0: an unusable frame (see background.stage)
         facts["scales"] = [min(scales), max(scales)] if scales else []
         facts["beam_off"] = [] if stage.intensity is None else [int(j) for j in stage.intensity.beam_off
                                                                  if chunk.start <= j < chunk.end]
@@ -662,12 +665,13 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     shape = detector.shape
     beam = ctx["direct_beam"]
     detector.write_mask(out_dir / "mask.h5", ctx["pixel_mask"], beam_mask(beam, shape))
+    unusable = set() if ctx["scales"] is None else set(np.flatnonzero(np.asarray(ctx["scales"]) == 0).tolist())
     if _follows(cfg):
         track = merged_track(chunks, facts)
-        never = NeverSegmented(ctx["pixel_mask"], track)
+        never = NeverSegmented(ctx["pixel_mask"], track, unusable)
     else:
         track = None
-        never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"])
+        never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"], unusable=unusable)
     stats = Stats(frames_total=n, frames_read=n, frames_corrected=n, frames_segmented=n, source_end="complete",
                   frames_expected=n)
     stats.direct_beam = detector.unbin_bbox(beam)
@@ -736,6 +740,9 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     if ctx["auto_enabled"] is not None:
         stats.normalise.update(measured=ctx["auto_enabled"], beam_off_frames=ctx["beam_off_frames"]
                                if ctx["auto_enabled"] else 0)
+    if cfg.background.normalise == "auto":
+        unusable = [] if ctx["scales"] is None else np.flatnonzero(np.asarray(ctx["scales"]) == 0).tolist()
+        stats.normalise.update(unusable_frames=len(unusable), unusable=frame_runs(unusable))
     if scales:
         stats.normalise.update(scale_min=round(min(scales), 5), scale_max=round(max(scales), 5))
     split = {"workers_peak_rss_mb": round(max([facts[c]["peak_rss_mb"] for c in chunks]

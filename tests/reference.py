@@ -13,7 +13,8 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
     """Corrected frames of a whole scan: np.median over each frame's window, then scipy's median filter.
 
     Each frame is first brought to the beam intensity: q_j = (raw_j - dark) * scales[j] + dark, rounded and
-    clipped to the raw type for integer frames; normalised frame j is (q_j - dark) * gain (gain = 1 / flat)."""
+    clipped to the raw type for integer frames; normalised frame j is (q_j - dark) * gain (gain = 1 / flat).
+    A scale of 0 marks an unusable frame (kept as it is in the medians), see background.stage._bridge."""
     n = raw.shape[0]
     if n < window:
         window = n if n % 2 else n - 1
@@ -25,7 +26,7 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
     if raw.dtype.kind in "ui":
         info = np.iinfo(raw.dtype)
         q = np.clip(np.rint(q).astype(np.float64), info.min, info.max).astype(raw.dtype)
-    q = np.where((scales == 1)[:, None, None], raw, q)  # an unscaled frame is kept as it is
+    q = np.where(((scales == 1) | (scales == 0))[:, None, None], raw, q)  # an unscaled or unusable frame: as it is
     normalised = (q.astype(np.float32) - dark) * gain
     out = np.empty(raw.shape, np.float32)
     for k in range(n):
@@ -33,6 +34,10 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
         start = min(max(centre - h, 0), n - window)
         background = np.median(normalised[start:start + window], axis=0)
         corrected = normalised[k] - background
+        if scales[k] == 0:  # unusable: the mean of the frames beside it where both are usable, else 0
+            usable = 0 < k < n - 1 and scales[k - 1] != 0 and scales[k + 1] != 0
+            corrected = ((normalised[k - 1] - background) + (normalised[k + 1] - background)) * np.float32(0.5) \
+                if usable else np.zeros_like(corrected)
         out[k] = ndi.median_filter(corrected, size=filter_size, mode="reflect") if filter_size > 1 else corrected
     return out
 

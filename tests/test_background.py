@@ -442,6 +442,66 @@ def test_auto_normalise_makes_a_top_up_step_vanish_from_the_corrected_frames():
     assert residual["none"] > 100 and residual["auto"] < residual["none"] / 8
 
 
+def _spoilt(raw):
+    """The frames of a lit scan spoilt as detectors and sources spoil them, and a spot across the glitch at 30."""
+    raw = raw.copy()
+    raw[29:32, 40:43, 50:53] += 2000  # a spot across frame 30
+    raw[30] = 0  # a readout glitch
+    raw[50] = np.iinfo(raw.dtype).max  # a saturated frame
+    raw[60:65] = 100 + (raw[60:65] % 3)  # the beam lost for 5 frames: the dark and its noise
+    raw[70, 30:] = 0  # a frame cut short: its last 18 rows read 0
+    return raw
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_unusable_frames_read_their_neighbours_mean_or_zero(batch):
+    """Frames without the beam, or with many lit pixels stuck at 0 or the top value, are unusable (scale 0): one
+    between two usable frames reads their mean against its own background, a run of them 0 -- exactly as the
+    whole-volume reference -- and the others are scaled as before. A spot across the glitch stays in it."""
+    rng = np.random.default_rng(21)
+    clean, dark, _ = _lit_scan(rng, 90)
+    raw = _spoilt(clean)
+    got, _, stage = stream(raw, dark, window=21, normalise="auto", bbox="none", batch=batch)
+    assert stage.unusable == {30, 50, 60, 61, 62, 63, 64, 70}
+    scales = np.asarray(stage.frame_scales)
+    assert set(np.flatnonzero(scales == 0)) == stage.unusable
+    np.testing.assert_array_equal(got, reference_corrected(raw, window=21, dark=dark, scales=scales.astype(np.float32)))
+    assert not got[60:65].any()
+    assert got[30, 41, 51] > 1000  # the spot, bridged (0 before: cut in two)
+    facts = stage.normalise_facts()
+    assert facts["unusable_frames"] == 8 and facts["unusable"] == [[30, 30], [50, 50], [60, 64], [70, 70]]
+    assert facts["beam_off_frames"] == 5 and facts["scale_min"] > 0.8  # the lost beam (30: stuck at 0); no 0 in the range
+
+
+def test_stuck_pixels_of_every_frame_make_no_frame_unusable():
+    """Pixels that read 0 or the top value in the reference too (a dead row, a saturated beam core) are no
+    glitch; 1 % of the lit samples stuck anew is."""
+    rng = np.random.default_rng(22)
+    raw, dark, _ = _lit_scan(rng, 60)
+    raw[:, 5, :] = 0
+    raw[:, 20:24, 28:36] = np.iinfo(raw.dtype).max
+    raw[40, 40:, :] = 0  # 8 of 48 rows: a frame cut short
+    _, _, stage = stream(raw, dark, window=21, normalise="auto", bbox="none")
+    assert stage.unusable == {40}
+
+
+def test_auto_normalise_units_are_the_median_frames_beam_whatever_the_first_window_holds():
+    """A first window of 29 frames at the full beam, 4 without it and 16 at 80 %: every frame is brought to
+    the full beam (the median frame's) -- a per-pixel median of the mixture lay between them."""
+    rng = np.random.default_rng(23)
+    n, window = 120, 49
+    y, x = np.mgrid[0:48, 0:64]
+    scene = 300.0 * np.exp(-np.hypot(x - 32, y - 24) / 20.0) + 50.0
+    gain = np.where(np.arange(n) < 33, 1.0, 0.8)
+    gain[29:33] = 0.0
+    raw = (rng.poisson(scene[None] * gain[:, None, None]) + 100).astype(np.uint16)
+    _, _, stage = stream(raw, np.full((48, 64), 100.0, np.float32), window=window, normalise="auto", bbox="none")
+    scales = np.asarray(stage.frame_scales)
+    lit = gain > 0
+    assert set(np.flatnonzero(~lit)) == stage.unusable
+    np.testing.assert_allclose(scales[lit] * gain[lit], 1.0, atol=0.01)
+
+
 def moving_beam_box(k: int) -> tuple[int, int, int, int]:
     """A beam that moves right 1 px every 6 frames and grows 1 px wider every 9 (its right edge 0.28 px a
     frame, 3.5 times faster than the validation's moving_beam scan)."""

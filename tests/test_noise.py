@@ -166,16 +166,17 @@ def test_frame_noise_of_a_tile_without_its_background_equals_reference_nan():
     assert np.isnan(got[0, 1]) and np.all(np.abs(np.delete(got.ravel(), 1) - 5.0) < 0.8)
 
 
+@pytest.mark.parametrize("zero", [False, True])
 @pytest.mark.parametrize("closed", [range(0, 12), range(30, 40)])
-def test_frames_without_the_beam_do_not_lower_the_noise_of_the_frames_after_them(closed):
+def test_frames_without_the_beam_do_not_lower_the_noise_of_the_frames_after_them(closed, zero):
     """A shutter that opens late, or the beam off for 10 frames: those corrected frames are the background's
     negative with the read noise alone (1 count against 5 lit). The frames after them keep the noise of
     the lit frames (a history median that took them would give ~1 for the next 7 frames: false spots)."""
     rng = np.random.default_rng(12)
     shape = (64, 64)
     frames = [np.round(rng.normal(0, 5.0, shape)).astype(np.float32) for _ in range(60)]
-    for k in closed:
-        frames[k] = np.round(rng.normal(-300, 1.0, shape)).astype(np.float32)
+    for k in closed:  # zero: unusable frames, which read 0 once corrected (they are not in the history)
+        frames[k] = np.zeros(shape, np.float32) if zero else np.round(rng.normal(-300, 1.0, shape)).astype(np.float32)
     tracker = NoiseTracker(shape, np.zeros(shape, bool), floor=1.0)
     tracker.prime(frames[:5])
     got = [tracker.push(k, f) for k, f in enumerate(frames)]

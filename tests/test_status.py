@@ -89,6 +89,16 @@ def test_snapshot_numbers(tmp_path):
     json.dumps(snap, allow_nan=False)  # a snapshot is plain JSON
 
 
+def test_unusable_frames_are_a_warning_of_the_status(tmp_path):
+    unusable = [[300, 300], [350, 364], [400, 400], [500, 501], [600, 600], [700, 700]]
+    monitor, _ = fed_monitor(tmp_path, normalise={"mode": "auto", "unusable_frames": 21, "unusable": unusable})
+    assert monitor.snapshot()["warnings"] == [
+        "21 frames unusable (beam off, or pixels stuck at 0 or the top value), read as 0: 300, 350-364, 400, "
+        "500-501, 600, ..."]
+    monitor, _ = fed_monitor(tmp_path, normalise={"mode": "auto", "unusable_frames": 0, "unusable": []})
+    assert monitor.snapshot()["warnings"] == []
+
+
 def test_sparkline():
     assert sparkline([0, 1, 2, 4, 8]) == " ▁▂▄█"
     assert sparkline([0, 0]) == "  "

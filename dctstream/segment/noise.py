@@ -174,9 +174,8 @@ class NoiseTracker:
     def prime(self, frames, measures=None) -> np.ndarray:
         """The first frames (and their unfiltered copies), at once: each of them gets the noise and level of
         them all."""
-        for i, frame in enumerate(frames):
-            self.add(frame, None if measures is None else measures[i])
-        self._n_primed = self._pushed
+        skipped = sum(not self.add(frame, None if measures is None else measures[i]) for i, frame in enumerate(frames))
+        self._n_primed = self._pushed + skipped
         self._primed = self._current()
         self._primed_level = self._current_level()
         return self._primed
@@ -186,9 +185,10 @@ class NoiseTracker:
         noise is in them)."""
         if k < self._n_primed:
             sigma, level = self._primed, self._primed_level
-        else:
-            self.add(frame, measure)
+        elif self.add(frame, measure):
             sigma, level = self._current(), self._current_level()
+        else:  # a frame that reads 0: nothing to take off it
+            sigma, level = self._current(), np.zeros(self._levels.shape[1:])
         # on a grid of 1/LEVEL_STEPS count, finer than its error (0.02 count): values that were integers keep
         # few mantissa bits for the sparse scan's compression (a 96 x 96 integer scan without normalisation:
         # 2,298 bytes a frame with a level on a 1/256 grid, 2,219 on 1/64, 1,936 without a level)
@@ -197,10 +197,14 @@ class NoiseTracker:
             self.series.append(float(np.median(sigma)))
         return sigma
 
-    def add(self, frame: np.ndarray, measure: np.ndarray | None = None) -> None:
-        """One frame more in the history only (a chunk of a split scan: the frames before its first)."""
+    def add(self, frame: np.ndarray, measure: np.ndarray | None = None) -> bool:
+        """One frame more in the history only (a chunk of a split scan: the frames before its first); False if
+        it is not taken: a frame that reads 0 (unusable, see background.stage) says nothing of the noise."""
+        sigma = frame_noise(frame, self.mask, self.tile_px)
+        if not np.any(sigma > 0):
+            return False
         slot = self._pushed % len(self._history)
-        sigma = self._history[slot] = frame_noise(frame, self.mask, self.tile_px)
+        self._history[slot] = sigma
         self._pushed += 1
         # then the median of 3 x 3 tiles: a grain's projection covers a tile for more than half the history,
         # its skirt below the thresholds taken for the level (13 counts, 4x the noise, on one validation scan:
@@ -209,6 +213,7 @@ class NoiseTracker:
         self._levels[slot] = np.nan if measure is None else neighbourhood_median(
             frame_level(frame, measure, self.mask, np.maximum(sigma, self.floor), self.tile_px),
             np.empty(self._levels.shape[1:]))
+        return True
 
     def _held(self, history: np.ndarray) -> np.ndarray:
         held = history[:min(self._pushed, len(history))]
