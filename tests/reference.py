@@ -14,7 +14,7 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
 
     Each frame is first brought to the beam intensity: q_j = (raw_j - dark) * scales[j] + dark, rounded and
     clipped to the raw type for integer frames; normalised frame j is (q_j - dark) * gain (gain = 1 / flat).
-    A scale of 0 marks an unusable frame (kept as it is in the medians), see background.stage._bridge."""
+    A scale of 0 marks an unusable frame, see background.stage (BackgroundStage._normalise and _bridge)."""
     n = raw.shape[0]
     if n < window:
         window = n if n % 2 else n - 1
@@ -26,7 +26,11 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
     if raw.dtype.kind in "ui":
         info = np.iinfo(raw.dtype)
         q = np.clip(np.rint(q).astype(np.float64), info.min, info.max).astype(raw.dtype)
-    q = np.where(((scales == 1) | (scales == 0))[:, None, None], raw, q)  # an unscaled or unusable frame: as it is
+    q = np.where((scales == 1)[:, None, None], raw, q)  # an unscaled frame is kept as it is
+    if raw.dtype.kind in "ui":  # an unusable frame: alternately the bottom and the top of the type, in no median
+        info = np.iinfo(raw.dtype)
+        for k in np.flatnonzero(scales == 0):
+            q[k] = info.max if k % 2 else info.min
     normalised = (q.astype(np.float32) - dark) * gain
     out = np.empty(raw.shape, np.float32)
     for k in range(n):

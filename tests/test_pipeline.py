@@ -453,3 +453,42 @@ def test_a_first_run_says_that_it_compiles_the_kernels(tiny_scan, tiny_overrides
                 overrides=list(tiny_overrides))
     said = [r.getMessage() for r in caplog.records if "compiling the numba kernels" in r.getMessage()]
     assert len(said) == (0 if cached else 1)
+
+
+def test_unusable_frames_are_said_flagged_and_make_no_spot(tiny_scan, tiny_overrides, tmp_path):
+    """The tiny scan with a saturated frame through a spot (frame 20) and the beam lost for frames 30-33: the run
+    record and the status say which frames were unusable; every spot has a positive integral and is one of the
+    unspoilt scan's (2 px, 2 frames) or flagged touches_mask (a piece beyond the lost beam); the spot across
+    frame 20 is one spot, flagged. Kept in every median as they came, the lost frames made false spots and a
+    saturated frame lost the spot."""
+    def path_of(url):
+        return url.split("::")
+    spoilt = tmp_path / "spoilt.h5"
+    with h5py.File(tiny_scan.path, "r") as f, h5py.File(spoilt, "w") as g:
+        frames = f[path_of(tiny_scan.frames_url)[1]][()]
+        dark = f[path_of(tiny_scan.dark_url)[1]][()]
+        g["angles"] = f[path_of(tiny_scan.angles_url)[1]][()]
+        frames[20] = np.iinfo(frames.dtype).max
+        frames[30:34] = dark[:4]  # the shutter closed: dark frames
+        g["frames"], g["dark"] = frames, dark
+    clean = api.run(tiny_scan.frames_url, out=tmp_path / "clean", dark=tiny_scan.dark_url,
+                    angles=tiny_scan.angles_url, overrides=list(tiny_overrides))
+    run = api.run(f"{spoilt}::/frames", out=tmp_path / "spoilt", dark=f"{spoilt}::/dark", angles=f"{spoilt}::/angles",
+                  overrides=list(tiny_overrides))
+    record = json.loads((tmp_path / "spoilt" / "run.json").read_text())
+    assert record["stats"]["normalise"]["unusable"] == [[20, 20], [30, 33]]
+    assert "5 frames unusable (beam off, or pixels stuck at 0 or the top value), read as 0: 20, 30-33" \
+        in record["warnings"]
+    want = read_spot_table(clean.out / "spots.h5")
+    got = read_spot_table(run.out / "spots.h5")
+    assert (got["integral"] > 0).all()
+    for i in range(len(got["id"])):
+        near = ((np.abs(want["centroid_x"] - got["centroid_x"][i]) <= 2)
+                & (np.abs(want["centroid_y"] - got["centroid_y"][i]) <= 2)
+                & (np.abs(want["centroid_frame"] - got["centroid_frame"][i]) <= 2))
+        assert near.any() or got["touches_mask"][i] == 1
+    was = np.flatnonzero((want["start_frame"] < 20) & (want["end_frame"] > 20))
+    assert was.size == 1
+    here = np.hypot(got["centroid_x"] - want["centroid_x"][was[0]], got["centroid_y"] - want["centroid_y"][was[0]]) < 1
+    assert here.sum() == 1 and got["start_frame"][here][0] < 20 < got["end_frame"][here][0]
+    assert got["touches_mask"][here][0] == 1

@@ -265,6 +265,8 @@ class BackgroundStage:
         self.frame_scales: list[float] = list(self._known_scales[:first_frame])  # every frame's scale so far
         # frames whose scale is 0 (those of the first run, resumed): they read 0 once corrected, see _bridge
         self.unusable: set[int] = set(np.flatnonzero(self._known_scales[:first_frame] == 0).tolist())
+        limits = np.iinfo(self.dtype) if self.dtype.kind in "ui" else None
+        self._extremes = (limits.min, limits.max) if limits is not None else (-np.inf, np.inf)
         self._hist: HistogramWindow | None = None
         self._sorted: SortedWindow | None = None
         self._core: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1): see BEAM_CORE_PX
@@ -399,7 +401,8 @@ class BackgroundStage:
         self._start_core()
         from ..segment.noise import PHOTON_FRAMES, photon_gain  # here: segment._kernels imports background's
 
-        self.photon_gain = photon_gain([self.ring.data[s] for s in slots[:PHOTON_FRAMES]], self.dark, self.gain,
+        usable = [self.ring.data[self.ring.slot(k)] for k in range(first, first + width) if k not in self.unusable]
+        self.photon_gain = photon_gain(usable[:PHOTON_FRAMES], self.dark, self.gain,
                                        self.pixel_mask | beam_mask(self.direct_beam, self.frame_shape))
         self.warm = True
 
@@ -481,6 +484,10 @@ class BackgroundStage:
             self.intensity.add(k, frame, scale)
         if scale == 0.0:
             self._unusable(k)
+            # out of every median: unusable frames alternately at the bottom and the top of the frames' type leave
+            # a window's median that of its usable frames (exactly for an even number of them, else half a rank
+            # off), however many there are -- the beam lost for 4 frames of a window of 11 made false spots
+            frame[...] = self._extremes[k % 2]
         elif scale != 1.0:
             normalise_into(frame, self.dark, scale, frame)
         if k == len(self.frame_scales):
@@ -603,7 +610,7 @@ class BackgroundStage:
     def _drain(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         while self._ready(self.emitted):
             k = self.emitted
-            if self.follow_beam and k % BEAM_EVERY == 0:
+            if self.follow_beam and k % BEAM_EVERY == 0 and k not in self.unusable:
                 self._follow(k)
             slot = self.ring.slot(k)
             difference = normalised_minus_background(self.ring.data[slot], self.dark, self.gain, 1.0,
