@@ -18,8 +18,9 @@ spots, a top-up and the 0/360 crossing together), ``overlaps`` (touching spot
 pairs with separate maxima), ``bright_start`` (bright spots in the first 5
 frames) and ``photon_counting`` (uint32 counts, no offsets or read noise, a
 background of 0-0.5 counts per pixel, no direct beam, gaps between the 2 x 2
-modules at the invalid value 0xFFFFFFFF, as an Eiger writes them) and ``moving_beam`` (a direct
-beam whose box moves and grows with psi).
+modules at the invalid value 0xFFFFFFFF, as an Eiger writes them), ``moving_beam`` (a direct
+beam whose box moves and grows with psi) and ``beam_lost`` (the beam lost for a few frames, and two frames
+of a readout glitch: one all 0, one all at the top of the type).
 
 Frames are written by `simulate_scan` in its Bliss-like layout; the ground
 truth holds `simulate_scan`'s columns (``x``, ``y``, ``frame`` are the centroid
@@ -105,6 +106,8 @@ SCANS: dict[str, dict] = {
     # a beam whose footprint follows psi: over the scan it moves right by 6 % of the detector and grows
     # 10 % wider and 4 % taller (its right edge 0.08 px a frame)
     "moving_beam": dict(beam_motion=(0.06, 0.0, 0.10, 0.04), spots=250),
+    # the beam lost for 12 frames at 40 % of the scan, and frames read all 0 and all 65535 at 70 and 75 %
+    "beam_lost": dict(beam_lost=(0.4, 12), glitches=(0.7, 0.75), spots=250),
     # a psi step 3 x finer (0.033 deg where the others are 0.1): rocking curves 3 x as many frames, 3.4-12 frames
     # sigma (longer near the rotation axis), up to 40 frames above 0.3 x their peak: more than max_blob_size's 25
     "fine_step": dict(rocking_scale=3.0, spots=250),
@@ -136,7 +139,11 @@ class HardScanModel(ScanModel):
     of the detector's width and height by which the beam box moves and grows (about its centre) linearly
     from the first frame to the last; ``direct_beam_bbox`` is then the box that holds every position, and
     ``in_direct_beam`` says whether a spot's centre is in the beam at its brightest frame.  ``rocking_scale``:
-    every spot's rocking curve that many times as many frames long (a finer psi step).
+    every spot's rocking curve that many times as many frames long (a finer psi step).  ``beam_lost``:
+    ``(at, frames)``, the source off (no background, no spots: the dark alone) for that many frames from
+    that fraction of the scan; a spot there is seen only in its other frames (``visible_*``, as a spot the
+    direct beam partly hides).  ``glitches``: fractions of the scan at which a frame is read wrong, all 0
+    and all at the top of the type in turn (the truth as if it were read right).
     """
 
     def __init__(self, *, frames: int = FULL_FRAMES, size: int = FULL_SIZE, spots: int = 250, seed: int = 0,
@@ -146,12 +153,15 @@ class HardScanModel(ScanModel):
                  wrap_spots: int = 0, spot_shape: str = "gauss", pairs: int = 0, early_spots: int = 0,
                  photon_counting: bool = False, external_spots: str | os.PathLike | None = None,
                  module_gap_px: int = 0, beam_motion: tuple[float, float, float, float] | None = None,
-                 rocking_scale: float = 1.0):
+                 rocking_scale: float = 1.0, beam_lost: tuple[float, int] | None = None,
+                 glitches: tuple[float, ...] = ()):
         if spot_shape not in ("gauss", "grain", "streak"):
             raise ValueError(f"HardScanModel: spot_shape must be gauss, grain or streak, got {spot_shape!r}")
         if wrap_spots and not wrap:
             raise ValueError("HardScanModel: wrap_spots needs wrap=True")
         self._ripple, self._ripple_period, self._decay = ripple, ripple_period_frames, decay
+        self._lost = None if beam_lost is None else (int(beam_lost[0] * frames), int(beam_lost[0] * frames) + beam_lost[1])
+        self.glitches = tuple(int(g * frames) for g in glitches)
         self._topup_frame = None if topup_at is None else topup_at * frames
         self._topup_step = topup_step
         self.rocking_scale = float(rocking_scale)
@@ -208,7 +218,18 @@ class HardScanModel(ScanModel):
         out = ripple * (1.0 - self._decay * frame / self.frames)
         if self._topup_frame is not None:
             out = out * np.where(frame >= self._topup_frame, 1.0 + self._topup_step, 1.0)
+        if self._lost is not None:
+            out = out * np.where((frame >= self._lost[0]) & (frame < self._lost[1]), 0.0, 1.0)
         return out
+
+    def _source_on(self, frame):
+        """The source intensity had the beam not been lost: what spots are placed by (their brightness
+        does not depend on when the beam was lost)."""
+        lost, self._lost = self._lost, None
+        try:
+            return self.source_intensity(frame)
+        finally:
+            self._lost = lost
 
     def _beam_counts(self, k: int) -> np.ndarray:
         counts = super()._beam_counts(k)
@@ -354,7 +375,7 @@ class HardScanModel(ScanModel):
         self._rock.append((ks, ku))
         self._boxes.append(box)
         self._partner.append(partner)
-        weight = self.source_intensity(ks) * self._rocking(i, ku)
+        weight = self._source_on(ks) * self._rocking(i, ku)
         ix, iy = round(box[0]), round(box[1])
         k_peak = int(ks[np.argmax(weight)])
         noise = self._noise_beside_beam(k_peak, iy, ix)
@@ -365,7 +386,7 @@ class HardScanModel(ScanModel):
     def _noise_beside_beam(self, k: int, iy: int, ix: int) -> float:
         """Noise a spot would have at (iy, ix) without the direct beam (its brightness then does not
         depend on landing in the beam), at least 1 count."""
-        glow = self.glow[iy, ix] * float(self.source_intensity(k))
+        glow = self.glow[iy, ix] * float(self._source_on(k))
         return max(math.sqrt(glow + self.read_noise ** 2), 1.0)
 
     def _place(self, rng, shape, *, frame_range, snr_range, sigma_frame_min=0.0) -> None:
@@ -421,7 +442,7 @@ class HardScanModel(ScanModel):
             self._partner.append(-1)
             self._boxes.append((origin[1] + shape[1] / 2, origin[0] + shape[0] / 2, frame0,
                                 shape[1] / 2, shape[0] / 2, 3 * sigma_frame))
-            self._amp.append(peak / (self.source_intensity(ks) * self._rocking(i, ku)).max())
+            self._amp.append(peak / (self._source_on(ks) * self._rocking(i, ku)).max())
 
     def _visible_centroid(self, i: int, weight: np.ndarray, ku: np.ndarray) -> tuple[float, float, float, float]:
         """Centroid (x, y, frame) of spot ``i``'s counts outside the direct beam, each frame's weighted by
@@ -436,6 +457,8 @@ class HardScanModel(ScanModel):
             boxes = [self.beam_box(int(k)) for k in self._rock[i][0]]
         rows, cols_ = np.arange(patch.shape[0]) + oy, np.arange(patch.shape[1]) + ox
         total = sx = sy = sf = 0.0
+        if self._lost is not None:  # nothing of it in the frames without the beam
+            weight = weight * (self.source_intensity(np.asarray(ku) % self.frames) > 0)
         for w, k, box in zip(weight, ku, boxes):
             seen = patch if box is None or box[2] == 0 else patch * ~_in_box(box, *patch.shape, oy, ox)
             counts = w * seen.sum()
@@ -444,7 +467,8 @@ class HardScanModel(ScanModel):
         if total <= 0:
             return float("nan"), float("nan"), float("nan"), 0.0
         frame = sf / total
-        return sx / total, sy / total, frame % self.frames if self.wrap else frame, total / (weight.sum() * patch.sum())
+        return (sx / total, sy / total, frame % self.frames if self.wrap else frame,
+                total / (self._rocking(i, ku).sum() * patch.sum()))
 
     def _merged_into(self, noise, peak) -> np.ndarray:
         """For each spot, the brighter spot it is one with in the noiseless frames (-1 if it stands alone):
@@ -532,6 +556,9 @@ class HardScanModel(ScanModel):
         return image
 
     def frame(self, k: int) -> np.ndarray:
+        if k in self.glitches:
+            dtype = np.uint32 if self.photon_counting else np.uint16
+            return np.full(self.shape, 0 if self.glitches.index(k) % 2 == 0 else np.iinfo(dtype).max, dtype)
         if not self.photon_counting:
             return super().frame(k)
         rng = np.random.default_rng((self.seed, _NOISE_STREAM, k))
@@ -565,7 +592,8 @@ class HardScanModel(ScanModel):
             oy, ox = self._origin[i]
             x = ox + (patch.sum(axis=0) @ cols_) / total
             y = oy + (patch.sum(axis=1) @ rows) / total
-            frame = (weight @ ku) / weight.sum()
+            # (all of it in frames without the beam: where its curve is, not seen)
+            frame = (weight @ ku) / weight.sum() if weight.sum() > 0 else (self._rocking(i, ku) @ ku) / self._rocking(i, ku).sum()
             if self.wrap:
                 frame %= self.frames
             k_peak = int(ks[np.argmax(weight)])

@@ -13,8 +13,8 @@ from simulators.hard_scans import (RESOLVE_SIGMAS, SCANS, HardScanModel, _resolv
 FRAMES, SIZE, SEED = 48, 128, 1
 
 
-def small(name: str) -> HardScanModel:
-    options = dict(SCANS[name])
+def small(name: str, **changes) -> HardScanModel:
+    options = {**SCANS[name], **changes}
     options["spots"] = 8
     if "pairs" in options:
         options["pairs"] = 3
@@ -42,17 +42,24 @@ def test_noiseless_frames_hold_exactly_the_truth_integrals(model):
     np.testing.assert_allclose(drawn, m.spots["integral"].sum(), rtol=1e-9)
 
 
+def drawn(m: HardScanModel, i: int):
+    """Spot ``i``'s voxels in every frame of the scan (not only those the truth names: a spot drawn elsewhere
+    would show): frames, rows, columns and counts."""
+    k, y, x, w = [], [], [], []
+    for frame in range(m.frames):
+        counts, (oy, ox) = m.spot_counts(i, frame)
+        yy, xx = np.nonzero(counts)
+        k.append(np.full(yy.size, frame)), y.append(yy + oy), x.append(xx + ox), w.append(counts[yy, xx])
+    return map(np.concatenate, (k, y, x, w))
+
+
 def test_each_spot_alone_has_the_truth_centroid_integral_and_peak(model):
     name, m = model
     s = m.spots
+    # the same spots with the beam on all along: what the beam_lost scan's spots' rocking curves are
+    whole = small(name, beam_lost=None) if SCANS[name].get("beam_lost") else m
     for i in range(len(s["x"])):
-        # Every frame of the scan, not only those the truth names: a spot drawn elsewhere would show.
-        k, y, x, w = [], [], [], []
-        for frame in range(m.frames):
-            counts, (oy, ox) = m.spot_counts(i, frame)
-            yy, xx = np.nonzero(counts)
-            k.append(np.full(yy.size, frame)), y.append(yy + oy), x.append(xx + ox), w.append(counts[yy, xx])
-        k, y, x, w = map(np.concatenate, (k, y, x, w))
+        k, y, x, w = drawn(m, i)
         assert w.sum() == pytest.approx(s["integral"][i], rel=1e-9)
         assert w.max() == pytest.approx(s["peak"][i], rel=1e-9)
         assert np.average(x, weights=w) == pytest.approx(s["x"][i], abs=1e-9)
@@ -60,16 +67,23 @@ def test_each_spot_alone_has_the_truth_centroid_integral_and_peak(model):
         if s["crosses_wrap"][i]:
             k = np.where(k > m.frames / 2, k - m.frames, k)  # frames just before 0 deg are negative
         assert np.average(k, weights=w) % m.frames == pytest.approx(s["frame"][i], abs=1e-9)
-        assert (k.min() % m.frames, k.max() % m.frames) == (s["first_frame"][i], s["last_frame"][i])
         assert s["snr"][i] == pytest.approx(s["peak"][i] / s["noise"][i])
         rocking = w / m.source_intensity(k % m.frames)  # the counts over the source intensity of their frame
-        assert np.average(k, weights=rocking) % m.frames == pytest.approx(s["frame_normalised"][i], abs=1e-9)
+        wk, _, _, ww = drawn(whole, i)
+        if s["crosses_wrap"][i]:
+            wk = np.where(wk > m.frames / 2, wk - m.frames, wk)
+        curve = ww / whole.source_intensity(wk % m.frames)  # all of it, the frames without the beam too
+        assert np.average(wk, weights=curve) % m.frames == pytest.approx(s["frame_normalised"][i], abs=1e-9)
+        assert (wk.min() % m.frames, wk.max() % m.frames) == (s["first_frame"][i], s["last_frame"][i])  # its curve's
         w = rocking
         # the part outside the direct beam (a pixel is in it when its centre is; the box of each frame)
         boxes = np.array([m.beam_box(f) if m.beam_motion is not None else m.direct_beam_bbox for f in k], float)
         bx, by, bw, bh = boxes.T if m.beam else np.zeros((4, k.size))
         seen = ~((x >= bx - 0.5) & (x < bx + bw - 0.5) & (y >= by - 0.5) & (y < by + bh - 0.5))
-        assert s["visible_fraction"][i] == pytest.approx(w[seen].sum() / w.sum(), abs=1e-9)
+        # of all its curve (the amplitudes of m and whole differ where a peak is in the frames without the beam)
+        lit = m.source_intensity(wk % m.frames) > 0
+        fraction = w[seen].sum() / w.sum() * curve[lit].sum() / curve.sum() if w.size else 0.0
+        assert s["visible_fraction"][i] == pytest.approx(fraction, abs=1e-9)
         if seen.any():
             assert np.average(x[seen], weights=w[seen]) == pytest.approx(s["visible_x"][i], abs=1e-9)
             assert np.average(y[seen], weights=w[seen]) == pytest.approx(s["visible_y"][i], abs=1e-9)
@@ -105,6 +119,16 @@ def test_touching_pairs_are_mutual_and_have_two_maxima():
         assert min(line[5:20]) < min(line[:3] + line[-3:])
         footprints = [c > 0 for c, _ in (m.spot_counts(n, k) for n in (i, j))]
         assert all(f.any() for f in footprints)
+
+
+def test_beam_lost_reads_the_dark_alone_and_glitches_read_0_or_the_top():
+    m = small("beam_lost")
+    first, last = int(0.4 * FRAMES), int(0.4 * FRAMES) + 11
+    assert not m.signal(first).any() and not m.signal(last).any()
+    assert m.signal(first - 1).min() > 0 and m.signal(last + 1).min() > 0
+    assert abs(np.median(m.frame(first).astype(float) - m.fixed_pattern)) < 1  # the offsets and read noise alone
+    assert not m.frame(int(0.7 * FRAMES)).any() and (m.frame(int(0.75 * FRAMES)) == 65535).all()
+    assert m.frame(int(0.7 * FRAMES) + 1).astype(float).mean() > 100
 
 
 def test_source_and_beam_options():
