@@ -38,9 +38,8 @@ def psi_at(psi: list[float], frame: float) -> float:
     n = len(psi)
     step = float(np.median(np.diff(psi)))
     frame = frame % n
-    if frame <= n - 1:
-        return float(np.interp(frame, np.arange(n), psi)) if step > 0 else \
-            float(np.interp(-frame, -np.arange(n), psi))
+    if frame <= n - 1:  # frames increase whichever way psi turns (np.interp needs its x increasing)
+        return float(np.interp(frame, np.arange(n), psi))
     value = psi[-1] + (frame - (n - 1)) * step
     sign = 1.0 if step > 0 else -1.0
     return float(psi[0] + sign * ((sign * (value - psi[0])) % 360.0))

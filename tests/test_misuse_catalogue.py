@@ -79,6 +79,9 @@ def files(tiny_scan, tmp_path_factory):
         big = frames.astype(np.int64) + 10**9  # counts with an offset beyond float32's exact range
         f["offset"] = big
         dset = f.create_dataset("unwritten", shape=frames.shape, dtype=frames.dtype, chunks=(1, 64, 64))
+        f.create_dataset("none_written", shape=frames.shape, dtype=frames.dtype, chunks=(1, 64, 64))
+        f["frames_last"] = np.moveaxis(frames[:, :, :48], 0, -1)  # (y, x, frames): 64 x 48 x 40
+        f["angles_last"] = np.arange(frames.shape[0]) * 1.0
         for k in range(frames.shape[0]):
             if k not in (7, 8, 20):
                 dset[k] = frames[k]
@@ -167,6 +170,17 @@ CASES = {
     "run_unwritten_chunks": lambda c: (["run", "--source", f"{c.files}/odd.h5::/unwritten", "--out", "o"], 1,
                                        ["odd.h5::/unwritten", "3 frames 7..8, 20 never written",
                                         "source.missing: repeat-background"]),
+    "run_nothing_written_to_stand_in_from": lambda c: (
+        ["run", "--source", f"{c.files}/odd.h5::/none_written", "--out", "o", "--set", "source.missing=repeat-background"],
+        1, ["frame 0: lost, and no frame before it arrived to stand in for it", "expected at least the first frame"]),
+    "run_dark_never_written": lambda c: (
+        ["run", "--source", c.scan.frames_url, "--dark", f"{c.files}/odd.h5::/none_written", "--out", "o"],
+        1, ["dark.url", "odd.h5::/none_written", "40 of its 40 frames never written", "expected written dark frames"]),
+    "run_frames_along_the_last_axis": lambda c: (
+        ["run", "--source", f"{c.files}/odd.h5::/frames_last", "--set",
+         f"source.angles={c.files}/odd.h5::/angles_last", "--out", "o"],
+        1, ["source.url", "odd.h5::/frames_last", "shape (64, 48, 40)", "40 angles", "along its axis 2",
+            "expected the frames along the first axis"]),
     "run_vds_missing_source": lambda c: (["run", "--source", f"{c.files}/vds.h5::/frames", "--out", "o"], 1,
                                          ["vds.h5::/frames", "20 frames 20..39 never written"]),
     "run_stream_without_protocol": lambda c: (["run", "--source", "tcp://127.0.0.1:1234", "--out", "o"], 2,

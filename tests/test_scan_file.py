@@ -72,6 +72,19 @@ def test_no_positioner_that_fits(tmp_path, values):
     assert found["source.angles"]["reason"] == "no positioner in /1.1 moves monotonically with one value per frame"
 
 
+def test_an_interlaced_rotation_named_by_the_title_is_the_angles(tmp_path):
+    """Two interlaced turns (0, 60, ..., 300, 30, 90, ...): not monotonic, but the title's motor, a value of its
+    own at each frame; a positioner that goes back to a value it had is not taken."""
+    interlaced = np.concatenate([np.arange(0, 360, 60), np.arange(30, 360, 60)]) * 1.0
+    cfg, found = _auto(_bliss_file(tmp_path / "i.h5", positioners={"diffrz": interlaced, "samy": np.full(N, 3.0)}))
+    assert cfg.source.angles == f"{tmp_path / 'i.h5'}::/1.1/instrument/positioners/diffrz"
+    assert "takes a value of its own at each of the 12 frames, from 0 to 330, not in order" in \
+        found["source.angles"]["reason"]
+    wobble = np.array([0.0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+    cfg, _ = _auto(_bliss_file(tmp_path / "w.h5", positioners={"diffrz": wobble}))
+    assert cfg.source.angles is None
+
+
 def test_a_file_being_written_may_be_one_angle_behind(tmp_path):
     path = _bliss_file(tmp_path / "s.h5", positioners={"diffrz": np.arange(N - 1) * 0.5}, complete=False)
     cfg, found = _auto(path)
@@ -216,6 +229,27 @@ def test_references_of_the_direct_beam_only_are_no_flat(tmp_path):
         f["0.1/measurement/marana"] = np.full((2, 8, 8), 100, np.uint16)
     cfg, found = _found(path)
     assert cfg.detector.flat is None and "it is dark on most of the detector (median 0 counts" in found["detector.flat"]["reason"]
+
+
+def test_a_collection_file_of_linked_scans_named_after_their_sample(tmp_path):
+    """A proposal's collection file links each scan of a dataset file as ``sample_0001_N.M``: its scans are
+    ordered by the number at the end of their names (a traceback before: "min() arg is an empty sequence")."""
+    rotate = {"diffrz": np.arange(N) * 30.0, "samy": 0.0}
+    data = _dataset_file(tmp_path / "sample_0001.h5", [
+        ("1.1", "dct dark", np.full((3, 8, 8), 100, np.uint16), {}),
+        ("2.1", "dct ref", _flat(), {"diffrz": 0.0, "samy": 5.0}),
+        ("3.1", "fscan diffrz 0 30 12 0.1", np.zeros((N, 8, 8), np.uint16), rotate),
+        ("4.1", "dct ref", _flat(), {"diffrz": 360.0, "samy": 5.0}),
+    ])
+    path = tmp_path / "collection.h5"
+    with h5py.File(path, "w") as f:
+        for scan in ("1.1", "2.1", "3.1", "4.1"):
+            f[f"sample_0001_{scan}"] = h5py.ExternalLink(str(data), f"/{scan}")
+    cfg, found = _found(path)
+    assert cfg.source.url == f"{path}::/sample_0001_3.1/measurement/marana"
+    assert cfg.dark.url == f"{path}::/sample_0001_1.1/measurement/marana"
+    assert cfg.detector.flat == f"{path}::/sample_0001_2.1/measurement/marana"
+    assert found["detector.flat"]["reason"].endswith("the last such scan before sample_0001_3.1")
 
 
 def test_a_dataset_file_without_a_rotation_scan_or_with_two_says_so(tmp_path):

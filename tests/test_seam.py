@@ -6,7 +6,7 @@ import pytest
 
 from dctstream.config import load_config
 from dctstream.pipeline import Pipeline
-from dctstream.seam import full_turn
+from dctstream.seam import full_turn, psi_at
 from dctstream.sinks.spot_table import read_spot_table
 
 
@@ -20,6 +20,16 @@ from dctstream.sinks.spot_table import read_spot_table
 ])
 def test_full_turn(psi, whole):
     assert full_turn(psi) is whole
+
+
+@pytest.mark.parametrize("step", [1.0, -1.0])
+def test_psi_at_a_fractional_frame_either_way_round(step):
+    """psi between two frames, and between the last frame and the first, for a turn either way round (360 down
+    to 1 degree gave 1.0 at every frame)."""
+    psi = list(180.0 + step * (np.arange(360) - 180))  # 0 .. 359 or 360 .. 1
+    assert psi_at(psi, 100.5) == pytest.approx(psi[100] + step / 2)
+    assert psi_at(psi, 359.5) == pytest.approx((psi[-1] + step / 2) % 360.0 if step > 0 else psi[-1] + step / 2)
+    assert psi_at(psi, 360.25) == pytest.approx(psi_at(psi, 0.25))
 
 
 def _scan_with_seam_spot(tiny_scan, path, centre_frame, radians=False):

@@ -382,3 +382,27 @@ def test_a_link_to_frames_that_are_not_there_is_named_as_such(tmp_path):
         Hdf5FileSource(f"{path}::/entry/frames")
     with pytest.raises(InputError, match=r"soft: a link to /entry/nothing, which does not exist in"):
         Hdf5FileSource(f"{path}::/entry/soft")
+
+
+def test_virtual_sources_are_looked_for_beside_the_file_that_holds_the_virtual_dataset(tmp_path):
+    """A collection file in another folder links a dataset file whose virtual dataset names its sources relative
+    to itself: every frame is there (all were "never written" before), and a missing source is still missed."""
+    from dctstream.sources.hdf5 import unwritten_frames
+    data = tmp_path / "data"
+    data.mkdir()
+    layout = h5py.VirtualLayout(shape=(6, 4, 4), dtype=np.uint16)
+    for part in (0, 1):
+        with h5py.File(data / f"part{part}.h5", "w") as f:
+            f["frames"] = np.full((3, 4, 4), part + 1, np.uint16)
+        layout[3 * part:3 * (part + 1)] = h5py.VirtualSource(f"part{part}.h5", "frames", shape=(3, 4, 4))
+    with h5py.File(data / "scan.h5", "w") as f:
+        f.create_virtual_dataset("frames", layout, fillvalue=0)
+    (tmp_path / "elsewhere").mkdir()
+    collection = tmp_path / "elsewhere" / "collection.h5"
+    with h5py.File(collection, "w") as f:
+        f["scan"] = h5py.ExternalLink(str(data / "scan.h5"), "/frames")
+    with h5py.File(collection, "r") as f:
+        assert unwritten_frames(f["scan"], str(collection)).size == 0
+    (data / "part1.h5").unlink()
+    with h5py.File(collection, "r") as f:
+        assert unwritten_frames(f["scan"], str(collection)).tolist() == [3, 4, 5]

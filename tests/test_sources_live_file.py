@@ -519,3 +519,23 @@ def test_folder_of_float_counts_comes_as_integers_and_a_fractional_frame_is_refu
         np.testing.assert_array_equal(source.read_again(1), frames[1].astype(np.int32))
     assert [g.dtype for g in got] == [np.int32] * 3
     np.testing.assert_array_equal(np.stack(got), frames[:3].astype(np.int32))
+
+
+def test_a_frame_of_a_virtual_dataset_is_stored_once_its_source_file_holds_it(tmp_path):
+    """A Bliss master maps the detector's files, which appear as the scan goes: a frame whose file is not there
+    yet, or holds fewer frames, is not stored (read, it was the fill value: zeros taken for frames)."""
+    from dctstream.sources.hdf5_live import _stored
+    layout = h5py.VirtualLayout(shape=(6, 4, 4), dtype=np.uint16)
+    for part in (0, 1):
+        layout[3 * part:3 * (part + 1)] = h5py.VirtualSource(f"part{part}.h5", "frames", shape=(3, 4, 4))
+    with h5py.File(tmp_path / "part0.h5", "w") as f:
+        f["frames"] = np.ones((3, 4, 4), np.uint16)
+    with h5py.File(tmp_path / "master.h5", "w") as f:
+        f.create_virtual_dataset("frames", layout, fillvalue=0)
+    with h5py.File(tmp_path / "master.h5", "r") as f:
+        assert [_stored(f["frames"], k) for k in range(6)] == [True] * 3 + [False] * 3
+    with h5py.File(tmp_path / "part1.h5", "w") as f:  # written up to its second frame so far
+        dset = f.create_dataset("frames", shape=(3, 4, 4), dtype=np.uint16, chunks=(1, 4, 4))
+        dset[:2] = 2
+    with h5py.File(tmp_path / "master.h5", "r") as f:
+        assert [_stored(f["frames"], k) for k in range(6)] == [True] * 5 + [False]

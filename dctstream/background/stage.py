@@ -331,6 +331,9 @@ class BackgroundStage:
         """A raw frame to put in the place of one that was lost: the median of the latest frames."""
         n = min(self.ring.count - self.first, self.window)
         n -= 1 - n % 2
+        if n < 1:
+            raise InputError(f"frame {self.ring.count}: lost, and no frame before it arrived to stand in for it "
+                             "(source.missing: repeat-background), expected at least the first frame")
         first = self.ring.count - n
         zeros = np.zeros(self.frame_shape, np.float32)
         median = window_median(self.ring.data, self.ring.slots(first, first + n), zeros, self._ones,

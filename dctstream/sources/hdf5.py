@@ -134,6 +134,11 @@ class Hdf5FileSource(FrameSource):
             except BaseException:
                 self.close()
                 raise
+            if psi.ndim == 1 and psi.size != self.n_frames and psi.size in shape[1:]:
+                self.close()
+                raise InputError(f"source.url: {url}: shape {shape}, and {psi.size} angles ({angles}) as many as "
+                                 f"along its axis {shape.index(psi.size, 1)}, not its first: expected the frames "
+                                 "along the first axis (frames, y, x), as detectors write them")
             if psi.dtype.kind not in "uif" or psi.ndim != 1 or psi.size < self.n_frames:
                 self.close()
                 raise InputError(f"source.angles: {angles}: expected a 1-D array of at least {self.n_frames} "
@@ -208,6 +213,19 @@ def _first_axis_bounds(space) -> tuple[int, int]:
     return first, last
 
 
+def virtual_sources(dset: h5py.Dataset, file_path: str):
+    """(first, last frame of ``dset`` mapped, first source frame, source file, source dataset) of each source of
+    a virtual dataset; relative source names are the file's that holds the virtual dataset, which an external
+    link may put elsewhere than file_path's."""
+    holder = dset.file.filename or file_path
+    folder = os.path.dirname(os.path.abspath(holder))
+    for vs in dset.virtual_sources():
+        v0, v1 = _first_axis_bounds(vs.vspace)
+        s0, _ = _first_axis_bounds(vs.src_space)
+        name = holder if vs.file_name == "." else os.path.join(folder, vs.file_name)
+        yield v0, dset.shape[0] - 1 if v1 is None else v1, s0, name, vs.dset_name
+
+
 def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
     """Frames of ``dset`` (frames, y, x) whose data is not in the file: chunks never written (a pre-allocated
     dataset), or virtual-dataset sources that are missing or shorter than mapped.  Reading them gives the
@@ -215,15 +233,10 @@ def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
     n = dset.shape[0]
     if dset.is_virtual:
         covered = np.zeros(n, bool)
-        folder = os.path.dirname(os.path.abspath(file_path))
-        for vs in dset.virtual_sources():
-            name = file_path if vs.file_name == "." else os.path.join(folder, vs.file_name)
+        for v0, v1, s0, name, inside in virtual_sources(dset, file_path):
             try:
-                v0, v1 = _first_axis_bounds(vs.vspace)
-                v1 = n - 1 if v1 is None else v1
-                s0, _ = _first_axis_bounds(vs.src_space)
                 with h5py.File(name, "r", locking=False) as src:
-                    held = src[vs.dset_name].shape[0]
+                    held = src[inside].shape[0]
             except (OSError, KeyError, ValueError, TypeError):
                 continue  # a missing source file or dataset covers nothing
             covered[v0:v0 + max(min(v1 - v0, held - 1 - s0) + 1, 0)] = True
@@ -313,7 +326,14 @@ def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int]
         return np.full(frame_shape, value, dtype=np.float32)
     if url is None:
         return None
-    data = read_dataset(url, "dark.url")
+    h5, dset = _open(url, "dark.url")
+    with h5:
+        lost = unwritten_frames(dset, path_of(url)) if dset.ndim == 3 and dset.shape[0] else np.zeros(0)
+        if lost.size:  # read, they would pass the file's fill value (zeros) off as a dark
+            raise InputError(f"dark.url: {url}: {lost.size} of its {dset.shape[0]} frames never written (their chunks "
+                             "or virtual-dataset sources are not there: the file holds only its fill value), "
+                             "expected written dark frames")
+        data = dset[()]
     if data.dtype.kind not in "uif":
         raise InputError(f"dark.url: {url}: expected numeric dark counts, got dtype {data.dtype}")
     if data.ndim == 3 and data.shape[0] == 0:

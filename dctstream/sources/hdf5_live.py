@@ -54,7 +54,7 @@ from watchdog.observers import Observer
 from ..errors import InputError
 from ..types import Frame
 from .base import FrameSource, counts_dtype
-from .hdf5 import degrees_per_unit, parse_url
+from .hdf5 import degrees_per_unit, parse_url, virtual_sources
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,19 @@ def _end_time_path(dataset: str) -> str:
 
 
 def _stored(dset: h5py.Dataset, k: int) -> bool:
-    """Whether every chunk holding frame ``k`` is in the file; other layouts only have their shape to tell."""
+    """Whether every chunk holding frame ``k`` is in the file -- for a virtual dataset, in the source file that
+    maps it (a detector's files appear as the scan goes: read before, frame k is the fill value, zeros);
+    other layouts only have their shape to tell."""
+    if dset.is_virtual:
+        for v0, v1, s0, name, inside in virtual_sources(dset, dset.file.filename):
+            if v0 <= k <= v1:
+                try:
+                    with h5py.File(name, "r", locking=False) as src:
+                        held = src[inside]
+                        return s0 + k - v0 < held.shape[0] and _stored(held, s0 + k - v0)
+                except (OSError, KeyError, ValueError, TypeError):
+                    return False  # not there yet, or not readable yet
+        return False
     chunks = dset.chunks
     if chunks is None:
         return True

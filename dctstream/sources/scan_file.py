@@ -184,7 +184,7 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
         return {"url": None, "reason": f"no frames at {dataset} yet"}
     n = frames.shape[0]
     complete = f"{entry}/end_time" in h5
-    moving, named = [], []
+    moving, named, turning = [], [], []
     title = _text(h5, f"{entry}/title")
     title_words = set(re.split(r"[\s(),]+", title))
     for name, where in _positioners(h5, entry, dataset.rsplit("/", 1)[-1]).items():
@@ -200,6 +200,8 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
             steps = np.diff(v)
             if np.all(steps >= 0) or np.all(steps <= 0):
                 moving.append((name, where, v[0], v[-1]))
+            elif name in title_words and np.unique(v).size == v.size:
+                turning.append((name, where, v.min(), v.max()))  # interlaced turns, back and forth
     in_title = [m for m in moving if m[0] in title_words]
     pick = in_title if len(in_title) == 1 else moving if len(moving) == 1 else []
     if pick:
@@ -209,6 +211,12 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
         if len(moving) > 1:
             why += f"; the title names it ({title!r})"
         return {"url": f"{path}::{where}", "reason": why}
+    if not moving and len(turning) == 1:  # frames are then taken in psi order (source.order)
+        name, where, low, high = turning[0]
+        return {"url": f"{path}::{where}", "reason": f"the title names {name} ({title!r}), which takes a value of "
+                                                      f"its own at each of the {'first ' if not complete else ''}"
+                                                      f"{min(n, h5[where].shape[0])} frames, from {low:g} to "
+                                                      f"{high:g}, not in order (interlaced turns or back and forth)"}
     if not moving and len(named) == 1 and n < 3:  # too early to see motion: trust the title
         name, where = named[0]
         return {"url": f"{path}::{where}", "reason": f"the title names {name} ({title!r}); too few frames yet "
@@ -221,6 +229,11 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
 
 
 def _scan_number(name: str) -> tuple[float, ...]:
+    """The scan's number and subscan, ``3.1`` -> (3, 1), at the end of its entry's name (a collection file's
+    entries are named ``sample_0001_3.1``); (inf,) when the name ends in none."""
+    match = re.search(r"(\d+)\.(\d+)$", name)
+    if match:
+        return float(match[1]), float(match[2])
     try:
         return tuple(float(part) for part in name.split("."))
     except ValueError:
@@ -397,7 +410,7 @@ def _find_flat(h5: h5py.File, url: str, dark_url: str | None, dark_value: float 
         return {"url": None, "reason": f"no reference scan (sample out) in {path} with frames at /<scan>/{inside}"}
     own = _scan_number(entry.strip("/"))
     before = [r for r in refs if _scan_number(r[0]) < own]
-    after = [r for r in refs if _scan_number(r[0]) > own]
+    after = [r for r in refs if _scan_number(r[0]) > own] or [r for r in refs if r not in before]  # unnumbered
     name, why = max(before, key=lambda r: _scan_number(r[0])) if before else min(after, key=lambda r: _scan_number(r[0]))
     ref = h5[f"/{name}/{inside}"]
     image = np.asarray(ref[:min(ref.shape[0], 3)], np.float64).mean(axis=0)
