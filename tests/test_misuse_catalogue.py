@@ -181,6 +181,8 @@ CASES = {
          f"source.angles={c.files}/odd.h5::/angles_last", "--out", "o"],
         1, ["source.url", "odd.h5::/frames_last", "shape (64, 48, 40)", "40 angles", "along its axis 2",
             "expected the frames along the first axis"]),
+    "run_dark_not_a_url": lambda c: (["run", "--source", c.scan.frames_url, "--dark", "dark.edf", "--out", "o"], 1,
+                                     ["dark.url: dark.edf", "expected a URL of the form"]),
     "run_vds_missing_source": lambda c: (["run", "--source", f"{c.files}/vds.h5::/frames", "--out", "o"], 1,
                                          ["vds.h5::/frames", "20 frames 20..39 never written"]),
     "run_stream_without_protocol": lambda c: (["run", "--source", "tcp://127.0.0.1:1234", "--out", "o"], 2,

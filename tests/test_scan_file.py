@@ -85,6 +85,18 @@ def test_an_interlaced_rotation_named_by_the_title_is_the_angles(tmp_path):
     assert cfg.source.angles is None
 
 
+def test_a_rotation_recorded_in_measurement_only_is_found(tmp_path):
+    """Positioners holding each motor's value at the start only (a scalar), the rotation's values per frame in
+    measurement: the latter are the angles (the positioners group hid them before)."""
+    path = _bliss_file(tmp_path / "m.h5", positioners={"samy": np.full(N, 3.0)})
+    with h5py.File(path, "a") as f:
+        f["1.1/instrument/positioners/diffrz"] = 0.0
+        f["1.1/measurement/diffrz"] = np.arange(N) * 30.0
+    cfg, found = _auto(path)
+    assert cfg.source.angles == f"{path}::/1.1/measurement/diffrz"
+    assert "diffrz moves monotonically from 0 to 330" in found["source.angles"]["reason"]
+
+
 def test_a_file_being_written_may_be_one_angle_behind(tmp_path):
     path = _bliss_file(tmp_path / "s.h5", positioners={"diffrz": np.arange(N - 1) * 0.5}, complete=False)
     cfg, found = _auto(path)

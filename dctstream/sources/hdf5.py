@@ -22,11 +22,13 @@ _READ_BYTES = 8 * 2**20
 _READ_FRAMES_MAX = 64
 
 
-def parse_url(url: str) -> tuple[str, str]:
-    """Split ``file.h5::/dataset`` into its file path and dataset path."""
+def parse_url(url: str, key: str | None = None) -> tuple[str, str]:
+    """Split ``file.h5::/dataset`` into its file path and dataset path; ``key`` (``dark.url``) prefixes the
+    error."""
     path, sep, dataset = url.partition("::")
     if not sep or not path or not dataset:
-        raise InputError(f"{url}: expected a URL of the form path/to/file.h5::/path/to/dataset")
+        raise InputError(f"{key + ': ' if key else ''}{url}: expected a URL of the form "
+                         "path/to/file.h5::/path/to/dataset")
     return path, dataset
 
 
@@ -39,7 +41,7 @@ def _members(group: h5py.Group, limit: int = 8) -> str:
 def _open(url: str, key: str | None = None) -> tuple[h5py.File, h5py.Dataset]:
     """The open file and its dataset at ``url``; ``key`` (``dark.url``) prefixes error messages."""
     where = f"{key}: " if key else ""
-    path, name = parse_url(url)
+    path, name = parse_url(url, key)
     if not os.path.exists(path):
         raise InputError(f"{where}{path}: file not found, expected an HDF5 file (from {url})")
     # Without file locking: the acquisition may still hold the file (a dark in

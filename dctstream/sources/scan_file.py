@@ -148,11 +148,11 @@ def _frames(h5: h5py.File, dataset: str) -> h5py.Dataset | None:
 
 
 def _positioners(h5: h5py.File, entry: str, frames_name: str) -> dict[str, str]:
-    """1-D numeric datasets that may be positioners: name -> path, ``instrument/positioners`` first."""
+    """1-D numeric datasets that may be positioners: name -> path, ``instrument/positioners`` first, then
+    ``measurement`` (a file without Bliss's positioners group, NeXus by hand, simulations; or one whose
+    positioners hold each motor's value at the start only)."""
     out: dict[str, str] = {}
-    groups = [f"{entry}/instrument/positioners"]
-    if groups[0] not in h5:  # a file without Bliss's positioners group (NeXus by hand, simulations)
-        groups.append(f"{entry}/measurement")
+    groups = [f"{entry}/instrument/positioners", f"{entry}/measurement"]
     for group_path, name, obj in _numeric_datasets(h5, groups):
         if obj.ndim == 1 and name != frames_name and not (group_path.endswith("measurement")
                                                           and _TIME_CHANNEL.search(name)):
