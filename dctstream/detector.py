@@ -268,8 +268,9 @@ class Detector:
                 binned = bin_image(invalid, self.binning, "any")
                 self.mask_counts["invalid"] = int((binned & ~self.mask).sum())
                 self.mask |= binned
-                log.info("%d pixels hold %#x (the detector's mark of a pixel without data): masked",
-                         int(invalid.sum()), invalid_value)
+                log.info("%d pixels hold %#x (the detector's mark of a pixel without data): masked (%d not masked "
+                         "already: masked_pixels.invalid)", int(invalid.sum()), invalid_value,
+                         self.mask_counts["invalid"])
         if self.raw_dtype.itemsize >= 4:
             values = frame if valid is None else frame[valid]
             if values.size:

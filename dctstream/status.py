@@ -282,7 +282,8 @@ class ScanMonitor:
             out.append(f"{s['frames_missing']} frames lost in transit (dropped frames)")
         unusable = (s.get("normalise") or {}).get("unusable") or []
         if unusable:
-            runs = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in unusable[:5]) + (", ..." if len(unusable) > 5 else "")
+            runs = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in unusable[:5])
+            runs += ", ..." if len(unusable) > 5 else ""
             out.append(f"{s['normalise']['unusable_frames']} frames unusable (beam off, or pixels stuck at 0 or the "
                        f"top value), read as 0: {runs}")
         elapsed = s.get("elapsed_s") or 0.0

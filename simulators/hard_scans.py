@@ -160,7 +160,8 @@ class HardScanModel(ScanModel):
         if wrap_spots and not wrap:
             raise ValueError("HardScanModel: wrap_spots needs wrap=True")
         self._ripple, self._ripple_period, self._decay = ripple, ripple_period_frames, decay
-        self._lost = None if beam_lost is None else (int(beam_lost[0] * frames), int(beam_lost[0] * frames) + beam_lost[1])
+        start = None if beam_lost is None else int(beam_lost[0] * frames)
+        self._lost = None if beam_lost is None else (start, start + beam_lost[1])
         self.glitches = tuple(int(g * frames) for g in glitches)
         self._topup_frame = None if topup_at is None else topup_at * frames
         self._topup_step = topup_step
@@ -593,7 +594,8 @@ class HardScanModel(ScanModel):
             x = ox + (patch.sum(axis=0) @ cols_) / total
             y = oy + (patch.sum(axis=1) @ rows) / total
             # (all of it in frames without the beam: where its curve is, not seen)
-            frame = (weight @ ku) / weight.sum() if weight.sum() > 0 else (self._rocking(i, ku) @ ku) / self._rocking(i, ku).sum()
+            curve = weight if weight.sum() > 0 else self._rocking(i, ku)
+            frame = (curve @ ku) / curve.sum()
             if self.wrap:
                 frame %= self.frames
             k_peak = int(ks[np.argmax(weight)])

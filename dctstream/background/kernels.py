@@ -214,9 +214,13 @@ def window_median_box(ring: np.ndarray, slots: np.ndarray, box, out: np.ndarray)
 
 
 def kernels_cached() -> bool:
-    """Whether the running median's kernel has been compiled and cached before (its cache index exists): not
-    in the first run after installing or changing dctstream, which compiles every kernel (20-60 s, once).
-    True where that cannot be told (no cache, another numba version): then nothing is said."""
-    cache_file = getattr(getattr(_kernels.hist_slide, "_cache", None), "_cache_file", None)
-    index = getattr(cache_file, "_index_path", None)
-    return not isinstance(index, str) or os.path.exists(index)
+    """Whether a median kernel has been compiled and cached before (its cache index exists): the running
+    median's, or the whole window's of a scan shorter than the window (which never slides: said at every run
+    of such scans before); not in the first run after installing or changing dctstream, which compiles every
+    kernel (20-60 s, once). True where that cannot be told (no cache, another numba version): nothing is said."""
+    for kernel in (_kernels.hist_slide, _kernels.window_median_normalised):
+        cache_file = getattr(getattr(kernel, "_cache", None), "_cache_file", None)
+        index = getattr(cache_file, "_index_path", None)
+        if not isinstance(index, str) or os.path.exists(index):
+            return True
+    return False

@@ -52,11 +52,12 @@ AUTO_MIN_PIXELS = 64
 # A ratio outside this range is not the source drifting but the beam off (shutter closed, beam lost) or a
 # different scene. Such a frame, and one where more than UNUSABLE_STUCK_FRACTION of the sampled pixels that
 # the beam lights (and leaves well below the detector's top) read 0 or the detector's top value (a readout
-# glitch, a frame cut short, a saturated frame), is unusable: it holds no spot that can be measured. Its
-# scale is recorded as 0, its samples stay out of the references and its corrected frame reads 0: not
-# segmented, and nothing of it in any spot's integral (unscaled, a frame without the beam read minus the
-# background: a spot beside 15 such frames reported -1.2x its integral; a saturated frame lost every spot
-# it touched); one between two usable frames reads their mean (see BackgroundStage._bridge). The first UNUSABLE_WARNINGS are said one by one, the rest counted (run record, status).
+# glitch, a frame cut short, a saturated frame), is unusable: it holds no spot that can be measured. Its scale
+# is recorded as 0, its samples stay out of the references, it is in no median (BackgroundStage._normalise)
+# and once corrected it reads 0 -- not segmented, in no spot's integral --, or, between two usable frames,
+# their mean (BackgroundStage._bridge). Unscaled, a frame without the beam read minus the background (a spot
+# beside 15 such frames reported -1.2 x its integral) and a saturated frame lost every spot it touched. The
+# first UNUSABLE_WARNINGS are said one by one, the rest counted (status, run record).
 AUTO_RATIO_RANGE = (0.25, 4.0)
 UNUSABLE_STUCK_FRACTION = 0.01
 UNUSABLE_WARNINGS = 3
