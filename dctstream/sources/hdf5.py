@@ -113,9 +113,12 @@ class Hdf5FileSource(FrameSource):
         if self.missing.size:
             span = _spans(self.missing)
             if missing == "error":
+                absent = absent_sources(self._dset, path_of(url)) if self._dset.is_virtual else []
+                where = (f"{len(absent)} of its virtual-dataset sources are not there: {', '.join(absent[:3])}"
+                         f"{', ...' if len(absent) > 3 else ''}" if absent else "their chunks or virtual-dataset "
+                         "sources are not there: the file holds only its fill value")
                 self.close()
-                raise InputError(f"source.url: {url}: {span} never written (their chunks or virtual-dataset "
-                                 "sources are not there: the file holds only its fill value), expected every frame; "
+                raise InputError(f"source.url: {url}: {span} never written ({where}), expected every frame; "
                                  "set source.missing: repeat-background to go on without them")
             log.warning("%s: %s never written (chunks or virtual-dataset sources not there): replaced by the "
                         "background (source.missing: repeat-background)", url, span)
@@ -226,6 +229,20 @@ def virtual_sources(dset: h5py.Dataset, file_path: str):
         s0, _ = _first_axis_bounds(vs.src_space)
         name = holder if vs.file_name == "." else os.path.join(folder, vs.file_name)
         yield v0, dset.shape[0] - 1 if v1 is None else v1, s0, name, vs.dset_name
+
+
+def absent_sources(dset: h5py.Dataset, file_path: str) -> list[str]:
+    """The source files of a virtual dataset that are not there, or hold no such dataset (a detector's file
+    lost or moved), each once, in the dataset's order."""
+    out: list[str] = []
+    for _, _, _, name, inside in virtual_sources(dset, file_path):
+        try:
+            with h5py.File(name, "r", locking=False) as src:
+                src[inside]
+        except (OSError, KeyError, ValueError, TypeError):
+            if name not in out:
+                out.append(name)
+    return out
 
 
 def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
