@@ -665,13 +665,14 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     shape = detector.shape
     beam = ctx["direct_beam"]
     detector.write_mask(out_dir / "mask.h5", ctx["pixel_mask"], beam_mask(beam, shape))
-    unusable = set() if ctx["scales"] is None else set(np.flatnonzero(np.asarray(ctx["scales"]) == 0).tolist())
+    # frames whose scale is 0 (see background.stage), in order
+    unusable = [] if ctx["scales"] is None else np.flatnonzero(np.asarray(ctx["scales"]) == 0).tolist()
     if _follows(cfg):
         track = merged_track(chunks, facts)
-        never = NeverSegmented(ctx["pixel_mask"], track, unusable)
+        never = NeverSegmented(ctx["pixel_mask"], track, set(unusable))
     else:
         track = None
-        never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"], unusable=unusable)
+        never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"], unusable=set(unusable))
     stats = Stats(frames_total=n, frames_read=n, frames_corrected=n, frames_segmented=n, source_end="complete",
                   frames_expected=n)
     stats.direct_beam = detector.unbin_bbox(beam)
@@ -741,7 +742,6 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
         stats.normalise.update(measured=ctx["auto_enabled"], beam_off_frames=ctx["beam_off_frames"]
                                if ctx["auto_enabled"] else 0)
     if cfg.background.normalise == "auto":
-        unusable = [] if ctx["scales"] is None else np.flatnonzero(np.asarray(ctx["scales"]) == 0).tolist()
         stats.normalise.update(unusable_frames=len(unusable), unusable=frame_runs(unusable))
     if scales:
         stats.normalise.update(scale_min=round(min(scales), 5), scale_max=round(max(scales), 5))

@@ -231,18 +231,21 @@ def virtual_sources(dset: h5py.Dataset, file_path: str):
         yield v0, dset.shape[0] - 1 if v1 is None else v1, s0, name, vs.dset_name
 
 
+def _source_frames(name: str, inside: str) -> int | None:
+    """Frames of a virtual source's dataset; None when its file or dataset is not there."""
+    try:
+        with h5py.File(name, "r", locking=False) as src:
+            return src[inside].shape[0]
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def absent_sources(dset: h5py.Dataset, file_path: str) -> list[str]:
     """The source files of a virtual dataset that are not there, or hold no such dataset (a detector's file
     lost or moved), each once, in the dataset's order."""
-    out: list[str] = []
-    for _, _, _, name, inside in virtual_sources(dset, file_path):
-        try:
-            with h5py.File(name, "r", locking=False) as src:
-                src[inside]
-        except (OSError, KeyError, ValueError, TypeError):
-            if name not in out:
-                out.append(name)
-    return out
+    absent = [name for _, _, _, name, inside in virtual_sources(dset, file_path)
+              if _source_frames(name, inside) is None]
+    return list(dict.fromkeys(absent))
 
 
 def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
@@ -253,12 +256,9 @@ def unwritten_frames(dset: h5py.Dataset, file_path: str) -> np.ndarray:
     if dset.is_virtual:
         covered = np.zeros(n, bool)
         for v0, v1, s0, name, inside in virtual_sources(dset, file_path):
-            try:
-                with h5py.File(name, "r", locking=False) as src:
-                    held = src[inside].shape[0]
-            except (OSError, KeyError, ValueError, TypeError):
-                continue  # a missing source file or dataset covers nothing
-            covered[v0:v0 + max(min(v1 - v0, held - 1 - s0) + 1, 0)] = True
+            held = _source_frames(name, inside)
+            if held is not None:  # a missing source file or dataset covers nothing
+                covered[v0:v0 + max(min(v1 - v0, held - 1 - s0) + 1, 0)] = True
         return np.flatnonzero(~covered)
     chunks = dset.chunks
     if chunks is None:
