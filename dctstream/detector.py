@@ -58,14 +58,18 @@ def read_image(url: str, key: str) -> np.ndarray:
     if "::" in url:
         return read_dataset(url, key)
     if not os.path.exists(path):
-        raise InputError(f"{key}: {path}: file not found, expected file.h5::/dataset, file.edf or file.npy")
+        raise InputError(f"{key}: {path}: file not found, expected file.h5::/dataset, file.edf, file.tif or "
+                         "file.npy")
     try:
         if path.endswith(".npy"):
             return np.load(path, allow_pickle=False)
         import fabio
-        return fabio.open(path).data
+        with fabio.open(path) as image:  # a multi-frame EDF (a stack of darks): every frame
+            if image.nframes > 1:
+                return np.stack([image.getframe(i).data for i in range(image.nframes)])
+            return image.data
     except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{key}: {path}: cannot read as EDF or NumPy ({' '.join(str(exc).split())})") from None
+        raise InputError(f"{key}: {path}: cannot read as EDF, TIFF or NumPy ({' '.join(str(exc).split())})") from None
 
 
 def _checked_shape(image: np.ndarray, url: str, key: str, shape, *, stack: bool) -> np.ndarray:
@@ -216,7 +220,9 @@ class Detector:
                                    self.raw_shape, stack=False)
             raw_mask = image != 0
             self.mask_counts["file"] = int(raw_mask.sum())
-        raw_dark = load_dark(dark_cfg.url, dark_cfg.value, self.raw_shape)
+        file_dark = dark_cfg.url is not None and dark_cfg.value is None and "::" not in dark_cfg.url
+        raw_dark = load_dark(dark_cfg.url, dark_cfg.value, self.raw_shape,
+                             read_image(dark_cfg.url, "dark.url") if file_dark else None)
         self.dark = None if raw_dark is None else bin_image(raw_dark, b, cfg.binning_mode, np.float32)
         self.dark_source = ("dark.value" if dark_cfg.value is not None else "dark.url" if dark_cfg.url
                             else "estimated" if dark_cfg.estimate else "none")

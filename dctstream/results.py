@@ -111,9 +111,11 @@ class Run:
             psi = None
             if url:
                 from .sources import read_dataset
+                from .sources.hdf5 import is_angle_file, read_angle_file
 
                 try:
-                    psi = np.asarray(read_dataset(url, "source.angles"), np.float64)
+                    psi = np.asarray(read_angle_file(url) if is_angle_file(url)
+                                     else read_dataset(url, "source.angles"), np.float64)
                 except DctStreamError as exc:  # the scan moved since: the difspots are still there
                     log.warning("no psi range for the difspots of %s: %s", self.out, exc)
             self._angles = (url, psi)

@@ -1,17 +1,23 @@
 """Every live source, fed while dctstream runs, gives the spot table of the complete recorded file."""
 
+import os
 import shutil
+import time
 
+import fabio.edfimage
 import h5py
 import hdf5plugin
 import numpy as np
 import pytest
 
+from dctstream import configs
 from dctstream.config import load_config
 from dctstream.pipeline import Pipeline
+from dctstream.record import read_record
+from dctstream.runner import process_scan
 from dctstream.sinks import read_spot_table
 from dctstream.sources import source_kind
-from simulators.dct_scan import simulate_scan
+from simulators.dct_scan import ANGLES_PATH, FRAMES_PATH, simulate_scan
 from simulators.replay_file import replay_edf, replay_hdf5, start_in_process
 from simulators.replay_stream import StreamReplayer
 
@@ -69,6 +75,34 @@ def test_folder_of_edf_frames(recorded, tmp_path):
     acquisition.join(30)
     assert stats.source_end == "expected_frames" and stats.frames_read == 80
     assert_same_table(got, expected)
+
+
+def test_a_recorded_esrf_folder_at_default_settings(recorded, tmp_path):
+    """An ESRF tomography folder, given by its frames' pattern only: psi from SPEC's motor headers, the dark from
+    darkend0000.edf, the projections from the .info file (not the two extra images after them); the scan is
+    recorded (its files an hour old), so it ends with its files, finished, without waiting for more."""
+    truth, expected = recorded
+    folder = tmp_path / "ff_scan"
+    folder.mkdir()
+    with h5py.File(truth.path, "r") as f:
+        frames, psi = f[FRAMES_PATH][()], f[ANGLES_PATH][()]
+        dark = f[truth.dark_url.partition("::")[2]][()].mean(axis=0, dtype=np.float64).astype(np.float32)
+    for k, frame in enumerate([*frames, frames[0], frames[0]]):
+        header = {"motor_mne": "samy diffrz", "motor_pos": f"0.0 {float(psi[k % len(psi)])!r}"}
+        fabio.edfimage.EdfImage(data=frame, header=header).write(str(folder / f"ff_scan{k:04d}.edf"))
+    fabio.edfimage.EdfImage(data=dark).write(str(folder / "darkend0000.edf"))
+    (folder / "ff_scan.info").write_text(f"TOMO_N= {len(frames)}\nScanRange= 360\nDARK_N= 20\n")
+    for path in folder.iterdir():
+        os.utime(path, (time.time() - 3600,) * 2)
+    cfg = load_config(configs.packaged_path(configs.DEFAULT),  # dark.url, source.angles: auto
+                      [f"source.url={folder}/ff_scan*.edf", f"output.dir={tmp_path / 'out'}", *SETTINGS])
+    stats = process_scan(cfg, display=False)
+    assert stats.source_end == "expected_frames" and stats.frames_read == len(frames)
+    assert_same_table(read_spot_table(tmp_path / "out" / "spots.h5"), expected)
+    auto = read_record(tmp_path / "out")["auto"]
+    assert auto["dark.url"]["url"] == f"{folder}/darkend0000.edf"
+    assert auto["source.angles"]["url"] == "header motor_mne/motor_pos diffrz"
+    assert auto["source.expected_frames"]["url"] == f"{folder}/ff_scan.info"
 
 
 @pytest.mark.parametrize("protocol", ["stream1", "stream2"])

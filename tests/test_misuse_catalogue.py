@@ -181,8 +181,11 @@ CASES = {
          f"source.angles={c.files}/odd.h5::/angles_last", "--out", "o"],
         1, ["source.url", "odd.h5::/frames_last", "shape (64, 48, 40)", "40 angles", "along its axis 2",
             "expected the frames along the first axis"]),
-    "run_dark_not_a_url": lambda c: (["run", "--source", c.scan.frames_url, "--dark", "dark.edf", "--out", "o"], 1,
-                                     ["dark.url: dark.edf", "expected a URL of the form"]),
+    "run_dark_not_there": lambda c: (["run", "--source", c.scan.frames_url, "--dark", "dark.edf", "--out", "o"], 1,
+                                     ["dark.url: dark.edf: file not found", "file.h5::/dataset, file.edf"]),
+    "run_dark_not_an_image": lambda c: (["run", "--source", c.scan.frames_url, "--dark", c.write("dark.txt", "x"),
+                                         "--out", "o"], 1, ["dark.url", "dark.txt", "cannot read as EDF, TIFF or "
+                                                                                     "NumPy"]),
     "run_vds_missing_source": lambda c: (["run", "--source", f"{c.files}/vds.h5::/frames", "--out", "o"], 1,
                                          ["vds.h5::/frames", "20 frames 20..39 never written",
                                           "1 of its virtual-dataset sources are not there: ", "part1.h5"]),

@@ -241,7 +241,8 @@ def test_folder_of_tiff_files_in_number_order(tmp_path):
 def test_folder_ends_when_no_file_comes(scan, tmp_path):
     truth, recorded, _ = scan
     replay_edf(truth.frames_url, tmp_path, fps=0, stop_after=5)
-    with FolderSource(source_config(f"{tmp_path}/*.edf", idle_timeout_s=0.5)) as source:
+    # files just written: a live folder (older than the idle timeout, it would be a recorded one: no wait)
+    with FolderSource(source_config(f"{tmp_path}/*.edf", idle_timeout_s=2.0)) as source:
         frames = list(source)
     check_frames(frames, recorded, count=5)
     assert source.end_reason == "idle_timeout" and source.n_frames == 5
@@ -414,10 +415,10 @@ def test_folder_truncated_file_is_reported(scan, tmp_path):
     truth, recorded, _ = scan
     replay_edf(truth.frames_url, tmp_path, fps=0, stop_after=6)
     truncate(tmp_path / "scan0003.edf")
-    with FolderSource(source_config(f"{tmp_path}/*.edf", idle_timeout_s=0.5, poll_interval_s=0.05)) as source:
+    with FolderSource(source_config(f"{tmp_path}/*.edf", idle_timeout_s=2.0, poll_interval_s=0.05)) as source:
         frames = []
         with pytest.raises(InputError, match=re.escape(f"{tmp_path}/scan0003.edf: frame 3: expected a complete file "
-                                                       "within 0.5 s")):
+                                                       "within 2 s")):
             for frame in source:
                 frames.append(frame)
     check_frames(frames, recorded, count=3)

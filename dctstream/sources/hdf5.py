@@ -302,9 +302,53 @@ def degrees_per_unit(units, url: str) -> float | None:
     return factor
 
 
+ANGLE_FILES = (".txt", ".dat", ".csv", ".npy")  # source.angles as a file of its own: one angle per line, or NumPy
+
+
+def is_angle_file(url: str) -> bool:
+    return "::" not in url and url.lower().endswith(ANGLE_FILES)
+
+
+def read_angle_file(path: str, *, whole_lines_only: bool = False) -> np.ndarray:
+    """The angles (degrees) of a text file, one per line (``#`` comments and blank lines skipped), or of a 1-D
+    ``.npy`` array.  ``whole_lines_only``: a file still being written, whose last line may be cut."""
+    if not os.path.exists(path):
+        raise InputError(f"source.angles: {path}: file not found, expected a text file of one angle per line, a "
+                         "1-D .npy array, or path/to/file.h5::/path/to/dataset")
+    if path.lower().endswith(".npy"):
+        try:
+            psi = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"source.angles: {path}: cannot read as NumPy ({' '.join(str(exc).split())})") from None
+        if psi.ndim != 1 or psi.dtype.kind not in "uif":
+            raise InputError(f"source.angles: {path}: expected a 1-D array of angles in degrees, got shape "
+                             f"{psi.shape}, dtype {psi.dtype}")
+        return psi.astype(np.float64)
+    with open(path, errors="replace") as f:
+        text = f.read()
+    lines = text.splitlines()
+    if whole_lines_only and lines and not text.endswith("\n"):
+        lines = lines[:-1]
+    psi = []
+    for number, line in enumerate(lines, 1):
+        fields = line.split("#")[0].replace(",", " ").split()
+        if not fields:
+            continue
+        try:
+            if len(fields) > 1:
+                raise ValueError
+            psi.append(float(fields[0]))
+        except ValueError:
+            raise InputError(f"source.angles: {path}: line {number}: expected one angle in degrees, got "
+                             f"{line.strip()[:60]!r}") from None
+    return np.asarray(psi, np.float64)
+
+
 def read_angles(url: str) -> tuple[np.ndarray, float | None]:
-    """The angles dataset at ``url`` as stored and its degrees per unit (`degrees_per_unit`: None without a
-    ``units`` attribute)."""
+    """The angles at ``url`` as stored and their degrees per unit (`degrees_per_unit`: None without a
+    ``units`` attribute): a dataset, or a file of angles in degrees (`read_angle_file`)."""
+    if is_angle_file(url):
+        return read_angle_file(url), 1.0
     h5, dset = _open(url, "source.angles")
     with h5:
         psi, units = dset[()], dset.attrs.get("units")
@@ -339,20 +383,25 @@ def check_angles(psi: np.ndarray, url: str, factor: float | None = None) -> np.n
     return psi
 
 
-def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int]) -> np.ndarray | None:
-    """The dark/offset image to subtract: the mean of a stack of dark frames, a 2-D image, or a constant."""
+def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int],
+              image: np.ndarray | None = None) -> np.ndarray | None:
+    """The dark/offset image to subtract: the mean of a stack of dark frames, a 2-D image, or a constant.
+    ``image``: the dark already read from ``url`` (an EDF, TIFF or .npy file: `dctstream.detector.read_image`)."""
     if value is not None:
         return np.full(frame_shape, value, dtype=np.float32)
     if url is None:
         return None
-    h5, dset = _open(url, "dark.url")
-    with h5:
-        lost = unwritten_frames(dset, path_of(url)) if dset.ndim == 3 and dset.shape[0] else np.zeros(0)
-        if lost.size:  # read, they would pass the file's fill value (zeros) off as a dark
-            raise InputError(f"dark.url: {url}: {lost.size} of its {dset.shape[0]} frames never written (their chunks "
-                             "or virtual-dataset sources are not there: the file holds only its fill value), "
-                             "expected written dark frames")
-        data = dset[()]
+    if image is not None:
+        data = np.asarray(image)
+    else:
+        h5, dset = _open(url, "dark.url")
+        with h5:
+            lost = unwritten_frames(dset, path_of(url)) if dset.ndim == 3 and dset.shape[0] else np.zeros(0)
+            if lost.size:  # read, they would pass the file's fill value (zeros) off as a dark
+                raise InputError(f"dark.url: {url}: {lost.size} of its {dset.shape[0]} frames never written (their "
+                                 "chunks or virtual-dataset sources are not there: the file holds only its fill "
+                                 "value), expected written dark frames")
+            data = dset[()]
     if data.dtype.kind not in "uif":
         raise InputError(f"dark.url: {url}: expected numeric dark counts, got dtype {data.dtype}")
     if data.ndim == 3 and data.shape[0] == 0:

@@ -54,7 +54,7 @@ from watchdog.observers import Observer
 from ..errors import InputError
 from ..types import Frame
 from .base import FrameSource, counts_dtype
-from .hdf5 import degrees_per_unit, parse_url, virtual_sources
+from .hdf5 import degrees_per_unit, is_angle_file, parse_url, read_angle_file, virtual_sources
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,9 @@ class LiveFile:
             self.h5 = None
 
 
+TEXT_STILL_S = 2.0  # a text file of angles unchanged this long holds whole lines only
+
+
 class LiveAngles:
     """psi of each frame, in degrees, from a 1-D dataset (``file.h5::/path``) that may be growing too.
 
@@ -210,14 +213,24 @@ class LiveAngles:
 
     def __init__(self, url: str, file: LiveFile | None = None):
         self.url = url
-        path, self._name = parse_url(url)
-        self._own_file = file is None
-        self._file = LiveFile(path) if file is None else file
         self._values: list[float] = []
         self._factor: float | None = None  # degrees per unit (1 without a units attribute); None: not read yet
+        self._own_file = file is None
+        if is_angle_file(url):  # a text (or .npy) file of angles, written along
+            self._file = None
+            return
+        path, self._name = parse_url(url)
+        self._file = LiveFile(path) if file is None else file
 
     def look(self) -> None:
         """Read the angles written since the last look."""
+        if self._file is None:
+            if os.path.exists(self.url):
+                # a last line without its newline is cut while the file is written, whole once it is still
+                written_s = time.time() - os.path.getmtime(self.url)
+                psi = read_angle_file(self.url, whole_lines_only=written_s < TEXT_STILL_S)
+                self._values.extend(psi[len(self._values):].tolist())
+            return
         h5 = self._file.look() if self._own_file else self._file.h5
         if h5 is None:
             return
@@ -244,7 +257,7 @@ class LiveAngles:
         return self._values[k] if k < len(self._values) else None
 
     def close(self) -> None:
-        if self._own_file:
+        if self._own_file and self._file is not None:
             self._file.close()
 
 
@@ -342,7 +355,7 @@ class Hdf5WatchSource(FollowedSource):
         self._angles = None
         watched = [path]
         if cfg.angles:
-            angles_path, _ = parse_url(cfg.angles)
+            angles_path = cfg.angles if is_angle_file(cfg.angles) else parse_url(cfg.angles)[0]
             same = os.path.realpath(angles_path) == os.path.realpath(path)
             self._angles = LiveAngles(cfg.angles, self._file if same else None)
             watched.append(angles_path)

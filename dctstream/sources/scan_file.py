@@ -78,19 +78,30 @@ def resolve_auto(cfg):
         want_angles = False
         reason = "a blissdata scan: name the dark with dark.url"
         h5 = None
-    elif "::" not in url or "*" in url:
+    elif "*" in url and "::" not in url:  # a folder of frame files: see sources/folder.py
+        from .folder import find_dark
+        if want_angles:
+            found["source.angles"] = {"url": None, "reason": "a folder of frame files: psi from their headers or "
+                                                             "the folder's .info file, said once read"}
+        if want_dark and cfg.dark.value is None and not cfg.dark.estimate:
+            found["dark.url"] = find_dark(url)
+        reason = "the source is a folder of frame files"
+        h5 = None
+    elif "::" not in url:
         reason = "the source is not an HDF5 scan file"
         h5 = None
     else:
         h5, reason = _open(url)
     master = h5 is not None and parse_url(url)[1].rstrip("/") == MASTER_DATA
     try:
-        if want_angles and master:
+        if "source.angles" in found:
+            pass
+        elif want_angles and master:
             found["source.angles"] = _master_angles(h5, url)
         elif want_angles:
             found["source.angles"] = (_find_angles(h5, url) if h5 is not None
                                       else {"url": None, "reason": reason})
-        if want_dark:
+        if want_dark and "dark.url" not in found:
             if cfg.dark.value is not None or cfg.dark.estimate:
                 found["dark.url"] = {"url": None, "reason": "dark.value or dark.estimate is set"}
             else:
