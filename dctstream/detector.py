@@ -27,7 +27,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from .atomic import atomic_h5
-from .background.kernels import window_median
+from .background.kernels import pixels_at_least, window_median
 from .errors import InputError
 from .sources import load_dark, read_dataset
 from .types import Blob
@@ -49,6 +49,8 @@ FLOAT32_EXACT = 2**24
 # A given dark at or above the counts of this share of frame 0's pixels is said to be wrong: the right one
 # leaves a pixel without light at or below it by its read noise alone, half the time.
 DARK_ABOVE_FRACTION = 0.9
+# More saturated pixels in a frame than this share are not kept to flag spots (see Detector.saturated).
+SATURATED_MAX_FRACTION = 0.01
 _NEIGHBOURS = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
 
 
@@ -305,6 +307,25 @@ class Detector:
         if self.binning == 1 and frame.dtype == self.dtype:
             return frame
         return bin_image(frame, self.binning, self.cfg.binning_mode, self.dtype)
+
+    def saturated(self, frame: np.ndarray) -> np.ndarray | None:
+        """The unmasked pixels of raw ``frame`` at the top of its 8- or 16-bit type -- the ADC saturated, their
+        counts a lower bound -- as sorted flat indices of the binned frame; None for other types, when there are
+        none, or more than `SATURATED_MAX_FRACTION` of the pixels (a frame the background stage finds unusable,
+        or a saturated direct beam, whose box is never segmented)."""
+        if self.raw_dtype.kind != "u" or self.raw_dtype.itemsize > 2:
+            return None
+        limit = int(SATURATED_MAX_FRACTION * frame.size)
+        n, flat = pixels_at_least(frame, np.iinfo(self.raw_dtype).max, limit)
+        if n == 0 or n > limit:
+            return None
+        if self.binning > 1:
+            b, nx = self.binning, frame.shape[1]
+            y, x = flat // nx // b, flat % nx // b
+            inside = (y < self.shape[0]) & (x < self.shape[1])
+            flat = np.unique(y[inside] * self.shape[1] + x[inside])
+        flat = flat[~self.mask.ravel()[flat]]
+        return flat if flat.size else None
 
     def first_window(self, frames: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(dark estimated from the frames or None, the mask with the automatic detection added)."""

@@ -220,18 +220,21 @@ def box_at(track, k: int) -> Box | None:
 
 
 class NeverSegmented:
-    """Whether a spot's box touches pixels never segmented: the fixed mask (bad pixels, gaps, a fixed
-    beam box), the beam box of any of its frames (``track``: ``(first frame, box or None)`` in frame
-    order, a box holding from its frame to the next entry's) or an unusable frame (``unusable``, a set of
-    frames: without the beam, or glitched; see background.stage) among its frames or beside them."""
+    """Whether a spot's box touches pixels never segmented or never measured in full: the fixed mask (bad
+    pixels, gaps, a fixed beam box), the beam box of any of its frames (``track``: ``(first frame, box or
+    None)`` in frame order, a box holding from its frame to the next entry's), an unusable frame
+    (``unusable``, a set of frames: without the beam, or glitched; see background.stage) among its frames or
+    beside them, or a saturated pixel in one of its frames (``saturated``: frame -> sorted flat pixel indices,
+    `Detector.saturated`)."""
 
-    def __init__(self, mask: np.ndarray, track=None, unusable=frozenset()):
+    def __init__(self, mask: np.ndarray, track=None, unusable=frozenset(), saturated=None):
         self.shape = mask.shape
         # a summed-area table: any box's masked pixels in four look-ups
         self._sum = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
         self._sum[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
         self.track = track if track is not None else []
         self.unusable = unusable  # another thread may add to it: only looked up
+        self.saturated = saturated if saturated is not None else {}  # the same
 
     def touches(self, f0: int, f1: int, y0: int, y1: int, x0: int, x1: int) -> bool:
         """The inclusive box [f0..f1, y0..y1, x0..x1] grown by 1 px in x and y (and 1 frame, for unusable
@@ -240,6 +243,14 @@ class NeverSegmented:
             return True
         ny, nx = self.shape
         y0, x0, y1, x1 = max(y0 - 1, 0), max(x0 - 1, 0), min(y1 + 2, ny), min(x1 + 2, nx)
+        for f in range(f0, f1 + 1) if self.saturated else ():
+            flat = self.saturated.get(f)
+            if flat is None:
+                continue
+            # the rows y0 .. y1 - 1 are one run of flat indices: the pixels there, then their columns
+            rows = flat[np.searchsorted(flat, y0 * nx):np.searchsorted(flat, y1 * nx)]
+            if np.any((rows % nx >= x0) & (rows % nx < x1)):
+                return True
         s = self._sum
         if s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0] > 0:
             return True

@@ -90,6 +90,9 @@ class Stats:
     flood_frames_total: int = 0
     seam_joined: int | None = None  # full-turn scans: spots across 0/360 degrees joined into one
     frames_missing: int = 0
+    # unmasked pixels at the top of the frames' 8- or 16-bit type, over every frame: saturated, so the spots on
+    # them have touches_mask 1 (Detector.saturated)
+    saturated_pixels: int = 0
     source_end: str | None = None  # why the source stopped: end_time, idle_timeout, complete, ...
     stage_s: Counter = field(default_factory=Counter)  # seconds spent in read, background, segment, write
     backlog_frames: int = 0  # frames read but not yet taken by the background stage
@@ -304,6 +307,9 @@ class Pipeline:
         self._tracker: PassTracker | None = None
         self._merge: PassMerge | None = None
         self._pass_offset = 0  # acquisition index of the current pass's first frame (its background's frame 0)
+        # frame -> its saturated pixels (Detector.saturated), for touches_mask: written here, read by the
+        # segmenting thread, dropped once no spot still open can hold the frame
+        self._saturated: dict[int, np.ndarray] = {}
         self._backward: list[int] = []  # frames of a scan in arrival order that went back in psi
         self._direction = 0.0  # of psi over such a scan, once it has moved
         try:
@@ -622,12 +628,28 @@ class Pipeline:
                 self.detector.check_first_frame(data, self.cfg.source.url,
                                                 invalid_value=getattr(self.source, "invalid_value", None),
                                                 pixel_mask=getattr(self.source, "pixel_mask", None))
+            self._note_saturated(self._pass_offset + self.background.ring.count, data)
             data = self.detector.bin(data)
         with self._timed("background"):
             corrected = self.background.push(data)
         if len(self.background.unusable) != (self.stats.normalise or {}).get("unusable_frames", 0):
             self.stats.normalise = self.background.normalise_facts()  # for the status, while it runs
         return corrected
+
+    def _note_saturated(self, k: int, raw: np.ndarray) -> None:
+        """Keep raw frame k's saturated pixels for touches_mask (said at the first), and forget those of frames
+        no open spot can reach any more: a blob is written within a window and its own length of its frames."""
+        flat = self.detector.saturated(raw)
+        if flat is not None:
+            if not self.stats.saturated_pixels:
+                log.warning("frame %d: %d pixels at %d, the top of the frames' type (saturated): the spots on "
+                            "them have touches_mask 1, their intensity a lower bound", k, flat.size,
+                            np.iinfo(raw.dtype).max)
+            self.stats.saturated_pixels += int(flat.size)
+            self._saturated[k] = flat
+        horizon = k - 2 * (self.cfg.background.window + self.cfg.segmentation.max_blob_size[2]) - 64
+        while self._saturated and next(iter(self._saturated)) < horizon:
+            del self._saturated[next(iter(self._saturated))]
 
     def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
         """Hand the corrected frames to the segmenting thread, one at a time: the background stage makes
@@ -853,7 +875,7 @@ class Pipeline:
             mask = background.pixel_mask.copy()
         else:
             mask = beam_mask(background.direct_beam, background.frame_shape) | background.pixel_mask
-        self._never = NeverSegmented(mask, self._beam_track, self.background.unusable)
+        self._never = NeverSegmented(mask, self._beam_track, self.background.unusable, self._saturated)
         return mask
 
     def _start_segmenter(self) -> None:

@@ -366,7 +366,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
         held: list[tuple[int, np.ndarray, np.ndarray]] = []
         edges = set(chunk.lower) | set(chunk.upper)
         facts = {"fingerprints": {}, "rejected": {}, "noise": [], "level": [], "floods": [], "seed_threshold": None,
-                 "scales": [], "blobs": 0, "fingerprint_s": 0.0, "beam_track": track}
+                 "scales": [], "blobs": 0, "fingerprint_s": 0.0, "beam_track": track, "saturated": {}}
         with open(spill, "wb") as out:
 
             def segment(k: int, frame: np.ndarray, difference: np.ndarray) -> None:
@@ -425,6 +425,9 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
             going = True
             source.first_frame = first
             for frame in source:
+                flat = detector.saturated(frame.data)
+                if flat is not None:
+                    facts["saturated"][frame.index] = flat
                 for k, frame_k, difference in corrected(stage.push(detector.bin(frame.data))):
                     going = take(k, frame_k, difference)
                     if not going:
@@ -667,12 +670,14 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     detector.write_mask(out_dir / "mask.h5", ctx["pixel_mask"], beam_mask(beam, shape))
     # frames whose scale is 0 (see background.stage), in order
     unusable = [] if ctx["scales"] is None else np.flatnonzero(np.asarray(ctx["scales"]) == 0).tolist()
+    saturated = {k: flat for chunk in chunks for k, flat in facts[chunk].get("saturated", {}).items()}
     if _follows(cfg):
         track = merged_track(chunks, facts)
-        never = NeverSegmented(ctx["pixel_mask"], track, set(unusable))
+        never = NeverSegmented(ctx["pixel_mask"], track, set(unusable), saturated)
     else:
         track = None
-        never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"], unusable=set(unusable))
+        never = NeverSegmented(beam_mask(beam, shape) | ctx["pixel_mask"], unusable=set(unusable),
+                               saturated=saturated)
     stats = Stats(frames_total=n, frames_read=n, frames_corrected=n, frames_segmented=n, source_end="complete",
                   frames_expected=n)
     stats.direct_beam = detector.unbin_bbox(beam)
@@ -690,6 +695,7 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
              "photon_gain": -1.0 if ctx["photon_gain"] is None else ctx["photon_gain"],
              "direct_beam_bbox": str(list(stats.direct_beam or []))}
     stats.photon_gain = ctx["photon_gain"]
+    stats.saturated_pixels = sum(int(flat.size) for flat in saturated.values())
     (out_dir / "config.yml").write_text(dump_config(cfg))
     table = SpotTable(out_dir, attrs)
     difspots = DifspotWriter(out_dir)

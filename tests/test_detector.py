@@ -405,3 +405,22 @@ def test_dead_pixels_are_those_that_never_vary_unless_saturated_photon_zeros_or_
     still = frames.copy()
     still[:, : int(40 * (DEAD_MAX_FRACTION + 0.05)), :] = 500  # a simulation without noise: nothing is dead
     assert not dead_pixels(still, slots, np.zeros((40, 50), bool)).any()
+
+
+@pytest.mark.parametrize("binning", [1, 2])
+def test_saturated_pixels_are_the_unmasked_ones_at_the_top_of_the_frames_type(binning):
+    cfg = load_config(None, [f"detector.binning={binning}"])
+    frame = np.full((40, 48), 1000, np.uint16)
+    frame[3, 4] = frame[3, 5] = frame[7, 11] = frame[0, 0] = 65535
+    frame[5, 5] = 65534  # one count short of saturated
+    detector = Detector(cfg.detector, cfg.dark, frame.shape, frame.dtype)
+    detector.mask[0, 0] = True  # a bad pixel (its binned pixel): not a spot's
+    want = {(3, 4), (3, 5), (7, 11)}
+    want = {(y // binning, x // binning) for y, x in want}
+    flat = detector.saturated(frame)
+    assert sorted(zip(*np.unravel_index(flat, detector.shape))) == sorted(want)
+    assert detector.saturated(np.full_like(frame, 1000)) is None
+    frame[:1] = 65535  # 48 pixels of 1920: more than 1 %, a frame the background stage leaves out
+    assert detector.saturated(frame) is None
+    wide = Detector(cfg.detector, cfg.dark, frame.shape, np.uint32)
+    assert wide.saturated(frame.astype(np.uint32) + 2**20) is None  # 32-bit counts: no top to saturate at

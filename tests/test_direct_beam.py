@@ -30,6 +30,28 @@ def test_followed_box_holds_still_within_its_band_and_moves_when_the_beam_leaves
 
 
 @pytest.mark.parametrize("seed", range(5))
+def test_saturated_pixels_touch_the_spots_of_their_frame_as_a_pixel_by_pixel_reference(seed):
+    rng = np.random.default_rng(seed)
+    pixels = {f: np.zeros(SHAPE, bool) for f in range(60)}
+    for f in rng.choice(60, size=20, replace=False):
+        pixels[f].ravel()[rng.choice(pixels[f].size, size=int(rng.integers(1, 6)), replace=False)] = True
+    saturated = {f: np.flatnonzero(p) for f, p in pixels.items() if p.any()}
+    never = NeverSegmented(np.zeros(SHAPE, bool), saturated=saturated)
+    hits = 0
+    for _ in range(400):
+        f0 = int(rng.integers(0, 60))
+        f1 = min(f0 + int(rng.integers(0, 5)), 59)
+        y0, x0 = int(rng.integers(0, SHAPE[0])), int(rng.integers(0, SHAPE[1]))
+        y1, x1 = min(y0 + int(rng.integers(0, 12)), SHAPE[0] - 1), min(x0 + int(rng.integers(0, 12)), SHAPE[1] - 1)
+        grown = np.zeros(SHAPE, bool)
+        grown[max(y0 - 1, 0):y1 + 2, max(x0 - 1, 0):x1 + 2] = True
+        want = any(bool((grown & pixels[f]).any()) for f in range(f0, f1 + 1))
+        hits += want
+        assert never.touches(f0, f1, y0, y1, x0, x1) == want, (f0, f1, y0, y1, x0, x1)
+    assert 10 < hits < 390  # both answers were asked for
+
+
+@pytest.mark.parametrize("seed", range(5))
 def test_touches_equals_a_pixel_by_pixel_reference(seed):
     rng = np.random.default_rng(seed)
     mask = rng.random(SHAPE) < 0.002

@@ -239,6 +239,30 @@ def test_split_with_a_moving_beam_equals_one_process(moving_beam_scan, tmp_path)
     assert record["split"]["beam_rerun"] == 2
 
 
+def test_split_flags_a_saturated_spot_as_one_process_does(scan, tmp_path):
+    """The spot across the chunk edge EDGE saturated (its core at 65535 in 3 frames): flagged touches_mask by
+    one process and by a split whose chunk starts there, the outputs otherwise one process's."""
+    path = tmp_path / "saturated.h5"
+    with h5py.File(scan.partition("::")[0], "r") as f, h5py.File(path, "w") as g:
+        for name in f:
+            f.copy(name, g)
+        frames = g["/1.1/measurement/marana"]
+        y, x = EDGE_SPOT
+        for k in (EDGE - 1, EDGE, EDGE + 1):
+            frame = frames[k]
+            frame[y - 1:y + 2, x - 1:x + 2] = 65535
+            frames[k] = frame
+    url = f"{path}::/1.1/measurement/marana"
+    one = tmp_path / "one"
+    process_scan(_cfg(url, one), display=False)
+    want = json.loads((one / "run.json").read_text())["stats"]
+    assert want["saturated_pixels"] == 27
+    assert [row["touches_mask"] for row in _spots_across(one, EDGE_SPOT, EDGE)] == [1]
+    record = split.run_split(_cfg(url, tmp_path / "out"), InProcess(), 3, starts=[EDGE - 30, EDGE])
+    assert_same_outputs(outputs(tmp_path / "out"), outputs(one))
+    assert record["stats"]["saturated_pixels"] == 27
+
+
 def test_scan_shorter_than_the_window_is_refused_with_the_window_named(scan, tmp_path):
     """One process fits the window to a scan shorter than it; a split says so rather than 'too few'."""
     with pytest.raises(InputError, match=r"160 frames, too few to split: expected more than background.window=201"):

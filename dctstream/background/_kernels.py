@@ -561,3 +561,21 @@ def normalise_float(raw, dark, scale, out):
     for y in numba.prange(ny):
         for x in range(nx):
             out[y, x] = (np.float32(raw[y, x]) - dark[y, x]) * scale + dark[y, x]
+
+
+@numba.njit(cache=True, nogil=True)
+def pixels_at_least(frame, level, out):
+    """The number of pixels of ``frame`` at or above ``level``; the flat indices of the first ``out.size`` of them,
+    in order, into ``out``. A row is looked at twice only where it holds one: detectors saturate rarely."""
+    ny, nx = frame.shape
+    n = 0
+    for y in range(ny):
+        row = frame[y]
+        if row.max() < level:
+            continue
+        for x in range(nx):
+            if row[x] >= level:
+                if n < out.size:
+                    out[n] = y * nx + x
+                n += 1
+    return n

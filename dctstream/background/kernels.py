@@ -213,6 +213,15 @@ def window_median_box(ring: np.ndarray, slots: np.ndarray, box, out: np.ndarray)
     return out
 
 
+def pixels_at_least(frame: np.ndarray, level, limit: int) -> tuple[int, np.ndarray]:
+    """(how many pixels of ``frame`` are at or above ``level``, the flat indices of the first ``limit`` of them,
+    int64, in order)."""
+    _require("frame", frame, ndim=2)
+    out = np.empty(max(int(limit), 0), np.int64)
+    n = _kernels.pixels_at_least(frame, frame.dtype.type(level), out)
+    return int(n), out[:min(n, out.size)]
+
+
 def kernels_cached() -> bool:
     """Whether a median kernel has been compiled and cached before (its cache index exists): the running
     median's, or the whole window's of a scan shorter than the window (which never slides: said at every run

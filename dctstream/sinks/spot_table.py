@@ -24,8 +24,10 @@ column               dtype    meaning
 ``bbox_y_size``      int64    bounding-box height in rows
 ``touches_mask``     int64    1 when the bounding box, grown by 1 px, holds pixels never
                               segmented (the direct beam of its frames, bad pixels,
-                              detector gaps), or an unusable frame (beam off, glitch) lies
-                              among its frames or beside them: the spot may be partly hidden
+                              detector gaps) or saturated in one of its frames (at the top of
+                              the frames' 8- or 16-bit type), or an unusable frame (beam off,
+                              glitch) lies among its frames or beside them: the spot may be
+                              partly hidden, its intensity a lower bound
 ``centroid_psi_deg`` float64  rotation angle at ``centroid_frame``, degrees; only
                               present when the angles were given
 ``centroid_x_corrected``,     the centroid corrected for the detector's distortion
@@ -71,8 +73,9 @@ COLUMNS: dict[str, tuple[type, str]] = {
     "bbox_x_size": (np.int64, "bounding-box width in columns"),
     "bbox_y_size": (np.int64, "bounding-box height in rows"),
     "touches_mask": (np.int64, "1 when the bounding box, grown by 1 px, holds pixels never segmented (the direct "
-                               "beam of its frames, bad pixels, detector gaps), or an unusable frame (beam off, "
-                               "glitch) lies among its frames or beside them: the spot may be partly hidden"),
+                               "beam of its frames, bad pixels, detector gaps) or saturated in one of its frames, "
+                               "or an unusable frame (beam off, glitch) lies among its frames or beside them: the "
+                               "spot may be partly hidden, its intensity a lower bound"),
     "centroid_psi_deg": (np.float64, "rotation angle at centroid_frame, degrees; "
                                      "only present when the angles were given"),
     "centroid_x_corrected": (np.float64, "centroid_x corrected for the detector's distortion; "
