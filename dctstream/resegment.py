@@ -45,6 +45,7 @@ from .direct_beam import NeverSegmented, beam_mask
 from .errors import ConfigError, InputError, OutputError
 from .overlap import Worker
 from .pipeline import frame_maps, frame_thresholds, prepare_output, resolve_segmentation
+from .record import read_record
 from .segment import SegmentParams
 from .segment.floor import floor_tiles, reach_tiles
 from .segment.sparse import SparseFrame, SparseSegmenter
@@ -240,6 +241,20 @@ def resegment(run_dir, overrides=(), out_dir=None, *, overwrite: bool = False, d
             lock.release(remove=True)
 
 
+def never_segmented(scan, record: dict | None) -> NeverSegmented:
+    """What the run's touches_mask took: its fixed mask, and from its record the beam box of every frame (a beam
+    it followed) and its unusable frames; without a record, the beam box of its first frames. (Its saturated
+    pixels are not kept: a spot on them has touches_mask 0 here.)"""
+    stats = (record or {}).get("stats") or {}
+    unusable = {f for first, last in (stats.get("normalise") or {}).get("unusable", []) for f in range(first, last + 1)}
+    track = stats.get("direct_beam_track")
+    if track:
+        track = [(int(f), None if box is None else tuple(int(v) // scan.binning for v in box)) for f, box in track]
+        return NeverSegmented(scan.mask, track, unusable)
+    beam = None if scan.direct_beam is None else tuple(v // scan.binning for v in scan.direct_beam)
+    return NeverSegmented(scan.mask | beam_mask(beam, scan.mask.shape), unusable=unusable)
+
+
 def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> dict:
     cfg = replace_config(cfg, output={"dir": str(out)})
     (out / "config.yml").write_text(dump_config(cfg))
@@ -253,9 +268,7 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     turn = scan.finished and seam.full_turn(psi)
     at_seam: dict[int, object] = {}  # without difspot files: the blobs a seam join may read
 
-    # the run's fixed mask and its beam box (of its first frames, for a beam it followed along the scan)
-    beam = None if scan.direct_beam is None else tuple(v // scan.binning for v in scan.direct_beam)
-    never = NeverSegmented(scan.mask | beam_mask(beam, scan.mask.shape))
+    never = never_segmented(scan, read_record(run_dir))
 
     def write_one(item):  # in the writer thread, as a run writes them
         blob, psi_deg = item

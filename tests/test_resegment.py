@@ -517,3 +517,38 @@ def test_an_error_in_the_second_process_is_raised_in_the_first(run, tmp_path):
     second.close()  # killed before it answered
     with pytest.raises(OutputError, match="frames 10 on ended with exit status"):
         second.edges()
+
+
+def test_a_followed_beam_and_unusable_frames_resegment_with_the_runs_touches_mask(tmp_path):
+    """A beam that moves along the scan (its box followed, frame by frame) and a frame through a spot that reads
+    0 (unusable): the spots beside either are flagged touches_mask by the run, and by its resegmentation, which
+    reads the beam's boxes and the unusable frames from the run record (it took the first box only, and no
+    frame)."""
+    from dctstream.record import read_record
+    from dctstream.runner import process_scan
+    from simulators.hard_scans import HardScanModel, write_hard_scan
+
+    path = tmp_path / "scan.h5"
+    write_hard_scan("moving_beam", path, model=HardScanModel(frames=160, size=64, spots=30, seed=5,
+                                                             beam_motion=(0.2, 0.0, 0.3, 0.1)))
+
+    def run(out):
+        process_scan(load_config(None, [f"source.url={path}::/1.1/measurement/marana", "source.angles=auto",
+                                        "dark.url=auto", f"output.dir={out}", "background.window=11",
+                                        "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false"]),
+                     display=False)
+        return read_spot_table(out / "spots.h5")
+
+    clean = run(tmp_path / "clean")
+    inside = np.flatnonzero((clean["touches_mask"] == 0) & (clean["end_frame"] - clean["start_frame"] >= 2))
+    lost = int(clean["max_frame"][inside[np.argmax(clean["integral"][inside])]])
+    with h5py.File(path, "r+") as f:
+        frames = f["/1.1/measurement/marana"]
+        frames[lost] = np.zeros(frames.shape[1:], frames.dtype)  # a frame cut short, through that spot
+    want = run(tmp_path / "run")
+    stats = read_record(tmp_path / "run")["stats"]
+    assert len(stats["direct_beam_track"]) > 4 and stats["normalise"]["unusable"] == [[lost, lost]]
+    resegment(tmp_path / "run", (), tmp_path / "re")
+    _same_table(read_spot_table(tmp_path / "re" / "spots.h5"), want)
+    beside = (want["start_frame"] <= lost + 1) & (want["end_frame"] >= lost - 1)
+    assert beside.any() and want["touches_mask"][beside].all()
