@@ -1,5 +1,6 @@
 """The streamed background stage equals the whole-volume numpy/scipy reference exactly."""
 
+import logging
 import types
 
 import numpy as np
@@ -501,6 +502,26 @@ def test_auto_normalise_units_are_the_median_frames_beam_whatever_the_first_wind
     lit = gain > 0
     assert set(np.flatnonzero(~lit)) == stage.unusable
     np.testing.assert_allclose(scales[lit] * gain[lit], 1.0, atol=0.01)
+
+
+def test_a_first_window_mostly_without_the_beam_is_measured_on_its_frames_with_it(caplog):
+    """The shutter opened at frame 30 of a first window of 49: the beam is measured on the frames with it (a
+    per-pixel median of the window is the dark, which left `normalise: auto` off and every dark frame in the
+    medians); the frames without it are unusable, a top-up at frame 80 is followed, and it is said."""
+    rng = np.random.default_rng(5)
+    n, window = 120, 49
+    y, x = np.mgrid[0:48, 0:64]
+    scene = 300.0 * np.exp(-np.hypot(x - 32, y - 24) / 20.0) + 50.0
+    gain = np.where(np.arange(n) < 80, 1.0, 1.05)
+    gain[:30] = 0.0
+    raw = (rng.poisson(scene[None] * gain[:, None, None]) + 100).astype(np.uint16)
+    with caplog.at_level(logging.WARNING):
+        _, _, stage = stream(raw, np.full((48, 64), 100.0, np.float32), window=window, normalise="auto",
+                             bbox="none")
+    scales = np.asarray(stage.frame_scales)
+    assert stage.unusable == set(range(30))
+    np.testing.assert_allclose(scales[30:] * gain[30:], 1.0, atol=0.01)
+    assert "30 of the 49 frames of the first window without the beam" in caplog.text
 
 
 def moving_beam_box(k: int) -> tuple[int, int, int, int]:

@@ -136,6 +136,19 @@ class BeamIntensity:
         samples = np.stack([self._values(r) for r in raws])
         reference = np.median(samples, axis=0)
         lit = self.keep & (reference >= AUTO_MIN_COUNTS)
+        if enabled is None and np.count_nonzero(lit) < AUTO_MIN_PIXELS and self.keep.any():
+            # more than half the window without the beam (a shutter that opened late): the frames with it, if
+            # there are some, else a beam too weak to measure, as said below
+            level = samples[:, self.keep].mean(axis=1)
+            bright = level > 0.5 * np.percentile(level, 90)
+            if 3 <= np.count_nonzero(bright) < level.size:
+                bright_reference = np.median(samples[bright], axis=0)
+                if np.count_nonzero(self.keep & (bright_reference >= AUTO_MIN_COUNTS)) >= AUTO_MIN_PIXELS:
+                    log.warning("background.normalise: auto: %d of the %d frames of the first window without the "
+                                "beam (a shutter that opened late?): the beam measured on the %d with it",
+                                level.size - np.count_nonzero(bright), level.size, np.count_nonzero(bright))
+                    reference = bright_reference
+                    lit = self.keep & (reference >= AUTO_MIN_COUNTS)
         self.enabled = int(np.count_nonzero(lit)) >= AUTO_MIN_PIXELS if enabled is None else enabled
         if self.enabled:
             # each frame brought to one beam first, then the reference to the median frame's beam: a per-pixel
