@@ -169,10 +169,15 @@ def cmd_tune(args) -> int:
             values = [float(v) for v in args.values.split(",")]
         except ValueError:
             raise ConfigError(f"--values: expected numbers separated by commas, got {args.values!r}") from None
+    png = Path(args.png) if args.png else Path(args.run_dir) / "tune.png"
+    if png.suffix.lower() != ".png" or png.is_dir() or not png.parent.is_dir():  # said before the sweep
+        raise OutputError(f"--png: {png}: expected a .png file in an existing folder")
     result = tune(args.run_dir, args.key, values, list(args.set or []))
     print(format_tune(result, args.run_dir))
-    png = Path(args.png) if args.png else Path(args.run_dir) / "tune.png"
-    draw_tune(result).save(png)
+    try:
+        draw_tune(result).save(png)
+    except OSError as exc:
+        raise OutputError(f"--png: {png}: cannot write the picture ({exc.strerror or exc})") from None
     print(f"picture: {png}")
     return 0
 

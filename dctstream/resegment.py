@@ -490,6 +490,9 @@ def default_sweep(cfg: Config, scan: SparseScan) -> tuple[str, list[float]]:
     return key, [float(v) for v in values]
 
 
+_BELOW_CUT = "below the sparse scan's cut"  # in the refusal of a setting that needs voxels the sparse scan has not
+
+
 def tune(run_dir, key: str | None = None, values=None, overrides=()) -> dict:
     """Sweep ``segmentation.<key>`` over ``values`` on the run's sparse scan; rows of figures per value,
     the values that need voxels below the cut listed apart, and the knee of spots per value."""
@@ -500,6 +503,12 @@ def tune(run_dir, key: str | None = None, values=None, overrides=()) -> dict:
             default_key, default_values = default_sweep(cfg, scan)
             key = key or default_key
             values = values if values is not None else default_values
+        current = config_to_dict(cfg)["segmentation"]
+        if key not in current:
+            raise ConfigError(f"--key: segmentation.{key}: no such setting, expected one of "
+                              f"{', '.join(sorted(current))}")
+        if isinstance(current[key], int) and not isinstance(current[key], bool):  # connectivity, seed_min_voxels
+            values = [int(v) if float(v).is_integer() else v for v in values]
         settings, refused = [], []
         for value in values:
             try:
@@ -508,7 +517,9 @@ def tune(run_dir, key: str | None = None, values=None, overrides=()) -> dict:
             except ConfigError as exc:
                 refused.append((value, str(exc)))
         if not settings:
-            raise ConfigError(f"segmentation.{key}: every value swept needs voxels below the sparse scan's cut "
+            why = ("needs voxels below the sparse scan's cut" if all(_BELOW_CUT in why for _, why in refused)
+                   else "was refused")
+            raise ConfigError(f"segmentation.{key}: every value swept {why} "
                               f"({refused[0][1] if refused else 'no values'})")
         reach = max(p.max_size[2] for _, _, p in settings)
         per_pass = max(1, TUNE_POOL_FRAMES // (2 * reach + 4))
@@ -582,7 +593,7 @@ def format_tune(result: dict, run_dir) -> str:
                      + ("  <- knee" if i == knee else ""))
     for value, why in result["refused"]:
         lines.append(f"{value:14.4g} refused: {why}")
-    if any(value < rows[0]["value"] for value, _ in result["refused"]):
+    if any(value < rows[0]["value"] and _BELOW_CUT in why for value, why in result["refused"]):
         # without the values where noise seeds start, the curve's bend is among the real spots, too high
         lines += ["", f"below {rows[0]['value']:g}: a run with a lower export.cut_sigma (the knee is the lowest value "
                   "without an excess of spots over the trend of the higher ones: values below the cut are not seen)"]

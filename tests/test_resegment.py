@@ -4,6 +4,8 @@ table of a full run with the same settings, whenever those need no voxel below t
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import h5py
@@ -13,7 +15,7 @@ import pytest
 from cli_util import assert_one_line_error
 from dctstream.cli import main
 from dctstream.config import load_config
-from dctstream.errors import ConfigError
+from dctstream.errors import ConfigError, InputError, OutputError
 from dctstream.pipeline import Pipeline, resolve_segmentation
 from dctstream.resegment import draw_tune, format_tune, knee_index, resegment, tune
 from dctstream.sinks import SparseScan, read_corrected, read_spot_table
@@ -363,6 +365,26 @@ def test_sparse_writer_keeps_exactly_the_pixels_at_or_above_the_cut_and_readers_
     assert writer.fill_fraction == pytest.approx(kept / (n * (~mask).sum()))
 
 
+def test_sparse_writer_closes_while_another_process_reads_the_scan(tmp_path):
+    """A reader following the scan (tune, resegment, a viewer: another process, SWMR) holds the file when the
+    run ends: its last step, the attributes, is written all the same (its file lock failed the run before)."""
+    shape, n = (32, 40), 6
+    frames = np.random.default_rng(1).normal(0, 1.5, (n, *shape)).astype(np.float32)
+    writer, _ = _writer(tmp_path / "s.h5", shape)
+    for k in range(n):
+        writer.write(k, frames[k], *_frame_maps(k, shape), 0.5 * k)
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, h5py, hdf5plugin; f = h5py.File(sys.argv[1], 'r', "
+                               "swmr=True); print('open', flush=True); sys.stdin.read()", str(tmp_path / "s.h5")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        writer.close()
+    finally:
+        reader.communicate("", timeout=60)
+    with SparseScan(tmp_path / "s.h5") as scan:
+        assert scan.finished and len(scan) == n
+
+
 def test_sparse_writer_flushes_at_a_checkpoints_state_and_every_flush_s(tmp_path, monkeypatch):
     """What another process reads of the file: a checkpoint's ``state()`` flushes what it counts (a resumed
     run copies that much from the file), and between checkpoints the file is flushed every FLUSH_S seconds,
@@ -552,3 +574,32 @@ def test_a_followed_beam_and_unusable_frames_resegment_with_the_runs_touches_mas
     _same_table(read_spot_table(tmp_path / "re" / "spots.h5"), want)
     beside = (want["start_frame"] <= lost + 1) & (want["end_frame"] >= lost - 1)
     assert beside.any() and want["touches_mask"][beside].all()
+
+
+def test_tune_and_resegment_misuse_is_one_line_before_any_sweep(run, tmp_path, capsys):
+    _, tmp, _ = run
+    stack = ["no group /1.1 with nnz and noise_sigma", "expected a sparse corrected scan", "got stack"]
+    cases = [
+        (["tune", tmp / "stack"], InputError.exit_code, stack),  # a KeyError traceback before
+        (["resegment", tmp / "stack", "--out", tmp_path / "re"], InputError.exit_code, stack),
+        (["tune", tmp / "run", "--png", tmp_path / "sweep.pdf"], OutputError.exit_code,
+         ["--png", "sweep.pdf", "expected a .png file in an existing folder"]),  # PIL's traceback after the sweep
+        (["tune", tmp / "run", "--png", tmp_path], OutputError.exit_code, ["--png", "expected a .png file"]),
+        (["tune", tmp / "run", "--key", "seed_sigmaa"], ConfigError.exit_code,
+         ["--key: segmentation.seed_sigmaa: no such setting, expected one of", "seed_sigma"]),
+        (["tune", tmp / "run", "--key", "drop_zingers", "--values", "0,1"], ConfigError.exit_code,
+         ["segmentation.drop_zingers: every value swept was refused", "must be true or false"]),
+    ]
+    for args, code, needles in cases:
+        got = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        assert_one_line_error(got, captured.out, captured.err, code, needles)
+    assert not (tmp_path / "re").exists()
+
+
+def test_tune_sweeps_whole_number_settings(run):
+    """--values are read as numbers: a whole-number setting takes them as integers (refused as 2.0 before)."""
+    _, tmp, _ = run
+    result = tune(tmp / "run", "seed_min_voxels", [2.0, 3.0, 4.0])
+    assert [r["value"] for r in result["rows"]] == [2, 3, 4] and not result["refused"]
+    assert result["rows"][0]["spots"] >= result["rows"][-1]["spots"] > 0

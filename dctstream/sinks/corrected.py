@@ -403,7 +403,9 @@ class SparseScanWriter:
                 raise
             raise output_error(self.path, exc) from None
         try:
-            with h5py.File(self.path, "r+") as h5:  # attributes cannot change in SWMR mode
+            # attributes cannot change in SWMR mode; without file locking: a reader following the scan (tune,
+            # resegment, a viewer) holds the file, and its lock would fail the run at its last step
+            with h5py.File(self.path, "r+", locking=False) as h5:
                 h5[SCAN_GROUP].attrs.update({"nframes": self.frames, "npx": self.file_px})
                 # the datasets' bytes, not the file's: the same for a resumed run, whose file was copied
                 size = sum(item.id.get_storage_size() for item in _datasets(h5))
@@ -441,9 +443,10 @@ class SparseScan:
             raise InputError(f"{self.path}: cannot read the sparse corrected scan ({exc})") from None
         group = self.h5.get(SCAN_GROUP)
         if group is None or "nnz" not in group or "noise_sigma" not in group:
+            got = self.h5.attrs.get("format", "another file")
             self.h5.close()
             raise InputError(f"{self.path}: no group /{SCAN_GROUP} with nnz and noise_sigma, expected a sparse "
-                             f"corrected scan (export.format: sparse), got {self.h5.attrs.get('format', 'another file')}")
+                             f"corrected scan (export.format: sparse), got {got}")
         self.group = group
         self.frame_shape = (int(group.attrs["shape0"]), int(group.attrs["shape1"]))
         self.tile_px = int(group.attrs["tile_px"])
