@@ -303,9 +303,13 @@ def test_tune_says_when_the_cut_kept_the_sweep_above_the_noise():
            "seed_min_voxels": 0, "floods": 0}
     result = {"key": "seed_sigma", "knee": 1, "frames": 10, "finished_scan": True, "seconds": 1.0,
               "rows": [{**row, "value": v, "spots": n} for v, n in ((5.0, 60), (6.0, 40), (8.0, 38))]}
-    below = format_tune({**result, "refused": [(4.0, "segmentation.grow_low: needs ...")]}, "OUT")
+    cut = "segmentation.grow_low: needs corrected values down to 3 counts ..., below the sparse scan's cut of 4 ..."
+    below = format_tune({**result, "refused": [(4.0, cut)]}, "OUT")
     assert "below 5: a run with a lower export.cut_sigma" in below
-    assert "export.cut_sigma" not in format_tune({**result, "refused": [(9.0, "...")]}, "OUT")
+    assert "export.cut_sigma" not in format_tune({**result, "refused": [(9.0, cut)]}, "OUT")
+    # a value refused for itself, not for the cut: no lower cut would take it
+    invalid = "replace_config: segmentation.seed_sigma: must be > 0, got -1.0"
+    assert "export.cut_sigma" not in format_tune({**result, "refused": [(-1.0, invalid)]}, "OUT")
 
 
 # ---- the sparse scan writer ----------------------------------------------------------------------
