@@ -406,3 +406,21 @@ def test_virtual_sources_are_looked_for_beside_the_file_that_holds_the_virtual_d
     (data / "part1.h5").unlink()
     with h5py.File(collection, "r") as f:
         assert unwritten_frames(f["scan"], str(collection)).tolist() == [3, 4, 5]
+
+
+def test_a_recorded_file_cut_short_while_it_is_read_is_an_error_naming_it(tmp_path):
+    """Truncated under the run (re-copied, overwritten), HDF5 read the lost frames as zeros, which passed for
+    frames without the beam and the run 'finished'; now the frame being read and the sizes are said."""
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as f:
+        f["frames"] = np.arange(200 * 64 * 64, dtype=np.uint16).reshape(200, 64, 64)
+    source = Hdf5FileSource(f"{path}::/frames")
+    frames = iter(source)
+    first = next(frames)
+    np.testing.assert_array_equal(first.data, np.arange(64 * 64).reshape(64, 64))
+    size = path.stat().st_size
+    os.truncate(path, size // 2)
+    with pytest.raises(InputError, match=rf"scan.h5::/frames: the file changed while frame \d+ was read "
+                                         rf"\({size} bytes then, {size // 2} now\)"):
+        list(frames)
+    source.close()

@@ -91,6 +91,7 @@ class Hdf5FileSource(FrameSource):
     def __init__(self, url: str, angles: str | None = None, missing: str = "error"):
         self.url = url
         self._h5, self._dset = _open(url, "source.url")
+        self._identity = _file_identity(path_of(url))  # a recorded file stays whole: see _unchanged
         shape, dtype = self._dset.shape, self._dset.dtype
         if len(shape) != 3:
             self.close()
@@ -166,6 +167,7 @@ class Hdf5FileSource(FrameSource):
                 self._dset.read_direct(block, np.s_[start:start + len(block)])
             except OSError:
                 block = [self._read_one(k) for k in range(start, min(start + batch, self.n_frames))]
+            self._unchanged(start)
             for i, data in enumerate(block):
                 k = start + i
                 yield Frame(k, None if self.angles is None else float(self.angles[k]),
@@ -178,10 +180,25 @@ class Hdf5FileSource(FrameSource):
     def _read_one(self, k: int) -> np.ndarray:
         """Frame ``k`` alone: a batch that failed to read names the frame that broke it."""
         try:
-            return self._counts(self._dset[k], f"source.url: {self.url}: frame {k}")
+            data = self._counts(self._dset[k], f"source.url: {self.url}: frame {k}")
         except OSError as exc:
+            self._unchanged(k)
             raise InputError(f"source.url: {self.url}: frame {k}: cannot read ({' '.join(str(exc).split())}), "
                              "expected a readable frame (a corrupted chunk, or a truncated file?)") from None
+        self._unchanged(k)
+        return data
+
+    def _unchanged(self, k: int) -> None:
+        """The file is the one opened, no shorter: one truncated or replaced under the run reads its lost frames
+        as zeros (HDF5 says nothing), which would pass for frames without the beam. (One that grew keeps the
+        frames it had.)"""
+        now = _file_identity(path_of(self.url))
+        if now is None or now[1] != self._identity[1] or now[0] < self._identity[0]:
+            size = (f"{self._identity[0]} bytes then, {now[0]} now" if now is not None
+                    else "it is gone")
+            raise InputError(f"source.url: {self.url}: the file changed while frame {k} was read ({size}), "
+                             "expected a recorded scan to stay whole while it is read (a scan still being "
+                             "written: source.protocol: hdf5-live); the same command resumes once it is whole")
 
     def close(self) -> None:
         self._h5.close()
@@ -191,6 +208,15 @@ class Hdf5FileSource(FrameSource):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(size, inode) of ``path``, or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_ino
 
 
 def path_of(url: str) -> str:
