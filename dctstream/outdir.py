@@ -68,6 +68,22 @@ def check_free(out_dir: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def held(out_dir: str | os.PathLike) -> bool | None:
+    """Whether a live run holds ``out_dir`` (this machine's view of its lock); None without a lock file."""
+    path = Path(out_dir) / RUN_DIR / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN) or None
+    finally:
+        os.close(fd)
+    return False
+
+
 class OutputLock:
     """The exclusive hold of one run on its output folder; ``release()`` (or the process's death) ends it."""
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import outdir
 from ._version import __version__
 from .atomic import replacing
 from .config import Config
@@ -362,16 +363,38 @@ def _latency(marks: list, read: int, segmented: int, now: float) -> dict:
 
 
 def read_status(out_dir: str | os.PathLike) -> dict:
-    """The snapshot in ``OUT/status.json``, or the run record ``OUT/run.json`` if there is no snapshot."""
+    """The snapshot in ``OUT/status.json``, or the run record ``OUT/run.json`` if there is no snapshot; one that
+    says running whose process is gone (killed: it wrote nothing more) says ``stopped``, and why."""
     out = Path(out_dir)
     for name in (STATUS_FILE, "run.json"):
         path = out / name
         if path.is_file():
             try:
-                return json.loads(path.read_text())
+                snap = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise InputError(f"{path}: cannot read the scan status, expected JSON ({exc})") from None
+            return _gone(out, snap) or snap
     raise InputError(f"{out}: no {STATUS_FILE} or run.json, expected the output folder of a dctstream run")
+
+
+def _gone(out: Path, snap: dict) -> dict | None:
+    """``snap`` as stopped when it says running but its process, on this machine, is gone or holds no lock on
+    ``out`` (another machine's process cannot be told: None)."""
+    if snap.get("state") not in ("starting", "running") or snap.get("host") != socket.gethostname():
+        return None
+    pid = snap.get("pid")
+    try:
+        os.kill(int(pid), 0)
+        alive = outdir.held(out) is not False
+    except ProcessLookupError:
+        alive = False
+    except (PermissionError, TypeError, ValueError):  # another user's process, or no pid to ask
+        alive = outdir.held(out) is not False
+    if alive:
+        return None
+    why = (f"its process (pid {pid}) is gone without finishing (killed, or its machine restarted): the same "
+           "command resumes the scan")
+    return {**snap, "state": "stopped", "error": why, "warnings": [why, *(snap.get("warnings") or [])]}
 
 
 def read_statuses(folder: str | os.PathLike) -> list[dict]:

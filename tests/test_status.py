@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,8 +26,8 @@ from dctstream.pipeline import Stats
 from dctstream.record import run_record
 from dctstream.runner import process_scan
 from dctstream.sinks import read_spot_table
-from dctstream.status import (LiveStatus, LogStatus, ScanMonitor, open_display, read_status, render, sparkline,
-                              stats_dict, status_line)
+from dctstream.status import (STATUS_FILE, LiveStatus, LogStatus, ScanMonitor, open_display, read_status, render,
+                              sparkline, stats_dict, status_line)
 from simulators.replay_file import replay_hdf5, start_in_process
 
 
@@ -356,3 +357,24 @@ def test_acquisition_rate_when_the_source_looks_now_and_then(tmp_path):
         monitor(pipeline.stats)
         snap = monitor.snapshot()
     assert snap["rates"]["acquisition_fps"] == pytest.approx(50.0)
+
+
+def test_a_running_snapshot_whose_process_is_gone_reads_as_stopped(tmp_path):
+    """A run killed (SIGKILL, out of memory) left status.json saying running, with an ETA, and status --follow
+    waited for ever; its process gone, or holding no lock on the folder, it reads as stopped, and why."""
+    from dctstream import outdir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    snap = {"state": "running", "host": socket.gethostname(), "pid": dead.pid, "stats": {}, "warnings": ["w"]}
+    (tmp_path / STATUS_FILE).write_text(json.dumps(snap))
+    got = read_status(tmp_path)
+    assert got["state"] == "stopped" and got["warnings"][1:] == ["w"]
+    assert f"its process (pid {dead.pid}) is gone without finishing" in got["warnings"][0]
+    lock = outdir.OutputLock(tmp_path)  # this process, holding the folder: running
+    (tmp_path / STATUS_FILE).write_text(json.dumps({**snap, "pid": os.getpid()}))
+    assert read_status(tmp_path)["state"] == "running"
+    lock.release()  # alive, but holding nothing: its pid taken by another process since
+    assert read_status(tmp_path)["state"] == "stopped"
+    (tmp_path / STATUS_FILE).write_text(json.dumps({**snap, "host": "another-machine"}))
+    assert read_status(tmp_path)["state"] == "running"  # cannot be told from here
