@@ -146,6 +146,11 @@ def _scan_name(dataset: str) -> str:
     return next(p for p in dataset.split("/") if p)
 
 
+# A file matching watch.glob unchanged this long without a scan in it is said (once): not HDF5, or its frames
+# not where watch.dataset says (a typo, another camera).
+EMPTY_FILE_S = 10.0
+
+
 class ScanFinder:
     """Lists the scans under ``root``; a file is looked into until its datasets appear."""
 
@@ -188,6 +193,25 @@ class ScanFinder:
         finally:
             h5.close()
 
+    def why_none(self, path: Path) -> str:
+        """Why ``path`` holds no scan to run, for the log."""
+        h5 = _open(path)
+        if h5 is None:
+            return "not an HDF5 file that can be read"
+        try:
+            found = [d for d in _matching(h5, self.watch.dataset) if isinstance(h5.get(d), h5py.Dataset)]
+            if found:
+                return f"{found[0]} is not a stack of frames (frames, y, x): shape {h5[found[0]].shape}"
+            names: list[str] = []
+            h5.visititems(lambda name, item: names.append("/" + name)
+                          if isinstance(item, h5py.Dataset) and item.ndim == 3 else None)
+            return (f"no dataset matches watch.dataset {self.watch.dataset} (stacks of frames in it: "
+                    f"{', '.join(names[:4]) or 'none'}{', ...' if len(names) > 4 else ''})")
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            return f"cannot be read ({exc})"
+        finally:
+            h5.close()
+
     def _angles(self, h5: h5py.File, dataset: str) -> str | None:
         name = self.watch.angles
         if not name:
@@ -224,6 +248,7 @@ class Daemon:
         self.out_root = self.finder.out_root
         self.known: set[tuple[str, str]] = set()  # scans queued, running or done
         self.files_done: set[str] = set()  # files whose scans are all known, with a fixed dataset
+        self.said_empty: set[str] = set()  # files without a scan, said
         self.queue: deque[Scan] = deque()
         self.running: dict[tuple[str, str], tuple[Scan, subprocess.Popen]] = {}
         self.finished = 0
@@ -320,6 +345,14 @@ class Daemon:
             if str(path) in self.files_done:
                 continue
             scans = self.finder.scans_in(path)
+            if not scans and str(path) not in self.said_empty:
+                try:
+                    still_s = time.time() - path.stat().st_mtime
+                except OSError:
+                    still_s = 0.0
+                if still_s > EMPTY_FILE_S:  # not one being written: said once, looked at again all the same
+                    self.said_empty.add(str(path))
+                    log.warning("%s: no scan to process: %s", path, self.finder.why_none(path))
             for scan in scans:
                 if scan.key in self.known:
                     continue

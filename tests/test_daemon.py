@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import json
 import multiprocessing
 import signal
@@ -350,3 +351,33 @@ def test_a_scan_killed_while_the_daemon_stops_is_recorded_stopped_not_running(tm
     rec = record(scan.out_dir)
     assert rec["state"] == "stopped" and rec["frames_read"] == 7 and rec["exit_code"] == -9
     assert plan(scan.out_dir) == "redo" and daemon.failed == 0
+
+
+def test_a_file_without_a_scan_is_said_once_it_is_still(tmp_path, caplog):
+    """Not HDF5, or its frames not at watch.dataset (a typo, another camera): said once, with what it holds,
+    once unchanged for EMPTY_FILE_S (a file being written gets its datasets first); it waited unsaid for ever."""
+    import logging
+
+    from dctstream.daemon import EMPTY_FILE_S, Daemon
+
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "c").mkdir()
+    (root / "a" / "a.h5").write_text("not HDF5")
+    with h5py.File(root / "b" / "b.h5", "w") as f:
+        f["/1.1/measurement/frelon"] = np.zeros((3, 4, 4), np.uint16)
+    with h5py.File(root / "c" / "c.h5", "w") as f:
+        f["/1.1/measurement/frelon"] = np.zeros((3, 4, 4), np.uint16)
+    old = time.time() - 2 * EMPTY_FILE_S
+    for path in (root / "a" / "a.h5", root / "b" / "b.h5"):
+        os.utime(path, (old, old))
+    daemon = Daemon(root, load_config(None, [f"output.dir={tmp_path / 'out'}", 'watch.glob="*/*.h5"']))
+    with caplog.at_level(logging.WARNING, logger="dctstream"):
+        daemon._discover()
+        daemon._discover()
+    said = [r.getMessage() for r in caplog.records if "no scan to process" in r.getMessage()]
+    assert said == [f"{root / 'a' / 'a.h5'}: no scan to process: not an HDF5 file that can be read",
+                    f"{root / 'b' / 'b.h5'}: no scan to process: no dataset matches watch.dataset "
+                    "/1.1/measurement/marana (stacks of frames in it: /1.1/measurement/frelon)"]
+    assert not daemon.queue
