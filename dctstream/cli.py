@@ -220,8 +220,11 @@ def cmd_export(args) -> int:
     if args.format == "dct":
         from .dct_table import export_dct
 
-        paths, n = export_dct(args.out_dir, args.output)
-        print(f"wrote {n} difspots to {' and '.join(map(str, paths))} (the DCT difspot table)")
+        if args.output:
+            _file_to_write(args.output, "export --output")
+        paths, n, partial = export_dct(args.out_dir, args.output)
+        print(f"wrote {n} difspots to {' and '.join(map(str, paths))} (the DCT difspot table)"
+              + (f"; PARTIAL, marked so in both files: {partial}" if partial else ""))
         return 0
     from .export import export_imaged11
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from .atomic import atomic_h5, replacing
 from .errors import OutputError
+from .record import partial_reason, read_record
 from .sinks.spot_table import read_run_spots
 
 H5_NAME, CSV_NAME = "difspot.h5", "difspot.csv"
@@ -72,12 +73,16 @@ def difspot_columns(spots: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: spots[column] + offset for name, (column, offset) in _FROM_SPOTS.items()}
 
 
-def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> tuple[list[Path], int]:
-    """Write ``out_dir/difspot.h5`` and ``difspot.csv`` (or ``output`` and its ``.csv``); their paths and
-    the number of difspots."""
+def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = None, *, finished: bool = False
+               ) -> tuple[list[Path], int, str | None]:
+    """Write ``out_dir/difspot.h5`` and ``difspot.csv`` (or ``output`` and its ``.csv``); their paths, the
+    number of difspots, and why the results are partial (None for a finished run; ``finished``: the run ending
+    so, before its record says it): a partial table says so in both files (the group's ``partial`` attribute,
+    a first ``# partial = ...`` line)."""
     out_dir = Path(out_dir)
     path, spots = read_run_spots(out_dir)
     cols = difspot_columns(spots)
+    partial = None if finished else partial_reason(read_record(out_dir) or {})
     h5_path = Path(output) if output else out_dir / H5_NAME
     csv_path = h5_path.with_suffix(".csv")
     with atomic_h5(h5_path) as f:
@@ -86,7 +91,9 @@ def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = No
             group.create_dataset(name, data=values)
         group.attrs["notation_indexing"] = INDEXING
         group.attrs["source"] = str(path)
-    lines = [",".join(COLUMNS)]
+        if partial:
+            group.attrs["partial"] = partial
+    lines = ([f"# partial = {partial}"] if partial else []) + [",".join(COLUMNS)]
     for row in zip(*cols.values()):
         lines.append(",".join(str(int(v)) if isinstance(v, np.integer) else repr(float(v)) for v in row))
     try:
@@ -94,12 +101,12 @@ def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = No
             tmp.write_text("\n".join(lines) + "\n")
     except OSError as exc:
         raise OutputError(f"{csv_path}: cannot write output, {exc.strerror or exc}") from None
-    return [h5_path, csv_path], len(cols["difspotID"])
+    return [h5_path, csv_path], len(cols["difspotID"]), partial
 
 
 def read_difspot_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The columns of a ``difspot.csv`` (for tests and for users without the DCT code)."""
-    header, *rows = Path(path).read_text().splitlines()
+    header, *rows = [line for line in Path(path).read_text().splitlines() if not line.startswith("#")]
     names = header.split(",")
     data = [line.split(",") for line in rows if line]
     out = {}

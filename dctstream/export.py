@@ -41,7 +41,7 @@ import numpy as np
 
 from .atomic import replacing
 from .errors import InputError, OutputError
-from .record import read_record
+from .record import partial_reason, read_record
 from .sinks.spot_table import PSI_COLUMN, read_run_spots
 
 FLT_NAME = "spots.flt"
@@ -127,17 +127,6 @@ def imaged11_columns(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray],
     if partial:
         params["partial"] = partial
     return cols, params
-
-
-def partial_reason(record: dict) -> str | None:
-    """Why the run's results are not those of a whole scan, or None when they are."""
-    state = record.get("state")
-    if state == "finished":
-        return None
-    if state is None:
-        return "no run record (run.json), so not known to be a whole scan"
-    why = record.get("incomplete") or record.get("error") or record.get("end_reason")
-    return f"the run is {state}" + (f": {why}" if why else "")
 
 
 def write_columnfile(path: str | os.PathLike, cols: dict[str, np.ndarray], params: dict[str, str]) -> None:

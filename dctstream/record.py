@@ -80,3 +80,14 @@ def read_record(out_dir: str | os.PathLike) -> dict | None:
         return json.loads((Path(out_dir) / RUN_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def partial_reason(record: dict) -> str | None:
+    """Why the run's results are not those of a whole scan, or None when they are."""
+    state = record.get("state")
+    if state == "finished":
+        return None
+    if state is None:
+        return "no run record (run.json), so not known to be a whole scan"
+    why = record.get("incomplete") or record.get("error") or record.get("end_reason")
+    return f"the run is {state}" + (f": {why}" if why else "")

@@ -101,7 +101,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
                     log.warning("quick-look pictures not written: %s", _one_line(exc))
             if state == "finished":
                 try:
-                    export_dct(cfg.output.dir)  # the legacy DCT code's difspot table, beside spots.h5
+                    export_dct(cfg.output.dir, finished=True)  # the legacy DCT code's difspot table, beside spots.h5
                 except Exception as exc:
                     log.warning("difspot table (difspot.h5, difspot.csv) not written: %s", _one_line(exc))
             monitor.state = state

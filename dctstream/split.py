@@ -632,7 +632,7 @@ def run_split(cfg: Config, client, parts: int, *, overwrite: bool = False, start
         checkpoint.finish_run(out_dir)  # the chunks' files too
         outcome = "finished"
         try:
-            export_dct(out_dir)
+            export_dct(out_dir, finished=True)
         except Exception as exc:
             log.warning("difspot table (difspot.h5, difspot.csv) not written: %s", exc)
         snap = {"state": "finished", "version": __version__, "stats": stats_dict(stats),

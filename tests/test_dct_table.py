@@ -78,3 +78,27 @@ def test_export_dct_on_the_command_line(run_out, tmp_path, capsys):
 def test_export_dct_of_a_folder_without_spots(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--format", "dct"]) == 1
     assert capsys.readouterr().err.startswith(f"dctstream: error: {tmp_path / 'spots.h5'}: cannot read the spot table")
+
+
+def test_a_partial_runs_table_says_so_in_both_files(run_out, tmp_path, capsys):
+    """A run stopped before its end: the difspot table is marked partial (the columnfile was, this was not);
+    a finished run's is not (the run's own table, written before its record says finished)."""
+    import json
+    import shutil
+
+    with h5py.File(run_out / "difspot.h5", "r") as f:
+        assert "partial" not in f["difspot"].attrs
+    assert not (run_out / "difspot.csv").read_text().startswith("#")
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run_out, stopped)
+    record = json.loads((stopped / "run.json").read_text())
+    (stopped / "run.json").write_text(json.dumps({**record, "state": "stopped", "error": "interrupted (SIGINT)"}))
+    assert main(["export", str(stopped), "--format", "dct"]) == 0
+    why = "the run is stopped: interrupted (SIGINT)"
+    assert capsys.readouterr().out.endswith(f"; PARTIAL, marked so in both files: {why}\n")
+    with h5py.File(stopped / "difspot.h5", "r") as f:
+        assert f["difspot"].attrs["partial"] == why
+    assert (stopped / "difspot.csv").read_text().startswith(f"# partial = {why}\n")
+    csv, whole = read_difspot_csv(stopped / "difspot.csv"), read_difspot_csv(run_out / "difspot.csv")
+    for name in COLUMNS:
+        np.testing.assert_array_equal(csv[name], whole[name])
