@@ -117,7 +117,12 @@ def run(source: str | os.PathLike | None, *, out: str | os.PathLike | None, dark
     ...                     overrides={"background.window": 101})  # doctest: +SKIP
     >>> run.spots["integral"][:3]  # doctest: +SKIP
     """
-    settings = {"source.url": None if source is None else os.fspath(source), "source.angles": angles,
+    for name, value in (("source", source), ("out", out), ("angles", angles)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            hint = " (dctstream.segment takes frames and angles as arrays)" if name != "out" else ""
+            raise ConfigError(f"run(): {name}: expected a path or URL (str), got {type(value).__name__}{hint}")
+    settings = {"source.url": None if source is None else os.fspath(source),
+                "source.angles": None if angles is None else os.fspath(angles),
                 "output.dir": None if out is None else os.fspath(out), **_dark_settings(dark, "run()")}
     cfg = resolve_config(config, overrides, settings, "run()")
     from .runner import process_scan

@@ -125,6 +125,8 @@ class Run:
         """Difspot ``id`` with its row of the spot table and its voxels from ``OUT/difspots/{id:06d}.h5``."""
         import h5py
 
+        if isinstance(id, (bool, np.bool_)) or not isinstance(id, (int, np.integer)):
+            raise InputError(f"difspot({id!r}): expected a whole-number difspot id, got {type(id).__name__}")
         table = self._read_table()
         rows = np.flatnonzero(table["id"] == id)
         if not rows.size:
@@ -250,6 +252,8 @@ def open_run(out: str | os.PathLike) -> Run:
     >>> run = dctstream.open_run("scan512_out")  # doctest: +SKIP
     >>> run.spots["integral"].sum()  # doctest: +SKIP
     """
+    if not isinstance(out, (str, os.PathLike)):
+        raise InputError(f"open_run(): out: expected the path of a run's output folder, got {type(out).__name__}")
     path = Path(out)
     if not (path / "run.json").is_file() and not (path / "spots.h5").is_file():
         what = "no such folder" if not path.exists() else "no run.json or spots.h5"

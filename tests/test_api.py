@@ -213,6 +213,8 @@ def test_open_run_of_a_scan_that_has_just_started(runs, tmp_path):
 def test_unknown_difspot_is_an_input_error(runs):
     with pytest.raises(InputError, match=r"difspot 99999: not in the spot table"):
         runs[0].difspot(99999)
+    with pytest.raises(InputError, match=r"^difspot\('3'\): expected a whole-number difspot id, got str$"):
+        runs[0].difspot("3")  # 'not in the spot table, expected one of its ids (0..47)' before
 
 
 @pytest.mark.parametrize("frames, angles, dark, needle", [
@@ -296,3 +298,17 @@ def test_openmp_threads_sleep_between_kernels_unless_told_otherwise(given, expec
     done = subprocess.run([sys.executable, "-c", "import os, dctstream; print(os.environ['OMP_WAIT_POLICY'])"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == expected, done.stderr
+
+
+def test_arguments_of_the_wrong_type_are_one_line_errors(tmp_path):
+    """What a notebook naturally passes: psi as an array, a number, None; raw TypeErrors and numpy's 'truth
+    value of an array is ambiguous' before."""
+    with pytest.raises(ConfigError, match=r"^run\(\): angles: expected a path or URL \(str\), got ndarray "
+                                          r"\(dctstream.segment takes frames and angles as arrays\)$"):
+        dctstream.run("scan.h5::/frames", out=tmp_path / "o", angles=np.arange(3.0))
+    with pytest.raises(ConfigError, match=r"^run\(\): source: expected a path or URL \(str\), got int"):
+        dctstream.run(123, out=tmp_path / "o")
+    with pytest.raises(InputError, match=r"^open_run\(\): out: expected the path of a run's output folder, "
+                                         r"got NoneType$"):
+        dctstream.open_run(None)
+    assert not (tmp_path / "o").exists()
