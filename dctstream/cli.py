@@ -232,7 +232,8 @@ def cmd_export(args) -> int:
         _file_to_write(args.output, "export --output")
     path, n, partial = export_imaged11(args.out_dir, args.output)
     print(f"wrote {n} peaks to {path} (ImageD11 columnfile)"
-          + (f"; PARTIAL, marked so in the file: {partial}" if partial else ""))
+          + (f"; PARTIAL, marked so in the file: {partial}" if partial else "")
+          + ("; ImageD11's columnfile reader cannot open a file without peaks" if n == 0 else ""))
     return 0
 
 

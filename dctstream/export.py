@@ -89,6 +89,8 @@ def imaged11_columns(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray],
     line = _omega_line(t)
     has_psi = PSI_COLUMN in t
     omega_of = (lambda frame: line[0] + line[1] * frame) if line else None
+    if has_psi and not len(t["id"]):  # no row to fit the line to: the columns of a table with rows, empty
+        omega_of = lambda frame: np.asarray(frame, np.float64)  # noqa: E731
     corrected = "centroid_x_corrected" in t
     cols: dict[str, np.ndarray] = {
         "sc": t["centroid_y_corrected"] if corrected else t["centroid_y"],

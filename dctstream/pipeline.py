@@ -561,6 +561,8 @@ class Pipeline:
                     self._close_export(raise_errors)
             finally:  # the table is written whatever became of the export
                 if self.table is not None:
+                    if self._psi:
+                        self.table.with_angles()
                     self.table.close()
 
     def _close_export(self, raise_errors: bool) -> None:

@@ -300,6 +300,8 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
             joined = seam.join_across_seam(table, files, n, lambda c: seam.psi_at(psi, c), params.connectivity,
                                            scan.binning, blobs=at_seam if files is None else None)
     finally:
+        if psi:
+            table.with_angles()
         table.close()
     pictures = quick.finish() if quick is not None else []
     return {"out_dir": str(out), "frames": n, "finished_scan": scan.finished,

@@ -728,6 +728,8 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     if cfg.export.format == "sparse":
         _merge_sparse(cfg, ctx, chunks, [sparse_part(p) for p in spills], out_dir, detector, params.tile_px,
                       stats, table)
+    if psi:
+        table.with_angles()
     table.close()
     noise = [v for c in chunks for v in facts[c]["noise"]]
     if noise:

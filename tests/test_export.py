@@ -79,3 +79,24 @@ def test_export_without_a_spot_table(tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"dctstream: error: {tmp_path / 'spots.h5'}: cannot read the spot table")
+
+
+def test_a_scan_without_spots_has_the_columns_of_one_with_spots(exported, tmp_path, capsys):
+    """Frames of noise, angles given: spots.h5 has its psi column and the columnfile the same titles and units
+    as a scan with spots ('omega_unit = frames' without IMax_o, Min_o, Max_o before)."""
+    path = tmp_path / "noise.h5"
+    rng = np.random.default_rng(3)
+    with h5py.File(path, "w") as f:
+        f["frames"] = rng.poisson(100, (40, 32, 32)).astype(np.uint16)
+        f["angles"] = np.linspace(0.0, 20.0, 40)
+    out = tmp_path / "out"
+    process_scan(load_config(None, [f"source.url={path}::/frames", f"source.angles={path}::/angles",
+                                    "dark.value=0", "background.window=11", f"output.dir={out}",
+                                    "quicklook.enabled=false"]), display=False)
+    table = read_spot_table(out / "spots.h5")
+    assert len(table["id"]) == 0 and "centroid_psi_deg" in table
+    assert main(["export", str(out), "--format", "imaged11"]) == 0
+    assert "cannot open a file without peaks" in capsys.readouterr().out
+    empty, empty_params = read_columnfile(out / "spots.flt")
+    full, full_params = read_columnfile(exported[0] / "spots.flt")
+    assert list(empty) == list(full) and empty_params["omega_unit"] == full_params["omega_unit"] == "degrees"

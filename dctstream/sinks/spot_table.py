@@ -199,6 +199,14 @@ class SpotTable:
         self._dirty = True
         return row
 
+    def with_angles(self) -> None:
+        """The scan had angles: the psi column is written even without a row (a scan without spots has the
+        columns of one with spots, as its exports do)."""
+        if self._with_psi is None:
+            self._with_psi = True
+            self._data[PSI_COLUMN] = np.empty(self._data["id"].size, np.float64)
+            self._dirty = True
+
     def columns(self) -> dict[str, np.ndarray]:
         """The rows so far, column by column (a view: copy before changing)."""
         return {name: values[:self._n] for name, values in self._data.items()}
