@@ -10,17 +10,38 @@ the main thread's waits for the next frame call `check`.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
 # The names of the signals received; a list, not an Event: a handler must take no lock its thread may hold.
 _received: list[str] = []
+# How many `deferred` sections the main thread is in: a stop there is remembered, not raised.
+_deferring = [0]
 
 
 def request(signum, frame) -> None:
     """A signal handler: stop as Ctrl-C does (KeyboardInterrupt), and remember it (`check`)."""
     _received.append(signal.Signals(signum).name)
-    raise KeyboardInterrupt(_received[-1])
+    if not _deferring[0]:
+        raise KeyboardInterrupt(_received[-1])
+
+
+@contextlib.contextmanager
+def deferred():
+    """A stop asked for inside is remembered (`received`), not raised: the last steps of a run (closing its
+    files, removing its checkpoint, writing its record) are not cut in the middle. A SIGINT there made a run
+    whose results were whole exit 130 with a record saying stopped, which the same command then refused."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+
+
+def received() -> str | None:
+    """The first stop asked for, or None."""
+    return _received[0] if _received else None
 
 
 def check() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, outdir, seam, spool
+from . import checkpoint, interrupt, outdir, seam, spool
 from ._version import __version__
 from .atomic import crash_point
 from .background import BackgroundStage
@@ -474,24 +474,27 @@ class Pipeline:
                 failure = exc
                 raise
             finally:
-                if not done:
-                    self.source.stop()  # a live source waiting for its next frame returns now
-                reader.close()
-                if reader.running:
-                    self._source_closed = True  # closing it under the reader's feet could crash the process
-                    log.warning("the source did not stop within 5 s; leaving it open")
+                with interrupt.deferred():  # the files closed whole, however the run ends
+                    if not done:
+                        self.source.stop()  # a live source waiting for its next frame returns now
+                    reader.close()
+                    if reader.running:
+                        self._source_closed = True  # closing it under the reader's feet could crash the process
+                        log.warning("the source did not stop within 5 s; leaving it open")
+                    else:
+                        self._close_source()
+                    self._close_outputs(raise_errors=done, failure=failure)
+            with interrupt.deferred():  # every frame is in: a stop now would leave whole results called stopped
+                self.stats.source_end = self.source.end_reason or "complete"
+                self._judge_completeness()
+                if self.stats.incomplete is None:
+                    checkpoint.finish_run(self.out_dir)
+                    outcome = "finished"
                 else:
-                    self._close_source()
-                self._close_outputs(raise_errors=done, failure=failure)
-            self.stats.source_end = self.source.end_reason or "complete"
-            self._judge_completeness()
-            if self.stats.incomplete is None:
-                checkpoint.finish_run(self.out_dir)
-                outcome = "finished"
-            else:
-                outcome = "incomplete"
-                log.warning("%s: the scan is incomplete (%s): the results so far are kept, and the same command "
-                            "resumes it if the source has more frames", self.out_dir, self.stats.incomplete)
+                    outcome = "incomplete"
+                    log.warning("%s: the scan is incomplete (%s): the results so far are kept, and the same "
+                                "command resumes it if the source has more frames", self.out_dir,
+                                self.stats.incomplete)
         finally:
             if not self.keep_lock:
                 self.end(outcome)

@@ -93,23 +93,27 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
                     monitor.state = state  # the display's last refresh shows how the run ended
             return stats
         finally:
-            pictures = []
-            if quick is not None and monitor.output_ready:
-                try:
-                    pictures = quick.finish() if state in ("finished", "incomplete") else []
-                except Exception as exc:
-                    log.warning("quick-look pictures not written: %s", _one_line(exc))
-            if state == "finished":
-                try:
-                    export_dct(cfg.output.dir, finished=True)  # the legacy DCT code's difspot table, beside spots.h5
-                except Exception as exc:
-                    log.warning("difspot table (difspot.h5, difspot.csv) not written: %s", _one_line(exc))
-            monitor.state = state
-            snap = monitor.close(state, error)
-            if snap is not None:
-                write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto()))
+            with interrupt.deferred():  # a stop now would cut the record of how the run ended
+                pictures = []
+                if quick is not None and monitor.output_ready:
+                    try:
+                        pictures = quick.finish() if state in ("finished", "incomplete") else []
+                    except Exception as exc:
+                        log.warning("quick-look pictures not written: %s", _one_line(exc))
+                if state == "finished":
+                    try:
+                        export_dct(cfg.output.dir, finished=True)  # the legacy DCT difspot table, beside spots.h5
+                    except Exception as exc:
+                        log.warning("difspot table (difspot.h5, difspot.csv) not written: %s", _one_line(exc))
+                monitor.state = state
+                snap = monitor.close(state, error)
+                if snap is not None:
+                    write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto()))
+                if state == "finished" and interrupt.received():
+                    log.info("%s received while the run was finishing: it finished", interrupt.received())
     finally:
-        pipeline.end(state)
+        with interrupt.deferred():
+            pipeline.end(state)
 
 
 def stop_on_sigterm() -> None:

@@ -68,3 +68,38 @@ def test_only_the_main_thread_is_stopped_the_others_finish_their_work():
     assert outcome == ["went on"]
     with pytest.raises(KeyboardInterrupt):
         interrupt.check()
+
+
+def test_a_stop_while_a_run_finishes_is_remembered_and_the_run_finishes(tiny_scan, tiny_overrides, tmp_path,
+                                                                       monkeypatch):
+    """SIGINT as the checkpoint goes (all frames in): the run's last steps go on, its record says finished and
+    nothing is left to resume. Raised there, it made a run whose results were whole exit 130 with a record
+    saying stopped, which the same command then refused ('already holds results')."""
+    import json
+    import os
+
+    from dctstream import checkpoint
+    from dctstream.config import load_config
+    from dctstream.runner import process_scan
+
+    finish_run = checkpoint.finish_run
+
+    def signalled(out_dir):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once, in this (the main) thread
+        finish_run(out_dir)
+
+    monkeypatch.setattr(checkpoint, "finish_run", signalled)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupt.install()
+    try:
+        cfg = load_config(None, [f"source.url={tiny_scan.frames_url}", f"dark.url={tiny_scan.dark_url}",
+                                 f"output.dir={tmp_path / 'out'}", *tiny_overrides])
+        stats = process_scan(cfg, display=False)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert interrupt.received() == "SIGINT" and stats.difspots_written > 0
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["state"] == "finished"
+    assert not (tmp_path / "out" / checkpoint.RUN_DIR).exists()
+    with pytest.raises(KeyboardInterrupt):  # outside the last steps, a stop is raised as ever
+        interrupt.request(signal.SIGINT, None)
