@@ -130,6 +130,11 @@ class Stats:
             return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self)}
 
 
+# Saturated pixels kept over a scan at most (4 bytes each): beyond, a detector saturating everywhere, those of
+# later frames are not (said).
+SATURATED_KEEP_MAX = 2**24
+
+
 def resolve_segmentation(cfg, sigma: np.ndarray | None, tile_px: int = TILE_PX,
                          photon_gain: float | None = None) -> SegmentParams:
     """Replace the ``auto`` values of the segmentation section by numbers or (tiles_y, tiles_x) maps,
@@ -307,8 +312,8 @@ class Pipeline:
         self._tracker: PassTracker | None = None
         self._merge: PassMerge | None = None
         self._pass_offset = 0  # acquisition index of the current pass's first frame (its background's frame 0)
-        # frame -> its saturated pixels (Detector.saturated), for touches_mask: written here, read by the
-        # segmenting thread, dropped once no spot still open can hold the frame
+        # frame -> its saturated pixels (Detector.saturated, int32), for touches_mask and the sparse scan (so
+        # that resegment flags them too): written here, read by the segmenting thread
         self._saturated: dict[int, np.ndarray] = {}
         self._backward: list[int] = []  # frames of a scan in arrival order that went back in psi
         self._direction = 0.0  # of psi over such a scan, once it has moved
@@ -570,6 +575,8 @@ class Pipeline:
 
     def _close_export(self, raise_errors: bool) -> None:
         try:
+            if hasattr(self.export, "saturated"):  # the sparse scan keeps them, for resegment
+                self.export.saturated = self._saturated
             self.export.close()
         except DctStreamError as exc:
             if raise_errors:
@@ -642,19 +649,22 @@ class Pipeline:
         return corrected
 
     def _note_saturated(self, k: int, raw: np.ndarray) -> None:
-        """Keep raw frame k's saturated pixels for touches_mask (said at the first), and forget those of frames
-        no open spot can reach any more: a blob is written within a window and its own length of its frames."""
+        """Keep raw frame k's saturated pixels (said at the first); a frame read again (a resumed run) is
+        counted once."""
         flat = self.detector.saturated(raw)
-        if flat is not None:
-            if not self.stats.saturated_pixels:
-                log.warning("frame %d: %d pixels at %d, the top of the frames' type (saturated): the spots on "
-                            "them have touches_mask 1, their intensity a lower bound", k, flat.size,
-                            np.iinfo(raw.dtype).max)
-            self.stats.saturated_pixels += int(flat.size)
-            self._saturated[k] = flat
-        horizon = k - 2 * (self.cfg.background.window + self.cfg.segmentation.max_blob_size[2]) - 64
-        while self._saturated and next(iter(self._saturated)) < horizon:
-            del self._saturated[next(iter(self._saturated))]
+        if flat is None or k in self._saturated:
+            return
+        if self.stats.saturated_pixels + flat.size > SATURATED_KEEP_MAX:
+            if self.stats.saturated_pixels <= SATURATED_KEEP_MAX:
+                log.warning("frame %d: more than %d saturated pixels over the scan: those of this frame and the "
+                            "next are not kept, their spots not flagged", k, SATURATED_KEEP_MAX)
+                self.stats.saturated_pixels = SATURATED_KEEP_MAX + 1
+            return
+        if not self.stats.saturated_pixels:
+            log.warning("frame %d: %d pixels at %d, the top of the frames' type (saturated): the spots on them "
+                        "have touches_mask 1, their intensity a lower bound", k, flat.size, np.iinfo(raw.dtype).max)
+        self.stats.saturated_pixels += int(flat.size)
+        self._saturated[k] = flat.astype(np.int32)
 
     def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
         """Hand the corrected frames to the segmenting thread, one at a time: the background stage makes
@@ -1033,6 +1043,11 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     # a source that says its frame shape only with its first frame (a stream, a folder) starts the stages once
     # that frame's psi was taken: it comes after the checkpoint's
     pipeline._psi = arrays["psi"].tolist() + pipeline._psi if meta["has_psi"] and pipeline._psi is not None else None
+    if "saturated_frames" in arrays:  # of the frames not read again
+        frames, flat = arrays["saturated_frames"], arrays["saturated_flat"]
+        for f in np.unique(frames).tolist():
+            pipeline._saturated[f] = flat[frames == f].astype(np.int32)
+        stats.saturated_pixels = int(flat.size)
     pipeline.table.restore({name[len("table_"):]: v for name, v in arrays.items() if name.startswith("table_")})
     s = meta["stats"]
     stats.difspots_written, stats.frames_missing = s["difspots_written"], s["frames_missing"]

@@ -242,17 +242,17 @@ def resegment(run_dir, overrides=(), out_dir=None, *, overwrite: bool = False, d
 
 
 def never_segmented(scan, record: dict | None) -> NeverSegmented:
-    """What the run's touches_mask took: its fixed mask, and from its record the beam box of every frame (a beam
-    it followed) and its unusable frames; without a record, the beam box of its first frames. (Its saturated
-    pixels are not kept: a spot on them has touches_mask 0 here.)"""
+    """What the run's touches_mask took: its fixed mask and its saturated pixels (in the sparse scan of a
+    finished run), and from its record the beam box of every frame (a beam it followed) and its unusable
+    frames; without a record, the beam box of its first frames."""
     stats = (record or {}).get("stats") or {}
     unusable = {f for first, last in (stats.get("normalise") or {}).get("unusable", []) for f in range(first, last + 1)}
     track = stats.get("direct_beam_track")
     if track:
         track = [(int(f), None if box is None else tuple(int(v) // scan.binning for v in box)) for f, box in track]
-        return NeverSegmented(scan.mask, track, unusable)
+        return NeverSegmented(scan.mask, track, unusable, scan.saturated)
     beam = None if scan.direct_beam is None else tuple(v // scan.binning for v in scan.direct_beam)
-    return NeverSegmented(scan.mask | beam_mask(beam, scan.mask.shape), unusable=unusable)
+    return NeverSegmented(scan.mask | beam_mask(beam, scan.mask.shape), unusable=unusable, saturated=scan.saturated)
 
 
 def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> dict:

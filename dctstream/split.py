@@ -727,7 +727,7 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
         stats.seam_joined = joined
     if cfg.export.format == "sparse":
         _merge_sparse(cfg, ctx, chunks, [sparse_part(p) for p in spills], out_dir, detector, params.tile_px,
-                      stats, table)
+                      stats, table, saturated)
     if psi:
         table.with_angles()
     table.close()
@@ -763,8 +763,9 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
 
 
 def _merge_sparse(cfg: Config, ctx: dict, chunks, parts, out_dir: Path, detector: Detector, tile_px: int,
-                  stats: Stats, table: SpotTable) -> None:
-    """``OUT/corrected.h5`` from the chunks' parts, frame by frame as one process writes it."""
+                  stats: Stats, table: SpotTable, saturated: dict) -> None:
+    """``OUT/corrected.h5`` from the chunks' parts, frame by frame as one process writes it, with the scan's
+    ``saturated`` pixels."""
     shape = detector.shape
     # as one process: with the beam followed (bbox auto) the sparse scan's mask is the bad pixels only, the
     # beam's pixels reading 0 (the chunks' parts hold none of them either)
@@ -794,6 +795,7 @@ def _merge_sparse(cfg: Config, ctx: dict, chunks, parts, out_dir: Path, detector
                                         pixels[3] if measured else None, part.level[f])
                 cuts = (float(part.cut.min()), float(part.cut.max()))
                 low, high = (cuts if low is None else (min(low, cuts[0]), max(high, cuts[1])))
+        writer.saturated = saturated
         writer.close()
     finally:
         if writer is not None and writer.h5.id.valid:

@@ -261,6 +261,14 @@ def test_split_flags_a_saturated_spot_as_one_process_does(scan, tmp_path):
     record = split.run_split(_cfg(url, tmp_path / "out"), InProcess(), 3, starts=[EDGE - 30, EDGE])
     assert_same_outputs(outputs(tmp_path / "out"), outputs(one))
     assert record["stats"]["saturated_pixels"] == 27
+    # the sparse scan keeps them: a resegmentation flags the spot as its run did
+    from dctstream.resegment import resegment
+    from dctstream.sinks import read_spot_table
+
+    resegment(one, (), tmp_path / "re")
+    got, want = read_spot_table(tmp_path / "re" / "spots.h5"), read_spot_table(one / "spots.h5")
+    np.testing.assert_array_equal(got["touches_mask"], want["touches_mask"])
+    np.testing.assert_array_equal(got["centroid_x"], want["centroid_x"])
 
 
 def test_scan_shorter_than_the_window_is_refused_with_the_window_named(scan, tmp_path):

@@ -178,6 +178,8 @@ class SparseScanWriter:
         self._maps: dict[str, list[np.ndarray]] = {name: [] for name, _ in self._MAPS}
         self.reduction = self.fill_fraction = self.bytes_per_frame = None
         self.failed = False
+        # frame -> flat indices of its saturated pixels (`Detector.saturated`), written at close for resegment
+        self.saturated: dict[int, np.ndarray] = {}
         self._flushed_s = time.monotonic()
         self.chunk_px = int(np.clip(ny * nx // 4, MIN_CHUNK_PX, CHUNK_PX))
         if max(ny, nx) > 65536:
@@ -407,6 +409,11 @@ class SparseScanWriter:
             # resegment, a viewer) holds the file, and its lock would fail the run at its last step
             with h5py.File(self.path, "r+", locking=False) as h5:
                 h5[SCAN_GROUP].attrs.update({"nframes": self.frames, "npx": self.file_px})
+                frames = sorted(self.saturated)
+                h5[SCAN_GROUP].create_dataset("saturated_frame", data=np.concatenate(
+                    [np.full(self.saturated[f].size, f, np.int64) for f in frames] or [np.zeros(0, np.int64)]))
+                h5[SCAN_GROUP].create_dataset("saturated_pixel", data=np.concatenate(
+                    [np.asarray(self.saturated[f], np.int64) for f in frames] or [np.zeros(0, np.int64)]))
                 # the datasets' bytes, not the file's: the same for a resumed run, whose file was copied
                 size = sum(item.id.get_storage_size() for item in _datasets(h5))
         except OSError as exc:
@@ -461,6 +468,12 @@ class SparseScan:
         self.mask = group["mask"][()].astype(bool)
         self.direct_beam = tuple(int(v) for v in group.attrs["direct_beam"]) or None
         self.photon_gain = float(group.attrs["photon_gain"]) if "photon_gain" in group.attrs else None
+        # frame -> flat indices of its saturated pixels, once the run has finished (written at its end)
+        self.saturated: dict[int, np.ndarray] = {}
+        if "saturated_frame" in group:
+            frames, flat = group["saturated_frame"][()], group["saturated_pixel"][()]
+            for f in np.unique(frames).tolist():
+                self.saturated[f] = flat[frames == f]
         self.binning = int(self.h5.attrs.get("binning", 1))
         self.binning_mode = str(self.h5.attrs.get("binning_mode", "sum"))
         self.finished = int(group.attrs["nframes"]) == n > 0
