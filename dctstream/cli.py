@@ -29,6 +29,9 @@ def _config(args):
         value = getattr(args, key, None)
         if value is not None:
             name = {"source": "source.url", "dark": "dark.url", "out": "output.dir"}[key]
+            both = [text for text in overrides if text.partition("=")[0].strip() == name]
+            if both:  # the option wins, as it comes after: said, it was dropped unsaid
+                log.warning("--%s %s replaces --set %s", key, value, both[-1])
             # A path, not YAML: quoted so that `--out 2024` or `--dark 'scan #2.h5::/d'` stay strings.
             overrides.append(f"{name}={json.dumps(value, ensure_ascii=False)}")
     return load_config(config_file(args.config), overrides)

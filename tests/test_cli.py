@@ -198,3 +198,14 @@ def test_demo_prints_recall_and_precision(capsys):
     assert p == pytest.approx(int(precision[2]) / max(int(precision[3]), 1), abs=5e-4)
     written = re.search(r"(\d+) difspots written", text)
     assert written and int(written[1]) == int(precision[3])
+
+
+def test_an_option_and_a_set_of_the_same_key_say_which_one_is_taken(capsys, caplog):
+    """--source with --set source.url (a script's base settings, then this scan's): the option is taken, and
+    the value it replaces is said (it was dropped unsaid)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dctstream"):
+        assert main(["check", "--source", "a.h5::/x", "--set", "source.url=b.h5::/y"]) == 0
+    assert "url: a.h5::/x" in capsys.readouterr().out
+    assert "--source a.h5::/x replaces --set source.url=b.h5::/y" in caplog.text
