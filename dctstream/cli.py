@@ -191,7 +191,7 @@ def cmd_status(args) -> int:
     from .status import read_statuses, render, status_line
 
     if args.follow:
-        return _follow_status(args.out_dir, args.interval)
+        return _follow_status(args.out_dir, args.interval, lines=args.line or not sys.stdout.isatty())
     snaps = read_statuses(args.out_dir)
     if args.line:
         print("\n".join(status_line(snap) for snap in snaps))
@@ -200,14 +200,30 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _follow_status(out_dir, interval_s: float) -> int:
-    """Refresh the view of another process's scans until none is running."""
+def _follow_status(out_dir, interval_s: float, lines: bool = False) -> int:
+    """Refresh the view of another process's scans until none is running; ``lines``: a line per scan each
+    time it changed, flushed (a log, a pipe: the live panel is drawn only on a terminal)."""
     from rich.console import Console
     from rich.live import Live
 
-    from .status import read_statuses, render
+    from .status import read_statuses, render, status_line
 
     snaps = read_statuses(out_dir)
+    if lines:
+        shown: dict[str, str] = {}
+        while True:
+            for snap in snaps:
+                line = status_line(snap)
+                if shown.get(str(snap.get("source"))) != line:
+                    shown[str(snap.get("source"))] = line
+                    print(line, flush=True)
+            if not any(snap.get("state") in ("starting", "running") for snap in snaps):
+                return 0
+            time.sleep(interval_s)
+            try:
+                snaps = read_statuses(out_dir)
+            except DctStreamError:
+                continue  # between two rewrites
     with Live(render(snaps), console=Console(), refresh_per_second=4) as live:
         while any(snap.get("state") in ("starting", "running") for snap in snaps):
             time.sleep(interval_s)

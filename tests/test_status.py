@@ -378,3 +378,17 @@ def test_a_running_snapshot_whose_process_is_gone_reads_as_stopped(tmp_path):
     assert read_status(tmp_path)["state"] == "stopped"
     (tmp_path / STATUS_FILE).write_text(json.dumps({**snap, "host": "another-machine"}))
     assert read_status(tmp_path)["state"] == "running"  # cannot be told from here
+
+
+def test_status_follow_prints_lines_where_it_draws_no_panel(tmp_path, capsys, monkeypatch):
+    """--follow --line, or --follow into a pipe or a log: a line per scan each time its snapshot changes, until
+    none is running (the panel's last frame only, at the end, before; and --line was not taken)."""
+    snaps = iter([{"state": "running", "source": "s.h5", "stats": {"frames_read": 10}},
+                  {"state": "running", "source": "s.h5", "stats": {"frames_read": 10}},
+                  {"state": "running", "source": "s.h5", "stats": {"frames_read": 20}},
+                  {"state": "finished", "source": "s.h5", "stats": {"frames_read": 30}}])
+    monkeypatch.setattr("dctstream.status.read_statuses", lambda out: [next(snaps)])
+    assert main(["status", str(tmp_path), "--follow", "--interval", "0.01"]) == 0  # capsys: not a terminal
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in out] == [
+        "s.h5: running; frames received 10", "s.h5: running; frames received 20", "s.h5: finished; frames received 30"]
