@@ -95,7 +95,11 @@ CASES = {
         ["source.url", f"{c.dir}/nofile.h5", "file not found", "expected"]),
     "missing_dataset": lambda c: (
         ["run", "--source", f"{c.scan.path}::/nope", "--out", c.out], 1,
-        ["source.url", f"{c.scan.path}::/nope", "no such dataset", "expected a dataset", "1.1, 2.1"]),
+        ["source.url", f"{c.scan.path}::/nope", "no such dataset", "expected a dataset", "its root holds: 1.1, 2.1"]),
+    "dataset_mistyped_in_its_group": lambda c: (
+        ["run", "--source", f"{c.scan.path}::/1.1/measurement/nothere", "--out", c.out],
+        InputError.exit_code,  # the file's root before, not where the name was mistyped
+        ["source.url", "no such dataset", "(/1.1/measurement holds: ", "marana"]),
     # a file named alone is a DCT dataset file: it must hold a rotation scan
     "url_without_separator": lambda c: (
         ["run", "--source", str(c.bad), "--out", c.out], 1,

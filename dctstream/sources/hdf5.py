@@ -38,6 +38,20 @@ def _members(group: h5py.Group, limit: int = 8) -> str:
     return shown or "nothing"
 
 
+def _deepest_group(h5: h5py.File, name: str) -> h5py.Group:
+    """The deepest group along ``name`` that is there: where a mistyped dataset's neighbours are."""
+    group = h5
+    for part in [p for p in name.split("/") if p]:
+        try:
+            item = group.get(part)
+        except (KeyError, ValueError, OSError):
+            break
+        if not isinstance(item, h5py.Group):
+            break
+        group = item
+    return group
+
+
 def _open(url: str, key: str | None = None) -> tuple[h5py.File, h5py.Dataset]:
     """The open file and its dataset at ``url``; ``key`` (``dark.url``) prefixes error messages."""
     where = f"{key}: " if key else ""
@@ -70,7 +84,9 @@ def _open(url: str, key: str | None = None) -> tuple[h5py.File, h5py.Dataset]:
         elif isinstance(link, h5py.SoftLink):
             what = f"a link to {link.path}, which does not exist in {path}, expected a dataset there"
         else:
-            what = f"no such dataset, expected a dataset in {path} (its root holds: {_members(h5)})"
+            parent = _deepest_group(h5, name)
+            what = (f"no such dataset, expected a dataset in {path} "
+                    f"({'its root' if parent.name == '/' else parent.name} holds: {_members(parent)})")
         h5.close()
         raise InputError(f"{where}{url}: {what}")
     return h5, obj
