@@ -106,7 +106,10 @@ class Run:
 
     def angles(self) -> np.ndarray | None:
         """ψ of every frame of the scan, degrees, read from the run's ``source.angles``; None without angles."""
-        url = (self.record.get("config") or {}).get("source", {}).get("angles")
+        from .record import read_record
+
+        # without a record (lost, or a folder copied without it), the difspots are still there, without psi
+        url = ((read_record(self.out) or {}).get("config") or {}).get("source", {}).get("angles")
         if self._angles is None or self._angles[0] != url:
             psi = None
             if url:

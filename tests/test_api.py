@@ -312,3 +312,17 @@ def test_arguments_of_the_wrong_type_are_one_line_errors(tmp_path):
                                          r"got NoneType$"):
         dctstream.open_run(None)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_folder_without_its_record_still_gives_its_difspots(runs, tmp_path):
+    """run.json lost (a folder copied without it): the spot table and the difspot files are read, without psi
+    (difspot() stopped at the missing record before)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs[0].out, copy)
+    (copy / "run.json").unlink()
+    run = dctstream.open_run(copy)
+    spot_id = int(run.spots["id"][0])
+    got, want = run.difspot(spot_id), runs[0].difspot(spot_id)
+    assert got.bbox == want.bbox and np.array_equal(got.volume, want.volume) and got.psi_range_deg is None
