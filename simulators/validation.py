@@ -360,8 +360,10 @@ def regions_markdown(rows: list[dict]) -> str:
 
 
 def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged11: bool = True,
-             timeout_s: float | None = None, code_root: Path = ROOT) -> list[dict]:
-    """Generate (or reuse) each scan, run both tools, score them; one dict per (scan, tool)."""
+             timeout_s: float | None = None, code_root: Path = ROOT, shape: tuple[int, int] | None = None
+             ) -> list[dict]:
+    """Generate (or reuse) each scan, run both tools, score them; one dict per (scan, tool). ``shape``:
+    (frames, size) of the simulated scans instead of the quick or full ones (e.g. the detector's 2048)."""
     work.mkdir(parents=True, exist_ok=True)
     timeout_s = timeout_s or (600.0 if quick else 1800.0)
     rows = []
@@ -385,7 +387,8 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
             shape_kind = "gauss"
         else:
             shape_kind = SCANS[name].get("spot_shape", "gauss")
-        path = work / POLYXSIM_SCAN if name == "polyxsim" else scan_path(work, name, quick=quick, seed=seed)
+        path = (work / POLYXSIM_SCAN if name == "polyxsim"
+                else scan_path(work, name, quick=quick, seed=seed, shape=None if name == "independent" else shape))
         truth = read_hard_truth(path)
         with h5py.File(path, "r") as f:
             shape_of[name] = f[FRAMES_PATH].shape
@@ -455,6 +458,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "dctstream-validate"),
                    help="folder for the scans (kept and reused) and the runs' outputs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", help="FRAMES,SIZE: simulated scans of FRAMES frames of SIZE x SIZE px instead "
+                                   "(e.g. 600,2048: the detector's size, past the default window of 501)")
     p.add_argument("--no-imaged11", action="store_true", help="skip the ImageD11 peer rows")
     p.add_argument("--timeout", type=float, help="seconds per dctstream run (600 quick, 1800 full)")
     p.add_argument("--markdown", help="also write the table to this file")
@@ -473,8 +478,19 @@ def run_from_args(args) -> int:
         print(f"validate: --scans: unknown {unknown}, expected names from {[*SCANS, 'independent', 'polyxsim']}",
               file=sys.stderr)
         return 2
+    shape = None
+    if args.shape:
+        try:
+            shape = tuple(int(v) for v in args.shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 2 or min(shape) < 32:
+            print(f"validate: --shape: expected FRAMES,SIZE (whole numbers of at least 32), got {args.shape!r}",
+                  file=sys.stderr)
+            return 2
     rows = validate(quick=args.quick, scans=scans, work=Path(args.work), seed=args.seed,
-                    imaged11=not args.no_imaged11, timeout_s=args.timeout, code_root=Path(args.dctstream_root))
+                    imaged11=not args.no_imaged11, timeout_s=args.timeout, code_root=Path(args.dctstream_root),
+                    shape=shape)
     table = "\n\n".join(part for part in (table_markdown(rows), common_markdown(rows), regions_markdown(rows)) if part)
     print(table)
     if args.markdown:

@@ -41,13 +41,19 @@ def test_tools_are_also_compared_on_the_spots_both_found():
     assert "| toy | ImageD11 | 2 | 0.141 | 0.500 | 0.500 |" in common_markdown(rows)
 
 
-def test_dctstream_validate_passes_its_options_to_the_validation(capsys):
+def test_dctstream_validate_passes_its_options_to_the_validation(capsys, monkeypatch):
     assert main(["validate", "--scans", "clean,bogus"]) == 2
     assert "unknown ['bogus']" in capsys.readouterr().err
+    assert main(["validate", "--scans", "clean", "--shape", "600x2048"]) == 2
+    assert "--shape: expected FRAMES,SIZE" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["validate", "--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("usage: dctstream validate")
+    asked = {}
+    monkeypatch.setattr("simulators.validation.validate", lambda **kw: asked.update(kw) or [])
+    assert main(["validate", "--scans", "clean", "--shape", "600,2048", "--no-imaged11"]) == 0
+    assert asked["shape"] == (600, 2048) and asked["scans"] == ["clean"] and not asked["imaged11"]
 
 
 def test_fps_is_against_a_clean_scan_of_the_same_size_where_one_was_run():
