@@ -359,61 +359,58 @@ class FolderSource(FollowedSource):
                     log.warning("%s: no angle for frame %d after %g s: frames without one get psi None",
                                 self._angles.url, k, self._angle_wait_s)
                     self._angles_in_step = False
+            frame = None  # frame k, read or given up on
             if ready:
                 angle_since = None
                 read = self._read(os.path.join(self._folder, self._name(number)))
                 if read is None:
                     self._failed = (_key(stat, number), time.monotonic())
                 else:
-                    data, header = read
-                    yield Frame(k, self._psi(k, header), data)
-                    k += 1
-                    quiet_since, stuck_since, self._failed = time.monotonic(), None, None
-                    if self._expected is not None and k >= self._expected:
-                        self._finish("expected_frames", k)
-                        return
-                    continue  # the next file may be there already
+                    frame = Frame(k, self._psi(k, read[1]), read[0])
             now = time.monotonic()
-            if angle_since is not None:
-                deadline = angle_since + self._angle_wait_s
-            elif number is not None and (later or self._failed is not None):
-                # a number missing before later ones, or a file that does not read: it must come right
-                stuck_since = stuck_since or now
-                limit = 2 * self._poll_s if self._recorded else self._idle_s  # a recorded folder does not change
-                if now - stuck_since >= limit:
-                    if not later:  # the last file, unreadable: its writer died
-                        log.warning("%s: %s: frame %d: %s for %g s: the scan ends before it", self.url,
-                                    os.path.join(self._folder, self._name(number)), k, self._error, limit)
-                        self._finish("idle_timeout", k)
-                        return
-                    if self._missing_policy != "repeat-background":
-                        self._give_up(k, number, stat, limit)
-                    log.warning("%s: frame %d: %s: replaced by the background (source.missing: "
-                                "repeat-background)", self.url, k, self._why_lost(number, stat))
-                    self.counters["missing"] += 1
-                    yield Frame(k, self._psi(k, None), None)
-                    k += 1
-                    quiet_since, stuck_since, self._failed = time.monotonic(), None, None
-                    if self._expected is not None and k >= self._expected:
-                        self._finish("expected_frames", k)
-                        return
+            if frame is None:
+                if angle_since is not None:
+                    deadline = angle_since + self._angle_wait_s
+                elif number is not None and (later or self._failed is not None):
+                    # a number missing before later ones, or a file that does not read: it must come right
+                    stuck_since = stuck_since or now
+                    limit = 2 * self._poll_s if self._recorded else self._idle_s  # a recorded folder does not change
+                    if now - stuck_since >= limit:
+                        if not later:  # the last file, unreadable: its writer died
+                            log.warning("%s: %s: frame %d: %s for %g s: the scan ends before it", self.url,
+                                        os.path.join(self._folder, self._name(number)), k, self._error, limit)
+                            self._finish("idle_timeout", k)
+                            return
+                        if self._missing_policy != "repeat-background":
+                            self._give_up(k, number, stat, limit)
+                        log.warning("%s: frame %d: %s: replaced by the background (source.missing: "
+                                    "repeat-background)", self.url, k, self._why_lost(number, stat))
+                        self.counters["missing"] += 1
+                        frame = Frame(k, self._psi(k, None), None)
+                    deadline = stuck_since + limit
+                elif self._recorded and stat is None:  # every file of a recorded folder read
+                    self._finish("complete" if self._expected is None else "idle_timeout", k)
+                    return
+                elif now - quiet_since >= self._idle_s:
+                    if self._first is None:
+                        raise InputError(f"source.url: {self.url}: expected files matching {self._pattern} in "
+                                         f"{self._folder} within {self._idle_s:g} s (source.idle_timeout_s), "
+                                         f"got none")
+                    self._finish("idle_timeout", k)
+                    return
+                else:
+                    deadline = quiet_since + self._idle_s
+                    if stat is not None:  # the newest file: look again once it has been still long enough
+                        deadline = min(deadline, self._seen_since + self._poll_s)
+                if frame is None:
+                    self._wait(deadline)
                     continue
-                deadline = stuck_since + limit
-            elif self._recorded and stat is None:  # every file of a recorded folder read
-                self._finish("complete" if self._expected is None else "idle_timeout", k)
+            yield frame
+            k += 1
+            quiet_since, stuck_since, self._failed = time.monotonic(), None, None
+            if self._expected is not None and k >= self._expected:
+                self._finish("expected_frames", k)
                 return
-            elif now - quiet_since >= self._idle_s:
-                if self._first is None:
-                    raise InputError(f"source.url: {self.url}: expected files matching {self._pattern} in "
-                                     f"{self._folder} within {self._idle_s:g} s (source.idle_timeout_s), "
-                                     f"got none")
-                self._finish("idle_timeout", k)
-                return
-            else:
-                deadline = quiet_since + self._idle_s
-                if stat is not None:  # the newest file: look again once it has been still long enough
-                    deadline = min(deadline, self._seen_since + self._poll_s)
-            self._wait(deadline)
 
     def _complete(self, number: int | None, stat: os.stat_result | None, later: bool, now: float) -> bool:
         """Whether file ``number`` should be read now (see the module docstring)."""
