@@ -676,6 +676,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv[:-1]):  # tune --values -1,0,5: a list that starts negative, not an option
+        if arg == "--values" and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            argv[i:i + 2] = [f"--values={argv[i + 1]}"]
+            break
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

@@ -593,6 +593,9 @@ def test_tune_and_resegment_misuse_is_one_line_before_any_sweep(run, tmp_path, c
          ["--key: segmentation.seed_sigmaa: no such setting, expected one of", "seed_sigma"]),
         (["tune", tmp / "run", "--key", "drop_zingers", "--values", "0,1"], ConfigError.exit_code,
          ["segmentation.drop_zingers: every value swept was refused", "must be true or false"]),
+        # a list that starts negative is the list (argparse took it for an option: 'expected one argument')
+        (["tune", tmp / "run", "--key", "grow_ratio", "--values", "-1,-0.5"], ConfigError.exit_code,
+         ["segmentation.grow_ratio: every value swept was refused"]),
     ]
     for args, code, needles in cases:
         got = main([str(a) for a in args])
