@@ -52,6 +52,7 @@ import numpy as np
 import yaml
 
 from .atomic import sync_files, write_atomic
+from .direct_beam import saturated_arrays
 from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,8 @@ def capture(pipeline, k: int) -> Snapshot:
                            else np.zeros((0, *bg.frame_shape), bg.dtype)),
         **({"dark": bg.dark} if pipeline.cfg.dark.estimate else {}),
         "psi": np.asarray(psi[:first_raw] if psi is not None else [], np.float64),
-        **_saturated_before(pipeline._saturated, first_raw),
+        # the saturated pixels of the frames a resumed run does not read again
+        **dict(zip(("saturated_frames", "saturated_flat"), saturated_arrays(pipeline._saturated, first_raw))),
         "seg_prev_labels": state["prev_labels"], "seg_parent": state["parent"],
         "seg_region_ids": state["region_ids"], "seg_open": state["open"], "seg_claimed": state["claimed"],
         **{f"seg_regions_{name}": v for name, v in state["regions"].items()},
@@ -290,14 +292,6 @@ def capture(pipeline, k: int) -> Snapshot:
         meta["export"] = {key: state[key] for key in export.STATE_VALUES}
         arrays.update({f"export_{key}": state[key] for key in export.STATE_ARRAYS})
     return Snapshot(k, meta, arrays)
-
-
-def _saturated_before(saturated: dict[int, np.ndarray], first_raw: int) -> dict[str, np.ndarray]:
-    """The saturated pixels of the frames a resumed run does not read again, as two arrays."""
-    frames = sorted(f for f in list(saturated) if f < first_raw)
-    return {"saturated_frames": np.concatenate([np.full(saturated[f].size, f, np.int64) for f in frames]
-                                               or [np.zeros(0, np.int64)]),
-            "saturated_flat": np.concatenate([saturated[f] for f in frames] or [np.zeros(0, np.int32)])}
 
 
 def _intensity_samples(bg) -> dict[str, np.ndarray]:

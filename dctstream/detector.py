@@ -325,7 +325,7 @@ class Detector:
             inside = (y < self.shape[0]) & (x < self.shape[1])
             flat = np.unique(y[inside] * self.shape[1] + x[inside])
         flat = flat[~self.mask.ravel()[flat]]
-        return flat if flat.size else None
+        return flat.astype(np.int32) if flat.size else None
 
     def first_window(self, frames: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(dark estimated from the frames or None, the mask with the automatic detection added)."""

@@ -219,6 +219,21 @@ def box_at(track, k: int) -> Box | None:
     return track[i][1] if i >= 0 else None
 
 
+def saturated_arrays(saturated: dict[int, np.ndarray], below: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``saturated`` (frame -> flat pixel indices, `NeverSegmented`) as two int64 arrays, the frame of each pixel
+    (in order) and its flat index, for a file; ``below``: the frames before it only."""
+    frames = sorted(f for f in list(saturated) if below is None or f < below)
+    counts = [saturated[f].size for f in frames]
+    flat = np.concatenate([saturated[f] for f in frames]) if frames else np.zeros(0)
+    return np.repeat(np.asarray(frames, np.int64), counts), flat.astype(np.int64)
+
+
+def saturated_from_arrays(frames: np.ndarray, flat: np.ndarray) -> dict[int, np.ndarray]:
+    """The frame -> flat pixel indices (int32) that `saturated_arrays` gave."""
+    firsts, starts = np.unique(frames, return_index=True)
+    return {int(f): part.astype(np.int32) for f, part in zip(firsts, np.split(np.asarray(flat), starts[1:]))}
+
+
 class NeverSegmented:
     """Whether a spot's box touches pixels never segmented or never measured in full: the fixed mask (bad
     pixels, gaps, a fixed beam box), the beam box of any of its frames (``track``: ``(first frame, box or

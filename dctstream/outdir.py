@@ -53,23 +53,15 @@ def _busy(out_dir: Path, path: Path) -> OutputError:
 
 
 def check_free(out_dir: str | os.PathLike) -> None:
-    """Refuse now if a live run holds ``out_dir``; creates nothing."""
-    path = Path(out_dir) / RUN_DIR / LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # no lock file (or not readable): nobody to ask, the lock itself decides later
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise _busy(Path(out_dir), path) from None
-    finally:
-        os.close(fd)
+    """Refuse now if a live run holds ``out_dir``; creates nothing (without a lock file, or one that cannot be
+    read, nobody is asked: the lock itself decides later)."""
+    if held(out_dir):
+        raise _busy(Path(out_dir), Path(out_dir) / RUN_DIR / LOCK)
 
 
 def held(out_dir: str | os.PathLike) -> bool | None:
-    """Whether a live run holds ``out_dir`` (this machine's view of its lock); None without a lock file."""
+    """Whether a live run holds ``out_dir`` (this machine's view of its lock); None without a lock file, or
+    one that cannot be asked."""
     path = Path(out_dir) / RUN_DIR / LOCK
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -24,7 +24,7 @@ from .background import BackgroundStage
 from .background.kernels import kernels_cached
 from .config import Config, dump_config
 from .detector import Detector
-from .direct_beam import NeverSegmented, beam_mask, box_at
+from .direct_beam import NeverSegmented, beam_mask, box_at, saturated_from_arrays
 from .errors import ConfigError, DctStreamError, InputError, OutputError
 from .order import PassMerge, PassTracker, arrange, frames_text
 from .overlap import Prefetch, Worker
@@ -664,7 +664,7 @@ class Pipeline:
             log.warning("frame %d: %d pixels at %d, the top of the frames' type (saturated): the spots on them "
                         "have touches_mask 1, their intensity a lower bound", k, flat.size, np.iinfo(raw.dtype).max)
         self.stats.saturated_pixels += int(flat.size)
-        self._saturated[k] = flat.astype(np.int32)
+        self._saturated[k] = flat
 
     def _segment(self, corrected: Iterator[tuple[int, np.ndarray]]) -> None:
         """Hand the corrected frames to the segmenting thread, one at a time: the background stage makes
@@ -1044,10 +1044,8 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     # that frame's psi was taken: it comes after the checkpoint's
     pipeline._psi = arrays["psi"].tolist() + pipeline._psi if meta["has_psi"] and pipeline._psi is not None else None
     if "saturated_frames" in arrays:  # of the frames not read again
-        frames, flat = arrays["saturated_frames"], arrays["saturated_flat"]
-        for f in np.unique(frames).tolist():
-            pipeline._saturated[f] = flat[frames == f].astype(np.int32)
-        stats.saturated_pixels = int(flat.size)
+        pipeline._saturated.update(saturated_from_arrays(arrays["saturated_frames"], arrays["saturated_flat"]))
+        stats.saturated_pixels = int(arrays["saturated_flat"].size)
     pipeline.table.restore({name[len("table_"):]: v for name, v in arrays.items() if name.startswith("table_")})
     s = meta["stats"]
     stats.difspots_written, stats.frames_missing = s["difspots_written"], s["frames_missing"]

@@ -113,12 +113,10 @@ class Run:
         if self._angles is None or self._angles[0] != url:
             psi = None
             if url:
-                from .sources import read_dataset
-                from .sources.hdf5 import is_angle_file, read_angle_file
+                from .sources.hdf5 import read_angles
 
                 try:
-                    psi = np.asarray(read_angle_file(url) if is_angle_file(url)
-                                     else read_dataset(url, "source.angles"), np.float64)
+                    psi = np.asarray(read_angles(url)[0], np.float64)  # a dataset, or a file of angles
                 except DctStreamError as exc:  # the scan moved since: the difspots are still there
                     log.warning("no psi range for the difspots of %s: %s", self.out, exc)
             self._angles = (url, psi)

@@ -385,12 +385,12 @@ def _gone(out: Path, snap: dict) -> dict | None:
     pid = snap.get("pid")
     try:
         os.kill(int(pid), 0)
-        alive = outdir.held(out) is not False
+        alive = True
     except ProcessLookupError:
         alive = False
-    except (PermissionError, TypeError, ValueError):  # another user's process, or no pid to ask
-        alive = outdir.held(out) is not False
-    if alive:
+    except (PermissionError, TypeError, ValueError):  # another user's process, or no pid to ask: the lock tells
+        alive = True
+    if alive and outdir.held(out) is not False:
         return None
     why = (f"its process (pid {pid}) is gone without finishing (killed, or its machine restarted): the same "
            "command resumes the scan")

@@ -45,6 +45,7 @@ import hdf5plugin
 import numpy as np
 
 from ..atomic import output_error
+from ..direct_beam import saturated_arrays, saturated_from_arrays
 from ..errors import InputError, OutputError
 from ._kernels import pixels_at_or_above, rows_at_or_above
 
@@ -409,11 +410,9 @@ class SparseScanWriter:
             # resegment, a viewer) holds the file, and its lock would fail the run at its last step
             with h5py.File(self.path, "r+", locking=False) as h5:
                 h5[SCAN_GROUP].attrs.update({"nframes": self.frames, "npx": self.file_px})
-                frames = sorted(self.saturated)
-                h5[SCAN_GROUP].create_dataset("saturated_frame", data=np.concatenate(
-                    [np.full(self.saturated[f].size, f, np.int64) for f in frames] or [np.zeros(0, np.int64)]))
-                h5[SCAN_GROUP].create_dataset("saturated_pixel", data=np.concatenate(
-                    [np.asarray(self.saturated[f], np.int64) for f in frames] or [np.zeros(0, np.int64)]))
+                frames, flat = saturated_arrays(self.saturated)
+                h5[SCAN_GROUP].create_dataset("saturated_frame", data=frames)
+                h5[SCAN_GROUP].create_dataset("saturated_pixel", data=flat)
                 # the datasets' bytes, not the file's: the same for a resumed run, whose file was copied
                 size = sum(item.id.get_storage_size() for item in _datasets(h5))
         except OSError as exc:
@@ -469,11 +468,8 @@ class SparseScan:
         self.direct_beam = tuple(int(v) for v in group.attrs["direct_beam"]) or None
         self.photon_gain = float(group.attrs["photon_gain"]) if "photon_gain" in group.attrs else None
         # frame -> flat indices of its saturated pixels, once the run has finished (written at its end)
-        self.saturated: dict[int, np.ndarray] = {}
-        if "saturated_frame" in group:
-            frames, flat = group["saturated_frame"][()], group["saturated_pixel"][()]
-            for f in np.unique(frames).tolist():
-                self.saturated[f] = flat[frames == f]
+        self.saturated = (saturated_from_arrays(group["saturated_frame"][()], group["saturated_pixel"][()])
+                          if "saturated_frame" in group else {})
         self.binning = int(self.h5.attrs.get("binning", 1))
         self.binning_mode = str(self.h5.attrs.get("binning_mode", "sum"))
         self.finished = int(group.attrs["nframes"]) == n > 0

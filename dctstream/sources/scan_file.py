@@ -94,12 +94,8 @@ def resolve_auto(cfg):
         h5, reason = _open(url)
     master = h5 is not None and parse_url(url)[1].rstrip("/") == MASTER_DATA
     try:
-        if "source.angles" in found:
-            pass
-        elif want_angles and master:
-            found["source.angles"] = _master_angles(h5, url)
-        elif want_angles:
-            found["source.angles"] = (_find_angles(h5, url) if h5 is not None
+        if want_angles and "source.angles" not in found:  # a folder's was said above
+            found["source.angles"] = (_master_angles(h5, url) if master else _find_angles(h5, url) if h5 is not None
                                       else {"url": None, "reason": reason})
         if want_dark and "dark.url" not in found:
             if cfg.dark.value is not None or cfg.dark.estimate:
