@@ -595,7 +595,9 @@ class Pipeline:
         n = len(self._psi)
         with self._timed("write"):
             joined = seam.join_across_seam(self.table, self.difspots, n, lambda c: seam.psi_at(self._psi, c),
-                                           self.cfg.segmentation.connectivity, self.detector.binning)
+                                           self.cfg.segmentation.connectivity, self.detector.binning,
+                                           grow_ratio=self.cfg.segmentation.grow_ratio,
+                                           reach_frames=self.cfg.segmentation.max_blob_size[2])
         self.stats.difspots_written -= joined
         self.stats.seam_joined = joined
 

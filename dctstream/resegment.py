@@ -266,7 +266,7 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
     n = len(scan)
     psi = None if scan.psi is None else [float(v) for v in scan.psi]
     turn = scan.finished and seam.full_turn(psi)
-    at_seam: dict[int, object] = {}  # without difspot files: the blobs a seam join may read
+    at_seam: dict[int, object] = {}  # without difspot files: the blobs a seam join may read (seam.join_across_seam)
 
     never = never_segmented(scan, read_record(run_dir))
 
@@ -277,8 +277,9 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
         blob = unbin_blob(blob, scan.binning, scan.binning_mode)
         if files is not None:
             files.write(blob, volume=blob.volume)
-        elif turn and (blob.frame.min() == 0 or blob.frame.max() == n - 1):
-            at_seam[blob.id] = blob
+        elif turn and (blob.frame.min() == 0 or blob.frame.max() == n - 1
+                       or min(blob.max_index[0] + 1, n - blob.max_index[0]) <= params.max_size[2]):
+            at_seam[blob.id] = blob  # across the seam, or a spot whose tail may be
         table.add(blob, psi_deg)
 
     writer = Worker(write_one, WRITE_QUEUE_DEPTH, name="dctstream-resegment-write")
@@ -298,7 +299,8 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
             writer.close()
         if turn:  # as a run of the whole scan joins them
             joined = seam.join_across_seam(table, files, n, lambda c: seam.psi_at(psi, c), params.connectivity,
-                                           scan.binning, blobs=at_seam if files is None else None)
+                                           scan.binning, blobs=at_seam if files is None else None,
+                                           grow_ratio=params.grow_ratio, reach_frames=params.max_size[2])
     finally:
         if psi:
             table.with_angles()

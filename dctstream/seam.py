@@ -8,10 +8,18 @@ segmentation's connectivity) becomes one spot: one difspot file (the earlier
 blob's id, the later one's frames counted on from the scan's length, so that
 its frames run on: ``end_frame`` >= frames) and one row of the spot table,
 whose ``centroid_frame`` is taken modulo the scan's length.
+
+A spot whose rocking curve peaks a few frames from the seam can leave only its
+skirt on the far side: below ``grow_ratio`` x its peak, where a scan that went on
+would not grow it, yet on the far side, cut from its maximum, it is a blob with a
+maximum of its own on the seam's frame. Such a tail is the spot's: its integral
+goes to the spot's row, and its own row and difspot go, as a run segmenting
+across the seam would have left it (`tail_across_seam`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -78,6 +86,21 @@ def _touch(last: Blob, first: Blob, n: int, reach: int) -> bool:
     return bool(plane[first.y[b] - y0, first.x[b] - x0].any())
 
 
+def _tail_across_seam(bright: Blob, tail: Blob, frame: int, reach: int) -> bool:
+    """A pixel of ``tail`` on ``frame`` (its maximum's, on the seam) within ``reach`` pixels (x and y) of one
+    of ``bright``'s, on any of its frames: the tail lies on the spot."""
+    at = tail.frame == frame
+    y0 = min(bright.y.min(), tail.y[at].min()) - reach
+    x0 = min(bright.x.min(), tail.x[at].min()) - reach
+    shape = (max(bright.y.max(), tail.y[at].max()) - y0 + reach + 1,
+             max(bright.x.max(), tail.x[at].max()) - x0 + reach + 1)
+    plane = np.zeros(shape, bool)
+    plane[bright.y - y0, bright.x - x0] = True
+    if reach:
+        plane = ndi.binary_dilation(plane, np.ones((2 * reach + 1, 2 * reach + 1), bool))
+    return bool(plane[tail.y[at] - y0, tail.x[at] - x0].any())
+
+
 def _joined(last: Blob, first: Blob, n: int) -> Blob:
     """One blob of the two, ``first``'s frames counted on after ``last``'s."""
     frame = np.concatenate([last.frame, first.frame + n])
@@ -101,47 +124,77 @@ def _joined(last: Blob, first: Blob, n: int) -> Blob:
 
 
 def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, binning: int = 1,
-                     blobs: dict[int, Blob] | None = None) -> int:
+                     blobs: dict[int, Blob] | None = None, *, grow_ratio: float = 0.0, reach_frames: int = 0) -> int:
     """Join the spots across the seam of a full-turn scan of ``n`` frames, in the table and the difspot
     files; ``psi_at(frame)`` gives psi. ``blobs``: the blobs by id, read instead of their files (``difspots``
-    None: there are none). Returns how many pairs became one spot."""
+    None: there are none). ``grow_ratio`` and ``reach_frames`` (the growth box's half-length in frames): the
+    segmentation's, which say what a spot's tail across the seam is (0: none is looked for). Returns how many
+    spots became part of another."""
     columns = {name: values.copy() for name, values in table.columns().items()}
     if not len(columns.get("id", ())):
-        return 0
-    ends = np.flatnonzero(columns["end_frame"] == n - 1)
-    starts = np.flatnonzero(columns["start_frame"] == 0)
-    if not ends.size or not starts.size:
         return 0
     reach = binning if connectivity == 26 else 0
     folder = difspots.folder if difspots is not None else None
 
     def load(i):
-        if blobs is not None:
-            return blobs[int(columns["id"][i])]
-        return read_difspot(folder / f"{int(columns['id'][i]):06d}.h5", int(columns["id"][i]),
-                            float(columns["integral"][i]),
+        blob_id = int(columns["id"][i])
+        if blobs is not None:  # the integral the table holds: a tail's may have been added
+            return dataclasses.replace(blobs[blob_id], total=float(columns["integral"][i]))
+        return read_difspot(folder / f"{blob_id:06d}.h5", blob_id, float(columns["integral"][i]),
                             tuple(float(columns[f"centroid_{a}"][i]) for a in ("frame", "y", "x")))
 
-    joined, dropped = 0, []
-    used = set()
+    def near(i, j):  # their boxes within reach in x and y
+        x0, y0, w, h = (columns[k][i] for k in ("bbox_x0", "bbox_y0", "bbox_x_size", "bbox_y_size"))
+        u0, v0, u, v = (columns[k][j] for k in ("bbox_x0", "bbox_y0", "bbox_x_size", "bbox_y_size"))
+        return not (u0 > x0 + w + reach or x0 > u0 + u + reach or v0 > y0 + h + reach or y0 > v0 + v + reach)
+
+    def read(*rows):
+        try:
+            return [load(i) for i in rows]
+        except OSError as exc:
+            log.warning("difspots %s across 0/360 degrees: cannot read them (%s), left apart",
+                        " and ".join(str(columns["id"][i]) for i in rows), exc)
+            return None
+
+    dropped: list[int] = []
+    tails = 0
+    if grow_ratio > 0:
+        peak_frame, peak = columns["max_frame"], columns["max_value"]
+        for j in np.argsort(peak, kind="stable"):  # dimmest first: a tail's spot is brighter than it
+            if columns["start_frame"][j] == 0 and peak_frame[j] == 0:
+                gap = n - peak_frame  # frames from each spot's maximum to the tail's, across the seam
+                seam_frame = 0
+            elif columns["end_frame"][j] == n - 1 and peak_frame[j] == n - 1:
+                gap = peak_frame + 1
+                seam_frame = n - 1
+            else:
+                continue
+            # a spot whose maximum is nearer across the seam than along the scan, within the growth box
+            spots = np.flatnonzero((peak * grow_ratio > peak[j]) & (gap <= reach_frames) & (2 * gap <= n))
+            for i in spots[np.argsort(-peak[spots], kind="stable")]:
+                if i in dropped or not near(i, j):
+                    continue
+                pair = read(i, j)
+                if pair is None or not _tail_across_seam(*pair, seam_frame, reach):
+                    continue
+                columns["integral"][i] += columns["integral"][j]
+                if "touches_mask" in columns:
+                    columns["touches_mask"][i] = int(columns["touches_mask"][i] or columns["touches_mask"][j])
+                dropped.append(j)
+                tails += 1
+                break
+    ends = [i for i in np.flatnonzero(columns["end_frame"] == n - 1) if i not in dropped]
+    starts = [j for j in np.flatnonzero(columns["start_frame"] == 0) if j not in dropped]
+    joined = 0
     for i in ends:
-        box_i = (columns["bbox_x0"][i], columns["bbox_y0"][i], columns["bbox_x_size"][i], columns["bbox_y_size"][i])
         for j in starts:
-            if j in used or j == i:
+            if j in dropped or j == i or not near(i, j):
                 continue
-            x0, y0, w, h = (columns[k][j] for k in ("bbox_x0", "bbox_y0", "bbox_x_size", "bbox_y_size"))
-            if x0 > box_i[0] + box_i[2] + reach or box_i[0] > x0 + w + reach \
-                    or y0 > box_i[1] + box_i[3] + reach or box_i[1] > y0 + h + reach:
+            pair = read(i, j)
+            if pair is None or not _touch(*pair, n, reach):
                 continue
-            try:
-                last, first = load(i), load(j)
-            except OSError as exc:
-                log.warning("difspots %d and %d across 0/360 degrees: cannot read them (%s), left apart",
-                            columns["id"][i], columns["id"][j], exc)
-                continue
-            if not _touch(last, first, n, reach):
-                continue
-            blob = _joined(last, first, n)
+            blob = _joined(*pair, n)
+            last, first = pair
             if difspots is not None:
                 difspots.write(blob, volume=blob.volume)
             psi = psi_at(blob.centroid[0] % n) if PSI_COLUMN in columns else None
@@ -153,16 +206,16 @@ def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, bi
                 row["touches_mask"] = int(columns["touches_mask"][i] or columns["touches_mask"][j])
             for name in columns:
                 columns[name][i] = row[name]
-            used.add(j)
             dropped.append(j)
             joined += 1
             break
-    if not joined:
+    if not dropped:
         return 0
     keep = np.setdiff1d(np.arange(len(columns["id"])), dropped)
     table.restore({name: values[keep] for name, values in columns.items()})
     table.flush()
     for j in dropped if folder is not None else ():  # only once the table no longer counts them
         (folder / f"{int(columns['id'][j]):06d}.h5").unlink(missing_ok=True)
-    log.info("%d spots across 0/360 degrees joined into one each", joined)
-    return joined
+    log.info("across 0/360 degrees: %d pairs of spots joined into one each, %d tails taken into their spots",
+             joined, tails)
+    return joined + tails

@@ -722,7 +722,8 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
     stats.rejected.update(rejected)
     if psi is not None and seam.full_turn(psi):
         joined = seam.join_across_seam(table, difspots, n, lambda c: seam.psi_at(psi, c),
-                                       cfg.segmentation.connectivity, detector.binning)
+                                       cfg.segmentation.connectivity, detector.binning,
+                                       grow_ratio=params.grow_ratio, reach_frames=params.max_size[2])
         stats.difspots_written -= joined
         stats.seam_joined = joined
     if cfg.export.format == "sparse":

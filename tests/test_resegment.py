@@ -143,11 +143,14 @@ def test_a_flooded_scan_resegments_as_its_full_run(run, tmp_path, monkeypatch):
         tmp_path / "re0" / "spots.h5")["id"]))
 
 
-@pytest.mark.parametrize("difspots", [True, False])
-def test_a_full_turn_resegments_with_its_spot_across_the_seam_joined(tmp_path, tiny_scan, tiny_overrides, difspots):
+@pytest.mark.parametrize("difspots,spots", [(True, None), (False, None), (True, [(36.0, 1.6, 10000.0)]),
+                                            (False, [(3.0, 1.6, 10000.0)])])
+def test_a_full_turn_resegments_with_its_spot_across_the_seam_joined(tmp_path, tiny_scan, tiny_overrides, difspots,
+                                                                     spots):
+    """A spot across the seam, or one whose tail alone crosses it (``spots``: test_seam's)."""
     from test_seam import _scan_with_seam_spot
 
-    src, angles, dark = _scan_with_seam_spot(tiny_scan, tmp_path / "seam.h5", 39.5)
+    src, angles, dark = _scan_with_seam_spot(tiny_scan, tmp_path / "seam.h5", 39.5, spots=spots)
     scan = SimpleNamespace(frames_url=src, angles_url=angles, dark_url=dark)
 
     def config(out, *settings):

@@ -32,7 +32,9 @@ def test_psi_at_a_fractional_frame_either_way_round(step):
     assert psi_at(psi, 360.25) == pytest.approx(psi_at(psi, 0.25))
 
 
-def _scan_with_seam_spot(tiny_scan, path, centre_frame, radians=False):
+def _scan_with_seam_spot(tiny_scan, path, centre_frame, radians=False, spots=None):
+    """The tiny scan with a spot at (9, 9) px centred on ``centre_frame``; ``spots``: (centre frame, rocking
+    sigma in frames, peak) of each spot there instead."""
     with h5py.File(tiny_scan.path, "r") as f:
         frames = f["/1.1/measurement/marana"][()]
         angles = f["/1.1/measurement/diffrz"][()]
@@ -40,8 +42,10 @@ def _scan_with_seam_spot(tiny_scan, path, centre_frame, radians=False):
     n, ny, nx = frames.shape
     y, x = np.mgrid[0:ny, 0:nx]
     for k in range(n):
-        d = min(abs(k - centre_frame), n - abs(k - centre_frame))  # distance along psi, across the seam
-        spot = 3000.0 * np.exp(-d ** 2 / (2 * 0.8 ** 2) - ((x - 9) ** 2 + (y - 9) ** 2) / (2 * 1.5 ** 2))
+        spot = 0.0
+        for centre, sigma, peak in spots or [(centre_frame, 0.8, 3000.0)]:
+            d = min(abs(k - centre), n - abs(k - centre))  # distance along psi, across the seam
+            spot = spot + peak * np.exp(-d ** 2 / (2 * sigma ** 2) - ((x - 9) ** 2 + (y - 9) ** 2) / (2 * 1.5 ** 2))
         frames[k] = np.clip(frames[k] + spot, 0, 65535).astype(frames.dtype)
     with h5py.File(path, "w") as f:
         f["/1.1/measurement/marana"] = frames
@@ -75,3 +79,40 @@ def test_spot_across_the_seam_is_one_spot(tmp_path, tiny_scan, tiny_overrides, c
     files = sorted(p.name for p in (out / "difspots").glob("*.h5"))
     assert files == [f"{int(v):06d}.h5" for v in sorted(spots["id"])]
     assert stats.difspots_written == len(spots["id"])
+
+
+def _spots_at_9_9(tmp_path, tiny_scan, tiny_overrides, spots, name):
+    src, angles, dark = _scan_with_seam_spot(tiny_scan, tmp_path / f"{name}.h5", None, spots=spots)
+    out = tmp_path / name
+    cfg = load_config(None, [f"source.url={src}", f"source.angles={angles}", f"dark.url={dark}",
+                             f"output.dir={out}", "quicklook.enabled=false", *tiny_overrides])
+    stats = Pipeline(cfg).run()
+    table = read_spot_table(out / "spots.h5")
+    near = np.flatnonzero((np.abs(table["centroid_x"] - 9) < 4) & (np.abs(table["centroid_y"] - 9) < 4))
+    files = sorted(p.name for p in (out / "difspots").glob("*.h5"))
+    assert files == [f"{int(v):06d}.h5" for v in sorted(table["id"])]
+    return {k: v[near] for k, v in table.items()}, stats
+
+
+@pytest.mark.parametrize("centre", [36.0, 3.0])
+def test_a_spots_skirt_across_the_seam_is_its_tail_not_a_spot(tmp_path, tiny_scan, tiny_overrides, centre):
+    """A rocking curve that peaks 3-4 frames from the seam leaves only its skirt, below grow_ratio x its peak, on
+    the far side: cut from its maximum there, the skirt was a blob of its own (a false spot at each such
+    seam crossing of a 2048^2 scan). It is the spot's tail: one row, the spot's, with the skirt's integral."""
+    seam, stats = _spots_at_9_9(tmp_path, tiny_scan, tiny_overrides, [(centre, 1.6, 10000.0)], "seam")
+    assert seam["id"].size == 1
+    assert stats.seam_joined == 1
+    assert abs(seam["centroid_frame"][0] - centre) < 0.2  # the spot's, not pulled by its tail
+    # the same spot in the middle of the scan: its integral holds its skirt too
+    middle, _ = _spots_at_9_9(tmp_path, tiny_scan, tiny_overrides, [(20.0, 1.6, 10000.0)], "middle")
+    assert middle["id"].size == 1
+    assert seam["integral"][0] == pytest.approx(middle["integral"][0], rel=0.1)
+
+
+def test_a_dim_spot_on_the_seam_far_from_a_bright_one_stays_a_spot(tmp_path, tiny_scan, tiny_overrides):
+    """A dim spot on the first frame where a bright one peaks further than the growth box before the seam
+    (max_blob_size 5 frames here): not its tail, two spots."""
+    spots, stats = _spots_at_9_9(tmp_path, tiny_scan, tiny_overrides, [(31.0, 1.0, 10000.0), (0.0, 0.6, 1500.0)],
+                                 "apart")
+    assert sorted(np.round(spots["centroid_frame"]).astype(int) % 40) == [0, 31]
+    assert stats.seam_joined == 0

@@ -25,28 +25,30 @@ FRAMES, SIZE = 160, 64
 OVERRIDES = ["background.window=11", "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false",
              "source.angles=auto", "dark.url=auto"]
 EDGE = 80  # a chunk starts where a spot of several frames is brightest
-SEAM_SPOT, EDGE_SPOT = (9, 9), (50, 12)  # (y, x)
+SEAM_SPOT, EDGE_SPOT, TAIL_SPOT = (9, 9), (50, 12), (10, 52)  # (y, x)
 
 
-def _add_spot(frames, centre_frame, yx, width_frames):
+def _add_spot(frames, centre_frame, yx, width_frames, peak=3000.0):
     n, ny, nx = frames.shape
     y, x = np.mgrid[0:ny, 0:nx]
     for k in range(n):
         d = min(abs(k - centre_frame), n - abs(k - centre_frame))  # along psi, across the seam too
         r2 = (x - yx[1]) ** 2 + (y - yx[0]) ** 2
-        spot = 3000.0 * np.exp(-d ** 2 / (2 * width_frames ** 2) - r2 / (2 * 1.5 ** 2))
+        spot = peak * np.exp(-d ** 2 / (2 * width_frames ** 2) - r2 / (2 * 1.5 ** 2))
         frames[k] = np.clip(frames[k] + spot, 0, 65535).astype(frames.dtype)
 
 
 @pytest.fixture(scope="module")
 def scan(tmp_path_factory):
-    """A full turn of 160 frames with a spot across 0/360 degrees and one across frame EDGE."""
+    """A full turn of 160 frames with a spot across 0/360 degrees, one whose tail alone crosses it and one across
+    frame EDGE."""
     path = tmp_path_factory.mktemp("split") / "scan.h5"
     simulate_scan(path, frames=FRAMES, size=SIZE, spots=40, seed=11)
     with h5py.File(path, "r+") as f:
         frames = f["/1.1/measurement/marana"][()]
         _add_spot(frames, FRAMES - 0.5, SEAM_SPOT, 0.8)
         _add_spot(frames, EDGE, EDGE_SPOT, 1.2)
+        _add_spot(frames, 3.0, TAIL_SPOT, 1.6, 10000.0)
         f["/1.1/measurement/marana"][...] = frames
     return f"{path}::/1.1/measurement/marana"
 
@@ -60,7 +62,7 @@ def reference(scan, tmp_path_factory):
     """One process (which also compiles the kernels once, before the workers need them)."""
     out = tmp_path_factory.mktemp("reference")
     stats = process_scan(_cfg(scan, out), display=False)
-    assert stats.seam_joined == 1 and stats.difspots_written > 20
+    assert stats.seam_joined == 2 and stats.difspots_written > 20
     sparse = outputs(out)["sparse"]
     assert len(sparse["1.1/row"]) == len(sparse["1.1/unfiltered"]) > 0  # a sparse scan, with unfiltered values
     return out
