@@ -162,15 +162,21 @@ def join_across_seam(table, difspots, n: int, psi_at, connectivity: int = 26, bi
         peak_frame, peak = columns["max_frame"], columns["max_value"]
         for j in np.argsort(peak, kind="stable"):  # dimmest first: a tail's spot is brighter than it
             if columns["start_frame"][j] == 0 and peak_frame[j] == 0:
-                gap = n - peak_frame  # frames from each spot's maximum to the tail's, across the seam
+                reach_to = n - peak_frame  # frames from each spot's maximum to the tail's, across the seam
+                skirt = n - 1 - columns["end_frame"]  # frames between each spot's end and the seam
                 seam_frame = 0
             elif columns["end_frame"][j] == n - 1 and peak_frame[j] == n - 1:
-                gap = peak_frame + 1
+                reach_to = peak_frame + 1
+                skirt = columns["start_frame"]
                 seam_frame = n - 1
             else:
                 continue
-            # a spot whose maximum is nearer across the seam than along the scan, within the growth box
-            spots = np.flatnonzero((peak * grow_ratio > peak[j]) & (gap <= reach_frames) & (2 * gap <= n))
+            # a spot whose maximum is nearer across the seam than along the scan, within the growth box, and
+            # whose skirt to the seam is no longer than the spot itself (a rocking curve's below tau x its peak
+            # is shorter than its part above): a dim spot further on is a spot of its own
+            length = columns["end_frame"] - columns["start_frame"] + 1
+            spots = np.flatnonzero((peak * grow_ratio > peak[j]) & (reach_to <= reach_frames) & (2 * reach_to <= n)
+                                   & (skirt <= length))
             for i in spots[np.argsort(-peak[spots], kind="stable")]:
                 if i in dropped or not near(i, j):
                     continue

@@ -81,11 +81,11 @@ def test_spot_across_the_seam_is_one_spot(tmp_path, tiny_scan, tiny_overrides, c
     assert stats.difspots_written == len(spots["id"])
 
 
-def _spots_at_9_9(tmp_path, tiny_scan, tiny_overrides, spots, name):
+def _spots_at_9_9(tmp_path, tiny_scan, tiny_overrides, spots, name, *settings):
     src, angles, dark = _scan_with_seam_spot(tiny_scan, tmp_path / f"{name}.h5", None, spots=spots)
     out = tmp_path / name
     cfg = load_config(None, [f"source.url={src}", f"source.angles={angles}", f"dark.url={dark}",
-                             f"output.dir={out}", "quicklook.enabled=false", *tiny_overrides])
+                             f"output.dir={out}", "quicklook.enabled=false", *tiny_overrides, *settings])
     stats = Pipeline(cfg).run()
     table = read_spot_table(out / "spots.h5")
     near = np.flatnonzero((np.abs(table["centroid_x"] - 9) < 4) & (np.abs(table["centroid_y"] - 9) < 4))
@@ -109,10 +109,12 @@ def test_a_spots_skirt_across_the_seam_is_its_tail_not_a_spot(tmp_path, tiny_sca
     assert seam["integral"][0] == pytest.approx(middle["integral"][0], rel=0.1)
 
 
-def test_a_dim_spot_on_the_seam_far_from_a_bright_one_stays_a_spot(tmp_path, tiny_scan, tiny_overrides):
-    """A dim spot on the first frame where a bright one peaks further than the growth box before the seam
-    (max_blob_size 5 frames here): not its tail, two spots."""
+@pytest.mark.parametrize("reach", [5, 12])
+def test_a_dim_spot_on_the_seam_far_from_a_bright_one_stays_a_spot(tmp_path, tiny_scan, tiny_overrides, reach):
+    """A dim spot on the first frame where a bright one peaks 9 frames before the seam: further than the growth
+    box (max_blob_size 5 frames), or within it (12) but with more frames between its end and the seam than it
+    has: not its tail, two spots."""
     spots, stats = _spots_at_9_9(tmp_path, tiny_scan, tiny_overrides, [(31.0, 1.0, 10000.0), (0.0, 0.6, 1500.0)],
-                                 "apart")
+                                 "apart", f"segmentation.max_blob_size=[20,20,{reach}]")
     assert sorted(np.round(spots["centroid_frame"]).astype(int) % 40) == [0, 31]
     assert stats.seam_joined == 0
