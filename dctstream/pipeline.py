@@ -88,7 +88,7 @@ class Stats:
     normalise: dict | None = None  # how frames were brought to the beam intensity: mode, scale range
     flood_frames: list | None = None  # the last frames whose seeds flooded: [frame, seed regions, threshold factor]
     flood_frames_total: int = 0
-    seam_joined: int | None = None  # full-turn scans: spots across 0/360 degrees joined into one
+    seam_joined: int | None = None  # full-turn scans: spots across 0/360 degrees joined into one (tails included)
     frames_missing: int = 0
     # unmasked pixels at the top of the frames' 8- or 16-bit type, over every frame: saturated, so the spots on
     # them have touches_mask 1 (Detector.saturated)

@@ -127,13 +127,18 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 rejected["tail_of_blob"] += 1
                 continue
             part_peak = values[root]
-            # a claimed voxel brighter than the peak next to it (a neighbour, in the box): a blob's tail
-            near = [tuple(grown[root] + d) for d in itertools.product((-1, 0, 1), repeat=3)
-                    if any(d) and (params.connectivity == 26 or sum(map(abs, d)) == 1)]
-            if any(all(b.start <= c < min(b.stop, n) for c, b, n in zip(v, box, volume.shape))
-                   and claimed[v] and volume[v] > part_peak for v in near):
-                rejected["tail_of_blob"] += 1
-                continue
+            # the part beside claimed voxels (in the box) brighter than its peak, not standing out above the
+            # brightest of its voxels there by the split rule: a blob's tail
+            brighter = np.zeros(volume.shape, bool)
+            brighter[box] = claimed[box] & (volume[box] > part_peak)
+            beside = ndi.binary_dilation(brighter, structure=structure)[tuple(grown[top == root].T)]
+            if beside.any():
+                saddle = values[top == root][beside].max()
+                ratio, photon = params.split_rule()
+                if part_peak - saddle < max(math.sqrt(stand_out[root] ** 2 + photon * max(saddle, 0.0)),
+                                            ratio * part_peak):
+                    rejected["tail_of_blob"] += 1
+                    continue
             part_threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * part_peak,
                                                               low_map[tuple(grown.T)]), high), part_peak)
             part = np.zeros(volume.shape, bool)

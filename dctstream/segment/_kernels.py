@@ -628,6 +628,13 @@ def _neighbours(box, f, y, x, conn26, out):
 
 
 @numba.njit(cache=True, nogil=True)
+def stands_out(peak, saddle, prominence_abs, ratio, photon):
+    """Whether a maximum ``peak`` stands out above ``saddle``, where it meets a brighter one: by
+    max(sqrt(prominence_abs^2 + photon x max(saddle, 0)), ratio x peak)."""
+    return peak - saddle >= max(np.sqrt(prominence_abs ** 2 + photon * max(saddle, 0.0)), ratio * peak)
+
+
+@numba.njit(cache=True, nogil=True)
 def split_maxima(fs, ys, xs, values, prominence_abs, ratio, photon, conn26):
     """The parts of one blob: for each voxel, the index of the maximum of the part it belongs to.
 
@@ -662,8 +669,7 @@ def split_maxima(fs, ys, xs, values, prominence_abs, ratio, photon, conn26):
             if values[r] > values[top] or (values[r] == values[top] and r < top):
                 top = r
         for r in roots[:n_roots]:
-            if r != top and values[r] - v < max(np.sqrt(prominence_abs[r] ** 2 + photon * max(v, 0.0)),
-                                                ratio * values[r]):
+            if r != top and not stands_out(values[r], v, prominence_abs[r], ratio, photon):
                 parent[r] = top
         parent[i] = _top(parent, best)
     out = np.empty(n, np.int64)
@@ -719,6 +725,38 @@ def claimed_beside_max(values, slot_of, flags, fs, ys, xs, f0, f1, y0, y1, x0, x
                         continue
                     if _flag(flags, slot, CLAIMED, y, x) and values[slot, y, x] > best:
                         best = values[slot, y, x]
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def saddle_beside_brighter(values, slot_of, flags, fs, ys, xs, own, above, f0, f1, y0, y1, x0, x1, conn26):
+    """The greatest ``own`` value of these voxels that are next to a claimed voxel brighter than ``above`` (as
+    `claimed_beside_max` looks: 6- or 26-neighbours in the inclusive box); -inf when none is."""
+    cap = slot_of.size
+    best = -np.inf
+    for i in range(fs.size):
+        if own[i] <= best:
+            continue
+        found = False
+        for df in range(-1, 2):
+            g = fs[i] + df
+            if found or g < f0 or g > f1:
+                continue
+            slot = slot_of[g % cap]
+            for dy in range(-1, 2):
+                y = ys[i] + dy
+                if found or y < y0 or y > y1:
+                    continue
+                for dx in range(-1, 2):
+                    x = xs[i] + dx
+                    d = abs(df) + abs(dy) + abs(dx)
+                    if d == 0 or (not conn26 and d > 1) or x < x0 or x > x1:
+                        continue
+                    if _flag(flags, slot, CLAIMED, y, x) and values[slot, y, x] > above:
+                        found = True
+                        break
+        if found:
+            best = own[i]
     return best
 
 

@@ -38,7 +38,8 @@ import numpy as np
 from ..ring import release, releasable_frames
 from ..types import Blob
 from ._kernels import (CLAIMED, claim, claimed_beside_max, despike, flood_from, grow_region, label_seeds,
-                       moments, seed_rows, split_maxima, unclaimed_sum, unclaimed_sum_of)
+                       moments, saddle_beside_brighter, seed_rows, split_maxima, stands_out, unclaimed_sum,
+                       unclaimed_sum_of)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
@@ -677,11 +678,12 @@ class Segmenter:
                 at, part_peak = region.max_index, region.max_value
             else:
                 part_peak = float(found[root])
-            if self._beside_brighter_blob(at, part_peak, (f0, f1, y0, y1, x0, x1)):
+            part = top == root
+            if self._on_brighter_blob(fs[part], ys[part], xs[part], found[part], part_peak, SPLIT_LOW * low[root],
+                                      (f0, f1, y0, y1, x0, x1)):
                 self.rejected["tail_of_blob"] += 1
                 continue
             threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * part_peak, low), high), part_peak)
-            part = top == root
             keep = flood_from(fs, ys, xs, part & (found >= threshold), root, p.connectivity == 26)
             blob = self._blob(fs[keep], ys[keep], xs[keep], at, (fs[part], ys[part], xs[part]), (f, y, x),
                               (fs[~part], ys[~part], xs[~part]))
@@ -695,13 +697,20 @@ class Segmenter:
         return claimed_beside_max(self._values, self._slot_of, self._flags, fs, ys, xs, *box,
                                   self.params.connectivity == 26)
 
-    def _beside_brighter_blob(self, at, value: float, box) -> bool:
-        """A claimed voxel brighter than ``value`` neighbours ``at`` (in the growth box ``box``: f0, f1, y0,
-        y1, x0, x1): ``at`` is no maximum of the frames, only of what a brighter blob left unclaimed (its
-        tail below tau x its peak). Only neighbours through which the blob could grow count, so this
-        depends on the brighter regions the closing rules already wait for."""
-        f, y, x = (np.array([c], np.int64) for c in at)
-        return bool(self._claimed_beside(f, y, x, box) > value)
+    def _on_brighter_blob(self, fs, ys, xs, values, peak: float, prominence: float, box) -> bool:
+        """This part (its voxels, their values and its peak) meets a blob brighter than its peak, claimed before
+        it, where it does not stand out above the saddle by the rule that splits touching spots
+        (`split_maxima`; ``prominence`` its absolute term): it is no spot but what that blob left unclaimed
+        below tau x its peak, its skirt -- a maximum beside the blob's voxels, or a noise-lifted seed a frame
+        or two beyond a long rocking curve's voxels (a second detection around a faint spot of a fine psi
+        step). The saddle: the brightest of its voxels beside the blob's (in the growth box ``box``: f0, f1,
+        y0, y1, x0, x1). Only neighbours through which the blob could grow count, so this depends on the
+        brighter regions the closing rules already wait for. Within one component no part meets a voxel
+        brighter than its peak (the flooding would have given it that part), so spots split there are left
+        as the split made them."""
+        saddle = saddle_beside_brighter(self._values, self._slot_of, self._flags, fs, ys, xs, values, peak, *box,
+                                        self.params.connectivity == 26)
+        return bool(saddle > -np.inf and not stands_out(peak, saddle, prominence, *self.params.split_rule()))
 
     def _zinger(self, k: int, ys, xs, max_index) -> bool:
         """A blob of frame k alone (its pixels ys, xs): at most ZINGER_VOXELS (or ZINGER_TRACK_VOXELS in a line),
