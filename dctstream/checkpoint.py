@@ -61,6 +61,7 @@ RUN_DIR = ".dctstream"
 LOCK = "lock"  # dctstream.outdir's
 MARKER = "running"
 CHECKPOINT = "checkpoint.npz"
+SOURCE_ID = "source"  # frame 0's identity (`frame_identity`), from the first frame on: before any checkpoint
 FORMAT = 4  # 3: the stand-ins of lost frames; 4: the levels of the frames read again
 
 
@@ -335,6 +336,27 @@ def frame_identity(data: np.ndarray) -> str:
     digest = hashlib.sha256(f"{data.shape} {data.dtype.str}".encode())
     digest.update(memoryview(data).cast("B"))
     return digest.hexdigest()
+
+
+def keep_source_id(out_dir: Path, identity: str) -> None:
+    """Remember which scan the run under way in ``out_dir`` reads (its frame 0's identity): a run stopped
+    before its first checkpoint is resumed from its first frame, and only from the same scan."""
+    path = Path(out_dir) / RUN_DIR / SOURCE_ID
+    with suppress(FileNotFoundError):
+        if path.read_text() == identity:
+            return
+    write_atomic(path, identity.encode())
+
+
+def source_id(out_dir: Path, resume) -> str | None:
+    """The identity of the scan an unfinished run in ``out_dir`` read: its checkpoint's (``resume``, as
+    `load` gives it; None without one), else the one kept from its frame 0."""
+    if resume and resume[0].get("source_id"):
+        return resume[0]["source_id"]
+    try:
+        return (Path(out_dir) / RUN_DIR / SOURCE_ID).read_text() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def check_identity(data, identity: str | None, source, out_dir) -> None:

@@ -273,6 +273,9 @@ class Pipeline:
         # an unfinished run of this configuration in out_dir continues from its last checkpoint
         self.resuming = not overwrite and checkpoint.unfinished_run(self.out_dir, self._identity)
         self._resume = checkpoint.load(self.out_dir) if self.resuming else None
+        # the scan that unfinished run read: a resumed run reads the same one or none (with no checkpoint yet, it
+        # starts again from frame 0 and would replace that run's results with another scan's)
+        self._resume_id = checkpoint.source_id(self.out_dir, self._resume) if self.resuming else None
         self._replay_until = -1  # frames up to this one are put back in the segmenter, not segmented again
         self._sigma: np.ndarray | None = None  # the noise of the first frames, per tile
         self._cut_range: tuple[float, float] | None = None  # of the sparse scan's cut so far, counts
@@ -323,13 +326,14 @@ class Pipeline:
             self._sorted = (self.stats.frame_order or {}).get("mode") == "psi"
             if self._passes:  # never checkpointed: a killed run starts again from its first frame
                 self._tracker = PassTracker()
-            if self._resume and hasattr(self.source, "read_frame"):  # a recorded file: is it the same scan?
-                checkpoint.check_identity(self.source.read_frame(0), self._resume[0].get("source_id"),
-                                          self.source, self.out_dir)
+            recorded = hasattr(self.source, "read_frame")
+            if self._resume_id and recorded:  # a recorded file: is it the same scan?
+                checkpoint.check_identity(self.source.read_frame(0), self._resume_id, self.source, self.out_dir)
             self.spool = spool.for_source(self.source, self.out_dir, self._resume, self.resuming)  # streams only
             self.stats.frames_total = self.source.n_frames
             self.background: BackgroundStage | None = None
-            if self.source.frame_shape is not None:
+            # a live scan resumed from its first frame is checked on it before any output is touched
+            if self.source.frame_shape is not None and not (self._resume_id and not self._resume and not recorded):
                 self._start_stages(self.source.frame_shape, self.source.dtype)
             elif not self.resuming:  # say it now, not after waiting for a scan that may take a while
                 _previous_results(self.out_dir, overwrite)
@@ -633,10 +637,14 @@ class Pipeline:
                 "frame %d: lost in transit, replaced by the current background%s", frame.index,
                 " (the next ones are counted, not logged)" if self.stats.frames_missing == MISSING_WARNINGS else "")
         else:
+            if frame.index == 0:
+                self._source_id = checkpoint.frame_identity(data)
+                if self._resume_id:  # before the stages touch any output (see __init__)
+                    checkpoint.check_identity(data, self._resume_id, self.source, self.out_dir)
             if self.background is None:
                 self._start_stages(data.shape, data.dtype)
             if frame.index == 0:
-                self._source_id = checkpoint.frame_identity(data)
+                checkpoint.keep_source_id(self.out_dir, self._source_id)
             if not self._first_checked:
                 self._first_checked = True
                 self.detector.check_first_frame(data, self.cfg.source.url,

@@ -304,6 +304,35 @@ def test_unfinished_run_of_another_configuration_is_refused(scan, tmp_path, caps
     assert not (out / ".dctstream").exists()
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_only_the_same_scan(scan, reference, tmp_path, capsys):
+    """A run killed before its first checkpoint starts again from frame 0 when resumed. The same command on
+    another scan at the same path (the file replaced) took that for a resume and replaced the first run's
+    results with the other scan's, unsaid: it is refused, the results left as they were."""
+    import shutil
+
+    path = tmp_path / "scan.h5"
+    shutil.copy(scan.path, path)
+    args = _args(types.SimpleNamespace(frames_url=f"{path}::/1.1/measurement/marana",
+                                       angles_url=f"{path}::/1.1/measurement/diffrz"), tmp_path / "out",
+                 ("output.checkpoint_every_frames=100000", "output.checkpoint_every_s=100000"))
+    assert _run(args, crash_at="frame:40").returncode == -9
+    out = tmp_path / "out"
+    assert not (out / ".dctstream" / checkpoint.CHECKPOINT).exists()
+    before = sorted(p.name for p in (out / "difspots").iterdir())
+    assert before
+    other = simulate_scan(tmp_path / "other.h5", frames=FRAMES, size=SIZE, spots=30, seed=4)
+    shutil.copy(other.path, path)
+    rc = main(args)
+    captured = capsys.readouterr()
+    assert_one_line_error(rc, captured.out, captured.err, 1, [
+        f"{path}::/1.1/measurement/marana", "frame 0 is not that of the scan the unfinished run", "--overwrite"])
+    assert sorted(p.name for p in (out / "difspots").iterdir()) == before
+    shutil.copy(scan.path, path)  # the first scan back: resumed, from its first frame, as a whole run
+    assert main(args) == 0
+    got = outputs(out)
+    np.testing.assert_array_equal(got["table"]["centroid_x"], reference["table"]["centroid_x"])
+
+
 # -- faults of the world: the output disk fills up -------------------------------------------------------
 
 
