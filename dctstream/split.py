@@ -60,6 +60,7 @@ from .config import Config, dump_config
 from .detector import Detector
 from .errors import ConfigError, InputError
 from .direct_beam import NeverSegmented, beam_mask, box_at
+from .order import classify
 from .pipeline import (FLOOD_FRAMES_LISTED, INTEGER_NOISE_FLOOR, NOISE_FRAMES, Stats, frame_maps,
                        identity_config, prepare_output, resolve_segmentation, sparse_cut,
                        sparse_cut_note)
@@ -140,6 +141,17 @@ def _open_recorded(cfg: Config):
         raise ConfigError(f"source.url: {cfg.source.url}: a scan split over workers must be a recorded file "
                           "(its frames read again by each worker), expected a file.h5::/dataset, not a stream or "
                           "a scan being acquired")
+    angles = getattr(source, "angles", None)
+    if cfg.source.order != "arrival" and isinstance(angles, np.ndarray) and angles.size > 1:
+        kind, starts = classify(angles)
+        if kind != "monotonic":
+            source.close()
+            what = (f"{len(starts)} passes, interlaced turns or back-and-forth, starting at frames "
+                    f"{starts[:5]}{' ...' if len(starts) > 5 else ''}" if kind == "passes"
+                    else f"the angles turn back {len(starts) - 1} time{'s' if len(starts) > 2 else ''}")
+            raise ConfigError(f"source.url: {cfg.source.url}: the frames are not in psi order ({what}), expected "
+                              "them in psi order to split the scan over workers (its chunks are cut in the order "
+                              "the frames were taken); run it in one process, which reads it in psi order")
     missing = getattr(source, "missing", None)
     if missing is not None and np.size(missing):
         source.close()

@@ -216,6 +216,31 @@ def test_stack_export_refused_before_any_output(scan, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("order", ["interlaced", "back_and_forth"])
+def test_a_scan_not_in_psi_order_is_refused_before_any_output(scan, tmp_path, order):
+    """One process reads a recorded scan of passes in psi order; the chunks of a split run were cut in the order
+    the frames were taken, and found every spot of two interlaced turns twice (63 spots for 32), unsaid."""
+    path = Path(scan.split("::")[0])
+    with h5py.File(path, "r") as f:
+        frames, angles = f["/1.1/measurement/marana"][()], f["/1.1/measurement/diffrz"][()]
+        dark = f["/2.1/measurement/marana"][()]
+    n = len(angles)
+    take = (np.r_[np.arange(0, n, 2), np.arange(1, n, 2)] if order == "interlaced"
+            else np.r_[np.arange(0, n // 2), np.arange(n - 1, n // 2 - 1, -1)])
+    other = tmp_path / "passes.h5"
+    with h5py.File(other, "w") as f:
+        f["/1.1/measurement/marana"] = frames[take]
+        f["/1.1/measurement/diffrz"] = angles[take]
+        f["/1.1/end_time"] = "2024-01-01T10:00:00"
+        f["/2.1/measurement/marana"] = dark
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"passes.h5::/1.1/measurement/marana: the frames are not in psi order "
+                                          r"\((2 passes|the angles turn back 1 time\)).*expected them in psi order to split .* run it in one process"):
+        split.run_split(_cfg(f"{other}::/1.1/measurement/marana", out,
+                             f"source.angles={other}::/1.1/measurement/diffrz"), None, 2)
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def moving_beam_scan(tmp_path_factory):
     """A beam that moves right by a fifth of the detector and grows over the scan (the validation's
