@@ -20,7 +20,7 @@ column                from the spot table (0-based pixels and frames)
 ``IMax_int``          corrected value at the maximum; ``IMax_s``/``IMax_f`` its row and
                       column (from the difspot file); ``IMax_o`` its omega
 ``Min_s``..``Max_f``  bounding box, inclusive, rows (s) and columns (f)
-``Min_o``/``Max_o``   omega of the first and last frame of the bounding box
+``Min_o``/``Max_o``   lowest and highest omega of the bounding box's frames
 ``onfirst``/``onlast`` 1 if the difspot touches the first / last frame of the scan
 ``spot3d_id``         difspot id (file ``difspots/{id:06d}.h5``)
 ====================  ============================================================
@@ -112,15 +112,17 @@ def imaged11_columns(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray],
         "Min_s": t["bbox_y0"], "Max_s": t["bbox_y0"] + t["bbox_y_size"] - 1,
         "Min_f": t["bbox_x0"], "Max_f": t["bbox_x0"] + t["bbox_x_size"] - 1,
     })
-    if omega_of is not None:
-        cols["Min_o"], cols["Max_o"] = omega_of(t["start_frame"]), omega_of(t["end_frame"])
+    if omega_of is not None:  # the range, whichever way the sample turned (+ 0.0: no -0.0000 in the file)
+        first, last = omega_of(t["start_frame"]), omega_of(t["end_frame"])
+        cols["Min_o"], cols["Max_o"] = np.minimum(first, last) + 0.0, np.maximum(first, last) + 0.0
     record = read_record(out_dir) or {}
     last = (record.get("stats") or {}).get("frames_segmented")
     cols["onfirst"] = (t["start_frame"] == 0).astype(np.int64)
     if last:
         cols["onlast"] = (t["end_frame"] == last - 1).astype(np.int64)
     cols["spot3d_id"] = t["id"]
-    params = {"omega_unit": "degrees" if has_psi else "frames", "source": str(record.get("source", "")),
+    unit = (record.get("stats") or {}).get("psi_unit") or "degrees"  # angles that look like radians: kept as read
+    params = {"omega_unit": unit if has_psi else "frames", "source": str(record.get("source", "")),
               "software": f"dctstream {record.get('dctstream_version', '')}".strip()}
     if corrected:  # what ImageD11's own peak search says of its sc/fc
         distortion = ((record.get("config") or {}).get("detector") or {}).get("distortion")

@@ -93,6 +93,7 @@ class Stats:
     # unmasked pixels at the top of the frames' 8- or 16-bit type, over every frame: saturated, so the spots on
     # them have touches_mask 1 (Detector.saturated)
     saturated_pixels: int = 0
+    psi_unit: str | None = None  # of the angles as recorded: degrees, or kept as recorded where they look like radians
     source_end: str | None = None  # why the source stopped: end_time, idle_timeout, complete, ...
     stage_s: Counter = field(default_factory=Counter)  # seconds spent in read, background, segment, write
     backlog_frames: int = 0  # frames read but not yet taken by the background stage
@@ -321,6 +322,7 @@ class Pipeline:
         self._backward: list[int] = []  # frames of a scan in arrival order that went back in psi
         self._direction = 0.0  # of psi over such a scan, once it has moved
         try:
+            self.stats.psi_unit = getattr(self.source, "psi_unit", None)
             self.source, self._passes, self.stats.frame_order = arrange(self.source, cfg.source, self._note_follow)
             # read in psi order: frames go back only where the source says so (PsiOrderFollow)
             self._sorted = (self.stats.frame_order or {}).get("mode") == "psi"

@@ -100,3 +100,25 @@ def test_a_scan_without_spots_has_the_columns_of_one_with_spots(exported, tmp_pa
     empty, empty_params = read_columnfile(out / "spots.flt")
     full, full_params = read_columnfile(exported[0] / "spots.flt")
     assert list(empty) == list(full) and empty_params["omega_unit"] == full_params["omega_unit"] == "degrees"
+
+
+@pytest.mark.parametrize("angles", ["decreasing", "radians"])
+def test_omega_range_and_unit_whichever_way_and_unit_the_angles_were_written(tiny_scan, tmp_path, angles):
+    """A rotation towards negative angles gave Min_o > Max_o on every row (the first and last frame's omega);
+    angles in radians without a units attribute, kept as read, were labelled degrees."""
+    with h5py.File(tiny_scan.path, "r") as f:
+        psi = f["/1.1/measurement/diffrz"][()]
+    path = tmp_path / "angles.h5"
+    with h5py.File(path, "w") as f:
+        f["psi"] = -psi if angles == "decreasing" else np.radians(psi)
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"source.url={tiny_scan.frames_url}", f"source.angles={path}::/psi",
+                             f"dark.url={tiny_scan.dark_url}", "background.window=11",
+                             "segmentation.max_blob_size=[20,20,5]", f"output.dir={out}", "quicklook.enabled=false"])
+    process_scan(cfg, display=False)
+    assert main(["export", str(out), "--format", "imaged11"]) == 0
+    cols, params = read_columnfile(out / "spots.flt")
+    assert cols["Min_o"].size > 5
+    assert np.all(cols["Min_o"] <= cols["omega"] + 1e-3) and np.all(cols["omega"] <= cols["Max_o"] + 1e-3)
+    assert np.all(cols["Min_o"] <= cols["Max_o"])
+    assert params["omega_unit"] == ("degrees" if angles == "decreasing" else "as recorded (like radians)")

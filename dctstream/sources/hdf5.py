@@ -150,6 +150,7 @@ class Hdf5FileSource(FrameSource):
                 self.close()
                 raise
         self.angles = None
+        self.psi_unit = "degrees"  # of the angles as read: a run's psi, and ImageD11's omega
         if angles:
             try:
                 psi, factor = read_angles(angles)
@@ -173,6 +174,8 @@ class Hdf5FileSource(FrameSource):
             except BaseException:
                 self.close()
                 raise
+            if factor is None and radians_like(self.angles):
+                self.psi_unit = "as recorded (like radians)"
 
     def __iter__(self):
         batch = max(1, min(_READ_FRAMES_MAX, _READ_BYTES // (int(np.prod(self.frame_shape)) * self.dtype.itemsize or 1)))
@@ -397,6 +400,12 @@ def read_angles(url: str) -> tuple[np.ndarray, float | None]:
     return psi, degrees_per_unit(units, url)
 
 
+def radians_like(psi: np.ndarray) -> bool:
+    """Whether angles read without a unit look like radians: at least 20 spanning 0.9 to 2.05 pi."""
+    span = float(np.ptp(psi)) if psi.size else 0.0
+    return bool(psi.size >= 20 and 0.9 * np.pi <= span <= 2.05 * np.pi and np.max(np.abs(psi)) <= 2.05 * np.pi)
+
+
 def check_angles(psi: np.ndarray, url: str, factor: float | None = None) -> np.ndarray:
     """``psi`` in degrees (float64, one per frame), ``factor`` degrees per unit (`degrees_per_unit`; None: the
     file said no unit, and angles that look like radians are said to), if every angle is finite.
@@ -408,9 +417,8 @@ def check_angles(psi: np.ndarray, url: str, factor: float | None = None) -> np.n
     if bad.size:
         raise InputError(f"source.angles: {url}: frame {bad[0]}: expected a finite angle in degrees, "
                          f"got {psi[bad[0]]}")
-    span = float(np.ptp(psi)) if psi.size else 0.0
-    if (factor is None and psi.size >= 20 and 0.9 * np.pi <= span <= 2.05 * np.pi
-            and np.max(np.abs(psi)) <= 2.05 * np.pi):
+    if factor is None and radians_like(psi):
+        span = float(np.ptp(psi))
         log.warning("source.angles: %s: the angles span %.4g over %d frames, like radians (a turn is 6.283), "
                     "expected degrees: kept as recorded, so psi in the results is in the same unit (a units "
                     "attribute 'rad' on the dataset, as NeXus writes it, converts them)", url, span, psi.size)
