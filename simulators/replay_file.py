@@ -70,12 +70,13 @@ def replay_hdf5(
     stop_after: int | None = None,
     on_frame: Callable[[int], None] | None = None,
     on_resize: Callable[[int], None] | None = None,
+    chunk_frames: int = 1,
 ) -> int:
     """Write the frames of ``src_url`` to ``dst_path::dataset`` one by one, as an acquisition does.
 
     Creates the file (overwriting it) and a dataset (0, y, x) that grows along
-    its first axis, one frame per chunk, compressed with ``compression`` (as
-    for h5py: "gzip", ``hdf5plugin.Bitshuffle()``, ...).  Each frame is
+    its first axis, ``chunk_frames`` frames per chunk (a chunk of several is written again at each flush),
+    compressed with ``compression`` (as for h5py: "gzip", ``hdf5plugin.Bitshuffle()``, ...).  Each frame is
     appended by resizing the dataset, then writing the frame, then flushing.
     ``swmr=True`` writes in SWMR mode (latest file format); ``swmr=False``
     holds the file open for writing without SWMR, in the default file format
@@ -100,7 +101,8 @@ def replay_hdf5(
         for k, (frame, psi) in _paced(_source(src_url, angles_url, stop_after), fps):
             if images is None:  # SWMR allows no new objects once on: create them all first
                 images = f.create_dataset(dataset, shape=(0, *frame.shape), maxshape=(None, *frame.shape),
-                                          chunks=(1, *frame.shape), dtype=frame.dtype, compression=compression)
+                                          chunks=(chunk_frames, *frame.shape), dtype=frame.dtype,
+                                          compression=compression)
                 if angles_url is not None:
                     angles = f.create_dataset(posixpath.join(posixpath.dirname(dataset), ANGLES_NAME),
                                               shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.float64)

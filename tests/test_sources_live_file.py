@@ -308,6 +308,46 @@ def test_hdf5_half_written_frame_waits_until_complete(scan, tmp_path, swmr):
     assert consumer.source.end_reason == "end_time"
 
 
+def test_hdf5_chunks_of_several_frames_without_swmr_are_read_once_whole(scan, tmp_path):
+    """A writer without SWMR writes a bitshuffle chunk of 10 frames again at every flush, elsewhere in the file: a
+    frame read from it meanwhile could decode garbage (the run died of SIGSEGV in 3 of 5 tries). Its frames wait
+    until the dataset grows past the chunk, then arrive whole; at the end, the last chunk's too."""
+    truth, recorded, psi = scan
+    path = tmp_path / "live.h5"
+    pause = PauseAt(15)
+    writer = start_in_process(replay_hdf5, truth.frames_url, path, fps=0, swmr=False, chunk_frames=10,
+                              compression=hdf5plugin.Bitshuffle(cname="lz4"), angles_url=truth.angles_url,
+                              on_resize=pause)
+    consumer = Consumer(Hdf5WatchSource(source_config(live_url(path), angles=f"{path}::{ANGLES_PATH}",
+                                                      poll_interval_s=0.01)))
+    assert pause.resized.wait(SYNC_TIMEOUT_S)
+    wait_for(lambda: len(consumer.frames) == 10, "frames 0 to 9, the first chunk")
+    looks = consumer.source.counters["looks"]
+    wait_for(lambda: consumer.source.counters["looks"] >= looks + 3, "more looks at the chunk being written")
+    assert len(consumer.frames) == 10  # frames 10 to 14 are written, their chunk is not whole yet
+    pause.resume.set()
+    frames = consumer.join()
+    writer.join(SYNC_TIMEOUT_S)
+    check_frames(frames, recorded, psi)
+    assert consumer.source.end_reason == "end_time"
+
+
+def test_bitshuffle_chunk_framing(tmp_path):
+    rng = np.random.default_rng(1)
+    for shape, dtype in [((10, 33, 17), np.uint16), ((2, 13, 7), np.uint32), ((3, 64, 64), np.uint8)]:
+        data = rng.poisson(50, size=shape).astype(dtype)
+        with h5py.File(tmp_path / "c.h5", "w") as f:
+            f.create_dataset("d", data=data, chunks=shape, **hdf5plugin.Bitshuffle(cname="lz4"))
+        with h5py.File(tmp_path / "c.h5", "r") as f:
+            raw = f["d"].id.read_direct_chunk((0, 0, 0))[1]
+        sound = hdf5_live.bitshuffle_chunk_sound
+        assert sound(raw, data.nbytes, data.itemsize)
+        assert not sound(raw[:-1], data.nbytes, data.itemsize)  # cut short
+        assert not sound(raw + b"\0", data.nbytes, data.itemsize)
+        assert not sound(raw, data.nbytes + data.itemsize, data.itemsize)  # another chunk's size
+        assert not sound(bytes(len(raw)), data.nbytes, data.itemsize)  # space not written yet
+
+
 def test_hdf5_last_frame_never_written(scan, tmp_path):
     """The writer resizes for its last frame and dies: the frames before it are delivered, that one is not."""
     truth, recorded, _ = scan

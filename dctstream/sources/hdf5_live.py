@@ -21,7 +21,11 @@ it without disturbing it:
   listed frame may still be empty or half-written: it waits until the dataset
   grows past it, which costs one frame of latency, not correctness.  The
   exceptions are the last frame of ``expected_frames`` and the last frame of
-  a scan that is over, taken once stored and readable.
+  a scan that is over, taken once stored and readable.  A chunk of several
+  frames compressed by a plugin's filter is read once the dataset has grown
+  past it (a writer without SWMR writes it again, elsewhere, at every flush),
+  a bitshuffle one decoded from its stored bytes, read once and checked
+  (see ``_HDF5_FILTERS``).
 * The scan is **over** when ``end_time`` exists in the scan's group (the
   dataset path's top-level group: ``/1.1/end_time`` for
   ``/1.1/measurement/marana``, Bliss and NeXus alike; all listed frames are
@@ -267,6 +271,43 @@ def _end_time_path(dataset: str) -> str:
     return f"/{parts[0]}/end_time" if len(parts) > 1 else "/end_time"
 
 
+# Filters of HDF5 itself (deflate, shuffle, fletcher32, szip, nbit, scaleoffset): their decoders check what they
+# read. A plugin's (bitshuffle, LZ4, Blosc, zstd) may not, and a chunk read while a writer without SWMR rewrites it
+# (a chunk of several frames is written again at every flush, elsewhere in the file as it grows) killed the
+# process (SIGSEGV in bitshuffle's LZ4 decoder).
+_HDF5_FILTERS = frozenset(range(1, 7))
+_BITSHUFFLE = 32008
+
+
+def _plugin_filtered(dset: h5py.Dataset) -> bool:
+    """Whether a plugin's filter (not one of HDF5's own) decodes the dataset's chunks."""
+    plist = dset.id.get_create_plist()
+    return any(plist.get_filter(i)[0] not in _HDF5_FILTERS for i in range(plist.get_nfilters()))
+
+
+def bitshuffle_chunk_sound(raw: bytes, nbytes: int, itemsize: int) -> bool:
+    """Whether ``raw`` is a whole bitshuffle-compressed chunk of ``nbytes`` bytes decoded, of elements of
+    ``itemsize`` bytes (its framing: the decoded size and block size in bytes, big-endian; each block's compressed
+    size and bytes; the last fewer than 8 elements stored as they are): a chunk caught half rewritten fails it."""
+    if len(raw) < 12 or int.from_bytes(raw[:8], "big") != nbytes:
+        return False
+    block = int.from_bytes(raw[8:12], "big")
+    if block <= 0 or block % itemsize:
+        return False
+    pos, left = 12, nbytes
+    while left >= block:
+        if pos + 4 > len(raw):
+            return False
+        pos += 4 + int.from_bytes(raw[pos:pos + 4], "big")
+        left -= block
+    tail = (left // itemsize) % 8 * itemsize  # stored as it is
+    if left - tail:
+        if pos + 4 > len(raw):
+            return False
+        pos += 4 + int.from_bytes(raw[pos:pos + 4], "big")
+    return pos + tail == len(raw)
+
+
 def _stored(dset: h5py.Dataset, k: int) -> bool:
     """Whether every chunk holding frame ``k`` is in the file -- for a virtual dataset, in the source file that
     maps it (a detector's files appear as the scan goes: read before, frame k is the fill value, zeros);
@@ -369,6 +410,9 @@ class Hdf5WatchSource(FollowedSource):
         self._dset: h5py.Dataset | None = None
         self._n = 0
         self._ended = False
+        self._writer_gone = False  # nothing grew for the idle timeout: no chunk is being written again
+        self._rewritten: int | None = None  # frames a chunk, where a writer without SWMR writes chunks again
+        self._decoded: tuple[int, np.ndarray] | None = None  # (first frame, frames) of the last chunk decoded
         self._why = "file not found"  # why there is no dataset to read yet
         self._error = ""  # the last read error
         self._path = path
@@ -431,6 +475,10 @@ class Hdf5WatchSource(FollowedSource):
                 dset.refresh()
             self._n, self._dset = dset.shape[0], dset
             self._ended = self._ended or self._end_path in h5
+            # a writer without SWMR writes a chunk of several frames again at every flush: read whole ones only
+            # (whatever mode this handle is in: a plain open that fails once falls back to SWMR)
+            c = dset.chunks[0] if dset.chunks is not None else 1
+            self._rewritten = c if c > 1 and _plugin_filtered(dset) else None
         except _H5_ERRORS as exc:
             self.counters["retries"] += 1
             self._why = f"cannot read ({one_line(exc)})"
@@ -455,7 +503,47 @@ class Hdf5WatchSource(FollowedSource):
         """How many frames may be read now (see the module docstring)."""
         if self._expected is not None and self._n >= self._expected:
             return self._expected
-        return self._n if self._ended else self._n - 1
+        if self._ended or self._writer_gone:
+            return self._n
+        listed = self._n - 1
+        c = self._rewritten
+        return listed if c is None else listed - listed % c  # chunks the dataset has grown past: written whole
+
+    def _chunk_frames(self, k: int) -> np.ndarray | None:
+        """The frames of frame k's chunks (of a plugin's filter and several frames: see _HDF5_FILTERS), decoded
+        from their stored bytes read once, through the dataset's own filters on a copy in memory: what a writer
+        without SWMR does to the file meanwhile cannot reach the decoder. Bitshuffle's framing is checked first (a
+        chunk caught half written fails it: None)."""
+        dset, c = self._dset, self._rewritten
+        first = k - k % c
+        if self._decoded is not None and self._decoded[0] == first:
+            return self._decoded[1]
+        _, ny, nx = dset.shape
+        _, cy, cx = dset.chunks
+        plist = dset.id.get_create_plist()
+        filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
+        if [f[0] for f in filters] != [_BITSHUFFLE]:  # another plugin's: read whole chunks, as HDF5 decodes them
+            return dset[first:first + c]
+        nbytes = c * cy * cx * dset.dtype.itemsize
+        frames = np.empty((c, ny, nx), dset.dtype)
+        # the filter as it was asked for (its first 3 values are those HDF5 sets for a dataset: set again)
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((c, cy, cx))
+        dcpl.set_filter(_BITSHUFFLE, filters[0][1], tuple(filters[0][2][3:]))
+        with h5py.File(f"dctstream-chunk-{id(self)}", "w", driver="core", backing_store=False) as mem:
+            tile = h5py.h5d.create(mem.id, b"chunk", dset.id.get_type(), h5py.h5s.create_simple((c, cy, cx)),
+                                   dcpl=dcpl)
+            block = np.empty((c, cy, cx), dset.dtype)
+            for y in range(0, ny, cy):
+                for x in range(0, nx, cx):
+                    mask, raw = dset.id.read_direct_chunk((first, y, x))
+                    if mask or not bitshuffle_chunk_sound(raw, nbytes, dset.dtype.itemsize):
+                        return None
+                    tile.write_direct_chunk((0, 0, 0), raw)
+                    tile.read(h5py.h5s.ALL, h5py.h5s.ALL, block)
+                    frames[:, y:y + cy, x:x + cx] = block[:, :ny - y, :nx - x]
+        self._decoded = (first, frames)
+        return frames
 
     def _read(self, k: int) -> np.ndarray | None:
         """Frame ``k`` if it is stored and reads, else None (and why in ``_error``)."""
@@ -466,7 +554,16 @@ class Hdf5WatchSource(FollowedSource):
             if not _stored(self._dset, k):
                 self._error = "not written yet"
                 return None
-            data = self._dset[k]
+            if self._rewritten is not None:
+                frames = self._chunk_frames(k)
+                if frames is None:
+                    self.counters["retries"] += 1
+                    self._error = "its chunk is not whole (being written again?)"
+                    self._reopen()
+                    return None
+                data = frames[k % self._rewritten].copy()
+            else:
+                data = self._dset[k]
         except _H5_ERRORS as exc:
             self.counters["retries"] += 1
             self._error = f"cannot read ({one_line(exc)})"
@@ -588,14 +685,15 @@ class Hdf5WatchSource(FollowedSource):
             log.warning("%s: the file vanished during the scan, after %d frames", self.url, k)
             self._finish("vanished", k)
             return
-        if k < self._n:
+        self._writer_gone = True
+        while k < self._n:  # the last listed frame, or the last chunk's (see _readable)
             data = self._read(k)
             if data is None:
                 log.warning("%s: frame %d was listed but never completely written (%s): left out",
                             self.url, k, self._error)
-            else:
-                yield Frame(k, self._psi(k), data)
-                k += 1
+                break
+            yield Frame(k, self._psi(k), data)
+            k += 1
         self._finish("idle_timeout", k)
 
     def read_again(self, k: int) -> np.ndarray:
