@@ -332,6 +332,45 @@ def test_hdf5_chunks_of_several_frames_without_swmr_are_read_once_whole(scan, tm
     assert consumer.source.end_reason == "end_time"
 
 
+def _write_allocated(frames_url, path, written: int, go_on) -> None:
+    """A dataset allocated for the whole scan (as LIMA does), SWMR; ``written`` frames, then wait for ``go_on``
+    and end the scan (end_time, written once out of SWMR mode)."""
+    with h5py.File(frames_url.split("::")[0], "r") as f:
+        frames = f[FRAMES_PATH][()]
+    with h5py.File(path, "w", libver="latest") as f:
+        images = f.create_dataset(FRAMES_PATH, shape=frames.shape, dtype=frames.dtype, chunks=(1, *frames.shape[1:]))
+        f.swmr_mode = True
+        for k in range(written):
+            images[k] = frames[k]
+            f.flush()
+        if not go_on.wait(SYNC_TIMEOUT_S):
+            raise TimeoutError("never told to go on")
+    with h5py.File(path, "a") as f:
+        f["/1.1/end_time"] = "2024-01-01T10:00:00"
+
+
+def test_hdf5_allocated_dataset_of_a_scan_ended_early_ends_on_end_time(scan, tmp_path):
+    """A scan aborted after 20 of the 30 frames its dataset was allocated for: the source waited the idle timeout
+    (a kept SWMR handle never saw end_time while frame 20 was listed), ended 'idle_timeout', and counted the 10
+    frames never acquired as a backlog ('falling behind the acquisition'). It ends on end_time at once."""
+    truth, recorded, _ = scan
+    path = tmp_path / "live.h5"
+    go_on = SPAWN.Event()
+    writer = start_in_process(_write_allocated, truth.frames_url, path, 20, go_on)
+    wait_for(path.exists, "the file")
+    consumer = Consumer(Hdf5WatchSource(source_config(live_url(path), idle_timeout_s=SYNC_TIMEOUT_S,
+                                                      poll_interval_s=0.05)))
+    wait_for(lambda: len(consumer.frames) == 20, "the 20 frames written")
+    wait_for(lambda: consumer.source.frames_listed == 20, "the frames listed to stop at the one not written")
+    go_on.set()
+    started = time.monotonic()
+    frames = consumer.join()
+    writer.join(SYNC_TIMEOUT_S)
+    assert time.monotonic() - started < SYNC_TIMEOUT_S / 3
+    check_frames(frames, recorded, count=20)
+    assert consumer.source.end_reason == "end_time" and consumer.source.frames_listed == 20
+
+
 def test_bitshuffle_chunk_framing(tmp_path):
     rng = np.random.default_rng(1)
     for shape, dtype in [((10, 33, 17), np.uint16), ((2, 13, 7), np.uint32), ((3, 64, 64), np.uint8)]:

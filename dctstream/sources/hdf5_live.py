@@ -411,6 +411,7 @@ class Hdf5WatchSource(FollowedSource):
         self._n = 0
         self._ended = False
         self._writer_gone = False  # nothing grew for the idle timeout: no chunk is being written again
+        self._waiting: int | None = None  # a listed frame waited for, not written yet
         self._rewritten: int | None = None  # frames a chunk, where a writer without SWMR writes chunks again
         self._decoded: tuple[int, np.ndarray] | None = None  # (first frame, frames) of the last chunk decoded
         self._why = "file not found"  # why there is no dataset to read yet
@@ -448,8 +449,12 @@ class Hdf5WatchSource(FollowedSource):
 
     @property
     def frames_listed(self) -> int:
-        """Frames the file listed at the last look: what the acquisition has written, for a backlog display."""
-        return self._n
+        """Frames the file listed at the last look: what the acquisition has written, for a backlog display --
+        up to the frame being waited for when it is not written yet (a dataset allocated for the whole scan lists
+        every frame from the start), and the frames delivered once the scan is over."""
+        if self.end_reason is not None:
+            return self.n_frames
+        return min(self._n, self._waiting) if self._waiting is not None else self._n
 
     # -- looking at the file -----------------------------------------------------
 
@@ -553,7 +558,9 @@ class Hdf5WatchSource(FollowedSource):
         try:
             if not _stored(self._dset, k):
                 self._error = "not written yet"
+                self._waiting = k
                 return None
+            self._waiting = None
             if self._rewritten is not None:
                 frames = self._chunk_frames(k)
                 if frames is None:
@@ -634,10 +641,16 @@ class Hdf5WatchSource(FollowedSource):
                 return
             now = time.monotonic()
             if k < self._readable() and angle_since is None:
+                if self._ended and self._error == "not written yet" and not self._written_after(k):
+                    self._left_out(k)  # a preallocated dataset of a scan that ended early: nothing more comes
+                    return
                 stuck_since = stuck_since or now
                 if now - stuck_since >= self._idle_s:
                     self._give_up(k)
                     return
+                if self._file.h5 is not None and self._file.swmr and now - self._file.opened_s >= self._poll_s:
+                    self._file.close()  # a kept SWMR handle does not show end_time (see below)
+                    continue
                 deadline = stuck_since + self._idle_s
             elif angle_since is not None:
                 deadline = angle_since + self._angle_wait_s
@@ -659,19 +672,25 @@ class Hdf5WatchSource(FollowedSource):
             self.counters["notifications"] += 1
         self._wake.clear()
 
+    def _written_after(self, k: int) -> bool:
+        """Whether a frame listed after frame k is written (True when that cannot be told)."""
+        try:
+            return any(_stored(self._dset, j) for j in range(k + 1, self._n))
+        except _H5_ERRORS:
+            return True  # better an error than frames left out unsaid
+
+    def _left_out(self, k: int) -> None:
+        """Frames k on were listed but never written (a writer that resized ahead of its data, or a dataset
+        allocated for the whole scan, which ended early): the scan ends before them."""
+        log.warning("%s: frames %d to %d were listed but never written: left out", self.url, k, self._n - 1)
+        self._finish("end_time" if self._ended else "idle_timeout", k)
+
     def _give_up(self, k: int) -> None:
         """Frame ``k`` stayed unreadable for the idle timeout: an error, unless it and all after it were
         never written (the writer died having resized ahead of its data)."""
-        listed = self._n
-        if self._error == "not written yet":
-            try:
-                later_written = any(_stored(self._dset, j) for j in range(k + 1, listed))
-            except _H5_ERRORS:
-                later_written = True  # cannot tell: better an error than frames left out unsaid
-            if not later_written:
-                log.warning("%s: frames %d to %d were listed but never written: left out", self.url, k, listed - 1)
-                self._finish("end_time" if self._ended else "idle_timeout", k)
-                return
+        if self._error == "not written yet" and not self._written_after(k):
+            self._left_out(k)
+            return
         raise InputError(f"source.url: {self.url}: frame {k}: expected a complete frame within "
                          f"{self._idle_s:g} s (source.idle_timeout_s), got {self._error}")
 
