@@ -4,8 +4,8 @@
 URL: ``scan.h5::/1.1/measurement/marana``, ``redis://host:port`` with
 ``overrides: ["source.scan=..."]``, a detector stream ...) processed into
 ``out_dir`` with ``config`` (a file, or a packaged config's name; the packaged
-default when none), then ``dark`` and each ``KEY=VALUE`` of ``overrides``, as
-on the command line.  Its outputs say where the results are and how the scan
+default when none), then ``dark`` and ``overrides``: ``KEY=VALUE`` texts as
+on the command line, or a mapping ``{"background.window": 101}`` as ``dctstream.run`` takes.  Its outputs say where the results are and how the scan
 ended.  The packaged workflow (`workflow_path`) is that one task::
 
     ewoks execute $(python -c "import dctstream.ewoks_tasks as t; print(t.workflow_path())") \\
@@ -19,12 +19,13 @@ seconds where the run took minutes; chain it after ``ProcessScan`` (its ``out_di
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 from ewokscore import Task
 
-from .config import load_config
+from .config import load_config, override_config
 from .configs import config_file
 from .dct_table import CSV_NAME, H5_NAME
 from .resegment import resegment
@@ -36,6 +37,13 @@ WORKFLOW = "process_scan.json"
 def workflow_path() -> Path:
     """The packaged workflow file: one ProcessScan node, id ``process_scan``."""
     return Path(str(resources.files("dctstream") / "workflows" / WORKFLOW))
+
+
+def _set_texts(overrides) -> list[str]:
+    """``KEY=VALUE`` texts of overrides given as a mapping ``{"segmentation.seed_sigma": 5}`` or as texts."""
+    if isinstance(overrides, Mapping):
+        return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    return list(overrides or [])
 
 
 class ProcessScan(Task, input_names=["source", "out_dir"],
@@ -50,8 +58,10 @@ class ProcessScan(Task, input_names=["source", "out_dir"],
         dark = self.get_input_value("dark", None)
         if dark:
             overrides.append(f"dark.url={json.dumps(str(dark))}")
-        overrides += list(self.get_input_value("overrides", None) or [])
         cfg = load_config(config_file(self.get_input_value("config", None)), overrides)
+        extra = self.get_input_value("overrides", None)
+        if extra:  # {"background.window": 101} or ["background.window=101"], as dctstream.run takes them
+            cfg = override_config(cfg, extra, label="ProcessScan: overrides")
         stats = process_scan(cfg, overwrite=bool(self.get_input_value("overwrite", False)), display=False)
         out = Path(cfg.output.dir)
         self.outputs.out_dir = str(out)
@@ -69,7 +79,7 @@ class ResegmentRun(Task, input_names=["run_dir"], optional_input_names=["overrid
     dctstream's one-line message naming the key."""
 
     def run(self):
-        summary = resegment(self.inputs.run_dir, list(self.get_input_value("overrides", None) or []),
+        summary = resegment(self.inputs.run_dir, _set_texts(self.get_input_value("overrides", None)),
                             self.get_input_value("out_dir", None), overwrite=bool(self.get_input_value("overwrite", False)),
                             difspots=bool(self.get_input_value("difspots", True)))
         self.outputs.out_dir = summary["out_dir"]

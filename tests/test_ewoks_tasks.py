@@ -52,17 +52,24 @@ def test_ewoks_execute_runs_a_scan(tiny_scan, tmp_path):
     assert all(Path(p).is_file() for p in outputs["difspot_table"])
 
 
-def test_resegment_task_equals_the_command(tiny_scan, tmp_path):
+@pytest.mark.parametrize("form", ["texts", "mapping"])
+def test_resegment_task_equals_the_command(tiny_scan, tmp_path, form):
     """ProcessScan then ResegmentRun (as a workflow chains them): the resegmented spots equal those of
-    `dctstream resegment` with the same settings."""
+    `dctstream resegment` with the same settings; overrides as --set texts or as a mapping, as dctstream.run
+    takes them (a mapping failed with "--set: expected section.key=value, got background.window")."""
     from dctstream.ewoks_tasks import ProcessScan, ResegmentRun
     from dctstream.resegment import resegment
 
-    settings = ["background.window=11", "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false"]
+    settings = {"background.window": 11, "segmentation.max_blob_size": [20, 20, 5], "quicklook.enabled": False}
+    again = {"segmentation.seed_sigma": 8}
+    if form == "texts":
+        settings = ["background.window=11", "segmentation.max_blob_size=[20,20,5]", "quicklook.enabled=false"]
+        again = ["segmentation.seed_sigma=8"]
     run = ProcessScan(inputs={"source": tiny_scan.frames_url, "out_dir": str(tmp_path / "run"),
                               "dark": tiny_scan.dark_url, "overrides": settings})
     run.execute()
-    task = ResegmentRun(inputs={"run_dir": run.outputs.out_dir, "overrides": ["segmentation.seed_sigma=8"],
+    assert run.outputs.frames == 40
+    task = ResegmentRun(inputs={"run_dir": run.outputs.out_dir, "overrides": again,
                                 "out_dir": str(tmp_path / "task")})
     task.execute()
     resegment(tmp_path / "run", ["segmentation.seed_sigma=8"], tmp_path / "command")
