@@ -228,6 +228,7 @@ def _segmenting(cfg: Config, source, dark_image: np.ndarray | None) -> Iterator[
         def work() -> None:
             try:
                 pipeline = Pipeline(cfg, source=source)
+                pipeline.transient = True
                 pipeline.blob_taps.append(lambda blob, row: found.put(_difspot(blob, row, source.angles)))
                 pipeline.run()
                 found.put(_DONE)

@@ -71,16 +71,17 @@ def cmd_run(args) -> int:
 
 
 def _cluster_config(cfg, args):
-    """The cluster section with ``--cluster`` and ``--workers`` applied (the scan's config stays as it is)."""
-    from .config import replace_config
+    """The cluster section with ``--cluster`` and ``--workers`` applied (the scan's config stays as it is); an
+    error names the option."""
+    from .config import override_config
 
-    changes = {}
     if args.cluster is not None:
         kind = "address" if "://" in args.cluster else args.cluster
-        changes.update(kind=kind, address=args.cluster if kind == "address" else None)
+        cfg = override_config(cfg, {"cluster.kind": kind, "cluster.address": args.cluster if kind == "address" else None},
+                              label="--cluster")
     if args.workers is not None:
-        changes["workers"] = args.workers
-    return replace_config(cfg, cluster=changes).cluster if changes else cfg.cluster
+        cfg = override_config(cfg, {"cluster.workers": args.workers}, label="--workers")
+    return cfg.cluster
 
 
 def _run_split(args, cfg) -> int:

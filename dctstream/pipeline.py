@@ -266,6 +266,7 @@ class Pipeline:
         self.export: CorrectedFrameWriter | SparseScanWriter | None = None
         self.lock: outdir.OutputLock | None = None  # taken when the output appears, held until `end`
         self.keep_lock = False  # True: `run` leaves `end` to its caller (the runner writes the record first)
+        self.transient = False  # True: out_dir goes with the caller (dctstream.segment), nothing there to resume
         self._source_id: str | None = None  # identity of frame 0, kept in checkpoints
         self._finishing = False  # the source has ended: the background stage is emitting its last frames
         self._first_checked = False  # the first frame's counts were looked at (Detector.check_first_frame)
@@ -503,9 +504,10 @@ class Pipeline:
                     outcome = "finished"
                 else:
                     outcome = "incomplete"
-                    log.warning("%s: the scan is incomplete (%s): the results so far are kept, and the same "
-                                "command resumes it if the source has more frames", self.out_dir,
-                                self.stats.incomplete)
+                    if not self.transient:
+                        log.warning("%s: the scan is incomplete (%s): the results so far are kept, and the same "
+                                    "command resumes it if the source has more frames", self.out_dir,
+                                    self.stats.incomplete)
         finally:
             if not self.keep_lock:
                 self.end(outcome)

@@ -148,7 +148,8 @@ def test_segment_without_angles_has_no_psi(scan, in_memory):
     assert all(s.psi_deg is None and s.psi_range_deg is None for s in spots)
 
 
-def test_closing_segment_early_stops_the_pipeline(scan):
+def test_closing_segment_early_stops_the_pipeline(scan, caplog):
+    """... and says nothing of results kept to be resumed: they were in a temporary folder, gone with it."""
     _, frames, darks, psi = scan
     spots = dctstream.segment(frames, psi, dark=darks, overrides=SETTINGS)
     first = next(spots)
@@ -159,6 +160,7 @@ def test_closing_segment_early_stops_the_pipeline(scan):
     assert not closer.is_alive()
     pipeline = {"dctstream-segment-api", "dctstream-read", "dctstream-segment", "dctstream-write"}
     assert not [t.name for t in threading.enumerate() if t.name in pipeline]
+    assert not [r.message for r in caplog.records if "resumes it" in r.getMessage()]
 
 
 def test_config_forms_give_the_same_config(tmp_path):

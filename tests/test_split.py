@@ -209,6 +209,12 @@ def test_cluster_options_need_split(tmp_path, capsys):
     assert "--split" in capsys.readouterr().err
 
 
+def test_a_wrong_cluster_is_said_under_its_option(tmp_path, capsys):
+    assert main(["run", "--source", f"{tmp_path}/x.h5::/d", "--split", "2", "--cluster", "foo"]) != 0
+    err = capsys.readouterr().err
+    assert "--cluster: cluster.kind: must be one of local" in err and "replace_config" not in err
+
+
 def test_stack_export_refused_before_any_output(scan, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"export.format: stack: .* expected sparse .* or none"):
