@@ -281,7 +281,8 @@ def test_readers_see_a_consistent_table_during_the_scan(scan, tmp_path, monkeypa
             n = int(group.attrs["n_spots"])
             ids = group["id"][()]
         assert lengths == {n}
-        np.testing.assert_array_equal(ids, np.arange(n))
+        # ids in order, each once (a spot across 0/360 degrees, or a tail of one, joined at the end leaves a gap)
+        assert ids.size == n and np.all(np.diff(ids) > 0)
         for spot_id in ids:  # every difspot the table lists is on disk, whole
             with h5py.File(out / "difspots" / f"{spot_id:06d}.h5", "r") as spot:
                 assert spot["difspotID"][()] == spot_id
