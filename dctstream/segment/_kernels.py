@@ -702,60 +702,50 @@ def flood_from(fs, ys, xs, allowed, start, conn26):
     return reached
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _claimed_neighbour_max(values, slot_of, flags, f, y, x, f0, f1, y0, y1, x0, x1, conn26):
+    """The greatest value of the claimed 6- or 26-neighbours of voxel (f, y, x) in the inclusive box
+    [f0..f1, y0..y1, x0..x1] (those through which it could grow); -inf when none is claimed."""
+    cap = slot_of.size
+    best = -np.inf
+    for df in range(-1, 2):
+        g = f + df
+        if g < f0 or g > f1:
+            continue
+        slot = slot_of[g % cap]
+        for dy in range(-1, 2):
+            v = y + dy
+            if v < y0 or v > y1:
+                continue
+            for dx in range(-1, 2):
+                u = x + dx
+                d = abs(df) + abs(dy) + abs(dx)
+                if d == 0 or (not conn26 and d > 1) or u < x0 or u > x1:
+                    continue
+                if _flag(flags, slot, CLAIMED, v, u) and values[slot, v, u] > best:
+                    best = values[slot, v, u]
+    return best
+
+
 @numba.njit(cache=True, nogil=True)
 def claimed_beside_max(values, slot_of, flags, fs, ys, xs, f0, f1, y0, y1, x0, x1, conn26):
     """The greatest value of the claimed voxels next to these (6- or 26-neighbours, through which they could
     grow) in the inclusive box [f0..f1, y0..y1, x0..x1]; -inf when there is none."""
-    cap = slot_of.size
     best = -np.inf
     for i in range(fs.size):
-        for df in range(-1, 2):
-            g = fs[i] + df
-            if g < f0 or g > f1:
-                continue
-            slot = slot_of[g % cap]
-            for dy in range(-1, 2):
-                y = ys[i] + dy
-                if y < y0 or y > y1:
-                    continue
-                for dx in range(-1, 2):
-                    x = xs[i] + dx
-                    d = abs(df) + abs(dy) + abs(dx)
-                    if d == 0 or (not conn26 and d > 1) or x < x0 or x > x1:
-                        continue
-                    if _flag(flags, slot, CLAIMED, y, x) and values[slot, y, x] > best:
-                        best = values[slot, y, x]
+        best = max(best, _claimed_neighbour_max(values, slot_of, flags, fs[i], ys[i], xs[i], f0, f1, y0, y1, x0, x1,
+                                                conn26))
     return best
 
 
 @numba.njit(cache=True, nogil=True)
 def saddle_beside_brighter(values, slot_of, flags, fs, ys, xs, own, above, f0, f1, y0, y1, x0, x1, conn26):
     """The greatest ``own`` value of these voxels that are next to a claimed voxel brighter than ``above`` (as
-    `claimed_beside_max` looks: 6- or 26-neighbours in the inclusive box); -inf when none is."""
-    cap = slot_of.size
+    `claimed_beside_max` looks); -inf when none is."""
     best = -np.inf
     for i in range(fs.size):
-        if own[i] <= best:
-            continue
-        found = False
-        for df in range(-1, 2):
-            g = fs[i] + df
-            if found or g < f0 or g > f1:
-                continue
-            slot = slot_of[g % cap]
-            for dy in range(-1, 2):
-                y = ys[i] + dy
-                if found or y < y0 or y > y1:
-                    continue
-                for dx in range(-1, 2):
-                    x = xs[i] + dx
-                    d = abs(df) + abs(dy) + abs(dx)
-                    if d == 0 or (not conn26 and d > 1) or x < x0 or x > x1:
-                        continue
-                    if _flag(flags, slot, CLAIMED, y, x) and values[slot, y, x] > above:
-                        found = True
-                        break
-        if found:
+        if own[i] > best and _claimed_neighbour_max(values, slot_of, flags, fs[i], ys[i], xs[i], f0, f1, y0, y1,
+                                                    x0, x1, conn26) > above:
             best = own[i]
     return best
 
