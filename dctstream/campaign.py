@@ -35,6 +35,7 @@ import yaml
 
 from .atomic import replacing
 from .config import ClusterConfig, Config, load_config
+from .configs import config_file
 from .errors import ConfigError, DctStreamError, InputError
 from .record import read_record, write_record
 
@@ -85,7 +86,10 @@ def list_scans(specs: Sequence[str], out_root: str | os.PathLike, *, config_path
     Paths in a listing are relative to its folder.  Raises ``ConfigError`` or ``InputError`` for a listing or
     pattern that cannot be read; a scan whose own settings are wrong becomes a `ScanJob` with an ``error``.
     """
-    base = load_config(config_path, overrides)  # a bad config or --set fails the whole campaign at once
+    # the packaged default without a config file, as `dctstream run` and `watch` take it (angles, dark and flat
+    # found in the scan's file: the built-in defaults find none); a bad config or --set fails the whole campaign
+    config_path = config_file(config_path)
+    base = load_config(config_path, overrides)
     entries: list[tuple[str, dict]] = []  # (label for messages, {source, angles, dark, name, set})
     for spec in specs:
         if spec.endswith((".yml", ".yaml")) and "::" not in spec:

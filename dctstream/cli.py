@@ -117,7 +117,10 @@ def cmd_campaign(args) -> int:
         cluster += [f"cluster.kind={kind}", f"cluster.address={json.dumps(address)}"]
     if args.workers is not None:
         cluster.append(f"cluster.workers={args.workers}")
-    cfg = load_config(args.config, overrides + cluster)  # a bad config fails at once, before any cluster starts
+    from .configs import config_file
+
+    # a bad config fails at once, before any cluster starts
+    cfg = load_config(config_file(args.config), overrides + cluster)
     from rich.console import Console
 
     from .campaign import (RESEGMENT_SUMMARY_FILE, SUMMARY_FILE, Campaign, CampaignView, list_runs, list_scans,

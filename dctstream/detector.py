@@ -29,7 +29,7 @@ import scipy.ndimage as ndi
 from .atomic import atomic_h5
 from .background.kernels import pixels_at_least, window_median
 from .errors import InputError
-from .sources import load_dark, read_dataset
+from .sources import load_dark, read_dataset, read_image
 from .types import Blob
 
 log = logging.getLogger(__name__)
@@ -52,26 +52,6 @@ DARK_ABOVE_FRACTION = 0.9
 # More saturated pixels in a frame than this share are not kept to flag spots (see Detector.saturated).
 SATURATED_MAX_FRACTION = 0.01
 _NEIGHBOURS = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
-
-
-def read_image(url: str, key: str) -> np.ndarray:
-    """A 2-D image or 3-D stack from ``file.h5::/dataset``, an EDF file (fabio) or a ``.npy`` file."""
-    path = url.split("::")[0]
-    if "::" in url:
-        return read_dataset(url, key)
-    if not os.path.exists(path):
-        raise InputError(f"{key}: {path}: file not found, expected file.h5::/dataset, file.edf, file.tif or "
-                         "file.npy")
-    try:
-        if path.endswith(".npy"):
-            return np.load(path, allow_pickle=False)
-        import fabio
-        with fabio.open(path) as image:  # a multi-frame EDF (a stack of darks): every frame
-            if image.nframes > 1:
-                return np.stack([image.getframe(i).data for i in range(image.nframes)])
-            return image.data
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{key}: {path}: cannot read as EDF, TIFF or NumPy ({' '.join(str(exc).split())})") from None
 
 
 def _checked_shape(image: np.ndarray, url: str, key: str, shape, *, stack: bool) -> np.ndarray:

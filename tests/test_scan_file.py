@@ -226,6 +226,25 @@ def test_a_dataset_file_gives_its_rotation_scan_angles_dark_and_flat(tmp_path):
     assert cfg.source.url == f"{path}::/1.1/measurement/marana" and "source.url" not in found
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".edf"])
+def test_a_dark_file_of_its_own_with_a_flat_found_in_the_scans_file(tmp_path, suffix):
+    """dark.url an image file of its own (not file.h5::/dataset) while detector.flat: auto finds a flat: the flat
+    is measured above that dark (it was refused: "expected a URL of the form path/to/file.h5::/path/to/dataset")."""
+    import fabio.edfimage
+
+    rotate = {"diffrz": np.arange(N) * 30.0, "samy": 0.0}
+    path = _dataset_file(tmp_path / "d.h5", [
+        ("1.1", "fscan diffrz 0 30 12 0.1", np.zeros((N, 8, 8), np.uint16), rotate),
+        ("2.1", "ref scan", _flat(), {"diffrz": 360.0, "samy": 5.0}),
+    ])
+    dark = tmp_path / f"dark{suffix}"
+    image = np.full((8, 8), 100, np.float32)
+    np.save(dark, image) if suffix == ".npy" else fabio.edfimage.EdfImage(data=image).write(str(dark))
+    cfg, found = _found(path, f"dark.url={dark}")
+    assert cfg.dark.url == str(dark)
+    assert cfg.detector.flat == f"{path}::/2.1/measurement/marana"
+
+
 def test_references_of_the_direct_beam_only_are_no_flat(tmp_path):
     path = _dataset_file(tmp_path / "d.h5", [
         ("1.1", "ref", _flat(lit=slice(3, 5)), {}),

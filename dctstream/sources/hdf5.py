@@ -433,10 +433,30 @@ def check_angles(psi: np.ndarray, url: str, factor: float | None = None) -> np.n
     return psi
 
 
+def read_image(url: str, key: str) -> np.ndarray:
+    """A 2-D image or 3-D stack from ``file.h5::/dataset``, an EDF file (fabio) or a ``.npy`` file."""
+    path = url.split("::")[0]
+    if "::" in url:
+        return read_dataset(url, key)
+    if not os.path.exists(path):
+        raise InputError(f"{key}: {path}: file not found, expected file.h5::/dataset, file.edf, file.tif or "
+                         "file.npy")
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        import fabio  # only for EDF and TIFF files
+        with fabio.open(path) as image:  # a multi-frame EDF (a stack of darks): every frame
+            if image.nframes > 1:
+                return np.stack([image.getframe(i).data for i in range(image.nframes)])
+            return image.data
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{key}: {path}: cannot read as EDF, TIFF or NumPy ({' '.join(str(exc).split())})") from None
+
+
 def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int],
               image: np.ndarray | None = None) -> np.ndarray | None:
     """The dark/offset image to subtract: the mean of a stack of dark frames, a 2-D image, or a constant.
-    ``image``: the dark already read from ``url`` (an EDF, TIFF or .npy file: `dctstream.detector.read_image`)."""
+    ``image``: the dark already read from ``url`` (an EDF, TIFF or .npy file: `read_image`)."""
     if value is not None:
         return np.full(frame_shape, value, dtype=np.float32)
     if url is None:

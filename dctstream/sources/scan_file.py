@@ -40,11 +40,13 @@ import dataclasses
 import logging
 import os
 import re
+from contextlib import suppress
 
 import h5py
 import numpy as np
 
-from .hdf5 import parse_url
+from ..errors import InputError
+from .hdf5 import parse_url, read_image
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +338,6 @@ def _motor_values(h5: h5py.File, entry: str) -> dict[str, float]:
 def pick_rotation_scan(path: str) -> dict:
     """``{"url": path::/<scan>/measurement/<detector>, "reason": ...}`` for a DCT dataset file; InputError if
     it holds no rotation scan, or several detectors equally likely."""
-    from ..errors import InputError
-
     h5, reason = _open(f"{path}::/")
     if h5 is None:
         raise InputError(f"source.url: {reason}")
@@ -423,11 +423,16 @@ def _find_flat(h5: h5py.File, url: str, dark_url: str | None, dark_value: float 
     image = np.asarray(ref[:min(ref.shape[0], 3)], np.float64).mean(axis=0)
     if dark_value is not None:
         image -= dark_value
-    elif dark_url:
+    elif dark_url and "::" in dark_url:
         dark_path, dark_dataset = parse_url(dark_url)
         dark = h5.get(dark_dataset) if os.path.realpath(dark_path) == os.path.realpath(path) else None
         if isinstance(dark, h5py.Dataset) and dark.shape[-2:] == image.shape:
             image -= np.asarray(dark[:1] if dark.ndim == 3 else dark[()], np.float64).reshape(image.shape)
+    elif dark_url:  # an EDF, TIFF or .npy file (its errors are the detector's to say, when it reads it)
+        with suppress(InputError):
+            dark = np.asarray(read_image(dark_url, "dark.url"), np.float64)
+            if dark.shape[-2:] == image.shape:
+                image -= dark.reshape(-1, *image.shape).mean(axis=0)
     median = float(np.median(image))
     where = f"scan {name} ({why}), the {'last such scan before' if before else 'first such scan after'} " \
             f"{entry.strip('/')}"
