@@ -163,3 +163,59 @@ def test_a_server_that_is_not_there():
     cfg = load_config(None, ["source.url=redis://127.0.0.1:1"])
     with pytest.raises(InputError, match=r"source.url: redis://127.0.0.1:1: cannot reach the blissdata server"):
         open_source(cfg.source)
+
+
+# the publisher's own blissdata threads fail as the server goes: expected
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_server_that_goes_away_during_the_scan_is_a_one_line_error(scan_frames, tiny_scan, tiny_overrides,
+                                                                     tmp_path):
+    """Redis stopping under a scan ended the run with a traceback of redis' 'Connection closed by server.'."""
+    import json
+    import time
+
+    pytest.importorskip("blissdata", reason="blissdata is not installed (pip install '.[bliss]')")
+    from blissdata.redis_engine.store import DataStore
+
+    from blissdata_server import start_server, stop_server
+
+    (tmp_path / "redis").mkdir()
+    started = start_server(tmp_path / "redis")  # a server of its own: the other tests' stays up
+    if isinstance(started, str):
+        pytest.skip(started)
+    proc, url = started
+    go = threading.Event()
+    try:
+        DataStore(url, init_db=True)
+        frames, angles = scan_frames
+        publisher = Publisher(url, frames, angles, tmp_path, name="dct_gone", hold=(20, go))
+        publisher.start()
+        assert publisher.created.wait(PUBLISH_TIMEOUT_S)
+        out = tmp_path / "live"
+        cfg = _cfg(url, out, tiny_scan.dark_url, tiny_overrides, f"source.scan={publisher.key}")
+        failed = []
+
+        def run():
+            try:
+                process_scan(cfg, display=False)
+            except InputError as exc:
+                failed.append(str(exc))
+
+        reader = threading.Thread(target=run, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + PUBLISH_TIMEOUT_S
+        while time.monotonic() < deadline:  # the run has read the 20 frames published so far
+            try:
+                if json.loads((out / "status.json").read_text()).get("stats", {}).get("frames_read", 0) >= 20:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        stop_server(proc)
+        reader.join(PUBLISH_TIMEOUT_S)
+        assert not reader.is_alive()
+    finally:
+        go.set()
+        stop_server(proc)
+    assert len(failed) == 1 and "\n" not in failed[0]
+    assert failed[0].startswith(f"source.url: {url}: the blissdata server stopped answering during scan ")
+    assert read_record(out)["state"] == "failed"

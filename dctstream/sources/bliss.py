@@ -55,6 +55,15 @@ def _blissdata(where: str = "source.protocol: bliss"):
     return DataStore, ScanState, EndOfStream, NoScanAvailable
 
 
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    """redis' connection errors (not Python's ConnectionError), as blissdata raises them."""
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+    except ImportError:
+        return ()
+    return RedisConnectionError, RedisTimeoutError
+
+
 class BlissdataSource(FrameSource):
     """Frames of one blissdata scan, in order, as Bliss publishes them."""
 
@@ -186,6 +195,11 @@ class BlissdataSource(FrameSource):
                 view = cursor.read(timeout=_READ_S)
             except self._EndOfStream:
                 break
+            except (ConnectionError, OSError, *_redis_errors()) as exc:  # the server went away under the scan
+                raise InputError(f"source.url: {self.url}: the blissdata server stopped answering during scan "
+                                 f"{scan.key}, after {k} frames ({' '.join(str(exc).split())}), expected it up "
+                                 "until the scan ends (restarted? the same command resumes the scan if the server "
+                                 "still has it)") from None
             if view is None:
                 if time.monotonic() - last_frame_s > self._cfg.idle_timeout_s:
                     log.warning("%s: no frame for %g s after frame %d: the scan is taken as over",
