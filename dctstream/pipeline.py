@@ -34,7 +34,7 @@ from .segment.floor import floor_tiles, reach_tiles, round_down_to_float32
 from .segment.segmenter import pixel_map
 from .segment.noise import TILE_PX, NoiseTracker, subtract_level
 from .sinks import CorrectedFrameWriter, DifspotWriter, SparseScanWriter, SpotTable
-from .sources import COMPLETE_ENDS, check_source, open_source
+from .sources import COMPLETE_ENDS, FINAL_ENDS, check_source, open_source
 from .sources.scan_file import resolve_auto
 
 log = logging.getLogger(__name__)
@@ -504,10 +504,13 @@ class Pipeline:
                     outcome = "finished"
                 else:
                     outcome = "incomplete"
+                    final = self.stats.source_end in FINAL_ENDS
+                    if final:  # nothing more can come: the run is over (the same command is refused, not resumed)
+                        checkpoint.finish_run(self.out_dir)
                     if not self.transient:
-                        log.warning("%s: the scan is incomplete (%s): the results so far are kept, and the same "
-                                    "command resumes it if the source has more frames", self.out_dir,
-                                    self.stats.incomplete)
+                        log.warning("%s: the scan is incomplete (%s): the results so far are kept%s", self.out_dir,
+                                    self.stats.incomplete, "; no more of its frames can come" if final else
+                                    ", and the same command resumes it if the source has more frames")
         finally:
             if not self.keep_lock:
                 self.end(outcome)

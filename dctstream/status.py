@@ -40,6 +40,7 @@ from ._version import __version__
 from .atomic import replacing
 from .config import Config
 from .errors import DctStreamError, InputError
+from .sources.base import FINAL_ENDS
 from .sources.hdf5 import Hdf5FileSource
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,9 @@ class ScanMonitor:
     def _warning_list(self, s: dict, rates: dict) -> list[str]:
         out = []
         if s.get("incomplete"):
-            out.append(f"scan incomplete: {s['incomplete']} (the same command resumes it if the source grows)")
+            final = s.get("source_end") in FINAL_ENDS
+            out.append(f"scan incomplete: {s['incomplete']} "
+                       f"({'no more of its frames can come' if final else 'the same command resumes it if the source grows'})")
         if s.get("frames_missing"):
             out.append(f"{s['frames_missing']} frames lost in transit (dropped frames)")
         unusable = (s.get("normalise") or {}).get("unusable") or []

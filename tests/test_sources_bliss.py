@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from dctstream.config import load_config
-from dctstream.errors import InputError
+from dctstream import checkpoint
+from dctstream.errors import InputError, OutputError
 from dctstream.pipeline import Pipeline
 from dctstream.record import read_record
 from dctstream.runner import process_scan
@@ -144,6 +145,11 @@ def test_an_aborted_scan_keeps_what_was_received_and_says_so(when, bliss_url, sc
     assert record["state"] == "incomplete" and "scan_aborted after 25 frames" in record["incomplete"]  # partial
     assert any("ended with USER_ABORT after 25 frames" in r.getMessage() for r in caplog.records)
     _assert_same_spots(out, _offline(tmp_path, frames[:25], angles[:25], tiny_scan, tiny_overrides))
+    # over, not to be resumed: the same command took the next scan that matched into the folder, unsaid
+    assert not checkpoint.marker_path(out).exists()
+    assert not any("resumes it" in r.getMessage() for r in caplog.records)
+    with pytest.raises(OutputError, match="already holds results"):
+        process_scan(_cfg(bliss_url, out, tiny_scan.dark_url, tiny_overrides, "source.scan=dct_*"), display=False)
 
 
 def test_no_scan_comes(bliss_url, tmp_path):

@@ -10,10 +10,10 @@ import time
 import h5py
 
 from ..errors import ConfigError, InputError
-from .base import COMPLETE_ENDS, FrameSource, check_source
+from .base import COMPLETE_ENDS, FINAL_ENDS, FrameSource, check_source
 from .hdf5 import Hdf5FileSource, load_dark, parse_url, read_dataset, read_image
 
-__all__ = ["COMPLETE_ENDS", "FrameSource", "check_source", "Hdf5FileSource", "load_dark", "parse_url", "read_dataset", "read_image", "open_source", "source_kind"]
+__all__ = ["COMPLETE_ENDS", "FINAL_ENDS", "FrameSource", "check_source", "Hdf5FileSource", "load_dark", "parse_url", "read_dataset", "read_image", "open_source", "source_kind"]
 
 # The ports DECTRIS detectors serve their streams on, by default.
 _STREAM_PORTS = {9999: "stream1", 31001: "stream2"}

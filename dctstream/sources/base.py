@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 # Why a source's frames ended (``end_reason``) that means it delivered the whole scan; any other reason
 # (idle_timeout, vanished, stopped, scan_aborted, ...) makes the run incomplete.
 COMPLETE_ENDS = frozenset({"complete", "end_time", "expected_frames", "series_end", "scan_end"})
+# ... and those after which no more frames can come: a run so ended is over, not to be resumed (the same command
+# would take the next scan that matches)
+FINAL_ENDS = frozenset({"scan_aborted"})
 
 # Float frames that hold whole numbers -- photon counts that a simulator or a converter stored as floats --
 # are counts, delivered as int32. Float frames with fractions whose noise is at least ROUND_MIN_NOISE counts
