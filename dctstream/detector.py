@@ -88,14 +88,22 @@ def binned_dtype(dtype: np.dtype, b: int, how: str) -> np.dtype:
     return np.dtype(np.uint32 if dtype.itemsize <= 2 and dtype.kind == "u" else np.int64)
 
 
-def faintest_dark(frames: np.ndarray, slots: np.ndarray, n_faintest: int) -> tuple[np.ndarray, np.ndarray]:
+# Faintest frames whose counts are above this fraction of the window's median frame's are no beam-off frames:
+# an estimated dark of them holds the beam and the background (a scan without a closed shutter at its start).
+LIT_DARK_FRACTION = 0.8
+
+
+def faintest_dark(frames: np.ndarray, slots: np.ndarray, n_faintest: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-pixel median of the ``n_faintest`` frames of ``frames[slots]`` with the lowest sum.
 
-    Returns ``(dark, positions)``: positions are indices into ``slots`` (ties: the earlier frame).
+    Returns ``(dark, positions, lit)``: positions are indices into ``slots`` (ties: the earlier frame); ``lit``
+    the faintest frames' counts over the median frame's (1: no fainter than the others).
     """
     sums = np.array([frames[s].sum(dtype=np.float64) for s in slots])
     positions = np.sort(np.argsort(sums, kind="stable")[:n_faintest])
-    return np.median(frames[slots[positions]], axis=0).astype(np.float32), positions
+    typical = float(np.median(sums))
+    lit = float(np.median(sums[positions]) / typical) if typical > 0 else 0.0
+    return np.median(frames[slots[positions]], axis=0).astype(np.float32), positions, lit
 
 
 def stuck_and_hot(frames: np.ndarray, slots: np.ndarray, dark: np.ndarray, gain: np.ndarray
@@ -310,10 +318,15 @@ class Detector:
     def first_window(self, frames: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(dark estimated from the frames or None, the mask with the automatic detection added)."""
         if self.dark_cfg.estimate:
-            self.dark, positions = faintest_dark(frames, slots, self.dark_cfg.estimate_frames)
+            self.dark, positions, lit = faintest_dark(frames, slots, self.dark_cfg.estimate_frames)
             self.dark_source = (f"estimated: per-pixel median of frames {positions.tolist()}, the "
                                 f"{len(positions)} with the lowest sum among frames 0..{len(slots) - 1}")
             log.info("dark %s", self.dark_source)
+            if lit > LIT_DARK_FRACTION:
+                log.warning("dark.estimate: the faintest frames of the first window, %s, hold %.0f%% of the counts of "
+                            "its median frame: lit, not beam-off frames, so the estimated dark holds the beam "
+                            "and the background, and the spots' counts are measured above it (give dark.url or "
+                            "dark.value)", positions.tolist(), 100 * lit)
         if self.cfg.auto_mask:
             stuck, hot = stuck_and_hot(frames, slots,
                                        np.zeros(self.shape, np.float32) if self.dark is None else self.dark,

@@ -221,8 +221,16 @@ def test_flat_field_restores_the_spot_integrals(tmp_path):
 # ---- dark from the data -------------------------------------------------------------------------------
 
 
-def test_dark_estimated_from_the_faintest_frames_is_the_offset_map(tmp_path):
-    closed = 7
+@pytest.mark.parametrize("closed", [7, 0])
+def test_dark_estimated_from_the_faintest_frames_is_the_offset_map(tmp_path, closed, caplog):
+    """... and, on a scan without beam-off frames, it is said that the frames it took are lit (they were taken
+    for the dark unsaid, then called 'the beam off', and most spots were lost)."""
+    if not closed:
+        truth = simulate_scan(str(tmp_path / "scan.h5"), frames=60, size=64, spots=10, seed=5)
+        Pipeline(config(truth, tmp_path / "out", "dark.estimate=true", "dark.estimate_frames=5", dark=False)).run()
+        lit = [r for r in caplog.records if "lit, not beam-off frames" in r.getMessage()]
+        assert len(lit) == 1 and lit[0].levelname == "WARNING"
+        return
     truth = simulate_scan(str(tmp_path / "scan.h5"), frames=60, size=64, spots=10, seed=5,
                           shutter_closed_frames=closed)
     pipeline = Pipeline(config(truth, tmp_path / "out", "dark.estimate=true", "dark.estimate_frames=5", dark=False))
@@ -235,6 +243,7 @@ def test_dark_estimated_from_the_faintest_frames_is_the_offset_map(tmp_path):
     assert abs(error.mean()) < 0.1 * model.read_noise
     with h5py.File(tmp_path / "out" / "spots.h5") as h5:
         assert h5["spots"].attrs["dark"] == stats.dark
+    assert not [r for r in caplog.records if "lit, not beam-off frames" in r.getMessage()]
 
 
 # ---- binning ------------------------------------------------------------------------------------------
