@@ -44,6 +44,7 @@ from pathlib import Path
 
 import h5py
 
+from . import outdir
 from .config import Config
 from .record import read_record, write_record
 from .runner import PARENT_ENV
@@ -383,6 +384,10 @@ class Daemon:
     def _launch(self) -> None:
         while self.queue and len(self.running) < self.cfg.watch.max_parallel and not self.stopping:
             scan = self.queue.popleft()
+            if outdir.held(scan.out_dir):  # another daemon (or a run by hand) is processing it: left to it
+                self.skipped += 1
+                log.info("%s: being processed by another run into %s, left to it", scan.label, scan.out_dir)
+                continue
             scan.out_dir.mkdir(parents=True, exist_ok=True)
             with open(scan.out_dir / "run.log", "ab") as out:
                 out.write(f"\n--- {utc_now()} dctstream watch starts this scan\n".encode())
@@ -402,6 +407,14 @@ class Daemon:
             del self.running[key]
             record = read_record(scan.out_dir) or {}
             state = record.get("state")
+            # refused: the folder another run is writing (this one is gone: a live lock is another's), or has
+            # written since this scan was queued
+            if code != 0 and (outdir.held(scan.out_dir) or (record.get("pid") not in (None, proc.pid)
+                                                            and state in ("finished", "incomplete"))):
+                self.skipped += 1
+                log.info("%s: processed by another run (pid %s, %s) into %s, left to it", scan.label,
+                         record.get("pid"), state, scan.out_dir)
+                continue
             if state == "finished":  # (a SIGTERM just after it finished may have changed its exit code)
                 self.finished += 1
                 log.info("%s: finished, %s difspots from %s frames (scan ended: %s)", scan.label,

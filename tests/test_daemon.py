@@ -353,6 +353,38 @@ def test_a_scan_killed_while_the_daemon_stops_is_recorded_stopped_not_running(tm
     assert plan(scan.out_dir) == "redo" and daemon.failed == 0
 
 
+@pytest.mark.parametrize("other", ["writing", "finished"])
+def test_a_scan_another_daemon_processes_is_left_to_it_not_failed(tmp_path, other):
+    """Two daemons on one folder: the child of one was refused (the folder in use by the other's run, or already
+    holding its results) and the scan was logged and counted failed -- and a failed record written into the other
+    run's folder. Now it is left to the other run: skipped, its record untouched; and a scan whose folder is held
+    is not started at all."""
+    from dctstream.daemon import Daemon, Scan
+    from dctstream.outdir import OutputLock
+
+    (tmp_path / "data").mkdir()
+    daemon = Daemon(tmp_path / "data", load_config(None, [f"output.dir={tmp_path / 'out'}"]))
+    scan = Scan(tmp_path / "data" / "s.h5", "/1.1/measurement/marana", tmp_path / "out" / "s_1.1")
+    scan.out_dir.mkdir(parents=True)
+    theirs = {"state": "running" if other == "writing" else "finished", "pid": os.getpid(), "frames_read": 7}
+    write_record(scan.out_dir, theirs)
+    lock = OutputLock(scan.out_dir) if other == "writing" else None  # the other run, alive
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])  # refused
+        child.wait(30)
+        daemon.running[scan.key] = (scan, child)
+        daemon._reap()
+        assert (daemon.failed, daemon.skipped) == (0, 1)
+        assert record(scan.out_dir) == theirs
+        if lock is not None:
+            daemon.queue.append(scan)
+            daemon._launch()
+            assert not daemon.running and daemon.skipped == 2
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def test_a_file_without_a_scan_is_said_once_it_is_still(tmp_path, caplog):
     """Not HDF5, or its frames not at watch.dataset (a typo, another camera): said once, with what it holds,
     once unchanged for EMPTY_FILE_S (a file being written gets its datasets first); it waited unsaid for ever."""
