@@ -84,7 +84,8 @@ def run(source: str | os.PathLike | None, *, out: str | os.PathLike | None, dark
     angles : str or None
         ψ of each frame, ``file.h5::/dataset`` (``source.angles``).
     config : str, os.PathLike, Config or None
-        A YAML configuration file, a `dctstream.config.Config`, or None for the defaults.
+        A YAML configuration file, a `dctstream.config.Config`, or None for the packaged default, as the
+        command takes it (``source.angles``, ``dark.url`` and ``detector.flat`` found in the scan's file).
     overrides : mapping or sequence of str, optional
         Keys to change, as ``--set`` does: ``{"background.window": 101}``
         or ``["background.window=101"]`` (values read as YAML).
@@ -124,6 +125,10 @@ def run(source: str | os.PathLike | None, *, out: str | os.PathLike | None, dark
     settings = {"source.url": None if source is None else os.fspath(source),
                 "source.angles": None if angles is None else os.fspath(angles),
                 "output.dir": None if out is None else os.fspath(out), **_dark_settings(dark, "run()")}
+    if config is None:  # the packaged default, as the command takes it: angles, dark and flat found in the file
+        from .configs import config_file
+
+        config = config_file(None)
     cfg = resolve_config(config, overrides, settings, "run()")
     from .runner import process_scan
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -328,3 +329,11 @@ def test_a_run_folder_without_its_record_still_gives_its_difspots(runs, tmp_path
     spot_id = int(run.spots["id"][0])
     got, want = run.difspot(spot_id), runs[0].difspot(spot_id)
     assert got.bbox == want.bbox and np.array_equal(got.volume, want.volume) and got.psi_range_deg is None
+
+
+def test_run_without_a_config_finds_the_angles_and_dark_as_the_command_does(tiny_scan, tiny_overrides, tmp_path):
+    """config=None took the built-in defaults, which find nothing in the scan's file: no dark, unsaid."""
+    result = dctstream.run(tiny_scan.frames_url, out=tmp_path / "out", overrides=list(tiny_overrides))
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["dark"] == tiny_scan.dark_url and record["angles"] == tiny_scan.angles_url
+    assert result.stats.difspots_written > 0
