@@ -481,9 +481,18 @@ def _utc_s(text: str | None) -> float:
 
 
 def write_summary(path: Path, rows: Sequence[dict]) -> Path:
-    """The summary as tab-separated text, one row per scan (warnings joined by ``; ``)."""
+    """The summary as tab-separated text, one row per scan (warnings joined by ``; ``). The rows an earlier
+    campaign into the same folder wrote for other scans are kept, first (a second campaign replaced them all)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["\t".join(SUMMARY_COLUMNS)]
+    header = "\t".join(SUMMARY_COLUMNS)
+    names = {_cell(row, "scan") for row in rows}
+    try:
+        before = path.read_text().splitlines()
+    except (FileNotFoundError, UnicodeDecodeError):
+        before = []
+    lines = [header]
+    if before and before[0] == header:
+        lines += [line for line in before[1:] if line and line.split("\t", 1)[0] not in names]
     for row in rows:
         lines.append("\t".join(_cell(row, key) for key in SUMMARY_COLUMNS))
     with replacing(path) as tmp:

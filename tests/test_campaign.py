@@ -248,6 +248,12 @@ def test_summary_table_and_file(tmp_path):
         "scan\tstate\tframes\tspots\tnoise_sigma\ttime_s\twarnings\terror\tout_dir",
         "s1_1.1\tfinished\t3600\t1234\t2.23\t181.3\tslow disk: 34%\t\tout/s1_1.1",
         "s2_1.1\tfailed\t\t\t\t0.0\t\ts2.h5: no such file\t"]
+    # a second campaign into the same folder: its scans' rows replace theirs, the others' stay
+    again = [{**rows[1], "state": "finished", "frames": 3600, "spots": 99, "error": None, "out_dir": "out/s2_1.1"},
+             {**rows[0], "scan": "s3_1.1", "out_dir": "out/s3_1.1"}]
+    write_summary(tmp_path / "campaign.tsv", again)
+    assert [line.split("\t")[:2] for line in (tmp_path / "campaign.tsv").read_text().splitlines()[1:]] == [
+        ["s1_1.1", "finished"], ["s2_1.1", "finished"], ["s3_1.1", "finished"]]
     console = Console(width=80, color_system=None, force_terminal=True, record=True)
     console.print(summary_table(rows))
     text = console.export_text()
