@@ -198,7 +198,8 @@ def cmd_status(args) -> int:
         return _follow_status(args.out_dir, args.interval, lines=args.line or not sys.stdout.isatty())
     snaps = read_statuses(args.out_dir)
     if args.line:
-        print("\n".join(status_line(snap) for snap in snaps))
+        root = args.out_dir if len(snaps) > 1 else None
+        print("\n".join(status_line(snap, root) for snap in snaps))
     else:
         Console().print(render(snaps))
     return 0
@@ -217,9 +218,10 @@ def _follow_status(out_dir, interval_s: float, lines: bool = False) -> int:
         shown: dict[str, str] = {}
         while True:
             for snap in snaps:
-                line = status_line(snap)
-                if shown.get(str(snap.get("source"))) != line:
-                    shown[str(snap.get("source"))] = line
+                line = status_line(snap, out_dir if len(snaps) > 1 else None)
+                key = str(snap.get("out_dir") or snap.get("source"))  # two runs of one source are two lines
+                if shown.get(key) != line:
+                    shown[key] = line
                     print(line, flush=True)
             if not any(snap.get("state") in ("starting", "running") for snap in snaps):
                 return 0

@@ -537,12 +537,16 @@ def _counters_text(snap: dict) -> str:
     return ", ".join(f"{name} {n}" for name, n in (snap.get("source_counters") or {}).items() if n)
 
 
-def status_line(snap: dict) -> str:
-    """One scan's snapshot on one line, for logs."""
+def status_line(snap: dict, root: str | os.PathLike | None = None) -> str:
+    """One scan's snapshot on one line, for logs; ``root``: the folder several runs were read under, whose run
+    folder (relative to it) the line names (two runs of one source, or a daemon's scans, read alike)."""
     s, rates, lat = snap.get("stats") or {}, snap.get("rates") or {}, snap.get("latency") or {}
     total = s.get("frames_total")
     seconds = lat.get("seconds")
-    return (f"{snap.get('source')}: {snap.get('state')}; frames received {s.get('frames_read', 0)}"
+    where = ""
+    if root is not None and snap.get("out_dir"):
+        where = f" [{os.path.relpath(snap['out_dir'], root)}]"
+    return (f"{snap.get('source')}{where}: {snap.get('state')}; frames received {s.get('frames_read', 0)}"
             f"{f'/{total}' if total else ''}, corrected {s.get('frames_corrected', 0)}, segmented "
             f"{s.get('frames_segmented', 0)}; acquisition {_fmt_rate(rates.get('acquisition_fps'))}, processing "
             f"{_fmt_rate(rates.get('processing_fps'))}; latency {lat.get('frames', 0)} frames"

@@ -392,3 +392,16 @@ def test_status_follow_prints_lines_where_it_draws_no_panel(tmp_path, capsys, mo
     out = capsys.readouterr().out.splitlines()
     assert [line.split(",")[0] for line in out] == [
         "s.h5: running; frames received 10", "s.h5: running; frames received 20", "s.h5: finished; frames received 30"]
+
+
+def test_status_lines_of_runs_under_one_folder_name_their_run_folders(tmp_path):
+    """Two runs of one source (a campaign's two settings, a daemon's scans) printed lines alike: the run folder
+    under the folder read tells them apart."""
+    from dctstream.status import status_line
+
+    snaps = [{"source": "s.h5::/1.1/measurement/marana", "state": "finished", "out_dir": str(tmp_path / name),
+              "stats": {"frames_read": 100}} for name in ("w31", "w51")]
+    lines = [status_line(snap, tmp_path) for snap in snaps]
+    assert lines[0].startswith("s.h5::/1.1/measurement/marana [w31]: finished")
+    assert lines[1].startswith("s.h5::/1.1/measurement/marana [w51]: finished")
+    assert status_line(snaps[0]).startswith("s.h5::/1.1/measurement/marana: finished")  # one run: as before
