@@ -221,8 +221,9 @@ def test_two_scans_appearing_one_after_the_other(recorded, tmp_path):
                           text=True, timeout=60)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and len(lines) == 2, proc.stderr
-    for line, scan_file in zip(lines, files):
-        assert line.startswith(f"{scan_file.resolve()}::/1.1/measurement/marana: finished; frames received 60")
+    for line, scan_file, o in zip(lines, files, outs):  # each names its run folder under out
+        assert line.startswith(f"{scan_file.resolve()}::/1.1/measurement/marana [{o.relative_to(out)}]: finished; "
+                               "frames received 60")
 
     # a restarted daemon leaves finished scans alone
     again = start_daemon(root, config, tmp_path, "again")
