@@ -69,36 +69,28 @@ def read_difspot(path: Path, blob_id: int, total: float | None = None,
                 moments=None if centroid is None else (1.0, *centroid))
 
 
+def _within_reach(ay, ax, by, bx, reach: int) -> bool:
+    """A pixel (by, bx) within ``reach`` pixels (x and y) of one of (ay, ax)."""
+    y0, x0 = min(ay.min(), by.min()) - reach, min(ax.min(), bx.min()) - reach
+    plane = np.zeros((max(ay.max(), by.max()) - y0 + reach + 1, max(ax.max(), bx.max()) - x0 + reach + 1), bool)
+    plane[ay - y0, ax - x0] = True
+    if reach:
+        plane = ndi.binary_dilation(plane, np.ones((2 * reach + 1, 2 * reach + 1), bool))
+    return bool(plane[by - y0, bx - x0].any())
+
+
 def _touch(last: Blob, first: Blob, n: int, reach: int) -> bool:
     """A voxel of ``last`` on frame n - 1 within ``reach`` pixels (x and y) of one of ``first`` on frame 0."""
     a = last.frame == n - 1
     b = first.frame == 0
-    if not a.any() or not b.any():
-        return False
-    y0 = min(last.y[a].min(), first.y[b].min()) - reach
-    x0 = min(last.x[a].min(), first.x[b].min()) - reach
-    shape = (max(last.y[a].max(), first.y[b].max()) - y0 + reach + 1,
-             max(last.x[a].max(), first.x[b].max()) - x0 + reach + 1)
-    plane = np.zeros(shape, bool)
-    plane[last.y[a] - y0, last.x[a] - x0] = True
-    if reach:
-        plane = ndi.binary_dilation(plane, np.ones((2 * reach + 1, 2 * reach + 1), bool))
-    return bool(plane[first.y[b] - y0, first.x[b] - x0].any())
+    return bool(a.any() and b.any()) and _within_reach(last.y[a], last.x[a], first.y[b], first.x[b], reach)
 
 
 def _tail_across_seam(bright: Blob, tail: Blob, frame: int, reach: int) -> bool:
     """A pixel of ``tail`` on ``frame`` (its maximum's, on the seam) within ``reach`` pixels (x and y) of one
     of ``bright``'s, on any of its frames: the tail lies on the spot."""
     at = tail.frame == frame
-    y0 = min(bright.y.min(), tail.y[at].min()) - reach
-    x0 = min(bright.x.min(), tail.x[at].min()) - reach
-    shape = (max(bright.y.max(), tail.y[at].max()) - y0 + reach + 1,
-             max(bright.x.max(), tail.x[at].max()) - x0 + reach + 1)
-    plane = np.zeros(shape, bool)
-    plane[bright.y - y0, bright.x - x0] = True
-    if reach:
-        plane = ndi.binary_dilation(plane, np.ones((2 * reach + 1, 2 * reach + 1), bool))
-    return bool(plane[tail.y[at] - y0, tail.x[at] - x0].any())
+    return _within_reach(bright.y, bright.x, tail.y[at], tail.x[at], reach)
 
 
 def _joined(last: Blob, first: Blob, n: int) -> Blob:

@@ -527,8 +527,9 @@ class Hdf5WatchSource(FollowedSource):
         _, cy, cx = dset.chunks
         plist = dset.id.get_create_plist()
         filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
-        if [f[0] for f in filters] != [_BITSHUFFLE]:  # another plugin's: read whole chunks, as HDF5 decodes them
-            return dset[first:first + c]
+        if [f[0] for f in filters] != [_BITSHUFFLE]:  # another plugin's: whole chunks, as HDF5 decodes them
+            self._decoded = (first, dset[first:first + c])
+            return self._decoded[1]
         nbytes = c * cy * cx * dset.dtype.itemsize
         frames = np.empty((c, ny, nx), dset.dtype)
         # the filter as it was asked for (its first 3 values are those HDF5 sets for a dataset: set again)
