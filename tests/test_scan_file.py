@@ -113,7 +113,10 @@ def test_the_dark_is_the_last_dark_scan_before_else_the_first_after(tmp_path):
     cfg, _ = _auto(_bliss_file(tmp_path / "t.h5", darks=darks[2:]))
     assert cfg.dark.url.endswith("::/4.1/measurement/marana")
     cfg, found = _auto(_bliss_file(tmp_path / "u.h5", darks=darks[3:]))
-    assert cfg.dark.url is None and "no other scan" in found["dark.url"]["reason"]
+    # the dark of another detector's size is named, and why it was passed over
+    assert cfg.dark.url is None and found["dark.url"]["reason"] == (
+        f"no other scan in {tmp_path / 'u.h5'} has a title with 'dark' and frames at /<scan>/measurement/marana; "
+        "scan 0.2 is titled dark but its frames are 4 x 4 px, the scan's 8 x 8")
 
 
 def test_what_the_user_names_wins(tmp_path):

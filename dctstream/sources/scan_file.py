@@ -256,18 +256,24 @@ def _find_dark(h5: h5py.File, url: str) -> dict:
     shape = frames.shape[-2:] if frames is not None and frames.ndim == 3 else None
     own = _scan_number(entry.strip("/"))
     before, after = [], []
+    passed_over = []  # (scan, why): titled dark, but not a dark of these frames
     for name in h5:
         if "/" + name == entry or "dark" not in _text(h5, f"{name}/title").lower():
             continue
         dark = _frames(h5, f"/{name}/{inside}")
         if dark is None or dark.ndim not in (2, 3) or dark.size == 0 or dark.dtype.kind not in "uif":
+            passed_over.append((name, f"no frames at /{name}/{inside}" if dark is None else
+                                f"/{name}/{inside} holds {dark.dtype} {list(dark.shape)}, not frames"))
             continue
         if shape is not None and dark.shape[-2:] != shape:
+            passed_over.append((name, f"its frames are {dark.shape[-1]} x {dark.shape[-2]} px, the scan's "
+                                      f"{shape[1]} x {shape[0]}"))
             continue
         (before if _scan_number(name) < own else after).append(name)
     if not (before or after):
+        why = "".join(f"; scan {name} is titled dark but {reason}" for name, reason in passed_over)
         return {"url": None, "reason": f"no other scan in {path} has a title with 'dark' and frames at "
-                                       f"/<scan>/{inside}"}
+                                       f"/<scan>/{inside}{why}"}
     name = max(before, key=_scan_number) if before else min(after, key=_scan_number)
     title = _text(h5, f"{name}/title")
     return {"url": f"{path}::/{name}/{inside}",
