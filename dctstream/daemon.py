@@ -290,8 +290,7 @@ class Daemon:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-            log.info("stopped watching %s: %d finished, %d failed, %d skipped", self.root, self.finished,
-                     self.failed, self.skipped)
+            log.info("stopped watching %s: %s", self.root, self._counts())
             logging.getLogger("dctstream").removeHandler(handler)
             logging.getLogger("dctstream").setLevel(self._log_level)
             handler.close()
@@ -457,9 +456,14 @@ class Daemon:
 
     # -- display ------------------------------------------------------------------------------------
     def header(self) -> str:
-        return (f"dctstream watch {self.watching}: "
-                f"{len(self.running)} running, {len(self.queue)} queued, {self.finished} finished, "
-                f"{self.incomplete} incomplete, {self.failed} failed, {self.skipped} skipped; log {getattr(self, 'log_path', '-')}")
+        return (f"dctstream watch {self.watching}: {len(self.running)} running, {len(self.queue)} queued, "
+                f"{self._counts()}; log {getattr(self, 'log_path', '-')}")
+
+    def _counts(self) -> str:
+        """The scans done so far, and the files said to hold none (they are no skipped scan)."""
+        without = len(self.said_empty)
+        return (f"{self.finished} finished, {self.incomplete} incomplete, {self.failed} failed, {self.skipped} skipped"
+                + (f", {without} file{'s' if without > 1 else ''} without a scan to process" if without else ""))
 
     def snapshots(self) -> list[dict]:
         out = []

@@ -414,3 +414,6 @@ def test_a_file_without_a_scan_is_said_once_it_is_still(tmp_path, caplog):
                     f"{root / 'b' / 'b.h5'}: no scan to process: no dataset matches watch.dataset "
                     "/1.1/measurement/marana (stacks of frames in it: /1.1/measurement/frelon)"]
     assert not daemon.queue
+    # counted apart from the scans (the summary said "0 skipped" after these warnings, and nothing of them)
+    assert daemon.header().endswith("0 finished, 0 incomplete, 0 failed, 0 skipped, 2 files without a scan to "
+                                    f"process; log {getattr(daemon, 'log_path', '-')}")
