@@ -44,7 +44,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ..atomic import output_error
+from ..atomic import abandon_h5, output_error
 from ..direct_beam import saturated_arrays, saturated_from_arrays
 from ..errors import InputError, OutputError
 from ._kernels import pixels_at_or_above, rows_at_or_above
@@ -394,16 +394,18 @@ class SparseScanWriter:
         except OutputError as exc:
             failed = exc
         if failed is not None:
-            # a file whose writes fail is left to the process's end: closing it now, HDF5 reports the
-            # failure again for every handle (or crashes); what is in it up to the last checkpoint is
-            # copied by the resumed run
+            # a file whose writes fail is left as the failure left it (HDF5 cannot close it: `abandon_h5`); what
+            # is in it up to the last checkpoint is copied by the resumed run
             self.failed = True
+            abandon_h5(self.h5)
             raise failed
         try:
             self.h5.close()
         except (OSError, RuntimeError) as exc:  # writing the last metadata failed
             if isinstance(exc, RuntimeError) and "errno = " not in str(exc):
                 raise
+            self.failed = True
+            abandon_h5(self.h5)
             raise output_error(self.path, exc) from None
         try:
             # attributes cannot change in SWMR mode; without file locking: a reader following the scan (tune,
