@@ -249,6 +249,30 @@ def test_only_segmentation_settings_can_change(run, tmp_path, capsys):
     assert_one_line_error(code, captured.out, captured.err, ConfigError.exit_code, ["background.window", "segmentation"])
 
 
+@pytest.mark.parametrize("kept", [0.3, 0.95])
+def test_a_sparse_scan_cut_short_is_one_error_not_a_hang(run, tmp_path, kept):
+    """corrected.h5 of a finished run cut short (a copy that stopped, a full disk): opened as a SWMR reader
+    (the file may be growing) a failed checksum is read again and again, and resegment and tune hung for
+    minutes; a traceback (RuntimeError: bad object header version number) where HDF5 gave up. Now a closed
+    file is opened plainly: one line naming it, at once."""
+    import shutil
+
+    _, tmp, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "run", out, ignore=shutil.ignore_patterns("difspots"))
+    path = out / "corrected.h5"
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * kept))
+    for command in ("resegment", "tune"):
+        try:
+            done = subprocess.run([sys.executable, "-m", "dctstream", command, str(out)], capture_output=True,
+                                  text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"dctstream {command} of a cut-short corrected.h5 still running after 60 s")
+        assert_one_line_error(done.returncode, done.stdout, done.stderr, InputError.exit_code,
+                              [f"{path}: cannot read the sparse corrected scan", "truncated file"])
+
+
 def test_knee_is_the_lowest_value_without_an_excess_over_the_real_spots_trend():
     x = np.arange(4.0, 13.0)
     real = 140 - 3 * x  # ever fainter real spots lost, a few a step

@@ -133,6 +133,21 @@ class CorrectedFrameWriter:
             self.reduction = float(self.frames * self.raw_frame_bytes / self.path.stat().st_size)
 
 
+def being_written(path: str | os.PathLike) -> bool:
+    """Whether the HDF5 file at ``path`` is open for writing, or was when its writer died (the file-consistency
+    flags of its superblock, version 2 and later, are set), so that a reader must open it with ``swmr=True``.
+
+    Only then: a SWMR reader takes a checksum that fails for a write under way and reads again, for minutes,
+    and does not compare the file's end with the one recorded, so a closed file cut short (a copy that
+    stopped, a full disk) hung ``resegment`` and ``tune``; opened plainly it is an error at once."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return True  # let h5py say what is wrong
+    return len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or (head[8] >= 2 and head[11] != 0)
+
+
 class SparseScanWriter:
     """``export.format: sparse``: the unmasked pixels of each corrected frame at or above its cut, appended to
     ``path`` with the frame's cut and noise maps.
@@ -443,12 +458,21 @@ class SparseScan:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self.h5 = h5py.File(self.path, "r", swmr=True)
+            self.h5 = h5py.File(self.path, "r", swmr=being_written(self.path))
         except FileNotFoundError:
             raise InputError(f"{self.path}: no sparse corrected scan, expected the corrected.h5 of a run with "
                              "export.format: sparse (the default)") from None
         except OSError as exc:
             raise InputError(f"{self.path}: cannot read the sparse corrected scan ({exc})") from None
+        try:
+            self._read_index()
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:  # HDF5's metadata cut short or damaged
+            self.h5.close()
+            raise InputError(f"{self.path}: cannot read the sparse corrected scan ({' '.join(str(exc).split())}), "
+                             "expected the whole corrected.h5 of a run (cut short or damaged? the run that wrote "
+                             "it makes it again with --overwrite)") from None
+
+    def _read_index(self) -> None:
         group = self.h5.get(SCAN_GROUP)
         if group is None or "nnz" not in group or "noise_sigma" not in group:
             got = self.h5.attrs.get("format", "another file")
@@ -490,7 +514,12 @@ class SparseScan:
             end = int(np.searchsorted(self.starts, self.starts[k] + block_px, side="right"))
             end = min(max(end - 1, k + 1), stop)
             a, b = int(self.starts[k]), int(self.starts[end])
-            columns = [self.group[name][a:b] for name in names]
+            try:
+                columns = [self.group[name][a:b] for name in names]
+            except (OSError, RuntimeError) as exc:  # chunks cut short or damaged
+                raise InputError(f"{self.path}: frames {k} to {end - 1}: cannot be read "
+                                 f"({' '.join(str(exc).split())}), expected the whole sparse corrected scan of "
+                                 "a run (cut short or damaged?)") from None
             for f in range(k, end):
                 i, j = int(self.starts[f]) - a, int(self.starts[f + 1]) - a
                 yield (f, *(c[i:j] for c in columns))
@@ -508,7 +537,7 @@ class SparseScan:
 
 def read_corrected(path: str | os.PathLike) -> list[np.ndarray] | list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The frames of a ``corrected.h5``: (y, x) arrays for a stack, (row, col, intensity) per frame for sparse."""
-    with h5py.File(path, "r", swmr=True) as h5:
+    with h5py.File(path, "r", swmr=being_written(path)) as h5:
         if "corrected" in h5:
             return list(h5["corrected"][()])
     with SparseScan(path) as scan:
