@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 SPARSE_FILE = "corrected.h5"
 # Sections a resegmentation may change: the rest made the corrected frames, which the sparse scan holds.
 CHANGEABLE = ("segmentation", "quicklook")
+# The run's own folders: a resegmentation written into one of them mixes its files with the run's.
+RUN_PARTS = frozenset({"difspots", "quicklook", ".dctstream"})
 # A spot "sits where the noise is high" when its tile's noise is this many times the median.
 NOISY_FACTOR = 2.0
 # A resegmentation of at least this many pixels (frames x frame pixels) segments its second half in a second
@@ -229,6 +231,11 @@ def resegment(run_dir, overrides=(), out_dir=None, *, overwrite: bool = False, d
         out = Path(out_dir) if out_dir is not None else run_dir / "resegmented"
         if out.resolve() == run_dir.resolve():
             raise ConfigError(f"--out: {out} is the run's own folder, expected another one")
+        inside = out.resolve().relative_to(run_dir.resolve()).parts if out.resolve().is_relative_to(
+            run_dir.resolve()) else ()
+        if inside and inside[0] in RUN_PARTS:  # its spots.h5, config.yml, ... went in among the run's files
+            raise ConfigError(f"--out: {out} is inside the run's own {inside[0]}/, expected another folder "
+                              f"(by default {run_dir / 'resegmented'})")
         lock = prepare_output(out, overwrite)
         done = False
         try:

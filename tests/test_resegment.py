@@ -242,6 +242,24 @@ def test_settings_needing_voxels_below_the_cut_are_refused_naming_it(run, settin
     assert not (tmp_path / "re").exists()
 
 
+@pytest.mark.parametrize("inside", ["difspots", "quicklook/re", ".dctstream"])
+def test_out_inside_the_runs_own_folders_is_refused(run, tmp_path, capsys, inside):
+    """``--out RUN/difspots``: the new spots.h5, config.yml and quicklook/ were written in among the run's
+    difspot files (and with --difspots, its difspots/ inside them). Refused now, nothing written there."""
+    import shutil
+
+    _, tmp, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "run", out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code = main(["resegment", str(out), "--no-difspots", "--out", str(out / inside)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.out, captured.err, ConfigError.exit_code,
+                          [f"--out: {out / inside} is inside the run's own {inside.split('/')[0]}/"])
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert main(["resegment", str(out), "--no-difspots", "--out", str(out / "try1")]) == 0  # another folder
+
+
 def test_only_segmentation_settings_can_change(run, tmp_path, capsys):
     _, tmp, _ = run
     code = main(["resegment", str(tmp / "run"), "--out", str(tmp_path / "re"), "--set", "background.window=5"])
