@@ -313,9 +313,32 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
             table.with_angles()
         table.close()
     pictures = quick.finish() if quick is not None else []
+    _write_record(run_dir, out, cfg, scan, outcome.blobs - joined, outcome.rejected, pictures)
     return {"out_dir": str(out), "frames": n, "finished_scan": scan.finished,
             "difspots": outcome.blobs - joined, "seam_joined": joined, "rejected": outcome.rejected,
             "flood_frames": outcome.floods, "quicklook": pictures, "seconds": time.perf_counter() - start}
+
+
+def _write_record(run_dir: Path, out: Path, cfg: Config, scan: SparseScan, spots: int, rejected, pictures) -> None:
+    """``OUT/run.json`` of a resegmentation, once its results are whole: the run's record with this one's
+    settings and counts; finished when its sparse scan is whole and the run finished (or has no record), else
+    incomplete, saying why.
+    Without it (a resegmentation interrupted, or before this record) its results are not known to be whole,
+    as its exports say; with none at all, a whole resegmentation's were said to be partial too."""
+    from .record import partial_reason, write_record
+
+    record = dict(read_record(run_dir) or {})
+    why = partial_reason(record) if record else None  # without one (a folder copied without it): the scan says
+    if why is None and not scan.finished:
+        why = f"its sparse scan holds {len(scan)} frames, written before the run ended"
+    stats = dict(record.get("stats") or {})
+    stats.update({"difspots_written": spots, "rejected": dict(rejected)})
+    record.update({"dctstream_version": __version__, "state": "incomplete" if why else "finished",
+                   "incomplete": f"resegmented from an unfinished run: {why}" if why else None,
+                   "out_dir": str(out), "resegmented_from": str(run_dir), "spots": spots,
+                   "rejected": dict(rejected), "stats": stats, "config": config_to_dict(cfg),
+                   "quicklook": list(pictures), "ended_utc": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())})
+    write_record(out, record)
 
 
 def _cpus() -> int:

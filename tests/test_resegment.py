@@ -260,6 +260,37 @@ def test_out_inside_the_runs_own_folders_is_refused(run, tmp_path, capsys, insid
     assert main(["resegment", str(out), "--no-difspots", "--out", str(out / "try1")]) == 0  # another folder
 
 
+def test_a_whole_resegmentation_has_a_record_and_its_export_is_not_partial(run, tmp_path, capsys):
+    """Without a run.json of its own, the export of every resegmentation said PARTIAL (no run record), so one
+    interrupted half-way (spots.h5 and some difspots, no quick-look) read the same as a whole one. Its record
+    is now written once its results are whole: finished when the run was, else incomplete with why."""
+    import json
+    import shutil
+
+    from dctstream import open_run
+
+    _, tmp, _ = run
+    src = tmp_path / "run"
+    shutil.copytree(tmp / "run", src, ignore=shutil.ignore_patterns("difspots"))
+    assert main(["resegment", str(src), "--no-difspots", "--set", "segmentation.seed_sigma=7"]) == 0
+    out = src / "resegmented"
+    record = open_run(out).record
+    assert record["state"] == "finished" and record["resegmented_from"] == str(src)
+    assert record["spots"] == len(open_run(out).spots) > 0
+    assert record["config"]["segmentation"]["seed_sigma"] == 7
+    capsys.readouterr()
+    assert main(["export", str(out)]) == 0
+    assert "PARTIAL" not in capsys.readouterr().out
+    # a resegmentation of a run that did not finish is not whole either
+    (src / "run.json").write_text(json.dumps({"state": "incomplete", "incomplete": "idle_timeout after 80 frames"}))
+    assert main(["resegment", str(src), "--no-difspots", "--out", str(tmp_path / "re2")]) == 0
+    assert open_run(tmp_path / "re2").record["state"] == "incomplete"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "re2")]) == 0
+    assert "PARTIAL, marked so in the file: the run is incomplete: resegmented from an unfinished run: the run " \
+           "is incomplete: idle_timeout after 80 frames" in capsys.readouterr().out
+
+
 def test_only_segmentation_settings_can_change(run, tmp_path, capsys):
     _, tmp, _ = run
     code = main(["resegment", str(tmp / "run"), "--out", str(tmp_path / "re"), "--set", "background.window=5"])
