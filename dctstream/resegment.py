@@ -94,7 +94,10 @@ def open_scan(run_dir: Path) -> SparseScan:
         scan.close()
         raise InputError(f"{scan.path}: " + (f"values stretched to {dtype}, expected export.dtype: float32 (exact "
                                              "values) to segment again" if dtype != "float32" else
-                                             "no frame written yet, expected at least one"))
+                                             ("no frame written yet" if not scan.unwritten else
+                                              f"no frame written: the {scan.unwritten} it counts were never "
+                                              "(a run whose writes failed: a full disk?)")
+                                             + ", expected at least one"))
     return scan
 
 

@@ -322,6 +322,32 @@ def test_a_sparse_scan_cut_short_is_one_error_not_a_hang(run, tmp_path, kept):
                               [f"{path}: cannot read the sparse corrected scan", "truncated file"])
 
 
+def test_frames_counted_but_never_written_are_left_out(run, tmp_path, caplog):
+    """A run whose writes failed (a full disk) left corrected.h5 with nnz grown over frames whose maps and
+    pixels were never written (HDF5's fill value, 0): resegment found 0 difspots in them, 'from the sparse scan
+    of 177 frames', and tune failed on a NaN ('every value swept was refused'). Those last frames are left out
+    (said in a warning); none written at all is an error saying why."""
+    import shutil
+
+    _, tmp, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "run", out, ignore=shutil.ignore_patterns("difspots"))
+    with SparseScan(out / "corrected.h5") as scan:
+        n, nnz = len(scan), scan.nnz.copy()
+    with h5py.File(out / "corrected.h5", "a") as f:  # as its writer left it: not closed, the last maps blank
+        f["1.1"].attrs["nframes"] = 0
+        f["1.1/noise_sigma"][n - 10:] = 0
+    with caplog.at_level(logging.WARNING), SparseScan(out / "corrected.h5") as scan:
+        assert len(scan) == n - 10 and not scan.finished
+        np.testing.assert_array_equal(scan.nnz, nnz[:n - 10])
+        assert [k for k, *_ in scan.frames()] == list(range(n - 10))
+    assert f"frames {n - 10} to {n - 1} counted but never written" in caplog.text
+    with h5py.File(out / "corrected.h5", "a") as f:
+        f["1.1/noise_sigma"][:] = 0
+    with pytest.raises(InputError, match=f"no frame written: the {n} it counts were never"):
+        resegment(out, [], tmp_path / "re")
+
+
 def test_knee_is_the_lowest_value_without_an_excess_over_the_real_spots_trend():
     x = np.arange(4.0, 13.0)
     real = 140 - 3 * x  # ever fainter real spots lost, a few a step

@@ -36,6 +36,7 @@ Coordinates are in the frames' (binned) pixels, attribute ``binning``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ from ..atomic import abandon_h5, output_error
 from ..direct_beam import saturated_arrays, saturated_from_arrays
 from ..errors import InputError, OutputError
 from ._kernels import pixels_at_or_above, rows_at_or_above
+
+log = logging.getLogger(__name__)
 
 SCAN_GROUP = "1.1"
 # Pixels per chunk of row, col and intensity (fewer for small frames): each chunk is compressed and
@@ -499,6 +502,20 @@ class SparseScan:
         self.binning = int(self.h5.attrs.get("binning", 1))
         self.binning_mode = str(self.h5.attrs.get("binning_mode", "sum"))
         self.finished = int(group.attrs["nframes"]) == n > 0
+        # a file its writer never closed: the last frames nnz counts may have maps of HDF5's fill value only (0:
+        # the writes of their data failed, a full disk, after the datasets had grown), not frames; left out
+        # (they read as frames without noise: 'auto needs a noise estimate > 0', or no spots at all)
+        self.unwritten = 0
+        if not self.finished and n:
+            blank = ~self.noise_sigma.reshape(n, -1).any(axis=1)
+            self.unwritten = int(np.argmin(blank[::-1])) if not blank.all() else n
+        if self.unwritten:
+            n -= self.unwritten
+            log.warning("%s: frames %d to %d counted but never written (their maps hold only the fill value: a "
+                        "run whose writes failed, a full disk?), left out", self.path, n, n + self.unwritten - 1)
+            self.nnz, self.starts = self.nnz[:n], self.starts[:n + 1]
+            self.psi = None if self.psi is None else self.psi[:n]
+            self.cut, self.noise_sigma, self.level = self.cut[:n], self.noise_sigma[:n], self.level[:n]
         self.unfiltered = "unfiltered" in group
 
     def __len__(self) -> int:
