@@ -348,6 +348,20 @@ def test_frames_counted_but_never_written_are_left_out(run, tmp_path, caplog):
         resegment(out, [], tmp_path / "re")
 
 
+def test_a_sparse_scan_without_its_counts_says_so(run, tmp_path):
+    """/1.1/nnz deleted from a sparse scan: 'expected a sparse corrected scan (export.format: sparse), got
+    sparse'; now it says which dataset the sparse scan lacks."""
+    import shutil
+
+    _, tmp, _ = run
+    path = tmp_path / "corrected.h5"
+    shutil.copy(tmp / "run" / "corrected.h5", path)
+    with h5py.File(path, "a") as f:
+        del f["1.1/nnz"]
+    with pytest.raises(InputError, match=r"got a sparse scan without /1\.1/nnz \(damaged\?\)$"):
+        SparseScan(path)
+
+
 def test_knee_is_the_lowest_value_without_an_excess_over_the_real_spots_trend():
     x = np.arange(4.0, 13.0)
     real = 140 - 3 * x  # ever fainter real spots lost, a few a step

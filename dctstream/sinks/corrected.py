@@ -479,6 +479,10 @@ class SparseScan:
         group = self.h5.get(SCAN_GROUP)
         if group is None or "nnz" not in group or "noise_sigma" not in group:
             got = self.h5.attrs.get("format", "another file")
+            if got == "sparse":  # said 'expected a sparse corrected scan ..., got sparse'
+                got = (f"a sparse scan without /{SCAN_GROUP}" if group is None else
+                       f"a sparse scan without /{SCAN_GROUP}/{'nnz' if 'nnz' not in group else 'noise_sigma'}") \
+                    + " (damaged?)"
             self.h5.close()
             raise InputError(f"{self.path}: no group /{SCAN_GROUP} with nnz and noise_sigma, expected a sparse "
                              f"corrected scan (export.format: sparse), got {got}")
