@@ -30,6 +30,19 @@ def output_error(path: Path, exc: OSError | RuntimeError) -> OutputError:
     return OutputError(f"{path}: cannot write output, {reason}, expected a writable folder with free space{hint}")
 
 
+# HDF5 files whose writes failed (a full disk, a file-size limit). HDF5 cannot close them: it flushes first,
+# which fails again and leaves them open, and as the process ends it reports the failure for every handle, then
+# crashes (a segmentation fault after the one-line error). Held here, so that nothing tries to close them
+# before then; the command line ends its process without that teardown (`dctstream.cli.main`).
+UNCLOSABLE: list[h5py.File] = []
+
+
+def abandon_h5(h5: h5py.File) -> None:
+    """Leave ``h5``, a file whose writes fail, open and untouched until the process ends (see UNCLOSABLE): on
+    disk it stays as the failure left it, as after a kill."""
+    UNCLOSABLE.append(h5)
+
+
 @contextmanager
 def replacing(path: Path, *, sync: bool = False, crash: str | None = None) -> Iterator[Path]:
     """Yield the temporary path to write; once the block ends without an error it replaces ``path``.

@@ -73,6 +73,42 @@ def difspot_columns(spots: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: spots[column] + offset for name, (column, offset) in _FROM_SPOTS.items()}
 
 
+def _refuse_other_files(h5_path: Path, csv_path: Path) -> None:
+    """`OutputError` when ``--output`` (or the ``.csv`` beside it) holds a file other than a DCT difspot table:
+    the run's spot table, its sparse scan, the scan itself were replaced by the table, their data lost."""
+    import h5py
+
+    for path in (h5_path, csv_path):
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue
+        if path.is_dir():
+            raise OutputError(f"export --output: {path}: is a folder, expected a file to write")
+        if not size:
+            continue
+        what = None
+        if path is h5_path:
+            try:
+                with h5py.File(path, "r") as f:
+                    if set(f) != {"difspot"}:
+                        what = f"an HDF5 file holding {', '.join(sorted(f)) or 'nothing'}"
+            except OSError:
+                what = "not an HDF5 file"
+        else:
+            try:
+                lines = [line for line in path.read_text(errors="replace").splitlines()[:8]
+                         if not line.startswith("#")]
+            except OSError as exc:
+                raise OutputError(f"export --output: {path}: cannot be read ({exc.strerror or exc}), expected "
+                                  "a new file or a difspot table to replace") from None
+            if not lines or not lines[0].startswith("difspotID,"):
+                what = "a file without the difspotID,... header of a difspot table"
+        if what:
+            raise OutputError(f"export --output: {path}: exists and is {what}, expected a new file or a DCT "
+                              "difspot table to replace; it is left as it is, choose another --output")
+
+
 def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = None, *, finished: bool = False
                ) -> tuple[list[Path], int, str | None]:
     """Write ``out_dir/difspot.h5`` and ``difspot.csv`` (or ``output`` and its ``.csv``); their paths, the
@@ -85,6 +121,8 @@ def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = No
     partial = None if finished else partial_reason(read_record(out_dir) or {})
     h5_path = Path(output) if output else out_dir / H5_NAME
     csv_path = h5_path.with_suffix(".csv")
+    if output:
+        _refuse_other_files(h5_path, csv_path)
     with atomic_h5(h5_path) as f:
         group = f.create_group("difspot", track_order=True)
         for name, values in cols.items():

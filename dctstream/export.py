@@ -149,12 +149,39 @@ def write_columnfile(path: str | os.PathLike, cols: dict[str, np.ndarray], param
         raise OutputError(f"{path}: cannot write output, {exc.strerror or exc}") from None
 
 
+def _refuse_other_file(path: Path) -> None:
+    """`OutputError` when ``path`` (``--output``) holds a file other than a columnfile: the run's spot table, its
+    sparse scan, the scan itself were replaced by the columnfile, their data lost."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except (FileNotFoundError, IsADirectoryError):
+        return
+    except OSError as exc:
+        raise OutputError(f"export --output: {path}: cannot be read ({exc.strerror or exc}), expected a new "
+                          "file or a columnfile to replace") from None
+    if not head:
+        return
+    if head.startswith(b"\x89HDF"):
+        what = "an HDF5 file"
+    else:
+        lines = head.decode("utf-8", "replace").splitlines()
+        titles = [line[1:].split() for line in lines if line.startswith("#") and "=" not in line]
+        if any({"sc", "fc"} <= set(names) for names in titles):
+            return
+        what = "a file without the '#  sc  fc ...' titles line of a columnfile"
+    raise OutputError(f"export --output: {path}: exists and is {what}, expected a new file or an ImageD11 "
+                      "columnfile to replace; it is left as it is, choose another --output")
+
+
 def export_imaged11(out_dir: str | os.PathLike, output: str | os.PathLike | None = None
                     ) -> tuple[Path, int, str | None]:
     """Write ``out_dir/spots.flt`` (or ``output``); returns its path, the number of peaks, and why the results
     are partial (None for a finished run); a partial table is marked so in the file (``# partial = ...``)."""
     cols, params = imaged11_columns(out_dir)
     path = Path(output) if output else Path(out_dir) / FLT_NAME
+    if output:
+        _refuse_other_file(path)
     write_columnfile(path, cols, params)
     return path, len(cols["sc"]), params.get("partial")
 

@@ -24,6 +24,7 @@ import socket
 from contextlib import suppress
 from pathlib import Path
 
+from .atomic import output_error
 from .errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,12 @@ class OutputLock:
                 break
             os.close(fd)
         self._fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        try:  # who holds it, for the refusal of a second run
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError as exc:  # a full disk: said naming the file, as every other write of the run
+            self.release()
+            raise output_error(self.path, exc) from None
 
     @property
     def held(self) -> bool:

@@ -77,9 +77,10 @@ def write_record(out_dir: str | os.PathLike, record: dict) -> Path:
 def read_record(out_dir: str | os.PathLike) -> dict | None:
     """The run record of ``out_dir``, or None when there is none (or it cannot be read)."""
     try:
-        return json.loads((Path(out_dir) / RUN_FILE).read_text())
+        record = json.loads((Path(out_dir) / RUN_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None  # JSON, but not a record: '[1, 2]' failed its readers
 
 
 def partial_reason(record: dict) -> str | None:

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 SPARSE_FILE = "corrected.h5"
 # Sections a resegmentation may change: the rest made the corrected frames, which the sparse scan holds.
 CHANGEABLE = ("segmentation", "quicklook")
+# The run's own folders: a resegmentation written into one of them mixes its files with the run's.
+RUN_PARTS = frozenset({"difspots", "quicklook", ".dctstream"})
 # A spot "sits where the noise is high" when its tile's noise is this many times the median.
 NOISY_FACTOR = 2.0
 # A resegmentation of at least this many pixels (frames x frame pixels) segments its second half in a second
@@ -92,7 +94,10 @@ def open_scan(run_dir: Path) -> SparseScan:
         scan.close()
         raise InputError(f"{scan.path}: " + (f"values stretched to {dtype}, expected export.dtype: float32 (exact "
                                              "values) to segment again" if dtype != "float32" else
-                                             "no frame written yet, expected at least one"))
+                                             ("no frame written yet" if not scan.unwritten else
+                                              f"no frame written: the {scan.unwritten} it counts were never "
+                                              "(a run whose writes failed: a full disk?)")
+                                             + ", expected at least one"))
     return scan
 
 
@@ -229,6 +234,11 @@ def resegment(run_dir, overrides=(), out_dir=None, *, overwrite: bool = False, d
         out = Path(out_dir) if out_dir is not None else run_dir / "resegmented"
         if out.resolve() == run_dir.resolve():
             raise ConfigError(f"--out: {out} is the run's own folder, expected another one")
+        inside = out.resolve().relative_to(run_dir.resolve()).parts if out.resolve().is_relative_to(
+            run_dir.resolve()) else ()
+        if inside and inside[0] in RUN_PARTS:  # its spots.h5, config.yml, ... went in among the run's files
+            raise ConfigError(f"--out: {out} is inside the run's own {inside[0]}/, expected another folder "
+                              f"(by default {run_dir / 'resegmented'})")
         lock = prepare_output(out, overwrite)
         done = False
         try:
@@ -306,9 +316,32 @@ def _resegment(cfg, params, scan, run_dir, out, difspots, start, QuickLook) -> d
             table.with_angles()
         table.close()
     pictures = quick.finish() if quick is not None else []
+    _write_record(run_dir, out, cfg, scan, outcome.blobs - joined, outcome.rejected, pictures)
     return {"out_dir": str(out), "frames": n, "finished_scan": scan.finished,
             "difspots": outcome.blobs - joined, "seam_joined": joined, "rejected": outcome.rejected,
             "flood_frames": outcome.floods, "quicklook": pictures, "seconds": time.perf_counter() - start}
+
+
+def _write_record(run_dir: Path, out: Path, cfg: Config, scan: SparseScan, spots: int, rejected, pictures) -> None:
+    """``OUT/run.json`` of a resegmentation, once its results are whole: the run's record with this one's
+    settings and counts; finished when its sparse scan is whole and the run finished (or has no record), else
+    incomplete, saying why.
+    Without it (a resegmentation interrupted, or before this record) its results are not known to be whole,
+    as its exports say; with none at all, a whole resegmentation's were said to be partial too."""
+    from .record import partial_reason, write_record
+
+    record = dict(read_record(run_dir) or {})
+    why = partial_reason(record) if record else None  # without one (a folder copied without it): the scan says
+    if why is None and not scan.finished:
+        why = f"its sparse scan holds {len(scan)} frames, written before the run ended"
+    stats = dict(record.get("stats") or {})
+    stats.update({"difspots_written": spots, "rejected": dict(rejected)})
+    record.update({"dctstream_version": __version__, "state": "incomplete" if why else "finished",
+                   "incomplete": f"resegmented from an unfinished run: {why}" if why else None,
+                   "out_dir": str(out), "resegmented_from": str(run_dir), "spots": spots,
+                   "rejected": dict(rejected), "stats": stats, "config": config_to_dict(cfg),
+                   "quicklook": list(pictures), "ended_utc": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())})
+    write_record(out, record)
 
 
 def _cpus() -> int:

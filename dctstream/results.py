@@ -67,12 +67,18 @@ class Run:
 
     def _read_table(self) -> np.ndarray:
         """The spot table, read again only when spots.h5 changed (a running scan rewrites it whole)."""
-        from .sinks.spot_table import COLUMNS, PSI_COLUMN, read_spot_table
+        from .sinks.spot_table import COLUMNS, PSI_COLUMN, check_spot_table, read_spot_table
 
         path = self.out / "spots.h5"
         try:
             info = path.stat()
         except FileNotFoundError:
+            from .record import read_record
+
+            record = read_record(self.out) or {}
+            if record.get("spots") and record.get("state") not in ("running", None):  # not before its first flush
+                raise InputError(f"{path}: missing, expected the spot table of the run's {record['spots']} "
+                                 f"difspots ({self.out / 'run.json'} says {record['state']})") from None
             return np.zeros(0, [(name, dtype) for name, (dtype, _) in COLUMNS.items() if name != PSI_COLUMN])
         version = (info.st_mtime_ns, info.st_size)
         if self._table is not None and self._table[0] == version:
@@ -82,6 +88,7 @@ class Run:
         except (OSError, KeyError) as exc:
             raise InputError(f"{path}: cannot read the spot table ({' '.join(str(exc).split())}), "
                              "expected the spots.h5 of a dctstream run") from None
+        check_spot_table(path, columns)
         n = len(next(iter(columns.values()), ()))
         table = np.zeros(n, [(name, values.dtype) for name, values in columns.items()])
         for name, values in columns.items():
@@ -206,13 +213,20 @@ class Run:
 
         picture = self.out / "quicklook" / "max_projection.png"
         if picture.is_file():
-            from PIL import Image
+            from PIL import Image, UnidentifiedImageError
 
-            fig = Figure(figsize=(7, 7))
-            ax = fig.add_subplot()
-            ax.imshow(np.asarray(Image.open(picture)))
-            ax.set_axis_off()
-            figures["max_projection"] = fig
+            try:
+                with Image.open(picture) as image:
+                    pixels = np.asarray(image)
+            except (OSError, UnidentifiedImageError, ValueError) as exc:  # the table's figures are still there
+                log.warning("%s: not read (%s), expected a PNG picture: no max_projection figure", picture,
+                            " ".join(str(exc).split()))
+            else:
+                fig = Figure(figsize=(7, 7))
+                ax = fig.add_subplot()
+                ax.imshow(pixels)
+                ax.set_axis_off()
+                figures["max_projection"] = fig
         for fig in figures.values():
             fig.tight_layout()
         return figures

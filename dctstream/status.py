@@ -377,6 +377,14 @@ def read_status(out_dir: str | os.PathLike) -> dict:
             except (OSError, ValueError) as exc:
                 raise InputError(f"{path}: cannot read the scan status, expected JSON ({exc})") from None
             return _gone(out, snap) or snap
+    from .checkpoint import marker_path
+
+    if marker_path(out).is_file():  # a run began here (a --split run writes no status before its merge)
+        holder = outdir.held(out)
+        raise InputError(f"{out}: no {STATUS_FILE} or run.json yet, " + (
+            "a run is writing to it (its first status to come; a --split run writes none before its merge)"
+            if holder else "a run began here and ended before writing one (killed?): the same command resumes "
+            "it") + ", expected a status to read")
     raise InputError(f"{out}: no {STATUS_FILE} or run.json, expected the output folder of a dctstream run")
 
 

@@ -142,6 +142,22 @@ def test_segment_takes_any_iterable_and_a_dark_url(scan, in_memory):
         same_difspot(a, b)
 
 
+def test_segment_takes_frames_that_are_views_of_another_array(scan, in_memory):
+    """Frames that are not C-contiguous (a stack stored (x, y, frames) and transposed, every other column of a
+    wider stack): a ValueError from the background kernel (``frame: expected a C-contiguous array``), with
+    its traceback; now the spots of the same frames stored in order."""
+    _, frames, darks, psi = scan
+    transposed = np.ascontiguousarray(frames.transpose(2, 1, 0)).transpose(2, 1, 0)
+    wider = np.zeros(frames.shape[:2] + (2 * frames.shape[2],), frames.dtype)
+    wider[:, :, ::2] = frames
+    for given in (transposed, wider[:, :, ::2], iter(transposed)):
+        assert not given.flags.c_contiguous if isinstance(given, np.ndarray) else True
+        spots = list(dctstream.segment(given, psi, dark=darks, overrides=SETTINGS))
+        assert len(spots) == len(in_memory) >= 20
+        for ours, theirs in zip(spots, in_memory):
+            same_difspot(ours, theirs)
+
+
 def test_segment_without_angles_has_no_psi(scan, in_memory):
     _, frames, darks, _ = scan
     spots = list(dctstream.segment(frames, dark=darks.mean(axis=0), overrides=SETTINGS))
@@ -231,6 +247,9 @@ def test_unknown_difspot_is_an_input_error(runs):
      "source.angles: segment(angles): frame 2: expected a finite angle"),
     (np.zeros((4, 8, 8), np.uint16), None, np.zeros((8, 9)), "dark: expected images of 8 x 8 pixels"),
     (np.zeros((4, 8, 8), np.uint16), None, np.zeros(8), "dark: expected a (y, x) image or an (n, y, x) stack"),
+    # named the temporary file it was handed on in: dark.url: /tmp/dctstream-segment-.../dark.h5::/dark: ...
+    (np.zeros((4, 8, 8), np.uint16), None, np.where(np.eye(8) > 0, np.nan, 0.0)[None].repeat(2, 0),
+     "dark: expected finite dark counts, got nan at frame 0, pixel (y, x) = (0, 0)"),
 ])
 def test_segment_checks_its_input_at_the_call(frames, angles, dark, needle):
     with pytest.raises(InputError) as caught:

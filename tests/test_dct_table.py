@@ -102,3 +102,22 @@ def test_a_partial_runs_table_says_so_in_both_files(run_out, tmp_path, capsys):
     csv, whole = read_difspot_csv(stopped / "difspot.csv"), read_difspot_csv(run_out / "difspot.csv")
     for name in COLUMNS:
         np.testing.assert_array_equal(csv[name], whole[name])
+
+
+@pytest.mark.parametrize("target", ["spots.h5", "corrected.h5", "run.json"])
+def test_output_onto_a_file_that_is_not_a_difspot_table_is_refused_and_left_whole(run_out, tmp_path, capsys,
+                                                                                   target):
+    """``--format dct --output OUT/spots.h5`` replaced the spot table (or the sparse scan, the scan file) with
+    the difspot table: its data lost. Refused now, the file left as it was; an earlier table is replaced."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    before = (out / target).read_bytes()
+    assert main(["export", str(out), "--format", "dct", "--output", str(out / target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dctstream: error: export --output: {out / target}: exists and is "), err
+    assert "choose another --output" in err and len(err.splitlines()) == 1
+    assert (out / target).read_bytes() == before
+    assert main(["export", str(out), "--format", "dct", "--output", str(out / "difspot.h5")]) == 0
+    assert _h5_table(out / "difspot.h5")["difspotID"].size == len(read_spot_table(out / "spots.h5")["id"])

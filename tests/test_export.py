@@ -122,3 +122,23 @@ def test_omega_range_and_unit_whichever_way_and_unit_the_angles_were_written(tin
     assert np.all(cols["Min_o"] <= cols["omega"] + 1e-3) and np.all(cols["omega"] <= cols["Max_o"] + 1e-3)
     assert np.all(cols["Min_o"] <= cols["Max_o"])
     assert params["omega_unit"] == ("degrees" if angles == "decreasing" else "as recorded (like radians)")
+
+
+@pytest.mark.parametrize("target", ["spots.h5", "corrected.h5", "config.yml", "run.json"])
+def test_output_onto_a_file_that_is_not_a_columnfile_is_refused_and_left_whole(exported, tmp_path, capsys, target):
+    """``--output OUT/spots.h5`` (or the sparse scan, the scan file, any other file) replaced it with the
+    columnfile: the spot table was lost. Such a file is now refused and left as it was; a columnfile is
+    replaced."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(exported[0], out)
+    before = (out / target).read_bytes()
+    assert main(["export", str(out), "--output", str(out / target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dctstream: error: export --output: {out / target}: exists and is "), err
+    assert "choose another --output" in err and len(err.splitlines()) == 1
+    assert (out / target).read_bytes() == before
+    assert main(["export", str(out), "--output", str(out / "spots.flt")]) == 0  # an earlier export: replaced
+    assert main(["export", str(out), "--output", str(out / "spots.flt")]) == 0
+    assert len(read_columnfile(out / "spots.flt")[0]["sc"]) == len(exported[1]["id"])

@@ -242,11 +242,124 @@ def test_settings_needing_voxels_below_the_cut_are_refused_naming_it(run, settin
     assert not (tmp_path / "re").exists()
 
 
+@pytest.mark.parametrize("inside", ["difspots", "quicklook/re", ".dctstream"])
+def test_out_inside_the_runs_own_folders_is_refused(run, tmp_path, capsys, inside):
+    """``--out RUN/difspots``: the new spots.h5, config.yml and quicklook/ were written in among the run's
+    difspot files (and with --difspots, its difspots/ inside them). Refused now, nothing written there."""
+    import shutil
+
+    _, tmp, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "run", out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code = main(["resegment", str(out), "--no-difspots", "--out", str(out / inside)])
+    captured = capsys.readouterr()
+    assert_one_line_error(code, captured.out, captured.err, ConfigError.exit_code,
+                          [f"--out: {out / inside} is inside the run's own {inside.split('/')[0]}/"])
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert main(["resegment", str(out), "--no-difspots", "--out", str(out / "try1")]) == 0  # another folder
+
+
+def test_a_whole_resegmentation_has_a_record_and_its_export_is_not_partial(run, tmp_path, capsys):
+    """Without a run.json of its own, the export of every resegmentation said PARTIAL (no run record), so one
+    interrupted half-way (spots.h5 and some difspots, no quick-look) read the same as a whole one. Its record
+    is now written once its results are whole: finished when the run was, else incomplete with why."""
+    import json
+    import shutil
+
+    from dctstream import open_run
+
+    _, tmp, _ = run
+    src = tmp_path / "run"
+    shutil.copytree(tmp / "run", src, ignore=shutil.ignore_patterns("difspots"))
+    assert main(["resegment", str(src), "--no-difspots", "--set", "segmentation.seed_sigma=7"]) == 0
+    out = src / "resegmented"
+    record = open_run(out).record
+    assert record["state"] == "finished" and record["resegmented_from"] == str(src)
+    assert record["spots"] == len(open_run(out).spots) > 0
+    assert record["config"]["segmentation"]["seed_sigma"] == 7
+    capsys.readouterr()
+    assert main(["export", str(out)]) == 0
+    assert "PARTIAL" not in capsys.readouterr().out
+    # a resegmentation of a run that did not finish is not whole either
+    (src / "run.json").write_text(json.dumps({"state": "incomplete", "incomplete": "idle_timeout after 80 frames"}))
+    assert main(["resegment", str(src), "--no-difspots", "--out", str(tmp_path / "re2")]) == 0
+    assert open_run(tmp_path / "re2").record["state"] == "incomplete"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "re2")]) == 0
+    assert "PARTIAL, marked so in the file: the run is incomplete: resegmented from an unfinished run: the run " \
+           "is incomplete: idle_timeout after 80 frames" in capsys.readouterr().out
+
+
 def test_only_segmentation_settings_can_change(run, tmp_path, capsys):
     _, tmp, _ = run
     code = main(["resegment", str(tmp / "run"), "--out", str(tmp_path / "re"), "--set", "background.window=5"])
     captured = capsys.readouterr()
     assert_one_line_error(code, captured.out, captured.err, ConfigError.exit_code, ["background.window", "segmentation"])
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.95])
+def test_a_sparse_scan_cut_short_is_one_error_not_a_hang(run, tmp_path, kept):
+    """corrected.h5 of a finished run cut short (a copy that stopped, a full disk): opened as a SWMR reader
+    (the file may be growing) a failed checksum is read again and again, and resegment and tune hung for
+    minutes; a traceback (RuntimeError: bad object header version number) where HDF5 gave up. Now a closed
+    file is opened plainly: one line naming it, at once."""
+    import shutil
+
+    _, tmp, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "run", out, ignore=shutil.ignore_patterns("difspots"))
+    path = out / "corrected.h5"
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * kept))
+    for command in ("resegment", "tune"):
+        try:
+            done = subprocess.run([sys.executable, "-m", "dctstream", command, str(out)], capture_output=True,
+                                  text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"dctstream {command} of a cut-short corrected.h5 still running after 60 s")
+        assert_one_line_error(done.returncode, done.stdout, done.stderr, InputError.exit_code,
+                              [f"{path}: cannot read the sparse corrected scan", "truncated file"])
+
+
+def test_frames_counted_but_never_written_are_left_out(run, tmp_path, caplog):
+    """A run whose writes failed (a full disk) left corrected.h5 with nnz grown over frames whose maps and
+    pixels were never written (HDF5's fill value, 0): resegment found 0 difspots in them, 'from the sparse scan
+    of 177 frames', and tune failed on a NaN ('every value swept was refused'). Those last frames are left out
+    (said in a warning); none written at all is an error saying why."""
+    import shutil
+
+    _, tmp, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "run", out, ignore=shutil.ignore_patterns("difspots"))
+    with SparseScan(out / "corrected.h5") as scan:
+        n, nnz = len(scan), scan.nnz.copy()
+    with h5py.File(out / "corrected.h5", "a") as f:  # as its writer left it: not closed, the last maps blank
+        f["1.1"].attrs["nframes"] = 0
+        f["1.1/noise_sigma"][n - 10:] = 0
+    with caplog.at_level(logging.WARNING), SparseScan(out / "corrected.h5") as scan:
+        assert len(scan) == n - 10 and not scan.finished
+        np.testing.assert_array_equal(scan.nnz, nnz[:n - 10])
+        assert [k for k, *_ in scan.frames()] == list(range(n - 10))
+    assert f"frames {n - 10} to {n - 1} counted but never written" in caplog.text
+    with h5py.File(out / "corrected.h5", "a") as f:
+        f["1.1/noise_sigma"][:] = 0
+    with pytest.raises(InputError, match=f"no frame written: the {n} it counts were never"):
+        resegment(out, [], tmp_path / "re")
+
+
+def test_a_sparse_scan_without_its_counts_says_so(run, tmp_path):
+    """/1.1/nnz deleted from a sparse scan: 'expected a sparse corrected scan (export.format: sparse), got
+    sparse'; now it says which dataset the sparse scan lacks."""
+    import shutil
+
+    _, tmp, _ = run
+    path = tmp_path / "corrected.h5"
+    shutil.copy(tmp / "run" / "corrected.h5", path)
+    with h5py.File(path, "a") as f:
+        del f["1.1/nnz"]
+    with pytest.raises(InputError, match=r"got a sparse scan without /1\.1/nnz \(damaged\?\)$"):
+        SparseScan(path)
 
 
 def test_knee_is_the_lowest_value_without_an_excess_over_the_real_spots_trend():

@@ -392,6 +392,21 @@ def test_file_size_limit_in_a_subprocess(scan, reference, tmp_path):
     assert_same_outputs({**got, "sparse": reference["sparse"], "attrs": reference["attrs"]}, reference)
 
 
+def test_file_size_limit_with_the_sparse_scan_in_a_subprocess(scan, reference, tmp_path):
+    """``ulimit -f`` with the sparse scan (the default export): HDF5 cannot close a file whose writes failed,
+    and crashed as the process ended (tracebacks from h5py after the error line, then a segmentation fault,
+    exit code -11); the process now ends with the one line and exit code 1, and the same command resumes."""
+    out = tmp_path / "out"
+    limited = _run(_args(scan, out), preexec_fn=lambda: __import__("resource").setrlimit(
+        __import__("resource").RLIMIT_FSIZE, (96 * 1024, 96 * 1024)))
+    assert "Exception ignored" not in limited.stderr, limited.stderr
+    assert_one_line_error(limited.returncode, limited.stdout, limited.stderr, 1,
+                          [str(out), "cannot write output, File too large", "run the same command again"])
+    resumed = _run(_args(scan, out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_outputs(outputs(out), reference)
+
+
 def test_output_not_writable_stops_at_once(scan, tmp_path, monkeypatch, capsys):
     """A read-only output (as root, chmod cannot make one: the error is injected where h5py creates files)."""
     out = tmp_path / "out"

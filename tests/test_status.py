@@ -405,3 +405,25 @@ def test_status_lines_of_runs_under_one_folder_name_their_run_folders(tmp_path):
     assert lines[0].startswith("s.h5::/1.1/measurement/marana [w31]: finished")
     assert lines[1].startswith("s.h5::/1.1/measurement/marana [w51]: finished")
     assert status_line(snaps[0]).startswith("s.h5::/1.1/measurement/marana: finished")  # one run: as before
+
+
+def test_a_folder_a_run_began_in_before_its_first_status(tmp_path):
+    """A ``--split`` run writes no status before its merge; killed before then, its folder holds only
+    ``.dctstream/running`` (and the chunks kept): 'no status.json or run.json, expected the output folder of a
+    dctstream run' said it was not a run's folder. Now: a run writing to it, or one that ended (killed?)."""
+    from dctstream import outdir
+    from dctstream.checkpoint import marker_path
+    from dctstream.errors import InputError
+    from dctstream.status import read_status
+
+    out = tmp_path / "out"
+    lock = outdir.OutputLock(out)
+    marker_path(out).write_text("config")
+    with pytest.raises(InputError, match=r"no status.json or run.json yet, a run is writing to it"):
+        read_status(out)
+    lock.release()
+    with pytest.raises(InputError, match=r"no status.json or run.json yet, a run began here and ended before "
+                                         r"writing one \(killed\?\): the same command resumes it"):
+        read_status(out)
+    with pytest.raises(InputError, match="expected the output folder of a dctstream run"):
+        read_status(tmp_path)

@@ -36,6 +36,7 @@ Coordinates are in the frames' (binned) pixels, attribute ``binning``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -44,10 +45,12 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ..atomic import output_error
+from ..atomic import abandon_h5, output_error
 from ..direct_beam import saturated_arrays, saturated_from_arrays
 from ..errors import InputError, OutputError
 from ._kernels import pixels_at_or_above, rows_at_or_above
+
+log = logging.getLogger(__name__)
 
 SCAN_GROUP = "1.1"
 # Pixels per chunk of row, col and intensity (fewer for small frames): each chunk is compressed and
@@ -131,6 +134,21 @@ class CorrectedFrameWriter:
         if self.h5.id.valid:
             self.h5.close()
             self.reduction = float(self.frames * self.raw_frame_bytes / self.path.stat().st_size)
+
+
+def being_written(path: str | os.PathLike) -> bool:
+    """Whether the HDF5 file at ``path`` is open for writing, or was when its writer died (the file-consistency
+    flags of its superblock, version 2 and later, are set), so that a reader must open it with ``swmr=True``.
+
+    Only then: a SWMR reader takes a checksum that fails for a write under way and reads again, for minutes,
+    and does not compare the file's end with the one recorded, so a closed file cut short (a copy that
+    stopped, a full disk) hung ``resegment`` and ``tune``; opened plainly it is an error at once."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return True  # let h5py say what is wrong
+    return len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or (head[8] >= 2 and head[11] != 0)
 
 
 class SparseScanWriter:
@@ -394,16 +412,18 @@ class SparseScanWriter:
         except OutputError as exc:
             failed = exc
         if failed is not None:
-            # a file whose writes fail is left to the process's end: closing it now, HDF5 reports the
-            # failure again for every handle (or crashes); what is in it up to the last checkpoint is
-            # copied by the resumed run
+            # a file whose writes fail is left as the failure left it (HDF5 cannot close it: `abandon_h5`); what
+            # is in it up to the last checkpoint is copied by the resumed run
             self.failed = True
+            abandon_h5(self.h5)
             raise failed
         try:
             self.h5.close()
         except (OSError, RuntimeError) as exc:  # writing the last metadata failed
             if isinstance(exc, RuntimeError) and "errno = " not in str(exc):
                 raise
+            self.failed = True
+            abandon_h5(self.h5)
             raise output_error(self.path, exc) from None
         try:
             # attributes cannot change in SWMR mode; without file locking: a reader following the scan (tune,
@@ -441,15 +461,28 @@ class SparseScan:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
-            self.h5 = h5py.File(self.path, "r", swmr=True)
+            self.h5 = h5py.File(self.path, "r", swmr=being_written(self.path))
         except FileNotFoundError:
             raise InputError(f"{self.path}: no sparse corrected scan, expected the corrected.h5 of a run with "
                              "export.format: sparse (the default)") from None
         except OSError as exc:
             raise InputError(f"{self.path}: cannot read the sparse corrected scan ({exc})") from None
+        try:
+            self._read_index()
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:  # HDF5's metadata cut short or damaged
+            self.h5.close()
+            raise InputError(f"{self.path}: cannot read the sparse corrected scan ({' '.join(str(exc).split())}), "
+                             "expected the whole corrected.h5 of a run (cut short or damaged? the run that wrote "
+                             "it makes it again with --overwrite)") from None
+
+    def _read_index(self) -> None:
         group = self.h5.get(SCAN_GROUP)
         if group is None or "nnz" not in group or "noise_sigma" not in group:
             got = self.h5.attrs.get("format", "another file")
+            if got == "sparse":  # said 'expected a sparse corrected scan ..., got sparse'
+                got = (f"a sparse scan without /{SCAN_GROUP}" if group is None else
+                       f"a sparse scan without /{SCAN_GROUP}/{'nnz' if 'nnz' not in group else 'noise_sigma'}") \
+                    + " (damaged?)"
             self.h5.close()
             raise InputError(f"{self.path}: no group /{SCAN_GROUP} with nnz and noise_sigma, expected a sparse "
                              f"corrected scan (export.format: sparse), got {got}")
@@ -473,6 +506,20 @@ class SparseScan:
         self.binning = int(self.h5.attrs.get("binning", 1))
         self.binning_mode = str(self.h5.attrs.get("binning_mode", "sum"))
         self.finished = int(group.attrs["nframes"]) == n > 0
+        # a file its writer never closed: the last frames nnz counts may have maps of HDF5's fill value only (0:
+        # the writes of their data failed, a full disk, after the datasets had grown), not frames; left out
+        # (they read as frames without noise: 'auto needs a noise estimate > 0', or no spots at all)
+        self.unwritten = 0
+        if not self.finished and n:
+            blank = ~self.noise_sigma.reshape(n, -1).any(axis=1)
+            self.unwritten = int(np.argmin(blank[::-1])) if not blank.all() else n
+        if self.unwritten:
+            n -= self.unwritten
+            log.warning("%s: frames %d to %d counted but never written (their maps hold only the fill value: a "
+                        "run whose writes failed, a full disk?), left out", self.path, n, n + self.unwritten - 1)
+            self.nnz, self.starts = self.nnz[:n], self.starts[:n + 1]
+            self.psi = None if self.psi is None else self.psi[:n]
+            self.cut, self.noise_sigma, self.level = self.cut[:n], self.noise_sigma[:n], self.level[:n]
         self.unfiltered = "unfiltered" in group
 
     def __len__(self) -> int:
@@ -488,7 +535,12 @@ class SparseScan:
             end = int(np.searchsorted(self.starts, self.starts[k] + block_px, side="right"))
             end = min(max(end - 1, k + 1), stop)
             a, b = int(self.starts[k]), int(self.starts[end])
-            columns = [self.group[name][a:b] for name in names]
+            try:
+                columns = [self.group[name][a:b] for name in names]
+            except (OSError, RuntimeError) as exc:  # chunks cut short or damaged
+                raise InputError(f"{self.path}: frames {k} to {end - 1}: cannot be read "
+                                 f"({' '.join(str(exc).split())}), expected the whole sparse corrected scan of "
+                                 "a run (cut short or damaged?)") from None
             for f in range(k, end):
                 i, j = int(self.starts[f]) - a, int(self.starts[f + 1]) - a
                 yield (f, *(c[i:j] for c in columns))
@@ -506,7 +558,7 @@ class SparseScan:
 
 def read_corrected(path: str | os.PathLike) -> list[np.ndarray] | list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The frames of a ``corrected.h5``: (y, x) arrays for a stack, (row, col, intensity) per frame for sparse."""
-    with h5py.File(path, "r", swmr=True) as h5:
+    with h5py.File(path, "r", swmr=being_written(path)) as h5:
         if "corrected" in h5:
             return list(h5["corrected"][()])
     with SparseScan(path) as scan:

@@ -85,6 +85,10 @@ COLUMNS: dict[str, tuple[type, str]] = {
 }
 CORRECTED_COLUMNS = ("centroid_x_corrected", "centroid_y_corrected")
 PSI_COLUMN = "centroid_psi_deg"
+# What the readers of a table (`dctstream.results`, the exports) take from it: in every table ever written
+# (max_frame_acquired, touches_mask and the others came later, or only with angles or a distortion).
+READ_COLUMNS = ("id", "start_frame", "end_frame", "max_frame", "area", "integral", "max_value", "centroid_x",
+                "centroid_y", "centroid_frame", "bbox_x0", "bbox_y0", "bbox_x_size", "bbox_y_size")
 
 # Attribute values h5py stores as plain scalars or strings; anything else
 # (None, dicts) would only fail at the first flush, mid-scan.
@@ -255,10 +259,30 @@ def read_run_spots(out_dir: str | os.PathLike) -> tuple[Path, dict[str, np.ndarr
 
     path = Path(out_dir) / "spots.h5"
     try:
-        return path, read_spot_table(path)
+        columns = read_spot_table(path)
     except (OSError, KeyError) as exc:
         raise InputError(f"{path}: cannot read the spot table, expected the spots.h5 of a dctstream run "
                          f"({' '.join(str(exc).split())})") from None
+    check_spot_table(path, columns)
+    return path, columns
+
+
+def check_spot_table(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """`InputError` naming the column of ``path`` that is missing or not as long as ``id`` (a table edited, or
+    written by something else): read as it is, a column was missing from the records (and the export failed
+    with a KeyError), or the table could not be put together (a ValueError)."""
+    from ..errors import InputError
+
+    missing = [name for name in READ_COLUMNS if name not in columns]
+    if missing:
+        raise InputError(f"{path}: /spots/{missing[0]}: missing" + (f" (and {', '.join(missing[1:])})"
+                                                                    if len(missing) > 1 else "")
+                         + ", expected the columns of a dctstream spot table")
+    n = len(columns["id"])
+    for name, values in columns.items():
+        if np.ndim(values) != 1 or len(values) != n:
+            raise InputError(f"{path}: /spots/{name}: shape {np.shape(values)}, expected ({n},) as /spots/id: "
+                             "one row per difspot")
 
 
 def read_spot_table(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -182,7 +182,8 @@ class FrameSource(abc.ABC):
         if not data.dtype.isnative:  # a big-endian file's: the kernels take the machine's own byte order
             data = data.astype(data.dtype.newbyteorder("="))
         if data.dtype.kind != "f":
-            return data
+            # a view of an array held elsewhere (a transposed or strided stack): the kernels take C order
+            return np.ascontiguousarray(data)
         if data.dtype.itemsize < 4:  # float16: as float32, which holds each of its values exactly
             data = data.astype(np.float32)
         self.invalid_value = NO_DATA  # what a pixel without a number is read as, masked where frame 0 has it
