@@ -213,6 +213,11 @@ class Detector:
         file_dark = dark_cfg.url is not None and dark_cfg.value is None and "::" not in dark_cfg.url
         raw_dark = load_dark(dark_cfg.url, dark_cfg.value, self.raw_shape,
                              read_image(dark_cfg.url, "dark.url") if file_dark else None)
+        if raw_dark is not None and raw_dark.size and float(np.nanmax(np.abs(raw_dark))) > FLOAT32_EXACT:
+            where = f"dark.value: {dark_cfg.value:g}" if dark_cfg.value is not None else f"dark.url: {dark_cfg.url}"
+            raise InputError(f"{where}: dark counts of {float(np.nanmax(np.abs(raw_dark))):g} in size, beyond "
+                             f"{FLOAT32_EXACT} (2**24), the largest integer float32 holds exactly, expected a "
+                             "detector's dark within it (the background correction works in float32)")
         self.dark = None if raw_dark is None else bin_image(raw_dark, b, cfg.binning_mode, np.float32)
         self.dark_source = ("dark.value" if dark_cfg.value is not None else "dark.url" if dark_cfg.url
                             else "estimated" if dark_cfg.estimate else "none")
