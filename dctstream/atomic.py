@@ -30,17 +30,26 @@ def output_error(path: Path, exc: OSError | RuntimeError) -> OutputError:
     return OutputError(f"{path}: cannot write output, {reason}, expected a writable folder with free space{hint}")
 
 
-# HDF5 files whose writes failed (a full disk, a file-size limit). HDF5 cannot close them: it flushes first,
-# which fails again and leaves them open, and as the process ends it reports the failure for every handle, then
-# crashes (a segmentation fault after the one-line error). Held here, so that nothing tries to close them
-# before then; the command line ends its process without that teardown (`dctstream.cli.main`).
-UNCLOSABLE: list[h5py.File] = []
-
-
 def abandon_h5(h5: h5py.File) -> None:
-    """Leave ``h5``, a file whose writes fail, open and untouched until the process ends (see UNCLOSABLE): on
-    disk it stays as the failure left it, as after a kill."""
-    UNCLOSABLE.append(h5)
+    """Close ``h5``, an HDF5 file whose writes failed (a full disk, a file-size limit), leaving it on disk as the
+    failure left it, as after a kill.
+
+    HDF5 cannot close such a file: it flushes first, which fails again and leaves it open, and as the process
+    ends it reports the failure for every handle, then crashes (a segmentation fault after the one-line error,
+    from the command line and from a script of the Python API alike). Its descriptor is pointed at the null
+    device first, where that flush succeeds and writes nothing."""
+    try:
+        handle = h5.id.get_vfd_handle()
+    except Exception:  # noqa: BLE001  (a file driver without a descriptor)
+        handle = None
+    if isinstance(handle, int) and handle >= 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, handle)
+        os.close(null)
+    try:
+        h5.close()
+    except Exception:  # noqa: BLE001  (closing is all that is left to do)
+        pass
 
 
 @contextmanager

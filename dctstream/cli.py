@@ -698,29 +698,15 @@ def main(argv=None) -> int:
         return args.func(args)
     except DctStreamError as exc:
         print(f"dctstream: error: {exc}", file=sys.stderr)
-        return _ending(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("dctstream: interrupted", file=sys.stderr)
-        return _ending(130)
+        return 130
     except OSError as exc:
         # a path the command was given (or derived from one) that cannot be read or written, a full disk:
         # the user's to fix, said in one line
         print(f"dctstream: error: {_os_error(exc)}", file=sys.stderr)
-        return _ending(1)
-
-
-def _ending(code: int) -> int:
-    """``code``; where an HDF5 file's writes failed (a full disk), the process ends here with it, without the
-    interpreter's teardown, in which HDF5 would report the failure again for each handle and then crash
-    (`dctstream.atomic.UNCLOSABLE`)."""
-    from .atomic import UNCLOSABLE
-
-    if UNCLOSABLE:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+        return 1
 
 
 def _os_error(exc: OSError) -> str:

@@ -407,6 +407,28 @@ def test_file_size_limit_with_the_sparse_scan_in_a_subprocess(scan, reference, t
     assert_same_outputs(outputs(out), reference)
 
 
+def test_file_size_limit_in_a_script_of_the_python_api(scan, reference, tmp_path):
+    """The same from a script of the Python API that catches the OutputError and goes on: the process crashed as
+    the script ended (h5py tracebacks, a segmentation fault, on the sparse scan HDF5 could not close); the
+    file's descriptor now leads to the null device, so that HDF5 closes it there, and the file on disk is as
+    the failure left it: the same command resumes it."""
+    out = tmp_path / "out"
+    overrides = dict(o.split("=", 1) for o in OVERRIDES)
+    script = (f"import dctstream\ntry:\n    dctstream.run({scan.frames_url!r}, out={str(out)!r}, "
+              f"overrides={[f'{k}={v}' for k, v in overrides.items()] + [f'source.angles={scan.angles_url}']!r})\n"
+              "except dctstream.OutputError as exc:\n    print('caught:', exc)\nprint('the script goes on')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+                          preexec_fn=lambda: __import__("resource").setrlimit(
+                              __import__("resource").RLIMIT_FSIZE, (96 * 1024, 96 * 1024)))
+    assert done.returncode == 0, done.stderr
+    assert "caught:" in done.stdout and "cannot write output, File too large" in done.stdout
+    assert done.stdout.rstrip().endswith("the script goes on")
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    resumed = _run(_args(scan, out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_outputs(outputs(out), reference)
+
+
 def test_output_not_writable_stops_at_once(scan, tmp_path, monkeypatch, capsys):
     """A read-only output (as root, chmod cannot make one: the error is injected where h5py creates files)."""
     out = tmp_path / "out"
