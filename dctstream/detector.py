@@ -213,11 +213,6 @@ class Detector:
         file_dark = dark_cfg.url is not None and dark_cfg.value is None and "::" not in dark_cfg.url
         raw_dark = load_dark(dark_cfg.url, dark_cfg.value, self.raw_shape,
                              read_image(dark_cfg.url, "dark.url") if file_dark else None)
-        if raw_dark is not None and raw_dark.size and float(np.nanmax(np.abs(raw_dark))) > FLOAT32_EXACT:
-            where = f"dark.value: {dark_cfg.value:g}" if dark_cfg.value is not None else f"dark.url: {dark_cfg.url}"
-            raise InputError(f"{where}: dark counts of {float(np.nanmax(np.abs(raw_dark))):g} in size, beyond "
-                             f"{FLOAT32_EXACT} (2**24), the largest integer float32 holds exactly, expected a "
-                             "detector's dark within it (the background correction works in float32)")
         self.dark = None if raw_dark is None else bin_image(raw_dark, b, cfg.binning_mode, np.float32)
         self.dark_source = ("dark.value" if dark_cfg.value is not None else "dark.url" if dark_cfg.url
                             else "estimated" if dark_cfg.estimate else "none")
@@ -249,7 +244,8 @@ class Detector:
           counts.
         * ``pixel_mask`` (the detector's own, from the source: non-zero = bad) is masked too
           (``mask_counts["detector"]``).
-        * Counts beyond 2**24, which float32 (the corrected frames' type) cannot hold exactly, are refused.
+        * Counts beyond 2**24, which float32 (the corrected frames' type) cannot hold exactly, are refused, and a
+          dark of such counts where pixels are not masked.
         * A dark above the counts of most pixels of the frame (DARK_ABOVE_FRACTION) is logged.
         """
         valid = None
@@ -282,6 +278,16 @@ class Detector:
                                      "(2**24), the largest integer float32 holds exactly, expected detector counts "
                                      "within it (counts with a large offset? remove it at the detector or in the "
                                      "file; the background correction works in float32)")
+        if self.dark is not None and self.dark_source in ("dark.url", "dark.value") and (~self.mask).any():
+            # where counts are (a photon-counting detector's dark holds its mark of no data, all bits set,
+            # where the frames do: masked above)
+            worst = float(np.nanmax(np.abs(self.dark[~self.mask])))
+            if worst > FLOAT32_EXACT:
+                where = (f"dark.value: {self.dark_cfg.value:g}" if self.dark_source == "dark.value"
+                         else f"dark.url: {self.dark_cfg.url}")
+                raise InputError(f"{where}: dark counts of {worst:g} in size, beyond {FLOAT32_EXACT} (2**24), the "
+                                 "largest integer float32 holds exactly, expected a detector's dark within it (the "
+                                 "background correction works in float32)")
         if self.dark is not None and self.dark_source in ("dark.url", "dark.value"):
             binned = self.bin(frame).astype(np.float32) - self.dark
             keep = ~self.mask

@@ -439,13 +439,29 @@ def test_saturated_pixels_are_the_unmasked_ones_at_the_top_of_the_frames_type(bi
 def test_a_dark_beyond_what_float32_holds_exactly_is_refused_naming_it(value, tmp_path):
     """A dark of -1e9 counts was taken: the corrected frames, in float32, lost every count (168 spots instead of
     37 in the campaign's scan)."""
+    frame = np.full((8, 8), 100, np.uint16)
     cfg = load_config(None, [f"dark.value={value}"])
     with pytest.raises(InputError, match=r"^dark\.value: .*beyond 16777216 \(2\*\*24\)"):
-        Detector(cfg.detector, cfg.dark, (8, 8), np.uint16)
+        Detector(cfg.detector, cfg.dark, (8, 8), np.uint16).check_first_frame(frame, "scan.h5::/f")
     path = tmp_path / "dark.h5"
     with h5py.File(path, "w") as f:
         f["dark"] = np.full((2, 8, 8), value, np.float64)
     cfg = load_config(None, [f"dark.url={path}::/dark"])
     with pytest.raises(InputError, match=r"^dark\.url: .*dark\.h5::/dark: dark counts of"):
-        Detector(cfg.detector, cfg.dark, (8, 8), np.uint16)
-    Detector(cfg.detector, load_config(None, ["dark.value=100"]).dark, (8, 8), np.uint16)  # a dark as they are
+        Detector(cfg.detector, cfg.dark, (8, 8), np.uint16).check_first_frame(frame, "scan.h5::/f")
+
+
+def test_a_photon_counting_dark_with_the_detectors_mark_of_no_data_is_a_dark(tmp_path):
+    """uint32 frames and their dark hold all bits set in the module gaps: masked there, not dark counts beyond
+    2**24 (the validation's photon-counting scans were refused)."""
+    gap = np.iinfo(np.uint32).max
+    dark = np.zeros((3, 8, 8), np.uint32)
+    dark[:, :, 4] = gap
+    with h5py.File(tmp_path / "dark.h5", "w") as f:
+        f["dark"] = dark
+    frame = np.ones((8, 8), np.uint32)
+    frame[:, 4] = gap
+    cfg = load_config(None, [f"dark.url={tmp_path / 'dark.h5'}::/dark"])
+    detector = Detector(cfg.detector, cfg.dark, (8, 8), np.uint32)
+    detector.check_first_frame(frame, "scan.h5::/f")
+    assert detector.mask[:, 4].all() and not detector.mask[:, :4].any()
