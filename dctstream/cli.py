@@ -364,10 +364,21 @@ def cmd_demo(args) -> int:
 def cmd_replay(args) -> int:
     """Play a recorded scan back as an acquisition would produce it."""
     target = args.to
-    from .sources.hdf5 import read_dataset
+    from .sources.hdf5 import _open
 
     # the scan first, named as the source of a run would be: a missing file is one line, not a traceback
-    read_dataset(args.scan, "replay SCAN")
+    h5, dset = _open(args.scan, "replay SCAN")
+    with h5:  # its shape only (the whole scan was read to find it there)
+        shape = dset.shape
+        if len(shape) != 3 or dset.dtype.kind not in "buif":  # a 1-D dataset was "replayed" as frames of one value
+            raise InputError(f"replay SCAN: {args.scan}: expected frames (frames, y, x) of numbers, got shape "
+                             f"{shape} dtype {dset.dtype}")
+    if args.angles is not None:
+        h5, angles = _open(args.angles, "replay --angles")
+        with h5:
+            if angles.ndim != 1 or angles.dtype.kind not in "buif" or angles.shape[0] < shape[0]:
+                raise InputError(f"replay --angles: {args.angles}: expected one angle per frame, {shape[0]} numbers "
+                                 f"(1-D), got shape {angles.shape} dtype {angles.dtype}")
     if "://" in target:
         import zmq
 
@@ -394,6 +405,7 @@ def cmd_replay(args) -> int:
 
         path, _, dataset = target.partition("::")
         _file_to_write(path, "replay --to")
+        _replay_target(path, [args.scan] + ([args.angles] if args.angles else []))
         n = replay_hdf5(args.scan, path, dataset=dataset or FRAMES_PATH, fps=args.fps, swmr=not args.no_swmr,
                         compression=hdf5plugin.Bitshuffle() if args.bitshuffle else None,
                         angles_url=args.angles)
@@ -726,6 +738,31 @@ def _file_to_write(path: str, what: str) -> None:
         raise OutputError(f"{what}: {path}: no folder {folder}, expected an existing folder to write into")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{what}: {path}: the folder {folder} is not writable")
+
+
+def _replay_target(path: str, inputs: list[str]) -> None:
+    """Refuse a replay's target file (created anew, whatever it held) that is one of its inputs or an HDF5 file
+    holding other data than an earlier replay: a scan file named by mistake was emptied, unsaid."""
+    import h5py
+
+    from .sources.hdf5 import path_of
+
+    target = Path(path)
+    if not target.is_file():
+        return
+    for url in inputs:
+        source = Path(path_of(url))
+        if source.is_file() and os.path.samefile(source, target):
+            raise OutputError(f"replay --to: {path}: is the file {url} is read from, expected another file to write")
+    try:
+        with h5py.File(target, "r", locking=False) as f:
+            titles = [f[name]["title"][()] for name in f if isinstance(f[name], h5py.Group) and "title" in f[name]]
+            if list(f) and not (titles and all(t in (b"replayed scan", "replayed scan") for t in titles)):
+                raise OutputError(f"replay --to: {path}: exists and holds other data than a replay ("
+                                  f"{', '.join(sorted(f)[:5])}), expected a new file or an earlier replay's, which "
+                                  "it replaces: remove it first if it is to go")
+    except OSError:
+        return  # not HDF5: nothing of it is read or kept
 
 
 def _folder_to_write(path: str, what: str) -> None:

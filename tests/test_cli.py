@@ -209,3 +209,35 @@ def test_an_option_and_a_set_of_the_same_key_say_which_one_is_taken(capsys, capl
         assert main(["check", "--source", "a.h5::/x", "--set", "source.url=b.h5::/y"]) == 0
     assert "url: a.h5::/x" in capsys.readouterr().out
     assert "--source a.h5::/x replaces --set source.url=b.h5::/y" in caplog.text
+
+
+def test_replay_refuses_what_is_no_scan_no_angles_or_a_file_it_would_empty(tiny_scan, tmp_path, capsys):
+    """A 1-D dataset was replayed as 'frames' of one value; angles of another shape were a traceback; a target
+    that was the scan's own file or another scan file was emptied (created anew) without a word."""
+    scan = Path(tiny_scan.frames_url.split("::")[0])
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["1.1/measurement/marana"] = np.zeros((3, 4, 4), np.uint16)
+    before = other.read_bytes()
+    cases = [
+        (["replay", tiny_scan.angles_url, "--to", str(tmp_path / "a.h5")],
+         ["replay SCAN", "expected frames (frames, y, x) of numbers, got shape (40,)"]),
+        (["replay", tiny_scan.frames_url, "--to", str(tmp_path / "b.h5"), "--angles", tiny_scan.dark_url],
+         ["replay --angles", "expected one angle per frame, 40 numbers (1-D), got shape ("]),
+        (["replay", tiny_scan.frames_url, "--to", str(scan), "--fps", "0"],
+         ["replay --to", "is the file", "is read from"]),
+        (["replay", tiny_scan.frames_url, "--to", str(other), "--fps", "0"],
+         ["replay --to", "other.h5: exists and holds other data than a replay (1.1)"]),
+    ]
+    for args, needles in cases:
+        code = main(args)
+        out, err = capsys.readouterr()
+        assert_one_line_error(code, out, err, 1, needles)
+    assert other.read_bytes() == before
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()
+    # an earlier replay is replaced, as before
+    again = tmp_path / "again.h5"
+    for _ in range(2):
+        assert main(["replay", tiny_scan.frames_url, "--to", str(again), "--fps", "0"]) == 0
+    with h5py.File(again, "r") as f:
+        assert f["1.1/measurement/marana"].shape == (40, 64, 64)
