@@ -301,12 +301,25 @@ def cmd_check(args) -> int:
 def cmd_simulate(args) -> int:
     from simulators.dct_scan import simulate_scan
 
+    import shutil
+
     _file_to_write(args.output, "simulate")
-    truth = simulate_scan(args.output, frames=args.frames, size=args.size, spots=args.spots, seed=args.seed,
-                          hot_pixel_fraction=args.hot_pixels, dead_pixel_fraction=args.dead_pixels,
-                          module_gap_px=args.module_gap,
-                          gain_spread=args.gain_spread, flat_frames=args.flat_frames,
-                          shutter_closed_frames=args.shutter_closed, layout=args.layout)
+    # the frames are written uncompressed, uint16: a scan that cannot fit stopped only once the disk was full
+    need = (args.frames + args.flat_frames) * args.size * args.size * 2
+    free = shutil.disk_usage(Path(args.output).parent).free
+    if need > free:
+        raise OutputError(f"simulate: {args.output}: {args.frames} frames of {args.size} x {args.size} px need "
+                          f"{need / 1e9:.3g} GB, its folder has {free / 1e9:.3g} GB free, expected fewer or smaller "
+                          "frames (--frames, --size)")
+    try:
+        truth = simulate_scan(args.output, frames=args.frames, size=args.size, spots=args.spots, seed=args.seed,
+                              hot_pixel_fraction=args.hot_pixels, dead_pixel_fraction=args.dead_pixels,
+                              module_gap_px=args.module_gap,
+                              gain_spread=args.gain_spread, flat_frames=args.flat_frames,
+                              shutter_closed_frames=args.shutter_closed, layout=args.layout)
+    except MemoryError as exc:  # a traceback before (numpy's _ArrayMemoryError)
+        raise InputError(f"simulate: --size {args.size}: frames of {args.size} x {args.size} px do not fit in this "
+                         f"machine's memory ({' '.join(str(exc).split())}), expected a smaller --size") from None
     print(f"wrote {args.output}: {args.frames} frames of {args.size} x {args.size} px, {args.spots} spots\n"
           f"  frames: {truth.frames_url}\n  angles: {truth.angles_url}\n  dark:   {truth.dark_url}\n"
           + (f"  flat:   {truth.flat_url}\n" if truth.flat_url else "")

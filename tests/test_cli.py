@@ -241,3 +241,29 @@ def test_replay_refuses_what_is_no_scan_no_angles_or_a_file_it_would_empty(tiny_
         assert main(["replay", tiny_scan.frames_url, "--to", str(again), "--fps", "0"]) == 0
     with h5py.File(again, "r") as f:
         assert f["1.1/measurement/marana"].shape == (40, 64, 64)
+
+
+def test_simulate_refuses_a_scan_too_large_for_the_disk_or_the_memory(tmp_path, capsys, monkeypatch):
+    """`simulate --frames 10000000` wrote until the disk was full; `--size 100000` was a MemoryError traceback."""
+    import collections
+    import shutil
+
+    import simulators.dct_scan
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 0, 10**6))
+    code = main(["simulate", str(tmp_path / "s.h5"), "--frames", "100", "--size", "128"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, 1, ["simulate:", "s.h5: 100 frames of 128 x 128 px need 0.00328 GB, "
+                                              "its folder has 0.001 GB free"])
+    assert not (tmp_path / "s.h5").exists()
+    monkeypatch.undo()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 74.5 GiB for an array with shape (100000, 100000)")
+
+    monkeypatch.setattr(simulators.dct_scan, "simulate_scan", no_memory)
+    code = main(["simulate", str(tmp_path / "s.h5"), "--frames", "8", "--size", "128"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, 1, ["simulate: --size 128: frames of 128 x 128 px do not fit in this "
+                                              "machine's memory (Unable to allocate 74.5 GiB"])
