@@ -303,6 +303,13 @@ def cmd_simulate(args) -> int:
 
     import shutil
 
+    # checks across arguments (each was checked alone): they wrote a scan of zeros, or without beam, unsaid
+    if args.module_gap >= args.size // 2:
+        raise ConfigError(f"simulate: --module-gap {args.module_gap}: expected a gap narrower than half the frame "
+                          f"(--size {args.size}: under {args.size // 2} px), leaving pixels in the 2 x 2 modules")
+    if args.shutter_closed >= args.frames:
+        raise ConfigError(f"simulate: --shutter-closed {args.shutter_closed}: expected fewer frames without beam "
+                          f"than the scan's (--frames {args.frames})")
     _file_to_write(args.output, "simulate")
     # the frames are written uncompressed, uint16: a scan that cannot fit stopped only once the disk was full
     need = (args.frames + args.flat_frames) * args.size * args.size * 2

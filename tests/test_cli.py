@@ -267,3 +267,16 @@ def test_simulate_refuses_a_scan_too_large_for_the_disk_or_the_memory(tmp_path, 
     out, err = capsys.readouterr()
     assert_one_line_error(code, out, err, 1, ["simulate: --size 128: frames of 128 x 128 px do not fit in this "
                                               "machine's memory (Unable to allocate 74.5 GiB"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--module-gap", "64"], "--module-gap 64: expected a gap narrower than half the frame (--size 128: under 64 px)"),
+    (["--shutter-closed", "40"], "--shutter-closed 40: expected fewer frames without beam than the scan's (--frames 40)"),
+])
+def test_simulate_refuses_a_gap_or_closed_shutter_that_leaves_no_scan(args, needle, tmp_path, capsys):
+    """A module gap as wide as the frame wrote frames of zeros only, a shutter closed for every frame frames
+    without beam or spots, both said to hold the spots."""
+    code = main(["simulate", str(tmp_path / "s.h5"), "--frames", "40", "--size", "128", *args])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, 2, [needle])
+    assert not (tmp_path / "s.h5").exists()
