@@ -311,6 +311,7 @@ def cmd_simulate(args) -> int:
         raise ConfigError(f"simulate: --shutter-closed {args.shutter_closed}: expected fewer frames without beam "
                           f"than the scan's (--frames {args.frames})")
     _file_to_write(args.output, "simulate")
+    _simulate_target(args.output)
     # the frames are written uncompressed, uint16: a scan that cannot fit stopped only once the disk was full
     need = (args.frames + args.flat_frames) * args.size * args.size * 2
     free = shutil.disk_usage(Path(args.output).parent).free
@@ -781,6 +782,25 @@ def _replay_target(path: str, inputs: list[str]) -> None:
                 raise OutputError(f"replay --to: {path}: exists and holds other data than a replay ("
                                   f"{', '.join(sorted(f)[:5])}), expected a new file or an earlier replay's, which "
                                   "it replaces: remove it first if it is to go")
+    except OSError:
+        return  # not HDF5: nothing of it is read or kept
+
+
+def _simulate_target(path: str) -> None:
+    """Refuse a file to simulate into (created anew) that is HDF5 holding other data than a simulated scan (its
+    ``ground_truth``): a recorded scan named by mistake was replaced, unsaid."""
+    import h5py
+
+    target = Path(path)
+    if not target.is_file():
+        return
+    try:
+        with h5py.File(target, "r", locking=False) as f:
+            simulated = any(isinstance(f[name], h5py.Group) and "ground_truth" in f[name] for name in f)
+            if list(f) and not simulated:
+                raise OutputError(f"simulate: {path}: exists and holds other data than a simulated scan ("
+                                  f"{', '.join(sorted(f)[:5])}, no ground_truth), expected a new file or an earlier "
+                                  "simulation's, which it replaces: remove it first if it is to go")
     except OSError:
         return  # not HDF5: nothing of it is read or kept
 

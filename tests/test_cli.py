@@ -280,3 +280,20 @@ def test_simulate_refuses_a_gap_or_closed_shutter_that_leaves_no_scan(args, need
     out, err = capsys.readouterr()
     assert_one_line_error(code, out, err, 2, [needle])
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_simulate_refuses_to_replace_a_file_that_is_no_simulation(tmp_path, capsys):
+    """`simulate` onto a recorded scan file (a mistyped name) replaced it with a simulation, unsaid; an earlier
+    simulation is replaced as before."""
+    scan = tmp_path / "recorded.h5"
+    with h5py.File(scan, "w") as f:
+        f["1.1/measurement/marana"] = np.ones((3, 4, 4), np.uint16)
+    before = scan.read_bytes()
+    code = main(["simulate", str(scan), "--frames", "8", "--size", "32"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, 1, ["simulate:", "recorded.h5: exists and holds other data than a "
+                                              "simulated scan (1.1, no ground_truth)"])
+    assert scan.read_bytes() == before
+    sim = tmp_path / "sim.h5"
+    for seed in ("0", "1"):
+        assert main(["simulate", str(sim), "--frames", "8", "--size", "32", "--spots", "3", "--seed", seed]) == 0
