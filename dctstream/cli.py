@@ -20,11 +20,23 @@ log = logging.getLogger("dctstream")
 MIN_SIM_SIZE = 32
 
 
+def _sets(args) -> list[str]:
+    """``args.set``, a key set twice said (the last one wins, as YAML's would: a file's twice is refused)."""
+    overrides = list(getattr(args, "set", None) or [])
+    last: dict[str, str] = {}
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in last and last[key] != text:
+            log.warning("--set %s replaces --set %s (the key given twice)", text, last[key])
+        last[key] = text
+    return overrides
+
+
 def _config(args):
     from .config import load_config
     from .configs import config_file
 
-    overrides = list(args.set or [])
+    overrides = _sets(args)
     for key in ("source", "dark", "out"):
         value = getattr(args, key, None)
         if value is not None:
@@ -109,7 +121,7 @@ def _run_split(args, cfg) -> int:
 def cmd_campaign(args) -> int:
     from .config import load_config
 
-    overrides = list(args.set or [])
+    overrides = _sets(args)
     cluster = []
     if args.cluster is not None:
         kind = "address" if "://" in args.cluster else args.cluster
@@ -158,7 +170,7 @@ def cmd_campaign(args) -> int:
 def cmd_resegment(args) -> int:
     from .resegment import resegment
 
-    r = resegment(args.run_dir, list(args.set or []), args.out, overwrite=args.overwrite,
+    r = resegment(args.run_dir, _sets(args), args.out, overwrite=args.overwrite,
                   difspots=not args.no_difspots)
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "none"
     partial = "" if r["finished_scan"] else " (scan still being written: the frames so far)"
@@ -179,7 +191,7 @@ def cmd_tune(args) -> int:
     png = Path(args.png) if args.png else Path(args.run_dir) / "tune.png"
     if png.suffix.lower() != ".png" or png.is_dir() or not png.parent.is_dir():  # said before the sweep
         raise OutputError(f"--png: {png}: expected a .png file in an existing folder")
-    result = tune(args.run_dir, args.key, values, list(args.set or []))
+    result = tune(args.run_dir, args.key, values, _sets(args))
     print(format_tune(result, args.run_dir))
     try:
         draw_tune(result).save(png)
@@ -263,7 +275,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    children = list(args.set or [])
+    children = _sets(args)
     if args.filter:
         args.set = [*children, f"watch.scan_filter={json.dumps(args.filter, ensure_ascii=False)}"]
     cfg = _config(args)

@@ -297,3 +297,16 @@ def test_simulate_refuses_to_replace_a_file_that_is_no_simulation(tmp_path, caps
     sim = tmp_path / "sim.h5"
     for seed in ("0", "1"):
         assert main(["simulate", str(sim), "--frames", "8", "--size", "32", "--spots", "3", "--seed", seed]) == 0
+
+
+def test_a_key_set_twice_says_which_value_is_taken(capsys, caplog):
+    """--set background.window=101 ... --set background.window=51: the last was taken, the first dropped unsaid
+    (a YAML file's key given twice is refused)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dctstream"):
+        assert main(["check", "--set", "background.window=101", "--set", "background.window=51",
+                     "--set", "filter.median_size=3", "--set", "filter.median_size=3"]) == 0
+    assert "window: 51" in capsys.readouterr().out
+    assert "--set background.window=51 replaces --set background.window=101 (the key given twice)" in caplog.text
+    assert "median_size" not in caplog.text  # the same value twice is nothing to say
