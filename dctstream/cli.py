@@ -20,11 +20,23 @@ log = logging.getLogger("dctstream")
 MIN_SIM_SIZE = 32
 
 
+def _sets(args) -> list[str]:
+    """``args.set``, a key set twice said (the last one wins, as YAML's would: a file's twice is refused)."""
+    overrides = list(getattr(args, "set", None) or [])
+    last: dict[str, str] = {}
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in last and last[key] != text:
+            log.warning("--set %s replaces --set %s (the key given twice)", text, last[key])
+        last[key] = text
+    return overrides
+
+
 def _config(args):
     from .config import load_config
     from .configs import config_file
 
-    overrides = list(args.set or [])
+    overrides = _sets(args)
     for key in ("source", "dark", "out"):
         value = getattr(args, key, None)
         if value is not None:
@@ -109,7 +121,7 @@ def _run_split(args, cfg) -> int:
 def cmd_campaign(args) -> int:
     from .config import load_config
 
-    overrides = list(args.set or [])
+    overrides = _sets(args)
     cluster = []
     if args.cluster is not None:
         kind = "address" if "://" in args.cluster else args.cluster
@@ -158,7 +170,7 @@ def cmd_campaign(args) -> int:
 def cmd_resegment(args) -> int:
     from .resegment import resegment
 
-    r = resegment(args.run_dir, list(args.set or []), args.out, overwrite=args.overwrite,
+    r = resegment(args.run_dir, _sets(args), args.out, overwrite=args.overwrite,
                   difspots=not args.no_difspots)
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "none"
     partial = "" if r["finished_scan"] else " (scan still being written: the frames so far)"
@@ -179,7 +191,7 @@ def cmd_tune(args) -> int:
     png = Path(args.png) if args.png else Path(args.run_dir) / "tune.png"
     if png.suffix.lower() != ".png" or png.is_dir() or not png.parent.is_dir():  # said before the sweep
         raise OutputError(f"--png: {png}: expected a .png file in an existing folder")
-    result = tune(args.run_dir, args.key, values, list(args.set or []))
+    result = tune(args.run_dir, args.key, values, _sets(args))
     print(format_tune(result, args.run_dir))
     try:
         draw_tune(result).save(png)
@@ -263,7 +275,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    children = list(args.set or [])
+    children = _sets(args)
     if args.filter:
         args.set = [*children, f"watch.scan_filter={json.dumps(args.filter, ensure_ascii=False)}"]
     cfg = _config(args)
@@ -301,12 +313,33 @@ def cmd_check(args) -> int:
 def cmd_simulate(args) -> int:
     from simulators.dct_scan import simulate_scan
 
+    import shutil
+
+    # checks across arguments (each was checked alone): they wrote a scan of zeros, or without beam, unsaid
+    if args.module_gap >= args.size // 2:
+        raise ConfigError(f"simulate: --module-gap {args.module_gap}: expected a gap narrower than half the frame "
+                          f"(--size {args.size}: under {args.size // 2} px), leaving pixels in the 2 x 2 modules")
+    if args.shutter_closed >= args.frames:
+        raise ConfigError(f"simulate: --shutter-closed {args.shutter_closed}: expected fewer frames without beam "
+                          f"than the scan's (--frames {args.frames})")
     _file_to_write(args.output, "simulate")
-    truth = simulate_scan(args.output, frames=args.frames, size=args.size, spots=args.spots, seed=args.seed,
-                          hot_pixel_fraction=args.hot_pixels, dead_pixel_fraction=args.dead_pixels,
-                          module_gap_px=args.module_gap,
-                          gain_spread=args.gain_spread, flat_frames=args.flat_frames,
-                          shutter_closed_frames=args.shutter_closed, layout=args.layout)
+    _simulate_target(args.output)
+    # the frames are written uncompressed, uint16: a scan that cannot fit stopped only once the disk was full
+    need = (args.frames + args.flat_frames) * args.size * args.size * 2
+    free = shutil.disk_usage(Path(args.output).parent).free
+    if need > free:
+        raise OutputError(f"simulate: {args.output}: {args.frames} frames of {args.size} x {args.size} px need "
+                          f"{need / 1e9:.3g} GB, its folder has {free / 1e9:.3g} GB free, expected fewer or smaller "
+                          "frames (--frames, --size)")
+    try:
+        truth = simulate_scan(args.output, frames=args.frames, size=args.size, spots=args.spots, seed=args.seed,
+                              hot_pixel_fraction=args.hot_pixels, dead_pixel_fraction=args.dead_pixels,
+                              module_gap_px=args.module_gap,
+                              gain_spread=args.gain_spread, flat_frames=args.flat_frames,
+                              shutter_closed_frames=args.shutter_closed, layout=args.layout)
+    except MemoryError as exc:  # a traceback before (numpy's _ArrayMemoryError)
+        raise InputError(f"simulate: --size {args.size}: frames of {args.size} x {args.size} px do not fit in this "
+                         f"machine's memory ({' '.join(str(exc).split())}), expected a smaller --size") from None
     print(f"wrote {args.output}: {args.frames} frames of {args.size} x {args.size} px, {args.spots} spots\n"
           f"  frames: {truth.frames_url}\n  angles: {truth.angles_url}\n  dark:   {truth.dark_url}\n"
           + (f"  flat:   {truth.flat_url}\n" if truth.flat_url else "")
@@ -364,10 +397,21 @@ def cmd_demo(args) -> int:
 def cmd_replay(args) -> int:
     """Play a recorded scan back as an acquisition would produce it."""
     target = args.to
-    from .sources.hdf5 import read_dataset
+    from .sources.hdf5 import _open
 
     # the scan first, named as the source of a run would be: a missing file is one line, not a traceback
-    read_dataset(args.scan, "replay SCAN")
+    h5, dset = _open(args.scan, "replay SCAN")
+    with h5:  # its shape only (the whole scan was read to find it there)
+        shape = dset.shape
+        if len(shape) != 3 or dset.dtype.kind not in "buif":  # a 1-D dataset was "replayed" as frames of one value
+            raise InputError(f"replay SCAN: {args.scan}: expected frames (frames, y, x) of numbers, got shape "
+                             f"{shape} dtype {dset.dtype}")
+    if args.angles is not None:
+        h5, angles = _open(args.angles, "replay --angles")
+        with h5:
+            if angles.ndim != 1 or angles.dtype.kind not in "buif" or angles.shape[0] < shape[0]:
+                raise InputError(f"replay --angles: {args.angles}: expected one angle per frame, {shape[0]} numbers "
+                                 f"(1-D), got shape {angles.shape} dtype {angles.dtype}")
     if "://" in target:
         import zmq
 
@@ -394,6 +438,7 @@ def cmd_replay(args) -> int:
 
         path, _, dataset = target.partition("::")
         _file_to_write(path, "replay --to")
+        _replay_target(path, [args.scan] + ([args.angles] if args.angles else []))
         n = replay_hdf5(args.scan, path, dataset=dataset or FRAMES_PATH, fps=args.fps, swmr=not args.no_swmr,
                         compression=hdf5plugin.Bitshuffle() if args.bitshuffle else None,
                         angles_url=args.angles)
@@ -726,6 +771,50 @@ def _file_to_write(path: str, what: str) -> None:
         raise OutputError(f"{what}: {path}: no folder {folder}, expected an existing folder to write into")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{what}: {path}: the folder {folder} is not writable")
+
+
+def _replay_target(path: str, inputs: list[str]) -> None:
+    """Refuse a replay's target file (created anew, whatever it held) that is one of its inputs or an HDF5 file
+    holding other data than an earlier replay: a scan file named by mistake was emptied, unsaid."""
+    import h5py
+
+    from .sources.hdf5 import path_of
+
+    target = Path(path)
+    if not target.is_file():
+        return
+    for url in inputs:
+        source = Path(path_of(url))
+        if source.is_file() and os.path.samefile(source, target):
+            raise OutputError(f"replay --to: {path}: is the file {url} is read from, expected another file to write")
+    try:
+        with h5py.File(target, "r", locking=False) as f:
+            titles = [f[name]["title"][()] for name in f if isinstance(f[name], h5py.Group) and "title" in f[name]]
+            if list(f) and not (titles and all(t in (b"replayed scan", "replayed scan") for t in titles)):
+                raise OutputError(f"replay --to: {path}: exists and holds other data than a replay ("
+                                  f"{', '.join(sorted(f)[:5])}), expected a new file or an earlier replay's, which "
+                                  "it replaces: remove it first if it is to go")
+    except OSError:
+        return  # not HDF5: nothing of it is read or kept
+
+
+def _simulate_target(path: str) -> None:
+    """Refuse a file to simulate into (created anew) that is HDF5 holding other data than a simulated scan (its
+    ``ground_truth``): a recorded scan named by mistake was replaced, unsaid."""
+    import h5py
+
+    target = Path(path)
+    if not target.is_file():
+        return
+    try:
+        with h5py.File(target, "r", locking=False) as f:
+            simulated = any(isinstance(f[name], h5py.Group) and "ground_truth" in f[name] for name in f)
+            if list(f) and not simulated:
+                raise OutputError(f"simulate: {path}: exists and holds other data than a simulated scan ("
+                                  f"{', '.join(sorted(f)[:5])}, no ground_truth), expected a new file or an earlier "
+                                  "simulation's, which it replaces: remove it first if it is to go")
+    except OSError:
+        return  # not HDF5: nothing of it is read or kept
 
 
 def _folder_to_write(path: str, what: str) -> None:

@@ -118,7 +118,7 @@ def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = No
     out_dir = Path(out_dir)
     path, spots = read_run_spots(out_dir)
     cols = difspot_columns(spots)
-    partial = None if finished else partial_reason(read_record(out_dir) or {})
+    partial = None if finished else partial_reason(read_record(out_dir) or {}, out_dir)
     h5_path = Path(output) if output else out_dir / H5_NAME
     csv_path = h5_path.with_suffix(".csv")
     if output:

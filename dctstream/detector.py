@@ -55,6 +55,7 @@ _NEIGHBOURS = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
 
 
 def _checked_shape(image: np.ndarray, url: str, key: str, shape, *, stack: bool) -> np.ndarray:
+    image = np.asarray(image)  # a scalar dataset reads as a Python value (bytes of a string: a traceback before)
     if image.dtype.kind not in "buif" or image.shape[-2:] != tuple(shape) or image.ndim not in ((2, 3) if stack else (2,)):
         what = "an image" + (" or a stack (n, y, x)" if stack else "") + f" of {shape[0]} x {shape[1]} pixels (y, x)"
         raise InputError(f"{key}: {url}: expected {what} of numbers like the frames, "
@@ -208,7 +209,15 @@ class Detector:
         if cfg.mask:
             image = _checked_shape(read_image(cfg.mask, "detector.mask"), cfg.mask, "detector.mask",
                                    self.raw_shape, stack=False)
+            if image.dtype.kind == "f" and not np.isfinite(image).all():
+                y, x = np.argwhere(~np.isfinite(image))[0]
+                raise InputError(f"detector.mask: {cfg.mask}: {int((~np.isfinite(image)).sum())} pixels hold no number "
+                                 f"(NaN or infinite), the first at (y, x) = ({y}, {x}), expected 0 for a good pixel "
+                                 "and non-zero for a bad one")
             raw_mask = image != 0
+            if raw_mask.all():  # it seeded nothing, and the run said the frames had no noise
+                raise InputError(f"detector.mask: {cfg.mask}: every pixel is marked bad (non-zero), expected 0 for "
+                                 "a good pixel and non-zero for a bad one (an inverted mask, 1 = good?)")
             self.mask_counts["file"] = int(raw_mask.sum())
         file_dark = dark_cfg.url is not None and dark_cfg.value is None and "::" not in dark_cfg.url
         raw_dark = load_dark(dark_cfg.url, dark_cfg.value, self.raw_shape,
@@ -227,7 +236,7 @@ class Detector:
                 raise InputError(f"detector.flat: {cfg.flat}: expected a flat field > 0 (after the dark), "
                                  f"got no such pixel")
             flat = flat / np.median(flat[good])
-            low = ~(flat >= cfg.flat_floor)  # NaN too
+            low = ~((flat >= cfg.flat_floor) & np.isfinite(flat))  # NaN and infinite too (a gain of 0: dead pixels)
             self.mask_counts["flat"] = int((low & ~raw_mask).sum())
             raw_mask |= low
             binned = bin_image(np.where(low, 1.0, flat), b, "mean", np.float64)

@@ -59,8 +59,18 @@ class Distortion:
             self.check_shape(frame_shape)
 
     def check_shape(self, frame_shape: tuple[int, int]) -> None:
-        """Maps must be of the frames' size (detector pixels, before binning); a spline covers any."""
+        """Maps must be of the frames' size (detector pixels, before binning); a spline's valid region must cover
+        the frames (beyond it ImageD11 evaluates the spline at its edge: the shift of the edge, not a correction)."""
         if self._maps is None:
+            spline = self._spline
+            region = [getattr(spline, k, None) for k in ("xmin", "ymin", "xmax", "ymax")]
+            if None in region:
+                return
+            xmin, ymin, xmax, ymax = (float(v) for v in region)
+            if xmin > 0 or ymin > 0 or xmax < frame_shape[1] or ymax < frame_shape[0]:
+                raise InputError(f"{KEY}: {self.spec}: a spline valid over x {xmin:g}..{xmax:g}, y {ymin:g}..{ymax:g} "
+                                 f"pixels (its VALID REGION), expected one covering the frames of {frame_shape[0]} x "
+                                 f"{frame_shape[1]} pixels (y, x): another detector's or binned frames' spline?")
             return
         shape = self._maps.dx.shape
         if tuple(shape) != tuple(frame_shape):

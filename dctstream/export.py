@@ -127,7 +127,7 @@ def imaged11_columns(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray],
     if corrected:  # what ImageD11's own peak search says of its sc/fc
         distortion = ((record.get("config") or {}).get("detector") or {}).get("distortion")
         params["spline"] = " ".join(distortion) if isinstance(distortion, list) else str(distortion)
-    partial = partial_reason(record)
+    partial = partial_reason(record, out_dir)
     if partial:
         params["partial"] = partial
     return cols, params

@@ -923,6 +923,15 @@ class Pipeline:
         self.noise = NoiseTracker(shape, mask, floor=floor)
         if self.background.follow_beam:
             self.noise.mask = beam_mask(self._beam_at(self._first_frames[0][0]), shape) | mask
+        if mask.all():  # nothing to segment: it was said as frames without noise (or found nothing, unsaid)
+            bbox = self.cfg.direct_beam.bbox
+            box = list(self.stats.direct_beam) if self.stats.direct_beam is not None else None
+            bad = {k: v for k, v in detector.mask_counts.items() if v}
+            ny, nx = detector.raw_shape
+            what = (f"direct_beam.bbox: {list(bbox) if isinstance(bbox, tuple) else bbox}: the beam box {box} covers"
+                    if beam_mask(self.background.direct_beam, shape).all() else
+                    f"detector: the masked pixels ({bad}) and the direct beam {box} cover")
+            raise InputError(f"{what} every pixel of the {ny} x {nx} frames, expected pixels left to segment")
         flat = all(not np.any(frame[~mask]) for frame in first_frames)
         if self.cfg.segmentation.seed_threshold == "auto" and flat:
             raise InputError(f"source.url: {self.cfg.source.url}: frames 0 to {len(first_frames) - 1} have no noise "

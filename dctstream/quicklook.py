@@ -224,6 +224,11 @@ def draw_direct_beam(background: np.ndarray, beam) -> Image.Image:
     return _with_title(image, found)
 
 
+def _unbinned(image: np.ndarray, b: int) -> np.ndarray:
+    """A binned image in detector pixels: each pixel b x b times."""
+    return np.repeat(np.repeat(image, b, axis=0), b, axis=1)
+
+
 class QuickLook:
     """Keeps the max-projection of the corrected frames and draws the pictures.
 
@@ -277,8 +282,16 @@ class QuickLook:
         if not spots["centroid_psi_deg"].size:
             spots["centroid_psi_deg"] = None
         stats = self._pipeline.stats
-        return {"max": self._max.copy(), "frames": self._frames, "spots": spots, "sample": self._sample,
-                "beam": stats.direct_beam, "total": stats.frames_total or self._frames}
+        # the frames are binned ones with detector.binning, the spots and the beam box in detector pixels: the
+        # pictures are drawn in detector pixels (the gallery cut empty tiles and failed, the boxes were misplaced)
+        detector = getattr(self._pipeline, "detector", None)
+        b = getattr(detector, "binning", 1) or 1
+        sample = self._sample
+        if b > 1 and sample is not None:
+            sample = (sample[0], _unbinned(sample[1], b), _unbinned(sample[2], b))
+        return {"max": _unbinned(self._max, b) if b > 1 else self._max.copy(), "frames": self._frames,
+                "spots": spots, "sample": sample, "beam": stats.direct_beam,
+                "total": stats.frames_total or self._frames}
 
     def _draw_logged(self, job: dict) -> None:
         try:

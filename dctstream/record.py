@@ -83,8 +83,13 @@ def read_record(out_dir: str | os.PathLike) -> dict | None:
     return record if isinstance(record, dict) else None  # JSON, but not a record: '[1, 2]' failed its readers
 
 
-def partial_reason(record: dict) -> str | None:
-    """Why the run's results are not those of a whole scan, or None when they are."""
+def partial_reason(record: dict, out_dir: str | os.PathLike | None = None) -> str | None:
+    """Why the run's results are not those of a whole scan, or None when they are.  With ``out_dir``, a record
+    that says running whose process is gone (killed) is said stopped, as ``dctstream status`` says it."""
+    if out_dir is not None and record.get("state") in ("starting", "running"):
+        from .status import _gone  # the status's reading of a killed run (not at import: status imports more)
+
+        record = _gone(Path(out_dir), record) or record
     state = record.get("state")
     if state == "finished":
         return None

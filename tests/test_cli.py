@@ -209,3 +209,104 @@ def test_an_option_and_a_set_of_the_same_key_say_which_one_is_taken(capsys, capl
         assert main(["check", "--source", "a.h5::/x", "--set", "source.url=b.h5::/y"]) == 0
     assert "url: a.h5::/x" in capsys.readouterr().out
     assert "--source a.h5::/x replaces --set source.url=b.h5::/y" in caplog.text
+
+
+def test_replay_refuses_what_is_no_scan_no_angles_or_a_file_it_would_empty(tiny_scan, tmp_path, capsys):
+    """A 1-D dataset was replayed as 'frames' of one value; angles of another shape were a traceback; a target
+    that was the scan's own file or another scan file was emptied (created anew) without a word."""
+    scan = Path(tiny_scan.frames_url.split("::")[0])
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["1.1/measurement/marana"] = np.zeros((3, 4, 4), np.uint16)
+    before = other.read_bytes()
+    cases = [
+        (["replay", tiny_scan.angles_url, "--to", str(tmp_path / "a.h5")],
+         ["replay SCAN", "expected frames (frames, y, x) of numbers, got shape (40,)"]),
+        (["replay", tiny_scan.frames_url, "--to", str(tmp_path / "b.h5"), "--angles", tiny_scan.dark_url],
+         ["replay --angles", "expected one angle per frame, 40 numbers (1-D), got shape ("]),
+        (["replay", tiny_scan.frames_url, "--to", str(scan), "--fps", "0"],
+         ["replay --to", "is the file", "is read from"]),
+        (["replay", tiny_scan.frames_url, "--to", str(other), "--fps", "0"],
+         ["replay --to", "other.h5: exists and holds other data than a replay (1.1)"]),
+    ]
+    for args, needles in cases:
+        code = main(args)
+        out, err = capsys.readouterr()
+        assert_one_line_error(code, out, err, 1, needles)
+    assert other.read_bytes() == before
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()
+    # an earlier replay is replaced, as before
+    again = tmp_path / "again.h5"
+    for _ in range(2):
+        assert main(["replay", tiny_scan.frames_url, "--to", str(again), "--fps", "0"]) == 0
+    with h5py.File(again, "r") as f:
+        assert f["1.1/measurement/marana"].shape == (40, 64, 64)
+
+
+def test_simulate_refuses_a_scan_too_large_for_the_disk_or_the_memory(tmp_path, capsys, monkeypatch):
+    """`simulate --frames 10000000` wrote until the disk was full; `--size 100000` was a MemoryError traceback."""
+    import collections
+    import shutil
+
+    import simulators.dct_scan
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 0, 10**6))
+    code = main(["simulate", str(tmp_path / "s.h5"), "--frames", "100", "--size", "128"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, 1, ["simulate:", "s.h5: 100 frames of 128 x 128 px need 0.00328 GB, "
+                                              "its folder has 0.001 GB free"])
+    assert not (tmp_path / "s.h5").exists()
+    monkeypatch.undo()
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 74.5 GiB for an array with shape (100000, 100000)")
+
+    monkeypatch.setattr(simulators.dct_scan, "simulate_scan", no_memory)
+    code = main(["simulate", str(tmp_path / "s.h5"), "--frames", "8", "--size", "128"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, 1, ["simulate: --size 128: frames of 128 x 128 px do not fit in this "
+                                              "machine's memory (Unable to allocate 74.5 GiB"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--module-gap", "64"], "--module-gap 64: expected a gap narrower than half the frame (--size 128: under 64 px)"),
+    (["--shutter-closed", "40"], "--shutter-closed 40: expected fewer frames without beam than the scan's (--frames 40)"),
+])
+def test_simulate_refuses_a_gap_or_closed_shutter_that_leaves_no_scan(args, needle, tmp_path, capsys):
+    """A module gap as wide as the frame wrote frames of zeros only, a shutter closed for every frame frames
+    without beam or spots, both said to hold the spots."""
+    code = main(["simulate", str(tmp_path / "s.h5"), "--frames", "40", "--size", "128", *args])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, 2, [needle])
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_simulate_refuses_to_replace_a_file_that_is_no_simulation(tmp_path, capsys):
+    """`simulate` onto a recorded scan file (a mistyped name) replaced it with a simulation, unsaid; an earlier
+    simulation is replaced as before."""
+    scan = tmp_path / "recorded.h5"
+    with h5py.File(scan, "w") as f:
+        f["1.1/measurement/marana"] = np.ones((3, 4, 4), np.uint16)
+    before = scan.read_bytes()
+    code = main(["simulate", str(scan), "--frames", "8", "--size", "32"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err, 1, ["simulate:", "recorded.h5: exists and holds other data than a "
+                                              "simulated scan (1.1, no ground_truth)"])
+    assert scan.read_bytes() == before
+    sim = tmp_path / "sim.h5"
+    for seed in ("0", "1"):
+        assert main(["simulate", str(sim), "--frames", "8", "--size", "32", "--spots", "3", "--seed", seed]) == 0
+
+
+def test_a_key_set_twice_says_which_value_is_taken(capsys, caplog):
+    """--set background.window=101 ... --set background.window=51: the last was taken, the first dropped unsaid
+    (a YAML file's key given twice is refused)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dctstream"):
+        assert main(["check", "--set", "background.window=101", "--set", "background.window=51",
+                     "--set", "filter.median_size=3", "--set", "filter.median_size=3"]) == 0
+    assert "window: 51" in capsys.readouterr().out
+    assert "--set background.window=51 replaces --set background.window=101 (the key given twice)" in caplog.text
+    assert "median_size" not in caplog.text  # the same value twice is nothing to say

@@ -465,3 +465,37 @@ def test_a_photon_counting_dark_with_the_detectors_mark_of_no_data_is_a_dark(tmp
     detector = Detector(cfg.detector, cfg.dark, (8, 8), np.uint32)
     detector.check_first_frame(frame, "scan.h5::/f")
     assert detector.mask[:, 4].all() and not detector.mask[:, :4].any()
+
+
+def test_a_mask_marking_every_pixel_or_holding_nan_is_refused_naming_it(tmp_path):
+    """An inverted mask (every pixel non-zero) or one of NaN masked the whole detector, and the run failed saying
+    that the frames had no noise (set a seed threshold): the mask is named instead."""
+    dark = load_config(None).dark
+    np.save(tmp_path / "all.npy", np.ones((16, 16), np.uint8))
+    nan = np.zeros((16, 16)); nan[3, 5] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    with pytest.raises(InputError, match=r"detector.mask: .*all.npy: every pixel is marked bad \(non-zero\), "
+                                         r"expected 0 for a good pixel"):
+        Detector(load_config(None, [f"detector.mask={tmp_path / 'all.npy'}"]).detector, dark, (16, 16), np.uint16)
+    with pytest.raises(InputError, match=r"detector.mask: .*nan.npy: 1 pixels hold no number \(NaN or infinite\), "
+                                         r"the first at \(y, x\) = \(3, 5\)"):
+        Detector(load_config(None, [f"detector.mask={tmp_path / 'nan.npy'}"]).detector, dark, (16, 16), np.uint16)
+
+
+def test_a_flat_holding_infinities_masks_them_and_a_string_dataset_is_one_line(tmp_path):
+    """Infinite flat pixels got a gain of 0 (dead pixels reading 0 in every frame, unmasked); a flat (or mask)
+    dataset holding a string was a traceback (AttributeError: 'bytes' object has no attribute 'dtype')."""
+    flat = np.full((16, 16), 1000.0, np.float32)
+    flat[:, :3] = np.inf
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["flat"] = flat
+        f["text"] = b"not a flat"
+    dark = load_config(None).dark
+    det = Detector(load_config(None, [f"detector.flat={tmp_path}/f.h5::/flat"]).detector, dark, (16, 16), np.uint16)
+    assert det.mask[:, :3].all() and not det.mask[:, 3:].any()
+    assert det.mask_counts["flat"] == 48 and np.all(det.gain > 0)
+    for key in ("flat", "mask"):
+        with pytest.raises(InputError, match=rf"detector.{key}: .*f.h5::/text: expected an image .* got shape \(\) "
+                                             r"dtype \|S10"):
+            Detector(load_config(None, [f"detector.{key}={tmp_path}/f.h5::/text"]).detector, dark, (16, 16),
+                     np.uint16)

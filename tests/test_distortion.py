@@ -122,3 +122,14 @@ def test_a_run_writes_corrected_centroids_beside_the_raw_ones(tiny_scan, tiny_ov
     np.testing.assert_allclose(cols["fc"], expected[:, 1], atol=1e-4)
     np.testing.assert_allclose(cols["s_raw"], table["centroid_y"], atol=1e-4)
     assert params["spline"] == spline
+
+
+def test_a_spline_smaller_than_the_frames_is_refused(tmp_path):
+    """A spline of a 64 x 64 detector on 128 x 128 frames was taken: beyond its valid region ImageD11 gives the
+    shift at its edge, so the spots there got a wrong correction, unsaid."""
+    spline = write_spline(tmp_path / "d.spline")
+    Distortion(spline, frame_shape=(SIZE, SIZE))
+    Distortion(spline, frame_shape=(SIZE // 2, SIZE))  # a region of the detector it covers
+    with pytest.raises(InputError, match=r"detector.distortion: .*d.spline: a spline valid over x 0..64, y 0..64 "
+                                         r"pixels \(its VALID REGION\), expected one covering the frames of 128 x 64"):
+        Distortion(spline, frame_shape=(2 * SIZE, SIZE))

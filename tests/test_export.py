@@ -142,3 +142,30 @@ def test_output_onto_a_file_that_is_not_a_columnfile_is_refused_and_left_whole(e
     assert main(["export", str(out), "--output", str(out / "spots.flt")]) == 0  # an earlier export: replaced
     assert main(["export", str(out), "--output", str(out / "spots.flt")]) == 0
     assert len(read_columnfile(out / "spots.flt")[0]["sc"]) == len(exported[1]["id"])
+
+
+def test_a_killed_runs_exports_say_stopped_not_running(exported, tmp_path, capsys):
+    """A run killed (SIGKILL) leaves a record saying running: its exports said PARTIAL "the run is running",
+    as if it were still going, where `dctstream status` says it stopped and the same command resumes it."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    out, _ = exported
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    record = json.loads((killed / "run.json").read_text())
+    (killed / "run.json").write_text(json.dumps({**record, "state": "running", "pid": gone.pid,
+                                                 "host": socket.gethostname()}))
+    why = f"the run is stopped: its process (pid {gone.pid}) is gone without finishing"
+    assert main(["export", str(killed)]) == 0
+    assert f"PARTIAL, marked so in the file: {why}" in capsys.readouterr().out
+    assert f"# partial = {why}" in (killed / "spots.flt").read_text()
+    assert main(["export", str(killed), "--format", "dct"]) == 0
+    assert f"PARTIAL, marked so in both files: {why}" in capsys.readouterr().out
+    with h5py.File(killed / "difspot.h5", "r") as f:
+        assert f["difspot"].attrs["partial"].startswith(why)

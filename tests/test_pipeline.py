@@ -492,3 +492,29 @@ def test_unusable_frames_are_said_flagged_and_make_no_spot(tiny_scan, tiny_overr
     here = np.hypot(got["centroid_x"] - want["centroid_x"][was[0]], got["centroid_y"] - want["centroid_y"][was[0]]) < 1
     assert here.sum() == 1 and got["start_frame"][here][0] < 20 < got["end_frame"][here][0]
     assert got["touches_mask"][here][0] == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["direct_beam.bbox=[0,0,64,64]", "segmentation.seed_threshold=50"],
+     "direct_beam.bbox: [0, 0, 64, 64]: the beam box [0, 0, 64, 64] covers every pixel of the 64 x 64 frames, "
+     "expected pixels left to segment"),
+    (["detector.mask={left}", "direct_beam.bbox=[32,0,32,64]"],
+     "detector: the masked pixels ({{'file': 2048}}) and the direct beam [32, 0, 32, 64] cover every pixel of the "
+     "64 x 64 frames, expected pixels left to segment"),
+])
+def test_nothing_left_to_segment_is_said_naming_what_covers_the_frames(tiny_scan, tiny_overrides, tmp_path,
+                                                                        overrides, message):
+    """A beam box over the whole frame, or a mask and a beam box that cover it together: the run said the frames
+    had no noise (set a seed threshold), or with a seed threshold found nothing, unsaid."""
+    from dctstream.errors import InputError
+    from dctstream.runner import process_scan
+
+    left = np.zeros((64, 64), np.uint8)
+    left[:, :32] = 1
+    np.save(tmp_path / "left.npy", left)
+    cfg = load_config(None, [f"source.url={tiny_scan.frames_url}", f"dark.url={tiny_scan.dark_url}",
+                             f"output.dir={tmp_path / 'out'}", *tiny_overrides,
+                             *(o.format(left=tmp_path / "left.npy") for o in overrides)])
+    with pytest.raises(InputError) as err:
+        process_scan(cfg, display=False)
+    assert str(err.value) == message.format()

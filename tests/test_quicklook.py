@@ -140,3 +140,23 @@ def test_pictures_are_drawn_while_the_scan_runs(tiny_scan, tmp_path):
     # last drawn after the 20th frame: the diagonal is bright up to frame 19 only
     assert body[19 * up, 19 * up, 0] > 200
     assert body[22 * up, 22 * up, 0] < 50
+
+
+def test_pictures_of_a_binned_run_are_in_detector_pixels(tiny_scan, tmp_path):
+    """With detector.binning the pictures were drawn from the binned frames while the spots are in detector
+    pixels: the gallery failed (`integral division or modulo by zero`, `index -1 is out of bounds`), no picture
+    was written, and the boxes would have been at twice their place."""
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"source.url={tiny_scan.frames_url}", f"source.angles={tiny_scan.angles_url}",
+                             f"dark.url={tiny_scan.dark_url}", "background.window=11", "detector.binning=2",
+                             "segmentation.max_blob_size=[20,20,5]", f"output.dir={out}"])
+    process_scan(cfg, display=False)
+    table = read_spot_table(out / "spots.h5")
+    assert len(table["id"]) > 0
+    assert sorted(p.name for p in (out / "quicklook").iterdir()) == sorted(NAMES)
+    body = pixels(out / "quicklook" / "max_projection.png")[TITLE_PX:]
+    up, _ = _zoom((64, 64))
+    assert body.shape[:2] == (64 * up, 64 * up)
+    brightest = int(np.argmax(table["integral"]))
+    x0, y0 = table["bbox_x0"][brightest] - BOX_MARGIN_PX, table["bbox_y0"][brightest] - BOX_MARGIN_PX
+    assert tuple(body[max(y0, 0) * up, max(x0, 0) * up]) == SPOT_COLOUR

@@ -424,3 +424,21 @@ def test_a_recorded_file_cut_short_while_it_is_read_is_an_error_naming_it(tmp_pa
                                          rf"\({size} bytes then, {size // 2} now\)"):
         list(frames)
     source.close()
+
+
+def test_a_path_written_with_home_or_a_variable_says_it_is_not_expanded(tmp_path, monkeypatch):
+    """`detector.mask: ~/mask.npy` or `dark.url: $HOME/s.h5::/d` said "file not found" of a file that is there:
+    a path is taken as written, and the error now says so and where the file is."""
+    from dctstream.sources.hdf5 import read_image
+
+    np.save(tmp_path / "mask.npy", np.zeros((4, 4), np.uint8))
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["d"] = np.zeros((4, 4), np.uint16)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(InputError, match=r"detector.mask: ~/mask.npy: file not found \(~ and \$NAME are not "
+                                         rf"expanded: {tmp_path}/mask.npy is there, write the path out\)"):
+        read_image("~/mask.npy", "detector.mask")
+    with pytest.raises(InputError, match=rf"dark.url: \$HOME/s.h5: file not found \(.* {tmp_path}/s.h5 is there"):
+        read_dataset("$HOME/s.h5::/d", "dark.url")
+    with pytest.raises(InputError, match=r"detector.mask: ~/none.npy: file not found, expected"):
+        read_image("~/none.npy", "detector.mask")

@@ -52,12 +52,21 @@ def _deepest_group(h5: h5py.File, name: str) -> h5py.Group:
     return group
 
 
+def unexpanded(path: str) -> str:
+    """What to add to "file not found" for a path written with ``~`` or ``$NAME`` (not expanded: a path is taken as
+    written) when the expanded one is there, else nothing."""
+    expanded = os.path.expandvars(os.path.expanduser(path))
+    if expanded != path and os.path.exists(expanded):
+        return f" (~ and $NAME are not expanded: {expanded} is there, write the path out)"
+    return ""
+
+
 def _open(url: str, key: str | None = None) -> tuple[h5py.File, h5py.Dataset]:
     """The open file and its dataset at ``url``; ``key`` (``dark.url``) prefixes error messages."""
     where = f"{key}: " if key else ""
     path, name = parse_url(url, key)
     if not os.path.exists(path):
-        raise InputError(f"{where}{path}: file not found, expected an HDF5 file (from {url})")
+        raise InputError(f"{where}{path}: file not found{unexpanded(path)}, expected an HDF5 file (from {url})")
     # Without file locking: the acquisition may still hold the file (a dark in
     # the scan file being written), and every opener in one process must agree.
     try:
@@ -439,8 +448,8 @@ def read_image(url: str, key: str) -> np.ndarray:
     if "::" in url:
         return read_dataset(url, key)
     if not os.path.exists(path):
-        raise InputError(f"{key}: {path}: file not found, expected file.h5::/dataset, file.edf, file.tif or "
-                         "file.npy")
+        raise InputError(f"{key}: {path}: file not found{unexpanded(path)}, expected file.h5::/dataset, file.edf, "
+                         "file.tif or file.npy")
     try:
         if path.endswith(".npy"):
             return np.load(path, allow_pickle=False)
