@@ -87,9 +87,9 @@ def partial_reason(record: dict, out_dir: str | os.PathLike | None = None) -> st
     """Why the run's results are not those of a whole scan, or None when they are.  With ``out_dir``, a record
     that says running whose process is gone (killed) is said stopped, as ``dctstream status`` says it."""
     if out_dir is not None and record.get("state") in ("starting", "running"):
-        from .status import _gone  # the status's reading of a killed run (not at import: status imports more)
+        from .status import stopped_if_gone  # as the status reads it (imported here: status imports more)
 
-        record = _gone(Path(out_dir), record) or record
+        record = stopped_if_gone(Path(out_dir), record) or record
     state = record.get("state")
     if state == "finished":
         return None

@@ -376,7 +376,7 @@ def read_status(out_dir: str | os.PathLike) -> dict:
                 snap = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise InputError(f"{path}: cannot read the scan status, expected JSON ({exc})") from None
-            return _gone(out, snap) or snap
+            return stopped_if_gone(out, snap) or snap
     from .checkpoint import marker_path
 
     if marker_path(out).is_file():  # a run began here (a --split run writes no status before its merge)
@@ -388,7 +388,7 @@ def read_status(out_dir: str | os.PathLike) -> dict:
     raise InputError(f"{out}: no {STATUS_FILE} or run.json, expected the output folder of a dctstream run")
 
 
-def _gone(out: Path, snap: dict) -> dict | None:
+def stopped_if_gone(out: Path, snap: dict) -> dict | None:
     """``snap`` as stopped when it says running but its process, on this machine, is gone or holds no lock on
     ``out`` (another machine's process cannot be told: None)."""
     if snap.get("state") not in ("starting", "running") or snap.get("host") != socket.gethostname():
