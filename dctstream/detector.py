@@ -231,6 +231,10 @@ class Detector:
                                   self.raw_shape, stack=True).astype(np.float64)
             if raw_dark is not None:
                 flat = flat - raw_dark
+            elif dark_cfg.estimate:
+                log.warning("detector.flat: %s: no dark subtracted from it: dark.estimate takes the dark from the "
+                            "scan's frames, after the flat is made (its offset is taken for beam in the gain); give "
+                            "dark.url or dark.value for the flat", cfg.flat)
             good = ~raw_mask & np.isfinite(flat) & (flat > 0)
             if not good.any():
                 raise InputError(f"detector.flat: {cfg.flat}: expected a flat field > 0 (after the dark), "

@@ -499,3 +499,21 @@ def test_a_flat_holding_infinities_masks_them_and_a_string_dataset_is_one_line(t
                                              r"dtype \|S10"):
             Detector(load_config(None, [f"detector.{key}={tmp_path}/f.h5::/text"]).detector, dark, (16, 16),
                      np.uint16)
+
+
+def test_a_flat_with_an_estimated_dark_says_that_no_dark_is_taken_from_it(tmp_path, caplog):
+    """dark.estimate comes from the scan's frames, after the flat is made: the flat kept its dark offset, unsaid."""
+    import logging
+
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["flat"] = np.full((16, 16), 1000.0, np.float32)
+    flat = f"detector.flat={tmp_path}/f.h5::/flat"
+    with caplog.at_level(logging.WARNING, logger="dctstream"):
+        cfg = load_config(None, [flat, "dark.estimate=true"])
+        Detector(cfg.detector, cfg.dark, (16, 16), np.uint16)
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and said[0].startswith(f"detector.flat: {tmp_path}/f.h5::/flat: no dark subtracted")
+        caplog.clear()
+        cfg = load_config(None, [flat, "dark.value=100"])
+        Detector(cfg.detector, cfg.dark, (16, 16), np.uint16)
+        assert not caplog.records  # a dark given: subtracted from the flat
