@@ -116,8 +116,23 @@ def test_output_onto_a_file_that_is_not_a_difspot_table_is_refused_and_left_whol
     before = (out / target).read_bytes()
     assert main(["export", str(out), "--format", "dct", "--output", str(out / target)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"dctstream: error: export --output: {out / target}: exists and is "), err
-    assert "choose another --output" in err and len(err.splitlines()) == 1
+    assert err.startswith(f"dctstream: error: export --output: {out / target}: "), err
+    # run.json: not an HDF5 table's name, refused as such (test_output_not_named_as_an_hdf5_table_is_refused)
+    assert ("exists and is " in err and "choose another --output" in err if target.endswith(".h5")
+            else "ending in .h5" in err) and len(err.splitlines()) == 1
     assert (out / target).read_bytes() == before
     assert main(["export", str(out), "--format", "dct", "--output", str(out / "difspot.h5")]) == 0
     assert _h5_table(out / "difspot.h5")["difspotID"].size == len(read_spot_table(out / "spots.h5")["id"])
+
+
+@pytest.mark.parametrize("name", ["table.csv", "table.flt", "table"])
+def test_output_not_named_as_an_hdf5_table_is_refused(run_out, tmp_path, capsys, name):
+    """The table is HDF5 and its .csv is written beside it: ``--output table.csv`` wrote the HDF5 table under
+    that name and then the csv over it, ``table.flt`` an HDF5 file under ImageD11's columnfile suffix."""
+    assert main(["export", str(run_out), "--format", "dct", "--output", str(tmp_path / name)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dctstream: error: export --output: {tmp_path / name}: expected the name of the HDF5 "
+                          "table, ending in .h5"), err
+    assert not list(tmp_path.iterdir())
+    assert main(["export", str(run_out), "--format", "dct", "--output", str(tmp_path / "table.hdf5")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv", "table.hdf5"]
