@@ -776,43 +776,42 @@ def _file_to_write(path: str, what: str) -> None:
 def _replay_target(path: str, inputs: list[str]) -> None:
     """Refuse a replay's target file (created anew, whatever it held) that is one of its inputs or an HDF5 file
     holding other data than an earlier replay: a scan file named by mistake was emptied, unsaid."""
-    import h5py
-
     from .sources.hdf5 import path_of
 
     target = Path(path)
-    if not target.is_file():
-        return
     for url in inputs:
         source = Path(path_of(url))
-        if source.is_file() and os.path.samefile(source, target):
+        if target.is_file() and source.is_file() and os.path.samefile(source, target):
             raise OutputError(f"replay --to: {path}: is the file {url} is read from, expected another file to write")
-    try:
-        with h5py.File(target, "r", locking=False) as f:
-            titles = [f[name]["title"][()] for name in f if isinstance(f[name], h5py.Group) and "title" in f[name]]
-            if list(f) and not (titles and all(t in (b"replayed scan", "replayed scan") for t in titles)):
-                raise OutputError(f"replay --to: {path}: exists and holds other data than a replay ("
-                                  f"{', '.join(sorted(f)[:5])}), expected a new file or an earlier replay's, which "
-                                  "it replaces: remove it first if it is to go")
-    except OSError:
-        return  # not HDF5: nothing of it is read or kept
+
+    def replayed(f) -> bool:
+        titles = [f[name]["title"][()] for name in f if "title" in f[name]]
+        return bool(titles) and all(t in (b"replayed scan", "replayed scan") for t in titles)
+
+    _refuse_other_h5(path, "replay --to", "a replay", "", "replay", replayed)
 
 
 def _simulate_target(path: str) -> None:
     """Refuse a file to simulate into (created anew) that is HDF5 holding other data than a simulated scan (its
     ``ground_truth``): a recorded scan named by mistake was replaced, unsaid."""
+    _refuse_other_h5(path, "simulate", "a simulated scan", ", no ground_truth", "simulation",
+                     lambda f: any("ground_truth" in f[name] for name in f))
+
+
+def _refuse_other_h5(path: str, what: str, other_than: str, note: str, earlier: str, ours) -> None:
+    """`OutputError` when ``path``, a file the command makes anew, is an HDF5 file holding data that ``ours`` (of
+    its groups) does not take for an earlier one of its own, which it replaces; not HDF5: nothing of it is kept."""
     import h5py
 
-    target = Path(path)
-    if not target.is_file():
+    if not Path(path).is_file():
         return
     try:
-        with h5py.File(target, "r", locking=False) as f:
-            simulated = any(isinstance(f[name], h5py.Group) and "ground_truth" in f[name] for name in f)
-            if list(f) and not simulated:
-                raise OutputError(f"simulate: {path}: exists and holds other data than a simulated scan ("
-                                  f"{', '.join(sorted(f)[:5])}, no ground_truth), expected a new file or an earlier "
-                                  "simulation's, which it replaces: remove it first if it is to go")
+        with h5py.File(path, "r", locking=False) as f:
+            groups = {name: f[name] for name in f if isinstance(f[name], h5py.Group)}
+            if list(f) and not ours(groups):
+                raise OutputError(f"{what}: {path}: exists and holds other data than {other_than} ("
+                                  f"{', '.join(sorted(f)[:5])}{note}), expected a new file or an earlier {earlier}'s, "
+                                  "which it replaces: remove it first if it is to go")
     except OSError:
         return  # not HDF5: nothing of it is read or kept
 

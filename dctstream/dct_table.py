@@ -121,11 +121,11 @@ def export_dct(out_dir: str | os.PathLike, output: str | os.PathLike | None = No
     partial = None if finished else partial_reason(read_record(out_dir) or {}, out_dir)
     h5_path = Path(output) if output else out_dir / H5_NAME
     csv_path = h5_path.with_suffix(".csv")
-    if output and h5_path.suffix.lower() not in (".h5", ".hdf5", ".hdf"):
-        # the table is HDF5 and its .csv goes beside it: 'table.csv' wrote the HDF5 file and then the csv over it
-        raise OutputError(f"export --output: {h5_path}: expected the name of the HDF5 table, ending in .h5 "
-                          f"(its .csv is written beside it: {csv_path.name})")
     if output:
+        if h5_path.suffix.lower() not in (".h5", ".hdf5", ".hdf"):
+            # the table is HDF5, its .csv beside it: 'table.csv' wrote the HDF5 file and then the csv over it
+            raise OutputError(f"export --output: {h5_path}: expected the name of the HDF5 table, ending in .h5 "
+                              f"(its .csv is written beside it: {csv_path.name})")
         _refuse_other_files(h5_path, csv_path)
     with atomic_h5(h5_path) as f:
         group = f.create_group("difspot", track_order=True)

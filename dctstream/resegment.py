@@ -232,10 +232,10 @@ def resegment(run_dir, overrides=(), out_dir=None, *, overwrite: bool = False, d
     with open_scan(run_dir) as scan:
         params = resolve(cfg, scan)
         out = Path(out_dir) if out_dir is not None else run_dir / "resegmented"
-        if out.resolve() == run_dir.resolve():
+        resolved, run_resolved = out.resolve(), run_dir.resolve()
+        if resolved == run_resolved:
             raise ConfigError(f"--out: {out} is the run's own folder, expected another one")
-        inside = out.resolve().relative_to(run_dir.resolve()).parts if out.resolve().is_relative_to(
-            run_dir.resolve()) else ()
+        inside = resolved.relative_to(run_resolved).parts if resolved.is_relative_to(run_resolved) else ()
         if inside and inside[0] in RUN_PARTS:  # its spots.h5, config.yml, ... went in among the run's files
             raise ConfigError(f"--out: {out} is inside the run's own {inside[0]}/, expected another folder "
                               f"(by default {run_dir / 'resegmented'})")
