@@ -1,5 +1,6 @@
 """The streaming segmenter produces exactly the blobs of the whole-volume reference."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -212,6 +213,33 @@ def test_a_zinger_one_frame_deep_is_dropped_a_spot_as_narrow_with_a_rocking_tail
     assert len(kept) == 5
     assert sorted((int(b.x.min()), int(b.frame.min()), int(b.frame.max())) for b in blobs) == \
         [(20, 5, 5), (20, 8, 8), (35, 5, 5)]
+
+
+def test_a_zinger_the_filter_left_a_few_sigmas_of_is_dropped_by_its_spikes():
+    """A 2 x 2 px zinger (+500 in the unfiltered frame) leaves the 3 x 3 median a blob of +8 (4 of each
+    neighbourhood's 9 pixels: under 10 x grow_low = 30): dropped, as its unfiltered pixels were spikes. The same
+    +8 blob without them (a faint spot one frame deep), and with them but a rocking curve (+4 >= grow_low in the
+    frames beside), are kept; without drop_zingers, all three. Obviously: which blobs one frame deep hold a
+    pixel with measure - found > SPIKE_LOW x grow_low + SPIKE_VALUE x |found|."""
+    rng = np.random.default_rng(5)
+    found = rng.normal(0, 0.5, (12, 24, 40)).astype(np.float32)
+    measure = found + rng.normal(0, 0.5, found.shape).astype(np.float32)
+    for x in (5, 18, 31):
+        found[5, 10:12, x:x + 2] += 8.0
+        measure[5, 10:12, x:x + 2] += 8.0
+    measure[5, 10:12, 5:7] += 500.0  # the zinger
+    measure[5, 10:12, 31:33] += 500.0  # ... on a spot with a rocking curve
+    found[[4, 6], 10:12, 31:33] += 4.0
+    measure[[4, 6], 10:12, 31:33] += 4.0
+    p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=1, min_size=(2, 2, 1), drop_zingers=True)
+    spikes = measure - found > SPIKE_LOW * p.grow_low + SPIKE_VALUE * np.abs(found)
+    assert np.flatnonzero(spikes.any(axis=(0, 1))).tolist() == [5, 6, 31, 32]
+    runs = {}
+    for drop in (True, False):
+        segmenter = Segmenter(dataclasses.replace(p, drop_zingers=drop), found.shape[1:], measured=True)
+        blobs = [b for k in range(len(found)) for b in segmenter.push(k, found[k], measure=measure[k])]
+        runs[drop] = (sorted(int(b.x.min()) for b in blobs + segmenter.finish()), segmenter.rejected["zinger"])
+    assert runs == {True: ([18, 31], 1), False: ([5, 18, 31], 0)}
 
 
 def test_a_seed_on_the_slope_of_a_spot_grown_before_is_no_spot():

@@ -45,13 +45,19 @@ def _assert_same(blobs, segmenters):
 @pytest.mark.parametrize("connectivity", [6, 26])
 def test_sparse_frames_give_the_blobs_of_the_dense_ones(connectivity):
     """Per-frame threshold maps, a mask, unfiltered values with zingers (single pixels in the unfiltered values,
-    3 x 3 blocks one frame deep in the filtered ones too): the cut below every threshold."""
+    3 x 3 blocks one frame deep in the filtered ones too, 2 x 2 ones that the filter left a few sigmas of): the
+    cut below every threshold."""
     rng = np.random.default_rng(connectivity)
     found = spotty_volume(rng, (60, 40, 48), 30)
     for k, y, x in ((7, 2, 2), (30, 30, 4), (45, 20, 40)):
         found[k, y:y + 3, x:x + 3] += 300.0
+    remnants = ((12, 4, 20), (50, 33, 10))  # 2 x 2 zingers: a few sigmas filtered, spikes unfiltered
+    for k, y, x in remnants:
+        found[k, y:y + 2, x:x + 2] += 12.0
     measure = (1.2 * found + rng.normal(0, 0.5, found.shape)).astype(np.float32)
     measure[tuple(rng.integers(0, n, 300) for n in found.shape)] += 500.0
+    for k, y, x in remnants:
+        measure[k, y:y + 2, x:x + 2] += 500.0
     mask = np.zeros((40, 48), bool)
     mask[10:16, 30:40] = True
     p = params(tile_px=16, connectivity=connectivity, drop_zingers=True)
@@ -61,7 +67,9 @@ def test_sparse_frames_give_the_blobs_of_the_dense_ones(connectivity):
     assert 0.1 < kept.mean() < 0.5
     blobs, segmenters = _both(found, kept, p, mask, measure, seed, low)
     _assert_same(blobs, segmenters)
-    assert segmenters[0].rejected["zinger"] >= 1
+    assert segmenters[0].rejected["zinger"] >= 1 + len(remnants)
+    held = {(int(f), int(y), int(x)) for b in blobs[0] for f, y, x in zip(b.frame, b.y, b.x)}
+    assert not held & {(k, y + dy, x + dx) for k, y, x in remnants for dy in (0, 1) for dx in (0, 1)}
     assert any(not np.array_equal(b.value, found[b.frame, b.y, b.x]) for b in blobs[1])  # measured values
 
 

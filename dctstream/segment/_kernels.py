@@ -5,10 +5,12 @@ import numpy as np
 
 from ..background._kernels import _select
 
-# The flags ring holds one bit per voxel in each of two planes, (slot, plane, y, x // 8), bit x % 8:
+# The flags ring holds one bit per voxel in each of FLAG_PLANES planes, (slot, plane, y, x // 8), bit x % 8:
 # an eighth of a byte per voxel, for a ring of frames that is the segmenter's biggest array after its values.
 CLAIMED = 0  # plane of the voxels that belong to a blob
 _SEEN = 1  # plane of the voxels reached by the search under way, cleared before it returns
+SPIKE = 2  # plane of the voxels whose unfiltered value was a zinger's (`despike`)
+FLAG_PLANES = 3
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -575,19 +577,26 @@ def moments(values, slot_of, fs, ys, xs):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def despike(measure, found, low, tile, low_factor, value_factor):
+def despike(measure, found, low, tile, low_factor, value_factor, flags, slot):
     """In place: a pixel of ``measure`` (unfiltered) more than ``low_factor`` x its tile's ``low`` plus
-    ``value_factor`` x ``|found|`` (its 3x3 median) above ``found`` is a zinger: it takes ``found``'s value."""
+    ``value_factor`` x ``|found|`` (its 3x3 median) above ``found`` is a zinger: it takes ``found``'s value,
+    and its SPIKE bit is set in slot ``slot`` of ``flags``."""
     ny, nx = measure.shape
     for y in numba.prange(ny):
         ty = y // tile
-        for x0 in range(0, nx, tile):
+        spiked = False
+        for x0 in range(0, nx, tile):  # looked for first without writing: the loop vectorises (see seed_rows)
             limit = low_factor * low[ty, x0 // tile]
-            values, filtered = measure[y, x0:x0 + tile], found[y, x0:x0 + tile]  # see seed_rows
+            values, filtered = measure[y, x0:x0 + tile], found[y, x0:x0 + tile]
             for x in range(values.size):
                 f = filtered[x]
-                if values[x] - f > limit + value_factor * abs(f):
-                    values[x] = f
+                spiked |= values[x] - f > limit + value_factor * abs(f)
+        if spiked:  # a row in hundreds at most
+            for x in range(nx):
+                f = found[y, x]
+                if measure[y, x] - f > low_factor * low[ty, x // tile] + value_factor * abs(f):
+                    measure[y, x] = f
+                    _set_flag(flags, slot, SPIKE, y, x)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from ._kernels import SPIKE, _set_flag
 from .segmenter import SPIKE_LOW, SPIKE_VALUE, Segmenter
 
 # Free slots kept resident: one given back to the system costs the faults and zeroing of its pages when
@@ -95,7 +96,7 @@ class SparseSegmenter(Segmenter):
     def _despike(self, slot: int) -> None:
         _, pixels, measure = self._pushed
         put_despiked(self._measures, slot, pixels.rows, pixels.cols, pixels.values, measure.values,
-                     self._low_tiles[slot], self.params.tile_px, SPIKE_LOW, SPIKE_VALUE)
+                     self._low_tiles[slot], self.params.tile_px, SPIKE_LOW, SPIKE_VALUE, self._flags)
 
     def load_frame(self, k, frame, measure=None):
         raise NotImplementedError("a sparse segmenter is not restored from a checkpoint")
@@ -134,13 +135,15 @@ def sparse_seed_rows(rows, cols, values, tiles, tile, mask, marks, seed):
 
 
 @numba.njit(cache=True, nogil=True)
-def put_despiked(measures, slot, rows, cols, values, measured, low, tile, low_factor, value_factor):
+def put_despiked(measures, slot, rows, cols, values, measured, low, tile, low_factor, value_factor, flags):
     """The measured values into slot ``slot`` at (rows, cols), each taken through `despike` against the
-    frame's value there, with the same arithmetic (float32 values, the limit in float64)."""
+    frame's value there, with the same arithmetic (float32 values, the limit in float64), zingers flagged
+    in ``flags`` as it flags them."""
     for i in range(rows.size):
         y, x = rows[i], cols[i]
         f = np.float32(values[i])
         m = np.float32(measured[i])
         if m - f > low_factor * low[y // tile, x // tile] + value_factor * abs(f):
             m = f
+            _set_flag(flags, slot, SPIKE, y, x)
         measures[slot, y, x] = m
