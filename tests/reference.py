@@ -50,7 +50,7 @@ SPLIT_LOW = 2.0  # as dctstream.segment.segmenter.SPLIT_LOW: a second maximum st
 
 
 def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, flood_limit=None, spots=None,
-                    others=None):
+                    others=None, spikes=None):
     """Whole-volume double threshold: scipy.ndimage.label on the seeds, then greedy growth brightest first.
 
     ``seed_tiles`` / ``low_tiles``: each frame's own (tiles_y, tiles_x) threshold maps, one per frame.
@@ -59,6 +59,10 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     arrays in growth order and rejected counts the rejections by reason. ``spots``: a list that gets each
     blob's part of its component at the lower clamp (where its centroid is taken), as (frame, y, x) voxels;
     ``others``: a list that gets the rest of that component (the touching spots' parts), the same way.
+    ``spikes``: a boolean volume of the voxels whose unfiltered value was a zinger's (see `is_zinger`).
+    A part whose blob is rejected as too small or as a zinger, one frame deep and 10 x its lower clamp high,
+    leaves the rest of its voxels to be split again without it: each maximum there with its seed (2 x the lower
+    clamp, seed_min_voxels such voxels) is a part.
     """
     nf, ny, nx = volume.shape
     mask = np.zeros((ny, nx), bool) if mask is None else mask
@@ -122,48 +126,68 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
         part_mask = np.zeros(volume.shape, bool)
         part_mask[tuple(grown[top == own].T)] = True
         touches = (ndi.binary_dilation(part_mask, structure=structure) & claimed)[box[0]].any()  # its frames
-        for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
-            if root == own and values[own] > peak and touches:
-                rejected["tail_of_blob"] += 1
-                continue
-            part_peak = values[root]
-            # the part beside claimed voxels (in the box) brighter than its peak, not standing out above the
-            # brightest of its voxels there by the split rule: a blob's tail
-            brighter = np.zeros(volume.shape, bool)
-            brighter[box] = claimed[box] & (volume[box] > part_peak)
-            beside = ndi.binary_dilation(brighter, structure=structure)[tuple(grown[top == root].T)]
-            if beside.any():
-                saddle = values[top == root][beside].max()
-                ratio, photon = params.split_rule()
-                if part_peak - saddle < max(math.sqrt(stand_out[root] ** 2 + photon * max(saddle, 0.0)),
-                                            ratio * part_peak):
-                    rejected["tail_of_blob"] += 1
-                    continue
+        def take(root, in_part, part_peak, rest_of=False):
+            """The blob of the part ``in_part`` (over grown) around ``root``; when rejected as too small or as
+            a zinger, those of the seeds left in the rest of its voxels, split again without it."""
+            if not rest_of:
+                # the part beside claimed voxels (in the box) brighter than its peak, not standing out above the
+                # brightest of its voxels there by the split rule: a blob's tail
+                brighter = np.zeros(volume.shape, bool)
+                brighter[box] = claimed[box] & (volume[box] > part_peak)
+                beside = ndi.binary_dilation(brighter, structure=structure)[tuple(grown[in_part].T)]
+                if beside.any():
+                    saddle = values[in_part][beside].max()
+                    ratio, photon = params.split_rule()
+                    if part_peak - saddle < max(math.sqrt(stand_out[root] ** 2 + photon * max(saddle, 0.0)),
+                                                ratio * part_peak):
+                        rejected["tail_of_blob"] += 1
+                        return
             part_threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * part_peak,
                                                               low_map[tuple(grown.T)]), high), part_peak)
             part = np.zeros(volume.shape, bool)
-            inside = (top == root) & (values >= part_threshold)
+            inside = in_part & (values >= part_threshold)
             part[tuple(grown[inside].T)] = True
             labels_part, _ = ndi.label(part, structure=structure)
             voxels = np.argwhere(labels_part == labels_part[tuple(grown[root])])
             extent = voxels.max(axis=0) - voxels.min(axis=0) + 1  # (frames, y, x)
             size = (extent[2], extent[1], extent[0])
+            dropped = False
             if any(s < m for s, m in zip(size, params.min_size)):
                 rejected["too_small"] += 1
-                continue
-            # cut by its growth box: it reaches an edge of the box that lies inside the volume
-            lows = np.array([f, y, x]) - (reach_f, reach_y, reach_x)
-            highs = np.array([f, y, x]) + (reach_f, reach_y, reach_x)
-            if (voxels.min(axis=0) == lows).any() or (voxels.max(axis=0) == highs).any():
-                rejected["too_large"] += 1
-                continue
-            claimed[tuple(voxels.T)] = True
-            if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root]):
-                rejected["zinger"] += 1
-                continue
+                dropped = True
+            else:
+                # cut by its growth box: it reaches an edge of the box that lies inside the volume
+                lows = np.array([f, y, x]) - (reach_f, reach_y, reach_x)
+                highs = np.array([f, y, x]) + (reach_f, reach_y, reach_x)
+                if (voxels.min(axis=0) == lows).any() or (voxels.max(axis=0) == highs).any():
+                    rejected["too_large"] += 1
+                    return
+                claimed[tuple(voxels.T)] = True
+                if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root], spikes=spikes):
+                    rejected["zinger"] += 1
+                    dropped = True
+            if dropped:
+                one_frame = voxels[:, 0].min() == voxels[:, 0].max()
+                if not (one_frame and part_peak >= 10.0 * low_map[tuple(grown[root])]):
+                    return
+                taken = np.zeros(volume.shape, bool)
+                taken[tuple(voxels.T)] = True
+                rest = np.flatnonzero(in_part & ~taken[tuple(grown.T)])
+                if rest.size == 0:
+                    return
+                tops = np.array(reference_split(grown[rest], values[rest], stand_out[rest],
+                                                *params.split_rule(), params.connectivity == 26))
+                for r in sorted(set(tops.tolist()), key=lambda r: (-values[rest][r], r)):
+                    members = rest[tops == r]
+                    if values[rest[r]] >= stand_out[rest[r]] and \
+                            np.count_nonzero(values[members] >= stand_out[members]) >= params.seed_min_voxels:
+                        piece = np.zeros(len(grown), bool)
+                        piece[members] = True
+                        take(rest[r], piece, values[rest[r]], rest_of=True)
+                return
             blobs.append(voxels)
             if spots is not None:  # the part, unless its centroid lies beyond the blob's box by the box's extent
-                own_part = grown[top == root]
+                own_part = grown[in_part]
                 w = volume[tuple(own_part.T)].astype(np.float64)
                 centre = (w[:, None] * own_part).sum(axis=0) / w.sum() if w.sum() > 0 else None
                 reach = np.maximum(extent, 2)
@@ -171,11 +195,17 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                                                      <= (extent - 1) / 2 + reach)
                 spots.append(own_part if near else voxels)
             if others is not None:
-                others.append(grown[top != root])
+                others.append(grown[~in_part])
+
+        for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
+            if root == own and values[own] > peak and touches:
+                rejected["tail_of_blob"] += 1
+                continue
+            take(root, top == root, values[root])
     return blobs, rejected
 
 
-def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0):
+def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0, spikes=None):
     """A blob (its (frame, y, x) voxels, its maximum at ``peak``) one frame deep: in one frame, at most ``most``
     voxels, or ``track`` whose pixels' position variances along their principal axes (each pixel a unit
     square: + 1/12) are in a ratio of ``elongation`` or more; its maximum 10 x its lower clamp or more, and fewer
@@ -190,7 +220,8 @@ def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0):
         if variances[1] / variances[0] < elongation:
             return False
     peak_lows = 10.0
-    if volume[tuple(peak)] < peak_lows * low_map[tuple(peak)]:
+    spiked = spikes is not None and spikes[tuple(voxels.T)].any()
+    if volume[tuple(peak)] < peak_lows * low_map[tuple(peak)] and not spiked:
         return False
     k = frames.pop()
     for g in (k - 1, k + 1):

@@ -242,6 +242,37 @@ def test_a_zinger_the_filter_left_a_few_sigmas_of_is_dropped_by_its_spikes():
     assert runs == {True: ([18, 31], 1), False: ([5, 18, 31], 0)}
 
 
+def test_what_a_rejected_blob_leaves_of_its_part_is_segmented_again_as_the_reference_does():
+    """A blob of 2 x 1 px far above a spot on the spot's slope (what the 3x3 median leaves of a zinger there):
+    the part's maximum, whose blob (>= tau x its peak) is too small; the spot's voxels, all below tau x that
+    peak, were lost with it. Now the rest of the part is split again and the spot is a blob, as in the whole-
+    volume reference; a 2 x 2 zinger (spikes in the unfiltered frame) beside a spot likewise."""
+    rng = np.random.default_rng(8)
+    found = spotty_volume(rng, (50, 40, 48), 0)
+    centres = [(10, 10, 10), (25, 28, 30), (40, 12, 36)]
+    f, y, x = np.mgrid[0:50, 0:40, 0:48]
+    for cf, cy, cx in centres:
+        found += (40 * np.exp(-((f - cf) / 1.5) ** 2 / 2 - ((y - cy) ** 2 + (x - cx) ** 2) / 2.0 ** 2 / 2)
+                  ).astype(np.float32)
+    measure = found.copy()
+    found[10, 8:10, 11] += 300.0  # on the first spot's slope, at its peak frame: 2 x 1 px
+    found[25, 25:27, 31] += 300.0
+    found[40, 7:9, 40:42] += 30.0  # a 2 x 2 zinger the filter left 30 of, beside the third spot
+    measure[40, 7:9, 40:42] += 600.0
+    p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=2, min_size=(2, 2, 1), max_size=(12, 12, 8),
+               drop_zingers=True)
+    segmenter = Segmenter(p, found.shape[1:], measured=True)
+    blobs = [b for k in range(len(found)) for b in segmenter.push(k, found[k], measure=measure[k])]
+    blobs += segmenter.finish()
+    spikes = measure - found > SPIKE_LOW * p.grow_low + SPIKE_VALUE * np.abs(found)
+    expected, rejected = reference_blobs(found, p, spikes=spikes)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    assert segmenter.rejected["too_small"] >= 2 and segmenter.rejected["zinger"] >= 1
+    # each spot a blob around its centre
+    assert sorted(np.round(b.centroid).astype(int).tolist() for b in blobs) == sorted(map(list, centres))
+
+
 def test_a_seed_on_the_slope_of_a_spot_grown_before_is_no_spot():
     """A big spot (peak 150) keeps its voxels >= tau x 150 = 45; its skirt (25, a bump of 32 on it) stays
     unclaimed. A seed of 17 two frames before it, where the threshold is lower (15 against 20), rises into that

@@ -37,8 +37,8 @@ import numpy as np
 
 from ..ring import release, releasable_frames
 from ..types import Blob
-from ._kernels import (CLAIMED, FLAG_PLANES, SPIKE, claim, claimed_beside_max, despike, flood_from, grow_region, label_seeds,
-                       moments, saddle_beside_brighter, seed_rows, split_maxima, stands_out, unclaimed_sum,
+from ._kernels import (CLAIMED, FLAG_PLANES, SPIKE, claim, claimed_beside_max, despike, flood_from, grow_region,
+                       label_seeds, moments, saddle_beside_brighter, seed_rows, split_maxima, stands_out, unclaimed_sum,
                        unclaimed_sum_of)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
@@ -110,6 +110,12 @@ ZINGER_TRACK_ELONGATION = 6.0
 # >= clamp(tau * P, grow_low, grow_high) connected to P.
 SPLIT_LOW = 2.0
 SPLIT_PHOTON = 4.0
+# REST_OF_PART: a part whose blob (its voxels >= tau x its peak) is rejected as too small or as a zinger, one
+# frame deep and ZINGER_PEAK_LOWS x grow_low high (a zinger's remnant, not a spot's core), does not take the
+# rest of its voxels with it: they are split again without the blob's, and each maximum among them that is a
+# seed (SPLIT_LOW x grow_low, with seed_min_voxels such voxels) is a part of its own. A zinger of 2 x 3 px the 3x3 median left beside a spot
+# (thousands of counts, 2 px from it) made the spot's voxels part of its own, all below tau x its peak: the
+# spot was lost with the zinger (a scan of sCMOS-like artefacts).
 # A spot's centroid (SPOT_CENTROID): over its part of that component (its voxels >= grow_low, unfiltered
 # values), not over the double threshold's voxels >= tau * P alone. A grain's projection is lopsided: the
 # centroid of its voxels >= 0.3 P lay 0.6 px from the whole spot's, and a rocking curve cut by the scan's first
@@ -674,26 +680,52 @@ class Segmenter:
                 skirt = own
         blobs = []
         roots = np.unique(top)  # each part's peak: brightest first, then by index
+        component = (fs, ys, xs, found, low)
         for root in roots[np.lexsort((roots, -found[roots]))]:
             if root == skirt:
                 self.rejected["tail_of_blob"] += 1
                 continue
-            at = (int(fs[root]), int(ys[root]), int(xs[root]))
-            if at == tuple(region.max_index):
-                at, part_peak = region.max_index, region.max_value
-            else:
-                part_peak = float(found[root])
-            part = top == root
-            if self._on_brighter_blob(fs[part], ys[part], xs[part], found[part], part_peak, SPLIT_LOW * low[root],
-                                      (f0, f1, y0, y1, x0, x1)):
-                self.rejected["tail_of_blob"] += 1
-                continue
-            threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * part_peak, low), high), part_peak)
-            keep = flood_from(fs, ys, xs, part & (found >= threshold), root, p.connectivity == 26)
-            blob = self._blob(fs[keep], ys[keep], xs[keep], at, (fs[part], ys[part], xs[part]), (f, y, x),
-                              (fs[~part], ys[~part], xs[~part]))
-            if blob is not None:
-                blobs.append(blob)
+            peak = region.max_value if (fs[root], ys[root], xs[root]) == tuple(region.max_index) else float(found[root])
+            blobs += self._part(component, root, top == root, peak, (f0, f1, y0, y1, x0, x1), (f, y, x))
+        return blobs
+
+    def _part(self, component, root: int, part: np.ndarray, peak: float, box, centre, rest_of: bool = False
+              ) -> list[Blob]:
+        """The blob of one part (``part``: which voxels of the ``component`` (fs, ys, xs, found, low) it holds,
+        ``root`` its maximum, of value ``peak``) of a region grown in ``box`` around ``centre``; and when it is
+        rejected for its size or as a zinger, the blobs of what it leaves of its part (see REST_OF_PART).
+        ``rest_of``: a piece of such a rest, whose part was looked at for a brighter blob it is the tail of (the
+        zinger's voxels, claimed since, are none)."""
+        p = self.params
+        fs, ys, xs, found, low = component
+        if not rest_of and self._on_brighter_blob(fs[part], ys[part], xs[part], found[part], peak,
+                                                  SPLIT_LOW * low[root], box):
+            self.rejected["tail_of_blob"] += 1
+            return []
+        high = np.inf if p.grow_high is None else p.grow_high
+        threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * peak, low), high), peak)
+        keep = flood_from(fs, ys, xs, part & (found >= threshold), root, p.connectivity == 26)
+        left = self.rejected["too_small"] + self.rejected["zinger"]
+        blob = self._blob(fs[keep], ys[keep], xs[keep], (int(fs[root]), int(ys[root]), int(xs[root])),
+                          (fs[part], ys[part], xs[part]), centre, (fs[~part], ys[~part], xs[~part]))
+        if blob is not None:
+            return [blob]
+        rest = np.flatnonzero(part & ~keep)
+        if self.rejected["too_small"] + self.rejected["zinger"] == left or rest.size == 0 \
+                or fs[keep].min() != fs[keep].max() or peak < ZINGER_PEAK_LOWS * low[root]:
+            return []
+        seed = SPLIT_LOW * low[rest]  # the seed threshold at the auto thresholds
+        tops = split_maxima(fs[rest], ys[rest], xs[rest], found[rest], seed, *p.split_rule(), p.connectivity == 26)
+        blobs = []
+        roots = np.unique(tops)
+        for r in roots[np.lexsort((roots, -found[rest][roots]))]:
+            members = tops == r
+            if found[rest[r]] < seed[r] or np.count_nonzero(found[rest][members] >= seed[members]) \
+                    < p.seed_min_voxels:
+                continue  # no seed of its own
+            piece = np.zeros_like(part)
+            piece[rest[members]] = True
+            blobs += self._part(component, int(rest[r]), piece, float(found[rest[r]]), box, centre, rest_of=True)
         return blobs
 
     def _claimed_beside(self, fs, ys, xs, box) -> float:
