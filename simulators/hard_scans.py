@@ -56,6 +56,10 @@ from simulators.dct_scan import (_NOISE_STREAM, BEAM_COUNTS, BEAM_EDGE_INSET_PX,
                                  SPOT_CUTOFF_SIGMAS, TRUTH_PATH, ScanModel, ScanTruth, _truth, simulate_scan)
 
 _SPOT_STREAM = 10  # rng stream of the hard scans' spots, apart from ScanModel's
+_ZINGER_BLOCK_STREAM = 11
+# zinger_blocks: counts of a zinger the 3x3 median does not take out (ScanModel's are 1 or 2 px), on 16 bits
+ZINGER_BLOCK_COUNTS = (2000.0, 10000.0)
+ZINGER_BLOCK_NEAR_SPOT_PX = 4
 _DARK_STREAM = 3
 
 GAUSS_SIGMA_XY_PX = (0.8, 2.5)
@@ -118,6 +122,9 @@ SCANS: dict[str, dict] = {
     # lies up to 0.69 below its mean
     "photon_counting_glow": dict(photon_counting=True, beam=False,
                                  glow_scale=5 * PHOTON_BACKGROUND_MAX / GLOW_COUNTS, module_gap_px=4, spots=250),
+    # 20 zingers a 512 x 512 frame that the 3x3 median leaves (blocks of up to 3 x 3 px, tracks), and one on a
+    # third of the spots
+    "zingers": dict(zinger_blocks=20.0, spots=250),
 }
 
 
@@ -143,7 +150,10 @@ class HardScanModel(ScanModel):
     ``(at, frames)``, the source off (no background, no spots: the dark alone) for that many frames from
     that fraction of the scan; a spot there is seen only in its other frames (``visible_*``, as a spot the
     direct beam partly hides).  ``glitches``: fractions of the scan at which a frame is read wrong, all 0
-    and all at the top of the type in turn (the truth as if it were read right).
+    and all at the top of the type in turn (the truth as if it were read right).  ``zinger_blocks``: zingers a
+    512 x 512 px frame besides ScanModel's (which the 3x3 median takes out): blocks of 1-3 x 1-3 px and, one
+    in five, tracks 2 px wide and 4-10 long, of `ZINGER_BLOCK_COUNTS` each; and one more on a third of the spots,
+    within `ZINGER_BLOCK_NEAR_SPOT_PX` of its centre in one of its frames above 0.3 x its peak.
     """
 
     def __init__(self, *, frames: int = FULL_FRAMES, size: int = FULL_SIZE, spots: int = 250, seed: int = 0,
@@ -154,7 +164,7 @@ class HardScanModel(ScanModel):
                  photon_counting: bool = False, external_spots: str | os.PathLike | None = None,
                  module_gap_px: int = 0, beam_motion: tuple[float, float, float, float] | None = None,
                  rocking_scale: float = 1.0, beam_lost: tuple[float, int] | None = None,
-                 glitches: tuple[float, ...] = ()):
+                 glitches: tuple[float, ...] = (), zinger_blocks: float = 0.0):
         if spot_shape not in ("gauss", "grain", "streak"):
             raise ValueError(f"HardScanModel: spot_shape must be gauss, grain or streak, got {spot_shape!r}")
         if wrap_spots and not wrap:
@@ -163,6 +173,7 @@ class HardScanModel(ScanModel):
         start = None if beam_lost is None else int(beam_lost[0] * frames)
         self._lost = None if beam_lost is None else (start, start + beam_lost[1])
         self.glitches = tuple(int(g * frames) for g in glitches)
+        self.zinger_blocks = float(zinger_blocks)
         self._topup_frame = None if topup_at is None else topup_at * frames
         self._topup_step = topup_step
         self.rocking_scale = float(rocking_scale)
@@ -210,6 +221,7 @@ class HardScanModel(ScanModel):
             for k, g in zip(ks, self._rocking(i, ku)):
                 self._by_frame[k].append((i, g))
         self.spots = self._truth_columns()
+        self._zingers_on_spots = self._aim_zingers() if self.zinger_blocks else {}
 
     # --- background ---------------------------------------------------------
 
@@ -561,12 +573,44 @@ class HardScanModel(ScanModel):
             dtype = np.uint32 if self.photon_counting else np.uint16
             return np.full(self.shape, 0 if self.glitches.index(k) % 2 == 0 else np.iinfo(dtype).max, dtype)
         if not self.photon_counting:
-            return super().frame(k)
+            return self._add_zinger_blocks(k, super().frame(k))
         rng = np.random.default_rng((self.seed, _NOISE_STREAM, k))
         counts = rng.poisson(self.signal(k)).astype(np.uint32)
         counts[tuple(self.hot_pixels.T)] += rng.poisson(self._hot_rate).astype(np.uint32)
         counts[self.dead] = INVALID_UINT32
         return counts
+
+    def _add_zinger_blocks(self, k: int, image: np.ndarray) -> np.ndarray:
+        """Frame ``k`` with its ``zinger_blocks`` added (clipped to the type's top)."""
+        if not self.zinger_blocks:
+            return image
+        ny, nx = self.shape
+        rng = np.random.default_rng((self.seed, _ZINGER_BLOCK_STREAM, k))
+        places = [(rng.uniform(0, ny), rng.uniform(0, nx))
+                  for _ in range(rng.poisson(self.zinger_blocks * ny * nx / 512**2))]
+        out = image.astype(np.float64)
+        for y, x in places + self._zingers_on_spots.get(k, []):
+            h, w = (int(v) for v in rng.integers(1, 4, 2))
+            if rng.random() < 0.2:  # a track
+                h, w = (2, int(rng.integers(4, 11)))[::1 if rng.random() < 0.5 else -1]
+            y0, x0 = min(max(int(y), 0), ny - h), min(max(int(x), 0), nx - w)
+            out[y0:y0 + h, x0:x0 + w] += rng.uniform(*ZINGER_BLOCK_COUNTS)
+        return np.clip(out, 0, np.iinfo(image.dtype).max).astype(image.dtype)
+
+    def _aim_zingers(self) -> dict[int, list[tuple[float, float]]]:
+        """frame -> places (y, x) of the zingers that hit a third of the spots, each once, in one of its frames
+        above 0.3 x its peak, within ZINGER_BLOCK_NEAR_SPOT_PX of its centre."""
+        rng = np.random.default_rng((self.seed, _ZINGER_BLOCK_STREAM))
+        aimed: dict[int, list[tuple[float, float]]] = {}
+        for i in range(len(self._boxes)):
+            lit = [k for k in range(self.frames) if any(j == i and g > 0.3 for j, g in self._by_frame[k])]
+            if not lit or rng.random() >= 1 / 3:
+                continue
+            x, y = self._boxes[i][:2]
+            k = lit[int(rng.integers(len(lit)))]
+            aimed.setdefault(k, []).append(tuple(c + rng.uniform(-ZINGER_BLOCK_NEAR_SPOT_PX, ZINGER_BLOCK_NEAR_SPOT_PX)
+                                                 for c in (y, x)))
+        return aimed
 
     def dark_frame(self, i: int) -> np.ndarray:
         if not self.photon_counting:

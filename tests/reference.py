@@ -61,8 +61,8 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     ``others``: a list that gets the rest of that component (the touching spots' parts), the same way.
     ``spikes``: a boolean volume of the voxels whose unfiltered value was a zinger's (see `is_zinger`).
     A part whose blob is rejected as too small or as a zinger, one frame deep and 10 x its lower clamp high,
-    leaves the rest of its voxels to be split again without it: each maximum there with its seed (2 x the lower
-    clamp, seed_min_voxels such voxels) is a part.
+    leaves the rest of its voxels, but for its box grown by 2 px in its frame, to be split again without it:
+    each maximum there with its seed (2 x the lower clamp, seed_min_voxels such voxels) is a part.
     """
     nf, ny, nx = volume.shape
     mask = np.zeros((ny, nx), bool) if mask is None else mask
@@ -118,30 +118,23 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
         grown = np.argwhere(component == component[local]) + [s.start for s in box]
         values = volume[tuple(grown.T)].astype(np.float64)
         stand_out = SPLIT_LOW * low_map[tuple(grown.T)]
-        top = np.array(reference_split(grown, values, stand_out, *params.split_rule(), params.connectivity == 26))
-        # the region's own maximum in a brighter voxel's part: the skirt of a spot grown before, not a spot
-        own = top[next(i for i, v in enumerate(grown) if tuple(v) == (f, y, x))]
-        # ... when that part touches a claimed voxel in the frames of its growth box (a peak where the seed
-        # threshold is higher is no seed)
-        part_mask = np.zeros(volume.shape, bool)
-        part_mask[tuple(grown[top == own].T)] = True
-        touches = (ndi.binary_dilation(part_mask, structure=structure) & claimed)[box[0]].any()  # its frames
-        def take(root, in_part, part_peak, rest_of=False):
-            """The blob of the part ``in_part`` (over grown) around ``root``; when rejected as too small or as
-            a zinger, those of the seeds left in the rest of its voxels, split again without it."""
-            if not rest_of:
-                # the part beside claimed voxels (in the box) brighter than its peak, not standing out above the
-                # brightest of its voxels there by the split rule: a blob's tail
-                brighter = np.zeros(volume.shape, bool)
-                brighter[box] = claimed[box] & (volume[box] > part_peak)
-                beside = ndi.binary_dilation(brighter, structure=structure)[tuple(grown[in_part].T)]
-                if beside.any():
-                    saddle = values[in_part][beside].max()
-                    ratio, photon = params.split_rule()
-                    if part_peak - saddle < max(math.sqrt(stand_out[root] ** 2 + photon * max(saddle, 0.0)),
-                                                ratio * part_peak):
-                        rejected["tail_of_blob"] += 1
-                        return
+
+        def take(root, in_part, part_peak):
+            """The blob of the part ``in_part`` (over grown) around ``root`` (kept, or rejected); and its voxels
+            where it is a zinger's remnant (rejected as too small or as a zinger, one frame deep, 10 x its lower
+            clamp high), else None."""
+            # the part beside claimed voxels (in the box) brighter than its peak, not standing out above the
+            # brightest of its voxels there by the split rule: a blob's tail
+            brighter = np.zeros(volume.shape, bool)
+            brighter[box] = claimed[box] & (volume[box] > part_peak)
+            beside = ndi.binary_dilation(brighter, structure=structure)[tuple(grown[in_part].T)]
+            if beside.any():
+                saddle = values[in_part][beside].max()
+                ratio, photon = params.split_rule()
+                if part_peak - saddle < max(math.sqrt(stand_out[root] ** 2 + photon * max(saddle, 0.0)),
+                                            ratio * part_peak):
+                    rejected["tail_of_blob"] += 1
+                    return None
             part_threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * part_peak,
                                                               low_map[tuple(grown.T)]), high), part_peak)
             part = np.zeros(volume.shape, bool)
@@ -151,40 +144,20 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             voxels = np.argwhere(labels_part == labels_part[tuple(grown[root])])
             extent = voxels.max(axis=0) - voxels.min(axis=0) + 1  # (frames, y, x)
             size = (extent[2], extent[1], extent[0])
-            dropped = False
+            remnant = extent[0] == 1 and part_peak >= 10.0 * low_map[tuple(grown[root])]
             if any(s < m for s, m in zip(size, params.min_size)):
                 rejected["too_small"] += 1
-                dropped = True
-            else:
-                # cut by its growth box: it reaches an edge of the box that lies inside the volume
-                lows = np.array([f, y, x]) - (reach_f, reach_y, reach_x)
-                highs = np.array([f, y, x]) + (reach_f, reach_y, reach_x)
-                if (voxels.min(axis=0) == lows).any() or (voxels.max(axis=0) == highs).any():
-                    rejected["too_large"] += 1
-                    return
-                claimed[tuple(voxels.T)] = True
-                if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root], spikes=spikes):
-                    rejected["zinger"] += 1
-                    dropped = True
-            if dropped:
-                one_frame = voxels[:, 0].min() == voxels[:, 0].max()
-                if not (one_frame and part_peak >= 10.0 * low_map[tuple(grown[root])]):
-                    return
-                taken = np.zeros(volume.shape, bool)
-                taken[tuple(voxels.T)] = True
-                rest = np.flatnonzero(in_part & ~taken[tuple(grown.T)])
-                if rest.size == 0:
-                    return
-                tops = np.array(reference_split(grown[rest], values[rest], stand_out[rest],
-                                                *params.split_rule(), params.connectivity == 26))
-                for r in sorted(set(tops.tolist()), key=lambda r: (-values[rest][r], r)):
-                    members = rest[tops == r]
-                    if values[rest[r]] >= stand_out[rest[r]] and \
-                            np.count_nonzero(values[members] >= stand_out[members]) >= params.seed_min_voxels:
-                        piece = np.zeros(len(grown), bool)
-                        piece[members] = True
-                        take(rest[r], piece, values[rest[r]], rest_of=True)
-                return
+                return voxels if remnant else None
+            # cut by its growth box: it reaches an edge of the box that lies inside the volume
+            lows = np.array([f, y, x]) - (reach_f, reach_y, reach_x)
+            highs = np.array([f, y, x]) + (reach_f, reach_y, reach_x)
+            if (voxels.min(axis=0) == lows).any() or (voxels.max(axis=0) == highs).any():
+                rejected["too_large"] += 1
+                return None
+            if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root], spikes=spikes):
+                rejected["zinger"] += 1  # claimed once the component is split
+                return voxels if remnant else None
+            claimed[tuple(voxels.T)] = True
             blobs.append(voxels)
             if spots is not None:  # the part, unless its centroid lies beyond the blob's box by the box's extent
                 own_part = grown[in_part]
@@ -196,21 +169,59 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 spots.append(own_part if near else voxels)
             if others is not None:
                 others.append(grown[~in_part])
+            return None
 
-        for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
-            if root == own and values[own] > peak and touches:
-                rejected["tail_of_blob"] += 1
-                continue
-            take(root, top == root, values[root])
+        # the component's voxels no part has taken: split, and split again without a zinger's remnant and the
+        # voxels of its frame within 2 px of its box (what the filter made of it), whose parts with
+        # seed_min_voxels seeds (2 x the lower clamp) are spots' parts
+        alive = np.ones(len(grown), bool)
+        remnants = []
+        first = True
+        while alive.any():
+            at = np.flatnonzero(alive)
+            top = at[np.array(reference_split(grown[at], values[at], stand_out[at], *params.split_rule(),
+                                              params.connectivity == 26))]
+            own, touches = -1, False
+            if first:
+                # the region's own maximum in a brighter voxel's part: the skirt of a spot grown before, not a
+                # spot ... when that part touches a claimed voxel in the frames of its growth box (a peak where
+                # the seed threshold is higher is no seed)
+                own = top[next(i for i, v in enumerate(grown) if tuple(v) == (f, y, x))]
+                part_mask = np.zeros(volume.shape, bool)
+                part_mask[tuple(grown[top == own].T)] = True
+                touches = (ndi.binary_dilation(part_mask, structure=structure) & claimed)[box[0]].any()
+            again = False
+            for root in sorted(set(top.tolist()), key=lambda r: (-values[r], r)):
+                in_part = np.zeros(len(grown), bool)
+                in_part[at[top == root]] = True
+                if root == own and values[own] > peak and touches:
+                    rejected["tail_of_blob"] += 1
+                elif first or np.count_nonzero(values[in_part] >= stand_out[in_part]) >= params.seed_min_voxels:
+                    remnant = take(root, in_part, values[root])
+                    if remnant is not None:
+                        remnants.append(remnant)
+                        (k, ya, xa), (_, yb, xb) = remnant.min(axis=0), remnant.max(axis=0)
+                        near = (grown[:, 0] == k) & (np.abs(grown[:, 1] - (ya + yb) / 2) <= (yb - ya) / 2 + 2) \
+                            & (np.abs(grown[:, 2] - (xa + xb) / 2) <= (xb - xa) / 2 + 2)
+                        alive &= ~near
+                        again = True
+                        break
+                alive &= ~in_part
+            if not again:
+                break
+            first = False
+        for remnant in remnants:
+            claimed[tuple(remnant.T)] = True
     return blobs, rejected
 
 
 def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0, spikes=None):
     """A blob (its (frame, y, x) voxels, its maximum at ``peak``) one frame deep: in one frame, at most ``most``
     voxels, or ``track`` whose pixels' position variances along their principal axes (each pixel a unit
-    square: + 1/12) are in a ratio of ``elongation`` or more; its maximum 10 x its lower clamp or more, and fewer
-    than 2 of its pixels at or above the lower clamp in the frame before and in the frame after it (those in
-    the volume)."""
+    square: + 1/12) are in a ratio of ``elongation`` or more; and a voxel of ``spikes`` (a zinger taken out of
+    the unfiltered values) among its own, or its maximum 10 x its lower clamp or more with fewer than 2 of its
+    pixels at or above the lower clamp and a tenth of that maximum in the frame before and in the frame after it
+    (those in the volume)."""
     frames = set(voxels[:, 0].tolist())
     if len(frames) != 1 or len(voxels) > track:
         return False
@@ -221,12 +232,15 @@ def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0, 
             return False
     peak_lows = 10.0
     spiked = spikes is not None and spikes[tuple(voxels.T)].any()
-    if volume[tuple(peak)] < peak_lows * low_map[tuple(peak)] and not spiked:
+    if spiked:
+        return True
+    if volume[tuple(peak)] < peak_lows * low_map[tuple(peak)]:
         return False
     k = frames.pop()
+    top = volume[tuple(peak)]
     for g in (k - 1, k + 1):
         if 0 <= g < volume.shape[0]:
-            if sum(volume[g, y, x] >= low_map[g, y, x] for _, y, x in voxels) >= 2:
+            if sum(volume[g, y, x] >= max(low_map[g, y, x], 0.1 * top) for _, y, x in voxels) >= 2:
                 return False
     return True
 

@@ -131,6 +131,30 @@ def test_beam_lost_reads_the_dark_alone_and_glitches_read_0_or_the_top():
     assert m.frame(int(0.7 * FRAMES) + 1).astype(float).mean() > 100
 
 
+def test_zinger_blocks_are_one_frame_and_some_hit_a_spot():
+    """The zingers scan's frames less those of the same model without them (same seed: the same noise) are its
+    zinger blocks alone: of ZINGER_BLOCK_COUNTS, every frame its own; one on about a third of the spots, within
+    ZINGER_BLOCK_NEAR_SPOT_PX of its centre in one of its lit frames."""
+    m, plain = HardScanModel(frames=FRAMES, size=SIZE, seed=SEED, zinger_blocks=20.0, spots=30), \
+        HardScanModel(frames=FRAMES, size=SIZE, seed=SEED, spots=30)
+    assert len(m.spots["x"]) == len(plain.spots["x"])
+    hit_frames, spots_hit = 0, set()
+    for k in range(FRAMES):
+        extra = m.frame(k).astype(float) - plain.frame(k).astype(float)
+        assert extra.min() >= 0
+        hit = extra > 0
+        hit_frames += hit.any()
+        ys, xs = np.nonzero(hit)
+        for i, g in m._by_frame[k]:
+            x, y = m._boxes[i][:2]
+            if g > 0.3 and np.any((np.abs(ys - y) <= 6) & (np.abs(xs - x) <= 6)):
+                spots_hit.add(i)
+        top = extra[hit & (plain.frame(k) < 55000)]
+        assert np.all((top >= 1999) & (top <= 10001))
+    assert hit_frames >= FRAMES // 2  # about 1.25 a frame at 128 x 128 px
+    assert 5 <= len(spots_hit) <= 20 and len(spots_hit) >= sum(map(len, m._zingers_on_spots.values()))
+
+
 def test_source_and_beam_options():
     topup = small("topup")
     step_frame = 0.55 * FRAMES

@@ -81,14 +81,21 @@ SPIKE_VALUE = 3.0
 # rule, 9 with it. A spot's rocking curve puts a tenth of its peak or more into the next frame unless it is
 # narrower than 0.35 frames (sigma); a spot of 12 voxels or fewer above tau x its peak is one of 1.3 px sigma
 # or less.
-# A zinger of 2 x 2 pixels leaves the filtered frame a blob of a few pixels at a few sigmas (each 3 x 3 median
-# there holds 4 of its pixels, 1 short of half): its peak is no 30 sigma, but its unfiltered pixels are spikes
-# (SPIKE_LOW): a small blob one frame deep that holds one is dropped too. A scan of sCMOS-like artefacts (not
-# the project's simulator: 20 zingers a frame of 1-2 x 1-3 px, 512^2, 400 frames, 150 spots) had 6 false
-# spots of 2 x 2 zingers, none after; a spot's peak pixel is no spike (see SPIKE_VALUE).
+# A small blob one frame deep that holds a spike (a pixel whose unfiltered value was a zinger's, SPIKE_LOW) is one
+# too, whatever its peak and the frames beside: a zinger of 2 x 2 px leaves the filtered frame a blob of a few
+# sigmas (each 3 x 3 median there holds 4 of its pixels, 1 short of half), and the corners of bigger blocks are
+# spikes (4 of 9 again), also where the zinger lands on a spot, whose rocking curve fills the frames beside. A
+# spot's own pixels are no spikes (see SPIKE_VALUE). A scan of sCMOS-like artefacts (not the project's
+# simulator: 20 zingers a frame of 1-2 x 1-3 px, 512^2, 400 frames, 150 spots) had 6 false spots of 2 x 2
+# zingers, none after; the `zingers` validation scan, see README.
 ZINGER_VOXELS = 12
 ZINGER_PEAK_LOWS = 10.0
 ZINGER_TAIL_PIXELS = 2
+# ... at or above this fraction of its peak as well: a spot's rocking curve puts a tenth of its peak into the
+# next frame (above), while a zinger that lands on a spot finds the spot's few hundred counts beside its
+# thousands, and the tail test alone took it for a spot: a false spot, and the spot's voxels below tau x the
+# zinger lost with it (the `zingers` validation scan, 256^2: recall 0.90, 9 false, see README).
+ZINGER_TAIL_FRACTION = 0.1
 # ... or of at most ZINGER_TRACK_VOXELS in a line: a particle crossing the sensor at a slant. Line: the
 # variances of its pixels' positions along their two principal axes (each pixel a unit square, 1/12 more)
 # in a ratio of ZINGER_TRACK_ELONGATION or more, a length 2.5x the width (a track 2 px wide, 5 px long or
@@ -110,10 +117,14 @@ ZINGER_TRACK_ELONGATION = 6.0
 # >= clamp(tau * P, grow_low, grow_high) connected to P.
 SPLIT_LOW = 2.0
 SPLIT_PHOTON = 4.0
+REST_MARGIN_PX = 2
 # REST_OF_PART: a part whose blob (its voxels >= tau x its peak) is rejected as too small or as a zinger, one
 # frame deep and ZINGER_PEAK_LOWS x grow_low high (a zinger's remnant, not a spot's core), does not take the
-# rest of its voxels with it: they are split again without the blob's, and each maximum among them that is a
-# seed (SPLIT_LOW x grow_low, with seed_min_voxels such voxels) is a part of its own. A zinger of 2 x 3 px the 3x3 median left beside a spot
+# rest of its voxels with it: the voxels of the component no part has taken are split again without the blob's
+# box grown by REST_MARGIN_PX in its frame (the 3x3 median there holds the zinger's pixels: a voxel lifted
+# beside it stood out as a second spot's peak), and each part there with seed_min_voxels seeds (SPLIT_LOW x
+# grow_low) is a spot's (the rest of the zinger's part alone, split apart from the spot beside it, was found as
+# pieces of that spot's rocking curve). A zinger of 2 x 3 px the 3x3 median left beside a spot
 # (thousands of counts, 2 px from it) made the spot's voxels part of its own, all below tau x its peak: the
 # spot was lost with the zinger (a scan of sCMOS-like artefacts).
 # A spot's centroid (SPOT_CENTROID): over its part of that component (its voxels >= grow_low, unfiltered
@@ -664,7 +675,42 @@ class Segmenter:
         slots = self._frame_slots(fs)
         found = self._values[slots, ys, xs].astype(np.float64)
         low = self._low_tiles[slots, ys // p.tile_px, xs // p.tile_px].astype(np.float64)
-        top = split_maxima(fs, ys, xs, found, SPLIT_LOW * low, *p.split_rule(), p.connectivity == 26)
+        component, box, conn26 = (fs, ys, xs, found, low), (f0, f1, y0, y1, x0, x1), p.connectivity == 26
+        blobs, zingers = [], []
+        alive = np.ones(fs.size, bool)  # the voxels no part has taken yet
+        first = True
+        while alive.any():
+            at = np.flatnonzero(alive)
+            top = at[split_maxima(fs[at], ys[at], xs[at], found[at], SPLIT_LOW * low[at], *p.split_rule(), conn26)]
+            skirt = self._skirt(region, top, component) if first else -1
+            again = False
+            roots = np.unique(top)  # each part's peak: brightest first, then by index
+            for root in roots[np.lexsort((roots, -found[roots]))]:
+                part = np.zeros(fs.size, bool)
+                part[at[top == root]] = True
+                if root == skirt:
+                    self.rejected["tail_of_blob"] += 1
+                elif first or np.count_nonzero(found[part] >= SPLIT_LOW * low[part]) >= p.seed_min_voxels:
+                    whole = (fs[root], ys[root], xs[root]) == tuple(region.max_index)
+                    got, zinger = self._part(component, root, part, region.max_value if whole else float(found[root]),
+                                             box, (f, y, x))
+                    blobs += got
+                    if zinger is not None:  # see REST_OF_PART: the rest is split again without it
+                        zingers.append(zinger)
+                        alive &= ~self._zinger_reach(component, zinger)
+                        again = True
+                        break
+                alive &= ~part
+            if not again:
+                break
+            first = False
+        for zinger in zingers:  # claimed once the rest is split: no later region grows into them
+            self._claim(fs[zinger], ys[zinger], xs[zinger])
+        return blobs
+
+    def _skirt(self, region: _Region, top, component) -> int:
+        """The root of the part that holds this region's own maximum where that part's peak is brighter and the
+        part touches a claimed voxel (its skirt, see below), else -1."""
         # This region's own maximum in the part of a brighter voxel: it lies on the slope of a spot grown
         # before it (brighter regions are grown first), in what that spot left below tau x its peak -- a
         # noise-lifted seed in a big spot's rocking tail, whose part would take a bump of that skirt for a peak.
@@ -672,36 +718,29 @@ class Segmenter:
         # and its region's maximum lies on its slope too: a skirt touches the blob that left it -- in the frames
         # of the growth box: those before it may no longer be held (a blob there went unseen, and the skirt's
         # bump became a spot of its own).
-        own = top[np.searchsorted(voxels, (f * ny + y) * nx + x)]
-        skirt = -1
+        fs, ys, xs, found, _ = component
+        ny, nx = self.frame_shape
+        f, y, x = region.max_index
+        reach_f = self.params.max_size[2]
+        flat = (fs * ny + ys) * nx + xs
+        own = top[np.searchsorted(flat, (f * ny + y) * nx + x)]
         if found[own] > region.max_value:
             part = top == own
-            if self._claimed_beside(fs[part], ys[part], xs[part], (f0, f1, 0, ny - 1, 0, nx - 1)) > -np.inf:
-                skirt = own
-        blobs = []
-        roots = np.unique(top)  # each part's peak: brightest first, then by index
-        component = (fs, ys, xs, found, low)
-        for root in roots[np.lexsort((roots, -found[roots]))]:
-            if root == skirt:
-                self.rejected["tail_of_blob"] += 1
-                continue
-            peak = region.max_value if (fs[root], ys[root], xs[root]) == tuple(region.max_index) else float(found[root])
-            blobs += self._part(component, root, top == root, peak, (f0, f1, y0, y1, x0, x1), (f, y, x))
-        return blobs
+            box = (max(f - reach_f, 0), min(f + reach_f, self.last), 0, ny - 1, 0, nx - 1)
+            if self._claimed_beside(fs[part], ys[part], xs[part], box) > -np.inf:
+                return int(own)
+        return -1
 
-    def _part(self, component, root: int, part: np.ndarray, peak: float, box, centre, rest_of: bool = False
-              ) -> list[Blob]:
+    def _part(self, component, root: int, part: np.ndarray, peak: float, box, centre
+              ) -> tuple[list[Blob], np.ndarray | None]:
         """The blob of one part (``part``: which voxels of the ``component`` (fs, ys, xs, found, low) it holds,
-        ``root`` its maximum, of value ``peak``) of a region grown in ``box`` around ``centre``; and when it is
-        rejected for its size or as a zinger, the blobs of what it leaves of its part (see REST_OF_PART).
-        ``rest_of``: a piece of such a rest, whose part was looked at for a brighter blob it is the tail of (the
-        zinger's voxels, claimed since, are none)."""
+        ``root`` its maximum, of value ``peak``) of a region grown in ``box`` around ``centre``, in a list;
+        and the voxels of its blob where that is a zinger's remnant (see REST_OF_PART), else None."""
         p = self.params
         fs, ys, xs, found, low = component
-        if not rest_of and self._on_brighter_blob(fs[part], ys[part], xs[part], found[part], peak,
-                                                  SPLIT_LOW * low[root], box):
+        if self._on_brighter_blob(fs[part], ys[part], xs[part], found[part], peak, SPLIT_LOW * low[root], box):
             self.rejected["tail_of_blob"] += 1
-            return []
+            return [], None
         high = np.inf if p.grow_high is None else p.grow_high
         threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * peak, low), high), peak)
         keep = flood_from(fs, ys, xs, part & (found >= threshold), root, p.connectivity == 26)
@@ -709,24 +748,19 @@ class Segmenter:
         blob = self._blob(fs[keep], ys[keep], xs[keep], (int(fs[root]), int(ys[root]), int(xs[root])),
                           (fs[part], ys[part], xs[part]), centre, (fs[~part], ys[~part], xs[~part]))
         if blob is not None:
-            return [blob]
-        rest = np.flatnonzero(part & ~keep)
-        if self.rejected["too_small"] + self.rejected["zinger"] == left or rest.size == 0 \
-                or fs[keep].min() != fs[keep].max() or peak < ZINGER_PEAK_LOWS * low[root]:
-            return []
-        seed = SPLIT_LOW * low[rest]  # the seed threshold at the auto thresholds
-        tops = split_maxima(fs[rest], ys[rest], xs[rest], found[rest], seed, *p.split_rule(), p.connectivity == 26)
-        blobs = []
-        roots = np.unique(tops)
-        for r in roots[np.lexsort((roots, -found[rest][roots]))]:
-            members = tops == r
-            if found[rest[r]] < seed[r] or np.count_nonzero(found[rest][members] >= seed[members]) \
-                    < p.seed_min_voxels:
-                continue  # no seed of its own
-            piece = np.zeros_like(part)
-            piece[rest[members]] = True
-            blobs += self._part(component, int(rest[r]), piece, float(found[rest[r]]), box, centre, rest_of=True)
-        return blobs
+            return [blob], None
+        remnant = self.rejected["too_small"] + self.rejected["zinger"] > left and fs[keep].min() == fs[keep].max() \
+            and peak >= ZINGER_PEAK_LOWS * low[root]
+        return [], (keep if remnant else None)
+
+    @staticmethod
+    def _zinger_reach(component, zinger: np.ndarray) -> np.ndarray:
+        """The voxels of the zinger's blob and those of its frame within REST_MARGIN_PX of its box: what the 3x3
+        median made of its pixels."""
+        fs, ys, xs, _, _ = component
+        ky, kx = ys[zinger], xs[zinger]
+        return zinger | ((fs == fs[zinger][0]) & (ys >= ky.min() - REST_MARGIN_PX) & (ys <= ky.max() + REST_MARGIN_PX)
+                         & (xs >= kx.min() - REST_MARGIN_PX) & (xs <= kx.max() + REST_MARGIN_PX))
 
     def _claimed_beside(self, fs, ys, xs, box) -> float:
         """The greatest value of the claimed voxels next to these (through which they could grow), in the
@@ -751,22 +785,24 @@ class Segmenter:
 
     def _zinger(self, k: int, ys, xs, max_index) -> bool:
         """A blob of frame k alone (its pixels ys, xs): at most ZINGER_VOXELS (or ZINGER_TRACK_VOXELS in a line),
-        a peak ZINGER_PEAK_LOWS x its grow_low or more or a zinger taken out of its unfiltered values (see
-        ZINGER_SPIKED), and fewer than ZINGER_TAIL_PIXELS of its pixels at or above grow_low in the frame before
-        and in the frame after (those of the scan): no rocking curve there."""
+        and either a zinger taken out of its unfiltered values (a spike), or a peak ZINGER_PEAK_LOWS x its
+        grow_low or more with fewer than ZINGER_TAIL_PIXELS of its pixels at or above grow_low and
+        ZINGER_TAIL_FRACTION x that peak in the frame before and in the frame after (those of the scan): no
+        rocking curve there."""
         if ys.size > ZINGER_TRACK_VOXELS:
             return False
         tile = self.params.tile_px
         slot = self._slot_of[k % self._capacity]
         _, y, x = max_index
-        if self._values[slot, y, x] < ZINGER_PEAK_LOWS * self._low_tiles[slot, y // tile, x // tile] \
-                and not self._spiked(slot, ys, xs):
+        spiked = self._spiked(slot, ys, xs)
+        peak = self._values[slot, y, x]
+        if peak < ZINGER_PEAK_LOWS * self._low_tiles[slot, y // tile, x // tile] and not spiked:
             return False
         for g in (k - 1, k + 1):
-            if 0 <= g <= self.last:
+            if 0 <= g <= self.last and not spiked:
                 s = self._slot_of[g % self._capacity]
-                if np.count_nonzero(self._values[s, ys, xs] >= self._low_tiles[s, ys // tile, xs // tile]) \
-                        >= ZINGER_TAIL_PIXELS:
+                tail = np.maximum(self._low_tiles[s, ys // tile, xs // tile], ZINGER_TAIL_FRACTION * peak)
+                if np.count_nonzero(self._values[s, ys, xs] >= tail) >= ZINGER_TAIL_PIXELS:
                     return False
         return ys.size <= ZINGER_VOXELS or elongation(ys, xs) >= ZINGER_TRACK_ELONGATION
 
@@ -791,10 +827,10 @@ class Segmenter:
             self.rejected["too_large"] += 1
             self.too_large_size = tuple(max(a, b) for a, b in zip(self.too_large_size, size))
             return None
-        self._claim(fs, ys, xs)
-        if p.drop_zingers and fa == fb and self._zinger(fa, ys, xs, max_index):  # one frame deep
+        if p.drop_zingers and fa == fb and self._zinger(fa, ys, xs, max_index):  # one frame deep: claimed by _grow
             self.rejected["zinger"] += 1
             return None
+        self._claim(fs, ys, xs)
         volume = self._measures[self._frame_slots(np.arange(fa, fb + 1)), ya:yb + 1, xa:xb + 1]  # copies the box only
         value = volume[fs - fa, ys - ya, xs - xa]
         my, mx = (max(INTEGRAL_MARGIN_PX, -(-s // 2)) for s in (size[1], size[0]))
