@@ -242,11 +242,12 @@ def test_a_zinger_the_filter_left_a_few_sigmas_of_is_dropped_by_its_spikes():
     assert runs == {True: ([18, 31], 1), False: ([5, 18, 31], 0)}
 
 
-def test_what_a_rejected_blob_leaves_of_its_part_is_segmented_again_as_the_reference_does():
+def test_what_a_zingers_remnant_leaves_of_its_component_is_split_again_as_the_reference_does():
     """A blob of 2 x 1 px far above a spot on the spot's slope (what the 3x3 median leaves of a zinger there):
     the part's maximum, whose blob (>= tau x its peak) is too small; the spot's voxels, all below tau x that
-    peak, were lost with it. Now the rest of the part is split again and the spot is a blob, as in the whole-
-    volume reference; a 2 x 2 zinger (spikes in the unfiltered frame) beside a spot likewise."""
+    peak, were lost with it. Now the component is split again without it (and its frame's voxels within 2 px)
+    and the spot is a blob, as in the whole-volume reference; a 2 x 2 zinger (spikes in the unfiltered frame)
+    beside a spot likewise."""
     rng = np.random.default_rng(8)
     found = spotty_volume(rng, (50, 40, 48), 0)
     centres = [(10, 10, 10), (25, 28, 30), (40, 12, 36)]
@@ -271,6 +272,26 @@ def test_what_a_rejected_blob_leaves_of_its_part_is_segmented_again_as_the_refer
     assert segmenter.rejected["too_small"] >= 2 and segmenter.rejected["zinger"] >= 1
     # each spot a blob around its centre
     assert sorted(np.round(b.centroid).astype(int).tolist() for b in blobs) == sorted(map(list, centres))
+
+
+def test_a_zinger_on_a_spot_is_dropped_and_the_spot_kept():
+    """A 3 x 3 px zinger (+500) on a spot (peak 40, a rocking curve of 1.5 frames) at its brightest frame: the
+    frames beside hold the spot's counts at its pixels (>= grow_low), under a tenth of its peak, so no rocking
+    curve of its own: a zinger, dropped, and the spot is one blob about its centre, as in the whole-volume
+    reference. Before, the zinger was a blob and the spot was lost with it (its voxels below tau x 500)."""
+    rng = np.random.default_rng(4)
+    found = rng.normal(0, 0.5, (30, 32, 32)).astype(np.float32)
+    f, y, x = np.mgrid[0:30, 0:32, 0:32]
+    found += (40 * np.exp(-((f - 15) / 1.5) ** 2 / 2 - ((y - 16) ** 2 + (x - 15) ** 2) / 2.0 ** 2 / 2)).astype(np.float32)
+    found[15, 16:19, 16:19] += 500.0
+    p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=2, min_size=(2, 2, 1), max_size=(12, 12, 8),
+               drop_zingers=True)
+    blobs, _, segmenter = segment(found, p)
+    expected, rejected = reference_blobs(found, p)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    assert segmenter.rejected["zinger"] == 1 and len(blobs) == 1
+    np.testing.assert_allclose(blobs[0].centroid, (15, 16, 15), atol=0.3)
 
 
 def test_a_seed_on_the_slope_of_a_spot_grown_before_is_no_spot():
