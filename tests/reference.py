@@ -120,9 +120,10 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
         stand_out = SPLIT_LOW * low_map[tuple(grown.T)]
 
         def take(root, in_part, part_peak):
-            """The blob of the part ``in_part`` (over grown) around ``root`` (kept, or rejected); and its voxels
-            where it is a zinger's remnant (rejected as too small or as a zinger, one frame deep, 10 x its lower
-            clamp high), else None."""
+            """The blob of the part ``in_part`` (over grown) around ``root`` (kept, or rejected); its voxels where
+            it is rejected as a zinger (claimed once the component is split) or is a zinger's remnant (rejected
+            as too small or as a zinger, one frame deep, 10 x its lower clamp high), else None; and whether it is
+            such a remnant."""
             # the part beside claimed voxels (in the box) brighter than its peak, not standing out above the
             # brightest of its voxels there by the split rule: a blob's tail
             brighter = np.zeros(volume.shape, bool)
@@ -134,7 +135,7 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 if part_peak - saddle < max(math.sqrt(stand_out[root] ** 2 + photon * max(saddle, 0.0)),
                                             ratio * part_peak):
                     rejected["tail_of_blob"] += 1
-                    return None
+                    return None, False
             part_threshold = np.minimum(np.minimum(np.maximum(params.grow_ratio * part_peak,
                                                               low_map[tuple(grown.T)]), high), part_peak)
             part = np.zeros(volume.shape, bool)
@@ -147,16 +148,16 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             remnant = extent[0] == 1 and part_peak >= 10.0 * low_map[tuple(grown[root])]
             if any(s < m for s, m in zip(size, params.min_size)):
                 rejected["too_small"] += 1
-                return voxels if remnant else None
+                return (voxels if remnant else None), remnant
             # cut by its growth box: it reaches an edge of the box that lies inside the volume
             lows = np.array([f, y, x]) - (reach_f, reach_y, reach_x)
             highs = np.array([f, y, x]) + (reach_f, reach_y, reach_x)
             if (voxels.min(axis=0) == lows).any() or (voxels.max(axis=0) == highs).any():
                 rejected["too_large"] += 1
-                return None
+                return None, False
             if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root], spikes=spikes):
-                rejected["zinger"] += 1  # claimed once the component is split
-                return voxels if remnant else None
+                rejected["zinger"] += 1
+                return voxels, remnant
             claimed[tuple(voxels.T)] = True
             blobs.append(voxels)
             if spots is not None:  # the part, unless its centroid lies beyond the blob's box by the box's extent
@@ -169,13 +170,13 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 spots.append(own_part if near else voxels)
             if others is not None:
                 others.append(grown[~in_part])
-            return None
+            return None, False
 
         # the component's voxels no part has taken: split, and split again without a zinger's remnant and the
         # voxels of its frame within 2 px of its box (what the filter made of it), whose parts with
         # seed_min_voxels seeds (2 x the lower clamp) are spots' parts
         alive = np.ones(len(grown), bool)
-        remnants = []
+        zingers = []  # the voxels of the blobs dropped as zingers or remnants, claimed once the component is split
         first = True
         while alive.any():
             at = np.flatnonzero(alive)
@@ -197,10 +198,11 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 if root == own and values[own] > peak and touches:
                     rejected["tail_of_blob"] += 1
                 elif first or np.count_nonzero(values[in_part] >= stand_out[in_part]) >= params.seed_min_voxels:
-                    remnant = take(root, in_part, values[root])
-                    if remnant is not None:
-                        remnants.append(remnant)
-                        (k, ya, xa), (_, yb, xb) = remnant.min(axis=0), remnant.max(axis=0)
+                    dropped, remnant = take(root, in_part, values[root])
+                    if dropped is not None:
+                        zingers.append(dropped)
+                    if remnant:
+                        (k, ya, xa), (_, yb, xb) = dropped.min(axis=0), dropped.max(axis=0)
                         near = (grown[:, 0] == k) & (np.abs(grown[:, 1] - (ya + yb) / 2) <= (yb - ya) / 2 + 2) \
                             & (np.abs(grown[:, 2] - (xa + xb) / 2) <= (xb - xa) / 2 + 2)
                         alive &= ~near
@@ -210,8 +212,8 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             if not again:
                 break
             first = False
-        for remnant in remnants:
-            claimed[tuple(remnant.T)] = True
+        for dropped in zingers:
+            claimed[tuple(dropped.T)] = True
     return blobs, rejected
 
 

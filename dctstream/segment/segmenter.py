@@ -83,11 +83,9 @@ SPIKE_VALUE = 3.0
 # or less.
 # A small blob one frame deep that holds a spike (a pixel whose unfiltered value was a zinger's, SPIKE_LOW) is one
 # too, whatever its peak and the frames beside: a zinger of 2 x 2 px leaves the filtered frame a blob of a few
-# sigmas (each 3 x 3 median there holds 4 of its pixels, 1 short of half), and the corners of bigger blocks are
-# spikes (4 of 9 again), also where the zinger lands on a spot, whose rocking curve fills the frames beside. A
-# spot's own pixels are no spikes (see SPIKE_VALUE). A scan of sCMOS-like artefacts (not the project's
-# simulator: 20 zingers a frame of 1-2 x 1-3 px, 512^2, 400 frames, 150 spots) had 6 false spots of 2 x 2
-# zingers, none after; the `zingers` validation scan, see README.
+# sigmas over its own pixels, spikes (each 3 x 3 median there holds 4 of its pixels, 1 short of half). A spot's
+# own pixels are no spikes (see SPIKE_VALUE). A scan of sCMOS-like artefacts (not the project's simulator: 20
+# zingers a frame of 1-2 x 1-3 px, 512^2, 400 frames, 150 spots) had 6 false spots of 2 x 2 zingers, none after.
 ZINGER_VOXELS = 12
 ZINGER_PEAK_LOWS = 10.0
 ZINGER_TAIL_PIXELS = 2
@@ -117,7 +115,6 @@ ZINGER_TRACK_ELONGATION = 6.0
 # >= clamp(tau * P, grow_low, grow_high) connected to P.
 SPLIT_LOW = 2.0
 SPLIT_PHOTON = 4.0
-REST_MARGIN_PX = 2
 # REST_OF_PART: a part whose blob (its voxels >= tau x its peak) is rejected as too small or as a zinger, one
 # frame deep and ZINGER_PEAK_LOWS x grow_low high (a zinger's remnant, not a spot's core), does not take the
 # rest of its voxels with it: the voxels of the component no part has taken are split again without the blob's
@@ -127,6 +124,7 @@ REST_MARGIN_PX = 2
 # pieces of that spot's rocking curve). A zinger of 2 x 3 px the 3x3 median left beside a spot
 # (thousands of counts, 2 px from it) made the spot's voxels part of its own, all below tau x its peak: the
 # spot was lost with the zinger (a scan of sCMOS-like artefacts).
+REST_MARGIN_PX = 2
 # A spot's centroid (SPOT_CENTROID): over its part of that component (its voxels >= grow_low, unfiltered
 # values), not over the double threshold's voxels >= tau * P alone. A grain's projection is lopsided: the
 # centroid of its voxels >= 0.3 P lay 0.6 px from the whole spot's, and a rocking curve cut by the scan's first
@@ -692,11 +690,12 @@ class Segmenter:
                     self.rejected["tail_of_blob"] += 1
                 elif first or np.count_nonzero(found[part] >= SPLIT_LOW * low[part]) >= p.seed_min_voxels:
                     whole = (fs[root], ys[root], xs[root]) == tuple(region.max_index)
-                    got, zinger = self._part(component, root, part, region.max_value if whole else float(found[root]),
-                                             box, (f, y, x))
+                    got, zinger, remnant = self._part(component, root, part,
+                                                      region.max_value if whole else float(found[root]), box, (f, y, x))
                     blobs += got
-                    if zinger is not None:  # see REST_OF_PART: the rest is split again without it
+                    if zinger is not None:
                         zingers.append(zinger)
+                    if remnant:  # see REST_OF_PART: the rest is split again without it
                         alive &= ~self._zinger_reach(component, zinger)
                         again = True
                         break
@@ -704,7 +703,7 @@ class Segmenter:
             if not again:
                 break
             first = False
-        for zinger in zingers:  # claimed once the rest is split: no later region grows into them
+        for zinger in zingers:  # claimed once the component is split: no later region grows into them
             self._claim(fs[zinger], ys[zinger], xs[zinger])
         return blobs
 
@@ -732,26 +731,28 @@ class Segmenter:
         return -1
 
     def _part(self, component, root: int, part: np.ndarray, peak: float, box, centre
-              ) -> tuple[list[Blob], np.ndarray | None]:
+              ) -> tuple[list[Blob], np.ndarray | None, bool]:
         """The blob of one part (``part``: which voxels of the ``component`` (fs, ys, xs, found, low) it holds,
-        ``root`` its maximum, of value ``peak``) of a region grown in ``box`` around ``centre``, in a list;
-        and the voxels of its blob where that is a zinger's remnant (see REST_OF_PART), else None."""
+        ``root`` its maximum, of value ``peak``) of a region grown in ``box`` around ``centre``, in a list; the
+        voxels of its blob where that is rejected as a zinger, else None; and whether it is a zinger's remnant
+        (see REST_OF_PART): then those voxels, too, if it was rejected as too small."""
         p = self.params
         fs, ys, xs, found, low = component
         if self._on_brighter_blob(fs[part], ys[part], xs[part], found[part], peak, SPLIT_LOW * low[root], box):
             self.rejected["tail_of_blob"] += 1
-            return [], None
+            return [], None, False
         high = np.inf if p.grow_high is None else p.grow_high
         threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * peak, low), high), peak)
         keep = flood_from(fs, ys, xs, part & (found >= threshold), root, p.connectivity == 26)
-        left = self.rejected["too_small"] + self.rejected["zinger"]
+        small, zingers = self.rejected["too_small"], self.rejected["zinger"]
         blob = self._blob(fs[keep], ys[keep], xs[keep], (int(fs[root]), int(ys[root]), int(xs[root])),
                           (fs[part], ys[part], xs[part]), centre, (fs[~part], ys[~part], xs[~part]))
         if blob is not None:
-            return [blob], None
-        remnant = self.rejected["too_small"] + self.rejected["zinger"] > left and fs[keep].min() == fs[keep].max() \
+            return [blob], None, False
+        zinger = self.rejected["zinger"] > zingers
+        remnant = (zinger or self.rejected["too_small"] > small) and fs[keep].min() == fs[keep].max() \
             and peak >= ZINGER_PEAK_LOWS * low[root]
-        return [], (keep if remnant else None)
+        return [], (keep if zinger or remnant else None), remnant
 
     @staticmethod
     def _zinger_reach(component, zinger: np.ndarray) -> np.ndarray:
