@@ -145,9 +145,10 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             voxels = np.argwhere(labels_part == labels_part[tuple(grown[root])])
             extent = voxels.max(axis=0) - voxels.min(axis=0) + 1  # (frames, y, x)
             size = (extent[2], extent[1], extent[0])
-            remnant = extent[0] == 1 and part_peak >= 10.0 * low_map[tuple(grown[root])]
+            bright = part_peak >= 10.0 * low_map[tuple(grown[root])]
             if any(s < m for s, m in zip(size, params.min_size)):
                 rejected["too_small"] += 1
+                remnant = bright and extent[0] == 1
                 return (voxels if remnant else None), remnant
             # cut by its growth box: it reaches an edge of the box that lies inside the volume
             lows = np.array([f, y, x]) - (reach_f, reach_y, reach_x)
@@ -157,7 +158,7 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 return None, False
             if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root], spikes=spikes):
                 rejected["zinger"] += 1
-                return voxels, remnant
+                return voxels, bright
             claimed[tuple(voxels.T)] = True
             blobs.append(voxels)
             if spots is not None:  # the part, unless its centroid lies beyond the blob's box by the box's extent
@@ -202,10 +203,11 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                     if dropped is not None:
                         zingers.append(dropped)
                     if remnant:
-                        (k, ya, xa), (_, yb, xb) = dropped.min(axis=0), dropped.max(axis=0)
-                        near = (grown[:, 0] == k) & (np.abs(grown[:, 1] - (ya + yb) / 2) <= (yb - ya) / 2 + 2) \
-                            & (np.abs(grown[:, 2] - (xa + xb) / 2) <= (xb - xa) / 2 + 2)
-                        alive &= ~near
+                        for k in set(dropped[:, 0].tolist()):  # each of its frames' box grown by 2 px
+                            (_, ya, xa), (_, yb, xb) = dropped[dropped[:, 0] == k].min(axis=0), \
+                                dropped[dropped[:, 0] == k].max(axis=0)
+                            alive &= ~((grown[:, 0] == k) & (np.abs(grown[:, 1] - (ya + yb) / 2) <= (yb - ya) / 2 + 2)
+                                       & (np.abs(grown[:, 2] - (xa + xb) / 2) <= (xb - xa) / 2 + 2))
                         again = True
                         break
                 alive &= ~in_part
@@ -217,14 +219,22 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     return blobs, rejected
 
 
-def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0, spikes=None):
+def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0, spikes=None, beside=None):
     """A blob (its (frame, y, x) voxels, its maximum at ``peak``) one frame deep: in one frame, at most ``most``
     voxels, or ``track`` whose pixels' position variances along their principal axes (each pixel a unit
     square: + 1/12) are in a ratio of ``elongation`` or more; and a voxel of ``spikes`` (a zinger taken out of
     the unfiltered values) among its own, or its maximum 10 x its lower clamp or more with fewer than 2 of its
     pixels at or above the lower clamp and a tenth of that maximum in the frame before and in the frame after it
     (those in the volume)."""
-    frames = set(voxels[:, 0].tolist())
+    frames = sorted(set(voxels[:, 0].tolist()))
+    if len(frames) == 2 and frames[1] == frames[0] + 1:  # two zingers in a row: no rocking curve joins them
+        peaks = []
+        for g in frames:
+            own = voxels[voxels[:, 0] == g]
+            peaks.append((g, own, own[np.argmax(volume[tuple(own.T)])]))
+        return all(volume[h, at[1], at[2]] < 0.1 * volume[tuple(at)]
+                   and is_zinger(volume, low_map, own, at, most, track, elongation, spikes, beside=h)
+                   for (g, own, at), h in zip(peaks, frames[::-1]))
     if len(frames) != 1 or len(voxels) > track:
         return False
     if len(voxels) > most:
@@ -241,7 +251,7 @@ def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0, 
     k = frames.pop()
     top = volume[tuple(peak)]
     for g in (k - 1, k + 1):
-        if 0 <= g < volume.shape[0]:
+        if 0 <= g < volume.shape[0] and g != beside:
             if sum(volume[g, y, x] >= max(low_map[g, y, x], 0.1 * top) for _, y, x in voxels) >= 2:
                 return False
     return True

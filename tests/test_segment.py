@@ -294,6 +294,28 @@ def test_a_zinger_on_a_spot_is_dropped_and_the_spot_kept():
     np.testing.assert_allclose(blobs[0].centroid, (15, 16, 15), atol=0.3)
 
 
+def test_two_zingers_in_a_row_are_dropped_a_spot_over_two_frames_is_not():
+    """3 x 3 px zingers (+500) in frames 5 and 6, 2 px apart (they touch): one blob over two frames, neither peak
+    with a tenth of itself at its pixel in the other frame: dropped (one zinger rejection). A spot of 0.4 frames
+    (sigma) centred between frames 10 and 11, as bright and as small: its peak pixel holds its rocking curve in
+    both frames, kept. As the whole-volume reference."""
+    rng = np.random.default_rng(6)
+    found = rng.normal(0, 0.5, (16, 24, 40)).astype(np.float32)
+    found[5, 8:11, 8:11] += 500.0
+    found[6, 10:13, 10:13] += 500.0
+    f, y, x = np.mgrid[0:16, 0:24, 0:40]
+    found += (500 * np.exp(-((f - 10.5) / 0.4) ** 2 / 2 - ((y - 12) ** 2 + (x - 30) ** 2) / 0.8 ** 2 / 2)
+              ).astype(np.float32)
+    p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=2, min_size=(2, 2, 1), max_size=(12, 12, 8),
+               drop_zingers=True)
+    blobs, _, segmenter = segment(found, p)
+    expected, rejected = reference_blobs(found, p)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    assert segmenter.rejected["zinger"] == 1
+    assert [(int(b.frame.min()), int(b.frame.max()), int(round(b.centroid[2]))) for b in blobs] == [(10, 11, 30)]
+
+
 def test_a_seed_on_the_slope_of_a_spot_grown_before_is_no_spot():
     """A big spot (peak 150) keeps its voxels >= tau x 150 = 45; its skirt (25, a bump of 32 on it) stays
     unclaimed. A seed of 17 two frames before it, where the threshold is lower (15 against 20), rises into that
