@@ -232,7 +232,7 @@ def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0, 
         for g in frames:
             own = voxels[voxels[:, 0] == g]
             peaks.append((g, own, own[np.argmax(volume[tuple(own.T)])]))
-        return all(volume[h, at[1], at[2]] < 0.1 * volume[tuple(at)]
+        return all(volume[h, at[1], at[2]] < max(low_map[h, at[1], at[2]], 0.1 * volume[tuple(at)])
                    and is_zinger(volume, low_map, own, at, most, track, elongation, spikes, beside=h)
                    for (g, own, at), h in zip(peaks, frames[::-1]))
     if len(frames) != 1 or len(voxels) > track:

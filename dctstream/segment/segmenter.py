@@ -794,16 +794,19 @@ class Segmenter:
     def _zinger_pair(self, k: int, fs, ys, xs) -> bool:
         """A blob of frames k and k + 1 that is two zingers in a row (ZINGER_PAIR): each frame's pixels a zinger's
         by `_zinger` with the other frame left out, and neither frame's peak with ZINGER_TAIL_FRACTION of itself
-        at its pixel in the other frame: no rocking curve joins them."""
+        (and grow_low) at its pixel in the other frame: no rocking curve joins them."""
         parts = []
         for g in (k, k + 1):
             py, px = ys[fs == g], xs[fs == g]
             values = self._values[self._slot_of[g % self._capacity], py, px]
             i = int(np.argmax(values))
             parts.append((g, py, px, (g, int(py[i]), int(px[i])), float(values[i])))
+        tile = self.params.tile_px
         for (g, py, px, at, peak), other in zip(parts, (k + 1, k)):
-            if self._values[self._slot_of[other % self._capacity], at[1], at[2]] >= ZINGER_TAIL_FRACTION * peak \
-                    or not self._zinger(g, py, px, at, beside=other):
+            slot = self._slot_of[other % self._capacity]
+            # at or above grow_low too: what the sparse scan holds decides the same
+            floor = max(self._low_tiles[slot, at[1] // tile, at[2] // tile], ZINGER_TAIL_FRACTION * peak)
+            if self._values[slot, at[1], at[2]] >= floor or not self._zinger(g, py, px, at, beside=other):
                 return False
         return True
 
