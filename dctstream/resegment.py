@@ -101,18 +101,26 @@ def open_scan(run_dir: Path) -> SparseScan:
     return scan
 
 
-def resolve(cfg: Config, scan: SparseScan) -> SegmentParams:
+def resolve(cfg: Config, scan: SparseScan, own: bool = False) -> SegmentParams:
     """The segmentation parameters as the run resolved them (on its first frames' noise), refused when any
-    frame's thresholds would need a voxel below its cut."""
+    frame's thresholds would need a voxel below its cut; ``own``: the run's own settings (see `check_cut`)."""
     params = resolve_segmentation(cfg.segmentation, scan.noise_sigma[0], scan.tile_px, scan.photon_gain)
-    check_cut(cfg, params, scan)
+    check_cut(cfg, params, scan, own)
     return params
 
 
-def check_cut(cfg: Config, params: SegmentParams, scan: SparseScan) -> None:
-    """`ConfigError` naming the key, frame and tile where ``cfg``'s thresholds would go below the sparse cut."""
+def check_cut(cfg: Config, params: SegmentParams, scan: SparseScan, own: bool = False) -> None:
+    """`ConfigError` naming the key, frame and tile where ``cfg``'s thresholds would go below the sparse cut.
+
+    A voxel is compared with its frame's thresholds and with the peak of a region up to max_blob_size[2] frames
+    away, at least that frame's seed threshold: both count. The run set each frame's cut from that frame's own
+    thresholds (its neighbours' noise not known yet), so with ``own`` (the run's own settings) only those count:
+    where a tile within reach has a third of the noise or less and that noise dips along psi, the run's own
+    settings were refused ("needs 13.02 counts ... below the cut of 13.11", a validation scan); the voxels
+    between the two, compared in the run only with a peak of another frame there, are missing from the sparse
+    scan as its tails below the cut are."""
     seg, n = cfg.segmentation, len(scan)
-    reach, reach_f = reach_tiles(params.max_size, params.tile_px), params.max_size[2]
+    reach, reach_f = reach_tiles(params.max_size, params.tile_px), 0 if own else params.max_size[2]
     ty, tx = scan.cut.shape[1:]
     t = params.tile_px
     # a tile of masked pixels only is never segmented: its cut keeps nothing, its thresholds say nothing
@@ -230,7 +238,7 @@ def resegment(run_dir, overrides=(), out_dir=None, *, overwrite: bool = False, d
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, overrides)
     with open_scan(run_dir) as scan:
-        params = resolve(cfg, scan)
+        params = resolve(cfg, scan, own=cfg.segmentation == run_config(run_dir).segmentation)
         out = Path(out_dir) if out_dir is not None else run_dir / "resegmented"
         resolved, run_resolved = out.resolve(), run_dir.resolve()
         if resolved == run_resolved:
@@ -541,6 +549,7 @@ def tune(run_dir, key: str | None = None, values=None, overrides=()) -> dict:
             key = key or default_key
             values = values if values is not None else default_values
         current = config_to_dict(cfg)["segmentation"]
+        own = run_config(Path(run_dir)).segmentation
         if key not in current:
             raise ConfigError(f"--key: segmentation.{key}: no such setting, expected one of "
                               f"{', '.join(sorted(current))}")
@@ -550,7 +559,7 @@ def tune(run_dir, key: str | None = None, values=None, overrides=()) -> dict:
         for value in values:
             try:
                 setting = replace_config(cfg, segmentation={key: value})
-                settings.append((value, setting, resolve(setting, scan)))
+                settings.append((value, setting, resolve(setting, scan, own=setting.segmentation == own)))
             except ConfigError as exc:
                 refused.append((value, str(exc)))
         if not settings:

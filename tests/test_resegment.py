@@ -16,8 +16,8 @@ from cli_util import assert_one_line_error
 from dctstream.cli import main
 from dctstream.config import load_config
 from dctstream.errors import ConfigError, InputError, OutputError
-from dctstream.pipeline import Pipeline, resolve_segmentation
-from dctstream.resegment import draw_tune, format_tune, knee_index, resegment, tune
+from dctstream.pipeline import Pipeline, resolve_segmentation, sparse_cut
+from dctstream.resegment import check_cut, draw_tune, format_tune, knee_index, resegment, tune
 from dctstream.sinks import SparseScan, read_corrected, read_spot_table
 from simulators.dct_scan import simulate_scan
 from simulators.evaluate import score
@@ -726,3 +726,28 @@ def test_tune_sweeps_whole_number_settings(run):
     result = tune(tmp / "run", "seed_min_voxels", [2.0, 3.0, 4.0])
     assert [r["value"] for r in result["rows"]] == [2, 3, 4] and not result["refused"]
     assert result["rows"][0]["spots"] >= result["rows"][-1]["spots"] > 0
+
+
+class _Scan(SimpleNamespace):
+    def __len__(self):
+        return len(self.cut)
+
+
+def test_the_runs_own_settings_are_checked_against_each_frames_own_thresholds():
+    """A tile at a third of its neighbour's noise (the detector's edge beside the glow), 1.4 % lower from frame 30
+    on (the `zingers` validation scan): each frame's cut, set from that frame's noise alone as the run sets it,
+    lies above the seed threshold of the edge's tile 25 frames on, which other settings are checked against (a
+    region's peak may lie there); the run's own settings are checked as the run set the cut, and pass (they were
+    refused: "needs 13.02 counts ... below the cut of 13.1")."""
+    cfg = load_config()
+    sigma = np.full((60, 4, 8), 6.55)
+    sigma[:, :, 7] = 2.2
+    sigma[30:, :, 7] = 2.17
+    cut = np.stack([sparse_cut(cfg.export, cfg.segmentation, s, 32) for s in sigma])
+    scan = _Scan(cut=cut, noise_sigma=sigma, mask=np.zeros((128, 256), bool), tile_px=32, photon_gain=None,
+                 path="corrected.h5")
+    params = resolve_segmentation(cfg.segmentation, sigma[0], 32)
+    check_cut(cfg, params, scan, own=True)  # no ConfigError
+    with pytest.raises(ConfigError, match=r"seed_sigma: needs corrected values down to 13\.02 counts .* at frame "
+                                          r"5, pixels y 0\.\.31, x 128\.\.159, below the sparse scan's cut of 13\.1"):
+        check_cut(cfg, params, scan)
