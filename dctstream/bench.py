@@ -19,7 +19,9 @@ import h5py
 import numba
 import numpy as np
 
+from .atomic import output_error
 from .background.kernels import HistogramWindow, median_filter
+from .errors import OutputError
 from .sources.base import FrameSource
 
 # The baselines run on the whole frames, a block of this many rows per task (memory: a block of the
@@ -179,16 +181,27 @@ def _written_apart(path: Path, size: int, seed: int, source: str, n: int) -> str
     then the pipeline's own."""
     import multiprocessing
 
-    process = multiprocessing.get_context("fork").Process(target=_write_synthetic, args=(path, size, seed, source, n))
+    context = multiprocessing.get_context("fork")
+    failed = context.SimpleQueue()
+    process = context.Process(target=_write_synthetic, args=(path, size, seed, source, n, failed))
     process.start()
     process.join()
     if process.exitcode != 0:
+        why = failed.get() if not failed.empty() else None
+        if why is not None:  # a full disk: one line naming the file, not the child's traceback
+            mb = n * size * size * 2 / 1e6
+            raise OutputError(f"{why.split('; free some space')[0]} for the bench scan ({n} frames of {size} x {size} "
+                              f"uint16, {mb:,.1f} MB; TMPDIR chooses its folder)")
         raise RuntimeError(f"{path}: writing the bench scan failed (exit code {process.exitcode})")
     return f"{path}::/1.1/measurement/frames"
 
 
-def _write_synthetic(path: Path, size: int, seed: int, source: str, n: int) -> None:
-    _write_scan(path, SyntheticScan(size, seed, source), n)
+def _write_synthetic(path: Path, size: int, seed: int, source: str, n: int, failed) -> None:
+    try:
+        _write_scan(path, SyntheticScan(size, seed, source), n)
+    except (OSError, RuntimeError) as exc:  # h5py reports a failed write as either
+        failed.put(str(output_error(path, exc)))
+        os._exit(1)  # a forked child: no cleanup of the parent's state
 
 
 def bench_pipeline(opts: BenchOptions, workdir: Path, source: str = "drifting", resegment: bool = True) -> dict:

@@ -2,9 +2,14 @@
 
 import json
 import math
+import os
+import resource
+import subprocess
+import sys
 
 import pytest
 
+from cli_util import assert_one_line_error
 from dctstream.bench import BenchOptions, SyntheticScan, bench_sources, format_report, run_bench
 from dctstream.cli import main
 from dctstream.pipeline import FRAME_QUEUE_DEPTH, SEGMENT_QUEUE_DEPTH
@@ -102,3 +107,15 @@ def test_baselines_take_every_pixel_of_the_ring_frames_they_name(monkeypatch):
     np.testing.assert_array_equal(np.concatenate(blocks, axis=1), ring[[2, 3, 4, 5, 6]])
     assert result["partition_block_frames_per_s"] == pytest.approx(2 * result["partition_exact_frames_per_s"])
     assert result["baseline_threads"] == 2
+
+
+def test_a_full_disk_while_writing_the_bench_scan_is_one_line(tmp_path):
+    """The bench writes its scan in a child process; a full disk (here a file-size limit) there ended in the
+    child's traceback and a RuntimeError's: now one line naming the file, why, and the scan's size."""
+    limit = 200 * 1024  # the scan: 41 frames of 64 x 64 uint16, 336 kB
+    done = subprocess.run([sys.executable, "-m", "dctstream", "bench", "--size", "64", "--window", "21", "--frames",
+                           "20", "--no-baselines"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp_path)},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert_one_line_error(done.returncode, done.stdout, done.stderr, 1,
+                          ["bench.h5: cannot write output, File too large", "the bench scan (41 frames of 64 x 64"])
