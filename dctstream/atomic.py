@@ -17,7 +17,7 @@ import h5py
 from .errors import OutputError
 
 
-def output_error(path: Path, exc: OSError | RuntimeError) -> OutputError:
+def output_error(path: Path, exc: OSError | RuntimeError, resumable: bool = True) -> OutputError:
     # h5py puts HDF5's whole diagnostic into str(exc), with the system's errno inside: say what that
     # errno means (disk full, file too large, read-only, permission denied) and keep the message one line.
     code = getattr(exc, "errno", None)
@@ -26,7 +26,7 @@ def output_error(path: Path, exc: OSError | RuntimeError) -> OutputError:
         code = int(found[1]) if found else None
     reason = os.strerror(code) if code else " ".join((getattr(exc, "strerror", None) or str(exc)).split())
     hint = ("; free some space (or raise the file-size limit) and run the same command again to resume"
-            if code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
+            if resumable and code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
     return OutputError(f"{path}: cannot write output, {reason}, expected a writable folder with free space{hint}")
 
 

@@ -190,8 +190,8 @@ def _written_apart(path: Path, size: int, seed: int, source: str, n: int) -> str
         why = failed.get() if not failed.empty() else None
         if why is not None:  # a full disk: one line naming the file, not the child's traceback
             mb = n * size * size * 2 / 1e6
-            raise OutputError(f"{why.split('; free some space')[0]} for the bench scan ({n} frames of {size} x {size} "
-                              f"uint16, {mb:,.1f} MB; TMPDIR chooses its folder)")
+            raise OutputError(f"{why} for the bench scan ({n} frames of {size} x {size} uint16, {mb:,.1f} MB; "
+                              "TMPDIR chooses its folder)")
         raise RuntimeError(f"{path}: writing the bench scan failed (exit code {process.exitcode})")
     return f"{path}::/1.1/measurement/frames"
 
@@ -200,7 +200,7 @@ def _write_synthetic(path: Path, size: int, seed: int, source: str, n: int, fail
     try:
         _write_scan(path, SyntheticScan(size, seed, source), n)
     except (OSError, RuntimeError) as exc:  # h5py reports a failed write as either
-        failed.put(str(output_error(path, exc)))
+        failed.put(str(output_error(path, exc, resumable=False)))
         os._exit(1)  # a forked child: no cleanup of the parent's state
 
 

@@ -602,8 +602,8 @@ class HardScanModel(ScanModel):
         above 0.3 x its peak, within ZINGER_BLOCK_NEAR_SPOT_PX of its centre."""
         rng = np.random.default_rng((self.seed, _ZINGER_BLOCK_STREAM))
         aimed: dict[int, list[tuple[float, float]]] = {}
-        for i in range(len(self._boxes)):
-            lit = [k for k in range(self.frames) if any(j == i and g > 0.3 for j, g in self._by_frame[k])]
+        for i, (ks, ku) in enumerate(self._rock):
+            lit = sorted({int(k) for k, g in zip(ks, self._rocking(i, ku)) if g > 0.3})
             if not lit or rng.random() >= 1 / 3:
                 continue
             x, y = self._boxes[i][:2]

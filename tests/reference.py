@@ -61,8 +61,8 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     ``others``: a list that gets the rest of that component (the touching spots' parts), the same way.
     ``spikes``: a boolean volume of the voxels whose unfiltered value was a zinger's (see `is_zinger`).
     A part whose blob is rejected as too small or as a zinger, one frame deep and 10 x its lower clamp high,
-    leaves the rest of its voxels, but for its box grown by 2 px in its frame, to be split again without it:
-    each maximum there with its seed (2 x the lower clamp, seed_min_voxels such voxels) is a part.
+    takes out only its voxels and those of its frame within 2 px of its box: the component's voxels no part has
+    taken are split again, each part with seed_min_voxels seeds (2 x the lower clamp) a spot's.
     """
     nf, ny, nx = volume.shape
     mask = np.zeros((ny, nx), bool) if mask is None else mask

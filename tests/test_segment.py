@@ -242,6 +242,36 @@ def test_a_zinger_the_filter_left_a_few_sigmas_of_is_dropped_by_its_spikes():
     assert runs == {True: ([18, 31], 1), False: ([5, 18, 31], 0)}
 
 
+# the zinger tests' settings: seeds at 6, grow_low 3 (30 sigma: a peak of 30), blobs of 2 x 2 px at least
+ZINGER_PARAMS = dict(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=2, min_size=(2, 2, 1), max_size=(12, 12, 8),
+                     drop_zingers=True)
+
+
+def gaussian_spot(shape, peak, centre, sigma_frames, sigma_px):
+    """A spot of ``peak`` at ``centre`` (frame, y, x) over a volume of ``shape``, float32."""
+    f, y, x = np.mgrid[tuple(slice(0, n) for n in shape)]
+    cf, cy, cx = centre
+    return (peak * np.exp(-((f - cf) / sigma_frames) ** 2 / 2 - ((y - cy) ** 2 + (x - cx) ** 2) / sigma_px ** 2 / 2)
+            ).astype(np.float32)
+
+
+def segment_as_reference(found, p, measure=None):
+    """The blobs and segmenter of ``found`` (measured on ``measure`` when given), checked against the whole-volume
+    reference: the same voxels and rejections (its zingers' spikes from ``measure``, as the segmenter finds them)."""
+    if measure is None:
+        blobs, _, segmenter = segment(found, p)
+        spikes = None
+    else:
+        segmenter = Segmenter(p, found.shape[1:], measured=True)
+        blobs = [b for k in range(len(found)) for b in segmenter.push(k, found[k], measure=measure[k])]
+        blobs += segmenter.finish()
+        spikes = measure - found > SPIKE_LOW * p.grow_low + SPIKE_VALUE * np.abs(found)
+    expected, rejected = reference_blobs(found, p, spikes=spikes)
+    assert voxel_sets(blobs) == reference_sets(expected)
+    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    return blobs, segmenter
+
+
 def test_what_a_zingers_remnant_leaves_of_its_component_is_split_again_as_the_reference_does():
     """A blob of 2 x 1 px far above a spot on the spot's slope (what the 3x3 median leaves of a zinger there):
     the part's maximum, whose blob (>= tau x its peak) is too small; the spot's voxels, all below tau x that
@@ -251,24 +281,14 @@ def test_what_a_zingers_remnant_leaves_of_its_component_is_split_again_as_the_re
     rng = np.random.default_rng(8)
     found = spotty_volume(rng, (50, 40, 48), 0)
     centres = [(10, 10, 10), (25, 28, 30), (40, 12, 36)]
-    f, y, x = np.mgrid[0:50, 0:40, 0:48]
-    for cf, cy, cx in centres:
-        found += (40 * np.exp(-((f - cf) / 1.5) ** 2 / 2 - ((y - cy) ** 2 + (x - cx) ** 2) / 2.0 ** 2 / 2)
-                  ).astype(np.float32)
+    for centre in centres:
+        found += gaussian_spot(found.shape, 40, centre, 1.5, 2.0)
     measure = found.copy()
     found[10, 8:10, 11] += 300.0  # on the first spot's slope, at its peak frame: 2 x 1 px
     found[25, 25:27, 31] += 300.0
     found[40, 7:9, 40:42] += 30.0  # a 2 x 2 zinger the filter left 30 of, beside the third spot
     measure[40, 7:9, 40:42] += 600.0
-    p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=2, min_size=(2, 2, 1), max_size=(12, 12, 8),
-               drop_zingers=True)
-    segmenter = Segmenter(p, found.shape[1:], measured=True)
-    blobs = [b for k in range(len(found)) for b in segmenter.push(k, found[k], measure=measure[k])]
-    blobs += segmenter.finish()
-    spikes = measure - found > SPIKE_LOW * p.grow_low + SPIKE_VALUE * np.abs(found)
-    expected, rejected = reference_blobs(found, p, spikes=spikes)
-    assert voxel_sets(blobs) == reference_sets(expected)
-    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    blobs, segmenter = segment_as_reference(found, params(**ZINGER_PARAMS), measure)
     assert segmenter.rejected["too_small"] >= 2 and segmenter.rejected["zinger"] >= 1
     # each spot a blob around its centre
     assert sorted(np.round(b.centroid).astype(int).tolist() for b in blobs) == sorted(map(list, centres))
@@ -281,15 +301,9 @@ def test_a_zinger_on_a_spot_is_dropped_and_the_spot_kept():
     reference. Before, the zinger was a blob and the spot was lost with it (its voxels below tau x 500)."""
     rng = np.random.default_rng(4)
     found = rng.normal(0, 0.5, (30, 32, 32)).astype(np.float32)
-    f, y, x = np.mgrid[0:30, 0:32, 0:32]
-    found += (40 * np.exp(-((f - 15) / 1.5) ** 2 / 2 - ((y - 16) ** 2 + (x - 15) ** 2) / 2.0 ** 2 / 2)).astype(np.float32)
+    found += gaussian_spot(found.shape, 40, (15, 16, 15), 1.5, 2.0)
     found[15, 16:19, 16:19] += 500.0
-    p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=2, min_size=(2, 2, 1), max_size=(12, 12, 8),
-               drop_zingers=True)
-    blobs, _, segmenter = segment(found, p)
-    expected, rejected = reference_blobs(found, p)
-    assert voxel_sets(blobs) == reference_sets(expected)
-    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    blobs, segmenter = segment_as_reference(found, params(**ZINGER_PARAMS))
     assert segmenter.rejected["zinger"] == 1 and len(blobs) == 1
     np.testing.assert_allclose(blobs[0].centroid, (15, 16, 15), atol=0.3)
 
@@ -303,15 +317,8 @@ def test_two_zingers_in_a_row_are_dropped_a_spot_over_two_frames_is_not():
     found = rng.normal(0, 0.5, (16, 24, 40)).astype(np.float32)
     found[5, 8:11, 8:11] += 500.0
     found[6, 10:13, 10:13] += 500.0
-    f, y, x = np.mgrid[0:16, 0:24, 0:40]
-    found += (500 * np.exp(-((f - 10.5) / 0.4) ** 2 / 2 - ((y - 12) ** 2 + (x - 30) ** 2) / 0.8 ** 2 / 2)
-              ).astype(np.float32)
-    p = params(seed_threshold=6.0, grow_low=3.0, seed_min_voxels=2, min_size=(2, 2, 1), max_size=(12, 12, 8),
-               drop_zingers=True)
-    blobs, _, segmenter = segment(found, p)
-    expected, rejected = reference_blobs(found, p)
-    assert voxel_sets(blobs) == reference_sets(expected)
-    assert {k: v for k, v in rejected.items() if v} == dict(segmenter.rejected)
+    found += gaussian_spot(found.shape, 500, (10.5, 12, 30), 0.4, 0.8)
+    blobs, segmenter = segment_as_reference(found, params(**ZINGER_PARAMS))
     assert segmenter.rejected["zinger"] == 1
     assert [(int(b.frame.min()), int(b.frame.max()), int(round(b.centroid[2]))) for b in blobs] == [(10, 11, 30)]
 

@@ -94,16 +94,16 @@ ZINGER_TAIL_PIXELS = 2
 # thousands, and the tail test alone took it for a spot: a false spot, and the spot's voxels below tau x the
 # zinger lost with it (the `zingers` validation scan, 256^2: recall 0.90, 9 false, see README).
 ZINGER_TAIL_FRACTION = 0.1
-# ZINGER_PAIR: two zingers in a row, a blob of two frames, each frame's part a zinger's by the rule above with the
-# other frame left out, and neither part's peak with ZINGER_TAIL_FRACTION of itself at its pixel in the other
-# frame (a spot's rocking curve lies at its own pixels). Two zingers touch in consecutive frames as often as the
-# square of their rate: the `zingers` scan at 2048^2 (320 a frame) had 100 such false spots of 182.
 # ... or of at most ZINGER_TRACK_VOXELS in a line: a particle crossing the sensor at a slant. Line: the
 # variances of its pixels' positions along their two principal axes (each pixel a unit square, 1/12 more)
 # in a ratio of ZINGER_TRACK_ELONGATION or more, a length 2.5x the width (a track 2 px wide, 5 px long or
 # more); a spot is round unless far bigger (polyxsim's one-frame spots: 17 voxels or more, a ratio under 2).
 ZINGER_TRACK_VOXELS = 48
 ZINGER_TRACK_ELONGATION = 6.0
+# ZINGER_PAIR: two zingers in a row, a blob of two frames, each frame's part a zinger's by the rules above with the
+# other frame left out, and neither part's peak with ZINGER_TAIL_FRACTION of itself at its pixel in the other
+# frame (a spot's rocking curve lies at its own pixels). Two zingers touch in consecutive frames as often as the
+# square of their rate: the `zingers` scan at 2048^2 (320 a frame) had 100 such false spots of 182.
 # Touching spots: the component of voxels >= grow_low around a maximum holds a second spot when a second
 # maximum stands out above the saddle s that joins it to a brighter one by its noise there: by
 # sqrt((SPLIT_LOW x grow_low)^2 + SPLIT_PHOTON^2 x g x s), the background's noise (SPLIT_LOW x grow_low is
@@ -684,7 +684,7 @@ class Segmenter:
         while alive.any():
             at = np.flatnonzero(alive)
             top = at[split_maxima(fs[at], ys[at], xs[at], found[at], SPLIT_LOW * low[at], *p.split_rule(), conn26)]
-            skirt = self._skirt(region, top, component) if first else -1
+            skirt = self._skirt(region, voxels, top, component) if first else -1
             again = False
             roots = np.unique(top)  # each part's peak: brightest first, then by index
             for root in roots[np.lexsort((roots, -found[roots]))]:
@@ -711,9 +711,10 @@ class Segmenter:
             self._claim(fs[zinger], ys[zinger], xs[zinger])
         return blobs
 
-    def _skirt(self, region: _Region, top, component) -> int:
-        """The root of the part that holds this region's own maximum where that part's peak is brighter and the
-        part touches a claimed voxel (its skirt, see below), else -1."""
+    def _skirt(self, region: _Region, voxels, top, component) -> int:
+        """The root of the part (``top``: each voxel's, ``voxels`` their sorted flat indices) that holds this region's
+        own maximum where that part's peak is brighter and the part touches a claimed voxel (its skirt, see below),
+        else -1."""
         # This region's own maximum in the part of a brighter voxel: it lies on the slope of a spot grown
         # before it (brighter regions are grown first), in what that spot left below tau x its peak -- a
         # noise-lifted seed in a big spot's rocking tail, whose part would take a bump of that skirt for a peak.
@@ -725,8 +726,7 @@ class Segmenter:
         ny, nx = self.frame_shape
         f, y, x = region.max_index
         reach_f = self.params.max_size[2]
-        flat = (fs * ny + ys) * nx + xs
-        own = top[np.searchsorted(flat, (f * ny + y) * nx + x)]
+        own = top[np.searchsorted(voxels, (f * ny + y) * nx + x)]
         if found[own] > region.max_value:
             part = top == own
             box = (max(f - reach_f, 0), min(f + reach_f, self.last), 0, ny - 1, 0, nx - 1)
@@ -748,13 +748,12 @@ class Segmenter:
         high = np.inf if p.grow_high is None else p.grow_high
         threshold = np.minimum(np.minimum(np.maximum(p.grow_ratio * peak, low), high), peak)
         keep = flood_from(fs, ys, xs, part & (found >= threshold), root, p.connectivity == 26)
-        small, zingers = self.rejected["too_small"], self.rejected["zinger"]
         blob = self._blob(fs[keep], ys[keep], xs[keep], (int(fs[root]), int(ys[root]), int(xs[root])),
                           (fs[part], ys[part], xs[part]), centre, (fs[~part], ys[~part], xs[~part]))
-        if blob is not None:
+        if isinstance(blob, Blob):
             return [blob], None, False
-        zinger = self.rejected["zinger"] > zingers
-        remnant = (zinger or self.rejected["too_small"] > small and fs[keep].min() == fs[keep].max()) \
+        zinger = blob == "zinger"
+        remnant = (zinger or blob == "too_small" and fs[keep].min() == fs[keep].max()) \
             and peak >= ZINGER_PEAK_LOWS * low[root]
         return [], (keep if zinger or remnant else None), remnant
 
@@ -837,27 +836,28 @@ class Segmenter:
         """Whether a zinger was taken out of the unfiltered values of any of these pixels of slot ``slot``."""
         return bool(np.any((self._flags[slot, SPIKE, ys, xs >> 3] >> (xs & 7)) & 1))
 
-    def _blob(self, fs, ys, xs, max_index, spot, centre, others) -> Blob | None:
+    def _blob(self, fs, ys, xs, max_index, spot, centre, others) -> Blob | str:
         """The blob of these voxels around its maximum, measured and claimed, its centroid taken over the
-        ``spot``'s voxels (frames, ys, xs); None if the size filters reject it: smaller than min_size, or
-        reaching an edge of the growth box around ``centre`` (f, y, x; the region's maximum) that lies inside
-        the frame and the scan, where it was cut. ``others``: the voxels (frames, ys, xs) of the other parts of
-        its component, touching spots' voxels, which are none of its tails."""
+        ``spot``'s voxels (frames, ys, xs); else why it is rejected (counted in ``rejected``): ``too_small``
+        (smaller than min_size), ``too_large`` (reaching an edge of the growth box around ``centre`` (f, y, x;
+        the region's maximum) that lies inside the frame and the scan, where it was cut) or ``zinger``.
+        ``others``: the voxels (frames, ys, xs) of the other parts of its component, touching spots' voxels,
+        which are none of its tails."""
         p = self.params
         ny, nx = self.frame_shape
         fa, fb, ya, yb, xa, xb = (int(v) for v in (fs.min(), fs.max(), ys.min(), ys.max(), xs.min(), xs.max()))
         size = (xb - xa + 1, yb - ya + 1, fb - fa + 1)
         if any(s < m for s, m in zip(size, p.min_size)):
             self.rejected["too_small"] += 1
-            return None
+            return "too_small"
         if cut_by_box((fa, fb, ya, yb, xa, xb), centre, p.max_size):
             self.rejected["too_large"] += 1
             self.too_large_size = tuple(max(a, b) for a, b in zip(self.too_large_size, size))
-            return None
+            return "too_large"
         if p.drop_zingers and (fa == fb and self._zinger(fa, ys, xs, max_index)  # one frame deep: claimed by _grow
                                or fb == fa + 1 and self._zinger_pair(fa, fs, ys, xs)):
             self.rejected["zinger"] += 1
-            return None
+            return "zinger"
         self._claim(fs, ys, xs)
         volume = self._measures[self._frame_slots(np.arange(fa, fb + 1)), ya:yb + 1, xa:xb + 1]  # copies the box only
         value = volume[fs - fa, ys - ya, xs - xa]
