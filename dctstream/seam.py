@@ -28,9 +28,16 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from .sinks.spot_table import PSI_COLUMN, spot_row
+from .sources.hdf5 import radians_like
 from .types import Blob
 
 log = logging.getLogger(__name__)
+
+
+def turn(psi: list[float]) -> float:
+    """A whole turn in the unit of ``psi``: 360 degrees, or 2 pi where the angles look like radians (no unit
+    said so, and they are kept as recorded: `dctstream.sources.hdf5.radians_like`, which warns)."""
+    return 2 * np.pi if radians_like(np.asarray(psi, np.float64)) else 360.0
 
 
 def full_turn(psi: list[float] | None) -> bool:
@@ -38,7 +45,7 @@ def full_turn(psi: list[float] | None) -> bool:
     if psi is None or len(psi) < 3:
         return False
     step = float(np.median(np.diff(psi)))
-    return bool(step != 0 and abs(abs(psi[-1] - psi[0] + step) - 360.0) <= 0.5 * abs(step))
+    return bool(step != 0 and abs(abs(psi[-1] - psi[0] + step) - turn(psi)) <= 0.5 * abs(step))
 
 
 def psi_at(psi: list[float], frame: float) -> float:
@@ -50,7 +57,7 @@ def psi_at(psi: list[float], frame: float) -> float:
         return float(np.interp(frame, np.arange(n), psi))
     value = psi[-1] + (frame - (n - 1)) * step
     sign = 1.0 if step > 0 else -1.0
-    return float(psi[0] + sign * ((sign * (value - psi[0])) % 360.0))
+    return float(psi[0] + sign * ((sign * (value - psi[0])) % turn(psi)))
 
 
 def read_difspot(path: Path, blob_id: int, total: float | None = None,

@@ -16,6 +16,8 @@ from dctstream.sinks.spot_table import read_spot_table
     (list(-np.arange(40) * 9.0), True),  # turning the other way
     (list(np.arange(180) * 1.0), False),  # half a turn
     (list(np.arange(361) * 1.0), False),  # the first frame taken again at 360: not the same seam
+    (list(np.radians(np.arange(720) * 0.5)), True),  # radians, without a unit to say so
+    (list(np.radians(np.arange(360) * 0.5)), False),  # half a turn of them
     (None, False),
 ])
 def test_full_turn(psi, whole):
@@ -50,14 +52,16 @@ def _scan_with_seam_spot(tiny_scan, path, centre_frame, radians=False, spots=Non
     with h5py.File(path, "w") as f:
         f["/1.1/measurement/marana"] = frames
         f["/1.1/measurement/diffrz"] = np.radians(angles) if radians else angles
-        if radians:  # as NeXus says it
+        if radians and radians != "unitless":  # as NeXus says it
             f["/1.1/measurement/diffrz"].attrs["units"] = "rad"
         f["/2.1/measurement/marana"] = dark
         f["/1.1/end_time"] = "2024-01-01T10:00:00"
     return f"{path}::/1.1/measurement/marana", f"{path}::/1.1/measurement/diffrz", f"{path}::/2.1/measurement/marana"
 
 
-@pytest.mark.parametrize("centre,radians", [(39.5, False), (0.0, False), (0.0, True)])
+# "unitless": radians without a unit, kept as recorded (the run warns): a whole turn is 2 pi there
+@pytest.mark.parametrize("centre,radians", [(39.5, False), (0.0, False), (0.0, True), (0.0, "unitless"),
+                                            (39.5, "unitless")])
 def test_spot_across_the_seam_is_one_spot(tmp_path, tiny_scan, tiny_overrides, centre, radians):
     src, angles, dark = _scan_with_seam_spot(tiny_scan, tmp_path / "seam.h5", centre, radians)
     out = tmp_path / "out"
@@ -73,8 +77,10 @@ def test_spot_across_the_seam_is_one_spot(tmp_path, tiny_scan, tiny_overrides, c
     gap = abs(spots["centroid_frame"][i] - expected)
     assert min(gap, 40 - gap) < 0.3
     assert 0 <= spots["centroid_frame"][i] < 40
-    psi = spots["centroid_psi_deg"][i]
-    assert min(abs(psi - 9 * expected), 360 - abs(psi - 9 * expected)) < 3
+    psi, turn = spots["centroid_psi_deg"][i], 360.0
+    if radians == "unitless":  # psi as recorded
+        psi, turn = np.degrees(psi), np.degrees(2 * np.pi)
+    assert min(abs(psi - 9 * expected), turn - abs(psi - 9 * expected)) < 3
     assert stats.seam_joined == 1
     files = sorted(p.name for p in (out / "difspots").glob("*.h5"))
     assert files == [f"{int(v):06d}.h5" for v in sorted(spots["id"])]
