@@ -1,9 +1,13 @@
 """Frame buffers used again: an array is handed out again only once nothing but its pool holds it."""
 
+import resource
+import sys
+import weakref
+
 import numpy as np
 import pytest
 
-from dctstream.ring import ArrayPool
+from dctstream.ring import ArrayPool, FrameRing, fault_in
 
 
 # and a frame's size: a frame-sized array must own its memory, as a view of it then holds it (one in a memory
@@ -34,3 +38,42 @@ def test_a_full_pool_of_arrays_in_use_makes_new_ones_and_keeps_at_most_its_size(
     del held
     again = [pool.take((3,), np.int64) for _ in range(2)]
     assert {a.__array_interface__["data"][0] for a in again} == kept
+
+
+def _faults_writing(frames: np.ndarray) -> int:
+    """Page faults of this thread while every byte of ``frames`` is written."""
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    frames[...] = 1
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
+def test_a_ring_faulted_in_by_its_thread_keeps_the_frames_written_meanwhile_and_costs_their_writes_no_faults():
+    ring = FrameRing(24, (512, 1024), np.uint16)  # 24 MiB
+    thread = fault_in(ring.data, range(ring.capacity), min_bytes=0)
+    frames = [np.full((512, 1024), k + 1, np.uint16) for k in range(ring.capacity)]
+    for frame in frames:  # while the thread faults the same memory in
+        ring.push(frame)
+    thread.join(timeout=60)
+    if not thread.faulted_in:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later)")
+    for k, frame in enumerate(frames):
+        np.testing.assert_array_equal(ring[k], frame)
+    fresh = np.empty_like(ring.data)  # the same size, never written: its writes fault every page in
+    faulted = FrameRing(24, (512, 1024), np.uint16)
+    faulted.fault_in()  # under FAULT_IN_MIN_BYTES: nothing
+    later = fault_in(faulted.data, range(faulted.capacity), min_bytes=0)
+    later.join(timeout=60)
+    control = _faults_writing(fresh)
+    assert control >= 12  # at least one fault a 2 MiB huge page
+    assert _faults_writing(faulted.data) <= control // 4
+
+
+def test_a_ring_dropped_while_it_is_faulted_in_is_freed_and_no_longer_faulted_in():
+    ring = FrameRing(64, (512, 1024), np.uint16)  # 64 MiB
+    thread = fault_in(ring.data, range(ring.capacity), min_bytes=0)
+    freed = weakref.ref(ring.data)
+    del ring
+    thread.join(timeout=60)
+    assert freed() is None  # the thread held it no longer than a slot
+    assert not thread.faulted_in  # and stopped there, its last slots left

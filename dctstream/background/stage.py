@@ -270,6 +270,7 @@ class BackgroundStage:
         # A resumed scan starts at ``first_frame`` (see ``first_raw_frame``), with the margin
         # normalisation's reference (frame 0's margin mean) and the direct beam of the first run.
         self.first = self.ring.count = first_frame
+        self.ring.fault_in()
         self._ones = np.ones(self.ring.capacity, np.float32)  # the ring holds normalised frames
         self._margin_ref: float | None = margin_ref
         self._known_scales = np.asarray([] if known_scales is None else known_scales, np.float64)
