@@ -217,14 +217,13 @@ def bench_pipeline(opts: BenchOptions, workdir: Path, source: str = "drifting", 
                              f"background.batch_frames={opts.batch}", f"output.dir={workdir / 'out'}"])
     pipeline = Pipeline(cfg, overwrite=True)
     push_s = []
-    filled = []  # seconds until the ring held a window of frames but one
+    ticks = []  # seconds from the start to the end of each frame's push, and to the run's end
     behind = []  # frames handed to the background stage whose segmentation is not done: the latency in frames
     last = [time.perf_counter()]
 
     def tick(stats):
         now = time.perf_counter()
-        if len(push_s) == opts.window - 2:  # the frame before the one that completes the first window, whose
-            filled.append(now - t0)  # push corrects and segments the first half-window before it returns
+        ticks.append(now - t0)
         push_s.append(now - last[0])
         behind.append(stats.frames_read - stats.backlog_frames - stats.frames_segmented)
         last[0] = now
@@ -243,7 +242,7 @@ def bench_pipeline(opts: BenchOptions, workdir: Path, source: str = "drifting", 
         "wall_s": wall,
         "frames_per_s": n / wall,
         "steady_frames_per_s": 1 / float(np.mean(steady)) if steady.size else None,
-        "first_window_s": filled[0] if filled else None,
+        "phases": _phases(ticks, n, opts.window),
         "per_frame_s_p50": float(np.median(steady)) if steady.size else None,
         "per_frame_s_p99": float(np.percentile(steady, 99)) if steady.size else None,
         # the stages' threads share the cores: where all of them are busy, the CPU a frame bounds the rate
@@ -266,6 +265,21 @@ def bench_pipeline(opts: BenchOptions, workdir: Path, source: str = "drifting", 
         "ring_gib": ring_bytes / 2**30,
         "resegment": resegmented,
     }
+
+
+def _phases(ticks: list[float], n: int, window: int) -> dict | None:
+    """Where a run of ``n`` frames spent its time, from the seconds at which each frame's push returned (and the
+    run ended): the first window read into the ring, nothing segmented yet; the push that completes it, which
+    corrects and segments the first half-window's frames (one median); the frames that slide it; the last
+    half-window's, corrected and segmented once the scan has ended. Each to within a few frames: a push returns
+    once its frames are handed to the segmenting thread, which holds one or two more."""
+    if n <= window or len(ticks) < n + 1:
+        return None
+    filled, first_half, slid = ticks[window - 2], ticks[window - 1], ticks[n - 1]
+    return {"first_window_s": filled, "first_window_frames": window - 1,
+            "first_half_s": first_half - filled, "first_half_frames": window // 2 + 1,
+            "sliding_s": slid - first_half, "sliding_frames": n - window,
+            "last_half_s": ticks[n] - slid, "last_half_frames": window // 2}
 
 
 def bench_resegment(run_dir: Path, out: Path, run_s: float, size: int, fill_fraction: float | None) -> dict:
@@ -385,8 +399,7 @@ def format_report(report: dict) -> str:
         lines += ["", f"whole pipeline, HDF5 file -> difspots, {p['frames']} frames: "
                       f"{p['frames_per_s']:.1f} frames/s overall, {p['steady_frames_per_s']:.1f} frames/s "
                       f"after the first window",
-                  *([f"  the first {o['window'] - 1} frames read into the ring in {p['first_window_s']:.1f} s, "
-                     "before any is segmented"] if p.get("first_window_s") is not None else []),
+                  *format_phases(p.get("phases")),
                   *format_stages(p),
                   f"  CPU: {p['cpu_ms_per_frame']:.0f} ms a frame, all threads: "
                   f"{p['cpu_ms_per_frame'] / report['cores']:.0f} ms on each of the {report['cores']} cores against "
@@ -410,6 +423,19 @@ def format_report(report: dict) -> str:
                       f"{r['sparse_bytes_per_frame'] / r['raw_frame_bytes']:.1%} of a raw frame, "
                       f"{(r['sparse_fill_fraction'] or 0):.1%} of the unmasked pixels kept"]
     return "\n".join(lines)
+
+
+def format_phases(ph: dict | None) -> list[str]:
+    """The phases of a pipeline report (see `_phases`), one line."""
+    if not ph:
+        return []
+
+    def part(what: str, key: str) -> str:
+        s, frames = ph[f"{key}_s"], ph[f"{key}_frames"]
+        return f"{what} {frames} in {s:.1f} s ({frames / s if s > 0 else float('inf'):.1f}/s)"
+
+    return [f"  phases: {part('first window read,', 'first_window')}; {part('first half-window,', 'first_half')}; "
+            f"{part('sliding,', 'sliding')}; {part('last half-window,', 'last_half')}"]
 
 
 def format_stages(p: dict) -> list[str]:

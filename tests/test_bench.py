@@ -119,3 +119,20 @@ def test_a_full_disk_while_writing_the_bench_scan_is_one_line(tmp_path):
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert_one_line_error(done.returncode, done.stdout, done.stderr, 1,
                           ["bench.h5: cannot write output, File too large", "the bench scan (41 frames of 64 x 64"])
+
+
+def test_a_runs_phases_are_told_apart_by_when_each_push_returned():
+    from dctstream.bench import _phases, format_phases
+
+    # 12 frames, window 5: pushes 0-3 fill the ring but one, push 4 completes the window and segments its first
+    # half (frames 0-2) before it returns, pushes 5-11 slide it (frames 3-9), the run's end segments the last
+    # half-window (frames 10 and 11)
+    ticks = [0.1, 0.2, 0.3, 0.4, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1, 2.9]
+    ph = _phases(ticks, 12, 5)
+    assert ph["first_window_s"] == 0.4 and ph["first_window_frames"] == 4
+    assert ph["first_half_s"] == pytest.approx(1.0) and ph["first_half_frames"] == 3
+    assert ph["sliding_s"] == pytest.approx(0.7) and ph["sliding_frames"] == 7
+    assert ph["last_half_s"] == pytest.approx(0.8) and ph["last_half_frames"] == 2
+    assert ph["first_half_frames"] + ph["sliding_frames"] + ph["last_half_frames"] == 12
+    assert "first half-window, 3 in 1.0 s (3.0/s)" in format_phases(ph)[0]
+    assert _phases(ticks[:5], 4, 5) is None  # a scan shorter than its window never slides
