@@ -2,6 +2,7 @@
 
 import dataclasses
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -830,3 +831,31 @@ def test_claim_and_claimed_beside_max_equal_numpy(conn26):
         found = [values[slot_of[g % cap], v, u] for g, v, u in near
                  if f0 <= g <= f1 and y0 <= v <= y1 and x0 <= u <= x1 and claimed[slot_of[g % cap], v, u]]
         assert claimed_beside_max(values, slot_of, flags, fs, ys, xs, *box, conn26) == max(found, default=-np.inf)
+
+
+def _write_faults(frames: np.ndarray) -> int:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    frames[...] = 1
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+def test_the_slots_the_first_frames_take_are_faulted_in_ahead_and_no_more():
+    """A reach and four frames' slots (those the first frames take, resident then anyway), not the rest of the
+    pool: the pipeline's peak memory stays that of the frames it holds."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("madvise(MADV_POPULATE_WRITE) is Linux's")
+    seg = Segmenter(params(max_size=(12, 12, 25)), (1024, 1024), measured=True)  # 104 slots of 4 MiB a pool
+    for thread in seg.faulting_in:
+        thread.join(timeout=60)
+    if not all(thread.faulted_in for thread in seg.faulting_in):
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE")
+    assert len(seg.faulting_in) == 2  # the filtered values and the unfiltered ones
+    for pool in (seg._values, seg._measures):
+        taken = [seg._cold[-1 - i] for i in range(29)]  # the slots the first 29 frames take, in order
+        assert sorted(taken) == list(range(29))
+        ahead = _write_faults(pool[:29])
+        beyond = _write_faults(pool[29:58])  # as many slots, never written: each write faults its page in
+        assert beyond >= 29 * 2  # at least one fault a 2 MiB page
+        assert ahead <= beyond // 4

@@ -35,7 +35,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from ..ring import release, releasable_frames
+from ..ring import fault_in, release, releasable_frames
 from ..types import Blob
 from ._kernels import (CLAIMED, FLAG_PLANES, SPIKE, claim, claimed_beside_max, despike, flood_from, grow_region,
                        label_seeds, moments, saddle_beside_brighter, seed_rows, split_maxima, stands_out, unclaimed_sum,
@@ -277,6 +277,10 @@ class Segmenter:
         # within about a reach; the boxes rule needs 3 reaches and more. A chain of spots that needs
         # more than the ring grows it.
         self._new_pools(4 * reach + 4)
+        # The slots the first frames take, faulted in ahead by a thread of their own (see ring.fault_in): no more
+        # than the frames held once the segmenter runs (a reach and a few), which are resident then anyway.
+        self.faulting_in = [fault_in(pool, range(reach + 4))
+                            for pool in {id(a): a for a in (self._values, self._measures)}.values()]
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
