@@ -216,21 +216,17 @@ def bench_pipeline(opts: BenchOptions, workdir: Path, source: str = "drifting", 
                              f"background.mode={opts.mode}", f"background.stride={opts.stride}",
                              f"background.batch_frames={opts.batch}", f"output.dir={workdir / 'out'}"])
     pipeline = Pipeline(cfg, overwrite=True)
-    push_s = []
     ticks = []  # seconds from the start to the end of each frame's push, and to the run's end
     behind = []  # frames handed to the background stage whose segmentation is not done: the latency in frames
-    last = [time.perf_counter()]
 
     def tick(stats):
-        now = time.perf_counter()
-        ticks.append(now - t0)
-        push_s.append(now - last[0])
+        ticks.append(time.perf_counter() - t0)
         behind.append(stats.frames_read - stats.backlog_frames - stats.frames_segmented)
-        last[0] = now
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     stats = pipeline.run(progress=tick)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    push_s = np.diff(ticks, prepend=0.0)  # each frame's push, the time since the one before
     steady = np.array(push_s[opts.window + 1:-1]) if len(push_s) > opts.window + 2 else np.array(push_s)
     ring_bytes = pipeline.background.ring.data.nbytes
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

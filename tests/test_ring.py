@@ -1,6 +1,5 @@
 """Frame buffers used again: an array is handed out again only once nothing but its pool holds it."""
 
-import resource
 import sys
 import weakref
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from dctstream.ring import ArrayPool, FrameRing, fault_in
+from page_faults import faults_writing
 
 
 # and a frame's size: a frame-sized array must own its memory, as a view of it then holds it (one in a memory
@@ -40,13 +40,6 @@ def test_a_full_pool_of_arrays_in_use_makes_new_ones_and_keeps_at_most_its_size(
     assert {a.__array_interface__["data"][0] for a in again} == kept
 
 
-def _faults_writing(frames: np.ndarray) -> int:
-    """Page faults of this thread while every byte of ``frames`` is written."""
-    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-    frames[...] = 1
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
 def test_a_ring_faulted_in_by_its_thread_keeps_the_frames_written_meanwhile_and_costs_their_writes_no_faults():
     ring = FrameRing(24, (512, 1024), np.uint16)  # 24 MiB
@@ -64,9 +57,9 @@ def test_a_ring_faulted_in_by_its_thread_keeps_the_frames_written_meanwhile_and_
     faulted.fault_in()  # under FAULT_IN_MIN_BYTES: nothing
     later = fault_in(faulted.data, range(faulted.capacity), min_bytes=0)
     later.join(timeout=60)
-    control = _faults_writing(fresh)
+    control = faults_writing(fresh)
     assert control >= 12  # at least one fault a 2 MiB huge page
-    assert _faults_writing(faulted.data) <= control // 4
+    assert faults_writing(faulted.data) <= control // 4
 
 
 def test_a_ring_dropped_while_it_is_faulted_in_is_freed_and_no_longer_faulted_in():

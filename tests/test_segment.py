@@ -13,6 +13,7 @@ from dctstream.segment import SegmentParams, Segmenter
 from dctstream.segment._kernels import (CLAIMED, claim, claimed_beside_max, saddle_beside_brighter, seed_rows,
                                         split_maxima)
 from dctstream.segment.segmenter import HOT_SLOTS, INTEGRAL_MARGIN_FRAMES, INTEGRAL_MARGIN_PX, SPIKE_LOW, SPIKE_VALUE
+from page_faults import faults_writing
 from reference import reference_blobs, reference_split
 
 
@@ -833,14 +834,6 @@ def test_claim_and_claimed_beside_max_equal_numpy(conn26):
         assert claimed_beside_max(values, slot_of, flags, fs, ys, xs, *box, conn26) == max(found, default=-np.inf)
 
 
-def _write_faults(frames: np.ndarray) -> int:
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-    frames[...] = 1
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
-
-
 def test_the_slots_the_first_frames_take_are_faulted_in_ahead_and_no_more():
     """A reach and four frames' slots (those the first frames take, resident then anyway), not the rest of the
     pool: the pipeline's peak memory stays that of the frames it holds."""
@@ -852,10 +845,10 @@ def test_the_slots_the_first_frames_take_are_faulted_in_ahead_and_no_more():
     if not all(thread.faulted_in for thread in seg.faulting_in):
         pytest.skip("this kernel has no MADV_POPULATE_WRITE")
     assert len(seg.faulting_in) == 2  # the filtered values and the unfiltered ones
+    taken = [seg._cold[-1 - i] for i in range(29)]  # the slots the first 29 frames take, in order
+    assert sorted(taken) == list(range(29))
     for pool in (seg._values, seg._measures):
-        taken = [seg._cold[-1 - i] for i in range(29)]  # the slots the first 29 frames take, in order
-        assert sorted(taken) == list(range(29))
-        ahead = _write_faults(pool[:29])
-        beyond = _write_faults(pool[29:58])  # as many slots, never written: each write faults its page in
+        ahead = faults_writing(pool[:29])
+        beyond = faults_writing(pool[29:58])  # as many slots, never written: each write faults its page in
         assert beyond >= 29 * 2  # at least one fault a 2 MiB page
         assert ahead <= beyond // 4

@@ -279,8 +279,8 @@ class Segmenter:
         self._new_pools(4 * reach + 4)
         # The slots the first frames take, faulted in ahead by a thread of their own (see ring.fault_in): no more
         # than the frames held once the segmenter runs (a reach and a few), which are resident then anyway.
-        self.faulting_in = [fault_in(pool, range(reach + 4))
-                            for pool in {id(a): a for a in (self._values, self._measures)}.values()]
+        pools = (self._values, self._measures) if self.measured else (self._values,)
+        self.faulting_in = [fault_in(pool, range(reach + 4)) for pool in pools]
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
