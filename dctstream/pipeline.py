@@ -96,6 +96,8 @@ class Stats:
     psi_unit: str | None = None  # of the angles as recorded: degrees, or kept as recorded where they look like radians
     source_end: str | None = None  # why the source stopped: end_time, idle_timeout, complete, ...
     stage_s: Counter = field(default_factory=Counter)  # seconds spent in read, background, segment, write
+    # CPU seconds of the writing thread in its "write" seconds: the rest is waiting (on the disk, or for the others)
+    write_cpu_s: float = 0.0
     backlog_frames: int = 0  # frames read but not yet taken by the background stage
     write_backlog: int = 0  # difspots closed but not yet written
     dark: str | None = None  # where the dark came from: dark.url, dark.value, none, or how it was estimated
@@ -614,11 +616,13 @@ class Pipeline:
 
     @contextmanager
     def _timed(self, stage: str):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.stats.add_stage_s(stage, time.perf_counter() - start)
+            if stage == "write":  # one thread writes at a time: the writer's, then the seam's join at the end
+                self.stats.write_cpu_s += time.thread_time() - cpu
 
     def _timed_items(self, stage: str, items: Iterator) -> Iterator:
         """The items of ``items``, the time spent making each counted to ``stage``."""

@@ -154,6 +154,7 @@ def test_a_frame_lost_in_transit_is_replaced_by_the_background(small_scan, tmp_p
     table = read_spot_table(tmp_path / "out" / "spots.h5")
     assert len(table["id"]) == stats.difspots_written > 5
     assert set(stats.stage_s) == {"read", "background", "segment", "write", "export"}  # the sparse scan
+    assert 0 < stats.write_cpu_s <= stats.stage_s["write"]  # the writing thread's CPU in its write seconds
 
 
 def _photon_counting_run(tmp_path, rng, truth, rate, sigma_px):

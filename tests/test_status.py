@@ -100,6 +100,15 @@ def test_unusable_frames_are_a_warning_of_the_status(tmp_path):
     assert monitor.snapshot()["warnings"] == []
 
 
+def test_slow_disk_is_said_where_writing_difspots_waits_not_where_it_computes(tmp_path):
+    # 60 s into a run, 30 s of them in writing difspots: 25 s of the writing thread's CPU (many files, a fast
+    # disk), then 5 s (the rest waiting on the disk)
+    busy = fed_monitor(tmp_path, stage_s=Counter(write=30.0), write_cpu_s=25.0, started_s=time.monotonic() - 60)[0]
+    assert busy.snapshot()["warnings"] == []
+    slow = fed_monitor(tmp_path, stage_s=Counter(write=30.0), write_cpu_s=5.0, started_s=time.monotonic() - 60)[0]
+    assert slow.snapshot()["warnings"] == ["slow disk: writing difspots takes 50% of the time, 42% waiting"]
+
+
 def test_sparkline():
     assert sparkline([0, 1, 2, 4, 8]) == " ▁▂▄█"
     assert sparkline([0, 0]) == "  "
