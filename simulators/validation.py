@@ -69,7 +69,14 @@ BEAM_MASK_MARGIN_PX = 10
 IMAGED11_SIGMA = 6.0
 IMAGED11_MIN_PIXELS = 3
 IMAGED11_BACKGROUND_FRAMES = 100
-INDEPENDENT_SPOTS = {False: "independent-spots.h5", True: "independent-spots-quick.h5"}
+# Scans whose spots an independent physics model made (`benchmarks/*_scan.py`, each in its own venv): the file of
+# its spots in --work (full, quick) and the script that writes it.
+EXTERNAL_SPOTS = {
+    "independent": ({False: "independent-spots.h5", True: "independent-spots-quick.h5"},
+                    "benchmarks/independent_scan.py", "pymicro venv"),
+    "xrdsim": ({False: "xrdsim-spots.h5", True: "xrdsim-spots-quick.h5"},
+               "benchmarks/xrdsim_scan.py", "xrd-simulator venv"),
+}
 POLYXSIM_SCAN = "polyxsim-scan.h5"  # the same file for --quick: PolyXSim made its size
 
 
@@ -83,7 +90,7 @@ def _source_hash(*extra: Path) -> str:
 def scan_path(work: Path, name: str, *, quick: bool, seed: int, shape: tuple[int, int] | None = None) -> Path:
     """The scan's file in ``work``, generated first if it is not there; ``shape``: (frames, size) instead of the
     quick or full ones."""
-    spots = [work / INDEPENDENT_SPOTS[quick]] if name == "independent" else []
+    spots = [work / EXTERNAL_SPOTS[name][0][quick]] if name in EXTERNAL_SPOTS else []
     label = f"{shape[0]}x{shape[1]}" if shape else ("quick" if quick else "full")
     path = work / f"{name}-{label}-s{seed}-{_source_hash(*spots)}.h5"
     if not path.exists():
@@ -370,12 +377,13 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
     shape_of = {}  # scan name -> (frames, y, x)
     for name in scans:
         print(f"{name}:", flush=True)
-        if name == "independent":
-            spots_file = work / INDEPENDENT_SPOTS[quick]
+        if name in EXTERNAL_SPOTS:
+            files, script, venv = EXTERNAL_SPOTS[name]
+            spots_file = work / files[quick]
             if not spots_file.exists():
                 rows.append({"scan": name, "tool": "dctstream", "error": (
-                    f"skipped: no {spots_file}; make it with benchmarks/independent_scan.py"
-                    f"{' --quick' if quick else ''} --out {spots_file} (pymicro venv, see its doc)")})
+                    f"skipped: no {spots_file}; make it with {script}"
+                    f"{' --quick' if quick else ''} --out {spots_file} ({venv}, see its doc)")})
                 continue
             shape_kind = "grain"
         elif name == "polyxsim":
@@ -388,7 +396,7 @@ def validate(*, quick: bool, scans: list[str], work: Path, seed: int = 0, imaged
         else:
             shape_kind = SCANS[name].get("spot_shape", "gauss")
         path = (work / POLYXSIM_SCAN if name == "polyxsim"
-                else scan_path(work, name, quick=quick, seed=seed, shape=None if name == "independent" else shape))
+                else scan_path(work, name, quick=quick, seed=seed, shape=None if name in EXTERNAL_SPOTS else shape))
         truth = read_hard_truth(path)
         with h5py.File(path, "r") as f:
             shape_of[name] = f[FRAMES_PATH].shape
@@ -453,8 +461,8 @@ def _tools(path: Path, truth, work: Path, timeout_s: float, code_root: Path, ima
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="256 x 256 px, 360 frames (else 512 x 512, 720)")
-    p.add_argument("--scans", default=",".join([*SCANS, "independent", "polyxsim"]),
-                   help="comma-separated scan names (default: all, and the independent and polyxsim ones)")
+    p.add_argument("--scans", default=",".join([*SCANS, *EXTERNAL_SPOTS, "polyxsim"]),
+                   help="comma-separated scan names (default: all, and the independent, xrdsim and polyxsim ones)")
     p.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "dctstream-validate"),
                    help="folder for the scans (kept and reused) and the runs' outputs")
     p.add_argument("--seed", type=int, default=0)
@@ -473,9 +481,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def run_from_args(args) -> int:
     scans = [s for s in args.scans.split(",") if s]
-    unknown = [s for s in scans if s not in SCANS and s not in ("independent", "polyxsim")]
+    unknown = [s for s in scans if s not in SCANS and s not in (*EXTERNAL_SPOTS, "polyxsim")]
     if unknown:
-        print(f"validate: --scans: unknown {unknown}, expected names from {[*SCANS, 'independent', 'polyxsim']}",
+        print(f"validate: --scans: unknown {unknown}, expected names from {[*SCANS, *EXTERNAL_SPOTS, 'polyxsim']}",
               file=sys.stderr)
         return 2
     shape = None

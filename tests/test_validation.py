@@ -87,3 +87,13 @@ def test_a_previous_output_is_set_aside_and_removed_once_the_table_is_made(tmp_p
     set_aside(out)  # nothing there: nothing to do
     validate(quick=True, scans=["polyxsim"], work=tmp_path, imaged11=False)  # skipped: no scan, but it ends
     assert not (tmp_path / OLD_OUTPUTS).exists()
+
+
+@pytest.mark.parametrize("name, script", [("independent", "benchmarks/independent_scan.py"),
+                                          ("xrdsim", "benchmarks/xrdsim_scan.py")])
+def test_a_row_of_spots_from_an_independent_model_says_how_to_make_them_when_they_are_absent(tmp_path, name, script):
+    from simulators.validation import validate
+
+    rows = validate(quick=True, scans=[name], work=tmp_path, imaged11=False)
+    assert len(rows) == 1 and rows[0]["error"].startswith(f"skipped: no {tmp_path / f'{name}-spots-quick.h5'}")
+    assert f"{script} --quick --out {tmp_path / f'{name}-spots-quick.h5'}" in table_markdown(rows)
