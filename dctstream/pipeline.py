@@ -32,7 +32,7 @@ from .resources import check_memory
 from .segment import SegmentParams, Segmenter
 from .segment.floor import floor_tiles, reach_tiles, round_down_to_float32
 from .segment.segmenter import pixel_map
-from .segment.noise import TILE_PX, NoiseTracker, subtract_level
+from .segment.noise import TILE_PX, NoiseTracker, own_maps, subtract_level
 from .sinks import CorrectedFrameWriter, DifspotWriter, SparseScanWriter, SpotTable
 from .sources import COMPLETE_ENDS, FINAL_ENDS, check_source, open_source
 from .sources.scan_file import resolve_auto
@@ -291,7 +291,7 @@ class Pipeline:
         # direct_beam.bbox: auto: (first frame, binned box or None) each time the beam box changed (main thread
         # appends before it hands the frame over); the noise and touches_mask of frame k take its box
         self._beam_track: list[tuple[int, tuple | None]] = []
-        self._noise_beam: tuple | None = None  # the beam box the noise tracker's mask holds
+        self._noise_masks: dict = {}  # beam box -> the noise mask of the frames it is the box of (`_noise_mask`)
         self._never: NeverSegmented | None = None  # which spots touch pixels never segmented
         self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
         # frames lost in transit and the stand-ins put in their place (main thread), from the oldest a checkpoint
@@ -694,7 +694,19 @@ class Pipeline:
             self.stats.frames_corrected += 1
             if self.background.follow_beam:
                 self._note_beam(self._pass_offset + k, self.background.beam)
-            self._segmenting.submit((self._pass_offset + k, *frames))
+            self._segmenting.submit((self._pass_offset + k, *frames, self._own_noise(self._pass_offset + k, *frames)))
+
+    def _own_noise(self, k: int, frame: np.ndarray, difference: np.ndarray):
+        """Frame k's own noise and level (`own_maps`), made here, in the thread that corrects the frames, for the
+        segmenting thread: that one bounds the rate, and this one waits for it (at 2048 x 2048 px the noise of
+        a frame is 14 ms of CPU, a quarter of the segmenting thread's time). None before the segmenter starts
+        (its mask is not known yet) and for frames it takes again on resuming."""
+        segmenter, noise = self.segmenter, self.noise
+        if segmenter is None or noise is None or k <= self._replay_until:
+            return None
+        with self._timed("segment"):
+            return own_maps(frame, difference if segmenter.measured else None, self._noise_mask(k), noise.floor,
+                            noise.tile_px)
 
     def _note_beam(self, k: int, box) -> None:
         """Frame k's beam box (main thread), for the segmenting thread and the run record."""
@@ -710,13 +722,21 @@ class Pipeline:
         return box_at(self._beam_track, k)
 
     def _noise_mask_for(self, k: int) -> None:
-        """Give the noise tracker frame k's mask: the fixed one and, followed along the scan, its beam box."""
+        """Give the noise tracker frame k's mask (`_noise_mask`)."""
+        if self.background.follow_beam:
+            self.noise.mask = self._noise_mask(k)
+
+    def _noise_mask(self, k: int) -> np.ndarray:
+        """Frame k's noise mask: the segmenter's and, followed along the scan, its beam box; made once a box (each
+        thread asks for its frames in order, and the beam moves seldom)."""
         if not self.background.follow_beam:
-            return
+            return self.segmenter.mask
         beam = self._beam_at(k)
-        if beam != self._noise_beam:
-            self._noise_beam = beam
-            self.noise.mask = beam_mask(beam, self.segmenter.frame_shape) | self.segmenter.mask
+        made = self._noise_masks.get(beam)
+        if made is None:
+            made = beam_mask(beam, self.segmenter.frame_shape) | self.segmenter.mask
+            self._noise_masks = {**{b: m for b, m in list(self._noise_masks.items())[-3:]}, beam: made}
+        return made
 
     def _place(self, frame) -> None:
         """A frame of a scan of passes: a new pass gets a background of its own."""
@@ -771,17 +791,18 @@ class Pipeline:
             facts["out_of_order_total"] = len(merge.disorder)
         self.stats.frame_order = facts
 
-    def _take_corrected(self, item: tuple[int, np.ndarray, np.ndarray]) -> None:
+    def _take_corrected(self, item: tuple[int, np.ndarray, np.ndarray, tuple | None]) -> None:
         """Runs in the segmenting thread."""
         if self.segmenter is None:  # the noise estimate waits for the first few usable frames
-            self._first_frames.append(item)
+            self._first_frames.append(item[:3])
             if sum(k not in self.background.unusable for k, _, _ in self._first_frames) == NOISE_FRAMES:
                 self._start_segmenter()
             return
         self._segment_frame(*item)
 
-    def _segment_frame(self, k: int, frame: np.ndarray, difference: np.ndarray) -> None:
-        """Frame k filtered (it finds the spots) and its unfiltered difference (it measures them)."""
+    def _segment_frame(self, k: int, frame: np.ndarray, difference: np.ndarray, own: tuple | None = None) -> None:
+        """Frame k filtered (it finds the spots) and its unfiltered difference (it measures them); ``own``: its
+        `own_maps`, if made already (`_own_noise`)."""
         measure = difference if self.segmenter.measured else None
         if k <= self._replay_until:  # resuming: corrected again only to rebuild the segmenter's frames
             if measure is not None:  # less the level it was measured above
@@ -789,8 +810,9 @@ class Pipeline:
             self.segmenter.load_frame(k, frame, measure)
             return
         with self._timed("segment"):
-            self._noise_mask_for(k)
-            sigma = self.noise.push(k, frame, measure)
+            if own is None:
+                self._noise_mask_for(k)
+            sigma = self.noise.push(k, frame, measure, own)
             if measure is not None:
                 self._measure_above_level(k, measure)
             seed, low = frame_maps(self.cfg.segmentation, sigma)

@@ -337,6 +337,47 @@ def test_spots_beside_a_beam_that_moves_with_psi_are_found_and_its_edge_gives_no
     assert 0 < spots["touches_mask"].sum() < len(spots["id"])
 
 
+def test_noise_made_beside_the_correction_is_the_segmenting_threads_own(moving_beam_scan, tmp_path, monkeypatch):
+    # Each frame's own noise and level are made in the thread that corrects the frames (Pipeline._own_noise);
+    # made in the segmenting thread instead, as before, they give the same run: the mask of a beam followed
+    # along psi is that of the frame's own box in both.
+    import dctstream.pipeline as pipeline_module
+
+    _, truth = moving_beam_scan
+    runs = {}
+    own_noise = Pipeline._own_noise
+    for where in ("correcting", "segmenting"):
+        frames, masks = [], []
+        if where == "segmenting":
+            monkeypatch.setattr(Pipeline, "_own_noise", lambda self, k, frame, difference: None)
+        else:
+            monkeypatch.setattr(Pipeline, "_own_noise", lambda self, k, *a: frames.append(k) or own_noise(self, k, *a))
+        monkeypatch.setattr(pipeline_module, "own_maps", lambda frame, measure, mask, *a, _own=pipeline_module.own_maps:
+                            masks.append(mask) or _own(frame, measure, mask, *a))
+        out = tmp_path / where
+        stats = Pipeline(config(truth, out, "background.window=31")).run()
+        runs[where] = (read_spot_table(out / "spots.h5"), stats, frames, masks)
+    (ours, ours_stats, frames, masks), (theirs, _, _, masks_there) = runs["correcting"], runs["segmenting"]
+    assert len(masks) > 100 and not masks_there  # all but the first frames' noise made beside the correction
+    # each frame's mask: the detector's and the beam box followed to that frame
+    track = ours_stats.direct_beam_track
+    assert len(track) >= 3  # the beam was followed: masks that change with psi
+    with h5py.File(tmp_path / "correcting" / "mask.h5") as f:
+        bad = f["mask"][()].astype(bool)
+    for k, mask in zip(frames[-len(masks):], masks):  # the frames after the segmenter started
+        x0, y0, w, h = [b for f, b in track if f <= k][-1]
+        expected = bad.copy()
+        expected[y0:y0 + h, x0:x0 + w] = True
+        np.testing.assert_array_equal(mask, expected, err_msg=f"frame {k}")
+    assert ours.keys() == theirs.keys() and len(ours["id"]) > 20
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    # each frame's noise and level maps, as the sparse scan keeps them
+    with h5py.File(tmp_path / "correcting" / "corrected.h5") as a, h5py.File(tmp_path / "segmenting" / "corrected.h5") as b:
+        for name in ("noise_sigma", "level", "cut"):
+            np.testing.assert_array_equal(a[f"1.1/{name}"][()], b[f"1.1/{name}"][()], err_msg=name)
+
+
 def test_float_frames_with_fractions_give_the_spots_of_their_rounded_counts(tiny_scan, tiny_overrides, tmp_path):
     """The simulated scan with Gaussian read noise added, stored as float32 (as another simulator may write
     it): the spots, every column, of the same frames rounded to whole counts and stored as int32."""

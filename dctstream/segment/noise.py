@@ -150,6 +150,23 @@ def _tile_medians(frame: np.ndarray, mask: np.ndarray, tile_px: int) -> np.ndarr
         return np.nanmedian(samples, axis=(1, 3))
 
 
+def own_maps(frame: np.ndarray, measure: np.ndarray | None, mask: np.ndarray, floor: float = 0.0,
+             tile_px: int = TILE_PX) -> tuple[np.ndarray, np.ndarray | None]:
+    """A corrected frame's own noise per tile (`frame_noise`) and, with its unfiltered copy ``measure``, its own
+    level (None without, or where the frame reads 0): what `NoiseTracker` follows, of that frame alone, so that
+    any thread can make them (the one that corrects the frames waits for the one that segments them)."""
+    sigma = frame_noise(frame, mask, tile_px)
+    if measure is None or not np.any(sigma > 0):
+        return sigma, None
+    # then the median of 3 x 3 tiles: a grain's projection covers a tile for more than half the history,
+    # its skirt below the thresholds taken for the level (13 counts, 4x the noise, on one validation scan:
+    # its integral lost three quarters). The frame's own noise, not the one followed: a frame's level
+    # depends on that frame alone (a chunk of a split scan starts HISTORY_FRAMES frames before its first)
+    level = neighbourhood_median(frame_level(frame, measure, mask, np.maximum(sigma, floor), tile_px),
+                                 np.empty(sigma.shape))
+    return sigma, level
+
+
 class NoiseTracker:
     """Push corrected frames in order; get each one's noise per tile (a (tiles_y, tiles_x) map), and with the
     frame's unfiltered copy, its level per tile (``level``, that of the frame pushed last; 0 where not
@@ -180,12 +197,12 @@ class NoiseTracker:
         self._primed_level = self._current_level()
         return self._primed
 
-    def push(self, k: int, frame: np.ndarray, measure: np.ndarray | None = None) -> np.ndarray:
+    def push(self, k: int, frame: np.ndarray, measure: np.ndarray | None = None, own=None) -> np.ndarray:
         """Frame k's noise map (and ``level``). Frames before the primed count take the primed maps (their
-        noise is in them)."""
+        noise is in them). ``own``: see `add`."""
         if k < self._n_primed:
             sigma, level = self._primed, self._primed_level
-        elif self.add(frame, measure):
+        elif self.add(frame, measure, own):
             sigma, level = self._current(), self._current_level()
         else:  # a frame that reads 0: nothing to take off it
             sigma, level = self._current(), np.zeros(self._levels.shape[1:])
@@ -197,22 +214,17 @@ class NoiseTracker:
             self.series.append(float(np.median(sigma)))
         return sigma
 
-    def add(self, frame: np.ndarray, measure: np.ndarray | None = None) -> bool:
+    def add(self, frame: np.ndarray, measure: np.ndarray | None = None, own=None) -> bool:
         """One frame more in the history only (a chunk of a split scan: the frames before its first); False if
-        it is not taken: a frame that reads 0 (unusable, see background.stage) says nothing of the noise."""
-        sigma = frame_noise(frame, self.mask, self.tile_px)
+        it is not taken: a frame that reads 0 (unusable, see background.stage) says nothing of the noise.
+        ``own``: the frame's `own_maps`, made elsewhere with this tracker's mask for it."""
+        sigma, level = own_maps(frame, measure, self.mask, self.floor, self.tile_px) if own is None else own
         if not np.any(sigma > 0):
             return False
         slot = self._pushed % len(self._history)
         self._history[slot] = sigma
         self._pushed += 1
-        # then the median of 3 x 3 tiles: a grain's projection covers a tile for more than half the history,
-        # its skirt below the thresholds taken for the level (13 counts, 4x the noise, on one validation scan:
-        # its integral lost three quarters). The frame's own noise, not the one followed: a frame's level
-        # depends on that frame alone (a chunk of a split scan starts HISTORY_FRAMES frames before its first)
-        self._levels[slot] = np.nan if measure is None else neighbourhood_median(
-            frame_level(frame, measure, self.mask, np.maximum(sigma, self.floor), self.tile_px),
-            np.empty(self._levels.shape[1:]))
+        self._levels[slot] = np.nan if level is None else level
         return True
 
     def _held(self, history: np.ndarray) -> np.ndarray:
