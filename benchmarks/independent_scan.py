@@ -135,7 +135,11 @@ def simulate(n_grains: int, seed: int, quick: bool = False) -> dict[str, np.ndar
     return out
 
 
-def write(path: str, spots: dict, n_grains: int, seed: int) -> None:
+MADE_BY = "pymicro 0.6.1 via benchmarks/independent_scan.py"
+
+
+def write(path: str, spots: dict, n_grains: int, seed: int, made_by: str = MADE_BY) -> None:
+    """The spots file `simulators.hard_scans` reads (``external_spots``), of this script or another model's."""
     import h5py
 
     with h5py.File(path, "w") as f:
@@ -147,12 +151,12 @@ def write(path: str, spots: dict, n_grains: int, seed: int) -> None:
         f["grain"] = np.array(spots["grain"], np.int64)
         f["hkl"] = np.array(spots["hkl"], np.int64).reshape(-1, 3)
         f.attrs.update(frames=spots["frames"], size=spots["size"], pixel_mm=spots["pixel_mm"], distance_mm=DISTANCE_MM,
-                       energy_keV=ENERGY_KEV, grains=n_grains, seed=seed,
-                       made_by="pymicro 0.6.1 via benchmarks/independent_scan.py")
+                       energy_keV=ENERGY_KEV, grains=n_grains, seed=seed, made_by=made_by)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, simulate=simulate, made_by: str = MADE_BY, doc: str = __doc__) -> int:
+    """The command line of this script, or of another model's (its ``simulate(grains, seed, quick)``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", required=True, help="HDF5 file for the spots")
     p.add_argument("--grains", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.monotonic()
     spots = simulate(args.grains, args.seed, args.quick)
-    write(args.out, spots, args.grains, args.seed)
+    write(args.out, spots, args.grains, args.seed, made_by)
     print(f"{len(spots['patch'])} spots of {args.grains} grains in {time.monotonic() - t0:.0f} s -> {args.out}")
     return 0
 

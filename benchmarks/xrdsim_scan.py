@@ -60,28 +60,23 @@ from dctstream (it runs in its own venv).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
-import time
 import warnings
 from collections import defaultdict
 
 import numpy as np
 
-FRAMES = 720
-SIZE_PX = 512
-PIXEL_MM = 0.01
-# --quick: the same sample and geometry in mm, on half the pixels and frames.
-QUICK_FRAMES, QUICK_SIZE_PX = 360, 256
-DISTANCE_MM = 8.0
-ENERGY_KEV = 40.0
+# independent_scan.py's geometry (--quick: the same sample and geometry in mm, on half the pixels and frames), its
+# spots file and command line (it imports nothing of pymicro until it simulates)
+from independent_scan import (DISTANCE_MM, EDGE_PX, ENERGY_KEV, FRAMES, PIXEL_MM, QUICK_FRAMES,  # noqa: E402
+                              QUICK_SIZE_PX, SIZE_PX, main as spots_main)
+
 LATTICE_A = 4.05  # aluminium, face-centred cubic
 MAX_BRAGG_DEG = 5.3  # between {200} (4.39 deg) and {220} (6.21 deg): {111} and {200} only
 SAMPLE_RADIUS_UM, SAMPLE_HEIGHT_UM = 480.0, 600.0  # independent_scan.py's cylinder
 CYLINDER_SIDES = 48
-EDGE_PX = 8
 AXIS_CLEARANCE_DEG = 1.0
 TURNS = 4  # RigidBodyMotion needs a rotation angle < 180 deg
 HC_KEV_A = 12.398419843320026
@@ -242,39 +237,11 @@ def simulate(n_grains: int, seed: int, quick: bool = False, details: bool = Fals
     for name in ("patch", "origin", "frame", "grain", "hkl"):
         spots.setdefault(name, [])
     spots["frames"], spots["size"], spots["pixel_mm"] = frames, size_px, pixel_mm
-    spots["tetrahedra"] = len(enod)
     return spots
 
 
-def write(path: str, spots: dict, n_grains: int, seed: int) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        shapes = np.array([p.shape for p in spots["patch"]], np.int64).reshape(-1, 2)
-        f["patch_shape"] = shapes
-        f["patch_values"] = np.concatenate([p.ravel() for p in spots["patch"]]) if spots["patch"] else np.zeros(0)
-        f["origin"] = np.array(spots["origin"], np.int64).reshape(-1, 2)
-        f["frame"] = np.array(spots["frame"], np.float64)
-        f["grain"] = np.array(spots["grain"], np.int64)
-        f["hkl"] = np.array(spots["hkl"], np.int64).reshape(-1, 3)
-        f.attrs.update(frames=spots["frames"], size=spots["size"], pixel_mm=spots["pixel_mm"], distance_mm=DISTANCE_MM,
-                       energy_keV=ENERGY_KEV, grains=n_grains, seed=seed,
-                       made_by="xrd-simulator 0.4.1 via benchmarks/xrdsim_scan.py")
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="HDF5 file for the spots")
-    p.add_argument("--grains", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="256 x 256 px (20 um), 360 frames, for validate.py --quick")
-    args = p.parse_args(argv)
-    t0 = time.monotonic()
-    spots = simulate(args.grains, args.seed, args.quick)
-    write(args.out, spots, args.grains, args.seed)
-    print(f"{len(spots['patch'])} spots of {args.grains} grains ({spots['tetrahedra']} tetrahedra) "
-          f"in {time.monotonic() - t0:.0f} s -> {args.out}")
-    return 0
+    return spots_main(argv, simulate, "xrd-simulator 0.4.1 via benchmarks/xrdsim_scan.py", __doc__)
 
 
 if __name__ == "__main__":

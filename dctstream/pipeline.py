@@ -291,7 +291,7 @@ class Pipeline:
         # direct_beam.bbox: auto: (first frame, binned box or None) each time the beam box changed (main thread
         # appends before it hands the frame over); the noise and touches_mask of frame k take its box
         self._beam_track: list[tuple[int, tuple | None]] = []
-        self._noise_masks: dict = {}  # beam box -> the noise mask of the frames it is the box of (`_noise_mask`)
+        self._noise_mask_made: tuple | None = None  # (beam box, the noise mask of its frames): see `_noise_mask`
         self._never: NeverSegmented | None = None  # which spots touch pixels never segmented
         self._unsynced: list[Path] = []  # difspot files written since the last checkpoint
         # frames lost in transit and the stand-ins put in their place (main thread), from the oldest a checkpoint
@@ -727,16 +727,15 @@ class Pipeline:
             self.noise.mask = self._noise_mask(k)
 
     def _noise_mask(self, k: int) -> np.ndarray:
-        """Frame k's noise mask: the segmenter's and, followed along the scan, its beam box; made once a box (each
-        thread asks for its frames in order, and the beam moves seldom)."""
+        """Frame k's noise mask: the segmenter's and, followed along the scan, its beam box; made again only where
+        the box changes (the beam moves seldom; a frame or two apart, both threads may make it at a change)."""
         if not self.background.follow_beam:
             return self.segmenter.mask
         beam = self._beam_at(k)
-        made = self._noise_masks.get(beam)
-        if made is None:
-            made = beam_mask(beam, self.segmenter.frame_shape) | self.segmenter.mask
-            self._noise_masks = {**{b: m for b, m in list(self._noise_masks.items())[-3:]}, beam: made}
-        return made
+        made = self._noise_mask_made  # one tuple, replaced whole: either thread reads a box and its mask together
+        if made is None or made[0] != beam:
+            made = self._noise_mask_made = (beam, beam_mask(beam, self.segmenter.frame_shape) | self.segmenter.mask)
+        return made[1]
 
     def _place(self, frame) -> None:
         """A frame of a scan of passes: a new pass gets a background of its own."""

@@ -34,7 +34,8 @@ median and quartiles.  ``independent`` rows use the spots that
 ``benchmarks/independent_scan.py`` (pymicro's DCT forward model, in its own
 venv) wrote to ``--work``/independent-spots[-quick].h5, with a rocking curve,
 `ScanModel`'s background, a top-up and noise added by `simulators.hard_scans`;
-skipped, saying why, when that file is not there.  The ``polyxsim`` row scores
+skipped, saying why, when that file is not there; ``xrdsim`` rows likewise, with the spots that
+``benchmarks/xrdsim_scan.py`` (xrd-simulator, in its own venv) wrote.  The ``polyxsim`` row scores
 ``--work``/polyxsim-scan.h5, PolyXSim's far-field frames over `ScanModel`'s
 background, written by ``benchmarks/polyxsim_scan.py`` (its doc: how to run
 PolyXSim, not part of this project); skipped likewise.
