@@ -47,6 +47,8 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
 
 
 SPLIT_LOW = 2.0  # as dctstream.segment.segmenter.SPLIT_LOW: a second maximum stands out by 2 x grow_low
+SHARE_ROUNDS = 30  # as dctstream.segment.segmenter's: rounds of sharing touching spots' voxels
+SHARE_SPREAD_PX2 = 0.25  # and the variance added to each model's
 
 
 def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, flood_limit=None, spots=None,
@@ -57,7 +59,8 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     ``flood_limit``: a frame with more 2-D seed regions than that has its two thresholds doubled until
     it has not (at most 4 times). Returns (blobs, rejected) where blobs is a list of (frame, y, x) voxel
     arrays in growth order and rejected counts the rejections by reason. ``spots``: a list that gets each
-    blob's part of its component at the lower clamp (where its centroid is taken), as (frame, y, x) voxels;
+    blob's part of its component at the lower clamp (where its centroid is taken), as (frame, y, x) voxels and
+    their weights (its values; the blobs of one component: their shares of all their parts, `reference_shares`);
     ``others``: a list that gets the rest of that component (the touching spots' parts), the same way.
     ``spikes``: a boolean volume of the voxels whose unfiltered value was a zinger's (see `is_zinger`).
     A part whose blob is rejected as too small or as a zinger, one frame deep and 10 x its lower clamp high,
@@ -161,14 +164,12 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 return voxels, bright
             claimed[tuple(voxels.T)] = True
             blobs.append(voxels)
+            taken.append((voxels, in_part))
             if spots is not None:  # the part, unless its centroid lies beyond the blob's box by the box's extent
                 own_part = grown[in_part]
                 w = volume[tuple(own_part.T)].astype(np.float64)
-                centre = (w[:, None] * own_part).sum(axis=0) / w.sum() if w.sum() > 0 else None
-                reach = np.maximum(extent, 2)
-                near = centre is not None and np.all(np.abs(centre - (voxels.min(axis=0) + voxels.max(axis=0)) / 2)
-                                                     <= (extent - 1) / 2 + reach)
-                spots.append(own_part if near else voxels)
+                near = near_box(w, own_part, voxels)
+                spots.append((own_part, w) if near else (voxels, volume[tuple(voxels.T)].astype(np.float64)))
             if others is not None:
                 others.append(grown[~in_part])
             return None, False
@@ -177,6 +178,7 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
         # voxels of its frame within 2 px of its box (what the filter made of it), whose parts with
         # seed_min_voxels seeds (2 x the lower clamp) are spots' parts
         alive = np.ones(len(grown), bool)
+        taken = []  # each blob of this component: its voxels and which of grown are its part
         zingers = []  # the voxels of the blobs dropped as zingers or remnants, claimed once the component is split
         first = True
         while alive.any():
@@ -216,7 +218,54 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             first = False
         for dropped in zingers:
             claimed[tuple(dropped.T)] = True
+        if spots is not None and len(taken) > 1:  # touching spots: their shares of all their parts
+            owner = np.full(len(grown), -1)
+            for p, (_, in_part) in enumerate(taken):
+                owner[in_part] = p
+            held = grown[owner >= 0]
+            shares = reference_shares(held, volume[tuple(held.T)].astype(np.float64), owner[owner >= 0], len(taken))
+            for p, (voxels, _) in enumerate(taken):
+                if near_box(shares[p], held, voxels):
+                    spots[len(spots) - len(taken) + p] = (held, shares[p])
     return blobs, rejected
+
+
+def near_box(weights, voxels, blob) -> bool:
+    """Whether the centroid of ``weights`` at ``voxels`` lies within the box of the ``blob``'s voxels grown by its
+    own extent (at least 2) along each axis."""
+    total = weights.sum()
+    if not total > 0:
+        return False
+    centre = (weights[:, None] * voxels).sum(axis=0) / total
+    low, high = blob.min(axis=0), blob.max(axis=0)
+    return bool(np.all(np.abs(centre - (low + high) / 2) <= (high - low) / 2 + np.maximum(high - low + 1, 2)))
+
+
+def reference_shares(voxels, values, owner, n_parts, rounds=SHARE_ROUNDS, spread=SHARE_SPREAD_PX2):
+    """Each part's share of the ``values`` of (frame, y, x) ``voxels``: first its own (``owner``), then ``rounds``
+    times in proportion to each part's model -- the Gaussian of its share's weighted mean and covariance in y, x
+    (+ ``spread`` on the diagonal) over the voxels' pixels, normalised, times its share summed per frame."""
+    f, y, x = voxels.T
+    pixels, pixel = np.unique(voxels[:, 1:], axis=0, return_inverse=True)
+    pixel = pixel.ravel()
+    frame = f - f.min()
+    share = np.zeros((n_parts, len(values)))
+    share[owner, np.arange(len(values))] = values
+    for _ in range(rounds):
+        model = np.zeros_like(share)
+        for p in range(n_parts):
+            w = np.maximum(share[p], 0.0)
+            if not w.sum() > 0:
+                continue
+            centre = np.array([np.average(y, weights=w), np.average(x, weights=w)])
+            d = np.stack([y, x], axis=1) - centre
+            covariance = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(axis=0) / w.sum() + spread * np.eye(2)
+            e = pixels - centre
+            image = np.exp(-0.5 * np.einsum("ni,ij,nj->n", e, np.linalg.inv(covariance), e))
+            model[p] = image[pixel] / image.sum() * np.bincount(frame, w)[frame]
+        total = model.sum(axis=0)
+        share = np.where(total > 0, values * (model / np.where(total > 0, total, 1.0)), share)
+    return share
 
 
 def is_zinger(volume, low_map, voxels, peak, most=12, track=48, elongation=6.0, spikes=None, beside=None):

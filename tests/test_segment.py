@@ -10,11 +10,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dctstream.segment import SegmentParams, Segmenter
+from dctstream.segment import segmenter as segmenter_module
 from dctstream.segment._kernels import (CLAIMED, claim, claimed_beside_max, saddle_beside_brighter, seed_rows,
-                                        split_maxima)
+                                        shared_moments, split_maxima)
 from dctstream.segment.segmenter import HOT_SLOTS, INTEGRAL_MARGIN_FRAMES, INTEGRAL_MARGIN_PX, SPIKE_LOW, SPIKE_VALUE
 from page_faults import faults_writing
-from reference import reference_blobs, reference_split
+from reference import reference_blobs, reference_shares, reference_split
 
 
 def segment(volume, params, mask=None):
@@ -50,12 +51,13 @@ def spotty_volume(rng, shape, n_spots, noise=1.0):
 
 
 def assert_centroids_over_spots(blobs, expected, spots, volume):
-    """Each blob's centroid is the one of its reference spot voxels (its part at the lower clamp)."""
+    """Each blob's centroid is the one of its reference spot (its part at the lower clamp, or its share of the
+    parts of the spots it touches)."""
     by_key = {reference_sets([v])[0]: spot for v, spot in zip(expected, spots)}
     for blob in blobs:
-        spot = by_key[blob.voxel_key()]
-        w = volume[tuple(spot.T)].astype(np.float64)
-        np.testing.assert_allclose(blob.centroid, (w[:, None] * spot).sum(axis=0) / w.sum(), rtol=1e-9)
+        voxels, w = by_key[blob.voxel_key()]
+        # rounds of sharing in another summation order than the reference's: equal to rounding
+        np.testing.assert_allclose(blob.centroid, (w[:, None] * voxels).sum(axis=0) / w.sum(), rtol=1e-7)
 
 
 def params(**kw):
@@ -82,6 +84,45 @@ def test_spots_equal_reference(connectivity):
     for blob in blobs:
         assert not mask[blob.y, blob.x].any()
         np.testing.assert_array_equal(blob.value, volume[blob.frame, blob.y, blob.x])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_moments_equal_reference(seed):
+    rng = np.random.default_rng(seed)
+    n, n_parts = 300, 3
+    voxels = np.stack([rng.integers(10, 16, n), rng.integers(0, 12, n), rng.integers(3, 20, n)], axis=1)
+    values = rng.normal(5.0, 4.0, n)  # a few below 0: noise, shared as the rest
+    owner = rng.integers(0, n_parts, n)
+    owner[:n_parts] = np.arange(n_parts)
+    out = np.empty((n_parts, 4))
+    shared_moments(*(np.ascontiguousarray(c) for c in voxels.T), values, owner, n_parts, 30, 0.25, out)
+    shares = reference_shares(voxels, values, owner, n_parts)
+    expected = np.stack([shares.sum(axis=1), *(shares @ voxels).T], axis=1)
+    np.testing.assert_allclose(out, expected, rtol=1e-9)
+    assert not np.allclose(shares, np.where(owner == np.arange(n_parts)[:, None], values, 0.0))  # shared
+
+
+def test_touching_spots_centroids_from_their_shares(monkeypatch):
+    """Two spots whose projections overlap, two frames apart: the split gives the frame between them to the
+    brighter one, and their centroids move by half a pixel; their shares of the light put them back."""
+    f, y, x = np.mgrid[0:30, 0:40, 0:40].astype(np.float64)
+    truth = [(12.0, 18.0, 14.0, 60.0), (14.0, 20.4, 21.6, 40.0)]  # frame, y, x, peak
+    volume = sum(peak * np.exp(-0.5 * ((f - cf) / 0.9) ** 2 - 0.5 * ((y - cy) ** 2 + (x - cx) ** 2) / 3.5 ** 2)
+                 for cf, cy, cx, peak in truth)
+    volume = (volume + np.random.default_rng(0).normal(0, 0.3, volume.shape)).astype(np.float32)
+    p = params(seed_threshold=3.0, grow_low=1.0, max_size=(20, 20, 6))
+
+    def errors():
+        blobs, _, _ = segment(volume, p)
+        assert len(blobs) == 2
+        found = sorted(b.centroid for b in blobs)
+        return np.abs(np.array(found) - np.array(truth)[:, :3]).max(axis=0)
+
+    shared = errors()
+    monkeypatch.setattr(segmenter_module, "SHARE_ROUNDS", 0)  # each its own part of the split
+    split = errors()
+    assert shared.max() < 0.1, shared
+    assert split.max() > 0.4, split
 
 
 def test_threshold_maps_equal_reference():

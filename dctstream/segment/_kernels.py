@@ -576,6 +576,87 @@ def moments(values, slot_of, fs, ys, xs):
     return s, sf, sy, sx
 
 
+@numba.njit(cache=True, nogil=True)
+def shared_moments(fs, ys, xs, values, part, n_parts, rounds, spread, out):
+    """out[p] = (sum, and sums of frame, y and x times value) of part p's share of the ``values`` of voxels
+    (fs, ys, xs), each voxel first all its own part's (``part``: 0 .. n_parts - 1), then ``rounds`` times shared
+    among the parts in proportion to their models: a part's model at a voxel is a 2-D Gaussian of the mean
+    and covariance in y, x of its share (``spread`` added to each variance), normalised over the voxels'
+    pixels, times its share's sum in that voxel's frame (its rocking curve). A part whose share sums to 0 or
+    less has no model (out[p] from what it keeps); a voxel no model reaches keeps its share."""
+    n = fs.size
+    f0, y0, x0 = fs.min(), ys.min(), xs.min()
+    n_frames = fs.max() - f0 + 1
+    width = xs.max() - x0 + 1
+    pixel_at = np.full((ys.max() - y0 + 1) * width, -1, np.int64)
+    pixel = np.empty(n, np.int64)
+    pixel_y = np.empty(n, np.float64)
+    pixel_x = np.empty(n, np.float64)
+    n_pixels = 0
+    for i in range(n):
+        at = (ys[i] - y0) * width + xs[i] - x0
+        if pixel_at[at] < 0:
+            pixel_at[at] = n_pixels
+            pixel_y[n_pixels] = ys[i]
+            pixel_x[n_pixels] = xs[i]
+            n_pixels += 1
+        pixel[i] = pixel_at[at]
+    share = np.zeros((n_parts, n))
+    for i in range(n):
+        share[part[i], i] = values[i]
+    model = np.zeros((n_parts, n))
+    rock = np.empty(n_frames)
+    image = np.empty(n_pixels)
+    for _ in range(rounds):
+        for p in range(n_parts):
+            total = sy = sx = 0.0
+            for i in range(n):
+                w = max(share[p, i], 0.0)
+                total += w
+                sy += w * ys[i]
+                sx += w * xs[i]
+            if not total > 0:
+                model[p, :] = 0.0
+                continue
+            my, mx = sy / total, sx / total
+            cyy = cxx = cxy = 0.0
+            rock[:] = 0.0
+            for i in range(n):
+                w = max(share[p, i], 0.0)
+                dy, dx = ys[i] - my, xs[i] - mx
+                cyy += w * dy * dy
+                cxx += w * dx * dx
+                cxy += w * dy * dx
+                rock[fs[i] - f0] += w
+            cyy = cyy / total + spread
+            cxx = cxx / total + spread
+            cxy /= total
+            det = cyy * cxx - cxy * cxy
+            norm = 0.0
+            for q in range(n_pixels):
+                dy, dx = pixel_y[q] - my, pixel_x[q] - mx
+                image[q] = np.exp(-0.5 * (cxx * dy * dy - 2.0 * cxy * dy * dx + cyy * dx * dx) / det)
+                norm += image[q]
+            for i in range(n):
+                model[p, i] = image[pixel[i]] / norm * rock[fs[i] - f0]
+        for i in range(n):
+            total = 0.0
+            for p in range(n_parts):
+                total += model[p, i]
+            if total > 0:
+                for p in range(n_parts):
+                    share[p, i] = values[i] * (model[p, i] / total)
+    for p in range(n_parts):
+        s = sf = sy = sx = 0.0
+        for i in range(n):
+            v = share[p, i]
+            s += v
+            sf += fs[i] * v
+            sy += ys[i] * v
+            sx += xs[i] * v
+        out[p, 0], out[p, 1], out[p, 2], out[p, 3] = s, sf, sy, sx
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def despike(measure, found, low, tile, low_factor, value_factor, flags, slot):
     """In place: a pixel of ``measure`` (unfiltered) more than ``low_factor`` x its tile's ``low`` plus

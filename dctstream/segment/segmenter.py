@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter
 
 import numpy as np
@@ -38,8 +38,8 @@ import numpy as np
 from ..ring import fault_in, release, releasable_frames
 from ..types import Blob
 from ._kernels import (CLAIMED, FLAG_PLANES, SPIKE, claim, claimed_beside_max, despike, flood_from, grow_region,
-                       label_seeds, moments, saddle_beside_brighter, seed_rows, split_maxima, stands_out, unclaimed_sum,
-                       unclaimed_sum_of)
+                       label_seeds, moments, saddle_beside_brighter, seed_rows, shared_moments, split_maxima, stands_out,
+                       unclaimed_sum, unclaimed_sum_of)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
@@ -136,6 +136,21 @@ REST_MARGIN_PX = 2
 # centroid lies further from the blob's box than the box's own extent (at least 2) is no spot's alone but a
 # background left above grow_low (a wrong dark under a decaying beam: up to 40 px from the spot): the blob's
 # own voxels give it then.
+
+
+# Spots that touch (SPOT_SHARES: parts of one component, each a blob) have their centroids taken over their
+# shares of the light of the voxels they hold together: from the split's parts, each voxel's value is shared
+# SHARE_ROUNDS times among them in proportion to a model of each -- a 2-D Gaussian of its share's mean and
+# covariance in x, y (SHARE_SPREAD_PX2 added to each variance: a part one pixel wide has a width) times its
+# share's rocking curve (`shared_moments`). The split gives a voxel whole to the part of its brightest neighbour:
+# where two grains' projections overlap a frame or two apart, the frame between them went whole to the brighter
+# one, and both centroids moved towards each other by 1-4 px (then matched to neither, within 4 px: a miss and a
+# false spot). On the validation's grain-shaped scans (--quick): xrdsim centroid RMS 0.407 -> 0.322 px,
+# precision 0.985 -> 0.990; independent 0.292 -> 0.258 px, recall 0.970 -> 0.975, precision 0.980 -> 0.985;
+# every other scan the same or better (zingers' psi 0.115 -> 0.088). The model converges: 20 rounds gave what
+# 100 did (a free-form image per part instead of a Gaussian drifted: 0.29, 0.32, 0.47 px after 20, 50, 200).
+SHARE_ROUNDS = 30
+SHARE_SPREAD_PX2 = 0.25
 
 
 def centroid_near(moments, low, high) -> bool:
@@ -682,7 +697,7 @@ class Segmenter:
         found = self._values[slots, ys, xs].astype(np.float64)
         low = self._low_tiles[slots, ys // p.tile_px, xs // p.tile_px].astype(np.float64)
         component, box, conn26 = (fs, ys, xs, found, low), (f0, f1, y0, y1, x0, x1), p.connectivity == 26
-        blobs, zingers = [], []
+        blobs, zingers, parts = [], [], []
         alive = np.ones(fs.size, bool)  # the voxels no part has taken yet
         first = True
         while alive.any():
@@ -701,6 +716,7 @@ class Segmenter:
                     got, zinger, remnant = self._part(component, root, part,
                                                       region.max_value if whole else float(found[root]), box, (f, y, x))
                     blobs += got
+                    parts += [part] * len(got)
                     if zinger is not None:
                         zingers.append(zinger)
                     if remnant:  # see REST_OF_PART: the rest is split again without it
@@ -713,7 +729,27 @@ class Segmenter:
             first = False
         for zinger in zingers:  # claimed once the component is split: no later region grows into them
             self._claim(fs[zinger], ys[zinger], xs[zinger])
-        return blobs
+        return self._shared(component, blobs, parts) if len(blobs) > 1 else blobs
+
+    def _shared(self, component, blobs: list[Blob], parts: list[np.ndarray]) -> list[Blob]:
+        """The ``blobs`` of one component, each with the moments of its share of the voxels of all their
+        ``parts`` (see SPOT_SHARES), where its centroid lies near its box (`centroid_near`)."""
+        fs, ys, xs, _, _ = component
+        owner = np.full(fs.size, -1, np.int64)
+        for p, part in enumerate(parts):
+            owner[part] = p
+        held = np.flatnonzero(owner >= 0)
+        f, y, x = fs[held], ys[held], xs[held]
+        values = self._measures[self._frame_slots(f), y, x].astype(np.float64)
+        shares = np.empty((len(blobs), 4))
+        shared_moments(f, y, x, values, owner[held], len(blobs), SHARE_ROUNDS, SHARE_SPREAD_PX2, shares)
+        out = []
+        for blob, weights in zip(blobs, shares):
+            fa, ya, xa, fb, yb, xb = blob.bbox
+            weights = tuple(float(w) for w in weights)
+            out.append(replace(blob, moments=weights) if centroid_near(weights, (fa, ya, xa), (fb, yb, xb))
+                       else blob)
+        return out
 
     def _skirt(self, region: _Region, voxels, top, component) -> int:
         """The root of the part (``top``: each voxel's, ``voxels`` their sorted flat indices) that holds this region's
