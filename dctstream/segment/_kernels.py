@@ -609,32 +609,30 @@ def shared_moments(fs, ys, xs, values, part, n_parts, rounds, spread, out):
     image = np.empty(n_pixels)
     for _ in range(rounds):
         for p in range(n_parts):
-            total = sy = sx = 0.0
+            # one pass, about the box's corner: the moments of a few pixels' spread lose no digits that matter
+            total = sy = sx = syy = sxx = sxy = 0.0
+            rock[:] = 0.0
             for i in range(n):
                 w = max(share[p, i], 0.0)
+                dy, dx = ys[i] - y0, xs[i] - x0
                 total += w
-                sy += w * ys[i]
-                sx += w * xs[i]
+                sy += w * dy
+                sx += w * dx
+                syy += w * dy * dy
+                sxx += w * dx * dx
+                sxy += w * dy * dx
+                rock[fs[i] - f0] += w
             if not total > 0:
                 model[p, :] = 0.0
                 continue
             my, mx = sy / total, sx / total
-            cyy = cxx = cxy = 0.0
-            rock[:] = 0.0
-            for i in range(n):
-                w = max(share[p, i], 0.0)
-                dy, dx = ys[i] - my, xs[i] - mx
-                cyy += w * dy * dy
-                cxx += w * dx * dx
-                cxy += w * dy * dx
-                rock[fs[i] - f0] += w
-            cyy = cyy / total + spread
-            cxx = cxx / total + spread
-            cxy /= total
+            cyy = syy / total - my * my + spread
+            cxx = sxx / total - mx * mx + spread
+            cxy = sxy / total - my * mx
             det = cyy * cxx - cxy * cxy
             norm = 0.0
             for q in range(n_pixels):
-                dy, dx = pixel_y[q] - my, pixel_x[q] - mx
+                dy, dx = pixel_y[q] - y0 - my, pixel_x[q] - x0 - mx
                 image[q] = np.exp(-0.5 * (cxx * dy * dy - 2.0 * cxy * dy * dx + cyy * dx * dx) / det)
                 norm += image[q]
             for i in range(n):
