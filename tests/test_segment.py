@@ -119,7 +119,7 @@ def test_touching_spots_centroids_from_their_shares(monkeypatch):
         return np.abs(np.array(found) - np.array(truth)[:, :3]).max(axis=0)
 
     shared = errors()
-    monkeypatch.setattr(segmenter_module, "SHARE_ROUNDS", 0)  # each its own part of the split
+    monkeypatch.setattr(segmenter_module, "SHARE_MAX_WORK", 0)  # too big to share: each its own part of the split
     split = errors()
     assert shared.max() < 0.1, shared
     assert split.max() > 0.4, split
