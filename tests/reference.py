@@ -52,7 +52,7 @@ SHARE_SPREAD_PX2 = 0.25  # and the variance added to each model's
 
 
 def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, flood_limit=None, spots=None,
-                    others=None, spikes=None):
+                    others=None, spikes=None, touching=None):
     """Whole-volume double threshold: scipy.ndimage.label on the seeds, then greedy growth brightest first.
 
     ``seed_tiles`` / ``low_tiles``: each frame's own (tiles_y, tiles_x) threshold maps, one per frame.
@@ -61,7 +61,9 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     arrays in growth order and rejected counts the rejections by reason. ``spots``: a list that gets each
     blob's part of its component at the lower clamp (where its centroid is taken), as (frame, y, x) voxels and
     their weights (its values; the blobs of one component: their shares of all their parts, `reference_shares`);
-    ``others``: a list that gets the rest of that component (the touching spots' parts), the same way.
+    ``others``: a list that gets the rest of that component (the touching spots' parts), the same way;
+    ``touching``: a list that gets, for a blob of a component split into several, the voxels of their parts, which
+    part holds each and the blob's part's number (else None).
     ``spikes``: a boolean volume of the voxels whose unfiltered value was a zinger's (see `is_zinger`).
     A part whose blob is rejected as too small or as a zinger, one frame deep and 10 x its lower clamp high,
     takes out only its voxels and those of its frame within 2 px of its box: the component's voxels no part has
@@ -172,6 +174,8 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 spots.append((own_part, w) if near else (voxels, volume[tuple(voxels.T)].astype(np.float64)))
             if others is not None:
                 others.append(grown[~in_part])
+            if touching is not None:
+                touching.append(None)
             return None, False
 
         # the component's voxels no part has taken: split, and split again without a zinger's remnant and the
@@ -218,15 +222,19 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
             first = False
         for dropped in zingers:
             claimed[tuple(dropped.T)] = True
-        if spots is not None and len(taken) > 1:  # touching spots: their shares of all their parts
+        if len(taken) > 1:  # touching spots: their shares of all their parts
             owner = np.full(len(grown), -1)
             for p, (_, in_part) in enumerate(taken):
                 owner[in_part] = p
             held = grown[owner >= 0]
-            shares = reference_shares(held, volume[tuple(held.T)].astype(np.float64), owner[owner >= 0], len(taken))
-            for p, (voxels, _) in enumerate(taken):
-                if near_box(shares[p], held, voxels):
-                    spots[len(spots) - len(taken) + p] = (held, shares[p])
+            if touching is not None:
+                touching[len(touching) - len(taken):] = [(held, owner[owner >= 0], p) for p in range(len(taken))]
+            if spots is not None:
+                shares = reference_shares(held, volume[tuple(held.T)].astype(np.float64), owner[owner >= 0],
+                                          len(taken))
+                for p, (voxels, _) in enumerate(taken):
+                    if near_box(shares[p], held, voxels):
+                        spots[len(spots) - len(taken) + p] = (held, shares[p])
     return blobs, rejected
 
 

@@ -15,7 +15,7 @@ from dctstream.segment._kernels import (CLAIMED, claim, claimed_beside_max, sadd
                                         shared_moments, split_maxima)
 from dctstream.segment.segmenter import HOT_SLOTS, INTEGRAL_MARGIN_FRAMES, INTEGRAL_MARGIN_PX, SPIKE_LOW, SPIKE_VALUE
 from page_faults import faults_writing
-from reference import reference_blobs, reference_shares, reference_split
+from reference import near_box, reference_blobs, reference_shares, reference_split
 
 
 def segment(volume, params, mask=None):
@@ -94,11 +94,12 @@ def test_shared_moments_equal_reference(seed):
     values = rng.normal(5.0, 4.0, n)  # a few below 0: noise, shared as the rest
     owner = rng.integers(0, n_parts, n)
     owner[:n_parts] = np.arange(n_parts)
-    out = np.empty((n_parts, 4))
-    shared_moments(*(np.ascontiguousarray(c) for c in voxels.T), values, owner, n_parts, 30, 0.25, out)
+    out, share = np.empty((n_parts, 4)), np.empty((n_parts, n))
+    shared_moments(*(np.ascontiguousarray(c) for c in voxels.T), values, owner, n_parts, 30, 0.25, out, share)
     shares = reference_shares(voxels, values, owner, n_parts)
     expected = np.stack([shares.sum(axis=1), *(shares @ voxels).T], axis=1)
     np.testing.assert_allclose(out, expected, rtol=1e-9)
+    np.testing.assert_allclose(share, shares, rtol=1e-9, atol=1e-12)
     assert not np.allclose(shares, np.where(owner == np.arange(n_parts)[:, None], values, 0.0))  # shared
 
 
@@ -704,11 +705,13 @@ def test_segmenter_checkpoint_keeps_per_frame_low_maps():
     assert voxel_sets(got) == reference_sets(expected)
 
 
-def reference_totals(blobs, closed_at, measure, mask, nf, others=None):
+def reference_totals(blobs, closed_at, measure, mask, nf, others=None, touching=None):
     """Each blob's integral, obviously: its voxels' measured values, plus the measured values of its box
     grown by half its extent (at least INTEGRAL_MARGIN_*) up to the last frame pushed when it closed,
     where neither the mask nor a blob grown before it (nor itself) holds the voxel, nor the other parts of
-    its component (``others``: each blob's, (frame, y, x) voxels)."""
+    its component (``others``: each blob's, (frame, y, x) voxels); a blob that touches others (``touching``:
+    see `reference_blobs`) counts the box's voxels of their parts by its share of the measured values, where
+    the centroid of that share lies near its box."""
     claimed = np.zeros(measure.shape, bool)
     totals = []
     for i, (blob, at) in enumerate(zip(blobs, closed_at)):
@@ -724,8 +727,16 @@ def reference_totals(blobs, closed_at, measure, mask, nf, others=None):
             theirs = np.zeros(measure.shape, bool)
             theirs[tuple(others[i].T)] = True
             free &= ~theirs[box]
-        totals.append(float(measure[blob.frame, blob.y, blob.x].sum(dtype=np.float64))
-                      + float(measure[box][free].sum(dtype=np.float64)))
+        total = float(measure[blob.frame, blob.y, blob.x].sum(dtype=np.float64)) \
+            + float(measure[box][free].sum(dtype=np.float64))
+        if touching is not None and touching[i] is not None:
+            held, owner, p = touching[i]
+            share = reference_shares(held, measure[tuple(held.T)].astype(np.float64), owner, owner.max() + 1)[p]
+            voxels = np.stack([blob.frame, blob.y, blob.x], axis=1)
+            if near_box(share, held, voxels):
+                inside = np.all((held >= [b.start for b in box]) & (held < [b.stop for b in box]), axis=1)
+                total += share[inside].sum() - measure[tuple(held[inside & (owner == p)].T)].sum(dtype=np.float64)
+        totals.append(total)
     return totals
 
 
@@ -745,13 +756,16 @@ def test_measured_blobs_take_their_values_and_integral_from_the_unfiltered_frame
     mask[15:25, 20:30] = True
     plain, plain_closed_at, _ = segment(found, p, mask)
     # each blob's touching spots, from the whole-volume reference: their parts are none of its tails
-    others = []
-    expected, _ = reference_blobs(found, p, mask, others=others)
-    theirs = {frozenset(map(tuple, voxels.tolist())): rest for voxels, rest in zip(expected, others)}
-    others = [theirs[frozenset(zip(b.frame.tolist(), b.y.tolist(), b.x.tolist()))] for b in plain]
+    others, touching = [], []
+    expected, _ = reference_blobs(found, p, mask, others=others, touching=touching)
+    theirs = {frozenset(map(tuple, voxels.tolist())): (rest, touch)
+              for voxels, rest, touch in zip(expected, others, touching)}
+    others, touching = zip(*[theirs[frozenset(zip(b.frame.tolist(), b.y.tolist(), b.x.tolist()))] for b in plain])
     assert sum(len(rest) > 0 for rest in others) >= 3  # touching spots, whose tails the rule changes
+    assert sum(touch is not None for touch in touching) >= 2  # and that share their parts
     np.testing.assert_allclose([b.total for b in plain], reference_totals(plain, plain_closed_at, found, mask,
-                                                                          len(found), others), rtol=1e-9, atol=1e-6)
+                                                                          len(found), others, touching),
+                               rtol=1e-9, atol=1e-6)
     segmenter = Segmenter(p, found.shape[1:], mask, measured=True)
     blobs, closed_at = [], []
     for k in range(len(found)):
@@ -766,7 +780,8 @@ def test_measured_blobs_take_their_values_and_integral_from_the_unfiltered_frame
     for blob in blobs:
         np.testing.assert_array_equal(blob.value, despiked[blob.frame, blob.y, blob.x])
     np.testing.assert_allclose([b.total for b in blobs], reference_totals(blobs, closed_at, despiked, mask,
-                                                                          len(found), others), rtol=1e-9, atol=1e-6)
+                                                                          len(found), others, touching),
+                               rtol=1e-9, atol=1e-6)
     with pytest.raises(ValueError, match="measure"):
         Segmenter(p, found.shape[1:], mask, measured=True).push(0, found[0])
 

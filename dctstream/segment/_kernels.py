@@ -577,13 +577,14 @@ def moments(values, slot_of, fs, ys, xs):
 
 
 @numba.njit(cache=True, nogil=True)
-def shared_moments(fs, ys, xs, values, part, n_parts, rounds, spread, out):
+def shared_moments(fs, ys, xs, values, part, n_parts, rounds, spread, out, share):
     """out[p] = (sum, and sums of frame, y and x times value) of part p's share of the ``values`` of voxels
     (fs, ys, xs), each voxel first all its own part's (``part``: 0 .. n_parts - 1), then ``rounds`` times shared
     among the parts in proportion to their models: a part's model at a voxel is a 2-D Gaussian of the mean
     and covariance in y, x of its share (``spread`` added to each variance), normalised over the voxels'
     pixels, times its share's sum in that voxel's frame (its rocking curve). A part whose share sums to 0 or
-    less has no model (out[p] from what it keeps); a voxel no model reaches keeps its share."""
+    less has no model (out[p] from what it keeps); a voxel no model reaches keeps its share. ``share``
+    (n_parts, voxels) receives each part's share of each voxel."""
     n = fs.size
     f0, y0, x0 = fs.min(), ys.min(), xs.min()
     n_frames = fs.max() - f0 + 1
@@ -601,7 +602,7 @@ def shared_moments(fs, ys, xs, values, part, n_parts, rounds, spread, out):
             pixel_x[n_pixels] = xs[i]
             n_pixels += 1
         pixel[i] = pixel_at[at]
-    share = np.zeros((n_parts, n))
+    share[:] = 0.0
     for i in range(n):
         share[part[i], i] = values[i]
     model = np.zeros((n_parts, n))

@@ -747,13 +747,20 @@ class Segmenter:
         f, y, x = fs[held], ys[held], xs[held]
         values = self._measures[self._frame_slots(f), y, x].astype(np.float64)
         shares = np.empty((len(blobs), 4))
-        shared_moments(f, y, x, values, owner[held], len(blobs), SHARE_ROUNDS, SHARE_SPREAD_PX2, shares)
+        light = np.empty((len(blobs), held.size))
+        shared_moments(f, y, x, values, owner[held], len(blobs), SHARE_ROUNDS, SHARE_SPREAD_PX2, shares, light)
         out = []
-        for blob, weights in zip(blobs, shares):
+        for p, (blob, weights) in enumerate(zip(blobs, shares)):
             fa, ya, xa, fb, yb, xb = blob.bbox
             weights = tuple(float(w) for w in weights)
-            out.append(replace(blob, moments=weights) if centroid_near(weights, (fa, ya, xa), (fb, yb, xb))
-                       else blob)
+            if not centroid_near(weights, (fa, ya, xa), (fb, yb, xb)):
+                out.append(blob)
+                continue
+            # the integral too: in its box, the parts' voxels count by its share, not whole where its own
+            f0, f1, y0, y1, x0, x1 = self._integral_box(fa, fb, ya, yb, xa, xb)
+            inside = (f >= f0) & (f <= f1) & (y >= y0) & (y <= y1) & (x >= x0) & (x <= x1)
+            total = blob.total - float(values[inside & (owner[held] == p)].sum()) + float(light[p, inside].sum())
+            out.append(replace(blob, moments=weights, total=total))
         return out
 
     def _skirt(self, region: _Region, voxels, top, component) -> int:
@@ -881,6 +888,15 @@ class Segmenter:
         """Whether a zinger was taken out of the unfiltered values of any of these pixels of slot ``slot``."""
         return bool(np.any((self._flags[slot, SPIKE, ys, xs >> 3] >> (xs & 7)) & 1))
 
+    def _integral_box(self, fa, fb, ya, yb, xa, xb) -> tuple[int, int, int, int, int, int]:
+        """The box (f0, f1, y0, y1, x0, x1, inclusive) a blob's integral is taken over: its own grown by half its
+        extent (at least INTEGRAL_MARGIN_*), in the frame and the frames held."""
+        ny, nx = self.frame_shape
+        my, mx = (max(INTEGRAL_MARGIN_PX, -(-(b - a + 1) // 2)) for a, b in ((ya, yb), (xa, xb)))
+        mf = max(INTEGRAL_MARGIN_FRAMES, -(-(fb - fa + 1) // 2))
+        return (max(fa - mf, self._low, 0), min(fb + mf, self.last),
+                max(ya - my, 0), min(yb + my, ny - 1), max(xa - mx, 0), min(xb + mx, nx - 1))
+
     def _blob(self, fs, ys, xs, max_index, spot, centre, others) -> Blob | str:
         """The blob of these voxels around its maximum, measured and claimed, its centroid taken over the
         ``spot``'s voxels (frames, ys, xs); else why it is rejected (counted in ``rejected``): ``too_small``
@@ -906,10 +922,7 @@ class Segmenter:
         self._claim(fs, ys, xs)
         volume = self._measures[self._frame_slots(np.arange(fa, fb + 1)), ya:yb + 1, xa:xb + 1]  # copies the box only
         value = volume[fs - fa, ys - ya, xs - xa]
-        my, mx = (max(INTEGRAL_MARGIN_PX, -(-s // 2)) for s in (size[1], size[0]))
-        mf = max(INTEGRAL_MARGIN_FRAMES, -(-size[2] // 2))
-        box = (max(fa - mf, self._low, 0), min(fb + mf, self.last),
-               max(ya - my, 0), min(yb + my, ny - 1), max(xa - mx, 0), min(xb + mx, nx - 1))
+        box = self._integral_box(fa, fb, ya, yb, xa, xb)
         tails = (unclaimed_sum(self._measures, self._slot_of, self._flags, self.mask, *box)
                  - unclaimed_sum_of(self._measures, self._slot_of, self._flags, *others, *box))
         peak_f, peak_y, peak_x = max_index
