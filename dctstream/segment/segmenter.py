@@ -38,8 +38,8 @@ import numpy as np
 from ..ring import fault_in, release, releasable_frames
 from ..types import Blob
 from ._kernels import (CLAIMED, FLAG_PLANES, SPIKE, claim, claimed_beside_max, despike, flood_from, grow_region,
-                       label_seeds, moments, saddle_beside_brighter, seed_rows, shared_moments, split_maxima, stands_out,
-                       unclaimed_sum, unclaimed_sum_of)
+                       label_seeds, moments, saddle_beside_brighter, seed_rows, shared_moments, split_maxima,
+                       stands_out, unclaimed_sum, unclaimed_sum_of)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
