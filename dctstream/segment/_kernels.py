@@ -577,14 +577,13 @@ def moments(values, slot_of, fs, ys, xs):
 
 
 @numba.njit(cache=True, nogil=True)
-def shared_moments(fs, ys, xs, values, part, n_parts, rounds, spread, out, share):
-    """out[p] = (sum, and sums of frame, y and x times value) of part p's share of the ``values`` of voxels
-    (fs, ys, xs), each voxel first all its own part's (``part``: 0 .. n_parts - 1), then ``rounds`` times shared
-    among the parts in proportion to their models: a part's model at a voxel is a 2-D Gaussian of the mean
-    and covariance in y, x of its share (``spread`` added to each variance), normalised over the voxels'
-    pixels, times its share's sum in that voxel's frame (its rocking curve). A part whose share sums to 0 or
-    less has no model (out[p] from what it keeps); a voxel no model reaches keeps its share. ``share``
-    (n_parts, voxels) receives each part's share of each voxel."""
+def shared_light(fs, ys, xs, values, part, n_parts, rounds, spread, share):
+    """share[p, i]: part p's share of the value of voxel i (fs, ys, xs, ``values``), each voxel first all its own
+    part's (``part``: 0 .. n_parts - 1), then ``rounds`` times shared among the parts in proportion to their
+    models: a part's model at a voxel is a 2-D Gaussian of the mean and covariance in y, x of its share
+    (``spread`` added to each variance), normalised over the voxels' pixels, times its share's sum in that
+    voxel's frame (its rocking curve). A part whose share sums to 0 or less has no model (it keeps what it
+    has); a voxel no model reaches keeps its shares."""
     n = fs.size
     f0, y0, x0 = fs.min(), ys.min(), xs.min()
     n_frames = fs.max() - f0 + 1
@@ -645,15 +644,6 @@ def shared_moments(fs, ys, xs, values, part, n_parts, rounds, spread, out, share
             if total > 0:
                 for p in range(n_parts):
                     share[p, i] = values[i] * (model[p, i] / total)
-    for p in range(n_parts):
-        s = sf = sy = sx = 0.0
-        for i in range(n):
-            v = share[p, i]
-            s += v
-            sf += fs[i] * v
-            sy += ys[i] * v
-            sx += xs[i] * v
-        out[p, 0], out[p, 1], out[p, 2], out[p, 3] = s, sf, sy, sx
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

@@ -38,7 +38,7 @@ import numpy as np
 from ..ring import fault_in, release, releasable_frames
 from ..types import Blob
 from ._kernels import (CLAIMED, FLAG_PLANES, SPIKE, claim, claimed_beside_max, despike, flood_from, grow_region,
-                       label_seeds, moments, saddle_beside_brighter, seed_rows, shared_moments, split_maxima,
+                       label_seeds, moments, saddle_beside_brighter, seed_rows, shared_light, split_maxima,
                        stands_out, unclaimed_sum, unclaimed_sum_of)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
@@ -138,19 +138,18 @@ REST_MARGIN_PX = 2
 # own voxels give it then.
 
 
-# Spots that touch (SPOT_SHARES: parts of one component, each a blob) have their centroids taken over their
-# shares of the light of the voxels they hold together, and count those voxels in their integral box by their
-# shares (touching spots of the quick `independent` scan: intensity IQR [0.95, 1.13] -> [0.95, 1.08]): from the
-# split's parts, each voxel's value is shared
-# SHARE_ROUNDS times among them in proportion to a model of each -- a 2-D Gaussian of its share's mean and
-# covariance in x, y (SHARE_SPREAD_PX2 added to each variance: a part one pixel wide has a width) times its
-# share's rocking curve (`shared_moments`). The split gives a voxel whole to the part of its brightest neighbour:
-# where two grains' projections overlap a frame or two apart, the frame between them went whole to the brighter
-# one, and both centroids moved towards each other by 1-4 px (then matched to neither, within 4 px: a miss and a
-# false spot). On the validation's grain-shaped scans (--quick): xrdsim centroid RMS 0.407 -> 0.322 px,
-# precision 0.985 -> 0.990; independent 0.292 -> 0.258 px, recall 0.970 -> 0.975, precision 0.980 -> 0.985;
-# every other scan the same or better (zingers' psi 0.115 -> 0.088). The model converges: 20 rounds gave what
-# 100 did (a free-form image per part instead of a Gaussian drifted: 0.29, 0.32, 0.47 px after 20, 50, 200).
+# Spots that touch (SPOT_SHARES: parts of one component, each a blob) take their centroids over their shares of
+# the light of the voxels they hold together, and count those voxels in their integral box by their shares: from
+# the split's parts, each voxel's value is shared SHARE_ROUNDS times among them in proportion to a model of each
+# -- a 2-D Gaussian of its share's mean and covariance in x, y (SHARE_SPREAD_PX2 added to each variance: a part
+# one pixel wide has a width) times its share's rocking curve (`shared_light`). The split gives a voxel whole to
+# the part of its brightest neighbour: where two grains' projections overlap a frame or two apart, the frame
+# between them went whole to the brighter one, and both centroids moved towards each other by 1-4 px (then
+# matched to neither, within 4 px: a miss and a false spot). On the validation's grain-shaped scans (--quick):
+# xrdsim centroid RMS 0.407 -> 0.322 px, precision 0.985 -> 0.990; independent 0.292 -> 0.258 px, recall 0.970 ->
+# 0.975, precision 0.980 -> 0.985, its touching spots' intensity IQR [0.95, 1.13] -> [0.95, 1.08]; every other
+# scan the same or better (zingers' psi 0.115 -> 0.088). The model converges: 20 rounds gave what 100 did (a
+# free-form image per part instead of a Gaussian drifted: 0.29, 0.32, 0.47 px after 20, 50, 200).
 SHARE_ROUNDS = 30
 SHARE_SPREAD_PX2 = 0.25
 # Shared where parts x voxels is at most this (about 0.4 s of CPU; the most on the validation's scans, 127,230 at
@@ -738,7 +737,8 @@ class Segmenter:
 
     def _shared(self, component, blobs: list[Blob], parts: list[np.ndarray]) -> list[Blob]:
         """The ``blobs`` of one component, each with the moments of its share of the voxels of all their
-        ``parts`` (see SPOT_SHARES), where its centroid lies near its box (`centroid_near`)."""
+        ``parts`` and those voxels in its integral counted by that share (see SPOT_SHARES), where its centroid
+        lies near its box (`centroid_near`)."""
         fs, ys, xs, _, _ = component
         owner = np.full(fs.size, -1, np.int64)
         for p, part in enumerate(parts):
@@ -746,22 +746,21 @@ class Segmenter:
         held = np.flatnonzero(owner >= 0)
         if len(blobs) * held.size > SHARE_MAX_WORK:
             return blobs
-        f, y, x = fs[held], ys[held], xs[held]
+        owner, f, y, x = owner[held], fs[held], ys[held], xs[held]
         values = self._measures[self._frame_slots(f), y, x].astype(np.float64)
-        shares = np.empty((len(blobs), 4))
         light = np.empty((len(blobs), held.size))
-        shared_moments(f, y, x, values, owner[held], len(blobs), SHARE_ROUNDS, SHARE_SPREAD_PX2, shares, light)
+        shared_light(f, y, x, values, owner, len(blobs), SHARE_ROUNDS, SHARE_SPREAD_PX2, light)
         out = []
-        for p, (blob, weights) in enumerate(zip(blobs, shares)):
+        for p, (blob, share) in enumerate(zip(blobs, light)):
             fa, ya, xa, fb, yb, xb = blob.bbox
-            weights = tuple(float(w) for w in weights)
+            weights = (float(share.sum()), float(share @ f), float(share @ y), float(share @ x))
             if not centroid_near(weights, (fa, ya, xa), (fb, yb, xb)):
                 out.append(blob)
                 continue
-            # the integral too: in its box, the parts' voxels count by its share, not whole where its own
+            # in its box, the parts' voxels count by its share, not whole where its own
             f0, f1, y0, y1, x0, x1 = self._integral_box(fa, fb, ya, yb, xa, xb)
             inside = (f >= f0) & (f <= f1) & (y >= y0) & (y <= y1) & (x >= x0) & (x <= x1)
-            total = blob.total - float(values[inside & (owner[held] == p)].sum()) + float(light[p, inside].sum())
+            total = blob.total - float(values[inside & (owner == p)].sum()) + float(share[inside].sum())
             out.append(replace(blob, moments=weights, total=total))
         return out
 
@@ -907,7 +906,6 @@ class Segmenter:
         ``others``: the voxels (frames, ys, xs) of the other parts of its component, touching spots' voxels,
         which are none of its tails."""
         p = self.params
-        ny, nx = self.frame_shape
         fa, fb, ya, yb, xa, xb = (int(v) for v in (fs.min(), fs.max(), ys.min(), ys.max(), xs.min(), xs.max()))
         size = (xb - xa + 1, yb - ya + 1, fb - fa + 1)
         if any(s < m for s, m in zip(size, p.min_size)):
