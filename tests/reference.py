@@ -47,8 +47,9 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
 
 
 SPLIT_LOW = 2.0  # as dctstream.segment.segmenter.SPLIT_LOW: a second maximum stands out by 2 x grow_low
-SHARE_ROUNDS = 30  # as dctstream.segment.segmenter's: rounds of sharing touching spots' voxels
-SHARE_SPREAD_PX2 = 0.25  # and the variance added to each model's
+# as dctstream.segment.segmenter's: sharing touching spots' voxels (SPOT_SHARES)
+SHARE_ROUNDS, SHARE_SPREAD_PX2, SHARE_SHAPE, SHARE_TOL_PX = 30, 0.25, 0.7, 1e-3
+SHARE_SHAPED_ROUNDS, SHARE_ROUND_BUDGET = 300, 30 * 2_000_000
 
 
 def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, flood_limit=None, spots=None,
@@ -249,28 +250,43 @@ def near_box(weights, voxels, blob) -> bool:
     return bool(np.all(np.abs(centre - (low + high) / 2) <= (high - low) / 2 + np.maximum(high - low + 1, 2)))
 
 
-def reference_shares(voxels, values, owner, n_parts, rounds=SHARE_ROUNDS, spread=SHARE_SPREAD_PX2):
-    """Each part's share of the ``values`` of (frame, y, x) ``voxels``: first its own (``owner``), then ``rounds``
-    times in proportion to each part's model -- the Gaussian of its share's weighted mean and covariance in y, x
-    (+ ``spread`` on the diagonal) over the voxels' pixels, normalised, times its share summed per frame."""
+def reference_shares(voxels, values, owner, n_parts, rounds=SHARE_ROUNDS, shaped_rounds=None, spread=SHARE_SPREAD_PX2,
+                     shape=SHARE_SHAPE, tol=SHARE_TOL_PX):
+    """Each part's share of the ``values`` of (frame, y, x) ``voxels``: first its own (``owner``), then in
+    proportion to each part's model -- its image over the voxels' pixels, normalised, times its share summed per
+    frame; the image: ``rounds`` times the Gaussian g of its share's weighted mean and covariance in y, x
+    (+ ``spread`` on the diagonal), then up to ``shaped_rounds`` times (by default as many as the segmenter's
+    budget allows) its share summed per pixel, s, as s^shape g^(1 - shape) (each normalised), until no part's
+    centroid moved by ``tol`` or more in the last round."""
+    if shaped_rounds is None:
+        shaped_rounds = min(SHARE_SHAPED_ROUNDS, max(SHARE_ROUND_BUDGET // (n_parts * len(values)) - rounds, 0))
     f, y, x = voxels.T
     pixels, pixel = np.unique(voxels[:, 1:], axis=0, return_inverse=True)
     pixel = pixel.ravel()
     frame = f - f.min()
     share = np.zeros((n_parts, len(values)))
     share[owner, np.arange(len(values))] = values
-    for _ in range(rounds):
+    centres = np.full((n_parts, 2), np.nan)
+    for r in range(rounds + shaped_rounds):
         model = np.zeros_like(share)
+        moved = 0.0
         for p in range(n_parts):
             w = np.maximum(share[p], 0.0)
             if not w.sum() > 0:
                 continue
             centre = np.array([np.average(y, weights=w), np.average(x, weights=w)])
+            moved = max(moved, *np.abs(centre - centres[p]))
+            centres[p] = centre
             d = np.stack([y, x], axis=1) - centre
             covariance = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(axis=0) / w.sum() + spread * np.eye(2)
             e = pixels - centre
             image = np.exp(-0.5 * np.einsum("ni,ij,nj->n", e, np.linalg.inv(covariance), e))
+            if r >= rounds:
+                light = np.bincount(pixel, w, len(pixels))
+                image = (light / light.sum()) ** shape * (image / image.sum()) ** (1 - shape)
             model[p] = image[pixel] / image.sum() * np.bincount(frame, w)[frame]
+        if r > rounds and moved < tol:
+            break
         total = model.sum(axis=0)
         share = np.where(total > 0, values * (model / np.where(total > 0, total, 1.0)), share)
     return share

@@ -577,13 +577,16 @@ def moments(values, slot_of, fs, ys, xs):
 
 
 @numba.njit(cache=True, nogil=True)
-def shared_light(fs, ys, xs, values, part, n_parts, rounds, spread, share):
+def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, spread, alpha, tol, share):
     """share[p, i]: part p's share of the value of voxel i (fs, ys, xs, ``values``), each voxel first all its own
-    part's (``part``: 0 .. n_parts - 1), then ``rounds`` times shared among the parts in proportion to their
-    models: a part's model at a voxel is a 2-D Gaussian of the mean and covariance in y, x of its share
-    (``spread`` added to each variance), normalised over the voxels' pixels, times its share's sum in that
-    voxel's frame (its rocking curve). A part whose share sums to 0 or less has no model (it keeps what it
-    has); a voxel no model reaches keeps its shares."""
+    part's (``part``: 0 .. n_parts - 1), then shared among the parts in proportion to their models: a part's
+    model at a voxel is its image at that voxel's pixel, normalised over the voxels' pixels, times its share's
+    sum in that voxel's frame (its rocking curve). The image: for ``rounds`` rounds the 2-D Gaussian g of the
+    mean and covariance in y, x of its share (``spread`` added to each variance); then, for up to
+    ``shaped_rounds`` more, its share summed over frames at each pixel, s, as s^alpha g^(1 - alpha) (each
+    normalised), until no part's centroid in y, x moved by ``tol`` or more in the last one. A part whose share
+    sums to 0 or less has no model (it keeps what it has); a voxel no model reaches keeps its shares. Returns
+    the rounds made."""
     n = fs.size
     f0, y0, x0 = fs.min(), ys.min(), xs.min()
     n_frames = fs.max() - f0 + 1
@@ -607,11 +610,17 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, spread, share):
     model = np.zeros((n_parts, n))
     rock = np.empty(n_frames)
     image = np.empty(n_pixels)
-    for _ in range(rounds):
+    light = np.empty(n_pixels)
+    centre = np.full((n_parts, 2), np.nan)
+    made = 0
+    for r in range(rounds + shaped_rounds):
+        shaped = r >= rounds
+        moved = 0.0
         for p in range(n_parts):
             # one pass, about the box's corner: the moments of a few pixels' spread lose no digits that matter
             total = sy = sx = syy = sxx = sxy = 0.0
             rock[:] = 0.0
+            light[:] = 0.0
             for i in range(n):
                 w = max(share[p, i], 0.0)
                 dy, dx = ys[i] - y0, xs[i] - x0
@@ -622,21 +631,33 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, spread, share):
                 sxx += w * dx * dx
                 sxy += w * dy * dx
                 rock[fs[i] - f0] += w
+                light[pixel[i]] += w
             if not total > 0:
                 model[p, :] = 0.0
                 continue
             my, mx = sy / total, sx / total
+            moved = max(moved, abs(my - centre[p, 0]), abs(mx - centre[p, 1]))
+            centre[p, 0], centre[p, 1] = my, mx
             cyy = syy / total - my * my + spread
             cxx = sxx / total - mx * mx + spread
             cxy = sxy / total - my * mx
             det = cyy * cxx - cxy * cxy
-            norm = 0.0
+            gauss = 0.0
             for q in range(n_pixels):
                 dy, dx = pixel_y[q] - y0 - my, pixel_x[q] - x0 - mx
                 image[q] = np.exp(-0.5 * (cxx * dy * dy - 2.0 * cxy * dy * dx + cyy * dx * dx) / det)
-                norm += image[q]
+                gauss += image[q]
+            norm = gauss
+            if shaped:
+                norm = 0.0
+                for q in range(n_pixels):
+                    image[q] = (light[q] / total) ** alpha * (image[q] / gauss) ** (1.0 - alpha) if light[q] > 0 else 0.0
+                    norm += image[q]
             for i in range(n):
                 model[p, i] = image[pixel[i]] / norm * rock[fs[i] - f0]
+        if r > rounds and moved < tol:
+            break
+        made += 1
         for i in range(n):
             total = 0.0
             for p in range(n_parts):
@@ -644,6 +665,7 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, spread, share):
             if total > 0:
                 for p in range(n_parts):
                     share[p, i] = values[i] * (model[p, i] / total)
+    return made
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

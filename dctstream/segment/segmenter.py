@@ -140,21 +140,38 @@ REST_MARGIN_PX = 2
 
 # Spots that touch (SPOT_SHARES: parts of one component, each a blob) take their centroids over their shares of
 # the light of the voxels they hold together, and count those voxels in their integral box by their shares: from
-# the split's parts, each voxel's value is shared SHARE_ROUNDS times among them in proportion to a model of each
-# -- a 2-D Gaussian of its share's mean and covariance in x, y (SHARE_SPREAD_PX2 added to each variance: a part
-# one pixel wide has a width) times its share's rocking curve (`shared_light`). The split gives a voxel whole to
-# the part of its brightest neighbour: where two grains' projections overlap a frame or two apart, the frame
+# the split's parts, each voxel's value is shared among them in proportion to a model of each: its image times
+# its share's rocking curve (`shared_light`). The image: first, SHARE_ROUNDS times, a 2-D Gaussian of its share's
+# mean and covariance in x, y (SHARE_SPREAD_PX2 added to each variance: a part one pixel wide has a width); then,
+# until no centroid moves by SHARE_TOL_PX in a round (at most SHARE_SHAPED_ROUNDS), its own share summed over
+# frames to the power SHARE_SHAPE times that Gaussian to the power 1 - SHARE_SHAPE. The split gives a voxel whole
+# to the part of its brightest neighbour: where two grains' projections overlap a frame or two apart, the frame
 # between them went whole to the brighter one, and both centroids moved towards each other by 1-4 px (then
-# matched to neither, within 4 px: a miss and a false spot). On the validation's grain-shaped scans (--quick):
-# xrdsim centroid RMS 0.407 -> 0.322 px, precision 0.985 -> 0.990; independent 0.292 -> 0.258 px, recall 0.970 ->
-# 0.975, precision 0.980 -> 0.985, its touching spots' intensity IQR [0.95, 1.13] -> [0.95, 1.08]; every other
-# scan the same or better (zingers' psi 0.115 -> 0.088). The model converges: 20 rounds gave what 100 did (a
-# free-form image per part instead of a Gaussian drifted: 0.29, 0.32, 0.47 px after 20, 50, 200).
+# matched to neither, within 4 px: a miss and a false spot). The Gaussian alone put them back where spots are
+# round (the `overlaps` scan), not where a grain's projection is a flat slab whose edge ramps down under a small
+# bright neighbour: it gave the ramp to the neighbour (xrdsim spots 85 and 86: 2.6 and 3.0 px off; 0.75 and
+# 0.71 with the shapes), though the shares the true spots give (their noiseless counts) put each within 0.05 px.
+# On the validation's grain-shaped scans, split alone -> Gaussian -> shapes: quick xrdsim centroid RMS 0.407 ->
+# 0.322 -> 0.268 px, independent 0.292 -> 0.258 -> 0.162; full size (512^2) xrdsim 0.249 -> 0.236 -> 0.172,
+# independent 0.482 -> 0.387 -> 0.280 (psi 0.065 -> 0.022 frames, recall 0.958 -> 0.972), `overlaps` 0.063 ->
+# 0.058 -> 0.058. What is left: pairs in the same frames whose shapes no model here tells apart end 2-4 px off
+# or not on a small change (SHARE_TOL_PX 1e-4: independent's 169 3.9 px off, 0.255 px RMS at 256^2, while full
+# size went 0.280 -> 0.199: single pairs decide these figures). Its share alone as the image (SHARE_SHAPE 1) drifts: a small part takes a few % of a big
+# neighbour's light in the frames they share (a free image can take any of the other's), 0.29, 0.32, 0.47 px
+# on quick xrdsim after 20, 50, 200 rounds; the Gaussian's part holds it (0.8 still drifted on independent);
+# the shares' rocking curves taken from the voxels that one part holds alone: worse (independent 0.31 px).
+# Started from the split's parts or after 10 Gaussian rounds: other, worse fixed points (xrdsim 0.34 px).
 SHARE_ROUNDS = 30
 SHARE_SPREAD_PX2 = 0.25
-# Shared where parts x voxels is at most this (about 0.4 s of CPU; the most on the validation's scans, 127,230 at
-# 512 x 512 px, took 0.024 s): beyond, a cluster of many big spots keeps the split's centroids and its speed.
+SHARE_SHAPE = 0.7
+SHARE_TOL_PX = 1e-3
+SHARE_SHAPED_ROUNDS = 300
+# Shared where parts x voxels is at most SHARE_MAX_WORK (about 0.4 s of CPU in SHARE_ROUNDS rounds; the most on
+# the validation's scans, 127,230 at 512 x 512 px, took 0.024 s), with as many shaped rounds as
+# SHARE_ROUND_BUDGET parts x voxels x rounds allows: beyond, a cluster of many big spots keeps the split's
+# centroids (or the Gaussians') and its speed.
 SHARE_MAX_WORK = 2_000_000
+SHARE_ROUND_BUDGET = SHARE_ROUNDS * SHARE_MAX_WORK
 
 
 def centroid_near(moments, low, high) -> bool:
@@ -744,12 +761,15 @@ class Segmenter:
         for p, part in enumerate(parts):
             owner[part] = p
         held = np.flatnonzero(owner >= 0)
-        if len(blobs) * held.size > SHARE_MAX_WORK:
+        work = len(blobs) * held.size
+        if work > SHARE_MAX_WORK:
             return blobs
+        shaped = min(SHARE_SHAPED_ROUNDS, max(SHARE_ROUND_BUDGET // work - SHARE_ROUNDS, 0))
         owner, f, y, x = owner[held], fs[held], ys[held], xs[held]
         values = self._measures[self._frame_slots(f), y, x].astype(np.float64)
         light = np.empty((len(blobs), held.size))
-        shared_light(f, y, x, values, owner, len(blobs), SHARE_ROUNDS, SHARE_SPREAD_PX2, light)
+        shared_light(f, y, x, values, owner, len(blobs), SHARE_ROUNDS, shaped, SHARE_SPREAD_PX2, SHARE_SHAPE,
+                     SHARE_TOL_PX, light)
         out = []
         for p, (blob, share) in enumerate(zip(blobs, light)):
             fa, ya, xa, fb, yb, xb = blob.bbox
