@@ -241,13 +241,13 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
 
 def near_box(weights, voxels, blob) -> bool:
     """Whether the centroid of ``weights`` at ``voxels`` lies within the box of the ``blob``'s voxels grown by its
-    own extent (at least 2) along each axis."""
+    own extent (at least 2) along each axis, give or take 1e-9 (as the segmenter's NEAR_SLACK)."""
     total = weights.sum()
     if not total > 0:
         return False
     centre = (weights[:, None] * voxels).sum(axis=0) / total
     low, high = blob.min(axis=0), blob.max(axis=0)
-    return bool(np.all(np.abs(centre - (low + high) / 2) <= (high - low) / 2 + np.maximum(high - low + 1, 2)))
+    return bool(np.all(np.abs(centre - (low + high) / 2) <= (high - low) / 2 + np.maximum(high - low + 1, 2) + 1e-9))
 
 
 def reference_shares(voxels, values, owner, n_parts, rounds=SHARE_ROUNDS, shaped_rounds=None, spread=SHARE_SPREAD_PX2,

@@ -172,15 +172,18 @@ SHARE_SHAPED_ROUNDS = 300
 # centroids (or the Gaussians') and its speed.
 SHARE_MAX_WORK = 2_000_000
 SHARE_ROUND_BUDGET = SHARE_ROUNDS * SHARE_MAX_WORK
+NEAR_SLACK = 1e-9  # px or frames, see centroid_near
 
 
 def centroid_near(moments, low, high) -> bool:
     """Whether the centroid of ``moments`` (sum, and sums of frame, y, x times value) lies within the box
-    ``low`` .. ``high`` (f, y, x, inclusive) grown by its own extent (at least 2) along each axis."""
+    ``low`` .. ``high`` (f, y, x, inclusive) grown by its own extent (at least 2) along each axis, give or take
+    NEAR_SLACK (shares can gather on whole frames: a centroid on the edge, 2 + 4e-16, is on it)."""
     total = moments[0]
     if not total > 0:
         return False
-    return all(a - max(b - a + 1, 2) <= m / total <= b + max(b - a + 1, 2) for m, a, b in zip(moments[1:], low, high))
+    return all(a - max(b - a + 1, 2) - NEAR_SLACK <= m / total <= b + max(b - a + 1, 2) + NEAR_SLACK
+               for m, a, b in zip(moments[1:], low, high))
 
 
 def cut_by_box(extent, centre, max_size) -> bool:
