@@ -620,7 +620,8 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, sprea
             # one pass, about the box's corner: the moments of a few pixels' spread lose no digits that matter
             total = sy = sx = syy = sxx = sxy = 0.0
             rock[:] = 0.0
-            light[:] = 0.0
+            if shaped:
+                light[:] = 0.0
             for i in range(n):
                 w = max(share[p, i], 0.0)
                 dy, dx = ys[i] - y0, xs[i] - x0
@@ -631,7 +632,8 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, sprea
                 sxx += w * dx * dx
                 sxy += w * dy * dx
                 rock[fs[i] - f0] += w
-                light[pixel[i]] += w
+                if shaped:  # the share's image: only the shaped rounds take it
+                    light[pixel[i]] += w
             if not total > 0:
                 model[p, :] = 0.0
                 continue
@@ -651,7 +653,10 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, sprea
             if shaped:
                 norm = 0.0
                 for q in range(n_pixels):
-                    image[q] = (light[q] / total) ** alpha * (image[q] / gauss) ** (1.0 - alpha) if light[q] > 0 else 0.0
+                    if light[q] > 0:
+                        image[q] = (light[q] / total) ** alpha * (image[q] / gauss) ** (1.0 - alpha)
+                    else:
+                        image[q] = 0.0
                     norm += image[q]
             for i in range(n):
                 model[p, i] = image[pixel[i]] / norm * rock[fs[i] - f0]

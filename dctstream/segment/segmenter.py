@@ -156,11 +156,12 @@ REST_MARGIN_PX = 2
 # independent 0.482 -> 0.387 -> 0.280 (psi 0.065 -> 0.022 frames, recall 0.958 -> 0.972), `overlaps` 0.063 ->
 # 0.058 -> 0.058. What is left: pairs in the same frames whose shapes no model here tells apart end 2-4 px off
 # or not on a small change (SHARE_TOL_PX 1e-4: independent's 169 3.9 px off, 0.255 px RMS at 256^2, while full
-# size went 0.280 -> 0.199: single pairs decide these figures). Its share alone as the image (SHARE_SHAPE 1) drifts: a small part takes a few % of a big
-# neighbour's light in the frames they share (a free image can take any of the other's), 0.29, 0.32, 0.47 px
-# on quick xrdsim after 20, 50, 200 rounds; the Gaussian's part holds it (0.8 still drifted on independent);
-# the shares' rocking curves taken from the voxels that one part holds alone: worse (independent 0.31 px).
-# Started from the split's parts or after 10 Gaussian rounds: other, worse fixed points (xrdsim 0.34 px).
+# size went 0.280 -> 0.199: single pairs decide these figures). Its share alone as the image (SHARE_SHAPE 1)
+# drifts: a small part takes a few % of a big neighbour's light in the frames they share (a free image can take
+# any of the other's), 0.29, 0.32, 0.47 px on quick xrdsim after 20, 50, 200 rounds; the Gaussian's part holds
+# it (0.8 still drifted on independent); the shares' rocking curves taken from the voxels that one part holds
+# alone: worse (independent 0.31 px). Started from the split's parts or after 10 Gaussian rounds: other, worse
+# fixed points (xrdsim 0.34 px).
 SHARE_ROUNDS = 30
 SHARE_SPREAD_PX2 = 0.25
 SHARE_SHAPE = 0.7
