@@ -48,7 +48,7 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
 
 SPLIT_LOW = 2.0  # as dctstream.segment.segmenter.SPLIT_LOW: a second maximum stands out by 2 x grow_low
 # as dctstream.segment.segmenter's: sharing touching spots' voxels (SPOT_SHARES)
-SHARE_ROUNDS, SHARE_SPREAD_PX2, SHARE_SHAPE, SHARE_TOL_PX = 30, 0.25, 0.7, 1e-3
+SHARE_ROUNDS, SHARE_SETTLED_PX, SHARE_SPREAD_PX2, SHARE_SHAPE, SHARE_TOL_PX = 30, 1e-5, 0.25, 0.7, 1e-3
 SHARE_SHAPED_ROUNDS, SHARE_ROUND_BUDGET = 300, 30 * 2_000_000
 
 
@@ -251,13 +251,14 @@ def near_box(weights, voxels, blob) -> bool:
 
 
 def reference_shares(voxels, values, owner, n_parts, rounds=SHARE_ROUNDS, shaped_rounds=None, spread=SHARE_SPREAD_PX2,
-                     shape=SHARE_SHAPE, tol=SHARE_TOL_PX):
+                     shape=SHARE_SHAPE, tol=SHARE_TOL_PX, settled=SHARE_SETTLED_PX):
     """Each part's share of the ``values`` of (frame, y, x) ``voxels``: first its own (``owner``), then in
     proportion to each part's model -- its image over the voxels' pixels, normalised, times its share summed per
-    frame; the image: ``rounds`` times the Gaussian g of its share's weighted mean and covariance in y, x
-    (+ ``spread`` on the diagonal), then up to ``shaped_rounds`` times (by default as many as the segmenter's
-    budget allows) its share summed per pixel, s, as s^shape g^(1 - shape) (each normalised), until no part's
-    centroid moved by ``tol`` or more in the last round."""
+    frame; the image: ``rounds`` times (fewer once no part's centroid moved by ``settled`` in a round after the
+    first) the Gaussian g of its share's weighted mean and covariance in y, x (+ ``spread`` on the diagonal),
+    then up to ``shaped_rounds`` times (by default as many as the segmenter's budget allows) its share summed per
+    pixel, s, as s^shape g^(1 - shape) (each normalised), until no part's centroid moved by ``tol`` or more in
+    the last round."""
     if shaped_rounds is None:
         shaped_rounds = min(SHARE_SHAPED_ROUNDS, max(SHARE_ROUND_BUDGET // (n_parts * len(values)) - rounds, 0))
     f, y, x = voxels.T
@@ -267,7 +268,10 @@ def reference_shares(voxels, values, owner, n_parts, rounds=SHARE_ROUNDS, shaped
     share = np.zeros((n_parts, len(values)))
     share[owner, np.arange(len(values))] = values
     centres = np.full((n_parts, 2), np.nan)
+    gaussian = rounds
     for r in range(rounds + shaped_rounds):
+        if r >= gaussian + shaped_rounds:
+            break
         model = np.zeros_like(share)
         moved = 0.0
         for p in range(n_parts):
@@ -281,12 +285,14 @@ def reference_shares(voxels, values, owner, n_parts, rounds=SHARE_ROUNDS, shaped
             covariance = (w[:, None, None] * d[:, :, None] * d[:, None, :]).sum(axis=0) / w.sum() + spread * np.eye(2)
             e = pixels - centre
             image = np.exp(-0.5 * np.einsum("ni,ij,nj->n", e, np.linalg.inv(covariance), e))
-            if r >= rounds:
+            if r >= gaussian:
                 light = np.bincount(pixel, w, len(pixels))
                 image = (light / light.sum()) ** shape * (image / image.sum()) ** (1 - shape)
             model[p] = image[pixel] / image.sum() * np.bincount(frame, w)[frame]
-        if r > rounds and moved < tol:
+        if r > gaussian and moved < tol:
             break
+        if 0 < r < gaussian - 1 and moved < settled:
+            gaussian = r + 1
         total = model.sum(axis=0)
         share = np.where(total > 0, values * (model / np.where(total > 0, total, 1.0)), share)
     return share

@@ -49,16 +49,52 @@ def grow_region(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1,
     cap = slot_of.size
     ny, nx = values.shape[1], values.shape[2]
     s = slot_of[pf % cap]
-    out = np.empty(64, dtype=np.int64)
+    start = np.full(1, (pf * ny + py) * nx + px, np.int64)
     if values[s, py, px] < _threshold(low[s, py // tile, px // tile], scaled_peak, high, peak) or _flag(flags, s, CLAIMED, py, px) \
             or mask[py, px]:
-        return out[:0], True
+        return start[:0], True
+    return _flood(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1, scaled_peak, high, peak, conn26,
+                  max_voxels, start, pf)
+
+
+@numba.njit(cache=True, nogil=True)
+def grow_region_on(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1, scaled_peak, high, peak, conn26,
+                   max_voxels, grown, grown_f1):
+    """`grow_region` in a box that has gained frames after ``grown_f1``: ``grown`` (sorted, complete) is the
+    component that it returned in the same box up to frame ``grown_f1``, with the same thresholds, the frames
+    unchanged since. Only its voxels of frame ``grown_f1`` have neighbours not looked at yet, so the search
+    starts from them. Returns (voxels, complete, valid): not valid (and nothing grown) when a voxel of
+    ``grown`` has been claimed since, which may have cut it."""
+    cap = slot_of.size
+    ny, nx = values.shape[1], values.shape[2]
+    for i in grown:
+        if _flag(flags, slot_of[(i // (ny * nx)) % cap], CLAIMED, (i // nx) % ny, i % nx):
+            return grown[:0], True, False
+    voxels, complete = _flood(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1, scaled_peak, high,
+                              peak, conn26, max_voxels, grown, grown_f1)
+    return voxels, complete, True
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1, scaled_peak, high, peak, conn26,
+           max_voxels, start, from_f):
+    """The component of `grow_region` that holds the voxels ``start`` (eligible, sorted), searched from those
+    of frame ``from_f`` on."""
+    cap = slot_of.size
+    ny, nx = values.shape[1], values.shape[2]
+    out = np.empty(max(64, 2 * start.size), dtype=np.int64)
     stack = np.empty(64, dtype=np.int64)
-    out[0] = (pf * ny + py) * nx + px
-    _set_flag(flags, s, _SEEN, py, px)
-    stack[0] = out[0]
-    n_out = 1
-    n_stack = 1
+    n_out = 0
+    n_stack = 0
+    for i in start:
+        _set_flag(flags, slot_of[(i // (ny * nx)) % cap], _SEEN, (i // nx) % ny, i % nx)
+        out[n_out] = i
+        n_out += 1
+        if i // (ny * nx) >= from_f:
+            if n_stack == stack.size:
+                stack = np.concatenate((stack, np.empty(stack.size, dtype=np.int64)))
+            stack[n_stack] = i
+            n_stack += 1
     complete = True
     while n_stack > 0:
         n_stack -= 1
@@ -577,16 +613,16 @@ def moments(values, slot_of, fs, ys, xs):
 
 
 @numba.njit(cache=True, nogil=True)
-def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, spread, alpha, tol, share):
+def shared_light(fs, ys, xs, values, part, n_parts, rounds, settled, shaped_rounds, spread, alpha, tol, share):
     """share[p, i]: part p's share of the value of voxel i (fs, ys, xs, ``values``), each voxel first all its own
     part's (``part``: 0 .. n_parts - 1), then shared among the parts in proportion to their models: a part's
     model at a voxel is its image at that voxel's pixel, normalised over the voxels' pixels, times its share's
-    sum in that voxel's frame (its rocking curve). The image: for ``rounds`` rounds the 2-D Gaussian g of the
-    mean and covariance in y, x of its share (``spread`` added to each variance); then, for up to
-    ``shaped_rounds`` more, its share summed over frames at each pixel, s, as s^alpha g^(1 - alpha) (each
-    normalised), until no part's centroid in y, x moved by ``tol`` or more in the last one. A part whose share
-    sums to 0 or less has no model (it keeps what it has); a voxel no model reaches keeps its shares. Returns
-    the rounds made."""
+    sum in that voxel's frame (its rocking curve). The image: for up to ``rounds`` rounds (fewer once no part's
+    centroid in y, x moved by ``settled`` or more in one after the first) the 2-D Gaussian g of the mean and
+    covariance in y, x of its share (``spread`` added to each variance); then, for up to ``shaped_rounds`` more,
+    its share summed over frames at each pixel, s, as s^alpha g^(1 - alpha) (each normalised), until no part's
+    centroid moved by ``tol`` or more in the last one. A part whose share sums to 0 or less has no model (it
+    keeps what it has); a voxel no model reaches keeps its shares. Returns the rounds made."""
     n = fs.size
     f0, y0, x0 = fs.min(), ys.min(), xs.min()
     n_frames = fs.max() - f0 + 1
@@ -600,10 +636,14 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, sprea
         at = (ys[i] - y0) * width + xs[i] - x0
         if pixel_at[at] < 0:
             pixel_at[at] = n_pixels
-            pixel_y[n_pixels] = ys[i]
-            pixel_x[n_pixels] = xs[i]
+            pixel_y[n_pixels] = ys[i] - y0
+            pixel_x[n_pixels] = xs[i] - x0
             n_pixels += 1
         pixel[i] = pixel_at[at]
+    # about the box's corner: one pass over a few pixels' spread loses no digits that matter
+    vy = (ys - y0).astype(np.float64)
+    vx = (xs - x0).astype(np.float64)
+    frame = fs - f0
     share[:] = 0.0
     for i in range(n):
         share[part[i], i] = values[i]
@@ -613,25 +653,25 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, sprea
     light = np.empty(n_pixels)
     centre = np.full((n_parts, 2), np.nan)
     made = 0
-    for r in range(rounds + shaped_rounds):
+    r = 0
+    while r < rounds + shaped_rounds:
         shaped = r >= rounds
         moved = 0.0
         for p in range(n_parts):
-            # one pass, about the box's corner: the moments of a few pixels' spread lose no digits that matter
             total = sy = sx = syy = sxx = sxy = 0.0
             rock[:] = 0.0
             if shaped:
                 light[:] = 0.0
             for i in range(n):
                 w = max(share[p, i], 0.0)
-                dy, dx = ys[i] - y0, xs[i] - x0
+                dy, dx = vy[i], vx[i]
                 total += w
                 sy += w * dy
                 sx += w * dx
                 syy += w * dy * dy
                 sxx += w * dx * dx
                 sxy += w * dy * dx
-                rock[fs[i] - f0] += w
+                rock[frame[i]] += w
                 if shaped:  # the share's image: only the shaped rounds take it
                     light[pixel[i]] += w
             if not total > 0:
@@ -643,25 +683,27 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, sprea
             cyy = syy / total - my * my + spread
             cxx = sxx / total - mx * mx + spread
             cxy = sxy / total - my * mx
-            det = cyy * cxx - cxy * cxy
-            gauss = 0.0
+            # the Gaussian's exponent (times 1 - alpha in a shaped round: s^alpha g^(1 - alpha) as one exp,
+            # whose normalising constants, the same at every pixel, the image's norm takes)
+            g = (1.0 - alpha if shaped else 1.0) / (cyy * cxx - cxy * cxy)
+            a, b, c = -0.5 * g * cxx, g * cxy, -0.5 * g * cyy
+            norm = 0.0
             for q in range(n_pixels):
-                dy, dx = pixel_y[q] - y0 - my, pixel_x[q] - x0 - mx
-                image[q] = np.exp(-0.5 * (cxx * dy * dy - 2.0 * cxy * dy * dx + cyy * dx * dx) / det)
-                gauss += image[q]
-            norm = gauss
-            if shaped:
-                norm = 0.0
-                for q in range(n_pixels):
-                    if light[q] > 0:
-                        image[q] = (light[q] / total) ** alpha * (image[q] / gauss) ** (1.0 - alpha)
-                    else:
-                        image[q] = 0.0
-                    norm += image[q]
+                dy, dx = pixel_y[q] - my, pixel_x[q] - mx
+                e = a * dy * dy + b * dy * dx + c * dx * dx
+                if not shaped:
+                    image[q] = np.exp(e)
+                elif light[q] > 0:
+                    image[q] = np.exp(alpha * np.log(light[q]) + e)
+                else:
+                    image[q] = 0.0
+                norm += image[q]
             for i in range(n):
-                model[p, i] = image[pixel[i]] / norm * rock[fs[i] - f0]
+                model[p, i] = image[pixel[i]] * rock[frame[i]] / norm
         if r > rounds and moved < tol:
             break
+        if 0 < r < rounds - 1 and moved < settled:
+            rounds = r + 1  # the Gaussians have settled: the shaped rounds next
         made += 1
         for i in range(n):
             total = 0.0
@@ -670,6 +712,7 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, shaped_rounds, sprea
             if total > 0:
                 for p in range(n_parts):
                     share[p, i] = values[i] * (model[p, i] / total)
+        r += 1
     return made
 
 

@@ -38,8 +38,8 @@ import numpy as np
 from ..ring import fault_in, release, releasable_frames
 from ..types import Blob
 from ._kernels import (CLAIMED, FLAG_PLANES, SPIKE, claim, claimed_beside_max, despike, flood_from, grow_region,
-                       label_seeds, moments, saddle_beside_brighter, seed_rows, shared_light, split_maxima,
-                       stands_out, unclaimed_sum, unclaimed_sum_of)
+                       grow_region_on, label_seeds, moments, saddle_beside_brighter, seed_rows, shared_light,
+                       split_maxima, stands_out, unclaimed_sum, unclaimed_sum_of)
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
@@ -141,7 +141,9 @@ REST_MARGIN_PX = 2
 # Spots that touch (SPOT_SHARES: parts of one component, each a blob) take their centroids over their shares of
 # the light of the voxels they hold together, and count those voxels in their integral box by their shares: from
 # the split's parts, each voxel's value is shared among them in proportion to a model of each: its image times
-# its share's rocking curve (`shared_light`). The image: first, SHARE_ROUNDS times, a 2-D Gaussian of its share's
+# its share's rocking curve (`shared_light`). The image: first, SHARE_ROUNDS times (fewer once no centroid moves
+# by SHARE_SETTLED_PX: 1,199 of the 2,011 rounds of quick `independent` were Gaussian ones, half of them after the
+# Gaussians had settled, the same centroids to 1e-5 px), a 2-D Gaussian of its share's
 # mean and covariance in x, y (SHARE_SPREAD_PX2 added to each variance: a part one pixel wide has a width); then,
 # until no centroid moves by SHARE_TOL_PX in a round (at most SHARE_SHAPED_ROUNDS), its own share summed over
 # frames to the power SHARE_SHAPE times that Gaussian to the power 1 - SHARE_SHAPE. The split gives a voxel whole
@@ -163,6 +165,7 @@ REST_MARGIN_PX = 2
 # alone: worse (independent 0.31 px). Started from the split's parts or after 10 Gaussian rounds: other, worse
 # fixed points (xrdsim 0.34 px).
 SHARE_ROUNDS = 30
+SHARE_SETTLED_PX = 1e-5
 SHARE_SPREAD_PX2 = 0.25
 SHARE_SHAPE = 0.7
 SHARE_TOL_PX = 1e-3
@@ -274,13 +277,14 @@ def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
 
 
 class _Region:
-    __slots__ = ("count", "max_value", "max_index", "first")
+    __slots__ = ("count", "max_value", "max_index", "first", "valley")
 
     def __init__(self, count, max_value, max_index, first):
         self.count = count
         self.max_value = max_value
         self.max_index = max_index
         self.first = first
+        self.valley = None  # `Segmenter._valley_clear`'s last component and its box's last frame (not a state)
 
     @property
     def order(self):
@@ -682,9 +686,16 @@ class Segmenter:
         box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
                min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
         high = np.inf if p.grow_high is None else p.grow_high
-        voxels, complete = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_tiles,
-                                       self.params.tile_px, *box,
-                                       f, y, x, -np.inf, high, region.max_value, p.connectivity == 26, VALLEY_VOXELS)
+        kernel_args = (self._values, self._slot_of, self._flags, self.mask, self._low_tiles, p.tile_px, *box)
+        valid = False
+        if region.valley is not None:  # tried at an earlier frame: grown on from there
+            grown, grown_f1 = region.valley
+            voxels, complete, valid = grow_region_on(*kernel_args, -np.inf, high, region.max_value,
+                                                     p.connectivity == 26, VALLEY_VOXELS, grown, grown_f1)
+        if not valid:
+            voxels, complete = grow_region(*kernel_args, f, y, x, -np.inf, high, region.max_value,
+                                           p.connectivity == 26, VALLEY_VOXELS)
+        region.valley = (voxels, box[1]) if complete and voxels.size else None
         if not complete:
             return False, None
         if voxels.size == 0:
@@ -772,8 +783,8 @@ class Segmenter:
         owner, f, y, x = owner[held], fs[held], ys[held], xs[held]
         values = self._measures[self._frame_slots(f), y, x].astype(np.float64)
         light = np.empty((len(blobs), held.size))
-        shared_light(f, y, x, values, owner, len(blobs), SHARE_ROUNDS, shaped, SHARE_SPREAD_PX2, SHARE_SHAPE,
-                     SHARE_TOL_PX, light)
+        shared_light(f, y, x, values, owner, len(blobs), SHARE_ROUNDS, SHARE_SETTLED_PX, shaped, SHARE_SPREAD_PX2,
+                     SHARE_SHAPE, SHARE_TOL_PX, light)
         out = []
         for p, (blob, share) in enumerate(zip(blobs, light)):
             fa, ya, xa, fb, yb, xb = blob.bbox
