@@ -142,8 +142,8 @@ REST_MARGIN_PX = 2
 # the light of the voxels they hold together, and count those voxels in their integral box by their shares: from
 # the split's parts, each voxel's value is shared among them in proportion to a model of each: its image times
 # its share's rocking curve (`shared_light`). The image: first, SHARE_ROUNDS times (fewer once no centroid moves
-# by SHARE_SETTLED_PX: 1,199 of the 2,011 rounds of quick `independent` were Gaussian ones, half of them after the
-# Gaussians had settled, the same centroids to 1e-5 px), a 2-D Gaussian of its share's
+# by SHARE_SETTLED_PX: 1,290 of the 2,011 rounds of quick `independent` were Gaussian ones, 1,520 in all once
+# they stop there, the centroids the same to 1e-5 px), a 2-D Gaussian of its share's
 # mean and covariance in x, y (SHARE_SPREAD_PX2 added to each variance: a part one pixel wide has a width); then,
 # until no centroid moves by SHARE_TOL_PX in a round (at most SHARE_SHAPED_ROUNDS), its own share summed over
 # frames to the power SHARE_SHAPE times that Gaussian to the power 1 - SHARE_SHAPE. The split gives a voxel whole
