@@ -109,8 +109,9 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
     reach_x, reach_y, reach_f = params.max_size
     blobs = []
     for neg_peak, f, y, x in regions:
-        box = (slice(max(f - reach_f, 0), f + reach_f + 1), slice(max(y - reach_y, 0), y + reach_y + 1),
-               slice(max(x - reach_x, 0), x + reach_x + 1))
+        # the component within 2 x max_blob_size of the maximum in x and y: each spot is cut by its own box
+        box = (slice(max(f - reach_f, 0), f + reach_f + 1), slice(max(y - 2 * reach_y, 0), y + 2 * reach_y + 1),
+               slice(max(x - 2 * reach_x, 0), x + 2 * reach_x + 1))
         peak = -neg_peak
         high = np.inf if params.grow_high is None else params.grow_high
         # the component at the lower clamp, split into its spots, each the double threshold of its own peak
@@ -156,10 +157,12 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 rejected["too_small"] += 1
                 remnant = bright and extent[0] == 1
                 return (voxels if remnant else None), remnant
-            # cut by its growth box: it reaches an edge of the box that lies inside the volume
-            lows = np.array([f, y, x]) - (reach_f, reach_y, reach_x)
-            highs = np.array([f, y, x]) + (reach_f, reach_y, reach_x)
-            if (voxels.min(axis=0) == lows).any() or (voxels.max(axis=0) == highs).any():
+            # cut: it reaches an edge, inside the volume, of its own peak's box or of the component's
+            cut = False
+            for centre, reach in ((grown[root], (reach_f, reach_y, reach_x)), ((f, y, x), (reach_f, 2 * reach_y, 2 * reach_x))):
+                cut |= (voxels.min(axis=0) <= np.subtract(centre, reach)).any() \
+                    or (voxels.max(axis=0) >= np.add(centre, reach)).any()
+            if cut:
                 rejected["too_large"] += 1
                 return None, False
             if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root], spikes=spikes):
