@@ -31,10 +31,12 @@ def scored_at(truth: dict) -> dict:
     return at
 
 
-def merged_points(truth: dict, at: dict, period_frames: float | None = None) -> tuple[dict, np.ndarray]:
+def merged_points(truth: dict, at: dict, period_frames: float | None = None,
+                  apart: frozenset = frozenset()) -> tuple[dict, np.ndarray]:
     """The points a detection may match: each true spot's (``at``) and, after them, each group of spots
     merged into one (``merged_into``) at their combined centroid (their integral-weighted mean, psi taken
-    next to the brightest's over a full turn) with their summed integral; and whose each point is."""
+    next to the brightest's over a full turn) with their summed integral, less the spots ``apart`` (found
+    on their own); and whose each point is."""
     n = len(truth["x"])
     integral = np.asarray(truth["integral"], float) if "integral" in truth else np.ones(n)
     points = {**at, "integral": integral}
@@ -45,7 +47,7 @@ def merged_points(truth: dict, at: dict, period_frames: float | None = None) -> 
         return points, owner
     extra = {key: [] for key in points}
     for r in groups:
-        members = np.concatenate([[r], np.flatnonzero(into == r)])
+        members = np.array([r, *(m for m in np.flatnonzero(into == r) if m not in apart)], np.int64)
         w = integral[members]
         frame = at["frame"][members]
         if period_frames is not None:
@@ -83,6 +85,28 @@ def _pieces(truth: dict, spots: dict, matched: set, period_frames: float | None)
     return out
 
 
+def _match(points: dict, owner: np.ndarray, d: np.ndarray, tol_px: float, tol_frames: float,
+           period_frames: float | None) -> tuple[set, dict, dict]:
+    """Detections (``d``, scaled by the tolerances) to the spots owning ``points``, one-to-one, closest first:
+    the detections used, each matched spot's detection and the point it matched."""
+    t = np.stack([points["x"] / tol_px, points["y"] / tol_px, points["frame"] / tol_frames], axis=1)
+    pairs = []
+    if len(t) and len(d):
+        tree = cKDTree(t)
+        for shift in (0.0,) if period_frames is None else (0.0, period_frames, -period_frames):
+            shifted = d + np.array([0.0, 0.0, shift / tol_frames])
+            for i, js in enumerate(tree.query_ball_point(shifted, r=1.0)):
+                pairs += [(float(np.linalg.norm(shifted[i] - t[j])), i, j) for j in js]
+    pairs.sort()
+    det_used, truth_of, point_of = set(), {}, {}
+    for _, i, p in pairs:
+        j = int(owner[p])
+        if i not in det_used and j not in truth_of:
+            det_used.add(i)
+            truth_of[j], point_of[j] = i, p
+    return det_used, truth_of, point_of
+
+
 def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
           tol_px: float = 2.0, tol_frames: float = 2.0, period_frames: float | None = None,
           in_beam: np.ndarray | None = None, measured_only: np.ndarray | None = None) -> dict:
@@ -108,7 +132,8 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     dimmer one shares, see `simulators.hard_scans.RESOLVE_SIGMAS`) are one spot to find: the dimmer
     ones are not asked for (``merged`` counts them), and a detection of the group -- at its spots'
     combined centroid and with their summed integral -- is the brighter one's. A detection of any of
-    them on its own is not false.
+    them on its own is not false, and takes that one out of the group: the group is then the rest
+    (its detection measured against their combined centroid and summed integral).
 
     ``period_frames``: the scan is a full turn of that many frames, so frame
     n - 0.5 is 1 frame from frame 0.5 (matching and the psi error wrap).
@@ -118,27 +143,18 @@ def score(truth: dict, spots: dict, *, direct_beam=None, snr_min: float = 5.0,
     to each true spot (-1 if none), ``piece_detections`` the pieces (see `_pieces`).
     """
     at = scored_at(truth)
-    points, owner = merged_points(truth, at, period_frames)  # each spot's point, then each merged group's
-    t = np.stack([points["x"] / tol_px, points["y"] / tol_px, points["frame"] / tol_frames], axis=1)
     d = np.stack([spots["centroid_x"] / tol_px, spots["centroid_y"] / tol_px,
                   spots["centroid_frame"] / tol_frames], axis=1)
-    pairs = []
-    if len(t) and len(d):
-        tree = cKDTree(t)
-        for shift in (0.0,) if period_frames is None else (0.0, period_frames, -period_frames):
-            shifted = d + np.array([0.0, 0.0, shift / tol_frames])
-            for i, js in enumerate(tree.query_ball_point(shifted, r=1.0)):
-                pairs += [(float(np.linalg.norm(shifted[i] - t[j])), i, j) for j in js]
-    pairs.sort()
-    det_used, truth_of, point_of = set(), {}, {}
-    for _, i, p in pairs:
-        j = int(owner[p])
-        if i not in det_used and j not in truth_of:
-            det_used.add(i)
-            truth_of[j], point_of[j] = i, p
+    merged = np.asarray(truth["merged_into"]) >= 0 if "merged_into" in truth else np.zeros(len(truth["x"]), bool)
+    apart = frozenset()
+    for _ in range(2):  # matched again, once, against the groups without the members found on their own
+        points, owner = merged_points(truth, at, period_frames, apart)  # each spot's point, then each group's
+        det_used, truth_of, point_of = _match(points, owner, d, tol_px, tol_frames, period_frames)
+        apart = frozenset(j for j in truth_of if merged[j] and point_of[j] == j)
+        if not apart:
+            break
     pieces = _pieces(truth, spots, det_used, period_frames)
     hidden = inside(direct_beam, truth["x"], truth["y"]) if in_beam is None else np.asarray(in_beam, bool)
-    merged = np.asarray(truth["merged_into"]) >= 0 if "merged_into" in truth else np.zeros(len(hidden), bool)
     eligible = (truth["snr"] >= snr_min) & ~hidden & ~merged
     found = [j for j in np.flatnonzero(eligible) if j in truth_of]
     # a spot the beam cuts is found, but what any tool measures of it depends on how much it masks

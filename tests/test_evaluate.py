@@ -89,3 +89,16 @@ def test_spots_merged_in_the_frames_are_one_spot_to_find():
     assert result["rms_x_px"] == pytest.approx(np.sqrt(0.1 ** 2 / 2))  # against (3000 * 10 + 1000 * 14) / 4000
     alone = score(truth, detections([10.0, 14.0], [10.0, 10.0], [20.0, 20.0], [3000.0, 1000.0]), tol_px=1.0)
     assert alone["precision"] == 1.0 and alone["found"] == 1  # each found apart: neither is false
+
+
+def test_a_spot_of_a_group_found_on_its_own_leaves_the_group():
+    # spots 1 and 2 share spot 0's maximum; spot 2 is found on its own, 0 and 1 as one detection: that one is
+    # measured against the combined centroid and summed integral of 0 and 1, not of all three
+    truth = truth_table([10, 14, 22, 60], [10, 10, 10, 60], [20, 20, 20, 40], merged_into=[-1, 0, 0, -1])
+    truth["integral"] = np.array([3000.0, 1000.0, 2000.0, 500.0])
+    found = detections([11.0, 22.0, 60.0], [10.0, 10.0, 60.0], [20.0, 20.0, 40.0], [4000.0, 2000.0, 500.0])
+    result = score(truth, found, tol_px=6.0)
+    assert (result["found"], result["precision"]) == (2, 1.0)
+    assert result["rms_x_px"] == pytest.approx(0.0, abs=1e-12)  # (3000 * 10 + 1000 * 14) / 4000 = 11
+    assert result["intensity_ratio_median"] == pytest.approx(1.0)
+    assert list(result["truth_to_detection"]) == [0, -1, 1, 2]
