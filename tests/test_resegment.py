@@ -748,6 +748,7 @@ def test_the_runs_own_settings_are_checked_against_each_frames_own_thresholds():
                  path="corrected.h5")
     params = resolve_segmentation(cfg.segmentation, sigma[0], 32)
     check_cut(cfg, params, scan, own=True)  # no ConfigError
+    # the edge's seed threshold counts within 2 x max_blob_size (160 px, 5 tiles: a touching spot's component box)
     with pytest.raises(ConfigError, match=r"seed_sigma: needs corrected values down to 13\.02 counts .* at frame "
-                                          r"5, pixels y 0\.\.31, x 128\.\.159, below the sparse scan's cut of 13\.1"):
+                                          r"5, pixels y 0\.\.31, x 64\.\.95, below the sparse scan's cut of 13\.1"):
         check_cut(cfg, params, scan)

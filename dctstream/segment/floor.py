@@ -3,9 +3,10 @@
 With parameters p, the segmenter's result depends on voxel (k, y, x) only
 through comparisons ``v >= t``, t a seed threshold of frame k or a growth
 threshold ``min(max(tau * M, low_k), grow_high, M)`` (see segmenter.py): low_k
-is frame k's own lower clamp, and M, the maximum of a region whose growth box
+is frame k's own lower clamp, and M, the maximum of a region whose component box
 holds the voxel, is at least the seed threshold of a frame at most
-``max_blob_size[2]`` frames away at a pixel at most ``max_blob_size`` away.
+``max_blob_size[2]`` frames away at a pixel at most PART_REACH x ``max_blob_size`` away
+in x and y (a touching spot's part is grown in that box, see segmenter.PART_REACH).
 The flood guard only raises a frame's thresholds. So every such t is at least
 
     floor_k = min(low_k, grow_high, min of seed_f over |f - k| <= max_blob_size[2], tiles within reach)
@@ -13,7 +14,7 @@ The flood guard only raises a frame's thresholds. So every such t is at least
 and a volume that holds every voxel >= floor_k (anything below it elsewhere,
 0 in a sparse scan) gives the same seeds, floods and blobs as the whole
 volume. Not the same integral: its tails sum unclaimed voxels, those below the
-cut too. Tiles within reach: those holding a pixel at most max_blob_size from
+cut too. Tiles within reach: those holding a pixel at most PART_REACH x max_blob_size from
 one of the tile's, so the bound is a little low, never high.
 """
 
@@ -22,10 +23,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from .segmenter import PART_REACH
+
 
 def reach_tiles(max_size, tile_px: int) -> tuple[int, int]:
-    """(tiles_y, tiles_x) a growth box reaches beyond a pixel's own tile."""
-    reach_x, reach_y = max_size[0], max_size[1]
+    """(tiles_y, tiles_x) a region's component box reaches beyond a pixel's own tile."""
+    reach_x, reach_y = PART_REACH * max_size[0], PART_REACH * max_size[1]
     return -(-reach_y // tile_px), -(-reach_x // tile_px)
 
 
