@@ -14,7 +14,8 @@ from dctstream.segment import SegmentParams, Segmenter
 from dctstream.segment import segmenter as segmenter_module
 from dctstream.segment._kernels import (CLAIMED, claim, claimed_beside_max, grow_region, grow_region_on,
                                         saddle_beside_brighter, seed_rows, shared_light, split_maxima)
-from dctstream.segment.segmenter import HOT_SLOTS, INTEGRAL_MARGIN_FRAMES, INTEGRAL_MARGIN_PX, SPIKE_LOW, SPIKE_VALUE
+from dctstream.segment.segmenter import (HOT_SLOTS, INTEGRAL_MARGIN_FRAMES, INTEGRAL_MARGIN_PX, SPIKE_LOW, SPIKE_VALUE,
+                                         pixel_map)
 from page_faults import faults_writing
 from reference import near_box, reference_blobs, reference_shares, reference_split
 
@@ -1012,3 +1013,39 @@ def test_the_slots_the_first_frames_take_are_faulted_in_ahead_and_no_more():
         beyond = faults_writing(pool[29:58])  # as many slots, never written: each write faults its page in
         assert beyond >= 29 * 2  # at least one fault a 2 MiB page
         assert ahead <= beyond // 4
+
+
+def test_the_sparse_floor_keeps_what_a_touching_spots_component_compares():
+    """A faint spot in a quiet tile (seed threshold 5) and, 11-15 px away in a noisy tile (lower clamp 20), a
+    patch at 15 joined to it by a ridge at 13: grown at min(lower clamp, peak) = its peak 12 within 2 x
+    max_blob_size (8 px), the patch is in its component, and a blob. A sparse scan that keeps each tile's voxels down to
+    the floor of `segment.floor` gives the same blobs only when the floor counts the seed thresholds within that
+    reach: within max_blob_size alone, the noisy tile's floor is its clamp, 20, and the patch is lost."""
+    from dctstream.segment.floor import floor_tiles, reach_tiles
+
+    nf, ny, nx, tile = 5, 16, 48, 8
+    volume = np.zeros((nf, ny, nx), np.float32)
+    volume[2, 6:9, 11:14] = 12.0  # the faint spot, in tile x 1 (8..15)
+    volume[2, 7, 14:24] = 13.0  # the ridge
+    volume[2, 6:9, 24:27] = 15.0  # the patch, in tile x 3 (24..31)
+    seed = np.full((ny // tile, nx // tile), 40.0)
+    seed[:, 1] = 5.0
+    low = seed / 2
+    p = params(seed_threshold=seed, grow_low=low, seed_min_voxels=1, max_size=(8, 8, 2), tile_px=tile,
+               min_size=(2, 2, 1))
+
+    def run(vol):
+        segmenter = Segmenter(p, (ny, nx))
+        blobs = [b for k, frame in enumerate(vol) for b in segmenter.push(k, frame, seed, low)]
+        return sorted(tuple(sorted(zip(b.frame.tolist(), b.y.tolist(), b.x.tolist())))
+                      for b in blobs + segmenter.finish())
+
+    def sparse(reach):
+        floor = pixel_map(floor_tiles(seed, low, None, reach), tile, (ny, nx))
+        return np.where(volume >= floor, volume, 0.0).astype(np.float32)
+
+    whole = run(volume)
+    # the patch's blob (the faint spot, below the ridge, has no maximum of its own: it is the patch's part)
+    assert [sorted({x for *_, x in blob}) for blob in whole] == [[24, 25, 26]]
+    assert run(sparse(reach_tiles(p.max_size, tile))) == whole
+    assert run(sparse((1, 1))) != whole  # within max_blob_size alone: the patch below the noisy tile's floor
