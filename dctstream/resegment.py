@@ -48,7 +48,6 @@ from .pipeline import frame_maps, frame_thresholds, prepare_output, resolve_segm
 from .record import read_record
 from .segment import SegmentParams
 from .segment.floor import floor_tiles, reach_tiles
-from .segment.segmenter import PART_REACH
 from .segment.sparse import SparseFrame, SparseSegmenter
 from .sinks import DifspotWriter, SparseScan, SpotTable, spot_row
 from .split import FINGERPRINT_EVERY, fingerprint, overlaps, shifted
@@ -143,9 +142,8 @@ def check_cut(cfg: Config, params: SegmentParams, scan: SparseScan, own: bool = 
         limits = {"seed_sigma" if seg.seed_threshold == "auto" else "seed_threshold": near,
                   "grow_low": low[part][k, y, x], "grow_high": np.inf if seg.grow_high is None else seg.grow_high}
         key = min(limits, key=limits.get)
-        within = [PART_REACH * params.max_size[0], PART_REACH * params.max_size[1], params.max_size[2]]
         what = {"grow_low": " (auto: half the seed threshold)" if seg.grow_low == "auto" else "",
-                "grow_high": ""}.get(key, f" (the seed threshold within {within} pixels, frames)")
+                "grow_high": ""}.get(key, f" (the seed threshold within {list(params.component_size)} pixels, frames)")
         raise ConfigError(f"segmentation.{key}: needs corrected values down to {floor[part][k, y, x]:.4g} counts"
                           f"{what} at frame {start + k}, pixels y {y * t}..{(y + 1) * t - 1}, x {x * t}.."
                           f"{(x + 1) * t - 1}, below the sparse scan's cut of {cut[k, y, x]:.4g} counts there "

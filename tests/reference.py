@@ -158,11 +158,9 @@ def reference_blobs(volume, params, mask=None, seed_tiles=None, low_tiles=None, 
                 remnant = bright and extent[0] == 1
                 return (voxels if remnant else None), remnant
             # cut: it reaches an edge, inside the volume, of its own peak's box or of the component's
-            cut = False
-            for centre, reach in ((grown[root], (reach_f, reach_y, reach_x)), ((f, y, x), (reach_f, 2 * reach_y, 2 * reach_x))):
-                cut |= (voxels.min(axis=0) <= np.subtract(centre, reach)).any() \
-                    or (voxels.max(axis=0) >= np.add(centre, reach)).any()
-            if cut:
+            boxes = ((grown[root], (reach_f, reach_y, reach_x)), ((f, y, x), (reach_f, 2 * reach_y, 2 * reach_x)))
+            if any((voxels.min(axis=0) <= np.subtract(centre, reach)).any()
+                   or (voxels.max(axis=0) >= np.add(centre, reach)).any() for centre, reach in boxes):
                 rejected["too_large"] += 1
                 return None, False
             if params.drop_zingers and is_zinger(volume, low_map, voxels, grown[root], spikes=spikes):

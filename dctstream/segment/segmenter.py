@@ -231,6 +231,12 @@ class SegmentParams:
             return self.grow_ratio, 0.0
         return 0.0, SPLIT_PHOTON ** 2 * self.photon_gain
 
+    @property
+    def component_size(self) -> tuple[int, int, int]:
+        """(x, y, frames) half-size of the box a region's component is grown in (see PART_REACH)."""
+        reach_x, reach_y, reach_f = self.max_size
+        return PART_REACH * reach_x, PART_REACH * reach_y, reach_f
+
     def tiles(self, frame_shape) -> tuple[int, int]:
         ny, nx = frame_shape
         return -(-ny // self.tile_px), -(-nx // self.tile_px)
@@ -321,7 +327,7 @@ class Segmenter:
         self._seed_scratch: dict[np.dtype, np.ndarray] = {}
         self.flood_limit = flood_limit(self.mask)
         self.floods: list[tuple[int, int, float]] = []  # (frame, seed regions found, factor applied)
-        self._reach_fyx = params.max_size[::-1]
+        self._component_fyx = params.component_size[::-1]
         reach = params.max_size[2]
         # Frames from _low to last: most regions close a frame after their spot ends (the valley rule),
         # within about a reach; the boxes rule needs 3 reaches and more. A chain of spots that needs
@@ -631,7 +637,7 @@ class Segmenter:
     # ---- growing -------------------------------------------------------------------
     def _close(self, ended: bool) -> list[Blob]:
         reach_f = self.params.max_size[2]
-        reach = np.array(self._reach_fyx) * (2, 2 * PART_REACH, 2 * PART_REACH)  # two component boxes overlap
+        reach = 2 * np.array(self._component_fyx)  # where two component boxes overlap
         open_regions = sorted((self._regions[r] for r in self._open), key=attrgetter("order"))
         open_orders = [q.order for q in open_regions]
         open_at = np.array([q.max_index for q in open_regions]).reshape(-1, 3)
@@ -684,14 +690,13 @@ class Segmenter:
         """
         p = self.params
         f, y, x = region.max_index
-        reach_x, reach_y, reach_f = p.max_size
+        reach_f, reach_y, reach_x = self._component_fyx
         earlier = brighter[:, 0] < f
         if np.all(np.abs(brighter[earlier] - region.max_index) <= reach, axis=1).any():
             return False, None
         ny, nx = self.frame_shape
-        ry, rx = 3 * PART_REACH * reach_y, 3 * PART_REACH * reach_x  # the two component boxes' union
-        box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - ry, 0),
-               min(y + ry, ny - 1), max(x - rx, 0), min(x + rx, nx - 1))
+        box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
+               min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
         high = np.inf if p.grow_high is None else p.grow_high
         kernel_args = (self._values, self._slot_of, self._flags, self.mask, self._low_tiles, p.tile_px, *box)
         valid = False
@@ -719,11 +724,11 @@ class Segmenter:
         with the same thresholds in a box around the growth box (taken as the blob's when it lies in it)."""
         p = self.params
         f, y, x = region.max_index
-        reach_x, reach_y, reach_f = p.max_size
+        reach_x, reach_y, reach_f = p.component_size
         ny, nx = self.frame_shape
         f0, f1 = max(f - reach_f, 0), min(f + reach_f, self.last)
-        y0, y1 = max(y - PART_REACH * reach_y, 0), min(y + PART_REACH * reach_y, ny - 1)
-        x0, x1 = max(x - PART_REACH * reach_x, 0), min(x + PART_REACH * reach_x, nx - 1)
+        y0, y1 = max(y - reach_y, 0), min(y + reach_y, ny - 1)
+        x0, x1 = max(x - reach_x, 0), min(x + reach_x, nx - 1)
         peak = region.max_value
         high = np.inf if p.grow_high is None else p.grow_high
         if grown is not None and _inside(grown, (ny, nx), (f0, f1, y0, y1, x0, x1)):
@@ -954,9 +959,8 @@ class Segmenter:
         if any(s < m for s, m in zip(size, p.min_size)):
             self.rejected["too_small"] += 1
             return "too_small"
-        rx, ry, rf = p.max_size
-        if cut_by_box((fa, fb, ya, yb, xa, xb), max_index, p.max_size) \
-                or cut_by_box((fa, fb, ya, yb, xa, xb), centre, (PART_REACH * rx, PART_REACH * ry, rf)):
+        extent = (fa, fb, ya, yb, xa, xb)
+        if cut_by_box(extent, max_index, p.max_size) or cut_by_box(extent, centre, p.component_size):
             self.rejected["too_large"] += 1
             self.too_large_size = tuple(max(a, b) for a, b in zip(self.too_large_size, size))
             return "too_large"
