@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from dctstream.errors import ConfigError
@@ -277,7 +278,7 @@ def override_config(cfg: Config, overrides: Mapping[str, Any] | Sequence[str], l
         raise ConfigError(f"{label}: expected a mapping of section.key to value or a list of "
                           f"section.key=value texts, got the text {_show(overrides)}")
     if isinstance(overrides, Mapping):
-        layers = [(label, _nested(key, value)) for key, value in overrides.items()]
+        layers = [(label, _nested(key, _python(value))) for key, value in overrides.items()]
     else:
         layers = [(_SET, _parse_override(text)) for text in overrides]
     return _build([("config", config_to_dict(cfg)), *layers])
@@ -709,6 +710,18 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     parts = [getattr(err, "context", None), getattr(err, "problem", None)]
     # Errors without a mark (bad characters) only have a multi-line str().
     return ", ".join(p for p in parts if p) or " ".join(str(err).split())
+
+
+def _python(value: Any) -> Any:
+    """``value`` with NumPy's scalars and arrays as the Python numbers and lists YAML would give (an override
+    computed with NumPy: np.int64(101), np.array([2, 2, 1]))."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_python(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _python(v) for k, v in value.items()}
+    return value
 
 
 def _plain(value: Any) -> Any:

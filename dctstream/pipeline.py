@@ -603,6 +603,10 @@ class Pipeline:
             self.stats.sparse_bytes_per_frame = self.export.bytes_per_frame
 
     def _join_seam(self) -> None:
+        if self.table is not None and self._psi and seam.closes_turn(self._psi):
+            log.warning("frame %d (psi %g) is frame 0's angle a whole turn later: the spots there are reported "
+                        "twice, at both ends, not joined across 0/360 degrees (a recorded scan's file leaves that "
+                        "frame out)", len(self._psi) - 1, self._psi[-1])
         if self.table is None or not seam.full_turn(self._psi):
             return
         n = len(self._psi)

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from .sinks.spot_table import PSI_COLUMN, spot_row
-from .sources.hdf5 import radians_like
+from .sources.hdf5 import closes_turn, radians_like
 from .types import Blob
 
 log = logging.getLogger(__name__)

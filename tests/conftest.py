@@ -40,7 +40,7 @@ def bad_inputs(tmp_path_factory, tiny_scan):
     Returns the file path; the datasets are:
     ``two_d`` (64, 64) uint16, ``float_frames`` (5, 64, 64) float32 of 0.5, ``no_frames`` (0, 64, 64) uint16,
     ``dark_small`` (3, 32, 32) uint16, ``dark_text`` (64, 64) bytes, ``dark_empty`` (0, 64, 64) uint16,
-    ``angles_short`` (10,) float64, ``angles_text`` (40,) bytes, and a group ``group`` holding ``inside``;
+    ``angles_short`` (10,) float64, ``angles_text`` (40,) bytes, ``title`` a scalar string, and a group ``group`` holding ``inside``;
     and, built from the tiny scan's frames: ``four_d`` (2, 3, 64, 64), ``bool_frames``, ``zeros`` and
     ``saturated`` (40, 64, 64) uint16, ``one_frame`` and ``short`` (its first 1 and 5 frames), ``uint32``
     (its frames as uint32), ``corrupt_chunk`` (its frames, gzip chunks of one frame, chunk 7 overwritten),
@@ -60,6 +60,7 @@ def bad_inputs(tmp_path_factory, tiny_scan):
         f["dark_empty"] = np.zeros((0, TINY_SIZE, TINY_SIZE), np.uint16)
         f["angles_short"] = np.arange(10.0)
         f["angles_text"] = np.full(TINY_FRAMES, b"a")
+        f["title"] = "dct scan"  # a scalar string, as a scan's title
         f.create_group("group")["inside"] = np.zeros(3)
         f["four_d"] = np.zeros((2, 3, TINY_SIZE, TINY_SIZE), np.uint16)
         f["bool_frames"] = np.zeros((5, TINY_SIZE, TINY_SIZE), bool)

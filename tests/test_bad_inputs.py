@@ -146,6 +146,9 @@ CASES = {
     "dark_text": lambda c: (
         ["run", *_frames(c), "--dark", f"{c.bad}::/dark_text"], 1,
         ["dark.url", f"{c.bad}::/dark_text", "expected numeric"]),
+    "dark_scalar_text": lambda c: (  # a scan's title, say: h5py reads it as bytes, not an array
+        ["run", *_frames(c), "--dark", f"{c.bad}::/title"], 1,
+        ["dark.url", f"{c.bad}::/title", "expected numeric dark counts"]),
     "dark_empty_stack": lambda c: (
         ["run", *_frames(c), "--dark", f"{c.bad}::/dark_empty"], 1,
         ["dark.url", f"{c.bad}::/dark_empty", "expected at least 1 dark frame"]),
@@ -162,6 +165,9 @@ CASES = {
     "angles_text": lambda c: (
         ["run", *_frames(c), "--set", f"source.angles={c.bad}::/angles_text"], 1,
         ["source.angles", f"{c.bad}::/angles_text", "angles in degrees", "dtype |S1"]),
+    "angles_scalar_text": lambda c: (
+        ["run", *_frames(c), "--set", f"source.angles={c.bad}::/title"], 1,
+        ["source.angles", f"{c.bad}::/title", "at least 40 angles", "got shape ()"]),
     "angles_nan": lambda c: (
         ["run", *_frames(c), "--set", f"source.angles={c.bad}::/angles_nan"], 1,
         ["source.angles", f"{c.bad}::/angles_nan", "frame 7: expected a finite angle in degrees, got nan"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from dctstream.config import (
     config_to_dict,
     dump_config,
     load_config,
+    override_config,
     replace_config,
 )
 from dctstream.errors import ConfigError
@@ -174,6 +176,18 @@ def test_lists_become_tuples(tmp_path):
 def test_override(tmp_path, override, section, key, value):
     path = write(tmp_path, "segmentation: {grow_high: 500}\n")
     assert getattr(getattr(load_config(path, [override]), section), key) == value
+
+
+def test_numpy_values_override_as_python_ones():
+    """Overrides computed with NumPy (the Python API) are taken as the numbers and lists they hold, and a
+    wrong one gets the one-line error (a NumPy integer was refused, and its message crashed in YAML)."""
+    cfg = override_config(Config(), {"background.window": np.int64(101),
+                                     "segmentation.min_blob_size": np.array([2, 3, 1]),
+                                     "segmentation.grow_ratio": np.float64(0.25)})
+    assert cfg.background.window == 101 and type(cfg.background.window) is int
+    assert cfg.segmentation.min_blob_size == (2, 3, 1) and cfg.segmentation.grow_ratio == 0.25
+    with pytest.raises(ConfigError, match=r"background.window: must be an integer, got 1.5"):
+        override_config(Config(), {"background.window": np.float64(1.5)})
 
 
 def test_overrides_apply_in_order():

@@ -7,6 +7,7 @@ import pytest
 from dctstream.config import load_config
 from dctstream.pipeline import Pipeline
 from dctstream.seam import full_turn, psi_at
+from dctstream.sources.hdf5 import closes_turn
 from dctstream.sinks.spot_table import read_spot_table
 
 
@@ -85,6 +86,48 @@ def test_spot_across_the_seam_is_one_spot(tmp_path, tiny_scan, tiny_overrides, c
     files = sorted(p.name for p in (out / "difspots").glob("*.h5"))
     assert files == [f"{int(v):06d}.h5" for v in sorted(spots["id"])]
     assert stats.difspots_written == len(spots["id"])
+
+
+@pytest.mark.parametrize("psi,closed", [
+    (np.arange(361) * 1.0, True),  # 0 to 360, both ends
+    (360.0 - np.arange(721) * 0.5, True),  # the other way round
+    (np.radians(np.arange(721) * 0.5), True),  # radians, without a unit to say so
+    (np.arange(360) * 1.0, False),  # a turn: the frame after the last is the first
+    (np.arange(721) * 1.0, False),  # two turns
+    (np.arange(181) * 1.0, False),
+    (np.array([0.0, 120.0, 240.0]), False),  # too few to tell a step
+])
+def test_closes_turn(psi, closed):
+    assert closes_turn(psi) is closed
+    assert not closed or full_turn(list(psi[:-1]))
+
+
+def test_a_turn_recorded_with_both_ends_leaves_its_last_frame_out(tmp_path, tiny_scan, tiny_overrides, caplog):
+    """A full turn recorded from 0 to 360 degrees, both included: its last frame is frame 0's angle again, left
+    out, and the spot there is one, as in the scan without it (it was reported at both ends, not joined)."""
+    src, angles, dark = _scan_with_seam_spot(tiny_scan, tmp_path / "seam.h5", 0.0)
+    with h5py.File(tmp_path / "seam.h5", "r") as f:
+        frames, psi, dark_frames = (f[p][()] for p in ("/1.1/measurement/marana", "/1.1/measurement/diffrz",
+                                                        "/2.1/measurement/marana"))
+    with h5py.File(tmp_path / "both.h5", "w") as f:
+        f["/1.1/measurement/marana"] = np.concatenate([frames, frames[:1]])
+        f["/1.1/measurement/diffrz"] = np.append(psi, psi[0] + 360.0)
+        f["/2.1/measurement/marana"] = dark_frames
+        f["/1.1/end_time"] = "2024-01-01T10:00:00"
+    tables = {}
+    for name in ("seam", "both"):
+        path = tmp_path / f"{name}.h5"
+        cfg = load_config(None, [f"source.url={path}::/1.1/measurement/marana",
+                                 f"source.angles={path}::/1.1/measurement/diffrz",
+                                 f"dark.url={path}::/2.1/measurement/marana", f"output.dir={tmp_path / name}-out",
+                                 "quicklook.enabled=false", *tiny_overrides])
+        stats = Pipeline(cfg).run()
+        assert stats.frames_total == 40 and stats.seam_joined == 1
+        tables[name] = read_spot_table(tmp_path / f"{name}-out" / "spots.h5")
+    assert "frame 40 (psi 360) is frame 0's angle a whole turn later: left out" in caplog.text
+    assert tables["both"].keys() == tables["seam"].keys()
+    for key, values in tables["seam"].items():
+        np.testing.assert_array_equal(tables["both"][key], values, err_msg=key)
 
 
 def _spots_at_9_9(tmp_path, tiny_scan, tiny_overrides, spots, name, *settings):

@@ -185,6 +185,14 @@ class Hdf5FileSource(FrameSource):
                 raise
             if factor is None and radians_like(self.angles):
                 self.psi_unit = "as recorded (like radians)"
+            if closes_turn(self.angles):  # two measures of one angle would give the spots there twice
+                log.warning("source.angles: %s: frame %d (psi %g) is frame 0's angle a whole turn later: left out, "
+                            "the scan taken as one turn of %d frames", angles, self.n_frames - 1,
+                            self.angles[-1], self.n_frames - 1)
+                self.n_frames -= 1
+                self.angles = self.angles[:-1]
+                self.missing = self.missing[self.missing < self.n_frames]
+                self._missing.discard(self.n_frames)
 
     def __iter__(self):
         batch = max(1, min(_READ_FRAMES_MAX, _READ_BYTES // (int(np.prod(self.frame_shape)) * self.dtype.itemsize or 1)))
@@ -405,8 +413,20 @@ def read_angles(url: str) -> tuple[np.ndarray, float | None]:
         return read_angle_file(url), 1.0
     h5, dset = _open(url, "source.angles")
     with h5:
-        psi, units = dset[()], dset.attrs.get("units")
+        psi, units = np.asarray(dset[()]), dset.attrs.get("units")
     return psi, degrees_per_unit(units, url)
+
+
+def closes_turn(psi: np.ndarray) -> bool:
+    """Whether the last angle is the first's a whole turn later (a scan recorded from 0 to 360 degrees, both
+    ends included): its last frame measures the first frame's angle again."""
+    psi = np.asarray(psi, np.float64)
+    if psi.size < 4:
+        return False
+    step = float(np.median(np.diff(psi)))
+    turn = 2 * np.pi if radians_like(psi) else 360.0
+    return bool(step != 0 and abs(abs(psi[-1] - psi[0]) - turn) <= 0.5 * abs(step)
+                and np.sign(psi[-1] - psi[0]) == np.sign(step))
 
 
 def radians_like(psi: np.ndarray) -> bool:
@@ -480,7 +500,7 @@ def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int]
                 raise InputError(f"dark.url: {url}: {lost.size} of its {dset.shape[0]} frames never written (their "
                                  "chunks or virtual-dataset sources are not there: the file holds only its fill "
                                  "value), expected written dark frames")
-            data = dset[()]
+            data = np.asarray(dset[()])
     if data.dtype.kind not in "uif":
         raise InputError(f"dark.url: {url}: expected numeric dark counts, got dtype {data.dtype}")
     if data.ndim == 3 and data.shape[0] == 0:
