@@ -35,9 +35,12 @@ PREVIOUS = "previous"
 # What a run writes at the top of its folder: what --overwrite moves aside.  Anything else (a user's notes,
 # the daemon's run.log) is left where it is.
 OUTPUTS = ("spots.h5", "difspots", "mask.h5", "corrected.h5", "config.yml", "run.json", "status.json",
-           "quicklook", "spots.flt", "difspot.h5", "difspot.csv")
+           "quicklook", "spots.flt", "difspot.h5", "difspot.csv", "resegmented", "tune.png")
 # Of those, what makes a folder "hold results" that a new run must not mix with.
 RESULTS = ("spots.h5", "difspots", "mask.h5", "corrected.h5", "difspot.h5", "difspot.csv")
+# Of those, what other commands make from a run's results (export, resegment, tune): made from a stopped run's,
+# they no longer hold once it is resumed.
+DERIVED = ("spots.flt", "difspot.h5", "difspot.csv", "resegmented", "tune.png")
 
 
 def _holder(path: Path) -> str:
@@ -183,6 +186,17 @@ def restore_previous(out_dir: Path) -> bool:
         os.replace(item, out_dir / item.name)
     keep.rmdir()
     return True
+
+
+def drop_derived(out_dir: Path) -> list[str]:
+    """Remove what was made from the results of a stopped run that is resumed now (`DERIVED`); their names."""
+    names = [name for name in DERIVED if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    for name in names:
+        try:
+            _remove(out_dir / name)
+        except OSError as exc:
+            raise output_error(out_dir / name, exc) from exc
+    return names
 
 
 def drop_previous(out_dir: Path) -> None:

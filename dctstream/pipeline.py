@@ -205,6 +205,22 @@ def _previous_results(out_dir: Path, overwrite: bool) -> list[Path]:
     return previous
 
 
+def _inputs_not_outputs(cfg: Config, out_dir: Path) -> None:
+    """Refuse an input file that --overwrite would set aside with the results: one in ``out_dir`` under the
+    name of an output (a scan copied there as spots.h5)."""
+    top = os.path.realpath(out_dir)
+    for key, url in (("source.url", cfg.source.url), ("source.angles", cfg.source.angles), ("dark.url", cfg.dark.url)):
+        if not isinstance(url, str) or not url or re.match(r"^[a-z]+://", url):
+            continue
+        path = os.path.realpath(url.partition("::")[0])
+        inside = os.path.relpath(path, top)
+        first = inside.split(os.sep)[0]
+        if not inside.startswith("..") and first in outdir.OUTPUTS:
+            raise ConfigError(f"{key}: {url}: lies in the output folder {out_dir} as {first}, an output's name, "
+                              "which --overwrite sets aside with the results: expected an input outside the "
+                              "outputs (move it, or choose another output.dir)")
+
+
 def prepare_output(out_dir: Path, overwrite: bool) -> outdir.OutputLock:
     """Create the output folder and take it for this run; an earlier run's results are set aside when
     ``overwrite`` (see `dctstream.outdir`: they come back if this run fails)."""
@@ -273,6 +289,8 @@ class Pipeline:
         self._finishing = False  # the source has ended: the background stage is emitting its last frames
         self._first_checked = False  # the first frame's counts were looked at (Detector.check_first_frame)
         outdir.check_free(self.out_dir)  # another run writing there: say it before reading anything
+        if overwrite:
+            _inputs_not_outputs(cfg, self.out_dir)
         self._identity = identity_config(cfg)
         # an unfinished run of this configuration in out_dir continues from its last checkpoint
         self.resuming = not overwrite and checkpoint.unfinished_run(self.out_dir, self._identity)
@@ -415,6 +433,10 @@ class Pipeline:
         else:
             self.lock = outdir.OutputLock(self.out_dir)
             checkpoint.forget_unsaved_difspots(self.out_dir, self._resume)
+            dropped = outdir.drop_derived(self.out_dir)
+            if dropped:
+                log.info("%s: removed %s, made from the stopped run's results (export, resegment and tune make them "
+                         "again from the whole ones)", self.out_dir, ", ".join(dropped))
         self.difspots = DifspotWriter(self.out_dir)
         (self.out_dir / "config.yml").write_text(dump_config(cfg))
         self.table = SpotTable(self.out_dir, {"config": dump_config(cfg), "version": __version__,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -215,7 +216,17 @@ CASES = {
         [f"{c.dir}/a_file", "cannot create the output folder"]),
     "output_holds_results": lambda c: (
         ["run", *_frames(c)] if _fake_results(c) else None, 1, [c.out, "already holds results", "--overwrite"]),
+    "scan_in_the_output_as_an_output": lambda c: (  # --overwrite would set the scan aside with the results
+        ["run", "--source", f"{_copied_into_out(c, 'spots.h5')}::/1.1/measurement/marana", "--out", c.out,
+         "--overwrite"], 2,
+        ["source.url", "lies in the output folder", "as spots.h5", "--overwrite sets aside"]),
 }
+
+
+def _copied_into_out(ctx, name: str) -> str:
+    (ctx.dir / "out").mkdir()
+    shutil.copy(ctx.scan.path, ctx.dir / "out" / name)
+    return str(ctx.dir / "out" / name)
 
 # Cases found out only once frames are read: the output folder exists by then.
 MID_SCAN = {"frames_all_zero", "frames_saturated", "scan_of_one_frame", "frames_corrupted_chunk"}

@@ -81,8 +81,11 @@ def test_rerun_needs_overwrite(tiny_scan, tiny_set_args, tmp_path, capsys):
     assert_one_line_error(rc, captured.out, captured.err, 1, [str(out), "already holds results", "--overwrite"])
     assert snapshot(out) == before
 
+    # what resegment and tune made from the first run's results goes with them (set aside, then removed)
+    assert main(["resegment", str(out)]) == 0 and main(["tune", str(out)]) == 0
     assert main([*_run_args(tiny_scan, out, tiny_set_args), "--overwrite"]) == 0
     assert not stale.exists()
+    assert not (out / "resegmented").exists() and not (out / "tune.png").exists()
     second = _check_results(out)
     assert first.keys() == second.keys()
     for column in first:

@@ -93,6 +93,7 @@ def files(tiny_scan, tmp_path_factory):
         f["dark_high"] = np.full(frames.shape[1:], 60000.0, np.float32)
         # above the counts of 95 % of frame 0's pixels, not of its brightest (the beam)
         f["dark_most"] = np.full(frames.shape[1:], np.percentile(frames[0], 95), np.float32)
+        f["dark_over_most"] = np.full(frames.shape[1:], np.percentile(frames[0], 70) + 1.5, np.float32)
         f["still_angles"] = np.zeros(frames.shape[0])
     for part in (0, 1):  # a virtual dataset of two files, the second missing
         with h5py.File(root / f"part{part}.h5", "w") as f:
@@ -810,6 +811,20 @@ def test_a_dark_above_most_counts_is_warned(files, tiny_scan, tmp_path, monkeypa
                                       "--dark", f"{files}/odd.h5::/dark_most", "--set",
                                       "segmentation.seed_threshold=10")
     _warned(record, status, err, "odd.h5::/dark_most", "the dark is above the counts of 95 % of the pixels")
+
+
+def test_a_dark_well_above_most_counts_is_warned(files, tiny_scan, tmp_path, monkeypatch, capsys, caplog):
+    """More than a count above 70 % of the pixels (under DARK_ABOVE_FRACTION's 90 %): warned too; the scan's
+    own dark is not."""
+    record, status, err = _run_record(tmp_path, monkeypatch, capsys, caplog, tiny_scan.frames_url,
+                                      "--dark", f"{files}/odd.h5::/dark_over_most", "--set",
+                                      "segmentation.seed_threshold=10")
+    _warned(record, status, err, "odd.h5::/dark_over_most", "the dark is above the counts of 7",
+            "unlit pixels are left negative")
+    (tmp_path / "own").mkdir()
+    record, _, _ = _run_record(tmp_path / "own", monkeypatch, capsys, caplog, tiny_scan.frames_url,
+                               "--dark", tiny_scan.dark_url)
+    assert not any("the dark is above" in w for w in record["warnings"])
 
 
 def test_angles_that_never_change_are_warned(files, tiny_scan, tmp_path, monkeypatch, capsys, caplog):

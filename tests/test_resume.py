@@ -200,6 +200,38 @@ def test_sigkill_at_10_random_points_then_resume_gives_identical_outputs(scan, r
     assert sum(resumed_from) >= 3, list(zip(points, resumed_from))
 
 
+def test_what_was_made_from_a_stopped_runs_results_goes_when_it_resumes(scan, reference, tmp_path, monkeypatch,
+                                                                        caplog):
+    """An export, a resegmentation and a tune picture made from a stopped run's results are removed when it
+    resumes (they held the results so far, and said so); the export made again holds the whole run's."""
+    out = tmp_path / "out"
+    frames = iter(range(FRAMES))
+
+    def stop_at_frame_50(kind):  # Ctrl-C there
+        if kind == "frame" and next(frames) == 50:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("dctstream.pipeline.crash_point", stop_at_frame_50)
+    assert main(_args(scan, out)) != 0
+    monkeypatch.undo()
+    assert (out / checkpoint.RUN_DIR / checkpoint.CHECKPOINT).exists()
+    for args in (["export", str(out)], ["resegment", str(out)], ["tune", str(out)]):
+        assert main(args) == 0, args
+    made = ("spots.flt", "resegmented", "tune.png")
+    assert all((out / name).exists() for name in made)
+    assert "partial" in (out / "spots.flt").read_text()
+    caplog.set_level("INFO")
+    assert main(_args(scan, out)) == 0
+    assert "resuming" in caplog.text
+    assert [name for name in made if (out / name).exists()] == []
+    assert "removed spots.flt, resegmented, tune.png" in caplog.text
+    assert_same_outputs(outputs(out), reference)
+    assert main(["export", str(out)]) == 0
+    text = (out / "spots.flt").read_text()
+    assert "partial" not in text
+    assert sum(1 for line in text.splitlines() if line and not line.startswith("#")) == len(reference["table"]["id"])
+
+
 @pytest.mark.parametrize("protocol", ["hdf5", "hdf5-live"])
 def test_killed_again_and_again_while_resuming(scan, tmp_path, protocol):
     """Block mode, margin normalisation: killed four times, each time while resuming the previous kill.
