@@ -7,6 +7,11 @@ from ..background._kernels import _select
 
 # The flags ring holds one bit per voxel in each of FLAG_PLANES planes, (slot, plane, y, x // 8), bit x % 8:
 # an eighth of a byte per voxel, for a ring of frames that is the segmenter's biggest array after its values.
+# SEGMENT_THREAD_SERIAL: the segmenting thread's per-frame kernels (seed_rows, subtract_tiles, despike here, and
+# the sparse scan's rows_at_or_above and pixels_at_or_above in sinks._kernels) run on that thread alone, not in
+# parallel: it shares the 2 cores with the correcting thread's parallel kernels, and a parallel region of its own
+# waited for a core each time (a few ms a frame against 0.03-0.06 ms of work at 512 x 512 px). Serial, quick
+# grain-shaped and spot-dense 512^2 scans ran 6-8 % faster; the 2048^2 bench the same (19.2 against 18.9 frames/s).
 CLAIMED = 0  # plane of the voxels that belong to a blob
 _SEEN = 1  # plane of the voxels reached by the search under way, cleared before it returns
 SPIKE = 2  # plane of the voxels whose unfiltered value was a zinger's (`despike`)
@@ -150,13 +155,13 @@ def _root(parent, i):
     return i
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)  # serial: see SEGMENT_THREAD_SERIAL
 def seed_rows(frame, tiles, tile, mask, rows, seed):
     """rows[y] = whether row y holds a seed: an unmasked pixel with frame >= its tile's threshold in
     ``tiles`` (a (tiles_y, tiles_x) map of ``tile``-pixel tiles). The rows that do get their per-pixel
     thresholds in ``seed`` (+inf where masked), all that the labelling reads of it."""
     ny, nx = frame.shape
-    for y in numba.prange(ny):
+    for y in range(ny):
         row = tiles[y // tile]
         found = False
         for x0 in range(0, nx, tile):  # a tile's run of pixels at a time: no division per pixel
@@ -539,11 +544,11 @@ def neighbourhood_median(tiles, out):
     return out
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)  # serial: see SEGMENT_THREAD_SERIAL
 def subtract_tiles(frame, tiles, tile):
     """In place: frame[y, x] -= tiles[y // tile, x // tile] (both float32: the sum in float32, as numpy's)."""
     ny, nx = frame.shape
-    for y in numba.prange(ny):
+    for y in range(ny):
         ty = y // tile
         for x0 in range(0, nx, tile):
             v = tiles[ty, x0 // tile]
@@ -716,13 +721,13 @@ def shared_light(fs, ys, xs, values, part, n_parts, rounds, settled, shaped_roun
     return made
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)  # serial: see SEGMENT_THREAD_SERIAL
 def despike(measure, found, low, tile, low_factor, value_factor, flags, slot):
     """In place: a pixel of ``measure`` (unfiltered) more than ``low_factor`` x its tile's ``low`` plus
     ``value_factor`` x ``|found|`` (its 3x3 median) above ``found`` is a zinger: it takes ``found``'s value,
     and its SPIKE bit is set in slot ``slot`` of ``flags``."""
     ny, nx = measure.shape
-    for y in numba.prange(ny):
+    for y in range(ny):
         ty = y // tile
         spiked = False
         for x0 in range(0, nx, tile):  # looked for first without writing: the loop vectorises (see seed_rows)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numba
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)  # serial: see segment._kernels.SEGMENT_THREAD_SERIAL
 def rows_at_or_above(frame, cut, tile, mask, counts):
     """counts[y] = how many unmasked pixels of row y have frame >= cut, ``cut`` a (tiles_y, tiles_x) map of
     ``tile``-pixel tiles."""
     ny, nx = frame.shape
-    for y in numba.prange(ny):
+    for y in range(ny):
         row = cut[y // tile]
         n = 0
         for x0 in range(0, nx, tile):  # a tile's run of pixels at a time: no division per pixel
@@ -22,14 +22,14 @@ def rows_at_or_above(frame, cut, tile, mask, counts):
         counts[y] = n
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)  # serial: see segment._kernels.SEGMENT_THREAD_SERIAL
 def pixels_at_or_above(frame, unfiltered, cut, tile, mask, starts, rows, cols, values, unfiltered_values):
     """The unmasked pixels with frame >= cut (as ``rows_at_or_above``) in (row, col) order into rows, cols,
     values and, where ``unfiltered`` has the frame's shape, their ``unfiltered`` values; row y's pixels
     from index ``starts[y]`` (the counts before it)."""
     ny, nx = frame.shape
     both = unfiltered.shape == frame.shape
-    for y in numba.prange(ny):
+    for y in range(ny):
         row = cut[y // tile]
         n = starts[y]
         for x0 in range(0, nx, tile):
