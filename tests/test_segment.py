@@ -684,6 +684,35 @@ def test_a_chain_of_spots_longer_than_the_ring_grows_it_and_still_equals_referen
     assert voxel_sets(blobs) == reference_sets(expected)
 
 
+def test_a_valley_too_large_to_search_is_not_searched_again_until_a_voxel_is_claimed(monkeypatch):
+    """A valley that reached VALLEY_VOXELS holds as many voxels at the next frame unless a blob claimed some: it
+    is not grown again before (a flood of noise seeds grew each pending region's 200,000 voxels at every frame);
+    the blobs are the reference's."""
+    import sys
+
+    import dctstream.segment.segmenter as segmenter_module
+
+    monkeypatch.setattr(segmenter_module, "VALLEY_VOXELS", 40)
+    grown = []
+    for name in ("grow_region", "grow_region_on"):
+        kernel = getattr(segmenter_module, name)
+
+        def counted(*args, kernel=kernel):
+            caller = sys._getframe(1)
+            if caller.f_code.co_name == "_valley_clear":
+                grown.append((id(caller.f_locals["region"]), caller.f_locals["self"]._claims))
+            return kernel(*args)
+
+        monkeypatch.setattr(segmenter_module, name, counted)
+    volume = spot_chain(np.random.default_rng(3))
+    p = params(max_size=(12, 12, 5))
+    blobs, _, _ = segment(volume, p)
+    assert len(grown) > 20  # the valleys were searched
+    assert len(set(grown)) == len(grown)  # never twice between two claims
+    expected, _ = reference_blobs(volume, p, None)
+    assert voxel_sets(blobs) == reference_sets(expected)
+
+
 def test_segmenter_takes_its_freed_frame_slots_again():
     """A new frame goes into a slot freed by a frame no longer needed, still resident, not a fresh one:
     over a long scan only about as many slots as frames needed at once are ever used."""

@@ -289,7 +289,7 @@ def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
 
 
 class _Region:
-    __slots__ = ("count", "max_value", "max_index", "first", "valley")
+    __slots__ = ("count", "max_value", "max_index", "first", "valley", "capped")
 
     def __init__(self, count, max_value, max_index, first):
         self.count = count
@@ -297,6 +297,7 @@ class _Region:
         self.max_index = max_index
         self.first = first
         self.valley = None  # `Segmenter._valley_clear`'s last component and its box's last frame (not a state)
+        self.capped = None  # claims made when its last valley reached VALLEY_VOXELS (see there; not a state)
 
     @property
     def order(self):
@@ -339,6 +340,7 @@ class Segmenter:
         self.faulting_in = [fault_in(pool, range(reach + 4)) for pool in pools]
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
+        self._claims = 0  # claims made (see `_valley_clear`)
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
         self._spare_labels = np.zeros(self.frame_shape, np.int32)  # this frame's, swapped with the last's
         self._prev_dirty = np.zeros(self.frame_shape[0], bool)  # rows of _prev_labels that hold labels
@@ -551,6 +553,7 @@ class Segmenter:
 
     def _claim(self, f, y, x) -> None:
         claim(self._flags, self._slot_of, *(np.asarray(v, np.int64) for v in (f, y, x)))
+        self._claims += 1
 
     # ---- seed regions --------------------------------------------------------------
     def _find(self, i: int) -> int:
@@ -698,6 +701,11 @@ class Segmenter:
         box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
                min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
         high = np.inf if p.grow_high is None else p.grow_high
+        if region.capped == self._claims:
+            # Its valley reached VALLEY_VOXELS and nothing was claimed since: in the box grown by the frames since,
+            # the component holds at least those voxels again. Not grown again (a flood of noise seeds kept each
+            # pending region growing 200,000 voxels at every frame: 1 frame/s).
+            return False, None
         kernel_args = (self._values, self._slot_of, self._flags, self.mask, self._low_tiles, p.tile_px, *box)
         valid = False
         if region.valley is not None:  # tried at an earlier frame: grown on from there
@@ -708,6 +716,7 @@ class Segmenter:
             voxels, complete = grow_region(*kernel_args, f, y, x, -np.inf, high, region.max_value,
                                            p.connectivity == 26, VALLEY_VOXELS)
         region.valley = (voxels, box[1]) if complete and voxels.size else None
+        region.capped = None if complete else self._claims
         if not complete:
             return False, None
         if voxels.size == 0:
