@@ -81,6 +81,15 @@ def test_export_without_a_spot_table(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"dctstream: error: {tmp_path / 'spots.h5'}: cannot read the spot table")
 
 
+def test_export_of_a_run_stopped_before_its_first_table_says_so(tmp_path, capsys):
+    """A run stopped before its first spot table was written (TABLE_FLUSH_S): not an h5py message about a file
+    that is not there."""
+    (tmp_path / ".dctstream").mkdir()
+    assert main(["export", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not written yet" in err[0] and "the same command resumes it" in err[0], err
+
+
 def test_a_scan_without_spots_has_the_columns_of_one_with_spots(exported, tmp_path, capsys):
     """Frames of noise, angles given: spots.h5 has its psi column and the columnfile the same titles and units
     as a scan with spots ('omega_unit = frames' without IMax_o, Min_o, Max_o before)."""

@@ -258,6 +258,9 @@ def read_run_spots(out_dir: str | os.PathLike) -> tuple[Path, dict[str, np.ndarr
     from ..errors import InputError
 
     path = Path(out_dir) / "spots.h5"
+    if not path.exists() and (Path(out_dir) / ".dctstream").is_dir():
+        raise InputError(f"{path}: not written yet, expected the spot table of a run: this one has written none "
+                         "(stopped before its first, or just started); a stopped run: the same command resumes it")
     try:
         columns = read_spot_table(path)
     except (OSError, KeyError) as exc:
