@@ -188,6 +188,8 @@ def cmd_tune(args) -> int:
             values = [float(v) for v in args.values.split(",")]
         except ValueError:
             raise ConfigError(f"--values: expected numbers separated by commas, got {args.values!r}") from None
+    if not Path(args.run_dir).is_dir():
+        raise InputError(f"{args.run_dir}: not a folder, expected the output folder of a dctstream run (OUT)")
     png = Path(args.png) if args.png else Path(args.run_dir) / "tune.png"
     if png.suffix.lower() != ".png" or png.is_dir() or not png.parent.is_dir():  # said before the sweep
         raise OutputError(f"--png: {png}: expected a .png file in an existing folder")

@@ -705,6 +705,9 @@ def test_tune_and_resegment_misuse_is_one_line_before_any_sweep(run, tmp_path, c
         (["tune", tmp / "run", "--png", tmp_path / "sweep.pdf"], OutputError.exit_code,
          ["--png", "sweep.pdf", "expected a .png file in an existing folder"]),  # PIL's traceback after the sweep
         (["tune", tmp / "run", "--png", tmp_path], OutputError.exit_code, ["--png", "expected a .png file"]),
+        # the scan file given for the run's folder: said so (it said "--png: FILE/tune.png: expected a .png file")
+        (["tune", _a_file(tmp_path)], InputError.exit_code,
+         ["scan.h5: not a folder", "output folder of a dctstream run"]),
         (["tune", tmp / "run", "--key", "seed_sigmaa"], ConfigError.exit_code,
          ["--key: segmentation.seed_sigmaa: no such setting, expected one of", "seed_sigma"]),
         (["tune", tmp / "run", "--key", "drop_zingers", "--values", "0,1"], ConfigError.exit_code,
@@ -718,6 +721,12 @@ def test_tune_and_resegment_misuse_is_one_line_before_any_sweep(run, tmp_path, c
         captured = capsys.readouterr()
         assert_one_line_error(got, captured.out, captured.err, code, needles)
     assert not (tmp_path / "re").exists()
+
+
+def _a_file(folder):
+    path = folder / "scan.h5"
+    path.write_bytes(b"")
+    return path
 
 
 def test_tune_sweeps_whole_number_settings(run):

@@ -98,7 +98,8 @@ def test_psi_from_the_header_then_spec_motors_before_the_info_file(tmp_path):
 def test_a_lost_file_is_an_error_naming_it_or_the_background_with_repeat_background(tmp_path):
     write_folder(tmp_path / "scan", 6, header=lambda k: {"omega": str(2.0 * k)}, skip={3})
     with pytest.raises(InputError, match=r"file number 3 \(scan0003.edf\) is missing, expected it \(a recorded "
-                                         r"folder.*got files up to number 5.*repeat-background goes on without it"):
+                                         r"folder.*got files up to number 5.*repeat-background goes on without it "
+                                         r"\(in a run of its own: --overwrite"):
         read_all(tmp_path / "scan")
     frames, source, took_s = read_all(tmp_path / "scan", missing="repeat-background")
     assert [(f.index, None if f.data is None else int(f.data[0, 0]), f.psi_deg) for f in frames] == [

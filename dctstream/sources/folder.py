@@ -452,7 +452,8 @@ class FolderSource(FollowedSource):
     def _give_up(self, k: int, number: int, stat: os.stat_result | None, limit: float) -> None:
         within = (f"within {limit:g} s (source.idle_timeout_s)" if not self._recorded
                   else "(a recorded folder: its files no longer change)")
-        policy = "; source.missing: repeat-background goes on without it"
+        policy = ("; source.missing: repeat-background goes on without it (in a run of its own: --overwrite, or "
+                  "another output folder)")
         if stat is None:
             raise InputError(f"source.url: {self.url}: file number {number} ({self._name(number)}) is missing, "
                              f"expected it {within} for frame {k}, got files up to number {self._last_number}"
