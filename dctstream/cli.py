@@ -428,11 +428,13 @@ def cmd_replay(args) -> int:
         except zmq.ZMQError as exc:
             raise OutputError(f"replay --to: {target}: cannot serve there ({exc}), expected an address "
                               "of this machine with a free port, e.g. tcp://127.0.0.1:9999") from None
+        except ValueError as exc:  # what the protocol cannot carry (stream1: no angles)
+            raise InputError(f"replay --protocol {args.protocol}: {exc}") from None
         print(f"serving {args.scan} as {args.protocol} on {replayer.endpoint} at {args.fps:g} frames/s "
               "(waiting for a receiver)")
         replayer.start()
         replayer.join()
-        replayer.close()
+        replayer.close(flush=True)
     elif target.endswith((".h5", ".hdf5", ".nxs")) or "::" in target:
         import hdf5plugin
 

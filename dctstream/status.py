@@ -233,6 +233,8 @@ class ScanMonitor:
         if listed is None:
             return None
         with self._listed_lock:
+            if self._listed and listed < self._listed[-1][1]:  # the file shrank (a new acquisition in its place)
+                self._listed.clear()  # its rate from its own frames (a rate of -8 frames/s was said)
             if not self._listed or self._listed[-1][1] != listed:
                 self._listed.append((now, int(listed)))
             while len(self._listed) > 2 and self._listed[1][0] < now - LISTED_WINDOW_S:

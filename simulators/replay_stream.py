@@ -57,6 +57,7 @@ BSLZ4_BLOCK_BYTES = 8192
 # LZ4 (HDF5 framing) blocks; the HDF5 filter's default is 1 GiB, smaller here so frames have several.
 LZ4_BLOCK_BYTES = 1 << 16
 _SEND_TIMEOUT_MS = 100  # how often a blocked send looks whether close() was called
+FLUSH_MS = 10_000  # how long close(flush=True) lets the messages still queued reach the receiver
 _CBOR_MAGIC = b"\xd9\xd9\xf7"
 _TYPED_ARRAY_TAGS = {np.dtype("u1"): 64, np.dtype("<u2"): 69, np.dtype("<u4"): 70,
                      np.dtype("i1"): 72, np.dtype("<i2"): 77, np.dtype("<i4"): 78, np.dtype("<f4"): 85}
@@ -158,13 +159,14 @@ class StreamReplayer:
         if self.error is not None:
             raise self.error
 
-    def close(self) -> None:
-        """Stop sending and unbind (idempotent); messages not yet delivered are dropped."""
+    def close(self, flush: bool = False) -> None:
+        """Stop sending and unbind (idempotent); messages not yet delivered are dropped, or with ``flush`` given
+        FLUSH_MS to reach the receiver (a whole replay: its last frames and end message were lost now and then)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         if not self._socket.closed:
-            self._socket.close(linger=0)
+            self._socket.close(linger=FLUSH_MS if flush else 0)
         self._h5.close()
 
     def __enter__(self):

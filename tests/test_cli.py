@@ -231,6 +231,9 @@ def test_replay_refuses_what_is_no_scan_no_angles_or_a_file_it_would_empty(tiny_
          ["replay --to", "is the file", "is read from"]),
         (["replay", tiny_scan.frames_url, "--to", str(other), "--fps", "0"],
          ["replay --to", "other.h5: exists and holds other data than a replay (1.1)"]),
+        # a protocol that cannot carry angles given some: a ValueError traceback before
+        (["replay", tiny_scan.frames_url, "--to", "tcp://127.0.0.1:0", "--protocol", "stream1",
+          "--angles", tiny_scan.angles_url], ["replay --protocol stream1", "carry no angles"]),
     ]
     for args, needles in cases:
         code = main(args)

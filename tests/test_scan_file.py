@@ -48,6 +48,19 @@ def _auto(path: Path, *overrides):
     return resolve_auto(cfg)
 
 
+def test_a_scan_file_not_there_yet_is_warned_the_run_goes_without_angles_and_dark(tmp_path, caplog):
+    """A run started before its scan's file appears finds neither angles nor dark there: said as a warning (the
+    run record's), not only at INFO (a run finished without psi and dark and nothing said why)."""
+    cfg = load_config(None, [f"source.url={tmp_path}/later.h5::/1.1/measurement/marana", "source.angles=auto",
+                             "dark.url=auto"])
+    with caplog.at_level("WARNING", "dctstream"):
+        resolved, _ = resolve_auto(cfg)
+    assert resolved.source.angles is None and resolved.dark.url is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "later.h5 does not exist yet" in warned[0]
+    assert "without angles (no psi) and a dark" in warned[0]
+
+
 def test_the_positioner_that_moves_with_one_value_per_frame(tmp_path):
     cfg, found = _auto(_bliss_file(tmp_path / "s.h5"))
     assert cfg.source.angles == f"{tmp_path / 's.h5'}::/1.1/instrument/positioners/diffrz"

@@ -368,6 +368,29 @@ def test_acquisition_rate_when_the_source_looks_now_and_then(tmp_path):
     assert snap["rates"]["acquisition_fps"] == pytest.approx(50.0)
 
 
+def test_acquisition_rate_after_the_file_shrank_is_not_negative(tmp_path):
+    """A file replaced by a new acquisition lists fewer frames: no rate (it said -8.1/s), then the new one's."""
+    class Source:
+        frames_listed = 0
+
+    class FakePipeline:
+        source, background, segmenter, table = Source(), None, None, None
+        stats = Stats()
+
+    monitor = ScanMonitor(load_config(None, [f"output.dir={tmp_path}"]), clock=(clock := Clock()))
+    pipeline = FakePipeline()
+    monitor.attach(pipeline)
+    rates = []
+    for tick in range(41):  # 4 snapshots a second; 20 frames/s, the file replaced at 5 s
+        clock.now = 1000.0 + tick / 4
+        pipeline.source.frames_listed = 1 + 5 * tick if tick < 20 else 1 + 5 * (tick - 20)
+        pipeline.stats.frames_read = min(pipeline.stats.frames_read + 3, pipeline.source.frames_listed)
+        monitor(pipeline.stats)
+        rates.append(monitor.snapshot()["rates"]["acquisition_fps"])
+    assert all(r is None or r >= 0 for r in rates), rates
+    assert rates[-1] == pytest.approx(20.0), rates
+
+
 def test_a_running_snapshot_whose_process_is_gone_reads_as_stopped(tmp_path):
     """A run killed (SIGKILL, out of memory) left status.json saying running, with an ETA, and status --follow
     waited for ever; its process gone, or holding no lock on the folder, it reads as stopped, and why."""

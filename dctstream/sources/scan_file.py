@@ -115,6 +115,12 @@ def resolve_auto(cfg):
             h5.close()
     for key, what in found.items():
         log.info("%s: auto: %s (%s)", key, what["url"] or "none", what["reason"])
+    missed = [key for key in ("source.angles", "dark.url") if key in found and found[key]["url"] is None]
+    if missed and reason.endswith("does not exist yet"):  # a run started before its scan's file
+        log.warning("%s: auto: %s, so none was looked for: the run goes on without %s (give %s, or start the run "
+                    "once the file is there)", ", ".join(missed), reason,
+                    " and ".join({"source.angles": "angles (no psi)", "dark.url": "a dark"}[k] for k in missed),
+                    " and ".join(missed))
     source = cfg.source if not want_angles else dataclasses.replace(cfg.source, angles=found["source.angles"]["url"])
     dark = cfg.dark if not want_dark else dataclasses.replace(cfg.dark, url=found["dark.url"]["url"])
     detector = (cfg.detector if not want_flat
