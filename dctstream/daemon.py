@@ -256,6 +256,7 @@ class Daemon:
         self.failed = 0
         self.incomplete = 0
         self.retry: dict[tuple[str, str], tuple[Scan, tuple | None]] = {}  # incomplete scans: their file's stat
+        self.held: dict[tuple[str, str], Scan] = {}  # scans another run was processing: taken up if it stops
         self.skipped = 0
         self._stop = threading.Event()
         self._signals: list[str] = []  # set by the signal handler, which must take no lock (an Event's would do)
@@ -328,6 +329,16 @@ class Daemon:
 
     # -- finding scans ------------------------------------------------------------------------
     def _discover(self) -> None:
+        for key, scan in list(self.held.items()):
+            if outdir.held(scan.out_dir):
+                continue
+            del self.held[key]
+            state = (read_record(scan.out_dir) or {}).get("state")
+            if state != "finished":  # the other daemon stopped, or its run died: this scan is nobody's now
+                self.skipped -= 1
+                log.info("%s: the run that processed it into %s is gone (%s): taking it up", scan.label,
+                         scan.out_dir, state or "no record")
+                self.queue.append(scan)
         for key, (scan, seen) in list(self.retry.items()):
             if scan.stamp() not in (seen, None):
                 del self.retry[key]
@@ -385,7 +396,9 @@ class Daemon:
             scan = self.queue.popleft()
             if outdir.held(scan.out_dir):  # another daemon (or a run by hand) is processing it: left to it
                 self.skipped += 1
-                log.info("%s: being processed by another run into %s, left to it", scan.label, scan.out_dir)
+                self.held[scan.key] = scan
+                log.info("%s: being processed by another run into %s, left to it (taken up if that run stops "
+                         "unfinished)", scan.label, scan.out_dir)
                 continue
             scan.out_dir.mkdir(parents=True, exist_ok=True)
             with open(scan.out_dir / "run.log", "ab") as out:
@@ -411,6 +424,8 @@ class Daemon:
             if code != 0 and (outdir.held(scan.out_dir) or (record.get("pid") not in (None, proc.pid)
                                                             and state in ("finished", "incomplete"))):
                 self.skipped += 1
+                if outdir.held(scan.out_dir):
+                    self.held[key] = scan
                 log.info("%s: processed by another run (pid %s, %s) into %s, left to it", scan.label,
                          record.get("pid"), state, scan.out_dir)
                 continue

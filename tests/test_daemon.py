@@ -381,6 +381,12 @@ def test_a_scan_another_daemon_processes_is_left_to_it_not_failed(tmp_path, othe
             daemon.queue.append(scan)
             daemon._launch()
             assert not daemon.running and daemon.skipped == 2
+            daemon._discover()
+            assert not daemon.queue  # still held: still the other's
+            lock.release()  # the other daemon stopped, its run unfinished: this one takes the scan up (it was
+            lock = None  # counted skipped and never looked at again)
+            daemon._discover()
+            assert list(daemon.queue) == [scan] and daemon.skipped == 1 and not daemon.held
     finally:
         if lock is not None:
             lock.release()
