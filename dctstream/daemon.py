@@ -421,10 +421,11 @@ class Daemon:
             state = record.get("state")
             # refused: the folder another run is writing (this one is gone: a live lock is another's), or has
             # written since this scan was queued
-            if code != 0 and (outdir.held(scan.out_dir) or (record.get("pid") not in (None, proc.pid)
-                                                            and state in ("finished", "incomplete"))):
+            held = code != 0 and outdir.held(scan.out_dir)
+            if code != 0 and (held or (record.get("pid") not in (None, proc.pid)
+                                       and state in ("finished", "incomplete"))):
                 self.skipped += 1
-                if outdir.held(scan.out_dir):
+                if held:
                     self.held[key] = scan
                 log.info("%s: processed by another run (pid %s, %s) into %s, left to it", scan.label,
                          record.get("pid"), state, scan.out_dir)

@@ -308,8 +308,9 @@ class Detector:
         if self.dark is not None and self.dark_source in ("dark.url", "dark.value"):
             binned = self.bin(frame).astype(np.float32) - self.dark
             keep = ~self.mask
-            above = float(np.mean(binned[keep] <= 0)) if keep.any() else 0.0
-            well_above = float(np.mean(binned[keep] < -1.0)) if keep.any() else 0.0
+            left = binned[keep]
+            above = float(np.mean(left <= 0)) if left.size else 0.0
+            well_above = float(np.mean(left < -1.0)) if left.size else 0.0
             if above >= DARK_ABOVE_FRACTION or well_above >= DARK_WELL_ABOVE_FRACTION:
                 where = self.dark_cfg.url if self.dark_cfg.url else f"{self.dark_cfg.value:g}"
                 what = ("every count of frame 0: nothing is left positive after subtracting it" if above == 1.0

@@ -317,8 +317,8 @@ def test_sigterm_stops_a_live_run_and_records_it(tiny_scan, tiny_set_args, tmp_p
     assert sorted(p.name for p in (out / "difspots").iterdir()) == sorted(f"{i:06d}.h5" for i in table["id"])
 
 
-def test_acquisition_rate_comes_from_the_source_when_processing_lags(tmp_path):
-    """Processing at 20 frames/s a scan written at 50: the panel says so, and warns."""
+def _monitored_source(tmp_path):
+    """A monitor attached to a pipeline stand-in whose source lists ``frames_listed``, and the monitor's clock."""
     class Source:
         frames_listed = 0
 
@@ -326,11 +326,15 @@ def test_acquisition_rate_comes_from_the_source_when_processing_lags(tmp_path):
         source, background, segmenter, table = Source(), None, None, None
         stats = Stats()
 
-    cfg = load_config(None, [f"output.dir={tmp_path}"])
-    clock = Clock()
-    monitor = ScanMonitor(cfg, clock=clock)
+    monitor = ScanMonitor(load_config(None, [f"output.dir={tmp_path}"]), clock=(clock := Clock()))
     pipeline = FakePipeline()
     monitor.attach(pipeline)
+    return monitor, pipeline, clock
+
+
+def test_acquisition_rate_comes_from_the_source_when_processing_lags(tmp_path):
+    """Processing at 20 frames/s a scan written at 50: the panel says so, and warns."""
+    monitor, pipeline, clock = _monitored_source(tmp_path)
     for k in range(201):  # 4 s
         clock.now = 1000.0 + k / 50
         pipeline.source.frames_listed = k + 1
@@ -348,16 +352,7 @@ def test_acquisition_rate_comes_from_the_source_when_processing_lags(tmp_path):
 
 def test_acquisition_rate_when_the_source_looks_now_and_then(tmp_path):
     """A lagging source lists new frames only when it looks (here every 2 s): still 50 frames/s."""
-    class Source:
-        frames_listed = 0
-
-    class FakePipeline:
-        source, background, segmenter, table = Source(), None, None, None
-        stats = Stats()
-
-    monitor = ScanMonitor(load_config(None, [f"output.dir={tmp_path}"]), clock=(clock := Clock()))
-    pipeline = FakePipeline()
-    monitor.attach(pipeline)
+    monitor, pipeline, clock = _monitored_source(tmp_path)
     for tick in range(41):  # snapshots 4 times a second for 10 s
         clock.now = 1000.0 + tick / 4
         if tick % 8 == 0:
@@ -370,16 +365,7 @@ def test_acquisition_rate_when_the_source_looks_now_and_then(tmp_path):
 
 def test_acquisition_rate_after_the_file_shrank_is_not_negative(tmp_path):
     """A file replaced by a new acquisition lists fewer frames: no rate (it said -8.1/s), then the new one's."""
-    class Source:
-        frames_listed = 0
-
-    class FakePipeline:
-        source, background, segmenter, table = Source(), None, None, None
-        stats = Stats()
-
-    monitor = ScanMonitor(load_config(None, [f"output.dir={tmp_path}"]), clock=(clock := Clock()))
-    pipeline = FakePipeline()
-    monitor.attach(pipeline)
+    monitor, pipeline, clock = _monitored_source(tmp_path)
     rates = []
     for tick in range(41):  # 4 snapshots a second; 20 frames/s, the file replaced at 5 s
         clock.now = 1000.0 + tick / 4
