@@ -53,7 +53,7 @@ import yaml
 
 from .atomic import sync_files, write_atomic
 from .direct_beam import saturated_arrays
-from .errors import InputError, OutputError
+from .errors import AnotherScanError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def source_id(out_dir: Path, resume) -> str | None:
 
 def check_identity(data, identity: str | None, source, out_dir) -> None:
     if identity and data is not None and frame_identity(data) != identity:
-        raise InputError(f"source.url: {source.url}: frame 0 is not that of the scan the unfinished run in {out_dir} "
+        raise AnotherScanError(f"source.url: {source.url}: frame 0 is not that of the scan the unfinished run in {out_dir} "
                          "was made from (was the file replaced?), expected the same scan to resume it; pass "
                          "--overwrite to start again, or choose another output.dir")
 

@@ -257,6 +257,7 @@ class Daemon:
         self.incomplete = 0
         self.retry: dict[tuple[str, str], tuple[Scan, tuple | None]] = {}  # incomplete scans: their file's stat
         self.held: dict[tuple[str, str], Scan] = {}  # scans another run was processing: taken up if it stops
+        self.records: dict[tuple[str, str], dict | None] = {}  # each running scan's record as its child found it
         self.skipped = 0
         self._stop = threading.Event()
         self._signals: list[str] = []  # set by the signal handler, which must take no lock (an Event's would do)
@@ -400,6 +401,7 @@ class Daemon:
                 log.info("%s: being processed by another run into %s, left to it (taken up if that run stops "
                          "unfinished)", scan.label, scan.out_dir)
                 continue
+            self.records[scan.key] = read_record(scan.out_dir)
             scan.out_dir.mkdir(parents=True, exist_ok=True)
             with open(scan.out_dir / "run.log", "ab") as out:
                 out.write(f"\n--- {utc_now()} dctstream watch starts this scan\n".encode())
@@ -417,6 +419,7 @@ class Daemon:
             if code is None:
                 continue
             del self.running[key]
+            before = self.records.pop(key, None)
             record = read_record(scan.out_dir) or {}
             state = record.get("state")
             # refused: the folder another run is writing (this one is gone: a live lock is another's), or has
@@ -434,6 +437,18 @@ class Daemon:
                 self.finished += 1
                 log.info("%s: finished, %s difspots from %s frames (scan ended: %s)", scan.label,
                          record.get("spots"), record.get("frames_processed"), record.get("end_reason"))
+                continue
+            if state == "incomplete" and record.get("end_reason") == "replaced" and scan.retry_on_change:
+                log.warning("%s: its file was written anew after %s frames (a new acquisition under the same "
+                            "name?): looking at the new file now", scan.label, record.get("frames_read"))
+                self.queue.append(scan)  # the same scan resumes; another is processed anew (below)
+                continue
+            if state == "failed" and record.get("error_type") == "AnotherScanError" and before is not None:
+                aside = _set_aside(scan.out_dir, before)
+                log.warning("%s: a new acquisition under the same name: the results of the earlier one (%s) moved "
+                            "to %s, the new one processed into %s", scan.label, before.get("state"), aside,
+                            scan.out_dir)
+                self.queue.append(scan)
                 continue
             if state == "incomplete":
                 self.incomplete += 1
@@ -492,6 +507,24 @@ class Daemon:
             except Exception:  # not written yet (the child is starting) or being replaced
                 out.append({"source": scan.label, "out_dir": str(scan.out_dir), "state": "starting"})
         return out
+
+
+def _set_aside(out_dir: Path, record: dict) -> Path:
+    """Move the results of an earlier acquisition out of ``out_dir``, to the first free ``out_dir.N``, their
+    own record (``record``) put back and the run that found the new acquisition's log kept with them."""
+    write_record(out_dir, {**record, "superseded_utc": utc_now(),
+                           "superseded": "its scan file was written anew by another acquisition"})
+    n = 1
+    while True:
+        aside = out_dir.with_name(f"{out_dir.name}.{n}")
+        try:
+            os.rename(out_dir, aside)  # fails if taken (a non-empty folder) or, on Windows, present
+        except OSError:
+            if not aside.exists() and out_dir.exists():
+                raise
+            n += 1
+            continue
+        return aside
 
 
 def _file_stat(path: Path) -> tuple | None:

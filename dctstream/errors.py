@@ -22,6 +22,10 @@ class InputError(DctStreamError):
     """A scan, dark or angles file is missing or has the wrong shape or type."""
 
 
+class AnotherScanError(InputError):
+    """The scan is not the one whose unfinished run is in the output folder (its file was written anew)."""
+
+
 class OutputError(DctStreamError):
     """The output folder cannot be written."""
 

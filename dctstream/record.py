@@ -32,8 +32,10 @@ RUN_FILE = "run.json"
 STATES = ("running", "finished", "incomplete", "stopped", "failed")
 
 
-def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None, auto: dict | None = None) -> dict:
-    """The record of a run from its last status snapshot."""
+def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None, auto: dict | None = None,
+               error_type: str | None = None) -> dict:
+    """The record of a run from its last status snapshot; ``error_type``: the class of what stopped a failed run
+    (a `dctstream.errors` name, e.g. ``AnotherScanError``, for programs that act on it)."""
     s = snap.get("stats") or {}
     state = snap.get("state", "running")
     if state not in STATES:
@@ -45,6 +47,7 @@ def run_record(cfg: Config, snap: dict, quicklook: list[str] | None = None, auto
         "state": state,
         "end_reason": end_reason,
         "error": snap.get("error"),
+        "error_type": error_type,
         "source": cfg.source.url,
         "angles": cfg.source.angles,
         "dark": cfg.dark.url if cfg.dark.url is not None else cfg.dark.value,

@@ -76,7 +76,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
         monitor.close("failed")
         pipeline.end("failed")  # the source closed, the output folder let go
         raise
-    state, error = "failed", None
+    state, error, error_type = "failed", None, None
     try:
         try:
             with view if view is not None else contextlib.nullcontext():
@@ -87,7 +87,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
                     state, error = "stopped", "interrupted (SIGINT or SIGTERM)"
                     raise
                 except BaseException as exc:
-                    error = _one_line(exc)
+                    error, error_type = _one_line(exc), type(exc).__name__
                     raise
                 finally:
                     monitor.state = state  # the display's last refresh shows how the run ended
@@ -108,7 +108,7 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
                 monitor.state = state
                 snap = monitor.close(state, error)
                 if snap is not None:
-                    write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto()))
+                    write_record(cfg.output.dir, run_record(cfg, snap, pictures, auto=auto(), error_type=error_type))
                 if state == "finished" and interrupt.received():
                     log.info("%s received while the run was finishing: it finished", interrupt.received())
     finally:

@@ -246,8 +246,8 @@ def test_the_catalogue_is_long_enough():
     tables = [set(CASES), set(RECOVERIES), set(STREAM_MESSAGES)]
     assert len(set.union(*tables)) == sum(map(len, tables))  # no case counted twice
     run = (_runs(test_bad_input_main) + _runs(test_recovery_is_logged) + _runs(test_bad_stream_message_is_skipped_and_logged)
-           + _runs(test_folder_frame_unlike_the_first) + _runs(test_hdf5_file_replaced_by_a_shorter_one_mid_scan))
-    assert run == sum(map(len, tables)) + 3  # + folder shape, dtype, a file replaced by a shorter one
+           + _runs(test_folder_frame_unlike_the_first) + _runs(test_hdf5_file_written_anew_mid_scan))
+    assert run == sum(map(len, tables)) + 6  # + folder shape, dtype, 4 ways a followed file is written anew
     assert run >= 25
 
 
@@ -464,27 +464,65 @@ def test_folder_frame_unlike_the_first(tmp_path, third, got):
         assert needle in message, message
 
 
-def test_hdf5_file_replaced_by_a_shorter_one_mid_scan(tmp_path):
+def _write_anew(path: Path, frames: np.ndarray, *, moved: bool) -> None:
+    """A new acquisition under the name: another file moved there, or the file truncated and written again."""
+    with h5py.File(path.with_name("new.h5"), "w") as f:
+        f["data"] = frames
+    if moved:
+        os.replace(path.with_name("new.h5"), path)
+    else:  # the same inode, truncated and written again (as by another process: h5py's "w" where this one has it open)
+        shutil.copyfile(path.with_name("new.h5"), path)
+
+
+@pytest.mark.parametrize("how", ["moved_shorter", "moved_longer", "rewritten_shorter", "rewritten_as_long"])
+def test_hdf5_file_written_anew_mid_scan(tmp_path, how, caplog):
+    """A followed file written anew mid-scan ends the scan where it was, incomplete (``replaced``): no frame of the
+    new acquisition is mixed in, however many frames it holds (a shorter one was an error, the run failed)."""
     path = tmp_path / "live.h5"
     frames = np.arange(10 * 12, dtype=np.uint16).reshape(10, 3, 4)
-    path_tmp = tmp_path / "new.h5"
+    other = frames[::-1] + 1000
     with h5py.File(path, "w") as f:
         f["data"] = frames
+    n_new = {"moved_shorter": 3, "moved_longer": 10, "rewritten_shorter": 3, "rewritten_as_long": 9}[how]
+    # the old file lists 10 frames, 9 readable (the last is read once the next is listed or the writer is gone):
+    # the new one is written once frame 8, the last readable, is delivered, before the source looks again
     cfg = SourceConfig(url=f"{path}::/data", protocol="hdf5-live", idle_timeout_s=5, poll_interval_s=0.05)
-    with Hdf5WatchSource(cfg) as source:
+    with caplog.at_level(logging.WARNING), Hdf5WatchSource(cfg) as source:
         delivered = []
-        with pytest.raises(InputError) as err:
-            for frame in source:
-                delivered.append(frame.index)
-                if frame.index == 5:  # the acquisition starts over in a new file of the same name
-                    with h5py.File(path_tmp, "w") as f:
-                        f["data"] = frames[:3]
-                    os.replace(path_tmp, path)
-    # frames listed before the look that saw the new file still come from the old one, still open
-    assert delivered == list(range(len(delivered))) and 6 <= len(delivered) <= 9
-    assert str(err.value) == (f"source.url: {path}::/data: the dataset holds 3 frames, fewer than the "
-                              f"{len(delivered)} already "
-                              "read: expected it only to grow (was the file truncated or replaced during the scan?)")
+        for frame in source:
+            np.testing.assert_array_equal(frame.data, frames[frame.index])  # never the new file's
+            delivered.append(frame.index)
+            if frame.index == 8:
+                _write_anew(path, other[:n_new], moved=how.startswith("moved"))
+    assert delivered == list(range(9))
+    assert source.end_reason == "replaced" and source.n_frames == 9
+    why = {"moved_shorter": "another file was moved to its name", "moved_longer": "another file was moved to its name",
+           "rewritten_shorter": "the dataset now holds 3 frames, fewer than the 9 already read",
+           "rewritten_as_long": "the file shrank and its frame 0 is not the one read"}[how]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"{path}::/data: written anew after 9 frames ({why}): a new acquisition under the same name? The scan ends "
+        "there (the new file's frames are not mixed in)"]
+
+
+def test_a_followed_file_that_shrinks_with_its_frames_the_same_is_followed_on(tmp_path, caplog):
+    """A file a little shorter at a look (a writer trims its end when it closes it) is the same scan when its frame 0
+    is: read on to its end."""
+    path = tmp_path / "live.h5"
+    frames = np.arange(10 * 12, dtype=np.uint16).reshape(10, 3, 4)
+    with h5py.File(path, "w") as f:
+        f["data"] = frames
+    size = path.stat().st_size
+    with open(path, "ab") as f:  # bytes past the end of an HDF5 file's data: read as the same file
+        f.write(bytes(4096))
+    cfg = SourceConfig(url=f"{path}::/data", protocol="hdf5-live", idle_timeout_s=1, poll_interval_s=0.05)
+    with caplog.at_level(logging.WARNING), Hdf5WatchSource(cfg) as source:
+        delivered = []
+        for frame in source:
+            delivered.append(frame.index)
+            if frame.index == 8:
+                os.truncate(path, size)
+    assert delivered == list(range(10)) and source.end_reason == "idle_timeout"
+    assert not [r for r in caplog.records if "written anew" in r.getMessage()]
 
 
 # -- fuzzing ---------------------------------------------------------------------------------------------

@@ -273,6 +273,60 @@ def test_killed_and_restarted_mid_scan(recorded, tmp_path):
     assert "from its checkpoint at frame" in (scan_out / "run.log").read_text()  # resumed, not started over
 
 
+def test_a_new_acquisition_into_the_same_file_mid_scan(recorded, tmp_path):
+    """The scan file written anew by another acquisition while its scan is processed: the scan processed so far
+    ends incomplete (``replaced``), its results are set aside in ``OUT.1`` with their record, and the new
+    acquisition is processed into ``OUT`` from its first frame (the run resuming the first scan refused it)."""
+    truth, expected_first = recorded
+    other = simulate_scan(str(tmp_path / "other.h5"), frames=60, size=64, spots=12, seed=11)
+    config, out = write_config(tmp_path, truth)
+    cfg = load_config(config, [f"source.url={other.frames_url}", f"source.angles={other.angles_url}",
+                               f"output.dir={tmp_path / 'reference'}"])
+    Pipeline(cfg).run()
+    expected = read_spot_table(tmp_path / "reference" / "spots.h5")
+    assert len(expected) >= 5 and not np.array_equal(expected["centroid_x"][:5], expected_first["centroid_x"][:5])
+    root = tmp_path / "data"
+    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
+    scan_file.parent.mkdir(parents=True)
+    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    aside = scan_out.with_name("s_0001_1.1.1")
+    daemon = start_daemon(root, config, tmp_path)
+    first, _ = paused_acquisition(truth, scan_file)
+    second, resume = None, None
+    try:
+        wait_for("the first scan to be read to its pause",
+                 lambda: status(scan_out).get("stats", {}).get("frames_read", 0) >= 20, proc=daemon)
+        first._worker.kill()  # the acquisition is started again, into the same file
+        first._worker.join(30)
+        second, resume = paused_acquisition(other, scan_file, frame=5)
+        wait_for("the first scan's results to be set aside", lambda: record(aside).get("superseded"), proc=daemon)
+        resume.set()
+        wait_for("the new scan to finish", lambda: record(scan_out).get("state") == "finished", proc=daemon)
+        second.join(TIMEOUT_S)
+        assert stop(daemon) == 0
+    finally:
+        if resume is not None:
+            resume.set()
+        daemon.kill()
+    watch_log = (out / "dctstream-watch.log").read_text()
+    assert_same_spots(scan_out, expected)
+    assert record(scan_out)["end_reason"] in ("end_time", "complete"), logs(scan_out / "run.log", out / "dctstream-watch.log")
+    earlier = record(aside)
+    assert earlier["state"] == "incomplete" and earlier["end_reason"] == "replaced" and earlier["frames_read"] >= 20
+    assert earlier["superseded"] == "its scan file was written anew by another acquisition"
+    table = read_spot_table(aside / "spots.h5")  # the first scan's spots closed before it was cut, as they were
+    # closed before the last window, clear of the turn's seam (frame 0's spots join the last frames'): as in the
+    # whole scan's table
+    done = (table["end_frame"] < 20 - 11) & (table["start_frame"] > 0)
+    assert done.sum() >= 3
+    for x, y in zip(table["centroid_x"][done], table["centroid_y"][done]):
+        assert np.any((expected_first["centroid_x"] == x) & (expected_first["centroid_y"] == y))
+    assert "written anew after" in (aside / "run.log").read_text()
+    assert "frame 0 is not that of the scan" in (aside / "run.log").read_text()  # the refused resume's, kept
+    assert "a new acquisition under the same name: the results of the earlier one (incomplete) moved to" in watch_log
+    assert watch_log.splitlines()[-1].endswith("1 finished, 0 incomplete, 0 failed, 0 skipped")
+
+
 def test_sigterm_stops_the_scan_in_progress(recorded, tmp_path):
     truth, _ = recorded
     config, out = write_config(tmp_path, truth)

@@ -32,6 +32,9 @@ it without disturbing it:
   then delivered), when ``expected_frames`` frames were delivered, or when
   nothing grew for ``idle_timeout_s`` (a writer that died: every complete
   frame is delivered, a last frame that was listed but never written is not).
+* A file **written anew** during the scan -- another file moved to its name, or the
+  dataset found holding fewer frames than were read (a new acquisition into the same
+  name) -- ends the scan there, ``replaced``: no frame of the new one is mixed in.
 * A read error is retried after reopening the file; it is an ``InputError``
   only when the same frame stays unreadable for ``idle_timeout_s``.
 * File-system notifications (watchdog) on the file's folder wake the reader
@@ -44,6 +47,7 @@ Memory is one frame plus the angles read so far (8 bytes a frame).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import os
 import threading
@@ -308,6 +312,17 @@ def bitshuffle_chunk_sound(raw: bytes, nbytes: int, itemsize: int) -> bool:
     return pos + tail == len(raw)
 
 
+def _file_size(path: str, default: int) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return default
+
+
+def _digest(frame: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(frame).view(np.uint8), digest_size=16).digest()
+
+
 def _stored(dset: h5py.Dataset, k: int) -> bool:
     """Whether every chunk holding frame ``k`` is in the file -- for a virtual dataset, in the source file that
     maps it (a detector's files appear as the scan goes: read before, frame k is the fill value, zeros);
@@ -418,6 +433,9 @@ class Hdf5WatchSource(FollowedSource):
         self._error = ""  # the last read error
         self._path = path
         self._file_id: tuple[int, int] | None = None  # (device, inode) of the file whose frames are read
+        self._size = 0  # of the file at the last look, bytes
+        self._shrank = False  # the file was smaller at a look than at the one before: was it written anew?
+        self._first: bytes | None = None  # digest of frame 0 as read
         try:
             self._look()  # a dataset already there gives the frame shape before the first frame
         except BaseException:
@@ -433,6 +451,28 @@ class Hdf5WatchSource(FollowedSource):
         if what == "file not found":
             what += not_found_hint(self._path)
         return f"{self.url}: {what} (waiting at most {self._idle_s:g} s, source.idle_timeout_s)"
+
+    def _written_anew(self, k: int) -> str | None:
+        """Why the file followed is no longer the one whose first ``k`` frames were read, or None. A file that
+        shrank (HDF5 may trim a file's end when its writer closes it) is looked at again: its frame 0."""
+        replaced = self._replaced()  # (the first look that sees the dataset takes the file's identity)
+        if k == 0:
+            return None
+        if replaced:
+            return "another file was moved to its name"
+        if self._dset is None:
+            return None
+        if self._n < k:
+            return f"the dataset now holds {self._n} frames, fewer than the {k} already read"
+        if self._shrank:
+            self._shrank = False
+            try:
+                same = _stored(self._dset, 0) and _digest(self._dset[0]) == self._first
+            except _H5_ERRORS:
+                return None  # being written: looked at again when it has shrunk again
+            if not same:
+                return "the file shrank and its frame 0 is not the one read"
+        return None
 
     def _replaced(self) -> bool:
         """Whether the file at the path is no longer the one whose frames were read (replaced by another)."""
@@ -479,6 +519,8 @@ class Hdf5WatchSource(FollowedSource):
             if self._file.swmr:
                 dset.refresh()
             self._n, self._dset = dset.shape[0], dset
+            size = _file_size(self._path, self._size)
+            self._shrank, self._size = self._shrank or size < self._size, size
             self._ended = self._ended or self._end_path in h5
             # a writer without SWMR writes a chunk of several frames again at every flush: read whole ones only
             # (whatever mode this handle is in: a plain open that fails once falls back to SWMR)
@@ -577,6 +619,8 @@ class Hdf5WatchSource(FollowedSource):
             self._error = f"cannot read ({one_line(exc)})"
             self._reopen()
             return None
+        if k == 0:
+            self._first = _digest(data)
         return self._counts(data, f"source.url: {self.url}: frame {k}")
 
     def _psi(self, k: int) -> float | None:
@@ -600,13 +644,10 @@ class Hdf5WatchSource(FollowedSource):
         seen = None
         while not self._closed:
             self._look()
-            if self._dset is not None and self._n < k:
-                raise InputError(f"source.url: {self.url}: the dataset holds {self._n} frames, fewer than the {k} "
-                                 "already read: expected it only to grow (was the file truncated or replaced "
-                                 "during the scan?)")
-            if self._replaced() and k > 0:
-                log.warning("%s: the file was replaced by another during the scan, after %d frames: the scan "
-                            "ends there (the new file's frames are not mixed in)", self.url, k)
+            anew = self._written_anew(k)
+            if anew:
+                log.warning("%s: written anew after %d frames (%s): a new acquisition under the same name? The scan "
+                            "ends there (the new file's frames are not mixed in)", self.url, k, anew)
                 self._finish("replaced", k)
                 return
             # what counts as progress: the file appearing, the dataset appearing, the dataset growing
