@@ -19,7 +19,9 @@ scan is skipped; a scan that failed is skipped (remove its ``run.json`` to try
 again); a scan left unfinished (the daemon or the machine stopped) is done
 again; an incomplete one (its file went quiet, vanished or was replaced before
 the scan ended) is tried again, resuming, whenever its file changes and at the
-daemon's next start.  SIGTERM or SIGINT stop the daemon cleanly: the children get SIGTERM,
+daemon's next start; one whose file was written anew (``replaced``) at once: the
+same scan resumes, a new acquisition there has the earlier results moved to the
+first free ``OUT.N`` and is processed into ``OUT``.  SIGTERM or SIGINT stop the daemon cleanly: the children get SIGTERM,
 close their files and record ``stopped``.  If the daemon is killed, its
 children die with it (Linux: the parent-death signal), so a restarted daemon
 never races an orphan for the same folder.
