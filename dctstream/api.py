@@ -229,10 +229,11 @@ def _segmenting(cfg: Config, source, dark_image: np.ndarray | None) -> Iterator[
         settings: dict[str, Any] = {"output.dir": str(Path(tmp) / "out"),
                                     # a checkpoint is for resuming, and this folder is gone when the iterator is
                                     "output.checkpoint_every_s": 1e12, "output.checkpoint_every_frames": 0}
+        dark_url = f"{Path(tmp) / 'dark.h5'}::/dark"
         if dark_image is not None:
             with h5py.File(Path(tmp) / "dark.h5", "w") as h5:
                 h5["dark"] = dark_image
-            settings.update({"dark.url": f"{Path(tmp) / 'dark.h5'}::/dark", "dark.value": None})
+            settings.update({"dark.url": dark_url, "dark.value": None})
         cfg = override_config(cfg, settings, label="segment()")
 
         def work() -> None:
@@ -242,6 +243,9 @@ def _segmenting(cfg: Config, source, dark_image: np.ndarray | None) -> Iterator[
                 pipeline.blob_taps.append(lambda blob, row: found.put(_difspot(blob, row, source.angles)))
                 pipeline.run()
                 found.put(_DONE)
+            except InputError as exc:  # said of the array given, not of the file it is handed on in
+                found.put(type(exc)(str(exc).replace(f"dark.url: {dark_url}", "dark")) if dark_image is not None
+                          else exc)
             except BaseException as exc:  # raised again by the consumer, on its own thread
                 found.put(exc)
 

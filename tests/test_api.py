@@ -264,6 +264,11 @@ def test_segment_names_the_frame_that_does_not_fit(scan):
         list(dctstream.segment(bad, psi, dark=darks, overrides=SETTINGS))
     with pytest.raises(InputError, match=r"^angles: frame 50: no angle, expected one angle per frame, got 50"):
         list(dctstream.segment(iter(frames), psi[:50], dark=darks, overrides=SETTINGS))
+    # a dark that does not fit frames handed over one by one is said when the first comes, of the array given
+    # (it named the temporary file it is handed on in: dark.url: /tmp/dctstream-segment-.../dark.h5::/dark)
+    with pytest.raises(InputError, match=r"^dark: expected a dark image of shape \(128, 128\) or a stack "
+                                         r"\(n, 128, 128\) of dark frames, got shape \(2, 128, 120\)$"):
+        list(dctstream.segment(list(frames), psi, dark=darks[:2, :, :120], overrides=SETTINGS))
 
 
 def test_to_pandas(runs, monkeypatch):
