@@ -345,6 +345,7 @@ class Daemon:
         for key, (scan, seen) in list(self.retry.items()):
             if scan.stamp() not in (seen, None):
                 del self.retry[key]
+                self.incomplete -= 1  # counted again by how this try ends
                 log.info("%s: the file of this incomplete scan changed: resuming it", scan.url)
                 self.queue.append(scan)
         if not isinstance(self.finder, ScanFinder):

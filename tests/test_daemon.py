@@ -273,6 +273,37 @@ def test_killed_and_restarted_mid_scan(recorded, tmp_path):
     assert "from its checkpoint at frame" in (scan_out / "run.log").read_text()  # resumed, not started over
 
 
+def test_a_scan_that_pauses_past_the_idle_timeout_is_resumed_when_it_grows(recorded, tmp_path):
+    """An acquisition quiet for longer than source.idle_timeout_s: the scan ends incomplete, is resumed when its file
+    grows, and ends as one finished scan with the table of the whole file (counted once: it was counted finished
+    and incomplete)."""
+    truth, expected = recorded
+    config, out = write_config(tmp_path, truth)
+    config.write_text(config.read_text().replace("idle_timeout_s: 60", "idle_timeout_s: 1.5"))
+    root = tmp_path / "data"
+    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
+    scan_file.parent.mkdir(parents=True)
+    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    daemon = start_daemon(root, config, tmp_path)
+    acquisition, resume = paused_acquisition(truth, scan_file)
+    try:
+        wait_for("the scan to end incomplete at the pause", lambda: record(scan_out).get("state") == "incomplete",
+                 proc=daemon)
+        wait_for("the daemon to see it", lambda: "tried again when the file changes" in
+                 (out / "dctstream-watch.log").read_text(), proc=daemon)
+        resume.set()
+        wait_for("the scan to finish", lambda: record(scan_out).get("state") == "finished", proc=daemon)
+        acquisition.join(TIMEOUT_S)
+        assert stop(daemon) == 0
+    finally:
+        resume.set()
+        daemon.kill()
+    assert_same_spots(scan_out, expected)
+    watch_log = (out / "dctstream-watch.log").read_text()
+    assert "the file of this incomplete scan changed: resuming it" in watch_log
+    assert watch_log.splitlines()[-1].endswith("1 finished, 0 incomplete, 0 failed, 0 skipped")
+
+
 def test_a_new_acquisition_into_the_same_file_mid_scan(recorded, tmp_path):
     """The scan file written anew by another acquisition while its scan is processed: the scan processed so far
     ends incomplete (``replaced``), its results are set aside in ``OUT.1`` with their record, and the new
