@@ -1,5 +1,6 @@
 """Every live source, fed while dctstream runs, gives the spot table of the complete recorded file."""
 
+import logging
 import os
 import shutil
 import time
@@ -143,3 +144,23 @@ def test_a_stream_url_needs_its_protocol(tmp_path):
     assert source_kind(load_config(None, [f"source.url={url}", "source.protocol=hdf5-live"]).source) == "hdf5-live"
     not_yet = f"{tmp_path / 'not_yet.h5'}::/1.1/measurement/marana"  # the acquisition has not started
     assert source_kind(load_config(None, [f"source.url={not_yet}"]).source) == "hdf5-live"
+
+
+def test_a_bliss_scan_started_and_never_ended_is_followed_and_ends_incomplete(recorded, tmp_path, caplog):
+    """A scan file whose scan has a start_time and no end_time, held by no writer (its writer died mid-scan, or
+    lets the file go between frames): followed, not read as a whole scan. It was processed as recorded and the
+    run said finished, scan ended: complete."""
+    truth, _ = recorded
+    path = tmp_path / "cut.h5"
+    with h5py.File(truth.path, "r") as src, h5py.File(path, "w") as h5:
+        h5["/1.1/measurement/marana"] = src[FRAMES_PATH][:50]
+        h5["/1.1/start_time"] = "2026-12-07T20:00:00"
+    url = f"{path}::/1.1/measurement/marana"
+    with caplog.at_level(logging.WARNING):
+        assert source_kind(load_config(None, [f"source.url={url}"]).source) == "hdf5-live"
+    assert f"{path}: scan /1.1 has a start_time and no end_time, and no writer holds the file" in caplog.text
+    stats, _ = run_live(truth, tmp_path, url, "source.idle_timeout_s=1")
+    assert stats.incomplete == "idle_timeout after 50 frames" and stats.frames_segmented == 50
+    with h5py.File(path, "a") as h5:  # its end said: a whole scan
+        h5["/1.1/end_time"] = "2026-12-07T20:01:00"
+    assert source_kind(load_config(None, [f"source.url={url}"]).source) == "hdf5"

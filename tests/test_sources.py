@@ -442,3 +442,45 @@ def test_a_path_written_with_home_or_a_variable_says_it_is_not_expanded(tmp_path
         read_dataset("$HOME/s.h5::/d", "dark.url")
     with pytest.raises(InputError, match=r"detector.mask: ~/none.npy: file not found, expected"):
         read_image("~/none.npy", "detector.mask")
+
+
+@pytest.mark.parametrize("frames", [1, 3], ids=["image", "stack"])
+def test_an_edf_dark_cut_short_is_an_error_not_zero_rows(tmp_path, frames):
+    """fabio pads an EDF data block cut short with zeros: a dark copied in part read as a dark with its last rows 0,
+    unsaid."""
+    import fabio.edfimage
+
+    from dctstream.sources.hdf5 import read_image
+
+    data = np.arange(frames * 32 * 32, dtype=np.uint16).reshape(frames, 32, 32) % 1000 + 100
+    image = fabio.edfimage.EdfImage(data=data[0])
+    for frame in data[1:]:
+        image.append_frame(data=frame)
+    image.write(str(tmp_path / "dark.edf"))
+    whole = (tmp_path / "dark.edf").read_bytes()
+    np.testing.assert_array_equal(read_image(str(tmp_path / "dark.edf"), "dark.url"), data[0] if frames == 1 else data)
+    (tmp_path / "cut.edf").write_bytes(whole[:-700])
+    with pytest.raises(InputError) as err:
+        read_image(str(tmp_path / "cut.edf"), "dark.url")
+    assert str(err.value) == (f"dark.url: {tmp_path}/cut.edf: the file is cut short (its data holds fewer bytes than "
+                              "its header says: a copy not finished?), expected a whole image")
+
+
+def test_an_edf_file_read_while_written_logs_no_error_of_fabio(tmp_path, caplog):
+    """A frame file of a followed folder read before it is whole is read again; fabio's ERROR line for it ("Data
+    stream is incomplete", naming no file) is not passed on."""
+    import logging
+
+    import fabio.edfimage
+
+    from dctstream.sources.folder import FolderSource
+
+    for number in range(3):
+        fabio.edfimage.EdfImage(data=np.full((16, 16), number, np.uint16)).write(str(tmp_path / f"img_{number}.edf"))
+    whole = (tmp_path / "img_2.edf").read_bytes()
+    (tmp_path / "img_2.edf").write_bytes(whole[:-200])
+    cfg = SourceConfig(url=f"{tmp_path}/img_*.edf", expected_frames=3, idle_timeout_s=0.5, poll_interval_s=0.05)
+    with caplog.at_level(logging.INFO), FolderSource(cfg) as source:
+        assert [frame.index for frame in source] == [0, 1]
+    assert f"{tmp_path}/img_2.edf: frame 2: a truncated file for 0.5 s: the scan ends before it" in caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("fabio")], caplog.text

@@ -3,6 +3,7 @@ is `base.FrameSource`."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -12,6 +13,8 @@ import h5py
 from ..errors import ConfigError, InputError
 from .base import COMPLETE_ENDS, FINAL_ENDS, FrameSource, check_source
 from .hdf5 import Hdf5FileSource, load_dark, parse_url, read_dataset, read_image
+
+log = logging.getLogger(__name__)
 
 __all__ = ["COMPLETE_ENDS", "FINAL_ENDS", "FrameSource", "check_source", "Hdf5FileSource", "load_dark", "parse_url", "read_dataset", "read_image", "open_source", "source_kind"]
 
@@ -81,7 +84,8 @@ def _not_hdf5(path: str) -> str | None:
 
 def _finished(url: str, idle_timeout_s: float = 60.0) -> bool:
     """Whether the scan file exists and is complete: it says so (Bliss writes the scan's
-    end_time), or no writer holds it (HDF5 refuses a plain read-only open while one does).
+    end_time), or no writer holds it (HDF5 refuses a plain read-only open while one does) and it
+    does not say the scan started without saying it ended (a ``start_time`` and no ``end_time``).
 
     A file that is not readable HDF5 and that nobody changed for ``idle_timeout_s`` is no scan being
     written: an `InputError` says at once what is wrong with it (a live one is waited for at most that long).
@@ -108,7 +112,15 @@ def _finished(url: str, idle_timeout_s: float = 60.0) -> bool:
         return False
     scan = "/" + dataset.strip("/").split("/")[0]
     try:
-        with h5py.File(path, "r"):
+        with h5py.File(path, "r") as h5:
+            # a Bliss scan says when it ended: one started and not ended had its writer stop mid-scan (or has one
+            # that lets the file go between frames): followed, it ends incomplete after the idle timeout
+            if f"{scan}/start_time" in h5 and f"{scan}/end_time" not in h5:
+                log.warning("%s: scan %s has a start_time and no end_time, and no writer holds the file: its "
+                            "acquisition stopped before the scan ended, or goes on in a writer that lets the file "
+                            "go between frames: followed, it ends after %g s without a new frame "
+                            "(source.idle_timeout_s), incomplete unless end_time comes", path, scan, idle_timeout_s)
+                return False
             return True
     except OSError:
         pass

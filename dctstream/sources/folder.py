@@ -52,6 +52,10 @@ from .base import counts_dtype
 from .hdf5_live import ANGLE_WAIT_S, FollowedSource, LiveAngles, Watcher, one_line
 
 log = logging.getLogger(__name__)
+# fabio logs an ERROR, naming no file, for every read of an EDF file whose data block is not all written yet:
+# here that is a file still being written, read again once whole (one that stays short is reported, named)
+logging.getLogger("fabio.edfimage").addFilter(lambda record: not record.getMessage().startswith(
+    "Data stream is incomplete"))
 
 EXTENSIONS = (".edf", ".tif", ".tiff")
 PSI_KEYS = ("omega", "srot", "diffrz")  # header keys (or SPEC motor names) of the rotation angle, in degrees

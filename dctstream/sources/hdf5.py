@@ -475,9 +475,13 @@ def read_image(url: str, key: str) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         import fabio  # only for EDF and TIFF files
         with fabio.open(path) as image:  # a multi-frame EDF (a stack of darks): every frame
-            if image.nframes > 1:
-                return np.stack([image.getframe(i).data for i in range(image.nframes)])
-            return image.data
+            frames = [image] if image.nframes == 1 else [image.getframe(i) for i in range(image.nframes)]
+            data = [f.data for f in frames]
+            if getattr(image, "incomplete_file", False) or any(d is None for d in data):
+                # fabio pads a short data block with zeros: a dark or flat with zero rows, unsaid
+                raise InputError(f"{key}: {path}: the file is cut short (its data holds fewer bytes than its header "
+                                 "says: a copy not finished?), expected a whole image")
+            return data[0] if len(data) == 1 else np.stack(data)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{key}: {path}: cannot read as EDF, TIFF or NumPy ({' '.join(str(exc).split())})") from None
 
