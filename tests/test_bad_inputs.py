@@ -312,7 +312,8 @@ def test_bad_input_main(name, tiny_scan, bad_inputs, tiny_overrides, tmp_path, m
 # name -> (frames dataset, angles dataset or None, strings the warning must contain)
 RECOVERIES = {
     "scan_shorter_than_window": ("short", None, ["the scan has 5 frames, fewer than background.window=11",
-                                                 "using a window of 5 frames"]),
+                                                 "using a window of 5 frames (a pixel lit in 3 or more of them, a "
+                                                 "spot's rocking curve that long, is taken for background)"]),
     "angles_not_monotonic": (None, "angles_back", ["angles_back: the frames are not in psi order",
                                                    "frame 8 goes back from 8 to 7 degrees", "read in psi order"]),
     "angles_repeated": (None, "angles_repeat", ["angles_repeat: frame 8 repeats the angle of frame 7",

@@ -331,8 +331,9 @@ class BackgroundStage:
             if self.first:
                 raise RuntimeError(f"a scan resumed at frame {self.first} ended before its first window")
             width = n if n % 2 else n - 1
-            log.warning("the scan has %d frames, fewer than background.window=%d: "
-                        "using a window of %d frames", n, self.window, width)
+            log.warning("the scan has %d frames, fewer than background.window=%d: using a window of %d frames (a "
+                        "pixel lit in %d or more of them, a spot's rocking curve that long, is taken for background)",
+                        n, self.window, width, width // 2 + 1)
             self.window = width
             self._warm_up(width)
         if self._hist is not None:
