@@ -914,11 +914,11 @@ class Pipeline:
         stats.noise_sigma_range = (min(low, level), max(high, level))
         if seed is not None:
             stats.seed_threshold = (float(seed.min()), float(seed.max()))
-        every = max(1, (stats.frames_total or 10_000) // 200)
-        if k % every == 0:
-            if stats.noise_sigma_by_frame is None:
-                stats.noise_sigma_by_frame = []
-            stats.noise_sigma_by_frame.append([k, round(level, 4)])
+        # about 200 along a scan of known length; along a live one, 200 in its first 10,000 frames and 100 more
+        # each time it doubles
+        every = max(1, stats.frames_total // 200) if stats.frames_total else 50 << (k // 10_000).bit_length()
+        if k % every == 0:  # a new list: a checkpoint taken before holds the one it took (replaced whole)
+            stats.noise_sigma_by_frame = [*(stats.noise_sigma_by_frame or []), [k, round(level, 4)]]
         self._note_too_large()
         floods = self.segmenter.floods
         if len(floods) > self._floods_said:

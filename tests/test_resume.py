@@ -246,6 +246,9 @@ def test_killed_again_and_again_while_resuming(scan, tmp_path, protocol):
         assert killed.returncode == -9, f"{point}: {killed.stderr}"
     assert _run(_args(scan, out, extra)).returncode == 0
     assert_same_outputs(outputs(out), outputs(want))
+    # the record's noise along the scan: each frame once (a checkpoint held the list the run went on adding to)
+    series = [json.loads((o / "run.json").read_text())["stats"]["noise_sigma_by_frame"] for o in (out, want)]
+    assert series[0] == series[1] and len(series[1]) >= 2
 
 
 def test_resumed_with_detector_corrections_keeps_the_first_runs_dark_and_mask(scan, tmp_path):
