@@ -373,10 +373,16 @@ class Daemon:
                     continue
                 self.known.add(scan.key)
                 what = plan(scan.out_dir)
+                record = read_record(scan.out_dir) or {}
+                if what == "skip" and record.get("error_type") == "AnotherScanError":  # refused: a new acquisition
+                    aside = _set_aside(scan.out_dir, record)
+                    log.warning("%s: a new acquisition under the same name (a run refused it): the results of the "
+                                "earlier one moved to %s, the new one processed into %s", scan.url, aside,
+                                scan.out_dir)
+                    what = "start"
                 if what == "skip":
                     self.skipped += 1
-                    log.info("%s: already processed (%s), skipped", scan.url,
-                             (read_record(scan.out_dir) or {}).get("state"))
+                    log.info("%s: already processed (%s), skipped", scan.url, record.get("state"))
                     continue
                 if what == "redo":
                     log.info("%s: left unfinished by an earlier run: resuming it", scan.url)

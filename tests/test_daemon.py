@@ -6,6 +6,7 @@ import functools
 import os
 import json
 import multiprocessing
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,6 +357,33 @@ def test_a_new_acquisition_into_the_same_file_mid_scan(recorded, tmp_path):
     assert "frame 0 is not that of the scan" in (aside / "run.log").read_text()  # the refused resume's, kept
     assert "a new acquisition under the same name: the results of the earlier one (incomplete) moved to" in watch_log
     assert watch_log.splitlines()[-1].endswith("1 finished, 0 incomplete, 0 failed, 0 skipped")
+
+
+def test_a_scan_a_run_refused_as_a_new_acquisition_is_processed_at_the_next_start(recorded, tmp_path):
+    """A scan whose run was refused because its file holds a new acquisition (``error_type: AnotherScanError``,
+    e.g. the daemon stopped before it set the earlier results aside, or a run by hand): at the next start the
+    folder is set aside in ``OUT.1`` and the scan processed into ``OUT`` (it was skipped as failed)."""
+    truth, expected = recorded
+    config, out = write_config(tmp_path, truth)
+    root = tmp_path / "data"
+    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
+    scan_file.parent.mkdir(parents=True)
+    shutil.copyfile(truth.path, scan_file)
+    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    scan_out.mkdir(parents=True)
+    (scan_out / "spots.h5").write_bytes(b"the earlier acquisition's")
+    write_record(scan_out, {"state": "failed", "error_type": "AnotherScanError", "error": "frame 0 is not that ..."})
+    daemon = start_daemon(root, config, tmp_path)
+    try:
+        wait_for("the new scan to finish", lambda: record(scan_out).get("state") == "finished", proc=daemon)
+        assert stop(daemon) == 0
+    finally:
+        daemon.kill()
+    assert_same_spots(scan_out, expected)
+    aside = scan_out.with_name("s_0001_1.1.1")
+    assert (aside / "spots.h5").read_bytes() == b"the earlier acquisition's"
+    assert record(aside)["error_type"] == "AnotherScanError" and record(aside)["superseded"]
+    assert "a new acquisition under the same name (a run refused it)" in (out / "dctstream-watch.log").read_text()
 
 
 def test_sigterm_stops_the_scan_in_progress(recorded, tmp_path):
