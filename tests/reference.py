@@ -9,8 +9,10 @@ import numpy as np
 import scipy.ndimage as ndi
 
 
-def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scales=None, filter_size=3, gain=None):
-    """Corrected frames of a whole scan: np.median over each frame's window, then scipy's median filter.
+def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scales=None, filter_size=3, gain=None,
+                        mask=None):
+    """Corrected frames of a whole scan: np.median over each frame's window, ``mask``'s pixels set to 0, then
+    scipy's median filter.
 
     Each frame is first brought to the beam intensity: q_j = (raw_j - dark) * scales[j] + dark, rounded and
     clipped to the raw type for integer frames; normalised frame j is (q_j - dark) * gain (gain = 1 / flat).
@@ -42,6 +44,8 @@ def reference_corrected(raw, *, window, mode="exact", stride=1, dark=None, scale
             usable = 0 < k < n - 1 and scales[k - 1] != 0 and scales[k + 1] != 0
             corrected = ((normalised[k - 1] - background) + (normalised[k + 1] - background)) * np.float32(0.5) \
                 if usable else np.zeros_like(corrected)
+        if mask is not None:
+            corrected = np.where(mask, np.float32(0), corrected)
         out[k] = ndi.median_filter(corrected, size=filter_size, mode="reflect") if filter_size > 1 else corrected
     return out
 

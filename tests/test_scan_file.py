@@ -80,9 +80,55 @@ def test_several_moving_positioners_the_title_decides_or_none_is_guessed(tmp_pat
                                     np.arange(N + 3) * 1.0,  # not one per frame
                                     np.zeros(N)])  # does not move
 def test_no_positioner_that_fits(tmp_path, values):
-    cfg, found = _auto(_bliss_file(tmp_path / "s.h5", positioners={"diffrz": values}))
+    cfg, found = _auto(_bliss_file(tmp_path / "s.h5", positioners={"diffrz": values}, title="loopscan 12 0.1"))
     assert cfg.source.angles is None  # the epoch clock is never taken for angles
     assert found["source.angles"]["reason"] == "no positioner in /1.1 moves monotonically with one value per frame"
+
+
+@pytest.mark.parametrize("values, why", [
+    (np.r_[np.arange(5), np.nan, np.arange(6, N)] * 1.0, "diffrz, which the title names, reads nan at frame 5"),
+    (np.arange(N + 3) * 1.0, "diffrz, which the title names, has 15 values for 12 frames"),
+], ids=["a_nan", "not_one_per_frame"])
+def test_the_positioner_the_title_names_that_cannot_be_taken_is_warned(tmp_path, caplog, values, why):
+    """The rotation the title names, but with a NaN or not one value per frame: the run goes on without psi, said
+    as a warning naming why (it was an INFO line saying no positioner moves)."""
+    with caplog.at_level("INFO", "dctstream"):
+        cfg, found = _auto(_bliss_file(tmp_path / "s.h5", positioners={"diffrz": values}))
+    assert cfg.source.angles is None
+    reason = f"{why}: no angles taken, psi not reported; name them with source.angles"
+    assert found["source.angles"]["reason"] == reason
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"source.angles: auto: none ({reason})"]
+
+
+def test_frames_stored_along_the_last_axis_are_refused(tmp_path):
+    """A recorded stack (y, x, frames) with the rotation's values as many as its last axis: an error, as for angles
+    named by hand (read as frames of y x frames px, it ran as noise for minutes)."""
+    path = tmp_path / "last.h5"
+    with h5py.File(path, "w") as f:
+        f["1.1/title"] = "fscan diffrz 0 1 12 0.1"
+        f[FRAMES] = np.zeros((8, 9, N), np.uint16)
+        f["1.1/measurement/diffrz"] = np.arange(N) * 1.0
+    with pytest.raises(InputError) as err:
+        _auto(path)
+    assert str(err.value) == (f"source.url: {path}::{FRAMES}: shape (8, 9, 12), and diffrz "
+                              "(/1.1/measurement/diffrz) moves over 12 values, as many as along its axis 2, not its "
+                              "first: expected the frames along the first axis (frames, y, x), as detectors write them")
+
+
+def test_a_dark_or_flat_scan_of_another_size_is_warned(tmp_path, caplog):
+    """A scan titled dark, or as references, whose frames are not the scan's size: passed over, said as a warning
+    (it was said at INFO only, and the run went on without a dark or flat)."""
+    path = _bliss_file(tmp_path / "s.h5", darks=[("2.1", "dark", (5, 4, 4)), ("3.1", "flat", (5, 8, 4))])
+    with caplog.at_level("INFO", "dctstream"):
+        cfg, found = _auto(path, "detector.flat=auto")
+    assert cfg.dark.url is None and cfg.detector.flat is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"dark.url: auto: none ({found['dark.url']['reason']})",
+                      f"detector.flat: auto: none ({found['detector.flat']['reason']})"]
+    assert found["dark.url"]["reason"].endswith("scan 2.1 is titled dark but its frames are 4 x 4 px, the scan's 8 x 8")
+    assert found["detector.flat"]["reason"].endswith(
+        "scan 3.1 is titled as references but its frames are 4 x 8 px, the scan's 8 x 8")
 
 
 def test_an_interlaced_rotation_named_by_the_title_is_the_angles(tmp_path):

@@ -581,8 +581,18 @@ def test_dectris_master_that_is_not_one_is_reported(tmp_path):
     with h5py.File(path, "w") as f:
         f["/entry/data/other"] = np.zeros(3)
     with pytest.raises(InputError, match=r"x_master.h5::/entry/data: no data_NNNNNN entries, expected links to "
-                                         r"the data files"):
+                                         r"the data files of a DECTRIS master file$"):
         DectrisMasterSource(source_config(f"{path}::/entry/data"))
+    # a NeXus file's NXdata group at that path: said so, with the dataset to name (it said only the above)
+    nexus = tmp_path / "nx.h5"
+    with h5py.File(nexus, "w") as f:
+        f["/entry/data/frames"] = np.zeros((3, 4, 4), np.uint16)
+        f["/entry/data"].attrs.update({"NX_class": "NXdata", "signal": "frames"})
+    with pytest.raises(InputError) as err:
+        DectrisMasterSource(source_config(f"{nexus}::/entry/data"))
+    assert str(err.value) == (f"source.url: {nexus}::/entry/data: a NeXus NXdata group whose signal is 'frames', "
+                              "taken for a DECTRIS master file's /entry/data (no data_NNNNNN entries): expected the "
+                              f"frames dataset, {nexus}::/entry/data/frames")
 
 
 def test_folder_of_float_counts_comes_as_integers_and_a_fractional_frame_is_refused(tmp_path):

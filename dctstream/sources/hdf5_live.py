@@ -852,7 +852,14 @@ class DectrisMasterSource(FollowedSource):
                 else:  # data inside the master itself
                     self._files.append((os.path.abspath(self._path), f"{MASTER_DATA}/{name}"))
             if not self._files:
-                raise InputError(f"source.url: {self.url}: no data_NNNNNN entries, expected links to the data files")
+                signal = group.attrs.get("signal")
+                signal = signal.decode() if isinstance(signal, bytes) else signal
+                if isinstance(signal, str) and isinstance(group.get(signal), h5py.Dataset):  # NeXus, not DECTRIS
+                    raise InputError(f"source.url: {self.url}: a NeXus NXdata group whose signal is {signal!r}, "
+                                     f"taken for a DECTRIS master file's {MASTER_DATA} (no data_NNNNNN entries): "
+                                     f"expected the frames dataset, {self._path}::{MASTER_DATA}/{signal}")
+                raise InputError(f"source.url: {self.url}: no data_NNNNNN entries, expected links to the data files "
+                                 "of a DECTRIS master file")
             nimages, ntrigger = _scalar(h5, f"{_SPECIFIC}/nimages"), _scalar(h5, f"{_SPECIFIC}/ntrigger") or 1
             if nimages:
                 self.n_frames = nimages * ntrigger if self._expected is None else min(self._expected,

@@ -113,8 +113,9 @@ def resolve_auto(cfg):
     finally:
         if h5 is not None:
             h5.close()
-    for key, what in found.items():
-        log.info("%s: auto: %s (%s)", key, what["url"] or "none", what["reason"])
+    for key, what in found.items():  # a warning where something of the kind was there but could not be taken
+        log.log(logging.WARNING if what.pop("warn", False) else logging.INFO, "%s: auto: %s (%s)", key,
+                what["url"] or "none", what["reason"])
     missed = [key for key in ("source.angles", "dark.url") if key in found and found[key]["url"] is None]
     if missed and reason.endswith("does not exist yet"):  # a run started before its scan's file
         log.warning("%s: auto: %s, so none was looked for: the run goes on without %s (give %s, or start the run "
@@ -200,17 +201,28 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
     n = frames.shape[0]
     complete = f"{entry}/end_time" in h5
     moving, named, turning = [], [], []
+    near = []  # what kept the positioner the title names from being taken: said as a warning
     title = _text(h5, f"{entry}/title")
     title_words = set(re.split(r"[\s(),]+", title))
+    written = complete or frames.maxshape[0] == n  # not a dataset that may still grow
     for name, where in _positioners(h5, entry, dataset.rsplit("/", 1)[-1]).items():
         values = h5[where]
         length = values.shape[0]
         # a scan being written may have one more frame than angles, or the other way round
         if length != n and (complete or abs(length - n) > 1):
+            if written and length in frames.shape[1:] and _monotonic(np.asarray(values[()], np.float64)):
+                raise InputError(f"source.url: {url}: shape {frames.shape}, and {name} ({where}) moves over {length} "
+                                 f"values, as many as along its axis {frames.shape.index(length, 1)}, not its first: "
+                                 "expected the frames along the first axis (frames, y, x), as detectors write them")
+            if name in title_words:
+                near.append(f"{name}, which the title names, has {length} values for {n} frames")
             continue
         if name in title_words:
             named.append((name, where))
         v = np.asarray(values[:min(length, n)], np.float64)
+        if name in title_words and not np.all(np.isfinite(v)):
+            bad = int(np.flatnonzero(~np.isfinite(v))[0])
+            near.append(f"{name}, which the title names, reads {v[bad]} at frame {bad}")
         if v.size >= 3 and np.all(np.isfinite(v)) and v[-1] != v[0]:
             steps = np.diff(v)
             if np.all(steps >= 0) or np.all(steps <= 0):
@@ -240,7 +252,15 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
         names = ", ".join(m[0] for m in moving)
         return {"url": None, "reason": f"several positioners move over the scan ({names}) and the title "
                                        f"({title!r}) names none of them; name one with source.angles"}
+    if near:
+        return {"url": None, "warn": True,
+                "reason": f"{'; '.join(near)}: no angles taken, psi not reported; name them with source.angles"}
     return {"url": None, "reason": f"no positioner in {entry} moves monotonically with one value per frame"}
+
+
+def _monotonic(v: np.ndarray) -> bool:
+    steps = np.diff(v)
+    return v.size >= 3 and bool(np.all(np.isfinite(v))) and v[-1] != v[0] and (np.all(steps >= 0) or np.all(steps <= 0))
 
 
 def _scan_number(name: str) -> tuple[float, ...]:
@@ -278,8 +298,8 @@ def _find_dark(h5: h5py.File, url: str) -> dict:
         (before if _scan_number(name) < own else after).append(name)
     if not (before or after):
         why = "".join(f"; scan {name} is titled dark but {reason}" for name, reason in passed_over)
-        return {"url": None, "reason": f"no other scan in {path} has a title with 'dark' and frames at "
-                                       f"/<scan>/{inside}{why}"}
+        return {"url": None, "warn": bool(passed_over),
+                "reason": f"no other scan in {path} has a title with 'dark' and frames at /<scan>/{inside}{why}"}
     name = max(before, key=_scan_number) if before else min(after, key=_scan_number)
     title = _text(h5, f"{name}/title")
     return {"url": f"{path}::/{name}/{inside}",
@@ -426,7 +446,16 @@ def _find_flat(h5: h5py.File, url: str, dark_url: str | None, dark_value: float 
     entry, inside = _entry(dataset)
     refs = _references(h5, url)
     if not refs:
-        return {"url": None, "reason": f"no reference scan (sample out) in {path} with frames at /<scan>/{inside}"}
+        frames = _frames(h5, dataset)
+        shape = frames.shape[-2:] if frames is not None and frames.ndim == 3 else None
+        other = [(name, ref.shape[-2:]) for name in h5 if _REF_TITLE.search(_text(h5, f"{name}/title"))
+                 and not _DARK_TITLE.search(_text(h5, f"{name}/title"))
+                 and isinstance(ref := h5.get(f"/{name}/{inside}"), h5py.Dataset) and ref.ndim == 3
+                 and shape is not None and ref.shape[-2:] != shape]
+        why = "".join(f"; scan {name} is titled as references but its frames are {s[1]} x {s[0]} px, the scan's "
+                      f"{shape[1]} x {shape[0]}" for name, s in other)
+        return {"url": None, "warn": bool(other),
+                "reason": f"no reference scan (sample out) in {path} with frames at /<scan>/{inside}{why}"}
     own = _scan_number(entry.strip("/"))
     before = [r for r in refs if _scan_number(r[0]) < own]
     after = [r for r in refs if _scan_number(r[0]) > own] or [r for r in refs if r not in before]  # unnumbered
