@@ -206,6 +206,20 @@ def test_a_shuffled_recorded_scan_gives_the_spots_of_the_sorted_one(scan, tmp_pa
     assert stats.frame_order["mode"] == "psi"
 
 
+def test_a_turn_recorded_modulo_360_is_one_turn_read_in_psi_order(scan, tmp_path, caplog):
+    """A turn started at 3/4 of the angles and recorded modulo 360 (270 ... 359, 0 ... 269): the spots of the
+    sorted scan, said at INFO as a turn whose angles wrap (it was warned as frames out of psi order)."""
+    truth, frames, angles, expected = scan
+    order = np.roll(np.arange(FRAMES), -(3 * FRAMES) // 4)
+    path = write_scan(tmp_path / "wrapped.h5", frames[order], angles[order])
+    with caplog.at_level(logging.INFO, "dctstream"):
+        stats, got = run_file(truth, path, tmp_path / "out")
+    assert_same_spots(got, expected)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "psi order" in r.getMessage()]
+    assert f"the angles wrap back past 360 degrees at frame {FRAMES // 4}" in caplog.text
+    assert stats.frame_order["mode"] == "psi"
+
+
 def test_angles_that_go_back_by_less_than_a_step_are_said_to_look_like_noise(scan, tmp_path, caplog):
     """Frames in rotation order whose recorded angles carry a jitter of up to 0.7 of a step: read in psi order
     as any, and the warning says how little they go back and what keeps the acquisition order; a shuffled

@@ -243,7 +243,7 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
         return {"url": f"{path}::{where}", "reason": f"the title names {name} ({title!r}), which takes a value of "
                                                       f"its own at each of the {'first ' if not complete else ''}"
                                                       f"{min(n, h5[where].shape[0])} frames, from {low:g} to "
-                                                      f"{high:g}, not in order (interlaced turns or back and forth)"}
+                                                      f"{high:g}, not in order (interlaced turns, back and forth, or one turn recorded modulo 360)"}
     if not moving and len(named) == 1 and n < 3:  # too early to see motion: trust the title
         name, where = named[0]
         return {"url": f"{path}::{where}", "reason": f"the title names {name} ({title!r}); too few frames yet "
