@@ -361,9 +361,9 @@ def source_id(out_dir: Path, resume) -> str | None:
 
 def check_identity(data, identity: str | None, source, out_dir) -> None:
     if identity and data is not None and frame_identity(data) != identity:
-        raise AnotherScanError(f"source.url: {source.url}: frame 0 is not that of the scan the unfinished run in {out_dir} "
-                         "was made from (was the file replaced?), expected the same scan to resume it; pass "
-                         "--overwrite to start again, or choose another output.dir")
+        raise AnotherScanError(f"source.url: {source.url}: frame 0 is not that of the scan the unfinished run in "
+                               f"{out_dir} was made from (was the file replaced?), expected the same scan to resume "
+                               "it; pass --overwrite to start again, or choose another output.dir")
 
 
 def frames_from(source, first: int, identity: str | None = None, out_dir=None):

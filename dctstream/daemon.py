@@ -21,8 +21,8 @@ again; an incomplete one (its file went quiet, vanished or was replaced before
 the scan ended) is tried again, resuming, whenever its file changes and at the
 daemon's next start; one whose file was written anew (``replaced``) at once: the
 same scan resumes, a new acquisition there has the earlier results moved to the
-first free ``OUT.N`` and is processed into ``OUT``.  SIGTERM or SIGINT stop the daemon cleanly: the children get SIGTERM,
-close their files and record ``stopped``.  If the daemon is killed, its
+first free ``OUT.N`` and is processed into ``OUT``.  SIGTERM or SIGINT stop the daemon cleanly: the
+children get SIGTERM, close their files and record ``stopped``.  If the daemon is killed, its
 children die with it (Linux: the parent-death signal), so a restarted daemon
 never races an orphan for the same folder.
 """
@@ -524,16 +524,10 @@ def _set_aside(out_dir: Path, record: dict) -> Path:
     write_record(out_dir, {**record, "superseded_utc": utc_now(),
                            "superseded": "its scan file was written anew by another acquisition"})
     n = 1
-    while True:
-        aside = out_dir.with_name(f"{out_dir.name}.{n}")
-        try:
-            os.rename(out_dir, aside)  # fails if taken (a non-empty folder) or, on Windows, present
-        except OSError:
-            if not aside.exists() and out_dir.exists():
-                raise
-            n += 1
-            continue
-        return aside
+    while (aside := out_dir.with_name(f"{out_dir.name}.{n}")).exists():
+        n += 1
+    os.rename(out_dir, aside)
+    return aside
 
 
 def _file_stat(path: Path) -> tuple | None:

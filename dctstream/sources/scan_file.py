@@ -210,7 +210,9 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
         length = values.shape[0]
         # a scan being written may have one more frame than angles, or the other way round
         if length != n and (complete or abs(length - n) > 1):
-            if written and length in frames.shape[1:] and _monotonic(np.asarray(values[()], np.float64)):
+            # more values than frames (or a finished scan's) and as many as along another axis: frames not first
+            if (written and (length > n or complete) and length in frames.shape[1:]
+                    and _monotonic(np.asarray(values[()], np.float64))):
                 raise InputError(f"source.url: {url}: shape {frames.shape}, and {name} ({where}) moves over {length} "
                                  f"values, as many as along its axis {frames.shape.index(length, 1)}, not its first: "
                                  "expected the frames along the first axis (frames, y, x), as detectors write them")
@@ -243,7 +245,8 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
         return {"url": f"{path}::{where}", "reason": f"the title names {name} ({title!r}), which takes a value of "
                                                       f"its own at each of the {'first ' if not complete else ''}"
                                                       f"{min(n, h5[where].shape[0])} frames, from {low:g} to "
-                                                      f"{high:g}, not in order (interlaced turns, back and forth, or one turn recorded modulo 360)"}
+                                                      f"{high:g}, not in order (interlaced turns, back and forth, "
+                                                      "or one turn recorded modulo 360)"}
     if not moving and len(named) == 1 and n < 3:  # too early to see motion: trust the title
         name, where = named[0]
         return {"url": f"{path}::{where}", "reason": f"the title names {name} ({title!r}); too few frames yet "
@@ -260,7 +263,8 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
 
 def _monotonic(v: np.ndarray) -> bool:
     steps = np.diff(v)
-    return v.size >= 3 and bool(np.all(np.isfinite(v))) and v[-1] != v[0] and (np.all(steps >= 0) or np.all(steps <= 0))
+    return (v.size >= 3 and bool(np.all(np.isfinite(v))) and v[-1] != v[0]
+            and bool(np.all(steps >= 0) or np.all(steps <= 0)))
 
 
 def _scan_number(name: str) -> tuple[float, ...]:
