@@ -48,6 +48,7 @@ import h5py
 
 from . import outdir
 from .config import Config
+from .errors import OutputError
 from .record import read_record, write_record
 from .runner import PARENT_ENV
 from .status import open_display, read_status, utc_now
@@ -374,12 +375,9 @@ class Daemon:
                 self.known.add(scan.key)
                 what = plan(scan.out_dir)
                 record = read_record(scan.out_dir) or {}
-                if what == "skip" and record.get("error_type") == "AnotherScanError":  # refused: a new acquisition
-                    aside = _set_aside(scan.out_dir, record)
-                    log.warning("%s: a new acquisition under the same name (a run refused it): the results of the "
-                                "earlier one moved to %s, the new one processed into %s", scan.url, aside,
-                                scan.out_dir)
-                    what = "start"
+                if refused_as_another(record) and not outdir.held(scan.out_dir):  # a run by hand, or before a stop
+                    if self._supersede(scan, record, queue=False):
+                        what = "start"
                 if what == "skip":
                     self.skipped += 1
                     log.info("%s: already processed (%s), skipped", scan.url, record.get("state"))
@@ -391,6 +389,22 @@ class Daemon:
                 self.queue.append(scan)
             if scans and fixed:
                 self.files_done.add(str(path))
+
+    def _supersede(self, scan: Scan, earlier: dict, queue: bool = True) -> bool:
+        """A run refused the scan as another than the one whose results are in its folder (a new acquisition under
+        the same name): set those results aside (`_set_aside`) and queue the scan to be processed anew."""
+        try:
+            aside = _set_aside(scan.out_dir, earlier)
+        except (OSError, OutputError) as exc:
+            self.failed += 1
+            log.error("%s: a new acquisition under the same name, but the earlier results in %s cannot be set "
+                      "aside (%s): not processed", scan.label, scan.out_dir, exc)
+            return False
+        log.warning("%s: a new acquisition under the same name: the results of the earlier one (%s) moved to %s, "
+                    "the new one processed into %s", scan.label, earlier.get("state"), aside, scan.out_dir)
+        if queue:
+            self.queue.append(scan)
+        return True
 
     # -- children -------------------------------------------------------------------------------
     def _command(self, scan: Scan) -> list[str]:
@@ -431,6 +445,9 @@ class Daemon:
             before = self.records.pop(key, None)
             record = read_record(scan.out_dir) or {}
             state = record.get("state")
+            if code != 0 and refused_as_another(record) and not outdir.held(scan.out_dir):
+                self._supersede(scan, before if before is not None else record)
+                continue
             # refused: the folder another run is writing (this one is gone: a live lock is another's), or has
             # written since this scan was queued
             held = code != 0 and outdir.held(scan.out_dir)
@@ -451,13 +468,6 @@ class Daemon:
                 log.warning("%s: its file was written anew after %s frames (a new acquisition under the same "
                             "name?): looking at the new file now", scan.label, record.get("frames_read"))
                 self.queue.append(scan)  # the same scan resumes; another is processed anew (below)
-                continue
-            if state == "failed" and record.get("error_type") == "AnotherScanError" and before is not None:
-                aside = _set_aside(scan.out_dir, before)
-                log.warning("%s: a new acquisition under the same name: the results of the earlier one (%s) moved "
-                            "to %s, the new one processed into %s", scan.label, before.get("state"), aside,
-                            scan.out_dir)
-                self.queue.append(scan)
                 continue
             if state == "incomplete":
                 self.incomplete += 1
@@ -518,10 +528,17 @@ class Daemon:
         return out
 
 
+def refused_as_another(record: dict) -> bool:
+    """Whether the record says a run was refused its folder as another scan than the one whose results it holds: a
+    run that failed so at its first frame, or one refused before it began (the earlier run's record kept)."""
+    return "AnotherScanError" in (record.get("error_type"), record.get("refused_type"))
+
+
 def _set_aside(out_dir: Path, record: dict) -> Path:
     """Move the results of an earlier acquisition out of ``out_dir``, to the first free ``out_dir.N``, their
     own record (``record``) put back and the run that found the new acquisition's log kept with them."""
-    write_record(out_dir, {**record, "superseded_utc": utc_now(),
+    earlier = {key: value for key, value in record.items() if not key.startswith("refused")}
+    write_record(out_dir, {**earlier, "superseded_utc": utc_now(),
                            "superseded": "its scan file was written anew by another acquisition"})
     n = 1
     while (aside := out_dir.with_name(f"{out_dir.name}.{n}")).exists():

@@ -21,10 +21,11 @@ import threading
 from . import interrupt
 from .config import Config
 from .dct_table import export_dct
+from .errors import AnotherScanError
 from .pipeline import Pipeline, Stats
 from .quicklook import QuickLook
-from .record import run_record, write_record
-from .status import ScanMonitor, open_display
+from .record import read_record, run_record, write_record
+from .status import ScanMonitor, open_display, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,13 @@ def process_scan(cfg: Config, *, overwrite: bool = False, console=None, display:
     monitor.start()  # from now on warnings are kept for the status and the record, those of opening the scan too
     try:
         pipeline = Pipeline(cfg, overwrite=overwrite)  # a bad input fails here, before any output
+    except AnotherScanError as exc:  # the unfinished run there read another scan: said in its record, kept as it was
+        monitor.close("failed")
+        refused = read_record(cfg.output.dir)
+        if refused is not None:
+            write_record(cfg.output.dir, {**refused, "refused": _one_line(exc), "refused_type": type(exc).__name__,
+                                          "refused_utc": utc_now()})
+        raise
     except BaseException:
         monitor.close("failed")  # writes nothing: there is no output folder yet
         raise

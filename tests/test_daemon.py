@@ -305,6 +305,48 @@ def test_a_scan_that_pauses_past_the_idle_timeout_is_resumed_when_it_grows(recor
     assert watch_log.splitlines()[-1].endswith("1 finished, 0 incomplete, 0 failed, 0 skipped")
 
 
+def test_a_complete_new_scan_moved_over_an_incomplete_one_is_processed_and_the_earlier_set_aside(recorded, tmp_path):
+    """A scan ended incomplete at a pause; another scan's whole file is then moved to its name: the run resuming it is
+    refused before it begins (the earlier record kept, with the refusal), and the daemon sets the earlier results
+    aside and processes the new scan (it logged "processed by another run ... left to it" and skipped it)."""
+    truth, _ = recorded
+    other = simulate_scan(str(tmp_path / "other.h5"), frames=60, size=64, spots=12, seed=11)
+    config, out = write_config(tmp_path, truth)
+    config.write_text(config.read_text().replace("idle_timeout_s: 60", "idle_timeout_s: 1.5"))
+    cfg = load_config(config, [f"source.url={other.frames_url}", f"source.angles={other.angles_url}",
+                               f"output.dir={tmp_path / 'reference'}"])
+    Pipeline(cfg).run()
+    expected = read_spot_table(tmp_path / "reference" / "spots.h5")
+    root = tmp_path / "data"
+    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
+    scan_file.parent.mkdir(parents=True)
+    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    daemon = start_daemon(root, config, tmp_path)
+    first, _ = paused_acquisition(truth, scan_file)  # killed below, never resumed (its event's lock dies with it)
+    try:
+        wait_for("the scan to end incomplete at the pause", lambda: "tried again when the file changes" in
+                 logs(out / "dctstream-watch.log"), proc=daemon)
+        first._worker.kill()
+        first._worker.join(30)
+        with h5py.File(tmp_path / "moved.h5", "w") as f:  # another scan's whole file, moved to the name
+            with h5py.File(other.path, "r") as src:
+                for name in ("/1.1/measurement/marana", "/1.1/measurement/diffrz"):
+                    f[name] = src[name][()]
+            f["/1.1/end_time"] = "2026-12-07T22:00:00"
+        os.replace(tmp_path / "moved.h5", scan_file)
+        wait_for("the new scan to finish", lambda: record(scan_out).get("state") == "finished", proc=daemon)
+        assert stop(daemon) == 0
+    finally:
+        first._worker.kill()
+        daemon.kill()
+    assert_same_spots(scan_out, expected)
+    earlier = record(scan_out.with_name("s_0001_1.1.1"))
+    assert earlier["state"] == "incomplete" and earlier["superseded"] and "refused" not in earlier
+    watch_log = (out / "dctstream-watch.log").read_text()
+    assert "a new acquisition under the same name: the results of the earlier one (incomplete) moved to" in watch_log
+    assert watch_log.splitlines()[-1].endswith("1 finished, 0 incomplete, 0 failed, 0 skipped")
+
+
 def test_a_new_acquisition_into_the_same_file_mid_scan(recorded, tmp_path):
     """The scan file written anew by another acquisition while its scan is processed: the scan processed so far
     ends incomplete (``replaced``), its results are set aside in ``OUT.1`` with their record, and the new
@@ -383,7 +425,8 @@ def test_a_scan_a_run_refused_as_a_new_acquisition_is_processed_at_the_next_star
     aside = scan_out.with_name("s_0001_1.1.1")
     assert (aside / "spots.h5").read_bytes() == b"the earlier acquisition's"
     assert record(aside)["error_type"] == "AnotherScanError" and record(aside)["superseded"]
-    assert "a new acquisition under the same name (a run refused it)" in (out / "dctstream-watch.log").read_text()
+    assert "a new acquisition under the same name: the results of the earlier one (failed) moved to" in \
+        (out / "dctstream-watch.log").read_text()
 
 
 def test_sigterm_stops_the_scan_in_progress(recorded, tmp_path):
