@@ -132,7 +132,7 @@ def arrange(source, cfg, report=None) -> tuple[object, int | None, dict | None]:
     how = f"frame {first} goes back from {angles[first - 1]:g} to {angles[first]:g} degrees"
     if kind == "unordered" and not recorded:
         return source, None, None  # cannot be read again in psi order: each frame that goes back is said
-    if kind == "unordered" and back.size == 1 and angles[first - 1] - angles[first] > 180:
+    if kind == "unordered" and back.size == 1 and angles[first - 1] - angles[first] > 180 and angles[-1] < angles[0]:
         # one turn whose angles wrap past 360 (recorded modulo 360): frames in psi order, neighbours the same
         log.info("%s: the angles wrap back past 360 degrees at frame %d (%g to %g degrees): one turn, read in psi "
                  "order; the frames of the results count along psi, max_frame_acquired in spots.h5 is the "

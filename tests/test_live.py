@@ -148,8 +148,9 @@ def test_a_stream_url_needs_its_protocol(tmp_path):
 
 def test_a_bliss_scan_started_and_never_ended_is_followed_and_ends_incomplete(recorded, tmp_path, caplog):
     """A scan file whose scan has a start_time and no end_time, held by no writer (its writer died mid-scan, or
-    lets the file go between frames): followed, not read as a whole scan. It was processed as recorded and the
-    run said finished, scan ended: complete."""
+    lets the file go between frames) and changed within the idle timeout: followed, not read as a whole scan (it
+    was processed as recorded, the run finished, scan ended: complete, unsaid); unchanged for longer, read as
+    recorded with a warning."""
     truth, _ = recorded
     path = tmp_path / "cut.h5"
     with h5py.File(truth.path, "r") as src, h5py.File(path, "w") as h5:
@@ -161,6 +162,12 @@ def test_a_bliss_scan_started_and_never_ended_is_followed_and_ends_incomplete(re
     assert f"{path}: scan /1.1 has a start_time and no end_time, and no writer holds the file" in caplog.text
     stats, _ = run_live(truth, tmp_path, url, "source.idle_timeout_s=1")
     assert stats.incomplete == "idle_timeout after 50 frames" and stats.frames_segmented == 50
+    old = time.time() - 3600  # untouched for an hour: not being written, read as recorded, with a warning
+    os.utime(path, (old, old))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert source_kind(load_config(None, [f"source.url={url}"]).source) == "hdf5"
+    assert "has not changed for 3600 s: read as recorded" in caplog.text
     with h5py.File(path, "a") as h5:  # its end said: a whole scan
         h5["/1.1/end_time"] = "2026-12-07T20:01:00"
     assert source_kind(load_config(None, [f"source.url={url}"]).source) == "hdf5"

@@ -116,9 +116,14 @@ def _finished(url: str, idle_timeout_s: float = 60.0) -> bool:
             # a Bliss scan says when it ended: one started and not ended had its writer stop mid-scan (or has one
             # that lets the file go between frames): followed, it ends incomplete after the idle timeout
             if f"{scan}/start_time" in h5 and f"{scan}/end_time" not in h5:
+                if stale:  # nothing changed it for the idle timeout: not being written, whatever its writer was
+                    log.warning("%s: scan %s has a start_time and no end_time, and the file has not changed for %.0f "
+                                "s: read as recorded (if its acquisition stopped before the scan ended, these are "
+                                "the frames it took)", path, scan, age_s)
+                    return True
                 log.warning("%s: scan %s has a start_time and no end_time, and no writer holds the file: its "
-                            "acquisition stopped before the scan ended, or goes on in a writer that lets the file "
-                            "go between frames: followed, it ends after %g s without a new frame "
+                            "acquisition goes on in a writer that lets the file go between frames, or stopped before "
+                            "the scan ended: followed, it ends after %g s without a new frame "
                             "(source.idle_timeout_s), incomplete unless end_time comes", path, scan, idle_timeout_s)
                 return False
             return True
