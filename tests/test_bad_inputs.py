@@ -247,7 +247,7 @@ def test_the_catalogue_is_long_enough():
     assert len(set.union(*tables)) == sum(map(len, tables))  # no case counted twice
     run = (_runs(test_bad_input_main) + _runs(test_recovery_is_logged) + _runs(test_bad_stream_message_is_skipped_and_logged)
            + _runs(test_folder_frame_unlike_the_first) + _runs(test_hdf5_file_written_anew_mid_scan))
-    assert run == sum(map(len, tables)) + 6  # + folder shape, dtype, 4 ways a followed file is written anew
+    assert run == sum(map(len, tables)) + 7  # + folder shape, dtype, 5 ways a followed file is written anew
     assert run >= 25
 
 
@@ -475,8 +475,9 @@ def _write_anew(path: Path, frames: np.ndarray, *, moved: bool) -> None:
         shutil.copyfile(path.with_name("new.h5"), path)
 
 
-@pytest.mark.parametrize("how", ["moved_shorter", "moved_longer", "rewritten_shorter", "rewritten_as_long"])
-def test_hdf5_file_written_anew_mid_scan(tmp_path, how, caplog):
+@pytest.mark.parametrize("how", ["moved_shorter", "moved_longer", "rewritten_shorter", "rewritten_as_long",
+                                 "rewritten_longer"])
+def test_hdf5_file_written_anew_mid_scan(tmp_path, how, caplog, monkeypatch):
     """A followed file written anew mid-scan ends the scan where it was, incomplete (``replaced``): no frame of the
     new acquisition is mixed in, however many frames it holds (a shorter one was an error, the run failed)."""
     path = tmp_path / "live.h5"
@@ -484,7 +485,10 @@ def test_hdf5_file_written_anew_mid_scan(tmp_path, how, caplog):
     other = frames[::-1] + 1000
     with h5py.File(path, "w") as f:
         f["data"] = frames
-    n_new = {"moved_shorter": 3, "moved_longer": 10, "rewritten_shorter": 3, "rewritten_as_long": 9}[how]
+    n_new = {"moved_shorter": 3, "moved_longer": 10, "rewritten_shorter": 3, "rewritten_as_long": 9,
+             "rewritten_longer": 10}[how]
+    if how == "rewritten_longer":  # the same inode, as long at the next look: told by frame 0, looked at again
+        monkeypatch.setattr("dctstream.sources.hdf5_live.FIRST_FRAME_CHECK_S", 0.0)
     # the old file lists 10 frames, 9 readable (the last is read once the next is listed or the writer is gone):
     # the new one is written once frame 8, the last readable, is delivered, before the source looks again
     cfg = SourceConfig(url=f"{path}::/data", protocol="hdf5-live", idle_timeout_s=5, poll_interval_s=0.05)
@@ -499,7 +503,8 @@ def test_hdf5_file_written_anew_mid_scan(tmp_path, how, caplog):
     assert source.end_reason == "replaced" and source.n_frames == 9
     why = {"moved_shorter": "another file was moved to its name", "moved_longer": "another file was moved to its name",
            "rewritten_shorter": "the dataset now holds 3 frames, fewer than the 9 already read",
-           "rewritten_as_long": "the file shrank and its frame 0 is not the one read"}[how]
+           "rewritten_as_long": "the file shrank, its frame 0 is not the one read",
+           "rewritten_longer": "looked at again, its frame 0 is not the one read"}[how]
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         f"{path}::/data: written anew after 9 frames ({why}): a new acquisition under the same name? The scan ends "
         "there (the new file's frames are not mixed in)"]

@@ -32,9 +32,11 @@ it without disturbing it:
   then delivered), when ``expected_frames`` frames were delivered, or when
   nothing grew for ``idle_timeout_s`` (a writer that died: every complete
   frame is delivered, a last frame that was listed but never written is not).
-* A file **written anew** during the scan -- another file moved to its name, or the
-  dataset found holding fewer frames than were read (a new acquisition into the same
-  name) -- ends the scan there, ``replaced``: no frame of the new one is mixed in.
+* A file **written anew** during the scan -- another file moved to its name, the dataset
+  found holding fewer frames than were read, or frame 0 another when the file is found
+  smaller or every ``FIRST_FRAME_CHECK_S`` (a new acquisition into the same name) -- ends
+  the scan there, ``replaced``. Written anew in place and already as long at the next
+  look, up to those seconds of its frames may have been read as the scan's.
 * A read error is retried after reopening the file; it is an ``InputError``
   only when the same frame stays unreadable for ``idle_timeout_s``.
 * File-system notifications (watchdog) on the file's folder wake the reader
@@ -312,6 +314,12 @@ def bitshuffle_chunk_sound(raw: bytes, nbytes: int, itemsize: int) -> bool:
     return pos + tail == len(raw)
 
 
+# A file written anew in place (the same inode, as long or longer at the next look) is told only by its frame 0: read
+# again and compared every FIRST_FRAME_CHECK_S seconds (a frame's read, 8 MiB at 2048 x 2048, beside the frames read
+# meanwhile), and whenever the file is found smaller than at the look before.
+FIRST_FRAME_CHECK_S = 5.0
+
+
 def _file_size(path: str, default: int) -> int:
     try:
         return os.stat(path).st_size
@@ -436,6 +444,7 @@ class Hdf5WatchSource(FollowedSource):
         self._size = 0  # of the file at the last look, bytes
         self._shrank = False  # the file was smaller at a look than at the one before: was it written anew?
         self._first: bytes | None = None  # digest of frame 0 as read
+        self._checked_s: float | None = None  # time.monotonic() of the last look at frame 0 (see FIRST_FRAME_CHECK_S)
         try:
             self._look()  # a dataset already there gives the frame shape before the first frame
         except BaseException:
@@ -464,14 +473,16 @@ class Hdf5WatchSource(FollowedSource):
             return None
         if self._n < k:
             return f"the dataset now holds {self._n} frames, fewer than the {k} already read"
-        if self._shrank:
-            self._shrank = False
+        due = self._checked_s is not None and time.monotonic() - self._checked_s >= FIRST_FRAME_CHECK_S
+        if self._shrank or due:
+            why = "the file shrank" if self._shrank else "looked at again"
+            self._shrank, self._checked_s = False, time.monotonic()
             try:
                 same = _stored(self._dset, 0) and _digest(self._dset[0]) == self._first
             except _H5_ERRORS:
-                return None  # being written: looked at again when it has shrunk again
+                return None  # being written: looked at again later
             if not same:
-                return "the file shrank and its frame 0 is not the one read"
+                return f"{why}, its frame 0 is not the one read"
         return None
 
     def _replaced(self) -> bool:
@@ -620,7 +631,7 @@ class Hdf5WatchSource(FollowedSource):
             self._reopen()
             return None
         if k == 0:
-            self._first = _digest(data)
+            self._first, self._checked_s = _digest(data), time.monotonic()
         return self._counts(data, f"source.url: {self.url}: frame {k}")
 
     def _psi(self, k: int) -> float | None:
