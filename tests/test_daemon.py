@@ -126,6 +126,23 @@ def paused_acquisition(truth, scan_file, frame=20):
     return acquisition, resume
 
 
+def one_scan(tmp_path, out) -> tuple[Path, Path, Path]:
+    """(root, scan file, its output folder) of one scan in the acquisition tree, its folder made."""
+    root = tmp_path / "data"
+    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
+    scan_file.parent.mkdir(parents=True)
+    return root, scan_file, out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+
+
+def another_scan(tmp_path, config):
+    """Another simulated scan of the recorded one's size and the spot table of its complete file."""
+    other = simulate_scan(str(tmp_path / "other.h5"), frames=60, size=64, spots=12, seed=11)
+    cfg = load_config(config, [f"source.url={other.frames_url}", f"source.angles={other.angles_url}",
+                               f"output.dir={tmp_path / 'reference'}"])
+    Pipeline(cfg).run()
+    return other, read_spot_table(tmp_path / "reference" / "spots.h5")
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -242,10 +259,7 @@ def test_two_scans_appearing_one_after_the_other(recorded, tmp_path):
 def test_killed_and_restarted_mid_scan(recorded, tmp_path):
     truth, expected = recorded
     config, out = write_config(tmp_path, truth)
-    root = tmp_path / "data"
-    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
-    scan_file.parent.mkdir(parents=True)
-    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    root, scan_file, scan_out = one_scan(tmp_path, out)
     daemon = start_daemon(root, config, tmp_path)
     acquisition, resume = paused_acquisition(truth, scan_file)
     try:
@@ -281,10 +295,7 @@ def test_a_scan_that_pauses_past_the_idle_timeout_is_resumed_when_it_grows(recor
     truth, expected = recorded
     config, out = write_config(tmp_path, truth)
     config.write_text(config.read_text().replace("idle_timeout_s: 60", "idle_timeout_s: 1.5"))
-    root = tmp_path / "data"
-    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
-    scan_file.parent.mkdir(parents=True)
-    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    root, scan_file, scan_out = one_scan(tmp_path, out)
     daemon = start_daemon(root, config, tmp_path)
     acquisition, resume = paused_acquisition(truth, scan_file)
     try:
@@ -310,17 +321,10 @@ def test_a_complete_new_scan_moved_over_an_incomplete_one_is_processed_and_the_e
     refused before it begins (the earlier record kept, with the refusal), and the daemon sets the earlier results
     aside and processes the new scan (it logged "processed by another run ... left to it" and skipped it)."""
     truth, _ = recorded
-    other = simulate_scan(str(tmp_path / "other.h5"), frames=60, size=64, spots=12, seed=11)
     config, out = write_config(tmp_path, truth)
     config.write_text(config.read_text().replace("idle_timeout_s: 60", "idle_timeout_s: 1.5"))
-    cfg = load_config(config, [f"source.url={other.frames_url}", f"source.angles={other.angles_url}",
-                               f"output.dir={tmp_path / 'reference'}"])
-    Pipeline(cfg).run()
-    expected = read_spot_table(tmp_path / "reference" / "spots.h5")
-    root = tmp_path / "data"
-    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
-    scan_file.parent.mkdir(parents=True)
-    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    other, expected = another_scan(tmp_path, config)
+    root, scan_file, scan_out = one_scan(tmp_path, out)
     daemon = start_daemon(root, config, tmp_path)
     first, _ = paused_acquisition(truth, scan_file)  # killed below, never resumed (its event's lock dies with it)
     try:
@@ -352,17 +356,10 @@ def test_a_new_acquisition_into_the_same_file_mid_scan(recorded, tmp_path):
     ends incomplete (``replaced``), its results are set aside in ``OUT.1`` with their record, and the new
     acquisition is processed into ``OUT`` from its first frame (the run resuming the first scan refused it)."""
     truth, expected_first = recorded
-    other = simulate_scan(str(tmp_path / "other.h5"), frames=60, size=64, spots=12, seed=11)
     config, out = write_config(tmp_path, truth)
-    cfg = load_config(config, [f"source.url={other.frames_url}", f"source.angles={other.angles_url}",
-                               f"output.dir={tmp_path / 'reference'}"])
-    Pipeline(cfg).run()
-    expected = read_spot_table(tmp_path / "reference" / "spots.h5")
+    other, expected = another_scan(tmp_path, config)
     assert len(expected) >= 5 and not np.array_equal(expected["centroid_x"][:5], expected_first["centroid_x"][:5])
-    root = tmp_path / "data"
-    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
-    scan_file.parent.mkdir(parents=True)
-    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
+    root, scan_file, scan_out = one_scan(tmp_path, out)
     aside = scan_out.with_name("s_0001_1.1.1")
     daemon = start_daemon(root, config, tmp_path)
     first, _ = paused_acquisition(truth, scan_file)
@@ -407,11 +404,8 @@ def test_a_scan_a_run_refused_as_a_new_acquisition_is_processed_at_the_next_star
     folder is set aside in ``OUT.1`` and the scan processed into ``OUT`` (it was skipped as failed)."""
     truth, expected = recorded
     config, out = write_config(tmp_path, truth)
-    root = tmp_path / "data"
-    scan_file = root / "id11" / "sample" / "s_0001" / "s_0001.h5"
-    scan_file.parent.mkdir(parents=True)
+    root, scan_file, scan_out = one_scan(tmp_path, out)
     shutil.copyfile(truth.path, scan_file)
-    scan_out = out / "id11" / "sample" / "s_0001" / "s_0001_1.1"
     scan_out.mkdir(parents=True)
     (scan_out / "spots.h5").write_bytes(b"the earlier acquisition's")
     write_record(scan_out, {"state": "failed", "error_type": "AnotherScanError", "error": "frame 0 is not that ..."})
