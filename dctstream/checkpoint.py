@@ -260,7 +260,7 @@ def capture(pipeline, k: int) -> Snapshot:
                   "flood_frames_total": stats.flood_frames_total, "sparse_cut": stats.sparse_cut,
                   "cut_range": pipeline._cut_range},
         "segmenter": {key: state[key] for key in ("low", "last", "prev_offset", "next_id", "n_blobs",
-                                                  "rejected", "capacity", "too_large_size")},
+                                                  "rejected", "capacity", "too_large_size", "flooded")},
     }
     noise = pipeline.noise.state()
     replayed = sorted(f for f in pipeline._levels if f >= first_needed)  # frames a resume reads again

@@ -31,7 +31,7 @@ from .overlap import Prefetch, Worker
 from .resources import check_memory
 from .segment import SegmentParams, Segmenter
 from .segment.floor import floor_tiles, reach_tiles, round_down_to_float32
-from .segment.segmenter import pixel_map
+from .segment.segmenter import COMPONENT_VOXELS, pixel_map
 from .segment.noise import TILE_PX, NoiseTracker, own_maps, subtract_level
 from .sinks import CorrectedFrameWriter, DifspotWriter, SparseScanWriter, SpotTable
 from .sources import COMPLETE_ENDS, FINAL_ENDS, check_source, open_source
@@ -88,6 +88,9 @@ class Stats:
     normalise: dict | None = None  # how frames were brought to the beam intensity: mode, scale range
     flood_frames: list | None = None  # the last frames whose seeds flooded: [frame, seed regions, threshold factor]
     flood_frames_total: int = 0
+    # spots whose component at the lower growth threshold passed COMPONENT_VOXELS (a flood), grown at their own
+    # threshold unsplit; those rejected as `flooded` are not counted
+    flooded_spots: int = 0
     seam_joined: int | None = None  # full-turn scans: spots across 0/360 degrees joined into one (tails included)
     frames_missing: int = 0
     # unmasked pixels at the top of the frames' 8- or 16-bit type, over every frame: saturated, so the spots on
@@ -931,6 +934,13 @@ class Pipeline:
             self._floods_said = len(floods)
             stats.flood_frames = [[int(f), int(n), float(c)] for f, n, c in floods[-FLOOD_FRAMES_LISTED:]]
             stats.flood_frames_total = len(floods)
+        flooded, first_f, first_y, first_x = self.segmenter.flooded
+        if flooded and not stats.flooded_spots:
+            log.warning("frame %d: the spot at (x %d, y %d) lies in a connected region of more than %d voxels above "
+                        "the lower growth threshold: a flood of noise, the background not followed there (a wrong "
+                        "dark?); such spots are grown at their own threshold, unsplit (flooded_spots in the run "
+                        "record), so as to keep the speed", first_f, first_x, first_y, COMPONENT_VOXELS)
+        stats.flooded_spots = flooded
 
     def _note_too_large(self) -> None:
         """Said once, when blobs cut by their growth box (max_blob_size either side of their maximum) are not a
@@ -1132,6 +1142,7 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     stats.noise_sigma_by_frame = s["noise_sigma_by_frame"]
     stats.background_level_range = tuple(s["background_level_range"]) if s.get("background_level_range") else None
     stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
+    stats.flooded_spots = pipeline.segmenter.flooded[0]
     stats.sparse_cut = s.get("sparse_cut")
     pipeline._cut_range = tuple(s["cut_range"]) if s.get("cut_range") else None
     stats.normalise = bg.normalise_facts()

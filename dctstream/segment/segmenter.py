@@ -43,6 +43,17 @@ from ._kernels import (CLAIMED, FLAG_PLANES, SPIKE, claim, claimed_beside_max, d
 
 # Largest valley searched around a maximum to close its blob early; bigger ones wait for the boxes rule.
 VALLEY_VOXELS = 200_000
+# A noise flood (the background not followed: a dark 150 counts too high) lifts whole frames above the lower
+# growth threshold: the component around each maximum there filled its growth box (190,000 voxels in the median),
+# and growing and splitting them, 0.3 us a voxel, took the run from 140 to 2.4 frames/s. A region is flooded when
+# more than FLOOD_SHARE of the unmasked pixels of its maximum's frame in its growth box are above that threshold
+# (a spot's component, at most a few thousand voxels in the validation scans, lights a few % of it), or its
+# component passes COMPONENT_VOXELS: its spot is then grown at its own threshold (grow_ratio x its peak), unsplit,
+# in the same box, and rejected as `flooded` if that, too, floods. Its valley is not searched: it waits for the
+# boxes rule. Both tests look at the frames alone, not at what was claimed when: a resumed run tells the same.
+FLOOD_SHARE = 0.2
+FLOOD_RIM_PX = 8
+COMPONENT_VOXELS = 200_000
 # Free frame slots kept resident for the next frames: one is taken a frame, and a spot that closes frees a
 # few at once; a slot given back is faulted in and zeroed by the system when taken again (33 MiB at 2048 x
 # 2048). A 651-frame 2048 x 2048 scan: 159 of its frames took a given-back slot with 1 kept, 33 with 8, the
@@ -297,7 +308,7 @@ class _Region:
         self.max_index = max_index
         self.first = first
         self.valley = None  # `Segmenter._valley_clear`'s last component and its box's last frame (not a state)
-        self.capped = None  # claims made when its last valley reached VALLEY_VOXELS (see there; not a state)
+        self.capped = False  # its valley passed VALLEY_VOXELS: it waits for the boxes rule (not a state)
 
     @property
     def order(self):
@@ -340,7 +351,7 @@ class Segmenter:
         self.faulting_in = [fault_in(pool, range(reach + 4)) for pool in pools]
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
-        self._claims = 0  # claims made (see `_valley_clear`)
+        self.flooded: list[int] = [0, -1, -1, -1]  # regions grown unsplit (see COMPONENT_VOXELS), the first's maximum
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
         self._spare_labels = np.zeros(self.frame_shape, np.int32)  # this frame's, swapped with the last's
         self._prev_dirty = np.zeros(self.frame_shape[0], bool)  # rows of _prev_labels that hold labels
@@ -421,6 +432,7 @@ class Segmenter:
             "claimed": self._claimed_voxels(range(max(self._low, 0), self.last + 1)),
             "low_tiles": self._low_tiles[self._frame_slots(np.arange(max(self._low, 0), self.last + 1))].copy(),
             "floods": np.array(self.floods, np.float64).reshape(-1, 3),
+            "flooded": list(self.flooded),
         }
 
     def restore(self, state: dict) -> None:
@@ -445,6 +457,7 @@ class Segmenter:
         for i, k in enumerate(range(max(self._low, 0), self.last + 1)):
             self._low_tiles[self._take_slot(k)] = state["low_tiles"][i]
         self.floods = [(int(f), int(n), float(c)) for f, n, c in state["floods"]]
+        self.flooded = [int(v) for v in state.get("flooded", (0, -1, -1, -1))]  # older checkpoints: none
         f, y, x = state["claimed"]
         self._claim(f, y, x)
 
@@ -553,7 +566,6 @@ class Segmenter:
 
     def _claim(self, f, y, x) -> None:
         claim(self._flags, self._slot_of, *(np.asarray(v, np.int64) for v in (f, y, x)))
-        self._claims += 1
 
     # ---- seed regions --------------------------------------------------------------
     def _find(self, i: int) -> int:
@@ -701,10 +713,14 @@ class Segmenter:
         box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
                min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
         high = np.inf if p.grow_high is None else p.grow_high
-        if region.capped == self._claims:
-            # Its valley reached VALLEY_VOXELS and nothing was claimed since: in the box grown by the frames since,
-            # the component holds at least those voxels again. Not grown again (a flood of noise seeds kept each
-            # pending region growing 200,000 voxels at every frame: 1 frame/s).
+        if not region.capped and region.valley is None and self._flooded(region, -np.inf):
+            if self._flooded(region, p.grow_ratio * region.max_value):
+                return True, None  # rejected as flooded in `_grow`, whatever comes: not held
+            region.capped = True
+        if region.capped:
+            # Its valley passed VALLEY_VOXELS: not grown again. Claims since may have cut it, but regrowing the
+            # valleys of every pending region at each claim took a noise flood to 0.4 s a frame (the boxes
+            # rule closes the region as it would have: the same blob, later).
             return False, None
         kernel_args = (self._values, self._slot_of, self._flags, self.mask, self._low_tiles, p.tile_px, *box)
         valid = False
@@ -716,7 +732,7 @@ class Segmenter:
             voxels, complete = grow_region(*kernel_args, f, y, x, -np.inf, high, region.max_value,
                                            p.connectivity == 26, VALLEY_VOXELS)
         region.valley = (voxels, box[1]) if complete and voxels.size else None
-        region.capped = None if complete else self._claims
+        region.capped = not complete
         if not complete:
             return False, None
         if voxels.size == 0:
@@ -743,9 +759,22 @@ class Segmenter:
         if grown is not None and _inside(grown, (ny, nx), (f0, f1, y0, y1, x0, x1)):
             voxels = grown  # the component from the same voxel with the same thresholds: the same voxels
         else:
-            voxels, _ = grow_region(self._values, self._slot_of, self._flags, self.mask, self._low_tiles,
-                                    p.tile_px, f0, f1, y0, y1, x0, x1, f, y, x, -np.inf, high,
-                                    peak, p.connectivity == 26, np.iinfo(np.int64).max)
+            args = (self._values, self._slot_of, self._flags, self.mask, self._low_tiles, p.tile_px, f0, f1, y0, y1,
+                    x0, x1, f, y, x)
+            complete = not self._flooded(region, -np.inf)
+            if complete:
+                voxels, complete = grow_region(*args, -np.inf, high, peak, p.connectivity == 26, COMPONENT_VOXELS)
+            if not complete:  # see FLOOD_SHARE
+                if self.flooded[0] == 0:
+                    self.flooded[1:] = [f, y, x]
+                self.flooded[0] += 1
+                own = p.grow_ratio * peak
+                complete = not self._flooded(region, own)
+                if complete:
+                    voxels, complete = grow_region(*args, own, high, peak, p.connectivity == 26, COMPONENT_VOXELS)
+                if not complete:
+                    self.rejected["flooded"] += 1
+                    return []
         if voxels.size == 0:
             self.rejected["maximum_claimed"] += 1
             return []
@@ -787,6 +816,36 @@ class Segmenter:
         for zinger in zingers:  # claimed once the component is split: no later region grows into them
             self._claim(fs[zinger], ys[zinger], xs[zinger])
         return self._shared(component, blobs, parts) if len(blobs) > 1 else blobs
+
+    def _flooded(self, region: _Region, scaled_peak: float) -> bool:
+        """More than FLOOD_SHARE of the unmasked pixels of the rim of the region's growth box (FLOOD_RIM_PX wide,
+        beyond its own spot) in its maximum's frame are at or above `grow_region`'s threshold with
+        ``scaled_peak``."""
+        p = self.params
+        f, y, x = region.max_index
+        reach_x, reach_y, reach_f = p.component_size
+        if (2 * reach_x + 1) * (2 * reach_y + 1) * (2 * reach_f + 1) <= COMPONENT_VOXELS:
+            return False  # a box that small is grown whole in no time
+        ny, nx = self.frame_shape
+        y0, y1, x0, x1 = max(y - reach_y, 0), min(y + reach_y, ny - 1) + 1, max(x - reach_x, 0), min(x + reach_x, nx - 1) + 1
+        slot, tile, rim = self._slot_of[f % self._capacity], p.tile_px, FLOOD_RIM_PX
+        high = min(np.inf if p.grow_high is None else p.grow_high, region.max_value)
+        strips = ((y0, y0 + rim, x0, x1), (y1 - rim, y1, x0, x1), (y0 + rim, y1 - rim, x0, x0 + rim),
+                  (y0 + rim, y1 - rim, x1 - rim, x1))
+        if y1 - y0 <= 2 * rim or x1 - x0 <= 2 * rim:  # cut by the frame's edges: the whole box
+            strips = ((y0, y1, x0, x1),)
+        lit = usable = 0
+        for ya, yb, xa, xb in strips:
+            if yb <= ya or xb <= xa:
+                continue
+            low = self._low_tiles[slot, ya // tile:(yb - 1) // tile + 1, xa // tile:(xb - 1) // tile + 1]
+            low = np.repeat(np.repeat(low.astype(np.float64), tile, axis=0), tile, axis=1)[
+                ya % tile:ya % tile + yb - ya, xa % tile:xa % tile + xb - xa]
+            unmasked = ~self.mask[ya:yb, xa:xb]
+            usable += np.count_nonzero(unmasked)
+            lit += np.count_nonzero((self._values[slot, ya:yb, xa:xb] >= np.minimum(np.maximum(scaled_peak, low), high))
+                                    & unmasked)
+        return lit > FLOOD_SHARE * usable
 
     def _shared(self, component, blobs: list[Blob], parts: list[np.ndarray]) -> list[Blob]:
         """The ``blobs`` of one component, each with the moments of its share of the voxels of all their
