@@ -713,10 +713,13 @@ class Segmenter:
         box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
                min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
         high = np.inf if p.grow_high is None else p.grow_high
-        if not region.capped and region.valley is None and self._flooded(region, -np.inf):
-            if self._flooded(region, p.grow_ratio * region.max_value):
-                return True, None  # rejected as flooded in `_grow`, whatever comes: not held
-            region.capped = True
+        if not region.capped and region.valley is None:
+            rim = self._rim(region)
+            if self._flooded(rim):
+                own = self._own_threshold(region, rim)
+                if own is None or self._flooded(rim, own):
+                    return True, None  # rejected as flooded in `_grow`, whatever comes: not held
+                region.capped = True
         if region.capped:
             # Its valley passed VALLEY_VOXELS: not grown again. Claims since may have cut it, but regrowing the
             # valleys of every pending region at each claim took a noise flood to 0.4 s a frame (the boxes
@@ -761,15 +764,16 @@ class Segmenter:
         else:
             args = (self._values, self._slot_of, self._flags, self.mask, self._low_tiles, p.tile_px, f0, f1, y0, y1,
                     x0, x1, f, y, x)
-            complete = not self._flooded(region, -np.inf)
+            rim = self._rim(region)
+            complete = not self._flooded(rim)
             if complete:
                 voxels, complete = grow_region(*args, -np.inf, high, peak, p.connectivity == 26, COMPONENT_VOXELS)
             if not complete:  # see FLOOD_SHARE
                 if self.flooded[0] == 0:
                     self.flooded[1:] = [f, y, x]
                 self.flooded[0] += 1
-                own = p.grow_ratio * peak
-                complete = not self._flooded(region, own)
+                own = self._own_threshold(region, rim)
+                complete = own is not None and not self._flooded(rim, own)
                 if complete:
                     voxels, complete = grow_region(*args, own, high, peak, p.connectivity == 26, COMPONENT_VOXELS)
                 if not complete:
@@ -817,15 +821,15 @@ class Segmenter:
             self._claim(fs[zinger], ys[zinger], xs[zinger])
         return self._shared(component, blobs, parts) if len(blobs) > 1 else blobs
 
-    def _flooded(self, region: _Region, scaled_peak: float) -> bool:
-        """More than FLOOD_SHARE of the unmasked pixels of the rim of the region's growth box (FLOOD_RIM_PX wide,
-        beyond its own spot) in its maximum's frame are at or above `grow_region`'s threshold with
-        ``scaled_peak``."""
+    def _rim(self, region: _Region) -> tuple[np.ndarray, np.ndarray] | None:
+        """The values and lower growth thresholds (`grow_region`'s, no scaled peak) of the unmasked pixels of the rim
+        of the region's growth box, FLOOD_RIM_PX wide (beyond its own spot), in its maximum's frame; None where
+        the box is small enough to be grown whole in no time."""
         p = self.params
         f, y, x = region.max_index
         reach_x, reach_y, reach_f = p.component_size
         if (2 * reach_x + 1) * (2 * reach_y + 1) * (2 * reach_f + 1) <= COMPONENT_VOXELS:
-            return False  # a box that small is grown whole in no time
+            return None
         ny, nx = self.frame_shape
         y0, y1, x0, x1 = max(y - reach_y, 0), min(y + reach_y, ny - 1) + 1, max(x - reach_x, 0), min(x + reach_x, nx - 1) + 1
         slot, tile, rim = self._slot_of[f % self._capacity], p.tile_px, FLOOD_RIM_PX
@@ -834,7 +838,7 @@ class Segmenter:
                   (y0 + rim, y1 - rim, x1 - rim, x1))
         if y1 - y0 <= 2 * rim or x1 - x0 <= 2 * rim:  # cut by the frame's edges: the whole box
             strips = ((y0, y1, x0, x1),)
-        lit = usable = 0
+        values, lows = [], []
         for ya, yb, xa, xb in strips:
             if yb <= ya or xb <= xa:
                 continue
@@ -842,10 +846,29 @@ class Segmenter:
             low = np.repeat(np.repeat(low.astype(np.float64), tile, axis=0), tile, axis=1)[
                 ya % tile:ya % tile + yb - ya, xa % tile:xa % tile + xb - xa]
             unmasked = ~self.mask[ya:yb, xa:xb]
-            usable += np.count_nonzero(unmasked)
-            lit += np.count_nonzero((self._values[slot, ya:yb, xa:xb] >= np.minimum(np.maximum(scaled_peak, low), high))
-                                    & unmasked)
-        return lit > FLOOD_SHARE * usable
+            values.append(self._values[slot, ya:yb, xa:xb][unmasked])
+            lows.append(np.minimum(low[unmasked], high))
+        return np.concatenate(values).astype(np.float64), np.concatenate(lows)
+
+    @staticmethod
+    def _flooded(rim: tuple[np.ndarray, np.ndarray] | None, scaled_peak: float = -np.inf) -> bool:
+        """More than FLOOD_SHARE of the `_rim`'s pixels are at or above the growth threshold with ``scaled_peak``."""
+        if rim is None:
+            return False
+        values, low = rim
+        return np.count_nonzero(values >= np.maximum(low, scaled_peak)) > FLOOD_SHARE * values.size
+
+    def _own_threshold(self, region: _Region, rim: tuple[np.ndarray, np.ndarray] | None) -> float | None:
+        """A flooded region's threshold: ``grow_ratio`` of the way from the median of its `_rim` (the level the
+        flood lifted the frame to there) to its peak; None where the peak does not stand the seed threshold above
+        that level (noise lifted by the flood, not a spot). The rim's values are taken at least at the lower
+        threshold: a sparse scan holds none below it (`resegment` tells the same level)."""
+        level = float(np.median(np.maximum(*rim))) if rim is not None and rim[0].size else 0.0
+        f, y, x = region.max_index
+        tile = self.params.tile_px
+        if region.max_value - max(level, 0.0) < self._seed_tiles[y // tile, x // tile]:
+            return None
+        return level + self.params.grow_ratio * (region.max_value - level)
 
     def _shared(self, component, blobs: list[Blob], parts: list[np.ndarray]) -> list[Blob]:
         """The ``blobs`` of one component, each with the moments of its share of the voxels of all their
