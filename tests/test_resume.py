@@ -34,7 +34,7 @@ from dctstream.types import Frame
 from simulators.dct_scan import simulate_scan
 from simulators.replay_stream import StreamReplayer
 from test_background import make_scan
-from test_segment import params, segment, spotty_volume
+from test_segment import FLOOD_PARAMS, flooded_volume, params, segment, spotty_volume
 
 # -- the stages take back their state exactly -------------------------------------------------------
 
@@ -57,6 +57,24 @@ def test_segmenter_restored_from_its_state_continues_identically(at):
     for got, want in zip(blobs, expected):
         assert got.id == want.id and got.voxel_key() == want.voxel_key() and got.max_value == want.max_value
         np.testing.assert_array_equal(got.volume, want.volume)
+
+
+@pytest.mark.parametrize("at", [10, 16, 24, 30, 38])
+def test_a_flooded_segmenter_restored_from_its_state_continues_identically(at):
+    """In a noise flood (test_segment's), before, in and after it: the same blobs, rejections and flooded count."""
+    volume, _ = flooded_volume()
+    expected = Segmenter(FLOOD_PARAMS, volume.shape[1:])
+    want = [b for k, frame in enumerate(volume) for b in expected.push(k, frame)] + expected.finish()
+    first = Segmenter(FLOOD_PARAMS, volume.shape[1:])
+    blobs = [b for k in range(at + 1) for b in first.push(k, volume[k])]
+    again = Segmenter(FLOOD_PARAMS, volume.shape[1:])
+    again.restore(first.state())
+    for k in range(again.first_needed, at + 1):
+        again.load_frame(k, volume[k])
+    blobs += [b for k in range(at + 1, len(volume)) for b in again.push(k, volume[k])] + again.finish()
+    assert expected.flooded[0] >= 1  # spots grown in the flood
+    assert (again.flooded, again.rejected) == (expected.flooded, expected.rejected)
+    assert [(b.voxel_key(), b.max_value) for b in blobs] == [(b.voxel_key(), b.max_value) for b in want]
 
 
 def _stage(raw, dark, cfg, first=0, **kw):

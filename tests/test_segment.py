@@ -717,13 +717,13 @@ def test_a_valley_too_large_to_search_is_not_searched_again(monkeypatch):
     assert voxel_sets(blobs) == reference_sets(expected)
 
 
-def test_a_noise_flood_keeps_the_growth_bounded(monkeypatch):
-    """Frames lifted into the noise above the lower growth threshold (a background not followed, a wrong dark):
-    the component around each maximum there would fill its growth box (a dark 150 counts too high took a run
-    from 140 to 2.4 frames/s). Such regions are found flooded by their box's rim and grown at their own
-    threshold: every spot is found, in the flood too, for a few hundred voxels grown (over a million before)."""
+FLOOD_PARAMS = params(seed_threshold=6.0, seed_min_voxels=3, max_size=(80, 80, 25))  # the default growth box
+
+
+def flooded_volume(nf: int = 50, n: int = 192) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Noise lifted above the lower threshold (FLOOD_PARAMS') for frames 15-34, and five spots (frame, y, x), two
+    of them in the flood."""
     rng = np.random.default_rng(0)
-    nf, n = 50, 192
     volume = rng.normal(0, 1, (nf, n, n)).astype(np.float32)
     volume[15:35] += 2.2  # the lower threshold, 2, in the noise for 20 frames
     truth = [(8, 40, 40), (25, 60, 150), (25, 150, 60), (42, 100, 100), (20, 96, 30)]
@@ -731,6 +731,16 @@ def test_a_noise_flood_keeps_the_growth_bounded(monkeypatch):
     for f, y, x in truth:
         for g in range(f - 2, f + 3):
             volume[g] += 40 * np.exp(-0.5 * ((g - f) ** 2 + ((yy - y) ** 2 + (xx - x) ** 2) / 4.0))
+    return volume, truth
+
+
+def test_a_noise_flood_keeps_the_growth_bounded(monkeypatch):
+    """Frames lifted into the noise above the lower growth threshold (a background not followed, a wrong dark):
+    the component around each maximum there would fill its growth box (a dark 150 counts too high took a run
+    from 140 to 2.4 frames/s). Such regions are found flooded by their box's rim and grown at their own
+    threshold: every spot is found, in the flood too, for a few hundred voxels grown (over a million before)."""
+    volume, truth = flooded_volume()
+    n = volume.shape[1]
     grown = []
     for name in ("grow_region", "grow_region_on"):
         kernel = getattr(segmenter_module, name)
@@ -741,7 +751,7 @@ def test_a_noise_flood_keeps_the_growth_bounded(monkeypatch):
             return out
 
         monkeypatch.setattr(segmenter_module, name, counted)
-    p = params(seed_threshold=6.0, seed_min_voxels=3, max_size=(80, 80, 25))  # the default growth box
+    p = FLOOD_PARAMS
     segmenter = Segmenter(p, (n, n))
     blobs = [b for k, frame in enumerate(volume) for b in segmenter.push(k, frame)] + segmenter.finish()
     assert sorted(np.round(b.centroid).astype(int).tolist() for b in blobs) == sorted(map(list, truth))
