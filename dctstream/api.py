@@ -190,9 +190,10 @@ def segment(frames: Iterable[Any], angles: Any = None, *, config: ConfigLike = N
         if dark_image.ndim not in (2, 3) or dark_image.dtype.kind not in "uif" or dark_image.size == 0:
             raise InputError(f"dark: expected a (y, x) image or an (n, y, x) stack of dark frames, "
                              f"got shape {dark_image.shape}, dtype {dark_image.dtype}")
-        if dark_image.dtype.kind == "f" and not np.all(np.isfinite(dark_image)):  # said of the array given, not
-            bad = np.argwhere(~np.isfinite(dark_image))[0]  # of the file it is handed on in (a temporary one)
-            raise InputError(f"dark: expected finite dark counts, got {dark_image[tuple(bad)]} at "
+        if dark_image.dtype.kind == "f" and np.isinf(dark_image).any():  # said of the array given, not
+            bad = np.argwhere(np.isinf(dark_image))[0]  # of the file it is handed on in (a temporary one)
+            raise InputError(f"dark: expected finite dark counts (or NaN where a pixel has none), got "
+                             f"{dark_image[tuple(bad)]} at "
                              f"{'frame %d, ' % bad[0] if dark_image.ndim == 3 else ''}pixel (y, x) = "
                              f"({bad[-2]}, {bad[-1]})")
         if isinstance(frames, np.ndarray) and frames.ndim == 3 and dark_image.shape[-2:] != frames.shape[1:]:

@@ -226,6 +226,15 @@ class Detector:
         file_dark = dark_cfg.url is not None and dark_cfg.value is None and "::" not in dark_cfg.url
         raw_dark = load_dark(dark_cfg.url, dark_cfg.value, self.raw_shape,
                              read_image(dark_cfg.url, "dark.url") if file_dark else None)
+        if raw_dark is not None and np.isnan(raw_dark).any():
+            # a pixel without a dark (a module gap written as NaN, as frames of float counts hold them): masked
+            nan = np.isnan(raw_dark)
+            if nan.all():
+                raise InputError(f"dark.url: {dark_cfg.url}: every pixel is NaN, expected dark counts")
+            self.mask_counts["dark"] = int((nan & ~raw_mask).sum())
+            raw_mask |= nan
+            raw_dark = np.where(nan, np.float32(0), raw_dark).astype(np.float32)
+            log.info("dark.url: %s: %d pixels hold no dark (NaN): masked", dark_cfg.url, int(nan.sum()))
         self.dark = None if raw_dark is None else bin_image(raw_dark, b, cfg.binning_mode, np.float32)
         self.dark_source = ("dark.value" if dark_cfg.value is not None else "dark.url" if dark_cfg.url
                             else "estimated" if dark_cfg.estimate else "none")

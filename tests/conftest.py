@@ -44,7 +44,7 @@ def bad_inputs(tmp_path_factory, tiny_scan):
     and, built from the tiny scan's frames: ``four_d`` (2, 3, 64, 64), ``bool_frames``, ``zeros`` and
     ``saturated`` (40, 64, 64) uint16, ``one_frame`` and ``short`` (its first 1 and 5 frames), ``uint32``
     (its frames as uint32), ``corrupt_chunk`` (its frames, gzip chunks of one frame, chunk 7 overwritten),
-    ``dark_nan`` (64, 64) float32 with a NaN, ``dark_inf`` (3, 64, 64) float32 with an inf in frame 1,
+    ``dark_inf`` (3, 64, 64) float32 with an inf in frame 1,
     ``angles_nan`` (NaN at frame 7), ``angles_back`` (frames 7 and 8 swapped) and ``angles_repeat``
     (frame 8 repeats frame 7), each (40,) float64.
     """
@@ -71,9 +71,6 @@ def bad_inputs(tmp_path_factory, tiny_scan):
         f["uint32"] = frames.astype(np.uint32)
         f.create_dataset("corrupt_chunk", data=frames, chunks=(1, TINY_SIZE, TINY_SIZE), compression="gzip")
         chunk = f["corrupt_chunk"].id.get_chunk_info(7)
-        dark = np.zeros((TINY_SIZE, TINY_SIZE), np.float32)
-        dark[5, 6] = np.nan
-        f["dark_nan"] = dark
         darks = np.zeros((3, TINY_SIZE, TINY_SIZE), np.float32)
         darks[1, 2, 3] = np.inf
         f["dark_inf"] = darks

@@ -248,8 +248,8 @@ def test_unknown_difspot_is_an_input_error(runs):
     (np.zeros((4, 8, 8), np.uint16), None, np.zeros((8, 9)), "dark: expected images of 8 x 8 pixels"),
     (np.zeros((4, 8, 8), np.uint16), None, np.zeros(8), "dark: expected a (y, x) image or an (n, y, x) stack"),
     # named the temporary file it was handed on in: dark.url: /tmp/dctstream-segment-.../dark.h5::/dark: ...
-    (np.zeros((4, 8, 8), np.uint16), None, np.where(np.eye(8) > 0, np.nan, 0.0)[None].repeat(2, 0),
-     "dark: expected finite dark counts, got nan at frame 0, pixel (y, x) = (0, 0)"),
+    (np.zeros((4, 8, 8), np.uint16), None, np.where(np.eye(8) > 0, np.inf, 0.0)[None].repeat(2, 0),
+     "dark: expected finite dark counts (or NaN where a pixel has none), got inf at frame 0, pixel (y, x) = (0, 0)"),
 ])
 def test_segment_checks_its_input_at_the_call(frames, angles, dark, needle):
     with pytest.raises(InputError) as caught:

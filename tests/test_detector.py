@@ -1,6 +1,7 @@
 """Pixel masks, flat field, dark from the data, binning and the corrected-frame export, against obvious references."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import fabio
@@ -134,6 +135,36 @@ def test_what_masked_pixels_hold_changes_nothing(plain_scan, tmp_path):
     assert list(tables[0]) == list(tables[1])
     for column in tables[0]:
         np.testing.assert_array_equal(tables[0][column], tables[1][column], err_msg=column)
+
+
+def test_a_dark_with_nan_masks_those_pixels(plain_scan, tmp_path):
+    """A float dark with NaN where a pixel has none (a module gap, as float frames hold them): those pixels masked,
+    the same spot table as with them in a mask file (refused as not finite before); infinities and a dark all NaN
+    are refused, naming the dark."""
+    gap = np.zeros((SCAN["size"], SCAN["size"]), bool)
+    gap[40:42, :] = True
+    gap[:, 30:32] = True
+    dark = read_dataset(plain_scan.dark_url).astype(np.float32)
+    with h5py.File(tmp_path / "gap.h5", "w") as h5:
+        h5["mask"] = gap.astype(np.uint8)
+        h5["dark"] = np.where(gap, np.float32(np.nan), dark)
+        h5["dark_inf"] = np.where(gap, np.float32(np.inf), dark)
+        h5["dark_all_nan"] = np.full(dark.shape, np.nan, np.float32)
+    runs = {"mask": (f"detector.mask={tmp_path / 'gap.h5'}::/mask", f"dark.url={plain_scan.dark_url}"),
+            "nan": (f"dark.url={tmp_path / 'gap.h5'}::/dark",)}
+    tables = {}
+    for name, overrides in runs.items():
+        stats = Pipeline(config(plain_scan, tmp_path / name, *overrides, dark=False)).run()
+        assert stats.difspots_written > 5
+        assert stats.masked_pixels == {"dark" if name == "nan" else "file": gap.sum(), "all": gap.sum()}
+        tables[name] = read_spot_table(tmp_path / name / "spots.h5")
+    for column in tables["mask"]:
+        np.testing.assert_array_equal(tables["nan"][column], tables["mask"][column], err_msg=column)
+    for name, needle in (("dark_inf", "expected finite dark counts (or NaN where a pixel has none), got inf at "
+                                      "frame 0, pixel (y, x) = (0, 30)"),
+                         ("dark_all_nan", "every pixel is NaN, expected dark counts")):
+        with pytest.raises(InputError, match=re.escape(f"dark.url: {tmp_path / 'gap.h5'}::/{name}: {needle}")):
+            Pipeline(config(plain_scan, tmp_path / name, f"dark.url={tmp_path / 'gap.h5'}::/{name}", dark=False)).run()
 
 
 @pytest.mark.parametrize("overrides", [

@@ -512,10 +512,11 @@ def load_dark(url: str | None, value: float | None, frame_shape: tuple[int, int]
     if data.shape[-2:] != tuple(frame_shape) or data.ndim not in (2, 3):
         raise InputError(f"dark.url: {url}: expected a dark image of shape {tuple(frame_shape)} or a stack "
                          f"(n, {', '.join(map(str, frame_shape))}) of dark frames, got shape {data.shape}")
-    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        bad = np.argwhere(~np.isfinite(data))[0]
-        raise InputError(f"dark.url: {url}: expected finite dark counts, got {data[tuple(bad)]} at "
-                         f"{'frame %d, ' % bad[0] if data.ndim == 3 else ''}pixel (y, x) = ({bad[-2]}, {bad[-1]})")
+    if data.dtype.kind == "f" and np.isinf(data).any():  # NaN: a pixel without a dark, masked (Detector)
+        bad = np.argwhere(np.isinf(data))[0]
+        raise InputError(f"dark.url: {url}: expected finite dark counts (or NaN where a pixel has none), got "
+                         f"{data[tuple(bad)]} at {'frame %d, ' % bad[0] if data.ndim == 3 else ''}pixel (y, x) = "
+                         f"({bad[-2]}, {bad[-1]})")
     if data.ndim == 3:
         data = data.mean(axis=0, dtype=np.float64)
     return data.astype(np.float32)
