@@ -31,7 +31,7 @@ from .overlap import Prefetch, Worker
 from .resources import check_memory
 from .segment import SegmentParams, Segmenter
 from .segment.floor import floor_tiles, reach_tiles, round_down_to_float32
-from .segment.segmenter import COMPONENT_VOXELS, pixel_map
+from .segment.segmenter import COMPONENT_VOXELS, FLOOD_SHARE, pixel_map
 from .segment.noise import TILE_PX, NoiseTracker, own_maps, subtract_level
 from .sinks import CorrectedFrameWriter, DifspotWriter, SparseScanWriter, SpotTable
 from .sources import COMPLETE_ENDS, FINAL_ENDS, check_source, open_source
@@ -88,8 +88,8 @@ class Stats:
     normalise: dict | None = None  # how frames were brought to the beam intensity: mode, scale range
     flood_frames: list | None = None  # the last frames whose seeds flooded: [frame, seed regions, threshold factor]
     flood_frames_total: int = 0
-    # spots whose component at the lower growth threshold passed COMPONENT_VOXELS (a flood), grown at their own
-    # threshold unsplit; those rejected as `flooded` are not counted
+    # spots found in a flood of noise (segment.segmenter.FLOOD_SHARE), grown at their own threshold unsplit; those
+    # rejected as `flooded` are counted in `rejected`
     flooded_spots: int = 0
     seam_joined: int | None = None  # full-turn scans: spots across 0/360 degrees joined into one (tails included)
     frames_missing: int = 0
@@ -307,6 +307,7 @@ class Pipeline:
         self.noise: NoiseTracker | None = None
         self._levels: dict[int, np.ndarray] = {}  # frame -> its level (float32 tile map), while a resume needs it
         self._floods_said = 0  # flood events already counted in the stats
+        self._flooded_said = False  # the first region found in a flood of noise (see _note_flooded)
         self._too_large_said = False
         self._first_frames: list[tuple[int, np.ndarray, np.ndarray]] = []  # corrected frames held for the noise estimate
         # direct_beam.bbox: auto: (first frame, binned box or None) each time the beam box changed (main thread
@@ -501,6 +502,7 @@ class Pipeline:
                 if self.segmenter is not None:
                     with self._timed("segment"):
                         blobs = self.segmenter.finish()
+                    self._note_flooded()
                     self._write(blobs)
                 if len(self._backward) > 1:
                     log.warning("%s came back in psi (out of psi order): processed in arrival order",
@@ -875,6 +877,7 @@ class Pipeline:
         checkpoint what it completes."""
         with self._timed("segment"):
             blobs = self.segmenter.push(k, frame, seed, low, measure)
+        self._note_flooded()
         self._write(blobs)
         if self.export is not None:
             with self._timed("export"):
@@ -934,13 +937,20 @@ class Pipeline:
             self._floods_said = len(floods)
             stats.flood_frames = [[int(f), int(n), float(c)] for f, n, c in floods[-FLOOD_FRAMES_LISTED:]]
             stats.flood_frames_total = len(floods)
+        self._note_flooded()
+
+    def _note_flooded(self) -> None:
+        """Said once, at the first region found in a flood of noise (see segment.segmenter.FLOOD_SHARE)."""
         flooded, first_f, first_y, first_x = self.segmenter.flooded
-        if flooded and not stats.flooded_spots:
-            log.warning("frame %d: the spot at (x %d, y %d) lies in a connected region of more than %d voxels above "
-                        "the lower growth threshold: a flood of noise, the background not followed there (a wrong "
-                        "dark?); such spots are grown at their own threshold, unsplit (flooded_spots in the run "
-                        "record), so as to keep the speed", first_f, first_x, first_y, COMPONENT_VOXELS)
-        stats.flooded_spots = flooded
+        self.stats.flooded_spots = flooded
+        if first_f < 0 or self._flooded_said:
+            return
+        self._flooded_said = True
+        log.warning("frame %d: the maximum at (x %d, y %d) lies in a flood of noise -- more than %d %% of the pixels "
+                    "around it above the lower growth threshold, or a connected region of more than %d voxels: the "
+                    "background is not followed there (a wrong dark?); such spots are grown at their own threshold, "
+                    "unsplit, or rejected as flooded (flooded_spots and rejected in the run record), so as to keep "
+                    "the speed", first_f, first_x, first_y, round(100 * FLOOD_SHARE), COMPONENT_VOXELS)
 
     def _note_too_large(self) -> None:
         """Said once, when blobs cut by their growth box (max_blob_size either side of their maximum) are not a
@@ -1143,6 +1153,7 @@ def _restore(pipeline, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     stats.background_level_range = tuple(s["background_level_range"]) if s.get("background_level_range") else None
     stats.flood_frames, stats.flood_frames_total = s["flood_frames"], s["flood_frames_total"]
     stats.flooded_spots = pipeline.segmenter.flooded[0]
+    pipeline._flooded_said = pipeline.segmenter.flooded[1] >= 0
     stats.sparse_cut = s.get("sparse_cut")
     pipeline._cut_range = tuple(s["cut_range"]) if s.get("cut_range") else None
     stats.normalise = bg.normalise_facts()

@@ -385,7 +385,7 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                 if k in edges:
                     t = time.perf_counter()
                     facts["fingerprints"][k] = fingerprint(segmenter, a)
-                    facts["rejected"][k] = dict(segmenter.rejected)
+                    facts["rejected"][k] = _counts(segmenter)
                     facts["fingerprint_s"] += time.perf_counter() - t
                 noise_mask(k)
                 measure = difference if segmenter.measured else None
@@ -452,9 +452,9 @@ def run_chunk(cfg: Config, ctx: dict, chunk: Chunk, spill: str, cores: int = 1, 
                 for blob in segmenter.finish():
                     pickle.dump((n, shifted(blob, a)), out, protocol=pickle.HIGHEST_PROTOCOL)
                     facts["blobs"] += 1
-                facts["rejected"][n] = dict(segmenter.rejected)
+                facts["rejected"][n] = _counts(segmenter)
             else:
-                facts["rejected"][b] = dict(segmenter.rejected)
+                facts["rejected"][b] = _counts(segmenter)
         if part is not None:
             part.close()
         scales = stage.frame_scales[chunk.start:chunk.end]
@@ -535,6 +535,11 @@ def _read_blobs(path: Path):
                 yield pickle.load(f)
             except EOFError:
                 return
+
+
+def _counts(segmenter: Segmenter) -> dict:
+    """The rejections so far, and the spots grown in a flood of noise (`flooded_spots`, see segmenter.FLOOD_SHARE)."""
+    return {**segmenter.rejected, "flooded_spots": segmenter.flooded[0]}
 
 
 def _counter_between(facts: dict, c0: int, c1: int) -> dict:
@@ -731,6 +736,7 @@ def _merge(cfg: Config, ctx: dict, chunks, facts, bounds, spills, out_dir: Path)
         for key, v in _counter_between(f, c0, last).items():
             rejected[key] = rejected.get(key, 0) + v
     stats.difspots_written = next_id
+    stats.flooded_spots = rejected.pop("flooded_spots", 0)
     stats.rejected.update(rejected)
     if psi is not None and seam.full_turn(psi):
         joined = seam.join_across_seam(table, difspots, n, lambda c: seam.psi_at(psi, c),

@@ -560,3 +560,23 @@ def test_nothing_left_to_segment_is_said_naming_what_covers_the_frames(tiny_scan
     with pytest.raises(InputError) as err:
         process_scan(cfg, display=False)
     assert str(err.value) == message.format()
+
+
+def test_a_flood_closed_at_the_scans_end_is_counted_and_said(tmp_path, caplog):
+    """A scan too short for the boxes rule to close anything before its end: every region in its flood of noise (frames
+    lifted 3.6 sigma) is grown at the end; the run counts them (`flooded_spots`) and says so once (nothing was said
+    when they were all grown at the end: the count was read before)."""
+    from dctstream.api import MEMORY_URL, resolve_config
+    from dctstream.sources.memory import MemorySource
+    from test_segment import flooded_volume
+
+    volume, _ = flooded_volume()
+    volume[15:35] += 1.4  # 3.6 sigma in all
+    frames = np.round(1000 + 30 * volume).astype(np.float32)
+    cfg = resolve_config(None, ["filter.median_size=1", "quicklook.enabled=false", "background.normalise=none"],
+                         {"source.url": MEMORY_URL, "output.dir": str(tmp_path / "out"), "dark.value": 0.0}, "test")
+    with caplog.at_level("WARNING", logger="dctstream.pipeline"):
+        stats = Pipeline(cfg, source=MemorySource(frames, None, name="frames")).run()
+    assert stats.flooded_spots >= 1 and stats.difspots_written >= 5
+    said = [r.getMessage() for r in caplog.records if "lies in a flood of noise" in r.getMessage()]
+    assert len(said) == 1

@@ -77,6 +77,52 @@ def test_a_flooded_segmenter_restored_from_its_state_continues_identically(at):
     assert [(b.voxel_key(), b.max_value) for b in blobs] == [(b.voxel_key(), b.max_value) for b in want]
 
 
+def test_a_valley_past_its_limit_then_cut_by_a_claim_resumes_identically():
+    """A region whose valley passed VALLEY_VOXELS (200,000: a plateau of 6 whole frames joined to it through a thin
+    path) waits until a claim cuts that path, then closes by the valley rule; resumed from its state at any frame
+    (which does not hold that its valley passed the limit), the same blobs close at the same frames with the same
+    ids (a valley never searched again once past the limit closed it later in one run than in the other)."""
+    nf, n = 32, 192
+    v = np.zeros((nf, n, n), np.float32)
+    yy, xx = np.mgrid[:n, :n]
+
+    def spot(f, y, x, peak):
+        for g in range(f - 1, f + 2):
+            v[g] += (peak * np.exp(-0.5 * ((g - f) ** 2 / 0.5 + ((yy - y) ** 2 + (xx - x) ** 2) / 1.5))).astype(np.float32)
+
+    spot(12, 96, 96, 12.0)  # the region
+    spot(22, 10, 185, 8.0)  # another, far away and dimmer
+    v[5:11] = 3.0  # the plateau, not next to the region ...
+    v[5:11, 86:107, 86:107] = 0
+    v[12, 96, 99:107] = 3.0  # ... but joined to it through a disc whose spot, brighter, claims the path
+    v[12:19, 96, 106] = 3.0
+    v[18, 96, 106:109] = 3.0
+    v[18, 96, 116:121] = 3.0
+    v[10:19, 96, 120] = 3.0
+    disc = (yy - 96) ** 2 + (xx - 112) ** 2 <= 9
+    for g in (17, 18, 19):
+        v[g][disc] = 19.0 - 0.01 * np.hypot(yy - 96, xx - 112)[disc]
+    v[18, 96, 112] = 20.0
+    p = params(max_size=(20, 20, 7))
+
+    def run(at=None):
+        segmenter, out = Segmenter(p, (n, n)), []
+        for k, frame in enumerate(v):
+            if at is not None and k == at + 1:
+                again = Segmenter(p, (n, n))
+                again.restore(segmenter.state())
+                for j in range(again.first_needed, at + 1):
+                    again.load_frame(j, v[j])
+                segmenter = again
+            out += [(k, b.id, tuple(int(c) for c in b.max_index)) for b in segmenter.push(k, frame)]
+        return out + [(nf, b.id, tuple(int(c) for c in b.max_index)) for b in segmenter.finish()]
+
+    want = run()
+    assert len(want) == 3
+    for at in (19, 20, 21, 22, 23, 24):
+        assert run(at) == want, at
+
+
 def _stage(raw, dark, cfg, first=0, **kw):
     return BackgroundStage(cfg, frame_shape=raw.shape[1:], dtype=raw.dtype, dark=dark, direct_beam=(4, 3, 8, 6),
                            filter_size=3, first_frame=first, **kw)

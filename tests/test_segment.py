@@ -726,7 +726,8 @@ def flooded_volume(nf: int = 50, n: int = 192) -> tuple[np.ndarray, list[tuple[i
     rng = np.random.default_rng(0)
     volume = rng.normal(0, 1, (nf, n, n)).astype(np.float32)
     volume[15:35] += 2.2  # the lower threshold, 2, in the noise for 20 frames
-    truth = [(8, 40, 40), (25, 60, 150), (25, 150, 60), (42, 100, 100), (20, 96, 30)]
+    truth = [(f, round(y * n / 192), round(x * n / 192))  # placed for 192 x 192 px
+             for f, y, x in [(8, 40, 40), (25, 60, 150), (25, 150, 60), (42, 100, 100), (20, 96, 30)]]
     yy, xx = np.mgrid[:n, :n]
     for f, y, x in truth:
         for g in range(f - 2, f + 3):
@@ -757,6 +758,16 @@ def test_a_noise_flood_keeps_the_growth_bounded(monkeypatch):
     assert sorted(np.round(b.centroid).astype(int).tolist() for b in blobs) == sorted(map(list, truth))
     assert sum(grown) < 20_000
     assert segmenter.flooded[0] >= 1 and 15 <= segmenter.flooded[1] < 35  # said, at a frame of the flood
+
+
+def test_a_flood_in_growth_boxes_too_small_to_cap_leaves_the_reference_blobs():
+    """Frames of 60 x 60 px: the growth box, cut by the frame, holds at most 60 x 60 x 51 voxels, fewer than
+    COMPONENT_VOXELS: grown whole in no time, so the flood guard stays off and the blobs are the whole-volume
+    reference's, in a flood too (the guard looked at the uncut box: other blobs)."""
+    volume, _ = flooded_volume(n=60)
+    blobs, _, _ = segment(volume, FLOOD_PARAMS)
+    expected, _ = reference_blobs(volume, FLOOD_PARAMS, None)
+    assert len(blobs) >= 2 and voxel_sets(blobs) == reference_sets(expected)
 
 
 def test_segmenter_takes_its_freed_frame_slots_again():

@@ -108,8 +108,8 @@ def test_split_scan_equals_one_process(scan, reference, client, tmp_path, parts,
     assert len(info["chunks"]) == chunks and info["rerun"] == 0  # 6: the first would start too early
     want = json.loads((reference / "run.json").read_text())
     for key in ("rejected", "noise_sigma_range", "noise_sigma_by_frame", "normalise", "seam_joined",
-                "difspots_written", "seed_threshold", "flood_frames_total", "export_reduction", "sparse_cut",
-                "sparse_fill_fraction", "sparse_bytes_per_frame"):
+                "difspots_written", "seed_threshold", "flood_frames_total", "flooded_spots", "export_reduction",
+                "sparse_cut", "sparse_fill_fraction", "sparse_bytes_per_frame"):
         assert record["stats"][key] == want["stats"][key], key
     assert record["state"] == "finished" and not (out / ".dctstream").exists()
     # the spot across 0/360 degrees is one, made of the first chunk's blob and the last one's

@@ -300,7 +300,7 @@ def _round_up_to_float32(threshold: np.ndarray) -> np.ndarray:
 
 
 class _Region:
-    __slots__ = ("count", "max_value", "max_index", "first", "valley", "capped")
+    __slots__ = ("count", "max_value", "max_index", "first", "valley", "capped", "flooded")
 
     def __init__(self, count, max_value, max_index, first):
         self.count = count
@@ -308,7 +308,8 @@ class _Region:
         self.max_index = max_index
         self.first = first
         self.valley = None  # `Segmenter._valley_clear`'s last component and its box's last frame (not a state)
-        self.capped = False  # its valley passed VALLEY_VOXELS: it waits for the boxes rule (not a state)
+        self.capped = None  # claims made when its last valley reached VALLEY_VOXELS (see there; not a state)
+        self.flooded = False  # its growth box's rim is flooded (see FLOOD_SHARE): it waits for the boxes rule
 
     @property
     def order(self):
@@ -351,7 +352,9 @@ class Segmenter:
         self.faulting_in = [fault_in(pool, range(reach + 4)) for pool in pools]
         self._low = 0  # oldest frame still needed
         self.last = -1  # last frame pushed
-        self.flooded: list[int] = [0, -1, -1, -1]  # regions grown unsplit (see COMPONENT_VOXELS), the first's maximum
+        self._claims = 0  # claims made (see `_valley_clear`)
+        # spots grown unsplit in a flood (see FLOOD_SHARE), and the maximum of the first flooded region, grown or not
+        self.flooded: list[int] = [0, -1, -1, -1]
         self._prev_labels = np.zeros(self.frame_shape, np.int32)  # seed labels of the last frame
         self._spare_labels = np.zeros(self.frame_shape, np.int32)  # this frame's, swapped with the last's
         self._prev_dirty = np.zeros(self.frame_shape[0], bool)  # rows of _prev_labels that hold labels
@@ -566,6 +569,7 @@ class Segmenter:
 
     def _claim(self, f, y, x) -> None:
         claim(self._flags, self._slot_of, *(np.asarray(v, np.int64) for v in (f, y, x)))
+        self._claims += 1
 
     # ---- seed regions --------------------------------------------------------------
     def _find(self, i: int) -> int:
@@ -713,17 +717,19 @@ class Segmenter:
         box = (max(f - reach_f, 0), min(f + 3 * reach_f, self.last), max(y - 3 * reach_y, 0),
                min(y + 3 * reach_y, ny - 1), max(x - 3 * reach_x, 0), min(x + 3 * reach_x, nx - 1))
         high = np.inf if p.grow_high is None else p.grow_high
-        if not region.capped and region.valley is None:
+        if not region.flooded and region.valley is None and region.capped is None:
             rim = self._rim(region)
             if self._flooded(rim):
                 own = self._own_threshold(region, rim)
                 if own is None or self._flooded(rim, own):
                     return True, None  # rejected as flooded in `_grow`, whatever comes: not held
-                region.capped = True
-        if region.capped:
-            # Its valley passed VALLEY_VOXELS: not grown again. Claims since may have cut it, but regrowing the
-            # valleys of every pending region at each claim took a noise flood to 0.4 s a frame (the boxes
-            # rule closes the region as it would have: the same blob, later).
+                region.flooded = True  # told by the frames alone: a resumed run tells the same
+        if region.flooded:
+            return False, None
+        if region.capped == self._claims:
+            # Its valley reached VALLEY_VOXELS and nothing was claimed since: in the box grown by the frames since,
+            # the component holds at least those voxels again. Not grown again (a flood of noise seeds kept each
+            # pending region growing 200,000 voxels at every frame: 1 frame/s).
             return False, None
         kernel_args = (self._values, self._slot_of, self._flags, self.mask, self._low_tiles, p.tile_px, *box)
         valid = False
@@ -735,7 +741,7 @@ class Segmenter:
             voxels, complete = grow_region(*kernel_args, f, y, x, -np.inf, high, region.max_value,
                                            p.connectivity == 26, VALLEY_VOXELS)
         region.valley = (voxels, box[1]) if complete and voxels.size else None
-        region.capped = not complete
+        region.capped = None if complete else self._claims
         if not complete:
             return False, None
         if voxels.size == 0:
@@ -769,9 +775,8 @@ class Segmenter:
             if complete:
                 voxels, complete = grow_region(*args, -np.inf, high, peak, p.connectivity == 26, COMPONENT_VOXELS)
             if not complete:  # see FLOOD_SHARE
-                if self.flooded[0] == 0:
+                if self.flooded[1] < 0:
                     self.flooded[1:] = [f, y, x]
-                self.flooded[0] += 1
                 own = self._own_threshold(region, rim)
                 complete = own is not None and not self._flooded(rim, own)
                 if complete:
@@ -779,6 +784,7 @@ class Segmenter:
                 if not complete:
                     self.rejected["flooded"] += 1
                     return []
+                self.flooded[0] += 1
         if voxels.size == 0:
             self.rejected["maximum_claimed"] += 1
             return []
@@ -828,10 +834,11 @@ class Segmenter:
         p = self.params
         f, y, x = region.max_index
         reach_x, reach_y, reach_f = p.component_size
-        if (2 * reach_x + 1) * (2 * reach_y + 1) * (2 * reach_f + 1) <= COMPONENT_VOXELS:
-            return None
         ny, nx = self.frame_shape
         y0, y1, x0, x1 = max(y - reach_y, 0), min(y + reach_y, ny - 1) + 1, max(x - reach_x, 0), min(x + reach_x, nx - 1) + 1
+        # the box in the frame and from frame 0, not cut at the last frame pushed: the same whenever it is asked
+        if (y1 - y0) * (x1 - x0) * (f + reach_f - max(f - reach_f, 0) + 1) <= COMPONENT_VOXELS:
+            return None
         slot, tile, rim = self._slot_of[f % self._capacity], p.tile_px, FLOOD_RIM_PX
         high = min(np.inf if p.grow_high is None else p.grow_high, region.max_value)
         strips = ((y0, y0 + rim, x0, x1), (y1 - rim, y1, x0, x1), (y0 + rim, y1 - rim, x0, x0 + rim),
