@@ -46,11 +46,13 @@ VALLEY_VOXELS = 200_000
 # A noise flood (the background not followed: a dark 150 counts too high) lifts whole frames above the lower
 # growth threshold: the component around each maximum there filled its growth box (190,000 voxels in the median),
 # and growing and splitting them, 0.3 us a voxel, took the run from 140 to 2.4 frames/s. A region is flooded when
-# more than FLOOD_SHARE of the unmasked pixels of its maximum's frame in its growth box are above that threshold
-# (a spot's component, at most a few thousand voxels in the validation scans, lights a few % of it), or its
-# component passes COMPONENT_VOXELS: its spot is then grown at its own threshold (grow_ratio x its peak), unsplit,
-# in the same box, and rejected as `flooded` if that, too, floods. Its valley is not searched: it waits for the
-# boxes rule. Both tests look at the frames alone, not at what was claimed when: a resumed run tells the same.
+# more than FLOOD_SHARE of the unmasked pixels of the rim (FLOOD_RIM_PX wide) of its growth box in its maximum's
+# frame are above that threshold (the validation scans' spots light at most 5 % of it), or its component passes
+# COMPONENT_VOXELS: its spot is then grown unsplit at its own threshold (grow_ratio of the way from the rim's median
+# to its peak) in the same box, and rejected as `flooded` where that is no spot or floods the rim too. The rim test
+# reads the frames alone (a resumed run tells the same): a region it finds flooded does not search its valley but
+# waits for the boxes rule. All this only where the growth box, cut by the frame and frame 0, holds more than
+# COMPONENT_VOXELS voxels: a smaller one is grown whole in no time.
 FLOOD_SHARE = 0.2
 FLOOD_RIM_PX = 8
 COMPONENT_VOXELS = 200_000
