@@ -233,7 +233,7 @@ class Detector:
                 raise InputError(f"dark.url: {dark_cfg.url}: every pixel is NaN, expected dark counts")
             self.mask_counts["dark"] = int((nan & ~raw_mask).sum())
             raw_mask |= nan
-            raw_dark = np.where(nan, np.float32(0), raw_dark).astype(np.float32)
+            raw_dark[nan] = 0.0  # load_dark's own array
             log.info("dark.url: %s: %d pixels hold no dark (NaN): masked", dark_cfg.url, int(nan.sum()))
         self.dark = None if raw_dark is None else bin_image(raw_dark, b, cfg.binning_mode, np.float32)
         self.dark_source = ("dark.value" if dark_cfg.value is not None else "dark.url" if dark_cfg.url

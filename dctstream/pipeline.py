@@ -937,7 +937,6 @@ class Pipeline:
             self._floods_said = len(floods)
             stats.flood_frames = [[int(f), int(n), float(c)] for f, n, c in floods[-FLOOD_FRAMES_LISTED:]]
             stats.flood_frames_total = len(floods)
-        self._note_flooded()
 
     def _note_flooded(self) -> None:
         """Said once, at the first region found in a flood of noise (see segment.segmenter.FLOOD_SHARE)."""

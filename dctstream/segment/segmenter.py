@@ -829,10 +829,10 @@ class Segmenter:
             self._claim(fs[zinger], ys[zinger], xs[zinger])
         return self._shared(component, blobs, parts) if len(blobs) > 1 else blobs
 
-    def _rim(self, region: _Region) -> tuple[np.ndarray, np.ndarray] | None:
-        """The values and lower growth thresholds (`grow_region`'s, no scaled peak) of the unmasked pixels of the rim
-        of the region's growth box, FLOOD_RIM_PX wide (beyond its own spot), in its maximum's frame; None where
-        the box is small enough to be grown whole in no time."""
+    def _rim(self, region: _Region) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """The values and lower clamps (``low`` tiles) of the unmasked pixels of the rim of the region's growth box,
+        FLOOD_RIM_PX wide (beyond its own spot), in its maximum's frame, and the top of `grow_region`'s threshold
+        there (grow_high, its peak); None where the box is small enough to be grown whole in no time."""
         p = self.params
         f, y, x = region.max_index
         reach_x, reach_y, reach_f = p.component_size
@@ -842,37 +842,36 @@ class Segmenter:
         if (y1 - y0) * (x1 - x0) * (f + reach_f - max(f - reach_f, 0) + 1) <= COMPONENT_VOXELS:
             return None
         slot, tile, rim = self._slot_of[f % self._capacity], p.tile_px, FLOOD_RIM_PX
-        high = min(np.inf if p.grow_high is None else p.grow_high, region.max_value)
         strips = ((y0, y0 + rim, x0, x1), (y1 - rim, y1, x0, x1), (y0 + rim, y1 - rim, x0, x0 + rim),
                   (y0 + rim, y1 - rim, x1 - rim, x1))
         if y1 - y0 <= 2 * rim or x1 - x0 <= 2 * rim:  # cut by the frame's edges: the whole box
             strips = ((y0, y1, x0, x1),)
         values, lows = [], []
         for ya, yb, xa, xb in strips:
-            if yb <= ya or xb <= xa:
-                continue
-            low = self._low_tiles[slot, ya // tile:(yb - 1) // tile + 1, xa // tile:(xb - 1) // tile + 1]
-            low = np.repeat(np.repeat(low.astype(np.float64), tile, axis=0), tile, axis=1)[
-                ya % tile:ya % tile + yb - ya, xa % tile:xa % tile + xb - xa]
             unmasked = ~self.mask[ya:yb, xa:xb]
             values.append(self._values[slot, ya:yb, xa:xb][unmasked])
-            lows.append(np.minimum(low[unmasked], high))
-        return np.concatenate(values).astype(np.float64), np.concatenate(lows)
+            lows.append(self._low_tiles[slot][np.ix_(np.arange(ya, yb) // tile, np.arange(xa, xb) // tile)][unmasked])
+        top = min(np.inf if p.grow_high is None else p.grow_high, region.max_value)
+        return np.concatenate(values).astype(np.float64), np.concatenate(lows).astype(np.float64), top
 
     @staticmethod
-    def _flooded(rim: tuple[np.ndarray, np.ndarray] | None, scaled_peak: float = -np.inf) -> bool:
-        """More than FLOOD_SHARE of the `_rim`'s pixels are at or above the growth threshold with ``scaled_peak``."""
+    def _flooded(rim: tuple[np.ndarray, np.ndarray, float] | None, scaled_peak: float = -np.inf) -> bool:
+        """More than FLOOD_SHARE of the `_rim`'s pixels are at or above `grow_region`'s threshold with
+        ``scaled_peak``."""
         if rim is None:
             return False
-        values, low = rim
-        return np.count_nonzero(values >= np.maximum(low, scaled_peak)) > FLOOD_SHARE * values.size
+        values, low, top = rim
+        return np.count_nonzero(values >= np.minimum(np.maximum(low, scaled_peak), top)) > FLOOD_SHARE * values.size
 
-    def _own_threshold(self, region: _Region, rim: tuple[np.ndarray, np.ndarray] | None) -> float | None:
+    def _own_threshold(self, region: _Region, rim: tuple[np.ndarray, np.ndarray, float] | None) -> float | None:
         """A flooded region's threshold: ``grow_ratio`` of the way from the median of its `_rim` (the level the
         flood lifted the frame to there) to its peak; None where the peak does not stand the seed threshold above
         that level (noise lifted by the flood, not a spot). The rim's values are taken at least at the lower
         threshold: a sparse scan holds none below it (`resegment` tells the same level)."""
-        level = float(np.median(np.maximum(*rim))) if rim is not None and rim[0].size else 0.0
+        level = 0.0
+        if rim is not None and rim[0].size:
+            values, low, top = rim
+            level = float(np.median(np.maximum(values, np.minimum(low, top))))
         f, y, x = region.max_index
         tile = self.params.tile_px
         if region.max_value - max(level, 0.0) < self._seed_tiles[y // tile, x // tile]:

@@ -262,6 +262,7 @@ def _find_angles(h5: h5py.File, url: str) -> dict:
 
 
 def _monotonic(v: np.ndarray) -> bool:
+    """At least 3 finite values that move, never back."""
     steps = np.diff(v)
     return (v.size >= 3 and bool(np.all(np.isfinite(v))) and v[-1] != v[0]
             and bool(np.all(steps >= 0) or np.all(steps <= 0)))
@@ -354,10 +355,8 @@ def _movers(h5: h5py.File, entry: str, n: int, frames_name: str) -> list[tuple[s
         if abs(values.shape[0] - n) > 1:
             continue
         v = np.asarray(values[:min(values.shape[0], n)], np.float64)
-        if v.size >= 3 and np.all(np.isfinite(v)) and v[-1] != v[0]:
-            steps = np.diff(v)
-            if np.all(steps >= 0) or np.all(steps <= 0):
-                out.append((name, where, v))
+        if _monotonic(v):
+            out.append((name, where, v))
     return out
 
 
