@@ -506,19 +506,22 @@ def test_saddle_beside_brighter_equals_numpy(conn26):
 @pytest.mark.parametrize("conn26", [False, True])
 def test_grow_region_on_from_fewer_frames_equals_scipy_label(conn26):
     """The valley's component grown on from an earlier frame's (`Segmenter._valley_clear`) is the box's component
-    around the start voxel, as scipy labels it; and none when one of the earlier component's voxels was claimed
-    since."""
+    around the start voxel, as scipy labels it, each frame and tile with its own lower threshold; the same
+    component where it had stopped before the frames added; and none when one of the earlier component's voxels
+    was claimed since."""
     rng = np.random.default_rng(7)
     cap, ny, nx, tile = 9, 20, 26, 4
     volume = ndi.gaussian_filter(rng.normal(size=(cap, ny, nx)), 1.5).astype(np.float32)
     slot_of = rng.permutation(cap).astype(np.int64)  # frame f in slot slot_of[f % cap]
     values = np.empty_like(volume)
     values[slot_of] = volume
-    low = np.full((cap, ny // tile, (nx + tile - 1) // tile), -0.05, np.float32)
+    # frame f's tile map is low[slot_of[f]]: thresholds min(low, peak 0.1) from 0.02 to 0.1 by frame and tile
+    low = rng.uniform(0.02, 0.15, (cap, ny // tile, (nx + tile - 1) // tile)).astype(np.float32)
+    threshold = np.minimum(np.repeat(np.repeat(low[slot_of], tile, axis=1), tile, axis=2)[:, :ny, :nx], 0.1)
     mask = np.zeros((ny, nx), bool)
     mask[3, 5:9] = True
     structure = ndi.generate_binary_structure(3, 3 if conn26 else 1)
-    checked = 0
+    checked = stopped = 0
     for start in zip(*np.nonzero(volume[1:4, 2:-2, 2:-2] > 0.1)):
         pf, py, px = (int(v) for v in np.add(start, (1, 2, 2)))
         box = (0, pf + 1, 1, ny - 2, 2, nx - 1)
@@ -530,19 +533,21 @@ def test_grow_region_on_from_fewer_frames_equals_scipy_label(conn26):
             big = (0, f1, *box[2:])
             voxels, complete, valid = grow_region_on(*args, *big, -np.inf, np.inf, 0.1, conn26, 10**9, grown, box[1])
             eligible = np.zeros(volume.shape, bool)
-            eligible[:f1 + 1, 1:ny - 1, 2:nx] = (volume >= -0.05)[:f1 + 1, 1:ny - 1, 2:nx] & ~mask[1:ny - 1, 2:nx]
+            eligible[:f1 + 1, 1:ny - 1, 2:nx] = ((volume >= threshold)[:f1 + 1, 1:ny - 1, 2:nx]
+                                                 & ~mask[1:ny - 1, 2:nx])
             labels, _ = ndi.label(eligible, structure)
             expected = np.flatnonzero(labels.ravel() == labels[pf, py, px])
             assert valid and complete and np.array_equal(voxels, expected)
             assert not flags[:, 1].any()  # the search's own marks cleared
             checked += voxels.size > grown.size
+            stopped += f1 > box[1] and grown[-1] // (ny * nx) < box[1]
         i = int(grown[rng.integers(grown.size)])
         f, y, x = np.unravel_index(i, volume.shape)
         claim(flags, slot_of, np.array([f]), np.array([y]), np.array([x]))
         voxels, _, valid = grow_region_on(*args, 0, cap - 1, *box[2:], -np.inf, np.inf, 0.1, conn26, 10**9, grown,
                                           box[1])
         assert not valid and voxels.size == 0
-    assert checked > 5  # components that did grow into the later frames
+    assert checked > 5 and stopped > 5  # components that did grow into the later frames, and some that had stopped
 
 
 def test_size_filters_reject_by_reason():

@@ -87,26 +87,39 @@ def _flood(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1, scal
     of frame ``from_f`` on."""
     cap = slot_of.size
     ny, nx = values.shape[1], values.shape[2]
-    out = np.empty(max(64, 2 * start.size), dtype=np.int64)
-    stack = np.empty(64, dtype=np.int64)
+    plane = ny * nx
+    n_start = start.size
+    frontier = 0
+    for i in start:
+        frontier += i // plane >= from_f
+    if frontier == 0:  # nothing to search from: the component is ``start`` (a valley that has stopped along psi)
+        return start.copy(), True
+    # each row's and column's tile looked up: two divisions for each neighbour tested cost more than the test
+    tile_y = np.empty(y1 - y0 + 1, np.int64)
+    for y in range(y0, y1 + 1):
+        tile_y[y - y0] = y // tile
+    tile_x = np.empty(x1 - x0 + 1, np.int64)
+    for x in range(x0, x1 + 1):
+        tile_x[x - x0] = x // tile
+    out = np.empty(max(64, 2 * n_start), dtype=np.int64)
+    stack = np.empty(max(64, frontier), dtype=np.int64)
     n_out = 0
     n_stack = 0
     for i in start:
-        _set_flag(flags, slot_of[(i // (ny * nx)) % cap], _SEEN, (i // nx) % ny, i % nx)
+        f = i // plane
+        _set_flag(flags, slot_of[f % cap], _SEEN, (i - f * plane) // nx, i % nx)
         out[n_out] = i
         n_out += 1
-        if i // (ny * nx) >= from_f:
-            if n_stack == stack.size:
-                stack = np.concatenate((stack, np.empty(stack.size, dtype=np.int64)))
+        if f >= from_f:
             stack[n_stack] = i
             n_stack += 1
     complete = True
     while n_stack > 0:
         n_stack -= 1
         i = stack[n_stack]
-        f = i // (ny * nx)
-        y = (i // nx) % ny
-        x = i % nx
+        f = i // plane
+        y = (i - f * plane) // nx
+        x = i - f * plane - y * nx
         for df in range(-1, 2):
             g = f + df
             if g < f0 or g > f1:
@@ -117,6 +130,7 @@ def _flood(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1, scal
                 gy = y + dy
                 if gy < y0 or gy > y1:
                     continue
+                ty = tile_y[gy - y0]
                 for dx in range(-1, 2):
                     gx = x + dx
                     if gx < x0 or gx > x1:
@@ -126,7 +140,7 @@ def _flood(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1, scal
                         continue
                     if _flag(flags, slot, CLAIMED, gy, gx) or _flag(flags, slot, _SEEN, gy, gx) or mask[gy, gx]:
                         continue
-                    if frame[gy, gx] < _threshold(low[slot, gy // tile, gx // tile], scaled_peak, high, peak):
+                    if frame[gy, gx] < _threshold(low[slot, ty, tile_x[gx - x0]], scaled_peak, high, peak):
                         continue
                     _set_flag(flags, slot, _SEEN, gy, gx)
                     if n_out == out.size:
@@ -143,8 +157,22 @@ def _flood(values, slot_of, flags, mask, low, tile, f0, f1, y0, y1, x0, x1, scal
                 break
     for j in range(n_out):
         i = out[j]
-        _clear_flag(flags, slot_of[(i // (ny * nx)) % cap], _SEEN, (i // nx) % ny, i % nx)
-    return np.sort(out[:n_out]), complete
+        f = i // plane
+        _clear_flag(flags, slot_of[f % cap], _SEEN, (i - f * plane) // nx, i % nx)
+    # ``start`` is sorted: the voxels found are sorted alone and merged in (a valley grown on by a frame is most
+    # of what it was: sorting it whole again, each frame, took most of a noise flood's time)
+    found = np.sort(out[n_start:n_out])
+    merged = np.empty(n_out, dtype=np.int64)
+    a = 0
+    b = 0
+    for j in range(n_out):
+        if b == found.size or (a < n_start and start[a] < found[b]):
+            merged[j] = start[a]
+            a += 1
+        else:
+            merged[j] = found[b]
+            b += 1
+    return merged, complete
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
