@@ -1,6 +1,7 @@
 """Frame buffers used again: an array is handed out again only once nothing but its pool holds it."""
 
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -64,9 +65,20 @@ def test_a_ring_faulted_in_by_its_thread_keeps_the_frames_written_meanwhile_and_
 
 def test_a_ring_dropped_while_it_is_faulted_in_is_freed_and_no_longer_faulted_in():
     ring = FrameRing(64, (512, 1024), np.uint16)  # 64 MiB
-    thread = fault_in(ring.data, range(ring.capacity), min_bytes=0)
+    first_done, dropped = threading.Event(), threading.Event()
+
+    def slots():  # the ring is dropped after the first slot, whatever the machine's load (it raced the thread)
+        yield 0
+        first_done.set()
+        dropped.wait(timeout=60)
+        yield from range(1, ring_slots)
+
+    ring_slots = ring.capacity
+    thread = fault_in(ring.data, slots(), min_bytes=0)
+    assert first_done.wait(timeout=60)
     freed = weakref.ref(ring.data)
     del ring
+    dropped.set()
     thread.join(timeout=60)
     assert freed() is None  # the thread held it no longer than a slot
     assert not thread.faulted_in  # and stopped there, its last slots left
