@@ -481,7 +481,8 @@ def test_sparse_writer_keeps_exactly_the_pixels_at_or_above_the_cut_and_readers_
             np.testing.assert_array_equal(cols, want[1])
             np.testing.assert_array_equal(values, frames[k][want])
             kept += want[0].size
-    assert 0 < kept < n * (~mask).sum()
+    # more than the sixteenth of a frame the writer first makes room for (`_select`): that room grew, and held
+    assert n * shape[0] * shape[1] / 16 < kept < n * (~mask).sum()
     assert writer.fill_fraction == pytest.approx(kept / (n * (~mask).sum()))
 
 

@@ -8,7 +8,7 @@ from ..background._kernels import _select
 # The flags ring holds one bit per voxel in each of FLAG_PLANES planes, (slot, plane, y, x // 8), bit x % 8:
 # an eighth of a byte per voxel, for a ring of frames that is the segmenter's biggest array after its values.
 # SEGMENT_THREAD_SERIAL: the segmenting thread's per-frame kernels (seed_rows, subtract_tiles, despike here, and
-# the sparse scan's rows_at_or_above and pixels_at_or_above in sinks._kernels) run on that thread alone, not in
+# the sparse scan's pixels_at_or_above in sinks._kernels) run on that thread alone, not in
 # parallel: it shares the 2 cores with the correcting thread's parallel kernels, and a parallel region of its own
 # waited for a core each time (a few ms a frame against 0.03-0.06 ms of work at 512 x 512 px). Serial, quick
 # grain-shaped and spot-dense 512^2 scans ran 6-8 % faster; the 2048^2 bench the same (19.2 against 18.9 frames/s).

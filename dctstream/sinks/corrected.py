@@ -48,7 +48,7 @@ import numpy as np
 from ..atomic import abandon_h5, output_error
 from ..direct_beam import saturated_arrays, saturated_from_arrays
 from ..errors import InputError, OutputError
-from ._kernels import pixels_at_or_above, rows_at_or_above
+from ._kernels import pixels_at_or_above
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,11 @@ def being_written(path: str | os.PathLike) -> bool:
     return len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or (head[8] >= 2 and head[11] != 0)
 
 
+def _selection_arrays(size: int) -> tuple[np.ndarray, ...]:
+    """Rows, cols, values and unfiltered values of ``size`` selected pixels (`SparseScanWriter._select`)."""
+    return np.empty(size, np.uint16), np.empty(size, np.uint16), np.empty(size, np.float32), np.empty(size, np.float32)
+
+
 class SparseScanWriter:
     """``export.format: sparse``: the unmasked pixels of each corrected frame at or above its cut, appended to
     ``path`` with the frame's cut and noise maps.
@@ -190,6 +195,7 @@ class SparseScanWriter:
         self.file_frames = 0  # frames in nnz: those whose pixels are all in the file
         self.pixels = 0  # pixels of every frame given
         self._pending: list[tuple[np.ndarray, ...]] = []  # pixels not in the file yet: rows, cols, values...
+        self._selected = _selection_arrays(max(ny * nx // 16, 1024))  # see _select
         self._pending_px = 0
         # of the frames not in nnz yet: their counts, angles, cut and noise maps
         self._nnz: list[int] = []
@@ -346,15 +352,14 @@ class SparseScanWriter:
         for name, f in (("frame", frame), ("unfiltered", unfiltered)):
             if f is not None and (f.dtype != np.float32 or f.shape != self.frame_shape):
                 raise ValueError(f"{name}: expected float32 {self.frame_shape}, got {f.dtype} {f.shape}")
-        counts = np.empty(frame.shape[0], np.int64)
-        rows_at_or_above(frame, cut, self.tile_px, self.mask, counts)
-        starts = np.concatenate(([0], np.cumsum(counts)))
-        n = int(starts[-1])
-        rows, cols, values = np.empty(n, np.uint16), np.empty(n, np.uint16), np.empty(n, np.float32)
-        below = np.empty(n if unfiltered is not None else 0, np.float32)
-        pixels_at_or_above(frame, unfiltered if unfiltered is not None else frame[:0],
-                           cut, self.tile_px, self.mask, starts, rows, cols, values, below)
-        return rows, cols, values, (below if unfiltered is not None else None)
+        while True:  # into the writer's own arrays, made twice as large whenever a frame holds more
+            rows, cols, values, below = self._selected
+            n = pixels_at_or_above(frame, unfiltered if unfiltered is not None else frame[:0], cut, self.tile_px,
+                                   self.mask, rows, cols, values, below if unfiltered is not None else below[:0])
+            if n >= 0:
+                break
+            self._selected = _selection_arrays(2 * rows.size)
+        return rows[:n].copy(), cols[:n].copy(), values[:n].copy(), (below[:n].copy() if unfiltered is not None else None)
 
     def _pending_arrays(self) -> tuple[np.ndarray, ...]:
         if len(self._pending) != 1:
