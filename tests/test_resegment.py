@@ -481,9 +481,28 @@ def test_sparse_writer_keeps_exactly_the_pixels_at_or_above_the_cut_and_readers_
             np.testing.assert_array_equal(cols, want[1])
             np.testing.assert_array_equal(values, frames[k][want])
             kept += want[0].size
-    # more than the sixteenth of a frame the writer first makes room for (`_select`): that room grew, and held
-    assert n * shape[0] * shape[1] / 16 < kept < n * (~mask).sum()
+    assert 0 < kept < n * (~mask).sum()
     assert writer.fill_fraction == pytest.approx(kept / (n * (~mask).sum()))
+
+
+def test_sparse_writer_keeps_every_pixel_of_frames_past_the_room_it_first_makes(tmp_path):
+    """A frame whose pixels are all at or above the cut holds more than the selection's first room (a sixteenth of
+    a frame, at least 1,024): the room grows, and each frame, before and after, is kept whole."""
+    shape = (64, 80)
+    frames = np.random.default_rng(2).normal(0, 1.5, (3, *shape)).astype(np.float32)
+    writer, mask = _writer(tmp_path / "s.h5", shape)
+    for k in range(3):
+        cut, sigma = _frame_maps(k, shape)
+        writer.write(k, frames[k], np.full_like(cut, -100.0) if k == 1 else cut, sigma, 0.5 * k)
+    writer.close()
+    with SparseScan(tmp_path / "s.h5") as scan:
+        for k, rows, cols, values in scan.frames():
+            cut = scan.cut[k]
+            want = np.nonzero((frames[k] >= _pixel_maps(cut, TILE, shape)) & ~mask)
+            assert rows.size == (int((~mask).sum()) if k == 1 else want[0].size)
+            np.testing.assert_array_equal(rows, want[0])
+            np.testing.assert_array_equal(cols, want[1])
+            np.testing.assert_array_equal(values, frames[k][want])
 
 
 def test_sparse_writer_closes_while_another_process_reads_the_scan(tmp_path):

@@ -63,6 +63,7 @@ def test_a_ring_faulted_in_by_its_thread_keeps_the_frames_written_meanwhile_and_
     assert faults_writing(faulted.data) <= control // 4
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_POPULATE_WRITE) is Linux's")
 def test_a_ring_dropped_while_it_is_faulted_in_is_freed_and_no_longer_faulted_in():
     ring = FrameRing(64, (512, 1024), np.uint16)  # 64 MiB
     first_done, dropped = threading.Event(), threading.Event()
@@ -75,7 +76,9 @@ def test_a_ring_dropped_while_it_is_faulted_in_is_freed_and_no_longer_faulted_in
 
     ring_slots = ring.capacity
     thread = fault_in(ring.data, slots(), min_bytes=0)
-    assert first_done.wait(timeout=60)
+    while not first_done.wait(timeout=0.05):
+        if not thread.is_alive():  # it stopped at its first slot: madvise refused the advice
+            pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14 and later)")
     freed = weakref.ref(ring.data)
     del ring
     dropped.set()
