@@ -88,7 +88,8 @@ def test_a_valley_past_its_limit_then_cut_by_a_claim_resumes_identically():
 
     def spot(f, y, x, peak):
         for g in range(f - 1, f + 2):
-            v[g] += (peak * np.exp(-0.5 * ((g - f) ** 2 / 0.5 + ((yy - y) ** 2 + (xx - x) ** 2) / 1.5))).astype(np.float32)
+            r2 = ((yy - y) ** 2 + (xx - x) ** 2) / 1.5
+            v[g] += (peak * np.exp(-0.5 * ((g - f) ** 2 / 0.5 + r2))).astype(np.float32)
 
     spot(12, 96, 96, 12.0)  # the region
     spot(22, 10, 185, 8.0)  # another, far away and dimmer

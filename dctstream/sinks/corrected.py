@@ -355,11 +355,11 @@ class SparseScanWriter:
         while True:  # into the writer's own arrays, made twice as large whenever a frame holds more
             rows, cols, values, below = self._selected
             n = pixels_at_or_above(frame, unfiltered if unfiltered is not None else frame[:0], cut, self.tile_px,
-                                   self.mask, rows, cols, values, below if unfiltered is not None else below[:0])
+                                   self.mask, rows, cols, values, below)
             if n >= 0:
                 break
             self._selected = _selection_arrays(2 * rows.size)
-        return rows[:n].copy(), cols[:n].copy(), values[:n].copy(), (below[:n].copy() if unfiltered is not None else None)
+        return rows[:n].copy(), cols[:n].copy(), values[:n].copy(), None if unfiltered is None else below[:n].copy()
 
     def _pending_arrays(self) -> tuple[np.ndarray, ...]:
         if len(self._pending) != 1:
